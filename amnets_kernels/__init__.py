@@ -1,0 +1,34 @@
+"""amnets-kernels: block-sparse, low-rank LSTM and fused RNN-T kernels for Amortized Neural Networks.
+
+Ops (each also as torch.ops.amnets.<name>, with autograd, fake impls and torch.compile support):
+  bsr_linear, lowrank_lstm_cell, lowrank_lstm_sequence, rnnt_loss, fused_joint_rnnt_loss
+Faces: "reference" (pure PyTorch), "cpu" (C++), "triton", "cuda" (CUDA C++); choose with
+set_backend / use_backend / AMNETS_BACKEND, inspect with available_backends / which_face / last_face.
+"""
+
+__version__ = "0.1.0"
+
+from ._backend import (  # noqa: E402
+    BACKENDS,
+    FaceUnavailableError,
+    FallbackWarning,
+    available_backends,
+    build_info,
+    get_backend,
+    last_face,
+    set_backend,
+    unavailable_reason,
+    use_backend,
+    which_face,
+)
+from ._ops.bsr import bsr_linear  # noqa: E402
+from ._ops.lowrank_lstm import lowrank_lstm_cell, lowrank_lstm_sequence  # noqa: E402
+from ._ops.rnnt import fused_joint_rnnt_loss, rnnt_loss  # noqa: E402
+from .formats import BlockSparseMatrix, lowrank_factors, rank_for_energy  # noqa: E402
+
+__all__ = [
+    "BACKENDS", "BlockSparseMatrix", "FaceUnavailableError", "FallbackWarning", "available_backends",
+    "bsr_linear", "build_info", "fused_joint_rnnt_loss", "get_backend", "last_face", "lowrank_factors",
+    "lowrank_lstm_cell", "lowrank_lstm_sequence", "rank_for_energy", "rnnt_loss", "set_backend",
+    "unavailable_reason", "use_backend", "which_face",
+]

@@ -1,0 +1,251 @@
+"""Which face of an op runs.
+
+Every op has up to four faces with one contract (see amnets_kernels/_ops/):
+  "reference"  pure PyTorch (amnets_kernels/reference/<file>.py); always there; the oracle.
+  "cpu"        compiled C++ kernels, torch.ops.amnets_native.<op>_forward/_backward on the CPU key.
+  "cuda"       compiled CUDA kernels, the same ops on the CUDA key.
+  "triton"     amnets_kernels/triton/<file>.py: CUDA tensors, or CPU tensors under TRITON_INTERPRET=1.
+"auto" takes the first face present for the tensors' device in AUTO_ORDER. When that is the
+reference (no compiled or Triton face yet), it says so: a FallbackWarning once per op and device,
+and `last_face(op)` tells which face ran. An explicitly chosen face that is missing raises
+FaceUnavailableError; nothing falls back silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib
+import importlib.util
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
+FACES = BACKENDS[1:]
+
+# op name -> the file name its faces share (reference/<file>.py, triton/<file>.py, csrc/*/<file>.*)
+OPS = {
+    "bsr_linear": "bsr",
+    "lowrank_lstm_cell": "lowrank_lstm",
+    "lowrank_lstm_sequence": "lowrank_lstm",
+    "rnnt_loss": "rnnt",
+    "fused_joint_rnnt_loss": "rnnt",
+}
+
+# What "auto" tries, per device type, first to last. The interpreter is never auto-selected.
+AUTO_ORDER = {"cpu": ("cpu", "reference"), "cuda": ("cuda", "triton", "reference")}
+
+
+class FaceUnavailableError(RuntimeError):
+    """The chosen backend has no face for this op on this device (yet)."""
+
+
+class FallbackWarning(UserWarning):
+    """backend "auto" found no compiled or Triton face and runs the pure-PyTorch reference."""
+
+
+def _check_name(name: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {name!r}")
+    return name
+
+
+def _from_env() -> str:
+    name = os.environ.get("AMNETS_BACKEND", "auto") or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"environment variable AMNETS_BACKEND must be one of {BACKENDS}; got {name!r}")
+    return name
+
+
+_default = _from_env()
+_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("amnets_backend", default=None)
+_last: dict[str, str] = {}
+_warned: set[tuple[str, str]] = set()
+
+
+def set_backend(name: str) -> None:
+    """Choose the face every op uses from now on (process-wide); see `use_backend` for a scope."""
+    global _default
+    _default = _check_name(name)
+
+
+def get_backend() -> str:
+    """The backend in force here: the innermost `use_backend`, else `set_backend`, else AMNETS_BACKEND."""
+    scoped = _override.get()
+    return _default if scoped is None else scoped
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """`with use_backend("cpu"): ...` runs the block with that face (context-local, nests)."""
+    token = _override.set(_check_name(name))
+    try:
+        yield
+    finally:
+        _override.reset(token)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The compiled extension. It may be absent (a pure-Python checkout); then its faces say why.
+
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.amnets_native.* kernels)
+
+    EXTENSION_ERROR: str | None = None
+except ImportError as exc:  # pragma: no cover - exercised only on broken installs
+    _C = None
+    EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+def _native_has(op: str, dispatch_key: str) -> bool:
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"amnets_native::{op}_forward", dispatch_key)
+    except RuntimeError:  # schema not registered: extension not loaded
+        return False
+
+
+def _triton_module(op: str):
+    """The Triton face's module, or a string saying why there is none."""
+    if importlib.util.find_spec("triton") is None:
+        return "the triton package is not installed"
+    try:
+        module = importlib.import_module(f"amnets_kernels.triton.{OPS[op]}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"amnets_kernels.triton.{OPS[op]}" or exc.name == "amnets_kernels.triton":
+            return f"no Triton face exists for {op} yet (amnets_kernels/triton/{OPS[op]}.py)"
+        raise
+    if not hasattr(module, f"{op}_forward"):
+        return f"amnets_kernels/triton/{OPS[op]}.py has no {op}_forward yet"
+    return module
+
+
+def unavailable_reason(op: str, face: str, device: str | torch.device = "cpu") -> str | None:
+    """None when `face` can run `op` on tensors of `device`; otherwise one sentence saying why not."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {tuple(OPS)}; got {op!r}")
+    if face not in FACES:
+        raise ValueError(f"face must be one of {FACES}; got {face!r}")
+    kind = torch.device(device).type
+    if face == "reference":
+        return None
+    if face in ("cpu", "cuda"):
+        if kind != face:
+            return f"the {face} face runs on {face} tensors, and these are on {kind}"
+        if EXTENSION_ERROR is not None:
+            return f"the compiled extension amnets_kernels._C did not load ({EXTENSION_ERROR})"
+        if not _native_has(op, face.upper()):
+            file = f"csrc/{face}/{OPS[op]}.{'cpp' if face == 'cpu' else 'cu'}"
+            if face == "cuda" and not (_C.build_info()["cuda_archs"]):
+                return "this build of amnets_kernels._C has no CUDA part (CPU-only torch or no nvcc)"
+            return f"no {face} kernel for {op} is compiled in yet ({file})"
+        return None
+    # triton
+    if kind == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "Triton runs CPU tensors only under the interpreter (set TRITON_INTERPRET=1 before import)"
+    if kind not in ("cpu", "cuda"):
+        return f"Triton faces run on cuda tensors, and these are on {kind}"
+    module = _triton_module(op)
+    return module if isinstance(module, str) else None
+
+
+def available_backends(op: str | None = None, device: str | torch.device = "cpu"):
+    """Faces that can run `op` on `device` now; with op=None, a dict {op: [faces]}."""
+    if op is None:
+        return {name: available_backends(name, device) for name in OPS}
+    return [face for face in FACES if unavailable_reason(op, face, device) is None]
+
+
+@dataclass(frozen=True)
+class Face:
+    op: str
+    name: str
+    forward: Callable
+    backward: Callable
+
+
+@functools.lru_cache(maxsize=None)
+def _load(op: str, face: str) -> Face:
+    if face == "reference":
+        module = importlib.import_module(f"amnets_kernels.reference.{OPS[op]}")
+    elif face == "triton":
+        module = _triton_module(op)
+    else:  # one schema, the dispatch key picks the cpu or cuda kernel
+        module = torch.ops.amnets_native
+    return Face(op, face, getattr(module, f"{op}_forward"), getattr(module, f"{op}_backward"))
+
+
+def which_face(op: str, device: str | torch.device = "cpu") -> str:
+    """The face that would run `op` on `device` under the current backend (raises if none)."""
+    return _pick(get_backend(), op, torch.device(device).type)
+
+
+@functools.lru_cache(maxsize=None)  # faces do not come and go while the process runs
+def _pick(backend: str, op: str, kind: str) -> str:
+    if backend != "auto":
+        reason = unavailable_reason(op, backend, kind)
+        if reason is not None:
+            raise FaceUnavailableError(f"{op}: backend {backend!r} cannot run here: {reason}")
+        return backend
+    for face in AUTO_ORDER.get(kind, ("reference",)):
+        if unavailable_reason(op, face, kind) is None:
+            return face
+    raise FaceUnavailableError(f"{op}: no face runs on {kind} tensors")  # pragma: no cover
+
+
+def resolve(op: str, device: torch.device) -> Face:
+    """The face to call for `op` on tensors of `device` (used by the ops; records and warns)."""
+    backend = get_backend()
+    face = _pick(backend, op, device.type)
+    if face == "reference" and backend == "auto" and (op, device.type) not in _warned:
+        _warned.add((op, device.type))
+        best = AUTO_ORDER.get(device.type, ("reference",))[0]
+        warnings.warn(
+            f"amnets_kernels.{op}: backend 'auto' runs the pure-PyTorch reference face on {device.type} "
+            f"({unavailable_reason(op, best, device.type)}). It is exact but not fast; "
+            f"amnets_kernels.last_face({op!r}) reports which face ran.",
+            FallbackWarning, stacklevel=3)
+    _last[op] = face
+    return _load(op, face)
+
+
+def last_face(op: str) -> str | None:
+    """Which face ran `op` most recently in this process (None if it has not run)."""
+    if op not in OPS:
+        raise ValueError(f"op must be one of {tuple(OPS)}; got {op!r}")
+    return _last.get(op)
+
+
+def build_info() -> dict:
+    """What this installation can run: versions, compiled CUDA archs, CPU features, faces per op."""
+    import platform
+
+    native = _C.build_info() if _C is not None else {}
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    from . import __version__
+
+    return {
+        "amnets_kernels": __version__,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "extension": "loaded" if _C is not None else f"not loaded: {EXTENSION_ERROR}",
+        "cuda_archs": native.get("cuda_archs", []),
+        "nvcc_arch_list": native.get("nvcc_arch_list"),
+        "cpu": platform.machine(),
+        "cpu_isa": native.get("cpu_features", []),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "openmp": native.get("openmp"),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
+        "faces": {device: available_backends(device=device)
+                  for device in (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])},
+    }

@@ -1,0 +1,62 @@
+"""The ops, one file per op family: torch.ops.amnets.<op>, its face contract, its autograd.
+
+Every op follows one pattern:
+  amnets::<op>            public, CompositeImplicitAutograd: defaults, light reshaping, reduction;
+                          takes the Python function's arguments in the same order.
+  amnets::<op>_forward    custom op (opaque to torch.compile) with a fake impl and autograd: checks its
+                          arguments (amnets_kernels._validate), then routes to the face chosen by
+                          amnets_kernels._backend; with save=True it also returns what backward needs.
+  amnets::<op>_backward   custom op, routed the same way.
+Each face implements <op>_forward/<op>_backward with exactly these arguments (the reference in
+amnets_kernels/reference/, Triton in amnets_kernels/triton/, C++ as torch.ops.amnets_native.*; see
+csrc/ops.cpp). Faces get contiguous tensors and return fresh ones.
+"""
+
+import torch
+
+from .. import _backend
+
+_LIB = torch.library.Library("amnets", "FRAGMENT")  # holds the composite ops' registrations
+
+
+def composite(schema: str):
+    """Define torch.ops.amnets.<name> from `schema`, implemented by the decorated Python function."""
+
+    def register(fn):
+        _LIB.define(schema)
+        _LIB.impl(schema.split("(", 1)[0], fn, "CompositeImplicitAutograd")
+        return fn
+
+    return register
+
+
+def run(op: str, direction: str, *args):
+    """Call the current face's <op>_<direction> on contiguous arguments."""
+    device = next(a.device for a in args if isinstance(a, torch.Tensor))
+    face = _backend.resolve(op, device)
+    fn = face.forward if direction == "forward" else face.backward
+    return fn(*(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args))
+
+
+def register_autograd(op, backward, setup_context):
+    """op.register_autograd, with backward run under the backend that was in force for the forward
+    (in eager mode: `with use_backend("cpu"): loss = f(x)` then `loss.backward()` outside it still
+    uses the cpu face; a compiled graph reads the backend when its backward runs)."""
+
+    def setup(ctx, inputs, output):
+        ctx.backend = _backend.get_backend()
+        setup_context(ctx, inputs, output)
+
+    def run_backward(ctx, *grads):
+        with _backend.use_backend(ctx.backend):
+            return backward(ctx, *grads)
+
+    op.register_autograd(run_backward, setup_context=setup)
+
+
+def wants_grad(*tensors) -> bool:
+    """Whether an autograd graph will be built through these inputs (decides save=True)."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+from . import bsr, lowrank_lstm, rnnt  # noqa: E402,F401  (registers the ops)

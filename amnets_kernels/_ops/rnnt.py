@@ -1,0 +1,242 @@
+"""rnnt_loss (torchaudio.functional.rnnt_loss semantics) and fused_joint_rnnt_loss.
+
+The forward ops return per-sequence costs and, with save=True, the lattice workspace backward needs:
+alphas, betas, den (B, T, U+1) in the accumulation dtype. Backward makes one more pass over the logits
+(or, fused, recomputes the joint) instead of keeping a (B, T, U+1, V) gradient from the forward.
+`clamp` > 0 bounds each sequence's logit gradient to [-clamp, clamp] before it is scaled by the
+incoming gradient (as torchaudio does); a non-finite cost gives that sequence a zero gradient and a
+warning. Targets and lengths may be int32 or int64; faces receive int32.
+"""
+
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import _validate
+from ..reference import acc_dtype
+from . import composite, register_autograd, run, wants_grad
+
+
+def _int32(*tensors):
+    return tuple(t.to(torch.int32) for t in tensors)
+
+
+def _reduce(costs: Tensor, reduction: str) -> Tensor:
+    if reduction == "mean":
+        return costs.mean()
+    return costs.sum() if reduction == "sum" else costs
+
+
+def _report_non_finite(op: str, costs: Tensor) -> None:
+    finite = torch.isfinite(costs)
+    if not bool(finite.all()):
+        which = (~finite).nonzero().flatten().tolist()
+        warnings.warn(f"{op}: sequences {which} have a non-finite cost (no path with finite probability); "
+                      "their gradient is zero", RuntimeWarning, stacklevel=4)
+
+
+def _workspace(batch, frames, labels_plus_1, dtype, device, save):
+    shape = (batch, frames, labels_plus_1) if save else (0,)
+    return tuple(torch.empty(shape, dtype=acc_dtype(dtype), device=device) for _ in range(3))
+
+
+# ---------------------------------------------------------------------------------------------------
+# rnnt_loss
+
+RNNT = "rnnt_loss"
+
+
+def rnnt_loss(logits: Tensor, targets: Tensor, logit_lengths: Tensor, target_lengths: Tensor, blank: int = -1,
+              clamp: float = -1.0, reduction: str = "mean", fused_log_softmax: bool = True) -> Tensor:
+    """RNN-T loss of logits (B, T, U+1, V); same arguments and results as torchaudio's rnnt_loss.
+
+    targets (B, U), logit_lengths and target_lengths (B,), int32 or int64; blank in [-V, V).
+    Unlike torchaudio, the padded T and U may exceed the longest lengths.
+    """
+    _validate.tensor_types(RNNT, logits=logits, targets=targets, logit_lengths=logit_lengths,
+                           target_lengths=target_lengths)
+    return torch.ops.amnets.rnnt_loss(logits, targets, logit_lengths, target_lengths, blank, float(clamp),
+                                      reduction, fused_log_softmax)
+
+
+@composite("rnnt_loss(Tensor logits, Tensor targets, Tensor logit_lengths, Tensor target_lengths, "
+           "int blank=-1, float clamp=-1.0, str reduction=\"mean\", bool fused_log_softmax=True) -> Tensor")
+def _rnnt_loss(logits, targets, logit_lengths, target_lengths, blank=-1, clamp=-1.0, reduction="mean",
+               fused_log_softmax=True):
+    _validate.rnnt_loss(RNNT, logits, targets, logit_lengths, target_lengths, blank, clamp, reduction,
+                        data=False)
+    costs = torch.ops.amnets.rnnt_loss_forward(logits, targets, logit_lengths, target_lengths, blank, clamp,
+                                               fused_log_softmax, wants_grad(logits))[0]
+    return _reduce(costs, reduction)
+
+
+@torch.library.custom_op("amnets::rnnt_loss_forward", mutates_args=())
+def rnnt_loss_forward(logits: Tensor, targets: Tensor, logit_lengths: Tensor, target_lengths: Tensor,
+                      blank: int, clamp: float, fused_log_softmax: bool,
+                      save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    blank = _validate.rnnt_loss(RNNT, logits, targets, logit_lengths, target_lengths, blank, clamp, "none",
+                                data=True)
+    out = run(RNNT, "forward", logits, *_int32(targets, logit_lengths, target_lengths), blank, clamp,
+              fused_log_softmax, save)
+    _report_non_finite(RNNT, out[0])
+    return out
+
+
+@rnnt_loss_forward.register_fake
+def _(logits, targets, logit_lengths, target_lengths, blank, clamp, fused_log_softmax, save):
+    _validate.rnnt_loss(RNNT, logits, targets, logit_lengths, target_lengths, blank, clamp, "none", data=False)
+    batch, frames, labels_plus_1, _ = logits.shape
+    return (logits.new_empty(batch), *_workspace(batch, frames, labels_plus_1, logits.dtype, logits.device, save))
+
+
+@torch.library.custom_op("amnets::rnnt_loss_backward", mutates_args=())
+def rnnt_loss_backward(grad_costs: Tensor, logits: Tensor, targets: Tensor, logit_lengths: Tensor,
+                       target_lengths: Tensor, costs: Tensor, alphas: Tensor, betas: Tensor, den: Tensor,
+                       blank: int, clamp: float, fused_log_softmax: bool) -> Tensor:
+    blank = _check_rnnt_backward(grad_costs, logits, targets, logit_lengths, target_lengths, costs, alphas,
+                                 betas, den, blank, clamp)
+    return run(RNNT, "backward", grad_costs, logits, *_int32(targets, logit_lengths, target_lengths), costs,
+               alphas, betas, den, blank, clamp, fused_log_softmax)
+
+
+def _check_saved(op, batch, frames, labels_plus_1, grad_costs, costs, alphas, betas, den):
+    lattice = (batch, frames, labels_plus_1)
+    _validate.grads_and_saved(op, {"grad_costs": (grad_costs, (batch,)), "costs": (costs, (batch,)),
+                                   "alphas": (alphas, lattice), "betas": (betas, lattice),
+                                   "den": (den, lattice)})
+
+
+def _check_rnnt_backward(grad_costs, logits, targets, logit_lengths, target_lengths, costs, alphas, betas, den,
+                         blank, clamp):
+    op = RNNT + "_backward"
+    blank = _validate.rnnt_loss(op, logits, targets, logit_lengths, target_lengths, blank, clamp, "none",
+                                data=False)
+    _check_saved(op, *logits.shape[:3], grad_costs, costs, alphas, betas, den)
+    return blank
+
+
+@rnnt_loss_backward.register_fake
+def _(grad_costs, logits, targets, logit_lengths, target_lengths, costs, alphas, betas, den, blank, clamp,
+      fused_log_softmax):
+    _check_rnnt_backward(grad_costs, logits, targets, logit_lengths, target_lengths, costs, alphas, betas, den,
+                         blank, clamp)
+    return torch.empty_like(logits)
+
+
+def _rnnt_setup(ctx, inputs, output):
+    logits, targets, logit_lengths, target_lengths, blank, clamp, fused_log_softmax, save = inputs
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(logits, targets, logit_lengths, target_lengths, *output)
+    ctx.args = (blank, clamp, fused_log_softmax)
+
+
+def _rnnt_backward(ctx, grad_costs, *_workspace_grads):
+    grad = torch.ops.amnets.rnnt_loss_backward(grad_costs, *ctx.saved_tensors, *ctx.args)
+    return (grad,) + (None,) * 7
+
+
+register_autograd(rnnt_loss_forward, _rnnt_backward, _rnnt_setup)
+
+
+# ---------------------------------------------------------------------------------------------------
+# fused_joint_rnnt_loss
+
+JOINT = "fused_joint_rnnt_loss"
+
+
+def fused_joint_rnnt_loss(enc: Tensor, pred: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
+                          logit_lengths: Tensor, target_lengths: Tensor, blank: int = -1,
+                          activation: str = "tanh", clamp: float = -1.0, reduction: str = "mean") -> Tensor:
+    """rnnt_loss(act(enc[:, :, None] + pred[:, None]) @ weight.T + bias, ...) without the 4-D logits.
+
+    enc (B, T, H), pred (B, U+1, H), weight (V, H), bias (V,) or None; activation "tanh", "relu" or
+    "identity". Differentiable in enc, pred, weight and bias. Peak memory is O(B*T*U) plus one tile
+    in the fused faces (the reference face materialises the logits).
+    """
+    _validate.tensor_types(JOINT, ("bias",), enc=enc, pred=pred, weight=weight, bias=bias, targets=targets,
+                           logit_lengths=logit_lengths, target_lengths=target_lengths)
+    return torch.ops.amnets.fused_joint_rnnt_loss(enc, pred, weight, bias, targets, logit_lengths,
+                                                  target_lengths, blank, activation, float(clamp), reduction)
+
+
+@composite("fused_joint_rnnt_loss(Tensor enc, Tensor pred, Tensor weight, Tensor? bias, Tensor targets, "
+           "Tensor logit_lengths, Tensor target_lengths, int blank=-1, str activation=\"tanh\", "
+           "float clamp=-1.0, str reduction=\"mean\") -> Tensor")
+def _fused_joint_rnnt_loss(enc, pred, weight, bias, targets, logit_lengths, target_lengths, blank=-1,
+                           activation="tanh", clamp=-1.0, reduction="mean"):
+    _validate.fused_joint_rnnt_loss(JOINT, enc, pred, weight, bias, targets, logit_lengths, target_lengths,
+                                    blank, activation, clamp, reduction, data=False)
+    costs = torch.ops.amnets.fused_joint_rnnt_loss_forward(
+        enc, pred, weight, bias, targets, logit_lengths, target_lengths, blank, activation, clamp,
+        wants_grad(enc, pred, weight, bias))[0]
+    return _reduce(costs, reduction)
+
+
+@torch.library.custom_op("amnets::fused_joint_rnnt_loss_forward", mutates_args=())
+def fused_joint_rnnt_loss_forward(enc: Tensor, pred: Tensor, weight: Tensor, bias: Optional[Tensor],
+                                  targets: Tensor, logit_lengths: Tensor, target_lengths: Tensor, blank: int,
+                                  activation: str, clamp: float,
+                                  save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    blank = _validate.fused_joint_rnnt_loss(JOINT, enc, pred, weight, bias, targets, logit_lengths,
+                                            target_lengths, blank, activation, clamp, "none", data=True)
+    out = run(JOINT, "forward", enc, pred, weight, bias, *_int32(targets, logit_lengths, target_lengths), blank,
+              activation, clamp, save)
+    _report_non_finite(JOINT, out[0])
+    return out
+
+
+@fused_joint_rnnt_loss_forward.register_fake
+def _(enc, pred, weight, bias, targets, logit_lengths, target_lengths, blank, activation, clamp, save):
+    _validate.fused_joint_rnnt_loss(JOINT, enc, pred, weight, bias, targets, logit_lengths, target_lengths,
+                                    blank, activation, clamp, "none", data=False)
+    batch, frames, _ = enc.shape
+    return (enc.new_empty(batch), *_workspace(batch, frames, pred.shape[1], enc.dtype, enc.device, save))
+
+
+@torch.library.custom_op("amnets::fused_joint_rnnt_loss_backward", mutates_args=())
+def fused_joint_rnnt_loss_backward(grad_costs: Tensor, enc: Tensor, pred: Tensor, weight: Tensor,
+                                   bias: Optional[Tensor], targets: Tensor, logit_lengths: Tensor,
+                                   target_lengths: Tensor, costs: Tensor, alphas: Tensor, betas: Tensor,
+                                   den: Tensor, blank: int, activation: str,
+                                   clamp: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    blank = _check_joint_backward(grad_costs, enc, pred, weight, bias, targets, logit_lengths, target_lengths,
+                                  costs, alphas, betas, den, blank, activation, clamp)
+    return run(JOINT, "backward", grad_costs, enc, pred, weight, bias,
+               *_int32(targets, logit_lengths, target_lengths), costs, alphas, betas, den, blank, activation,
+               clamp)
+
+
+def _check_joint_backward(grad_costs, enc, pred, weight, bias, targets, logit_lengths, target_lengths, costs,
+                          alphas, betas, den, blank, activation, clamp):
+    op = JOINT + "_backward"
+    blank = _validate.fused_joint_rnnt_loss(op, enc, pred, weight, bias, targets, logit_lengths,
+                                            target_lengths, blank, activation, clamp, "none", data=False)
+    _check_saved(op, enc.shape[0], enc.shape[1], pred.shape[1], grad_costs, costs, alphas, betas, den)
+    return blank
+
+
+@fused_joint_rnnt_loss_backward.register_fake
+def _(grad_costs, enc, pred, weight, bias, targets, logit_lengths, target_lengths, costs, alphas, betas, den,
+      blank, activation, clamp):
+    _check_joint_backward(grad_costs, enc, pred, weight, bias, targets, logit_lengths, target_lengths, costs,
+                          alphas, betas, den, blank, activation, clamp)
+    return (torch.empty_like(enc), torch.empty_like(pred), torch.empty_like(weight),
+            torch.empty_like(bias) if bias is not None else enc.new_empty(0))
+
+
+def _joint_setup(ctx, inputs, output):
+    enc, pred, weight, bias, targets, logit_lengths, target_lengths, blank, activation, clamp, save = inputs
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(enc, pred, weight, bias, targets, logit_lengths, target_lengths, *output)
+    ctx.args = (blank, activation, clamp)
+
+
+def _joint_backward(ctx, grad_costs, *_workspace_grads):
+    grads = torch.ops.amnets.fused_joint_rnnt_loss_backward(grad_costs, *ctx.saved_tensors, *ctx.args)
+    needs = ctx.needs_input_grad
+    return tuple(g if need else None for g, need in zip(grads, needs[:4])) + (None,) * 7
+
+
+register_autograd(fused_joint_rnnt_loss_forward, _joint_backward, _joint_setup)

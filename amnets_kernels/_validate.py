@@ -1,0 +1,286 @@
+"""One argument check per op, run before any face sees the arguments.
+
+Each check raises TypeError (wrong type or dtype) or ValueError (wrong rank, shape, value), naming
+the op and the argument and giving the expected and the actual value. Faces assume valid input.
+`data=False` skips the checks that read tensor contents (index arrays, lengths, labels): fake
+tensors under torch.compile have none, and the op's real run checks them.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INDEX_DTYPES = (torch.int32, torch.int64)
+REDUCTIONS = ("none", "mean", "sum")
+ACTIVATIONS = ("tanh", "relu", "identity")
+
+
+def _names(dtypes) -> str:
+    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
+def _tensor(op: str, name: str, t, *, ndim: int | None = None, dtypes=None, optional: bool = False):
+    if t is None and optional:
+        return
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor; got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{op}: {name} must be {ndim}-D; got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{op}: {name} must have dtype in ({_names(dtypes)}); got {t.dtype}")
+
+
+def tensor_types(op: str, optional=(), **named) -> None:
+    """Type check run by the public Python functions before torch.ops dispatch (which would otherwise
+    answer a non-tensor with a RuntimeError of its own)."""
+    for name, t in named.items():
+        if not isinstance(t, Tensor) and not (t is None and name in optional):
+            raise TypeError(f"{op}: {name} must be a torch.Tensor; got {type(t).__name__}")
+
+
+def _shape(op: str, name: str, t: Tensor | None, expected: tuple, meaning: str = ""):
+    if t is not None and tuple(t.shape) != tuple(expected):
+        raise ValueError(f"{op}: {name} must have shape {meaning}{tuple(expected)}; got {tuple(t.shape)}")
+
+
+def _int(op: str, name: str, value, low: int | None = None):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{op}: {name} must be an int; got {type(value).__name__}")
+    if low is not None and value < low:
+        raise ValueError(f"{op}: {name} must be >= {low}; got {value}")
+
+
+def _same_device_and_dtype(op: str, dtype_of: str, tensors: dict[str, Tensor | None], ints=()):
+    """All tensors on one device; the floating ones in the dtype of `dtype_of`."""
+    present = {k: v for k, v in tensors.items() if v is not None}
+    ref = present[dtype_of]
+    for name, t in present.items():
+        if t.device != ref.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but {dtype_of} is on {ref.device}; "
+                             "all tensors must be on one device")
+        if name not in ints and t.dtype != ref.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but {dtype_of} has {ref.dtype}; "
+                            "they must match")
+
+
+# ---------------------------------------------------------------------------------------------------
+# bsr_linear
+
+# Index arrays already checked, keyed by crow_indices: (col_indices ref, versions, block columns).
+_checked_indices: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def _version(t: Tensor):
+    try:
+        return t._version
+    except RuntimeError:  # inference tensors keep no version counter: never cached
+        return None
+
+
+def bsr_indices(op: str, crow: Tensor, col: Tensor, block_cols: int) -> None:
+    """crow_indices/col_indices describe a canonical BSR pattern inside `block_cols` block columns.
+
+    Reads the index arrays (a device sync on CUDA), so the answer is cached until either changes.
+    """
+    key = (_version(crow), _version(col), block_cols)
+    seen = _checked_indices.get(crow)
+    if seen is not None and seen[0]() is col and seen[1] == key and None not in key[:2]:
+        return
+    c = crow.detach().to("cpu", torch.int64)
+    k = col.detach().to("cpu", torch.int64)
+    nnzb = k.numel()
+    if c[0].item() != 0:
+        raise ValueError(f"{op}: crow_indices[0] must be 0; got {c[0].item()}")
+    steps = c.diff()
+    if (steps < 0).any():
+        row = int((steps < 0).nonzero()[0, 0])
+        raise ValueError(f"{op}: crow_indices must be non-decreasing; crow_indices[{row + 1}] = "
+                         f"{c[row + 1].item()} < crow_indices[{row}] = {c[row].item()}")
+    if c[-1].item() != nnzb:
+        raise ValueError(f"{op}: crow_indices[-1] must equal the number of blocks "
+                         f"(col_indices.numel() = {nnzb}); got {c[-1].item()}")
+    if nnzb:
+        low, high = k.min().item(), k.max().item()
+        if low < 0 or high >= block_cols:
+            raise ValueError(f"{op}: col_indices must lie in [0, {block_cols}) (block columns of "
+                             f"in_features); got values in [{low}, {high}]")
+        # Strictly increasing inside each block row: no duplicate blocks, canonical order.
+        rising = k[1:] > k[:-1]
+        row_starts = c[1:-1]
+        rising[row_starts[(row_starts > 0) & (row_starts < nnzb)] - 1] = True
+        if not rising.all():
+            at = int((~rising).nonzero()[0, 0]) + 1
+            row = int(torch.searchsorted(c, torch.tensor(at), right=True)) - 1
+            raise ValueError(f"{op}: col_indices must be strictly increasing within each block row; "
+                             f"block row {row} has {k[at - 1].item()} then {k[at].item()}")
+    _checked_indices[crow] = (weakref.ref(col), key)
+
+
+def bsr_linear(op: str, x, values, crow_indices, col_indices, out_features, in_features, bias, *,
+               data: bool) -> None:
+    _tensor(op, "x", x, dtypes=FLOAT_DTYPES)
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least 1 dimension (..., in_features); got a scalar")
+    _int(op, "out_features", out_features, 1)
+    _int(op, "in_features", in_features, 1)
+    if x.shape[-1] != in_features:
+        raise ValueError(f"{op}: x.shape[-1] must equal in_features = {in_features}; "
+                         f"got x of shape {tuple(x.shape)}")
+    _tensor(op, "values", values, ndim=3, dtypes=FLOAT_DTYPES)
+    b = values.shape[1]
+    if b < 1 or values.shape[2] != b:
+        raise ValueError(f"{op}: values must have shape (nnzb, b, b) with square blocks; "
+                         f"got {tuple(values.shape)}")
+    _tensor(op, "crow_indices", crow_indices, ndim=1, dtypes=INDEX_DTYPES)
+    _tensor(op, "col_indices", col_indices, ndim=1, dtypes=INDEX_DTYPES)
+    block_rows, block_cols = -(-out_features // b), -(-in_features // b)
+    _shape(op, "crow_indices", crow_indices, (block_rows + 1,), "(ceil(out_features / b) + 1,) = ")
+    _shape(op, "col_indices", col_indices, (values.shape[0],), "(nnzb,) = ")
+    if crow_indices.dtype != col_indices.dtype:
+        raise TypeError(f"{op}: crow_indices ({crow_indices.dtype}) and col_indices "
+                        f"({col_indices.dtype}) must have the same dtype")
+    _tensor(op, "bias", bias, ndim=1, optional=True)
+    _shape(op, "bias", bias, (out_features,), "(out_features,) = ")
+    _same_device_and_dtype(op, "x", {"x": x, "values": values, "bias": bias, "crow_indices": crow_indices,
+                                     "col_indices": col_indices}, ints=("crow_indices", "col_indices"))
+    if data:
+        bsr_indices(op, crow_indices, col_indices, block_cols)
+
+
+# ---------------------------------------------------------------------------------------------------
+# lowrank_lstm_cell / lowrank_lstm_sequence
+
+
+def lowrank_lstm(op: str, x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, *, sequence: bool) -> int:
+    """Checks a cell (x (B, D)) or a sequence (x (T, B, D), h/c may be None); returns H."""
+    _tensor(op, "x", x, ndim=3 if sequence else 2, dtypes=FLOAT_DTYPES)
+    if sequence and x.shape[0] < 1:
+        raise ValueError(f"{op}: x must have at least one time step; got shape {tuple(x.shape)}")
+    batch, d = x.shape[-2], x.shape[-1]
+    for name, w in (("w_ih_u", w_ih_u), ("w_ih_v", w_ih_v), ("w_hh_u", w_hh_u), ("w_hh_v", w_hh_v)):
+        _tensor(op, name, w, ndim=2)
+    hidden = w_hh_v.shape[1]
+    if hidden < 1:
+        raise ValueError(f"{op}: w_hh_v must have shape (rank_hh, H) with H >= 1; got {tuple(w_hh_v.shape)}")
+    s = "h0" if sequence else "h"
+    for name, t in ((s, h), ("c0" if sequence else "c", c)):
+        _tensor(op, name, t, ndim=2, optional=sequence)
+        _shape(op, name, t, (batch, hidden), "(B, H) = ")
+    for pre, w_u, w_v, k in (("w_ih", w_ih_u, w_ih_v, d), ("w_hh", w_hh_u, w_hh_v, hidden)):
+        if w_u.shape[0] != 4 * hidden:
+            raise ValueError(f"{op}: {pre}_u must have 4*H = {4 * hidden} rows (gates i, f, g, o; "
+                             f"H = {hidden} from w_hh_v); got shape {tuple(w_u.shape)}")
+        rank = w_u.shape[1]
+        _shape(op, f"{pre}_v", w_v, (rank, k), f"(rank, {'D' if pre == 'w_ih' else 'H'}) = ")
+        if not 1 <= rank <= min(4 * hidden, k):
+            raise ValueError(f"{op}: the rank of {pre} ({pre}_u.shape[1] = {rank}) must be in "
+                             f"[1, min(4*H, {'D' if pre == 'w_ih' else 'H'})] = [1, {min(4 * hidden, k)}]")
+    _tensor(op, "bias", bias, ndim=1, optional=True)
+    _shape(op, "bias", bias, (4 * hidden,), "(4*H,) = ")
+    _same_device_and_dtype(op, "x", {"x": x, s: h, "c0" if sequence else "c": c, "w_ih_u": w_ih_u,
+                                     "w_ih_v": w_ih_v, "w_hh_u": w_hh_u, "w_hh_v": w_hh_v, "bias": bias})
+    return hidden
+
+
+# ---------------------------------------------------------------------------------------------------
+# rnnt_loss / fused_joint_rnnt_loss
+
+
+def _rnnt_labels(op, targets, logit_lengths, target_lengths, batch, frames, labels, vocab, blank, data):
+    """Shared by both losses: shapes and (with data) values of targets and lengths; returns blank."""
+    _tensor(op, "targets", targets, ndim=2, dtypes=INDEX_DTYPES)
+    _tensor(op, "logit_lengths", logit_lengths, ndim=1, dtypes=INDEX_DTYPES)
+    _tensor(op, "target_lengths", target_lengths, ndim=1, dtypes=INDEX_DTYPES)
+    _shape(op, "targets", targets, (batch, labels), "(B, U) = ")
+    _shape(op, "logit_lengths", logit_lengths, (batch,), "(B,) = ")
+    _shape(op, "target_lengths", target_lengths, (batch,), "(B,) = ")
+    _int(op, "blank", blank)
+    if not -vocab <= blank < vocab:
+        raise ValueError(f"{op}: blank must be in [-V, V) = [{-vocab}, {vocab}); got {blank}")
+    blank %= vocab
+    if data:
+        for name, lengths, low, high, dim in (("logit_lengths", logit_lengths, 1, frames, "T"),
+                                              ("target_lengths", target_lengths, 0, labels, "U")):
+            lo, hi = lengths.min().item(), lengths.max().item()
+            if lo < low or hi > high:
+                raise ValueError(f"{op}: {name} must lie in [{low}, {high}] (padded {dim} = {high}); "
+                                 f"got values in [{lo}, {hi}]")
+        live = torch.arange(labels, device=targets.device) < target_lengths[:, None]
+        bad = live & ((targets < 0) | (targets >= vocab) | (targets == blank))
+        if bad.any():
+            b, u = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"{op}: targets must lie in [0, V = {vocab}) and differ from blank = {blank} "
+                             f"(within target_lengths); got targets[{b}, {u}] = {targets[b, u].item()}")
+    return blank
+
+
+def _reduction_and_clamp(op, reduction, clamp):
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}; got {reduction!r}")
+    if isinstance(clamp, bool) or not isinstance(clamp, (int, float)):
+        raise TypeError(f"{op}: clamp must be a float; got {type(clamp).__name__}")
+
+
+def rnnt_loss(op, logits, targets, logit_lengths, target_lengths, blank, clamp, reduction, *, data) -> int:
+    """Returns blank normalised to [0, V)."""
+    _tensor(op, "logits", logits, ndim=4, dtypes=FLOAT_DTYPES)
+    batch, frames, labels_plus_1, vocab = logits.shape
+    if batch < 1 or frames < 1 or labels_plus_1 < 1 or vocab < 1:
+        raise ValueError(f"{op}: logits must have shape (B, T, U+1, V) with every dim >= 1; "
+                         f"got {tuple(logits.shape)}")
+    _reduction_and_clamp(op, reduction, clamp)
+    blank = _rnnt_labels(op, targets, logit_lengths, target_lengths, batch, frames, labels_plus_1 - 1,
+                         vocab, blank, data)
+    _same_device_and_dtype(op, "logits", {"logits": logits, "targets": targets, "logit_lengths": logit_lengths,
+                                          "target_lengths": target_lengths},
+                           ints=("targets", "logit_lengths", "target_lengths"))
+    return blank
+
+
+def fused_joint_rnnt_loss(op, enc, pred, weight, bias, targets, logit_lengths, target_lengths, blank,
+                          activation, clamp, reduction, *, data) -> int:
+    """Returns blank normalised to [0, V)."""
+    _tensor(op, "enc", enc, ndim=3, dtypes=FLOAT_DTYPES)
+    _tensor(op, "pred", pred, ndim=3)
+    _tensor(op, "weight", weight, ndim=2)
+    _tensor(op, "bias", bias, ndim=1, optional=True)
+    batch, frames, hidden = enc.shape
+    if batch < 1 or frames < 1 or hidden < 1:
+        raise ValueError(f"{op}: enc must have shape (B, T, H) with every dim >= 1; got {tuple(enc.shape)}")
+    if pred.shape[0] != batch or pred.shape[2] != hidden or pred.shape[1] < 1:
+        raise ValueError(f"{op}: pred must have shape (B, U+1, H) = ({batch}, U+1, {hidden}) to match enc; "
+                         f"got {tuple(pred.shape)}")
+    vocab = weight.shape[0]
+    if vocab < 1 or weight.shape[1] != hidden:
+        raise ValueError(f"{op}: weight must have shape (V, H) = (V, {hidden}) with V >= 1; "
+                         f"got {tuple(weight.shape)}")
+    _shape(op, "bias", bias, (vocab,), "(V,) = ")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{op}: activation must be one of {ACTIVATIONS}; got {activation!r}")
+    _reduction_and_clamp(op, reduction, clamp)
+    blank = _rnnt_labels(op, targets, logit_lengths, target_lengths, batch, frames, pred.shape[1] - 1,
+                         vocab, blank, data)
+    _same_device_and_dtype(op, "enc", {"enc": enc, "pred": pred, "weight": weight, "bias": bias,
+                                       "targets": targets, "logit_lengths": logit_lengths,
+                                       "target_lengths": target_lengths},
+                           ints=("targets", "logit_lengths", "target_lengths"))
+    return blank
+
+
+# ---------------------------------------------------------------------------------------------------
+# The backward ops: arguments are the forward's (checked by the checks above) plus these.
+
+
+def grads_and_saved(op: str, expected: dict[str, tuple[Tensor, tuple]]) -> None:
+    """Each named tensor (a gradient or a saved activation) has its expected shape."""
+    for name, (t, shape) in expected.items():
+        _tensor(op, name, t)
+        if t.numel() == 0 and 0 not in shape:
+            raise RuntimeError(f"{op}: {name} is empty: the forward ran with save=False, so there is "
+                               "nothing to differentiate")
+        _shape(op, name, t, shape)

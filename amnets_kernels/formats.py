@@ -1,0 +1,221 @@
+"""Weight formats: block-sparse (BSR) matrices and low-rank factors.
+
+BSR layout used by every face: a logical (N, K) matrix is padded to (Nb*b, Kb*b) with
+Nb = ceil(N/b), Kb = ceil(K/b); block row r holds blocks crow_indices[r]:crow_indices[r+1] of
+`values` (nnzb, b, b), each at block column col_indices[i], columns strictly increasing in a row.
+Index arrays are int32. Entries of `values` that fall in the padding do not affect results.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import _validate
+
+
+def block_grid(shape: tuple[int, int], block_size: int) -> tuple[int, int]:
+    """(Nb, Kb): block rows and block columns covering a logical (N, K) matrix."""
+    return -(-shape[0] // block_size), -(-shape[1] // block_size)
+
+
+def block_row_of(crow_indices: Tensor) -> Tensor:
+    """The block row of every stored block, (nnzb,) int64."""
+    counts = crow_indices.diff().to(torch.int64)
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=crow_indices.device), counts)
+
+
+def bsr_to_dense(values: Tensor, crow_indices: Tensor, col_indices: Tensor, shape: tuple[int, int]) -> Tensor:
+    """The logical (N, K) dense matrix of a BSR pattern (zeros where no block is stored)."""
+    b = values.shape[-1]
+    rows, cols = block_grid(shape, b)
+    grid = values.new_zeros(rows, cols, b, b)
+    grid[block_row_of(crow_indices), col_indices.to(torch.int64)] = values
+    return grid.permute(0, 2, 1, 3).reshape(rows * b, cols * b)[: shape[0], : shape[1]]
+
+
+def _padded_blocks(weight: Tensor, b: int) -> Tensor:
+    """(Nb, Kb, b, b) view of `weight` zero-padded to whole blocks."""
+    n, k = weight.shape
+    rows, cols = block_grid((n, k), b)
+    padded = torch.nn.functional.pad(weight, (0, cols * b - k, 0, rows * b - n))
+    return padded.reshape(rows, b, cols, b).permute(0, 2, 1, 3)
+
+
+class BlockSparseMatrix:
+    """A (N, K) matrix stored as b x b blocks (BSR); `.values` may be an nn.Parameter.
+
+    Build one with `from_dense` (magnitude block pruning or a given mask) or `from_torch_bsr`.
+    The constructor checks the index arrays once (clear errors, never an out-of-bounds read later).
+    """
+
+    def __init__(self, values: Tensor, crow_indices: Tensor, col_indices: Tensor, shape: tuple[int, int]):
+        shape = (int(shape[0]), int(shape[1]))
+        crow_indices = crow_indices.to(torch.int32)
+        col_indices = col_indices.to(torch.int32)
+        probe = values.new_empty((0, shape[1]))  # lets the op's own check validate the container
+        _validate.bsr_linear("BlockSparseMatrix", probe, values, crow_indices, col_indices, shape[0],
+                             shape[1], None, data=True)
+        self.values = values
+        self.crow_indices = crow_indices
+        self.col_indices = col_indices
+        self.shape = shape
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_dense(cls, weight: Tensor, block_size: int = 32, sparsity: float | None = None,
+                   mask: Tensor | None = None) -> BlockSparseMatrix:
+        """Keep the blocks of `weight` (N, K) with the largest Frobenius norm, or those `mask` names.
+
+        sparsity: fraction of blocks dropped, in [0, 1] (round((1 - sparsity) * Nb * Kb) blocks kept;
+        ties go to the lower block index). mask: a block mask (Nb, Kb), or an element mask (N, K) such
+        as torch.nn.utils.prune leaves (a block is kept if any element is; elements it zeroes stay
+        zero, so to_dense() == weight * mask exactly). With neither, every block is kept.
+        """
+        op = "BlockSparseMatrix.from_dense"
+        _validate._tensor(op, "weight", weight, ndim=2, dtypes=_validate.FLOAT_DTYPES)
+        _validate._int(op, "block_size", block_size, 1)
+        n, k = weight.shape
+        if n < 1 or k < 1:
+            raise ValueError(f"{op}: weight must be non-empty; got shape {tuple(weight.shape)}")
+        if sparsity is not None and mask is not None:
+            raise ValueError(f"{op}: give sparsity or mask, not both")
+        weight = weight.detach()
+        rows, cols = block_grid((n, k), block_size)
+        if mask is not None:
+            _validate._tensor(op, "mask", mask, ndim=2)
+            if tuple(mask.shape) == (n, k):
+                weight = weight * mask.to(weight.dtype)
+                nonzero = (mask != 0).to(torch.float32)
+                keep = _padded_blocks(nonzero, block_size).flatten(2).amax(-1) > 0
+            elif tuple(mask.shape) == (rows, cols):
+                keep = mask.to(torch.bool)
+            else:
+                raise ValueError(f"{op}: mask must have shape (Nb, Kb) = {(rows, cols)} (block mask) or "
+                                 f"(N, K) = {(n, k)} (element mask); got {tuple(mask.shape)}")
+            keep = keep.to(weight.device)
+        else:
+            norms = _padded_blocks(weight.to(torch.float64), block_size).pow(2).sum((-1, -2)).flatten()
+            if sparsity is None:
+                kept = norms.numel()
+            else:
+                if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) \
+                        or not 0.0 <= sparsity <= 1.0:
+                    raise ValueError(f"{op}: sparsity must be a float in [0, 1]; got {sparsity!r}")
+                kept = round((1.0 - sparsity) * norms.numel())
+            order = torch.sort(norms, descending=True, stable=True).indices[:kept]
+            keep = torch.zeros(rows * cols, dtype=torch.bool, device=weight.device)
+            keep[order] = True
+            keep = keep.view(rows, cols)
+        return cls.from_block_mask(weight, keep, block_size)
+
+    @classmethod
+    def from_block_mask(cls, weight: Tensor, keep: Tensor, block_size: int) -> BlockSparseMatrix:
+        """The blocks of `weight` where the (Nb, Kb) bool mask `keep` is True."""
+        blocks = _padded_blocks(weight.detach(), block_size)
+        block_rows, block_cols = keep.nonzero(as_tuple=True)  # row-major: canonical BSR order
+        counts = keep.sum(1)
+        crow = torch.zeros(keep.shape[0] + 1, dtype=torch.int32, device=weight.device)
+        crow[1:] = counts.cumsum(0)
+        values = blocks[block_rows, block_cols].contiguous()
+        return cls(values, crow, block_cols.to(torch.int32), tuple(weight.shape))
+
+    @classmethod
+    def from_torch_bsr(cls, tensor: Tensor, shape: tuple[int, int] | None = None) -> BlockSparseMatrix:
+        """From a torch.sparse_bsr tensor; `shape` crops it to a smaller logical shape (padding)."""
+        if not isinstance(tensor, Tensor) or tensor.layout != torch.sparse_bsr:
+            raise TypeError("BlockSparseMatrix.from_torch_bsr: tensor must be a torch.sparse_bsr tensor; "
+                            f"got {getattr(tensor, 'layout', type(tensor).__name__)}")
+        values = tensor.values()
+        if values.dim() != 3 or values.shape[1] != values.shape[2]:
+            raise ValueError("BlockSparseMatrix.from_torch_bsr: blocks must be square; got values of shape "
+                             f"{tuple(values.shape)}")
+        full = tuple(tensor.shape)
+        shape = full if shape is None else tuple(shape)
+        b = values.shape[1]
+        if block_grid(shape, b) != (full[0] // b, full[1] // b):
+            raise ValueError(f"BlockSparseMatrix.from_torch_bsr: shape {shape} must round up to the "
+                             f"tensor's {full} in blocks of {b}")
+        return cls(values, tensor.crow_indices(), tensor.col_indices(), shape)
+
+    # -- views ------------------------------------------------------------------------------------
+    @property
+    def block_size(self) -> int:
+        return self.values.shape[-1]
+
+    @property
+    def nnzb(self) -> int:
+        return self.values.shape[0]
+
+    @property
+    def density(self) -> float:
+        rows, cols = block_grid(self.shape, self.block_size)
+        return self.nnzb / (rows * cols)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.values.device
+
+    def block_mask(self) -> Tensor:
+        """(Nb, Kb) bool: which blocks are stored."""
+        keep = torch.zeros(block_grid(self.shape, self.block_size), dtype=torch.bool, device=self.device)
+        keep[block_row_of(self.crow_indices), self.col_indices.to(torch.int64)] = True
+        return keep
+
+    def to_dense(self) -> Tensor:
+        return bsr_to_dense(self.values, self.crow_indices, self.col_indices, self.shape)
+
+    def to_torch_bsr(self) -> Tensor:
+        """A torch.sparse_bsr tensor; its shape is padded up to whole blocks (torch requires that)."""
+        rows, cols = block_grid(self.shape, self.block_size)
+        b = self.block_size
+        return torch.sparse_bsr_tensor(self.crow_indices, self.col_indices, self.values.detach(),
+                                       size=(rows * b, cols * b), check_invariants=False)
+
+    def to(self, *args, **kwargs) -> BlockSparseMatrix:
+        """Values follow Tensor.to(...) (device and dtype); indices follow the device only."""
+        values = self.values.to(*args, **kwargs)
+        return BlockSparseMatrix(values, self.crow_indices.to(values.device),
+                                 self.col_indices.to(values.device), self.shape)
+
+    def __repr__(self) -> str:
+        return (f"BlockSparseMatrix(shape={self.shape}, block_size={self.block_size}, nnzb={self.nnzb}, "
+                f"density={self.density:.3f}, dtype={self.dtype}, device={self.device})")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Low-rank factors
+
+
+def lowrank_factors(weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    """Truncated SVD: U (N, rank), V (rank, K) with U @ V the best rank-`rank` approximation of weight.
+
+    The singular values are split evenly (sqrt into each side) so both factors have similar scale.
+    """
+    op = "lowrank_factors"
+    _validate._tensor(op, "weight", weight, ndim=2, dtypes=_validate.FLOAT_DTYPES)
+    _validate._int(op, "rank", rank, 1)
+    if rank > min(weight.shape):
+        raise ValueError(f"{op}: rank must be <= min(weight.shape) = {min(weight.shape)}; got {rank}")
+    u, s, vh = torch.linalg.svd(weight.detach().to(torch.float64), full_matrices=False)
+    root = s[:rank].sqrt()
+    return ((u[:, :rank] * root).to(weight.dtype).contiguous(),
+            (root[:, None] * vh[:rank]).to(weight.dtype).contiguous())
+
+
+def rank_for_energy(weight: Tensor, energy: float) -> int:
+    """Smallest rank whose singular values keep `energy` (in (0, 1]) of sum(sigma^2)."""
+    if not 0.0 < energy <= 1.0:
+        raise ValueError(f"rank_for_energy: energy must be in (0, 1]; got {energy!r}")
+    s2 = torch.linalg.svdvals(weight.detach().to(torch.float64)).pow(2)
+    kept = s2.cumsum(0) / s2.sum()
+    return min(int(torch.searchsorted(kept, torch.tensor(energy * (1 - 1e-12), dtype=kept.dtype))) + 1,
+               s2.numel())
+
+
+__all__ = ["BlockSparseMatrix", "bsr_to_dense", "block_grid", "block_row_of", "lowrank_factors",
+           "rank_for_energy"]

@@ -1,0 +1,65 @@
+// The Python module amnets_kernels._C: importing it registers the compiled faces (TORCH_LIBRARY in
+// the other files) and exposes what this binary was built with.
+#include <torch/extension.h>
+
+#include <string>
+#include <vector>
+
+#ifdef AMNETS_WITH_CUDA
+std::vector<std::string> amnets_cuda_archs();  // csrc/cuda/build_info.cu
+int amnets_cuda_runtime_version();
+std::string amnets_nvcc_arch_list();
+#endif
+
+namespace {
+
+// CPU features seen at run time: the kernels choose their code path from these, never from the
+// build machine (no -march=native).
+std::vector<std::string> cpu_features() {
+  std::vector<std::string> found;
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_cpu_init();
+#define AMNETS_PROBE(name) \
+  if (__builtin_cpu_supports(name)) found.emplace_back(name);
+  AMNETS_PROBE("sse4.2")
+  AMNETS_PROBE("avx")
+  AMNETS_PROBE("avx2")
+  AMNETS_PROBE("fma")
+  AMNETS_PROBE("avx512f")
+  AMNETS_PROBE("avx512bw")
+  AMNETS_PROBE("avx512vl")
+  AMNETS_PROBE("avx512bf16")
+  AMNETS_PROBE("avx512fp16")
+#undef AMNETS_PROBE
+#elif defined(__aarch64__)
+  found.emplace_back("neon");
+#endif
+  return found;
+}
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["cpu_features"] = cpu_features();
+#ifdef AMNETS_WITH_CUDA
+  info["cuda_archs"] = amnets_cuda_archs();
+  info["cuda_runtime"] = amnets_cuda_runtime_version();
+  info["nvcc_arch_list"] = amnets_nvcc_arch_list();
+#else
+  info["cuda_archs"] = std::vector<std::string>{};
+  info["cuda_runtime"] = pybind11::none();
+  info["nvcc_arch_list"] = pybind11::none();
+#endif
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+  info["compiler"] = std::string(__VERSION__);
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("build_info", &build_info, "What this binary of amnets_kernels was compiled with.");
+}

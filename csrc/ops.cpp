@@ -1,0 +1,52 @@
+// Schemas of the compiled faces ("cpu" and "cuda" backends). Each kernel file registers its
+// implementation for one dispatch key with TORCH_LIBRARY_IMPL(amnets_native, CPU|CUDA, m), so one
+// schema serves both devices. The public ops live in Python (torch.ops.amnets.*): they validate the
+// arguments once and route here, or to the reference or Triton face, by amnets_kernels.set_backend().
+// These schemas must equal the Python face contract in amnets_kernels/_ops/ (a test compares them).
+#include <torch/library.h>
+
+TORCH_LIBRARY(amnets_native, m) {
+  // y = x @ W^T + bias, W given as BSR blocks. x is (M, in_features), contiguous.
+  m.def("bsr_linear_forward(Tensor x, Tensor values, Tensor crow_indices, Tensor col_indices, "
+        "int out_features, int in_features, Tensor? bias) -> Tensor");
+  // (grad_x or an empty tensor, grad_values or an empty tensor), as need_x / need_values ask.
+  m.def("bsr_linear_backward(Tensor grad_out, Tensor x, Tensor values, Tensor crow_indices, "
+        "Tensor col_indices, int out_features, int in_features, bool need_x, bool need_values) "
+        "-> (Tensor, Tensor)");
+
+  // (h1, c1, gates); gates = post-activation i,f,g,o (B, 4H) in the accumulation dtype when save.
+  m.def("lowrank_lstm_cell_forward(Tensor x, Tensor h, Tensor c, Tensor w_ih_u, Tensor w_ih_v, "
+        "Tensor w_hh_u, Tensor w_hh_v, Tensor? bias, bool save) -> (Tensor, Tensor, Tensor)");
+  // -> (grad x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias)
+  m.def("lowrank_lstm_cell_backward(Tensor grad_h1, Tensor grad_c1, Tensor x, Tensor h, Tensor c, "
+        "Tensor w_ih_u, Tensor w_ih_v, Tensor w_hh_u, Tensor w_hh_v, Tensor c1, Tensor gates) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // (out (T,B,H), h_n, c_n, gates (T,B,4H), cells (T,B,H)); the last two only when save.
+  m.def("lowrank_lstm_sequence_forward(Tensor x, Tensor h0, Tensor c0, Tensor w_ih_u, "
+        "Tensor w_ih_v, Tensor w_hh_u, Tensor w_hh_v, Tensor? bias, bool save) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // -> (grad x, h0, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias)
+  m.def("lowrank_lstm_sequence_backward(Tensor grad_out, Tensor grad_h_n, Tensor grad_c_n, "
+        "Tensor x, Tensor h0, Tensor c0, Tensor w_ih_u, Tensor w_ih_v, Tensor w_hh_u, "
+        "Tensor w_hh_v, Tensor out, Tensor gates, Tensor cells) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+
+  // (costs (B,), alphas, betas, den (B,T,U+1) in the accumulation dtype), the last three only when
+  // save (else empty). blank is in [0, V); targets past target_lengths may hold anything. The
+  // forward ops take clamp only so that autograd can hand it to backward; they ignore it.
+  m.def("rnnt_loss_forward(Tensor logits, Tensor targets, Tensor logit_lengths, "
+        "Tensor target_lengths, int blank, float clamp, bool fused_log_softmax, bool save) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  // d(sum_b grad_costs[b] * costs[b]) / d logits, each sequence's gradient clamped before scaling.
+  m.def("rnnt_loss_backward(Tensor grad_costs, Tensor logits, Tensor targets, Tensor logit_lengths, "
+        "Tensor target_lengths, Tensor costs, Tensor alphas, Tensor betas, Tensor den, int blank, "
+        "float clamp, bool fused_log_softmax) -> Tensor");
+  m.def("fused_joint_rnnt_loss_forward(Tensor enc, Tensor pred, Tensor weight, Tensor? bias, "
+        "Tensor targets, Tensor logit_lengths, Tensor target_lengths, int blank, str activation, "
+        "float clamp, bool save) -> (Tensor, Tensor, Tensor, Tensor)");
+  // -> (grad enc, pred, weight, bias or an empty tensor)
+  m.def("fused_joint_rnnt_loss_backward(Tensor grad_costs, Tensor enc, Tensor pred, Tensor weight, "
+        "Tensor? bias, Tensor targets, Tensor logit_lengths, Tensor target_lengths, Tensor costs, "
+        "Tensor alphas, Tensor betas, Tensor den, int blank, str activation, float clamp) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+}

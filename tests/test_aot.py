@@ -1,0 +1,46 @@
+"""`python -m amnets_kernels.aot` compiles Triton kernels for sm_80/sm_90 without a GPU and fails on
+spills. Run in a subprocess: this test session interprets Triton (TRITON_INTERPRET=1), which the
+compiler cannot take."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("triton")
+HERE = pathlib.Path(__file__).parent
+
+
+def aot(*args):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-m", "amnets_kernels.aot", "--module", "aot_toy_kernels", *args],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_fitting_kernel_reports_registers_and_no_spills():
+    done = aot("--only", "toy.scale")
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = [line for line in done.stdout.splitlines() if "toy.scale" in line]
+    assert len(lines) == 2  # sm_80 and sm_90
+    for arch, line in zip(("sm_80", "sm_90"), lines):
+        assert line.startswith("ok") and arch in line and "registers" in line and "spills 0 B stored / 0 B loaded" in line
+
+
+def test_spilling_kernel_fails_the_run():
+    done = aot("--only", "toy.hog", "--arch", "sm_90")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "SPILL" in done.stdout or "FAIL" in done.stdout
+
+
+def test_says_when_there_is_nothing_to_compile():
+    done = aot("--only", "no-such-kernel")
+    assert done.returncode == 0 and "nothing was compiled" in done.stdout
+
+
+def test_refuses_to_run_interpreted():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    done = subprocess.run([sys.executable, "-m", "amnets_kernels.aot"], capture_output=True, text=True, env=env)
+    assert done.returncode == 2 and "TRITON_INTERPRET=1" in done.stderr

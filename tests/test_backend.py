@@ -1,0 +1,88 @@
+"""Backend selection: explicit faces, the auto fallback (warned and queryable), env var, build_info."""
+
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+import amnets_kernels as ak
+from amnets_kernels import _backend
+
+
+def small_rnnt():
+    logits = torch.randn(1, 2, 2, 3, requires_grad=True)
+    return logits, torch.tensor([[1]]), torch.tensor([2]), torch.tensor([1])
+
+
+def test_set_get_and_scoped_backend():
+    assert ak.get_backend() == "auto"
+    with ak.use_backend("reference"):
+        assert ak.get_backend() == "reference"
+        with ak.use_backend("cpu"):
+            assert ak.get_backend() == "cpu"
+        assert ak.get_backend() == "reference"
+    ak.set_backend("reference")
+    try:
+        assert ak.get_backend() == "reference"
+    finally:
+        ak.set_backend("auto")
+    with pytest.raises(ValueError, match=r"backend must be one of .*got 'gpu'"):
+        ak.set_backend("gpu")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ak.use_backend("fast").__enter__()
+
+
+@pytest.mark.parametrize("face", ["cpu", "triton", "cuda"])
+def test_missing_face_is_an_error_not_a_fallback(face):
+    op = "rnnt_loss"
+    reason = ak.unavailable_reason(op, face, "cpu")
+    if reason is None:
+        pytest.skip(f"the {face} face of {op} exists now; this test is about missing faces")
+    with ak.use_backend(face), pytest.raises(ak.FaceUnavailableError, match=f"backend '{face}' cannot run here"):
+        ak.rnnt_loss(*small_rnnt())
+
+
+def test_auto_fallback_warns_once_and_is_queryable():
+    op = "lowrank_lstm_cell"
+    if ak.which_face(op, "cpu") != "reference":
+        pytest.skip("a compiled face exists: auto does not fall back any more")
+    _backend._warned.discard((op, "cpu"))
+    x, h = torch.randn(2, 3), torch.randn(2, 2)
+    w = (torch.randn(8, 2), torch.randn(2, 3), torch.randn(8, 1), torch.randn(1, 2))
+    with pytest.warns(ak.FallbackWarning, match="runs the pure-PyTorch reference face on cpu"):
+        ak.lowrank_lstm_cell(x, h, h, *w)
+    assert ak.last_face(op) == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ak.lowrank_lstm_cell(x, h, h, *w)  # once is enough
+
+
+def test_available_backends_and_reasons():
+    faces = ak.available_backends()
+    assert set(faces) == set(_backend.OPS)
+    assert all("reference" in f for f in faces.values())
+    assert ak.unavailable_reason("bsr_linear", "reference") is None
+    assert "cuda tensors" in ak.unavailable_reason("bsr_linear", "cuda", "cpu")
+    with pytest.raises(ValueError, match="op must be one of"):
+        ak.available_backends("conv2d")
+
+
+def test_env_var_selects_backend_and_rejects_nonsense():
+    code = "import amnets_kernels as ak; print(ak.get_backend())"
+    env = dict(os.environ, AMNETS_BACKEND="reference")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "reference"
+    env["AMNETS_BACKEND"] = "turbo"
+    bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert bad.returncode != 0 and "AMNETS_BACKEND must be one of" in bad.stderr
+
+
+def test_build_info_reports_versions_and_faces():
+    info = ak.build_info()
+    assert info["torch"] == torch.__version__
+    assert info["extension"] == "loaded", info["extension"]
+    assert set(info["faces"]["cpu"]) == set(_backend.OPS)
+    assert isinstance(info["cpu_isa"], list) and info["cpu"]

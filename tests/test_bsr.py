@@ -1,0 +1,171 @@
+"""bsr_linear: every face against dense math on the same pruned weight; formats; bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import amnets_kernels as ak
+from amnets_kernels import BlockSparseMatrix
+
+from conftest import DEVICE, FACES, use_face
+from helpers import close, grads, rand
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def make(out_f, in_f, block, sparsity, dtype=torch.float32, device=DEVICE):
+    w = rand(out_f, in_f, dtype=dtype, device=device)
+    return w, BlockSparseMatrix.from_dense(w, block_size=block, sparsity=sparsity)
+
+
+def dense_linear(x, sparse, bias):
+    """The independent answer: F.linear on the densified weight, computed in float64."""
+    y = F.linear(x.double(), sparse.to_dense().double(), None if bias is None else bias.double())
+    return y
+
+
+@pytest.mark.parametrize("face", FACES)
+@given(m=st.integers(0, 9), out_f=st.integers(1, 70), in_f=st.integers(1, 70),
+       block=st.sampled_from([1, 4, 16, 32]), sparsity=st.sampled_from([0.0, 0.3, 0.75, 1.0]),
+       dtype=st.sampled_from(DTYPES), has_bias=st.booleans(), lead=st.sampled_from([(), (2,), (2, 1)]))
+def test_forward_and_grads_match_dense(face, m, out_f, in_f, block, sparsity, dtype, has_bias, lead):
+    with use_face("bsr_linear", face):
+        w, sparse = make(out_f, in_f, block, sparsity, dtype)
+        sparse.values.requires_grad_(True)
+        x = rand(*lead, m, in_f, dtype=dtype, device=DEVICE, requires_grad=True)
+        bias = rand(out_f, dtype=dtype, device=DEVICE, requires_grad=True) if has_bias else None
+        y = ak.bsr_linear(x, sparse, bias)
+        assert y.shape == (*lead, m, out_f) and y.dtype == dtype
+        close(y, dense_linear(x, sparse, bias), dtype, scale=in_f ** 0.5)
+        # Gradients: dense autograd on the padded block grid, read back at the stored blocks only.
+        gx, gv, gb = grads(y, [x, sparse.values, bias])
+        dense_w = sparse.to_dense().double().requires_grad_(True)
+        x64 = x.detach().double().requires_grad_(True)
+        b64 = None if bias is None else bias.detach().double().requires_grad_(True)
+        ex, ew, eb = grads(F.linear(x64, dense_w, b64), [x64, dense_w, b64])
+        close(gx, ex, dtype, scale=out_f ** 0.5)
+        expected_values = BlockSparseMatrix.from_block_mask(ew, sparse.block_mask(), block).values
+        close(gv, expected_values, dtype, scale=max(m, 1) ** 0.5)
+        if bias is not None:
+            close(gb, eb, dtype, scale=max(m, 1) ** 0.5)
+
+
+@pytest.mark.parametrize("face", FACES)
+def test_non_contiguous_and_all_zero(face):
+    with use_face("bsr_linear", face):
+        w, sparse = make(40, 24, 8, 1.0)
+        assert sparse.nnzb == 0
+        x = rand(24, 5, device=DEVICE).T  # non-contiguous rows
+        bias = rand(40, device=DEVICE)
+        close(ak.bsr_linear(x, sparse, bias), bias.expand(5, 40).double(), torch.float32)
+        _, sparse = make(40, 24, 8, 0.5)
+        close(ak.bsr_linear(x, sparse), dense_linear(x, sparse, None), torch.float32)
+
+
+def test_reference_gradcheck_float64():
+    with ak.use_backend("reference"):
+        _, sparse = make(10, 13, 4, 0.4, torch.float64)
+        x = rand(3, 13, dtype=torch.float64, requires_grad=True)
+        bias = rand(10, dtype=torch.float64, requires_grad=True)
+        values = sparse.values.requires_grad_(True)
+        fn = lambda x, v, b: torch.ops.amnets.bsr_linear(x, v, sparse.crow_indices, sparse.col_indices, 10, 13, b)  # noqa: E731
+        assert torch.autograd.gradcheck(fn, (x, values, bias))
+
+
+def test_opcheck_and_compile():
+    with ak.use_backend("reference"):
+        _, sparse = make(20, 12, 4, 0.5)
+        x = rand(3, 12, requires_grad=True)
+        bias = rand(20, requires_grad=True)
+        values = sparse.values.requires_grad_(True)
+        args = (x, values, sparse.crow_indices, sparse.col_indices, 20, 12, bias)
+        torch.library.opcheck(torch.ops.amnets.bsr_linear_forward.default, args)
+        torch.library.opcheck(torch.ops.amnets.bsr_linear.default, (rand(2, 3, 12, requires_grad=True), *args[1:]))
+        grad_out = rand(3, 20)
+        torch.library.opcheck(torch.ops.amnets.bsr_linear_backward.default,
+                              (grad_out, x.detach(), values.detach(), sparse.crow_indices, sparse.col_indices,
+                               20, 12, True, True))
+
+        def f(x, values, bias):
+            return torch.ops.amnets.bsr_linear(x, values, sparse.crow_indices, sparse.col_indices, 20, 12, bias).sin()
+
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+        y, y_eager = compiled(x, values, bias), f(x, values, bias)
+        close(y, y_eager)
+        close(torch.autograd.grad(y.sum(), x)[0], torch.autograd.grad(y_eager.sum(), x)[0])
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad input: clear errors naming the argument
+
+
+@pytest.fixture
+def good():
+    _, sparse = make(20, 12, 4, 0.5, device="cpu")
+    return sparse
+
+
+@pytest.mark.parametrize("mutate, error, match", [
+    (lambda a: a.update(x=torch.zeros(3, 11)), ValueError, r"x\.shape\[-1\] must equal in_features = 12"),
+    (lambda a: a.update(x=torch.zeros(3, 12, dtype=torch.int64)), TypeError, r"x must have dtype"),
+    (lambda a: a.update(x=torch.zeros(3, 12, dtype=torch.float64)), TypeError, r"values has dtype"),
+    (lambda a: a.update(bias=torch.zeros(19)), ValueError, r"bias must have shape \(out_features,\) = \(20,\)"),
+    (lambda a: a.update(x=[[1.0] * 12]), TypeError, r"x must be a torch.Tensor; got list"),
+])
+def test_bad_arguments(good, mutate, error, match):
+    args = dict(x=torch.zeros(3, 12), bias=None)
+    mutate(args)
+    with ak.use_backend("reference"), pytest.raises(error, match=match):
+        ak.bsr_linear(args["x"], good, args["bias"])
+
+
+@pytest.mark.parametrize("crow, col, match", [
+    ([1, 2, 3, 4, 5, 6], [0, 1, 2, 0, 1, 2], r"crow_indices\[0\] must be 0"),
+    ([0, 2, 1, 4, 5, 6], [0, 1, 2, 0, 1, 2], r"crow_indices must be non-decreasing"),
+    ([0, 1, 2, 3, 4, 5], [0, 1, 2, 0, 1, 2], r"crow_indices\[-1\] must equal the number of blocks"),
+    ([0, 1, 2, 3, 4, 6], [0, 1, 2, 0, 1, 3], r"col_indices must lie in \[0, 3\)"),
+    ([0, 1, 2, 3, 4, 6], [0, 1, 2, 0, 1, -1], r"col_indices must lie in \[0, 3\)"),
+    ([0, 1, 2, 3, 4, 6], [0, 1, 2, 0, 2, 2], r"strictly increasing within each block row; block row 4"),
+    ([0, 1, 2, 3, 6], [0, 1, 2, 0, 1, 2], r"crow_indices must have shape"),
+])
+def test_inconsistent_indices_rejected(crow, col, match):
+    values = torch.zeros(len(col), 4, 4)
+    crow_t, col_t = torch.tensor(crow, dtype=torch.int32), torch.tensor(col, dtype=torch.int32)
+    with pytest.raises(ValueError, match=match):
+        BlockSparseMatrix(values, crow_t, col_t, (20, 12))
+    with ak.use_backend("reference"), pytest.raises(ValueError, match=match):  # the raw op checks too
+        torch.ops.amnets.bsr_linear(torch.zeros(2, 12), values, crow_t, col_t, 20, 12, None)
+
+
+def test_index_check_is_cached_and_sees_mutation(good):
+    with ak.use_backend("reference"):
+        ak.bsr_linear(torch.zeros(1, 12), good)
+        good.col_indices[0] = 7  # in-place change bumps the version: checked again
+        with pytest.raises(ValueError, match="col_indices must lie"):
+            ak.bsr_linear(torch.zeros(1, 12), good)
+
+
+def test_weight_must_be_block_sparse_matrix():
+    with pytest.raises(TypeError, match="weight must be an amnets_kernels.BlockSparseMatrix"):
+        ak.bsr_linear(torch.zeros(2, 3), torch.zeros(4, 3))
+
+
+@pytest.mark.parametrize("face", FACES)
+@given(data=st.data())
+def test_fuzz_never_crashes(face, data):
+    """Random shapes and dtypes mixed badly: a TypeError/ValueError or a right answer, nothing else."""
+    with use_face("bsr_linear", face):
+        out_f, in_f, block = data.draw(st.integers(1, 9)), data.draw(st.integers(1, 9)), data.draw(st.integers(1, 4))
+        _, sparse = make(out_f, in_f, block, data.draw(st.sampled_from([0.0, 0.5])))
+        x_shape = data.draw(st.lists(st.integers(0, 9), min_size=0, max_size=3))
+        x_dtype = data.draw(st.sampled_from([torch.float32, torch.float64, torch.int32]))
+        x = torch.zeros(x_shape, dtype=x_dtype, device=DEVICE)
+        bias = data.draw(st.sampled_from([None, torch.zeros(out_f, device=DEVICE), torch.zeros(out_f + 1, device=DEVICE)]))
+        try:
+            y = ak.bsr_linear(x, sparse, bias)
+        except (TypeError, ValueError) as exc:
+            assert "bsr_linear" in str(exc)
+        else:
+            close(y, dense_linear(x, sparse, bias), torch.float32)

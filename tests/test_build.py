@@ -1,0 +1,54 @@
+"""The compiled extension: what it was built for, and that its schemas equal the Python contract."""
+
+import os
+import re
+import shutil
+
+import pytest
+import torch
+
+import amnets_kernels as ak
+from amnets_kernels import _backend
+
+
+def test_extension_loaded_with_openmp():
+    info = ak.build_info()
+    assert info["extension"] == "loaded"
+    assert info["openmp"] is True  # else at::parallel_for would run our kernels on one thread
+
+
+@pytest.mark.skipif(torch.version.cuda is None or shutil.which("nvcc") is None
+                    or os.environ.get("AMNETS_BUILD_CUDA") == "0", reason="no CUDA build possible here")
+def test_cuda_part_compiled_for_requested_archs():
+    info = ak.build_info()
+    wanted = os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0a"
+    expected = ["sm_" + a.replace(".", "").removesuffix("+PTX") for a in re.split(r"[;\s]+", wanted) if a]
+    assert [a for a in info["cuda_archs"] if a.startswith("sm_")] == expected
+    # nvcc's own list (virtual archs, no "a" suffix) must agree with what setup.py asked for.
+    nvcc = sorted(int(v) // 10 for v in info["nvcc_arch_list"].split(","))
+    assert nvcc == sorted(int(re.sub(r"\D", "", a)) for a in expected)
+
+
+def _arguments(schema):
+    return [(a.name, str(a.type)) for a in schema.arguments]
+
+
+@pytest.mark.parametrize("op", sorted(_backend.OPS))
+@pytest.mark.parametrize("direction", ["forward", "backward"])
+def test_native_schema_equals_python_contract(op, direction):
+    python = getattr(torch.ops.amnets, f"{op}_{direction}").default._schema
+    native = getattr(torch.ops.amnets_native, f"{op}_{direction}").default._schema
+    assert _arguments(native) == _arguments(python)
+    assert [str(r.type) for r in native.returns] == [str(r.type) for r in python.returns]
+
+
+@pytest.mark.parametrize("op", sorted(_backend.OPS))
+def test_public_op_takes_the_python_function_arguments(op):
+    import inspect
+
+    schema = getattr(torch.ops.amnets, op).default._schema
+    params = list(inspect.signature(getattr(ak, op)).parameters)
+    names = [a.name for a in schema.arguments]
+    if op == "bsr_linear":  # the BlockSparseMatrix travels as its tensors and logical shape
+        params[1:2] = ["values", "crow_indices", "col_indices", "out_features", "in_features"]
+    assert names == params

@@ -1,0 +1,88 @@
+"""BlockSparseMatrix (pruning, masks, torch BSR interop) and low-rank factor helpers."""
+
+import pytest
+import torch
+import torch.nn.utils.prune
+from hypothesis import given
+from hypothesis import strategies as st
+
+import amnets_kernels as ak
+from amnets_kernels import BlockSparseMatrix
+
+
+@given(n=st.integers(1, 40), k=st.integers(1, 40), block=st.sampled_from([1, 3, 8, 16]),
+       sparsity=st.floats(0, 1))
+def test_magnitude_pruning_keeps_the_largest_blocks(n, k, block, sparsity):
+    w = torch.randn(n, k)
+    m = BlockSparseMatrix.from_dense(w, block_size=block, sparsity=sparsity)
+    rows, cols = -(-n // block), -(-k // block)
+    assert m.shape == (n, k) and m.block_size == block
+    assert m.nnzb == round((1 - sparsity) * rows * cols)
+    assert m.density == pytest.approx(m.nnzb / (rows * cols))
+    dense = m.to_dense()
+    keep = m.block_mask()
+    padded = torch.nn.functional.pad(w, (0, cols * block - k, 0, rows * block - n))
+    norms = padded.reshape(rows, block, cols, block).pow(2).sum((1, 3))
+    if 0 < m.nnzb < rows * cols:
+        assert norms[keep].min() >= norms[~keep].max()
+    expected = (w * keep.repeat_interleave(block, 0).repeat_interleave(block, 1)[:n, :k])
+    torch.testing.assert_close(dense, expected, rtol=0, atol=0)
+
+
+def test_element_mask_from_torch_prune_round_trips_exactly():
+    lin = torch.nn.Linear(20, 12)
+    torch.nn.utils.prune.random_unstructured(lin, "weight", amount=0.9)
+    m = BlockSparseMatrix.from_dense(lin.weight, block_size=4, mask=lin.weight_mask)
+    torch.testing.assert_close(m.to_dense(), lin.weight.detach(), rtol=0, atol=0)
+    assert m.nnzb < 15  # most 4x4 blocks of a 90%-pruned 12x20 weight are empty
+
+
+def test_block_mask_and_errors():
+    w = torch.randn(6, 10)
+    keep = torch.tensor([[True, False, True], [False, False, True]])
+    m = BlockSparseMatrix.from_dense(w, block_size=4, mask=keep)
+    assert torch.equal(m.block_mask(), keep)
+    with pytest.raises(ValueError, match=r"mask must have shape \(Nb, Kb\) = \(2, 3\)"):
+        BlockSparseMatrix.from_dense(w, block_size=4, mask=torch.ones(3, 3))
+    with pytest.raises(ValueError, match="give sparsity or mask, not both"):
+        BlockSparseMatrix.from_dense(w, block_size=4, sparsity=0.5, mask=keep)
+    with pytest.raises(ValueError, match=r"sparsity must be a float in \[0, 1\]"):
+        BlockSparseMatrix.from_dense(w, block_size=4, sparsity=1.5)
+    with pytest.raises(ValueError, match="block_size must be >= 1"):
+        BlockSparseMatrix.from_dense(w, block_size=0)
+
+
+@given(n=st.integers(1, 30), k=st.integers(1, 30), block=st.sampled_from([2, 4, 8]), sparsity=st.floats(0, 1))
+def test_torch_bsr_round_trip(n, k, block, sparsity):
+    m = BlockSparseMatrix.from_dense(torch.randn(n, k), block_size=block, sparsity=sparsity)
+    t = m.to_torch_bsr()
+    assert t.layout == torch.sparse_bsr
+    torch.testing.assert_close(t.to_dense()[:n, :k], m.to_dense(), rtol=0, atol=0)
+    back = BlockSparseMatrix.from_torch_bsr(t, shape=(n, k))
+    assert back.shape == (n, k)
+    for a, b in ((back.values, m.values), (back.crow_indices, m.crow_indices), (back.col_indices, m.col_indices)):
+        assert torch.equal(a, b)
+
+
+def test_from_torch_bsr_of_torch_built_tensor():
+    dense = torch.randn(8, 12)
+    dense[:4, 4:8] = 0
+    t = dense.to_sparse_bsr((4, 4))
+    m = BlockSparseMatrix.from_torch_bsr(t)
+    torch.testing.assert_close(m.to_dense(), dense, rtol=0, atol=0)
+    with pytest.raises(TypeError, match="must be a torch.sparse_bsr tensor"):
+        BlockSparseMatrix.from_torch_bsr(dense)
+
+
+def test_lowrank_factors_and_rank_for_energy():
+    u0, v0 = torch.randn(30, 5, dtype=torch.float64), torch.randn(5, 20, dtype=torch.float64)
+    w = u0 @ v0
+    u, v = ak.lowrank_factors(w, 5)
+    torch.testing.assert_close(u @ v, w)
+    assert ak.rank_for_energy(w, 1.0) == 5
+    assert ak.rank_for_energy(w, 1e-9) == 1
+    s2 = torch.linalg.svdvals(w).pow(2)
+    r = ak.rank_for_energy(w, 0.9)
+    assert s2[:r].sum() / s2.sum() >= 0.9 > s2[: r - 1].sum() / s2.sum()
+    with pytest.raises(ValueError, match=r"rank must be <= min\(weight.shape\) = 20"):
+        ak.lowrank_factors(w, 21)

@@ -1,0 +1,194 @@
+"""lowrank_lstm_cell / lowrank_lstm_sequence: every face against nn.LSTM built from U @ V; bad input."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import amnets_kernels as ak
+
+from conftest import DEVICE, FACES, use_face
+from helpers import close, grads, rand
+
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+
+
+def factors(d, hidden, rank, rank_hh, dtype=torch.float32, device=DEVICE, requires_grad=False, bias=True):
+    w = [rand(4 * hidden, rank, dtype=dtype, device=device, scale=0.5),
+         rand(rank, d, dtype=dtype, device=device, scale=0.5),
+         rand(4 * hidden, rank_hh, dtype=dtype, device=device, scale=0.5),
+         rand(rank_hh, hidden, dtype=dtype, device=device, scale=0.5),
+         rand(4 * hidden, dtype=dtype, device=device) if bias else None]
+    return [None if t is None else t.requires_grad_(requires_grad) for t in w]
+
+
+def lstm_of(w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias):
+    """The independent answer: torch.nn.LSTM (float64) with W_ih = U V and W_hh = U V."""
+    hidden = w_hh_v.shape[1]
+    lstm = torch.nn.LSTM(w_ih_v.shape[1], hidden, bias=bias is not None, dtype=torch.float64)
+    with torch.no_grad():
+        lstm.weight_ih_l0.copy_(w_ih_u.double() @ w_ih_v.double())
+        lstm.weight_hh_l0.copy_(w_hh_u.double() @ w_hh_v.double())
+        if bias is not None:
+            lstm.bias_ih_l0.copy_(bias.double())
+            lstm.bias_hh_l0.zero_()
+    return lstm.to(w_ih_u.device)
+
+
+def autograd_sequence(x, h0, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias):
+    """Independent BPTT: plain PyTorch ops on float64 copies, differentiated by torch.autograd."""
+    h, c, outs = h0, c0, []
+    for t in range(x.shape[0]):
+        g = (x[t] @ w_ih_v.T) @ w_ih_u.T + (h @ w_hh_v.T) @ w_hh_u.T + (0 if bias is None else bias)
+        i, f, gg, o = g.chunk(4, -1)
+        c = f.sigmoid() * c + i.sigmoid() * gg.tanh()
+        h = o.sigmoid() * c.tanh()
+        outs.append(h)
+    return torch.stack(outs), h, c
+
+
+def leaf64(tensors):
+    return [None if t is None else t.detach().double().requires_grad_(True) for t in tensors]
+
+
+@pytest.mark.parametrize("face", FACES)
+@given(steps=st.integers(1, 5), batch=st.integers(1, 3), d=st.integers(1, 9), hidden=st.integers(1, 7),
+       rank_frac=st.floats(0, 1), rank_hh_frac=st.floats(0, 1), dtype=st.sampled_from(DTYPES),
+       with_state=st.booleans(), has_bias=st.booleans())
+def test_sequence_matches_lstm_and_autograd(face, steps, batch, d, hidden, rank_frac, rank_hh_frac, dtype,
+                                            with_state, has_bias):
+    rank = 1 + round(rank_frac * (min(4 * hidden, d) - 1))  # covers r = 1 and r = min dim
+    rank_hh = 1 + round(rank_hh_frac * (hidden - 1))
+    with use_face("lowrank_lstm_sequence", face):
+        w = factors(d, hidden, rank, rank_hh, dtype, requires_grad=True, bias=has_bias)
+        x = rand(steps, batch, d, dtype=dtype, device=DEVICE, requires_grad=True)
+        state = [rand(batch, hidden, dtype=dtype, device=DEVICE, requires_grad=True) for _ in range(2)] \
+            if with_state else [None, None]
+        out, h_n, c_n = ak.lowrank_lstm_sequence(x, *state, *w)
+        assert out.shape == (steps, batch, hidden) and out.dtype == dtype
+        lstm = lstm_of(*w)
+        expected, (eh, ec) = lstm(x.double(), None if not with_state else
+                                  (state[0].double()[None], state[1].double()[None]))
+        for got, want in ((out, expected), (h_n, eh[0]), (c_n, ec[0])):
+            close(got, want.detach(), dtype, scale=4)
+        inputs = [x, *state, *w]
+        got = grads((out, h_n, c_n), inputs)
+        ref_inputs = leaf64(inputs)
+        zeros = torch.zeros(batch, hidden, dtype=torch.float64, device=DEVICE)
+        ref_state = [zeros if s is None else s for s in ref_inputs[1:3]]
+        want = grads(autograd_sequence(ref_inputs[0], *ref_state, *ref_inputs[3:]), ref_inputs)
+        for g, e in zip(got, want):
+            assert (g is None) == (e is None)
+            if g is not None:
+                close(g, e, dtype, scale=4 * steps)
+
+
+@pytest.mark.parametrize("face", FACES)
+@given(batch=st.integers(1, 4), d=st.integers(1, 9), hidden=st.integers(1, 7), dtype=st.sampled_from(DTYPES))
+def test_cell_is_one_sequence_step(face, batch, d, hidden, dtype):
+    with use_face("lowrank_lstm_cell", face):
+        w = factors(d, hidden, min(3, d, 4 * hidden), min(2, hidden), dtype, requires_grad=True)
+        x = rand(batch, d, dtype=dtype, device=DEVICE, requires_grad=True)
+        h, c = (rand(batch, hidden, dtype=dtype, device=DEVICE, requires_grad=True) for _ in range(2))
+        h1, c1 = ak.lowrank_lstm_cell(x, h, c, *w)
+        ref = leaf64([x, h, c, *w])
+        _, eh, ec = autograd_sequence(ref[0][None], *ref[1:])
+        close(h1, eh.detach(), dtype, scale=4)
+        close(c1, ec.detach(), dtype, scale=4)
+        for g, e in zip(grads((h1, c1), [x, h, c, *w]), grads((eh, ec), ref)):
+            close(g, e, dtype, scale=4)
+
+
+def test_reference_gradcheck_float64():
+    with ak.use_backend("reference"):
+        w = factors(3, 2, 2, 2, torch.float64, device="cpu", requires_grad=True)
+        x = rand(3, 2, 3, dtype=torch.float64, requires_grad=True)
+        h0, c0 = (rand(2, 2, dtype=torch.float64, requires_grad=True) for _ in range(2))
+        assert torch.autograd.gradcheck(lambda *a: ak.lowrank_lstm_sequence(*a), (x, h0, c0, *w))
+        assert torch.autograd.gradcheck(lambda *a: ak.lowrank_lstm_cell(*a), (x[0], h0, c0, *w))
+
+
+def test_full_rank_reproduces_nn_lstm():
+    """Truncated SVD at full rank gives back the nn.LSTM to 1e-5 (the LowRankLSTM.from_lstm promise)."""
+    lstm = torch.nn.LSTM(6, 4)
+    w_ih_u, w_ih_v = ak.lowrank_factors(lstm.weight_ih_l0, 6)
+    w_hh_u, w_hh_v = ak.lowrank_factors(lstm.weight_hh_l0, 4)
+    x = rand(5, 3, 6)
+    with ak.use_backend("reference"):
+        out, h_n, c_n = ak.lowrank_lstm_sequence(x, None, None, w_ih_u, w_ih_v, w_hh_u, w_hh_v,
+                                                 (lstm.bias_ih_l0 + lstm.bias_hh_l0).detach())
+    expected, (eh, ec) = lstm(x)
+    torch.testing.assert_close(out, expected.detach(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(c_n, ec[0].detach(), rtol=0, atol=1e-5)
+
+
+def test_opcheck_and_compile():
+    with ak.use_backend("reference"):
+        w = factors(5, 3, 2, 2, requires_grad=True, device="cpu")
+        x = rand(4, 2, 5, requires_grad=True)
+        h0, c0 = (rand(2, 3, requires_grad=True) for _ in range(2))
+        torch.library.opcheck(torch.ops.amnets.lowrank_lstm_sequence_forward.default, (x, h0, c0, *w, True))
+        torch.library.opcheck(torch.ops.amnets.lowrank_lstm_sequence.default, (x, None, c0, *w))
+        torch.library.opcheck(torch.ops.amnets.lowrank_lstm_cell_forward.default, (x[0], h0, c0, *w, True))
+        torch.library.opcheck(torch.ops.amnets.lowrank_lstm_cell.default, (x[0], h0, c0, *w))
+
+        def f(x, h0, c0, *w):
+            out, h, c = torch.ops.amnets.lowrank_lstm_sequence(x, h0, c0, *w)
+            h1, c1 = torch.ops.amnets.lowrank_lstm_cell(x[0], h, c, *w)
+            return out.sum() + h1.sum() + c1.sum()
+
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+        y, y_eager = compiled(x, h0, c0, *w), f(x, h0, c0, *w)
+        close(y, y_eager)
+        for g, e in zip(torch.autograd.grad(y, [x, h0, *w[:4]]), torch.autograd.grad(y_eager, [x, h0, *w[:4]])):
+            close(g, e)
+
+
+def test_no_workspace_without_grad():
+    w = factors(5, 3, 2, 2, device="cpu")
+    x = rand(4, 2, 5)
+    h0 = c0 = torch.zeros(2, 3)
+    with ak.use_backend("reference"):
+        *_, gates, cells = torch.ops.amnets.lowrank_lstm_sequence_forward(x, h0, c0, *w, False)
+        assert gates.numel() == 0 and cells.numel() == 0
+        out, h_n, c_n, gates, cells = torch.ops.amnets.lowrank_lstm_sequence_forward(x, h0, c0, *w, True)
+        with pytest.raises(RuntimeError, match="forward ran with save=False"):
+            torch.ops.amnets.lowrank_lstm_sequence_backward(out, h_n, c_n, x, h0, c0, *w[:4], out,
+                                                            gates.new_empty(0), cells)
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad input
+
+
+def _seq_args():
+    w = factors(5, 3, 2, 2, device="cpu")
+    return dict(x=rand(4, 2, 5), h0=None, c0=None, w_ih_u=w[0], w_ih_v=w[1], w_hh_u=w[2], w_hh_v=w[3], bias=w[4])
+
+
+@pytest.mark.parametrize("change, error, match", [
+    (dict(x=torch.zeros(4, 2, 6)), ValueError, r"w_ih_v must have shape \(rank, D\) = \(2, 6\)"),
+    (dict(x=torch.zeros(2, 5)), ValueError, r"x must be 3-D"),
+    (dict(x=torch.zeros(0, 2, 5)), ValueError, r"at least one time step"),
+    (dict(h0=torch.zeros(3, 3)), ValueError, r"h0 must have shape \(B, H\) = \(2, 3\)"),
+    (dict(w_ih_u=torch.zeros(11, 2)), ValueError, r"w_ih_u must have 4\*H = 12 rows"),
+    (dict(w_hh_u=torch.zeros(12, 4), w_hh_v=torch.zeros(4, 3)), ValueError,
+     r"rank of w_hh \(w_hh_u.shape\[1\] = 4\) must be in \[1, min\(4\*H, H\)\] = \[1, 3\]"),
+    (dict(w_ih_u=torch.zeros(12, 2, dtype=torch.float64)), TypeError, r"w_ih_u has dtype torch.float64"),
+    (dict(bias=torch.zeros(13)), ValueError, r"bias must have shape \(4\*H,\) = \(12,\)"),
+    (dict(x=torch.zeros(4, 2, 5, dtype=torch.int64)), TypeError, r"x must have dtype"),
+    (dict(w_hh_v="no"), TypeError, r"w_hh_v must be a torch.Tensor; got str"),
+])
+def test_sequence_bad_arguments(change, error, match):
+    args = _seq_args()
+    args.update(change)
+    with ak.use_backend("reference"), pytest.raises(error, match="lowrank_lstm_sequence: .*" + match):
+        ak.lowrank_lstm_sequence(*args.values())
+
+
+def test_cell_bad_arguments():
+    w = factors(5, 3, 2, 2, device="cpu")
+    with pytest.raises(ValueError, match=r"lowrank_lstm_cell: c must have shape \(B, H\) = \(2, 3\)"):
+        ak.lowrank_lstm_cell(torch.zeros(2, 5), torch.zeros(2, 3), torch.zeros(2, 4), *w)
+    with pytest.raises(TypeError, match=r"lowrank_lstm_cell: h must be a torch.Tensor; got NoneType"):
+        ak.lowrank_lstm_cell(torch.zeros(2, 5), None, torch.zeros(2, 3), *w)

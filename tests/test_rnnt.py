@@ -1,0 +1,231 @@
+"""rnnt_loss: every face against torchaudio (the oracle we must equal), brute-force path sums in
+float64, gradcheck; bad input."""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torchaudio.functional as TAF
+from hypothesis import given
+from hypothesis import strategies as st
+
+import amnets_kernels as ak
+
+from conftest import DEVICE, FACES, use_face
+from helpers import grads
+
+
+def batch_of(batch, frames, labels, vocab, blank, dtype=torch.float32, ragged=True, index=torch.int32,
+             scale=1.0, device=DEVICE, full=True):
+    """Random logits and labels; with `full`, one sequence spans the padded T and U (torchaudio needs it)."""
+    logits = (torch.randn(batch, frames, labels + 1, vocab, dtype=torch.float64) * scale).to(dtype)
+    blank_id = blank % vocab
+    targets = torch.randint(0, vocab - 1, (batch, labels))
+    targets = targets + (targets >= blank_id).long()  # never the blank
+    logit_lengths = torch.randint(1, frames + 1, (batch,)) if ragged else torch.full((batch,), frames)
+    target_lengths = torch.randint(0, labels + 1, (batch,)) if ragged else torch.full((batch,), labels)
+    if full:
+        logit_lengths[0], target_lengths[-1] = frames, labels
+    targets[torch.arange(labels)[None] >= target_lengths[:, None]] = blank_id  # padding may even be blank
+    return (logits.to(device).requires_grad_(True), targets.to(device, index), logit_lengths.to(device, index),
+            target_lengths.to(device, index))
+
+
+def torchaudio_loss(logits, targets, logit_lengths, target_lengths, **kw):
+    return TAF.rnnt_loss(logits, targets.int(), logit_lengths.int(), target_lengths.int(), **kw)
+
+
+@pytest.mark.parametrize("face", FACES)
+@given(batch=st.integers(1, 4), frames=st.integers(1, 6), labels=st.integers(0, 5), vocab=st.integers(2, 9),
+       blank=st.sampled_from([0, -1, 1]), reduction=st.sampled_from(["none", "mean", "sum"]),
+       clamp=st.sampled_from([-1.0, 0.05]), fused=st.booleans(), index=st.sampled_from([torch.int32, torch.int64]))
+def test_matches_torchaudio(face, batch, frames, labels, vocab, blank, reduction, clamp, fused, index):
+    with use_face("rnnt_loss", face):
+        logits, targets, logit_lengths, target_lengths = batch_of(batch, frames, labels, vocab, blank, index=index)
+        kw = dict(blank=blank, clamp=clamp, reduction=reduction, fused_log_softmax=fused)
+        prepare = (lambda z: z) if fused else (lambda z: z.log_softmax(-1))  # one graph per loss
+        ours = ak.rnnt_loss(prepare(logits), targets, logit_lengths, target_lengths, **kw)
+        theirs = torchaudio_loss(prepare(logits).cpu(), targets.cpu(), logit_lengths.cpu(), target_lengths.cpu(),
+                                 **kw)
+        torch.testing.assert_close(ours.cpu(), theirs, rtol=1e-6, atol=1e-5)
+        (g_ours,), (g_theirs,) = grads(ours, [logits]), grads(theirs, [logits])
+        torch.testing.assert_close(g_ours.cpu(), g_theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("face", FACES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_logits(face, dtype):
+    """fp16/bf16 logits: computed in fp32 inside; equal torchaudio run on the same rounded logits."""
+    with use_face("rnnt_loss", face):
+        logits, targets, logit_lengths, target_lengths = batch_of(3, 6, 4, 11, 0, dtype=dtype, scale=3)
+        ours = ak.rnnt_loss(logits, targets, logit_lengths, target_lengths, blank=0, reduction="none")
+        assert ours.dtype == dtype
+        exact = torchaudio_loss(logits.detach().float().requires_grad_(True), targets, logit_lengths,
+                                target_lengths, blank=0, reduction="none")
+        torch.testing.assert_close(ours.float().cpu(), exact.cpu(), rtol=2e-3 if dtype == torch.float16 else 1e-2,
+                                   atol=1e-3)
+        (g,) = grads(ours, [logits])
+        assert g.dtype == dtype and torch.isfinite(g).all()
+
+
+def brute_force_nll(lp, target, frames, labels):
+    """-log P summed over every alignment explicitly (independent of the alpha/beta recursion)."""
+    paths = []
+    for emits_at in itertools.combinations(range(frames - 1 + labels), labels):
+        t = u = 0
+        score = 0.0
+        for step in range(frames - 1 + labels):
+            if step in emits_at:
+                score = score + lp[t, u, target[u]]
+                u += 1
+            else:
+                score = score + lp[t, u, -1]
+                t += 1
+        paths.append(score + lp[frames - 1, labels, -1])  # the final blank
+    return -torch.logsumexp(torch.stack(paths), 0)
+
+
+@given(frames=st.integers(1, 4), labels=st.integers(0, 3), vocab=st.integers(2, 5))
+def test_reference_equals_brute_force_path_sum(frames, labels, vocab):
+    logits, targets, *_ = batch_of(1, frames, labels, vocab, -1, dtype=torch.float64, ragged=False, device="cpu")
+    lp = logits.log_softmax(-1)
+    expected = brute_force_nll(lp[0], targets[0].tolist(), frames, labels)
+    with ak.use_backend("reference"):
+        got = ak.rnnt_loss(logits, targets, torch.tensor([frames]), torch.tensor([labels]), reduction="sum")
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(*(torch.autograd.grad(v, logits)[0] for v in (got, expected)), rtol=1e-10, atol=1e-12)
+
+
+def test_reference_gradcheck_float64():
+    logits, targets, logit_lengths, target_lengths = batch_of(3, 4, 3, 5, 0, dtype=torch.float64, device="cpu")
+    with ak.use_backend("reference"):
+        for fused, clamp in ((True, -1.0), (False, -1.0), (True, 10.0)):
+            inputs = logits if fused else logits.detach().log_softmax(-1).requires_grad_(True)
+            assert torch.autograd.gradcheck(
+                lambda z: ak.rnnt_loss(z, targets, logit_lengths, target_lengths, blank=0, clamp=clamp,
+                                       reduction="sum", fused_log_softmax=fused), (inputs,))
+
+
+@pytest.mark.parametrize("face", FACES)
+def test_extreme_logits_stay_finite(face):
+    with use_face("rnnt_loss", face):
+        logits, targets, logit_lengths, target_lengths = batch_of(2, 5, 3, 7, 0, scale=1e4)
+        loss = ak.rnnt_loss(logits, targets, logit_lengths, target_lengths, blank=0)
+        (g,) = grads(loss, [logits])
+        assert torch.isfinite(loss).all() and torch.isfinite(g).all()
+        theirs = torchaudio_loss(logits.detach().cpu(), targets.cpu(), logit_lengths.cpu(), target_lengths.cpu(),
+                                 blank=0)
+        torch.testing.assert_close(loss.cpu(), theirs, rtol=1e-6, atol=1e-2)
+
+
+@pytest.mark.parametrize("face", FACES)
+def test_padding_beyond_longest_sequence(face):
+    """Padded T and U larger than every length (torchaudio refuses this; we allow it)."""
+    with use_face("rnnt_loss", face):
+        logits, targets, logit_lengths, target_lengths = batch_of(3, 5, 4, 6, 0, full=False)
+        logit_lengths.clamp_(max=3)
+        target_lengths.clamp_(max=2)
+        ours = ak.rnnt_loss(logits, targets, logit_lengths, target_lengths, blank=0, reduction="none")
+        trimmed = logits.detach()[:, :3, :3].contiguous().requires_grad_(True)
+        theirs = ak.rnnt_loss(trimmed, targets[:, :2], logit_lengths, target_lengths, blank=0, reduction="none")
+        torch.testing.assert_close(ours, theirs)
+        (g,) = grads(ours, [logits])
+        (g_trim,) = grads(theirs, [trimmed])
+        torch.testing.assert_close(g[:, :3, :3], g_trim)
+        assert not g[:, 3:].any() and not g[:, :, 3:].any()
+
+
+def test_non_finite_cost_is_reported_and_gets_no_gradient():
+    logits, targets, logit_lengths, target_lengths = batch_of(2, 3, 2, 4, 0, device="cpu")
+    lp = logits.detach().log_softmax(-1)
+    lp[1, :, :, 0] = -math.inf  # sequence 1 can never emit blank: probability 0
+    lp.requires_grad_(True)
+    with ak.use_backend("reference"), pytest.warns(RuntimeWarning, match=r"sequences \[1\] have a non-finite cost"):
+        costs = ak.rnnt_loss(lp, targets, logit_lengths, target_lengths, blank=0, reduction="none",
+                             fused_log_softmax=False)
+    assert torch.isinf(costs[1]) and torch.isfinite(costs[0])
+    (g,) = torch.autograd.grad(costs.sum(), lp)
+    assert not g[1].any() and g[0].any() and torch.isfinite(g).all()
+
+
+def test_opcheck_and_compile():
+    logits, targets, logit_lengths, target_lengths = batch_of(2, 4, 3, 5, 0, device="cpu")
+    with ak.use_backend("reference"):
+        for fused in (True, False):
+            torch.library.opcheck(torch.ops.amnets.rnnt_loss_forward.default,
+                                  (logits, targets, logit_lengths, target_lengths, 0, -1.0, fused, True))
+        torch.library.opcheck(torch.ops.amnets.rnnt_loss.default,
+                              (logits, targets, logit_lengths, target_lengths, 0, 0.5, "sum", True))
+
+        def f(z):
+            return torch.ops.amnets.rnnt_loss(z * 2, targets, logit_lengths, target_lengths, 0, -1.0, "mean", True)
+
+        compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+        y, y_eager = compiled(logits), f(logits)
+        torch.testing.assert_close(y, y_eager)
+        torch.testing.assert_close(torch.autograd.grad(y, logits)[0], torch.autograd.grad(y_eager, logits)[0])
+
+
+def test_backward_uses_the_forward_backend():
+    logits, targets, logit_lengths, target_lengths = batch_of(2, 4, 3, 5, 0, device="cpu")
+    with ak.use_backend("reference"):
+        loss = ak.rnnt_loss(logits, targets, logit_lengths, target_lengths, blank=0)
+    with ak.use_backend("cpu"):  # the cpu face does not exist yet; backward must not look for it
+        loss.backward()
+    assert ak.last_face("rnnt_loss") == "reference"
+
+
+# ---------------------------------------------------------------------------------------------------
+# bad input
+
+
+def _args():
+    logits, targets, logit_lengths, target_lengths = batch_of(2, 4, 3, 5, 0, device="cpu")
+    return dict(logits=logits.detach(), targets=targets, logit_lengths=logit_lengths, target_lengths=target_lengths)
+
+
+@pytest.mark.parametrize("change, kw, error, match", [
+    (dict(targets=torch.full((2, 3), 5)), {}, ValueError, r"targets must lie in \[0, V = 5\)"),
+    (dict(targets=torch.zeros(2, 3, dtype=torch.int32)), {}, ValueError, r"differ from blank = 0"),
+    (dict(targets=torch.zeros(2, 3, dtype=torch.int32)), dict(blank=-5), ValueError, r"differ from blank = 0"),
+    (dict(targets=torch.ones(2, 4, dtype=torch.int32)), {}, ValueError, r"targets must have shape \(B, U\) = \(2, 3\)"),
+    (dict(targets=torch.ones(2, 3)), {}, TypeError, r"targets must have dtype in \(int32, int64\)"),
+    (dict(logit_lengths=torch.tensor([4, -1])), {}, ValueError, r"logit_lengths must lie in \[1, 4\]"),
+    (dict(logit_lengths=torch.tensor([5, 2])), {}, ValueError, r"logit_lengths must lie in \[1, 4\] \(padded T = 4\)"),
+    (dict(logit_lengths=torch.tensor([0, 2])), {}, ValueError, r"logit_lengths must lie in \[1, 4\]"),
+    (dict(target_lengths=torch.tensor([4, 2])), {}, ValueError, r"target_lengths must lie in \[0, 3\] \(padded U = 3\)"),
+    (dict(target_lengths=torch.tensor([-1, 2])), {}, ValueError, r"target_lengths must lie in \[0, 3\]"),
+    (dict(target_lengths=torch.tensor([1, 2, 3])), {}, ValueError, r"target_lengths must have shape \(B,\) = \(2,\)"),
+    (dict(logits=torch.zeros(2, 4, 4)), {}, ValueError, r"logits must be 4-D"),
+    (dict(logits=torch.zeros(2, 4, 4, 5, dtype=torch.int32)), {}, TypeError, r"logits must have dtype"),
+    (dict(logits=torch.zeros(3, 4, 4, 5)), {}, ValueError, r"targets must have shape \(B, U\) = \(3, 3\)"),
+    ({}, dict(blank=5), ValueError, r"blank must be in \[-V, V\) = \[-5, 5\)"),
+    ({}, dict(reduction="avg"), ValueError, r"reduction must be one of"),
+])
+def test_bad_arguments(change, kw, error, match):
+    args = _args()
+    args.update(change)
+    kw = {"blank": 0, **kw}
+    with ak.use_backend("reference"), pytest.raises(error, match="rnnt_loss: .*" + match):
+        ak.rnnt_loss(*args.values(), **kw)
+
+
+@given(data=st.data())
+def test_fuzz_lengths_and_labels_never_crash(data):
+    """Random (often invalid) integer inputs: a clear ValueError or a finite loss, nothing else."""
+    batch, frames, labels, vocab = (data.draw(st.integers(1, 4)) for _ in range(4))
+    logits = torch.randn(batch, frames, labels + 1, vocab)
+    ints = st.integers(-3, 8)
+    targets = torch.tensor(data.draw(st.lists(st.lists(ints, min_size=labels, max_size=labels),
+                                              min_size=batch, max_size=batch)), dtype=torch.int64).view(batch, labels)
+    logit_lengths = torch.tensor(data.draw(st.lists(ints, min_size=batch, max_size=batch)))
+    target_lengths = torch.tensor(data.draw(st.lists(ints, min_size=batch, max_size=batch)))
+    blank = data.draw(st.integers(-vocab - 1, vocab))
+    with ak.use_backend("reference"):
+        try:
+            loss = ak.rnnt_loss(logits, targets, logit_lengths, target_lengths, blank=blank)
+        except ValueError as exc:
+            assert str(exc).startswith("rnnt_loss: ")
+        else:
+            assert torch.isfinite(loss)
