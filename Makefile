@@ -1,0 +1,39 @@
+# From a fresh clone:  make test   (install, build, test suite, Triton AOT report)
+#                      make bench  (the benchmark table on this machine's device; QUICK=1 smoke run)
+# Both create .venv and install the pinned stack (pyproject.toml) the first time, and rebuild the
+# extension when setup.py, pyproject.toml or csrc/ change.
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
+QUICK  ?=
+
+.PHONY: test bench install aot clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# torch must be importable before the extension builds (--no-build-isolation), so the build
+# requirements from pyproject.toml go in first.
+$(VENV)/.installed: $(PY) $(SOURCES)
+	$(PY) -m pip install --quiet $$($(PY) -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))')
+	MAX_JOBS=2 $(PY) -m pip install --quiet --no-build-isolation -e ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	@$(PY) -m pytest; rc=$$?; \
+	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests; that is a failure" >&2; fi; \
+	  exit $$rc
+	$(PY) -m amnets_kernels.aot
+
+aot: install
+	$(PY) -m amnets_kernels.aot
+
+bench: install
+	$(PY) -m benchmarks $(if $(QUICK),--quick)
+
+clean:
+	rm -rf build *.egg-info amnets_kernels/_C*.so $(VENV)

@@ -1,0 +1,146 @@
+"""python -m benchmarks [--quick] [--ops bsr,lowrank_lstm,rnnt,fused_joint] [--filter TEXT]
+
+Times every available face of each op against its baseline on this machine's device (CUDA if present,
+else the CPU with pinned threads), prints one markdown table, and writes <out>/<device>.json (rows plus
+device, versions and date), .md and .png. `make bench` runs this; `make bench QUICK=1` the smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import re
+import sys
+import time
+import warnings
+
+import torch
+
+from . import bsr, lowrank_lstm, rnnt
+from .harness import as_dicts, markdown, measure
+
+SUITES = {"bsr": bsr.cases, "lowrank_lstm": lowrank_lstm.cases, "rnnt": rnnt.loss_cases,
+          "fused_joint": rnnt.joint_cases}
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device, threads: int) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_model()} ({threads} threads)"
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+
+
+def plot(rows, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ops = sorted({r["op"] for r in rows})
+    fig, axes = plt.subplots(len(ops), 1, figsize=(11, 3.2 * len(ops)), squeeze=False)
+    for ax, op in zip(axes[:, 0], ops):
+        mine = [r for r in rows if r["op"] == op and r["ratio"] is not None]
+        cases = sorted({(r["case"], r["mode"]) for r in mine})
+        index = {c: i for i, c in enumerate(cases)}
+        for label in sorted({r["label"] for r in mine}):
+            pts = [(index[(r["case"], r["mode"])], r["ratio"]) for r in mine if r["label"] == label]
+            ax.plot(*zip(*pts), "o", label=label, markersize=4)
+        ax.axhline(1.0, color="black", linewidth=0.8)
+        ax.set_yscale("log")
+        ax.set_title(f"{op}: time / baseline (below 1 = faster), {len(cases)} cases")
+        if len(cases) <= 16:
+            ax.set_xticks(range(len(cases)), [f"{c} {m}" for c, m in cases], rotation=20, ha="right", fontsize=6)
+        else:
+            ax.set_xticks([])
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small shapes, few rounds: a smoke run")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads (pinned; default 2)")
+    parser.add_argument("--ops", default=",".join(SUITES), help=f"comma-separated, of {list(SUITES)}")
+    parser.add_argument("--filter", default="", help="only cases whose name contains this text")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--name", default=None, help="file name stem (default: the device's name)")
+    args = parser.parse_args(argv)
+    unknown = set(args.ops.split(",")) - set(SUITES)
+    if unknown:
+        parser.error(f"unknown --ops {sorted(unknown)}; choose from {list(SUITES)}")
+
+    device = torch.device(args.device)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    import amnets_kernels as ak
+
+    warnings.simplefilter("ignore", ak.FallbackWarning)  # the table labels every face explicitly
+    warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+    warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
+    # GPU calls take microseconds: shorter rounds keep the whole suite inside gpu_suite.sh's 10 minutes.
+    timing = dict(rounds=3, round_s=0.005, budget_s=0.5) if args.quick else \
+        dict(rounds=args.rounds, round_s=0.005 if device.type == "cuda" else 0.02,
+             budget_s=1.0 if device.type == "cuda" else 3.0)
+    rows, start = [], time.time()
+    for op in args.ops.split(","):
+        for case in SUITES[op](device, args.quick):
+            if args.filter not in case.name:
+                continue
+            got = measure(case, device, **timing)
+            rows += got
+            for r in got:
+                ratio = "baseline" if r.kind == "baseline" else ("-" if r.ratio is None else f"{r.ratio:.2f}x")
+                ms = "-" if r.median_ms is None else f"{r.median_ms:.3f} ms"
+                print(f"[{time.time() - start:7.1f}s] {r.op} | {r.case} | {r.mode} | {r.label}: {ms} {ratio} "
+                      f"{r.note}", file=sys.stderr, flush=True)
+    table = markdown(rows)
+    print(table)
+
+    name = device_name(device, args.threads)
+    stem = args.name or slug(name) + ("-quick" if args.quick else "")
+    os.makedirs(args.out, exist_ok=True)
+    report = {
+        "device": name,
+        "device_type": device.type,
+        "threads": args.threads if device.type == "cpu" else None,
+        "quick": args.quick,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "seconds": round(time.time() - start, 1),
+        "build_info": ak.build_info(),
+        "rows": as_dicts(rows),
+    }
+    with open(os.path.join(args.out, stem + ".json"), "w") as f:
+        json.dump(report, f, indent=1)
+    with open(os.path.join(args.out, stem + ".md"), "w") as f:
+        f.write(f"Device: {name}; torch {torch.__version__}; {report['date']}; `{report['command']}`\n\n")
+        f.write(table + "\n")
+    if rows:
+        plot(report["rows"], os.path.join(args.out, stem + ".png"))
+    print(f"\nwrote {os.path.join(args.out, stem)}.json/.md/.png ({report['seconds']} s)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,56 @@
+"""lowrank_lstm_sequence against nn.LSTM (dense, same H) and against the unfused PyTorch low-rank
+composition (a Python loop of two small matmuls per gate matrix). Shapes from issue 4."""
+
+import torch
+
+import amnets_kernels as ak
+
+from .harness import DTYPE_NAMES, Candidate, Case, backward_of, face_candidates, inference
+
+FULL = dict(hidden=1024, ranks=[64, 128, 256], steps=100, batches=[1, 4, 16, 64],
+            dtypes=[torch.float32, torch.bfloat16], modes=["fwd", "fwd+bwd"])
+QUICK = dict(hidden=256, ranks=[64], steps=20, batches=[1, 16], dtypes=[torch.float32], modes=["fwd", "fwd+bwd"])
+
+
+def unfused_lowrank(x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias):
+    """What one writes in plain PyTorch: a step loop, every product a separate op."""
+    outs = []
+    for t in range(x.shape[0]):
+        gates = (x[t] @ w_ih_v.T) @ w_ih_u.T + (h @ w_hh_v.T) @ w_hh_u.T + bias
+        i, f, g, o = gates.chunk(4, 1)
+        c = f.sigmoid() * c + i.sigmoid() * g.tanh()
+        h = o.sigmoid() * c.tanh()
+        outs.append(h)
+    return torch.stack(outs), h, c
+
+
+def cases(device: torch.device, quick: bool):
+    grid = QUICK if quick else FULL
+    hidden, steps = grid["hidden"], grid["steps"]
+    for dtype in grid["dtypes"]:
+        for mode in grid["modes"]:
+            train = mode == "fwd+bwd"
+            lstm = torch.nn.LSTM(hidden, hidden).to(device=device, dtype=dtype).requires_grad_(train)
+            for rank in grid["ranks"]:
+                w_ih_u, w_ih_v = ak.lowrank_factors(lstm.weight_ih_l0.float(), rank)
+                w_hh_u, w_hh_v = ak.lowrank_factors(lstm.weight_hh_l0.float(), rank)
+                factors = [t.to(device, dtype).requires_grad_(train) for t in (w_ih_u, w_ih_v, w_hh_u, w_hh_v)]
+                bias = (lstm.bias_ih_l0 + lstm.bias_hh_l0).detach().clone().requires_grad_(train)
+                for batch in grid["batches"]:
+                    yield _case(lstm, factors, bias, dtype, mode, rank, batch, steps, device)
+
+
+def _case(lstm, factors, bias, dtype, mode, rank, batch, steps, device):
+    hidden = lstm.hidden_size
+    train = mode == "fwd+bwd"
+    wrap = backward_of if train else inference
+    x = torch.randn(steps, batch, hidden, device=device, dtype=dtype, requires_grad=train)
+    zeros = torch.zeros(batch, hidden, device=device, dtype=dtype)
+    baseline = Candidate("nn.LSTM (dense)", wrap(lambda: lstm(x)[0]), "baseline")
+    others = [Candidate("PyTorch low-rank loop", wrap(lambda: unfused_lowrank(x, zeros, zeros, *factors, bias)[0]),
+                        "other", "unfused: 4 matmuls + pointwise ops per step")]
+    faces, skipped = face_candidates("lowrank_lstm_sequence", device,
+                                     wrap(lambda: ak.lowrank_lstm_sequence(x, None, None, *factors, bias)[0]))
+    name = f"H=D={hidden} r={rank} T={steps} B={batch} {DTYPE_NAMES[dtype]}"
+    params = dict(hidden=hidden, input=hidden, rank=rank, steps=steps, batch=batch, dtype=DTYPE_NAMES[dtype])
+    return Case("lowrank_lstm_sequence", name, mode, params, baseline, others + faces, skipped)

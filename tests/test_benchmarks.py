@@ -1,0 +1,70 @@
+"""The benchmark harness: interleaving, medians of per-round ratios, failures and missing faces
+reported as rows (never silently dropped). Times are faked: tests check arithmetic, not speed."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import harness
+
+
+def fake_times(monkeypatch, table):
+    """_time returns table[label][i] for the i-th timing of that candidate (warm-up estimate first)."""
+    calls = {}
+
+    def fake(fn, n, device):
+        label = fn.label
+        i = calls.get(label, 0)
+        calls[label] = i + 1
+        return table[label][min(i, len(table[label]) - 1)]
+
+    monkeypatch.setattr(harness, "_time", fake)
+    return calls
+
+
+def candidate(label, kind="face", fails=False):
+    def fn():
+        if fails:
+            raise RuntimeError("not implemented for this layout")
+
+    fn.label = label
+    return harness.Candidate(label, fn, kind)
+
+
+def test_ratio_is_median_of_per_round_ratios(monkeypatch):
+    import torch
+
+    base, fast = candidate("dense", "baseline"), candidate("amnets[cpu]")
+    # first value: warm-up estimate; then 3 rounds. Per-round ratios 0.5, 0.25, 1.0 -> median 0.5
+    fake_times(monkeypatch, {"dense": [1.0, 2.0, 4.0, 1.0], "amnets[cpu]": [1.0, 1.0, 1.0, 1.0]})
+    case = harness.Case("op", "shape", "fwd", {}, base, [fast], skipped=[("amnets[cuda]", "not on cpu")])
+    rows = harness.measure(case, torch.device("cpu"), rounds=3, round_s=0.0, budget_s=100.0)
+    by_label = {r.label: r for r in rows}
+    assert by_label["dense"].ratio is None and by_label["dense"].median_ms == pytest.approx(2000.0)
+    assert by_label["amnets[cpu]"].ratio == pytest.approx(0.5)
+    assert by_label["amnets[cuda]"].median_ms is None and by_label["amnets[cuda]"].note == "not on cpu"
+
+
+def test_failing_candidate_is_reported_not_dropped(monkeypatch):
+    import torch
+
+    fake_times(monkeypatch, {"dense": [1.0]})
+    case = harness.Case("op", "shape", "fwd", {}, candidate("dense", "baseline"), [candidate("torch BSR", "other", fails=True)])
+    rows = harness.measure(case, torch.device("cpu"), rounds=3, round_s=0.0)
+    bsr = next(r for r in rows if r.label == "torch BSR")
+    assert bsr.median_ms is None and "failed: RuntimeError: not implemented" in bsr.note
+    assert "| torch BSR |" in harness.markdown(rows)
+
+
+def test_quick_run_writes_table_and_json(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "benchmarks", "--quick", "--ops", "rnnt", "--out", str(tmp_path),
+                           "--name", "smoke"], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "| rnnt_loss |" in done.stdout and "torchaudio rnnt_loss" in done.stdout
+    report = json.loads((tmp_path / "smoke.json").read_text())
+    assert report["device_type"] == "cpu" and report["threads"] == 2 and report["rows"]
+    labels = {r["label"] for r in report["rows"]}
+    assert "torchaudio rnnt_loss" in labels and "amnets[reference]" in labels
+    assert (tmp_path / "smoke.png").stat().st_size > 0
