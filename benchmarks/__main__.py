@@ -132,7 +132,7 @@ def main(argv=None) -> int:
         "rows": as_dicts(rows),
     }
     with open(os.path.join(args.out, stem + ".json"), "w") as f:
-        json.dump(report, f, indent=1)
+        json.dump(report, f, separators=(",", ":"))
     with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write(f"Device: {name}; torch {torch.__version__}; {report['date']}; `{report['command']}`\n\n")
         f.write(table + "\n")

@@ -57,3 +57,9 @@ def _case(shape, block, density, dtype, mode, m, sets, device):
     params = dict(out_features=shape[0], in_features=shape[1], block=block, density=density, rows=m,
                   dtype=DTYPE_NAMES[dtype], weight_sets=WEIGHT_SETS)
     return Case("bsr_linear", name, mode, params, baseline, others + faces, skipped)
+
+
+def headline(params: dict, mode: str) -> bool:
+    """The rows README quotes: issue 3's target shape."""
+    return (params["out_features"], params["block"], params["dtype"], mode) == (4096, 32, "fp32", "fwd") \
+        and params["rows"] in (1, 16)

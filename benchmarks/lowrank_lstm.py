@@ -54,3 +54,8 @@ def _case(lstm, factors, bias, dtype, mode, rank, batch, steps, device):
     name = f"H=D={hidden} r={rank} T={steps} B={batch} {DTYPE_NAMES[dtype]}"
     params = dict(hidden=hidden, input=hidden, rank=rank, steps=steps, batch=batch, dtype=DTYPE_NAMES[dtype])
     return Case("lowrank_lstm_sequence", name, mode, params, baseline, others + faces, skipped)
+
+
+def headline(params: dict, mode: str) -> bool:
+    """The rows README quotes: issue 4's target shape."""
+    return (params["hidden"], params["rank"], params["dtype"]) == (1024, 256, "fp32") and params["batch"] in (1, 16)

@@ -82,3 +82,13 @@ def joint_cases(device: torch.device, quick: bool):
                 params = dict(batch=batch, frames=frames, labels=labels, hidden=hidden, vocab=vocab,
                               dtype=DTYPE_NAMES[dtype])
                 yield Case("fused_joint_rnnt_loss", name, mode, params, baseline, others + faces, skipped)
+
+
+def loss_headline(params: dict, mode: str) -> bool:
+    """The rows README quotes: issue 5's rnnt_loss target shape."""
+    return (params["batch"], params["frames"], params["labels"], params["vocab"], params["dtype"]) == \
+        (16, 100, 30, 512, "fp32")
+
+
+def joint_headline(params: dict, mode: str) -> bool:
+    return params["dtype"] == "fp32" and params["hidden"] == 320

@@ -15,6 +15,7 @@ def fake_times(monkeypatch, table):
     calls = {}
 
     def fake(fn, n, device):
+        fn()  # a failing candidate fails here, as with the real timer
         label = fn.label
         i = calls.get(label, 0)
         calls[label] = i + 1
@@ -37,8 +38,8 @@ def test_ratio_is_median_of_per_round_ratios(monkeypatch):
     import torch
 
     base, fast = candidate("dense", "baseline"), candidate("amnets[cpu]")
-    # first value: warm-up estimate; then 3 rounds. Per-round ratios 0.5, 0.25, 1.0 -> median 0.5
-    fake_times(monkeypatch, {"dense": [1.0, 2.0, 4.0, 1.0], "amnets[cpu]": [1.0, 1.0, 1.0, 1.0]})
+    # first two values: warm-up and estimate; then 3 rounds. Per-round ratios 0.5, 0.25, 1.0 -> median 0.5
+    fake_times(monkeypatch, {"dense": [1.0, 1.0, 2.0, 4.0, 1.0], "amnets[cpu]": [1.0, 1.0, 1.0, 1.0, 1.0]})
     case = harness.Case("op", "shape", "fwd", {}, base, [fast], skipped=[("amnets[cuda]", "not on cpu")])
     rows = harness.measure(case, torch.device("cpu"), rounds=3, round_s=0.0, budget_s=100.0)
     by_label = {r.label: r for r in rows}

@@ -80,6 +80,10 @@ def test_opcheck_and_compile():
     with ak.use_backend("reference"):
         torch.library.opcheck(torch.ops.amnets.fused_joint_rnnt_loss_forward.default, (*args, 0, "tanh", -1.0, True))
         torch.library.opcheck(torch.ops.amnets.fused_joint_rnnt_loss.default, (*args, 0, "relu", 1.0, "sum"))
+        with torch.no_grad():
+            saved = torch.ops.amnets.fused_joint_rnnt_loss_forward(*args, 0, "tanh", -1.0, True)
+        torch.library.opcheck(torch.ops.amnets.fused_joint_rnnt_loss_backward.default,
+                              (torch.rand(2), *(a.detach() for a in args[:4]), *args[4:], *saved, 0, "tanh", 0.5))
 
         def f(enc, pred, weight, bias):
             return torch.ops.amnets.fused_joint_rnnt_loss(enc, pred, weight, bias, *args[4:], 0, "tanh", -1.0, "mean")

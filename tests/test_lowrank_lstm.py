@@ -131,6 +131,16 @@ def test_opcheck_and_compile():
         torch.library.opcheck(torch.ops.amnets.lowrank_lstm_sequence.default, (x, None, c0, *w))
         torch.library.opcheck(torch.ops.amnets.lowrank_lstm_cell_forward.default, (x[0], h0, c0, *w, True))
         torch.library.opcheck(torch.ops.amnets.lowrank_lstm_cell.default, (x[0], h0, c0, *w))
+        with torch.no_grad():
+            out, h_n, c_n, gates, cells = torch.ops.amnets.lowrank_lstm_sequence_forward(x, h0, c0, *w, True)
+            h1, c1, cell_gates = torch.ops.amnets.lowrank_lstm_cell_forward(x[0], h0, c0, *w, True)
+        plain = [t.detach() for t in w[:4]]
+        torch.library.opcheck(torch.ops.amnets.lowrank_lstm_sequence_backward.default,
+                              (torch.randn_like(out), torch.randn_like(h_n), torch.randn_like(c_n), x.detach(),
+                               h0.detach(), c0.detach(), *plain, out, gates, cells))
+        torch.library.opcheck(torch.ops.amnets.lowrank_lstm_cell_backward.default,
+                              (torch.randn_like(h1), torch.randn_like(c1), x[0].detach(), h0.detach(), c0.detach(),
+                               *plain, c1, cell_gates))
 
         def f(x, h0, c0, *w):
             out, h, c = torch.ops.amnets.lowrank_lstm_sequence(x, h0, c0, *w)

@@ -157,6 +157,11 @@ def test_opcheck_and_compile():
                                   (logits, targets, logit_lengths, target_lengths, 0, -1.0, fused, True))
         torch.library.opcheck(torch.ops.amnets.rnnt_loss.default,
                               (logits, targets, logit_lengths, target_lengths, 0, 0.5, "sum", True))
+        labels = (targets, logit_lengths, target_lengths)
+        with torch.no_grad():
+            saved = torch.ops.amnets.rnnt_loss_forward(logits, *labels, 0, -1.0, True, True)
+        torch.library.opcheck(torch.ops.amnets.rnnt_loss_backward.default,
+                              (torch.rand(2), logits.detach(), *labels, *saved, 0, 0.5, True))
 
         def f(z):
             return torch.ops.amnets.rnnt_loss(z * 2, targets, logit_lengths, target_lengths, 0, -1.0, "mean", True)

@@ -30,6 +30,16 @@ def composite(schema: str):
     return register
 
 
+# Faces want contiguous tensors; this tag makes inductor hand them over contiguous (instead of asserting
+# the strides it traced, which breaks when it re-lays out a saved activation).
+_LAYOUT = getattr(torch.Tag, "needs_contiguous_strides", torch.Tag.needs_fixed_stride_order)
+
+
+def custom_op(name: str):
+    """torch.library.custom_op for an amnets forward/backward op: no mutation, contiguous inputs."""
+    return torch.library.custom_op(f"amnets::{name}", mutates_args=(), tags=(_LAYOUT,))
+
+
 def run(op: str, direction: str, *args):
     """Call the current face's <op>_<direction> on contiguous arguments."""
     device = next(a.device for a in args if isinstance(a, torch.Tensor))

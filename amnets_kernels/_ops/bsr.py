@@ -8,7 +8,7 @@ from torch import Tensor
 from .. import _validate
 from ..formats import BlockSparseMatrix
 from ..reference import acc_dtype
-from . import composite, register_autograd, run
+from . import composite, custom_op, register_autograd, run
 
 OP = "bsr_linear"
 
@@ -41,7 +41,7 @@ def _check_rows(op: str, x: Tensor) -> None:
                          "(torch.ops.amnets.bsr_linear takes any leading dims)")
 
 
-@torch.library.custom_op("amnets::bsr_linear_forward", mutates_args=())
+@custom_op("bsr_linear_forward")
 def bsr_linear_forward(x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor,
                        out_features: int, in_features: int, bias: Optional[Tensor]) -> Tensor:
     _check_rows(OP, x)
@@ -56,7 +56,7 @@ def _(x, values, crow_indices, col_indices, out_features, in_features, bias):
     return x.new_empty(x.shape[0], out_features)
 
 
-@torch.library.custom_op("amnets::bsr_linear_backward", mutates_args=())
+@custom_op("bsr_linear_backward")
 def bsr_linear_backward(grad_out: Tensor, x: Tensor, values: Tensor, crow_indices: Tensor,
                         col_indices: Tensor, out_features: int, in_features: int, need_x: bool,
                         need_values: bool) -> tuple[Tensor, Tensor]:
@@ -75,8 +75,8 @@ def _check_backward(grad_out, x, values, crow_indices, col_indices, out_features
 @bsr_linear_backward.register_fake
 def _(grad_out, x, values, crow_indices, col_indices, out_features, in_features, need_x, need_values):
     _check_backward(grad_out, x, values, crow_indices, col_indices, out_features, in_features)
-    return (torch.empty_like(x) if need_x else x.new_empty(0),
-            torch.empty_like(values) if need_values else values.new_empty(0))
+    return (x.new_empty(x.shape) if need_x else x.new_empty(0),
+            values.new_empty(values.shape) if need_values else values.new_empty(0))
 
 
 def _setup(ctx, inputs, output):

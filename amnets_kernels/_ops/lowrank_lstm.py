@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .. import _validate
 from ..reference import acc_dtype
-from . import composite, register_autograd, run, wants_grad
+from . import composite, custom_op, register_autograd, run, wants_grad
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -36,7 +36,7 @@ def _lowrank_lstm_cell(x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias=None):
     return h1, c1
 
 
-@torch.library.custom_op("amnets::lowrank_lstm_cell_forward", mutates_args=())
+@custom_op("lowrank_lstm_cell_forward")
 def lowrank_lstm_cell_forward(x: Tensor, h: Tensor, c: Tensor, w_ih_u: Tensor, w_ih_v: Tensor,
                               w_hh_u: Tensor, w_hh_v: Tensor, bias: Optional[Tensor],
                               save: bool) -> tuple[Tensor, Tensor, Tensor]:
@@ -48,10 +48,10 @@ def lowrank_lstm_cell_forward(x: Tensor, h: Tensor, c: Tensor, w_ih_u: Tensor, w
 def _(x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, save):
     hidden = _validate.lowrank_lstm(CELL, x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, sequence=False)
     gates = (x.shape[0], 4 * hidden) if save else (0,)
-    return torch.empty_like(h), torch.empty_like(c), x.new_empty(gates, dtype=acc_dtype(x.dtype))
+    return h.new_empty(h.shape), c.new_empty(c.shape), x.new_empty(gates, dtype=acc_dtype(x.dtype))
 
 
-@torch.library.custom_op("amnets::lowrank_lstm_cell_backward", mutates_args=())
+@custom_op("lowrank_lstm_cell_backward")
 def lowrank_lstm_cell_backward(grad_h1: Tensor, grad_c1: Tensor, x: Tensor, h: Tensor, c: Tensor,
                                w_ih_u: Tensor, w_ih_v: Tensor, w_hh_u: Tensor, w_hh_v: Tensor, c1: Tensor,
                                gates: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
@@ -71,7 +71,7 @@ def _check_cell_backward(grad_h1, grad_c1, x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh
 @lowrank_lstm_cell_backward.register_fake
 def _(grad_h1, grad_c1, x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, c1, gates):
     _check_cell_backward(grad_h1, grad_c1, x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, c1, gates)
-    return (*(torch.empty_like(t) for t in (x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v)),
+    return (*(t.new_empty(t.shape) for t in (x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v)),
             x.new_empty(w_ih_u.shape[0]))
 
 
@@ -123,7 +123,7 @@ def _lowrank_lstm_sequence(x, h0, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias=None)
     return out, h_n, c_n
 
 
-@torch.library.custom_op("amnets::lowrank_lstm_sequence_forward", mutates_args=())
+@custom_op("lowrank_lstm_sequence_forward")
 def lowrank_lstm_sequence_forward(x: Tensor, h0: Tensor, c0: Tensor, w_ih_u: Tensor, w_ih_v: Tensor,
                                   w_hh_u: Tensor, w_hh_v: Tensor, bias: Optional[Tensor],
                                   save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
@@ -145,10 +145,10 @@ def _(x, h0, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, save):
     acc = acc_dtype(x.dtype)
     gates = x.new_empty((steps, batch, 4 * hidden) if save else (0,), dtype=acc)
     cells = x.new_empty((steps, batch, hidden) if save else (0,), dtype=acc)
-    return x.new_empty(steps, batch, hidden), torch.empty_like(h0), torch.empty_like(c0), gates, cells
+    return x.new_empty(steps, batch, hidden), h0.new_empty(h0.shape), c0.new_empty(c0.shape), gates, cells
 
 
-@torch.library.custom_op("amnets::lowrank_lstm_sequence_backward", mutates_args=())
+@custom_op("lowrank_lstm_sequence_backward")
 def lowrank_lstm_sequence_backward(grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, x: Tensor,
                                    h0: Tensor, c0: Tensor, w_ih_u: Tensor, w_ih_v: Tensor, w_hh_u: Tensor,
                                    w_hh_v: Tensor, out: Tensor, gates: Tensor, cells: Tensor
@@ -174,7 +174,7 @@ def _check_sequence_backward(grad_out, grad_h_n, grad_c_n, x, h0, c0, w_ih_u, w_
 def _(grad_out, grad_h_n, grad_c_n, x, h0, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v, out, gates, cells):
     _check_sequence_backward(grad_out, grad_h_n, grad_c_n, x, h0, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v, out,
                              gates, cells)
-    return (*(torch.empty_like(t) for t in (x, h0, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v)),
+    return (*(t.new_empty(t.shape) for t in (x, h0, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v)),
             x.new_empty(w_ih_u.shape[0]))
 
 

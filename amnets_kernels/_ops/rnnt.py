@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .. import _validate
 from ..reference import acc_dtype
-from . import composite, register_autograd, run, wants_grad
+from . import composite, custom_op, register_autograd, run, wants_grad
 
 
 def _int32(*tensors):
@@ -72,7 +72,7 @@ def _rnnt_loss(logits, targets, logit_lengths, target_lengths, blank=-1, clamp=-
     return _reduce(costs, reduction)
 
 
-@torch.library.custom_op("amnets::rnnt_loss_forward", mutates_args=())
+@custom_op("rnnt_loss_forward")
 def rnnt_loss_forward(logits: Tensor, targets: Tensor, logit_lengths: Tensor, target_lengths: Tensor,
                       blank: int, clamp: float, fused_log_softmax: bool,
                       save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -91,7 +91,7 @@ def _(logits, targets, logit_lengths, target_lengths, blank, clamp, fused_log_so
     return (logits.new_empty(batch), *_workspace(batch, frames, labels_plus_1, logits.dtype, logits.device, save))
 
 
-@torch.library.custom_op("amnets::rnnt_loss_backward", mutates_args=())
+@custom_op("rnnt_loss_backward")
 def rnnt_loss_backward(grad_costs: Tensor, logits: Tensor, targets: Tensor, logit_lengths: Tensor,
                        target_lengths: Tensor, costs: Tensor, alphas: Tensor, betas: Tensor, den: Tensor,
                        blank: int, clamp: float, fused_log_softmax: bool) -> Tensor:
@@ -122,7 +122,7 @@ def _(grad_costs, logits, targets, logit_lengths, target_lengths, costs, alphas,
       fused_log_softmax):
     _check_rnnt_backward(grad_costs, logits, targets, logit_lengths, target_lengths, costs, alphas, betas, den,
                          blank, clamp)
-    return torch.empty_like(logits)
+    return logits.new_empty(logits.shape)
 
 
 def _rnnt_setup(ctx, inputs, output):
@@ -174,7 +174,7 @@ def _fused_joint_rnnt_loss(enc, pred, weight, bias, targets, logit_lengths, targ
     return _reduce(costs, reduction)
 
 
-@torch.library.custom_op("amnets::fused_joint_rnnt_loss_forward", mutates_args=())
+@custom_op("fused_joint_rnnt_loss_forward")
 def fused_joint_rnnt_loss_forward(enc: Tensor, pred: Tensor, weight: Tensor, bias: Optional[Tensor],
                                   targets: Tensor, logit_lengths: Tensor, target_lengths: Tensor, blank: int,
                                   activation: str, clamp: float,
@@ -195,7 +195,7 @@ def _(enc, pred, weight, bias, targets, logit_lengths, target_lengths, blank, ac
     return (enc.new_empty(batch), *_workspace(batch, frames, pred.shape[1], enc.dtype, enc.device, save))
 
 
-@torch.library.custom_op("amnets::fused_joint_rnnt_loss_backward", mutates_args=())
+@custom_op("fused_joint_rnnt_loss_backward")
 def fused_joint_rnnt_loss_backward(grad_costs: Tensor, enc: Tensor, pred: Tensor, weight: Tensor,
                                    bias: Optional[Tensor], targets: Tensor, logit_lengths: Tensor,
                                    target_lengths: Tensor, costs: Tensor, alphas: Tensor, betas: Tensor,
@@ -222,8 +222,8 @@ def _(grad_costs, enc, pred, weight, bias, targets, logit_lengths, target_length
       blank, activation, clamp):
     _check_joint_backward(grad_costs, enc, pred, weight, bias, targets, logit_lengths, target_lengths, costs,
                           alphas, betas, den, blank, activation, clamp)
-    return (torch.empty_like(enc), torch.empty_like(pred), torch.empty_like(weight),
-            torch.empty_like(bias) if bias is not None else enc.new_empty(0))
+    return (enc.new_empty(enc.shape), pred.new_empty(pred.shape), weight.new_empty(weight.shape),
+            bias.new_empty(bias.shape) if bias is not None else enc.new_empty(0))
 
 
 def _joint_setup(ctx, inputs, output):

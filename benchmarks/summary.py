@@ -1,0 +1,49 @@
+"""README's results table from a results JSON written by `python -m benchmarks`:
+
+    python -m benchmarks.summary benchmarks/results/<device>.json [--all]
+
+Prints the headline rows (the target shapes of the kernel issues), one line per timed candidate,
+with the machine, date and command the numbers came from. --all prints every timed row.
+"""
+
+import argparse
+import json
+import sys
+
+from . import bsr, lowrank_lstm, rnnt
+
+HEADLINES = {"bsr_linear": bsr.headline, "lowrank_lstm_sequence": lowrank_lstm.headline,
+             "rnnt_loss": rnnt.loss_headline, "fused_joint_rnnt_loss": rnnt.joint_headline}
+
+
+def table(report: dict, everything: bool = False) -> str:
+    rows = report["rows"]
+    pick = (lambda r: True) if everything or report.get("quick") else \
+        (lambda r: HEADLINES[r["op"]](r["params"], r["mode"]))
+    chosen = [r for r in rows if pick(r)]
+    baselines = {(r["op"], r["case"], r["mode"]): r for r in chosen if r["kind"] == "baseline"}
+    lines = [f"Measured on {report['device']}, {report['date'][:10]}, by `{report['command'].strip()}` "
+             f"(torch {report['build_info']['torch']}).", "",
+             "| op | case | mode | baseline | baseline ms | candidate | ms | × baseline |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in chosen:
+        base = baselines.get((r["op"], r["case"], r["mode"]))
+        if r["kind"] == "baseline" or r["median_ms"] is None or base is None or base["median_ms"] is None:
+            continue
+        lines.append(f"| {r['op']} | {r['case']} | {r['mode']} | {base['label']} | {base['median_ms']:.2f} | "
+                     f"{r['label']} | {r['median_ms']:.2f} | {r['ratio']:.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.summary")
+    parser.add_argument("json")
+    parser.add_argument("--all", action="store_true", help="every timed row, not only the headline shapes")
+    args = parser.parse_args(argv)
+    with open(args.json) as f:
+        print(table(json.load(f), args.all))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,40 @@
+"""All five ops inside one torch.compile(fullgraph=True) graph with the default (inductor) backend:
+forward and backward equal eager mode."""
+
+import torch
+
+import amnets_kernels as ak
+
+from helpers import close, rand
+
+
+def test_all_ops_in_one_inductor_graph():
+    torch.manual_seed(0)
+    sparse = ak.BlockSparseMatrix.from_dense(rand(12, 8), block_size=4, sparsity=0.5)
+    crow, col = sparse.crow_indices, sparse.col_indices
+    w = [rand(12, 2, requires_grad=True), rand(2, 6, requires_grad=True), rand(12, 2, requires_grad=True),
+         rand(2, 3, requires_grad=True), rand(12, requires_grad=True)]
+    x = rand(4, 2, 8, requires_grad=True)
+    values = sparse.values.requires_grad_(True)
+    weight, bias = rand(5, 3, requires_grad=True), rand(5, requires_grad=True)
+    targets, lengths, target_lengths = torch.tensor([[1, 2], [3, 4]]), torch.tensor([4, 3]), torch.tensor([2, 1])
+
+    def model(x, values, w_ih_u, w_ih_v, w_hh_u, w_hh_v, b, weight, bias):
+        feats = torch.ops.amnets.bsr_linear(x, values, crow, col, 12, 8, None)[..., :6]  # (T, B, 6)
+        out, h, c = torch.ops.amnets.lowrank_lstm_sequence(feats, None, None, w_ih_u, w_ih_v, w_hh_u, w_hh_v, b)
+        h1, _ = torch.ops.amnets.lowrank_lstm_cell(feats[0], h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, b)
+        enc = out.transpose(0, 1)  # (B, T, 3)
+        pred = torch.stack([h1, h1.flip(0), h1 * 0.5], dim=1)  # (B, U+1 = 3, 3)
+        fused = torch.ops.amnets.fused_joint_rnnt_loss(enc, pred, weight, bias, targets, lengths, target_lengths,
+                                                       0, "tanh", -1.0, "mean")
+        logits = torch.tanh(enc[:, :, None] + pred[:, None]) @ weight.T + bias
+        plain = torch.ops.amnets.rnnt_loss(logits, targets, lengths, target_lengths, 0, -1.0, "sum", True)
+        return fused + 0.1 * plain
+
+    inputs = (x, values, *w, weight, bias)
+    with ak.use_backend("reference"):
+        eager = model(*inputs)
+        compiled = torch.compile(model, fullgraph=True)(*inputs)
+        close(compiled, eager)
+        for g, e in zip(torch.autograd.grad(compiled, inputs), torch.autograd.grad(eager, inputs)):
+            close(g, e)
