@@ -103,8 +103,10 @@ except ImportError as exc:  # pragma: no cover - exercised only on broken instal
 
 
 def _native_has(op: str, dispatch_key: str) -> bool:
+    """Whether the extension registered both directions of `op` for this dispatch key."""
     try:
-        return torch._C._dispatch_has_kernel_for_dispatch_key(f"amnets_native::{op}_forward", dispatch_key)
+        return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"amnets_native::{op}_{d}", dispatch_key)
+                   for d in ("forward", "backward"))
     except RuntimeError:  # schema not registered: extension not loaded
         return False
 
@@ -119,8 +121,9 @@ def _triton_module(op: str):
         if exc.name == f"amnets_kernels.triton.{OPS[op]}" or exc.name == "amnets_kernels.triton":
             return f"no Triton face exists for {op} yet (amnets_kernels/triton/{OPS[op]}.py)"
         raise
-    if not hasattr(module, f"{op}_forward"):
-        return f"amnets_kernels/triton/{OPS[op]}.py has no {op}_forward yet"
+    missing = [f"{op}_{d}" for d in ("forward", "backward") if not hasattr(module, f"{op}_{d}")]
+    if missing:
+        return f"amnets_kernels/triton/{OPS[op]}.py has no {' or '.join(missing)} yet"
     return module
 
 
