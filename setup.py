@@ -93,7 +93,8 @@ def extensions():
     from torch.utils import cpp_extension
 
     cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-Wall", "-Wno-unused-function"]
+    # -Wno-psabi: the SIMD clones pass 64-byte vectors between always-inlined helpers (csrc/cpu/simd.h).
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-psabi"]
     link = ["-fopenmp"]  # at::parallel_for is inlined OpenMP: without it our loops run on one thread
     if not want_cuda(torch.version.cuda is not None, toolkit):
         return [cpp_extension.CppExtension("amnets_kernels._C", cpu_sources,

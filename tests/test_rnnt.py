@@ -54,6 +54,22 @@ def test_matches_torchaudio(face, batch, frames, labels, vocab, blank, reduction
 
 
 @pytest.mark.parametrize("face", FACES)
+@pytest.mark.parametrize("vocab, fused, clamp", [(16, True, -1.0), (37, True, 0.01), (100, False, -1.0),
+                                                 (257, True, -1.0)])
+def test_wide_vocabularies_match_torchaudio(face, vocab, fused, clamp):
+    """Vocabularies spanning several SIMD vectors / blocks plus a ragged tail."""
+    with use_face("rnnt_loss", face):
+        logits, targets, logit_lengths, target_lengths = batch_of(3, 7, 5, vocab, 3)
+        kw = dict(blank=3, clamp=clamp, reduction="sum", fused_log_softmax=fused)
+        prepare = (lambda z: z) if fused else (lambda z: z.log_softmax(-1))
+        ours = ak.rnnt_loss(prepare(logits), targets, logit_lengths, target_lengths, **kw)
+        theirs = torchaudio_loss(prepare(logits).cpu(), targets.cpu(), logit_lengths.cpu(), target_lengths.cpu(), **kw)
+        torch.testing.assert_close(ours.cpu(), theirs, rtol=1e-6, atol=1e-5)
+        (g_ours,), (g_theirs,) = grads(ours, [logits]), grads(theirs, [logits])
+        torch.testing.assert_close(g_ours.cpu(), g_theirs, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("face", FACES)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_logits(face, dtype):
     """fp16/bf16 logits: computed in fp32 inside; equal torchaudio run on the same rounded logits."""

@@ -1,0 +1,74 @@
+// Portable SIMD for the CPU faces, chosen at run time: no -march flags, one binary for every x86-64.
+//
+// Kernels are written once with GCC/Clang vector extensions (16 floats = one AVX-512 register, two
+// AVX2 registers, four SSE registers) in functions marked AMNETS_CLONES; the compiler emits an
+// AVX-512, an AVX2 and a baseline version of each and the loader picks one for the CPU it runs on
+// (an ifunc). Helpers here are always_inline so that they take the ISA of the clone calling them.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define AMNETS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define AMNETS_CLONES
+#endif
+#define AMNETS_INLINE inline __attribute__((always_inline))
+
+namespace amnets::simd {
+
+constexpr int64_t kWidth = 16;
+typedef float vfloat __attribute__((vector_size(64)));
+typedef int32_t vint __attribute__((vector_size(64)));
+
+AMNETS_INLINE vfloat splat(float x) { return vfloat{} + x; }
+AMNETS_INLINE vfloat load(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+AMNETS_INLINE void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
+AMNETS_INLINE vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
+AMNETS_INLINE vfloat vmin(vfloat a, vfloat b) { return a < b ? a : b; }
+AMNETS_INLINE float hsum(vfloat v) {
+  float s = 0.f;
+  for (int i = 0; i < kWidth; ++i) s += v[i];
+  return s;
+}
+AMNETS_INLINE float hmax(vfloat v) {
+  float m = v[0];
+  for (int i = 1; i < kWidth; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+// exp(x) to ~1 ulp (Cephes expf): x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-6 polynomial, 2^n
+// by building the float's exponent. Below -87.3 (incl. -inf) the result is exactly 0, above 88 it is
+// inf (exp(88) = 1.7e38 is near the float range anyway); NaN stays NaN.
+AMNETS_INLINE vfloat exp(vfloat x) {
+  const vfloat hi = splat(88.0f), lo = splat(-87.3365478515625f);
+  vfloat xc = vmin(vmax(x, lo), hi);
+  vfloat n = xc * 1.44269504088896341f + 0.5f;
+  vint ni = __builtin_convertvector(n, vint);
+  ni += __builtin_convertvector(ni, vfloat) > n;  // truncation -> floor: a true mask is -1
+  n = __builtin_convertvector(ni, vfloat);
+  vfloat r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+  vfloat p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  vint bits = (ni + 127) << 23;
+  vfloat scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  vfloat y = p * scale;
+  y = x < lo ? splat(0.0f) : y;
+  y = x > hi ? splat(std::numeric_limits<float>::infinity()) : y;
+  return x != x ? x : y;
+}
+
+}  // namespace amnets::simd
