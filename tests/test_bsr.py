@@ -1,5 +1,8 @@
 """bsr_linear: every face against dense math on the same pruned weight; formats; bad input."""
 
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -8,6 +11,7 @@ from hypothesis import strategies as st
 
 import amnets_kernels as ak
 from amnets_kernels import BlockSparseMatrix
+from amnets_kernels.formats import block_row_of
 
 from conftest import DEVICE, FACES, use_face
 from helpers import close, grads, rand
@@ -27,8 +31,8 @@ def dense_linear(x, sparse, bias):
 
 
 @pytest.mark.parametrize("face", FACES)
-@given(m=st.integers(0, 9), out_f=st.integers(1, 70), in_f=st.integers(1, 70),
-       block=st.sampled_from([1, 4, 16, 32]), sparsity=st.sampled_from([0.0, 0.3, 0.75, 1.0]),
+@given(m=st.integers(0, 20), out_f=st.integers(1, 140), in_f=st.integers(1, 140),
+       block=st.sampled_from([1, 4, 16, 32, 64]), sparsity=st.sampled_from([0.0, 0.3, 0.75, 1.0]),
        dtype=st.sampled_from(DTYPES), has_bias=st.booleans(), lead=st.sampled_from([(), (2,), (2, 1)]))
 def test_forward_and_grads_match_dense(face, m, out_f, in_f, block, sparsity, dtype, has_bias, lead):
     with use_face("bsr_linear", face):
@@ -53,6 +57,33 @@ def test_forward_and_grads_match_dense(face, m, out_f, in_f, block, sparsity, dt
 
 
 @pytest.mark.parametrize("face", FACES)
+@pytest.mark.parametrize("block", [16, 32, 64])
+@pytest.mark.parametrize("m", [1, 3, 8, 17, 40])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kernel_tiles_and_poisoned_padding(face, block, m, dtype):
+    """Shapes that are not whole blocks, row counts on both sides of every kernel's tile size, and
+    block entries outside the logical matrix holding inf/NaN: they must never reach the result."""
+    with use_face("bsr_linear", face):
+        out_f, in_f = 3 * block + 5, 2 * block + 7
+        _, clean = make(out_f, in_f, block, 0.4, dtype)
+        values = clean.values.detach().clone()
+        rows, cols = block_row_of(clean.crow_indices), clean.col_indices.long()
+        values[rows == out_f // block, out_f % block:, :] = float("nan")  # rows past out_features
+        values[cols == in_f // block, :, in_f % block:] = float("inf")  # columns past in_features
+        dirty = BlockSparseMatrix(values.requires_grad_(True), clean.crow_indices, clean.col_indices, clean.shape)
+        x = rand(m, in_f, dtype=dtype, device=DEVICE, requires_grad=True)
+        y = ak.bsr_linear(x, dirty)
+        assert torch.isfinite(y).all()
+        close(y, dense_linear(x, clean, None), dtype, scale=in_f ** 0.5)
+        gx, gv = grads(y, [x, dirty.values])
+        x64 = x.detach().double().requires_grad_(True)
+        dense_w = clean.to_dense().double().requires_grad_(True)
+        ex, ew = grads(F.linear(x64, dense_w), [x64, dense_w])
+        close(gx, ex, dtype, scale=out_f ** 0.5)
+        close(gv, BlockSparseMatrix.from_block_mask(ew, clean.block_mask(), block).values, dtype, scale=m ** 0.5)
+
+
+@pytest.mark.parametrize("face", FACES)
 def test_non_contiguous_and_all_zero(face):
     with use_face("bsr_linear", face):
         w, sparse = make(40, 24, 8, 1.0)
@@ -62,6 +93,22 @@ def test_non_contiguous_and_all_zero(face):
         close(ak.bsr_linear(x, sparse, bias), bias.expand(5, 40).double(), torch.float32)
         _, sparse = make(40, 24, 8, 0.5)
         close(ak.bsr_linear(x, sparse), dense_linear(x, sparse, None), torch.float32)
+
+
+def test_cpu_face_says_when_it_has_no_simd_kernel():
+    """Block sizes outside {16, 32, 64} (or fp16/fp64 values) run exact dense math, and say so
+    (once per process, so in a fresh one)."""
+    if ak.unavailable_reason("bsr_linear", "cpu") is not None:
+        pytest.skip("no cpu face")
+    code = ("import torch, warnings, amnets_kernels as ak\n"
+            "m = ak.BlockSparseMatrix.from_dense(torch.randn(12, 12), block_size=4, sparsity=0.5)\n"
+            "with ak.use_backend('cpu'), warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    y = ak.bsr_linear(torch.ones(2, 12), m)\n"
+            "assert torch.allclose(y, torch.ones(2, 12) @ m.to_dense().T, atol=1e-5)\n"
+            "print([str(x.message) for x in w])\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "no SIMD kernel for block size 4" in out
 
 
 def test_reference_gradcheck_float64():

@@ -1,0 +1,480 @@
+// CPU face of bsr_linear (contract: amnets_kernels/_ops/bsr.py; math: amnets_kernels/reference/bsr.py).
+//
+// Layout: the BSR format as stored (values (nnzb, b, b), each block row-major, the blocks of a block
+// row contiguous) is already the panel layout small-M inference wants: a block row's weights are one
+// contiguous stream, read once. No repacking of the weights, so a weight that changes every step
+// (training) costs nothing extra.
+//
+// Kernels (fp32 and bf16 weights, b in {16, 32, 64}; everything else takes a plain loop):
+//   forward, few rows (M < 8):  y[m, rows of r] = dot products of block rows with x, vectorised along
+//                               the block's columns, up to 16 accumulators of (row i, input m);
+//   forward, many rows:         x is packed transposed once per call (K x M in 16-wide tiles) and each
+//                               weight element is broadcast against 16 inputs at a time;
+//   grad_x = grad_y @ W:        by block column (a transposed index built per call), rows of a block
+//                               broadcast-multiplied into 16-wide column accumulators;
+//   grad_values (SDDMM):        per stored block, sum over m of grad_y[m, block rows] x[m, block cols].
+// The logical shape need not be whole blocks: block entries outside it are never used (masked),
+// whatever they hold. Parallel over block rows / block columns / blocks with at::parallel_for; SIMD
+// through csrc/cpu/simd.h (run-time ISA choice).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "simd.h"
+
+namespace amnets::cpu {
+namespace {
+
+using at::Tensor;
+using simd::kWidth;
+using simd::vfloat;
+
+// ---------------------------------------------------------------------------------------------------
+// Element access: 16 consecutive weights as floats; bf16 widens by a shift.
+
+typedef uint16_t vu16 __attribute__((vector_size(32)));
+typedef uint32_t vu32 __attribute__((vector_size(64)));
+
+AMNETS_INLINE vfloat load16(const float* p) { return simd::load(p); }
+AMNETS_INLINE vfloat load16(const c10::BFloat16* p) {
+  vu16 half;
+  std::memcpy(&half, p, sizeof half);
+  vu32 wide = __builtin_convertvector(half, vu32) << 16;
+  vfloat out;
+  std::memcpy(&out, &wide, sizeof out);
+  return out;
+}
+AMNETS_INLINE float scalar(float v) { return v; }
+AMNETS_INLINE float scalar(c10::BFloat16 v) { return static_cast<float>(v); }
+
+// w with lanes [valid, 16) set to 0: weights outside the logical matrix are never used, whatever
+// they hold (a select, not a multiply, so that an inf there cannot turn into NaN).
+AMNETS_INLINE vfloat keep_lanes_below(vfloat w, int64_t valid) {
+  vfloat lane;
+  for (int i = 0; i < kWidth; ++i) lane[i] = float(i);
+  return lane < float(valid) ? w : simd::splat(0.f);
+}
+
+// What every kernel needs to know about the problem.
+struct Problem {
+  int64_t rows;  // M
+  int64_t out_features, in_features;  // N, K (logical)
+  int64_t block;  // b
+  int64_t block_rows, block_cols;  // Nb, Kb
+  const int32_t* crow;
+  const int32_t* col;
+  // Valid entries of block row r / block column c (b except in the last, partial one).
+  int64_t rows_in(int64_t r) const { return std::min(block, out_features - r * block); }
+  int64_t cols_in(int64_t c) const { return std::min(block, in_features - c * block); }
+};
+
+// ---------------------------------------------------------------------------------------------------
+// forward, few rows: y[m, r*B + i] = sum_k sum_j W_k[i, j] x[m, col_k*B + j]
+
+template <typename T, int B, int MT>
+AMNETS_INLINE void forward_dot(const Problem& p, const T* values, const float* x, int64_t ldx, float* y,
+                               int64_t r, int64_t m0) {
+  constexpr int V = B / kWidth;           // vectors per block row
+  constexpr int IT = kWidth / MT;         // block rows i per pass: IT * MT accumulators
+  const int64_t rows = p.rows_in(r), last_col = p.block_cols - 1, last_cols = p.cols_in(last_col);
+  for (int64_t i0 = 0; i0 < rows; i0 += IT) {
+    vfloat acc[IT][MT] = {};
+    for (int64_t k = p.crow[r]; k < p.crow[r + 1]; ++k) {
+      const T* blk = values + k * B * B + i0 * B;
+      const float* xk = x + p.col[k] * B;
+      const bool partial = p.col[k] == last_col && last_cols < B;
+      for (int v = 0; v < V; ++v) {
+        vfloat xv[MT];
+        for (int m = 0; m < MT; ++m) xv[m] = simd::load(xk + (m0 + m) * ldx + v * kWidth);
+        for (int i = 0; i < IT; ++i) {
+          vfloat w = load16(blk + i * B + v * kWidth);
+          if (partial) w = keep_lanes_below(w, last_cols - v * kWidth);
+          for (int m = 0; m < MT; ++m) acc[i][m] += w * xv[m];
+        }
+      }
+    }
+    for (int i = 0; i < IT && i0 + i < rows; ++i)
+      for (int m = 0; m < MT; ++m) y[(m0 + m) * p.out_features + r * B + i0 + i] = simd::hsum(acc[i][m]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// forward, many rows: xt is x transposed and padded, (Kb*B, Mp) with Mp a multiple of 16.
+
+template <typename T, int B>
+AMNETS_INLINE void forward_broadcast(const Problem& p, const T* values, const float* xt, int64_t mp, float* y,
+                                     int64_t r, int64_t m0) {
+  const int64_t rows = p.rows_in(r), lanes = std::min<int64_t>(kWidth, p.rows - m0);
+  for (int64_t i0 = 0; i0 < rows; i0 += kWidth) {
+    vfloat acc[kWidth] = {};
+    for (int64_t k = p.crow[r]; k < p.crow[r + 1]; ++k) {
+      const T* blk = values + k * B * B + i0 * B;
+      const float* xk = xt + p.col[k] * B * mp + m0;
+      const int64_t cols = p.cols_in(p.col[k]);  // never touch weights outside the logical matrix
+      for (int64_t j = 0; j < cols; ++j) {
+        const vfloat xv = simd::load(xk + j * mp);
+        for (int i = 0; i < kWidth; ++i) acc[i] += simd::splat(scalar(blk[i * B + j])) * xv;
+      }
+    }
+    for (int i = 0; i < kWidth && i0 + i < rows; ++i)
+      for (int64_t m = 0; m < lanes; ++m) y[(m0 + m) * p.out_features + r * B + i0 + i] = acc[i][m];
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// grad_x[m, c*B + j] = sum over blocks k in block column c, rows i: W_k[i, j] grad_y[m, row_k*B + i]
+
+struct ColumnIndex {  // the blocks of each block column: column-major view of the pattern
+  std::vector<int64_t> start, block, row;
+};
+
+ColumnIndex column_index(const Problem& p) {
+  ColumnIndex ci;
+  ci.start.assign(p.block_cols + 1, 0);
+  const int64_t nnzb = p.crow[p.block_rows];
+  for (int64_t k = 0; k < nnzb; ++k) ++ci.start[p.col[k] + 1];
+  for (int64_t c = 0; c < p.block_cols; ++c) ci.start[c + 1] += ci.start[c];
+  ci.block.resize(nnzb);
+  ci.row.resize(nnzb);
+  std::vector<int64_t> fill(ci.start.begin(), ci.start.end() - 1);
+  for (int64_t r = 0; r < p.block_rows; ++r) {
+    for (int64_t k = p.crow[r]; k < p.crow[r + 1]; ++k) {
+      const int64_t at = fill[p.col[k]]++;
+      ci.block[at] = k;
+      ci.row[at] = r;
+    }
+  }
+  return ci;
+}
+
+template <typename T, int B, int MT>
+AMNETS_INLINE void grad_input_column(const Problem& p, const ColumnIndex& ci, const T* values, const float* gy,
+                                     float* gx, int64_t c, int64_t m0) {
+  constexpr int V = B / kWidth;
+  vfloat acc[MT][V] = {};
+  for (int64_t at = ci.start[c]; at < ci.start[c + 1]; ++at) {
+    const T* blk = values + ci.block[at] * B * B;
+    const float* g = gy + ci.row[at] * B;
+    const int64_t rows = p.rows_in(ci.row[at]);
+    for (int64_t i = 0; i < rows; ++i) {
+      vfloat w[V];
+      for (int v = 0; v < V; ++v) w[v] = load16(blk + i * B + v * kWidth);
+      for (int m = 0; m < MT; ++m) {
+        const vfloat gm = simd::splat(g[(m0 + m) * p.out_features + i]);
+        for (int v = 0; v < V; ++v) acc[m][v] += gm * w[v];
+      }
+    }
+  }
+  const int64_t cols = p.cols_in(c);
+  for (int m = 0; m < MT; ++m) {
+    float* out = gx + (m0 + m) * p.in_features + c * B;
+    for (int v = 0; v < V; ++v) {
+      if ((v + 1) * kWidth <= cols) {
+        simd::store(out + v * kWidth, acc[m][v]);
+      } else {
+        for (int64_t j = v * kWidth; j < cols; ++j) out[j] = acc[m][v][j - v * kWidth];
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// grad_values[k, i, j] = sum_m grad_y[m, row_k*B + i] x[m, col_k*B + j]; x and grad_y padded to whole
+// blocks with zeros, so entries outside the logical matrix get 0.
+
+template <typename T, int B>
+AMNETS_INLINE void grad_values_block(const Problem& p, const float* gy, int64_t ldg, const float* x, int64_t ldx,
+                                     T* gv, int64_t k, int64_t r) {
+  constexpr int V = B / kWidth;
+  constexpr int IT = kWidth / V;  // IT * V accumulators
+  for (int64_t i0 = 0; i0 < B; i0 += IT) {
+    vfloat acc[IT][V] = {};
+    for (int64_t m = 0; m < p.rows; ++m) {
+      const float* xm = x + m * ldx + p.col[k] * B;
+      const float* gm = gy + m * ldg + r * B + i0;
+      vfloat xv[V];
+      for (int v = 0; v < V; ++v) xv[v] = simd::load(xm + v * kWidth);
+      for (int i = 0; i < IT; ++i) {
+        const vfloat g = simd::splat(gm[i]);
+        for (int v = 0; v < V; ++v) acc[i][v] += g * xv[v];
+      }
+    }
+    for (int i = 0; i < IT; ++i) {
+      T* out = gv + k * B * B + (i0 + i) * B;
+      for (int v = 0; v < V; ++v)
+        for (int j = 0; j < kWidth; ++j) out[v * kWidth + j] = static_cast<T>(acc[i][v][j]);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Clone entry points: one per (kernel, weight dtype); the block size and row tile become template
+// arguments here so that the inner loops are fully unrolled in every ISA clone.
+
+template <typename T>
+void dispatch_forward(const Problem& p, const T* values, const float* x, int64_t ldx, const float* xt,
+                      int64_t mp, float* y, int64_t r) {
+  auto run = [&](auto block_tag) {
+    constexpr int B = decltype(block_tag)::value;
+    if (xt != nullptr) {
+      for (int64_t m0 = 0; m0 < p.rows; m0 += kWidth) forward_broadcast<T, B>(p, values, xt, mp, y, r, m0);
+      return;
+    }
+    int64_t m0 = 0;
+    for (; m0 + 4 <= p.rows; m0 += 4) forward_dot<T, B, 4>(p, values, x, ldx, y, r, m0);
+    for (; m0 + 2 <= p.rows; m0 += 2) forward_dot<T, B, 2>(p, values, x, ldx, y, r, m0);
+    for (; m0 < p.rows; ++m0) forward_dot<T, B, 1>(p, values, x, ldx, y, r, m0);
+  };
+  switch (p.block) {
+    case 16: return run(std::integral_constant<int, 16>{});
+    case 32: return run(std::integral_constant<int, 32>{});
+    default: return run(std::integral_constant<int, 64>{});
+  }
+}
+
+template <typename T>
+void dispatch_grad_input(const Problem& p, const ColumnIndex& ci, const T* values, const float* gy, float* gx,
+                         int64_t c) {
+  auto run = [&](auto block_tag) {
+    constexpr int B = decltype(block_tag)::value;
+    constexpr int MT = B == 64 ? 4 : 8;
+    int64_t m0 = 0;
+    for (; m0 + MT <= p.rows; m0 += MT) grad_input_column<T, B, MT>(p, ci, values, gy, gx, c, m0);
+    for (; m0 < p.rows; ++m0) grad_input_column<T, B, 1>(p, ci, values, gy, gx, c, m0);
+  };
+  switch (p.block) {
+    case 16: return run(std::integral_constant<int, 16>{});
+    case 32: return run(std::integral_constant<int, 32>{});
+    default: return run(std::integral_constant<int, 64>{});
+  }
+}
+
+template <typename T>
+void dispatch_grad_values(const Problem& p, const float* gy, int64_t ldg, const float* x, int64_t ldx, T* gv,
+                          int64_t k, int64_t r) {
+  switch (p.block) {
+    case 16: return grad_values_block<T, 16>(p, gy, ldg, x, ldx, gv, k, r);
+    case 32: return grad_values_block<T, 32>(p, gy, ldg, x, ldx, gv, k, r);
+    default: return grad_values_block<T, 64>(p, gy, ldg, x, ldx, gv, k, r);
+  }
+}
+
+#define AMNETS_BSR_CLONES(T, NAME)                                                                          \
+  AMNETS_CLONES void forward_##NAME(const Problem& p, const T* v, const float* x, int64_t ldx,             \
+                                    const float* xt, int64_t mp, float* y, int64_t r0, int64_t r1) {       \
+    for (int64_t r = r0; r < r1; ++r) dispatch_forward<T>(p, v, x, ldx, xt, mp, y, r);                    \
+  }                                                                                                          \
+  AMNETS_CLONES void grad_input_##NAME(const Problem& p, const ColumnIndex& ci, const T* v, const float* gy, \
+                                       float* gx, int64_t c0, int64_t c1) {                                 \
+    for (int64_t c = c0; c < c1; ++c) dispatch_grad_input<T>(p, ci, v, gy, gx, c);                        \
+  }                                                                                                          \
+  AMNETS_CLONES void grad_values_##NAME(const Problem& p, const float* gy, int64_t ldg, const float* x,    \
+                                        int64_t ldx, T* gv, const int64_t* row_of, int64_t k0, int64_t k1) { \
+    for (int64_t k = k0; k < k1; ++k) dispatch_grad_values<T>(p, gy, ldg, x, ldx, gv, k, row_of[k]);      \
+  }
+AMNETS_BSR_CLONES(float, f32)
+AMNETS_BSR_CLONES(c10::BFloat16, bf16)
+#undef AMNETS_BSR_CLONES
+
+void forward_rows(const Problem& p, const float* v, const float* x, int64_t ldx, const float* xt, int64_t mp,
+                  float* y, int64_t r0, int64_t r1) {
+  forward_f32(p, v, x, ldx, xt, mp, y, r0, r1);
+}
+void forward_rows(const Problem& p, const c10::BFloat16* v, const float* x, int64_t ldx, const float* xt,
+                  int64_t mp, float* y, int64_t r0, int64_t r1) {
+  forward_bf16(p, v, x, ldx, xt, mp, y, r0, r1);
+}
+void grad_input_columns(const Problem& p, const ColumnIndex& ci, const float* v, const float* gy, float* gx,
+                        int64_t c0, int64_t c1) {
+  grad_input_f32(p, ci, v, gy, gx, c0, c1);
+}
+void grad_input_columns(const Problem& p, const ColumnIndex& ci, const c10::BFloat16* v, const float* gy,
+                        float* gx, int64_t c0, int64_t c1) {
+  grad_input_bf16(p, ci, v, gy, gx, c0, c1);
+}
+void grad_values_blocks(const Problem& p, const float* gy, int64_t ldg, const float* x, int64_t ldx, float* gv,
+                        const int64_t* row_of, int64_t k0, int64_t k1) {
+  grad_values_f32(p, gy, ldg, x, ldx, gv, row_of, k0, k1);
+}
+void grad_values_blocks(const Problem& p, const float* gy, int64_t ldg, const float* x, int64_t ldx,
+                        c10::BFloat16* gv, const int64_t* row_of, int64_t k0, int64_t k1) {
+  grad_values_bf16(p, gy, ldg, x, ldx, gv, row_of, k0, k1);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The ops
+
+Problem problem_of(const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
+                   int64_t out_features, int64_t in_features) {
+  const int64_t b = values.size(1);
+  return {x.size(0), out_features, in_features, b, (out_features + b - 1) / b, (in_features + b - 1) / b,
+          crow.data_ptr<int32_t>(), col.data_ptr<int32_t>()};
+}
+
+bool has_fast_path(const Tensor& values) {
+  const int64_t b = values.size(1);
+  return (b == 16 || b == 32 || b == 64) &&
+         (values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16);
+}
+
+void warn_slow_path(const Tensor& values) {
+  TORCH_WARN_ONCE("amnets bsr_linear cpu face: no SIMD kernel for block size ", values.size(1), " and dtype ",
+                  values.scalar_type(), " (kernels exist for b in {16, 32, 64}, float32 and bfloat16); "
+                  "computing with dense math on the densified blocks: exact, not fast.");
+}
+
+// A float copy of `t` (M, width) with `padded` columns, zeros past `width`.
+Tensor float_padded(const Tensor& t, int64_t padded) {
+  Tensor f = t.to(at::kFloat);
+  if (padded == t.size(1)) return f.contiguous();
+  return at::constant_pad_nd(f, {0, padded - t.size(1)}, 0.0);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Other block sizes and dtypes: dense math on the densified blocks (padded to whole blocks), in
+// float64 for float64 and float32 otherwise.
+
+struct DenseView {
+  at::ScalarType acc;
+  int64_t b, nb, kb;
+  Tensor rows, cols;  // block row and column of every stored block
+
+  DenseView(const Tensor& values, const Tensor& crow, const Tensor& col, int64_t out_features, int64_t in_features)
+      : acc(values.scalar_type() == at::kDouble ? at::kDouble : at::kFloat),
+        b(values.size(1)),
+        nb((out_features + b - 1) / b),
+        kb((in_features + b - 1) / b),
+        rows(at::repeat_interleave(at::arange(nb, crow.options().dtype(at::kLong)), crow.diff().to(at::kLong))),
+        cols(col.to(at::kLong)) {}
+
+  Tensor padded_weight(const Tensor& values) const {  // (nb*b, kb*b)
+    Tensor grid = at::zeros({nb, kb, b, b}, values.options().dtype(acc));
+    grid.index_put_({rows, cols}, values.to(acc));
+    return grid.permute({0, 2, 1, 3}).reshape({nb * b, kb * b});
+  }
+  Tensor pad(const Tensor& t, int64_t width) const {
+    return at::constant_pad_nd(t.to(acc), {0, width - t.size(1)}, 0.0);
+  }
+};
+
+Tensor dense_forward(const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
+                     int64_t out_features, int64_t in_features, const c10::optional<Tensor>& bias) {
+  const DenseView d(values, crow, col, out_features, in_features);
+  Tensor y = at::mm(d.pad(x, d.kb * d.b), d.padded_weight(values).t()).slice(1, 0, out_features);
+  if (bias.has_value()) y = y + bias->to(d.acc);
+  return y.to(x.scalar_type());
+}
+
+std::tuple<Tensor, Tensor> dense_backward(const Tensor& gy, const Tensor& x, const Tensor& values,
+                                          const Tensor& crow, const Tensor& col, int64_t out_features,
+                                          int64_t in_features, bool need_x, bool need_values) {
+  const DenseView d(values, crow, col, out_features, in_features);
+  const Tensor g = d.pad(gy, d.nb * d.b);
+  Tensor grad_x = x.new_empty({0}), grad_values = values.new_empty({0});
+  if (need_x) grad_x = at::mm(g, d.padded_weight(values)).slice(1, 0, in_features).to(x.scalar_type());
+  if (need_values) {
+    Tensor full = at::mm(g.t(), d.pad(x, d.kb * d.b)).view({d.nb, d.b, d.kb, d.b}).permute({0, 2, 1, 3});
+    grad_values = full.index({d.rows, d.cols}).to(values.scalar_type());
+  }
+  return {grad_x, grad_values};
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The ops
+
+Tensor bsr_linear_forward(const Tensor& x, const Tensor& values, const Tensor& crow_indices,
+                          const Tensor& col_indices, int64_t out_features, int64_t in_features,
+                          const c10::optional<Tensor>& bias) {
+  const Tensor crow = crow_indices.to(at::kInt).contiguous(), col = col_indices.to(at::kInt).contiguous();
+  if (!has_fast_path(values)) {
+    warn_slow_path(values);
+    return dense_forward(x, values, crow, col, out_features, in_features, bias);
+  }
+  const Problem p = problem_of(x, values, crow, col, out_features, in_features);
+  const int64_t k_pad = p.block_cols * p.block;
+  Tensor y = at::empty({p.rows, out_features}, x.options().dtype(at::kFloat));
+  if (p.rows > 0) {
+    const Tensor xf = float_padded(x, k_pad);
+    Tensor xt;  // many rows: x transposed into 16-wide column tiles, zeros past M
+    int64_t mp = 0;
+    if (p.rows >= 8) {
+      mp = (p.rows + kWidth - 1) / kWidth * kWidth;
+      xt = at::constant_pad_nd(xf, {0, 0, 0, mp - p.rows}, 0.0).t().contiguous();
+    }
+    const float* xt_data = xt.defined() ? xt.data_ptr<float>() : nullptr;
+    at::parallel_for(0, p.block_rows, 1, [&](int64_t r0, int64_t r1) {
+      if (values.scalar_type() == at::kFloat) {
+        forward_rows(p, values.data_ptr<float>(), xf.data_ptr<float>(), k_pad, xt_data, mp, y.data_ptr<float>(),
+                     r0, r1);
+      } else {
+        forward_rows(p, values.data_ptr<c10::BFloat16>(), xf.data_ptr<float>(), k_pad, xt_data, mp,
+                     y.data_ptr<float>(), r0, r1);
+      }
+    });
+  }
+  if (bias.has_value()) y += bias->to(at::kFloat);
+  return y.to(x.scalar_type());
+}
+
+std::tuple<Tensor, Tensor> bsr_linear_backward(const Tensor& grad_out, const Tensor& x, const Tensor& values,
+                                               const Tensor& crow_indices, const Tensor& col_indices,
+                                               int64_t out_features, int64_t in_features, bool need_x,
+                                               bool need_values) {
+  const Tensor crow = crow_indices.to(at::kInt).contiguous(), col = col_indices.to(at::kInt).contiguous();
+  if (!has_fast_path(values)) {
+    warn_slow_path(values);
+    return dense_backward(grad_out, x, values, crow, col, out_features, in_features, need_x, need_values);
+  }
+  const Problem p = problem_of(x, values, crow, col, out_features, in_features);
+  const Tensor gy = grad_out.to(at::kFloat).contiguous();
+  Tensor grad_x = x.new_empty({0}), grad_values = values.new_empty({0});
+  if (need_x) {
+    Tensor gx = at::empty({p.rows, in_features}, x.options().dtype(at::kFloat));
+    if (p.rows > 0) {
+      const ColumnIndex ci = column_index(p);
+      at::parallel_for(0, p.block_cols, 1, [&](int64_t c0, int64_t c1) {
+        if (values.scalar_type() == at::kFloat) {
+          grad_input_columns(p, ci, values.data_ptr<float>(), gy.data_ptr<float>(), gx.data_ptr<float>(), c0, c1);
+        } else {
+          grad_input_columns(p, ci, values.data_ptr<c10::BFloat16>(), gy.data_ptr<float>(), gx.data_ptr<float>(),
+                             c0, c1);
+        }
+      });
+    }
+    grad_x = gx.to(x.scalar_type());
+  }
+  if (need_values) {
+    grad_values = at::empty_like(values);
+    const int64_t nnzb = values.size(0);
+    if (nnzb > 0) {
+      const Tensor xf = float_padded(x, p.block_cols * p.block), gf = float_padded(gy, p.block_rows * p.block);
+      std::vector<int64_t> row_of(nnzb);
+      for (int64_t r = 0; r < p.block_rows; ++r)
+        for (int64_t k = p.crow[r]; k < p.crow[r + 1]; ++k) row_of[k] = r;
+      at::parallel_for(0, nnzb, 1, [&](int64_t k0, int64_t k1) {
+        if (values.scalar_type() == at::kFloat) {
+          grad_values_blocks(p, gf.data_ptr<float>(), gf.size(1), xf.data_ptr<float>(), xf.size(1),
+                             grad_values.data_ptr<float>(), row_of.data(), k0, k1);
+        } else {
+          grad_values_blocks(p, gf.data_ptr<float>(), gf.size(1), xf.data_ptr<float>(), xf.size(1),
+                             grad_values.data_ptr<c10::BFloat16>(), row_of.data(), k0, k1);
+        }
+      });
+    }
+  }
+  return {grad_x, grad_values};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(amnets_native, CPU, m) {
+  m.impl("bsr_linear_forward", &bsr_linear_forward);
+  m.impl("bsr_linear_backward", &bsr_linear_backward);
+}
+
+}  // namespace amnets::cpu
