@@ -37,6 +37,9 @@ using simd::vfloat;
 // ---------------------------------------------------------------------------------------------------
 // Element access: 16 consecutive weights as floats; bf16 widens by a shift.
 
+// Loops with compile-time trip counts over accumulators: unrolled, so the accumulators live in registers.
+#define AMNETS_UNROLL _Pragma("GCC unroll 16")
+
 typedef uint16_t vu16 __attribute__((vector_size(32)));
 typedef uint32_t vu32 __attribute__((vector_size(64)));
 
@@ -56,6 +59,7 @@ AMNETS_INLINE float scalar(c10::BFloat16 v) { return static_cast<float>(v); }
 // they hold (a select, not a multiply, so that an inf there cannot turn into NaN).
 AMNETS_INLINE vfloat keep_lanes_below(vfloat w, int64_t valid) {
   vfloat lane;
+  AMNETS_UNROLL
   for (int i = 0; i < kWidth; ++i) lane[i] = float(i);
   return lane < float(valid) ? w : simd::splat(0.f);
 }
@@ -88,17 +92,22 @@ AMNETS_INLINE void forward_dot(const Problem& p, const T* values, const float* x
       const T* blk = values + k * B * B + i0 * B;
       const float* xk = x + p.col[k] * B;
       const bool partial = p.col[k] == last_col && last_cols < B;
+      AMNETS_UNROLL
       for (int v = 0; v < V; ++v) {
         vfloat xv[MT];
+        AMNETS_UNROLL
         for (int m = 0; m < MT; ++m) xv[m] = simd::load(xk + (m0 + m) * ldx + v * kWidth);
+        AMNETS_UNROLL
         for (int i = 0; i < IT; ++i) {
           vfloat w = load16(blk + i * B + v * kWidth);
           if (partial) w = keep_lanes_below(w, last_cols - v * kWidth);
+          AMNETS_UNROLL
           for (int m = 0; m < MT; ++m) acc[i][m] += w * xv[m];
         }
       }
     }
     for (int i = 0; i < IT && i0 + i < rows; ++i)
+      AMNETS_UNROLL
       for (int m = 0; m < MT; ++m) y[(m0 + m) * p.out_features + r * B + i0 + i] = simd::hsum(acc[i][m]);
   }
 }
@@ -118,6 +127,7 @@ AMNETS_INLINE void forward_broadcast(const Problem& p, const T* values, const fl
       const int64_t cols = p.cols_in(p.col[k]);  // never touch weights outside the logical matrix
       for (int64_t j = 0; j < cols; ++j) {
         const vfloat xv = simd::load(xk + j * mp);
+        AMNETS_UNROLL
         for (int i = 0; i < kWidth; ++i) acc[i] += simd::splat(scalar(blk[i * B + j])) * xv;
       }
     }
@@ -163,16 +173,21 @@ AMNETS_INLINE void grad_input_column(const Problem& p, const ColumnIndex& ci, co
     const int64_t rows = p.rows_in(ci.row[at]);
     for (int64_t i = 0; i < rows; ++i) {
       vfloat w[V];
+      AMNETS_UNROLL
       for (int v = 0; v < V; ++v) w[v] = load16(blk + i * B + v * kWidth);
+      AMNETS_UNROLL
       for (int m = 0; m < MT; ++m) {
         const vfloat gm = simd::splat(g[(m0 + m) * p.out_features + i]);
+        AMNETS_UNROLL
         for (int v = 0; v < V; ++v) acc[m][v] += gm * w[v];
       }
     }
   }
   const int64_t cols = p.cols_in(c);
+  AMNETS_UNROLL
   for (int m = 0; m < MT; ++m) {
     float* out = gx + (m0 + m) * p.in_features + c * B;
+    AMNETS_UNROLL
     for (int v = 0; v < V; ++v) {
       if ((v + 1) * kWidth <= cols) {
         simd::store(out + v * kWidth, acc[m][v]);
@@ -198,15 +213,21 @@ AMNETS_INLINE void grad_values_block(const Problem& p, const float* gy, int64_t 
       const float* xm = x + m * ldx + p.col[k] * B;
       const float* gm = gy + m * ldg + r * B + i0;
       vfloat xv[V];
+      AMNETS_UNROLL
       for (int v = 0; v < V; ++v) xv[v] = simd::load(xm + v * kWidth);
+      AMNETS_UNROLL
       for (int i = 0; i < IT; ++i) {
         const vfloat g = simd::splat(gm[i]);
+        AMNETS_UNROLL
         for (int v = 0; v < V; ++v) acc[i][v] += g * xv[v];
       }
     }
+    AMNETS_UNROLL
     for (int i = 0; i < IT; ++i) {
       T* out = gv + k * B * B + (i0 + i) * B;
+      AMNETS_UNROLL
       for (int v = 0; v < V; ++v)
+        AMNETS_UNROLL
         for (int j = 0; j < kWidth; ++j) out[v * kWidth + j] = static_cast<T>(acc[i][v][j]);
     }
   }
@@ -214,49 +235,55 @@ AMNETS_INLINE void grad_values_block(const Problem& p, const float* gy, int64_t 
 
 // ---------------------------------------------------------------------------------------------------
 // Clone entry points: one per (kernel, weight dtype); the block size and row tile become template
-// arguments here so that the inner loops are fully unrolled in every ISA clone.
+// arguments below them so that the inner loops are fully unrolled in every ISA clone.
+
+// Everything below a clone entry point is always_inline, so that it is compiled for that clone's ISA.
+
+template <typename T, int B>
+AMNETS_INLINE void forward_block_row(const Problem& p, const T* values, const float* x, int64_t ldx,
+                                     const float* xt, int64_t mp, float* y, int64_t r) {
+  if (xt != nullptr) {
+    for (int64_t m0 = 0; m0 < p.rows; m0 += kWidth) forward_broadcast<T, B>(p, values, xt, mp, y, r, m0);
+    return;
+  }
+  int64_t m0 = 0;
+  for (; m0 + 4 <= p.rows; m0 += 4) forward_dot<T, B, 4>(p, values, x, ldx, y, r, m0);
+  for (; m0 + 2 <= p.rows; m0 += 2) forward_dot<T, B, 2>(p, values, x, ldx, y, r, m0);
+  for (; m0 < p.rows; ++m0) forward_dot<T, B, 1>(p, values, x, ldx, y, r, m0);
+}
 
 template <typename T>
-void dispatch_forward(const Problem& p, const T* values, const float* x, int64_t ldx, const float* xt,
-                      int64_t mp, float* y, int64_t r) {
-  auto run = [&](auto block_tag) {
-    constexpr int B = decltype(block_tag)::value;
-    if (xt != nullptr) {
-      for (int64_t m0 = 0; m0 < p.rows; m0 += kWidth) forward_broadcast<T, B>(p, values, xt, mp, y, r, m0);
-      return;
-    }
-    int64_t m0 = 0;
-    for (; m0 + 4 <= p.rows; m0 += 4) forward_dot<T, B, 4>(p, values, x, ldx, y, r, m0);
-    for (; m0 + 2 <= p.rows; m0 += 2) forward_dot<T, B, 2>(p, values, x, ldx, y, r, m0);
-    for (; m0 < p.rows; ++m0) forward_dot<T, B, 1>(p, values, x, ldx, y, r, m0);
-  };
+AMNETS_INLINE void dispatch_forward(const Problem& p, const T* values, const float* x, int64_t ldx,
+                                    const float* xt, int64_t mp, float* y, int64_t r) {
   switch (p.block) {
-    case 16: return run(std::integral_constant<int, 16>{});
-    case 32: return run(std::integral_constant<int, 32>{});
-    default: return run(std::integral_constant<int, 64>{});
+    case 16: return forward_block_row<T, 16>(p, values, x, ldx, xt, mp, y, r);
+    case 32: return forward_block_row<T, 32>(p, values, x, ldx, xt, mp, y, r);
+    default: return forward_block_row<T, 64>(p, values, x, ldx, xt, mp, y, r);
+  }
+}
+
+template <typename T, int B>
+AMNETS_INLINE void grad_input_block_column(const Problem& p, const ColumnIndex& ci, const T* values,
+                                           const float* gy, float* gx, int64_t c) {
+  constexpr int MT = B == 64 ? 4 : 8;
+  int64_t m0 = 0;
+  for (; m0 + MT <= p.rows; m0 += MT) grad_input_column<T, B, MT>(p, ci, values, gy, gx, c, m0);
+  for (; m0 < p.rows; ++m0) grad_input_column<T, B, 1>(p, ci, values, gy, gx, c, m0);
+}
+
+template <typename T>
+AMNETS_INLINE void dispatch_grad_input(const Problem& p, const ColumnIndex& ci, const T* values, const float* gy,
+                                       float* gx, int64_t c) {
+  switch (p.block) {
+    case 16: return grad_input_block_column<T, 16>(p, ci, values, gy, gx, c);
+    case 32: return grad_input_block_column<T, 32>(p, ci, values, gy, gx, c);
+    default: return grad_input_block_column<T, 64>(p, ci, values, gy, gx, c);
   }
 }
 
 template <typename T>
-void dispatch_grad_input(const Problem& p, const ColumnIndex& ci, const T* values, const float* gy, float* gx,
-                         int64_t c) {
-  auto run = [&](auto block_tag) {
-    constexpr int B = decltype(block_tag)::value;
-    constexpr int MT = B == 64 ? 4 : 8;
-    int64_t m0 = 0;
-    for (; m0 + MT <= p.rows; m0 += MT) grad_input_column<T, B, MT>(p, ci, values, gy, gx, c, m0);
-    for (; m0 < p.rows; ++m0) grad_input_column<T, B, 1>(p, ci, values, gy, gx, c, m0);
-  };
-  switch (p.block) {
-    case 16: return run(std::integral_constant<int, 16>{});
-    case 32: return run(std::integral_constant<int, 32>{});
-    default: return run(std::integral_constant<int, 64>{});
-  }
-}
-
-template <typename T>
-void dispatch_grad_values(const Problem& p, const float* gy, int64_t ldg, const float* x, int64_t ldx, T* gv,
-                          int64_t k, int64_t r) {
+AMNETS_INLINE void dispatch_grad_values(const Problem& p, const float* gy, int64_t ldg, const float* x,
+                                        int64_t ldx, T* gv, int64_t k, int64_t r) {
   switch (p.block) {
     case 16: return grad_values_block<T, 16>(p, gy, ldg, x, ldx, gv, k, r);
     case 32: return grad_values_block<T, 32>(p, gy, ldg, x, ldx, gv, k, r);
