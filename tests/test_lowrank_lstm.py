@@ -84,6 +84,24 @@ def test_sequence_matches_lstm_and_autograd(face, steps, batch, d, hidden, rank_
 
 
 @pytest.mark.parametrize("face", FACES)
+@pytest.mark.parametrize("hidden", [16, 37, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_wide_hidden_matches_autograd(face, hidden, dtype):
+    """Hidden sizes spanning whole SIMD vectors plus a tail, through forward and BPTT."""
+    with use_face("lowrank_lstm_sequence", face):
+        w = factors(20, hidden, 8, 6, dtype, requires_grad=True)
+        x = rand(5, 3, 20, dtype=dtype, device=DEVICE, requires_grad=True)
+        h0, c0 = (rand(3, hidden, dtype=dtype, device=DEVICE, requires_grad=True) for _ in range(2))
+        out, h_n, c_n = ak.lowrank_lstm_sequence(x, h0, c0, *w)
+        ref = leaf64([x, h0, c0, *w])
+        e_out, e_h, e_c = autograd_sequence(*ref)
+        for got, want in ((out, e_out), (h_n, e_h), (c_n, e_c)):
+            close(got, want.detach(), dtype, scale=4)
+        for g, e in zip(grads((out, h_n, c_n), [x, h0, c0, *w]), grads((e_out, e_h, e_c), ref)):
+            close(g, e, dtype, scale=20)
+
+
+@pytest.mark.parametrize("face", FACES)
 @given(batch=st.integers(1, 4), d=st.integers(1, 9), hidden=st.integers(1, 7), dtype=st.sampled_from(DTYPES))
 def test_cell_is_one_sequence_step(face, batch, d, hidden, dtype):
     with use_face("lowrank_lstm_cell", face):

@@ -1,0 +1,260 @@
+// CPU face of lowrank_lstm_cell and lowrank_lstm_sequence (contract: amnets_kernels/_ops/lowrank_lstm.py;
+// math and BPTT: amnets_kernels/reference/lowrank_lstm.py).
+//
+// Sequence forward: the input part of every gate for all T frames comes first, as two large GEMMs
+// ((T B, D) x (D, r) x (r, 4H), plus the bias); the time loop then does only what depends on h: the
+// recurrent low-rank product s = h V_hh^T, gates += s U_hh^T (two small GEMMs into preallocated
+// buffers), and one fused pass for the activations and the state update. No allocation inside the
+// loop. With save, the activated gates and every c_t are written once for backward.
+// Backward walks the steps in reverse with the same two small GEMMs (transposed) and a fused pointwise
+// pass, keeps d(pre-activation) for all steps, and forms the factor and input gradients at the end as
+// large GEMMs. fp16/bf16 inputs are computed in fp32 (the state stays fp32 across steps).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "simd.h"
+
+namespace amnets::cpu {
+namespace {
+
+using at::Tensor;
+namespace simd = amnets::simd;
+
+// ---------------------------------------------------------------------------------------------------
+// Pointwise passes over one step, rows of 4H gate pre-activations [i | f | g | o].
+
+AMNETS_INLINE simd::vfloat sigmoid(simd::vfloat x) { return 1.0f / (1.0f + simd::exp(-x)); }
+AMNETS_INLINE simd::vfloat tanh_(simd::vfloat x) { return 2.0f / (1.0f + simd::exp(-2.0f * x)) - 1.0f; }
+inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
+inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
+
+// Activations and state update of `n` hidden units of one batch row: pre (4H) -> gates (4H, activated,
+// written over pre), c (H) updated in place, h (H) written.
+AMNETS_CLONES void step_forward(float* pre, float* c, float* h, int64_t n, int64_t hidden) {
+  float *i = pre, *f = pre + hidden, *g = pre + 2 * hidden, *o = pre + 3 * hidden;
+  int64_t k = 0;
+  for (; k + simd::kWidth <= n; k += simd::kWidth) {
+    const simd::vfloat vi = sigmoid(simd::load(i + k)), vf = sigmoid(simd::load(f + k));
+    const simd::vfloat vg = tanh_(simd::load(g + k)), vo = sigmoid(simd::load(o + k));
+    const simd::vfloat vc = vf * simd::load(c + k) + vi * vg;
+    simd::store(i + k, vi), simd::store(f + k, vf), simd::store(g + k, vg), simd::store(o + k, vo);
+    simd::store(c + k, vc);
+    simd::store(h + k, vo * tanh_(vc));
+  }
+  for (; k < n; ++k) {
+    i[k] = sigmoid(i[k]), f[k] = sigmoid(f[k]), g[k] = std::tanh(g[k]), o[k] = sigmoid(o[k]);
+    c[k] = f[k] * c[k] + i[k] * g[k];
+    h[k] = o[k] * std::tanh(c[k]);
+  }
+}
+
+void step_forward(double* pre, double* c, double* h, int64_t n, int64_t hidden) {
+  double *i = pre, *f = pre + hidden, *g = pre + 2 * hidden, *o = pre + 3 * hidden;
+  for (int64_t k = 0; k < n; ++k) {
+    i[k] = sigmoid(i[k]), f[k] = sigmoid(f[k]), g[k] = std::tanh(g[k]), o[k] = sigmoid(o[k]);
+    c[k] = f[k] * c[k] + i[k] * g[k];
+    h[k] = o[k] * std::tanh(c[k]);
+  }
+}
+
+// Backward of one step for one batch row: from dL/dh and dL/dc (dc updated in place to dL/dc_prev)
+// and the saved gates, c_t and c_{t-1}, the gradient of the 4H pre-activations.
+template <typename acc_t>
+AMNETS_INLINE void step_backward_scalar(const acc_t* gates, const acc_t* c_t, const acc_t* c_prev, const acc_t* dh,
+                                        acc_t* dc, acc_t* dpre, int64_t k, int64_t hidden) {
+  const acc_t i = gates[k], f = gates[hidden + k], g = gates[2 * hidden + k], o = gates[3 * hidden + k];
+  const acc_t tc = std::tanh(c_t[k]);
+  const acc_t d = dc[k] + dh[k] * o * (1 - tc * tc);
+  dpre[k] = d * g * i * (1 - i);
+  dpre[hidden + k] = d * c_prev[k] * f * (1 - f);
+  dpre[2 * hidden + k] = d * i * (1 - g * g);
+  dpre[3 * hidden + k] = dh[k] * tc * o * (1 - o);
+  dc[k] = d * f;
+}
+
+AMNETS_CLONES void step_backward(const float* gates, const float* c_t, const float* c_prev, const float* dh,
+                                 float* dc, float* dpre, int64_t n, int64_t hidden) {
+  int64_t k = 0;
+  for (; k + simd::kWidth <= n; k += simd::kWidth) {
+    const simd::vfloat i = simd::load(gates + k), f = simd::load(gates + hidden + k);
+    const simd::vfloat g = simd::load(gates + 2 * hidden + k), o = simd::load(gates + 3 * hidden + k);
+    const simd::vfloat tc = tanh_(simd::load(c_t + k)), vdh = simd::load(dh + k);
+    const simd::vfloat d = simd::load(dc + k) + vdh * o * (1.0f - tc * tc);
+    simd::store(dpre + k, d * g * i * (1.0f - i));
+    simd::store(dpre + hidden + k, d * simd::load(c_prev + k) * f * (1.0f - f));
+    simd::store(dpre + 2 * hidden + k, d * i * (1.0f - g * g));
+    simd::store(dpre + 3 * hidden + k, vdh * tc * o * (1.0f - o));
+    simd::store(dc + k, d * f);
+  }
+  for (; k < n; ++k) step_backward_scalar(gates, c_t, c_prev, dh, dc, dpre, k, hidden);
+}
+
+void step_backward(const double* gates, const double* c_t, const double* c_prev, const double* dh, double* dc,
+                   double* dpre, int64_t n, int64_t hidden) {
+  for (int64_t k = 0; k < n; ++k) step_backward_scalar(gates, c_t, c_prev, dh, dc, dpre, k, hidden);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The recurrence, shared by the cell (T = 1) and the sequence.
+
+struct Factors {  // every weight in the accumulation dtype, contiguous
+  Tensor w_ih_u, w_ih_v, w_hh_u, w_hh_v;
+  int64_t hidden() const { return w_hh_v.size(1); }
+};
+
+Factors factors_of(const Tensor& a, const Tensor& b, const Tensor& c, const Tensor& d, at::ScalarType acc) {
+  return {a.to(acc).contiguous(), b.to(acc).contiguous(), c.to(acc).contiguous(), d.to(acc).contiguous()};
+}
+
+at::ScalarType acc_of(const Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+// pre (T, B, 4H) = x V_ih^T U_ih^T + bias, all frames at once.
+Tensor input_projection(const Tensor& x, const Factors& w, const c10::optional<Tensor>& bias) {
+  const Tensor rows = x.reshape({-1, x.size(-1)});
+  const Tensor s = at::mm(rows, w.w_ih_v.t());
+  Tensor pre = bias.has_value() ? at::addmm(bias->to(rows.scalar_type()), s, w.w_ih_u.t()) : at::mm(s, w.w_ih_u.t());
+  return pre.view({x.size(0), x.size(1), -1});
+}
+
+// Runs the recurrence over pre (T, B, 4H; overwritten by the activated gates) from (h, c) (B, H;
+// updated in place to the last state), writing h_t into out[t] and, when cells is defined, c_t.
+template <typename acc_t>
+void recur(Tensor& pre, Tensor& h, Tensor& c, Tensor& out, const Tensor& cells, const Factors& w) {
+  const int64_t steps = pre.size(0), batch = pre.size(1), hidden = w.hidden();
+  Tensor s = at::empty({batch, w.w_hh_v.size(0)}, h.options());  // h V_hh^T, reused every step
+  for (int64_t t = 0; t < steps; ++t) {
+    Tensor gates = pre[t];
+    at::mm_out(s, h, w.w_hh_v.t());
+    gates.addmm_(s, w.w_hh_u.t());
+    acc_t* g = gates.data_ptr<acc_t>();
+    acc_t *cp = c.data_ptr<acc_t>(), *hp = out[t].data_ptr<acc_t>();
+    at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        step_forward(g + b * 4 * hidden, cp + b * hidden, hp + b * hidden, hidden, hidden);
+    });
+    h.copy_(out[t]);
+    if (cells.defined()) cells[t].copy_(c);
+  }
+}
+
+// BPTT. Returns dpre (T, B, 4H); dh, dc (B, H) enter as dL/dh_T, dL/dc_T and leave as dL/dh_0, dL/dc_0.
+template <typename acc_t>
+Tensor backprop(const Tensor& grad_out, Tensor& dh, Tensor& dc, const Tensor& gates, const Tensor& cells,
+                const Tensor& c0, const Factors& w) {
+  const int64_t steps = gates.size(0), batch = gates.size(1), hidden = w.hidden();
+  Tensor dpre = at::empty_like(gates);
+  Tensor ds = at::empty({batch, w.w_hh_u.size(1)}, dh.options());  // dpre U_hh, reused every step
+  for (int64_t t = steps - 1; t >= 0; --t) {
+    dh += grad_out[t];
+    const acc_t *g = gates[t].data_ptr<acc_t>(), *ct = cells[t].data_ptr<acc_t>();
+    const acc_t* cprev = (t > 0 ? cells[t - 1] : c0).data_ptr<acc_t>();
+    acc_t *dhp = dh.data_ptr<acc_t>(), *dcp = dc.data_ptr<acc_t>(), *dp = dpre[t].data_ptr<acc_t>();
+    at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b)
+        step_backward(g + b * 4 * hidden, ct + b * hidden, cprev + b * hidden, dhp + b * hidden, dcp + b * hidden,
+                      dp + b * 4 * hidden, hidden, hidden);
+    });
+    at::mm_out(ds, dpre[t], w.w_hh_u);
+    at::mm_out(dh, ds, w.w_hh_v);  // dL/dh_{t-1} through the recurrent product
+  }
+  return dpre;
+}
+
+// Gradients of the four factors and the input from dpre of all steps (large GEMMs).
+// For pre += (inp V^T) U^T over rows: d inp = (dpre U) V, dU = dpre^T (inp V^T), dV = (dpre U)^T inp.
+std::tuple<Tensor, Tensor, Tensor> factor_grads(const Tensor& dpre, const Tensor& inp, const Tensor& u,
+                                                const Tensor& v) {
+  const Tensor ds = at::mm(dpre, u);
+  return {at::mm(ds, v), at::mm(dpre.t(), at::mm(inp, v.t())), at::mm(ds.t(), inp)};
+}
+
+using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
+
+// Everything after the time loop, in the schema's order: (dx, dh0, dc0, dU_ih, dV_ih, dU_hh, dV_hh, dbias).
+Grads finish_backward(const Tensor& dpre, const Tensor& x, const Tensor& h_prev, const Tensor& dh, const Tensor& dc,
+                      const Factors& w, at::ScalarType out) {
+  const Tensor rows = dpre.reshape({-1, dpre.size(-1)});
+  auto [dx, d_ih_u, d_ih_v] = factor_grads(rows, x.reshape({-1, x.size(-1)}), w.w_ih_u, w.w_ih_v);
+  auto [d_h_prev, d_hh_u, d_hh_v] = factor_grads(rows, h_prev.reshape({-1, h_prev.size(-1)}), w.w_hh_u, w.w_hh_v);
+  (void)d_h_prev;  // already propagated step by step in backprop()
+  return {dx.view(x.sizes()).to(out), dh.to(out),     dc.to(out),     d_ih_u.to(out),
+          d_ih_v.to(out),             d_hh_u.to(out), d_hh_v.to(out), rows.sum(0).to(out)};
+}
+
+template <typename F>
+void dispatch_acc(at::ScalarType acc, const F& f) {
+  if (acc == at::kDouble) {
+    f(double{});
+  } else {
+    f(float{});
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The ops
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lowrank_lstm_sequence_forward(
+    const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih_u, const Tensor& w_ih_v,
+    const Tensor& w_hh_u, const Tensor& w_hh_v, const c10::optional<Tensor>& bias, bool save) {
+  const auto acc = acc_of(x);
+  const Factors w = factors_of(w_ih_u, w_ih_v, w_hh_u, w_hh_v, acc);
+  const int64_t steps = x.size(0), batch = x.size(1), hidden = w.hidden();
+  Tensor pre = input_projection(x.to(acc), w, bias).contiguous();  // becomes the activated gates
+  Tensor h = h0.to(acc).clone(), c = c0.to(acc).clone();
+  Tensor out = at::empty({steps, batch, hidden}, pre.options());
+  Tensor cells = save ? at::empty({steps, batch, hidden}, pre.options()) : Tensor();
+  dispatch_acc(acc, [&](auto tag) { recur<decltype(tag)>(pre, h, c, out, cells, w); });
+  const auto none = at::empty({0}, pre.options());
+  return {out.to(x.scalar_type()), h.to(x.scalar_type()), c.to(x.scalar_type()), save ? pre : none,
+          save ? cells : none.clone()};
+}
+
+Grads lowrank_lstm_sequence_backward(const Tensor& grad_out, const Tensor& grad_h_n, const Tensor& grad_c_n,
+                                     const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih_u,
+                                     const Tensor& w_ih_v, const Tensor& w_hh_u, const Tensor& w_hh_v,
+                                     const Tensor& out, const Tensor& gates, const Tensor& cells) {
+  const auto acc = acc_of(x);
+  const Factors w = factors_of(w_ih_u, w_ih_v, w_hh_u, w_hh_v, acc);
+  Tensor dh = grad_h_n.to(acc).clone(), dc = grad_c_n.to(acc).clone();
+  const Tensor c0a = c0.to(acc).contiguous(), ga = gates.to(acc).contiguous(), ca = cells.to(acc).contiguous();
+  Tensor dpre;
+  dispatch_acc(acc, [&](auto tag) {
+    dpre = backprop<decltype(tag)>(grad_out.to(acc).contiguous(), dh, dc, ga, ca, c0a, w);
+  });
+  const Tensor h_prev = at::cat({h0.to(acc).unsqueeze(0), out.to(acc).slice(0, 0, x.size(0) - 1)});
+  return finish_backward(dpre, x.to(acc), h_prev, dh, dc, w, x.scalar_type());
+}
+
+std::tuple<Tensor, Tensor, Tensor> lowrank_lstm_cell_forward(const Tensor& x, const Tensor& h, const Tensor& c,
+                                                             const Tensor& w_ih_u, const Tensor& w_ih_v,
+                                                             const Tensor& w_hh_u, const Tensor& w_hh_v,
+                                                             const c10::optional<Tensor>& bias, bool save) {
+  auto [out, h1, c1, gates, cells] =
+      lowrank_lstm_sequence_forward(x.unsqueeze(0), h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, save);
+  return {h1, c1, save ? gates[0] : gates};
+}
+
+Grads lowrank_lstm_cell_backward(const Tensor& grad_h1, const Tensor& grad_c1, const Tensor& x, const Tensor& h,
+                                 const Tensor& c, const Tensor& w_ih_u, const Tensor& w_ih_v, const Tensor& w_hh_u,
+                                 const Tensor& w_hh_v, const Tensor& c1, const Tensor& gates) {
+  auto g = lowrank_lstm_sequence_backward(at::zeros_like(grad_h1).unsqueeze(0), grad_h1, grad_c1, x.unsqueeze(0), h,
+                                          c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, h.unsqueeze(0), gates.unsqueeze(0),
+                                          c1.unsqueeze(0));
+  std::get<0>(g) = std::get<0>(g).squeeze(0);
+  return g;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(amnets_native, CPU, m) {
+  m.impl("lowrank_lstm_cell_forward", &lowrank_lstm_cell_forward);
+  m.impl("lowrank_lstm_cell_backward", &lowrank_lstm_cell_backward);
+  m.impl("lowrank_lstm_sequence_forward", &lowrank_lstm_sequence_forward);
+  m.impl("lowrank_lstm_sequence_backward", &lowrank_lstm_sequence_backward);
+}
+
+}  // namespace amnets::cpu
