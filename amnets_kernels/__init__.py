@@ -25,6 +25,7 @@ from ._ops.bsr import bsr_linear  # noqa: E402
 from ._ops.lowrank_lstm import lowrank_lstm_cell, lowrank_lstm_sequence  # noqa: E402
 from ._ops.rnnt import fused_joint_rnnt_loss, rnnt_loss  # noqa: E402
 from .formats import BlockSparseMatrix, lowrank_factors, rank_for_energy  # noqa: E402
+from . import nn  # noqa: E402  (amnets_kernels.nn: the drop-in modules)
 
 __all__ = [
     "BACKENDS", "BlockSparseMatrix", "FaceUnavailableError", "FallbackWarning", "available_backends",

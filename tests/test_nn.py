@@ -1,0 +1,126 @@
+"""The drop-in modules: BlockSparseLinear, LowRankLSTM, RNNTLoss, FusedJointRNNTLoss."""
+
+import io
+
+import pytest
+import torch
+import torch.nn.utils.prune
+import torchaudio
+from torch import nn
+
+import amnets_kernels as ak
+from amnets_kernels.nn import BlockSparseLinear, FusedJointRNNTLoss, LowRankLSTM, RNNTLoss
+
+from conftest import FACES, use_face
+from test_rnnt import batch_of
+
+
+def round_trip(module, fresh):
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    buffer.seek(0)
+    fresh.load_state_dict(torch.load(buffer))
+    return fresh
+
+
+@pytest.mark.parametrize("face", FACES)
+def test_block_sparse_linear_from_dense_trains_kept_blocks(face):
+    with use_face("bsr_linear", face):
+        linear = nn.Linear(70, 40)
+        sparse = BlockSparseLinear.from_dense(linear, block_size=16, sparsity=0.5)
+        x = torch.randn(3, 5, 70)
+        expected = nn.functional.linear(x, sparse.sparse_weight.to_dense(), linear.bias)
+        torch.testing.assert_close(sparse(x), expected, rtol=1e-5, atol=1e-5)
+        sparse(x).sum().backward()
+        assert sparse.values.grad is not None and sparse.values.grad.shape == sparse.values.shape
+        assert sparse.bias.grad is not None
+        assert sparse.sparse_weight.values is sparse.values and 0.4 < sparse.density < 0.6
+
+
+def test_block_sparse_linear_state_dict_prune_and_torch_bsr():
+    layer = BlockSparseLinear(48, 32, block_size=16, sparsity=0.75)
+    other = round_trip(layer, BlockSparseLinear(48, 32, block_size=16, sparsity=0.25))  # another pattern
+    x = torch.randn(2, 48)
+    torch.testing.assert_close(other(x), layer(x))
+    linear = nn.Linear(48, 32)
+    torch.nn.utils.prune.random_unstructured(linear, "weight", amount=0.95)
+    pruned = BlockSparseLinear.from_dense(linear, block_size=8)  # the prune mask decides
+    torch.testing.assert_close(pruned(x), linear(x), rtol=1e-5, atol=1e-5)
+    from_bsr = BlockSparseLinear.from_torch_bsr(layer.sparse_weight.to_torch_bsr(), layer.bias)
+    torch.testing.assert_close(from_bsr(x), layer(x))
+    with pytest.raises(TypeError, match="linear must be an nn.Linear"):
+        BlockSparseLinear.from_dense(nn.Conv1d(2, 2, 1))
+
+
+@pytest.mark.parametrize("face", FACES)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_low_rank_lstm_at_full_rank_is_the_lstm(face, batch_first):
+    with use_face("lowrank_lstm_sequence", face):
+        lstm = nn.LSTM(6, 5, num_layers=2, batch_first=batch_first)
+        low = LowRankLSTM.from_lstm(lstm, rank=10**6)
+        x = torch.randn(3, 7, 6)
+        h0, c0 = torch.randn(2, 3 if batch_first else 7, 5), torch.randn(2, 3 if batch_first else 7, 5)
+        for args in ((x,), (x, (h0, c0))):
+            out, (h, c) = low(*args)
+            e_out, (e_h, e_c) = lstm(*args)
+            for got, want in ((out, e_out), (h, e_h), (c, e_c)):
+                torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+        single = torch.randn(4, 6)  # unbatched, as nn.LSTM allows
+        torch.testing.assert_close(low(single)[0], lstm(single)[0], rtol=0, atol=1e-5)
+
+
+def test_low_rank_lstm_is_a_drop_in_and_learns():
+    torch.manual_seed(0)
+    lstm = LowRankLSTM(8, 16, rank=4, num_layers=2)
+    head = nn.Linear(16, 1)
+    opt = torch.optim.Adam(list(lstm.parameters()) + list(head.parameters()), lr=0.02)
+    x = torch.randn(20, 4, 8)
+    target = x.sum(-1, keepdim=True).cumsum(0) / 10
+    with ak.use_backend("reference"):
+        first = None
+        for _ in range(40):
+            loss = nn.functional.mse_loss(head(lstm(x)[0]), target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            first = first if first is not None else loss.item()
+    assert loss.item() < 0.5 * first
+    assert lstm.macs_per_frame() == sum(r1 * (d + 64) + r2 * (16 + 64) for (r1, r2), d in zip(lstm.ranks, (8, 16)))
+    again = round_trip(lstm, LowRankLSTM(8, 16, rank=4, num_layers=2))
+    torch.testing.assert_close(again(x)[0], lstm(x)[0])
+
+
+def test_low_rank_lstm_energy_rank_and_errors():
+    lstm = nn.LSTM(32, 16)
+    low = LowRankLSTM.from_lstm(lstm, rank=0.5)
+    assert all(1 <= r1 <= 32 and 1 <= r2 <= 16 for r1, r2 in low.ranks)
+    with pytest.raises(ValueError, match=r"input.shape\[-1\] must be input_size = 32"):
+        low(torch.randn(3, 2, 31))
+    with pytest.raises(ValueError, match=r"h_0 must have shape \(num_layers, B, hidden_size\) = \(1, 2, 16\)"):
+        low(torch.randn(3, 2, 32), (torch.zeros(1, 3, 16), torch.zeros(1, 3, 16)))
+    with pytest.raises(ValueError, match="bidirectional"):
+        LowRankLSTM.from_lstm(nn.LSTM(4, 4, bidirectional=True), 2)
+
+
+@pytest.mark.parametrize("face", FACES)
+def test_rnnt_loss_module_is_torchaudios(face):
+    with use_face("rnnt_loss", face):
+        logits, targets, logit_lengths, target_lengths = batch_of(3, 6, 4, 9, 0)
+        ours = RNNTLoss(blank=0, clamp=0.5, reduction="sum")(logits, targets, logit_lengths, target_lengths)
+        theirs = torchaudio.transforms.RNNTLoss(blank=0, clamp=0.5, reduction="sum")(
+            logits.cpu(), targets.int().cpu(), logit_lengths.int().cpu(), target_lengths.int().cpu())
+        torch.testing.assert_close(ours.cpu(), theirs, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("face", FACES)
+def test_fused_joint_module_equals_materialised_logits(face):
+    with use_face("fused_joint_rnnt_loss", face):
+        joint = FusedJointRNNTLoss(8, 9, blank=0)
+        enc, pred = torch.randn(3, 6, 8, requires_grad=True), torch.randn(3, 5, 8, requires_grad=True)
+        _, targets, logit_lengths, target_lengths = batch_of(3, 6, 4, 9, 0)
+        loss = joint(enc, pred, targets, logit_lengths, target_lengths)
+        expected = RNNTLoss(blank=0)(joint.logits(enc, pred), targets, logit_lengths, target_lengths)
+        torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-5)
+        linear = nn.Linear(8, 9)
+        shared = FusedJointRNNTLoss.from_linear(linear, blank=0)
+        assert shared.weight is linear.weight and shared.bias is linear.bias
