@@ -33,6 +33,9 @@
 //     below the tolerances the tests use; the lattice and the arc posteriors are computed in double).
 //   - Atomic accumulation makes grad_enc / grad_pred (and cuBLAS's own choices) not bitwise reproducible.
 //   - fp32 GEMMs follow torch.backends.cuda.matmul.allow_tf32 like every at::mm (off by default).
+//   - At most 2^31 - 1 lattice cells B*T*(U+1) (checked): cell indices split with 32-bit division.
+//   - The joint's at::nonzero waits for the device once per call, so the joint cannot be captured in
+//     a CUDA graph; rnnt_loss does not synchronise.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
