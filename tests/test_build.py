@@ -52,3 +52,23 @@ def test_public_op_takes_the_python_function_arguments(op):
     if op == "bsr_linear":  # the BlockSparseMatrix travels as its tensors and logical shape
         params[1:2] = ["values", "crow_indices", "col_indices", "out_features", "in_features"]
     assert names == params
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("op", sorted(_backend.OPS))
+def test_every_kernel_file_registers_its_ops(op):
+    """A csrc/cpu/<file>.cpp registers the op's CPU kernels; a csrc/cuda/<file>.cu, in a CUDA build,
+    its CUDA kernels (compiled here without a GPU, run by benchmarks/gpu_suite.sh)."""
+    file = _backend.OPS[op]
+    keys = []
+    if os.path.exists(os.path.join(ROOT, "csrc", "cpu", f"{file}.cpp")):
+        keys.append("CPU")
+    if os.path.exists(os.path.join(ROOT, "csrc", "cuda", f"{file}.cu")) and ak.build_info()["cuda_archs"]:
+        keys.append("CUDA")
+    if not keys:
+        pytest.skip(f"no compiled face of {op} yet")
+    for key in keys:
+        for direction in ("forward", "backward"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"amnets_native::{op}_{direction}", key), (op, key)
