@@ -56,7 +56,9 @@ def _case(shape, block, density, dtype, mode, m, sets, device):
     name = f"W={shape[0]}x{shape[1]} b={block} d={density} M={m} {DTYPE_NAMES[dtype]}"
     params = dict(out_features=shape[0], in_features=shape[1], block=block, density=density, rows=m,
                   dtype=DTYPE_NAMES[dtype], weight_sets=WEIGHT_SETS)
-    return Case("bsr_linear", name, mode, params, baseline, others + faces, skipped)
+    kept_bytes = sets[0]["sparse"].values.numel() * sets[0]["sparse"].values.element_size()
+    derive = (lambda seconds: f"{kept_bytes / seconds / 1e9:.1f} GB/s of kept weights") if mode == "fwd" else None
+    return Case("bsr_linear", name, mode, params, baseline, others + faces, skipped, derive)
 
 
 def headline(params: dict, mode: str) -> bool:

@@ -34,6 +34,7 @@ class Case:
     baseline: Candidate
     others: list[Candidate]
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (label, why it was not timed)
+    derive: Callable[[float], str] | None = None  # for our faces: seconds per call -> GB/s, time per frame
 
 
 @dataclass
@@ -121,7 +122,8 @@ def measure(case: Case, device: torch.device, *, rounds: int = 7, round_s: float
             ratio = statistics.median(t / b for t, b in zip(got, base))
         else:
             ratio = statistics.median(got) / statistics.median(base)
-        note = "; ".join(filter(None, [c.note, notes.get(c.label, "")]))
+        derived = case.derive(statistics.median(got)) if case.derive and c.kind == "face" else ""
+        note = "; ".join(filter(None, [c.note, notes.get(c.label, ""), derived]))
         rows.append(Row(case.op, case.name, case.mode, c.label, c.kind, case.params,
                         statistics.median(got) * 1e3, ratio, len(got), _peak_mb(c.fn, device), note))
     for label, why in case.skipped:

@@ -53,7 +53,13 @@ def _case(lstm, factors, bias, dtype, mode, rank, batch, steps, device):
                                      wrap(lambda: ak.lowrank_lstm_sequence(x, None, None, *factors, bias)[0]))
     name = f"H=D={hidden} r={rank} T={steps} B={batch} {DTYPE_NAMES[dtype]}"
     params = dict(hidden=hidden, input=hidden, rank=rank, steps=steps, batch=batch, dtype=DTYPE_NAMES[dtype])
-    return Case("lowrank_lstm_sequence", name, mode, params, baseline, others + faces, skipped)
+    # Bytes of factors a step must read: the recurrent pair every step, the input pair once per frame.
+    factor_bytes = sum(f.numel() * f.element_size() for f in factors)
+
+    def derive(seconds):
+        return f"{seconds / steps * 1e6:.0f} us/frame, {factor_bytes * steps / seconds / 1e9:.1f} GB/s of factors"
+
+    return Case("lowrank_lstm_sequence", name, mode, params, baseline, others + faces, skipped, derive)
 
 
 def headline(params: dict, mode: str) -> bool:
