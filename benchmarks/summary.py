@@ -10,10 +10,10 @@ import argparse
 import json
 import sys
 
-from . import bsr, lowrank_lstm, rnnt
+from . import bsr, lowrank_lstm, rnnt, swap
 
 HEADLINES = {"bsr_linear": bsr.headline, "lowrank_lstm_sequence": lowrank_lstm.headline,
-             "rnnt_loss": rnnt.loss_headline, "fused_joint_rnnt_loss": rnnt.joint_headline}
+             "rnnt_loss": rnnt.loss_headline, "fused_joint_rnnt_loss": rnnt.joint_headline, "swap_in": swap.headline}
 
 
 def table(report: dict, everything: bool = False) -> str:

@@ -15,7 +15,7 @@ import torch
 
 import amnets_kernels as ak
 
-from . import bsr, lowrank_lstm, rnnt
+from . import bsr, lowrank_lstm, rnnt, swap
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 QUICK = os.environ.get("AMNETS_BENCH_FULL") != "1"
@@ -24,7 +24,7 @@ warnings.simplefilter("ignore", ak.FallbackWarning)
 
 
 def _params():
-    for cases in (bsr.cases, lowrank_lstm.cases, rnnt.loss_cases, rnnt.joint_cases):
+    for cases in (bsr.cases, lowrank_lstm.cases, rnnt.loss_cases, rnnt.joint_cases, swap.cases):
         for case in cases(DEVICE, QUICK):
             for candidate in (case.baseline, *case.others):
                 try:

@@ -1,0 +1,47 @@
+"""swap_in on an ordinary LSTM acoustic model (issue 7's target): CPU inference of one utterance,
+dense (nn.LSTM + nn.Linear) against the same model after swap_in(lstm_rank=256, linear_sparsity=0.75)."""
+
+import copy
+
+import torch
+from torch import nn
+
+import amnets_kernels as ak
+
+from .harness import Candidate, Case, inference
+
+FULL = dict(hidden=1024, layers=2, feat_dim=80, joint=512, vocab=1024, frames=100)
+QUICK = dict(hidden=128, layers=2, feat_dim=40, joint=64, vocab=64, frames=20)
+
+
+class AcousticModel(nn.Module):
+    """Encoder LSTM stack and the joint's layers applied to every frame: what streaming inference of
+    mostly-blank frames costs in an RNN-T."""
+
+    def __init__(self, feat_dim, hidden, layers, joint, vocab):
+        super().__init__()
+        self.encoder = nn.LSTM(feat_dim, hidden, num_layers=layers)
+        self.enc_proj = nn.Linear(hidden, joint)
+        self.out = nn.Linear(joint, vocab)
+
+    def forward(self, feats):
+        return self.out(torch.tanh(self.enc_proj(self.encoder(feats)[0])))
+
+
+def cases(device: torch.device, quick: bool):
+    g = QUICK if quick else FULL
+    torch.manual_seed(0)
+    dense = AcousticModel(g["feat_dim"], g["hidden"], g["layers"], g["joint"], g["vocab"]).to(device).eval()
+    rank, sparsity, block = (256, 0.75, 32) if not quick else (32, 0.75, 16)
+    swapped = ak.swap_in(copy.deepcopy(dense), lstm_rank=rank, linear_sparsity=sparsity, block_size=block).eval()
+    feats = torch.randn(g["frames"], 1, g["feat_dim"], device=device)
+    name = (f"LSTM {g['layers']}x{g['hidden']} + joint {g['hidden']}->{g['joint']}->{g['vocab']}, "
+            f"T={g['frames']} B=1; rank {rank}, sparsity {sparsity}, b={block}")
+    faces = ", ".join(f"{op}={ak.which_face(op, device)}" for op in ("lowrank_lstm_sequence", "bsr_linear"))
+    yield Case("swap_in", name, "fwd", dict(g, rank=rank, sparsity=sparsity, block=block),
+               Candidate("dense model", inference(lambda: dense(feats)), "baseline"),
+               [Candidate("after swap_in", inference(lambda: swapped(feats)), "face", f"faces: {faces}")])
+
+
+def headline(params: dict, mode: str) -> bool:
+    return params["hidden"] == 1024
