@@ -1,51 +1,57 @@
-"""Triton face of lowrank_lstm_cell and lowrank_lstm_sequence (contract: amnets_kernels/_ops/lowrank_lstm.py;
-math and hand-written BPTT: amnets_kernels/reference/lowrank_lstm.py; same structure as csrc/cpu/lowrank_lstm.cpp).
+"""Triton face of lowrank_lstm_cell and lowrank_lstm_sequence.
+
+Contract: amnets_kernels/_ops/lowrank_lstm.py. Math and the hand-written BPTT:
+amnets_kernels/reference/lowrank_lstm.py. Same structure as the CPU face, csrc/cpu/lowrank_lstm.cpp.
 
 Design
 ------
 Forward. The input part of every gate for all T frames does not depend on the recurrence, so it comes
-first as two large GEMMs (torch.matmul / addmm): pre (T, B, 4H) = (x V_ih^T) U_ih^T + bias. What is left
-per step is small and latency bound: s = h V_hh^T (B, rh), gates = pre[t] + s U_hh^T, activations and
-the state update. Two ways to run it:
+first as two large GEMMs (torch.mm / addmm over all T*B rows): pre (T, B, 4H) = (x V_ih^T) U_ih^T + bias.
+What is left per step is small and latency bound: s = h V_hh^T (B, rh), gates = pre[t] + s U_hh^T, the
+activations and the state update. It runs one of two ways:
 
-  * persistent (`_sequence_forward_kernel`): ONE launch for all T steps. Each program owns BLOCK_B = 16
-    batch rows and ALL H hidden units of them, so a step never needs data from another program: no grid
-    barrier, no inter-program synchronisation at all (programs are independent; the interpreter running
-    them one after another is exactly the GPU semantics). h and c stay in registers for the whole
-    sequence; the recurrent factors are re-loaded every step (8 KiB..256 KiB, they stay L1/L2 resident).
-    Per step: s = tl.dot(h, V^T), then one tl.dot(s, U_g^T) per gate g in (i, f, g, o), the
-    activations, c and h, and stores of out[t] (and, with save, the activated gates over pre[t] in
-    place and c_t into cells[t]). No value written by the kernel is ever read back from memory, so no
-    barrier is needed either (the compiler moves h between the pointwise and the dot-operand layout
-    through shared memory with its own barriers).
-  * per step (`_step_forward_kernel`): beyond the size limits below, one launch per time step, grid
-    (batch tiles, hidden chunks). Each program recomputes s for its batch tile (a K loop over H in
-    chunks of 64, an outer loop over rh in chunks of 32) and the four gate chunks it owns, then the
-    pointwise update. The launch boundary is the step-to-step synchronisation.
+  * persistent (`_sequence_forward_kernel`): ONE launch for all T steps, one program per BLOCK_B = 16
+    batch rows. A program owns all H hidden units of its rows, so no data ever crosses programs: no
+    grid barrier, no inter-program synchronisation (and the interpreter, which runs programs one after
+    another, exercises exactly the GPU semantics). Per step it walks H in chunks of 16: the chunk's four
+    gates = pre[t] + s U_g^T (tl.dot, K = rh), activations, c and h, stores of out[t] (with save: the
+    activated gates over pre[t], c_t into cells[t]), and s_next += h_chunk V^T[chunk] (tl.dot, K = 16).
+    So s (16 x rh) is what a step hands to the next, in registers; h is never read back; c lives in a
+    (B, H) buffer updated in place, ordered across steps by one tl.debug_barrier() per step (the
+    argument is in the comment above the kernels). U_hh and V_hh are re-read each step from L1/L2.
+  * per step: s = h V^T with torch.mm, then one fused launch (`_step_forward_kernel`, grid batch tiles x
+    hidden chunks of 16) for gates = pre[t] + s U^T (K in chunks of 32 read from s in memory), the
+    activations and the state update. The launch boundaries order the steps. (Computing s inside the
+    fused kernel would make every hidden-chunk program repeat it: H / 16 times the work.)
 
-Backward (BPTT), mirrored: dpre (T, B, 4H) is kept for all steps and the factor, input and bias
-gradients are large GEMMs at the end (dx = (dpre U_ih) V_ih, dU = dpre^T (inp V^T), dV = (dpre U)^T inp).
-The time loop is, again, either one persistent launch (`_sequence_backward_kernel`: dh and dc in
-registers, per step the fused pointwise backward, ds = dpre U_hh as four tl.dot, dh = ds V_hh), or one
-fused launch per step (`_step_backward_kernel`: the recurrent dh of the later step recomputed per
-hidden chunk from dpre[t+1], then the pointwise backward).
+Backward (BPTT), mirrored. The persistent `_sequence_backward_kernel` walks t backwards, chunk by chunk:
+dL/dh_t = ds_{t+1} V[:, chunk] + grad_out[t] (+ dL/dh_T), the fused pointwise backward from the saved
+gates and c_t, c_{t-1}, dpre[t] stored, dc in place, ds_t += dpre_g U_g[chunk] for the four gates; after
+the loop dL/dh_0 = ds_0 V. The per-step path runs the pointwise backward (`_step_backward_kernel`) then
+dh = (dpre[t] U) V as two torch.mm per step. Either way dpre is kept for all steps and the factor, input
+and bias gradients are large GEMMs at the end (dx = (dpre U_ih) V_ih, dU = dpre^T (inp V^T),
+dV = (dpre U)^T inp, dbias = sum of dpre), as in the CPU face. The cell is the sequence with T = 1.
 
-The cell is the sequence with T = 1 (as in the CPU face).
+Size limits of the persistent design (beyond them: the per-step path, any size)
+------------------------------------------------------------------------------
+  * rh: BLOCK_R = max(16, next_pow2(rh)) <= MAX_PERSISTENT_RANK = 64. The gate products take s whole as
+    their K = BLOCK_R operand, and Triton's fp32/fp64 "ieee" tl.dot (FMA, no tensor cores) keeps a
+    thread's whole K extent of both operands in registers: at BLOCK_R = 64 the forward needs 8 warps
+    (~180 registers fp32, ~250 fp64, no spills); BLOCK_R = 128 spills.
+  * H: no register or shared-memory limit (chunks of 16; at most 24 KiB shared per program). The limit
+    is time: one SM does a whole step of its 16 rows, ~16 * 5 * H * rh FMAs, while the per-step path
+    spreads a step over cdiv(B, 16) * cdiv(H, 16) programs at the price of two or three launches per
+    step. Persistent while H * BLOCK_R <= MAX_PERSISTENT_WORK = 2**16 (H <= 4096 at rh <= 16, H <= 1024
+    at rh <= 64). That threshold is an estimate (one SM's FMA rate against launch latency); it has not
+    been tuned on a GPU. The factors re-read every step are then at most 5 * 2**16 elements (1.25 MiB
+    fp32), L2-resident.
+  * B: any (cdiv(B, 16) programs); B < 16 still pays for a 16-row tile (tl.dot needs M >= 16).
+  * Offsets within one step are int32 (B * 4H < 2**31); step offsets are int64.
 
-Size limits of the persistent design
-------------------------------------
-A program holds (BLOCK_B=16, BLOCK_H) tiles of h, c and the four gates in registers, and tl.dot needs
-every dimension >= 16, so BLOCK_H = max(16, next_pow2(H)) and BLOCK_R = max(16, next_pow2(rh)).
-Persistent kernels are used while BLOCK_H <= MAX_PERSISTENT_HIDDEN[acc] and BLOCK_R <=
-MAX_PERSISTENT_RANK[acc] (fp32: H <= 256, rh <= 64; fp64: H <= 128, rh <= 64); these are the largest
-tiles that compile for sm_80 and sm_90 with no register spills (python -m amnets_kernels.aot). Larger
-H or rh fall back to the per-step kernels (any H, rh). Offsets inside one step are int32: B * 4H must
-stay below 2**31 (step offsets are int64).
-
-Dtypes: fp32 and fp64 run in their own precision; fp16/bf16 inputs are cast to fp32 up front (the state
-h, c is carried in fp32, outputs rounded at the end), as the reference does. Every kernel therefore sees
-only fp32 or fp64 tensors (the interpreter's bf16 arithmetic never comes into play), and every tl.dot is
-input_precision="ieee" (no TF32: the fp32 tolerance is 1e-5).
+Dtypes: fp32 and fp64 run in their own precision (fp64 has its own kernels: fp64 tl.dot); fp16/bf16
+inputs are cast to fp32 up front (h and c are carried in fp32, outputs rounded at the end), as the
+reference does. So every kernel sees only fp32 or fp64 tensors (the interpreter's bf16 arithmetic never
+comes into play), and every tl.dot is input_precision="ieee" (TF32 would miss the fp32 tolerance).
 """
 
 from __future__ import annotations
@@ -59,8 +65,8 @@ from ..reference import acc_dtype
 
 BLOCK_B = 16  # batch rows per program: the smallest M tl.dot takes
 PERSISTENT_BLOCK_H = 16  # hidden units per chunk in the persistent kernels
-MAX_PERSISTENT_RANK = 64  # rh above this takes the per-step path (registers; see the module docstring)
-MAX_PERSISTENT_HIDDEN = 4096  # H above this takes the per-step path (one CTA's step time; see docstring)
+MAX_PERSISTENT_RANK = 64  # largest BLOCK_R of the persistent kernels (registers; module docstring)
+MAX_PERSISTENT_WORK = 2**16  # largest H * BLOCK_R of the persistent kernels (step time; module docstring)
 STEP_BLOCK_H, STEP_BLOCK_R = 16, 32  # per-step forward: hidden units per program, K chunk of s U^T
 STEP_POINTWISE_H = 64  # per-step backward (pointwise only): hidden units per program
 
@@ -96,27 +102,34 @@ def _cell_backward(i, f, g, o, c_t, c_prev, dh, dc):
     """d(pre-activation) of the four gates and dL/dc_prev from dL/dh_t, dL/dc_t (reference _step_backward)."""
     tc = _tanh(c_t)
     d = dc + dh * o * (1.0 - tc * tc)
-    return d * g * i * (1.0 - i), d * c_prev * f * (1.0 - f), d * i * (1.0 - g * g), dh * tc * o * (1.0 - o), d * f
+    di = d * g * i * (1.0 - i)
+    df = d * c_prev * f * (1.0 - f)
+    dg = d * i * (1.0 - g * g)
+    do = dh * tc * o * (1.0 - o)
+    return di, df, dg, do, d * f
 
 
 # ---------------------------------------------------------------------------------------------------
 # persistent kernels: one launch for the whole sequence, one program per BLOCK_B batch rows
 #
-# A program owns BLOCK_B batch rows and all H hidden units of them, and walks the hidden units in chunks
-# of BLOCK_H. What one step hands to the next is s = h_t V^T (B, rh) (backward: ds = dpre_t U), carried
-# in registers: it is accumulated chunk by chunk as h_t is produced (s_next += h_chunk V^T[chunk]), so h
-# is never read back. Every tl.dot has K = BLOCK_H or BLOCK_R, which bounds the registers (Triton's
-# fp32 "ieee" dot keeps a thread's whole K extent of both operands in registers).
+# A program owns BLOCK_B batch rows and all H hidden units of them and walks the hidden units in chunks
+# of BLOCK_H. What a step hands to the next is s = h_t V^T (BLOCK_B, rh) (backward: ds_t = dpre_t U),
+# carried in registers: it is accumulated chunk by chunk as h_t is produced (s_next += h_chunk V^T[chunk]),
+# so h is never read back. Every tl.dot has K = BLOCK_H or BLOCK_R, which bounds the registers (Triton's
+# fp32/fp64 "ieee" dot holds a thread's whole K extent of both operands in registers).
 #
-# Memory the kernel writes and reads again: only c (forward) / dc (backward), updated in place in a
-# (B, H) buffer, and the gates written over pre[t]. pre[t] -> gates[t] is elementwise within one chunk:
-# the value stored depends on the value loaded, so the load is done first whichever thread stores.
-# c_t is stored at step t and loaded at step t+1, maybe by another thread of the CTA (Triton chooses
-# the layouts): the tl.debug_barrier() at the end of each step (bar.sync, which orders the CTA's memory
-# accesses before it against those after it) makes step t's stores visible to step t+1's loads. No
-# other program touches these rows, so nothing is ever synchronised across programs (no grid barrier),
-# and the interpreter, which runs programs one after another, exercises the exact semantics.
-# num_stages=1: nothing is software-pipelined across the barrier.
+# Why this needs no grid barrier and has no race (the interpreter runs programs one at a time and cannot
+# show one, so the argument is written here):
+#   * Programs share nothing they write: every store goes to the program's own batch rows (out, cells,
+#     c or dc, pre or dpre); U, V, h0, c0, grad_out and the saved gates/cells are only read.
+#   * Within a program, memory that is written and read again:
+#     - pre[t] -> gates[t], elementwise within one chunk: the value stored at an element is computed
+#       from the value loaded there, so the load comes first, whichever threads Triton assigns them to;
+#     - c (forward) / dc (backward), one (B, H) buffer updated in place: step t stores an element and the
+#       next step loads it, maybe from another thread of the CTA (Triton picks the layouts). The
+#       tl.debug_barrier() that ends each step (bar.sync: the CTA's memory accesses before it are
+#       performed with respect to all its threads after it) orders the two.
+#   * num_stages=1: no software pipelining moves a load of the next step ahead of that barrier.
 
 
 @triton.jit
@@ -175,8 +188,9 @@ def _sequence_forward_kernel(pre_ptr, h0_ptr, u_ptr, v_ptr, out_ptr, c_ptr, cell
                 tl.store(pre_t + gate + 2 * hidden, g, mask=mask)
                 tl.store(pre_t + gate + 3 * hidden, o, mask=mask)
                 tl.store(cells_t + state, c, mask=mask)
-            s_next += tl.dot(h, tl.load(v_ptr + ranks[None, :] * hidden + units[:, None],
-                                        mask=unit_ok[:, None] & r_ok[None, :], other=0.0), input_precision="ieee")
+            vt = tl.load(v_ptr + ranks[None, :] * hidden + units[:, None],
+                         mask=unit_ok[:, None] & r_ok[None, :], other=0.0)
+            s_next += tl.dot(h, vt, input_precision="ieee")  # next step's recurrent input
         s = s_next
         tl.debug_barrier()  # c_t stored above is loaded by step t+1 (see the block comment)
 
@@ -211,8 +225,8 @@ def _sequence_backward_kernel(gates_ptr, cells_ptr, c0_ptr, grad_out_ptr, grad_h
             state = rows[:, None] * hidden + units[None, :]
             # dL/dh_t: through the recurrent product from step t+1, (dpre_{t+1} U) V, plus the output's
             # own gradient, plus dL/dh_T at the last step
-            v = tl.load(v_ptr + ranks[:, None] * hidden + units[None, :], mask=r_ok[:, None] & unit_ok[None, :],
-                        other=0.0)
+            v = tl.load(v_ptr + ranks[:, None] * hidden + units[None, :],
+                        mask=r_ok[:, None] & unit_ok[None, :], other=0.0)
             dh = tl.dot(ds, v, input_precision="ieee")
             dh += tl.load(grad_out_t + state, mask=mask, other=0.0)
             dh += tl.load(grad_h_ptr + state, mask=mask & (t == steps - 1), other=0.0)
@@ -236,9 +250,12 @@ def _sequence_backward_kernel(gates_ptr, cells_ptr, c0_ptr, grad_out_ptr, grad_h
             u = units[:, None] * rank + ranks[None, :]
             u_mask = unit_ok[:, None] & r_ok[None, :]
             ds_next += tl.dot(di, tl.load(u_ptr + u, mask=u_mask, other=0.0), input_precision="ieee")
-            ds_next += tl.dot(df, tl.load(u_ptr + gate_u + u, mask=u_mask, other=0.0), input_precision="ieee")
-            ds_next += tl.dot(dg, tl.load(u_ptr + 2 * gate_u + u, mask=u_mask, other=0.0), input_precision="ieee")
-            ds_next += tl.dot(do, tl.load(u_ptr + 3 * gate_u + u, mask=u_mask, other=0.0), input_precision="ieee")
+            ds_next += tl.dot(df, tl.load(u_ptr + gate_u + u, mask=u_mask, other=0.0),
+                              input_precision="ieee")
+            ds_next += tl.dot(dg, tl.load(u_ptr + 2 * gate_u + u, mask=u_mask, other=0.0),
+                              input_precision="ieee")
+            ds_next += tl.dot(do, tl.load(u_ptr + 3 * gate_u + u, mask=u_mask, other=0.0),
+                              input_precision="ieee")
         ds = ds_next
         tl.debug_barrier()  # dc stored above is loaded by step t-1 (see the block comment)
 
@@ -281,7 +298,8 @@ def _step_forward_kernel(pre_ptr, s_ptr, c_in_ptr, u_ptr, h_out_ptr, c_out_ptr, 
     for r0 in range(0, rank, BLOCK_R):  # gates += s U^T, K = BLOCK_R at a time (bounds the registers)
         ranks = r0 + tl.arange(0, BLOCK_R)
         r_ok = ranks < rank
-        sr = tl.load(s_ptr + rows[:, None] * rank + ranks[None, :], mask=row_ok[:, None] & r_ok[None, :], other=0.0)
+        sr = tl.load(s_ptr + rows[:, None] * rank + ranks[None, :], mask=row_ok[:, None] & r_ok[None, :],
+                     other=0.0)
         ut = units[None, :] * rank + ranks[:, None]
         ut_mask = r_ok[:, None] & unit_ok[None, :]
         pi += tl.dot(sr, tl.load(u_ptr + ut, mask=ut_mask, other=0.0), input_precision="ieee")
@@ -299,8 +317,8 @@ def _step_forward_kernel(pre_ptr, s_ptr, c_in_ptr, u_ptr, h_out_ptr, c_out_ptr, 
 
 
 @triton.jit
-def _step_backward_kernel(dh_ptr, grad_out_ptr, dc_ptr, gates_ptr, c_t_ptr, c_prev_ptr, dpre_ptr, batch, hidden,
-                          BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
+def _step_backward_kernel(dh_ptr, grad_out_ptr, dc_ptr, gates_ptr, c_t_ptr, c_prev_ptr, dpre_ptr,
+                          batch, hidden, BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr):
     # Pointwise backward of step t: dh (B, H) = recurrent part of dL/dh_t (dL/dh_T at the last step),
     # grad_out (B, H) its output's gradient; dc (B, H) enters as dL/dc_t and leaves as dL/dc_{t-1}, in
     # place (one owner per element); writes dpre (B, 4H).
@@ -354,9 +372,10 @@ def _all_configs() -> dict:
             blocks = dict(BLOCK_B=BLOCK_B, BLOCK_H=PERSISTENT_BLOCK_H, BLOCK_R=block_r)
             configs.append(_make_config(_sequence_forward_kernel, acc, blocks, warps[0], 1))
             configs.append(_make_config(_sequence_backward_kernel, acc, blocks, warps[1], 1))
-        configs.append(_make_config(_step_forward_kernel, acc, dict(BLOCK_B=BLOCK_B, BLOCK_H=STEP_BLOCK_H,
-                                                                    BLOCK_R=STEP_BLOCK_R), 4, 1))
-        configs.append(_make_config(_step_backward_kernel, acc, dict(BLOCK_B=BLOCK_B, BLOCK_H=STEP_POINTWISE_H), 4, 1))
+        blocks = dict(BLOCK_B=BLOCK_B, BLOCK_H=STEP_BLOCK_H, BLOCK_R=STEP_BLOCK_R)
+        configs.append(_make_config(_step_forward_kernel, acc, blocks, 4, 1))
+        blocks = dict(BLOCK_B=BLOCK_B, BLOCK_H=STEP_POINTWISE_H)
+        configs.append(_make_config(_step_backward_kernel, acc, blocks, 4, 1))
     return {c.name: c for c in configs}
 
 
@@ -375,7 +394,7 @@ def _launch(kernel, grid, *args, **constexprs):
 def persistent_block_r(hidden: int, rank: int):
     """BLOCK_R of the persistent kernels for this size, or None when it takes the per-step path."""
     block_r = max(16, triton.next_power_of_2(rank))
-    return block_r if block_r <= MAX_PERSISTENT_RANK and hidden <= MAX_PERSISTENT_HIDDEN else None
+    return block_r if block_r <= MAX_PERSISTENT_RANK and hidden * block_r <= MAX_PERSISTENT_WORK else None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -393,7 +412,8 @@ def _recur(pre, h0, c0, u, v, save: bool):
     block_r = persistent_block_r(hidden, rank)
     if block_r is not None:
         _launch(_sequence_forward_kernel, (triton.cdiv(batch, BLOCK_B),), pre, h0, u, v, out, c, cells,
-                steps, batch, hidden, rank, int(save), BLOCK_B=BLOCK_B, BLOCK_H=PERSISTENT_BLOCK_H, BLOCK_R=block_r)
+                steps, batch, hidden, rank, int(save),
+                BLOCK_B=BLOCK_B, BLOCK_H=PERSISTENT_BLOCK_H, BLOCK_R=block_r)
         return out, out[-1].clone(), c, cells
     s = pre.new_empty(batch, rank)
     grid = (triton.cdiv(batch, BLOCK_B), triton.cdiv(hidden, STEP_BLOCK_H))
@@ -414,16 +434,17 @@ def _backprop(grad_out, grad_h, grad_c, gates, cells, c0, u, v):
     block_r = persistent_block_r(hidden, rank)
     if block_r is not None:
         dh0 = torch.empty_like(c0)
-        _launch(_sequence_backward_kernel, (triton.cdiv(batch, BLOCK_B),), gates, cells, c0, grad_out, grad_h, u, v,
-                dpre, dc, dh0, steps, batch, hidden, rank, BLOCK_B=BLOCK_B, BLOCK_H=PERSISTENT_BLOCK_H,
-                BLOCK_R=block_r)
+        _launch(_sequence_backward_kernel, (triton.cdiv(batch, BLOCK_B),), gates, cells, c0, grad_out, grad_h,
+                u, v, dpre, dc, dh0, steps, batch, hidden, rank,
+                BLOCK_B=BLOCK_B, BLOCK_H=PERSISTENT_BLOCK_H, BLOCK_R=block_r)
         return dpre, dh0, dc
     dh = grad_h.clone()  # recurrent part of dL/dh_t (dL/dh_T to start), ends as dL/dh_0
     ds = gates.new_empty(batch, rank)
     grid = (triton.cdiv(batch, BLOCK_B), triton.cdiv(hidden, STEP_POINTWISE_H))
     for t in reversed(range(steps)):
-        _launch(_step_backward_kernel, grid, dh, grad_out[t], dc, gates[t], cells[t], cells[t - 1] if t > 0 else c0,
-                dpre[t], batch, hidden, BLOCK_B=BLOCK_B, BLOCK_H=STEP_POINTWISE_H)
+        c_prev = cells[t - 1] if t > 0 else c0
+        _launch(_step_backward_kernel, grid, dh, grad_out[t], dc, gates[t], cells[t], c_prev, dpre[t],
+                batch, hidden, BLOCK_B=BLOCK_B, BLOCK_H=STEP_POINTWISE_H)
         torch.mm(dpre[t], u, out=ds)  # dL/dh_{t-1} through the recurrent product: (dpre U) V
         torch.mm(ds, v, out=dh)
     return dpre, dh, dc
@@ -472,14 +493,16 @@ def _gradients(grad_out, grad_h_n, grad_c_n, x, h_prev, c0, w_ih_u, w_ih_v, w_hh
     return tuple(g.to(x.dtype) for g in grads)
 
 
-def lowrank_lstm_sequence_backward(grad_out, grad_h_n, grad_c_n, x, h0, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v, out,
-                                   gates, cells):
-    h_prev = torch.cat([h0[None], out[:-1]])  # rounded outputs, as the reference uses them
-    return _gradients(grad_out, grad_h_n, grad_c_n, x, h_prev, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v, gates, cells)
+def lowrank_lstm_sequence_backward(grad_out, grad_h_n, grad_c_n, x, h0, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v,
+                                   out, gates, cells):
+    h_prev = torch.cat([h0[None], out[:-1]])  # the rounded outputs, as the reference uses them
+    return _gradients(grad_out, grad_h_n, grad_c_n, x, h_prev, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v, gates,
+                      cells)
 
 
 def lowrank_lstm_cell_forward(x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, save: bool):
-    _, h1, c1, gates, _ = lowrank_lstm_sequence_forward(x[None], h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, save)
+    _, h1, c1, gates, _ = lowrank_lstm_sequence_forward(x[None], h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias,
+                                                        save)
     return h1, c1, gates[0] if save else gates
 
 
