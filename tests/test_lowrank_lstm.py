@@ -117,6 +117,93 @@ def test_cell_is_one_sequence_step(face, batch, d, hidden, dtype):
             close(g, e, dtype, scale=4)
 
 
+# ---------------------------------------------------------------------------------------------------
+# the Triton face's two time loops: the persistent kernels and one launch per step
+
+
+def _triton_lstm():
+    reason = ak.unavailable_reason("lowrank_lstm_sequence", "triton", DEVICE)
+    if reason is not None:
+        pytest.skip(f"triton face of lowrank_lstm_sequence: {reason}")
+    from amnets_kernels.triton import lowrank_lstm
+
+    return lowrank_lstm
+
+
+@pytest.mark.parametrize("path", ["persistent", "per_step"])
+@pytest.mark.parametrize("steps, batch, hidden, rank_hh, dtype", [
+    (8, 3, 64, 8, torch.float32),  # H = 64, T = 8
+    (3, 17, 37, 20, torch.float32),  # two batch tiles, a hidden tail, BLOCK_R = 32
+    (2, 2, 70, 64, torch.float64),  # BLOCK_R = 64 (the largest persistent one), fp64 kernels
+    (3, 2, 20, 5, torch.bfloat16),
+])
+def test_triton_time_loops_match_autograd(monkeypatch, path, steps, batch, hidden, rank_hh, dtype):
+    """Both time loops of the Triton face (forced), forward with and without the saved workspace,
+    BPTT and the cell, against float64 autograd."""
+    module = _triton_lstm()
+    if path == "per_step":
+        monkeypatch.setattr(module, "MAX_PERSISTENT_RANK", 0)
+    assert (module.persistent_block_r(hidden, rank_hh) is None) == (path == "per_step")
+    with ak.use_backend("triton"):
+        w = factors(11, hidden, 6, rank_hh, dtype, requires_grad=True)
+        x = rand(steps, batch, 11, dtype=dtype, device=DEVICE, requires_grad=True)
+        h0, c0 = (rand(batch, hidden, dtype=dtype, device=DEVICE, requires_grad=True) for _ in range(2))
+        out, h_n, c_n = ak.lowrank_lstm_sequence(x, h0, c0, *w)
+        with torch.no_grad():  # save=False: no gates/cells written (a separately compiled kernel on a GPU)
+            for got, want in zip(ak.lowrank_lstm_sequence(x, h0, c0, *w), (out, h_n, c_n)):
+                close(got, want.detach(), dtype)
+        ref = leaf64([x, h0, c0, *w])
+        e_out, e_h, e_c = autograd_sequence(*ref)
+        for got, want in ((out, e_out), (h_n, e_h), (c_n, e_c)):
+            close(got, want.detach(), dtype, scale=4)
+        # gradients reach ~10 here: fp32 rounding of long sums (the reference face itself needs ~100)
+        for g, e in zip(grads((out, h_n, c_n), [x, h0, c0, *w]), grads((e_out, e_h, e_c), ref)):
+            close(g, e, dtype, scale=16 * steps)
+        h1, c1 = ak.lowrank_lstm_cell(x[0], h0, c0, *w)
+        _, eh, ec = autograd_sequence(ref[0][:1], *ref[1:])
+        close(h1, eh.detach(), dtype, scale=4)
+        close(c1, ec.detach(), dtype, scale=4)
+        for g, e in zip(grads((h1, c1), [x, h0, c0, *w]), grads((eh, ec), [ref[0], *ref[1:]])):
+            close(g, e, dtype, scale=4)
+
+
+def test_triton_large_rank_takes_the_per_step_path():
+    """rh > MAX_PERSISTENT_RANK cannot run persistent (registers): the per-step kernels take it."""
+    module = _triton_lstm()
+    assert module.persistent_block_r(80, 72) is None
+    with ak.use_backend("triton"):
+        w = factors(7, 80, 5, 72, requires_grad=True)
+        x = rand(2, 2, 7, device=DEVICE, requires_grad=True)
+        out, h_n, c_n = ak.lowrank_lstm_sequence(x, None, None, *w)
+        ref = leaf64([x, *w])
+        zeros = torch.zeros(2, 80, dtype=torch.float64, device=DEVICE)
+        e_out, e_h, e_c = autograd_sequence(ref[0], zeros, zeros, *ref[1:])
+        for got, want in ((out, e_out), (h_n, e_h), (c_n, e_c)):
+            close(got, want.detach(), torch.float32, scale=4)
+        for g, e in zip(grads((out, h_n, c_n), [x, *w]), grads((e_out, e_h, e_c), ref)):
+            close(g, e, torch.float32, scale=8)
+
+
+def test_triton_launchers_use_only_aot_checked_configurations():
+    """Every configuration the launchers can pick is in AOT_CONFIGS (python -m amnets_kernels.aot)."""
+    module = _triton_lstm()
+    names = {c.name for c in module.AOT_CONFIGS}
+    picked = set()
+    for acc in (torch.float32, torch.float64):
+        for hidden in (1, 16, 100, 1024, 4096, 8192):
+            for rank in range(1, min(hidden, 200) + 1):
+                block_r = module.persistent_block_r(hidden, rank)
+                if block_r is not None:
+                    blocks = dict(BLOCK_B=module.BLOCK_B, BLOCK_H=module.PERSISTENT_BLOCK_H, BLOCK_R=block_r)
+                    for kernel in (module._sequence_forward_kernel, module._sequence_backward_kernel):
+                        picked.add(module._config_name(kernel, acc, blocks))
+        picked.add(module._config_name(module._step_forward_kernel, acc, dict(
+            BLOCK_B=module.BLOCK_B, BLOCK_H=module.STEP_BLOCK_H, BLOCK_R=module.STEP_BLOCK_R)))
+        picked.add(module._config_name(module._step_backward_kernel, acc, dict(
+            BLOCK_B=module.BLOCK_B, BLOCK_H=module.STEP_POINTWISE_H)))
+    assert picked <= names
+
+
 def test_reference_gradcheck_float64():
     with ak.use_backend("reference"):
         w = factors(3, 2, 2, 2, torch.float64, device="cpu", requires_grad=True)
