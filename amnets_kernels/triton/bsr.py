@@ -4,7 +4,7 @@ Layout: the BSR format as stored (values (nnzb, b, b), each block row-major, the
 contiguous, block column col_indices[k]) is read in place; nothing is repacked, so a weight that
 changes every step (training) costs nothing extra.
 
-Design. Two kernels cover the three products.
+Design. One kernel walks lines of blocks (forward and grad_x), two compute grad_values.
 
 _bsr_mm_kernel     out (M, OUT) = a (M, IN) @ op(W), walking one "line" of blocks per program:
                    forward   y = x @ W^T:    lines are block rows (crow_indices), TRANS=False;
@@ -22,12 +22,13 @@ _bsr_mm_kernel     out (M, OUT) = a (M, IN) @ op(W), walking one "line" of block
                      otherwise (b in {16, 32, 64}, M >= 16, fp32/fp16/bf16): tl.dot on BLOCK_M x WIDTH
                        and WIDTH x ROWS tiles (tensor cores for fp16/bf16; IEEE fp32, not TF32, for fp32).
                    The bias is added in the epilogue (a runtime flag masks its load off when absent).
-_bsr_sddmm_kernel  grad_values[k] = grad_y[:, rows of block k]^T @ x[:, cols of block k] (an SDDMM):
-                     b in {16, 32, 64}, not float64: one program per stored block, tl.dot over M in
-                       tiles of 32 rows into a b x b accumulator;
-                     b < 16 or float64: one program per 256 consecutive entries of grad_values (several
-                       small blocks, or a slice of a big one), each entry gathering its grad_y and x
-                       columns, summed over M in tiles of 8 rows.
+grad_values[k] = grad_y[:, rows of block k]^T @ x[:, cols of block k] (an SDDMM), at the stored blocks:
+  _bsr_sddmm_kernel         b in {16, 32, 64}, not float64: one program per stored block, tl.dot over M
+                            in tiles of 32 rows into a b x b accumulator;
+  _bsr_sddmm_gather_kernel  b < 16 or float64: one program per 256 consecutive entries of grad_values
+                            (several small blocks, or a slice of a big one), each entry gathering its
+                            grad_y and x columns, summed over M in tiles of 8 rows; b enters as a
+                            runtime shift, so one compiled variant serves every block size.
 The bias gradient is a plain column sum, done outside (amnets_kernels/_ops/bsr.py).
 
 Padding. The logical (N, K) need not be whole blocks. Block entries outside it may hold anything
@@ -41,9 +42,11 @@ Each output element is written by exactly one program (no atomics), so results a
 
 Limits. Block sizes b must be powers of two up to 64 (1, 2, 4, 8, 16, 32, 64); any other b raises
 ValueError (the reference and cpu faces take any b). float64 is supported, on the tl.dot-free paths
-(exact, not fast). crow/col indices may be int32 or int64 (int64 is narrowed to int32 per call: fewer
-than 2**31 blocks). Tile sizes are untuned (no GPU was at hand): chosen for 0 spills under Triton
-3.6 to 3.8 (python -m amnets_kernels.aot).
+with 16-row tiles (exact, not fast). crow/col indices may be int32 or int64 (int64 is narrowed to
+int32 per call: fewer than 2**31 blocks). Tile sizes are untuned (no GPU was at hand): chosen for 0
+spills when compiled by Triton 3.6 and 3.8 (python -m amnets_kernels.aot lists every configuration).
+Triton 3.6's interpreter cannot run these kernels (it cannot take a loop bound loaded from memory);
+3.8's can, and compiled code runs on both.
 """
 
 import inspect
@@ -88,9 +91,9 @@ def _operand(x):
 
 
 @triton.jit
-def _bsr_mm_kernel(a_ptr, values_ptr, start_ptr, order_ptr, other_ptr, bias_ptr, out_ptr, M, OUT, IN, HAS_BIAS,
-                   B: tl.constexpr, TRANS: tl.constexpr, USE_DOT: tl.constexpr, BLOCK_M: tl.constexpr,
-                   ROWS: tl.constexpr, WIDTH: tl.constexpr):
+def _bsr_mm_kernel(a_ptr, values_ptr, start_ptr, order_ptr, other_ptr, bias_ptr, out_ptr, M, OUT, IN,
+                   HAS_BIAS, B: tl.constexpr, TRANS: tl.constexpr, USE_DOT: tl.constexpr,
+                   BLOCK_M: tl.constexpr, ROWS: tl.constexpr, WIDTH: tl.constexpr):
     """out[:, line's ROWS outputs] = a @ (the line's blocks) (+ bias), for one BLOCK_M tile of rows.
 
     Lines: blocks start_ptr[line] .. start_ptr[line + 1] - 1 of the walk; step k's block is
@@ -144,7 +147,7 @@ def _bsr_mm_kernel(a_ptr, values_ptr, start_ptr, order_ptr, other_ptr, bias_ptr,
         else:
             acc += tl.sum(_acc(a)[:, :, None] * _acc(w)[None, :, :], axis=1)
 
-    # HAS_BIAS is a runtime flag: no bias means a masked-off load, not another compiled variant.
+    # HAS_BIAS is a runtime flag (no bias: a masked-off load), not one more constexpr to compile for.
     bias = _acc(tl.load(bias_ptr + outs, mask=out_ok & (HAS_BIAS != 0), other=0.0))
     acc += bias[None, :]
     tl.store(out_ptr + ms.to(tl.int64)[:, None] * OUT + outs[None, :], acc.to(out_ptr.dtype.element_ty),
@@ -152,7 +155,8 @@ def _bsr_mm_kernel(a_ptr, values_ptr, start_ptr, order_ptr, other_ptr, bias_ptr,
 
 
 @triton.jit
-def _bsr_sddmm_kernel(g_ptr, x_ptr, rows_ptr, cols_ptr, grad_ptr, M, N, K, B: tl.constexpr, BLOCK_M: tl.constexpr):
+def _bsr_sddmm_kernel(g_ptr, x_ptr, rows_ptr, cols_ptr, grad_ptr, M, N, K,
+                      B: tl.constexpr, BLOCK_M: tl.constexpr):
     """grad_values[k] = g[:, rows of block k]^T @ x[:, cols of block k], block k = program k, as a
     (B, B) tl.dot accumulation over M in BLOCK_M-row tiles; 0 in the padding."""
     blk = tl.program_id(0)
@@ -167,12 +171,13 @@ def _bsr_sddmm_kernel(g_ptr, x_ptr, rows_ptr, cols_ptr, grad_ptr, M, N, K, B: tl
         ms = m0 + tl.arange(0, BLOCK_M)
         m_ok = ms < M
         # g read transposed by addressing: a (B, BLOCK_M) tile without a tl.trans.
-        gt = tl.load(g_ptr + ms.to(tl.int64)[None, :] * N + outs[:, None], mask=out_ok[:, None] & m_ok[None, :],
-                     other=0.0)
-        xs = tl.load(x_ptr + ms.to(tl.int64)[:, None] * K + ins[None, :], mask=m_ok[:, None] & in_ok[None, :],
-                     other=0.0)
+        gt = tl.load(g_ptr + ms.to(tl.int64)[None, :] * N + outs[:, None],
+                     mask=out_ok[:, None] & m_ok[None, :], other=0.0)
+        xs = tl.load(x_ptr + ms.to(tl.int64)[:, None] * K + ins[None, :],
+                     mask=m_ok[:, None] & in_ok[None, :], other=0.0)
         acc = tl.dot(_operand(gt), _operand(xs), acc, input_precision="ieee")
-    tl.store(grad_ptr + blk.to(tl.int64) * (B * B) + r[:, None] * B + c[None, :], acc.to(grad_ptr.dtype.element_ty))
+    tl.store(grad_ptr + blk.to(tl.int64) * (B * B) + r[:, None] * B + c[None, :],
+             acc.to(grad_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -196,10 +201,10 @@ def _bsr_sddmm_gather_kernel(g_ptr, x_ptr, rows_ptr, cols_ptr, grad_ptr, M, N, K
     for m0 in range(0, M, BLOCK_M):
         ms = m0 + tl.arange(0, BLOCK_M)
         m_ok = ms < M
-        gs = tl.load(g_ptr + ms.to(tl.int64)[:, None] * N + outs[None, :], mask=m_ok[:, None] & out_ok[None, :],
-                     other=0.0)
-        xs = tl.load(x_ptr + ms.to(tl.int64)[:, None] * K + ins[None, :], mask=m_ok[:, None] & in_ok[None, :],
-                     other=0.0)
+        gs = tl.load(g_ptr + ms.to(tl.int64)[:, None] * N + outs[None, :],
+                     mask=m_ok[:, None] & out_ok[None, :], other=0.0)
+        xs = tl.load(x_ptr + ms.to(tl.int64)[:, None] * K + ins[None, :],
+                     mask=m_ok[:, None] & in_ok[None, :], other=0.0)
         acc += tl.sum(_acc(gs) * _acc(xs), axis=0)
     tl.store(grad_ptr + e, acc.to(grad_ptr.dtype.element_ty), mask=e_ok)
 
@@ -226,8 +231,9 @@ class _Config:
 # ROWS <= 16 so that a large layer still gets many programs at M = 1. Broadcast BLOCK_M: 1 (M = 1),
 # 4 (M <= 4), 16 (M <= 16 in one tile; also the tile for many rows where tl.dot is out: b < 16). float64
 # is an exact path, not a fast one: always 16-row tiles (fewer compiled variants).
-# The tl.dot path: 32 outputs by 16 rows (4 warps, no pipelining: Triton 3.6 spills the fp32 FMA
-# version with it) or by 64 rows (8 warps, 2 stages). Untuned: no GPU was at hand; chosen for 0 spills.
+# The tl.dot path: min(b, 32) outputs by 16 rows (4 warps, no pipelining: with it the fp32 FMA version
+# spills on sm_80) or by 64 rows (8 warps, 2 stages; at 4 warps the fp32 version spills). Untuned: no
+# GPU was at hand; chosen for 0 spills.
 _MM_WIDTH = 64
 _MM_PRODUCT_BYTES = 16384
 _MM_BROADCAST_BLOCK_M = (1, 4, 16)
@@ -255,8 +261,8 @@ def _mm_config(b: int, m: int, dtype: torch.dtype, trans: bool) -> _Config:
     block_m = tall if dtype == torch.float64 else next(t for t in _MM_BROADCAST_BLOCK_M if t >= min(m, tall))
     elements = _MM_PRODUCT_BYTES // (8 if dtype == torch.float64 else 4)
     rows = max(1, min(b, _MM_ROWS, elements // (block_m * width)))
-    return _Config(_bsr_mm_kernel, {"B": b, "TRANS": trans, "USE_DOT": False, "BLOCK_M": block_m, "ROWS": rows,
-                                    "WIDTH": width}, 4, 1)
+    return _Config(_bsr_mm_kernel, {"B": b, "TRANS": trans, "USE_DOT": False, "BLOCK_M": block_m,
+                                    "ROWS": rows, "WIDTH": width}, 4, 1)
 
 
 def _sddmm_config(b: int, dtype: torch.dtype) -> _Config:
@@ -267,7 +273,8 @@ def _sddmm_config(b: int, dtype: torch.dtype) -> _Config:
 
 def _launch(grid: int, config: _Config, *args):
     """The one place kernels are launched: a 1-D grid, the config's kernel, constexprs and warps."""
-    config.kernel[(grid,)](*args, **config.constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
+    config.kernel[(grid,)](*args, **config.constexprs, num_warps=config.num_warps,
+                           num_stages=config.num_stages)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -277,8 +284,8 @@ def _launch(grid: int, config: _Config, *args):
 def _block_size(values: torch.Tensor) -> int:
     b = values.shape[-1]
     if b not in BLOCK_SIZES:
-        raise ValueError(f"bsr_linear: the Triton face handles block sizes {BLOCK_SIZES} (powers of two up to "
-                         f"64); got b = {b} (use the cpu or reference face)")
+        raise ValueError(f"bsr_linear: the Triton face handles block sizes {BLOCK_SIZES} (powers of two "
+                         f"up to 64); got b = {b} (use the cpu or reference face)")
     return b
 
 
@@ -296,8 +303,8 @@ def _mm(a, values, start, order, other, bias, n_lines: int, out_features: int, t
         return out
     config = _mm_config(b, m, a.dtype, trans)
     programs = n_lines * (b // config.constexprs["ROWS"]) * triton.cdiv(m, config.constexprs["BLOCK_M"])
-    _launch(programs, config, a, values, start, order, other, out if bias is None else bias, out, m, out_features,
-            in_features, int(bias is not None))
+    _launch(programs, config, a, values, start, order, other, out if bias is None else bias, out, m,
+            out_features, in_features, int(bias is not None))
     return out
 
 
@@ -323,8 +330,10 @@ def _column_index(crow_indices, col_indices, n_cols: int):
 def bsr_linear_backward(grad_out, x, values, crow_indices, col_indices, out_features: int, in_features: int,
                         need_x: bool, need_values: bool):
     """(grad_x (M, K) or empty, grad_values (nnzb, b, b) or empty), fresh tensors; the bias gradient is
-    done outside. Same dtypes and limits as bsr_linear_forward."""
+    done outside. Same dtypes and limits as bsr_linear_forward; grad_out is taken in x's dtype (the
+    kernels want one data type)."""
     b = _block_size(values)
+    grad_out = grad_out.to(x.dtype)
     n_rows, n_cols = block_grid((out_features, in_features), b)
     grad_x, grad_values = x.new_empty(0), values.new_empty(0)
     if need_x:
@@ -336,13 +345,13 @@ def bsr_linear_backward(grad_out, x, values, crow_indices, col_indices, out_feat
             return grad_x, torch.zeros_like(values)  # a sum over no rows
         grad_values = torch.empty_like(values)
         config = _sddmm_config(b, x.dtype)
-        common = (grad_out, x, block_row_of(crow_indices).to(torch.int32), _int32(col_indices), grad_values, m,
-                  out_features, in_features)
+        common = (grad_out, x, block_row_of(crow_indices).to(torch.int32), _int32(col_indices), grad_values,
+                  m, out_features, in_features)
         if config.kernel is _bsr_sddmm_kernel:
             _launch(values.shape[0], config, *common)
         else:
-            _launch(triton.cdiv(values.numel(), config.constexprs["ENTRIES"]), config, *common, values.numel(),
-                    b.bit_length() - 1)
+            programs = triton.cdiv(values.numel(), config.constexprs["ENTRIES"])
+            _launch(programs, config, *common, values.numel(), b.bit_length() - 1)
     return grad_x, grad_values
 
 
@@ -383,8 +392,9 @@ def _aot_configs():
             if dtype == torch.bfloat16 and not _uses_tl_dot(config):
                 continue  # fp32 code after the load: compiled as fp32
             chosen.setdefault((config.kernel.fn.__name__, config.label(), data), config)
-    return [AotConfig(f"bsr.{name.strip('_')}[{data},{label}]", config.kernel, _signature(config.kernel, data),
-                      dict(config.constexprs), config.num_warps, config.num_stages)
+    return [AotConfig(f"bsr.{name.strip('_')}[{data},{label}]", config.kernel,
+                      _signature(config.kernel, data), dict(config.constexprs), config.num_warps,
+                      config.num_stages)
             for (name, label, data), config in chosen.items()]
 
 
