@@ -240,8 +240,10 @@ _MM_BROADCAST_BLOCK_M = (1, 4, 16)
 _MM_ROWS = 16
 _MM_DOT_TILES = {16: (4, 1), 64: (8, 2)}  # BLOCK_M: (num_warps, num_stages)
 _MM_DOT_ROWS = 32
-# _bsr_sddmm_kernel: M tiles of 32 rows; _bsr_sddmm_gather_kernel: 8 rows x 256 entries.
+# _bsr_sddmm_kernel: M tiles of 32 rows; 8 warps for the 64 x 64 accumulator (at 4 the fp32 version
+# takes ~200 registers on sm_80). _bsr_sddmm_gather_kernel: 8 rows x 256 entries.
 _SDDMM_DOT = {"BLOCK_M": 32}
+_SDDMM_DOT_LAUNCH = {16: (4, 2), 32: (4, 2), 64: (8, 1)}  # b: (num_warps, num_stages)
 _SDDMM_GATHER = {"BLOCK_M": 8, "ENTRIES": 256}
 
 
@@ -267,7 +269,7 @@ def _mm_config(b: int, m: int, dtype: torch.dtype, trans: bool) -> _Config:
 
 def _sddmm_config(b: int, dtype: torch.dtype) -> _Config:
     if _uses_dot(b, dtype):
-        return _Config(_bsr_sddmm_kernel, {"B": b, **_SDDMM_DOT}, 4, 2)
+        return _Config(_bsr_sddmm_kernel, {"B": b, **_SDDMM_DOT}, *_SDDMM_DOT_LAUNCH[b])
     return _Config(_bsr_sddmm_gather_kernel, dict(_SDDMM_GATHER), 4, 1)
 
 
