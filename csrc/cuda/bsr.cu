@@ -88,15 +88,11 @@ __device__ __forceinline__ void unpack<at::Half>(const uint4& raw, float (&out)[
   }
 }
 
-// Weights are read once per call: keep them out of L1 so that L1 holds x, which every warp re-reads.
-// L2 allocation stays normal, so a model whose weights fit in L2 keeps them there across calls.
-__device__ __forceinline__ uint4 load_weights(const void* p) {
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0, %1, %2, %3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p));
-  return v;
-}
+// Weights are read once per call: ld.global.cg caches them in L2 only, so that L1 holds x, which every
+// warp re-reads. L2 allocation stays normal: a model whose weights fit in L2 keeps them there across
+// calls. (A plain intrinsic, not inline PTX: the compiler knows it is a load and never hoists it out
+// of the bounds check around it.)
+__device__ __forceinline__ uint4 load_weights(const void* p) { return __ldcg(reinterpret_cast<const uint4*>(p)); }
 
 __device__ __forceinline__ uint4 load_cached(const void* p) { return __ldg(reinterpret_cast<const uint4*>(p)); }
 
@@ -104,9 +100,6 @@ __device__ __forceinline__ uint4 load_cached(const void* p) { return __ldg(reint
 // forward, few rows: y[m, r*B + i] = sum_k sum_j W_k[i, j] x[m, col_k*B + j] + bias
 
 constexpr int kRowsThreads = 128;  // 4 warps per CTA: small CTAs spread a small grid over more SMs
-// Compiled for at least 6 CTAs (24 warps) per SM, so at most 80 registers: enough warps to keep
-// kUnroll weight loads each in flight.
-constexpr int kRowsMinBlocks = 6;
 constexpr int kMaxWarpRows = 16;   // M above this takes the tiled kernel
 
 template <typename T, int B, int MT>
@@ -114,39 +107,50 @@ struct RowsLayout {
   static constexpr int kLanesPerRow = B / kVec<T>;              // lanes covering one row of a block
   static constexpr int kRowsPerWarp = kWarp / kLanesPerRow;     // block rows i one warp load covers
   static constexpr int kWarpsPerBlockRow = B / kRowsPerWarp;
-  // Blocks loaded before the first is used: enough bytes in flight per SM to cover DRAM latency
-  // with few warps; fewer when 16 accumulators per lane already fill the registers.
-  static constexpr int kUnroll = MT <= 4 ? 8 : 4;
+  // Blocks loaded before the first is used: enough weight bytes in flight per SM to cover DRAM
+  // latency with few warps; fewer as the MT accumulators and x vectors take the registers.
+  static constexpr int kUnroll = MT <= 4 ? 8 : MT == 8 ? 4 : 2;
+  // M = 1 (streaming, one x load per block): the x loads of all kUnroll blocks are issued together
+  // too, else their latencies add up one after another. With more rows each block already has MT x
+  // loads in flight, and kUnroll x MT of them at once would not fit in the registers: there a branch
+  // per block keeps the compiler from hoisting them all.
+  static constexpr bool kAllXTogether = MT == 1;
+  // CTAs per SM the kernel is compiled for, which caps its registers at 65536 / (128 n), in units of
+  // 8: 96 for M = 1 (kUnroll x loads in flight), 80 for MT = 2, 128 for MT >= 4 (the MT x loads of a
+  // block in flight together). 16 to 24 warps per SM, each with kUnroll x 512 weight bytes in flight.
+  static constexpr int kMinBlocks = MT == 1 ? 5 : MT == 2 ? 6 : 4;
   static_assert(kLanesPerRow >= 1 && kLanesPerRow <= kWarp && kWarp % kLanesPerRow == 0, "lane layout");
   static_assert(B % kRowsPerWarp == 0, "whole warps per block row");
 };
 
 // acc[m] += W row slice . x[m] slice for one stored block. c0: the logical column of the lane's first
 // element; x rows are ldx apart and either K % kVec == 0 or x is padded with zeros (see forward_fast).
+// live: the block exists and the slice starts inside in_features (else its x is not read).
+// Branch-free on purpose: selects and predicated loads only, so that a caller may run it for dead
+// blocks too and the compiler can issue the x loads of several blocks back to back (kAllXTogether).
 template <typename T, int MT>
-__device__ __forceinline__ void dot_block(const uint4& raw, int c0, int K, const T* __restrict__ x, int64_t ldx,
-                                          int M, float (&acc)[MT]) {
+__device__ __forceinline__ void dot_block(const uint4& raw, int c0, bool live, int K, const T* __restrict__ x,
+                                          int64_t ldx, int M, float (&acc)[MT]) {
   constexpr int V = kVec<T>;
-  if (c0 >= K) return;  // the whole slice lies past in_features: nothing to add, nothing to read
   float w[V];
   unpack<T>(raw, w);
-  if (c0 + V > K) {  // the last, partial block column: entries past K may be inf/NaN, select them away
+  // Entries past in_features (the last, partial block column) may hold inf/NaN: select them away,
+  // never multiply them by zero.
 #pragma unroll
-    for (int e = 0; e < V; ++e) w[e] = c0 + e < K ? w[e] : 0.f;
-  }
+  for (int e = 0; e < V; ++e) w[e] = c0 + e < K ? w[e] : 0.f;
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
-    if (m < M) {
-      float xv[V];
-      unpack<T>(load_cached(x + m * ldx + c0), xv);
+    uint4 raw_x = make_uint4(0, 0, 0, 0);  // rows past M and dead slices: zeros, so 0 * 0 is added
+    if (live && m < M) raw_x = load_cached(x + m * ldx + c0);
+    float xv[V];
+    unpack<T>(raw_x, xv);
 #pragma unroll
-      for (int e = 0; e < V; ++e) acc[m] = fmaf(w[e], xv[e], acc[m]);
-    }
+    for (int e = 0; e < V; ++e) acc[m] = fmaf(w[e], xv[e], acc[m]);
   }
 }
 
 template <typename T, int B, int MT>
-__global__ void __launch_bounds__(kRowsThreads, kRowsMinBlocks)
+__global__ void __launch_bounds__(kRowsThreads, (RowsLayout<T, B, MT>::kMinBlocks))
     forward_rows_kernel(const T* __restrict__ x, int64_t ldx, const T* __restrict__ values,
                         const int* __restrict__ crow, const int* __restrict__ col, const T* __restrict__ bias,
                         T* __restrict__ y, int M, int N, int K) {
@@ -177,8 +181,10 @@ __global__ void __launch_bounds__(kRowsThreads, kRowsMinBlocks)
       }
     }
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      if (k0 + u < k_end) dot_block<T, MT>(w[u], c[u] * B + j0, K, x, ldx, M, acc);
+    for (int u = 0; u < U; ++u) {  // a missing block (past k_end) has w = 0 and is not live
+      const int c0 = c[u] * B + j0;
+      const bool live = k0 + u < k_end && c0 < K;
+      if (L::kAllXTogether || live) dot_block<T, MT>(w[u], c0, live, K, x, ldx, M, acc);
     }
   }
 
@@ -203,8 +209,8 @@ __global__ void __launch_bounds__(kRowsThreads, kRowsMinBlocks)
 
 constexpr int kTileThreads = 256;  // 16 x 16 threads
 constexpr int kTileRows = 64;      // rows of x / grad_y per tile: 4 per thread
-// CTAs per SM the tile kernels are compiled for: caps registers at 85 (65536 / 768). Without a
-// minimum, ptxas aims for 4 CTAs (64 registers) and spills the b = 64 tiles.
+// CTAs per SM the tile kernels are compiled for: caps registers at 80 (65536 / 768 = 85, in units of
+// 8). Without a minimum, ptxas aims for 4 CTAs (64 registers) and spills the b = 64 fp16 tile.
 constexpr int kTileMinBlocks = 3;
 
 // dst[mm][kk] = src[(row0 + mm) * ld + col0 + kk] as fp32, 0 for rows >= rows or kk >= valid (past the
@@ -489,7 +495,9 @@ void with_block_size(int b, F&& f) {
 template <typename F>
 void with_rows_tile(int64_t m, F&& f) {  // the smallest compiled row count that holds m <= kMaxWarpRows
   if (m <= 1) return f(std::integral_constant<int, 1>{});
+  if (m <= 2) return f(std::integral_constant<int, 2>{});
   if (m <= 4) return f(std::integral_constant<int, 4>{});
+  if (m <= 8) return f(std::integral_constant<int, 8>{});
   return f(std::integral_constant<int, kMaxWarpRows>{});
 }
 
