@@ -9,9 +9,10 @@
 //   forward, M <= 16 rows         forward_rows_kernel: memory-bound streaming inference. One warp per
 //     (the target)                (block row, slice of its rows); lane = 16-byte slice of one block row,
 //                                 so a warp reads 512 contiguous weight bytes per block with one load per
-//                                 lane, several blocks loaded before the first use; x slices come through
-//                                 L1 (every warp re-reads them, the weights bypass L1); per-row dot
-//                                 products reduced by warp shuffles. Weights read exactly once.
+//                                 lane, 2 to 8 blocks loaded before the first use; x slices come through
+//                                 L1 (every warp re-reads them; the weights skip L1); per-row dot products
+//                                 in fp32 registers, reduced by warp shuffles. All M rows in one pass
+//                                 (compiled for 1, 2, 4, 8, 16 rows), so the weights are read exactly once.
 //   forward, M > 16 rows          tile_kernel<forward>: CTA per (block row, 64-row tile of x); each stored
 //                                 block and its x slice staged in shared memory as fp32, 4 x b/16 outputs
 //                                 per thread by plain FMA. Weights read once per 64 rows.
@@ -24,6 +25,7 @@
 // element with the block size a run-time value, accumulating in float (double for float64). Exact, not
 // fast; a TORCH_WARN_ONCE says so, like the CPU face.
 //
+// No atomics anywhere: every output element is summed by one thread in a fixed order (deterministic).
 // Padding: the logical (N, K) need not be whole blocks. Block entries outside it are never used (they
 // may hold inf/NaN: they are replaced by 0 with a select, never multiplied by 0), and grad_values there
 // is exactly 0.
