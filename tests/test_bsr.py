@@ -84,6 +84,25 @@ def test_kernel_tiles_and_poisoned_padding(face, block, m, dtype):
 
 
 @pytest.mark.parametrize("face", FACES)
+@pytest.mark.parametrize("m", [1, 2, 5, 9, 16])
+def test_widths_and_alignments_that_change_kernel_paths(face, m):
+    """K a multiple of 8 but not of the block (no x padding copy needed), values and x as views that
+    start one element into their storage (not 16-byte aligned): all must equal dense math."""
+    with use_face("bsr_linear", face):
+        block = 32
+        out_f, in_f = 2 * block + 3, 2 * block + 8
+        _, clean = make(out_f, in_f, block, 0.5)
+        values = clean.values.detach().clone()
+        values[clean.col_indices.long() == in_f // block, :, in_f % block:] = float("inf")  # poisoned padding
+        storage = torch.empty(values.numel() + 1, device=DEVICE)
+        shifted = storage[1:].view_as(values).copy_(values)  # misaligned by 4 bytes
+        sparse = BlockSparseMatrix(shifted, clean.crow_indices, clean.col_indices, clean.shape)
+        x_storage = torch.randn(m * in_f + 1, device=DEVICE)
+        x = x_storage[1:].view(m, in_f)
+        close(ak.bsr_linear(x, sparse), dense_linear(x, clean, None), torch.float32, scale=in_f ** 0.5)
+
+
+@pytest.mark.parametrize("face", FACES)
 def test_non_contiguous_and_all_zero(face):
     with use_face("bsr_linear", face):
         w, sparse = make(40, 24, 8, 1.0)
