@@ -1,0 +1,548 @@
+"""Triton face of rnnt_loss and fused_joint_rnnt_loss (contract: amnets_kernels/_ops/rnnt.py; math:
+amnets_kernels/reference/rnnt.py).
+
+Design. The lattice recursions need only two log-probs per cell (t, u): lp_blank and lp_y. Everything
+V-sized is a streaming pass; everything else is O(B*T*U).
+
+rnnt_loss forward
+  _row_stats_kernel   BLOCK_R rows (b, t, u) per program, V streamed in BLOCK_V columns with an online
+                      logsumexp: den, lp_blank, lp_y. Rows outside the lattice (t >= T_b or u > U_b) are
+                      skipped (den stays 0 there; nothing reads it).
+  _lattice_kernel     grid (B, 2): program (b, 0) computes alpha and the cost, (b, 1) beta, at the same
+                      time. Each loops over the T_b frames; within a frame the recursion along u,
+                      x(u) = logaddexp(stay(u), x(u-1) + lp_y), is a first-order linear recurrence in the
+                      log semiring, so it is one tl.associative_scan over a block of U+1 lanes. Beta
+                      runs the same code with u read backwards (lane j holds u = U_b - j).
+rnnt_loss backward
+  _rnnt_grad_kernel   one streaming pass over V per row: occupancy * softmax - gamma_blank [k = blank]
+                      - gamma_y [k = y], clamped per sequence, times grad_costs[b]; zero off the lattice
+                      and for sequences with a non-finite log P (read off the saved beta(0, 0)).
+fused joint (logits = act(enc[:, :, None] + pred[:, None]) @ weight.T + bias, never stored)
+  _joint_forward_kernel   a tile of BLOCK_T x BLOCK_U cells per program; per V block the logits tile is
+                      tl.dot(act(enc + pred), weight.T) over H in BLOCK_K chunks (the activation is
+                      recomputed per chunk rather than held: H may be large), then the same online
+                      logsumexp and the two picked log-probs; the lattice kernel above does the rest.
+  _joint_backward_kernel  recomputes each logits tile (flash-attention style), forms d logits as in
+                      rnnt_loss, and accumulates grad_bias += sum d, grad_weight += d^T act,
+                      d act = d @ weight, d pre-activation summed over u into grad_enc and over t into
+                      grad_pred, all by tl.atomic_add into float32 (float64) buffers cast at the end.
+                      Summation order therefore varies from run to run on a GPU (not bit-reproducible).
+
+Numbers. Everything accumulates in float32 (float64 for float64 inputs), whatever the input dtype.
+The joint's tl.dot takes its operands in the input dtype (tensor cores for fp16/bf16; the activation is
+rounded to that dtype first) and uses IEEE fp32, not TF32, for float32. Under TRITON_INTERPRET=1 bf16
+operands go into tl.dot as float32, since the interpreter's bf16 arithmetic is wrong.
+
+Limits. U+1 <= 4096 (the lattice keeps a frame's U+1 cells in one block; ValueError beyond), fewer
+than 2**31 lattice cells. T, V and H are unbounded (loops). The workspace differs from the reference
+face's outside the lattice (alphas/betas are -inf there, den is 0): only this face's backward reads it.
+"""
+
+import inspect
+import os
+from dataclasses import dataclass, field
+
+import torch
+import triton
+import triton.language as tl
+
+from ..aot import AotConfig
+from ..reference import acc_dtype
+
+# The interpreter does bf16 arithmetic on raw bits; tl.dot gets float32 operands there instead.
+_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+ACTIVATIONS = {"tanh": 0, "relu": 1, "identity": 2}
+MAX_LABELS_PLUS_1 = 4096
+
+# ---------------------------------------------------------------------------------------------------
+# small device helpers
+
+
+@triton.jit
+def _acc(x):
+    """x in the accumulation dtype: float64 stays float64, every other dtype computes in float32."""
+    if x.dtype == tl.float64:
+        return x
+    else:
+        return x.to(tl.float32)
+
+
+@triton.jit
+def _logaddexp(a, b):
+    """log(exp(a) + exp(b)); -inf (not NaN, and no log(0)) when both are -inf."""
+    m = tl.maximum(a, b)
+    none = m == float("-inf")
+    m = tl.where(none, 0.0, m)
+    s = tl.exp(a - m) + tl.exp(b - m)  # in [1, 2] unless both are -inf
+    return tl.where(none, float("-inf"), m + tl.log(tl.maximum(s, 1.0)))
+
+
+@triton.jit
+def _then(a1, e1, a2, e2):
+    """Compose two steps x -> logaddexp(A, E + x) of a lattice row: first (a1, e1), then (a2, e2)."""
+    return _logaddexp(a2, e2 + a1), e1 + e2
+
+
+@triton.jit
+def _lse_update(m, s, x):
+    """Fold a (R, C) tile x into each row's running max m and sum s of exp(x - m)."""
+    m_new = tl.maximum(m, tl.max(x, 1))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return m_new, s * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[:, None]), 1)
+
+
+@triton.jit
+def _lse_finish(m, s):
+    # s >= 1 whenever m is finite (the maximum contributes exp(0)).
+    return tl.where(m == float("-inf"), float("-inf"), m + tl.log(tl.maximum(s, 1.0)))
+
+
+@triton.jit
+def _pick(tile, cols, col):
+    """tile[r, col[r]] for each row r whose col lies in this block of columns, else 0."""
+    return tl.sum(tl.where(cols[None, :] == col[:, None], tile, 0.0), 1)
+
+
+@triton.jit
+def _label(targets_ptr, b, u, labels, U, V, live):
+    """y_{u+1} for cells with an outgoing label arc (u < U_b), clamped into [0, V) since the padding
+    past target_lengths may hold anything; -1 (matches no column) elsewhere."""
+    has = live & (u < labels)
+    y = tl.load(targets_ptr + b * U + u, mask=has, other=0)
+    return tl.where(has, tl.minimum(tl.maximum(y, 0), V - 1), -1)
+
+
+@triton.jit
+def _rows(frames_ptr, labels_ptr, n_rows, T, U1, BLOCK_R: tl.constexpr):
+    """This program's BLOCK_R flat lattice rows r = (b*T + t)*(U+1) + u and whether each is on it."""
+    row = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    in_range = row < n_rows
+    b = row // (T * U1)
+    t = row // U1 % T
+    u = row % U1
+    frames = tl.load(frames_ptr + b, mask=in_range, other=0)
+    labels = tl.load(labels_ptr + b, mask=in_range, other=0)
+    return row.to(tl.int64), b, t, u, frames, labels, in_range, (t < frames) & (u <= labels)
+
+
+@triton.jit
+def _arc_weights(alphas_ptr, betas_ptr, den_ptr, row, t, u, frames, labels, live, T, U1):
+    """What a cell's logit gradient needs, from the saved lattice (see the reference's _arc_posteriors):
+    occupancy = exp(alpha + beta - log P) (multiplies softmax), and log weights w_blank, w_y such that
+    gamma_blank = exp(z[blank] + w_blank), gamma_y = exp(z[y] + w_y) for the raw logits z.
+    ok: the cell is on the lattice and its sequence has a finite log P = beta(0, 0)."""
+    log_p = tl.load(betas_ptr + row - row % (T * U1), mask=live, other=0.0)  # beta(0, 0) of the sequence
+    ok = live & (tl.abs(log_p) < float("inf"))
+    log_p = tl.where(ok, log_p, 0.0)
+    alpha = tl.load(alphas_ptr + row, mask=ok, other=float("-inf"))
+    beta = tl.load(betas_ptr + row, mask=ok, other=float("-inf"))
+    den = tl.load(den_ptr + row, mask=ok, other=0.0)
+    after_blank = tl.load(betas_ptr + row + U1, mask=ok & (t + 1 < frames), other=float("-inf"))
+    after_blank = tl.where((t == frames - 1) & (u == labels), 0.0, after_blank)  # the final blank
+    after_label = tl.load(betas_ptr + row + 1, mask=ok & (u < labels), other=float("-inf"))
+    occupancy = tl.where(ok, tl.exp(alpha + beta - log_p), 0.0)
+    w_blank = tl.where(ok, alpha - log_p - den + after_blank, float("-inf"))
+    w_y = tl.where(ok, alpha - log_p - den + after_label, float("-inf"))
+    return den, occupancy, w_blank, w_y, ok
+
+
+@triton.jit
+def _logit_grad(z, cols, den, occupancy, w_blank, w_y, blank, label, clamp, scale, ok):
+    """d cost / d z for a (R, C) tile of raw logits (-inf in padded columns): clamped to [-clamp, clamp]
+    when clamp > 0, then times scale (grad_costs[b]); exactly 0 in rows that are not ok."""
+    g_blank = tl.exp(_pick(z, cols, tl.zeros_like(label) + blank) + w_blank)
+    g_y = tl.exp(_pick(z, cols, label) + w_y)
+    # occupancy is 0 without log-softmax (and off the lattice): never form 0 * exp(large).
+    soft = tl.where(occupancy[:, None] > 0, occupancy[:, None] * tl.exp(z - den[:, None]), 0.0)
+    g = soft - tl.where(cols[None, :] == blank, g_blank[:, None], 0.0)
+    g = g - tl.where(cols[None, :] == label[:, None], g_y[:, None], 0.0)
+    g = tl.where(clamp > 0, tl.minimum(tl.maximum(g, -clamp), clamp), g)
+    return tl.where(ok[:, None], g * scale[:, None], 0.0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# rnnt_loss kernels
+
+
+@triton.jit
+def _row_stats_kernel(logits_ptr, targets_ptr, frames_ptr, labels_ptr, den_ptr, lp_blank_ptr, lp_y_ptr,
+                      n_rows, T, U, V, blank, fused, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    row, b, t, u, frames, labels, in_range, live = _rows(frames_ptr, labels_ptr, n_rows, T, U + 1, BLOCK_R)
+    label = _label(targets_ptr, b, u, labels, U, V, live)
+    z_blank = _acc(tl.load(logits_ptr + row * V + blank, mask=live, other=0.0))
+    z_y = _acc(tl.load(logits_ptr + row * V + label, mask=label >= 0, other=0.0))
+    m = tl.full((BLOCK_R,), float("-inf"), z_blank.dtype)
+    s = tl.zeros((BLOCK_R,), z_blank.dtype)
+    # No pass over V at all when every row is off the lattice, or without log-softmax (den = 0).
+    n_blocks = tl.where((tl.max(live.to(tl.int32)) > 0) & (fused != 0), tl.cdiv(V, BLOCK_V), 0)
+    for block in range(0, n_blocks):
+        cols = block * BLOCK_V + tl.arange(0, BLOCK_V)
+        z = tl.load(logits_ptr + row[:, None] * V + cols[None, :], mask=live[:, None] & (cols[None, :] < V),
+                    other=float("-inf"))
+        m, s = _lse_update(m, s, _acc(z))
+    den = tl.where(fused != 0, _lse_finish(m, s), 0.0)
+    tl.store(den_ptr + row, den, mask=live)
+    tl.store(lp_blank_ptr + row, z_blank - den, mask=live)
+    tl.store(lp_y_ptr + row, z_y - den, mask=live)
+
+
+@triton.jit
+def _lattice_kernel(lp_blank_ptr, lp_y_ptr, frames_ptr, labels_ptr, alphas_ptr, betas_ptr, costs_ptr, T, U1,
+                    BLOCK_U: tl.constexpr):
+    b = tl.program_id(0)
+    is_beta = tl.program_id(1) == 1
+    frames = tl.load(frames_ptr + b)
+    labels = tl.load(labels_ptr + b)
+    base = b.to(tl.int64) * T * U1
+    lane = tl.arange(0, BLOCK_U)
+    live = lane <= labels
+    # alpha runs u upwards from 0, beta downwards from U_b: then both start at lane 0 and the same
+    # scan serves both. The label arc into lane j leaves lane j-1: label position u-1 (alpha) or u (beta).
+    u = tl.where(is_beta, labels - lane, lane)
+    u_label = tl.where(is_beta, u, u - 1)
+    # The row "before" the first: every path starts in lane 0 with log-prob 0 (for beta, the final
+    # blank's lp_blank(T_b-1, U_b) is then added as the blank arc of the first row).
+    x = tl.where(lane == 0, 0.0, float("-inf")).to(costs_ptr.dtype.element_ty)
+    for i in range(0, frames):
+        t = tl.where(is_beta, frames - 1 - i, i)
+        t_blank = tl.where(is_beta, t, t - 1)  # the blank arc between rows t-1 and t (alpha), t and t+1 (beta)
+        lp_blank = tl.load(lp_blank_ptr + base + t_blank * U1 + u, mask=live & (t_blank >= 0), other=0.0)
+        lp_y = tl.load(lp_y_ptr + base + t * U1 + u_label, mask=live & (lane > 0), other=float("-inf"))
+        x, _ = tl.associative_scan((x + lp_blank, lp_y), 0, _then)
+        tl.store(alphas_ptr + base + t * U1 + u, x, mask=live & ~is_beta)
+        tl.store(betas_ptr + base + t * U1 + u, x, mask=live & is_beta)
+    # log P = alpha(T_b-1, U_b) + lp_blank(T_b-1, U_b) (beta's lane U_b now holds beta(0, 0), the same).
+    last = tl.sum(tl.where(lane == labels, x, 0.0))
+    final_blank = tl.load(lp_blank_ptr + base + (frames - 1) * U1 + labels)
+    tl.store(costs_ptr + b, -(last + final_blank), mask=~is_beta)
+
+
+@triton.jit
+def _rnnt_grad_kernel(grad_costs_ptr, logits_ptr, targets_ptr, frames_ptr, labels_ptr, alphas_ptr, betas_ptr,
+                      den_ptr, grad_ptr, clamp_ptr, n_rows, T, U, V, blank, fused,
+                      BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
+    row, b, t, u, frames, labels, in_range, live = _rows(frames_ptr, labels_ptr, n_rows, T, U + 1, BLOCK_R)
+    label = _label(targets_ptr, b, u, labels, U, V, live)
+    den, occupancy, w_blank, w_y, ok = _arc_weights(alphas_ptr, betas_ptr, den_ptr, row, t, u, frames,
+                                                     labels, live, T, U + 1)
+    occupancy = tl.where(fused != 0, occupancy, 0.0)  # without log-softmax only blank and y get a gradient
+    scale = _acc(tl.load(grad_costs_ptr + b, mask=ok, other=0.0))
+    clamp = tl.load(clamp_ptr)
+    for start in range(0, V, BLOCK_V):
+        cols = start + tl.arange(0, BLOCK_V)
+        offsets = row[:, None] * V + cols[None, :]
+        z = _acc(tl.load(logits_ptr + offsets, mask=ok[:, None] & (cols[None, :] < V), other=float("-inf")))
+        g = _logit_grad(z, cols, den, occupancy, w_blank, w_y, blank, label, clamp, scale, ok)
+        tl.store(grad_ptr + offsets, g.to(grad_ptr.dtype.element_ty), mask=in_range[:, None] & (cols[None, :] < V))
+
+
+# ---------------------------------------------------------------------------------------------------
+# fused joint kernels
+
+
+@triton.jit
+def _dot(a, b, operand_dtype: tl.constexpr):
+    """a @ b with both operands in operand_dtype (the input dtype), float32 (float64) accumulation,
+    and IEEE fp32, not TF32, for float32 operands."""
+    if _INTERPRETED and operand_dtype == tl.bfloat16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a.to(operand_dtype), b.to(operand_dtype), input_precision="ieee")
+
+
+@triton.jit
+def _hidden(enc_ptr, pred_ptr, enc_row, pred_row, live, ks, H, ACT: tl.constexpr):
+    """act(enc[b, t] + pred[b, u]) for a tile's cells x hidden units ks, in the accumulation dtype
+    (0 in cells that are off the lattice)."""
+    mask = live[:, None] & (ks[None, :] < H)
+    a = _acc(tl.load(enc_ptr + enc_row[:, None] * H + ks[None, :], mask=mask, other=0.0))
+    a += _acc(tl.load(pred_ptr + pred_row[:, None] * H + ks[None, :], mask=mask, other=0.0))
+    if ACT == 0:  # tanh, from exp (portable across Triton versions and the interpreter)
+        e = tl.exp(-2.0 * tl.abs(a))
+        magnitude = (1.0 - e) / (1.0 + e)
+        return tl.where(a < 0, -magnitude, magnitude)
+    elif ACT == 1:
+        return tl.maximum(a, 0.0)
+    else:
+        return a
+
+
+@triton.jit
+def _joint_logits(enc_ptr, pred_ptr, weight_ptr, bias_ptr, enc_row, pred_row, live, cols, H, V,
+                  ACT: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The (cells, BLOCK_V) tile of logits act(enc + pred) @ weight[cols].T + bias[cols]; -inf in
+    columns past V."""
+    bias = _acc(tl.load(bias_ptr + cols, mask=cols < V, other=0.0))
+    logits = tl.zeros((enc_row.shape[0], cols.shape[0]), bias.dtype) + bias[None, :]
+    for k in range(0, H, BLOCK_K):
+        ks = k + tl.arange(0, BLOCK_K)
+        z = _hidden(enc_ptr, pred_ptr, enc_row, pred_row, live, ks, H, ACT)
+        w_t = tl.load(weight_ptr + cols[None, :] * H + ks[:, None], mask=(cols[None, :] < V) & (ks[:, None] < H),
+                      other=0.0)
+        logits += _dot(z, w_t, weight_ptr.dtype.element_ty)
+    return tl.where(cols[None, :] < V, logits, float("-inf"))
+
+
+@triton.jit
+def _cell_tile(frames_ptr, labels_ptr, T, U1, BLOCK_T: tl.constexpr, BLOCK_U: tl.constexpr):
+    """This program's BLOCK_T x BLOCK_U cells of sequence b (flattened, t-major) and their indices."""
+    b = tl.program_id(1)
+    u_tiles = tl.cdiv(U1, BLOCK_U)
+    t0 = tl.program_id(0) // u_tiles * BLOCK_T
+    u0 = tl.program_id(0) % u_tiles * BLOCK_U
+    cell = tl.arange(0, BLOCK_T * BLOCK_U)
+    t = t0 + cell // BLOCK_U
+    u = u0 + cell % BLOCK_U
+    frames = tl.load(frames_ptr + b)
+    labels = tl.load(labels_ptr + b)
+    live = (t < frames) & (u <= labels)
+    enc_row = b.to(tl.int64) * T + t
+    pred_row = b.to(tl.int64) * U1 + u
+    row = enc_row * U1 + u
+    return b, t0, u0, t, u, frames, labels, live, enc_row, pred_row, row
+
+
+@triton.jit
+def _joint_forward_kernel(enc_ptr, pred_ptr, weight_ptr, bias_ptr, targets_ptr, frames_ptr, labels_ptr, den_ptr,
+                          lp_blank_ptr, lp_y_ptr, T, U, H, V, blank, ACT: tl.constexpr, BLOCK_T: tl.constexpr,
+                          BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    b, t0, u0, t, u, frames, labels, live, enc_row, pred_row, row = _cell_tile(frames_ptr, labels_ptr, T, U + 1,
+                                                                                BLOCK_T, BLOCK_U)
+    label = _label(targets_ptr, b, u, labels, U, V, live)
+    m = tl.full((BLOCK_T * BLOCK_U,), float("-inf"), den_ptr.dtype.element_ty)
+    s = tl.zeros((BLOCK_T * BLOCK_U,), den_ptr.dtype.element_ty)
+    z_blank = tl.zeros((BLOCK_T * BLOCK_U,), den_ptr.dtype.element_ty)
+    z_y = tl.zeros((BLOCK_T * BLOCK_U,), den_ptr.dtype.element_ty)
+    n_blocks = tl.where((t0 < frames) & (u0 <= labels), tl.cdiv(V, BLOCK_V), 0)  # skip tiles off the lattice
+    for block in range(0, n_blocks):
+        cols = block * BLOCK_V + tl.arange(0, BLOCK_V)
+        z = _joint_logits(enc_ptr, pred_ptr, weight_ptr, bias_ptr, enc_row, pred_row, live, cols, H, V, ACT,
+                          BLOCK_K)
+        m, s = _lse_update(m, s, z)
+        z_blank += _pick(z, cols, tl.zeros_like(label) + blank)
+        z_y += _pick(z, cols, label)
+    den = _lse_finish(m, s)
+    tl.store(den_ptr + row, den, mask=live)
+    tl.store(lp_blank_ptr + row, z_blank - den, mask=live)
+    tl.store(lp_y_ptr + row, z_y - den, mask=live)
+
+
+@triton.jit
+def _joint_backward_kernel(grad_costs_ptr, enc_ptr, pred_ptr, weight_ptr, bias_ptr, targets_ptr, frames_ptr,
+                           labels_ptr, alphas_ptr, betas_ptr, den_ptr, grad_enc_ptr, grad_pred_ptr,
+                           grad_weight_ptr, grad_bias_ptr, clamp_ptr, T, U, H, V, blank, ACT: tl.constexpr,
+                           BLOCK_T: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr,
+                           BLOCK_K: tl.constexpr):
+    b, t0, u0, t, u, frames, labels, live, enc_row, pred_row, row = _cell_tile(frames_ptr, labels_ptr, T, U + 1,
+                                                                                BLOCK_T, BLOCK_U)
+    label = _label(targets_ptr, b, u, labels, U, V, live)
+    den, occupancy, w_blank, w_y, ok = _arc_weights(alphas_ptr, betas_ptr, den_ptr, row, t, u, frames,
+                                                     labels, live, T, U + 1)
+    scale = _acc(tl.load(grad_costs_ptr + b + tl.zeros_like(label), mask=ok, other=0.0))
+    clamp = tl.load(clamp_ptr)
+    tile_t = t0 + tl.arange(0, BLOCK_T)
+    tile_u = u0 + tl.arange(0, BLOCK_U)
+    n_blocks = tl.where(tl.max(ok.to(tl.int32)) > 0, tl.cdiv(V, BLOCK_V), 0)  # no gradient, no work
+    for block in range(0, n_blocks):
+        cols = block * BLOCK_V + tl.arange(0, BLOCK_V)
+        z = _joint_logits(enc_ptr, pred_ptr, weight_ptr, bias_ptr, enc_row, pred_row, live, cols, H, V, ACT,
+                          BLOCK_K)
+        d_logits = _logit_grad(z, cols, den, occupancy, w_blank, w_y, blank, label, clamp, scale, ok)
+        tl.atomic_add(grad_bias_ptr + cols, tl.sum(d_logits, 0), mask=cols < V)
+        for k in range(0, H, BLOCK_K):
+            ks = k + tl.arange(0, BLOCK_K)
+            hidden = _hidden(enc_ptr, pred_ptr, enc_row, pred_row, live, ks, H, ACT)
+            w = tl.load(weight_ptr + cols[:, None] * H + ks[None, :], mask=(cols[:, None] < V) & (ks[None, :] < H),
+                        other=0.0)
+            tl.atomic_add(grad_weight_ptr + cols[:, None] * H + ks[None, :],
+                          _dot(tl.trans(d_logits), hidden, w.dtype), mask=(cols[:, None] < V) & (ks[None, :] < H))
+            d_hidden = _dot(d_logits, w, w.dtype)
+            if ACT == 0:
+                d_hidden *= 1.0 - hidden * hidden
+            elif ACT == 1:
+                d_hidden = tl.where(hidden > 0, d_hidden, 0.0)
+            d_hidden = tl.reshape(d_hidden, (BLOCK_T, BLOCK_U, BLOCK_K))
+            tl.atomic_add(grad_enc_ptr + (b.to(tl.int64) * T + tile_t[:, None]) * H + ks[None, :],
+                          tl.sum(d_hidden, 1), mask=(tile_t[:, None] < frames) & (ks[None, :] < H))
+            tl.atomic_add(grad_pred_ptr + (b.to(tl.int64) * (U + 1) + tile_u[:, None]) * H + ks[None, :],
+                          tl.sum(d_hidden, 0), mask=(tile_u[:, None] <= labels) & (ks[None, :] < H))
+
+
+# ---------------------------------------------------------------------------------------------------
+# launch configurations: the launchers pick from these tables, and AOT_CONFIGS lists all of them.
+
+
+@dataclass(frozen=True)
+class _Config:
+    constexprs: dict = field(default_factory=dict)
+    num_warps: int = 4
+    num_stages: int = 2
+
+    def with_constexprs(self, **more):
+        return _Config({**self.constexprs, **more}, self.num_warps, self.num_stages)
+
+    def label(self) -> str:
+        return ",".join([f"{k}={v}" for k, v in self.constexprs.items()] + [f"warps={self.num_warps}"])
+
+
+# Row kernels: 4096-element tiles, wide in V for large vocabularies, tall in rows for small ones.
+_ROW_CONFIGS = [_Config({"BLOCK_R": 4096 // v, "BLOCK_V": v}, num_warps=8) for v in (64, 256, 1024, 4096)]
+# Lattice: one block holds a frame's U+1 cells; more warps for wider blocks.
+_LATTICE_CONFIGS = [_Config({"BLOCK_U": u}, num_warps=w) for u, w in ((32, 1), (256, 2), (1024, 4), (4096, 8))]
+# Joint: 8 x 8 cells, 64 classes, 32 hidden units per step (tl.dot needs every dimension >= 16).
+_JOINT_TILE = _Config({"BLOCK_T": 8, "BLOCK_U": 8, "BLOCK_V": 64, "BLOCK_K": 32}, num_warps=4)
+_JOINT_CONFIGS = [_JOINT_TILE.with_constexprs(ACT=act) for act in ACTIVATIONS.values()]
+
+
+def _row_config(vocab: int) -> _Config:
+    return next((c for c in _ROW_CONFIGS if c.constexprs["BLOCK_V"] >= vocab), _ROW_CONFIGS[-1])
+
+
+def _lattice_config(labels_plus_1: int) -> _Config:
+    for config in _LATTICE_CONFIGS:
+        if config.constexprs["BLOCK_U"] >= labels_plus_1:
+            return config
+    raise ValueError(f"the Triton rnnt_loss face handles U+1 <= {MAX_LABELS_PLUS_1} label positions; got "
+                     f"U+1 = {labels_plus_1} (use the reference face, or split the targets)")
+
+
+def _launch(kernel, grid, config: _Config, *args):
+    """The one place kernels are launched: a config's constexprs and warps, positional runtime args."""
+    kernel[grid](*args, **config.constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+# ---------------------------------------------------------------------------------------------------
+# faces
+
+
+def _check_cells(batch, frames, labels_plus_1):
+    if batch * frames * labels_plus_1 >= 2 ** 31:
+        raise ValueError(f"the Triton rnnt faces handle fewer than 2**31 lattice cells; got B*T*(U+1) = "
+                         f"{batch * frames * labels_plus_1}")
+    return _lattice_config(labels_plus_1)
+
+
+def _scalar(value: float, like):
+    # Triton passes a Python float as float32; a float64 face needs clamp in float64.
+    return torch.full((1,), value, dtype=like.dtype, device=like.device)
+
+
+def _lattice(lp_blank, lp_y, logit_lengths, target_lengths, den, save, config):
+    """Costs (accumulation dtype) and, with save, the (alphas, betas, den) workspace."""
+    batch, frames, labels_plus_1 = lp_blank.shape
+    alphas = torch.full_like(lp_blank, float("-inf"))
+    betas = torch.full_like(lp_blank, float("-inf")) if save else lp_blank.new_empty(0)
+    costs = lp_blank.new_empty(batch)
+    _launch(_lattice_kernel, (batch, 2 if save else 1), config, lp_blank, lp_y, logit_lengths, target_lengths,
+            alphas, betas, costs, frames, labels_plus_1)
+    if not save:
+        return costs, *(lp_blank.new_empty(0) for _ in range(3))
+    return costs, alphas, betas, den
+
+
+def rnnt_loss_forward(logits, targets, logit_lengths, target_lengths, blank: int, clamp: float,
+                      fused_log_softmax: bool, save: bool):
+    batch, frames, labels_plus_1, vocab = logits.shape
+    lattice_config = _check_cells(batch, frames, labels_plus_1)
+    acc = acc_dtype(logits.dtype)
+    den = torch.zeros(batch, frames, labels_plus_1, dtype=acc, device=logits.device)
+    lp_blank, lp_y = torch.empty_like(den), torch.empty_like(den)
+    n_rows = den.numel()
+    config = _row_config(vocab)
+    _launch(_row_stats_kernel, (triton.cdiv(n_rows, config.constexprs["BLOCK_R"]),), config, logits, targets,
+            logit_lengths, target_lengths, den, lp_blank, lp_y, n_rows, frames, labels_plus_1 - 1, vocab, blank,
+            int(fused_log_softmax))
+    costs, *workspace = _lattice(lp_blank, lp_y, logit_lengths, target_lengths, den, save, lattice_config)
+    return costs.to(logits.dtype), *workspace
+
+
+def rnnt_loss_backward(grad_costs, logits, targets, logit_lengths, target_lengths, costs, alphas, betas, den,
+                       blank: int, clamp: float, fused_log_softmax: bool):
+    batch, frames, labels_plus_1, vocab = logits.shape
+    grad = torch.empty_like(logits)
+    n_rows = batch * frames * labels_plus_1
+    config = _row_config(vocab)
+    _launch(_rnnt_grad_kernel, (triton.cdiv(n_rows, config.constexprs["BLOCK_R"]),), config, grad_costs, logits,
+            targets, logit_lengths, target_lengths, alphas, betas, den, grad, _scalar(clamp, den), n_rows, frames,
+            labels_plus_1 - 1, vocab, blank, int(fused_log_softmax))
+    return grad
+
+
+def _joint_grid(batch, frames, labels_plus_1):
+    tile = _JOINT_TILE.constexprs
+    return (triton.cdiv(frames, tile["BLOCK_T"]) * triton.cdiv(labels_plus_1, tile["BLOCK_U"]), batch)
+
+
+def _bias_or_zeros(bias, weight):
+    # A zero bias costs V loads and saves a HAS_BIAS variant of every kernel.
+    return bias if bias is not None else weight.new_zeros(weight.shape[0])
+
+
+def fused_joint_rnnt_loss_forward(enc, pred, weight, bias, targets, logit_lengths, target_lengths, blank: int,
+                                  activation: str, clamp: float, save: bool):
+    (batch, frames, hidden), labels_plus_1, vocab = enc.shape, pred.shape[1], weight.shape[0]
+    lattice_config = _check_cells(batch, frames, labels_plus_1)
+    den = torch.zeros(batch, frames, labels_plus_1, dtype=acc_dtype(enc.dtype), device=enc.device)
+    lp_blank, lp_y = torch.empty_like(den), torch.empty_like(den)
+    config = _JOINT_CONFIGS[ACTIVATIONS[activation]]
+    _launch(_joint_forward_kernel, _joint_grid(batch, frames, labels_plus_1), config, enc, pred, weight,
+            _bias_or_zeros(bias, weight), targets, logit_lengths, target_lengths, den, lp_blank, lp_y, frames,
+            labels_plus_1 - 1, hidden, vocab, blank)
+    costs, *workspace = _lattice(lp_blank, lp_y, logit_lengths, target_lengths, den, save, lattice_config)
+    return costs.to(enc.dtype), *workspace
+
+
+def fused_joint_rnnt_loss_backward(grad_costs, enc, pred, weight, bias, targets, logit_lengths, target_lengths,
+                                   costs, alphas, betas, den, blank: int, activation: str, clamp: float):
+    (batch, frames, hidden), labels_plus_1, vocab = enc.shape, pred.shape[1], weight.shape[0]
+    acc = acc_dtype(enc.dtype)
+    grad_enc, grad_pred, grad_weight = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (enc, pred, weight))
+    grad_bias = torch.zeros(vocab, dtype=acc, device=enc.device)
+    config = _JOINT_CONFIGS[ACTIVATIONS[activation]]
+    _launch(_joint_backward_kernel, _joint_grid(batch, frames, labels_plus_1), config, grad_costs, enc, pred,
+            weight, _bias_or_zeros(bias, weight), targets, logit_lengths, target_lengths, alphas, betas, den,
+            grad_enc, grad_pred, grad_weight, grad_bias, _scalar(clamp, den), frames, labels_plus_1 - 1, hidden, vocab,
+            blank)
+    return (grad_enc.to(enc.dtype), grad_pred.to(pred.dtype), grad_weight.to(weight.dtype),
+            grad_bias.to(enc.dtype) if bias is not None else enc.new_empty(0))
+
+
+# ---------------------------------------------------------------------------------------------------
+# ahead-of-time compile list (python -m amnets_kernels.aot)
+
+
+def _signature(kernel, **types):
+    """Every argument of `kernel`: constexpr where annotated so, else `types[name]`, else "i32"."""
+    params = inspect.signature(kernel.fn).parameters.values()
+    return {p.name: "constexpr" if p.annotation is tl.constexpr else types.get(p.name, "i32") for p in params}
+
+
+def _aot_configs():
+    ints = ("targets_ptr", "frames_ptr", "labels_ptr")
+
+    def pointers(data, acc, data_names, acc_names, **more):
+        return {**{n: f"*{data}" for n in data_names}, **{n: f"*{acc}" for n in acc_names},
+                **{n: "*i32" for n in ints}, **more}
+
+    row_stats = pointers("fp32", "fp32", ["logits_ptr"], ["den_ptr", "lp_blank_ptr", "lp_y_ptr"])
+    lattice = pointers("fp32", "fp32", [], ["lp_blank_ptr", "lp_y_ptr", "alphas_ptr", "betas_ptr", "costs_ptr"])
+    grad = pointers("fp32", "fp32", ["grad_costs_ptr", "logits_ptr", "grad_ptr"],
+                    ["alphas_ptr", "betas_ptr", "den_ptr", "clamp_ptr"])
+    kernels = [(_row_stats_kernel, _ROW_CONFIGS, "fp32", row_stats), (_rnnt_grad_kernel, _ROW_CONFIGS, "fp32", grad),
+               (_lattice_kernel, _LATTICE_CONFIGS, "fp32", lattice)]
+    # The joint kernels' tl.dot differs by operand dtype (IEEE fp32 FMA vs bf16 tensor cores): both.
+    for data in ("fp32", "bf16"):
+        inputs = ["enc_ptr", "pred_ptr", "weight_ptr", "bias_ptr"]
+        forward = pointers(data, "fp32", inputs, ["den_ptr", "lp_blank_ptr", "lp_y_ptr"])
+        backward = pointers(data, "fp32", inputs + ["grad_costs_ptr"],
+                            ["alphas_ptr", "betas_ptr", "den_ptr", "grad_enc_ptr", "grad_pred_ptr", "grad_weight_ptr",
+                             "grad_bias_ptr", "clamp_ptr"])
+        kernels += [(_joint_forward_kernel, _JOINT_CONFIGS, data, forward),
+                    (_joint_backward_kernel, _JOINT_CONFIGS, data, backward)]
+    return [AotConfig(f"rnnt.{kernel.fn.__name__.strip('_')}[{data},{config.label()}]", kernel,
+                      _signature(kernel, **types), dict(config.constexprs), config.num_warps, config.num_stages)
+            for kernel, configs, data, types in kernels for config in configs]
+
+
+AOT_CONFIGS = _aot_configs()
