@@ -252,12 +252,15 @@ def _dot(a, b, operand_dtype: tl.constexpr):
 
 
 @triton.jit
-def _hidden(enc_ptr, pred_ptr, enc_row, pred_row, live, ks, H, ACT: tl.constexpr):
-    """act(enc[b, t] + pred[b, u]) for a tile's cells x hidden units ks, in the accumulation dtype
-    (0 in cells that are off the lattice)."""
-    mask = live[:, None] & (ks[None, :] < H)
-    a = _acc(tl.load(enc_ptr + enc_row[:, None] * H + ks[None, :], mask=mask, other=0.0))
-    a += _acc(tl.load(pred_ptr + pred_row[:, None] * H + ks[None, :], mask=mask, other=0.0))
+def _hidden(enc_ptr, pred_ptr, enc_rows, pred_rows, t_live, u_live, ks, H, ACT: tl.constexpr):
+    """act(enc[b, t] + pred[b, u]) for a tile's BLOCK_T x BLOCK_U cells (flattened, t-major) x hidden
+    units ks, in the accumulation dtype. Loads one (BLOCK_T, BLOCK_K) and one (BLOCK_U, BLOCK_K) tile
+    and broadcasts, rather than gathering per cell. Rows past T_b or U_b read 0."""
+    enc = tl.load(enc_ptr + enc_rows[:, None] * H + ks[None, :], mask=t_live[:, None] & (ks[None, :] < H), other=0.0)
+    pred = tl.load(pred_ptr + pred_rows[:, None] * H + ks[None, :], mask=u_live[:, None] & (ks[None, :] < H),
+                   other=0.0)
+    a = _acc(enc)[:, None, :] + _acc(pred)[None, :, :]
+    a = tl.reshape(a, (enc_rows.shape[0] * pred_rows.shape[0], ks.shape[0]))
     if ACT == 0:  # tanh, from exp (portable across Triton versions and the interpreter)
         e = tl.exp(-2.0 * tl.abs(a))
         magnitude = (1.0 - e) / (1.0 + e)
@@ -269,15 +272,15 @@ def _hidden(enc_ptr, pred_ptr, enc_row, pred_row, live, ks, H, ACT: tl.constexpr
 
 
 @triton.jit
-def _joint_logits(enc_ptr, pred_ptr, weight_ptr, bias_ptr, enc_row, pred_row, live, cols, H, V,
+def _joint_logits(enc_ptr, pred_ptr, weight_ptr, bias_ptr, enc_rows, pred_rows, t_live, u_live, cols, H, V,
                   ACT: tl.constexpr, BLOCK_K: tl.constexpr):
     """The (cells, BLOCK_V) tile of logits act(enc + pred) @ weight[cols].T + bias[cols]; -inf in
     columns past V."""
     bias = _acc(tl.load(bias_ptr + cols, mask=cols < V, other=0.0))
-    logits = tl.zeros((enc_row.shape[0], cols.shape[0]), bias.dtype) + bias[None, :]
+    logits = tl.zeros((enc_rows.shape[0] * pred_rows.shape[0], cols.shape[0]), bias.dtype) + bias[None, :]
     for k in range(0, H, BLOCK_K):
         ks = k + tl.arange(0, BLOCK_K)
-        z = _hidden(enc_ptr, pred_ptr, enc_row, pred_row, live, ks, H, ACT)
+        z = _hidden(enc_ptr, pred_ptr, enc_rows, pred_rows, t_live, u_live, ks, H, ACT)
         w_t = tl.load(weight_ptr + cols[None, :] * H + ks[:, None], mask=(cols[None, :] < V) & (ks[:, None] < H),
                       other=0.0)
         logits += _dot(z, w_t, weight_ptr.dtype.element_ty)
@@ -285,40 +288,46 @@ def _joint_logits(enc_ptr, pred_ptr, weight_ptr, bias_ptr, enc_row, pred_row, li
 
 
 @triton.jit
-def _cell_tile(frames_ptr, labels_ptr, T, U1, BLOCK_T: tl.constexpr, BLOCK_U: tl.constexpr):
-    """This program's BLOCK_T x BLOCK_U cells of sequence b (flattened, t-major) and their indices."""
-    b = tl.program_id(1)
+def _cell_tile(tile, frames_ptr, labels_ptr, T, U1, BLOCK_T: tl.constexpr, BLOCK_U: tl.constexpr):
+    """Cell tile number `tile` (sequence-major, then frame blocks, then label blocks): BLOCK_T x BLOCK_U
+    cells of sequence b. Per cell (flattened, t-major): t, u, whether it is on the lattice, its flat
+    lattice row. Per frame and label position of the tile: the row of enc and of pred, and whether it
+    is within the sequence's lengths. tile_live: whether any cell of the tile is on the lattice."""
+    t_tiles = tl.cdiv(T, BLOCK_T)
     u_tiles = tl.cdiv(U1, BLOCK_U)
-    t0 = tl.program_id(0) // u_tiles * BLOCK_T
-    u0 = tl.program_id(0) % u_tiles * BLOCK_U
+    b = tile // (t_tiles * u_tiles)
+    t0 = tile // u_tiles % t_tiles * BLOCK_T
+    u0 = tile % u_tiles * BLOCK_U
+    frames = tl.load(frames_ptr + b)
+    labels = tl.load(labels_ptr + b)
+    tile_t = t0 + tl.arange(0, BLOCK_T)
+    tile_u = u0 + tl.arange(0, BLOCK_U)
     cell = tl.arange(0, BLOCK_T * BLOCK_U)
     t = t0 + cell // BLOCK_U
     u = u0 + cell % BLOCK_U
-    frames = tl.load(frames_ptr + b)
-    labels = tl.load(labels_ptr + b)
     live = (t < frames) & (u <= labels)
-    enc_row = b.to(tl.int64) * T + t
-    pred_row = b.to(tl.int64) * U1 + u
-    row = enc_row * U1 + u
-    return b, t0, u0, t, u, frames, labels, live, enc_row, pred_row, row
+    row = (b.to(tl.int64) * T + t) * U1 + u
+    enc_rows = b.to(tl.int64) * T + tile_t
+    pred_rows = b.to(tl.int64) * U1 + tile_u
+    return (b, t, u, frames, labels, live, row, enc_rows, pred_rows, tile_t < frames, tile_u <= labels,
+            (t0 < frames) & (u0 <= labels))
 
 
 @triton.jit
 def _joint_forward_kernel(enc_ptr, pred_ptr, weight_ptr, bias_ptr, targets_ptr, frames_ptr, labels_ptr, den_ptr,
                           lp_blank_ptr, lp_y_ptr, T, U, H, V, blank, ACT: tl.constexpr, BLOCK_T: tl.constexpr,
                           BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    b, t0, u0, t, u, frames, labels, live, enc_row, pred_row, row = _cell_tile(frames_ptr, labels_ptr, T, U + 1,
-                                                                                BLOCK_T, BLOCK_U)
+    b, t, u, frames, labels, live, row, enc_rows, pred_rows, t_live, u_live, tile_live = _cell_tile(
+        tl.program_id(0), frames_ptr, labels_ptr, T, U + 1, BLOCK_T, BLOCK_U)
     label = _label(targets_ptr, b, u, labels, U, V, live)
     m = tl.full((BLOCK_T * BLOCK_U,), float("-inf"), den_ptr.dtype.element_ty)
     s = tl.zeros((BLOCK_T * BLOCK_U,), den_ptr.dtype.element_ty)
     z_blank = tl.zeros((BLOCK_T * BLOCK_U,), den_ptr.dtype.element_ty)
     z_y = tl.zeros((BLOCK_T * BLOCK_U,), den_ptr.dtype.element_ty)
-    n_blocks = tl.where((t0 < frames) & (u0 <= labels), tl.cdiv(V, BLOCK_V), 0)  # skip tiles off the lattice
-    for block in range(0, n_blocks):
+    for block in range(0, tl.where(tile_live, tl.cdiv(V, BLOCK_V), 0)):
         cols = block * BLOCK_V + tl.arange(0, BLOCK_V)
-        z = _joint_logits(enc_ptr, pred_ptr, weight_ptr, bias_ptr, enc_row, pred_row, live, cols, H, V, ACT,
-                          BLOCK_K)
+        z = _joint_logits(enc_ptr, pred_ptr, weight_ptr, bias_ptr, enc_rows, pred_rows, t_live, u_live, cols, H, V,
+                          ACT, BLOCK_K)
         m, s = _lse_update(m, s, z)
         z_blank += _pick(z, cols, tl.zeros_like(label) + blank)
         z_y += _pick(z, cols, label)
@@ -328,45 +337,89 @@ def _joint_forward_kernel(enc_ptr, pred_ptr, weight_ptr, bias_ptr, targets_ptr, 
     tl.store(lp_y_ptr + row, z_y - den, mask=live)
 
 
+# The joint's backward runs over chunks of cell tiles (see _joint_backward_chunks): per chunk,
+# 1. _joint_dlogits_kernel recomputes each tile's logits and writes d logits (tile, cell, V) to a chunk
+#    buffer (and grad_bias by atomics: one vector of V per tile),
+# 2. _joint_dweight_kernel: grad_weight += d logits^T act(enc + pred), a GEMM whose reduction runs over
+#    the chunk's cells, each (V, H) block accumulated in registers,
+# 3. _joint_dhidden_kernel: d act = d logits @ weight (reduction over V in registers), times act', summed
+#    over u into grad_enc and over t into grad_pred (atomics: BLOCK_T + BLOCK_U rows per tile).
+# Accumulating grad_weight per tile by atomics instead would take (cells / tile) * V * H atomic adds,
+# several times the time of the GEMMs themselves.
+
+
 @triton.jit
-def _joint_backward_kernel(grad_costs_ptr, enc_ptr, pred_ptr, weight_ptr, bias_ptr, targets_ptr, frames_ptr,
-                           labels_ptr, alphas_ptr, betas_ptr, den_ptr, grad_enc_ptr, grad_pred_ptr,
-                           grad_weight_ptr, grad_bias_ptr, clamp_ptr, T, U, H, V, blank, ACT: tl.constexpr,
-                           BLOCK_T: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr,
-                           BLOCK_K: tl.constexpr):
-    b, t0, u0, t, u, frames, labels, live, enc_row, pred_row, row = _cell_tile(frames_ptr, labels_ptr, T, U + 1,
-                                                                                BLOCK_T, BLOCK_U)
+def _joint_dlogits_kernel(grad_costs_ptr, enc_ptr, pred_ptr, weight_ptr, bias_ptr, targets_ptr, frames_ptr,
+                          labels_ptr, alphas_ptr, betas_ptr, den_ptr, clamp_ptr, dlogits_ptr, grad_bias_ptr,
+                          first_tile, T, U, H, V, blank, ACT: tl.constexpr, BLOCK_T: tl.constexpr,
+                          BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    b, t, u, frames, labels, live, row, enc_rows, pred_rows, t_live, u_live, tile_live = _cell_tile(
+        first_tile + tl.program_id(0), frames_ptr, labels_ptr, T, U + 1, BLOCK_T, BLOCK_U)
     label = _label(targets_ptr, b, u, labels, U, V, live)
     den, occupancy, w_blank, w_y, ok = _arc_weights(alphas_ptr, betas_ptr, den_ptr, row, t, u, frames,
                                                      labels, live, T, U + 1)
     scale = _acc(tl.load(grad_costs_ptr + b + tl.zeros_like(label), mask=ok, other=0.0))
     clamp = tl.load(clamp_ptr)
-    tile_t = t0 + tl.arange(0, BLOCK_T)
-    tile_u = u0 + tl.arange(0, BLOCK_U)
-    n_blocks = tl.where(tl.max(ok.to(tl.int32)) > 0, tl.cdiv(V, BLOCK_V), 0)  # no gradient, no work
-    for block in range(0, n_blocks):
+    out = dlogits_ptr + (tl.program_id(0).to(tl.int64) * BLOCK_T * BLOCK_U + tl.arange(0, BLOCK_T * BLOCK_U)) * V
+    # Tiles off the lattice write nothing: the other two kernels skip them as well.
+    for block in range(0, tl.where(tile_live, tl.cdiv(V, BLOCK_V), 0)):
         cols = block * BLOCK_V + tl.arange(0, BLOCK_V)
-        z = _joint_logits(enc_ptr, pred_ptr, weight_ptr, bias_ptr, enc_row, pred_row, live, cols, H, V, ACT,
-                          BLOCK_K)
+        z = _joint_logits(enc_ptr, pred_ptr, weight_ptr, bias_ptr, enc_rows, pred_rows, t_live, u_live, cols, H, V,
+                          ACT, BLOCK_K)
         d_logits = _logit_grad(z, cols, den, occupancy, w_blank, w_y, blank, label, clamp, scale, ok)
         tl.atomic_add(grad_bias_ptr + cols, tl.sum(d_logits, 0), mask=cols < V)
-        for k in range(0, H, BLOCK_K):
-            ks = k + tl.arange(0, BLOCK_K)
-            hidden = _hidden(enc_ptr, pred_ptr, enc_row, pred_row, live, ks, H, ACT)
-            w = tl.load(weight_ptr + cols[:, None] * H + ks[None, :], mask=(cols[:, None] < V) & (ks[None, :] < H),
-                        other=0.0)
-            tl.atomic_add(grad_weight_ptr + cols[:, None] * H + ks[None, :],
-                          _dot(tl.trans(d_logits), hidden, w.dtype), mask=(cols[:, None] < V) & (ks[None, :] < H))
-            d_hidden = _dot(d_logits, w, w.dtype)
-            if ACT == 0:
-                d_hidden *= 1.0 - hidden * hidden
-            elif ACT == 1:
-                d_hidden = tl.where(hidden > 0, d_hidden, 0.0)
-            d_hidden = tl.reshape(d_hidden, (BLOCK_T, BLOCK_U, BLOCK_K))
-            tl.atomic_add(grad_enc_ptr + (b.to(tl.int64) * T + tile_t[:, None]) * H + ks[None, :],
-                          tl.sum(d_hidden, 1), mask=(tile_t[:, None] < frames) & (ks[None, :] < H))
-            tl.atomic_add(grad_pred_ptr + (b.to(tl.int64) * (U + 1) + tile_u[:, None]) * H + ks[None, :],
-                          tl.sum(d_hidden, 0), mask=(tile_u[:, None] <= labels) & (ks[None, :] < H))
+        tl.store(out[:, None] + cols[None, :], d_logits.to(dlogits_ptr.dtype.element_ty), mask=cols[None, :] < V)
+
+
+@triton.jit
+def _joint_dweight_kernel(dlogits_ptr, enc_ptr, pred_ptr, frames_ptr, labels_ptr, grad_weight_ptr, first_tile,
+                          n_tiles, T, U, H, V, ACT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_U: tl.constexpr,
+                          BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Grid (H blocks, V blocks, splits): the programs that run together read the same d logits.
+    ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
+    cell = tl.arange(0, BLOCK_T * BLOCK_U)
+    acc = tl.zeros((BLOCK_V, BLOCK_K), grad_weight_ptr.dtype.element_ty)
+    # Axis 2 splits the chunk's tiles between programs, so that there are enough programs to fill a GPU.
+    for i in range(tl.program_id(2), n_tiles, tl.num_programs(2)):
+        b, t, u, frames, labels, live, row, enc_rows, pred_rows, t_live, u_live, tile_live = _cell_tile(
+            first_tile + i, frames_ptr, labels_ptr, T, U + 1, BLOCK_T, BLOCK_U)
+        if tile_live:
+            hidden = _hidden(enc_ptr, pred_ptr, enc_rows, pred_rows, t_live, u_live, ks, H, ACT)
+            d_logits = tl.load(dlogits_ptr + (i * BLOCK_T * BLOCK_U + cell).to(tl.int64)[:, None] * V + cols[None, :],
+                               mask=cols[None, :] < V, other=0.0)
+            acc += _dot(tl.trans(d_logits), hidden, dlogits_ptr.dtype.element_ty)
+    tl.atomic_add(grad_weight_ptr + cols[:, None] * H + ks[None, :], acc, mask=(cols[:, None] < V) & (ks[None, :] < H))
+
+
+@triton.jit
+def _joint_dhidden_kernel(dlogits_ptr, enc_ptr, pred_ptr, weight_ptr, frames_ptr, labels_ptr, grad_enc_ptr,
+                          grad_pred_ptr, first_tile, T, U, H, V, ACT: tl.constexpr, BLOCK_T: tl.constexpr,
+                          BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Grid (H blocks, tiles): the programs that run together read the same tile of d logits.
+    b, t, u, frames, labels, live, row, enc_rows, pred_rows, t_live, u_live, tile_live = _cell_tile(
+        first_tile + tl.program_id(1), frames_ptr, labels_ptr, T, U + 1, BLOCK_T, BLOCK_U)
+    ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    cells = tl.program_id(1).to(tl.int64) * BLOCK_T * BLOCK_U + tl.arange(0, BLOCK_T * BLOCK_U)
+    d_hidden = tl.zeros((BLOCK_T * BLOCK_U, BLOCK_K), grad_enc_ptr.dtype.element_ty)
+    for block in range(0, tl.where(tile_live, tl.cdiv(V, BLOCK_V), 0)):
+        cols = block * BLOCK_V + tl.arange(0, BLOCK_V)
+        d_logits = tl.load(dlogits_ptr + cells[:, None] * V + cols[None, :], mask=cols[None, :] < V, other=0.0)
+        w = tl.load(weight_ptr + cols[:, None] * H + ks[None, :], mask=(cols[:, None] < V) & (ks[None, :] < H),
+                    other=0.0)
+        d_hidden += _dot(d_logits, w, dlogits_ptr.dtype.element_ty)
+    if ACT == 0:
+        hidden = _hidden(enc_ptr, pred_ptr, enc_rows, pred_rows, t_live, u_live, ks, H, ACT)
+        d_hidden *= 1.0 - hidden * hidden
+    elif ACT == 1:
+        hidden = _hidden(enc_ptr, pred_ptr, enc_rows, pred_rows, t_live, u_live, ks, H, ACT)
+        d_hidden = tl.where(hidden > 0, d_hidden, 0.0)
+    # Cells off the lattice have d logits = 0, so they add nothing to these sums.
+    d_hidden = tl.reshape(d_hidden, (BLOCK_T, BLOCK_U, BLOCK_K))
+    tl.atomic_add(grad_enc_ptr + enc_rows[:, None] * H + ks[None, :], tl.sum(d_hidden, 1),
+                  mask=t_live[:, None] & (ks[None, :] < H) & tile_live)
+    tl.atomic_add(grad_pred_ptr + pred_rows[:, None] * H + ks[None, :], tl.sum(d_hidden, 0),
+                  mask=u_live[:, None] & (ks[None, :] < H) & tile_live)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -386,13 +439,27 @@ class _Config:
         return ",".join([f"{k}={v}" for k, v in self.constexprs.items()] + [f"warps={self.num_warps}"])
 
 
-# Row kernels: 4096-element tiles, wide in V for large vocabularies, tall in rows for small ones.
-_ROW_CONFIGS = [_Config({"BLOCK_R": 4096 // v, "BLOCK_V": v}, num_warps=8) for v in (64, 256, 1024, 4096)]
+# Row kernels: 2048-element tiles (8 per thread), wide in V for large vocabularies, tall in rows for small.
+_ROW_CONFIGS = [_Config({"BLOCK_R": 2048 // v, "BLOCK_V": v}, num_warps=8) for v in (32, 128, 512, 2048)]
 # Lattice: one block holds a frame's U+1 cells; more warps for wider blocks.
-_LATTICE_CONFIGS = [_Config({"BLOCK_U": u}, num_warps=w) for u, w in ((32, 1), (256, 2), (1024, 4), (4096, 8))]
-# Joint: 8 x 8 cells, 64 classes, 32 hidden units per step (tl.dot needs every dimension >= 16).
-_JOINT_TILE = _Config({"BLOCK_T": 8, "BLOCK_U": 8, "BLOCK_V": 64, "BLOCK_K": 32}, num_warps=4)
-_JOINT_CONFIGS = [_JOINT_TILE.with_constexprs(ACT=act) for act in ACTIVATIONS.values()]
+_LATTICE_CONFIGS = [_Config({"BLOCK_U": u}, num_warps=w) for u, w in ((32, 1), (256, 2), (1024, 4), (4096, 16))]
+# Joint: tiles of 8 x 8 cells in every kernel (the d logits chunk is laid out by them). Per kernel and
+# dtype kind, (BLOCK_V, BLOCK_K, num_warps): "mma" is fp16/bf16 on tensor cores, "fma" fp32 (IEEE) and
+# fp64, whose tl.dot holds whole operand rows in registers, hence narrower V blocks. The logits
+# kernels keep K narrow (their live set is a cells x V tile of logits and its softmax); the two GEMMs
+# of the backward have wide output tiles. tl.dot needs every dimension >= 16. Untuned (no GPU here),
+# chosen for 0 spills with room to spare.
+_JOINT_CELLS = {"BLOCK_T": 8, "BLOCK_U": 8}
+_JOINT_BLOCKS = {
+    _joint_forward_kernel: {"mma": (64, 16, 8), "fma": (32, 16, 8)},
+    _joint_dlogits_kernel: {"mma": (64, 16, 8), "fma": (32, 16, 8)},
+    _joint_dweight_kernel: {"mma": (64, 64, 8), "fma": (32, 32, 8)},
+    _joint_dhidden_kernel: {"mma": (64, 64, 8), "fma": (32, 32, 8)},
+}
+# The chunk of d logits the joint's backward keeps at once (bytes); at least one tile.
+DLOGITS_CHUNK_BYTES = 64 << 20
+# Enough programs to fill a large GPU, for _joint_dweight_kernel's split of a chunk.
+_PROGRAMS_TO_FILL = 528
 
 
 def _row_config(vocab: int) -> _Config:
@@ -469,9 +536,19 @@ def rnnt_loss_backward(grad_costs, logits, targets, logit_lengths, target_length
     return grad
 
 
-def _joint_grid(batch, frames, labels_plus_1):
-    tile = _JOINT_TILE.constexprs
-    return (triton.cdiv(frames, tile["BLOCK_T"]) * triton.cdiv(labels_plus_1, tile["BLOCK_U"]), batch)
+def _joint_config(kernel, kind: str, act: int) -> _Config:
+    block_v, block_k, warps = _JOINT_BLOCKS[kernel][kind]
+    return _Config({**_JOINT_CELLS, "BLOCK_V": block_v, "BLOCK_K": block_k, "ACT": act}, num_warps=warps)
+
+
+def _joint_configs(dtype, activation) -> dict:
+    """{kernel: config} for inputs of `dtype` and this activation."""
+    kind = "mma" if dtype in (torch.float16, torch.bfloat16) else "fma"
+    return {kernel: _joint_config(kernel, kind, ACTIVATIONS[activation]) for kernel in _JOINT_BLOCKS}
+
+
+def _joint_tiles(batch, frames, labels_plus_1):
+    return batch * triton.cdiv(frames, _JOINT_CELLS["BLOCK_T"]) * triton.cdiv(labels_plus_1, _JOINT_CELLS["BLOCK_U"])
 
 
 def _bias_or_zeros(bias, weight):
@@ -485,8 +562,8 @@ def fused_joint_rnnt_loss_forward(enc, pred, weight, bias, targets, logit_length
     lattice_config = _check_cells(batch, frames, labels_plus_1)
     den = torch.zeros(batch, frames, labels_plus_1, dtype=acc_dtype(enc.dtype), device=enc.device)
     lp_blank, lp_y = torch.empty_like(den), torch.empty_like(den)
-    config = _JOINT_CONFIGS[ACTIVATIONS[activation]]
-    _launch(_joint_forward_kernel, _joint_grid(batch, frames, labels_plus_1), config, enc, pred, weight,
+    config = _joint_configs(enc.dtype, activation)[_joint_forward_kernel]
+    _launch(_joint_forward_kernel, (_joint_tiles(batch, frames, labels_plus_1),), config, enc, pred, weight,
             _bias_or_zeros(bias, weight), targets, logit_lengths, target_lengths, den, lp_blank, lp_y, frames,
             labels_plus_1 - 1, hidden, vocab, blank)
     costs, *workspace = _lattice(lp_blank, lp_y, logit_lengths, target_lengths, den, save, lattice_config)
@@ -499,11 +576,28 @@ def fused_joint_rnnt_loss_backward(grad_costs, enc, pred, weight, bias, targets,
     acc = acc_dtype(enc.dtype)
     grad_enc, grad_pred, grad_weight = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (enc, pred, weight))
     grad_bias = torch.zeros(vocab, dtype=acc, device=enc.device)
-    config = _JOINT_CONFIGS[ACTIVATIONS[activation]]
-    _launch(_joint_backward_kernel, _joint_grid(batch, frames, labels_plus_1), config, grad_costs, enc, pred,
-            weight, _bias_or_zeros(bias, weight), targets, logit_lengths, target_lengths, alphas, betas, den,
-            grad_enc, grad_pred, grad_weight, grad_bias, _scalar(clamp, den), frames, labels_plus_1 - 1, hidden, vocab,
-            blank)
+    configs = _joint_configs(enc.dtype, activation)
+    n_tiles = _joint_tiles(batch, frames, labels_plus_1)
+    cells = _JOINT_CELLS["BLOCK_T"] * _JOINT_CELLS["BLOCK_U"]
+    chunk = max(1, min(n_tiles, DLOGITS_CHUNK_BYTES // (cells * vocab * enc.element_size())))
+    dlogits = torch.empty(chunk * cells * vocab, dtype=enc.dtype, device=enc.device)
+    sizes = (frames, labels_plus_1 - 1, hidden, vocab)
+
+    def blocks(kernel, name, n):
+        return triton.cdiv(n, configs[kernel].constexprs[name])
+
+    h_dweight, v_dweight = blocks(_joint_dweight_kernel, "BLOCK_K", hidden), blocks(_joint_dweight_kernel, "BLOCK_V", vocab)
+    h_dhidden = blocks(_joint_dhidden_kernel, "BLOCK_K", hidden)
+    for first in range(0, n_tiles, chunk):
+        count = min(chunk, n_tiles - first)
+        _launch(_joint_dlogits_kernel, (count,), configs[_joint_dlogits_kernel], grad_costs, enc, pred, weight,
+                _bias_or_zeros(bias, weight), targets, logit_lengths, target_lengths, alphas, betas, den,
+                _scalar(clamp, den), dlogits, grad_bias, first, *sizes, blank)
+        splits = max(1, min(count, _PROGRAMS_TO_FILL // (h_dweight * v_dweight)))
+        _launch(_joint_dweight_kernel, (h_dweight, v_dweight, splits), configs[_joint_dweight_kernel], dlogits, enc,
+                pred, logit_lengths, target_lengths, grad_weight, first, count, *sizes)
+        _launch(_joint_dhidden_kernel, (h_dhidden, count), configs[_joint_dhidden_kernel], dlogits, enc, pred, weight,
+                logit_lengths, target_lengths, grad_enc, grad_pred, first, *sizes)
     return (grad_enc.to(enc.dtype), grad_pred.to(pred.dtype), grad_weight.to(weight.dtype),
             grad_bias.to(enc.dtype) if bias is not None else enc.new_empty(0))
 
@@ -512,37 +606,35 @@ def fused_joint_rnnt_loss_backward(grad_costs, enc, pred, weight, bias, targets,
 # ahead-of-time compile list (python -m amnets_kernels.aot)
 
 
-def _signature(kernel, **types):
-    """Every argument of `kernel`: constexpr where annotated so, else `types[name]`, else "i32"."""
-    params = inspect.signature(kernel.fn).parameters.values()
-    return {p.name: "constexpr" if p.annotation is tl.constexpr else types.get(p.name, "i32") for p in params}
+# What each pointer argument points to, by name: input data, accumulation-dtype buffers, int32 labels.
+_DATA = ("logits_ptr", "grad_costs_ptr", "grad_ptr", "enc_ptr", "pred_ptr", "weight_ptr", "bias_ptr", "dlogits_ptr")
+_INT = ("targets_ptr", "frames_ptr", "labels_ptr")
+
+
+def _signature(kernel, data: str) -> dict:
+    """`kernel`'s AOT signature for `data` inputs: constexprs as annotated, pointers by name (other
+    buffers in the accumulation dtype, float32 here), every other argument an i32."""
+    signature = {}
+    for p in inspect.signature(kernel.fn).parameters.values():
+        if p.annotation is tl.constexpr:
+            signature[p.name] = "constexpr"
+        elif p.name.endswith("_ptr"):
+            signature[p.name] = "*" + (data if p.name in _DATA else "i32" if p.name in _INT else "fp32")
+        else:
+            signature[p.name] = "i32"
+    return signature
 
 
 def _aot_configs():
-    ints = ("targets_ptr", "frames_ptr", "labels_ptr")
-
-    def pointers(data, acc, data_names, acc_names, **more):
-        return {**{n: f"*{data}" for n in data_names}, **{n: f"*{acc}" for n in acc_names},
-                **{n: "*i32" for n in ints}, **more}
-
-    row_stats = pointers("fp32", "fp32", ["logits_ptr"], ["den_ptr", "lp_blank_ptr", "lp_y_ptr"])
-    lattice = pointers("fp32", "fp32", [], ["lp_blank_ptr", "lp_y_ptr", "alphas_ptr", "betas_ptr", "costs_ptr"])
-    grad = pointers("fp32", "fp32", ["grad_costs_ptr", "logits_ptr", "grad_ptr"],
-                    ["alphas_ptr", "betas_ptr", "den_ptr", "clamp_ptr"])
-    kernels = [(_row_stats_kernel, _ROW_CONFIGS, "fp32", row_stats), (_rnnt_grad_kernel, _ROW_CONFIGS, "fp32", grad),
-               (_lattice_kernel, _LATTICE_CONFIGS, "fp32", lattice)]
-    # The joint kernels' tl.dot differs by operand dtype (IEEE fp32 FMA vs bf16 tensor cores): both.
-    for data in ("fp32", "bf16"):
-        inputs = ["enc_ptr", "pred_ptr", "weight_ptr", "bias_ptr"]
-        forward = pointers(data, "fp32", inputs, ["den_ptr", "lp_blank_ptr", "lp_y_ptr"])
-        backward = pointers(data, "fp32", inputs + ["grad_costs_ptr"],
-                            ["alphas_ptr", "betas_ptr", "den_ptr", "grad_enc_ptr", "grad_pred_ptr", "grad_weight_ptr",
-                             "grad_bias_ptr", "clamp_ptr"])
-        kernels += [(_joint_forward_kernel, _JOINT_CONFIGS, data, forward),
-                    (_joint_backward_kernel, _JOINT_CONFIGS, data, backward)]
+    row_kernels = [(kernel, config, "fp32") for kernel in (_row_stats_kernel, _rnnt_grad_kernel)
+                   for config in _ROW_CONFIGS]
+    lattice = [(_lattice_kernel, config, "fp32") for config in _LATTICE_CONFIGS]
+    # Each joint tile kind compiled for the dtype that selects it (fp16 takes the bf16 code path).
+    joint = [(kernel, _joint_config(kernel, kind, act), "bf16" if kind == "mma" else "fp32")
+             for kind in ("mma", "fma") for kernel in _JOINT_BLOCKS for act in ACTIVATIONS.values()]
     return [AotConfig(f"rnnt.{kernel.fn.__name__.strip('_')}[{data},{config.label()}]", kernel,
-                      _signature(kernel, **types), dict(config.constexprs), config.num_warps, config.num_stages)
-            for kernel, configs, data, types in kernels for config in configs]
+                      _signature(kernel, data), dict(config.constexprs), config.num_warps, config.num_stages)
+            for kernel, config, data in row_kernels + lattice + joint]
 
 
 AOT_CONFIGS = _aot_configs()
