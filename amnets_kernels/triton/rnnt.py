@@ -436,7 +436,8 @@ class _Config:
         return _Config({**self.constexprs, **more}, self.num_warps, self.num_stages)
 
     def label(self) -> str:
-        return ",".join([f"{k}={v}" for k, v in self.constexprs.items()] + [f"warps={self.num_warps}"])
+        return ",".join([f"{k}={v}" for k, v in self.constexprs.items()]
+                        + [f"warps={self.num_warps}", f"stages={self.num_stages}"])
 
 
 # Row kernels: 2048-element tiles (8 per thread), wide in V for large vocabularies, tall in rows for small.
@@ -444,17 +445,18 @@ _ROW_CONFIGS = [_Config({"BLOCK_R": 2048 // v, "BLOCK_V": v}, num_warps=8) for v
 # Lattice: one block holds a frame's U+1 cells; more warps for wider blocks.
 _LATTICE_CONFIGS = [_Config({"BLOCK_U": u}, num_warps=w) for u, w in ((32, 1), (256, 2), (1024, 4), (4096, 16))]
 # Joint: tiles of 8 x 8 cells in every kernel (the d logits chunk is laid out by them). Per kernel and
-# dtype kind, (BLOCK_V, BLOCK_K, num_warps): "mma" is fp16/bf16 on tensor cores, "fma" fp32 (IEEE) and
-# fp64, whose tl.dot holds whole operand rows in registers, hence narrower V blocks. The logits
-# kernels keep K narrow (their live set is a cells x V tile of logits and its softmax); the two GEMMs
-# of the backward have wide output tiles. tl.dot needs every dimension >= 16. Untuned (no GPU here),
-# chosen for 0 spills with room to spare.
+# dtype kind, (BLOCK_V, BLOCK_K, num_warps, num_stages): "mma" is fp16/bf16 on tensor cores, "fma"
+# fp32 (IEEE) and fp64, whose tl.dot holds whole operand rows in registers, hence narrower V blocks,
+# 4 warps and no software pipelining in the logits kernels (ptxas spills with 8 warps or pipelining).
+# The logits kernels keep K narrow (their live set is a cells x V tile of logits and its softmax); the
+# two GEMMs of the backward have wide output tiles. tl.dot needs every dimension >= 16. Untuned (no
+# GPU was at hand): chosen for 0 spills, with room to spare, under Triton 3.6 and 3.8.
 _JOINT_CELLS = {"BLOCK_T": 8, "BLOCK_U": 8}
 _JOINT_BLOCKS = {
-    _joint_forward_kernel: {"mma": (64, 16, 8), "fma": (32, 16, 8)},
-    _joint_dlogits_kernel: {"mma": (64, 16, 8), "fma": (32, 16, 8)},
-    _joint_dweight_kernel: {"mma": (64, 64, 8), "fma": (32, 32, 8)},
-    _joint_dhidden_kernel: {"mma": (64, 64, 8), "fma": (32, 32, 8)},
+    _joint_forward_kernel: {"mma": (64, 16, 8, 2), "fma": (32, 16, 4, 1)},
+    _joint_dlogits_kernel: {"mma": (64, 16, 8, 2), "fma": (32, 16, 4, 1)},
+    _joint_dweight_kernel: {"mma": (64, 64, 8, 2), "fma": (32, 32, 8, 2)},
+    _joint_dhidden_kernel: {"mma": (64, 64, 8, 2), "fma": (32, 32, 8, 2)},
 }
 # The chunk of d logits the joint's backward keeps at once (bytes); at least one tile.
 DLOGITS_CHUNK_BYTES = 64 << 20
@@ -537,8 +539,8 @@ def rnnt_loss_backward(grad_costs, logits, targets, logit_lengths, target_length
 
 
 def _joint_config(kernel, kind: str, act: int) -> _Config:
-    block_v, block_k, warps = _JOINT_BLOCKS[kernel][kind]
-    return _Config({**_JOINT_CELLS, "BLOCK_V": block_v, "BLOCK_K": block_k, "ACT": act}, num_warps=warps)
+    block_v, block_k, warps, stages = _JOINT_BLOCKS[kernel][kind]
+    return _Config({**_JOINT_CELLS, "BLOCK_V": block_v, "BLOCK_K": block_k, "ACT": act}, warps, stages)
 
 
 def _joint_configs(dtype, activation) -> dict:
