@@ -227,7 +227,9 @@ def _rnnt_grad_kernel(grad_costs_ptr, logits_ptr, targets_ptr, frames_ptr, label
     den, occupancy, w_blank, w_y, ok = _arc_weights(alphas_ptr, betas_ptr, den_ptr, row, t, u, frames,
                                                      labels, live, T, U + 1)
     occupancy = tl.where(fused != 0, occupancy, 0.0)  # without log-softmax only blank and y get a gradient
-    scale = _acc(tl.load(grad_costs_ptr + b, mask=ok, other=0.0))
+    # (A masked load with `other` here breaks Triton 3.6's layout pass for fp64; rows that are not ok
+    # get no gradient whatever their scale.)
+    scale = _acc(tl.load(grad_costs_ptr + b, mask=in_range))
     clamp = tl.load(clamp_ptr)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
@@ -358,7 +360,7 @@ def _joint_dlogits_kernel(grad_costs_ptr, enc_ptr, pred_ptr, weight_ptr, bias_pt
     label = _label(targets_ptr, b, u, labels, U, V, live)
     den, occupancy, w_blank, w_y, ok = _arc_weights(alphas_ptr, betas_ptr, den_ptr, row, t, u, frames,
                                                      labels, live, T, U + 1)
-    scale = _acc(tl.load(grad_costs_ptr + b + tl.zeros_like(label), mask=ok, other=0.0))
+    scale = tl.zeros_like(den) + _acc(tl.load(grad_costs_ptr + b))
     clamp = tl.load(clamp_ptr)
     out = dlogits_ptr + (tl.program_id(0).to(tl.int64) * BLOCK_T * BLOCK_U + tl.arange(0, BLOCK_T * BLOCK_U)) * V
     # Tiles off the lattice write nothing: the other two kernels skip them as well.
@@ -445,19 +447,21 @@ _ROW_CONFIGS = [_Config({"BLOCK_R": 2048 // v, "BLOCK_V": v}, num_warps=8) for v
 # Lattice: one block holds a frame's U+1 cells; more warps for wider blocks.
 _LATTICE_CONFIGS = [_Config({"BLOCK_U": u}, num_warps=w) for u, w in ((32, 1), (256, 2), (1024, 4), (4096, 16))]
 # Joint: tiles of 8 x 8 cells in every kernel (the d logits chunk is laid out by them). Per kernel and
-# dtype kind, (BLOCK_V, BLOCK_K, num_warps, num_stages): "mma" is fp16/bf16 on tensor cores, "fma"
-# fp32 (IEEE) and fp64, whose tl.dot holds whole operand rows in registers, hence narrower V blocks,
-# 4 warps and no software pipelining in the logits kernels (ptxas spills with 8 warps or pipelining).
-# The logits kernels keep K narrow (their live set is a cells x V tile of logits and its softmax); the
-# two GEMMs of the backward have wide output tiles. tl.dot needs every dimension >= 16. Untuned (no
-# GPU was at hand): chosen for 0 spills, with room to spare, under Triton 3.6 and 3.8.
+# dtype kind, (BLOCK_V, BLOCK_K, num_warps, num_stages). "mma": fp16/bf16 on tensor cores. "fp32"
+# (IEEE) and "fp64" run tl.dot on FMA units, which hold whole operand rows in registers: narrower V
+# blocks and mostly no software pipelining. The logits kernels keep K narrow (their live set is a
+# cells x V tile of logits and its softmax); the two GEMMs of the backward have wide output tiles.
+# tl.dot needs every dimension >= 16. Untuned for speed (no GPU was at hand): each entry is one that
+# ptxas compiles without spills under both Triton 3.6 and 3.8 (its register heuristics spill a few
+# bytes at 8 warps for some fp32/fp64 tiles that fit easily at 4, and vice versa).
 _JOINT_CELLS = {"BLOCK_T": 8, "BLOCK_U": 8}
 _JOINT_BLOCKS = {
-    _joint_forward_kernel: {"mma": (64, 16, 8, 2), "fma": (32, 16, 4, 1)},
-    _joint_dlogits_kernel: {"mma": (64, 16, 8, 2), "fma": (32, 16, 4, 1)},
-    _joint_dweight_kernel: {"mma": (64, 64, 8, 2), "fma": (32, 32, 8, 2)},
-    _joint_dhidden_kernel: {"mma": (64, 64, 8, 2), "fma": (32, 32, 8, 2)},
+    _joint_forward_kernel: {"mma": (64, 16, 8, 2), "fp32": (32, 16, 4, 1), "fp64": (32, 16, 8, 1)},
+    _joint_dlogits_kernel: {"mma": (64, 16, 8, 2), "fp32": (32, 16, 4, 1), "fp64": (16, 16, 4, 1)},
+    _joint_dweight_kernel: {"mma": (64, 64, 8, 2), "fp32": (32, 32, 8, 2), "fp64": (16, 32, 4, 1)},
+    _joint_dhidden_kernel: {"mma": (64, 64, 8, 2), "fp32": (32, 32, 8, 2), "fp64": (32, 32, 8, 2)},
 }
+_JOINT_KINDS = {torch.float16: "mma", torch.bfloat16: "mma", torch.float32: "fp32", torch.float64: "fp64"}
 # The chunk of d logits the joint's backward keeps at once (bytes); at least one tile.
 DLOGITS_CHUNK_BYTES = 64 << 20
 # Enough programs to fill a large GPU, for _joint_dweight_kernel's split of a chunk.
@@ -545,8 +549,7 @@ def _joint_config(kernel, kind: str, act: int) -> _Config:
 
 def _joint_configs(dtype, activation) -> dict:
     """{kernel: config} for inputs of `dtype` and this activation."""
-    kind = "mma" if dtype in (torch.float16, torch.bfloat16) else "fma"
-    return {kernel: _joint_config(kernel, kind, ACTIVATIONS[activation]) for kernel in _JOINT_BLOCKS}
+    return {kernel: _joint_config(kernel, _JOINT_KINDS[dtype], ACTIVATIONS[activation]) for kernel in _JOINT_BLOCKS}
 
 
 def _joint_tiles(batch, frames, labels_plus_1):
@@ -614,29 +617,32 @@ _INT = ("targets_ptr", "frames_ptr", "labels_ptr")
 
 
 def _signature(kernel, data: str) -> dict:
-    """`kernel`'s AOT signature for `data` inputs: constexprs as annotated, pointers by name (other
-    buffers in the accumulation dtype, float32 here), every other argument an i32."""
+    """`kernel`'s AOT signature for `data` inputs: constexprs as annotated, pointers by name (the
+    other buffers in the accumulation dtype), every other argument an i32."""
+    acc = "fp64" if data == "fp64" else "fp32"
     signature = {}
     for p in inspect.signature(kernel.fn).parameters.values():
         if p.annotation is tl.constexpr:
             signature[p.name] = "constexpr"
         elif p.name.endswith("_ptr"):
-            signature[p.name] = "*" + (data if p.name in _DATA else "i32" if p.name in _INT else "fp32")
+            signature[p.name] = "*" + (data if p.name in _DATA else "i32" if p.name in _INT else acc)
         else:
             signature[p.name] = "i32"
     return signature
 
 
 def _aot_configs():
-    row_kernels = [(kernel, config, "fp32") for kernel in (_row_stats_kernel, _rnnt_grad_kernel)
-                   for config in _ROW_CONFIGS]
-    lattice = [(_lattice_kernel, config, "fp32") for config in _LATTICE_CONFIGS]
-    # Each joint tile kind compiled for the dtype that selects it (fp16 takes the bf16 code path).
-    joint = [(kernel, _joint_config(kernel, kind, act), "bf16" if kind == "mma" else "fp32")
-             for kind in ("mma", "fma") for kernel in _JOINT_BLOCKS for act in ACTIVATIONS.values()]
+    """Every launch configuration, each compiled for the input dtypes whose code differs: the row
+    kernels load and store the input dtype; the lattice sees only the accumulation dtype; a joint
+    kind is compiled for the dtype that selects it (fp16 shares bf16's code path)."""
+    row = [(kernel, config, data) for kernel in (_row_stats_kernel, _rnnt_grad_kernel) for config in _ROW_CONFIGS
+           for data in ("fp32", "bf16", "fp64")]
+    lattice = [(_lattice_kernel, config, data) for config in _LATTICE_CONFIGS for data in ("fp32", "fp64")]
+    joint = [(kernel, _joint_config(kernel, kind, act), {"mma": "bf16"}.get(kind, kind))
+             for kind in ("mma", "fp32", "fp64") for kernel in _JOINT_BLOCKS for act in ACTIVATIONS.values()]
     return [AotConfig(f"rnnt.{kernel.fn.__name__.strip('_')}[{data},{config.label()}]", kernel,
                       _signature(kernel, data), dict(config.constexprs), config.num_warps, config.num_stages)
-            for kernel, config, data in row_kernels + lattice + joint]
+            for kernel, config, data in row + lattice + joint]
 
 
 AOT_CONFIGS = _aot_configs()
