@@ -2,40 +2,47 @@
 amnets_kernels/reference/rnnt.py).
 
 Design. The lattice recursions need only two log-probs per cell (t, u): lp_blank and lp_y. Everything
-V-sized is a streaming pass; everything else is O(B*T*U).
+V-sized is a streaming pass or a tile recomputed on the fly; everything else is O(B*T*U).
 
 rnnt_loss forward
   _row_stats_kernel   BLOCK_R rows (b, t, u) per program, V streamed in BLOCK_V columns with an online
-                      logsumexp: den, lp_blank, lp_y. Rows outside the lattice (t >= T_b or u > U_b) are
-                      skipped (den stays 0 there; nothing reads it).
+                      logsumexp (fp32 whatever the input dtype): den, lp_blank, lp_y. Rows off the
+                      lattice (t >= T_b or u > U_b) are skipped.
   _lattice_kernel     grid (B, 2): program (b, 0) computes alpha and the cost, (b, 1) beta, at the same
                       time. Each loops over the T_b frames; within a frame the recursion along u,
                       x(u) = logaddexp(stay(u), x(u-1) + lp_y), is a first-order linear recurrence in the
-                      log semiring, so it is one tl.associative_scan over a block of U+1 lanes. Beta
-                      runs the same code with u read backwards (lane j holds u = U_b - j).
+                      log semiring, so it is one tl.associative_scan over a block of U+1 lanes (pairs
+                      (A, E) compose as (logaddexp(A2, E2 + A1), E1 + E2)). Beta runs the same code with
+                      u read backwards (lane j holds u = U_b - j), so no reverse scan is needed.
 rnnt_loss backward
   _rnnt_grad_kernel   one streaming pass over V per row: occupancy * softmax - gamma_blank [k = blank]
                       - gamma_y [k = y], clamped per sequence, times grad_costs[b]; zero off the lattice
-                      and for sequences with a non-finite log P (read off the saved beta(0, 0)).
-fused joint (logits = act(enc[:, :, None] + pred[:, None]) @ weight.T + bias, never stored)
-  _joint_forward_kernel   a tile of BLOCK_T x BLOCK_U cells per program; per V block the logits tile is
-                      tl.dot(act(enc + pred), weight.T) over H in BLOCK_K chunks (the activation is
-                      recomputed per chunk rather than held: H may be large), then the same online
-                      logsumexp and the two picked log-probs; the lattice kernel above does the rest.
-  _joint_backward_kernel  recomputes each logits tile (flash-attention style), forms d logits as in
-                      rnnt_loss, and accumulates grad_bias += sum d, grad_weight += d^T act,
-                      d act = d @ weight, d pre-activation summed over u into grad_enc and over t into
-                      grad_pred, all by tl.atomic_add into float32 (float64) buffers cast at the end.
-                      Summation order therefore varies from run to run on a GPU (not bit-reproducible).
+                      and for sequences whose log P (read off the saved beta(0, 0)) is not finite.
+fused joint (logits = act(enc[:, :, None] + pred[:, None]) @ weight.T + bias)
+  _joint_forward_kernel   a tile of 8 x 8 cells per program; per V block, the logits tile is tl.dot of
+                      act(enc + pred) (recomputed per BLOCK_K hidden units: H may be large) and weight.T,
+                      then the same online logsumexp and the two picked log-probs; then _lattice_kernel.
+                      The (B, T, U+1, V) logits never exist.
+  backward            runs over chunks of cell tiles, DLOGITS_CHUNK_BYTES of d logits at a time (64 MiB:
+                      a bounded slice, never all of them): _joint_dlogits_kernel recomputes each
+                      tile's logits and writes its d logits (and grad_bias, by atomics); then two GEMMs
+                      read the chunk: _joint_dweight_kernel (grad_weight += d^T act, reduced over the
+                      chunk's cells in registers) and _joint_dhidden_kernel (d act = d @ weight, reduced
+                      over V in registers, times act', summed over u into grad_enc and over t into
+                      grad_pred by atomics). Accumulating grad_weight tile by tile with atomics would
+                      take (cells / 64) * V * H atomic adds, more time than all the GEMMs. Atomic sums
+                      make the gradients' last bits vary from run to run on a GPU.
 
 Numbers. Everything accumulates in float32 (float64 for float64 inputs), whatever the input dtype.
-The joint's tl.dot takes its operands in the input dtype (tensor cores for fp16/bf16; the activation is
-rounded to that dtype first) and uses IEEE fp32, not TF32, for float32. Under TRITON_INTERPRET=1 bf16
-operands go into tl.dot as float32, since the interpreter's bf16 arithmetic is wrong.
+The joint's tl.dot takes operands in the input dtype (tensor cores for fp16/bf16: the activation and
+d logits are rounded to it first) and uses IEEE fp32, not TF32, for float32, so float32 matches the
+reference to ~1e-6 on a GPU too (and runs on the FMA units: use fp16/bf16 for speed). Under
+TRITON_INTERPRET=1, bf16 operands go into tl.dot as float32: the interpreter's bf16 arithmetic is wrong.
 
-Limits. U+1 <= 4096 (the lattice keeps a frame's U+1 cells in one block; ValueError beyond), fewer
-than 2**31 lattice cells. T, V and H are unbounded (loops). The workspace differs from the reference
-face's outside the lattice (alphas/betas are -inf there, den is 0): only this face's backward reads it.
+Limits (ValueError beyond): U+1 <= 4096 (the lattice keeps a frame's U+1 cells in one block), fewer
+than 2**31 lattice cells B*T*(U+1), and for the joint fewer than 2**31 weight elements V*H. T, V and
+H are otherwise unbounded (loops). The workspace differs from the reference face's off the lattice
+(alphas and betas are -inf there, den is 0): only this face's backward reads it.
 """
 
 import inspect
@@ -106,8 +113,8 @@ def _pick(tile, cols, col):
 
 @triton.jit
 def _label(targets_ptr, b, u, labels, U, V, live):
-    """y_{u+1} for cells with an outgoing label arc (u < U_b), clamped into [0, V) since the padding
-    past target_lengths may hold anything; -1 (matches no column) elsewhere."""
+    """y_{u+1} for cells with an outgoing label arc (u < U_b), clamped into [0, V) as the reference
+    does; -1 (matches no column) elsewhere. Padding past target_lengths is never read."""
     has = live & (u < labels)
     y = tl.load(targets_ptr + b * U + u, mask=has, other=0)
     return tl.where(has, tl.minimum(tl.maximum(y, 0), V - 1), -1)
@@ -130,7 +137,7 @@ def _rows(frames_ptr, labels_ptr, n_rows, T, U1, BLOCK_R: tl.constexpr):
 def _arc_weights(alphas_ptr, betas_ptr, den_ptr, row, t, u, frames, labels, live, T, U1):
     """What a cell's logit gradient needs, from the saved lattice (see the reference's _arc_posteriors):
     occupancy = exp(alpha + beta - log P) (multiplies softmax), and log weights w_blank, w_y such that
-    gamma_blank = exp(z[blank] + w_blank), gamma_y = exp(z[y] + w_y) for the raw logits z.
+    gamma_blank = exp(z[blank] - den + w_blank), gamma_y = exp(z[y] - den + w_y) for the raw logits z.
     ok: the cell is on the lattice and its sequence has a finite log P = beta(0, 0)."""
     log_p = tl.load(betas_ptr + row - row % (T * U1), mask=live, other=0.0)  # beta(0, 0) of the sequence
     ok = live & (tl.abs(log_p) < float("inf"))
@@ -142,8 +149,8 @@ def _arc_weights(alphas_ptr, betas_ptr, den_ptr, row, t, u, frames, labels, live
     after_blank = tl.where((t == frames - 1) & (u == labels), 0.0, after_blank)  # the final blank
     after_label = tl.load(betas_ptr + row + 1, mask=ok & (u < labels), other=float("-inf"))
     occupancy = tl.where(ok, tl.exp(alpha + beta - log_p), 0.0)
-    w_blank = tl.where(ok, alpha - log_p - den + after_blank, float("-inf"))
-    w_y = tl.where(ok, alpha - log_p - den + after_label, float("-inf"))
+    w_blank = tl.where(ok, alpha - log_p + after_blank, float("-inf"))
+    w_y = tl.where(ok, alpha - log_p + after_label, float("-inf"))
     return den, occupancy, w_blank, w_y, ok
 
 
@@ -151,8 +158,9 @@ def _arc_weights(alphas_ptr, betas_ptr, den_ptr, row, t, u, frames, labels, live
 def _logit_grad(z, cols, den, occupancy, w_blank, w_y, blank, label, clamp, scale, ok):
     """d cost / d z for a (R, C) tile of raw logits (-inf in padded columns): clamped to [-clamp, clamp]
     when clamp > 0, then times scale (grad_costs[b]); exactly 0 in rows that are not ok."""
-    g_blank = tl.exp(_pick(z, cols, tl.zeros_like(label) + blank) + w_blank)
-    g_y = tl.exp(_pick(z, cols, label) + w_y)
+    # z - den first, as the reference forms the log-probs: both may be large (logits of 1e4).
+    g_blank = tl.exp(_pick(z, cols, tl.zeros_like(label) + blank) - den + w_blank)
+    g_y = tl.exp(_pick(z, cols, label) - den + w_y)
     # occupancy is 0 without log-softmax (and off the lattice): never form 0 * exp(large).
     soft = tl.where(occupancy[:, None] > 0, occupancy[:, None] * tl.exp(z - den[:, None]), 0.0)
     g = soft - tl.where(cols[None, :] == blank, g_blank[:, None], 0.0)
@@ -339,7 +347,7 @@ def _joint_forward_kernel(enc_ptr, pred_ptr, weight_ptr, bias_ptr, targets_ptr, 
     tl.store(lp_y_ptr + row, z_y - den, mask=live)
 
 
-# The joint's backward runs over chunks of cell tiles (see _joint_backward_chunks): per chunk,
+# The joint's backward runs over chunks of cell tiles (fused_joint_rnnt_loss_backward): per chunk,
 # 1. _joint_dlogits_kernel recomputes each tile's logits and writes d logits (tile, cell, V) to a chunk
 #    buffer (and grad_bias by atomics: one vector of V per tile),
 # 2. _joint_dweight_kernel: grad_weight += d logits^T act(enc + pred), a GEMM whose reduction runs over
@@ -489,10 +497,14 @@ def _launch(kernel, grid, config: _Config, *args):
 # faces
 
 
-def _check_cells(batch, frames, labels_plus_1):
+def _check_sizes(batch, frames, labels_plus_1, weight=None) -> _Config:
+    """Refuse what the kernels' int32 indexing or one-block lattice cannot hold; the lattice config."""
     if batch * frames * labels_plus_1 >= 2 ** 31:
         raise ValueError(f"the Triton rnnt faces handle fewer than 2**31 lattice cells; got B*T*(U+1) = "
                          f"{batch * frames * labels_plus_1}")
+    if weight is not None and weight.numel() >= 2 ** 31:
+        raise ValueError(f"the Triton fused_joint_rnnt_loss face handles weights of fewer than 2**31 elements; "
+                         f"got V*H = {weight.numel()}")
     return _lattice_config(labels_plus_1)
 
 
@@ -517,7 +529,7 @@ def _lattice(lp_blank, lp_y, logit_lengths, target_lengths, den, save, config):
 def rnnt_loss_forward(logits, targets, logit_lengths, target_lengths, blank: int, clamp: float,
                       fused_log_softmax: bool, save: bool):
     batch, frames, labels_plus_1, vocab = logits.shape
-    lattice_config = _check_cells(batch, frames, labels_plus_1)
+    lattice_config = _check_sizes(batch, frames, labels_plus_1)
     acc = acc_dtype(logits.dtype)
     den = torch.zeros(batch, frames, labels_plus_1, dtype=acc, device=logits.device)
     lp_blank, lp_y = torch.empty_like(den), torch.empty_like(den)
@@ -533,6 +545,7 @@ def rnnt_loss_forward(logits, targets, logit_lengths, target_lengths, blank: int
 def rnnt_loss_backward(grad_costs, logits, targets, logit_lengths, target_lengths, costs, alphas, betas, den,
                        blank: int, clamp: float, fused_log_softmax: bool):
     batch, frames, labels_plus_1, vocab = logits.shape
+    _check_sizes(batch, frames, labels_plus_1)
     grad = torch.empty_like(logits)
     n_rows = batch * frames * labels_plus_1
     config = _row_config(vocab)
@@ -564,7 +577,7 @@ def _bias_or_zeros(bias, weight):
 def fused_joint_rnnt_loss_forward(enc, pred, weight, bias, targets, logit_lengths, target_lengths, blank: int,
                                   activation: str, clamp: float, save: bool):
     (batch, frames, hidden), labels_plus_1, vocab = enc.shape, pred.shape[1], weight.shape[0]
-    lattice_config = _check_cells(batch, frames, labels_plus_1)
+    lattice_config = _check_sizes(batch, frames, labels_plus_1, weight)
     den = torch.zeros(batch, frames, labels_plus_1, dtype=acc_dtype(enc.dtype), device=enc.device)
     lp_blank, lp_y = torch.empty_like(den), torch.empty_like(den)
     config = _joint_configs(enc.dtype, activation)[_joint_forward_kernel]
@@ -578,6 +591,7 @@ def fused_joint_rnnt_loss_forward(enc, pred, weight, bias, targets, logit_length
 def fused_joint_rnnt_loss_backward(grad_costs, enc, pred, weight, bias, targets, logit_lengths, target_lengths,
                                    costs, alphas, betas, den, blank: int, activation: str, clamp: float):
     (batch, frames, hidden), labels_plus_1, vocab = enc.shape, pred.shape[1], weight.shape[0]
+    _check_sizes(batch, frames, labels_plus_1, weight)
     acc = acc_dtype(enc.dtype)
     grad_enc, grad_pred, grad_weight = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (enc, pred, weight))
     grad_bias = torch.zeros(vocab, dtype=acc, device=enc.device)
