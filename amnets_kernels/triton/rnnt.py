@@ -176,7 +176,7 @@ def _logit_grad(z, cols, den, occupancy, w_blank, w_y, blank, label, clamp, scal
 @triton.jit
 def _row_stats_kernel(logits_ptr, targets_ptr, frames_ptr, labels_ptr, den_ptr, lp_blank_ptr, lp_y_ptr,
                       n_rows, T, U, V, blank, fused, BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr):
-    row, b, t, u, frames, labels, in_range, live = _rows(frames_ptr, labels_ptr, n_rows, T, U + 1, BLOCK_R)
+    row, b, _, u, _, labels, _, live = _rows(frames_ptr, labels_ptr, n_rows, T, U + 1, BLOCK_R)
     label = _label(targets_ptr, b, u, labels, U, V, live)
     z_blank = _acc(tl.load(logits_ptr + row * V + blank, mask=live, other=0.0))
     z_y = _acc(tl.load(logits_ptr + row * V + label, mask=label >= 0, other=0.0))
@@ -184,7 +184,7 @@ def _row_stats_kernel(logits_ptr, targets_ptr, frames_ptr, labels_ptr, den_ptr, 
     s = tl.zeros((BLOCK_R,), z_blank.dtype)
     # No pass over V at all when every row is off the lattice, or without log-softmax (den = 0).
     n_blocks = tl.where((tl.max(live.to(tl.int32)) > 0) & (fused != 0), tl.cdiv(V, BLOCK_V), 0)
-    for block in range(0, n_blocks):
+    for block in range(n_blocks):
         cols = block * BLOCK_V + tl.arange(0, BLOCK_V)
         z = tl.load(logits_ptr + row[:, None] * V + cols[None, :], mask=live[:, None] & (cols[None, :] < V),
                     other=float("-inf"))
@@ -212,9 +212,10 @@ def _lattice_kernel(lp_blank_ptr, lp_y_ptr, frames_ptr, labels_ptr, alphas_ptr, 
     # The row "before" the first: every path starts in lane 0 with log-prob 0 (for beta, the final
     # blank's lp_blank(T_b-1, U_b) is then added as the blank arc of the first row).
     x = tl.where(lane == 0, 0.0, float("-inf")).to(costs_ptr.dtype.element_ty)
-    for i in range(0, frames):
+    for i in range(frames):
         t = tl.where(is_beta, frames - 1 - i, i)
-        t_blank = tl.where(is_beta, t, t - 1)  # the blank arc between rows t-1 and t (alpha), t and t+1 (beta)
+        # The blank arc between rows t-1 and t (alpha) or t and t+1 (beta) is read at the earlier row.
+        t_blank = tl.where(is_beta, t, t - 1)
         lp_blank = tl.load(lp_blank_ptr + base + t_blank * U1 + u, mask=live & (t_blank >= 0), other=0.0)
         lp_y = tl.load(lp_y_ptr + base + t * U1 + u_label, mask=live & (lane > 0), other=float("-inf"))
         x, _ = tl.associative_scan((x + lp_blank, lp_y), 0, _then)
@@ -244,7 +245,8 @@ def _rnnt_grad_kernel(grad_costs_ptr, logits_ptr, targets_ptr, frames_ptr, label
         offsets = row[:, None] * V + cols[None, :]
         z = _acc(tl.load(logits_ptr + offsets, mask=ok[:, None] & (cols[None, :] < V), other=float("-inf")))
         g = _logit_grad(z, cols, den, occupancy, w_blank, w_y, blank, label, clamp, scale, ok)
-        tl.store(grad_ptr + offsets, g.to(grad_ptr.dtype.element_ty), mask=in_range[:, None] & (cols[None, :] < V))
+        tl.store(grad_ptr + offsets, g.to(grad_ptr.dtype.element_ty),
+                 mask=in_range[:, None] & (cols[None, :] < V))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -266,9 +268,9 @@ def _hidden(enc_ptr, pred_ptr, enc_rows, pred_rows, t_live, u_live, ks, H, ACT: 
     """act(enc[b, t] + pred[b, u]) for a tile's BLOCK_T x BLOCK_U cells (flattened, t-major) x hidden
     units ks, in the accumulation dtype. Loads one (BLOCK_T, BLOCK_K) and one (BLOCK_U, BLOCK_K) tile
     and broadcasts, rather than gathering per cell. Rows past T_b or U_b read 0."""
-    enc = tl.load(enc_ptr + enc_rows[:, None] * H + ks[None, :], mask=t_live[:, None] & (ks[None, :] < H), other=0.0)
-    pred = tl.load(pred_ptr + pred_rows[:, None] * H + ks[None, :], mask=u_live[:, None] & (ks[None, :] < H),
-                   other=0.0)
+    in_h = ks[None, :] < H
+    enc = tl.load(enc_ptr + enc_rows[:, None] * H + ks[None, :], mask=t_live[:, None] & in_h, other=0.0)
+    pred = tl.load(pred_ptr + pred_rows[:, None] * H + ks[None, :], mask=u_live[:, None] & in_h, other=0.0)
     a = _acc(enc)[:, None, :] + _acc(pred)[None, :, :]
     a = tl.reshape(a, (enc_rows.shape[0] * pred_rows.shape[0], ks.shape[0]))
     if ACT == 0:  # tanh, from exp (portable across Triton versions and the interpreter)
@@ -291,18 +293,17 @@ def _joint_logits(enc_ptr, pred_ptr, weight_ptr, bias_ptr, enc_rows, pred_rows, 
     for k in range(0, H, BLOCK_K):
         ks = k + tl.arange(0, BLOCK_K)
         z = _hidden(enc_ptr, pred_ptr, enc_rows, pred_rows, t_live, u_live, ks, H, ACT)
-        w_t = tl.load(weight_ptr + cols[None, :] * H + ks[:, None], mask=(cols[None, :] < V) & (ks[:, None] < H),
-                      other=0.0)
+        w_t = tl.load(weight_ptr + cols[None, :] * H + ks[:, None],
+                      mask=(cols[None, :] < V) & (ks[:, None] < H), other=0.0)
         logits += _dot(z, w_t, weight_ptr.dtype.element_ty)
     return tl.where(cols[None, :] < V, logits, float("-inf"))
 
 
 @triton.jit
-def _cell_tile(tile, frames_ptr, labels_ptr, T, U1, BLOCK_T: tl.constexpr, BLOCK_U: tl.constexpr):
-    """Cell tile number `tile` (sequence-major, then frame blocks, then label blocks): BLOCK_T x BLOCK_U
-    cells of sequence b. Per cell (flattened, t-major): t, u, whether it is on the lattice, its flat
-    lattice row. Per frame and label position of the tile: the row of enc and of pred, and whether it
-    is within the sequence's lengths. tile_live: whether any cell of the tile is on the lattice."""
+def _tile(tile, frames_ptr, labels_ptr, T, U1, BLOCK_T: tl.constexpr, BLOCK_U: tl.constexpr):
+    """Cell tile number `tile`, numbered sequence-major, then frame blocks, then label blocks: its
+    sequence b, first frame t0 and label position u0, the sequence's lengths, and whether any of its
+    BLOCK_T x BLOCK_U cells is on the lattice."""
     t_tiles = tl.cdiv(T, BLOCK_T)
     u_tiles = tl.cdiv(U1, BLOCK_U)
     b = tile // (t_tiles * u_tiles)
@@ -310,34 +311,45 @@ def _cell_tile(tile, frames_ptr, labels_ptr, T, U1, BLOCK_T: tl.constexpr, BLOCK
     u0 = tile % u_tiles * BLOCK_U
     frames = tl.load(frames_ptr + b)
     labels = tl.load(labels_ptr + b)
-    tile_t = t0 + tl.arange(0, BLOCK_T)
-    tile_u = u0 + tl.arange(0, BLOCK_U)
-    cell = tl.arange(0, BLOCK_T * BLOCK_U)
-    t = t0 + cell // BLOCK_U
-    u = u0 + cell % BLOCK_U
-    live = (t < frames) & (u <= labels)
-    row = (b.to(tl.int64) * T + t) * U1 + u
-    enc_rows = b.to(tl.int64) * T + tile_t
-    pred_rows = b.to(tl.int64) * U1 + tile_u
-    return (b, t, u, frames, labels, live, row, enc_rows, pred_rows, tile_t < frames, tile_u <= labels,
-            (t0 < frames) & (u0 <= labels))
+    return b, t0, u0, frames, labels, (t0 < frames) & (u0 <= labels)
 
 
 @triton.jit
-def _joint_forward_kernel(enc_ptr, pred_ptr, weight_ptr, bias_ptr, targets_ptr, frames_ptr, labels_ptr, den_ptr,
-                          lp_blank_ptr, lp_y_ptr, T, U, H, V, blank, ACT: tl.constexpr, BLOCK_T: tl.constexpr,
-                          BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    b, t, u, frames, labels, live, row, enc_rows, pred_rows, t_live, u_live, tile_live = _cell_tile(
-        tl.program_id(0), frames_ptr, labels_ptr, T, U + 1, BLOCK_T, BLOCK_U)
+def _tile_inputs(b, t0, u0, frames, labels, T, U1, BLOCK_T: tl.constexpr, BLOCK_U: tl.constexpr):
+    """The tile's rows of enc (one per frame) and of pred (one per label position), and whether each
+    lies within the sequence's lengths."""
+    tile_t = t0 + tl.arange(0, BLOCK_T)
+    tile_u = u0 + tl.arange(0, BLOCK_U)
+    return b.to(tl.int64) * T + tile_t, b.to(tl.int64) * U1 + tile_u, tile_t < frames, tile_u <= labels
+
+
+@triton.jit
+def _tile_cells(b, t0, u0, frames, labels, T, U1, BLOCK_T: tl.constexpr, BLOCK_U: tl.constexpr):
+    """Per cell of the tile (flattened, t-major): t, u, whether it is on the lattice, its lattice row."""
+    cell = tl.arange(0, BLOCK_T * BLOCK_U)
+    t = t0 + cell // BLOCK_U
+    u = u0 + cell % BLOCK_U
+    return t, u, (t < frames) & (u <= labels), (b.to(tl.int64) * T + t) * U1 + u
+
+
+@triton.jit
+def _joint_forward_kernel(enc_ptr, pred_ptr, weight_ptr, bias_ptr, targets_ptr, frames_ptr, labels_ptr,
+                          den_ptr, lp_blank_ptr, lp_y_ptr, T, U, H, V, blank, ACT: tl.constexpr,
+                          BLOCK_T: tl.constexpr, BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr,
+                          BLOCK_K: tl.constexpr):
+    b, t0, u0, frames, labels, tile_live = _tile(tl.program_id(0), frames_ptr, labels_ptr, T, U + 1,
+                                                 BLOCK_T, BLOCK_U)
+    enc_rows, pred_rows, t_live, u_live = _tile_inputs(b, t0, u0, frames, labels, T, U + 1, BLOCK_T, BLOCK_U)
+    _, u, live, row = _tile_cells(b, t0, u0, frames, labels, T, U + 1, BLOCK_T, BLOCK_U)
     label = _label(targets_ptr, b, u, labels, U, V, live)
     m = tl.full((BLOCK_T * BLOCK_U,), float("-inf"), den_ptr.dtype.element_ty)
     s = tl.zeros((BLOCK_T * BLOCK_U,), den_ptr.dtype.element_ty)
     z_blank = tl.zeros((BLOCK_T * BLOCK_U,), den_ptr.dtype.element_ty)
     z_y = tl.zeros((BLOCK_T * BLOCK_U,), den_ptr.dtype.element_ty)
-    for block in range(0, tl.where(tile_live, tl.cdiv(V, BLOCK_V), 0)):
+    for block in range(tl.where(tile_live, tl.cdiv(V, BLOCK_V), 0)):  # no work off the lattice
         cols = block * BLOCK_V + tl.arange(0, BLOCK_V)
-        z = _joint_logits(enc_ptr, pred_ptr, weight_ptr, bias_ptr, enc_rows, pred_rows, t_live, u_live, cols, H, V,
-                          ACT, BLOCK_K)
+        z = _joint_logits(enc_ptr, pred_ptr, weight_ptr, bias_ptr, enc_rows, pred_rows, t_live, u_live, cols,
+                          H, V, ACT, BLOCK_K)
         m, s = _lse_update(m, s, z)
         z_blank += _pick(z, cols, tl.zeros_like(label) + blank)
         z_y += _pick(z, cols, label)
@@ -348,14 +360,13 @@ def _joint_forward_kernel(enc_ptr, pred_ptr, weight_ptr, bias_ptr, targets_ptr, 
 
 
 # The joint's backward runs over chunks of cell tiles (fused_joint_rnnt_loss_backward): per chunk,
-# 1. _joint_dlogits_kernel recomputes each tile's logits and writes d logits (tile, cell, V) to a chunk
-#    buffer (and grad_bias by atomics: one vector of V per tile),
+# 1. _joint_dlogits_kernel recomputes each tile's logits and writes its d logits (tile, cell, V) to the
+#    chunk buffer, and adds to grad_bias (atomics: one V-vector per tile);
 # 2. _joint_dweight_kernel: grad_weight += d logits^T act(enc + pred), a GEMM whose reduction runs over
-#    the chunk's cells, each (V, H) block accumulated in registers,
-# 3. _joint_dhidden_kernel: d act = d logits @ weight (reduction over V in registers), times act', summed
+#    the chunk's cells, each (BLOCK_V, BLOCK_K) block of grad_weight accumulated in registers;
+# 3. _joint_dhidden_kernel: d act = d logits @ weight (reduced over V in registers), times act', summed
 #    over u into grad_enc and over t into grad_pred (atomics: BLOCK_T + BLOCK_U rows per tile).
-# Accumulating grad_weight per tile by atomics instead would take (cells / tile) * V * H atomic adds,
-# several times the time of the GEMMs themselves.
+# Tiles off the lattice are skipped by all three.
 
 
 @triton.jit
@@ -363,43 +374,49 @@ def _joint_dlogits_kernel(grad_costs_ptr, enc_ptr, pred_ptr, weight_ptr, bias_pt
                           labels_ptr, alphas_ptr, betas_ptr, den_ptr, clamp_ptr, dlogits_ptr, grad_bias_ptr,
                           first_tile, T, U, H, V, blank, ACT: tl.constexpr, BLOCK_T: tl.constexpr,
                           BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    b, t, u, frames, labels, live, row, enc_rows, pred_rows, t_live, u_live, tile_live = _cell_tile(
-        first_tile + tl.program_id(0), frames_ptr, labels_ptr, T, U + 1, BLOCK_T, BLOCK_U)
+    b, t0, u0, frames, labels, tile_live = _tile(first_tile + tl.program_id(0), frames_ptr, labels_ptr, T,
+                                                 U + 1, BLOCK_T, BLOCK_U)
+    enc_rows, pred_rows, t_live, u_live = _tile_inputs(b, t0, u0, frames, labels, T, U + 1, BLOCK_T, BLOCK_U)
+    t, u, live, row = _tile_cells(b, t0, u0, frames, labels, T, U + 1, BLOCK_T, BLOCK_U)
     label = _label(targets_ptr, b, u, labels, U, V, live)
-    den, occupancy, w_blank, w_y, ok = _arc_weights(alphas_ptr, betas_ptr, den_ptr, row, t, u, frames,
-                                                     labels, live, T, U + 1)
+    den, occupancy, w_blank, w_y, ok = _arc_weights(alphas_ptr, betas_ptr, den_ptr, row, t, u, frames, labels,
+                                                     live, T, U + 1)
     scale = tl.zeros_like(den) + _acc(tl.load(grad_costs_ptr + b))
     clamp = tl.load(clamp_ptr)
-    out = dlogits_ptr + (tl.program_id(0).to(tl.int64) * BLOCK_T * BLOCK_U + tl.arange(0, BLOCK_T * BLOCK_U)) * V
-    # Tiles off the lattice write nothing: the other two kernels skip them as well.
-    for block in range(0, tl.where(tile_live, tl.cdiv(V, BLOCK_V), 0)):
+    cells = tl.program_id(0).to(tl.int64) * BLOCK_T * BLOCK_U + tl.arange(0, BLOCK_T * BLOCK_U)
+    for block in range(tl.where(tile_live, tl.cdiv(V, BLOCK_V), 0)):
         cols = block * BLOCK_V + tl.arange(0, BLOCK_V)
-        z = _joint_logits(enc_ptr, pred_ptr, weight_ptr, bias_ptr, enc_rows, pred_rows, t_live, u_live, cols, H, V,
-                          ACT, BLOCK_K)
+        z = _joint_logits(enc_ptr, pred_ptr, weight_ptr, bias_ptr, enc_rows, pred_rows, t_live, u_live, cols,
+                          H, V, ACT, BLOCK_K)
         d_logits = _logit_grad(z, cols, den, occupancy, w_blank, w_y, blank, label, clamp, scale, ok)
         tl.atomic_add(grad_bias_ptr + cols, tl.sum(d_logits, 0), mask=cols < V)
-        tl.store(out[:, None] + cols[None, :], d_logits.to(dlogits_ptr.dtype.element_ty), mask=cols[None, :] < V)
+        tl.store(dlogits_ptr + cells[:, None] * V + cols[None, :], d_logits.to(dlogits_ptr.dtype.element_ty),
+                 mask=cols[None, :] < V)
 
 
 @triton.jit
 def _joint_dweight_kernel(dlogits_ptr, enc_ptr, pred_ptr, frames_ptr, labels_ptr, grad_weight_ptr, first_tile,
-                          n_tiles, T, U, H, V, ACT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_U: tl.constexpr,
-                          BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
-    # Grid (H blocks, V blocks, splits): the programs that run together read the same d logits.
+                          n_tiles, T, U, H, V, ACT: tl.constexpr, BLOCK_T: tl.constexpr,
+                          BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
+    # Grid (H blocks, V blocks, splits): the programs that run together read the same d logits. Axis 2
+    # splits the chunk's tiles between programs, so that there are enough of them to fill a GPU.
     ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
     cols = tl.program_id(1) * BLOCK_V + tl.arange(0, BLOCK_V)
     cell = tl.arange(0, BLOCK_T * BLOCK_U)
     acc = tl.zeros((BLOCK_V, BLOCK_K), grad_weight_ptr.dtype.element_ty)
-    # Axis 2 splits the chunk's tiles between programs, so that there are enough programs to fill a GPU.
     for i in range(tl.program_id(2), n_tiles, tl.num_programs(2)):
-        b, t, u, frames, labels, live, row, enc_rows, pred_rows, t_live, u_live, tile_live = _cell_tile(
-            first_tile + i, frames_ptr, labels_ptr, T, U + 1, BLOCK_T, BLOCK_U)
+        b, t0, u0, frames, labels, tile_live = _tile(first_tile + i, frames_ptr, labels_ptr, T, U + 1,
+                                                     BLOCK_T, BLOCK_U)
         if tile_live:
+            enc_rows, pred_rows, t_live, u_live = _tile_inputs(b, t0, u0, frames, labels, T, U + 1,
+                                                               BLOCK_T, BLOCK_U)
             hidden = _hidden(enc_ptr, pred_ptr, enc_rows, pred_rows, t_live, u_live, ks, H, ACT)
-            d_logits = tl.load(dlogits_ptr + (i * BLOCK_T * BLOCK_U + cell).to(tl.int64)[:, None] * V + cols[None, :],
-                               mask=cols[None, :] < V, other=0.0)
+            cells = (i * BLOCK_T * BLOCK_U + cell).to(tl.int64)
+            d_logits = tl.load(dlogits_ptr + cells[:, None] * V + cols[None, :], mask=cols[None, :] < V,
+                               other=0.0)
             acc += _dot(tl.trans(d_logits), hidden, dlogits_ptr.dtype.element_ty)
-    tl.atomic_add(grad_weight_ptr + cols[:, None] * H + ks[None, :], acc, mask=(cols[:, None] < V) & (ks[None, :] < H))
+    tl.atomic_add(grad_weight_ptr + cols[:, None] * H + ks[None, :], acc,
+                  mask=(cols[:, None] < V) & (ks[None, :] < H))
 
 
 @triton.jit
@@ -407,29 +424,29 @@ def _joint_dhidden_kernel(dlogits_ptr, enc_ptr, pred_ptr, weight_ptr, frames_ptr
                           grad_pred_ptr, first_tile, T, U, H, V, ACT: tl.constexpr, BLOCK_T: tl.constexpr,
                           BLOCK_U: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr):
     # Grid (H blocks, tiles): the programs that run together read the same tile of d logits.
-    b, t, u, frames, labels, live, row, enc_rows, pred_rows, t_live, u_live, tile_live = _cell_tile(
-        first_tile + tl.program_id(1), frames_ptr, labels_ptr, T, U + 1, BLOCK_T, BLOCK_U)
     ks = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
+    b, t0, u0, frames, labels, tile_live = _tile(first_tile + tl.program_id(1), frames_ptr, labels_ptr, T,
+                                                 U + 1, BLOCK_T, BLOCK_U)
+    enc_rows, pred_rows, t_live, u_live = _tile_inputs(b, t0, u0, frames, labels, T, U + 1, BLOCK_T, BLOCK_U)
     cells = tl.program_id(1).to(tl.int64) * BLOCK_T * BLOCK_U + tl.arange(0, BLOCK_T * BLOCK_U)
     d_hidden = tl.zeros((BLOCK_T * BLOCK_U, BLOCK_K), grad_enc_ptr.dtype.element_ty)
-    for block in range(0, tl.where(tile_live, tl.cdiv(V, BLOCK_V), 0)):
+    for block in range(tl.where(tile_live, tl.cdiv(V, BLOCK_V), 0)):
         cols = block * BLOCK_V + tl.arange(0, BLOCK_V)
-        d_logits = tl.load(dlogits_ptr + cells[:, None] * V + cols[None, :], mask=cols[None, :] < V, other=0.0)
-        w = tl.load(weight_ptr + cols[:, None] * H + ks[None, :], mask=(cols[:, None] < V) & (ks[None, :] < H),
-                    other=0.0)
+        d_logits = tl.load(dlogits_ptr + cells[:, None] * V + cols[None, :], mask=cols[None, :] < V,
+                           other=0.0)
+        w = tl.load(weight_ptr + cols[:, None] * H + ks[None, :],
+                    mask=(cols[:, None] < V) & (ks[None, :] < H), other=0.0)
         d_hidden += _dot(d_logits, w, dlogits_ptr.dtype.element_ty)
-    if ACT == 0:
+    if ACT != 2:  # act' from act(a) itself: 1 - tanh^2, or relu's step
         hidden = _hidden(enc_ptr, pred_ptr, enc_rows, pred_rows, t_live, u_live, ks, H, ACT)
-        d_hidden *= 1.0 - hidden * hidden
-    elif ACT == 1:
-        hidden = _hidden(enc_ptr, pred_ptr, enc_rows, pred_rows, t_live, u_live, ks, H, ACT)
-        d_hidden = tl.where(hidden > 0, d_hidden, 0.0)
+        d_hidden = d_hidden * (1.0 - hidden * hidden) if ACT == 0 else tl.where(hidden > 0, d_hidden, 0.0)
     # Cells off the lattice have d logits = 0, so they add nothing to these sums.
     d_hidden = tl.reshape(d_hidden, (BLOCK_T, BLOCK_U, BLOCK_K))
+    h_live = (ks[None, :] < H) & tile_live
     tl.atomic_add(grad_enc_ptr + enc_rows[:, None] * H + ks[None, :], tl.sum(d_hidden, 1),
-                  mask=t_live[:, None] & (ks[None, :] < H) & tile_live)
+                  mask=t_live[:, None] & h_live)
     tl.atomic_add(grad_pred_ptr + pred_rows[:, None] * H + ks[None, :], tl.sum(d_hidden, 0),
-                  mask=u_live[:, None] & (ks[None, :] < H) & tile_live)
+                  mask=u_live[:, None] & h_live)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -453,7 +470,8 @@ class _Config:
 # Row kernels: 2048-element tiles (8 per thread), wide in V for large vocabularies, tall in rows for small.
 _ROW_CONFIGS = [_Config({"BLOCK_R": 2048 // v, "BLOCK_V": v}, num_warps=8) for v in (32, 128, 512, 2048)]
 # Lattice: one block holds a frame's U+1 cells; more warps for wider blocks.
-_LATTICE_CONFIGS = [_Config({"BLOCK_U": u}, num_warps=w) for u, w in ((32, 1), (256, 2), (1024, 4), (4096, 16))]
+_LATTICE_CONFIGS = [_Config({"BLOCK_U": u}, num_warps=w)
+                    for u, w in ((32, 1), (256, 2), (1024, 4), (4096, 16))]
 # Joint: tiles of 8 x 8 cells in every kernel (the d logits chunk is laid out by them). Per kernel and
 # dtype kind, (BLOCK_V, BLOCK_K, num_warps, num_stages). "mma": fp16/bf16 on tensor cores. "fp32"
 # (IEEE) and "fp64" run tl.dot on FMA units, which hold whole operand rows in registers: narrower V
@@ -503,8 +521,8 @@ def _check_sizes(batch, frames, labels_plus_1, weight=None) -> _Config:
         raise ValueError(f"the Triton rnnt faces handle fewer than 2**31 lattice cells; got B*T*(U+1) = "
                          f"{batch * frames * labels_plus_1}")
     if weight is not None and weight.numel() >= 2 ** 31:
-        raise ValueError(f"the Triton fused_joint_rnnt_loss face handles weights of fewer than 2**31 elements; "
-                         f"got V*H = {weight.numel()}")
+        raise ValueError("the Triton fused_joint_rnnt_loss face handles weights of fewer than 2**31 "
+                         f"elements; got V*H = {weight.numel()}")
     return _lattice_config(labels_plus_1)
 
 
@@ -535,9 +553,9 @@ def rnnt_loss_forward(logits, targets, logit_lengths, target_lengths, blank: int
     lp_blank, lp_y = torch.empty_like(den), torch.empty_like(den)
     n_rows = den.numel()
     config = _row_config(vocab)
-    _launch(_row_stats_kernel, (triton.cdiv(n_rows, config.constexprs["BLOCK_R"]),), config, logits, targets,
-            logit_lengths, target_lengths, den, lp_blank, lp_y, n_rows, frames, labels_plus_1 - 1, vocab, blank,
-            int(fused_log_softmax))
+    _launch(_row_stats_kernel, (triton.cdiv(n_rows, config.constexprs["BLOCK_R"]),), config, logits,
+            targets, logit_lengths, target_lengths, den, lp_blank, lp_y, n_rows, frames, labels_plus_1 - 1,
+            vocab, blank, int(fused_log_softmax))
     costs, *workspace = _lattice(lp_blank, lp_y, logit_lengths, target_lengths, den, save, lattice_config)
     return costs.to(logits.dtype), *workspace
 
@@ -549,9 +567,9 @@ def rnnt_loss_backward(grad_costs, logits, targets, logit_lengths, target_length
     grad = torch.empty_like(logits)
     n_rows = batch * frames * labels_plus_1
     config = _row_config(vocab)
-    _launch(_rnnt_grad_kernel, (triton.cdiv(n_rows, config.constexprs["BLOCK_R"]),), config, grad_costs, logits,
-            targets, logit_lengths, target_lengths, alphas, betas, den, grad, _scalar(clamp, den), n_rows, frames,
-            labels_plus_1 - 1, vocab, blank, int(fused_log_softmax))
+    _launch(_rnnt_grad_kernel, (triton.cdiv(n_rows, config.constexprs["BLOCK_R"]),), config, grad_costs,
+            logits, targets, logit_lengths, target_lengths, alphas, betas, den, grad, _scalar(clamp, den),
+            n_rows, frames, labels_plus_1 - 1, vocab, blank, int(fused_log_softmax))
     return grad
 
 
@@ -562,11 +580,13 @@ def _joint_config(kernel, kind: str, act: int) -> _Config:
 
 def _joint_configs(dtype, activation) -> dict:
     """{kernel: config} for inputs of `dtype` and this activation."""
-    return {kernel: _joint_config(kernel, _JOINT_KINDS[dtype], ACTIVATIONS[activation]) for kernel in _JOINT_BLOCKS}
+    kind, act = _JOINT_KINDS[dtype], ACTIVATIONS[activation]
+    return {kernel: _joint_config(kernel, kind, act) for kernel in _JOINT_BLOCKS}
 
 
 def _joint_tiles(batch, frames, labels_plus_1):
-    return batch * triton.cdiv(frames, _JOINT_CELLS["BLOCK_T"]) * triton.cdiv(labels_plus_1, _JOINT_CELLS["BLOCK_U"])
+    cells = _JOINT_CELLS
+    return batch * triton.cdiv(frames, cells["BLOCK_T"]) * triton.cdiv(labels_plus_1, cells["BLOCK_U"])
 
 
 def _bias_or_zeros(bias, weight):
@@ -588,13 +608,14 @@ def fused_joint_rnnt_loss_forward(enc, pred, weight, bias, targets, logit_length
     return costs.to(enc.dtype), *workspace
 
 
-def fused_joint_rnnt_loss_backward(grad_costs, enc, pred, weight, bias, targets, logit_lengths, target_lengths,
-                                   costs, alphas, betas, den, blank: int, activation: str, clamp: float):
+def fused_joint_rnnt_loss_backward(grad_costs, enc, pred, weight, bias, targets, logit_lengths,
+                                   target_lengths, costs, alphas, betas, den, blank: int, activation: str,
+                                   clamp: float):
     (batch, frames, hidden), labels_plus_1, vocab = enc.shape, pred.shape[1], weight.shape[0]
     _check_sizes(batch, frames, labels_plus_1, weight)
     acc = acc_dtype(enc.dtype)
-    grad_enc, grad_pred, grad_weight = (torch.zeros(t.shape, dtype=acc, device=t.device) for t in (enc, pred, weight))
-    grad_bias = torch.zeros(vocab, dtype=acc, device=enc.device)
+    shapes = (enc.shape, pred.shape, weight.shape, (vocab,))
+    grad_enc, grad_pred, grad_weight, grad_bias = (enc.new_zeros(x, dtype=acc) for x in shapes)
     configs = _joint_configs(enc.dtype, activation)
     n_tiles = _joint_tiles(batch, frames, labels_plus_1)
     cells = _JOINT_CELLS["BLOCK_T"] * _JOINT_CELLS["BLOCK_U"]
@@ -605,18 +626,20 @@ def fused_joint_rnnt_loss_backward(grad_costs, enc, pred, weight, bias, targets,
     def blocks(kernel, name, n):
         return triton.cdiv(n, configs[kernel].constexprs[name])
 
-    h_dweight, v_dweight = blocks(_joint_dweight_kernel, "BLOCK_K", hidden), blocks(_joint_dweight_kernel, "BLOCK_V", vocab)
-    h_dhidden = blocks(_joint_dhidden_kernel, "BLOCK_K", hidden)
+    dweight_grid = (blocks(_joint_dweight_kernel, "BLOCK_K", hidden),
+                    blocks(_joint_dweight_kernel, "BLOCK_V", vocab))
+    dhidden_blocks = blocks(_joint_dhidden_kernel, "BLOCK_K", hidden)
+    lengths = (logit_lengths, target_lengths)
     for first in range(0, n_tiles, chunk):
         count = min(chunk, n_tiles - first)
-        _launch(_joint_dlogits_kernel, (count,), configs[_joint_dlogits_kernel], grad_costs, enc, pred, weight,
-                _bias_or_zeros(bias, weight), targets, logit_lengths, target_lengths, alphas, betas, den,
+        _launch(_joint_dlogits_kernel, (count,), configs[_joint_dlogits_kernel], grad_costs, enc, pred,
+                weight, _bias_or_zeros(bias, weight), targets, *lengths, alphas, betas, den,
                 _scalar(clamp, den), dlogits, grad_bias, first, *sizes, blank)
-        splits = max(1, min(count, _PROGRAMS_TO_FILL // (h_dweight * v_dweight)))
-        _launch(_joint_dweight_kernel, (h_dweight, v_dweight, splits), configs[_joint_dweight_kernel], dlogits, enc,
-                pred, logit_lengths, target_lengths, grad_weight, first, count, *sizes)
-        _launch(_joint_dhidden_kernel, (h_dhidden, count), configs[_joint_dhidden_kernel], dlogits, enc, pred, weight,
-                logit_lengths, target_lengths, grad_enc, grad_pred, first, *sizes)
+        splits = max(1, min(count, _PROGRAMS_TO_FILL // (dweight_grid[0] * dweight_grid[1])))
+        _launch(_joint_dweight_kernel, (*dweight_grid, splits), configs[_joint_dweight_kernel], dlogits, enc,
+                pred, *lengths, grad_weight, first, count, *sizes)
+        _launch(_joint_dhidden_kernel, (dhidden_blocks, count), configs[_joint_dhidden_kernel], dlogits, enc,
+                pred, weight, *lengths, grad_enc, grad_pred, first, *sizes)
     return (grad_enc.to(enc.dtype), grad_pred.to(pred.dtype), grad_weight.to(weight.dtype),
             grad_bias.to(enc.dtype) if bias is not None else enc.new_empty(0))
 
@@ -626,7 +649,8 @@ def fused_joint_rnnt_loss_backward(grad_costs, enc, pred, weight, bias, targets,
 
 
 # What each pointer argument points to, by name: input data, accumulation-dtype buffers, int32 labels.
-_DATA = ("logits_ptr", "grad_costs_ptr", "grad_ptr", "enc_ptr", "pred_ptr", "weight_ptr", "bias_ptr", "dlogits_ptr")
+_DATA = ("logits_ptr", "grad_costs_ptr", "grad_ptr", "enc_ptr", "pred_ptr", "weight_ptr", "bias_ptr",
+         "dlogits_ptr")
 _INT = ("targets_ptr", "frames_ptr", "labels_ptr")
 
 
@@ -649,8 +673,8 @@ def _aot_configs():
     """Every launch configuration, each compiled for the input dtypes whose code differs: the row
     kernels load and store the input dtype; the lattice sees only the accumulation dtype; a joint
     kind is compiled for the dtype that selects it (fp16 shares bf16's code path)."""
-    row = [(kernel, config, data) for kernel in (_row_stats_kernel, _rnnt_grad_kernel) for config in _ROW_CONFIGS
-           for data in ("fp32", "bf16", "fp64")]
+    row = [(kernel, config, data) for kernel in (_row_stats_kernel, _rnnt_grad_kernel)
+           for config in _ROW_CONFIGS for data in ("fp32", "bf16", "fp64")]
     lattice = [(_lattice_kernel, config, data) for config in _LATTICE_CONFIGS for data in ("fp32", "fp64")]
     joint = [(kernel, _joint_config(kernel, kind, act), {"mma": "bf16"}.get(kind, kind))
              for kind in ("mma", "fp32", "fp64") for kernel in _JOINT_BLOCKS for act in ACTIVATIONS.values()]
