@@ -35,9 +35,11 @@ fused joint (logits = act(enc[:, :, None] + pred[:, None]) @ weight.T + bias)
 
 Numbers. Everything accumulates in float32 (float64 for float64 inputs), whatever the input dtype.
 The joint's tl.dot takes operands in the input dtype (tensor cores for fp16/bf16: the activation and
-d logits are rounded to it first) and uses IEEE fp32, not TF32, for float32, so float32 matches the
-reference to ~1e-6 on a GPU too (and runs on the FMA units: use fp16/bf16 for speed). Under
+d logits are rounded to it first) and uses IEEE fp32, not TF32, for float32, so that float32 should
+match the reference on a GPU as it does under the interpreter (it runs on the FMA units, though: use
+fp16/bf16 for speed). Under
 TRITON_INTERPRET=1, bf16 operands go into tl.dot as float32: the interpreter's bf16 arithmetic is wrong.
+Memory: O(B*T*U) workspace, plus for the joint's backward one chunk of d logits.
 
 Limits (ValueError beyond): U+1 <= 4096 (the lattice keeps a frame's U+1 cells in one block), fewer
 than 2**31 lattice cells B*T*(U+1), and for the joint fewer than 2**31 weight elements V*H. T, V and
@@ -60,7 +62,6 @@ from ..reference import acc_dtype
 _INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
 
 ACTIVATIONS = {"tanh": 0, "relu": 1, "identity": 2}
-MAX_LABELS_PLUS_1 = 4096
 
 # ---------------------------------------------------------------------------------------------------
 # small device helpers
@@ -455,12 +456,11 @@ def _joint_dhidden_kernel(dlogits_ptr, enc_ptr, pred_ptr, weight_ptr, frames_ptr
 
 @dataclass(frozen=True)
 class _Config:
+    """One way to launch a kernel: its constexprs, warps and pipeline stages."""
+
     constexprs: dict = field(default_factory=dict)
     num_warps: int = 4
     num_stages: int = 2
-
-    def with_constexprs(self, **more):
-        return _Config({**self.constexprs, **more}, self.num_warps, self.num_stages)
 
     def label(self) -> str:
         return ",".join([f"{k}={v}" for k, v in self.constexprs.items()]
@@ -472,6 +472,7 @@ _ROW_CONFIGS = [_Config({"BLOCK_R": 2048 // v, "BLOCK_V": v}, num_warps=8) for v
 # Lattice: one block holds a frame's U+1 cells; more warps for wider blocks.
 _LATTICE_CONFIGS = [_Config({"BLOCK_U": u}, num_warps=w)
                     for u, w in ((32, 1), (256, 2), (1024, 4), (4096, 16))]
+MAX_LABELS_PLUS_1 = _LATTICE_CONFIGS[-1].constexprs["BLOCK_U"]
 # Joint: tiles of 8 x 8 cells in every kernel (the d logits chunk is laid out by them). Per kernel and
 # dtype kind, (BLOCK_V, BLOCK_K, num_warps, num_stages). "mma": fp16/bf16 on tensor cores. "fp32"
 # (IEEE) and "fp64" run tl.dot on FMA units, which hold whole operand rows in registers: narrower V
@@ -534,7 +535,7 @@ def _scalar(value: float, like):
 def _lattice(lp_blank, lp_y, logit_lengths, target_lengths, den, save, config):
     """Costs (accumulation dtype) and, with save, the (alphas, betas, den) workspace."""
     batch, frames, labels_plus_1 = lp_blank.shape
-    alphas = torch.full_like(lp_blank, float("-inf"))
+    alphas = torch.full_like(lp_blank, float("-inf")) if save else torch.empty_like(lp_blank)  # else scratch
     betas = torch.full_like(lp_blank, float("-inf")) if save else lp_blank.new_empty(0)
     costs = lp_blank.new_empty(batch)
     _launch(_lattice_kernel, (batch, 2 if save else 1), config, lp_blank, lp_y, logit_lengths, target_lengths,
@@ -619,7 +620,8 @@ def fused_joint_rnnt_loss_backward(grad_costs, enc, pred, weight, bias, targets,
     configs = _joint_configs(enc.dtype, activation)
     n_tiles = _joint_tiles(batch, frames, labels_plus_1)
     cells = _JOINT_CELLS["BLOCK_T"] * _JOINT_CELLS["BLOCK_U"]
-    chunk = max(1, min(n_tiles, DLOGITS_CHUNK_BYTES // (cells * vocab * enc.element_size())))
+    # The chunk's tiles are _joint_dhidden_kernel's grid axis 1, which CUDA caps at 65535.
+    chunk = max(1, min(n_tiles, 65535, DLOGITS_CHUNK_BYTES // (cells * vocab * enc.element_size())))
     dlogits = torch.empty(chunk * cells * vocab, dtype=enc.dtype, device=enc.device)
     sizes = (frames, labels_plus_1 - 1, hidden, vocab)
 
