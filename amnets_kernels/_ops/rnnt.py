@@ -153,7 +153,8 @@ def fused_joint_rnnt_loss(enc: Tensor, pred: Tensor, weight: Tensor, bias: Optio
 
     enc (B, T, H), pred (B, U+1, H), weight (V, H), bias (V,) or None; activation "tanh", "relu" or
     "identity". Differentiable in enc, pred, weight and bias. Peak memory is O(B*T*U) plus one tile
-    in the fused faces (the reference face materialises the logits).
+    of cells (cpu: ~256 cells; cuda and triton: a chunk of at most 256 MiB / 64 MiB of logits); the
+    reference face materialises the logits.
     """
     _validate.tensor_types(JOINT, ("bias",), enc=enc, pred=pred, weight=weight, bias=bias, targets=targets,
                            logit_lengths=logit_lengths, target_lengths=target_lengths)
