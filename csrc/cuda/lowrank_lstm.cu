@@ -67,12 +67,14 @@
 //   J (units per block) = max(kMinUnitsPerBlock = 4, ceil(H / #SMs)), G = ceil(H / J) blocks (<= #SMs);
 //   B * J <= 256 (one thread per (b, j) pair);
 //   shared memory 4 * (4 J R' + J Rp + B Rp + 5 B J) bytes <= the device's opt-in limit per block, with
-//     Rp = round_up(r_h, 4), R' = round_up(Rp, 32) + 4 (padded U rows: no bank conflicts);
+//     Rp = round_up(r_h, 4), R' = round_up(Rp, 32) + 4 (padded U rows: conflict-free float4 reads when 1 or
+//     >= 8 lanes share an output, 2-way conflicts for 2 or 4);
 //   T * G < 2^31; float/half/bf16 only; auto also wants B <= 16 (above it cuBLAS steps are efficient).
-//   On an H100 (132 SMs, 227 KB opt-in): H <= 1056 -> J = 8: B <= 32, r_h <= ~1300 (r_h <= H anyway);
-//   H <= 2112 -> J = 16: B <= 16, r_h <= ~690; H <= 4224 -> J = 32: B <= 8, r_h <= ~340;
-//   e.g. H = 1024, r_h = 128, B = 16: 128 blocks of 33 KB (the factors take 20 KB per block).
-//   On an A100 (108 SMs, 163 KB): H <= 864 -> J = 8 (B <= 32, r_h <= ~960); H = 1024 -> J = 10.
+//   On an H100 (132 SMs, 227 KB opt-in): H <= 1056 -> J = 8, G <= 132: B <= 32, r_h <= 1024 (B <= 16) or
+//   776 (B = 32); H <= 2112 -> J = 16: B <= 16, r_h <= 576; H <= 4224 -> J = 32: B <= 8, r_h <= 320;
+//   at most H = 256 * 132 (B = 1, tiny r_h). The target H = 1024, r_h = 128: 128 blocks (one per SM) of
+//   21 KB (B = 1), 31 KB (B = 16) or 42 KB (B = 32) shared memory, 20.5 KB of it the factors.
+//   On an A100 (108 SMs, 163 KB): H = 1024 -> J = 10, 103 blocks: B <= 25, r_h <= 608 (B <= 16).
 //
 // Other notes:
 //   - --use_fast_math would turn tanhf into tanh.approx.f32 (relative error ~5e-4): the float tanh here
