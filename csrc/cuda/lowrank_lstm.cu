@@ -60,7 +60,9 @@
 //       adds, and the next zeroing never races a read. S[1], S[2] start zeroed by the memset, and the
 //       initial s_0 = h0 V_hh^T is added into S[0] before barrier 1.
 //   (e) Progress: cudaLaunchCooperativeKernel refuses a grid whose blocks cannot all be resident at once
-//       (and the plan checks occupancy itself), so no spinning block can wait on a block that never runs.
+//       (and the plan checks occupancy itself), so no spinning block can wait on a block that never runs;
+//       a refused launch (cudaErrorCooperativeLaunchTooLarge) runs the step path instead, or is an error
+//       when the persistent path is forced.
 //       No reset, no sense reversal, no ABA: the counter reaches T G < 2^31 (checked).
 //
 // Limits of the persistent kernel (kPersistentThreads = 256 threads per block):
@@ -132,14 +134,22 @@ void launch(void (*kernel)(Params...), int64_t blocks, int threads, size_t smem,
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// A cooperative launch: all blocks resident at once, or the launch fails (never a hang).
+// A cooperative launch: all blocks resident at once, or nothing launched (never a hang). Returns false,
+// with the error cleared, when the device cannot hold the grid now (e.g. fewer SMs under MPS than the
+// properties say); any other failure throws.
 template <typename Params>
-void launch_cooperative(void (*kernel)(Params), int64_t blocks, int threads, size_t smem, Params params) {
+bool launch_cooperative(void (*kernel)(Params), int64_t blocks, int threads, size_t smem, Params params) {
   void* args[] = {&params};
-  C10_CUDA_CHECK(cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(unsigned(blocks)),
-                                             dim3(unsigned(threads)), args, smem,
-                                             at::cuda::getCurrentCUDAStream()));
+  const cudaError_t err = cudaLaunchCooperativeKernel(reinterpret_cast<const void*>(kernel), dim3(unsigned(blocks)),
+                                                      dim3(unsigned(threads)), args, smem,
+                                                      at::cuda::getCurrentCUDAStream());
+  if (err == cudaErrorCooperativeLaunchTooLarge) {
+    (void)cudaGetLastError();
+    return false;
+  }
+  C10_CUDA_CHECK(err);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return true;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -522,9 +532,10 @@ Recurrence recur_steps(Tensor& pre, const Tensor& h0, const Tensor& c0, const Te
 }
 
 // The persistent path (float accumulation): pre (T, B, 4H) becomes the activated gates when save.
+// Returns false, having launched nothing and changed nothing, when the device refuses the grid.
 template <typename scalar_t>
-Recurrence recur_persistent(Tensor& pre, const Tensor& h0, const Tensor& c0, const Tensor& w_hh_u,
-                            const Tensor& w_hh_v, bool save, const Plan& plan) {
+bool recur_persistent(Recurrence& result, Tensor& pre, const Tensor& h0, const Tensor& c0, const Tensor& w_hh_u,
+                      const Tensor& w_hh_v, bool save, const Plan& plan) {
   const int64_t steps = pre.size(0), batch = pre.size(1), hidden = w_hh_v.size(1), rank = w_hh_v.size(0);
   Recurrence r;
   r.out = at::empty({steps, batch, hidden}, h0.options());
@@ -550,8 +561,11 @@ Recurrence recur_persistent(Tensor& pre, const Tensor& h0, const Tensor& c0, con
   args.save = save;
   args.steps = int(steps), args.batch = int(batch), args.hidden = int(hidden), args.rank = int(rank);
   args.rank_pad = plan.rank_pad, args.row_stride = plan.row_stride, args.units = plan.units;
-  launch_cooperative(persistent_forward_kernel<scalar_t>, plan.blocks, kPersistentThreads, plan.smem, args);
-  return r;
+  if (!launch_cooperative(persistent_forward_kernel<scalar_t>, plan.blocks, kPersistentThreads, plan.smem, args)) {
+    return false;
+  }
+  result = r;
+  return true;
 }
 
 // BPTT. Returns dpre (T, B, 4H); dh, dc (B, H) enter as dL/dh_T, dL/dc_T and leave as dL/dh_0, dL/dc_0.
@@ -607,8 +621,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lowrank_lstm_sequence_forward
     if constexpr (std::is_same_v<acc_t, float>) {
       Plan plan;
       if (choose_path<scalar_t>(steps, batch, hidden, rank, plan) == Path::kPersistent) {
-        r = recur_persistent<scalar_t>(pre, h0, c0, w_hh_u, w_hh_v, save, plan);
-        return;
+        if (recur_persistent<scalar_t>(r, pre, h0, c0, w_hh_u, w_hh_v, save, plan)) return;
+        TORCH_CHECK(path_setting() != "persistent", "lowrank_lstm (cuda): AMNETS_LSTM_CUDA_PATH=persistent, but "
+                    "the device refused the cooperative launch of ", plan.blocks, " blocks (too large to be resident)");
       }
     }
     r = recur_steps<scalar_t, acc_t>(pre, h0, c0, w_hh_u, w_hh_v, save);
