@@ -99,6 +99,52 @@ void step_backward(const double* gates, const double* c_t, const double* c_prev,
 }
 
 // ---------------------------------------------------------------------------------------------------
+// Small-batch products y[b, j] (+)= A[j, :] . x[b, :] for A (rows, cols) row-major: every row of A is
+// streamed once and dotted with all B inputs. At B = 1 a BLAS GEMM call spends more on its overhead
+// than this takes, and a step is exactly two such products (the streaming-inference case).
+
+constexpr int64_t kMaxDotBatch = 4;
+
+template <int NB>
+AMNETS_INLINE void rows_dot_fixed(const float* a, int64_t cols, const float* x, float* y, int64_t rows,
+                                  int64_t r0, int64_t r1, bool accumulate) {
+  for (int64_t j = r0; j < r1; ++j) {
+    const float* row = a + j * cols;
+    simd::vfloat acc[NB] = {};
+    int64_t k = 0;
+    for (; k + simd::kWidth <= cols; k += simd::kWidth) {
+      const simd::vfloat w = simd::load(row + k);
+      for (int b = 0; b < NB; ++b) acc[b] += w * simd::load(x + b * cols + k);
+    }
+    for (int b = 0; b < NB; ++b) {
+      float sum = simd::hsum(acc[b]);
+      for (int64_t kk = k; kk < cols; ++kk) sum += row[kk] * x[b * cols + kk];
+      y[b * rows + j] = accumulate ? y[b * rows + j] + sum : sum;
+    }
+  }
+}
+
+AMNETS_CLONES void rows_dot(const float* a, int64_t cols, const float* x, int64_t batch, float* y, int64_t rows,
+                            int64_t r0, int64_t r1, bool accumulate) {
+  switch (batch) {
+    case 1: return rows_dot_fixed<1>(a, cols, x, y, rows, r0, r1, accumulate);
+    case 2: return rows_dot_fixed<2>(a, cols, x, y, rows, r0, r1, accumulate);
+    case 3: return rows_dot_fixed<3>(a, cols, x, y, rows, r0, r1, accumulate);
+    default: return rows_dot_fixed<4>(a, cols, x, y, rows, r0, r1, accumulate);
+  }
+}
+
+// y (B, rows) = x (B, cols) A^T, or += with accumulate; float, contiguous, B <= kMaxDotBatch.
+void small_batch_mm(const Tensor& x, const Tensor& a, Tensor& y, bool accumulate) {
+  const int64_t rows = a.size(0), cols = a.size(1);
+  const float *ap = a.data_ptr<float>(), *xp = x.data_ptr<float>();
+  float* yp = y.data_ptr<float>();
+  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+    rows_dot(ap, cols, xp, x.size(0), yp, rows, r0, r1, accumulate);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------
 // The recurrence, shared by the cell (T = 1) and the sequence.
 
 struct Factors {  // every weight in the accumulation dtype, contiguous
@@ -128,8 +174,13 @@ void recur(Tensor& pre, Tensor& h, Tensor& c, Tensor& out, const Tensor& cells, 
   Tensor s = at::empty({batch, w.w_hh_v.size(0)}, h.options());  // h V_hh^T, reused every step
   for (int64_t t = 0; t < steps; ++t) {
     Tensor gates = pre[t];
-    at::mm_out(s, h, w.w_hh_v.t());
-    gates.addmm_(s, w.w_hh_u.t());
+    if (std::is_same_v<acc_t, float> && batch <= kMaxDotBatch) {
+      small_batch_mm(h, w.w_hh_v, s, false);
+      small_batch_mm(s, w.w_hh_u, gates, true);
+    } else {
+      at::mm_out(s, h, w.w_hh_v.t());
+      gates.addmm_(s, w.w_hh_u.t());
+    }
     acc_t* g = gates.data_ptr<acc_t>();
     acc_t *cp = c.data_ptr<acc_t>(), *hp = out[t].data_ptr<acc_t>();
     at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
