@@ -66,9 +66,26 @@ def _time(fn, calls: int, device) -> float:
     return (time.perf_counter() - start) / calls
 
 
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(field)
+
+
 def _peak_mb(fn, device) -> float | None:
+    """Extra memory one call needs at its peak: the CUDA allocator's high-water mark on a GPU; on the
+    CPU (Linux) the process's resident-set high-water mark, reset just before the call."""
     if device.type != "cuda":
-        return None  # no allocator statistics on the CPU
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
+            before = _status_kb("VmRSS")
+            fn()
+            return max(0, _status_kb("VmHWM") - before) / 1024
+        except OSError:
+            return None
     _sync(device)
     before = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
