@@ -3,6 +3,8 @@
 Times every available face of each op against its baseline on this machine's device (CUDA if present,
 else the CPU with pinned threads), prints one markdown table, and writes <out>/<device>.json (rows plus
 device, versions and date), .md and .png. `make bench` runs this; `make bench QUICK=1` the smoke run.
+On a GPU, suites that define a GPU grid use it (harness.pick_grid): the issue's target shapes, sized to
+fit benchmarks/gpu_suite.sh's lease.
 """
 
 from __future__ import annotations
@@ -102,7 +104,32 @@ def main(argv=None) -> int:
     timing = dict(rounds=3, round_s=0.005, budget_s=0.5) if args.quick else \
         dict(rounds=args.rounds, round_s=0.005 if device.type == "cuda" else 0.02,
              budget_s=1.0 if device.type == "cuda" else 3.0)
+    name = device_name(device, args.threads)
+    stem = args.name or slug(name) + ("-quick" if args.quick else "")
+    os.makedirs(args.out, exist_ok=True)
     rows, start = [], time.time()
+
+    def snapshot(complete: bool) -> dict:
+        return {
+            "device": name,
+            "device_type": device.type,
+            "threads": args.threads if device.type == "cpu" else None,
+            "quick": args.quick,
+            "complete": complete,
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "seconds": round(time.time() - start, 1),
+            "build_info": ak.build_info(),
+            "rows": as_dicts(rows),
+        }
+
+    def write_json(complete: bool) -> dict:
+        # Rewritten after every case, so a run cut short by a time limit still leaves its rows.
+        got = snapshot(complete)
+        with open(os.path.join(args.out, stem + ".json"), "w") as f:
+            json.dump(got, f, separators=(",", ":"))
+        return got
+
     for op in args.ops.split(","):
         for case in SUITES[op](device, args.quick):
             if args.filter not in case.name:
@@ -114,25 +141,10 @@ def main(argv=None) -> int:
                 ms = "-" if r.median_ms is None else f"{r.median_ms:.3f} ms"
                 print(f"[{time.time() - start:7.1f}s] {r.op} | {r.case} | {r.mode} | {r.label}: {ms} {ratio} "
                       f"{r.note}", file=sys.stderr, flush=True)
+            write_json(complete=False)
     table = markdown(rows)
     print(table)
-
-    name = device_name(device, args.threads)
-    stem = args.name or slug(name) + ("-quick" if args.quick else "")
-    os.makedirs(args.out, exist_ok=True)
-    report = {
-        "device": name,
-        "device_type": device.type,
-        "threads": args.threads if device.type == "cpu" else None,
-        "quick": args.quick,
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "command": "python -m benchmarks " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "seconds": round(time.time() - start, 1),
-        "build_info": ak.build_info(),
-        "rows": as_dicts(rows),
-    }
-    with open(os.path.join(args.out, stem + ".json"), "w") as f:
-        json.dump(report, f, separators=(",", ":"))
+    report = write_json(complete=True)
     with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write(f"Device: {name}; torch {torch.__version__}; {report['date']}; `{report['command']}`\n\n")
         f.write(table + "\n")

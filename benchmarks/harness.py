@@ -236,3 +236,11 @@ def inference(forward: Callable[[], object]):
 
 
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16", torch.float64: "fp64"}
+
+
+def pick_grid(device: torch.device, quick: bool, full: dict, quick_grid: dict, gpu: dict | None = None) -> dict:
+    """--quick: the smoke grid; on a GPU the suite's GPU grid (sized to fit gpu_suite.sh's lease) where it
+    has one; else the full grid of its issue."""
+    if quick:
+        return quick_grid
+    return gpu if device.type == "cuda" and gpu is not None else full

@@ -5,10 +5,11 @@ import torch
 
 import amnets_kernels as ak
 
-from .harness import DTYPE_NAMES, Candidate, Case, backward_of, face_candidates, inference
+from .harness import DTYPE_NAMES, Candidate, Case, backward_of, face_candidates, inference, pick_grid
 
 FULL = dict(hidden=1024, ranks=[64, 128, 256], steps=100, batches=[1, 4, 16, 64],
             dtypes=[torch.float32, torch.bfloat16], modes=["fwd", "fwd+bwd"])
+GPU = dict(FULL, ranks=[128, 256], batches=[1, 16, 64])
 QUICK = dict(hidden=256, ranks=[64], steps=20, batches=[1, 16], dtypes=[torch.float32], modes=["fwd", "fwd+bwd"])
 
 
@@ -25,7 +26,7 @@ def unfused_lowrank(x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias):
 
 
 def cases(device: torch.device, quick: bool):
-    grid = QUICK if quick else FULL
+    grid = pick_grid(device, quick, FULL, QUICK, GPU)
     hidden, steps = grid["hidden"], grid["steps"]
     for dtype in grid["dtypes"]:
         for mode in grid["modes"]:
