@@ -1,12 +1,17 @@
 #!/usr/bin/env bash
 # On a machine with a CUDA GPU, one command: build the extension with its CUDA faces for this GPU, run the
 # face tests on CUDA (real Triton, not the interpreter; the lowrank_lstm CUDA face once more on its per-step
-# path), then every benchmark suite on its GPU grid. Writes into OUT_DIR (default benchmarks/results):
+# path), the LSTM precision report, then every benchmark suite on its GPU grid. Writes into OUT_DIR
+# (default benchmarks/results):
 #   <gpu>.json/.md/.png   the benchmark rows (the JSON is rewritten after every case, so a cut-short run
 #                         still leaves what it measured)
-#   <gpu>-gpu-suite.log   build summary, test results, benchmark progress (<gpu>-build.log: the build)
+#   <gpu>-gpu-suite.log   build summary, test results, precision report, benchmark progress
+#   <gpu>-build.log       the build's full output (ptxas register/spill report)
 # Uses the python3 that holds torch there and installs nothing (no network there). Sized for a
 # 15-minute GPU lease: each stage has a time limit (BUILD_TIMEOUT, TEST_TIMEOUT, BENCH_TIMEOUT seconds).
+#   TESTS="tests/test_bsr.py ..."  which tests (default: every face test file)
+#   BENCH=0                        skip the benchmarks
+#   SANITIZE=1                     also run benchmarks/cuda_smoke.py under compute-sanitizer (memcheck)
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -42,9 +47,10 @@ $PY -c 'import amnets_kernels as ak; print("build_info:", ak.build_info())'
 
 # The face tests; the package-level ones (build, AOT, README, example, benchmarks) are device-agnostic
 # and run in CI. xdist spreads Triton's compiles over the cores.
-tests=(tests/test_bsr.py tests/test_triton_bsr.py tests/test_lowrank_lstm.py tests/test_rnnt.py
-       tests/test_triton_rnnt.py tests/test_fused_joint.py tests/test_nn.py tests/test_backend.py
-       tests/test_swap.py tests/test_compile.py tests/test_formats.py)
+default_tests="tests/test_bsr.py tests/test_triton_bsr.py tests/test_lowrank_lstm.py tests/test_rnnt.py
+  tests/test_triton_rnnt.py tests/test_fused_joint.py tests/test_nn.py tests/test_backend.py tests/test_swap.py
+  tests/test_compile.py tests/test_formats.py"
+read -r -a tests <<< "$(echo ${TESTS:-$default_tests})"
 stage "tests on CUDA"
 AMNETS_TEST_DEVICE=cuda timeout "${TEST_TIMEOUT:-200}" $PY -m pytest -q -p no:cacheprovider -n 8 --timeout 150 \
   -o addopts="-rfEs --strict-markers" "${tests[@]}"
@@ -54,8 +60,22 @@ AMNETS_LSTM_CUDA_PATH=step AMNETS_TEST_DEVICE=cuda timeout 60 $PY -m pytest -q -
   -o addopts="-rfE" tests/test_lowrank_lstm.py -k cuda
 step_rc=$?
 
-stage "benchmarks"
-timeout "${BENCH_TIMEOUT:-240}" $PY -m benchmarks --device cuda --name "$slug" --out "$OUT" > /dev/null
-bench_rc=$?
-stage "done: tests exit $tests_rc, step-path tests exit $step_rc, benchmarks exit $bench_rc; results in $OUT/$slug.*"
-exit $(( tests_rc != 0 || step_rc != 0 || bench_rc != 0 ))
+stage "lowrank_lstm precision against float64 autograd"
+timeout "${PRECISION_TIMEOUT:-90}" $PY -m benchmarks.lstm_precision
+
+sanitize_rc=0
+if [ "${SANITIZE:-0}" = 1 ]; then
+  stage "compute-sanitizer memcheck of every cuda face"
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${SANITIZE_TIMEOUT:-120}" compute-sanitizer --tool memcheck \
+    --error-exitcode 3 $PY -m benchmarks.cuda_smoke 2>&1 | tail -25
+  sanitize_rc=${PIPESTATUS[0]}
+fi
+
+bench_rc=0
+if [ "${BENCH:-1}" != 0 ]; then
+  stage "benchmarks"
+  timeout "${BENCH_TIMEOUT:-240}" $PY -m benchmarks --device cuda --name "$slug" --out "$OUT" > /dev/null
+  bench_rc=$?
+fi
+stage "done: tests exit $tests_rc, step-path tests exit $step_rc, sanitizer exit $sanitize_rc, benchmarks exit $bench_rc; results in $OUT/$slug*"
+exit $(( tests_rc != 0 || step_rc != 0 || sanitize_rc != 0 || bench_rc != 0 ))

@@ -132,7 +132,7 @@ def test_cpu_face_says_when_it_has_no_simd_kernel():
 
 def test_reference_gradcheck_float64():
     with ak.use_backend("reference"):
-        _, sparse = make(10, 13, 4, 0.4, torch.float64)
+        _, sparse = make(10, 13, 4, 0.4, torch.float64, device="cpu")  # the reference's own check: any device
         x = rand(3, 13, dtype=torch.float64, requires_grad=True)
         bias = rand(10, dtype=torch.float64, requires_grad=True)
         values = sparse.values.requires_grad_(True)
@@ -142,7 +142,7 @@ def test_reference_gradcheck_float64():
 
 def test_opcheck_and_compile():
     with ak.use_backend("reference"):
-        _, sparse = make(20, 12, 4, 0.5)
+        _, sparse = make(20, 12, 4, 0.5, device="cpu")  # schema and tracing checks: any device
         x = rand(3, 12, requires_grad=True)
         bias = rand(20, requires_grad=True)
         values = sparse.values.requires_grad_(True)

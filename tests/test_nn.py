@@ -11,7 +11,7 @@ from torch import nn
 import amnets_kernels as ak
 from amnets_kernels.nn import BlockSparseLinear, FusedJointRNNTLoss, LowRankLSTM, RNNTLoss
 
-from conftest import FACES, use_face
+from conftest import DEVICE, FACES, use_face
 from test_rnnt import batch_of
 
 
@@ -26,9 +26,9 @@ def round_trip(module, fresh):
 @pytest.mark.parametrize("face", FACES)
 def test_block_sparse_linear_from_dense_trains_kept_blocks(face):
     with use_face("bsr_linear", face):
-        linear = nn.Linear(70, 40)
+        linear = nn.Linear(70, 40).to(DEVICE)
         sparse = BlockSparseLinear.from_dense(linear, block_size=16, sparsity=0.5)
-        x = torch.randn(3, 5, 70)
+        x = torch.randn(3, 5, 70, device=DEVICE)
         expected = nn.functional.linear(x, sparse.sparse_weight.to_dense(), linear.bias)
         torch.testing.assert_close(sparse(x), expected, rtol=1e-5, atol=1e-5)
         sparse(x).sum().backward()
@@ -56,17 +56,18 @@ def test_block_sparse_linear_state_dict_prune_and_torch_bsr():
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_low_rank_lstm_at_full_rank_is_the_lstm(face, batch_first):
     with use_face("lowrank_lstm_sequence", face):
+        # The expected answers come from nn.LSTM on the CPU (cuDNN may use TF32); ours runs on DEVICE.
         lstm = nn.LSTM(6, 5, num_layers=2, batch_first=batch_first)
-        low = LowRankLSTM.from_lstm(lstm, rank=10**6)
+        low = LowRankLSTM.from_lstm(lstm, rank=10**6).to(DEVICE)
         x = torch.randn(3, 7, 6)
         h0, c0 = torch.randn(2, 3 if batch_first else 7, 5), torch.randn(2, 3 if batch_first else 7, 5)
         for args in ((x,), (x, (h0, c0))):
-            out, (h, c) = low(*args)
+            out, (h, c) = low(*(a.to(DEVICE) if torch.is_tensor(a) else tuple(t.to(DEVICE) for t in a) for a in args))
             e_out, (e_h, e_c) = lstm(*args)
             for got, want in ((out, e_out), (h, e_h), (c, e_c)):
-                torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+                torch.testing.assert_close(got.cpu(), want, rtol=0, atol=1e-5)
         single = torch.randn(4, 6)  # unbatched, as nn.LSTM allows
-        torch.testing.assert_close(low(single)[0], lstm(single)[0], rtol=0, atol=1e-5)
+        torch.testing.assert_close(low(single.to(DEVICE))[0].cpu(), lstm(single)[0], rtol=0, atol=1e-5)
 
 
 def test_low_rank_lstm_is_a_drop_in_and_learns():
@@ -115,8 +116,9 @@ def test_rnnt_loss_module_is_torchaudios(face):
 @pytest.mark.parametrize("face", FACES)
 def test_fused_joint_module_equals_materialised_logits(face):
     with use_face("fused_joint_rnnt_loss", face):
-        joint = FusedJointRNNTLoss(8, 9, blank=0)
-        enc, pred = torch.randn(3, 6, 8, requires_grad=True), torch.randn(3, 5, 8, requires_grad=True)
+        joint = FusedJointRNNTLoss(8, 9, blank=0).to(DEVICE)
+        enc = torch.randn(3, 6, 8, device=DEVICE, requires_grad=True)
+        pred = torch.randn(3, 5, 8, device=DEVICE, requires_grad=True)
         _, targets, logit_lengths, target_lengths = batch_of(3, 6, 4, 9, 0)
         loss = joint(enc, pred, targets, logit_lengths, target_lengths)
         expected = RNNTLoss(blank=0)(joint.logits(enc, pred), targets, logit_lengths, target_lengths)

@@ -50,7 +50,7 @@ def test_matches_torchaudio(face, batch, frames, labels, vocab, blank, reduction
                                  **kw)
         torch.testing.assert_close(ours.cpu(), theirs, rtol=1e-6, atol=1e-5)
         (g_ours,), (g_theirs,) = grads(ours, [logits]), grads(theirs, [logits])
-        torch.testing.assert_close(g_ours.cpu(), g_theirs, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g_ours.cpu(), g_theirs.cpu(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("face", FACES)
@@ -66,7 +66,7 @@ def test_wide_vocabularies_match_torchaudio(face, vocab, fused, clamp):
         theirs = torchaudio_loss(prepare(logits).cpu(), targets.cpu(), logit_lengths.cpu(), target_lengths.cpu(), **kw)
         torch.testing.assert_close(ours.cpu(), theirs, rtol=1e-6, atol=1e-5)
         (g_ours,), (g_theirs,) = grads(ours, [logits]), grads(theirs, [logits])
-        torch.testing.assert_close(g_ours.cpu(), g_theirs, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(g_ours.cpu(), g_theirs.cpu(), rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("face", FACES)
@@ -77,8 +77,10 @@ def test_half_precision_logits(face, dtype):
         logits, targets, logit_lengths, target_lengths = batch_of(3, 6, 4, 11, 0, dtype=dtype, scale=3)
         ours = ak.rnnt_loss(logits, targets, logit_lengths, target_lengths, blank=0, reduction="none")
         assert ours.dtype == dtype
-        exact = torchaudio_loss(logits.detach().float().requires_grad_(True), targets, logit_lengths,
-                                target_lengths, blank=0, reduction="none")
+        # torchaudio on the CPU, as everywhere here: its CUDA kernel gave one sequence of this batch a loss
+        # 9.6 off (H200, torchaudio 2.11), where our three faces and the CPU torchaudio agree.
+        exact = torchaudio_loss(logits.detach().float().cpu(), targets.cpu(), logit_lengths.cpu(),
+                                target_lengths.cpu(), blank=0, reduction="none")
         torch.testing.assert_close(ours.float().cpu(), exact.cpu(), rtol=2e-3 if dtype == torch.float16 else 1e-2,
                                    atol=1e-3)
         (g,) = grads(ours, [logits])

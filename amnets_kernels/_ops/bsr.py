@@ -1,11 +1,12 @@
 """bsr_linear(x, weight: BlockSparseMatrix, bias=None) = x @ weight.to_dense().T + bias."""
 
+import warnings
 from typing import Optional
 
 import torch
 from torch import Tensor
 
-from .. import _validate
+from .. import _backend, _validate
 from ..formats import BlockSparseMatrix
 from ..reference import acc_dtype
 from . import composite, custom_op, register_autograd, run
@@ -35,6 +36,31 @@ def _bsr_linear(x, values, crow_indices, col_indices, out_features, in_features,
     return y.view(*x.shape[:-1], out_features)
 
 
+# The compiled faces' fast kernels; other block sizes and dtypes run exact generic code. The warning is
+# raised here rather than by TORCH_WARN in C++: a TORCH_WARN_ONCE from the extension crashed the process
+# under torch 2.11 on the H200 machine (benchmarks/results/nvidia-h200-gpu-suite.log).
+_FAST = {"cpu": ({16, 32, 64}, {torch.float32, torch.bfloat16}, "no SIMD kernel",
+                 "computing with dense math on the densified blocks"),
+         "cuda": ({16, 32, 64}, {torch.float32, torch.float16, torch.bfloat16}, "no fast kernel",
+                  "a generic kernel (one thread per output) computes it")}
+_warned: set = set()
+
+
+def _say_if_slow(x: Tensor, values: Tensor) -> None:
+    """Once per (face, block size, dtype): a compiled face without a fast kernel for this call says so."""
+    face = _backend.resolve(OP, x.device).name
+    if face not in _FAST or values.dim() != 3:
+        return
+    blocks, dtypes, what, instead = _FAST[face]
+    key = (face, values.shape[1], values.dtype)
+    if (values.shape[1] in blocks and values.dtype in dtypes) or key in _warned:
+        return
+    _warned.add(key)
+    warnings.warn(f"amnets bsr_linear {face} face: {what} for block size {values.shape[1]} and dtype {values.dtype} "
+                  f"(kernels exist for b in {sorted(blocks)} and {sorted(str(d) for d in dtypes)}); {instead}: "
+                  "exact, not fast.", stacklevel=2)
+
+
 def _check_rows(op: str, x: Tensor) -> None:
     if x.dim() != 2:
         raise ValueError(f"{op}: x must be 2-D (M, in_features); got shape {tuple(x.shape)} "
@@ -46,6 +72,7 @@ def bsr_linear_forward(x: Tensor, values: Tensor, crow_indices: Tensor, col_indi
                        out_features: int, in_features: int, bias: Optional[Tensor]) -> Tensor:
     _check_rows(OP, x)
     _validate.bsr_linear(OP, x, values, crow_indices, col_indices, out_features, in_features, bias, data=True)
+    _say_if_slow(x, values)
     return run(OP, "forward", x, values, crow_indices, col_indices, out_features, in_features, bias)
 
 
@@ -61,6 +88,7 @@ def bsr_linear_backward(grad_out: Tensor, x: Tensor, values: Tensor, crow_indice
                         col_indices: Tensor, out_features: int, in_features: int, need_x: bool,
                         need_values: bool) -> tuple[Tensor, Tensor]:
     _check_backward(grad_out, x, values, crow_indices, col_indices, out_features, in_features)
+    _say_if_slow(x, values)
     return run(OP, "backward", grad_out, x, values, crow_indices, col_indices, out_features, in_features,
                need_x, need_values)
 

@@ -349,12 +349,6 @@ bool has_fast_path(const Tensor& values) {
          (values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16);
 }
 
-void warn_slow_path(const Tensor& values) {
-  TORCH_WARN_ONCE("amnets bsr_linear cpu face: no SIMD kernel for block size ", values.size(1), " and dtype ",
-                  values.scalar_type(), " (kernels exist for b in {16, 32, 64}, float32 and bfloat16); "
-                  "computing with dense math on the densified blocks: exact, not fast.");
-}
-
 // A float copy of `t` (M, width) with `padded` columns, zeros past `width`.
 Tensor float_padded(const Tensor& t, int64_t padded) {
   Tensor f = t.to(at::kFloat);
@@ -419,7 +413,6 @@ Tensor bsr_linear_forward(const Tensor& x, const Tensor& values, const Tensor& c
                           const c10::optional<Tensor>& bias) {
   const Tensor crow = crow_indices.to(at::kInt).contiguous(), col = col_indices.to(at::kInt).contiguous();
   if (!has_fast_path(values)) {
-    warn_slow_path(values);
     return dense_forward(x, values, crow, col, out_features, in_features, bias);
   }
   const Problem p = problem_of(x, values, crow, col, out_features, in_features);
@@ -454,7 +447,6 @@ std::tuple<Tensor, Tensor> bsr_linear_backward(const Tensor& grad_out, const Ten
                                                bool need_values) {
   const Tensor crow = crow_indices.to(at::kInt).contiguous(), col = col_indices.to(at::kInt).contiguous();
   if (!has_fast_path(values)) {
-    warn_slow_path(values);
     return dense_backward(grad_out, x, values, crow, col, out_features, in_features, need_x, need_values);
   }
   const Problem p = problem_of(x, values, crow, col, out_features, in_features);

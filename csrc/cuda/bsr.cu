@@ -23,7 +23,7 @@
 //                                 accumulated over 64-row tiles staged in shared memory.
 // Everything else (float64, other block sizes such as 1 and 4): generic_*_kernel, one thread per output
 // element with the block size a run-time value, accumulating in float (double for float64). Exact, not
-// fast; a TORCH_WARN_ONCE says so, like the CPU face.
+// fast; the Python op says so (amnets_kernels/_ops/bsr.py), like for the CPU face.
 //
 // No atomics anywhere: every output element is summed by one thread in a fixed order (deterministic).
 // Padding: the logical (N, K) need not be whole blocks. Block entries outside it are never used (they
@@ -475,12 +475,6 @@ bool has_fast_path(const Tensor& values) {
   return (b == 16 || b == 32 || b == 64) && (t == at::kFloat || t == at::kHalf || t == at::kBFloat16);
 }
 
-void warn_slow_path(const Tensor& values) {
-  TORCH_WARN_ONCE("amnets bsr_linear cuda face: no fast kernel for block size ", values.size(1), " and dtype ",
-                  values.scalar_type(), " (fast kernels exist for b in {16, 32, 64} and float32, float16, "
-                  "bfloat16); a generic kernel (one thread per output) computes it: exact, not fast.");
-}
-
 // Index arrays arrive int32 or int64; the kernels read int32.
 Tensor int32_indices(const Tensor& t) { return t.to(at::kInt).contiguous(); }
 
@@ -574,7 +568,6 @@ Tensor bsr_linear_forward(const Tensor& x_in, const Tensor& values_in, const Ten
   Tensor y = at::empty({p.M, out_features}, x.options());
   if (p.M == 0) return y;
   if (!has_fast_path(values)) {
-    warn_slow_path(values);
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "bsr_linear_forward", [&] {
       launch(generic_forward_kernel<scalar_t>, generic_blocks(p.M * p.N), kGenericThreads, ptr<scalar_t>(x),
              ptr<scalar_t>(values), ptr<int>(crow), ptr<int>(col), ptr<scalar_t>(bias), mutable_ptr<scalar_t>(y),
@@ -603,7 +596,6 @@ std::tuple<Tensor, Tensor> bsr_linear_backward(const Tensor& grad_out, const Ten
               "amnets bsr_linear cuda face: grad_out must be (M, out_features) like x");
   Tensor grad_x = x.new_empty({0}), grad_values = values.new_empty({0});
   const bool fast = has_fast_path(values);
-  if (!fast && (need_x || need_values)) warn_slow_path(values);
   const Tensor row_of = p.nnzb > 0 && (need_x || need_values) ? block_rows_of(crow, p.nnzb) : Tensor();
 
   if (need_x) {
