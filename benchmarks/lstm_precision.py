@@ -21,9 +21,10 @@ def inputs(steps, batch, d, hidden, rank, rank_hh, device, seed=0):
     def r(*shape, scale=1.0):
         return (torch.randn(*shape, generator=g, dtype=torch.float64) * scale).to(device)
 
-    return [r(steps, batch, d), r(batch, hidden), r(batch, hidden), r(4 * hidden, rank, scale=0.5),
-            r(rank, d, scale=0.5), r(4 * hidden, rank_hh, scale=0.5), r(rank_hh, hidden, scale=0.5),
-            r(4 * hidden)]
+    # Factors scaled like an initialised layer (1/sqrt(fan-in)), so that the gates stay O(1) at any size.
+    return [r(steps, batch, d), r(batch, hidden), r(batch, hidden), r(4 * hidden, rank, scale=rank ** -0.5),
+            r(rank, d, scale=d ** -0.5), r(4 * hidden, rank_hh, scale=rank_hh ** -0.5),
+            r(rank_hh, hidden, scale=hidden ** -0.5), r(4 * hidden, scale=0.1)]
 
 
 def run(tensors, dtype, face=None):

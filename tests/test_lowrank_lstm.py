@@ -156,9 +156,11 @@ def test_triton_time_loops_match_autograd(monkeypatch, path, steps, batch, hidde
         e_out, e_h, e_c = autograd_sequence(*ref)
         for got, want in ((out, e_out), (h_n, e_h), (c_n, e_c)):
             close(got, want.detach(), dtype, scale=4)
-        # gradients reach ~10 here: fp32 rounding of long sums (the reference face itself needs ~100)
+        # Gradients reach ~60 here, and fp32 rounding of their long sums grows with them: the reference
+        # and cpu faces miss float64 by 1.4e-3 at a magnitude of 59 (d w_hh_u), the persistent Triton
+        # kernels on an H200 (approximate exp and division) by 2.9e-3; so atol grows with the magnitude.
         for g, e in zip(grads((out, h_n, c_n), [x, h0, c0, *w]), grads((e_out, e_h, e_c), ref)):
-            close(g, e, dtype, scale=16 * steps)
+            close(g, e, dtype, scale=16 * steps * max(1.0, e.abs().max().item() / 10))
         h1, c1 = ak.lowrank_lstm_cell(x[0], h0, c0, *w)
         _, eh, ec = autograd_sequence(ref[0][:1], *ref[1:])
         close(h1, eh.detach(), dtype, scale=4)
