@@ -1,9 +1,10 @@
 """README's results table from a results JSON written by `python -m benchmarks`:
 
-    python -m benchmarks.summary benchmarks/results/<device>.json [--all]
+    python -m benchmarks.summary benchmarks/results/<device>.json [--all] [--no-reference]
 
 Prints the headline rows (the target shapes of the kernel issues), one line per timed candidate,
-with the machine, date and command the numbers came from. --all prints every timed row.
+with the machine, date and command the numbers came from. --all prints every timed row;
+--no-reference leaves out the reference face (the pure-PyTorch oracle, not meant to be fast).
 """
 
 import argparse
@@ -16,8 +17,8 @@ HEADLINES = {"bsr_linear": bsr.headline, "lowrank_lstm_sequence": lowrank_lstm.h
              "rnnt_loss": rnnt.loss_headline, "fused_joint_rnnt_loss": rnnt.joint_headline, "swap_in": swap.headline}
 
 
-def table(report: dict, everything: bool = False) -> str:
-    rows = report["rows"]
+def table(report: dict, everything: bool = False, reference: bool = True) -> str:
+    rows = [r for r in report["rows"] if reference or r["label"] != "amnets[reference]"]
     pick = (lambda r: True) if everything or report.get("quick") else \
         (lambda r: HEADLINES[r["op"]](r["params"], r["mode"]))
     chosen = [r for r in rows if pick(r)]
@@ -41,9 +42,10 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.summary")
     parser.add_argument("json")
     parser.add_argument("--all", action="store_true", help="every timed row, not only the headline shapes")
+    parser.add_argument("--no-reference", action="store_true", help="leave out the reference face's rows")
     args = parser.parse_args(argv)
     with open(args.json) as f:
-        print(table(json.load(f), args.all))
+        print(table(json.load(f), args.all, not args.no_reference))
     return 0
 
 
