@@ -283,3 +283,114 @@ def test_encoder_rejects_bad_calls():
     enc.tau = 0
     with pytest.raises(ValueError, match="tau must be > 0"):
         enc.train()(x)
+
+
+# ---------------------------------------------------------------------------------------------------
+# RNN-T model
+
+import amnets_kernels as ak  # noqa: E402
+
+from amnets.model import AmNetsRNNT, stack_frames  # noqa: E402
+
+F_IN, V = 8, 6
+
+
+def make_model(cheap="sparse", seed=0, **kw):
+    torch.manual_seed(seed)
+    kw = {"sparsity": 0.5, "block_size": 16, "rank": 4, "arbitrator_hidden": 8, **kw}
+    return AmNetsRNNT(F_IN, V, 32, kw.pop("num_layers", 1), cheap=cheap, **kw)
+
+
+def toy_batch():
+    torch.manual_seed(123)
+    feats = torch.randn(2, 24, F_IN)
+    return feats, torch.tensor([24, 19]), torch.tensor([[1, 3, 2], [4, 5, 0]]), torch.tensor([3, 2])
+
+
+def test_stack_frames_by_hand():
+    feats = torch.arange(2 * 7 * 2, dtype=torch.float32).reshape(2, 7, 2)
+    x, lens = stack_frames(feats, torch.tensor([7, 4]), 3, "pad")
+    assert x.shape == (2, 3, 6) and lens.tolist() == [3, 2]
+    assert torch.equal(x[0, 1], feats[0, 3:6].reshape(-1))
+    assert torch.equal(x[0, 2], torch.cat([feats[0, 6], torch.zeros(4)]))
+    x, lens = stack_frames(feats, torch.tensor([7, 4]), 3, "drop")
+    assert x.shape == (2, 2, 6) and lens.tolist() == [2, 1]
+
+
+@pytest.mark.parametrize("cheap", ["sparse", "lowrank"])
+def test_loss_is_the_rnnt_loss_of_the_joint_plus_the_cost(cheap):
+    model = make_model(cheap).eval()  # eval: deterministic decisions, so two passes agree
+    feats, feat_lens, targets, target_lens = toy_batch()
+    loss, stats = model.loss(feats, feat_lens, targets, target_lens, cost_weight=0.5)
+    x, enc_lens = stack_frames(feats, feat_lens, 3)
+    enc, aux = model.encoder(x, enc_lens)
+    pred_p, _ = model.predict(torch.tensor([[0, 1, 3, 2], [0, 4, 5, 1]]))
+    logits = model.joint(model.enc_proj(enc)[:, :, None], pred_p[:, None])
+    rnnt = ak.rnnt_loss(logits, targets.clamp(min=1), enc_lens, target_lens, blank=0)
+    assert stats["rnnt"] == pytest.approx(rnnt.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(rnnt.item() + 0.5 * aux["cost_fraction"].item(), rel=1e-5)
+    assert 0 < stats["cost_fraction"] <= 1 and 0 < stats["p_full"] < 1
+    budget_loss, budget_stats = model.loss(feats, feat_lens, targets, target_lens, cost_weight=0.5, budget=1.0)
+    assert budget_stats["penalty"] == 0 and budget_loss.item() == pytest.approx(stats["rnnt"], rel=1e-5)
+
+
+@pytest.mark.parametrize("cheap", ["sparse", "lowrank"])
+def test_loss_backpropagates_everywhere(cheap):
+    model = make_model(cheap, per_layer_decisions=True, num_layers=2).train()
+    loss, stats = model.loss(*toy_batch(), cost_weight=1.0, budget=0.1)
+    assert torch.isfinite(loss) and set(stats) >= {"rnnt", "p_full", "cost_fraction"}
+    assert all(isinstance(v, float) for v in stats.values())
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        if not name.startswith("embedding"):  # the embedding rows of unused labels get no gradient
+            assert p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("cheap", ["sparse", "lowrank"])
+def test_tiny_model_overfits_two_utterances_and_decodes_them(cheap):
+    model = make_model(cheap, tau=0.5)
+    feats, feat_lens, targets, target_lens = toy_batch()
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    first = None
+    for _ in range(40):
+        opt.zero_grad()
+        loss, stats = model.loss(feats, feat_lens, targets, target_lens)
+        loss.backward()
+        opt.step()
+        first = stats["rnnt"] if first is None else first
+    assert stats["rnnt"] < first / 2
+    model.eval()
+    hyps = model.greedy_decode(feats, feat_lens)
+    assert hyps == [[1, 3, 2], [4, 5]]
+
+
+def test_greedy_decode_returns_valid_tokens_and_respects_the_cap():
+    model = make_model("lowrank").eval()
+    with torch.no_grad():
+        model.out.bias[0] = -100.0  # the blank never wins: every frame emits exactly the cap
+    feats, feat_lens, _, _ = toy_batch()
+    hyps = model.greedy_decode(feats, feat_lens, max_symbols_per_frame=2)
+    assert [len(h) for h in hyps] == [2 * 8, 2 * 7]
+    assert all(1 <= t < V for h in hyps for t in h)
+
+
+def test_model_rejects_bad_input():
+    model = make_model()
+    feats, feat_lens, targets, target_lens = toy_batch()
+    with pytest.raises(ValueError, match="targets are empty"):
+        model.loss(feats, feat_lens, targets[:, :0], torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="empty targets"):
+        model.loss(feats, feat_lens, targets, torch.tensor([3, 0]))
+    with pytest.raises(ValueError, match=r"input_size=8"):
+        model.loss(feats[..., :5], feat_lens, targets, target_lens)
+    with pytest.raises(ValueError, match=r"input_size=8"):
+        model.greedy_decode(feats[..., :5], feat_lens)
+    with pytest.raises(ValueError, match="0 is the blank"):
+        model.loss(feats, feat_lens, torch.tensor([[1, 0, 2], [4, 5, 0]]), target_lens)
+    with pytest.raises(ValueError, match="feat_lens must lie"):
+        model.loss(feats, torch.tensor([25, 19]), targets, target_lens)
+    with pytest.raises(ValueError, match="budget"):
+        model.loss(feats, feat_lens, targets, target_lens, cost_weight=1.0, budget=2.0)
+    with pytest.raises(ValueError, match="vocab_size"):
+        AmNetsRNNT(F_IN, 1, 32, 1)
