@@ -252,7 +252,8 @@ def test_reprune_recomputes_the_mask_from_current_weights():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(cheap="pruned"), "cheap must be one of"), (dict(sparsity=1.0), "sparsity"),
-    (dict(sparsity=-0.1), "sparsity"), (dict(cheap="lowrank", rank=0), "rank"), (dict(block_size=0), "block_size"),
+    (dict(sparsity=-0.1), "sparsity"), (dict(cheap="lowrank", rank=0), "rank"),
+    (dict(block_size=0), "block_size"),
     (dict(tau=0.0), "tau"), (dict(init_p_full=1.0), "init_p_full")])
 def test_encoder_rejects_bad_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -317,9 +318,9 @@ def test_stack_frames_by_hand():
     assert x.shape == (2, 2, 6) and lens.tolist() == [2, 1]
 
 
-@pytest.mark.parametrize("cheap", ["sparse", "lowrank"])
-def test_loss_is_the_rnnt_loss_of_the_joint_plus_the_cost(cheap):
-    model = make_model(cheap).eval()  # eval: deterministic decisions, so two passes agree
+@pytest.mark.parametrize("cheap, activation", [("sparse", "tanh"), ("lowrank", "relu")])
+def test_loss_is_the_rnnt_loss_of_the_joint_plus_the_cost(cheap, activation):
+    model = make_model(cheap, joint_activation=activation).eval()  # eval: deterministic decisions, so two passes agree
     feats, feat_lens, targets, target_lens = toy_batch()
     loss, stats = model.loss(feats, feat_lens, targets, target_lens, cost_weight=0.5)
     x, enc_lens = stack_frames(feats, feat_lens, 3)
@@ -330,7 +331,8 @@ def test_loss_is_the_rnnt_loss_of_the_joint_plus_the_cost(cheap):
     assert stats["rnnt"] == pytest.approx(rnnt.item(), rel=1e-5)
     assert loss.item() == pytest.approx(rnnt.item() + 0.5 * aux["cost_fraction"].item(), rel=1e-5)
     assert 0 < stats["cost_fraction"] <= 1 and 0 < stats["p_full"] < 1
-    budget_loss, budget_stats = model.loss(feats, feat_lens, targets, target_lens, cost_weight=0.5, budget=1.0)
+    budget_loss, budget_stats = model.loss(feats, feat_lens, targets, target_lens, cost_weight=0.5,
+                                           budget=1.0)
     assert budget_stats["penalty"] == 0 and budget_loss.item() == pytest.approx(stats["rnnt"], rel=1e-5)
 
 
@@ -394,3 +396,5 @@ def test_model_rejects_bad_input():
         model.loss(feats, feat_lens, targets, target_lens, cost_weight=1.0, budget=2.0)
     with pytest.raises(ValueError, match="vocab_size"):
         AmNetsRNNT(F_IN, 1, 32, 1)
+    with pytest.raises(ValueError, match="joint_activation"):
+        AmNetsRNNT(F_IN, V, 32, 1, joint_activation="gelu")

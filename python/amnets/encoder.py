@@ -78,7 +78,8 @@ class AmNetsEncoder(nn.Module):
             d = self.layer_input_size(k)
             for name, shape in ((f"weight_ih_l{k}", (4 * H, d)), (f"weight_hh_l{k}", (4 * H, H)),
                                 (f"bias_l{k}", (4 * H,))):
-                self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory).uniform_(-scale, scale)))
+                weight = torch.empty(shape, **factory).uniform_(-scale, scale)  # nn.LSTM's init
+                self.register_parameter(name, nn.Parameter(weight))
             if cheap == "lowrank":
                 ranks = (min(rank, 4 * H, d), min(rank, H))
                 self.ranks.append(ranks)
@@ -118,9 +119,11 @@ class AmNetsEncoder(nn.Module):
     def reprune(self) -> None:
         """Recompute every layer's block mask by magnitude block pruning of the current full weights."""
         if self.cheap != "sparse":
-            raise ValueError(f"AmNetsEncoder.reprune: only the sparse cheap branch has a mask; cheap={self.cheap!r}")
+            raise ValueError("AmNetsEncoder.reprune: only the sparse cheap branch has a mask; "
+                             f"cheap={self.cheap!r}")
         for k in range(self.num_layers):
-            kept = ak.BlockSparseMatrix.from_dense(self.full_weight(k), self.block_size, sparsity=self.sparsity)
+            kept = ak.BlockSparseMatrix.from_dense(self.full_weight(k), self.block_size,
+                                                   sparsity=self.sparsity)
             getattr(self, f"block_mask_l{k}").copy_(kept.block_mask())  # in place: bumps _version (cache key)
 
     def lowrank_weights(self, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -155,13 +158,13 @@ class AmNetsEncoder(nn.Module):
         and pointwise ops (sigmoid, tanh, the cell update, ReLU), which are O(H) per frame.
         """
         if branch not in ("full", "cheap"):
-            raise ValueError(f"AmNetsEncoder.macs_per_frame: branch must be 'full' or 'cheap'; got {branch!r}")
+            raise ValueError("AmNetsEncoder.macs_per_frame: branch must be 'full' or 'cheap'; "
+                             f"got {branch!r}")
         return self.arbitrator_macs() + sum(self.layer_macs(k, branch) for k in range(self.num_layers))
 
     def _layer_mac_table(self, device) -> tuple[Tensor, Tensor]:
-        full = torch.tensor([self.layer_macs(k, "full") for k in range(self.num_layers)], dtype=torch.float64)
-        cheap = torch.tensor([self.layer_macs(k, "cheap") for k in range(self.num_layers)], dtype=torch.float64)
-        return full.to(device), cheap.to(device)
+        return tuple(torch.tensor([self.layer_macs(k, branch) for k in range(self.num_layers)],
+                                  dtype=torch.float64, device=device) for branch in ("full", "cheap"))
 
     # -- arbitrator ---------------------------------------------------------------------------------
     def _p_logits(self, x_t: Tensor, h_top: Tensor) -> Tensor:
@@ -286,7 +289,8 @@ class AmNetsEncoder(nn.Module):
                 d = force[:, None].expand(B, n_dec)
             inp = x[:, t]
             for k in range(self.num_layers):
-                h[k], c[k] = self._stream_layer(k, inp, h[k], c[k], d[:, k if self.per_layer_decisions else 0])
+                full = d[:, k if self.per_layer_decisions else 0]
+                h[k], c[k] = self._stream_layer(k, inp, h[k], c[k], full)
                 inp = h[k]
             outs.append(inp)
             decisions.append(d)
@@ -330,7 +334,8 @@ def _check_input(op: str, enc: AmNetsEncoder, x) -> None:
         raise ValueError(f"{op}: x must be a (B, T, input_size) tensor; got "
                          f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
     if x.shape[2] != enc.input_size:
-        raise ValueError(f"{op}: x has feature dim {x.shape[2]}; the encoder expects input_size={enc.input_size}")
+        raise ValueError(f"{op}: x has feature dim {x.shape[2]}; the encoder expects "
+                         f"input_size={enc.input_size}")
     if not x.is_floating_point():
         raise ValueError(f"{op}: x must be floating point; got {x.dtype}")
 
@@ -368,11 +373,13 @@ def _check_stream(enc: AmNetsEncoder, x, state, force, threshold):
         raise ValueError(f"{op}: threshold must be in [0, 1]; got {threshold!r}")
     if isinstance(force, str):
         if force not in ("full", "cheap"):
-            raise ValueError(f"{op}: force must be None, 'full', 'cheap' or a bool tensor (B,); got {force!r}")
+            raise ValueError(f"{op}: force must be None, 'full', 'cheap' or a bool tensor (B,); "
+                             f"got {force!r}")
         force = torch.full((B,), force == "full", dtype=torch.bool, device=x.device)
     elif force is not None:
         if not isinstance(force, Tensor) or force.dtype != torch.bool or tuple(force.shape) != (B,):
-            raise ValueError(f"{op}: force must be None, 'full', 'cheap' or a bool tensor of shape ({B},); got "
-                             f"{tuple(force.shape) if isinstance(force, Tensor) else type(force).__name__}")
+            got = tuple(force.shape) if isinstance(force, Tensor) else type(force).__name__
+            raise ValueError(f"{op}: force must be None, 'full', 'cheap' or a bool tensor of shape ({B},); "
+                             f"got {got}")
         force = force.to(x.device)
     return state, force, threshold

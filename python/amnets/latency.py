@@ -35,7 +35,8 @@ def _check_simulate_latency(frame_costs, frame_period, final_cost) -> list[float
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
                 or value < 0 or (positive and value == 0):
             need = "a positive" if positive else "a non-negative"
-            raise ValueError(f"simulate_latency: {name} must be {need} finite number (seconds); got {value!r}")
+            raise ValueError(f"simulate_latency: {name} must be {need} finite number (seconds); "
+                             f"got {value!r}")
     return costs
 
 

@@ -17,6 +17,7 @@ import amnets_kernels as ak
 from .encoder import AmNetsEncoder, _is_int
 
 STACK_TAILS = ("pad", "drop")
+JOINT_ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "identity": lambda t: t}
 
 
 def stack_frames(feats: Tensor, lengths: Tensor, stack: int, tail: str = "pad") -> tuple[Tensor, Tensor]:
@@ -45,18 +46,23 @@ class AmNetsRNNT(nn.Module):
         stack: frames stacked (and the stride); stack_tail: "pad" or "drop" the last partial group.
         pred_hidden: prediction LSTM width (default hidden_size); pred_embed: its embedding width
             (default pred_hidden); joint_hidden: width of the joint (default hidden_size).
+        joint_activation: "tanh", "relu" or "identity" (the fused loss op's choices).
     """
 
     def __init__(self, input_size: int, vocab_size: int, hidden_size: int, num_layers: int,
-                 cheap: str = "sparse", stack: int = 3, stack_tail: str = "pad", pred_hidden: int | None = None,
-                 pred_embed: int | None = None, joint_hidden: int | None = None, **encoder_kwargs):
+                 cheap: str = "sparse", stack: int = 3, stack_tail: str = "pad",
+                 pred_hidden: int | None = None, pred_embed: int | None = None,
+                 joint_hidden: int | None = None, joint_activation: str = "tanh", **encoder_kwargs):
         super().__init__()
         pred_hidden = hidden_size if pred_hidden is None else pred_hidden
         pred_embed = pred_hidden if pred_embed is None else pred_embed
         joint_hidden = hidden_size if joint_hidden is None else joint_hidden
-        _check_init(input_size, vocab_size, stack, stack_tail, pred_hidden, pred_embed, joint_hidden)
-        self.input_size, self.vocab_size, self.stack, self.stack_tail = input_size, vocab_size, stack, stack_tail
-        self.encoder = AmNetsEncoder(stack * input_size, hidden_size, num_layers, cheap=cheap, **encoder_kwargs)
+        _check_init(input_size, vocab_size, stack, stack_tail, pred_hidden, pred_embed, joint_hidden,
+                    joint_activation)
+        self.input_size, self.vocab_size = input_size, vocab_size
+        self.stack, self.stack_tail, self.joint_activation = stack, stack_tail, joint_activation
+        self.encoder = AmNetsEncoder(stack * input_size, hidden_size, num_layers, cheap=cheap,
+                                     **encoder_kwargs)
         self.embedding = nn.Embedding(vocab_size, pred_embed)
         self.prediction = nn.LSTM(pred_embed, pred_hidden, batch_first=True)
         self.enc_proj = nn.Linear(hidden_size, joint_hidden)
@@ -65,7 +71,8 @@ class AmNetsRNNT(nn.Module):
 
     def joint(self, enc_p: Tensor, pred_p: Tensor) -> Tensor:
         """Logits from projected encoder and prediction vectors (broadcasting): the fused op's joint."""
-        return F.linear(torch.tanh(enc_p + pred_p), self.out.weight, self.out.bias)
+        act = JOINT_ACTIVATIONS[self.joint_activation]
+        return F.linear(act(enc_p + pred_p), self.out.weight, self.out.bias)
 
     def predict(self, tokens: Tensor, state=None) -> tuple[Tensor, tuple]:
         """Prediction network on tokens (B, U) -> projected outputs (B, U, joint_hidden), LSTM state."""
@@ -90,7 +97,7 @@ class AmNetsRNNT(nn.Module):
         pred_p, _ = self.predict(F.pad(targets, (1, 0), value=0))  # blank 0 starts every prediction
         rnnt = ak.fused_joint_rnnt_loss(self.enc_proj(enc), pred_p, self.out.weight, self.out.bias, targets,
                                         enc_lens.to(torch.int32), target_lens.to(torch.int32), blank=0,
-                                        activation="tanh", reduction="mean")
+                                        activation=self.joint_activation, reduction="mean")
         cost = aux["cost_fraction"]
         penalty = cost_weight * (cost if budget is None else F.relu(cost - budget))
         loss = rnnt + penalty
@@ -105,7 +112,8 @@ class AmNetsRNNT(nn.Module):
         return loss, stats
 
     @torch.no_grad()
-    def greedy_decode(self, feats: Tensor, feat_lens: Tensor, max_symbols_per_frame: int = 5) -> list[list[int]]:
+    def greedy_decode(self, feats: Tensor, feat_lens: Tensor,
+                      max_symbols_per_frame: int = 5) -> list[list[int]]:
         """Offline greedy RNN-T decoding: per encoder frame, emit the argmax label and stay on the frame
         until the blank wins or max_symbols_per_frame labels were emitted there. The encoder runs through
         stream() (the kernels, arbitrator decisions at its threshold). Returns one list of labels per
@@ -132,15 +140,19 @@ class AmNetsRNNT(nn.Module):
 # validation: one function per public entry point
 
 
-def _check_init(input_size, vocab_size, stack, stack_tail, pred_hidden, pred_embed, joint_hidden):
+def _check_init(input_size, vocab_size, stack, stack_tail, pred_hidden, pred_embed, joint_hidden,
+                joint_activation):
     op = "AmNetsRNNT"
-    for name, value, low in (("input_size", input_size, 1), ("vocab_size", vocab_size, 2), ("stack", stack, 1),
-                             ("pred_hidden", pred_hidden, 1), ("pred_embed", pred_embed, 1),
-                             ("joint_hidden", joint_hidden, 1)):
+    for name, value, low in (("input_size", input_size, 1), ("vocab_size", vocab_size, 2),
+                             ("stack", stack, 1), ("pred_hidden", pred_hidden, 1),
+                             ("pred_embed", pred_embed, 1), ("joint_hidden", joint_hidden, 1)):
         if not _is_int(value) or value < low:
             raise ValueError(f"{op}: {name} must be an int >= {low}; got {value!r}")
     if stack_tail not in STACK_TAILS:
         raise ValueError(f"{op}: stack_tail must be one of {STACK_TAILS}; got {stack_tail!r}")
+    if joint_activation not in JOINT_ACTIVATIONS:
+        raise ValueError(f"{op}: joint_activation must be one of {tuple(JOINT_ACTIVATIONS)}; "
+                         f"got {joint_activation!r}")
 
 
 def _check_features(op: str, model: AmNetsRNNT, feats, feat_lens) -> None:
@@ -164,7 +176,8 @@ def _check_loss(model: AmNetsRNNT, feats, feat_lens, targets, target_lens, cost_
         raise ValueError(f"{op}: targets must be an integer tensor of shape (B={B}, U)")
     if targets.shape[1] == 0:
         raise ValueError(f"{op}: targets are empty (U = 0); every utterance needs at least one label")
-    if not isinstance(target_lens, Tensor) or tuple(target_lens.shape) != (B,) or target_lens.is_floating_point():
+    if not isinstance(target_lens, Tensor) or tuple(target_lens.shape) != (B,) \
+            or target_lens.is_floating_point():
         raise ValueError(f"{op}: target_lens must be an integer tensor of shape ({B},)")
     if int(target_lens.min()) < 1 or int(target_lens.max()) > targets.shape[1]:
         raise ValueError(f"{op}: target_lens must lie in [1, U={targets.shape[1]}] (empty targets are not "
@@ -172,8 +185,8 @@ def _check_loss(model: AmNetsRNNT, feats, feat_lens, targets, target_lens, cost_
     valid = torch.arange(targets.shape[1], device=targets.device)[None] < target_lens[:, None]
     labels = targets[valid]
     if int(labels.min()) < 1 or int(labels.max()) >= model.vocab_size:
-        raise ValueError(f"{op}: target labels must lie in [1, vocab_size-1={model.vocab_size - 1}] (0 is the "
-                         f"blank); got values in [{int(labels.min())}, {int(labels.max())}]")
+        raise ValueError(f"{op}: target labels must lie in [1, vocab_size-1={model.vocab_size - 1}] "
+                         f"(0 is the blank); got values in [{int(labels.min())}, {int(labels.max())}]")
     if isinstance(cost_weight, bool) or not isinstance(cost_weight, (int, float)) or cost_weight < 0:
         raise ValueError(f"{op}: cost_weight must be a number >= 0; got {cost_weight!r}")
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
