@@ -398,3 +398,10 @@ def test_model_rejects_bad_input():
         AmNetsRNNT(F_IN, 1, 32, 1)
     with pytest.raises(ValueError, match="joint_activation"):
         AmNetsRNNT(F_IN, V, 32, 1, joint_activation="gelu")
+
+
+def test_package_exports():
+    import amnets
+
+    assert amnets.AmNetsEncoder is AmNetsEncoder and amnets.AmNetsRNNT is AmNetsRNNT
+    assert amnets.simulate_latency is simulate_latency and "Interspeech 2021" in amnets.__doc__
