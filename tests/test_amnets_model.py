@@ -405,3 +405,13 @@ def test_package_exports():
 
     assert amnets.AmNetsEncoder is AmNetsEncoder and amnets.AmNetsRNNT is AmNetsRNNT
     assert amnets.simulate_latency is simulate_latency and "Interspeech 2021" in amnets.__doc__
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.99])  # an empty complement; no kept block at all
+def test_sparse_stream_at_extreme_sparsity(sparsity):
+    enc = make_encoder("sparse", sparsity=sparsity)
+    x = torch.randn(2, 4, D)
+    for force, weight in (("full", enc.full_weight), ("cheap", enc.cheap_weight)):
+        out, _, _ = enc.stream(x, force=force)
+        torch.testing.assert_close(out, lstm_stack(enc, weight)(x)[0], atol=1e-5, rtol=1e-5)
+    assert enc.block_mask_l0.all() if sparsity == 0 else not enc.block_mask_l0.any()

@@ -101,12 +101,12 @@ class AmNetsRNNT(nn.Module):
         cost = aux["cost_fraction"]
         penalty = cost_weight * (cost if budget is None else F.relu(cost - budget))
         loss = rnnt + penalty
-        penalty = penalty.detach()
         mask = aux["mask"]
         p_full = aux["p_full"].reshape(*mask.shape, -1)
         decisions = aux["decisions"].reshape(*mask.shape, -1)
         frames = mask.sum().clamp(min=1) * p_full.shape[-1]
-        stats = dict(rnnt=rnnt.item(), penalty=penalty.item(), loss=loss.item(), cost_fraction=cost.item(),
+        stats = dict(rnnt=rnnt.item(), penalty=penalty.detach().item(), loss=loss.item(),
+                     cost_fraction=cost.item(),
                      p_full=(p_full.sum() / frames).item(),
                      full_fraction=(decisions.sum() / frames).item())
         return loss, stats
