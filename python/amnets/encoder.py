@@ -1,0 +1,385 @@
+"""AmNetsEncoder: a stacked LSTM that switches, frame by frame, between a full and a cheap branch.
+
+Every layer owns full dense LSTM weights (weight_ih_l{k} (4H, D), weight_hh_l{k} (4H, H), one bias_l{k}
+(4H,), gates i, f, g, o as nn.LSTM) and a cheap branch that shares the layer's (h, c) and bias:
+
+  cheap="sparse"   the SAME weights under a fixed block mask over [W_ih | W_hh] (4H, D + H): magnitude
+                   block pruning of the initial weights at `sparsity`, kept in the buffer block_mask_l{k}
+                   (Nb, Kb); no extra parameters. reprune() recomputes the masks from the current weights.
+  cheap="lowrank"  factors w_{ih,hh}_{u,v}_l{k} initialised by truncated SVD of the full weights and then
+                   trained jointly (they drift away from the full weights: they are parameters of their own).
+
+An arbitrator (Linear -> ReLU -> Linear) reads the current input frame (and, with arbitrator_uses_state,
+the previous top-layer h) and gives the logit of p_full; one decision per frame shared by all layers, or
+one per layer with per_layer_decisions (then p_full and decisions carry a trailing layer axis).
+
+forward() is the training path (plain PyTorch math, both branches computed every step, mixed with a
+straight-through Gumbel-sigmoid decision). stream() is the inference path through amnets_kernels: only
+the work the decision asks for is done.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+import amnets_kernels as ak
+
+CHEAP_KINDS = ("sparse", "lowrank")
+
+
+def lstm_pointwise(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """The LSTM nonlinearity on pre-activations (B, 4H) in nn.LSTM's order i, f, g, o."""
+    i, f, g, o = gates.chunk(4, dim=1)
+    c1 = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c1), c1
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class AmNetsEncoder(nn.Module):
+    """The AmNets switching LSTM encoder (see the module docstring).
+
+    Args:
+        input_size, hidden_size, num_layers: as nn.LSTM (unidirectional, batch_first inputs).
+        cheap: "sparse" or "lowrank".
+        sparsity: fraction of blocks of each layer's [W_ih | W_hh] the sparse branch drops, in [0, 1).
+        block_size: block edge of the sparse branch.
+        rank: rank of the low-rank factors (clipped per matrix to its smaller side).
+        arbitrator_hidden: width of the arbitrator's hidden layer.
+        arbitrator_uses_state: also feed the previous top-layer h to the arbitrator.
+        per_layer_decisions: one decision per layer per frame instead of one per frame.
+        init_p_full: p_full of the untrained arbitrator (its output bias is logit(init_p_full)).
+        tau: Gumbel-sigmoid temperature of training (an attribute: anneal it from outside).
+        threshold: eval-mode decision rule is p_full > threshold.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, cheap: str = "sparse",
+                 sparsity: float = 0.8, block_size: int = 32, rank: int = 128, arbitrator_hidden: int = 32,
+                 arbitrator_uses_state: bool = False, per_layer_decisions: bool = False,
+                 init_p_full: float = 0.5, tau: float = 1.0, threshold: float = 0.5, device=None, dtype=None):
+        super().__init__()
+        _check_init(input_size, hidden_size, num_layers, cheap, sparsity, block_size, rank, arbitrator_hidden,
+                    init_p_full, tau, threshold)
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.cheap, self.sparsity, self.block_size = cheap, float(sparsity), block_size
+        self.arbitrator_uses_state, self.per_layer_decisions = arbitrator_uses_state, per_layer_decisions
+        self.tau, self.threshold = float(tau), float(threshold)
+        factory = dict(device=device, dtype=dtype)
+        H = hidden_size
+        scale = 1.0 / math.sqrt(H)
+        self.ranks = []
+        for k in range(num_layers):
+            d = self.layer_input_size(k)
+            for name, shape in ((f"weight_ih_l{k}", (4 * H, d)), (f"weight_hh_l{k}", (4 * H, H)),
+                                (f"bias_l{k}", (4 * H,))):
+                weight = torch.empty(shape, **factory).uniform_(-scale, scale)  # nn.LSTM's init
+                self.register_parameter(name, nn.Parameter(weight))
+            if cheap == "lowrank":
+                ranks = (min(rank, 4 * H, d), min(rank, H))
+                self.ranks.append(ranks)
+                for which, r in zip(("ih", "hh"), ranks):
+                    u, v = ak.lowrank_factors(getattr(self, f"weight_{which}_l{k}"), r)
+                    self.register_parameter(f"w_{which}_u_l{k}", nn.Parameter(u))
+                    self.register_parameter(f"w_{which}_v_l{k}", nn.Parameter(v))
+            else:
+                grid = (-(-4 * H // block_size), -(-(d + H) // block_size))
+                self.register_buffer(f"block_mask_l{k}", torch.zeros(grid, dtype=torch.bool, device=device))
+        if cheap == "sparse":
+            self.reprune()
+        arb_in = input_size + (H if arbitrator_uses_state else 0)
+        self.arbitrator = nn.Sequential(nn.Linear(arb_in, arbitrator_hidden, **factory), nn.ReLU(),
+                                        nn.Linear(arbitrator_hidden, num_layers if per_layer_decisions else 1,
+                                                  **factory))
+        with torch.no_grad():
+            self.arbitrator[2].bias.fill_(math.log(init_p_full / (1.0 - init_p_full)))
+        self._bsr_cache: dict = {}
+
+    # -- weights ------------------------------------------------------------------------------------
+    def layer_input_size(self, k: int) -> int:
+        return self.input_size if k == 0 else self.hidden_size
+
+    def full_weight(self, k: int) -> Tensor:
+        """[W_ih | W_hh] of layer k, (4H, D + H): one matmul on [x, h] gives the gates."""
+        return torch.cat([getattr(self, f"weight_ih_l{k}"), getattr(self, f"weight_hh_l{k}")], dim=1)
+
+    def element_mask(self, k: int) -> Tensor:
+        """The sparse branch's (4H, D + H) 0/1 mask of layer k, expanded from its block mask."""
+        b = self.block_size
+        keep = getattr(self, f"block_mask_l{k}")
+        n, m = 4 * self.hidden_size, self.layer_input_size(k) + self.hidden_size
+        return keep.repeat_interleave(b, 0).repeat_interleave(b, 1)[:n, :m]
+
+    @torch.no_grad()
+    def reprune(self) -> None:
+        """Recompute every layer's block mask by magnitude block pruning of the current full weights."""
+        if self.cheap != "sparse":
+            raise ValueError("AmNetsEncoder.reprune: only the sparse cheap branch has a mask; "
+                             f"cheap={self.cheap!r}")
+        for k in range(self.num_layers):
+            kept = ak.BlockSparseMatrix.from_dense(self.full_weight(k), self.block_size,
+                                                   sparsity=self.sparsity)
+            getattr(self, f"block_mask_l{k}").copy_(kept.block_mask())  # in place: bumps _version (cache key)
+
+    def lowrank_weights(self, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return tuple(getattr(self, f"w_{w}_l{k}") for w in ("ih_u", "ih_v", "hh_u", "hh_v"))
+
+    def cheap_weight(self, k: int) -> Tensor:
+        """The dense (4H, D + H) equivalent of layer k's cheap branch (training math and tests)."""
+        if self.cheap == "sparse":
+            return self.full_weight(k) * self.element_mask(k)
+        u_ih, v_ih, u_hh, v_hh = self.lowrank_weights(k)
+        return torch.cat([u_ih @ v_ih, u_hh @ v_hh], dim=1)
+
+    # -- cost model ---------------------------------------------------------------------------------
+    def arbitrator_macs(self) -> int:
+        return sum(m.in_features * m.out_features for m in self.arbitrator if isinstance(m, nn.Linear))
+
+    def layer_macs(self, k: int, branch: str) -> int:
+        """Multiply-adds of layer k's gate products on `branch` ("full" or "cheap") for one frame."""
+        d, H = self.layer_input_size(k), self.hidden_size
+        if branch == "full":
+            return 4 * H * (d + H)
+        if self.cheap == "sparse":  # the stored weights that fall inside the matrix (edge blocks clipped)
+            return int(self.element_mask(k).sum())
+        r_ih, r_hh = self.ranks[k]
+        return r_ih * (d + 4 * H) + r_hh * (H + 4 * H)
+
+    def macs_per_frame(self, branch: str) -> int:
+        """Multiply-adds per frame with every layer on `branch` ("full" or "cheap"), arbitrator included.
+
+        Counted: the gate matrix products (x W_ih^T + h W_hh^T, or the kept blocks' share of it, or the
+        two low-rank products per matrix) and the arbitrator's two linear layers. Not counted: biases
+        and pointwise ops (sigmoid, tanh, the cell update, ReLU), which are O(H) per frame.
+        """
+        if branch not in ("full", "cheap"):
+            raise ValueError("AmNetsEncoder.macs_per_frame: branch must be 'full' or 'cheap'; "
+                             f"got {branch!r}")
+        return self.arbitrator_macs() + sum(self.layer_macs(k, branch) for k in range(self.num_layers))
+
+    def _layer_mac_table(self, device) -> tuple[Tensor, Tensor]:
+        return tuple(torch.tensor([self.layer_macs(k, branch) for k in range(self.num_layers)],
+                                  dtype=torch.float64, device=device) for branch in ("full", "cheap"))
+
+    # -- arbitrator ---------------------------------------------------------------------------------
+    def _p_logits(self, x_t: Tensor, h_top: Tensor) -> Tensor:
+        """(B, n_decisions) logits of p_full for frame x_t given the previous top-layer h."""
+        inp = torch.cat([x_t, h_top], dim=1) if self.arbitrator_uses_state else x_t
+        return self.arbitrator(inp)
+
+    # -- training path ------------------------------------------------------------------------------
+    def forward(self, x: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, dict]:
+        """x (B, T, D), lengths (B,) -> (out (B, T, H), aux). Frames at t >= lengths[b] give zeros.
+
+        Training mode: a Gumbel-sigmoid sample s = sigmoid((logit + logistic noise) / tau) per decision;
+        the step uses the hard d = (s > 0.5) while gradients flow through s (straight-through), so the
+        gates are d * gates_full + (1 - d) * gates_cheap with d(gates)/d(s) = gates_full - gates_cheap.
+        Eval mode: d = p_full > threshold. aux: p_full, decisions (B, T) (or (B, T, L) per layer; 0/False
+        on padded frames), mask (B, T) valid frames, expected_macs (B, T) = arbitrator +
+        sum_layers p_full * macs_full + (1 - p_full) * macs_cheap (0 on padding), and cost_fraction, the
+        scalar sum(expected_macs) / (valid frames * macs_per_frame("full")) (differentiable in p_full).
+        """
+        lengths = _check_forward(self, x, lengths)
+        B, T, _ = x.shape
+        H, L = self.hidden_size, self.num_layers
+        weights = [(self.full_weight(k), self.cheap_weight(k), getattr(self, f"bias_l{k}")) for k in range(L)]
+        h = [x.new_zeros(B, H) for _ in range(L)]
+        c = [x.new_zeros(B, H) for _ in range(L)]
+        outs, p_all, d_all = [], [], []
+        for t in range(T):
+            logits = self._p_logits(x[:, t], h[-1])
+            p = torch.sigmoid(logits)
+            if self.training:
+                u = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
+                soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / self.tau)
+                d = (soft > 0.5).to(soft.dtype) + soft - soft.detach()
+            else:
+                d = (p > self.threshold).to(p.dtype)
+            inp = x[:, t]
+            for k, (w_full, w_cheap, bias) in enumerate(weights):
+                z = torch.cat([inp, h[k]], dim=1)
+                dk = d[:, k if self.per_layer_decisions else 0, None]
+                gates = dk * F.linear(z, w_full, bias) + (1 - dk) * F.linear(z, w_cheap, bias)
+                h[k], c[k] = lstm_pointwise(gates, c[k])
+                inp = h[k]
+            outs.append(inp)
+            p_all.append(p)
+            d_all.append(d.detach() > 0.5)
+        mask = torch.arange(T, device=x.device)[None, :] < lengths.to(x.device)[:, None]
+        out = torch.stack(outs, 1) * mask[..., None].to(x.dtype)
+        p_full = torch.stack(p_all, 1) * mask[..., None].to(x.dtype)  # (B, T, n_decisions)
+        decisions = torch.stack(d_all, 1) & mask[..., None]
+        full, cheap = self._layer_mac_table(x.device)
+        p_layers = p_full.to(torch.float64).expand(B, T, L)
+        expected = (self.arbitrator_macs() + p_layers @ full + (1 - p_layers) @ cheap) * mask
+        cost_fraction = expected.sum() / (mask.sum().clamp(min=1) * self.macs_per_frame("full"))
+        if not self.per_layer_decisions:
+            p_full, decisions = p_full[..., 0], decisions[..., 0]
+        return out, dict(p_full=p_full, decisions=decisions, mask=mask, expected_macs=expected.to(x.dtype),
+                         cost_fraction=cost_fraction.to(x.dtype))
+
+    # -- inference path -----------------------------------------------------------------------------
+    def _sparse_pair(self, k: int) -> tuple[ak.BlockSparseMatrix, ak.BlockSparseMatrix]:
+        """(kept, complement) BlockSparseMatrix of layer k's [W_ih | W_hh], built once per weight version.
+
+        The key holds each source tensor's identity, `_version` (bumped by every in-place update: optimizer
+        steps, load_state_dict, reprune) and data_ptr/dtype/device (catch `.data = ...` and module.to()),
+        so a stale copy is never used and an unchanged one is never rebuilt.
+        """
+        sources = (getattr(self, f"weight_ih_l{k}"), getattr(self, f"weight_hh_l{k}"),
+                   getattr(self, f"block_mask_l{k}"))
+        key = tuple((id(s), s._version, s.data_ptr(), s.dtype, s.device) for s in sources)
+        hit = self._bsr_cache.get(k)
+        if hit is None or hit[0] != key:
+            w, keep = self.full_weight(k).detach(), sources[2]
+            hit = (key, ak.BlockSparseMatrix.from_block_mask(w, keep, self.block_size),
+                   ak.BlockSparseMatrix.from_block_mask(w, ~keep, self.block_size))
+            self._bsr_cache[k] = hit
+        return hit[1], hit[2]
+
+    def _stream_layer(self, k: int, inp: Tensor, h: Tensor, c: Tensor, full: Tensor) -> tuple[Tensor, Tensor]:
+        """One step of layer k for every row; rows where `full` (B,) is True take the full branch."""
+        bias = getattr(self, f"bias_l{k}")
+        rows = full.nonzero().squeeze(1)
+        if self.cheap == "sparse":
+            # Every row needs the kept blocks; only full rows add the complement (kept + rest = W).
+            kept, rest = self._sparse_pair(k)
+            z = torch.cat([inp, h], dim=1)
+            gates = ak.bsr_linear(z, kept, bias)
+            if rows.numel():
+                gates = gates.index_add(0, rows, ak.bsr_linear(z.index_select(0, rows), rest))
+            return lstm_pointwise(gates, c)
+        h1, c1 = torch.empty_like(h), torch.empty_like(c)
+        if rows.numel():
+            gates = (F.linear(inp[rows], getattr(self, f"weight_ih_l{k}"), bias)
+                     + F.linear(h[rows], getattr(self, f"weight_hh_l{k}")))
+            h1[rows], c1[rows] = lstm_pointwise(gates, c[rows])
+        cheap_rows = (~full).nonzero().squeeze(1)
+        if cheap_rows.numel():
+            h1[cheap_rows], c1[cheap_rows] = ak.lowrank_lstm_cell(
+                inp[cheap_rows], h[cheap_rows], c[cheap_rows], *self.lowrank_weights(k), bias)
+        return h1, c1
+
+    @torch.no_grad()
+    def stream(self, x: Tensor, state: tuple[Tensor, Tensor] | None = None, force=None,
+               threshold: float | None = None) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor]:
+        """Inference, frame by frame, through the kernels: x (B, T, D) -> (out (B, T, H), state, decisions).
+
+        state: (h, c), each (num_layers, B, H), as returned by the previous chunk (None: zeros); the
+        arbitrator's only memory is h[-1], so chunks of any length continue exactly. force: None (the
+        arbitrator decides: p_full > threshold, default self.threshold), "full", "cheap", or a bool
+        tensor (B,) with True = full for every frame. decisions: (B, T) bool, or (B, T, L) per layer.
+        Rows of one batch may take different branches in the same step; each row's result equals
+        running it alone. Runs without autograd.
+        """
+        state, force, threshold = _check_stream(self, x, state, force, threshold)
+        B, T, _ = x.shape
+        h, c = list(state[0].unbind(0)), list(state[1].unbind(0))
+        n_dec = self.num_layers if self.per_layer_decisions else 1
+        outs, decisions = [], []
+        for t in range(T):
+            if force is None:
+                d = torch.sigmoid(self._p_logits(x[:, t], h[-1])) > threshold
+            else:
+                d = force[:, None].expand(B, n_dec)
+            inp = x[:, t]
+            for k in range(self.num_layers):
+                full = d[:, k if self.per_layer_decisions else 0]
+                h[k], c[k] = self._stream_layer(k, inp, h[k], c[k], full)
+                inp = h[k]
+            outs.append(inp)
+            decisions.append(d)
+        out = torch.stack(outs, 1) if outs else x.new_zeros(B, 0, self.hidden_size)
+        dec = torch.stack(decisions, 1) if decisions else torch.zeros(B, 0, n_dec, dtype=torch.bool,
+                                                                      device=x.device)
+        return out, (torch.stack(h), torch.stack(c)), dec if self.per_layer_decisions else dec[..., 0]
+
+    def extra_repr(self) -> str:
+        cheap = (f"sparsity={self.sparsity}, block_size={self.block_size}" if self.cheap == "sparse"
+                 else f"ranks={self.ranks}")
+        return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, cheap={self.cheap!r}, "
+                f"{cheap}, arbitrator_uses_state={self.arbitrator_uses_state}, "
+                f"per_layer_decisions={self.per_layer_decisions}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# validation: one function per public entry point
+
+
+def _check_init(input_size, hidden_size, num_layers, cheap, sparsity, block_size, rank, arbitrator_hidden,
+                init_p_full, tau, threshold):
+    op = "AmNetsEncoder"
+    for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers),
+                        ("block_size", block_size), ("rank", rank), ("arbitrator_hidden", arbitrator_hidden)):
+        if not _is_int(value) or value < 1:
+            raise ValueError(f"{op}: {name} must be an int >= 1; got {value!r}")
+    if cheap not in CHEAP_KINDS:
+        raise ValueError(f"{op}: cheap must be one of {CHEAP_KINDS}; got {cheap!r}")
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"{op}: sparsity must be a float in [0, 1); got {sparsity!r}")
+    for name, value in (("init_p_full", init_p_full), ("threshold", threshold)):
+        if not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+            raise ValueError(f"{op}: {name} must be in (0, 1); got {value!r}")
+    if not isinstance(tau, (int, float)) or not tau > 0:
+        raise ValueError(f"{op}: tau must be > 0; got {tau!r}")
+
+
+def _check_input(op: str, enc: AmNetsEncoder, x) -> None:
+    if not isinstance(x, Tensor) or x.dim() != 3:
+        raise ValueError(f"{op}: x must be a (B, T, input_size) tensor; got "
+                         f"{tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__}")
+    if x.shape[2] != enc.input_size:
+        raise ValueError(f"{op}: x has feature dim {x.shape[2]}; the encoder expects "
+                         f"input_size={enc.input_size}")
+    if not x.is_floating_point():
+        raise ValueError(f"{op}: x must be floating point; got {x.dtype}")
+
+
+def _check_forward(enc: AmNetsEncoder, x, lengths) -> Tensor:
+    op = "AmNetsEncoder.forward"
+    _check_input(op, enc, x)
+    if not isinstance(enc.tau, (int, float)) or not enc.tau > 0:
+        raise ValueError(f"{op}: tau must be > 0; got {enc.tau!r}")
+    B, T, _ = x.shape
+    if lengths is None:
+        return torch.full((B,), T, dtype=torch.long, device=x.device)
+    if not isinstance(lengths, Tensor) or lengths.shape != (B,) or lengths.is_floating_point():
+        raise ValueError(f"{op}: lengths must be an integer tensor of shape (B,) = ({B},); got "
+                         f"{tuple(lengths.shape) if isinstance(lengths, Tensor) else type(lengths).__name__}")
+    if B and (int(lengths.min()) < 0 or int(lengths.max()) > T):
+        raise ValueError(f"{op}: lengths must lie in [0, T={T}]; got {lengths.tolist()}")
+    return lengths
+
+
+def _check_stream(enc: AmNetsEncoder, x, state, force, threshold):
+    op = "AmNetsEncoder.stream"
+    _check_input(op, enc, x)
+    B = x.shape[0]
+    shape = (enc.num_layers, B, enc.hidden_size)
+    if state is None:
+        zeros = x.new_zeros(shape)
+        state = (zeros, zeros)
+    elif not (isinstance(state, (tuple, list)) and len(state) == 2
+              and all(isinstance(s, Tensor) and tuple(s.shape) == shape for s in state)):
+        raise ValueError(f"{op}: state must be (h, c), each of shape (num_layers, B, H) = {shape}")
+    if threshold is None:
+        threshold = enc.threshold
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"{op}: threshold must be in [0, 1]; got {threshold!r}")
+    if isinstance(force, str):
+        if force not in ("full", "cheap"):
+            raise ValueError(f"{op}: force must be None, 'full', 'cheap' or a bool tensor (B,); "
+                             f"got {force!r}")
+        force = torch.full((B,), force == "full", dtype=torch.bool, device=x.device)
+    elif force is not None:
+        if not isinstance(force, Tensor) or force.dtype != torch.bool or tuple(force.shape) != (B,):
+            got = tuple(force.shape) if isinstance(force, Tensor) else type(force).__name__
+            raise ValueError(f"{op}: force must be None, 'full', 'cheap' or a bool tensor of shape ({B},); "
+                             f"got {got}")
+        force = force.to(x.device)
+    return state, force, threshold

@@ -1,0 +1,417 @@
+"""The AmNets model package `amnets`: latency simulator, switching encoder, RNN-T model."""
+
+import pytest
+import torch
+
+from amnets.latency import simulate_latency
+
+
+# ---------------------------------------------------------------------------------------------------
+# latency
+
+
+def test_latency_real_time_worker_never_falls_behind():
+    r = simulate_latency([0.004] * 10, 0.01)
+    assert r["upl"] == pytest.approx(0.004)
+    assert r["rtf"] == pytest.approx(0.4)
+    assert r["max_backlog"] == pytest.approx(0.0)
+
+
+def test_latency_hand_computed_backlog():
+    # arrivals 1, 2, 3; frame 0 runs 1..4, frame 1 waits 2 (4..5), frame 2 waits 2 (5..5.5)
+    r = simulate_latency(torch.tensor([3.0, 1.0, 0.5]), 1.0, final_cost=0.25)
+    assert r["max_backlog"] == pytest.approx(2.0)
+    assert r["upl"] == pytest.approx(5.5 + 0.25 - 3.0)
+    assert r["rtf"] == pytest.approx(4.75 / 3.0)
+
+
+@pytest.mark.parametrize("costs, period, final, match", [
+    ([0.1, -0.1], 1.0, 0.0, "frame_costs"), ([], 1.0, 0.0, "frame_costs"), ([0.1], 0.0, 0.0, "frame_period"),
+    ([0.1], -1.0, 0.0, "frame_period"), ([0.1], 1.0, -1.0, "final_cost"), (["x"], 1.0, 0.0, "frame_costs")])
+def test_latency_rejects_bad_input(costs, period, final, match):
+    with pytest.raises(ValueError, match=match):
+        simulate_latency(costs, period, final_cost=final)
+
+
+# ---------------------------------------------------------------------------------------------------
+# encoder
+
+from torch import nn  # noqa: E402
+
+from amnets.encoder import AmNetsEncoder  # noqa: E402
+
+D, H, L = 16, 32, 2
+
+
+def make_encoder(cheap="sparse", seed=0, **kw):
+    torch.manual_seed(seed)
+    kw = {"sparsity": 0.5, "block_size": 16, "rank": 4, "arbitrator_hidden": 8, **kw}
+    return AmNetsEncoder(kw.pop("input_size", D), H, kw.pop("num_layers", L), cheap=cheap, **kw).eval()
+
+
+def lstm_stack(enc, weight):
+    """nn.LSTM (batch_first) whose layer k has [W_ih | W_hh] = weight(k) and enc's bias."""
+    lstm = nn.LSTM(enc.input_size, enc.hidden_size, enc.num_layers, batch_first=True)
+    with torch.no_grad():
+        for k in range(enc.num_layers):
+            w = weight(k)
+            d = enc.layer_input_size(k)
+            getattr(lstm, f"weight_ih_l{k}").copy_(w[:, :d])
+            getattr(lstm, f"weight_hh_l{k}").copy_(w[:, d:])
+            getattr(lstm, f"bias_ih_l{k}").copy_(getattr(enc, f"bias_l{k}"))
+            getattr(lstm, f"bias_hh_l{k}").zero_()
+    return lstm
+
+
+def spread_arbitrator(enc, scale=3.0):
+    """Make the arbitrator's p_full spread over (0, 1) so that both branches get used, and make the
+    previous h (when it is an input) sway it as much as the frame does (h is small next to x)."""
+    with torch.no_grad():
+        for p in enc.arbitrator.parameters():
+            p.mul_(scale)
+        enc.arbitrator[0].weight[:, enc.input_size:].mul_(10.0)
+    return enc
+
+
+@pytest.mark.parametrize("cheap", ["sparse", "lowrank"])
+def test_forced_full_stream_is_an_lstm_with_the_full_weights(cheap):
+    enc = make_encoder(cheap)
+    x = torch.randn(3, 7, D)
+    out, (h, c), dec = enc.stream(x, force="full")
+    ref, (h_ref, c_ref) = lstm_stack(enc, enc.full_weight)(x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(h, h_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(c, c_ref, atol=1e-5, rtol=1e-5)
+    assert dec.dtype == torch.bool and dec.all()
+
+
+@pytest.mark.parametrize("cheap", ["sparse", "lowrank"])
+def test_forced_cheap_stream_is_an_lstm_with_the_cheap_weights(cheap):
+    enc = make_encoder(cheap)
+    x = torch.randn(3, 7, D)
+    out, _, dec = enc.stream(x, force="cheap")
+    for k in range(L):
+        w, d = enc.full_weight(k), enc.layer_input_size(k)
+        if cheap == "sparse":  # the dense oracle: the same weights, masked by hand from the block mask
+            keep = getattr(enc, f"block_mask_l{k}")
+            assert keep.float().mean().item() == pytest.approx(0.5)
+            mask = torch.zeros_like(w)
+            for r, col in keep.nonzero().tolist():
+                mask[16 * r:16 * (r + 1), 16 * col:16 * (col + 1)] = 1
+            torch.testing.assert_close(enc.cheap_weight(k), w * mask, atol=0, rtol=0)
+        else:
+            u_ih, v_ih, u_hh, v_hh = enc.lowrank_weights(k)
+            assert u_ih.shape == (4 * H, 4) and v_ih.shape == (4, d) and v_hh.shape == (4, H)
+            torch.testing.assert_close(enc.cheap_weight(k), torch.cat([u_ih @ v_ih, u_hh @ v_hh], 1))
+    ref, _ = lstm_stack(enc, enc.cheap_weight)(x)
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    full, _ = lstm_stack(enc, enc.full_weight)(x)
+    assert (out - full).abs().max() > 1e-3 and not dec.any()  # the cheap branch really differs
+
+
+@pytest.mark.parametrize("cheap", ["sparse", "lowrank"])
+def test_mixed_batch_equals_each_stream_alone(cheap):
+    enc = spread_arbitrator(make_encoder(cheap, arbitrator_uses_state=True, per_layer_decisions=True))
+    x = torch.randn(4, 9, D)
+    force = torch.tensor([True, False, False, True])
+    for f in (force, None):
+        out, (h, c), dec = enc.stream(x, force=f)
+        for b in range(4):
+            fb = None if f is None else ("full" if f[b] else "cheap")
+            out_b, (h_b, c_b), dec_b = enc.stream(x[b:b + 1], force=fb)
+            torch.testing.assert_close(out[b:b + 1], out_b, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(h[:, b:b + 1], h_b, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(c[:, b:b + 1], c_b, atol=1e-5, rtol=1e-5)
+            assert torch.equal(dec[b:b + 1], dec_b)
+    assert dec.shape == (4, 9, L) and 0 < dec.sum() < dec.numel()  # the arbitrator mixed the branches
+
+
+@pytest.mark.parametrize("cheap", ["sparse", "lowrank"])
+def test_chunked_streaming_equals_one_shot(cheap):
+    enc = spread_arbitrator(make_encoder(cheap, arbitrator_uses_state=True))
+    x = torch.randn(2, 12, D)
+    out, (h, c), dec = enc.stream(x)
+    assert 0 < dec.sum() < dec.numel()
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        cuts = sorted(torch.randint(0, 13, (3,), generator=gen).tolist())
+        state, outs, decs = None, [], []
+        for lo, hi in zip([0] + cuts, cuts + [12]):  # includes empty chunks
+            o, state, d = enc.stream(x[:, lo:hi], state)
+            outs.append(o)
+            decs.append(d)
+        torch.testing.assert_close(torch.cat(outs, 1), out, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(state[0], h, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(state[1], c, atol=1e-5, rtol=1e-5)
+        assert torch.equal(torch.cat(decs, 1), dec)
+
+
+@pytest.mark.parametrize("cheap, per_layer", [("sparse", False), ("lowrank", False), ("sparse", True)])
+def test_eval_stream_matches_eval_forward(cheap, per_layer):
+    enc = spread_arbitrator(make_encoder(cheap, arbitrator_uses_state=True, per_layer_decisions=per_layer))
+    x = torch.randn(3, 10, D)
+    with torch.no_grad():
+        out_f, aux = enc(x, torch.tensor([10, 10, 10]))
+    out_s, _, dec = enc.stream(x)
+    assert torch.equal(aux["decisions"], dec) and 0 < dec.sum() < dec.numel()
+    torch.testing.assert_close(out_s, out_f, atol=1e-5, rtol=1e-5)
+
+
+def test_cost_model_hand_count():
+    # layer 0: [W_ih | W_hh] is 128 x 48 (8 x 3 blocks of 16); layer 1: 128 x 64 (8 x 4 blocks)
+    arb = 16 * 8 + 8 * 1
+    sparse = make_encoder("sparse")
+    assert sparse.macs_per_frame("full") == arb + 128 * 48 + 128 * 64
+    assert sparse.macs_per_frame("cheap") == arb + 12 * 256 + 16 * 256  # half the blocks kept
+    lowrank = make_encoder("lowrank")  # rank 4: r (in + out) per factor pair
+    assert lowrank.macs_per_frame("cheap") == arb + 4 * (16 + 128) + 4 * (32 + 128) + 2 * 4 * (32 + 128)
+    per_layer = make_encoder("sparse", per_layer_decisions=True, arbitrator_uses_state=True)
+    assert per_layer.arbitrator_macs() == (16 + 32) * 8 + 8 * 2
+    # edge blocks are clipped: the count equals the nonzeros of the masked weights
+    ragged = make_encoder("sparse", input_size=20, block_size=16)
+    assert ragged.macs_per_frame("cheap") - ragged.arbitrator_macs() == sum(
+        int(torch.count_nonzero(ragged.cheap_weight(k))) for k in range(L))
+
+
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_forward_aux_statistics(per_layer):
+    enc = spread_arbitrator(make_encoder("sparse", per_layer_decisions=per_layer)).train()
+    x, lengths = torch.randn(3, 6, D), torch.tensor([6, 2, 0])
+    out, aux = enc(x, lengths)
+    extra = (L,) if per_layer else ()
+    assert out.shape == (3, 6, H) and aux["p_full"].shape == (3, 6, *extra)
+    assert aux["decisions"].shape == (3, 6, *extra) and aux["decisions"].dtype == torch.bool
+    assert aux["expected_macs"].shape == (3, 6) and aux["cost_fraction"].dim() == 0
+    pad = ~aux["mask"]
+    assert pad.sum() == 10 and (out[pad] == 0).all() and (aux["expected_macs"][pad] == 0).all()
+    assert not aux["decisions"][pad].any() and (aux["p_full"][pad] == 0).all()
+    full = [enc.layer_macs(k, "full") for k in range(L)]
+    cheap = [enc.layer_macs(k, "cheap") for k in range(L)]
+    p = aux["p_full"].double().reshape(3, 6, -1).expand(3, 6, L)
+    hand = enc.arbitrator_macs() + sum(p[..., k] * full[k] + (1 - p[..., k]) * cheap[k] for k in range(L))
+    hand = hand * aux["mask"]
+    torch.testing.assert_close(aux["expected_macs"].double(), hand, rtol=1e-6, atol=1e-3)
+    frac = hand.sum() / (8 * enc.macs_per_frame("full"))
+    assert aux["cost_fraction"].item() == pytest.approx(frac.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("cheap", ["sparse", "lowrank"])
+def test_training_gradients_reach_arbitrator_weights_and_factors(cheap):
+    enc = make_encoder(cheap).train()
+    enc.tau = 0.5
+    x = torch.randn(2, 5, D)
+    out, aux = enc(x, torch.tensor([5, 4]))
+    assert aux["decisions"].any() or (~aux["decisions"][aux["mask"]]).any()
+    out.pow(2).sum().backward()  # no cost term: the arbitrator learns only through the straight-through path
+    for name in ["arbitrator.0.weight", "weight_ih_l0", "weight_hh_l1", "bias_l0"] + (
+            ["w_ih_u_l0", "w_hh_v_l1"] if cheap == "lowrank" else []):
+        grad = dict(enc.named_parameters())[name].grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    enc.zero_grad()
+    enc(x)[1]["cost_fraction"].backward()  # the cost term alone pushes p_full
+    assert enc.arbitrator[2].bias.grad.abs().sum() > 0
+
+
+def test_training_decisions_are_random_eval_decisions_are_not():
+    enc = make_encoder("sparse")
+    x = torch.randn(4, 12, D)
+    with torch.no_grad():
+        assert torch.equal(enc(x)[1]["decisions"], enc(x)[1]["decisions"])
+        enc.train()
+        assert not torch.equal(enc(x)[1]["decisions"], enc(x)[1]["decisions"])
+
+
+def test_bsr_cache_follows_the_weights():
+    enc = make_encoder("sparse")
+    pair = enc._sparse_pair(0)
+    assert enc._sparse_pair(0)[0] is pair[0]  # unchanged weights: reused
+    opt = torch.optim.SGD(enc.parameters(), lr=0.5)
+    x = torch.randn(2, 4, D)
+    enc.train()
+    enc(x)[0].sum().backward()
+    opt.step()
+    enc.eval()
+    assert enc._sparse_pair(0)[0] is not pair[0]
+    out, _, _ = enc.stream(x, force="full")
+    torch.testing.assert_close(out, lstm_stack(enc, enc.full_weight)(x)[0], atol=1e-5, rtol=1e-5)
+    out, _, _ = enc.stream(x, force="cheap")
+    torch.testing.assert_close(out, lstm_stack(enc, enc.cheap_weight)(x)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_reprune_recomputes_the_mask_from_current_weights():
+    enc = make_encoder("sparse")
+    keep = enc.block_mask_l0.clone()
+    with torch.no_grad():  # make a dropped block the largest
+        r, col = (~keep).nonzero()[0].tolist()
+        enc.weight_ih_l0[16 * r:16 * (r + 1), 16 * col:16 * (col + 1)] = 10.0
+    enc.reprune()
+    assert enc.block_mask_l0[r, col] and enc.block_mask_l0.sum() == keep.sum()
+    with pytest.raises(ValueError, match="only the sparse"):
+        make_encoder("lowrank").reprune()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(cheap="pruned"), "cheap must be one of"), (dict(sparsity=1.0), "sparsity"),
+    (dict(sparsity=-0.1), "sparsity"), (dict(cheap="lowrank", rank=0), "rank"),
+    (dict(block_size=0), "block_size"),
+    (dict(tau=0.0), "tau"), (dict(init_p_full=1.0), "init_p_full")])
+def test_encoder_rejects_bad_construction(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_encoder(**kwargs)
+
+
+def test_encoder_rejects_bad_calls():
+    enc = make_encoder("sparse")
+    x = torch.randn(2, 5, D)
+    with pytest.raises(ValueError, match="feature dim 15"):
+        enc(torch.randn(2, 5, 15))
+    with pytest.raises(ValueError, match="feature dim 15"):
+        enc.stream(torch.randn(2, 5, 15))
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, T=5\]"):
+        enc(x, torch.tensor([6, 5]))
+    with pytest.raises(ValueError, match=r"lengths must lie"):
+        enc(x, torch.tensor([-1, 5]))
+    with pytest.raises(ValueError, match="shape \\(B,\\)"):
+        enc(x, torch.tensor([5]))
+    with pytest.raises(ValueError, match="force must be"):
+        enc.stream(x, force="sometimes")
+    with pytest.raises(ValueError, match="force must be"):
+        enc.stream(x, force=torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match="state must be"):
+        enc.stream(x, state=(torch.zeros(L, 3, H), torch.zeros(L, 3, H)))
+    with pytest.raises(ValueError, match="branch must be"):
+        enc.macs_per_frame("dense")
+    enc.tau = 0
+    with pytest.raises(ValueError, match="tau must be > 0"):
+        enc.train()(x)
+
+
+# ---------------------------------------------------------------------------------------------------
+# RNN-T model
+
+import amnets_kernels as ak  # noqa: E402
+
+from amnets.model import AmNetsRNNT, stack_frames  # noqa: E402
+
+F_IN, V = 8, 6
+
+
+def make_model(cheap="sparse", seed=0, **kw):
+    torch.manual_seed(seed)
+    kw = {"sparsity": 0.5, "block_size": 16, "rank": 4, "arbitrator_hidden": 8, **kw}
+    return AmNetsRNNT(F_IN, V, 32, kw.pop("num_layers", 1), cheap=cheap, **kw)
+
+
+def toy_batch():
+    torch.manual_seed(123)
+    feats = torch.randn(2, 24, F_IN)
+    return feats, torch.tensor([24, 19]), torch.tensor([[1, 3, 2], [4, 5, 0]]), torch.tensor([3, 2])
+
+
+def test_stack_frames_by_hand():
+    feats = torch.arange(2 * 7 * 2, dtype=torch.float32).reshape(2, 7, 2)
+    x, lens = stack_frames(feats, torch.tensor([7, 4]), 3, "pad")
+    assert x.shape == (2, 3, 6) and lens.tolist() == [3, 2]
+    assert torch.equal(x[0, 1], feats[0, 3:6].reshape(-1))
+    assert torch.equal(x[0, 2], torch.cat([feats[0, 6], torch.zeros(4)]))
+    x, lens = stack_frames(feats, torch.tensor([7, 4]), 3, "drop")
+    assert x.shape == (2, 2, 6) and lens.tolist() == [2, 1]
+
+
+@pytest.mark.parametrize("cheap, activation", [("sparse", "tanh"), ("lowrank", "relu")])
+def test_loss_is_the_rnnt_loss_of_the_joint_plus_the_cost(cheap, activation):
+    model = make_model(cheap, joint_activation=activation).eval()  # eval: deterministic decisions, so two passes agree
+    feats, feat_lens, targets, target_lens = toy_batch()
+    loss, stats = model.loss(feats, feat_lens, targets, target_lens, cost_weight=0.5)
+    x, enc_lens = stack_frames(feats, feat_lens, 3)
+    enc, aux = model.encoder(x, enc_lens)
+    pred_p, _ = model.predict(torch.tensor([[0, 1, 3, 2], [0, 4, 5, 1]]))
+    logits = model.joint(model.enc_proj(enc)[:, :, None], pred_p[:, None])
+    rnnt = ak.rnnt_loss(logits, targets.clamp(min=1), enc_lens, target_lens, blank=0)
+    assert stats["rnnt"] == pytest.approx(rnnt.item(), rel=1e-5)
+    assert loss.item() == pytest.approx(rnnt.item() + 0.5 * aux["cost_fraction"].item(), rel=1e-5)
+    assert 0 < stats["cost_fraction"] <= 1 and 0 < stats["p_full"] < 1
+    budget_loss, budget_stats = model.loss(feats, feat_lens, targets, target_lens, cost_weight=0.5,
+                                           budget=1.0)
+    assert budget_stats["penalty"] == 0 and budget_loss.item() == pytest.approx(stats["rnnt"], rel=1e-5)
+
+
+@pytest.mark.parametrize("cheap", ["sparse", "lowrank"])
+def test_loss_backpropagates_everywhere(cheap):
+    model = make_model(cheap, per_layer_decisions=True, num_layers=2).train()
+    loss, stats = model.loss(*toy_batch(), cost_weight=1.0, budget=0.1)
+    assert torch.isfinite(loss) and set(stats) >= {"rnnt", "p_full", "cost_fraction"}
+    assert all(isinstance(v, float) for v in stats.values())
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        if not name.startswith("embedding"):  # the embedding rows of unused labels get no gradient
+            assert p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("cheap", ["sparse", "lowrank"])
+def test_tiny_model_overfits_two_utterances_and_decodes_them(cheap):
+    model = make_model(cheap, tau=0.5)
+    feats, feat_lens, targets, target_lens = toy_batch()
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    first = None
+    for _ in range(40):
+        opt.zero_grad()
+        loss, stats = model.loss(feats, feat_lens, targets, target_lens)
+        loss.backward()
+        opt.step()
+        first = stats["rnnt"] if first is None else first
+    assert stats["rnnt"] < first / 2
+    model.eval()
+    hyps = model.greedy_decode(feats, feat_lens)
+    assert hyps == [[1, 3, 2], [4, 5]]
+
+
+def test_greedy_decode_returns_valid_tokens_and_respects_the_cap():
+    model = make_model("lowrank").eval()
+    with torch.no_grad():
+        model.out.bias[0] = -100.0  # the blank never wins: every frame emits exactly the cap
+    feats, feat_lens, _, _ = toy_batch()
+    hyps = model.greedy_decode(feats, feat_lens, max_symbols_per_frame=2)
+    assert [len(h) for h in hyps] == [2 * 8, 2 * 7]
+    assert all(1 <= t < V for h in hyps for t in h)
+
+
+def test_model_rejects_bad_input():
+    model = make_model()
+    feats, feat_lens, targets, target_lens = toy_batch()
+    with pytest.raises(ValueError, match="targets are empty"):
+        model.loss(feats, feat_lens, targets[:, :0], torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="empty targets"):
+        model.loss(feats, feat_lens, targets, torch.tensor([3, 0]))
+    with pytest.raises(ValueError, match=r"input_size=8"):
+        model.loss(feats[..., :5], feat_lens, targets, target_lens)
+    with pytest.raises(ValueError, match=r"input_size=8"):
+        model.greedy_decode(feats[..., :5], feat_lens)
+    with pytest.raises(ValueError, match="0 is the blank"):
+        model.loss(feats, feat_lens, torch.tensor([[1, 0, 2], [4, 5, 0]]), target_lens)
+    with pytest.raises(ValueError, match="feat_lens must lie"):
+        model.loss(feats, torch.tensor([25, 19]), targets, target_lens)
+    with pytest.raises(ValueError, match="budget"):
+        model.loss(feats, feat_lens, targets, target_lens, cost_weight=1.0, budget=2.0)
+    with pytest.raises(ValueError, match="vocab_size"):
+        AmNetsRNNT(F_IN, 1, 32, 1)
+    with pytest.raises(ValueError, match="joint_activation"):
+        AmNetsRNNT(F_IN, V, 32, 1, joint_activation="gelu")
+
+
+def test_package_exports():
+    import amnets
+
+    assert amnets.AmNetsEncoder is AmNetsEncoder and amnets.AmNetsRNNT is AmNetsRNNT
+    assert amnets.simulate_latency is simulate_latency and "Interspeech 2021" in amnets.__doc__
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.99])  # an empty complement; no kept block at all
+def test_sparse_stream_at_extreme_sparsity(sparsity):
+    enc = make_encoder("sparse", sparsity=sparsity)
+    x = torch.randn(2, 4, D)
+    for force, weight in (("full", enc.full_weight), ("cheap", enc.cheap_weight)):
+        out, _, _ = enc.stream(x, force=force)
+        torch.testing.assert_close(out, lstm_stack(enc, weight)(x)[0], atol=1e-5, rtol=1e-5)
+    assert enc.block_mask_l0.all() if sparsity == 0 else not enc.block_mask_l0.any()
