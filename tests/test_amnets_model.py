@@ -448,3 +448,27 @@ def test_forced_full_encoder_leaves_the_arbitrator_unused():
 def test_encoder_rejects_unknown_force():
     with pytest.raises(ValueError, match="force"):
         make_encoder(force="dense")
+
+
+def test_greedy_decode_returns_masked_decisions_and_realized_macs():
+    model = make_model("sparse").eval()
+    feats, feat_lens, _, _ = toy_batch()
+    spread_arbitrator(model.encoder)
+    hyps, decisions, enc_lens = model.greedy_decode(feats, feat_lens, return_decisions=True)
+    assert hyps == model.greedy_decode(feats, feat_lens)
+    x, want_lens = stack_frames(feats, feat_lens, model.stack)
+    _, _, want = model.encoder.stream(x)
+    assert enc_lens.tolist() == want_lens.tolist() == [8, 7]
+    assert decisions[0].tolist() == want[0].tolist() and decisions[1, :7].tolist() == want[1, :7].tolist()
+    assert not decisions[1, 7:].any() and 0 < int(decisions.sum()) < 15  # both branches taken
+    enc = model.encoder
+    macs = enc.realized_macs(decisions)
+    full, cheap = enc.macs_per_frame("full"), enc.macs_per_frame("cheap")
+    assert macs[decisions].tolist() == [full] * int(decisions.sum())
+    assert macs[~decisions].tolist() == [cheap] * int((~decisions).sum())
+
+
+def test_forward_is_the_loss():
+    model = make_model("lowrank").eval()
+    batch = toy_batch()
+    assert model(*batch, cost_weight=0.3)[1] == model.loss(*batch, cost_weight=0.3)[1]

@@ -168,6 +168,14 @@ class AmNetsEncoder(nn.Module):
                              f"got {branch!r}")
         return self.arbitrator_macs() + sum(self.layer_macs(k, branch) for k in range(self.num_layers))
 
+    def realized_macs(self, decisions: Tensor) -> Tensor:
+        """Multiply-adds of each frame given its hard decisions, (B, T) or (B, T, L) bool as forward() and
+        stream() return them: the work stream() does (no arbitrator when the encoder is forced)."""
+        full, cheap = self._layer_mac_table(decisions.device)
+        d = decisions.to(torch.float64)
+        d = d if self.per_layer_decisions else d.unsqueeze(-1).expand(*d.shape, self.num_layers)
+        return (0 if self.force is not None else self.arbitrator_macs()) + d @ full + (1 - d) @ cheap
+
     def _layer_mac_table(self, device) -> tuple[Tensor, Tensor]:
         return tuple(torch.tensor([self.layer_macs(k, branch) for k in range(self.num_layers)],
                                   dtype=torch.float64, device=device) for branch in ("full", "cheap"))
