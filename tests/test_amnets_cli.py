@@ -127,3 +127,19 @@ def test_tiny_demo_end_to_end(tmp_path):
     assert sparse[3] < dense[3] and lowrank[3] < dense[3]  # fewer MACs per frame than the dense model
     assert all(r[4] > 0 and r[5] >= 0 for r in (dense, sparse, lowrank))
     assert os.path.isfile(tmp_path / "dense" / "last.pt") and os.path.isfile(tmp_path / "corpus" / "transcripts.txt")
+
+
+def test_batches_cover_the_data_once_per_epoch_sorted_in_windows():
+    from amnets.cli import BUCKET, batches
+
+    lengths = [float((i * 37) % 101) for i in range(100)]  # scrambled lengths
+    cfg = dict(defaults(), batch_size=4, seed=1)
+    shares = [batches(lengths, cfg, epoch=2, rank=r, world=2) for r in (0, 1)]
+    assert sorted(i for share in shares for b in share for i in b) == list(range(100))
+    assert len(shares[0]) == len(shares[1]) == 13  # 50 each: 12 full batches and one of 2
+    window = BUCKET * 4
+    for share in shares:
+        # within a batch lengths are contiguous in a sorted window: narrower than a random draw
+        spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in share) / len(share)
+        assert spread < 100 / window * 4 * 2
+    assert batches(lengths, cfg, 2, 0, 2) == shares[0] != batches(lengths, cfg, 3, 0, 2)

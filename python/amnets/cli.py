@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import sys
 import time
 import tomllib
@@ -187,13 +188,22 @@ def temperature(cfg: dict, step: int) -> float:
     return cfg["tau0"] * (cfg["tau_min"] / cfg["tau0"]) ** min(progress, 1.0)
 
 
-def _batches(n: int, cfg: dict, epoch: int, rank: int, world: int) -> list[list[int]]:
-    sampler = torch.utils.data.DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True,
-                                                  seed=cfg["seed"])
+BUCKET = 16  # batches per window sorted by length
+
+
+def batches(lengths: list[float], cfg: dict, epoch: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's batches of dataset indices for one epoch: DistributedSampler's shuffled share (every
+    rank the same number), sorted by length in windows of BUCKET batches (the encoder steps to the longest
+    utterance of a batch: less padding, less time), batch order shuffled again; all from seed and epoch."""
+    sampler = torch.utils.data.DistributedSampler(range(len(lengths)), num_replicas=world, rank=rank,
+                                                  shuffle=True, seed=cfg["seed"])
     sampler.set_epoch(epoch)  # a new order every epoch, the same on every rank
-    order = list(sampler)
-    bs = cfg["batch_size"]
-    return [order[i:i + bs] for i in range(0, len(order), bs)]
+    order, bs = list(sampler), cfg["batch_size"]
+    window = BUCKET * bs
+    order = [i for w in range(0, len(order), window) for i in sorted(order[w:w + window], key=lengths.__getitem__)]
+    out = [order[i:i + bs] for i in range(0, len(order), bs)]
+    random.Random(cfg["seed"] * 1_000_003 + epoch * 101 + rank).shuffle(out)
+    return out
 
 
 def _save(path: str, payload: dict) -> None:
@@ -227,14 +237,15 @@ def train(cfg: dict, resume: str | None = None, items: list | None = None) -> tu
     ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=cfg["force"] is not None) \
         if world > 1 else model
     os.makedirs(cfg["checkpoint_dir"], exist_ok=True)
-    n_batches = len(_batches(len(dataset), cfg, 0, rank, world))
+    lengths = [dataset.duration(i) for i in range(len(dataset))]
+    n_batches = len(batches(lengths, cfg, 0, rank, world))
     bar = tqdm(total=cfg["steps"], initial=step, disable=rank != 0 or not cfg["progress"], file=sys.stderr,
                dynamic_ncols=True)
     stats: dict = {}
     model.train()
     while step < cfg["steps"]:
         epoch, skip = divmod(step, n_batches)
-        for batch in _batches(len(dataset), cfg, epoch, rank, world)[skip:]:
+        for batch in batches(lengths, cfg, epoch, rank, world)[skip:]:
             if step >= cfg["steps"]:
                 break
             model.encoder.tau = temperature(cfg, step)

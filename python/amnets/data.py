@@ -220,6 +220,11 @@ class SpeechDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
+    def duration(self, i: int) -> float:
+        """Seconds of audio of item i, from the file's header (no decoding)."""
+        info = sf.info(self.items[i][0])
+        return info.frames / info.samplerate
+
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         feats = self._cache.get(i) if self._cache is not None else None
         if feats is None:
