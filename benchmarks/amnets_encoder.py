@@ -38,7 +38,8 @@ def dense_lstm(enc: AmNetsEncoder) -> torch.nn.LSTM:
 def flop_only_stream(enc: AmNetsEncoder, x: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     """What stream() computes, with every branch a dense (4H, D + H) matmul: full rows use [W_ih | W_hh],
     cheap rows its masked (or multiplied-out low-rank) copy."""
-    weights = [(enc.full_weight(k), enc.cheap_weight(k), getattr(enc, f"bias_l{k}")) for k in range(enc.num_layers)]
+    weights = [(enc.full_weight(k), enc.cheap_weight(k), getattr(enc, f"bias_l{k}"))
+               for k in range(enc.num_layers)]
     rows, cheap_rows = full.nonzero().squeeze(1), (~full).nonzero().squeeze(1)
     B, H = x.shape[0], enc.hidden_size
     h = [x.new_zeros(B, H) for _ in weights]
@@ -59,8 +60,9 @@ def cases(device: torch.device, quick: bool):
     grid = pick_grid(device, quick, FULL, QUICK)
     for cheap in ("sparse", "lowrank"):
         torch.manual_seed(0)
-        enc = AmNetsEncoder(grid["input"], grid["hidden"], grid["layers"], cheap=cheap, sparsity=grid["sparsity"],
-                            block_size=grid["block"], rank=grid["rank"]).to(device).eval()
+        enc = AmNetsEncoder(grid["input"], grid["hidden"], grid["layers"], cheap=cheap,
+                            sparsity=grid["sparsity"], block_size=grid["block"], rank=grid["rank"])
+        enc = enc.to(device).eval()
         lstm = dense_lstm(enc).to(device).eval()
         for batch, fractions in grid["batches"].items():
             for f in fractions:
@@ -73,8 +75,9 @@ def _case(enc, lstm, grid, batch, f, device):
     full = torch.arange(batch, device=device) < round(f * batch)
     force = ("full" if f == 1.0 else "cheap") if batch == 1 else full
     baseline = Candidate("nn.LSTM (dense)", inference(lambda: lstm(x)[0]), "baseline", "all frames full")
-    others = [Candidate("dense-equivalent cheap branch (FLOP-only)", inference(lambda: flop_only_stream(enc, x, full)),
-                        "other", "mask applied / U @ V multiplied out, dense matmul")]
+    others = [Candidate("dense-equivalent cheap branch (FLOP-only)",
+                        inference(lambda: flop_only_stream(enc, x, full)), "other",
+                        "mask applied / U @ V multiplied out, dense matmul")]
     faces, skipped = face_candidates(OPS[enc.cheap], device, inference(lambda: enc.stream(x, force=force)[0]))
     branch = f"b={enc.block_size} s={enc.sparsity}" if enc.cheap == "sparse" else f"r={grid['rank']}"
     name = (f"{enc.cheap} {branch} D={enc.input_size} H={enc.hidden_size} L={enc.num_layers} T={steps} "
@@ -91,6 +94,6 @@ def _case(enc, lstm, grid, batch, f, device):
 
 
 def headline(params: dict, mode: str) -> bool:
-    """The rows README quotes: issue 6's encoder, a single stream on the cheap branch and a batch half full."""
+    """The rows README quotes: issue 6's encoder, one stream all cheap or all full, and B=64 half full."""
     return (params["hidden"], params["layers"]) == (1024, 3) and \
         (params["batch"], params["full_fraction"]) in ((1, 0.0), (1, 1.0), (64, 0.5))

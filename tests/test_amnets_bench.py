@@ -28,7 +28,8 @@ def test_quick_grid_times_every_candidate():
     assert {(c.params["batch"], c.params["full_fraction"]) for c in cases} == {(1, 0.0), (1, 1.0), (8, 0.5)}
     rows = measure(cases[-1], torch.device("cpu"), rounds=1, round_s=0.0, budget_s=0.0)
     assert len(rows) >= 3 and all(r.median_ms is not None and r.median_ms > 0 for r in rows), rows
-    assert {"nn.LSTM (dense)", "dense-equivalent cheap branch (FLOP-only)", "amnets[cpu]"} <= {r.label for r in rows}
+    labels = {r.label for r in rows}
+    assert {"nn.LSTM (dense)", "dense-equivalent cheap branch (FLOP-only)", "amnets[cpu]"} <= labels
 
 
 def test_headline_picks_the_issue_shape():

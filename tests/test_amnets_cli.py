@@ -22,8 +22,8 @@ needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,
                                   reason="espeak-ng is not installed (make install installs it)")
 
 
-@pytest.mark.parametrize("ref, hyp, want", [("", "", 0), ("abc", "", 3), ("", "ab", 2), ("kitten", "sitting", 3),
-                                            ("abc", "abc", 0), ("abcd", "acbd", 2)])
+@pytest.mark.parametrize("ref, hyp, want", [("", "", 0), ("abc", "", 3), ("", "ab", 2),
+                                            ("kitten", "sitting", 3), ("abc", "abc", 0), ("abcd", "acbd", 2)])
 def test_edit_distance(ref, hyp, want):
     assert edit_distance(ref, hyp) == want == edit_distance(hyp, ref)
 
@@ -60,9 +60,10 @@ def test_config_file_then_flags_override_the_defaults(tmp_path, monkeypatch):
         main(["train", "--config", str(js)])
 
 
-@pytest.mark.parametrize("key, value, match", [("hidden_size", 0, "hidden_size"), ("lr", 0.0, "lr"),
-                                               ("cheap", 3, "cheap"), ("save_every_rank", 1, "save_every_rank"),
-                                               ("cost_weight", -1.0, "cost_weight")])
+@pytest.mark.parametrize("key, value, match", [
+    ("hidden_size", 0, "hidden_size"), ("lr", 0.0, "lr"), ("cheap", 3, "cheap"), ("cheap", "pruned", "cheap"),
+    ("force", "dense", "force"), ("budget", 1.5, "budget"), ("save_every_rank", 1, "save_every_rank"),
+    ("cost_weight", -1.0, "cost_weight")])
 def test_check_config_names_the_bad_key(key, value, match):
     with pytest.raises(ValueError, match=match):
         check_config(dict(defaults(), **{key: value}))
@@ -121,12 +122,14 @@ def test_tiny_demo_end_to_end(tmp_path):
     table = done.stdout.splitlines()
     header = next(i for i, line in enumerate(table) if line.startswith("model"))
     rows = [line.split() for line in table[header + 1:header + 4]]
-    assert [r[0] for r in rows] == ["dense", "amnets", "amnets"] and [r[1] for r in rows[1:]] == ["sparse", "lowrank"]
+    assert [r[0] for r in rows] == ["dense", "amnets", "amnets"]
+    assert [r[1] for r in rows[1:]] == ["sparse", "lowrank"]
     dense, sparse, lowrank = ([float(v) for v in r[-6:]] for r in rows)  # WER CER frac MACs ms UPL
     assert dense[2] == 1.0 and sparse[2] < 1.0 and lowrank[2] < 1.0  # the arbitrators chose some cheap frames
     assert sparse[3] < dense[3] and lowrank[3] < dense[3]  # fewer MACs per frame than the dense model
     assert all(r[4] > 0 and r[5] >= 0 for r in (dense, sparse, lowrank))
-    assert os.path.isfile(tmp_path / "dense" / "last.pt") and os.path.isfile(tmp_path / "corpus" / "transcripts.txt")
+    assert os.path.isfile(tmp_path / "dense" / "last.pt")
+    assert os.path.isfile(tmp_path / "corpus" / "transcripts.txt")
 
 
 def test_batches_cover_the_data_once_per_epoch_sorted_in_windows():

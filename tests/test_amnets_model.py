@@ -430,7 +430,7 @@ def test_forced_encoder_is_the_plain_lstm_of_its_branch(cheap, force):
     want = lstm_stack(enc, weight)(x)[0]
     out, aux = enc(x)
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
-    assert bool(aux["decisions"].all()) == (force == "full") and bool(aux["decisions"].any()) == (force == "full")
+    assert aux["decisions"].all() == (force == "full") and aux["decisions"].any() == (force == "full")
     layers = sum(enc.layer_macs(k, force) for k in range(enc.num_layers))  # no arbitrator MACs
     torch.testing.assert_close(aux["expected_macs"], torch.full((3, 5), float(layers)))
     got, _, dec = enc.eval().stream(x)  # stream() follows the encoder's force by default

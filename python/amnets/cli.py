@@ -39,7 +39,7 @@ from .model import AmNetsRNNT, stack_frames
 CONFIG = {
     # data
     "data": ("", "an espeak-ng corpus directory (make_corpus) or a LibriSpeech root (with --split)"),
-    "split": ("", "LibriSpeech split under --data, e.g. train-clean-100; empty: --data is a corpus directory"),
+    "split": ("", "LibriSpeech split under --data, e.g. train-clean-100; empty: --data is a corpus dir"),
     "eval_data": ("", "evaluation data (eval; default: --data)"),
     "eval_split": ("", "LibriSpeech split of --eval-data"),
     # model
@@ -200,7 +200,8 @@ def batches(lengths: list[float], cfg: dict, epoch: int, rank: int, world: int) 
     sampler.set_epoch(epoch)  # a new order every epoch, the same on every rank
     order, bs = list(sampler), cfg["batch_size"]
     window = BUCKET * bs
-    order = [i for w in range(0, len(order), window) for i in sorted(order[w:w + window], key=lengths.__getitem__)]
+    order = [i for w in range(0, len(order), window)
+             for i in sorted(order[w:w + window], key=lengths.__getitem__)]
     out = [order[i:i + bs] for i in range(0, len(order), bs)]
     random.Random(cfg["seed"] * 1_000_003 + epoch * 101 + rank).shuffle(out)
     return out
@@ -262,8 +263,8 @@ def train(cfg: dict, resume: str | None = None, items: list | None = None) -> tu
             bar.set_postfix(loss=f"{stats['loss']:.3f}", full=f"{stats['full_fraction']:.2f}",
                             tau=f"{stats['tau']:.2f}")
             if rank == 0 and (step % cfg["log_every"] == 0 or step == cfg["steps"]):
-                tqdm.write(f"step {step} " + " ".join(f"{k}={v:.4g}" for k, v in stats.items() if k != "step"),
-                           file=sys.stderr)
+                shown = " ".join(f"{k}={v:.4g}" for k, v in stats.items() if k != "step")
+                tqdm.write(f"step {step} {shown}", file=sys.stderr)
             if step % cfg["checkpoint_every"] == 0 or step == cfg["steps"]:
                 payload = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
                                config=cfg)
@@ -332,7 +333,8 @@ def stream_frame_costs(model: AmNetsRNNT, feats) -> list[list[float]]:
 def cmd_train(cfg: dict, args) -> int:
     model, stats = train(cfg, args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
-        print(json.dumps({k: stats[k] for k in ("step", "loss", "rnnt", "full_fraction", "tau") if k in stats}))
+        keys = ("step", "loss", "rnnt", "full_fraction", "tau")
+        print(json.dumps({k: stats[k] for k in keys if k in stats}))
     if dist.is_initialized():
         dist.destroy_process_group()
     return 0
@@ -395,8 +397,8 @@ def cmd_demo(cfg: dict, args) -> int:
     # The simulated device runs the dense encoder at 1.2x real time; every model's costs get that scale.
     period = 0.01 * cfg["stack"]
     scale = 1.2 * period / (sum(dense_costs) / len(dense_costs))
-    print(f"\n{'model':<16} {'WER':>6} {'CER':>6} {'full frac':>9} {'MACs/frame':>11} {'stream ms/frame':>15} "
-          f"{'UPL s @1.2xRT':>13}")
+    print(f"\n{'model':<16} {'WER':>6} {'CER':>6} {'full frac':>9} {'MACs/frame':>11} "
+          f"{'stream ms/frame':>15} {'UPL s @1.2xRT':>13}")
     for r in rows:
         upl = [simulate_latency([c * scale for c in utt], period)["upl"] for utt in r["costs"]]
         print(f"{r['name']:<16} {r['wer']:6.3f} {r['cer']:6.3f} {r['full_fraction']:9.2f} "
@@ -420,7 +422,8 @@ def build_parser() -> argparse.ArgumentParser:
     subs["demo"].add_argument("--out", default="amnets_demo", help="work directory (corpus, checkpoints)")
     subs["demo"].add_argument("--tiny", action="store_true", help="a seconds-long smoke run")
     subs["demo"].add_argument("--utterances", type=int, default=0, help="corpus size (default 400; tiny 24)")
-    subs["demo"].add_argument("--stream-threads", type=int, default=1, help="torch threads while timing stream")
+    subs["demo"].add_argument("--stream-threads", type=int, default=1,
+                              help="torch threads while timing stream (default 1)")
     for sub in subs.values():
         sub.add_argument("--config", help="JSON or TOML file of config keys")
         for key, (default, text) in CONFIG.items():
@@ -441,7 +444,7 @@ def main(argv=None) -> int:
         cfg.update(load_config_file(args.config))
     cfg.update({k: v for k, v in vars(args).items() if k in CONFIG})
     cfg = check_config(cfg)
-    warnings.simplefilter("ignore", ak.FallbackWarning)  # the CPU faces exist; a fallback is not an error here
+    warnings.simplefilter("ignore", ak.FallbackWarning)  # a fallback face is slower, not wrong
     return {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo}[args.command](cfg, args)
 
 

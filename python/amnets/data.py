@@ -86,8 +86,8 @@ class LogMel(torch.nn.Module):
     def __init__(self, n_mels: int = 80):
         super().__init__()
         self.n_mels = n_mels
-        self.mel = torchaudio.transforms.MelSpectrogram(SAMPLE_RATE, n_fft=400, win_length=400, hop_length=160,
-                                                        n_mels=n_mels)
+        self.mel = torchaudio.transforms.MelSpectrogram(SAMPLE_RATE, n_fft=400, win_length=400,
+                                                        hop_length=160, n_mels=n_mels)
 
     def forward(self, wave: Tensor) -> Tensor:
         if not isinstance(wave, Tensor) or wave.dim() != 1 or wave.numel() == 0:
@@ -107,8 +107,8 @@ def _espeak(text: str, voice: str, rate: int, pitch: int, gap: int) -> Tensor:
     if exe is None:
         raise RuntimeError("make_corpus: espeak-ng is not installed (Debian: apt-get install espeak-ng; "
                            "`make install` does it)")
-    wav = subprocess.run([exe, "-v", voice, "-s", str(rate), "-p", str(pitch), "-g", str(gap), "--stdout", text],
-                         check=True, capture_output=True).stdout
+    command = [exe, "-v", voice, "-s", str(rate), "-p", str(pitch), "-g", str(gap), "--stdout", text]
+    wav = subprocess.run(command, check=True, capture_output=True).stdout
     audio, sr = sf.read(BytesIO(wav), dtype="float32")
     return torchaudio.functional.resample(torch.from_numpy(audio), sr, SAMPLE_RATE)
 
@@ -138,11 +138,13 @@ def make_corpus(out_dir: str, n_utterances: int, seed: int = 0, words_per_uttera
     lines = []
     for i in range(n_utterances):
         text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
-        speech = _espeak(text, rng.choice(voices), rng.randint(*rates), rng.randint(*pitches), rng.randint(*word_gap))
+        speech = _espeak(text, rng.choice(voices), rng.randint(*rates), rng.randint(*pitches),
+                         rng.randint(*word_gap))
         speech = speech * (0.5 / speech.abs().max().clamp(min=1e-4))  # the same level for every voice
         lead, trail = (int(rng.uniform(*edge_silence) * SAMPLE_RATE) for _ in range(2))
         wave = torch.cat([speech.new_zeros(lead), speech, speech.new_zeros(trail)]).numpy()
-        wave = wave + noise_gen.standard_normal(wave.shape).astype(np.float32) * 10 ** (rng.uniform(*noise_db) / 20)
+        level = 10 ** (rng.uniform(*noise_db) / 20)
+        wave = wave + noise_gen.standard_normal(wave.shape).astype(np.float32) * level
         utt = f"utt{i:06d}"
         sf.write(os.path.join(out_dir, utt + ".wav"), np.clip(wave, -1, 1), SAMPLE_RATE, subtype="PCM_16")
         lines.append(f"{utt} {text}\n")
@@ -188,7 +190,8 @@ def librispeech_items(root: str, split: str) -> list[tuple[str, str]]:
     for speaker in sorted(os.listdir(base)):
         for chapter in sorted(os.listdir(os.path.join(base, speaker))):
             folder = os.path.join(base, speaker, chapter)
-            items += _read_transcripts(os.path.join(folder, f"{speaker}-{chapter}.trans.txt"), folder, ".flac")
+            transcripts = os.path.join(folder, f"{speaker}-{chapter}.trans.txt")
+            items += _read_transcripts(transcripts, folder, ".flac")
     if not items:
         raise ValueError(f"librispeech_items: {base!r} holds no utterances")
     return items
@@ -242,7 +245,8 @@ def collate(batch: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor,
         raise ValueError("collate: batch is empty")
     feats, labels = zip(*batch)
     if any(f.dim() != 2 or f.shape[1] != feats[0].shape[1] for f in feats):
-        raise ValueError(f"collate: feats must all be (T, F) with one F; got {[tuple(f.shape) for f in feats]}")
+        shapes = [tuple(f.shape) for f in feats]
+        raise ValueError(f"collate: feats must all be (T, F) with one F; got {shapes}")
     if any(len(lab) == 0 for lab in labels):
         raise ValueError("collate: an utterance has empty targets")
     pad = torch.nn.utils.rnn.pad_sequence

@@ -300,7 +300,8 @@ class AmNetsEncoder(nn.Module):
         state: (h, c), each (num_layers, B, H), as returned by the previous chunk (None: zeros); the
         arbitrator's only memory is h[-1], so chunks of any length continue exactly. force: None (the
         encoder's own `force` if set, else the arbitrator decides: p_full > threshold, default
-        self.threshold), "full", "cheap", or a bool tensor (B,) with True = full for every frame. decisions: (B, T) bool, or (B, T, L) per layer.
+        self.threshold), "full", "cheap", or a bool tensor (B,) with True = full for every frame.
+        decisions: (B, T) bool, or (B, T, L) per layer.
         Rows of one batch may take different branches in the same step; each row's result equals
         running it alone. Runs without autograd.
         """
