@@ -355,8 +355,8 @@ DEMO_MODELS = (("dense", dict(cheap="lowrank", force="full", cost_weight=0.0)),
 # The tiny demo: seconds, for the test suite; it shows the pipeline runs, not that anything is learnt.
 TINY = dict(hidden_size=32, num_layers=1, rank=4, block_size=16, pred_hidden=16, joint_hidden=16,
             arbitrator_hidden=8, steps=4, batch_size=4, checkpoint_every=1000, log_every=1000)
-# The demo: 12-13 minutes in all on a 2-core CPU (dense about 3, each AmNets variant about 5). The budget asks the AmNets models for at most half
-# the dense MACs; the dense model has no penalty.
+# The demo: about 10 minutes in all on a 2-core CPU (dense under 2, each AmNets variant about 4). The
+# budget asks the AmNets models for at most half the dense MACs; the dense model has no penalty.
 DEMO = dict(hidden_size=192, num_layers=2, rank=32, block_size=32, steps=800, batch_size=8, lr=3e-3,
             cost_weight=50.0, budget=0.5, checkpoint_every=1000, log_every=100)
 
