@@ -8,15 +8,17 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 QUICK  ?=
+SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 
 .PHONY: test bench install aot clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# torch must be importable before the extension builds (--no-build-isolation), so the build
-# requirements from pyproject.toml go in first.
+# espeak-ng (Debian package) synthesises the amnets speech corpus. torch must be importable before the
+# extension builds (--no-build-isolation), so the build requirements from pyproject.toml go in first.
 $(VENV)/.installed: $(PY) $(SOURCES)
+	command -v espeak-ng >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq espeak-ng)
 	$(PY) -m pip install --quiet $$($(PY) -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))')
 	MAX_JOBS=2 $(PY) -m pip install --quiet --no-build-isolation -e ".[test]"
 	touch $@

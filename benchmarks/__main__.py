@@ -21,11 +21,11 @@ import warnings
 
 import torch
 
-from . import bsr, lowrank_lstm, rnnt, swap
+from . import amnets_encoder, bsr, lowrank_lstm, rnnt, swap
 from .harness import as_dicts, markdown, measure
 
 SUITES = {"bsr": bsr.cases, "lowrank_lstm": lowrank_lstm.cases, "rnnt": rnnt.loss_cases,
-          "fused_joint": rnnt.joint_cases, "swap": swap.cases}
+          "fused_joint": rnnt.joint_cases, "swap": swap.cases, "amnets_encoder": amnets_encoder.cases}
 
 
 def cpu_model() -> str:

@@ -11,10 +11,11 @@ import argparse
 import json
 import sys
 
-from . import bsr, lowrank_lstm, rnnt, swap
+from . import amnets_encoder, bsr, lowrank_lstm, rnnt, swap
 
 HEADLINES = {"bsr_linear": bsr.headline, "lowrank_lstm_sequence": lowrank_lstm.headline,
-             "rnnt_loss": rnnt.loss_headline, "fused_joint_rnnt_loss": rnnt.joint_headline, "swap_in": swap.headline}
+             "rnnt_loss": rnnt.loss_headline, "fused_joint_rnnt_loss": rnnt.joint_headline, "swap_in": swap.headline,
+             "amnets_encoder": amnets_encoder.headline}
 
 
 def table(report: dict, everything: bool = False, reference: bool = True) -> str:

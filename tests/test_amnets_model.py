@@ -415,3 +415,60 @@ def test_sparse_stream_at_extreme_sparsity(sparsity):
         out, _, _ = enc.stream(x, force=force)
         torch.testing.assert_close(out, lstm_stack(enc, weight)(x)[0], atol=1e-5, rtol=1e-5)
     assert enc.block_mask_l0.all() if sparsity == 0 else not enc.block_mask_l0.any()
+
+
+# ---------------------------------------------------------------------------------------------------
+# forced encoders: the dense baseline
+
+
+@pytest.mark.parametrize("cheap", ["sparse", "lowrank"])
+@pytest.mark.parametrize("force", ["full", "cheap"])
+def test_forced_encoder_is_the_plain_lstm_of_its_branch(cheap, force):
+    enc = make_encoder(cheap, force=force).train()  # training mode: no Gumbel noise when forced
+    x = torch.randn(3, 5, D)
+    weight = enc.full_weight if force == "full" else enc.cheap_weight
+    want = lstm_stack(enc, weight)(x)[0]
+    out, aux = enc(x)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    assert aux["decisions"].all() == (force == "full") and aux["decisions"].any() == (force == "full")
+    layers = sum(enc.layer_macs(k, force) for k in range(enc.num_layers))  # no arbitrator MACs
+    torch.testing.assert_close(aux["expected_macs"], torch.full((3, 5), float(layers)))
+    got, _, dec = enc.eval().stream(x)  # stream() follows the encoder's force by default
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    assert bool(dec.all()) == (force == "full")
+
+
+def test_forced_full_encoder_leaves_the_arbitrator_unused():
+    enc = make_encoder("sparse", force="full").train()
+    enc(torch.randn(2, 4, D))[0].sum().backward()
+    assert all(p.grad is None for p in enc.arbitrator.parameters())
+    assert enc.weight_ih_l0.grad is not None
+
+
+def test_encoder_rejects_unknown_force():
+    with pytest.raises(ValueError, match="force"):
+        make_encoder(force="dense")
+
+
+def test_greedy_decode_returns_masked_decisions_and_realized_macs():
+    model = make_model("sparse").eval()
+    feats, feat_lens, _, _ = toy_batch()
+    spread_arbitrator(model.encoder)
+    hyps, decisions, enc_lens = model.greedy_decode(feats, feat_lens, return_decisions=True)
+    assert hyps == model.greedy_decode(feats, feat_lens)
+    x, want_lens = stack_frames(feats, feat_lens, model.stack)
+    _, _, want = model.encoder.stream(x)
+    assert enc_lens.tolist() == want_lens.tolist() == [8, 7]
+    assert decisions[0].tolist() == want[0].tolist() and decisions[1, :7].tolist() == want[1, :7].tolist()
+    assert not decisions[1, 7:].any() and 0 < int(decisions.sum()) < 15  # both branches taken
+    enc = model.encoder
+    macs = enc.realized_macs(decisions)
+    full, cheap = enc.macs_per_frame("full"), enc.macs_per_frame("cheap")
+    assert macs[decisions].tolist() == [full] * int(decisions.sum())
+    assert macs[~decisions].tolist() == [cheap] * int((~decisions).sum())
+
+
+def test_forward_is_the_loss():
+    model = make_model("lowrank").eval()
+    batch = toy_batch()
+    assert model(*batch, cost_weight=0.3)[1] == model.loss(*batch, cost_weight=0.3)[1]

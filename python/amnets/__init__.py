@@ -7,6 +7,8 @@ branch or a cheap one (block-sparse or low-rank), chosen by a small arbitrator n
   AmNetsEncoder   the switching encoder: forward() to train, stream() for kernel inference
   AmNetsRNNT      frame stacking + encoder + prediction network + fused joint RNN-T loss
   simulate_latency  user-perceived latency, real-time factor and backlog from per-frame costs
+  amnets.data     espeak-ng corpus, LibriSpeech reader, character tokenizer, log-mel, dataset + collate
+  amnets.cli      `amnets train|eval|demo` (python -m amnets): training (DDP under torchrun), WER/CER, demo
 
 Choices the paper leaves open, each a knob (default in brackets):
   * Sparse branch: the same weights under a block mask (no extra parameters) [sparse]; the mask
@@ -31,6 +33,7 @@ Choices the paper leaves open, each a knob (default in brackets):
     layer; joint: act(enc_proj(enc) + pred_proj(pred)) -> vocab, `joint_activation` ["tanh"].
   * Empty transcripts are rejected by AmNetsRNNT.loss; padded frames produce zero encoder output and
     are left out of every statistic.
+  * Dense baseline: the same encoder with `force="full"` (no arbitrator, no cheap branch run).
 """
 
 __version__ = "0.1.0"

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 import amnets_kernels as ak
 
 CHEAP_KINDS = ("sparse", "lowrank")
+FORCE_KINDS = (None, "full", "cheap")
 
 
 def lstm_pointwise(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
@@ -57,15 +58,20 @@ class AmNetsEncoder(nn.Module):
         init_p_full: p_full of the untrained arbitrator (its output bias is logit(init_p_full)).
         tau: Gumbel-sigmoid temperature of training (an attribute: anneal it from outside).
         threshold: eval-mode decision rule is p_full > threshold.
+        force: None (the arbitrator decides), "full" or "cheap": every frame takes that branch in
+            forward() and (by default) in stream(); the arbitrator is not run. force="full" is the plain
+            dense LSTM baseline with the same weights and code path.
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, cheap: str = "sparse",
                  sparsity: float = 0.8, block_size: int = 32, rank: int = 128, arbitrator_hidden: int = 32,
                  arbitrator_uses_state: bool = False, per_layer_decisions: bool = False,
-                 init_p_full: float = 0.5, tau: float = 1.0, threshold: float = 0.5, device=None, dtype=None):
+                 init_p_full: float = 0.5, tau: float = 1.0, threshold: float = 0.5, force: str | None = None,
+                 device=None, dtype=None):
         super().__init__()
         _check_init(input_size, hidden_size, num_layers, cheap, sparsity, block_size, rank, arbitrator_hidden,
-                    init_p_full, tau, threshold)
+                    init_p_full, tau, threshold, force)
+        self.force = force
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.cheap, self.sparsity, self.block_size = cheap, float(sparsity), block_size
         self.arbitrator_uses_state, self.per_layer_decisions = arbitrator_uses_state, per_layer_decisions
@@ -162,6 +168,14 @@ class AmNetsEncoder(nn.Module):
                              f"got {branch!r}")
         return self.arbitrator_macs() + sum(self.layer_macs(k, branch) for k in range(self.num_layers))
 
+    def realized_macs(self, decisions: Tensor) -> Tensor:
+        """Multiply-adds of each frame given its hard decisions, (B, T) or (B, T, L) bool as forward() and
+        stream() return them: the work stream() does (no arbitrator when the encoder is forced)."""
+        full, cheap = self._layer_mac_table(decisions.device)
+        d = decisions.to(torch.float64)
+        d = d if self.per_layer_decisions else d.unsqueeze(-1).expand(*d.shape, self.num_layers)
+        return (0 if self.force is not None else self.arbitrator_macs()) + d @ full + (1 - d) @ cheap
+
     def _layer_mac_table(self, device) -> tuple[Tensor, Tensor]:
         return tuple(torch.tensor([self.layer_macs(k, branch) for k in range(self.num_layers)],
                                   dtype=torch.float64, device=device) for branch in ("full", "cheap"))
@@ -187,24 +201,36 @@ class AmNetsEncoder(nn.Module):
         lengths = _check_forward(self, x, lengths)
         B, T, _ = x.shape
         H, L = self.hidden_size, self.num_layers
-        weights = [(self.full_weight(k), self.cheap_weight(k), getattr(self, f"bias_l{k}")) for k in range(L)]
+        # A forced encoder computes only its branch (no arbitrator): the dense baseline trains at dense cost.
+        weights = [(None if self.force == "cheap" else self.full_weight(k),
+                    None if self.force == "full" else self.cheap_weight(k), getattr(self, f"bias_l{k}"))
+                   for k in range(L)]
         h = [x.new_zeros(B, H) for _ in range(L)]
         c = [x.new_zeros(B, H) for _ in range(L)]
         outs, p_all, d_all = [], [], []
+        n_dec = L if self.per_layer_decisions else 1
         for t in range(T):
-            logits = self._p_logits(x[:, t], h[-1])
-            p = torch.sigmoid(logits)
-            if self.training:
-                u = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
-                soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / self.tau)
-                d = (soft > 0.5).to(soft.dtype) + soft - soft.detach()
+            if self.force is not None:
+                p = d = x.new_full((B, n_dec), float(self.force == "full"))
             else:
-                d = (p > self.threshold).to(p.dtype)
+                logits = self._p_logits(x[:, t], h[-1])
+                p = torch.sigmoid(logits)
+                if self.training:
+                    u = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
+                    soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / self.tau)
+                    d = (soft > 0.5).to(soft.dtype) + soft - soft.detach()
+                else:
+                    d = (p > self.threshold).to(p.dtype)
             inp = x[:, t]
             for k, (w_full, w_cheap, bias) in enumerate(weights):
                 z = torch.cat([inp, h[k]], dim=1)
                 dk = d[:, k if self.per_layer_decisions else 0, None]
-                gates = dk * F.linear(z, w_full, bias) + (1 - dk) * F.linear(z, w_cheap, bias)
+                if w_cheap is None:
+                    gates = F.linear(z, w_full, bias)
+                elif w_full is None:
+                    gates = F.linear(z, w_cheap, bias)
+                else:
+                    gates = dk * F.linear(z, w_full, bias) + (1 - dk) * F.linear(z, w_cheap, bias)
                 h[k], c[k] = lstm_pointwise(gates, c[k])
                 inp = h[k]
             outs.append(inp)
@@ -216,7 +242,8 @@ class AmNetsEncoder(nn.Module):
         decisions = torch.stack(d_all, 1) & mask[..., None]
         full, cheap = self._layer_mac_table(x.device)
         p_layers = p_full.to(torch.float64).expand(B, T, L)
-        expected = (self.arbitrator_macs() + p_layers @ full + (1 - p_layers) @ cheap) * mask
+        arbitrator = 0 if self.force is not None else self.arbitrator_macs()
+        expected = (arbitrator + p_layers @ full + (1 - p_layers) @ cheap) * mask
         cost_fraction = expected.sum() / (mask.sum().clamp(min=1) * self.macs_per_frame("full"))
         if not self.per_layer_decisions:
             p_full, decisions = p_full[..., 0], decisions[..., 0]
@@ -272,8 +299,9 @@ class AmNetsEncoder(nn.Module):
 
         state: (h, c), each (num_layers, B, H), as returned by the previous chunk (None: zeros); the
         arbitrator's only memory is h[-1], so chunks of any length continue exactly. force: None (the
-        arbitrator decides: p_full > threshold, default self.threshold), "full", "cheap", or a bool
-        tensor (B,) with True = full for every frame. decisions: (B, T) bool, or (B, T, L) per layer.
+        encoder's own `force` if set, else the arbitrator decides: p_full > threshold, default
+        self.threshold), "full", "cheap", or a bool tensor (B,) with True = full for every frame.
+        decisions: (B, T) bool, or (B, T, L) per layer.
         Rows of one batch may take different branches in the same step; each row's result equals
         running it alone. Runs without autograd.
         """
@@ -312,7 +340,7 @@ class AmNetsEncoder(nn.Module):
 
 
 def _check_init(input_size, hidden_size, num_layers, cheap, sparsity, block_size, rank, arbitrator_hidden,
-                init_p_full, tau, threshold):
+                init_p_full, tau, threshold, force):
     op = "AmNetsEncoder"
     for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers),
                         ("block_size", block_size), ("rank", rank), ("arbitrator_hidden", arbitrator_hidden)):
@@ -327,6 +355,8 @@ def _check_init(input_size, hidden_size, num_layers, cheap, sparsity, block_size
             raise ValueError(f"{op}: {name} must be in (0, 1); got {value!r}")
     if not isinstance(tau, (int, float)) or not tau > 0:
         raise ValueError(f"{op}: tau must be > 0; got {tau!r}")
+    if force not in FORCE_KINDS:
+        raise ValueError(f"{op}: force must be one of {FORCE_KINDS}; got {force!r}")
 
 
 def _check_input(op: str, enc: AmNetsEncoder, x) -> None:
@@ -369,6 +399,8 @@ def _check_stream(enc: AmNetsEncoder, x, state, force, threshold):
         raise ValueError(f"{op}: state must be (h, c), each of shape (num_layers, B, H) = {shape}")
     if threshold is None:
         threshold = enc.threshold
+    if force is None:
+        force = enc.force
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
         raise ValueError(f"{op}: threshold must be in [0, 1]; got {threshold!r}")
     if isinstance(force, str):

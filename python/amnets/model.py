@@ -111,16 +111,23 @@ class AmNetsRNNT(nn.Module):
                      full_fraction=(decisions.sum() / frames).item())
         return loss, stats
 
+    def forward(self, feats: Tensor, feat_lens: Tensor, targets: Tensor, target_lens: Tensor,
+                cost_weight: float = 0.0, budget: float | None = None) -> tuple[Tensor, dict]:
+        """The training loss, as loss(): forward() is what DistributedDataParallel wraps."""
+        return self.loss(feats, feat_lens, targets, target_lens, cost_weight, budget)
+
     @torch.no_grad()
-    def greedy_decode(self, feats: Tensor, feat_lens: Tensor,
-                      max_symbols_per_frame: int = 5) -> list[list[int]]:
+    def greedy_decode(self, feats: Tensor, feat_lens: Tensor, max_symbols_per_frame: int = 5,
+                      return_decisions: bool = False):
         """Offline greedy RNN-T decoding: per encoder frame, emit the argmax label and stay on the frame
         until the blank wins or max_symbols_per_frame labels were emitted there. The encoder runs through
         stream() (the kernels, arbitrator decisions at its threshold). Returns one list of labels per
-        utterance (never the blank)."""
+        utterance (never the blank); with return_decisions also the encoder's decisions, (B, T') or
+        (B, T', L) bool, False past each utterance's encoder length, and the encoder lengths (B,)."""
         _check_decode(self, feats, feat_lens, max_symbols_per_frame)
         x, enc_lens = stack_frames(feats, feat_lens, self.stack, self.stack_tail)
-        enc_p = self.enc_proj(self.encoder.stream(x)[0])  # causal: padding cannot reach valid frames
+        enc, _, decisions = self.encoder.stream(x)
+        enc_p = self.enc_proj(enc)  # causal: padding cannot reach valid frames
         hyps = []
         for b in range(x.shape[0]):
             hyp, token = [], feats.new_zeros(1, 1, dtype=torch.long)
@@ -133,7 +140,10 @@ class AmNetsRNNT(nn.Module):
                     hyp.append(label)
                     pred_p, state = self.predict(token.fill_(label), state)
             hyps.append(hyp)
-        return hyps
+        if not return_decisions:
+            return hyps
+        valid = torch.arange(x.shape[1], device=x.device)[None] < enc_lens.to(x.device)[:, None]
+        return hyps, decisions & valid.reshape(*valid.shape, *[1] * (decisions.dim() - 2)), enc_lens
 
 
 # ---------------------------------------------------------------------------------------------------

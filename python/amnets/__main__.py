@@ -1,0 +1,7 @@
+"""python -m amnets train|eval|demo: see amnets.cli."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

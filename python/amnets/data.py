@@ -1,0 +1,254 @@
+"""Speech data, offline: an espeak-ng corpus, a LibriSpeech reader, a character tokenizer, log-mel features.
+
+  make_corpus        synthesise sentences from WORDS with espeak-ng (several voices, rates, pitches), add
+                     silence and low-level noise, write 16 kHz WAVs + transcripts.txt; same seed, same corpus
+  corpus_items       (audio path, transcript) pairs of such a directory
+  librispeech_items  the same for a LibriSpeech split (<root>/<split>/<spk>/<chapter>/*.flac + .trans.txt)
+  CharTokenizer      blank 0, then apostrophe, space, a-z
+  LogMel             80-dim log-mel, 25 ms window, 10 ms hop, per-utterance mean/variance normalised
+  SpeechDataset, collate   (feats (B, T, 80), feat_lens, targets (B, U), target_lens) for AmNetsRNNT.loss
+
+Audio is read with soundfile: torchaudio.load needs the torchcodec package for every format now.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import string
+import subprocess
+from io import BytesIO
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio
+from torch import Tensor
+
+SAMPLE_RATE = 16000
+TRANSCRIPTS = "transcripts.txt"
+
+# Common words with distinct spellings: enough to need real character modelling, few enough to learn fast.
+WORDS = ("the", "a", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
+         "yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go", "red", "green", "blue",
+         "black", "white", "cat", "dog", "bird", "fish", "house", "tree", "water", "light", "music",
+         "play", "open", "close", "call", "home", "time", "today", "morning", "night", "please", "don't",
+         "it's")
+# English voices shipped with Debian's espeak-ng (`espeak-ng --voices=en`), male and female variants.
+VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-029", "en-gb-x-rp", "en-us+f3", "en-gb+f2", "en-us+m3")
+
+
+class CharTokenizer:
+    """Characters to labels: 0 is the RNN-T blank, then "'", " ", "a".."z" (1..28). Text is lower-cased;
+    any other character is an error (LibriSpeech transcripts use exactly these)."""
+
+    SYMBOLS = "' " + string.ascii_lowercase
+
+    def __init__(self):
+        self.index = {ch: i + 1 for i, ch in enumerate(self.SYMBOLS)}
+        self.vocab_size = len(self.SYMBOLS) + 1
+
+    def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise ValueError(f"CharTokenizer.encode: text must be a str; got {type(text).__name__}")
+        bad = sorted({ch for ch in text.lower() if ch not in self.index})
+        if bad:
+            raise ValueError(f"CharTokenizer.encode: text has characters outside {self.SYMBOLS!r}: {bad}")
+        return [self.index[ch] for ch in text.lower()]
+
+    def decode(self, labels) -> str:
+        labels = labels.tolist() if isinstance(labels, Tensor) else list(labels)
+        bad = [i for i in labels if not 1 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"CharTokenizer.decode: labels must lie in [1, {self.vocab_size - 1}] "
+                             f"(0 is the blank); got {bad[0]}")
+        return "".join(self.SYMBOLS[i - 1] for i in labels)
+
+
+# ---------------------------------------------------------------------------------------------------
+# audio
+
+
+def read_audio(path: str) -> Tensor:
+    """Mono float32 waveform (N,) at 16 kHz from any file soundfile reads (WAV, FLAC, ...)."""
+    audio, rate = sf.read(path, dtype="float32", always_2d=True)
+    wave = torch.from_numpy(audio.mean(axis=1))
+    return wave if rate == SAMPLE_RATE else torchaudio.functional.resample(wave, rate, SAMPLE_RATE)
+
+
+class LogMel(torch.nn.Module):
+    """(N,) waveform at 16 kHz -> (T, n_mels) log-mel, 25 ms Hann window, 10 ms hop (T = N // 160 + 1).
+
+    Each utterance is normalised to zero mean and unit variance per mel bin: the corpus mixes voices
+    and recording levels, and a small model should not spend capacity on the offset."""
+
+    def __init__(self, n_mels: int = 80):
+        super().__init__()
+        self.n_mels = n_mels
+        self.mel = torchaudio.transforms.MelSpectrogram(SAMPLE_RATE, n_fft=400, win_length=400,
+                                                        hop_length=160, n_mels=n_mels)
+
+    def forward(self, wave: Tensor) -> Tensor:
+        if not isinstance(wave, Tensor) or wave.dim() != 1 or wave.numel() == 0:
+            got = tuple(wave.shape) if isinstance(wave, Tensor) else type(wave).__name__
+            raise ValueError(f"LogMel: wave must be a non-empty 1-d waveform; got {got}")
+        feats = torch.log(self.mel(wave.float()) + 1e-6).T
+        return (feats - feats.mean(0)) / (feats.std(0, unbiased=False) + 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------
+# espeak-ng corpus
+
+
+def _espeak(text: str, voice: str, rate: int, pitch: int, gap: int) -> Tensor:
+    """espeak-ng's speech for `text` as a 16 kHz waveform; gap: extra pause between words in 10 ms units."""
+    exe = shutil.which("espeak-ng")
+    if exe is None:
+        raise RuntimeError("make_corpus: espeak-ng is not installed (Debian: apt-get install espeak-ng; "
+                           "`make install` does it)")
+    command = [exe, "-v", voice, "-s", str(rate), "-p", str(pitch), "-g", str(gap), "--stdout", text]
+    wav = subprocess.run(command, check=True, capture_output=True).stdout
+    audio, sr = sf.read(BytesIO(wav), dtype="float32")
+    return torchaudio.functional.resample(torch.from_numpy(audio), sr, SAMPLE_RATE)
+
+
+def make_corpus(out_dir: str, n_utterances: int, seed: int = 0, words_per_utterance: tuple[int, int] = (2, 5),
+                voices=VOICES, rates: tuple[int, int] = (120, 220), pitches: tuple[int, int] = (25, 75),
+                word_gap: tuple[int, int] = (0, 15), edge_silence: tuple[float, float] = (0.1, 0.6),
+                noise_db: tuple[float, float] = (-55.0, -40.0)) -> str:
+    """Write n_utterances WAVs (16 kHz, 16-bit) and transcripts.txt ("<id> <text>" per line) to out_dir.
+
+    Per utterance, drawn from `seed`: 2-5 words of WORDS, a voice, espeak-ng rate (-s, words per minute),
+    pitch (-p, 0-99) and word gap (-g, 10 ms units), leading and trailing silence (seconds each) and white
+    noise at `noise_db` dB below full scale over the whole file, so that silent, "easy" frames exist.
+    Ranges are inclusive (low, high). The same arguments give the same files. Returns out_dir.
+    """
+    if isinstance(n_utterances, bool) or not isinstance(n_utterances, int) or n_utterances < 1:
+        raise ValueError(f"make_corpus: n_utterances must be an int >= 1; got {n_utterances!r}")
+    low, high = words_per_utterance
+    if not 1 <= low <= high:
+        raise ValueError(f"make_corpus: words_per_utterance must be (low, high) with 1 <= low <= high; "
+                         f"got {words_per_utterance!r}")
+    if not voices:
+        raise ValueError("make_corpus: voices must name at least one espeak-ng voice")
+    rng = random.Random(seed)
+    noise_gen = np.random.default_rng(seed)
+    os.makedirs(out_dir, exist_ok=True)
+    lines = []
+    for i in range(n_utterances):
+        text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
+        speech = _espeak(text, rng.choice(voices), rng.randint(*rates), rng.randint(*pitches),
+                         rng.randint(*word_gap))
+        speech = speech * (0.5 / speech.abs().max().clamp(min=1e-4))  # the same level for every voice
+        lead, trail = (int(rng.uniform(*edge_silence) * SAMPLE_RATE) for _ in range(2))
+        wave = torch.cat([speech.new_zeros(lead), speech, speech.new_zeros(trail)]).numpy()
+        level = 10 ** (rng.uniform(*noise_db) / 20)
+        wave = wave + noise_gen.standard_normal(wave.shape).astype(np.float32) * level
+        utt = f"utt{i:06d}"
+        sf.write(os.path.join(out_dir, utt + ".wav"), np.clip(wave, -1, 1), SAMPLE_RATE, subtype="PCM_16")
+        lines.append(f"{utt} {text}\n")
+    with open(os.path.join(out_dir, TRANSCRIPTS), "w") as f:
+        f.writelines(lines)
+    return out_dir
+
+
+def _read_transcripts(path: str, folder: str, ext: str) -> list[tuple[str, str]]:
+    items = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            utt, _, text = line.rstrip("\n").partition(" ")
+            if not text.strip():
+                raise ValueError(f"{path}:{n}: utterance {utt!r} has an empty transcript")
+            audio = os.path.join(folder, utt + ext)
+            if not os.path.isfile(audio):
+                raise ValueError(f"{path}:{n}: no audio file {audio}")
+            items.append((audio, text.strip()))
+    return items
+
+
+def corpus_items(corpus_dir: str) -> list[tuple[str, str]]:
+    """(wav path, transcript) of a make_corpus directory, in transcript order."""
+    path = os.path.join(corpus_dir, TRANSCRIPTS)
+    if not os.path.isfile(path):
+        raise ValueError(f"corpus_items: {corpus_dir!r} has no {TRANSCRIPTS} (not a make_corpus directory)")
+    return _read_transcripts(path, corpus_dir, ".wav")
+
+
+def librispeech_items(root: str, split: str) -> list[tuple[str, str]]:
+    """(flac path, transcript) of every utterance of <root>/<split> (e.g. train-clean-100), sorted by id.
+
+    Layout: <root>/<split>/<speaker>/<chapter>/<speaker>-<chapter>-<utt>.flac, one
+    <speaker>-<chapter>.trans.txt per chapter with lines "<speaker>-<chapter>-<utt> TRANSCRIPT".
+    """
+    base = os.path.join(root, split)
+    if not os.path.isdir(base):
+        raise ValueError(f"librispeech_items: no split directory {base!r}")
+    items = []
+    for speaker in sorted(os.listdir(base)):
+        for chapter in sorted(os.listdir(os.path.join(base, speaker))):
+            folder = os.path.join(base, speaker, chapter)
+            transcripts = os.path.join(folder, f"{speaker}-{chapter}.trans.txt")
+            items += _read_transcripts(transcripts, folder, ".flac")
+    if not items:
+        raise ValueError(f"librispeech_items: {base!r} holds no utterances")
+    return items
+
+
+# ---------------------------------------------------------------------------------------------------
+# dataset
+
+
+class SpeechDataset(torch.utils.data.Dataset):
+    """(feats (T, 80), labels (U,)) per (audio path, transcript) item. Features are computed once and kept
+    in memory (cache=True): the corpora this trains on are small and every epoch reads them again."""
+
+    def __init__(self, items: list[tuple[str, str]], tokenizer: CharTokenizer | None = None,
+                 features: LogMel | None = None, cache: bool = True):
+        if not items:
+            raise ValueError("SpeechDataset: items is empty")
+        self.items = list(items)
+        self.tokenizer = tokenizer or CharTokenizer()
+        self.features = features or LogMel()
+        self.labels = []
+        for path, text in self.items:
+            labels = self.tokenizer.encode(text)
+            if not labels:
+                raise ValueError(f"SpeechDataset: empty transcript for {path}")
+            self.labels.append(torch.tensor(labels, dtype=torch.long))
+        self._cache: dict[int, Tensor] | None = {} if cache else None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def duration(self, i: int) -> float:
+        """Seconds of audio of item i, from the file's header (no decoding)."""
+        info = sf.info(self.items[i][0])
+        return info.frames / info.samplerate
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        feats = self._cache.get(i) if self._cache is not None else None
+        if feats is None:
+            with torch.no_grad():
+                feats = self.features(read_audio(self.items[i][0]))
+            if self._cache is not None:
+                self._cache[i] = feats
+        return feats, self.labels[i]
+
+
+def collate(batch: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Zero-pad a list of (feats (T, F), labels (U,)) to (feats (B, T, F), feat_lens (B,), targets (B, U),
+    target_lens (B,)); label padding is 0 (AmNetsRNNT.loss ignores positions past target_lens)."""
+    if not batch:
+        raise ValueError("collate: batch is empty")
+    feats, labels = zip(*batch)
+    if any(f.dim() != 2 or f.shape[1] != feats[0].shape[1] for f in feats):
+        shapes = [tuple(f.shape) for f in feats]
+        raise ValueError(f"collate: feats must all be (T, F) with one F; got {shapes}")
+    if any(len(lab) == 0 for lab in labels):
+        raise ValueError("collate: an utterance has empty targets")
+    pad = torch.nn.utils.rnn.pad_sequence
+    return (pad(list(feats), batch_first=True), torch.tensor([len(f) for f in feats]),
+            pad(list(labels), batch_first=True), torch.tensor([len(lab) for lab in labels]))

@@ -1,0 +1,148 @@
+"""amnets.cli: metrics, configuration, data-parallel training with checkpoints and resume, eval, the demo."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from amnets.cli import (CONFIG, build_parser, check_config, defaults, edit_distance, error_rate, main,
+                        temperature)
+from amnets.data import make_corpus
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "python")]), OMP_NUM_THREADS="1")
+TINY_MODEL = ["--hidden-size", "32", "--num-layers", "1", "--block-size", "16", "--pred-hidden", "16",
+              "--joint-hidden", "16", "--arbitrator-hidden", "8", "--batch-size", "2", "--threads", "1",
+              "--progress", "false", "--log-every", "1"]
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,
+                                  reason="espeak-ng is not installed (make install installs it)")
+
+
+@pytest.mark.parametrize("ref, hyp, want", [("", "", 0), ("abc", "", 3), ("", "ab", 2),
+                                            ("kitten", "sitting", 3), ("abc", "abc", 0), ("abcd", "acbd", 2)])
+def test_edit_distance(ref, hyp, want):
+    assert edit_distance(ref, hyp) == want == edit_distance(hyp, ref)
+
+
+def test_wer_and_cer():
+    refs, hyps = ["the cat sat", "go home"], ["the bat sat down", "go home"]
+    assert error_rate(refs, hyps, "word") == pytest.approx(2 / 5)  # one substitution, one insertion
+    assert error_rate(refs, hyps, "char") == pytest.approx(6 / 18)  # c->b, then " down"
+    with pytest.raises(ValueError, match="references"):
+        error_rate(["a"], [], "word")
+    with pytest.raises(ValueError, match="empty"):
+        error_rate([""], ["a"], "word")
+
+
+def test_temperature_anneals_exponentially_from_tau0_to_tau_min():
+    cfg = dict(defaults(), tau0=2.0, tau_min=0.5, steps=5)
+    taus = [temperature(cfg, s) for s in range(5)]
+    assert taus[0] == pytest.approx(2.0) and taus[-1] == pytest.approx(0.5)
+    ratios = [b / a for a, b in zip(taus, taus[1:])]
+    assert ratios == pytest.approx([0.5 ** 0.5] * 4)  # a constant factor per step
+
+
+def test_config_file_then_flags_override_the_defaults(tmp_path, monkeypatch):
+    seen = {}
+    monkeypatch.setattr("amnets.cli.cmd_train", lambda cfg, args: seen.update(cfg) or 0)
+    toml = tmp_path / "c.toml"
+    toml.write_text('hidden_size = 64\ncheap = "lowrank"\nbudget = 0.3\n')
+    assert main(["train", "--config", str(toml), "--hidden-size", "48", "--force", "full"]) == 0
+    assert (seen["hidden_size"], seen["cheap"], seen["budget"], seen["force"]) == (48, "lowrank", 0.3, "full")
+    assert seen["num_layers"] == CONFIG["num_layers"][0]
+    js = tmp_path / "c.json"
+    js.write_text(json.dumps({"hidden_sise": 3}))
+    with pytest.raises(ValueError, match="hidden_sise"):
+        main(["train", "--config", str(js)])
+
+
+@pytest.mark.parametrize("key, value, match", [
+    ("hidden_size", 0, "hidden_size"), ("lr", 0.0, "lr"), ("cheap", 3, "cheap"), ("cheap", "pruned", "cheap"),
+    ("force", "dense", "force"), ("budget", 1.5, "budget"), ("save_every_rank", 1, "save_every_rank"),
+    ("cost_weight", -1.0, "cost_weight")])
+def test_check_config_names_the_bad_key(key, value, match):
+    with pytest.raises(ValueError, match=match):
+        check_config(dict(defaults(), **{key: value}))
+
+
+def test_unknown_cheap_kind_is_a_value_error_naming_it(tmp_path):
+    with pytest.raises(ValueError, match="cheap"):
+        main(["train", "--data", str(tmp_path), "--cheap", "pruned"] + TINY_MODEL)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--save-every-rank", "maybe"])
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    if shutil.which("espeak-ng") is None:
+        pytest.skip("espeak-ng is not installed (make install installs it)")
+    return make_corpus(str(tmp_path_factory.mktemp("corpus")), 8, seed=3)
+
+
+def run(args, timeout=120):
+    done = subprocess.run([sys.executable, *args], env=ENV, capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_two_process_ddp_training_agrees_checkpoints_resumes_and_evaluates(corpus, tmp_path):
+    ckpt = tmp_path / "ck"
+    common = ["--data", corpus, "--checkpoint-dir", str(ckpt)] + TINY_MODEL
+    run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "amnets", "train",
+         "--steps", "3", "--save-every-rank", "true"] + common)
+    ranks = [torch.load(ckpt / f"last.rank{r}.pt", weights_only=False) for r in (0, 1)]
+    last = torch.load(ckpt / "last.pt", weights_only=False)
+    assert last["step"] == ranks[0]["step"] == ranks[1]["step"] == 3
+    for name, value in last["model"].items():  # DDP kept the ranks identical
+        assert torch.equal(value, ranks[1]["model"][name]), name
+        assert torch.equal(value, ranks[0]["model"][name]), name
+    assert last["config"]["hidden_size"] == 32 and last["optimizer"]["state"]
+
+    done = run(["-m", "amnets", "train", "--resume", str(ckpt / "last.pt"), "--steps", "5"] + common)
+    logged = [line.split()[1] for line in done.stderr.splitlines() if line.startswith("step ")]
+    assert logged == ["4", "5"]  # continued from step 3, did not start over
+    resumed = torch.load(ckpt / "last.pt", weights_only=False)
+    assert resumed["step"] == 5
+    assert all(s["step"] == 5 for s in resumed["optimizer"]["state"].values())  # AdamW's count carried on
+    assert not torch.equal(resumed["model"]["encoder.weight_ih_l0"], last["model"]["encoder.weight_ih_l0"])
+
+    result = json.loads(run(["-m", "amnets", "eval", str(ckpt / "last.pt"), "--data", corpus]).stdout)
+    assert result["utterances"] == 8 and result["wer"] >= 0 and result["cer"] >= 0
+    assert 0 <= result["full_fraction"] <= 1 and result["macs_per_frame"] > 0
+
+
+@needs_espeak
+def test_tiny_demo_end_to_end(tmp_path):
+    done = run(["-m", "amnets", "demo", "--tiny", "--out", str(tmp_path)])
+    table = done.stdout.splitlines()
+    header = next(i for i, line in enumerate(table) if line.startswith("model"))
+    rows = [line.split() for line in table[header + 1:header + 4]]
+    assert [r[0] for r in rows] == ["dense", "amnets", "amnets"]
+    assert [r[1] for r in rows[1:]] == ["sparse", "lowrank"]
+    dense, sparse, lowrank = ([float(v) for v in r[-6:]] for r in rows)  # WER CER frac MACs ms UPL
+    assert dense[2] == 1.0 and sparse[2] < 1.0 and lowrank[2] < 1.0  # the arbitrators chose some cheap frames
+    assert sparse[3] < dense[3] and lowrank[3] < dense[3]  # fewer MACs per frame than the dense model
+    assert all(r[4] > 0 and r[5] >= 0 for r in (dense, sparse, lowrank))
+    assert os.path.isfile(tmp_path / "dense" / "last.pt")
+    assert os.path.isfile(tmp_path / "corpus" / "transcripts.txt")
+
+
+def test_batches_cover_the_data_once_per_epoch_sorted_in_windows():
+    from amnets.cli import BUCKET, batches
+
+    lengths = [float((i * 37) % 101) for i in range(100)]  # scrambled lengths
+    cfg = dict(defaults(), batch_size=4, seed=1)
+    shares = [batches(lengths, cfg, epoch=2, rank=r, world=2) for r in (0, 1)]
+    assert sorted(i for share in shares for b in share for i in b) == list(range(100))
+    assert len(shares[0]) == len(shares[1]) == 13  # 50 each: 12 full batches and one of 2
+    window = BUCKET * 4
+    for share in shares:
+        # within a batch lengths are contiguous in a sorted window: narrower than a random draw
+        spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in share) / len(share)
+        assert spread < 100 / window * 4 * 2
+    assert batches(lengths, cfg, 2, 0, 2) == shares[0] != batches(lengths, cfg, 3, 0, 2)

@@ -1,0 +1,126 @@
+"""amnets.data: tokenizer, espeak-ng corpus, LibriSpeech layout, features, dataset and collate."""
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from amnets.data import (SAMPLE_RATE, WORDS, CharTokenizer, LogMel, SpeechDataset, collate, corpus_items,
+                         librispeech_items, make_corpus, read_audio)
+
+needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,
+                                  reason="espeak-ng is not installed (make install installs it)")
+
+
+def test_tokenizer_layout_and_round_trip():
+    tok = CharTokenizer()
+    assert tok.vocab_size == 29
+    assert tok.encode("'") == [1] and tok.encode(" ") == [2] and tok.encode("az") == [3, 28]
+    text = "don't stop the music"
+    assert tok.decode(tok.encode(text.upper())) == text  # LibriSpeech is upper case
+    assert tok.decode(torch.tensor(tok.encode(text))) == text
+
+
+@pytest.mark.parametrize("call, match", [(lambda t: t.encode("hello!"), "characters outside"),
+                                         (lambda t: t.encode(3), "str"),
+                                         (lambda t: t.decode([0, 3]), "blank"),
+                                         (lambda t: t.decode([29]), "labels")])
+def test_tokenizer_rejects_bad_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call(CharTokenizer())
+
+
+def test_logmel_shape_hop_and_normalisation():
+    wave = torch.randn(SAMPLE_RATE)  # 1 s
+    feats = LogMel()(wave)
+    assert feats.shape == (SAMPLE_RATE // 160 + 1, 80)
+    torch.testing.assert_close(feats.mean(0), torch.zeros(80), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="wave"):
+        LogMel()(torch.zeros(2, 100))
+
+
+@needs_espeak
+def test_make_corpus_is_deterministic_and_has_silent_edges(tmp_path):
+    a, b, c = (make_corpus(str(tmp_path / name), 3, seed=seed)
+               for name, seed in (("a", 7), ("b", 7), ("c", 8)))
+    files = sorted(os.listdir(a))
+    assert files == ["transcripts.txt", "utt000000.wav", "utt000001.wav", "utt000002.wav"]
+    for name in files:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    transcripts = [(tmp_path / name / "transcripts.txt").read_text() for name in "ac"]
+    assert transcripts[0] != transcripts[1]
+    items = corpus_items(a)
+    assert [os.path.basename(p) for p, _ in items] == files[1:]
+    for path, text in items:
+        assert 2 <= len(text.split()) <= 5 and set(text.split()) <= set(WORDS)
+        info = sf.info(path)
+        assert info.samplerate == SAMPLE_RATE and info.channels == 1
+        wave = read_audio(path)
+        edge = wave[: SAMPLE_RATE // 20]  # the first 50 ms: silence plus noise, at least 0.1 s of it
+        assert edge.abs().max() < 0.05 < wave.abs().max()
+        assert edge.std() > 0  # the noise is there
+
+
+def test_make_corpus_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="n_utterances"):
+        make_corpus(str(tmp_path), 0)
+    with pytest.raises(ValueError, match="words_per_utterance"):
+        make_corpus(str(tmp_path), 1, words_per_utterance=(3, 2))
+    with pytest.raises(ValueError, match="transcripts.txt"):
+        corpus_items(str(tmp_path))
+
+
+def write_librispeech(root, split="dev-clean"):
+    """A tiny tree in LibriSpeech's layout: 2 speakers, 3 chapters, FLAC at 16 kHz."""
+    rng = np.random.default_rng(0)
+    texts = {}
+    for speaker, chapter, n in ((19, 198, 2), (19, 227, 1), (84, 121123, 2)):
+        folder = os.path.join(root, split, str(speaker), str(chapter))
+        os.makedirs(folder)
+        lines = []
+        for u in range(n):
+            utt = f"{speaker}-{chapter}-{u:04d}"
+            sf.write(os.path.join(folder, utt + ".flac"), rng.uniform(-0.3, 0.3, 1600 * (u + 2)), SAMPLE_RATE,
+                     format="FLAC")
+            texts[utt] = f"CHAPTER {['ALPHA', 'BETA'][u]} SAID IT'S {['ONE', 'TWO'][u]}"
+            lines.append(f"{utt} {texts[utt]}\n")
+        with open(os.path.join(folder, f"{speaker}-{chapter}.trans.txt"), "w") as f:
+            f.writelines(lines)
+    return texts
+
+
+def test_librispeech_items_and_dataset(tmp_path):
+    texts = write_librispeech(str(tmp_path))
+    items = librispeech_items(str(tmp_path), "dev-clean")
+    assert [os.path.basename(p)[:-5] for p, _ in items] == sorted(texts)
+    assert all(text == texts[os.path.basename(p)[:-5]] for p, text in items)
+    ds = SpeechDataset(items)
+    feats, labels = ds[1]  # 19-198-0001: 3 * 1600 samples
+    assert feats.shape == (3 * 1600 // 160 + 1, 80)
+    assert ds.tokenizer.decode(labels) == "chapter beta said it's two"
+    with pytest.raises(ValueError, match="split"):
+        librispeech_items(str(tmp_path), "train-clean-100")
+
+
+def test_dataset_rejects_digits_and_empty_transcripts(tmp_path):
+    write_librispeech(str(tmp_path))
+    items = librispeech_items(str(tmp_path), "dev-clean")
+    with pytest.raises(ValueError, match="characters outside"):
+        SpeechDataset([(items[0][0], "CHAPTER 19")])
+    with pytest.raises(ValueError, match="empty transcript"):
+        SpeechDataset([(items[0][0], "")])
+
+
+def test_collate_pads_and_reports_lengths():
+    batch = [(torch.ones(5, 80), torch.tensor([3, 4])), (torch.full((2, 80), 2.0), torch.tensor([5, 6, 7]))]
+    feats, feat_lens, targets, target_lens = collate(batch)
+    assert feats.shape == (2, 5, 80) and feat_lens.tolist() == [5, 2] and target_lens.tolist() == [2, 3]
+    assert targets.tolist() == [[3, 4, 0], [5, 6, 7]]
+    assert feats[1, 2:].abs().sum() == 0 and (feats[1, :2] == 2).all()
+    with pytest.raises(ValueError, match="empty targets"):
+        collate([(torch.ones(3, 80), torch.tensor([], dtype=torch.long))])
+    with pytest.raises(ValueError, match="feats"):
+        collate([(torch.ones(3, 80), torch.tensor([1])), (torch.ones(3, 40), torch.tensor([1]))])
