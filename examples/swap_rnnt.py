@@ -21,6 +21,7 @@ import torchaudio
 from torch import nn
 
 import amnets_kernels as ak
+from amnets.cli import edit_distance  # installed with amnets_kernels
 
 
 class LSTMTransducer(nn.Module):
@@ -79,15 +80,6 @@ def synthetic_batch(batch, vocab, feat_dim, prototypes, gen, labels_per_utt=6, f
         frames.append(torch.cat(pieces) + 0.3 * torch.randn(sum(p.shape[0] for p in pieces), feat_dim, generator=gen))
     feats = torch.stack(frames, dim=1)  # (T, B, F)
     return feats, labels, torch.full((batch,), feats.shape[0]), torch.full((batch,), labels_per_utt)
-
-
-def edit_distance(a, b):
-    row = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, y in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (x != y))
-    return row[-1]
 
 
 def accuracy(model, prototypes, args, gen, utterances=8):
