@@ -99,3 +99,24 @@ def test_build_info_reports_versions_and_faces():
     assert info["extension"] == "loaded", info["extension"]
     assert set(info["faces"]["cpu"]) == set(_backend.OPS)
     assert isinstance(info["cpu_isa"], list) and info["cpu"]
+
+
+def test_eager_inference_path_equals_the_op_path():
+    """Without autograd, bsr_linear and lowrank_lstm_cell call their face directly (skipping the
+    torch.ops layers); the answer must be the op's, bit for bit, and errors still name the argument."""
+    from amnets_kernels._ops import eager_inference
+
+    torch.manual_seed(0)
+    w = ak.BlockSparseMatrix.from_dense(torch.randn(48, 40), block_size=16, sparsity=0.5)
+    x, bias = torch.randn(2, 3, 40), torch.randn(48)
+    # x (B, D), h, c (B, H), w_ih_u (4H, r), w_ih_v (r, D), w_hh_u (4H, rh), w_hh_v (rh, H), bias (4H,)
+    cell = [torch.randn(*s) for s in ((5, 7), (5, 6), (5, 6), (24, 3), (3, 7), (24, 2), (2, 6), (24,))]
+    with torch.no_grad():
+        assert eager_inference(x, w.values, bias)
+        assert torch.equal(ak.bsr_linear(x, w, bias), torch.ops.amnets.bsr_linear(
+            x, w.values, w.crow_indices, w.col_indices, 48, 40, bias))
+        for got, want in zip(ak.lowrank_lstm_cell(*cell), torch.ops.amnets.lowrank_lstm_cell(*cell)):
+            assert torch.equal(got, want)
+        with pytest.raises(ValueError, match="in_features"):
+            ak.bsr_linear(torch.randn(3, 39), w)
+    assert not eager_inference(x.requires_grad_(True))  # autograd wanted: the op path

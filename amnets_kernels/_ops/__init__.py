@@ -69,4 +69,16 @@ def wants_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def eager_inference(*tensors) -> bool:
+    """Whether a public op may call its face directly, skipping the torch.ops layers (composite op,
+    custom op, autograd wrapper: ~25 us a call, more than a streaming frame's kernel at small sizes).
+    Only for plain eager inference: no gradient wanted, nothing tracing (torch.compile/export, a
+    dispatch mode such as make_fx or FakeTensorMode), and plain tensors (no subclass, no functorch
+    wrapper). Everything else goes through torch.ops.amnets, which computes the same on the same face."""
+    if torch.compiler.is_compiling() or wants_grad(*tensors) or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    return all(t is None or (type(t) is torch.Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(t))
+               for t in tensors)
+
+
 from . import bsr, lowrank_lstm, rnnt  # noqa: E402,F401  (registers the ops)

@@ -9,7 +9,7 @@ from torch import Tensor
 from .. import _backend, _validate
 from ..formats import BlockSparseMatrix
 from ..reference import acc_dtype
-from . import composite, custom_op, register_autograd, run
+from . import composite, custom_op, eager_inference, register_autograd, run
 
 OP = "bsr_linear"
 
@@ -23,8 +23,11 @@ def bsr_linear(x: Tensor, weight: BlockSparseMatrix, bias: Optional[Tensor] = No
         raise TypeError(f"{OP}: weight must be an amnets_kernels.BlockSparseMatrix; got "
                         f"{type(weight).__name__} (build one with BlockSparseMatrix.from_dense)")
     _validate.tensor_types(OP, ("bias",), x=x, bias=bias)
-    return torch.ops.amnets.bsr_linear(x, weight.values, weight.crow_indices, weight.col_indices,
-                                       weight.shape[0], weight.shape[1], bias)
+    args = (weight.values, weight.crow_indices, weight.col_indices, weight.shape[0], weight.shape[1], bias)
+    if eager_inference(x, weight.values, bias):
+        _validate.bsr_linear(OP, x, *args, data=False)
+        return _forward(x.reshape(-1, weight.shape[1]), *args).view(*x.shape[:-1], weight.shape[0])
+    return torch.ops.amnets.bsr_linear(x, *args)
 
 
 @composite("bsr_linear(Tensor x, Tensor values, Tensor crow_indices, Tensor col_indices, "
@@ -70,6 +73,11 @@ def _check_rows(op: str, x: Tensor) -> None:
 @custom_op("bsr_linear_forward")
 def bsr_linear_forward(x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor,
                        out_features: int, in_features: int, bias: Optional[Tensor]) -> Tensor:
+    return _forward(x, values, crow_indices, col_indices, out_features, in_features, bias)
+
+
+def _forward(x, values, crow_indices, col_indices, out_features, in_features, bias):
+    """The forward op's body; bsr_linear calls it directly for eager inference."""
     _check_rows(OP, x)
     _validate.bsr_linear(OP, x, values, crow_indices, col_indices, out_features, in_features, bias, data=True)
     _say_if_slow(x, values)

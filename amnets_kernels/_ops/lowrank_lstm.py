@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .. import _validate
 from ..reference import acc_dtype
-from . import composite, custom_op, register_autograd, run, wants_grad
+from . import composite, custom_op, eager_inference, register_autograd, run, wants_grad
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -25,6 +25,9 @@ def lowrank_lstm_cell(x: Tensor, h: Tensor, c: Tensor, w_ih_u: Tensor, w_ih_v: T
     """One step: x (B, D), h and c (B, H) -> (h1, c1)."""
     _validate.tensor_types(CELL, ("bias",), x=x, h=h, c=c, w_ih_u=w_ih_u, w_ih_v=w_ih_v, w_hh_u=w_hh_u,
                            w_hh_v=w_hh_v, bias=bias)
+    if eager_inference(x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias):  # a streaming step: no op layers
+        h1, c1, _ = _cell_forward(x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, False)
+        return h1, c1
     return torch.ops.amnets.lowrank_lstm_cell(x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias)
 
 
@@ -40,6 +43,11 @@ def _lowrank_lstm_cell(x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias=None):
 def lowrank_lstm_cell_forward(x: Tensor, h: Tensor, c: Tensor, w_ih_u: Tensor, w_ih_v: Tensor,
                               w_hh_u: Tensor, w_hh_v: Tensor, bias: Optional[Tensor],
                               save: bool) -> tuple[Tensor, Tensor, Tensor]:
+    return _cell_forward(x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, save)
+
+
+def _cell_forward(x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, save):
+    """The cell forward op's body; lowrank_lstm_cell calls it directly for eager inference."""
     _validate.lowrank_lstm(CELL, x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, sequence=False)
     return run(CELL, "forward", x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, save)
 
