@@ -25,8 +25,7 @@ def bsr_linear(x: Tensor, weight: BlockSparseMatrix, bias: Optional[Tensor] = No
     _validate.tensor_types(OP, ("bias",), x=x, bias=bias)
     args = (weight.values, weight.crow_indices, weight.col_indices, weight.shape[0], weight.shape[1], bias)
     if eager_inference(x, weight.values, bias):
-        _validate.bsr_linear(OP, x, *args, data=False)
-        return _forward(x.reshape(-1, weight.shape[1]), *args).view(*x.shape[:-1], weight.shape[0])
+        return _forward(x, *args)
     return torch.ops.amnets.bsr_linear(x, *args)
 
 
@@ -73,15 +72,18 @@ def _check_rows(op: str, x: Tensor) -> None:
 @custom_op("bsr_linear_forward")
 def bsr_linear_forward(x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor,
                        out_features: int, in_features: int, bias: Optional[Tensor]) -> Tensor:
+    _check_rows(OP, x)
     return _forward(x, values, crow_indices, col_indices, out_features, in_features, bias)
 
 
 def _forward(x, values, crow_indices, col_indices, out_features, in_features, bias):
-    """The forward op's body; bsr_linear calls it directly for eager inference."""
-    _check_rows(OP, x)
+    """Checked face call for x (..., in_features): the forward op's body, and bsr_linear's whole path
+    for eager inference (one validation, then the face)."""
     _validate.bsr_linear(OP, x, values, crow_indices, col_indices, out_features, in_features, bias, data=True)
     _say_if_slow(x, values)
-    return run(OP, "forward", x, values, crow_indices, col_indices, out_features, in_features, bias)
+    y = run(OP, "forward", x.reshape(-1, in_features), values, crow_indices, col_indices, out_features,
+            in_features, bias)
+    return y.view(*x.shape[:-1], out_features)
 
 
 @bsr_linear_forward.register_fake

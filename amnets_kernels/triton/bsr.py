@@ -50,7 +50,6 @@ Triton 3.6's interpreter cannot run these kernels (it cannot take a loop bound l
 """
 
 import inspect
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -59,9 +58,8 @@ import triton.language as tl
 
 from ..aot import AotConfig
 from ..formats import block_grid, block_row_of
-
-# The interpreter does bf16 arithmetic on raw bits: loaded values go to float32 at once there.
-_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+from ._common import INTERPRETED as _INTERPRETED
+from ._common import acc as _acc
 
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64)
 DOT_BLOCK_SIZES = (16, 32, 64)  # tl.dot needs every tile dimension >= 16
@@ -69,15 +67,6 @@ DOT_MIN_ROWS = 16
 
 # ---------------------------------------------------------------------------------------------------
 # kernels
-
-
-@triton.jit
-def _acc(x):
-    """x in the accumulation dtype: float64 stays float64, every other dtype computes in float32."""
-    if x.dtype == tl.float64:
-        return x
-    else:
-        return x.to(tl.float32)
 
 
 @triton.jit

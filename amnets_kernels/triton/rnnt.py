@@ -48,7 +48,6 @@ H are otherwise unbounded (loops). The workspace differs from the reference face
 """
 
 import inspect
-import os
 from dataclasses import dataclass, field
 
 import torch
@@ -57,23 +56,13 @@ import triton.language as tl
 
 from ..aot import AotConfig
 from ..reference import acc_dtype
-
-# The interpreter does bf16 arithmetic on raw bits; tl.dot gets float32 operands there instead.
-_INTERPRETED = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+from ._common import INTERPRETED as _INTERPRETED
+from ._common import acc as _acc
 
 ACTIVATIONS = {"tanh": 0, "relu": 1, "identity": 2}
 
 # ---------------------------------------------------------------------------------------------------
 # small device helpers
-
-
-@triton.jit
-def _acc(x):
-    """x in the accumulation dtype: float64 stays float64, every other dtype computes in float32."""
-    if x.dtype == tl.float64:
-        return x
-    else:
-        return x.to(tl.float32)
 
 
 @triton.jit
