@@ -16,6 +16,7 @@
 
 #include <cmath>
 
+#include "../lowrank_lstm_cell.h"
 #include "simd.h"
 
 namespace amnets::cpu {
@@ -280,30 +281,11 @@ Grads lowrank_lstm_sequence_backward(const Tensor& grad_out, const Tensor& grad_
   return finish_backward(dpre, x.to(acc), h_prev, dh, dc, w, x.scalar_type());
 }
 
-std::tuple<Tensor, Tensor, Tensor> lowrank_lstm_cell_forward(const Tensor& x, const Tensor& h, const Tensor& c,
-                                                             const Tensor& w_ih_u, const Tensor& w_ih_v,
-                                                             const Tensor& w_hh_u, const Tensor& w_hh_v,
-                                                             const c10::optional<Tensor>& bias, bool save) {
-  auto [out, h1, c1, gates, cells] =
-      lowrank_lstm_sequence_forward(x.unsqueeze(0), h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, save);
-  return {h1, c1, save ? gates[0] : gates};
-}
-
-Grads lowrank_lstm_cell_backward(const Tensor& grad_h1, const Tensor& grad_c1, const Tensor& x, const Tensor& h,
-                                 const Tensor& c, const Tensor& w_ih_u, const Tensor& w_ih_v, const Tensor& w_hh_u,
-                                 const Tensor& w_hh_v, const Tensor& c1, const Tensor& gates) {
-  auto g = lowrank_lstm_sequence_backward(at::zeros_like(grad_h1).unsqueeze(0), grad_h1, grad_c1, x.unsqueeze(0), h,
-                                          c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, h.unsqueeze(0), gates.unsqueeze(0),
-                                          c1.unsqueeze(0));
-  std::get<0>(g) = std::get<0>(g).squeeze(0);
-  return g;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(amnets_native, CPU, m) {
-  m.impl("lowrank_lstm_cell_forward", &lowrank_lstm_cell_forward);
-  m.impl("lowrank_lstm_cell_backward", &lowrank_lstm_cell_backward);
+  m.impl("lowrank_lstm_cell_forward", &amnets::lowrank_lstm_cell_forward<lowrank_lstm_sequence_forward>);
+  m.impl("lowrank_lstm_cell_backward", &amnets::lowrank_lstm_cell_backward<lowrank_lstm_sequence_backward>);
   m.impl("lowrank_lstm_sequence_forward", &lowrank_lstm_sequence_forward);
   m.impl("lowrank_lstm_sequence_backward", &lowrank_lstm_sequence_backward);
 }

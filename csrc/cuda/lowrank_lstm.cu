@@ -103,6 +103,7 @@
 #include <limits>
 #include <string>
 #include <type_traits>
+#include "../lowrank_lstm_cell.h"
 
 namespace amnets::cuda {
 namespace {
@@ -659,30 +660,11 @@ Grads lowrank_lstm_sequence_backward(const Tensor& grad_out, const Tensor& grad_
           d_ih_v.to(dtype),             d_hh_u.to(dtype), d_hh_v.to(dtype), rows.sum(0).to(dtype)};
 }
 
-std::tuple<Tensor, Tensor, Tensor> lowrank_lstm_cell_forward(const Tensor& x, const Tensor& h, const Tensor& c,
-                                                             const Tensor& w_ih_u, const Tensor& w_ih_v,
-                                                             const Tensor& w_hh_u, const Tensor& w_hh_v,
-                                                             const c10::optional<Tensor>& bias, bool save) {
-  auto [out, h1, c1, gates, cells] =
-      lowrank_lstm_sequence_forward(x.unsqueeze(0), h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, save);
-  return {h1, c1, save ? gates[0] : gates};
-}
-
-Grads lowrank_lstm_cell_backward(const Tensor& grad_h1, const Tensor& grad_c1, const Tensor& x, const Tensor& h,
-                                 const Tensor& c, const Tensor& w_ih_u, const Tensor& w_ih_v, const Tensor& w_hh_u,
-                                 const Tensor& w_hh_v, const Tensor& c1, const Tensor& gates) {
-  auto g = lowrank_lstm_sequence_backward(at::zeros_like(grad_h1).unsqueeze(0), grad_h1, grad_c1, x.unsqueeze(0), h,
-                                          c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, h.unsqueeze(0), gates.unsqueeze(0),
-                                          c1.unsqueeze(0));
-  std::get<0>(g) = std::get<0>(g).squeeze(0);
-  return g;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_IMPL(amnets_native, CUDA, m) {
-  m.impl("lowrank_lstm_cell_forward", &lowrank_lstm_cell_forward);
-  m.impl("lowrank_lstm_cell_backward", &lowrank_lstm_cell_backward);
+  m.impl("lowrank_lstm_cell_forward", &amnets::lowrank_lstm_cell_forward<lowrank_lstm_sequence_forward>);
+  m.impl("lowrank_lstm_cell_backward", &amnets::lowrank_lstm_cell_backward<lowrank_lstm_sequence_backward>);
   m.impl("lowrank_lstm_sequence_forward", &lowrank_lstm_sequence_forward);
   m.impl("lowrank_lstm_sequence_backward", &lowrank_lstm_sequence_backward);
 }

@@ -1,0 +1,38 @@
+// lowrank_lstm_cell as one step of lowrank_lstm_sequence: the cpu and cuda faces both register these,
+// instantiated with their own sequence functions (so the cell never has kernels of its own).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+
+namespace amnets {
+
+using LstmGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                             at::Tensor>;
+
+// SequenceForward: (x (T, B, D), h0, c0, factors..., bias, save) -> (out, h_n, c_n, gates, cells).
+template <auto SequenceForward>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lowrank_lstm_cell_forward(
+    const at::Tensor& x, const at::Tensor& h, const at::Tensor& c, const at::Tensor& w_ih_u,
+    const at::Tensor& w_ih_v, const at::Tensor& w_hh_u, const at::Tensor& w_hh_v,
+    const c10::optional<at::Tensor>& bias, bool save) {
+  auto [out, h1, c1, gates, cells] =
+      SequenceForward(x.unsqueeze(0), h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, save);
+  return {h1, c1, save ? gates[0] : gates};
+}
+
+// SequenceBackward: the sequence op's backward; the cell's output is the sequence's h_n (no grad_out).
+template <auto SequenceBackward>
+LstmGrads lowrank_lstm_cell_backward(const at::Tensor& grad_h1, const at::Tensor& grad_c1, const at::Tensor& x,
+                                     const at::Tensor& h, const at::Tensor& c, const at::Tensor& w_ih_u,
+                                     const at::Tensor& w_ih_v, const at::Tensor& w_hh_u, const at::Tensor& w_hh_v,
+                                     const at::Tensor& c1, const at::Tensor& gates) {
+  LstmGrads g = SequenceBackward(at::zeros_like(grad_h1).unsqueeze(0), grad_h1, grad_c1, x.unsqueeze(0), h, c,
+                                 w_ih_u, w_ih_v, w_hh_u, w_hh_v, h.unsqueeze(0), gates.unsqueeze(0),
+                                 c1.unsqueeze(0));
+  std::get<0>(g) = std::get<0>(g).squeeze(0);
+  return g;
+}
+
+}  // namespace amnets
