@@ -2,6 +2,9 @@
 
 Ops (each also as torch.ops.amnets.<name>, with autograd, fake impls and torch.compile support):
   bsr_linear, lowrank_lstm_cell, lowrank_lstm_sequence, rnnt_loss, fused_joint_rnnt_loss
+PreparedBsrLinear / PreparedLowrankLstmCell / PreparedBsrLstmCell: streaming steps with their weights checked
+once, for many inference calls at a few microseconds of host cost each (the last one fuses a whole
+block-sparse LSTM step into one call on the CPU).
 Faces: "reference" (pure PyTorch), "cpu" (C++), "triton", "cuda" (CUDA C++); choose with
 set_backend / use_backend / AMNETS_BACKEND, inspect with available_backends / which_face / last_face.
 """
@@ -21,8 +24,8 @@ from ._backend import (  # noqa: E402
     use_backend,
     which_face,
 )
-from ._ops.bsr import bsr_linear  # noqa: E402
-from ._ops.lowrank_lstm import lowrank_lstm_cell, lowrank_lstm_sequence  # noqa: E402
+from ._ops.bsr import PreparedBsrLinear, PreparedBsrLstmCell, bsr_linear  # noqa: E402
+from ._ops.lowrank_lstm import PreparedLowrankLstmCell, lowrank_lstm_cell, lowrank_lstm_sequence  # noqa: E402
 from ._ops.rnnt import fused_joint_rnnt_loss, rnnt_loss  # noqa: E402
 from .formats import BlockSparseMatrix, lowrank_factors, rank_for_energy  # noqa: E402
 from . import nn  # noqa: E402  (amnets_kernels.nn: the drop-in modules)
@@ -31,6 +34,7 @@ from .swap import SwapReport, swap_in  # noqa: E402
 __all__ = [
     "BACKENDS", "BlockSparseMatrix", "FaceUnavailableError", "FallbackWarning", "available_backends",
     "bsr_linear", "build_info", "fused_joint_rnnt_loss", "get_backend", "last_face", "lowrank_factors",
-    "lowrank_lstm_cell", "lowrank_lstm_sequence", "nn", "rank_for_energy", "rnnt_loss", "set_backend",
+    "lowrank_lstm_cell", "lowrank_lstm_sequence", "nn", "PreparedBsrLinear", "PreparedBsrLstmCell",
+    "PreparedLowrankLstmCell", "rank_for_energy", "rnnt_loss", "set_backend",
     "SwapReport", "swap_in", "unavailable_reason", "use_backend", "which_face",
 ]

@@ -68,6 +68,35 @@ def _same_device_and_dtype(op: str, dtype_of: str, tensors: dict[str, Tensor | N
                             "they must match")
 
 
+def prepared_input(op: str, name: str, t, width: int, like: Tensor, rows: int | None = None) -> None:
+    """An activation handed to a prepared op (weights checked at preparation): a floating tensor
+    (..., width) (or (rows, width)) in the weights' dtype, on their device."""
+    if type(t) is not Tensor and not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor; got {type(t).__name__}")
+    if t.dim() < 1 or t.shape[-1] != width or (rows is not None and tuple(t.shape) != (rows, width)):
+        want = f"({rows}, {width})" if rows is not None else f"(..., {width})"
+        raise ValueError(f"{op}: {name} must have shape {want}; got {tuple(t.shape)}")
+    if t.dtype != like.dtype or t.device != like.device:
+        raise TypeError(f"{op}: {name} must be {like.dtype} on {like.device} like the prepared weights; "
+                        f"got {t.dtype} on {t.device}")
+
+
+def prepared_step(op: str, x, h, c, input_size: int, hidden: int, like: Tensor) -> None:
+    """The activations of a prepared LSTM step: x (B, input_size), h and c (B, hidden), all in the
+    prepared weights' dtype on their device. One quick test for the usual case, then the precise error."""
+    try:
+        if (x.dim() == 2 and x.shape[1] == input_size and h.shape == c.shape == (x.shape[0], hidden)
+                and x.dtype == h.dtype == c.dtype == like.dtype and x.device == h.device == c.device == like.device):
+            return
+    except AttributeError:
+        pass
+    prepared_input(op, "x", x, input_size, like)
+    if x.dim() != 2:
+        raise ValueError(f"{op}: x must be 2-D (B, input_size); got shape {tuple(x.shape)}")
+    for name, t in (("h", h), ("c", c)):
+        prepared_input(op, name, t, hidden, like, rows=x.shape[0])
+
+
 # ---------------------------------------------------------------------------------------------------
 # bsr_linear
 
@@ -75,7 +104,8 @@ def _same_device_and_dtype(op: str, dtype_of: str, tensors: dict[str, Tensor | N
 _checked_indices: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def _version(t: Tensor):
+def version(t: Tensor):
+    """t._version, or None for an inference tensor (which keeps no version counter)."""
     try:
         return t._version
     except RuntimeError:  # inference tensors keep no version counter: never cached
@@ -87,7 +117,7 @@ def bsr_indices(op: str, crow: Tensor, col: Tensor, block_cols: int) -> None:
 
     Reads the index arrays (a device sync on CUDA), so the answer is cached until either changes.
     """
-    key = (_version(crow), _version(col), block_cols)
+    key = (version(crow), version(col), block_cols)
     seen = _checked_indices.get(crow)
     if seen is not None and seen[0]() is col and seen[1] == key and None not in key[:2]:
         return

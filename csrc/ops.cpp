@@ -13,6 +13,10 @@ TORCH_LIBRARY(amnets_native, m) {
   m.def("bsr_linear_backward(Tensor grad_out, Tensor x, Tensor values, Tensor crow_indices, "
         "Tensor col_indices, int out_features, int in_features, bool need_x, bool need_values) "
         "-> (Tensor, Tensor)");
+  // Inference only, CPU only (amnets_kernels.PreparedBsrLstmCell): one LSTM step with [W_ih | W_hh]
+  // block-sparse, gates = [x | h] W^T + bias, -> (h1, c1).
+  m.def("bsr_lstm_cell_forward(Tensor x, Tensor h, Tensor c, Tensor values, Tensor crow_indices, "
+        "Tensor col_indices, Tensor? bias) -> (Tensor, Tensor)");
 
   // (h1, c1, gates); gates = post-activation i,f,g,o (B, 4H) in the accumulation dtype when save.
   m.def("lowrank_lstm_cell_forward(Tensor x, Tensor h, Tensor c, Tensor w_ih_u, Tensor w_ih_v, "

@@ -221,17 +221,18 @@ def test_training_decisions_are_random_eval_decisions_are_not():
         assert not torch.equal(enc(x)[1]["decisions"], enc(x)[1]["decisions"])
 
 
-def test_bsr_cache_follows_the_weights():
-    enc = make_encoder("sparse")
-    pair = enc._sparse_pair(0)
-    assert enc._sparse_pair(0)[0] is pair[0]  # unchanged weights: reused
+@pytest.mark.parametrize("cheap", ["sparse", "lowrank"])
+def test_stream_steps_follow_the_weights(cheap):
+    enc = make_encoder(cheap)
+    steps = enc._stream_steps()
+    assert enc._stream_steps()[0] is steps[0]  # unchanged weights: reused
     opt = torch.optim.SGD(enc.parameters(), lr=0.5)
     x = torch.randn(2, 4, D)
     enc.train()
     enc(x)[0].sum().backward()
     opt.step()
     enc.eval()
-    assert enc._sparse_pair(0)[0] is not pair[0]
+    assert enc._stream_steps()[0] is not steps[0]
     out, _, _ = enc.stream(x, force="full")
     torch.testing.assert_close(out, lstm_stack(enc, enc.full_weight)(x)[0], atol=1e-5, rtol=1e-5)
     out, _, _ = enc.stream(x, force="cheap")

@@ -75,10 +75,18 @@ def eager_inference(*tensors) -> bool:
     Only for plain eager inference: no gradient wanted, nothing tracing (torch.compile/export, a
     dispatch mode such as make_fx or FakeTensorMode), and plain tensors (no subclass, no functorch
     wrapper). Everything else goes through torch.ops.amnets, which computes the same on the same face."""
-    if torch.compiler.is_compiling() or wants_grad(*tensors) or torch._C._len_torch_dispatch_stack() > 0:
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return False
-    return all(t is None or (type(t) is torch.Tensor and not torch._C._functorch.is_functorch_wrapped_tensor(t))
-               for t in tensors)
+    grad = torch.is_grad_enabled()
+    for t in tensors:  # a plain loop: this runs on every streaming call
+        if t is None:
+            continue
+        if type(t) is not torch.Tensor or (grad and t.requires_grad) or _is_wrapped(t):
+            return False
+    return True
+
+
+_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 from . import bsr, lowrank_lstm, rnnt  # noqa: E402,F401  (registers the ops)

@@ -1,5 +1,7 @@
 """bsr_linear(x, weight: BlockSparseMatrix, bias=None) = x @ weight.to_dense().T + bias."""
 
+from __future__ import annotations
+
 import warnings
 from typing import Optional
 
@@ -8,7 +10,7 @@ from torch import Tensor
 
 from .. import _backend, _validate
 from ..formats import BlockSparseMatrix
-from ..reference import acc_dtype
+from ..reference import acc_dtype, lstm_pointwise
 from . import composite, custom_op, eager_inference, register_autograd, run
 
 OP = "bsr_linear"
@@ -48,9 +50,9 @@ _FAST = {"cpu": ({16, 32, 64}, {torch.float32, torch.bfloat16}, "no SIMD kernel"
 _warned: set = set()
 
 
-def _say_if_slow(x: Tensor, values: Tensor) -> None:
+def _say_if_slow(x: Tensor, values: Tensor, face: str | None = None) -> None:
     """Once per (face, block size, dtype): a compiled face without a fast kernel for this call says so."""
-    face = _backend.resolve(OP, x.device).name
+    face = face or _backend.resolve(OP, x.device).name
     if face not in _FAST or values.dim() != 3:
         return
     blocks, dtypes, what, instead = _FAST[face]
@@ -134,3 +136,97 @@ def _backward(ctx, grad_y):
 
 
 register_autograd(bsr_linear_forward, _backward, _setup)
+
+
+class PreparedBsrLinear:
+    """bsr_linear with its weight and bias checked once, for many inference calls (a streaming decoder).
+
+    `PreparedBsrLinear(weight, bias)(x)` equals `bsr_linear(x, weight, bias)` bit for bit, on the same
+    face. The weight's shapes, dtypes and index data are checked here, once (the index data again
+    only if an index tensor is changed in place); a call checks x only and goes straight to the face
+    chosen by the backend in force at that call. A call that wants autograd or runs under tracing
+    (torch.compile, a dispatch mode) goes through bsr_linear instead: same answer, with gradients.
+    The weight's values may change in place between calls (an optimizer step); build a new one for
+    a new sparsity pattern or when the matrix's tensors are replaced.
+    """
+
+    def __init__(self, weight: BlockSparseMatrix, bias: Optional[Tensor] = None):
+        if not isinstance(weight, BlockSparseMatrix):
+            raise TypeError(f"PreparedBsrLinear: weight must be an amnets_kernels.BlockSparseMatrix; got "
+                            f"{type(weight).__name__}")
+        _validate.tensor_types(OP, ("bias",), bias=bias)
+        # The tensors the weight holds now: changes made in place are followed, replaced tensors are not.
+        self.values, self.crow_indices, self.col_indices = weight.values, weight.crow_indices, weight.col_indices
+        self.bias = bias
+        self.out_features, self.in_features = weight.shape
+        self._check_weight()
+
+    def _check_weight(self) -> None:
+        probe = self.values.new_empty(0, self.in_features)
+        _validate.bsr_linear(OP, probe, self.values, self.crow_indices, self.col_indices, self.out_features,
+                             self.in_features, self.bias, data=True)
+        self._index_versions = (_validate.version(self.crow_indices), _validate.version(self.col_indices))
+
+    def __call__(self, x: Tensor) -> Tensor:
+        _validate.prepared_input(OP, "x", x, self.in_features, self.values)
+        args = self.face_args()
+        if not eager_inference(x, self.values, self.bias):
+            return torch.ops.amnets.bsr_linear(x, *args)
+        face = _backend.resolve(OP, x.device)
+        _say_if_slow(x, self.values, face.name)
+        y = face.forward(x.reshape(-1, self.in_features).contiguous(), *args)
+        return y.view(*x.shape[:-1], self.out_features)
+
+    def face_args(self) -> tuple:
+        """(values, crow_indices, col_indices, out_features, in_features, bias) as the faces take them;
+        the index data checked again first if an index tensor was edited in place."""
+        if (_validate.version(self.crow_indices), _validate.version(self.col_indices)) != self._index_versions:
+            self._check_weight()
+        bias = None if self.bias is None else self.bias.contiguous()
+        return (self.values.contiguous(), self.crow_indices.contiguous(), self.col_indices.contiguous(),
+                self.out_features, self.in_features, bias)
+
+
+class PreparedBsrLstmCell:
+    """One LSTM step whose [W_ih | W_hh] (4H, D + H) is a BlockSparseMatrix, for inference (streaming).
+
+    `PreparedBsrLstmCell(weight, bias)(x, h, c)` -> (h1, c1): gates = [x | h] W^T + bias in nn.LSTM's
+    order i, f, g, o, then the LSTM update. The weight is checked once, as PreparedBsrLinear does.
+    When bsr_linear's face in force is "cpu" and the weight has its fast kernels (block 16/32/64, fp32 or
+    bf16), the whole step is ONE native call (gates by the bsr kernels, activations fused after them);
+    otherwise it is bsr_linear's face for the gates plus the PyTorch pointwise update, and a warning says
+    so once per device. `last_path` tells which ran ("fused" or "bsr_linear + pointwise"). A call that
+    wants autograd or runs under tracing takes the second path through bsr_linear: same answer, with
+    gradients.
+    """
+
+    def __init__(self, weight: BlockSparseMatrix, bias: Optional[Tensor] = None):
+        self.linear = PreparedBsrLinear(weight, bias)
+        n, k = weight.shape
+        if n % 4 or k <= n // 4:
+            raise ValueError(f"PreparedBsrLstmCell: weight must be [W_ih | W_hh] of shape (4*H, D + H) with "
+                             f"D >= 1; got {tuple(weight.shape)}")
+        self.hidden_size, self.input_size = n // 4, k - n // 4
+        values = self.linear.values
+        self._fast = values.shape[1] in _FAST["cpu"][0] and values.dtype in _FAST["cpu"][1]
+        self.last_path: str | None = None
+
+    def __call__(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        values, bias = self.linear.values, self.linear.bias
+        _validate.prepared_step("PreparedBsrLstmCell", x, h, c, self.input_size, self.hidden_size, values)
+        fusable = self._fast and _backend.resolve(OP, x.device).name == "cpu"
+        if fusable and eager_inference(x, h, c, values, bias):
+            self.last_path = "fused"
+            values, crow, col, _, _, bias = self.linear.face_args()
+            return torch.ops.amnets_native.bsr_lstm_cell_forward(x.contiguous(), h.contiguous(), c.contiguous(),
+                                                                 values, crow, col, bias)
+        if not fusable and (x.device.type, self._fast) not in _unfused_warned:
+            _unfused_warned.add((x.device.type, self._fast))
+            warnings.warn(f"PreparedBsrLstmCell on {x.device.type}: no fused step kernel for this face or weight "
+                          "(the fused step is the cpu face's, block 16/32/64, fp32/bf16); runs bsr_linear for "
+                          "the gates and the PyTorch LSTM update.", stacklevel=2)
+        self.last_path = "bsr_linear + pointwise"
+        return lstm_pointwise(self.linear(torch.cat([x, h], dim=1)), c)
+
+
+_unfused_warned: set = set()

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _validate
+from .. import _backend, _validate
 from ..reference import acc_dtype
 from . import composite, custom_op, eager_inference, register_autograd, run, wants_grad
 
@@ -101,6 +101,37 @@ def _drop_unneeded(ctx, grads):
 
 
 register_autograd(lowrank_lstm_cell_forward, _cell_backward, _cell_setup)
+
+
+class PreparedLowrankLstmCell:
+    """lowrank_lstm_cell with its factors and bias checked once, for many inference steps (streaming).
+
+    `PreparedLowrankLstmCell(w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias)(x, h, c)` equals
+    `lowrank_lstm_cell(x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias)` bit for bit, on the same face. The
+    weights are checked here, once (their values may change in place, not their shapes); a call checks
+    x (B, D), h and c (B, H) and goes straight to the face of the backend in force. A call that wants
+    autograd or runs under tracing goes through lowrank_lstm_cell instead: same answer, with gradients.
+    """
+
+    def __init__(self, w_ih_u: Tensor, w_ih_v: Tensor, w_hh_u: Tensor, w_hh_v: Tensor,
+                 bias: Optional[Tensor] = None):
+        _validate.tensor_types(CELL, ("bias",), w_ih_u=w_ih_u, w_ih_v=w_ih_v, w_hh_u=w_hh_u, w_hh_v=w_hh_v,
+                               bias=bias)
+        self.input_size, self.hidden_size = w_ih_v.shape[-1], w_hh_v.shape[-1]
+        empty = w_ih_v.new_empty(0, self.input_size), w_hh_v.new_empty(0, self.hidden_size)
+        _validate.lowrank_lstm(CELL, empty[0], empty[1], empty[1], w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias,
+                               sequence=False)
+        self.weights = (w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias)
+
+    def __call__(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        _validate.prepared_step("PreparedLowrankLstmCell", x, h, c, self.input_size, self.hidden_size,
+                                self.weights[0])
+        if not eager_inference(x, h, c, *self.weights):
+            return lowrank_lstm_cell(x, h, c, *self.weights)
+        face = _backend.resolve(CELL, x.device)
+        h1, c1, _ = face.forward(x.contiguous(), h.contiguous(), c.contiguous(),
+                                 *(None if w is None else w.contiguous() for w in self.weights), False)
+        return h1, c1
 
 
 # ---------------------------------------------------------------------------------------------------

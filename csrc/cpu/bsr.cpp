@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "lstm_pointwise.h"
 #include "simd.h"
 
 namespace amnets::cpu {
@@ -408,6 +409,25 @@ std::tuple<Tensor, Tensor> dense_backward(const Tensor& gy, const Tensor& x, con
 // ---------------------------------------------------------------------------------------------------
 // The ops
 
+// y (M, out_features) float = x W^T through the fast kernels; xf is x as float, padded to k_pad columns.
+void forward_into(const Problem& p, const Tensor& values, const Tensor& xf, int64_t k_pad, float* y) {
+  if (p.rows == 0) return;
+  Tensor xt;  // many rows: x transposed into 16-wide column tiles, zeros past M
+  int64_t mp = 0;
+  if (p.rows >= 8) {
+    mp = (p.rows + kWidth - 1) / kWidth * kWidth;
+    xt = at::constant_pad_nd(xf, {0, 0, 0, mp - p.rows}, 0.0).t().contiguous();
+  }
+  const float* xt_data = xt.defined() ? xt.data_ptr<float>() : nullptr;
+  at::parallel_for(0, p.block_rows, 1, [&](int64_t r0, int64_t r1) {
+    if (values.scalar_type() == at::kFloat) {
+      forward_rows(p, values.data_ptr<float>(), xf.data_ptr<float>(), k_pad, xt_data, mp, y, r0, r1);
+    } else {
+      forward_rows(p, values.data_ptr<c10::BFloat16>(), xf.data_ptr<float>(), k_pad, xt_data, mp, y, r0, r1);
+    }
+  });
+}
+
 Tensor bsr_linear_forward(const Tensor& x, const Tensor& values, const Tensor& crow_indices,
                           const Tensor& col_indices, int64_t out_features, int64_t in_features,
                           const c10::optional<Tensor>& bias) {
@@ -418,27 +438,61 @@ Tensor bsr_linear_forward(const Tensor& x, const Tensor& values, const Tensor& c
   const Problem p = problem_of(x, values, crow, col, out_features, in_features);
   const int64_t k_pad = p.block_cols * p.block;
   Tensor y = at::empty({p.rows, out_features}, x.options().dtype(at::kFloat));
-  if (p.rows > 0) {
-    const Tensor xf = float_padded(x, k_pad);
-    Tensor xt;  // many rows: x transposed into 16-wide column tiles, zeros past M
-    int64_t mp = 0;
-    if (p.rows >= 8) {
-      mp = (p.rows + kWidth - 1) / kWidth * kWidth;
-      xt = at::constant_pad_nd(xf, {0, 0, 0, mp - p.rows}, 0.0).t().contiguous();
-    }
-    const float* xt_data = xt.defined() ? xt.data_ptr<float>() : nullptr;
-    at::parallel_for(0, p.block_rows, 1, [&](int64_t r0, int64_t r1) {
-      if (values.scalar_type() == at::kFloat) {
-        forward_rows(p, values.data_ptr<float>(), xf.data_ptr<float>(), k_pad, xt_data, mp, y.data_ptr<float>(),
-                     r0, r1);
-      } else {
-        forward_rows(p, values.data_ptr<c10::BFloat16>(), xf.data_ptr<float>(), k_pad, xt_data, mp,
-                     y.data_ptr<float>(), r0, r1);
-      }
-    });
-  }
+  if (p.rows > 0) forward_into(p, values, float_padded(x, k_pad), k_pad, y.data_ptr<float>());
   if (bias.has_value()) y += bias->to(at::kFloat);
   return y.to(x.scalar_type());
+}
+
+// n elements of a contiguous float or bf16 tensor from offset `at`, as floats.
+void to_float(const Tensor& t, int64_t at, int64_t n, float* out) {
+  if (t.scalar_type() == at::kFloat) {
+    std::memcpy(out, t.data_ptr<float>() + at, n * sizeof(float));
+  } else {
+    const c10::BFloat16* src = t.data_ptr<c10::BFloat16>() + at;
+    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(src[i]);
+  }
+}
+
+// One LSTM step whose [W_ih | W_hh] (4H, D + H) is block-sparse, for inference (amnets_kernels
+// PreparedBsrLstmCell): gates = [x | h] W^T + bias by the forward kernels above, then the activations
+// and the state update (lstm_pointwise.h), in one call: a streaming step at small H costs its host
+// overhead, and this is one op instead of a dozen. Fast-path weights only (the caller checks).
+std::tuple<Tensor, Tensor> bsr_lstm_cell_forward(const Tensor& x, const Tensor& h, const Tensor& c,
+                                                 const Tensor& values, const Tensor& crow_indices,
+                                                 const Tensor& col_indices, const c10::optional<Tensor>& bias) {
+  const int64_t batch = x.size(0), d = x.size(1), hidden = h.size(1);
+  TORCH_CHECK(has_fast_path(values), "bsr_lstm_cell_forward: no fast kernel for block size ", values.size(1),
+              " and dtype ", values.scalar_type());
+  TORCH_CHECK(h.size(0) == batch && c.size(0) == batch && c.size(1) == hidden && x.scalar_type() == h.scalar_type() &&
+                  x.scalar_type() == c.scalar_type() && x.is_contiguous() && h.is_contiguous() && c.is_contiguous(),
+              "bsr_lstm_cell_forward: x, h, c must be contiguous, of one dtype, with one batch; h and c of one width");
+  const Tensor crow = crow_indices.to(at::kInt).contiguous(), col = col_indices.to(at::kInt).contiguous();
+  const Problem p = problem_of(x, values, crow, col, 4 * hidden, d + hidden);
+  const int64_t k_pad = p.block_cols * p.block;
+  // Few allocations, no ATen ops on the way: at small H each costs about what the arithmetic does.
+  const auto f32 = x.options().dtype(at::kFloat);
+  Tensor xh = at::empty({batch, k_pad}, f32), gates = at::empty({batch, 4 * hidden}, f32);
+  Tensor c1 = at::empty({batch, hidden}, f32), h1 = at::empty({batch, hidden}, f32);
+  float *z = xh.data_ptr<float>(), *cp = c1.data_ptr<float>();
+  for (int64_t r = 0; r < batch; ++r) {  // [x | h | zeros] as float, and c1 = c before the update
+    to_float(x, r * d, d, z + r * k_pad);
+    to_float(h, r * hidden, hidden, z + r * k_pad + d);
+    std::fill(z + r * k_pad + d + hidden, z + (r + 1) * k_pad, 0.0f);
+    to_float(c, r * hidden, hidden, cp + r * hidden);
+  }
+  forward_into(p, values, xh, k_pad, gates.data_ptr<float>());
+  const Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : Tensor();
+  float *g = gates.data_ptr<float>(), *hp = h1.data_ptr<float>();
+  for (int64_t r = 0; r < batch; ++r) {
+    float* row = g + r * 4 * hidden;
+    if (b.defined()) {
+      const float* bp = b.data_ptr<float>();
+      for (int64_t j = 0; j < 4 * hidden; ++j) row[j] += bp[j];
+    }
+    step_forward(row, cp + r * hidden, hp + r * hidden, hidden, hidden);
+  }
+  if (x.scalar_type() == at::kFloat) return {h1, c1};
+  return {h1.to(x.scalar_type()), c1.to(x.scalar_type())};
 }
 
 std::tuple<Tensor, Tensor> bsr_linear_backward(const Tensor& grad_out, const Tensor& x, const Tensor& values,
@@ -494,6 +548,7 @@ std::tuple<Tensor, Tensor> bsr_linear_backward(const Tensor& grad_out, const Ten
 TORCH_LIBRARY_IMPL(amnets_native, CPU, m) {
   m.impl("bsr_linear_forward", &bsr_linear_forward);
   m.impl("bsr_linear_backward", &bsr_linear_backward);
+  m.impl("bsr_lstm_cell_forward", &bsr_lstm_cell_forward);
 }
 
 }  // namespace amnets::cpu

@@ -27,16 +27,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import amnets_kernels as ak
+from amnets_kernels.reference import lstm_pointwise  # the LSTM update from gate pre-activations
 
 CHEAP_KINDS = ("sparse", "lowrank")
 FORCE_KINDS = (None, "full", "cheap")
-
-
-def lstm_pointwise(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-    """The LSTM nonlinearity on pre-activations (B, 4H) in nn.LSTM's order i, f, g, o."""
-    i, f, g, o = gates.chunk(4, dim=1)
-    c1 = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    return torch.sigmoid(o) * torch.tanh(c1), c1
 
 
 def _is_int(value) -> bool:
@@ -104,7 +98,7 @@ class AmNetsEncoder(nn.Module):
                                                   **factory))
         with torch.no_grad():
             self.arbitrator[2].bias.fill_(math.log(init_p_full / (1.0 - init_p_full)))
-        self._bsr_cache: dict = {}
+        self._step_cache: dict = {}  # layer -> (weight versions, its _LayerStep): see _stream_steps
 
     # -- weights ------------------------------------------------------------------------------------
     def layer_input_size(self, k: int) -> int:
@@ -251,46 +245,29 @@ class AmNetsEncoder(nn.Module):
                          cost_fraction=cost_fraction.to(x.dtype))
 
     # -- inference path -----------------------------------------------------------------------------
-    def _sparse_pair(self, k: int) -> tuple[ak.BlockSparseMatrix, ak.BlockSparseMatrix]:
-        """(kept, complement) BlockSparseMatrix of layer k's [W_ih | W_hh], built once per weight version.
+    def _stream_steps(self) -> list["_LayerStep"]:
+        """Every layer's prepared streaming step, built once per weight version.
 
         The key holds each source tensor's identity, `_version` (bumped by every in-place update: optimizer
-        steps, load_state_dict, reprune) and data_ptr/dtype/device (catch `.data = ...` and module.to()),
+        steps, load_state_dict, reprune) and data_ptr (catches `.data = ...` and module.to()),
         so a stale copy is never used and an unchanged one is never rebuilt.
         """
-        sources = (getattr(self, f"weight_ih_l{k}"), getattr(self, f"weight_hh_l{k}"),
-                   getattr(self, f"block_mask_l{k}"))
-        key = tuple((id(s), s._version, s.data_ptr(), s.dtype, s.device) for s in sources)
-        hit = self._bsr_cache.get(k)
-        if hit is None or hit[0] != key:
-            w, keep = self.full_weight(k).detach(), sources[2]
-            hit = (key, ak.BlockSparseMatrix.from_block_mask(w, keep, self.block_size),
-                   ak.BlockSparseMatrix.from_block_mask(w, ~keep, self.block_size))
-            self._bsr_cache[k] = hit
-        return hit[1], hit[2]
-
-    def _stream_layer(self, k: int, inp: Tensor, h: Tensor, c: Tensor, full: Tensor) -> tuple[Tensor, Tensor]:
-        """One step of layer k for every row; rows where `full` (B,) is True take the full branch."""
-        bias = getattr(self, f"bias_l{k}")
-        rows = full.nonzero().squeeze(1)
-        if self.cheap == "sparse":
-            # Every row needs the kept blocks; only full rows add the complement (kept + rest = W).
-            kept, rest = self._sparse_pair(k)
-            z = torch.cat([inp, h], dim=1)
-            gates = ak.bsr_linear(z, kept, bias)
-            if rows.numel():
-                gates = gates.index_add(0, rows, ak.bsr_linear(z.index_select(0, rows), rest))
-            return lstm_pointwise(gates, c)
-        h1, c1 = torch.empty_like(h), torch.empty_like(c)
-        if rows.numel():
-            gates = (F.linear(inp[rows], getattr(self, f"weight_ih_l{k}"), bias)
-                     + F.linear(h[rows], getattr(self, f"weight_hh_l{k}")))
-            h1[rows], c1[rows] = lstm_pointwise(gates, c[rows])
-        cheap_rows = (~full).nonzero().squeeze(1)
-        if cheap_rows.numel():
-            h1[cheap_rows], c1[cheap_rows] = ak.lowrank_lstm_cell(
-                inp[cheap_rows], h[cheap_rows], c[cheap_rows], *self.lowrank_weights(k), bias)
-        return h1, c1
+        steps = []
+        tensors = {**self._parameters, **self._buffers}  # not getattr: this runs on every stream() call
+        for k in range(self.num_layers):
+            names = (f"weight_ih_l{k}", f"weight_hh_l{k}", f"bias_l{k}") + (
+                (f"block_mask_l{k}",) if self.cheap == "sparse" else
+                tuple(f"w_{w}_l{k}" for w in ("ih_u", "ih_v", "hh_u", "hh_v")))
+            sources = [tensors[n] for n in names]
+            key = tuple((id(t), t._version, t.data_ptr()) for t in sources)  # new dtype/device: new data_ptr
+            hit = self._step_cache.get(k)
+            if hit is None or hit[0] != key:
+                w, bias = self.full_weight(k).detach(), getattr(self, f"bias_l{k}").detach()
+                step = (_SparseStep(w, sources[3], bias, self.block_size) if self.cheap == "sparse"
+                        else _LowrankStep(w, [t.detach() for t in self.lowrank_weights(k)], bias))
+                hit = self._step_cache[k] = (key, step)
+            steps.append(hit[1])
+        return steps
 
     @torch.no_grad()
     def stream(self, x: Tensor, state: tuple[Tensor, Tensor] | None = None, force=None,
@@ -303,28 +280,36 @@ class AmNetsEncoder(nn.Module):
         self.threshold), "full", "cheap", or a bool tensor (B,) with True = full for every frame.
         decisions: (B, T) bool, or (B, T, L) per layer.
         Rows of one batch may take different branches in the same step; each row's result equals
-        running it alone. Runs without autograd.
+        running it alone (see _LayerStep for how each branch is computed). Runs without autograd.
         """
         state, force, threshold = _check_stream(self, x, state, force, threshold)
         B, T, _ = x.shape
         h, c = list(state[0].unbind(0)), list(state[1].unbind(0))
         n_dec = self.num_layers if self.per_layer_decisions else 1
+        steps = self._stream_steps()
+        # The arbitrator as plain functions: three module calls a frame cost more than its arithmetic.
+        arb = [(m.weight, m.bias) for m in self.arbitrator if isinstance(m, nn.Linear)]
         outs, decisions = [], []
+        full = force  # forced: the same branch choice for every frame and layer
         for t in range(T):
-            if force is None:
-                d = torch.sigmoid(self._p_logits(x[:, t], h[-1])) > threshold
-            else:
-                d = force[:, None].expand(B, n_dec)
             inp = x[:, t]
-            for k in range(self.num_layers):
-                full = d[:, k if self.per_layer_decisions else 0]
-                h[k], c[k] = self._stream_layer(k, inp, h[k], c[k], full)
+            if force is None:
+                a = torch.cat([inp, h[-1]], dim=1) if self.arbitrator_uses_state else inp
+                d = torch.sigmoid(F.linear(F.relu(F.linear(a, *arb[0])), *arb[1])) > threshold
+                decisions.append(d)
+            for k, step in enumerate(steps):
+                if force is None:
+                    full = d[:, k if self.per_layer_decisions else 0]
+                h[k], c[k] = step(inp, h[k], c[k], full)
                 inp = h[k]
             outs.append(inp)
-            decisions.append(d)
-        out = torch.stack(outs, 1) if outs else x.new_zeros(B, 0, self.hidden_size)
-        dec = torch.stack(decisions, 1) if decisions else torch.zeros(B, 0, n_dec, dtype=torch.bool,
-                                                                      device=x.device)
+        out = torch.stack(outs, 1) if T > 1 else outs[0].unsqueeze(1) if T else x.new_zeros(B, 0, self.hidden_size)
+        if force is None:
+            dec = torch.stack(decisions, 1) if T else torch.zeros(B, 0, n_dec, dtype=torch.bool, device=x.device)
+        elif isinstance(force, bool):
+            dec = torch.full((B, T, n_dec), force, dtype=torch.bool, device=x.device)
+        else:
+            dec = force[:, None, None].expand(B, T, n_dec).clone()
         return out, (torch.stack(h), torch.stack(c)), dec if self.per_layer_decisions else dec[..., 0]
 
     def extra_repr(self) -> str:
@@ -333,6 +318,72 @@ class AmNetsEncoder(nn.Module):
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, cheap={self.cheap!r}, "
                 f"{cheap}, arbitrator_uses_state={self.arbitrator_uses_state}, "
                 f"per_layer_decisions={self.per_layer_decisions}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# streaming steps: one per layer, holding its weights as the kernels want them
+
+
+class _LayerStep:
+    """One layer's step for a batch of streams, `full` choosing each row's branch.
+
+    Full rows: the dense weights, one matmul on [x | h] and the LSTM update (plain PyTorch: MKL's GEMV/GEMM
+    is the fastest dense step we have; the dense baseline, force="full", is exactly this). A step whose
+    rows all take one branch is one branch call (B = 1 always is); a mixed step runs `mixed`, which each
+    cheap kind defines. The cheap branches run prepared kernels, which check their weights once, so a
+    frame pays a few microseconds of host time per layer, not the public ops' full argument checks.
+    """
+
+    def __init__(self, w: Tensor, bias: Tensor):
+        self.w, self.bias = w.contiguous(), bias
+
+    def __call__(self, inp: Tensor, h: Tensor, c: Tensor, full) -> tuple[Tensor, Tensor]:
+        """full: a bool for every row, or a (B,) bool tensor."""
+        if not isinstance(full, bool):
+            n_full = int(full.sum()) if full.numel() > 1 else int(full.item())
+            full = True if n_full == full.numel() else False if n_full == 0 else full
+        if full is True:
+            return self.full(inp, h, c)
+        if full is False:
+            return self.cheap(inp, h, c)
+        return self.mixed(inp, h, c, full)
+
+    def full(self, inp, h, c):
+        return lstm_pointwise(F.linear(torch.cat([inp, h], dim=1), self.w, self.bias), c)
+
+
+class _SparseStep(_LayerStep):
+    """Sparse cheap branch. Cheap rows: one fused block-sparse LSTM step over the kept blocks (one native
+    call on the CPU). Mixed: the kept blocks for every row, plus the complement blocks for the full rows
+    only (kept + complement = W), then the LSTM update."""
+
+    def __init__(self, w: Tensor, keep: Tensor, bias: Tensor, block: int):
+        super().__init__(w, bias)
+        kept = ak.BlockSparseMatrix.from_block_mask(w, keep, block)
+        rest = ak.BlockSparseMatrix.from_block_mask(w, ~keep, block)
+        self.cheap = ak.PreparedBsrLstmCell(kept, bias)
+        self.kept, self.rest = ak.PreparedBsrLinear(kept, bias), ak.PreparedBsrLinear(rest)
+
+    def mixed(self, inp, h, c, full):
+        rows = full.nonzero().squeeze(1)
+        z = torch.cat([inp, h], dim=1)
+        gates = self.kept(z).index_add_(0, rows, self.rest(z.index_select(0, rows)))
+        return lstm_pointwise(gates, c)
+
+
+class _LowrankStep(_LayerStep):
+    """Low-rank cheap branch. Cheap rows: the low-rank LSTM cell kernel. Mixed: rows grouped by branch."""
+
+    def __init__(self, w: Tensor, factors: list[Tensor], bias: Tensor):
+        super().__init__(w, bias)
+        self.cheap = ak.PreparedLowrankLstmCell(*factors, bias)
+
+    def mixed(self, inp, h, c, full):
+        rows, cheap_rows = full.nonzero().squeeze(1), (~full).nonzero().squeeze(1)
+        h1, c1 = torch.empty_like(h), torch.empty_like(c)
+        h1[rows], c1[rows] = self.full(inp[rows], h[rows], c[rows])
+        h1[cheap_rows], c1[cheap_rows] = self.cheap(inp[cheap_rows], h[cheap_rows], c[cheap_rows])
+        return h1, c1
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -387,6 +438,8 @@ def _check_forward(enc: AmNetsEncoder, x, lengths) -> Tensor:
 
 
 def _check_stream(enc: AmNetsEncoder, x, state, force, threshold):
+    """-> (state, force, threshold); force as None (the arbitrator decides), a bool (every row takes the
+    full branch, or none does) or a bool tensor (B,) with both values."""
     op = "AmNetsEncoder.stream"
     _check_input(op, enc, x)
     B = x.shape[0]
@@ -407,11 +460,12 @@ def _check_stream(enc: AmNetsEncoder, x, state, force, threshold):
         if force not in ("full", "cheap"):
             raise ValueError(f"{op}: force must be None, 'full', 'cheap' or a bool tensor (B,); "
                              f"got {force!r}")
-        force = torch.full((B,), force == "full", dtype=torch.bool, device=x.device)
-    elif force is not None:
+        return state, force == "full", threshold
+    if force is not None:
         if not isinstance(force, Tensor) or force.dtype != torch.bool or tuple(force.shape) != (B,):
             got = tuple(force.shape) if isinstance(force, Tensor) else type(force).__name__
             raise ValueError(f"{op}: force must be None, 'full', 'cheap' or a bool tensor of shape ({B},); "
                              f"got {got}")
-        force = force.to(x.device)
+        n_full = int(force.sum())
+        force = True if n_full == B else False if n_full == 0 else force.to(x.device)
     return state, force, threshold
