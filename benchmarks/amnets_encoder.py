@@ -1,7 +1,9 @@
 """AmNetsEncoder.stream (the switching encoder through the kernels) against the dense encoder (an nn.LSTM
-stack) and against the same switching encoder computed with dense matmuls on its cheap branch's dense
-equivalent (the block mask applied to W, or U @ V multiplied out): the FLOP-only baseline, whose cheap
-frames save multiply-adds on paper but not time. Shapes from issue 6: input 240 (3 stacked 80-dim
+stack, layer-major over the chunk: the offline dense encoder), against the dense encoder streamed the
+way a live stream runs (stream(force="full"): every layer per frame), and against the same switching
+encoder computed with dense matmuls on its cheap branch's dense equivalent (the block mask applied to W,
+or U @ V multiplied out): the FLOP-only baseline, whose cheap frames save multiply-adds on paper but not
+time. Shapes from issue 6: input 240 (3 stacked 80-dim
 frames), H=1024, 3 layers, T=20 frames; sparse branch 0.8 at block 32, low-rank branch r=128.
 
 The fraction f of full-branch frames is forced: at B=1 the whole stream takes "full" or "cheap"; at B=64
@@ -85,7 +87,10 @@ def _case(enc, lstm, grid, batch, f, device):
     baseline = Candidate("nn.LSTM (dense)", inference(lambda: lstm(x)[0]), "baseline", "all frames full")
     others = [Candidate("dense-equivalent cheap branch (FLOP-only)",
                         inference(lambda: flop_only_stream(enc, weights, x, full)), "other",
-                        "mask applied / U @ V multiplied out, dense matmul")]
+                        "mask applied / U @ V multiplied out, dense matmul"),
+              Candidate("dense stream (every row full, frame by frame)",
+                        inference(lambda: enc.stream(x, force="full")[0]), "other",
+                        "the streaming dense encoder: stream(force='full'), all layers per frame")]
     faces, skipped = face_candidates(OPS[enc.cheap], device, inference(lambda: enc.stream(x, force=force)[0]),
                                      skip_reference=None if grid["reference"] else
                                      "the pure-PyTorch oracle: not timed on the full grid")

@@ -126,9 +126,18 @@ Factors factors_of(const Tensor& a, const Tensor& b, const Tensor& c, const Tens
 
 at::ScalarType acc_of(const Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
-// pre (T, B, 4H) = x V_ih^T U_ih^T + bias, all frames at once.
+// pre (T, B, 4H) = x V_ih^T U_ih^T + bias, all frames at once (contiguous).
 Tensor input_projection(const Tensor& x, const Factors& w, const c10::optional<Tensor>& bias) {
-  const Tensor rows = x.reshape({-1, x.size(-1)});
+  const Tensor rows = x.reshape({-1, x.size(-1)}).contiguous();
+  if (rows.scalar_type() == at::kFloat && rows.size(0) <= kMaxDotBatch) {
+    // A streaming step (T B <= 4 rows): the two products as row dots, no BLAS call overhead.
+    Tensor s = at::empty({rows.size(0), w.w_ih_v.size(0)}, rows.options());
+    Tensor pre = at::empty({rows.size(0), w.w_ih_u.size(0)}, rows.options());
+    small_batch_mm(rows, w.w_ih_v, s, false);
+    small_batch_mm(s, w.w_ih_u, pre, false);
+    if (bias.has_value()) pre += *bias;
+    return pre.view({x.size(0), x.size(1), -1});
+  }
   const Tensor s = at::mm(rows, w.w_ih_v.t());
   Tensor pre = bias.has_value() ? at::addmm(bias->to(rows.scalar_type()), s, w.w_ih_u.t()) : at::mm(s, w.w_ih_u.t());
   return pre.view({x.size(0), x.size(1), -1});
