@@ -124,10 +124,13 @@ def test_tiny_demo_end_to_end(tmp_path):
     rows = [line.split() for line in table[header + 1:header + 4]]
     assert [r[0] for r in rows] == ["dense", "amnets", "amnets"]
     assert [r[1] for r in rows[1:]] == ["sparse", "lowrank"]
-    dense, sparse, lowrank = ([float(v) for v in r[-6:]] for r in rows)  # WER CER frac MACs ms UPL
-    assert dense[2] == 1.0 and sparse[2] < 1.0 and lowrank[2] < 1.0  # the arbitrators chose some cheap frames
-    assert sparse[3] < dense[3] and lowrank[3] < dense[3]  # fewer MACs per frame than the dense model
-    assert all(r[4] > 0 and r[5] >= 0 for r in (dense, sparse, lowrank))
+    # steps WER CER frac MACs ms x-dense UPL
+    dense, sparse, lowrank = ([float(v) for v in r[-8:]] for r in rows)
+    assert dense[0] == 6 and sparse[0] == lowrank[0] == 4  # tiny: 4 steps, the dense model 1.5x
+    assert dense[3] == 1.0 and sparse[3] < 1.0 and lowrank[3] < 1.0  # the arbitrators chose some cheap frames
+    assert sparse[4] < dense[4] and lowrank[4] < dense[4]  # fewer MACs per frame than the dense model
+    assert all(r[5] > 0 and r[7] >= 0 for r in (dense, sparse, lowrank))
+    assert dense[6] == 1.0 and abs(sparse[6] - sparse[5] / dense[5]) < 0.01 + 0.002 / dense[5]  # printed rounded
     assert os.path.isfile(tmp_path / "dense" / "last.pt")
     assert os.path.isfile(tmp_path / "corpus" / "transcripts.txt")
 

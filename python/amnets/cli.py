@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import random
+import statistics
 import sys
 import time
 import tomllib
@@ -309,21 +310,28 @@ def evaluate(model: AmNetsRNNT, dataset: SpeechDataset, batch_size: int = 16) ->
 
 
 @torch.no_grad()
-def stream_frame_costs(model: AmNetsRNNT, feats) -> list[list[float]]:
+def stream_frame_costs(models: list[AmNetsRNNT], feats, repeats: int = 3) -> list[list[list[float]]]:
     """Seconds per encoder frame of AmNetsEncoder.stream at B=1, one frame per call with the state carried
-    (as a live stream runs), for each utterance of feats: a list of (T, 80) tensors."""
-    model.eval()
-    costs = []
-    for f in feats:
-        x, _ = stack_frames(f[None], torch.tensor([len(f)]), model.stack, model.stack_tail)
-        model.encoder.stream(x[:, :1])  # warm-up: builds the encoder's cached BSR matrices
-        state, mine = None, []
-        for t in range(x.shape[1]):
-            start = time.perf_counter()
-            _, state, _ = model.encoder.stream(x[:, t:t + 1], state)
-            mine.append(time.perf_counter() - start)
-        costs.append(mine)
-    return costs
+    (as a live stream runs): [model][utterance][frame], for feats, a list of (T, 80) tensors.
+
+    The models take turns utterance by utterance, and each frame's cost is the median of `repeats`
+    passes, so that a machine whose speed drifts (a shared VM) does not favour the model timed first.
+    """
+    for model in models:
+        model.eval()
+    runs = [[[] for _ in feats] for _ in models]
+    for _ in range(repeats):
+        for u, f in enumerate(feats):
+            for m, model in enumerate(models):
+                x, _ = stack_frames(f[None], torch.tensor([len(f)]), model.stack, model.stack_tail)
+                model.encoder.stream(x[:, :1])  # warm-up: builds the encoder's prepared steps
+                state, mine = None, []
+                for t in range(x.shape[1]):
+                    start = time.perf_counter()
+                    _, state, _ = model.encoder.stream(x[:, t:t + 1], state)
+                    mine.append(time.perf_counter() - start)
+                runs[m][u].append(mine)
+    return [[[statistics.median(frame) for frame in zip(*passes)] for passes in per_utt] for per_utt in runs]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -382,7 +390,7 @@ def cmd_demo(cfg: dict, args) -> int:
     print(f"demo: corpus of {len(items)} utterances ({len(items) - n_eval} train, {n_eval} eval) in "
           f"{time.time() - start:.0f} s", file=sys.stderr)
     train_threads, threads = torch.get_num_threads(), args.stream_threads
-    rows, dense_costs = [], None
+    rows, models = [], []
     for name, overrides, step_scale in DEMO_MODELS:
         run = check_config(dict(cfg, **overrides, steps=max(1, round(cfg["steps"] * step_scale)),
                                 checkpoint_dir=os.path.join(out, name.replace(" ", "_"))))
@@ -391,24 +399,26 @@ def cmd_demo(cfg: dict, args) -> int:
         model, _ = train(run, items=items[:-n_eval])
         trained = time.time() - t0
         result = evaluate(model, eval_set)
-        torch.set_num_threads(threads)  # streaming is timed with pinned threads
-        costs = stream_frame_costs(model, [eval_set[i][0] for i in range(len(eval_set))])
-        flat = [c for utt in costs for c in utt]
-        if dense_costs is None:
-            dense_costs = flat
-        rows.append(dict(name=name, steps=run["steps"], trained_s=trained, costs=costs,
-                         frame_ms=1e3 * sum(flat) / len(flat), **result))
+        rows.append(dict(name=name, steps=run["steps"], trained_s=trained, **result))
+        models.append(model)
         print(f"demo: {name}: trained {run['steps']} steps in {trained:.0f} s; WER {result['wer']:.3f}; "
               f"e.g. {result['example']}", file=sys.stderr)
+    torch.set_num_threads(threads)  # streaming is timed with pinned threads, the models taking turns
+    all_costs = stream_frame_costs(models, [eval_set[i][0] for i in range(len(eval_set))])
+    for r, costs in zip(rows, all_costs):
+        flat = [c for utt in costs for c in utt]
+        r.update(costs=costs, frame_ms=1e3 * sum(flat) / len(flat))
+    dense_costs = [c for utt in rows[0]["costs"] for c in utt]
     # The simulated device runs the dense encoder at 1.2x real time; every model's costs get that scale.
     period = 0.01 * cfg["stack"]
     scale = 1.2 * period / (sum(dense_costs) / len(dense_costs))
     print(f"\n{'model':<16} {'steps':>5} {'WER':>6} {'CER':>6} {'full frac':>9} {'MACs/frame':>11} "
-          f"{'stream ms/frame':>15} {'UPL s @1.2xRT':>13}")
+          f"{'stream ms/frame':>15} {'x dense':>7} {'UPL s @1.2xRT':>13}")
     for r in rows:
         upl = [simulate_latency([c * scale for c in utt], period)["upl"] for utt in r["costs"]]
         print(f"{r['name']:<16} {r['steps']:5d} {r['wer']:6.3f} {r['cer']:6.3f} {r['full_fraction']:9.2f} "
-              f"{r['macs_per_frame']:11.0f} {r['frame_ms']:15.3f} {sum(upl) / len(upl):13.3f}")
+              f"{r['macs_per_frame']:11.0f} {r['frame_ms']:15.3f} {r['frame_ms'] / rows[0]['frame_ms']:7.2f} "
+              f"{sum(upl) / len(upl):13.3f}")
     print(f"\n{len(items) - n_eval} training / {n_eval} eval utterances; stream timed at B=1 with {threads} "
           f"thread(s); frame period {period * 1e3:.0f} ms (stack {cfg['stack']}); total {time.time() - start:.0f} s")
     return 0

@@ -33,6 +33,11 @@ CHEAP_KINDS = ("sparse", "lowrank")
 FORCE_KINDS = (None, "full", "cheap")
 
 
+def _logit(p: float) -> float:
+    """log(p / (1 - p)), -inf at 0 and inf at 1: p_full > p exactly when the arbitrator's logit > _logit(p)."""
+    return -math.inf if p <= 0.0 else math.inf if p >= 1.0 else math.log(p / (1.0 - p))
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -187,7 +192,7 @@ class AmNetsEncoder(nn.Module):
         Training mode: a Gumbel-sigmoid sample s = sigmoid((logit + logistic noise) / tau) per decision;
         the step uses the hard d = (s > 0.5) while gradients flow through s (straight-through), so the
         gates are d * gates_full + (1 - d) * gates_cheap with d(gates)/d(s) = gates_full - gates_cheap.
-        Eval mode: d = p_full > threshold. aux: p_full, decisions (B, T) (or (B, T, L) per layer; 0/False
+        Eval mode: d = p_full > threshold (decided as logit > logit(threshold), as stream() does). aux: p_full, decisions (B, T) (or (B, T, L) per layer; 0/False
         on padded frames), mask (B, T) valid frames, expected_macs (B, T) = arbitrator +
         sum_layers p_full * macs_full + (1 - p_full) * macs_cheap (0 on padding), and cost_fraction, the
         scalar sum(expected_macs) / (valid frames * macs_per_frame("full")) (differentiable in p_full).
@@ -214,7 +219,7 @@ class AmNetsEncoder(nn.Module):
                     soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / self.tau)
                     d = (soft > 0.5).to(soft.dtype) + soft - soft.detach()
                 else:
-                    d = (p > self.threshold).to(p.dtype)
+                    d = (logits > _logit(self.threshold)).to(p.dtype)
             inp = x[:, t]
             for k, (w_full, w_cheap, bias) in enumerate(weights):
                 z = torch.cat([inp, h[k]], dim=1)
@@ -269,7 +274,6 @@ class AmNetsEncoder(nn.Module):
             steps.append(hit[1])
         return steps
 
-    @torch.no_grad()
     def stream(self, x: Tensor, state: tuple[Tensor, Tensor] | None = None, force=None,
                threshold: float | None = None) -> tuple[Tensor, tuple[Tensor, Tensor], Tensor]:
         """Inference, frame by frame, through the kernels: x (B, T, D) -> (out (B, T, H), state, decisions).
@@ -282,30 +286,38 @@ class AmNetsEncoder(nn.Module):
         Rows of one batch may take different branches in the same step; each row's result equals
         running it alone (see _LayerStep for how each branch is computed). Runs without autograd.
         """
+        if torch.is_grad_enabled():  # (a streaming loop under no_grad/inference_mode skips this switch)
+            with torch.no_grad():
+                return self.stream(x, state, force, threshold)
         state, force, threshold = _check_stream(self, x, state, force, threshold)
         B, T, _ = x.shape
         h, c = list(state[0].unbind(0)), list(state[1].unbind(0))
         n_dec = self.num_layers if self.per_layer_decisions else 1
         steps = self._stream_steps()
         # The arbitrator as plain functions: three module calls a frame cost more than its arithmetic.
-        arb = [(m.weight, m.bias) for m in self.arbitrator if isinstance(m, nn.Linear)]
+        arb = [(m.weight, m.bias) for m in (self.arbitrator[0], self.arbitrator[2])]
         outs, decisions = [], []
         full = force  # forced: the same branch choice for every frame and layer
+        cut = _logit(threshold)  # p_full > threshold as logit > logit(threshold), as forward() decides
         for t in range(T):
             inp = x[:, t]
             if force is None:
                 a = torch.cat([inp, h[-1]], dim=1) if self.arbitrator_uses_state else inp
-                d = torch.sigmoid(F.linear(F.relu(F.linear(a, *arb[0])), *arb[1])) > threshold
+                d = F.linear(F.relu_(F.linear(a, *arb[0])), *arb[1]) > cut
                 decisions.append(d)
+                if B == 1:  # a single stream branches on Python bools: one .tolist() a frame
+                    d = d.tolist()[0]
             for k, step in enumerate(steps):
                 if force is None:
-                    full = d[:, k if self.per_layer_decisions else 0]
+                    j = k if self.per_layer_decisions else 0
+                    full = d[j] if B == 1 else d[:, j]
                 h[k], c[k] = step(inp, h[k], c[k], full)
                 inp = h[k]
             outs.append(inp)
         out = torch.stack(outs, 1) if T > 1 else outs[0].unsqueeze(1) if T else x.new_zeros(B, 0, self.hidden_size)
         if force is None:
-            dec = torch.stack(decisions, 1) if T else torch.zeros(B, 0, n_dec, dtype=torch.bool, device=x.device)
+            dec = torch.stack(decisions, 1) if T > 1 else decisions[0].unsqueeze(1) if T else \
+                torch.zeros(B, 0, n_dec, dtype=torch.bool, device=x.device)
         elif isinstance(force, bool):
             dec = torch.full((B, T, n_dec), force, dtype=torch.bool, device=x.device)
         else:
