@@ -117,6 +117,22 @@ def test_cell_is_one_sequence_step(face, batch, d, hidden, dtype):
             close(g, e, dtype, scale=4)
 
 
+@pytest.mark.parametrize("face", FACES)
+@given(batch=st.integers(0, 6), d=st.integers(1, 40), hidden=st.integers(1, 40), has_bias=st.booleans(),
+       strided=st.booleans())
+def test_inference_step_matches_float64(face, batch, d, hidden, has_bias, strided):
+    """The streaming step (no autograd): the cpu face's row-dot path for B <= 4 (B = 0 included), the
+    sequence path above it, and a strided x, against float64 math."""
+    with use_face("lowrank_lstm_cell", face), torch.no_grad():
+        w = factors(d, hidden, min(5, d, 4 * hidden), min(4, hidden), bias=has_bias)
+        x = rand(batch, 2 * d, device=DEVICE)[:, ::2] if strided else rand(batch, d, device=DEVICE)
+        h, c = (rand(batch, hidden, device=DEVICE) for _ in range(2))
+        h1, c1 = ak.lowrank_lstm_cell(x, h, c, *w)
+        _, eh, ec = autograd_sequence(*(None if t is None else t.double() for t in (x[None], h, c, *w)))
+        close(h1, eh.float(), torch.float32, scale=4)
+        close(c1, ec.float(), torch.float32, scale=4)
+
+
 # ---------------------------------------------------------------------------------------------------
 # the Triton face's two time loops: the persistent kernels and one launch per step
 

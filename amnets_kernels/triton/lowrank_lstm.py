@@ -465,7 +465,7 @@ def lowrank_lstm_sequence_forward(x, h0, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bia
     rows = x_.reshape(steps * batch, d)
     # input part of the gates for all T frames: two large GEMMs (+ bias), only the recurrence loops
     s = rows @ iv.T
-    pre = (s @ iu.T if b_ is None else torch.addmm(b_, s, iu.T)).view(steps, batch, -1)
+    pre = (s @ iu.T if b_ is None else torch.addmm(b_, s, iu.T)).view(steps, batch, iu.shape[0])  # B may be 0
     out, h_n, c_n, cells = _recur(pre, h, c, hu, hv, save)
     gates = pre if save else pre.new_empty(0)
     return out.to(x.dtype), h_n.to(x.dtype), c_n.to(x.dtype), gates, cells

@@ -15,6 +15,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstring>
 
 #include "../lowrank_lstm_cell.h"
 #include "lstm_pointwise.h"
@@ -95,6 +96,7 @@ AMNETS_INLINE void rows_dot_fixed(const float* a, int64_t cols, const float* x, 
 AMNETS_CLONES void rows_dot(const float* a, int64_t cols, const float* x, int64_t batch, float* y, int64_t rows,
                             int64_t r0, int64_t r1, bool accumulate) {
   switch (batch) {
+    case 0: return;
     case 1: return rows_dot_fixed<1>(a, cols, x, y, rows, r0, r1, accumulate);
     case 2: return rows_dot_fixed<2>(a, cols, x, y, rows, r0, r1, accumulate);
     case 3: return rows_dot_fixed<3>(a, cols, x, y, rows, r0, r1, accumulate);
@@ -103,13 +105,15 @@ AMNETS_CLONES void rows_dot(const float* a, int64_t cols, const float* x, int64_
 }
 
 // y (B, rows) = x (B, cols) A^T, or += with accumulate; float, contiguous, B <= kMaxDotBatch.
-void small_batch_mm(const Tensor& x, const Tensor& a, Tensor& y, bool accumulate) {
-  const int64_t rows = a.size(0), cols = a.size(1);
-  const float *ap = a.data_ptr<float>(), *xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+void small_batch_mm(const float* xp, int64_t batch, const float* ap, int64_t rows, int64_t cols, float* yp,
+                    bool accumulate) {
   at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
-    rows_dot(ap, cols, xp, x.size(0), yp, rows, r0, r1, accumulate);
+    rows_dot(ap, cols, xp, batch, yp, rows, r0, r1, accumulate);
   });
+}
+void small_batch_mm(const Tensor& x, const Tensor& a, Tensor& y, bool accumulate) {
+  small_batch_mm(x.data_ptr<float>(), x.size(0), a.data_ptr<float>(), a.size(0), a.size(1), y.data_ptr<float>(),
+                 accumulate);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -257,10 +261,45 @@ Grads lowrank_lstm_sequence_backward(const Tensor& grad_out, const Tensor& grad_
   return finish_backward(dpre, x.to(acc), h_prev, dh, dc, w, x.scalar_type());
 }
 
+// The cell for streaming inference (float, no save, B <= 4 rows, contiguous): the four products as row
+// dots into one workspace and the fused update, three allocations and no other ATen op (a step at small
+// H costs its host overhead). Anything else is one step of the sequence op.
+std::tuple<Tensor, Tensor, Tensor> cell_forward(const Tensor& x, const Tensor& h, const Tensor& c, const Tensor& w_ih_u,
+                                                const Tensor& w_ih_v, const Tensor& w_hh_u, const Tensor& w_hh_v,
+                                                const c10::optional<Tensor>& bias, bool save) {
+  const int64_t batch = x.size(0);
+  bool lean = !save && batch <= kMaxDotBatch;
+  for (const Tensor* t : {&x, &h, &c, &w_ih_u, &w_ih_v, &w_hh_u, &w_hh_v})
+    lean = lean && t->scalar_type() == at::kFloat && t->is_contiguous();
+  if (bias.has_value()) lean = lean && bias->scalar_type() == at::kFloat && bias->is_contiguous();
+  if (!lean) {
+    return amnets::lowrank_lstm_cell_forward<lowrank_lstm_sequence_forward>(x, h, c, w_ih_u, w_ih_v, w_hh_u,
+                                                                          w_hh_v, bias, save);
+  }
+  const int64_t d = x.size(1), hidden = h.size(1), r_ih = w_ih_v.size(0), r_hh = w_hh_v.size(0);
+  Tensor work = at::empty({batch * (r_ih + r_hh + 4 * hidden)}, x.options());
+  Tensor h1 = at::empty({batch, hidden}, x.options()), c1 = at::empty({batch, hidden}, x.options());
+  float *s_ih = work.data_ptr<float>(), *s_hh = s_ih + batch * r_ih, *gates = s_hh + batch * r_hh;
+  small_batch_mm(x.data_ptr<float>(), batch, w_ih_v.data_ptr<float>(), r_ih, d, s_ih, false);
+  small_batch_mm(h.data_ptr<float>(), batch, w_hh_v.data_ptr<float>(), r_hh, hidden, s_hh, false);
+  small_batch_mm(s_ih, batch, w_ih_u.data_ptr<float>(), 4 * hidden, r_ih, gates, false);
+  small_batch_mm(s_hh, batch, w_hh_u.data_ptr<float>(), 4 * hidden, r_hh, gates, true);
+  float *cp = c1.data_ptr<float>(), *hp = h1.data_ptr<float>();
+  std::memcpy(cp, c.data_ptr<float>(), batch * hidden * sizeof(float));
+  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
+  for (int64_t b = 0; b < batch; ++b) {
+    float* row = gates + b * 4 * hidden;
+    if (bp != nullptr)
+      for (int64_t j = 0; j < 4 * hidden; ++j) row[j] += bp[j];
+    step_forward(row, cp + b * hidden, hp + b * hidden, hidden, hidden);
+  }
+  return {h1, c1, at::empty({0}, x.options())};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(amnets_native, CPU, m) {
-  m.impl("lowrank_lstm_cell_forward", &amnets::lowrank_lstm_cell_forward<lowrank_lstm_sequence_forward>);
+  m.impl("lowrank_lstm_cell_forward", &cell_forward);
   m.impl("lowrank_lstm_cell_backward", &amnets::lowrank_lstm_cell_backward<lowrank_lstm_sequence_backward>);
   m.impl("lowrank_lstm_sequence_forward", &lowrank_lstm_sequence_forward);
   m.impl("lowrank_lstm_sequence_backward", &lowrank_lstm_sequence_backward);
