@@ -93,6 +93,7 @@ def test_wide_hidden_matches_autograd(face, hidden, dtype):
         x = rand(5, 3, 20, dtype=dtype, device=DEVICE, requires_grad=True)
         h0, c0 = (rand(3, hidden, dtype=dtype, device=DEVICE, requires_grad=True) for _ in range(2))
         out, h_n, c_n = ak.lowrank_lstm_sequence(x, h0, c0, *w)
+        assert out.shape == (5, 3, hidden) and h_n.shape == c_n.shape == (3, hidden) and out.dtype == dtype
         ref = leaf64([x, h0, c0, *w])
         e_out, e_h, e_c = autograd_sequence(*ref)
         for got, want in ((out, e_out), (h_n, e_h), (c_n, e_c)):
@@ -109,6 +110,7 @@ def test_cell_is_one_sequence_step(face, batch, d, hidden, dtype):
         x = rand(batch, d, dtype=dtype, device=DEVICE, requires_grad=True)
         h, c = (rand(batch, hidden, dtype=dtype, device=DEVICE, requires_grad=True) for _ in range(2))
         h1, c1 = ak.lowrank_lstm_cell(x, h, c, *w)
+        assert h1.shape == c1.shape == (batch, hidden) and h1.dtype == c1.dtype == dtype
         ref = leaf64([x, h, c, *w])
         _, eh, ec = autograd_sequence(ref[0][None], *ref[1:])
         close(h1, eh.detach(), dtype, scale=4)
@@ -128,6 +130,7 @@ def test_inference_step_matches_float64(face, batch, d, hidden, has_bias, stride
         x = rand(batch, 2 * d, device=DEVICE)[:, ::2] if strided else rand(batch, d, device=DEVICE)
         h, c = (rand(batch, hidden, device=DEVICE) for _ in range(2))
         h1, c1 = ak.lowrank_lstm_cell(x, h, c, *w)
+        assert h1.shape == c1.shape == (batch, hidden) and not h1.requires_grad
         _, eh, ec = autograd_sequence(*(None if t is None else t.double() for t in (x[None], h, c, *w)))
         close(h1, eh.float(), torch.float32, scale=4)
         close(c1, ec.float(), torch.float32, scale=4)
