@@ -1,5 +1,6 @@
-// lowrank_lstm_cell as one step of lowrank_lstm_sequence: the cpu and cuda faces both register these,
-// instantiated with their own sequence functions (so the cell never has kernels of its own).
+// lowrank_lstm_cell as one step of lowrank_lstm_sequence, instantiated by the cpu and cuda faces with their
+// own sequence functions: the cuda face registers these as they are; the cpu face runs a lean streaming
+// step of its own for inference (few rows, no save) and these for everything else.
 #pragma once
 
 #include <ATen/ATen.h>

@@ -50,9 +50,9 @@ _FAST = {"cpu": ({16, 32, 64}, {torch.float32, torch.bfloat16}, "no SIMD kernel"
 _warned: set = set()
 
 
-def _say_if_slow(x: Tensor, values: Tensor, face: str | None = None) -> None:
+def _say_if_slow(x: Tensor, values: Tensor) -> None:
     """Once per (face, block size, dtype): a compiled face without a fast kernel for this call says so."""
-    face = face or _backend.resolve(OP, x.device).name
+    face = _backend.resolve(OP, x.device).name
     if face not in _FAST or values.dim() != 3:
         return
     blocks, dtypes, what, instead = _FAST[face]
@@ -82,6 +82,11 @@ def _forward(x, values, crow_indices, col_indices, out_features, in_features, bi
     """Checked face call for x (..., in_features): the forward op's body, and bsr_linear's whole path
     for eager inference (one validation, then the face)."""
     _validate.bsr_linear(OP, x, values, crow_indices, col_indices, out_features, in_features, bias, data=True)
+    return _face_forward(x, values, crow_indices, col_indices, out_features, in_features, bias)
+
+
+def _face_forward(x, values, crow_indices, col_indices, out_features, in_features, bias):
+    """The face call on checked arguments, x (..., in_features)."""
     _say_if_slow(x, values)
     y = run(OP, "forward", x.reshape(-1, in_features), values, crow_indices, col_indices, out_features,
             in_features, bias)
@@ -169,22 +174,17 @@ class PreparedBsrLinear:
 
     def __call__(self, x: Tensor) -> Tensor:
         _validate.prepared_input(OP, "x", x, self.in_features, self.values)
-        args = self.face_args()
+        args = self.args()
         if not eager_inference(x, self.values, self.bias):
             return torch.ops.amnets.bsr_linear(x, *args)
-        face = _backend.resolve(OP, x.device)
-        _say_if_slow(x, self.values, face.name)
-        y = face.forward(x.reshape(-1, self.in_features).contiguous(), *args)
-        return y.view(*x.shape[:-1], self.out_features)
+        return _face_forward(x, *args)
 
-    def face_args(self) -> tuple:
-        """(values, crow_indices, col_indices, out_features, in_features, bias) as the faces take them;
-        the index data checked again first if an index tensor was edited in place."""
+    def args(self) -> tuple:
+        """(values, crow_indices, col_indices, out_features, in_features, bias) in the op's order; the
+        index data checked again first if an index tensor was edited in place."""
         if (_validate.version(self.crow_indices), _validate.version(self.col_indices)) != self._index_versions:
             self._check_weight()
-        bias = None if self.bias is None else self.bias.contiguous()
-        return (self.values.contiguous(), self.crow_indices.contiguous(), self.col_indices.contiguous(),
-                self.out_features, self.in_features, bias)
+        return (self.values, self.crow_indices, self.col_indices, self.out_features, self.in_features, self.bias)
 
 
 class PreparedBsrLstmCell:
@@ -217,9 +217,9 @@ class PreparedBsrLstmCell:
         fusable = self._fast and _backend.resolve(OP, x.device).name == "cpu"
         if fusable and eager_inference(x, h, c, values, bias):
             self.last_path = "fused"
-            values, crow, col, _, _, bias = self.linear.face_args()
-            return torch.ops.amnets_native.bsr_lstm_cell_forward(x.contiguous(), h.contiguous(), c.contiguous(),
-                                                                 values, crow, col, bias)
+            values, crow, col, _, _, bias = self.linear.args()
+            return torch.ops.amnets_native.bsr_lstm_cell_forward(
+                *(t if t is None else t.contiguous() for t in (x, h, c, values, crow, col, bias)))
         if not fusable and (x.device.type, self._fast) not in _unfused_warned:
             _unfused_warned.add((x.device.type, self._fast))
             warnings.warn(f"PreparedBsrLstmCell on {x.device.type}: no fused step kernel for this face or weight "

@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _backend, _validate
+from .. import _validate
 from ..reference import acc_dtype
 from . import composite, custom_op, eager_inference, register_autograd, run, wants_grad
 
@@ -128,9 +128,7 @@ class PreparedLowrankLstmCell:
                                 self.weights[0])
         if not eager_inference(x, h, c, *self.weights):
             return lowrank_lstm_cell(x, h, c, *self.weights)
-        face = _backend.resolve(CELL, x.device)
-        h1, c1, _ = face.forward(x.contiguous(), h.contiguous(), c.contiguous(),
-                                 *(None if w is None else w.contiguous() for w in self.weights), False)
+        h1, c1, _ = run(CELL, "forward", x, h, c, *self.weights, False)
         return h1, c1
 
 

@@ -482,15 +482,8 @@ std::tuple<Tensor, Tensor> bsr_lstm_cell_forward(const Tensor& x, const Tensor& 
   }
   forward_into(p, values, xh, k_pad, gates.data_ptr<float>());
   const Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : Tensor();
-  float *g = gates.data_ptr<float>(), *hp = h1.data_ptr<float>();
-  for (int64_t r = 0; r < batch; ++r) {
-    float* row = g + r * 4 * hidden;
-    if (b.defined()) {
-      const float* bp = b.data_ptr<float>();
-      for (int64_t j = 0; j < 4 * hidden; ++j) row[j] += bp[j];
-    }
-    step_forward(row, cp + r * hidden, hp + r * hidden, hidden, hidden);
-  }
+  finish_step(gates.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr, cp, h1.data_ptr<float>(), batch,
+              hidden);
   if (x.scalar_type() == at::kFloat) return {h1, c1};
   return {h1.to(x.scalar_type()), c1.to(x.scalar_type())};
 }

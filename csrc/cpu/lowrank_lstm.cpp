@@ -130,21 +130,12 @@ Factors factors_of(const Tensor& a, const Tensor& b, const Tensor& c, const Tens
 
 at::ScalarType acc_of(const Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
-// pre (T, B, 4H) = x V_ih^T U_ih^T + bias, all frames at once (contiguous).
+// pre (T, B, 4H) = x V_ih^T U_ih^T + bias, all frames at once.
 Tensor input_projection(const Tensor& x, const Factors& w, const c10::optional<Tensor>& bias) {
-  const Tensor rows = x.reshape({-1, x.size(-1)}).contiguous();
-  if (rows.scalar_type() == at::kFloat && rows.size(0) <= kMaxDotBatch) {
-    // A streaming step (T B <= 4 rows): the two products as row dots, no BLAS call overhead.
-    Tensor s = at::empty({rows.size(0), w.w_ih_v.size(0)}, rows.options());
-    Tensor pre = at::empty({rows.size(0), w.w_ih_u.size(0)}, rows.options());
-    small_batch_mm(rows, w.w_ih_v, s, false);
-    small_batch_mm(s, w.w_ih_u, pre, false);
-    if (bias.has_value()) pre += *bias;
-    return pre.view({x.size(0), x.size(1), -1});
-  }
+  const Tensor rows = x.reshape({-1, x.size(-1)});
   const Tensor s = at::mm(rows, w.w_ih_v.t());
   Tensor pre = bias.has_value() ? at::addmm(bias->to(rows.scalar_type()), s, w.w_ih_u.t()) : at::mm(s, w.w_ih_u.t());
-  return pre.view({x.size(0), x.size(1), -1});
+  return pre.view({x.size(0), x.size(1), w.w_ih_u.size(0)});  // not -1: B may be 0
 }
 
 // Runs the recurrence over pre (T, B, 4H; overwritten by the activated gates) from (h, c) (B, H;
@@ -284,15 +275,9 @@ std::tuple<Tensor, Tensor, Tensor> cell_forward(const Tensor& x, const Tensor& h
   small_batch_mm(h.data_ptr<float>(), batch, w_hh_v.data_ptr<float>(), r_hh, hidden, s_hh, false);
   small_batch_mm(s_ih, batch, w_ih_u.data_ptr<float>(), 4 * hidden, r_ih, gates, false);
   small_batch_mm(s_hh, batch, w_hh_u.data_ptr<float>(), 4 * hidden, r_hh, gates, true);
-  float *cp = c1.data_ptr<float>(), *hp = h1.data_ptr<float>();
-  std::memcpy(cp, c.data_ptr<float>(), batch * hidden * sizeof(float));
-  const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-  for (int64_t b = 0; b < batch; ++b) {
-    float* row = gates + b * 4 * hidden;
-    if (bp != nullptr)
-      for (int64_t j = 0; j < 4 * hidden; ++j) row[j] += bp[j];
-    step_forward(row, cp + b * hidden, hp + b * hidden, hidden, hidden);
-  }
+  std::memcpy(c1.data_ptr<float>(), c.data_ptr<float>(), batch * hidden * sizeof(float));
+  finish_step(gates, bias.has_value() ? bias->data_ptr<float>() : nullptr, c1.data_ptr<float>(), h1.data_ptr<float>(),
+              batch, hidden);
   return {h1, c1, at::empty({0}, x.options())};
 }
 

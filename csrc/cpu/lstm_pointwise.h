@@ -38,6 +38,17 @@ AMNETS_CLONES void step_forward(float* pre, float* c, float* h, int64_t n, int64
   }
 }
 
+// One inference step's end for `batch` rows: gates (batch, 4H) += bias (if any), then step_forward per row;
+// c (batch, H) holds c_{t-1} and becomes c_t, h (batch, H) is written.
+inline void finish_step(float* gates, const float* bias, float* c, float* h, int64_t batch, int64_t hidden) {
+  for (int64_t r = 0; r < batch; ++r) {
+    float* row = gates + r * 4 * hidden;
+    if (bias != nullptr)
+      for (int64_t j = 0; j < 4 * hidden; ++j) row[j] += bias[j];
+    step_forward(row, c + r * hidden, h + r * hidden, hidden, hidden);
+  }
+}
+
 void step_forward(double* pre, double* c, double* h, int64_t n, int64_t hidden) {
   double *i = pre, *f = pre + hidden, *g = pre + 2 * hidden, *o = pre + 3 * hidden;
   for (int64_t k = 0; k < n; ++k) {

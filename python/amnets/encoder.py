@@ -38,6 +38,15 @@ def _logit(p: float) -> float:
     return -math.inf if p <= 0.0 else math.inf if p >= 1.0 else math.log(p / (1.0 - p))
 
 
+def _uniform(full):
+    """A per-row branch choice as a bool when every row makes the same one: True (all full), False (all
+    cheap); a (B,) bool tensor with both values is returned as it is."""
+    if isinstance(full, bool):
+        return full
+    n_full = int(full.sum())
+    return True if n_full == full.numel() else False if n_full == 0 else full
+
+
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -181,9 +190,11 @@ class AmNetsEncoder(nn.Module):
 
     # -- arbitrator ---------------------------------------------------------------------------------
     def _p_logits(self, x_t: Tensor, h_top: Tensor) -> Tensor:
-        """(B, n_decisions) logits of p_full for frame x_t given the previous top-layer h."""
+        """(B, n_decisions) logits of p_full for frame x_t given the previous top-layer h. The arbitrator's
+        layers as plain functions: three module calls a streamed frame cost more than its arithmetic."""
         inp = torch.cat([x_t, h_top], dim=1) if self.arbitrator_uses_state else x_t
-        return self.arbitrator(inp)
+        first, last = self.arbitrator[0], self.arbitrator[2]
+        return F.linear(F.relu(F.linear(inp, first.weight, first.bias)), last.weight, last.bias)
 
     # -- training path ------------------------------------------------------------------------------
     def forward(self, x: Tensor, lengths: Tensor | None = None) -> tuple[Tensor, dict]:
@@ -192,8 +203,8 @@ class AmNetsEncoder(nn.Module):
         Training mode: a Gumbel-sigmoid sample s = sigmoid((logit + logistic noise) / tau) per decision;
         the step uses the hard d = (s > 0.5) while gradients flow through s (straight-through), so the
         gates are d * gates_full + (1 - d) * gates_cheap with d(gates)/d(s) = gates_full - gates_cheap.
-        Eval mode: d = p_full > threshold (decided as logit > logit(threshold), as stream() does). aux: p_full, decisions (B, T) (or (B, T, L) per layer; 0/False
-        on padded frames), mask (B, T) valid frames, expected_macs (B, T) = arbitrator +
+        Eval mode: d = p_full > threshold (decided as logit > logit(threshold), as stream() does). aux:
+        p_full, decisions (B, T) (or (B, T, L) per layer; 0/False on padded frames), mask (B, T) valid frames, expected_macs (B, T) = arbitrator +
         sum_layers p_full * macs_full + (1 - p_full) * macs_cheap (0 on padding), and cost_fraction, the
         scalar sum(expected_macs) / (valid frames * macs_per_frame("full")) (differentiable in p_full).
         """
@@ -294,16 +305,13 @@ class AmNetsEncoder(nn.Module):
         h, c = list(state[0].unbind(0)), list(state[1].unbind(0))
         n_dec = self.num_layers if self.per_layer_decisions else 1
         steps = self._stream_steps()
-        # The arbitrator as plain functions: three module calls a frame cost more than its arithmetic.
-        arb = [(m.weight, m.bias) for m in (self.arbitrator[0], self.arbitrator[2])]
         outs, decisions = [], []
         full = force  # forced: the same branch choice for every frame and layer
         cut = _logit(threshold)  # p_full > threshold as logit > logit(threshold), as forward() decides
         for t in range(T):
             inp = x[:, t]
             if force is None:
-                a = torch.cat([inp, h[-1]], dim=1) if self.arbitrator_uses_state else inp
-                d = F.linear(F.relu_(F.linear(a, *arb[0])), *arb[1]) > cut
+                d = self._p_logits(inp, h[-1]) > cut
                 decisions.append(d)
                 if B == 1:  # a single stream branches on Python bools: one .tolist() a frame
                     d = d.tolist()[0]
@@ -314,10 +322,9 @@ class AmNetsEncoder(nn.Module):
                 h[k], c[k] = step(inp, h[k], c[k], full)
                 inp = h[k]
             outs.append(inp)
-        out = torch.stack(outs, 1) if T > 1 else outs[0].unsqueeze(1) if T else x.new_zeros(B, 0, self.hidden_size)
+        out = torch.stack(outs, 1) if T else x.new_zeros(B, 0, self.hidden_size)
         if force is None:
-            dec = torch.stack(decisions, 1) if T > 1 else decisions[0].unsqueeze(1) if T else \
-                torch.zeros(B, 0, n_dec, dtype=torch.bool, device=x.device)
+            dec = torch.stack(decisions, 1) if T else torch.zeros(B, 0, n_dec, dtype=torch.bool, device=x.device)
         elif isinstance(force, bool):
             dec = torch.full((B, T, n_dec), force, dtype=torch.bool, device=x.device)
         else:
@@ -351,9 +358,7 @@ class _LayerStep:
 
     def __call__(self, inp: Tensor, h: Tensor, c: Tensor, full) -> tuple[Tensor, Tensor]:
         """full: a bool for every row, or a (B,) bool tensor."""
-        if not isinstance(full, bool):
-            n_full = int(full.sum()) if full.numel() > 1 else int(full.item())
-            full = True if n_full == full.numel() else False if n_full == 0 else full
+        full = _uniform(full)
         if full is True:
             return self.full(inp, h, c)
         if full is False:
@@ -374,7 +379,7 @@ class _SparseStep(_LayerStep):
         kept = ak.BlockSparseMatrix.from_block_mask(w, keep, block)
         rest = ak.BlockSparseMatrix.from_block_mask(w, ~keep, block)
         self.cheap = ak.PreparedBsrLstmCell(kept, bias)
-        self.kept, self.rest = ak.PreparedBsrLinear(kept, bias), ak.PreparedBsrLinear(rest)
+        self.kept, self.rest = self.cheap.linear, ak.PreparedBsrLinear(rest)  # kept: prepared once
 
     def mixed(self, inp, h, c, full):
         rows = full.nonzero().squeeze(1)
@@ -478,6 +483,5 @@ def _check_stream(enc: AmNetsEncoder, x, state, force, threshold):
             got = tuple(force.shape) if isinstance(force, Tensor) else type(force).__name__
             raise ValueError(f"{op}: force must be None, 'full', 'cheap' or a bool tensor of shape ({B},); "
                              f"got {got}")
-        n_full = int(force.sum())
-        force = True if n_full == B else False if n_full == 0 else force.to(x.device)
+        force = _uniform(force.to(x.device))
     return state, force, threshold
