@@ -42,10 +42,10 @@ def custom_op(name: str):
 
 def run(op: str, direction: str, *args):
     """Call the current face's <op>_<direction> on contiguous arguments."""
-    device = next(a.device for a in args if isinstance(a, torch.Tensor))
-    face = _backend.resolve(op, device)
+    face = _backend.resolve(op, args[0].device)  # every face contract starts with a tensor
     fn = face.forward if direction == "forward" else face.backward
-    return fn(*(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args))
+    # A list, not a generator: this runs on every call, streaming steps included.
+    return fn(*[a.contiguous() if isinstance(a, torch.Tensor) else a for a in args])
 
 
 def register_autograd(op, backward, setup_context):

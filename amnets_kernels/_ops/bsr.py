@@ -219,7 +219,7 @@ class PreparedBsrLstmCell:
             self.last_path = "fused"
             values, crow, col, _, _, bias = self.linear.args()
             return torch.ops.amnets_native.bsr_lstm_cell_forward(
-                *(t if t is None else t.contiguous() for t in (x, h, c, values, crow, col, bias)))
+                *[t if t is None else t.contiguous() for t in (x, h, c, values, crow, col, bias)])
         if not fusable and (x.device.type, self._fast) not in _unfused_warned:
             _unfused_warned.add((x.device.type, self._fast))
             warnings.warn(f"PreparedBsrLstmCell on {x.device.type}: no fused step kernel for this face or weight "
