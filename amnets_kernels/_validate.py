@@ -112,18 +112,41 @@ def version(t: Tensor):
         return None
 
 
-def bsr_indices(op: str, crow: Tensor, col: Tensor, block_cols: int) -> None:
-    """crow_indices/col_indices describe a canonical BSR pattern inside `block_cols` block columns.
+def _native_pattern_check():
+    """torch.ops.amnets_native.bsr_check_pattern, or None without the compiled extension."""
+    global _native_check
+    if _native_check is False:
+        try:
+            _native_check = torch.ops.amnets_native.bsr_check_pattern.default
+        except (AttributeError, RuntimeError):  # extension not loaded: the Python check below serves
+            _native_check = None
+    return _native_check
 
-    Reads the index arrays (a device sync on CUDA), so the answer is cached until either changes.
+
+_native_check = False
+
+
+def bsr_indices(op: str, crow: Tensor, col: Tensor, nnzb: int, block: int, out_features: int,
+                in_features: int) -> None:
+    """crow_indices/col_indices describe a canonical BSR pattern of nnzb blocks of block x block.
+
+    CPU tensors: checked on every call by the compiled check the CPU kernels run themselves (a pass
+    over the index arrays, a few microseconds; no cache, so no edit can slip past it: .data,
+    .numpy(), inference tensors). CUDA tensors: reading them is a device sync, so the answer is
+    cached until either tensor's version changes; an edit that bumps no version (.data, .numpy(), an
+    inference tensor) is not seen by this check there.
     """
+    native = _native_pattern_check()
+    if native is not None and crow.device.type == "cpu" and col.device.type == "cpu":
+        native(crow, col, nnzb, block, out_features, in_features, op)
+        return
+    block_cols = -(-in_features // block)
     key = (version(crow), version(col), block_cols)
     seen = _checked_indices.get(crow)
     if seen is not None and seen[0]() is col and seen[1] == key and None not in key[:2]:
         return
     c = crow.detach().to("cpu", torch.int64)
     k = col.detach().to("cpu", torch.int64)
-    nnzb = k.numel()
     if c[0].item() != 0:
         raise ValueError(f"{op}: crow_indices[0] must be 0; got {c[0].item()}")
     steps = c.diff()
@@ -179,7 +202,7 @@ def bsr_linear(op: str, x, values, crow_indices, col_indices, out_features, in_f
     _same_device_and_dtype(op, "x", {"x": x, "values": values, "bias": bias, "crow_indices": crow_indices,
                                      "col_indices": col_indices}, ints=("crow_indices", "col_indices"))
     if data:
-        bsr_indices(op, crow_indices, col_indices, block_cols)
+        bsr_indices(op, crow_indices, col_indices, values.shape[0], b, out_features, in_features)
 
 
 # ---------------------------------------------------------------------------------------------------

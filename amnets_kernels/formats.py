@@ -50,15 +50,22 @@ class BlockSparseMatrix:
     """
 
     def __init__(self, values: Tensor, crow_indices: Tensor, col_indices: Tensor, shape: tuple[int, int]):
+        op = "BlockSparseMatrix"
         shape = (int(shape[0]), int(shape[1]))
-        crow_indices = crow_indices.to(torch.int32)
-        col_indices = col_indices.to(torch.int32)
+        # Integer indices only, checked before they are narrowed to int32 (a float 2.7 would truncate to
+        # 2, an int64 2^32 + 3 wrap to 3). int64 goes through the check as it is: any value it accepts
+        # lies in [0, nnzb] or [0, Kb), so the narrowing after it is exact.
+        _validate._tensor(op, "crow_indices", crow_indices, ndim=1, dtypes=_validate.INDEX_DTYPES)
+        _validate._tensor(op, "col_indices", col_indices, ndim=1, dtypes=_validate.INDEX_DTYPES)
+        if crow_indices.dtype != col_indices.dtype:
+            crow_indices, col_indices = crow_indices.to(torch.int64), col_indices.to(torch.int64)
         probe = values.new_empty((0, shape[1]))  # lets the op's own check validate the container
-        _validate.bsr_linear("BlockSparseMatrix", probe, values, crow_indices, col_indices, shape[0],
-                             shape[1], None, data=True)
+        # A meta-device matrix (a model built on "meta" to be materialised later) has no index data to read.
+        _validate.bsr_linear(op, probe, values, crow_indices, col_indices, shape[0], shape[1], None,
+                             data=values.device.type != "meta")
         self.values = values
-        self.crow_indices = crow_indices
-        self.col_indices = col_indices
+        self.crow_indices = crow_indices.to(torch.int32)
+        self.col_indices = col_indices.to(torch.int32)
         self.shape = shape
 
     # -- construction ---------------------------------------------------------------------------

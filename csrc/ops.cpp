@@ -13,6 +13,11 @@ TORCH_LIBRARY(amnets_native, m) {
   m.def("bsr_linear_backward(Tensor grad_out, Tensor x, Tensor values, Tensor crow_indices, "
         "Tensor col_indices, int out_features, int in_features, bool need_x, bool need_values) "
         "-> (Tensor, Tensor)");
+  // Raises ValueError/TypeError naming `op` unless crow_indices/col_indices (CPU) are a canonical BSR
+  // pattern of nnzb blocks of b x b in an (out_features, in_features) matrix: the check every CPU kernel
+  // runs on every call (csrc/checks.h), for the Python layer's CPU tensors.
+  m.def("bsr_check_pattern(Tensor crow_indices, Tensor col_indices, int nnzb, int block_size, "
+        "int out_features, int in_features, str op) -> ()");
   // Inference only, CPU only (amnets_kernels.PreparedBsrLstmCell): one LSTM step with [W_ih | W_hh]
   // block-sparse, gates = [x | h] W^T + bias, -> (h1, c1).
   m.def("bsr_lstm_cell_forward(Tensor x, Tensor h, Tensor c, Tensor values, Tensor crow_indices, "

@@ -104,16 +104,18 @@ def _(x, values, crow_indices, col_indices, out_features, in_features, bias):
 def bsr_linear_backward(grad_out: Tensor, x: Tensor, values: Tensor, crow_indices: Tensor,
                         col_indices: Tensor, out_features: int, in_features: int, need_x: bool,
                         need_values: bool) -> tuple[Tensor, Tensor]:
-    _check_backward(grad_out, x, values, crow_indices, col_indices, out_features, in_features)
+    _check_backward(grad_out, x, values, crow_indices, col_indices, out_features, in_features, data=True)
     _say_if_slow(x, values)
     return run(OP, "backward", grad_out, x, values, crow_indices, col_indices, out_features, in_features,
                need_x, need_values)
 
 
-def _check_backward(grad_out, x, values, crow_indices, col_indices, out_features, in_features):
+def _check_backward(grad_out, x, values, crow_indices, col_indices, out_features, in_features, data=False):
+    """data=True in the real op: it may be called directly (torch.ops.amnets.bsr_linear_backward), not only
+    by autograd with the forward's checked tensors."""
     op = "bsr_linear_backward"
     _check_rows(op, x)
-    _validate.bsr_linear(op, x, values, crow_indices, col_indices, out_features, in_features, None, data=False)
+    _validate.bsr_linear(op, x, values, crow_indices, col_indices, out_features, in_features, None, data=data)
     _validate.grads_and_saved(op, {"grad_out": (grad_out, (x.shape[0], out_features))})
 
 
@@ -180,9 +182,17 @@ class PreparedBsrLinear:
         return _face_forward(x, *args)
 
     def args(self) -> tuple:
-        """(values, crow_indices, col_indices, out_features, in_features, bias) in the op's order; the
-        index data checked again first if an index tensor was edited in place."""
-        if (_validate.version(self.crow_indices), _validate.version(self.col_indices)) != self._index_versions:
+        """(values, crow_indices, col_indices, out_features, in_features, bias) in the op's order, checked
+        for the face about to run them. The cpu face's kernels check shapes and index data themselves on
+        every call. Other faces get the whole check again here: on every call for CPU tensors (it cannot
+        be fooled by an edit through .data or .numpy(), an inference tensor or values.set_()); for CUDA
+        tensors when an index tensor's version changed (reading them is a device sync)."""
+        device = self.values.device
+        if device.type == "cpu":
+            if _backend.which_face(OP, device) != "cpu":
+                self._check_weight()
+        elif (_validate.version(self.crow_indices), _validate.version(self.col_indices)) != self._index_versions \
+                or self.values.shape[0] != self.col_indices.numel():
             self._check_weight()
         return (self.values, self.crow_indices, self.col_indices, self.out_features, self.in_features, self.bias)
 

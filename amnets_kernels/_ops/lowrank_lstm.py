@@ -122,14 +122,24 @@ class PreparedLowrankLstmCell:
         _validate.lowrank_lstm(CELL, empty[0], empty[1], empty[1], w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias,
                                sequence=False)
         self.weights = (w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias)
+        self._layout = _layout(self.weights)
 
     def __call__(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        if _layout(self.weights) != self._layout:  # resize_ / set_ after preparation: the faces index by shape
+            names = ("w_ih_u", "w_ih_v", "w_hh_u", "w_hh_v", "bias")
+            name = next(n for n, now, then in zip(names, _layout(self.weights), self._layout) if now != then)
+            raise ValueError(f"PreparedLowrankLstmCell: {name} changed shape or dtype after preparation "
+                             "(resize_ or set_); prepare the step again")
         _validate.prepared_step("PreparedLowrankLstmCell", x, h, c, self.input_size, self.hidden_size,
                                 self.weights[0])
         if not eager_inference(x, h, c, *self.weights):
             return lowrank_lstm_cell(x, h, c, *self.weights)
         h1, c1, _ = run(CELL, "forward", x, h, c, *self.weights, False)
         return h1, c1
+
+
+def _layout(tensors) -> tuple:
+    return tuple(None if t is None else (t.shape, t.dtype) for t in tensors)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -29,12 +29,31 @@ def _reduce(costs: Tensor, reduction: str) -> Tensor:
     return costs.sum() if reduction == "sum" else costs
 
 
-def _report_non_finite(op: str, costs: Tensor) -> None:
+def _report_non_finite(op: str, costs: Tensor, betas: Tensor) -> None:
+    """Warn about non-finite costs, saying truthfully what backward will do with each. With the lattice
+    saved (save=True), log P = beta(0, 0) in the accumulation dtype tells a cost that only overflows a
+    low-precision costs dtype (fp16 above 65504: backward still computes its gradient) from one that is
+    non-finite (no finite path, or a non-finite logit: backward gives it a zero gradient)."""
     finite = torch.isfinite(costs)
-    if not bool(finite.all()):
-        which = (~finite).nonzero().flatten().tolist()
-        warnings.warn(f"{op}: sequences {which} have a non-finite cost (no path with finite probability); "
-                      "their gradient is zero", RuntimeWarning, stacklevel=4)
+    if bool(finite.all()):
+        return
+    which = (~finite).nonzero().flatten().tolist()
+    overflow = []
+    if betas.numel():
+        log_p_finite = torch.isfinite(betas[:, 0, 0]).tolist()
+        overflow = [b for b in which if log_p_finite[b]]
+        which = [b for b in which if not log_p_finite[b]]
+    if which:
+        grad = "; their gradient is zero" if betas.numel() else ""
+        widest = costs.dtype in (torch.float32, torch.float64)
+        why = "no path with finite probability, or a non-finite logit" + \
+            ("" if widest or betas.numel() else f", or a cost beyond {costs.dtype}'s range")
+        warnings.warn(f"{op}: sequences {which} have a non-finite cost ({why}){grad}", RuntimeWarning,
+                      stacklevel=4)
+    if overflow:
+        warnings.warn(f"{op}: the costs of sequences {overflow} overflow {costs.dtype} (they are finite in "
+                      f"{betas.dtype}); their gradient is computed from the {betas.dtype} lattice as usual",
+                      RuntimeWarning, stacklevel=4)
 
 
 def _workspace(batch, frames, labels_plus_1, dtype, device, save):
@@ -80,7 +99,7 @@ def rnnt_loss_forward(logits: Tensor, targets: Tensor, logit_lengths: Tensor, ta
                                 data=True)
     out = run(RNNT, "forward", logits, *_int32(targets, logit_lengths, target_lengths), blank, clamp,
               fused_log_softmax, save)
-    _report_non_finite(RNNT, out[0])
+    _report_non_finite(RNNT, out[0], out[2])
     return out
 
 
@@ -96,7 +115,7 @@ def rnnt_loss_backward(grad_costs: Tensor, logits: Tensor, targets: Tensor, logi
                        target_lengths: Tensor, costs: Tensor, alphas: Tensor, betas: Tensor, den: Tensor,
                        blank: int, clamp: float, fused_log_softmax: bool) -> Tensor:
     blank = _check_rnnt_backward(grad_costs, logits, targets, logit_lengths, target_lengths, costs, alphas,
-                                 betas, den, blank, clamp)
+                                 betas, den, blank, clamp, data=True)
     return run(RNNT, "backward", grad_costs, logits, *_int32(targets, logit_lengths, target_lengths), costs,
                alphas, betas, den, blank, clamp, fused_log_softmax)
 
@@ -109,10 +128,11 @@ def _check_saved(op, batch, frames, labels_plus_1, grad_costs, costs, alphas, be
 
 
 def _check_rnnt_backward(grad_costs, logits, targets, logit_lengths, target_lengths, costs, alphas, betas, den,
-                         blank, clamp):
+                         blank, clamp, data=False):
+    """data=True in the real op: it may be called directly, not only by autograd with checked tensors."""
     op = RNNT + "_backward"
     blank = _validate.rnnt_loss(op, logits, targets, logit_lengths, target_lengths, blank, clamp, "none",
-                                data=False)
+                                data=data)
     _check_saved(op, *logits.shape[:3], grad_costs, costs, alphas, betas, den)
     return blank
 
@@ -184,7 +204,7 @@ def fused_joint_rnnt_loss_forward(enc: Tensor, pred: Tensor, weight: Tensor, bia
                                             target_lengths, blank, activation, clamp, "none", data=True)
     out = run(JOINT, "forward", enc, pred, weight, bias, *_int32(targets, logit_lengths, target_lengths), blank,
               activation, clamp, save)
-    _report_non_finite(JOINT, out[0])
+    _report_non_finite(JOINT, out[0], out[2])
     return out
 
 
@@ -203,17 +223,17 @@ def fused_joint_rnnt_loss_backward(grad_costs: Tensor, enc: Tensor, pred: Tensor
                                    den: Tensor, blank: int, activation: str,
                                    clamp: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     blank = _check_joint_backward(grad_costs, enc, pred, weight, bias, targets, logit_lengths, target_lengths,
-                                  costs, alphas, betas, den, blank, activation, clamp)
+                                  costs, alphas, betas, den, blank, activation, clamp, data=True)
     return run(JOINT, "backward", grad_costs, enc, pred, weight, bias,
                *_int32(targets, logit_lengths, target_lengths), costs, alphas, betas, den, blank, activation,
                clamp)
 
 
 def _check_joint_backward(grad_costs, enc, pred, weight, bias, targets, logit_lengths, target_lengths, costs,
-                          alphas, betas, den, blank, activation, clamp):
+                          alphas, betas, den, blank, activation, clamp, data=False):
     op = JOINT + "_backward"
     blank = _validate.fused_joint_rnnt_loss(op, enc, pred, weight, bias, targets, logit_lengths,
-                                            target_lengths, blank, activation, clamp, "none", data=False)
+                                            target_lengths, blank, activation, clamp, "none", data=data)
     _check_saved(op, enc.shape[0], enc.shape[1], pred.shape[1], grad_costs, costs, alphas, betas, den)
     return blank
 

@@ -24,6 +24,12 @@ class LowRankLSTM(nn.Module):
     def __init__(self, input_size: int, hidden_size: int, rank: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, rank_hh: int | None = None, device=None, dtype=None):
         super().__init__()
+        op = "LowRankLSTM"
+        for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("rank", rank),
+                            ("num_layers", num_layers)):
+            _validate._int(op, name, value, 1)
+        if rank_hh is not None:
+            _validate._int(op, "rank_hh", rank_hh, 1)
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.batch_first, self.bias = batch_first, bias
         self.ranks = []
@@ -63,9 +69,17 @@ class LowRankLSTM(nn.Module):
         module.batch_first, module.bias = lstm.batch_first, lstm.bias
         module.ranks = []
 
+        for name, wanted in (("rank", rank), ("rank_hh", rank_hh)):
+            if wanted is None and name == "rank_hh":
+                continue
+            if isinstance(wanted, bool) or not isinstance(wanted, (int, float)) \
+                    or (isinstance(wanted, int) and wanted < 1) or (isinstance(wanted, float) and not 0 < wanted <= 1):
+                raise ValueError(f"LowRankLSTM.from_lstm: {name} must be an int >= 1 or a float in (0, 1] (a "
+                                 f"fraction of spectral energy); got {wanted!r}")
+
         def pick(weight, wanted):
-            r = rank_for_energy(weight, wanted) if isinstance(wanted, float) else int(wanted)
-            return max(1, min(r, *weight.shape))
+            r = rank_for_energy(weight, wanted) if isinstance(wanted, float) else wanted
+            return min(r, *weight.shape)  # a rank above the matrix's is its full rank
 
         for layer in range(lstm.num_layers):
             w_ih, w_hh = getattr(lstm, f"weight_ih_l{layer}"), getattr(lstm, f"weight_hh_l{layer}")

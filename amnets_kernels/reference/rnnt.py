@@ -20,6 +20,14 @@ from . import acc_dtype
 NEG_INF = float("-inf")
 
 
+def _denominators(z: Tensor) -> Tensor:
+    """logsumexp over V; NaN (not +inf) when a row holds +inf, as a NaN logit gives: the cell's log-probs
+    are then NaN and so is its sequence's cost (every face: a non-finite logit gives a non-finite cost
+    and a zero gradient)."""
+    den = torch.logsumexp(z, dim=-1)
+    return torch.where(den == float("inf"), float("nan"), den)
+
+
 def _label_log_probs(z: Tensor, den: Tensor, targets: Tensor, blank: int) -> tuple[Tensor, Tensor]:
     """lp_blank (B, T, U+1) and lp_y (B, T, U) from logits z (acc dtype) and denominators den."""
     batch, frames, labels_plus_1, vocab = z.shape
@@ -61,7 +69,7 @@ def _betas(lp_blank: Tensor, lp_y: Tensor, frames_b: Tensor, labels_b: Tensor) -
 def _lattice(logits_or_z: Tensor, targets, logit_lengths, target_lengths, blank, fused, save):
     """(costs, alphas, betas, den, lp_blank, lp_y), all float64 except den (acc dtype)."""
     z = logits_or_z.to(acc_dtype(logits_or_z.dtype))
-    den = torch.logsumexp(z, dim=-1) if fused else z.new_zeros(z.shape[:-1])
+    den = _denominators(z) if fused else z.new_zeros(z.shape[:-1])
     lp_blank, lp_y = (lp.to(torch.float64) for lp in _label_log_probs(z, den, targets, blank))
     frames_b, labels_b = logit_lengths.to(torch.int64), target_lengths.to(torch.int64)
     alphas = _alphas(lp_blank, lp_y)
@@ -98,12 +106,12 @@ def _logit_grads(z, targets, logit_lengths, target_lengths, alphas, betas, den, 
     lp_blank, lp_y = (lp.to(torch.float64) for lp in _label_log_probs(z, den.to(z.dtype), targets, blank))
     frames_b, labels_b = logit_lengths.to(torch.int64), target_lengths.to(torch.int64)
     g_blank, g_y = _arc_posteriors(alphas, betas, costs, lp_blank, lp_y, frames_b, labels_b)
+    frames, labels_plus_1 = z.shape[1:3]
+    t = torch.arange(frames, device=z.device)[None, :, None]
+    u = torch.arange(labels_plus_1, device=z.device)[None, None, :]
+    on_lattice = (t < frames_b[:, None, None]) & (u <= labels_b[:, None, None])
     if fused:
         # Through log_softmax: every class gets softmax * (posterior of being at this node).
-        frames, labels_plus_1 = z.shape[1:3]
-        t = torch.arange(frames, device=z.device)[None, :, None]
-        u = torch.arange(labels_plus_1, device=z.device)[None, None, :]
-        on_lattice = (t < frames_b[:, None, None]) & (u <= labels_b[:, None, None])
         occupancy = torch.where(on_lattice, (alphas + betas + costs[:, None, None]).exp(), 0.0)
         grad = (z - den.to(z.dtype)[..., None]).exp() * occupancy.to(z.dtype)[..., None]
     else:
@@ -114,8 +122,9 @@ def _logit_grads(z, targets, logit_lengths, target_lengths, alphas, betas, den, 
     grad[:, :, :-1].scatter_add_(-1, index, -g_y.to(z.dtype)[..., None])
     if clamp > 0:
         grad.clamp_(-clamp, clamp)
-    finite = torch.isfinite(costs)[:, None, None, None]  # a non-finite cost gets no gradient
-    return torch.where(finite, grad * grad_costs.to(z.dtype)[:, None, None, None], 0.0)
+    # A non-finite cost gets no gradient; nor do cells off the lattice (whatever the padding holds).
+    keep = (torch.isfinite(costs)[:, None, None] & on_lattice)[..., None]
+    return torch.where(keep, grad * grad_costs.to(z.dtype)[:, None, None, None], 0.0)
 
 
 def rnnt_loss_forward(logits: Tensor, targets: Tensor, logit_lengths: Tensor, target_lengths: Tensor,
@@ -162,6 +171,9 @@ def fused_joint_rnnt_loss_backward(grad_costs, enc, pred, weight, bias, targets,
                                    target_lengths, costs, alphas, betas, den, blank: int, activation: str,
                                    clamp: float):
     hidden, logits = _joint(enc, pred, weight, bias, activation)
+    # Cells whose d logits are 0 (a sequence with a NaN cost, padding) must add 0, not 0 * NaN, to the
+    # gradients the batch shares; every live cell of a finite-cost sequence has a finite activation.
+    hidden = torch.where(torch.isfinite(hidden), hidden, 0.0)
     d_logits = _logit_grads(logits, targets, logit_lengths, target_lengths, alphas, betas, den, blank,
                             clamp, True, grad_costs)
     d_hidden = d_logits @ weight.to(logits.dtype)

@@ -67,12 +67,14 @@ ACTIVATIONS = {"tanh": 0, "relu": 1, "identity": 2}
 
 @triton.jit
 def _logaddexp(a, b):
-    """log(exp(a) + exp(b)); -inf (not NaN, and no log(0)) when both are -inf."""
+    """log(exp(a) + exp(b)); -inf (not NaN, and no log(0)) when both are -inf; NaN when either is NaN
+    (tl.maximum drops a NaN operand: a NaN log-prob must still make its sequence's cost NaN)."""
     m = tl.maximum(a, b)
     none = m == float("-inf")
     m = tl.where(none, 0.0, m)
     s = tl.exp(a - m) + tl.exp(b - m)  # in [1, 2] unless both are -inf
-    return tl.where(none, float("-inf"), m + tl.log(tl.maximum(s, 1.0)))
+    out = tl.where(none, float("-inf"), m + tl.log(tl.maximum(s, 1.0)))
+    return tl.where((a != a) | (b != b), a + b, out)
 
 
 @triton.jit
@@ -91,8 +93,18 @@ def _lse_update(m, s, x):
 
 @triton.jit
 def _lse_finish(m, s):
-    # s >= 1 whenever m is finite (the maximum contributes exp(0)).
-    return tl.where(m == float("-inf"), float("-inf"), m + tl.log(tl.maximum(s, 1.0)))
+    # s >= 1 whenever m is finite (the maximum contributes exp(0)). A NaN or +inf logit makes s NaN
+    # (exp(NaN), exp(inf - inf)): the denominator is then NaN, as on the other faces.
+    den = tl.where(m == float("-inf"), float("-inf"), m + tl.log(tl.maximum(s, 1.0)))
+    return tl.where(s != s, s, den)
+
+
+@triton.jit
+def _finite(x):
+    """x with non-finite entries set to 0. Backward recomputes activations of every cell of a tile,
+    including cells of a sequence whose cost is NaN and cells off the lattice: their d logits are 0, and
+    0 * NaN must not reach a gradient shared by the batch (weight, bias)."""
+    return tl.where(tl.abs(x) < float("inf"), x, 0.0)
 
 
 @triton.jit
@@ -400,7 +412,7 @@ def _joint_dweight_kernel(dlogits_ptr, enc_ptr, pred_ptr, frames_ptr, labels_ptr
         if tile_live:
             enc_rows, pred_rows, t_live, u_live = _tile_inputs(b, t0, u0, frames, labels, T, U + 1,
                                                                BLOCK_T, BLOCK_U)
-            hidden = _hidden(enc_ptr, pred_ptr, enc_rows, pred_rows, t_live, u_live, ks, H, ACT)
+            hidden = _finite(_hidden(enc_ptr, pred_ptr, enc_rows, pred_rows, t_live, u_live, ks, H, ACT))
             cells = (i * BLOCK_T * BLOCK_U + cell).to(tl.int64)
             d_logits = tl.load(dlogits_ptr + cells[:, None] * V + cols[None, :], mask=cols[None, :] < V,
                                other=0.0)
@@ -428,7 +440,7 @@ def _joint_dhidden_kernel(dlogits_ptr, enc_ptr, pred_ptr, weight_ptr, frames_ptr
                     mask=(cols[:, None] < V) & (ks[None, :] < H), other=0.0)
         d_hidden += _dot(d_logits, w, dlogits_ptr.dtype.element_ty)
     if ACT != 2:  # act' from act(a) itself: 1 - tanh^2, or relu's step
-        hidden = _hidden(enc_ptr, pred_ptr, enc_rows, pred_rows, t_live, u_live, ks, H, ACT)
+        hidden = _finite(_hidden(enc_ptr, pred_ptr, enc_rows, pred_rows, t_live, u_live, ks, H, ACT))
         d_hidden = d_hidden * (1.0 - hidden * hidden) if ACT == 0 else tl.where(hidden > 0, d_hidden, 0.0)
     # Cells off the lattice have d logits = 0, so they add nothing to these sums.
     d_hidden = tl.reshape(d_hidden, (BLOCK_T, BLOCK_U, BLOCK_K))

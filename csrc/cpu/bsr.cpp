@@ -25,6 +25,7 @@
 #include <algorithm>
 #include <vector>
 
+#include "../checks.h"
 #include "lstm_pointwise.h"
 #include "simd.h"
 
@@ -428,10 +429,24 @@ void forward_into(const Problem& p, const Tensor& values, const Tensor& xf, int6
   });
 }
 
-Tensor bsr_linear_forward(const Tensor& x, const Tensor& values, const Tensor& crow_indices,
+// Every entry point checks its own arguments (csrc/checks.h): the kernels below index memory by them.
+void check_activations(const char* op, const Tensor& x, const Tensor& values, int64_t in_features,
+                       const c10::optional<Tensor>& bias, int64_t out_features) {
+  checks::dims(op, "x", x, 2);
+  TORCH_CHECK_VALUE(x.size(1) == in_features, op, ": x.shape[-1] must equal in_features = ", in_features, "; got x of shape ",
+                    x.sizes());
+  TORCH_CHECK_TYPE(x.scalar_type() == values.scalar_type(), op, ": values has dtype ", values.scalar_type(),
+                   " but x has ", x.scalar_type(), "; they must match");
+  if (bias.has_value()) checks::shape(op, "bias", *bias, {out_features});
+}
+
+Tensor bsr_linear_forward(const Tensor& x, const Tensor& values_in, const Tensor& crow_indices,
                           const Tensor& col_indices, int64_t out_features, int64_t in_features,
                           const c10::optional<Tensor>& bias) {
-  const Tensor crow = crow_indices.to(at::kInt).contiguous(), col = col_indices.to(at::kInt).contiguous();
+  constexpr const char* op = "bsr_linear_forward";
+  const auto [crow, col] = checks::bsr_pattern(op, values_in, crow_indices, col_indices, out_features, in_features);
+  check_activations(op, x, values_in, in_features, bias, out_features);
+  const Tensor values = values_in.contiguous();
   if (!has_fast_path(values)) {
     return dense_forward(x, values, crow, col, out_features, in_features, bias);
   }
@@ -457,16 +472,25 @@ void to_float(const Tensor& t, int64_t at, int64_t n, float* out) {
 // PreparedBsrLstmCell): gates = [x | h] W^T + bias by the forward kernels above, then the activations
 // and the state update (lstm_pointwise.h), in one call: a streaming step at small H costs its host
 // overhead, and this is one op instead of a dozen. Fast-path weights only (the caller checks).
-std::tuple<Tensor, Tensor> bsr_lstm_cell_forward(const Tensor& x, const Tensor& h, const Tensor& c,
-                                                 const Tensor& values, const Tensor& crow_indices,
+std::tuple<Tensor, Tensor> bsr_lstm_cell_forward(const Tensor& x_in, const Tensor& h_in, const Tensor& c_in,
+                                                 const Tensor& values_in, const Tensor& crow_indices,
                                                  const Tensor& col_indices, const c10::optional<Tensor>& bias) {
-  const int64_t batch = x.size(0), d = x.size(1), hidden = h.size(1);
-  TORCH_CHECK(has_fast_path(values), "bsr_lstm_cell_forward: no fast kernel for block size ", values.size(1),
-              " and dtype ", values.scalar_type());
-  TORCH_CHECK(h.size(0) == batch && c.size(0) == batch && c.size(1) == hidden && x.scalar_type() == h.scalar_type() &&
-                  x.scalar_type() == c.scalar_type() && x.is_contiguous() && h.is_contiguous() && c.is_contiguous(),
-              "bsr_lstm_cell_forward: x, h, c must be contiguous, of one dtype, with one batch; h and c of one width");
-  const Tensor crow = crow_indices.to(at::kInt).contiguous(), col = col_indices.to(at::kInt).contiguous();
+  constexpr const char* op = "bsr_lstm_cell_forward";
+  checks::dims(op, "x", x_in, 2);
+  checks::dims(op, "h", h_in, 2);
+  const int64_t batch = x_in.size(0), d = x_in.size(1), hidden = h_in.size(1);
+  TORCH_CHECK_VALUE(hidden >= 1 && d >= 1, op, ": x and h must have at least one column; got ", x_in.sizes(), " and ",
+                    h_in.sizes());
+  const auto [crow, col] = checks::bsr_pattern(op, values_in, crow_indices, col_indices, 4 * hidden, d + hidden);
+  check_activations(op, x_in, values_in, d, bias, 4 * hidden);
+  checks::shape(op, "h", h_in, {batch, hidden});
+  checks::shape(op, "c", c_in, {batch, hidden});
+  TORCH_CHECK_TYPE(h_in.scalar_type() == x_in.scalar_type() && c_in.scalar_type() == x_in.scalar_type(), op,
+                   ": x, h and c must have one dtype; got ", x_in.scalar_type(), ", ", h_in.scalar_type(), ", ",
+                   c_in.scalar_type());
+  TORCH_CHECK_TYPE(has_fast_path(values_in), op, ": no fast kernel for block size ", values_in.size(1), " and dtype ",
+                   values_in.scalar_type());
+  const Tensor x = x_in.contiguous(), h = h_in.contiguous(), c = c_in.contiguous(), values = values_in.contiguous();
   const Problem p = problem_of(x, values, crow, col, 4 * hidden, d + hidden);
   const int64_t k_pad = p.block_cols * p.block;
   // Few allocations, no ATen ops on the way: at small H each costs about what the arithmetic does.
@@ -488,11 +512,15 @@ std::tuple<Tensor, Tensor> bsr_lstm_cell_forward(const Tensor& x, const Tensor& 
   return {h1.to(x.scalar_type()), c1.to(x.scalar_type())};
 }
 
-std::tuple<Tensor, Tensor> bsr_linear_backward(const Tensor& grad_out, const Tensor& x, const Tensor& values,
+std::tuple<Tensor, Tensor> bsr_linear_backward(const Tensor& grad_out, const Tensor& x, const Tensor& values_in,
                                                const Tensor& crow_indices, const Tensor& col_indices,
                                                int64_t out_features, int64_t in_features, bool need_x,
                                                bool need_values) {
-  const Tensor crow = crow_indices.to(at::kInt).contiguous(), col = col_indices.to(at::kInt).contiguous();
+  constexpr const char* op = "bsr_linear_backward";
+  const auto [crow, col] = checks::bsr_pattern(op, values_in, crow_indices, col_indices, out_features, in_features);
+  check_activations(op, x, values_in, in_features, c10::nullopt, out_features);
+  checks::shape(op, "grad_out", grad_out, {x.size(0), out_features});
+  const Tensor values = values_in.contiguous();
   if (!has_fast_path(values)) {
     return dense_backward(grad_out, x, values, crow, col, out_features, in_features, need_x, need_values);
   }
@@ -536,9 +564,16 @@ std::tuple<Tensor, Tensor> bsr_linear_backward(const Tensor& grad_out, const Ten
   return {grad_x, grad_values};
 }
 
+void bsr_check_pattern(const Tensor& crow, const Tensor& col, int64_t nnzb, int64_t block_size, int64_t out_features,
+                       int64_t in_features, c10::string_view op) {
+  const std::string name(op);
+  checks::bsr_pattern(name.c_str(), nnzb, block_size, crow, col, out_features, in_features);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(amnets_native, CPU, m) {
+  m.impl("bsr_check_pattern", &bsr_check_pattern);
   m.impl("bsr_linear_forward", &bsr_linear_forward);
   m.impl("bsr_linear_backward", &bsr_linear_backward);
   m.impl("bsr_lstm_cell_forward", &bsr_lstm_cell_forward);

@@ -17,6 +17,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "../checks.h"
 #include "../lowrank_lstm_cell.h"
 #include "lstm_pointwise.h"
 #include "simd.h"
@@ -223,6 +224,7 @@ void dispatch_acc(at::ScalarType acc, const F& f) {
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lowrank_lstm_sequence_forward(
     const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih_u, const Tensor& w_ih_v,
     const Tensor& w_hh_u, const Tensor& w_hh_v, const c10::optional<Tensor>& bias, bool save) {
+  checks::lowrank_lstm("lowrank_lstm_sequence_forward", x, h0, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, true);
   const auto acc = acc_of(x);
   const Factors w = factors_of(w_ih_u, w_ih_v, w_hh_u, w_hh_v, acc);
   const int64_t steps = x.size(0), batch = x.size(1), hidden = w.hidden();
@@ -240,6 +242,8 @@ Grads lowrank_lstm_sequence_backward(const Tensor& grad_out, const Tensor& grad_
                                      const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih_u,
                                      const Tensor& w_ih_v, const Tensor& w_hh_u, const Tensor& w_hh_v,
                                      const Tensor& out, const Tensor& gates, const Tensor& cells) {
+  checks::lowrank_lstm_backward("lowrank_lstm_sequence_backward", grad_out, grad_h_n, grad_c_n, x, h0, c0, w_ih_u,
+                                 w_ih_v, w_hh_u, w_hh_v, out, gates, cells);
   const auto acc = acc_of(x);
   const Factors w = factors_of(w_ih_u, w_ih_v, w_hh_u, w_hh_v, acc);
   Tensor dh = grad_h_n.to(acc).clone(), dc = grad_c_n.to(acc).clone();
@@ -258,6 +262,7 @@ Grads lowrank_lstm_sequence_backward(const Tensor& grad_out, const Tensor& grad_
 std::tuple<Tensor, Tensor, Tensor> cell_forward(const Tensor& x, const Tensor& h, const Tensor& c, const Tensor& w_ih_u,
                                                 const Tensor& w_ih_v, const Tensor& w_hh_u, const Tensor& w_hh_v,
                                                 const c10::optional<Tensor>& bias, bool save) {
+  checks::lowrank_lstm("lowrank_lstm_cell_forward", x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, false);
   const int64_t batch = x.size(0);
   bool lean = !save && batch <= kMaxDotBatch;
   for (const Tensor* t : {&x, &h, &c, &w_ih_u, &w_ih_v, &w_hh_u, &w_hh_v})

@@ -18,6 +18,7 @@
 #include <limits>
 #include <vector>
 
+#include "../checks.h"
 #include "simd.h"
 
 namespace amnets::cpu {
@@ -37,7 +38,9 @@ AMNETS_CLONES float row_logsumexp(const float* z, int64_t n) {
   for (; i + simd::kWidth <= n; i += simd::kWidth) vm = simd::vmax(vm, simd::load(z + i));
   float m = simd::hmax(vm);
   for (int64_t k = i; k < n; ++k) m = std::max(m, z[k]);
-  if (!std::isfinite(m)) return m;  // all -inf (log 0), or an inf/NaN logit
+  // All -inf: log 0. A +inf or NaN logit: NaN, so that the cell's log-probs and its sequence's cost
+  // are NaN (every face: a non-finite logit gives a non-finite cost and a zero gradient).
+  if (!std::isfinite(m)) return m == -std::numeric_limits<float>::infinity() ? m : std::numeric_limits<float>::quiet_NaN();
   simd::vfloat vs = simd::splat(0.f);
   for (i = 0; i + simd::kWidth <= n; i += simd::kWidth) vs += simd::exp(simd::load(z + i) - m);
   float s = simd::hsum(vs);
@@ -58,7 +61,7 @@ AMNETS_CLONES void row_softmax_grad(float* g, const float* z, int64_t n, float d
 
 double row_logsumexp(const double* z, int64_t n) {
   double m = *std::max_element(z, z + n);
-  if (!std::isfinite(m)) return m;
+  if (!std::isfinite(m)) return m == kNegInf ? m : std::numeric_limits<double>::quiet_NaN();
   double s = 0;
   for (int64_t k = 0; k < n; ++k) s += std::exp(z[k] - m);
   return m + std::log(s);
@@ -275,13 +278,31 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> finish_forward(const Shape& s, const 
 // ---------------------------------------------------------------------------------------------------
 // rnnt_loss
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> rnnt_loss_forward(const Tensor& logits, const Tensor& targets,
+// The logits' lattice and the checked int32 labels (csrc/checks.h); the kernels index memory by them.
+struct Labels {
+  Tensor targets, frames, labels;
+  Labels(const char* op, const Tensor& targets_in, const Tensor& frames_in, const Tensor& labels_in,
+         const Shape& s, int64_t vocab, int64_t blank) {
+    std::tie(targets, frames, labels) = checks::rnnt_labels(op, targets_in, frames_in, labels_in, s.batch, s.frames,
+                                                            s.labels_plus_1, vocab, blank);
+  }
+  Lengths lengths() const { return lengths_of(targets, frames, labels); }
+};
+
+Shape logits_shape(const char* op, const Tensor& logits) {
+  checks::dims(op, "logits", logits, 4);
+  return {logits.size(0), logits.size(1), logits.size(2)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> rnnt_loss_forward(const Tensor& logits_in, const Tensor& targets,
                                                              const Tensor& logit_lengths,
                                                              const Tensor& target_lengths, int64_t blank,
                                                              double /*clamp*/, bool fused_log_softmax, bool save) {
-  const Shape s{logits.size(0), logits.size(1), logits.size(2)};
-  const int64_t vocab = logits.size(3), labels = s.labels_plus_1 - 1;
-  const Lengths len = lengths_of(targets, logit_lengths, target_lengths);
+  const Shape s = logits_shape("rnnt_loss_forward", logits_in);
+  const int64_t vocab = logits_in.size(3), labels = s.labels_plus_1 - 1;
+  const Labels checked("rnnt_loss_forward", targets, logit_lengths, target_lengths, s, vocab, blank);
+  const Lengths len = checked.lengths();
+  const Tensor logits = logits_in.contiguous();
   std::tuple<Tensor, Tensor, Tensor, Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "rnnt_loss_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -301,15 +322,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnnt_loss_forward(const Tensor& logit
   return out;
 }
 
-Tensor rnnt_loss_backward(const Tensor& grad_costs, const Tensor& logits, const Tensor& targets,
+Tensor rnnt_loss_backward(const Tensor& grad_costs, const Tensor& logits_in, const Tensor& targets,
                           const Tensor& logit_lengths, const Tensor& target_lengths, const Tensor& /*costs*/,
-                          const Tensor& alphas, const Tensor& betas, const Tensor& den, int64_t blank,
+                          const Tensor& alphas_in, const Tensor& betas_in, const Tensor& den_in, int64_t blank,
                           double clamp, bool fused_log_softmax) {
-  const Shape s{logits.size(0), logits.size(1), logits.size(2)};
-  const int64_t vocab = logits.size(3);
-  const Lengths len = lengths_of(targets, logit_lengths, target_lengths);
+  constexpr const char* op = "rnnt_loss_backward";
+  const Shape s = logits_shape(op, logits_in);
+  const int64_t vocab = logits_in.size(3);
+  const Labels checked(op, targets, logit_lengths, target_lengths, s, vocab, blank);
+  const Lengths len = checked.lengths();
+  checks::rnnt_saved(op, grad_costs, alphas_in, betas_in, den_in, s.batch, s.frames, s.labels_plus_1);
+  const Tensor logits = logits_in.contiguous(), alphas = alphas_in.contiguous(), betas = betas_in.contiguous(),
+               den = den_in.contiguous();
   Tensor grad = at::empty_like(logits);
-  const auto scales = grad_costs.to(at::kDouble);
+  const auto scales = grad_costs.to(at::kDouble).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "rnnt_loss_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
@@ -373,15 +399,31 @@ struct Joint {
   }
 };
 
+// enc (B, T, H), pred (B, U+1, H), weight (V, H), bias (V,): the lattice (B, T, U+1).
+Shape joint_shape(const char* op, const Tensor& enc, const Tensor& pred, const Tensor& weight,
+                  const c10::optional<Tensor>& bias) {
+  checks::dims(op, "enc", enc, 3);
+  checks::dims(op, "pred", pred, 3);
+  checks::dims(op, "weight", weight, 2);
+  TORCH_CHECK_VALUE(pred.size(0) == enc.size(0) && pred.size(2) == enc.size(2), op,
+                    ": pred must have shape (B, U+1, H) to match enc ", enc.sizes(), "; got ", pred.sizes());
+  TORCH_CHECK_VALUE(weight.size(1) == enc.size(2), op, ": weight must have shape (V, H = ", enc.size(2), "); got ",
+                    weight.sizes());
+  if (bias.has_value()) checks::shape(op, "bias", *bias, {weight.size(0)});
+  return {enc.size(0), enc.size(1), pred.size(1)};
+}
+
 int64_t frames_per_tile(int64_t labels) { return std::max<int64_t>(1, kTileRows / (labels + 1)); }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> fused_joint_rnnt_loss_forward(
     const Tensor& enc, const Tensor& pred, const Tensor& weight, const c10::optional<Tensor>& bias,
     const Tensor& targets, const Tensor& logit_lengths, const Tensor& target_lengths, int64_t blank,
     c10::string_view activation, double /*clamp*/, bool save) {
-  const Shape s{enc.size(0), enc.size(1), pred.size(1)};
+  const Shape s = joint_shape("fused_joint_rnnt_loss_forward", enc, pred, weight, bias);
   const int64_t labels_pad = s.labels_plus_1 - 1;
-  const Lengths len = lengths_of(targets, logit_lengths, target_lengths);
+  const Labels checked("fused_joint_rnnt_loss_forward", targets, logit_lengths, target_lengths, s, weight.size(0),
+                       blank);
+  const Lengths len = checked.lengths();
   std::tuple<Tensor, Tensor, Tensor, Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, enc.scalar_type(), "fused_joint_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -414,15 +456,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_joint_rnnt_loss_backward(
     const c10::optional<Tensor>& bias, const Tensor& targets, const Tensor& logit_lengths,
     const Tensor& target_lengths, const Tensor& /*costs*/, const Tensor& alphas, const Tensor& betas,
     const Tensor& den, int64_t blank, c10::string_view activation, double clamp) {
-  const Shape s{enc.size(0), enc.size(1), pred.size(1)};
-  const Lengths len = lengths_of(targets, logit_lengths, target_lengths);
-  const auto scales = grad_costs.to(at::kDouble);
+  constexpr const char* op = "fused_joint_rnnt_loss_backward";
+  const Shape s = joint_shape(op, enc, pred, weight, bias);
+  const Labels checked(op, targets, logit_lengths, target_lengths, s, weight.size(0), blank);
+  const Lengths len = checked.lengths();
+  checks::rnnt_saved(op, grad_costs, alphas, betas, den, s.batch, s.frames, s.labels_plus_1);
+  const auto scales = grad_costs.to(at::kDouble).contiguous();
   std::tuple<Tensor, Tensor, Tensor, Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, enc.scalar_type(), "fused_joint_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
     const Joint joint(enc, pred, weight, bias, acc, std::string(activation));
-    const Tensor alpha = alphas.to(acc), beta = betas.to(acc), norm = den.to(acc);
+    const Tensor alpha = alphas.to(acc).contiguous(), beta = betas.to(acc).contiguous(), norm = den.to(acc).contiguous();
     const auto saved = saved_of<acc_t>(s, len, alpha, beta, norm, blank, clamp, true);
     Tensor grad_enc = at::zeros_like(joint.enc), grad_pred = at::zeros_like(joint.pred);
     Tensor grad_weight = at::zeros_like(joint.weight), grad_bias = at::zeros({joint.vocab}, joint.enc.options());

@@ -103,6 +103,7 @@
 #include <limits>
 #include <string>
 #include <type_traits>
+#include "../checks.h"
 #include "../lowrank_lstm_cell.h"
 
 namespace amnets::cuda {
@@ -611,6 +612,7 @@ void check_sizes(int64_t batch, int64_t hidden) {
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lowrank_lstm_sequence_forward(
     const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih_u, const Tensor& w_ih_v,
     const Tensor& w_hh_u, const Tensor& w_hh_v, const c10::optional<Tensor>& bias, bool save) {
+  checks::lowrank_lstm("lowrank_lstm_sequence_forward", x, h0, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, true);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto acc = acc_of(x);
   const int64_t steps = x.size(0), batch = x.size(1), hidden = w_hh_v.size(1), rank = w_hh_v.size(0);
@@ -637,6 +639,8 @@ Grads lowrank_lstm_sequence_backward(const Tensor& grad_out, const Tensor& grad_
                                      const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih_u,
                                      const Tensor& w_ih_v, const Tensor& w_hh_u, const Tensor& w_hh_v,
                                      const Tensor& out, const Tensor& gates, const Tensor& cells) {
+  checks::lowrank_lstm_backward("lowrank_lstm_sequence_backward", grad_out, grad_h_n, grad_c_n, x, h0, c0, w_ih_u,
+                                w_ih_v, w_hh_u, w_hh_v, out, gates, cells);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto acc = acc_of(x);
   const auto dtype = x.scalar_type();

@@ -45,6 +45,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../checks.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <limits>
@@ -175,7 +177,7 @@ __device__ __forceinline__ void row_pass(const RowLayout<T>& layout, const T* in
 
 // logsumexp of a row, warp-collective (every lane returns it). Each lane keeps a running max m and
 // sum s of exp(x - m) over its elements, then the lanes merge pairwise. -inf entries add nothing (their
-// exp(-inf - -inf) would be NaN); a non-finite max is returned as is, like the CPU face.
+// exp(-inf - -inf) would be NaN); a +inf or NaN logit gives NaN, like the CPU face.
 template <typename T>
 __device__ at::opmath_type<T> warp_row_logsumexp(const T* row, int64_t n) {
   using acc_t = at::opmath_type<T>;
@@ -196,7 +198,9 @@ __device__ at::opmath_type<T> warp_row_logsumexp(const T* row, int64_t n) {
         (m2 == neg_inf<acc_t>() ? acc_t(0) : s2 * exp_acc(m2 - top));
     m = top;
   }
-  return isfinite(m) ? m + log_acc(s) : m;  // all -inf (log 0), or an inf/NaN logit
+  // All -inf: log 0. A +inf (or NaN) logit: NaN, so that the sequence's cost is NaN as on every face.
+  if (isfinite(m)) return m + log_acc(s);
+  return m == neg_inf<acc_t>() ? m : acc_t(NAN);
 }
 
 // The grid-stride loop of the warp-per-row kernels: body(r) for each row r owned by this warp. The loop
@@ -247,6 +251,10 @@ Lattice lattice_of(int64_t batch, int64_t frames, int64_t labels_plus_1, const T
   }
   TORCH_CHECK(batch * frames * labels_plus_1 <= std::numeric_limits<int32_t>::max(),
               "rnnt (cuda): at most 2^31 - 1 lattice cells (B * T * (U+1)); got ", batch * frames * labels_plus_1);
+  // Shapes only: their values are on the device (the public ops check them before calling this face).
+  checks::shape("rnnt (cuda)", "targets", targets, {batch, labels_plus_1 - 1});
+  checks::shape("rnnt (cuda)", "logit_lengths", logit_lengths, {batch});
+  checks::shape("rnnt (cuda)", "target_lengths", target_lengths, {batch});
   return {batch, frames, labels_plus_1, logit_lengths.data_ptr<int32_t>(), target_lengths.data_ptr<int32_t>(),
           targets.data_ptr<int32_t>()};
 }

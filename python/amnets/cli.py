@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import random
 import statistics
@@ -135,8 +136,8 @@ def check_config(cfg: dict) -> dict:
         if cfg[key] < 1:
             raise ValueError(f"config: {key} must be >= 1; got {cfg[key]!r}")
     for key in ("lr", "tau0", "tau_min"):
-        if not cfg[key] > 0:
-            raise ValueError(f"config: {key} must be > 0; got {cfg[key]!r}")
+        if not 0 < cfg[key] < math.inf:
+            raise ValueError(f"config: {key} must be a finite number > 0; got {cfg[key]!r}")
     for key in ("weight_decay", "grad_clip", "cost_weight", "threads"):
         if cfg[key] < 0:
             raise ValueError(f"config: {key} must be >= 0; got {cfg[key]!r}")
@@ -255,8 +256,14 @@ def train(cfg: dict, resume: str | None = None, items: list | None = None) -> tu
                               budget=cfg["budget"])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
-            if cfg["grad_clip"]:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+            # The norm of the (all-reduced, so on every rank the same) gradient: clipped when configured,
+            # and a non-finite one stops every rank at the same step, before it reaches the weights.
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"] or math.inf)
+            if not (math.isfinite(float(loss)) and math.isfinite(float(norm))):
+                raise TrainingDiverged(f"amnets train: the loss or its gradient became non-finite at step {step + 1} "
+                                       f"(loss {float(loss):.4g}, gradient norm {float(norm):.4g}); stopped without "
+                                       f"writing a checkpoint, the last one in {cfg['checkpoint_dir']} is kept. "
+                                       f"Lower --lr (now {cfg['lr']:g}) or set --grad-clip.")
             optimizer.step()
             step += 1
             stats = dict(stats, tau=model.encoder.tau, step=step)
@@ -267,6 +274,10 @@ def train(cfg: dict, resume: str | None = None, items: list | None = None) -> tu
                 shown = " ".join(f"{k}={v:.4g}" for k, v in stats.items() if k != "step")
                 tqdm.write(f"step {step} {shown}", file=sys.stderr)
             if step % cfg["checkpoint_every"] == 0 or step == cfg["steps"]:
+                if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+                    raise TrainingDiverged(f"amnets train: a weight became non-finite at step {step}; stopped "
+                                           f"without overwriting the last checkpoint in {cfg['checkpoint_dir']}. "
+                                           f"Lower --lr (now {cfg['lr']:g}) or set --grad-clip.")
                 payload = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
                                config=cfg)
                 if rank == 0:
@@ -277,6 +288,10 @@ def train(cfg: dict, resume: str | None = None, items: list | None = None) -> tu
     if world > 1:
         dist.barrier()  # rank 0's checkpoint is complete before any rank returns
     return model, stats
+
+
+class TrainingDiverged(FloatingPointError):
+    """Training met a non-finite loss, gradient or weight and stopped (no checkpoint written)."""
 
 
 def load_checkpoint(path: str) -> tuple[AmNetsRNNT, dict]:
@@ -339,7 +354,11 @@ def stream_frame_costs(models: list[AmNetsRNNT], feats, repeats: int = 3) -> lis
 
 
 def cmd_train(cfg: dict, args) -> int:
-    model, stats = train(cfg, args.resume)
+    try:
+        model, stats = train(cfg, args.resume)
+    except TrainingDiverged as exc:
+        print(exc, file=sys.stderr)
+        return 1
     if int(os.environ.get("RANK", "0")) == 0:
         keys = ("step", "loss", "rnnt", "full_fraction", "tau")
         print(json.dumps({k: stats[k] for k in keys if k in stats}))
@@ -348,9 +367,20 @@ def cmd_train(cfg: dict, args) -> int:
     return 0
 
 
+# Model settings eval applies to a checkpoint's model; the others are fixed by the checkpoint.
+EVAL_MODEL_KEYS = ("threshold", "force")
+
+
 def cmd_eval(cfg: dict, args) -> int:
-    model, _ = load_checkpoint(args.checkpoint)
+    model, saved = load_checkpoint(args.checkpoint)
+    clash = [k for k in sorted(args.explicit) if k in MODEL_KEYS and k not in EVAL_MODEL_KEYS and cfg[k] != saved[k]]
+    if clash:
+        given = ", ".join(f"--{k.replace('_', '-')} {cfg[k]!r} (checkpoint: {saved[k]!r})" for k in clash)
+        print(f"amnets eval: {given} contradict the checkpoint's model; eval takes the model from the checkpoint "
+              f"and applies only {', '.join('--' + k for k in EVAL_MODEL_KEYS)}", file=sys.stderr)
+        return 2
     model.encoder.threshold = cfg["threshold"]
+    model.encoder.force = cfg["force"]
     data = cfg["eval_data"] or cfg["data"]
     split = cfg["eval_split"] if cfg["eval_data"] else cfg["split"]
     result = evaluate(model, SpeechDataset(load_items(data, split)))
@@ -453,12 +483,13 @@ def main(argv=None) -> int:
     cfg = defaults()
     if args.command == "demo":
         cfg.update(TINY if args.tiny else DEMO)
-    base = getattr(args, "resume", None)
+    base = getattr(args, "resume", None) or getattr(args, "checkpoint", None)
     if base:
         cfg.update(torch.load(base, map_location="cpu", weights_only=False)["config"])
-    if args.config:
-        cfg.update(load_config_file(args.config))
-    cfg.update({k: v for k, v in vars(args).items() if k in CONFIG})
+    given = load_config_file(args.config) if args.config else {}
+    given.update({k: v for k, v in vars(args).items() if k in CONFIG})
+    args.explicit = set(given)  # what the user set here, for eval to compare with the checkpoint
+    cfg.update(given)
     cfg = check_config(cfg)
     warnings.simplefilter("ignore", ak.FallbackWarning)  # a fallback face is slower, not wrong
     return {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo}[args.command](cfg, args)

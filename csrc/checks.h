@@ -1,0 +1,213 @@
+// Argument checks of the native ops, run inside every op on every call, whoever calls it (the public
+// functions, the prepared steps, torch.ops.amnets_native.* directly). They make the kernels memory-safe
+// against their index and label inputs: a kernel only ever indexes memory these checks have bounded.
+// The Python layer (amnets_kernels/_validate.py) checks the same things first with the same messages;
+// these are the guard that does not trust any cache of it (an index edited through .data or .numpy(),
+// an inference tensor, values.set_() or a resize_()).
+//
+// Errors are TORCH_CHECK_VALUE / TORCH_CHECK_TYPE: ValueError / TypeError in Python. The data checks read
+// index arrays, so they are for CPU tensors; a pass over the index arrays (O(nnzb + Nb), O(B U)) costs
+// next to nothing beside the kernel it guards.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Exception.h>
+
+#include <limits>
+
+namespace amnets::checks {
+
+inline void dims(const char* op, const char* name, const at::Tensor& t, int64_t ndim) {
+  TORCH_CHECK_VALUE(t.dim() == ndim, op, ": ", name, " must be ", ndim, "-D; got shape ", t.sizes());
+}
+
+inline void shape(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef expected) {
+  TORCH_CHECK_VALUE(t.sizes() == expected, op, ": ", name, " must have shape ", expected, "; got ", t.sizes());
+}
+
+inline void index_dtype(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op, ": ", name,
+                   " must have dtype in (int32, int64); got ", t.scalar_type());
+}
+
+inline void on_cpu(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), op, ": ", name, " must be on the cpu like the other arguments; got ",
+                    t.device());
+}
+
+// The int32 copy every kernel reads, made only after the values were checked to fit (a narrowing
+// .to(kInt) of an unchecked int64 would wrap 2^32 + 3 to 3).
+inline at::Tensor int32(const at::Tensor& t) { return t.to(at::kInt).contiguous(); }
+
+// ---------------------------------------------------------------------------------------------------
+// bsr_linear: values (nnzb, b, b), crow_indices (ceil(N/b) + 1,), col_indices (nnzb,).
+
+inline void bsr_shapes(const char* op, int64_t nnzb, int64_t b, const at::Tensor& crow, const at::Tensor& col,
+                       int64_t out_features, int64_t in_features) {
+  TORCH_CHECK_VALUE(out_features >= 1 && in_features >= 1, op, ": out_features and in_features must be >= 1; got ",
+                    out_features, " and ", in_features);
+  TORCH_CHECK_VALUE(b >= 1, op, ": the block size must be >= 1; got ", b);
+  index_dtype(op, "crow_indices", crow);
+  index_dtype(op, "col_indices", col);
+  dims(op, "crow_indices", crow, 1);
+  dims(op, "col_indices", col, 1);
+  TORCH_CHECK_VALUE(crow.numel() == (out_features + b - 1) / b + 1, op,
+                    ": crow_indices must have shape (ceil(out_features / b) + 1,) = (",
+                    (out_features + b - 1) / b + 1, ",); got ", crow.sizes());
+  TORCH_CHECK_VALUE(col.numel() == nnzb, op, ": col_indices must have shape (nnzb,) = (", nnzb, ",); got ",
+                    col.sizes());
+}
+
+template <typename I>
+void bsr_pattern_data(const char* op, const I* crow, const I* col, int64_t block_rows, int64_t block_cols,
+                      int64_t nnzb) {
+  TORCH_CHECK_VALUE(crow[0] == 0, op, ": crow_indices[0] must be 0; got ", crow[0]);
+  for (int64_t r = 0; r < block_rows; ++r) {
+    TORCH_CHECK_VALUE(crow[r + 1] >= crow[r] && crow[r + 1] <= nnzb, op,
+                      ": crow_indices must be non-decreasing and at most the number of blocks (", nnzb,
+                      "); crow_indices[", r + 1, "] = ", crow[r + 1], " after crow_indices[", r, "] = ", crow[r]);
+    for (int64_t k = crow[r]; k < crow[r + 1]; ++k) {
+      TORCH_CHECK_VALUE(col[k] >= 0 && col[k] < block_cols, op, ": col_indices must lie in [0, ", block_cols,
+                        ") (block columns of in_features); got col_indices[", k, "] = ", col[k]);
+      TORCH_CHECK_VALUE(k == crow[r] || col[k] > col[k - 1], op,
+                        ": col_indices must be strictly increasing within each block row; block row ", r, " has ",
+                        col[k - 1], " then ", col[k]);
+    }
+  }
+  TORCH_CHECK_VALUE(crow[block_rows] == nnzb, op,
+                    ": crow_indices[-1] must equal the number of blocks (col_indices.numel() = ", nnzb, "); got ",
+                    crow[block_rows]);
+}
+
+// The whole pattern of nnzb blocks of b x b on the CPU; returns the int32 (crow, col) the kernels read.
+inline std::pair<at::Tensor, at::Tensor> bsr_pattern(const char* op, int64_t nnzb, int64_t b,
+                                                     const at::Tensor& crow_in, const at::Tensor& col_in,
+                                                     int64_t out_features, int64_t in_features) {
+  bsr_shapes(op, nnzb, b, crow_in, col_in, out_features, in_features);
+  on_cpu(op, "crow_indices", crow_in);
+  on_cpu(op, "col_indices", col_in);
+  TORCH_CHECK_TYPE(col_in.scalar_type() == crow_in.scalar_type(), op, ": crow_indices (", crow_in.scalar_type(),
+                   ") and col_indices (", col_in.scalar_type(), ") must have the same dtype");
+  TORCH_CHECK_VALUE(nnzb <= std::numeric_limits<int32_t>::max(), op, ": at most 2^31 - 1 blocks; got ", nnzb);
+  const at::Tensor crow = crow_in.contiguous(), col = col_in.contiguous();
+  AT_DISPATCH_INDEX_TYPES(crow.scalar_type(), "bsr_pattern", [&] {
+    bsr_pattern_data<index_t>(op, crow.data_ptr<index_t>(), col.data_ptr<index_t>(), (out_features + b - 1) / b,
+                              (in_features + b - 1) / b, nnzb);
+  });
+  return {int32(crow), int32(col)};
+}
+
+// The same for a values tensor (nnzb, b, b).
+inline std::pair<at::Tensor, at::Tensor> bsr_pattern(const char* op, const at::Tensor& values,
+                                                     const at::Tensor& crow, const at::Tensor& col,
+                                                     int64_t out_features, int64_t in_features) {
+  dims(op, "values", values, 3);
+  TORCH_CHECK_VALUE(values.size(1) >= 1 && values.size(1) == values.size(2), op,
+                    ": values must have shape (nnzb, b, b) with square blocks; got ", values.sizes());
+  return bsr_pattern(op, values.size(0), values.size(1), crow, col, out_features, in_features);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// rnnt_loss / fused_joint_rnnt_loss: targets (B, U), logit_lengths and target_lengths (B,).
+
+template <typename I>
+void rnnt_label_data(const char* op, const I* targets, const I* frames, const I* labels, int64_t batch,
+                     int64_t max_frames, int64_t max_labels, int64_t vocab, int64_t blank) {
+  for (int64_t b = 0; b < batch; ++b) {
+    TORCH_CHECK_VALUE(frames[b] >= 1 && frames[b] <= max_frames, op, ": logit_lengths must lie in [1, ",
+                      max_frames, "] (padded T = ", max_frames, "); got logit_lengths[", b, "] = ", frames[b]);
+    TORCH_CHECK_VALUE(labels[b] >= 0 && labels[b] <= max_labels, op, ": target_lengths must lie in [0, ",
+                      max_labels, "] (padded U = ", max_labels, "); got target_lengths[", b, "] = ", labels[b]);
+    for (int64_t u = 0; u < labels[b]; ++u) {
+      const I y = targets[b * max_labels + u];
+      TORCH_CHECK_VALUE(y >= 0 && y < vocab && y != blank, op, ": targets must lie in [0, V = ", vocab,
+                        ") and differ from blank = ", blank, " (within target_lengths); got targets[", b, ", ", u,
+                        "] = ", y);
+    }
+  }
+}
+
+// The labels of a loss over a (B, T, U+1, V) lattice on the CPU; returns the int32 (targets,
+// logit_lengths, target_lengths) the kernels read.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rnnt_labels(const char* op, const at::Tensor& targets_in,
+                                                                  const at::Tensor& frames_in,
+                                                                  const at::Tensor& labels_in, int64_t batch,
+                                                                  int64_t max_frames, int64_t labels_plus_1,
+                                                                  int64_t vocab, int64_t blank) {
+  TORCH_CHECK_VALUE(batch >= 1 && max_frames >= 1 && labels_plus_1 >= 1 && vocab >= 1, op,
+                    ": the lattice (B, T, U+1, V) must have every dim >= 1; got (", batch, ", ", max_frames, ", ",
+                    labels_plus_1, ", ", vocab, ")");
+  TORCH_CHECK_VALUE(blank >= 0 && blank < vocab, op, ": blank must be in [0, V = ", vocab, "); got ", blank);
+  const char* names[] = {"targets", "logit_lengths", "target_lengths"};
+  const at::Tensor* given[] = {&targets_in, &frames_in, &labels_in};
+  for (int i = 0; i < 3; ++i) {
+    index_dtype(op, names[i], *given[i]);
+    on_cpu(op, names[i], *given[i]);
+    TORCH_CHECK_TYPE(given[i]->scalar_type() == targets_in.scalar_type(), op, ": ", names[i],
+                     " must have the dtype of targets (", targets_in.scalar_type(), "); got ",
+                     given[i]->scalar_type());
+  }
+  shape(op, "targets", targets_in, {batch, labels_plus_1 - 1});
+  shape(op, "logit_lengths", frames_in, {batch});
+  shape(op, "target_lengths", labels_in, {batch});
+  const at::Tensor targets = targets_in.contiguous(), frames = frames_in.contiguous(), labels = labels_in.contiguous();
+  AT_DISPATCH_INDEX_TYPES(targets.scalar_type(), "rnnt_labels", [&] {
+    rnnt_label_data<index_t>(op, targets.data_ptr<index_t>(), frames.data_ptr<index_t>(), labels.data_ptr<index_t>(),
+                             batch, max_frames, labels_plus_1 - 1, vocab, blank);
+  });
+  return {int32(targets), int32(frames), int32(labels)};
+}
+
+// What a loss's backward reads of its forward: grad_costs (B,), alphas, betas, den (B, T, U+1).
+inline void rnnt_saved(const char* op, const at::Tensor& grad_costs, const at::Tensor& alphas,
+                       const at::Tensor& betas, const at::Tensor& den, int64_t batch, int64_t frames,
+                       int64_t labels_plus_1) {
+  shape(op, "grad_costs", grad_costs, {batch});
+  for (const auto& [name, t] : {std::pair{"alphas", &alphas}, {"betas", &betas}, {"den", &den}}) {
+    TORCH_CHECK_VALUE(t->numel() != 0, op, ": ", name,
+                      " is empty: the forward ran with save=False, so there is nothing to differentiate");
+    shape(op, name, *t, {batch, frames, labels_plus_1});
+  }
+}
+
+// ---------------------------------------------------------------------------------------------------
+// lowrank LSTM: x (B, D) or (T, B, D), h and c (B, H), w_ih_u (4H, r_ih), w_ih_v (r_ih, D),
+// w_hh_u (4H, r_hh), w_hh_v (r_hh, H), bias (4H,). Returns H.
+
+inline int64_t lowrank_lstm(const char* op, const at::Tensor& x, const at::Tensor& h, const at::Tensor& c,
+                            const at::Tensor& w_ih_u, const at::Tensor& w_ih_v, const at::Tensor& w_hh_u,
+                            const at::Tensor& w_hh_v, const c10::optional<at::Tensor>& bias, bool sequence) {
+  dims(op, "x", x, sequence ? 3 : 2);
+  for (const auto& [name, t] : {std::pair{"w_ih_u", &w_ih_u}, {"w_ih_v", &w_ih_v}, {"w_hh_u", &w_hh_u},
+                                {"w_hh_v", &w_hh_v}})
+    dims(op, name, *t, 2);
+  const int64_t batch = x.size(-2), d = x.size(-1), hidden = w_hh_v.size(1);
+  const int64_t r_ih = w_ih_v.size(0), r_hh = w_hh_v.size(0);
+  TORCH_CHECK_VALUE(hidden >= 1 && r_ih >= 1 && r_hh >= 1, op,
+                    ": hidden size and ranks must be >= 1; got w_ih_v ", w_ih_v.sizes(), ", w_hh_v ", w_hh_v.sizes());
+  shape(op, sequence ? "h0" : "h", h, {batch, hidden});
+  shape(op, sequence ? "c0" : "c", c, {batch, hidden});
+  shape(op, "w_ih_u", w_ih_u, {4 * hidden, r_ih});
+  shape(op, "w_ih_v", w_ih_v, {r_ih, d});
+  shape(op, "w_hh_u", w_hh_u, {4 * hidden, r_hh});
+  if (bias.has_value()) shape(op, "bias", *bias, {4 * hidden});
+  return hidden;
+}
+
+// The sequence backward's inputs: the forward's, the gradients of (out, h_n, c_n) and what the forward saved.
+inline void lowrank_lstm_backward(const char* op, const at::Tensor& grad_out, const at::Tensor& grad_h_n,
+                                  const at::Tensor& grad_c_n, const at::Tensor& x, const at::Tensor& h0,
+                                  const at::Tensor& c0, const at::Tensor& w_ih_u, const at::Tensor& w_ih_v,
+                                  const at::Tensor& w_hh_u, const at::Tensor& w_hh_v, const at::Tensor& out,
+                                  const at::Tensor& gates, const at::Tensor& cells) {
+  const int64_t hidden = lowrank_lstm(op, x, h0, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v, c10::nullopt, true);
+  const int64_t steps = x.size(0), batch = x.size(1);
+  shape(op, "grad_out", grad_out, {steps, batch, hidden});
+  shape(op, "grad_h_n", grad_h_n, {batch, hidden});
+  shape(op, "grad_c_n", grad_c_n, {batch, hidden});
+  shape(op, "out", out, {steps, batch, hidden});
+  shape(op, "gates", gates, {steps, batch, 4 * hidden});
+  shape(op, "cells", cells, {steps, batch, hidden});
+}
+
+}  // namespace amnets::checks

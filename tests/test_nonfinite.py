@@ -1,0 +1,73 @@
+"""Non-finite input behaves the same on every face (the documented contract): a NaN or +inf logit (or a NaN
+in a fused joint's input) makes that sequence's cost non-finite, says so in a RuntimeWarning, and gives it a
+zero gradient; the other sequences' costs and gradients, and gradients the batch shares, stay as without it.
+A cost that only overflows fp16 is reported as that, and keeps its gradient."""
+
+import pytest
+import torch
+
+import amnets_kernels as ak
+
+from conftest import DEVICE, FACES, use_face
+
+
+def labels(batch, frames, labels_, vocab):
+    targets = torch.randint(1, vocab, (batch, labels_), device=DEVICE)
+    return (targets, torch.full((batch,), frames, device=DEVICE), torch.full((batch,), labels_, device=DEVICE))
+
+
+@pytest.mark.parametrize("face", FACES)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_rnnt_non_finite_logit_poisons_only_its_sequence(face, bad):
+    logits = torch.randn(2, 5, 4, 7, device=DEVICE)
+    targets, frames, lengths = labels(2, 5, 3, 7)
+    clean = logits[:1].clone().requires_grad_(True)
+    logits[1, 2, 1, 3] = bad
+    logits.requires_grad_(True)
+    with use_face("rnnt_loss", face):
+        with pytest.warns(RuntimeWarning, match=r"sequences \[1\] have a non-finite cost.*gradient is zero"):
+            costs = ak.rnnt_loss(logits, targets, frames, lengths, blank=0, reduction="none")
+        alone = ak.rnnt_loss(clean, targets[:1], frames[:1], lengths[:1], blank=0, reduction="none")
+    assert not torch.isfinite(costs[1])
+    (grad,) = torch.autograd.grad(costs.nansum(), logits)
+    (grad_alone,) = torch.autograd.grad(alone.sum(), clean)
+    assert not grad[1].any(), "a non-finite cost gets a zero gradient"
+    torch.testing.assert_close(costs[:1], alone)
+    torch.testing.assert_close(grad[:1], grad_alone)
+
+
+@pytest.mark.parametrize("face", FACES)
+def test_fused_joint_nan_in_one_utterance_keeps_shared_gradients_finite(face):
+    enc, pred = torch.randn(2, 4, 6, device=DEVICE), torch.randn(2, 3, 6, device=DEVICE)
+    enc[1, 1, 2] = float("nan")
+    weight, bias = torch.randn(5, 6, device=DEVICE) / 3, torch.randn(5, device=DEVICE)
+    targets, frames, lengths = labels(2, 4, 2, 5)
+    inputs = [t.clone().requires_grad_(True) for t in (enc, pred, weight, bias)]
+    alone = [t.clone().requires_grad_(True) for t in (enc[:1], pred[:1], weight, bias)]
+    with use_face("fused_joint_rnnt_loss", face):
+        with pytest.warns(RuntimeWarning, match=r"sequences \[1\] have a non-finite cost"):
+            costs = ak.fused_joint_rnnt_loss(*inputs, targets, frames, lengths, blank=0, reduction="none")
+        single = ak.fused_joint_rnnt_loss(*alone, targets[:1], frames[:1], lengths[:1], blank=0, reduction="none")
+    assert torch.isnan(costs[1]) and torch.isfinite(costs[0])
+    grads = torch.autograd.grad(costs.nansum(), inputs)
+    grads_alone = torch.autograd.grad(single.sum(), alone)
+    assert not grads[0][1].any() and not grads[1][1].any(), "the bad utterance's enc/pred get no gradient"
+    for got, want in zip((grads[0][:1], grads[1][:1], grads[2], grads[3]), grads_alone):
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("face", FACES)
+def test_fp16_cost_overflow_is_reported_as_an_overflow_and_keeps_its_gradient(face):
+    # Blank costs ~40000 nats a frame: the cost (~80000) is finite in float32 and overflows fp16 (65504).
+    logits = torch.zeros(1, 2, 1, 3, device=DEVICE)
+    logits[..., 0] = -40000.0
+    logits = logits.half().requires_grad_(True)
+    targets = torch.zeros(1, 0, dtype=torch.int32, device=DEVICE)
+    frames, lengths = torch.tensor([2], device=DEVICE), torch.tensor([0], device=DEVICE)
+    with use_face("rnnt_loss", face):
+        with pytest.warns(RuntimeWarning, match=r"costs of sequences \[0\] overflow torch.float16.*computed"):
+            cost = ak.rnnt_loss(logits, targets, frames, lengths, blank=0, reduction="none")
+    assert torch.isinf(cost[0])
+    (grad,) = torch.autograd.grad(cost.float().sum(), logits)
+    assert torch.isfinite(grad).all() and grad.any()
