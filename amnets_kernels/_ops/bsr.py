@@ -78,10 +78,17 @@ def bsr_linear_forward(x: Tensor, values: Tensor, crow_indices: Tensor, col_indi
     return _forward(x, values, crow_indices, col_indices, out_features, in_features, bias)
 
 
+def _reads_indices(x: Tensor) -> bool:
+    """Whether the Python check must read the index data: not for the cpu face, whose kernels check the
+    pattern themselves on every call (csrc/checks.h), so that it is read once per call, not twice."""
+    return _backend.which_face(OP, x.device) != "cpu"
+
+
 def _forward(x, values, crow_indices, col_indices, out_features, in_features, bias):
     """Checked face call for x (..., in_features): the forward op's body, and bsr_linear's whole path
     for eager inference (one validation, then the face)."""
-    _validate.bsr_linear(OP, x, values, crow_indices, col_indices, out_features, in_features, bias, data=True)
+    _validate.bsr_linear(OP, x, values, crow_indices, col_indices, out_features, in_features, bias,
+                         data=_reads_indices(x))
     return _face_forward(x, values, crow_indices, col_indices, out_features, in_features, bias)
 
 
@@ -104,15 +111,16 @@ def _(x, values, crow_indices, col_indices, out_features, in_features, bias):
 def bsr_linear_backward(grad_out: Tensor, x: Tensor, values: Tensor, crow_indices: Tensor,
                         col_indices: Tensor, out_features: int, in_features: int, need_x: bool,
                         need_values: bool) -> tuple[Tensor, Tensor]:
-    _check_backward(grad_out, x, values, crow_indices, col_indices, out_features, in_features, data=True)
+    _check_backward(grad_out, x, values, crow_indices, col_indices, out_features, in_features,
+                    data=_reads_indices(x))
     _say_if_slow(x, values)
     return run(OP, "backward", grad_out, x, values, crow_indices, col_indices, out_features, in_features,
                need_x, need_values)
 
 
 def _check_backward(grad_out, x, values, crow_indices, col_indices, out_features, in_features, data=False):
-    """data=True in the real op: it may be called directly (torch.ops.amnets.bsr_linear_backward), not only
-    by autograd with the forward's checked tensors."""
+    """The real op reads the index data (_reads_indices): it may be called directly
+    (torch.ops.amnets.bsr_linear_backward), not only by autograd with the forward's checked tensors."""
     op = "bsr_linear_backward"
     _check_rows(op, x)
     _validate.bsr_linear(op, x, values, crow_indices, col_indices, out_features, in_features, None, data=data)
@@ -189,7 +197,7 @@ class PreparedBsrLinear:
         tensors when an index tensor's version changed (reading them is a device sync)."""
         device = self.values.device
         if device.type == "cpu":
-            if _backend.which_face(OP, device) != "cpu":
+            if _reads_indices(self.values):
                 self._check_weight()
         elif (_validate.version(self.crow_indices), _validate.version(self.col_indices)) != self._index_versions \
                 or self.values.shape[0] != self.col_indices.numel():
@@ -226,10 +234,8 @@ class PreparedBsrLstmCell:
         _validate.prepared_step("PreparedBsrLstmCell", x, h, c, self.input_size, self.hidden_size, values)
         fusable = self._fast and _backend.resolve(OP, x.device).name == "cpu"
         if fusable and eager_inference(x, h, c, values, bias):
-            self.last_path = "fused"
-            values, crow, col, _, _, bias = self.linear.args()
-            return torch.ops.amnets_native.bsr_lstm_cell_forward(
-                *[t if t is None else t.contiguous() for t in (x, h, c, values, crow, col, bias)])
+            self.last_path = "fused"  # the kernel checks the weight's shapes and pattern itself, every call
+            return _fused_cell(x, h, c, values, self.linear.crow_indices, self.linear.col_indices, bias)
         if not fusable and (x.device.type, self._fast) not in _unfused_warned:
             _unfused_warned.add((x.device.type, self._fast))
             warnings.warn(f"PreparedBsrLstmCell on {x.device.type}: no fused step kernel for this face or weight "
@@ -240,3 +246,4 @@ class PreparedBsrLstmCell:
 
 
 _unfused_warned: set = set()
+_fused_cell = torch.ops.amnets_native.bsr_lstm_cell_forward.default if _backend.EXTENSION_ERROR is None else None

@@ -1,0 +1,103 @@
+"""python -m benchmarks.checks_cost [--against DIR]: what the per-call argument and index checks cost on
+the paths users run, optionally against another checkout of this repository (A/B).
+
+Rows (1 thread, fp32, B=1 unless said; microseconds per call, the mean over a timed loop):
+  bsr_linear 4096x2048 b=32 d=0.25, M=1 and M=16   ak.bsr_linear under no_grad (the public eager path)
+  bsr_linear 32x32, M=1                            the same on a tiny matrix: host cost only
+  PreparedBsrLstmCell H=192 D=240 b=32 d=0.2       one streaming LSTM step of the pruned branch
+  stream frame H=192 x2, sparse / lowrank           AmNetsEncoder.stream, one frame per call, arbitrated
+
+With --against DIR, each round runs this file once with DIR's packages first on the path (DIR is a checkout
+with its extension built in place) and once with this checkout's, alternating, ROUNDS rounds; it prints the
+median over rounds for each and the median of the per-round ratios (this / DIR). Processes run one at a
+time, so the two never share the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def per_call_us(fn, seconds: float = 0.4) -> float:
+    for _ in range(20):
+        fn()
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(10):
+            fn()
+        calls += 10
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def measure() -> dict:
+    import torch
+
+    import amnets_kernels as ak
+    from amnets.encoder import AmNetsEncoder
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    rows = {}
+    with torch.no_grad():
+        big = ak.BlockSparseMatrix.from_dense(torch.randn(4096, 2048), block_size=32, sparsity=0.75)
+        for m in (1, 16):
+            x = torch.randn(m, 2048)
+            rows[f"bsr_linear 4096x2048 b=32 d=0.25 M={m}"] = per_call_us(lambda: ak.bsr_linear(x, big))
+        tiny, x = ak.BlockSparseMatrix.from_dense(torch.randn(32, 32), block_size=32, sparsity=0.0), torch.randn(1, 32)
+        rows["bsr_linear 32x32 M=1"] = per_call_us(lambda: ak.bsr_linear(x, tiny))
+        cell_w = ak.BlockSparseMatrix.from_dense(torch.randn(768, 432), block_size=32, sparsity=0.8)
+        step, xs, h, c = ak.PreparedBsrLstmCell(cell_w), torch.randn(1, 240), torch.zeros(1, 192), torch.zeros(1, 192)
+        rows["PreparedBsrLstmCell H=192 D=240 b=32 d=0.2"] = per_call_us(lambda: step(xs, h, c))
+        for cheap in ("sparse", "lowrank"):
+            enc = AmNetsEncoder(240, 192, num_layers=2, cheap=cheap, sparsity=0.8, block_size=32, rank=48).eval()
+            frame, state = torch.randn(1, 1, 240), [None]
+
+            def one_frame():
+                _, state[0], _ = enc.stream(frame, state[0])
+
+            rows[f"stream frame H=192 x2 {cheap}"] = per_call_us(one_frame)
+    return rows
+
+
+def run_in(checkout: str) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([checkout, os.path.join(checkout, "python")]),
+               OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker"], env=env, cwd=checkout,
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--against", help="another checkout (extension built in place) to compare with")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(measure()))
+        return
+    if not args.against:
+        for label, us in measure().items():
+            print(f"{us:9.1f} us  {label}")
+        return
+    base, this = [], []
+    for _ in range(args.rounds):
+        base.append(run_in(os.path.abspath(args.against)))
+        this.append(run_in(HERE))
+    print(f"{'row':48s} {'other us':>9s} {'this us':>9s} {'this/other':>10s}  (medians of {args.rounds} rounds)")
+    for label in this[0]:
+        ratio = statistics.median(t[label] / b[label] for t, b in zip(this, base))
+        print(f"{label:48s} {statistics.median(b[label] for b in base):9.1f} "
+              f"{statistics.median(t[label] for t in this):9.1f} {ratio:10.3f}")
+
+
+if __name__ == "__main__":
+    main()
