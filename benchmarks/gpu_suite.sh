@@ -49,7 +49,7 @@ $PY -c 'import amnets_kernels as ak; print("build_info:", ak.build_info())'
 # and run in CI. xdist spreads Triton's compiles over the cores.
 default_tests="tests/test_bsr.py tests/test_triton_bsr.py tests/test_lowrank_lstm.py tests/test_rnnt.py
   tests/test_triton_rnnt.py tests/test_fused_joint.py tests/test_nn.py tests/test_backend.py tests/test_swap.py
-  tests/test_compile.py tests/test_formats.py"
+  tests/test_compile.py tests/test_formats.py tests/test_safety.py tests/test_nonfinite.py"
 read -r -a tests <<< "$(echo ${TESTS:-$default_tests})"
 stage "tests on CUDA"
 AMNETS_TEST_DEVICE=cuda timeout "${TEST_TIMEOUT:-200}" $PY -m pytest -q -p no:cacheprovider -n 8 --timeout 150 \

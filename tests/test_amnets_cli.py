@@ -149,3 +149,33 @@ def test_batches_cover_the_data_once_per_epoch_sorted_in_windows():
         spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in share) / len(share)
         assert spread < 100 / window * 4 * 2
     assert batches(lengths, cfg, 2, 0, 2) == shares[0] != batches(lengths, cfg, 3, 0, 2)
+
+
+def test_train_stops_on_a_non_finite_loss_and_keeps_the_last_good_checkpoint(corpus, tmp_path, capsys):
+    ckpt = tmp_path / "ck"
+    common = ["--data", corpus, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "1"] + TINY_MODEL
+    assert main(["train", "--steps", "2"] + common) == 0
+    capsys.readouterr()
+    # lr 1e30 (the resumed run's own lr, not the checkpoint's): a step blows the weights up to ~1e30, still
+    # finite; the next step's gradient is NaN. The checkpoint of the blown-up weights must not replace step 2's.
+    assert main(["train", "--resume", str(ckpt / "last.pt"), "--steps", "12", "--lr", "1e30"] + common) == 1
+    err = capsys.readouterr().err
+    assert "became non-finite" in err and "last good checkpoint is kept" in err and "Lower --lr" in err
+    last = torch.load(ckpt / "last.pt", weights_only=False)
+    assert last["step"] == 2
+    assert all(v.abs().max() < 100 for v in last["model"].values() if v.is_floating_point())
+    assert sorted(os.listdir(ckpt)) == ["last.pt"]  # no pending checkpoint left behind
+    with pytest.raises(ValueError, match="lr must be a finite number"):
+        main(["train", "--lr", "inf"] + common)
+
+
+def test_eval_refuses_model_flags_that_contradict_the_checkpoint(corpus, tmp_path, capsys):
+    ckpt = tmp_path / "ck"
+    assert main(["train", "--steps", "1", "--data", corpus, "--checkpoint-dir", str(ckpt)] + TINY_MODEL) == 0
+    capsys.readouterr()
+    assert main(["eval", str(ckpt / "last.pt"), "--data", corpus, "--hidden-size", "999", "--cheap", "lowrank"]) == 2
+    err = capsys.readouterr().err
+    assert "--hidden-size 999 (checkpoint: 32)" in err and "--cheap 'lowrank' (checkpoint: 'sparse')" in err
+    assert main(["eval", str(ckpt / "last.pt"), "--data", corpus, "--force", "full", "--hidden-size", "32"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["full_fraction"] == 1.0  # --force applies at eval

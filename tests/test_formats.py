@@ -86,3 +86,20 @@ def test_lowrank_factors_and_rank_for_energy():
     assert s2[:r].sum() / s2.sum() >= 0.9 > s2[: r - 1].sum() / s2.sum()
     with pytest.raises(ValueError, match=r"rank must be <= min\(weight.shape\) = 20"):
         ak.lowrank_factors(w, 21)
+
+
+def test_a_matrix_moves_to_meta_and_back_to_real_shapes():
+    dense = torch.randn(20, 12)
+    on_meta = BlockSparseMatrix.from_dense(dense, block_size=4, sparsity=0.5).to("meta")
+    assert on_meta.device.type == "meta" and on_meta.crow_indices.device.type == "meta"
+    assert on_meta.shape == (20, 12) and on_meta.nnzb == 8  # 15 blocks, half kept: round(7.5) = 8
+
+
+def test_indices_must_be_integers_that_fit_int32():
+    good = BlockSparseMatrix.from_dense(torch.randn(16, 16), block_size=8, sparsity=0.0)
+    with pytest.raises(TypeError, match="col_indices must have dtype in \\(int32, int64\\)"):
+        BlockSparseMatrix(good.values, good.crow_indices, good.col_indices.float(), (16, 16))
+    with pytest.raises(ValueError, match="crow_indices"):  # 2^32 + k would wrap to k in int32
+        BlockSparseMatrix(good.values, good.crow_indices.long() + 2**32, good.col_indices.long(), (16, 16))
+    mixed = BlockSparseMatrix(good.values, good.crow_indices.long(), good.col_indices, (16, 16))
+    assert mixed.crow_indices.dtype == mixed.col_indices.dtype == torch.int32

@@ -126,3 +126,18 @@ def test_fused_joint_module_equals_materialised_logits(face):
         linear = nn.Linear(8, 9)
         shared = FusedJointRNNTLoss.from_linear(linear, blank=0)
         assert shared.weight is linear.weight and shared.bias is linear.bias
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(rank=0), "rank must be >= 1"), (dict(rank=4, num_layers=0), "num_layers must be >= 1"),
+    (dict(rank=4, rank_hh=0), "rank_hh must be >= 1"), (dict(rank=2.5), "rank must be an int")])
+def test_lowrank_lstm_bad_sizes_are_errors_naming_them(kwargs, match):
+    error = TypeError if isinstance(kwargs.get("rank"), float) else ValueError
+    with pytest.raises(error, match=match):
+        LowRankLSTM(8, 8, **kwargs)
+
+
+@pytest.mark.parametrize("rank", [-3, 0, 0.0, 1.5, True, "8"])
+def test_from_lstm_rejects_ranks_it_cannot_mean(rank):
+    with pytest.raises(ValueError, match="rank must be an int >= 1 or a float in"):
+        LowRankLSTM.from_lstm(torch.nn.LSTM(8, 8), rank=rank)

@@ -234,6 +234,8 @@ def train(cfg: dict, resume: str | None = None, items: list | None = None) -> tu
         ckpt = torch.load(resume, map_location="cpu", weights_only=False)
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        for group in optimizer.param_groups:  # the run's own --lr / --weight-decay, not the saved ones
+            group["lr"], group["weight_decay"] = cfg["lr"], cfg["weight_decay"]
         step = ckpt["step"]
     torch.manual_seed(cfg["seed"] * 1000 + rank + step)  # Gumbel noise: its own stream per rank and resume
     # A forced encoder never runs its arbitrator (and the dense baseline never its cheap factors).
@@ -245,6 +247,7 @@ def train(cfg: dict, resume: str | None = None, items: list | None = None) -> tu
     bar = tqdm(total=cfg["steps"], initial=step, disable=rank != 0 or not cfg["progress"], file=sys.stderr,
                dynamic_ncols=True)
     stats: dict = {}
+    checkpoints = _Checkpoints(cfg, rank)
     model.train()
     while step < cfg["steps"]:
         epoch, skip = divmod(step, n_batches)
@@ -258,12 +261,13 @@ def train(cfg: dict, resume: str | None = None, items: list | None = None) -> tu
             loss.backward()
             # The norm of the (all-reduced, so on every rank the same) gradient: clipped when configured,
             # and a non-finite one stops every rank at the same step, before it reaches the weights.
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"] or math.inf)
-            if not (math.isfinite(float(loss)) and math.isfinite(float(norm))):
+            norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"] or math.inf))
+            if not (math.isfinite(loss.item()) and math.isfinite(norm)):
+                checkpoints.discard()
                 raise TrainingDiverged(f"amnets train: the loss or its gradient became non-finite at step {step + 1} "
-                                       f"(loss {float(loss):.4g}, gradient norm {float(norm):.4g}); stopped without "
-                                       f"writing a checkpoint, the last one in {cfg['checkpoint_dir']} is kept. "
-                                       f"Lower --lr (now {cfg['lr']:g}) or set --grad-clip.")
+                                       f"(loss {loss.item():.4g}, gradient norm {norm:.4g}); stopped, and "
+                                       f"{checkpoints.kept()}. Lower --lr (now {cfg['lr']:g}) or set --grad-clip.")
+            checkpoints.confirm()  # the weights of the pending checkpoint gave a finite loss and gradient
             optimizer.step()
             step += 1
             stats = dict(stats, tau=model.encoder.tau, step=step)
@@ -275,15 +279,11 @@ def train(cfg: dict, resume: str | None = None, items: list | None = None) -> tu
                 tqdm.write(f"step {step} {shown}", file=sys.stderr)
             if step % cfg["checkpoint_every"] == 0 or step == cfg["steps"]:
                 if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-                    raise TrainingDiverged(f"amnets train: a weight became non-finite at step {step}; stopped "
-                                           f"without overwriting the last checkpoint in {cfg['checkpoint_dir']}. "
-                                           f"Lower --lr (now {cfg['lr']:g}) or set --grad-clip.")
-                payload = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                               config=cfg)
-                if rank == 0:
-                    _save(os.path.join(cfg["checkpoint_dir"], "last.pt"), payload)
-                if cfg["save_every_rank"]:
-                    _save(os.path.join(cfg["checkpoint_dir"], f"last.rank{rank}.pt"), payload)
+                    checkpoints.discard()
+                    raise TrainingDiverged(f"amnets train: a weight became non-finite at step {step}; stopped, and "
+                                           f"{checkpoints.kept()}. Lower --lr (now {cfg['lr']:g}) or set --grad-clip.")
+                payload = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step, config=cfg)
+                checkpoints.write(payload, final=step == cfg["steps"])
     bar.close()
     if world > 1:
         dist.barrier()  # rank 0's checkpoint is complete before any rank returns
@@ -292,6 +292,45 @@ def train(cfg: dict, resume: str | None = None, items: list | None = None) -> tu
 
 class TrainingDiverged(FloatingPointError):
     """Training met a non-finite loss, gradient or weight and stopped (no checkpoint written)."""
+
+
+class _Checkpoints:
+    """last.pt (rank 0) and last.rank<r>.pt (save_every_rank), replaced only by weights known to be good.
+
+    A checkpoint taken during training is written beside its target (<name>.pending) and moved into place
+    only once the next step has computed a finite loss and gradient from its weights: weights that an
+    optimizer step blew up (finite but huge, then NaN a step later) never replace the last good ones.
+    The final checkpoint, with no next step, goes into place at once (its weights checked finite).
+    """
+
+    def __init__(self, cfg: dict, rank: int):
+        names = (["last.pt"] if rank == 0 else []) + ([f"last.rank{rank}.pt"] if cfg["save_every_rank"] else [])
+        self.paths = [os.path.join(cfg["checkpoint_dir"], name) for name in names]
+        self.directory = cfg["checkpoint_dir"]
+        self.discard()  # one left by a run killed between a checkpoint and its next step was never confirmed
+
+    def write(self, payload: dict, final: bool) -> None:
+        for path in self.paths:
+            _save(path if final else path + ".pending", payload)
+        if final:
+            self.discard()
+
+    def confirm(self) -> None:
+        for path in self.paths:
+            if os.path.exists(path + ".pending"):
+                os.replace(path + ".pending", path)
+
+    def discard(self) -> None:
+        for path in self.paths:
+            if os.path.exists(path + ".pending"):
+                os.remove(path + ".pending")
+
+    def kept(self) -> str:
+        have = [p for p in self.paths if os.path.exists(p)]
+        if not have:
+            return f"no checkpoint was written to {self.directory}"
+        return "the last good checkpoint is kept: " + ", ".join(
+            f"{p} (step {torch.load(p, map_location='cpu', weights_only=False)['step']})" for p in have)
 
 
 def load_checkpoint(path: str) -> tuple[AmNetsRNNT, dict]:
