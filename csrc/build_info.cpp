@@ -1,5 +1,5 @@
 // The Python module amnets_kernels._C: importing it registers the compiled faces (TORCH_LIBRARY in
-// the other files) and exposes what this binary was built with.
+// the other files) and exposes what this binary was built with, and the frame engine's Python binding.
 #include <torch/extension.h>
 
 #include <string>
@@ -60,6 +60,11 @@ pybind11::dict build_info() {
 
 }  // namespace
 
+namespace amnets::cpu {
+void bind_frame_engine(pybind11::module_& m);  // csrc/cpu/frame_engine.cpp
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info, "What this binary of amnets_kernels was compiled with.");
+  amnets::cpu::bind_frame_engine(m);
 }

@@ -69,11 +69,9 @@ class LowRankLSTM(nn.Module):
         module.batch_first, module.bias = lstm.batch_first, lstm.bias
         module.ranks = []
 
-        for name, wanted in (("rank", rank), ("rank_hh", rank_hh)):
-            if wanted is None and name == "rank_hh":
-                continue
-            if isinstance(wanted, bool) or not isinstance(wanted, (int, float)) \
-                    or (isinstance(wanted, int) and wanted < 1) or (isinstance(wanted, float) and not 0 < wanted <= 1):
+        for name, wanted in (("rank", rank), ("rank_hh", rank if rank_hh is None else rank_hh)):
+            count = isinstance(wanted, int) and not isinstance(wanted, bool) and wanted >= 1
+            if not (count or (isinstance(wanted, float) and 0 < wanted <= 1)):
                 raise ValueError(f"LowRankLSTM.from_lstm: {name} must be an int >= 1 or a float in (0, 1] (a "
                                  f"fraction of spectral energy); got {wanted!r}")
 

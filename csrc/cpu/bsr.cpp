@@ -36,26 +36,8 @@ using at::Tensor;
 using simd::kWidth;
 using simd::vfloat;
 
-// ---------------------------------------------------------------------------------------------------
-// Element access: 16 consecutive weights as floats; bf16 widens by a shift.
-
-// Loops with compile-time trip counts over accumulators: unrolled, so the accumulators live in registers.
-#define AMNETS_UNROLL _Pragma("GCC unroll 16")
-
-typedef uint16_t vu16 __attribute__((vector_size(32)));
-typedef uint32_t vu32 __attribute__((vector_size(64)));
-
-AMNETS_INLINE vfloat load16(const float* p) { return simd::load(p); }
-AMNETS_INLINE vfloat load16(const c10::BFloat16* p) {
-  vu16 half;
-  std::memcpy(&half, p, sizeof half);
-  vu32 wide = __builtin_convertvector(half, vu32) << 16;
-  vfloat out;
-  std::memcpy(&out, &wide, sizeof out);
-  return out;
-}
-AMNETS_INLINE float scalar(float v) { return v; }
-AMNETS_INLINE float scalar(c10::BFloat16 v) { return static_cast<float>(v); }
+using simd::load16;
+using simd::scalar;
 
 // w with lanes [valid, 16) set to 0: weights outside the logical matrix are never used, whatever
 // they hold (a select, not a multiply, so that an inf there cannot turn into NaN).

@@ -19,6 +19,7 @@
 
 #include "../checks.h"
 #include "../lowrank_lstm_cell.h"
+#include "kernels.h"
 #include "lstm_pointwise.h"
 #include "simd.h"
 
@@ -73,21 +74,27 @@ void step_backward(const double* gates, const double* c_t, const double* c_prev,
 // streamed once and dotted with all B inputs. At B = 1 a BLAS GEMM call spends more on its overhead
 // than this takes, and a step is exactly two such products (the streaming-inference case).
 
-constexpr int64_t kMaxDotBatch = 4;
 
 template <int NB>
 AMNETS_INLINE void rows_dot_fixed(const float* a, int64_t cols, const float* x, float* y, int64_t rows,
                                   int64_t r0, int64_t r1, bool accumulate) {
   for (int64_t j = r0; j < r1; ++j) {
     const float* row = a + j * cols;
-    simd::vfloat acc[NB] = {};
+    simd::vfloat acc[NB] = {}, odd[NB] = {};  // two sums in flight: one chain waits on the FMA latency
     int64_t k = 0;
+    for (; k + 2 * simd::kWidth <= cols; k += 2 * simd::kWidth) {
+      const simd::vfloat w = simd::load(row + k), w2 = simd::load(row + k + simd::kWidth);
+      for (int b = 0; b < NB; ++b) {
+        acc[b] += w * simd::load(x + b * cols + k);
+        odd[b] += w2 * simd::load(x + b * cols + k + simd::kWidth);
+      }
+    }
     for (; k + simd::kWidth <= cols; k += simd::kWidth) {
       const simd::vfloat w = simd::load(row + k);
       for (int b = 0; b < NB; ++b) acc[b] += w * simd::load(x + b * cols + k);
     }
     for (int b = 0; b < NB; ++b) {
-      float sum = simd::hsum(acc[b]);
+      float sum = simd::hsum(acc[b] + odd[b]);
       for (int64_t kk = k; kk < cols; ++kk) sum += row[kk] * x[b * cols + kk];
       y[b * rows + j] = accumulate ? y[b * rows + j] + sum : sum;
     }
@@ -105,13 +112,19 @@ AMNETS_CLONES void rows_dot(const float* a, int64_t cols, const float* x, int64_
   }
 }
 
-// y (B, rows) = x (B, cols) A^T, or += with accumulate; float, contiguous, B <= kMaxDotBatch.
+}  // namespace
+
 void small_batch_mm(const float* xp, int64_t batch, const float* ap, int64_t rows, int64_t cols, float* yp,
                     bool accumulate) {
   at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
     rows_dot(ap, cols, xp, batch, yp, rows, r0, r1, accumulate);
   });
 }
+
+namespace {
+
+using amnets::cpu::small_batch_mm;  // the raw-pointer one above, beside this overload
+
 void small_batch_mm(const Tensor& x, const Tensor& a, Tensor& y, bool accumulate) {
   small_batch_mm(x.data_ptr<float>(), x.size(0), a.data_ptr<float>(), a.size(0), a.size(1), y.data_ptr<float>(),
                  accumulate);

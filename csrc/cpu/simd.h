@@ -6,6 +6,8 @@
 // (an ifunc). Helpers here are always_inline so that they take the ISA of the clone calling them.
 #pragma once
 
+#include <c10/util/BFloat16.h>
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -17,6 +19,8 @@
 #define AMNETS_CLONES
 #endif
 #define AMNETS_INLINE inline __attribute__((always_inline))
+// Loops with compile-time trip counts over accumulators: unrolled, so the accumulators live in registers.
+#define AMNETS_UNROLL _Pragma("GCC unroll 16")
 
 namespace amnets::simd {
 
@@ -31,6 +35,21 @@ AMNETS_INLINE vfloat load(const float* p) {
   return v;
 }
 AMNETS_INLINE void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
+// 16 consecutive weights as floats; bf16 widens by a shift.
+typedef uint16_t vu16 __attribute__((vector_size(32)));
+typedef uint32_t vu32 __attribute__((vector_size(64)));
+AMNETS_INLINE vfloat load16(const float* p) { return load(p); }
+AMNETS_INLINE vfloat load16(const c10::BFloat16* p) {
+  vu16 half;
+  std::memcpy(&half, p, sizeof half);
+  vu32 wide = __builtin_convertvector(half, vu32) << 16;
+  vfloat out;
+  std::memcpy(&out, &wide, sizeof out);
+  return out;
+}
+AMNETS_INLINE float scalar(float v) { return v; }
+AMNETS_INLINE float scalar(c10::BFloat16 v) { return static_cast<float>(v); }
+
 AMNETS_INLINE vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
 AMNETS_INLINE vfloat vmin(vfloat a, vfloat b) { return a < b ? a : b; }
 AMNETS_INLINE float hsum(vfloat v) {

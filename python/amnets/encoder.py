@@ -113,6 +113,7 @@ class AmNetsEncoder(nn.Module):
         with torch.no_grad():
             self.arbitrator[2].bias.fill_(math.log(init_p_full / (1.0 - init_p_full)))
         self._step_cache: dict = {}  # layer -> (weight versions, its _LayerStep): see _stream_steps
+        self._engine_cache: tuple | None = None  # (weight versions, FrameEngine): see frame_engine
 
     # -- weights ------------------------------------------------------------------------------------
     def layer_input_size(self, k: int) -> int:
@@ -261,6 +262,59 @@ class AmNetsEncoder(nn.Module):
                          cost_fraction=cost_fraction.to(x.dtype))
 
     # -- inference path -----------------------------------------------------------------------------
+    def _weights_key(self, names) -> tuple:
+        """Identity, version and data_ptr of each named parameter/buffer: in-place updates (optimizer steps,
+        load_state_dict, reprune) bump the version, `.data = ...` and module.to() change the data_ptr.
+        Inference tensors keep no version (an encoder loaded under torch.inference_mode()): theirs is None,
+        and in-place edits of them (only possible inside inference_mode) are not followed."""
+        tensors = {**self._parameters, **self._buffers}  # not getattr: this runs on every stream() call
+        return tuple((id(t), _version(t), t.data_ptr()) for t in (tensors[n] for n in names))
+
+    def _layer_names(self, k: int) -> tuple:
+        return (f"weight_ih_l{k}", f"weight_hh_l{k}", f"bias_l{k}") + (
+            (f"block_mask_l{k}",) if self.cheap == "sparse" else
+            tuple(f"w_{w}_l{k}" for w in ("ih_u", "ih_v", "hh_u", "hh_v")))
+
+    def frame_engine(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
+        """The native frame engine for the current weights (csrc/cpu/frame_engine.cpp: one call runs a chunk
+        of frames, arbitrator and every layer included), built once per weight version; or None where
+        stream() runs the per-layer prepared steps instead: tensors off the CPU, weights other than fp32/bf16,
+        a sparse block size without fast kernels (16/32/64), a backend other than the compiled cpu face
+        chosen for the cheap branch's op (set_backend/use_backend), or an extension built without it."""
+        weight = self.weight_ih_l0
+        if (torch.device(device).type != "cpu" or weight.device.type != "cpu" or _ENGINE is None
+                or weight.dtype not in (torch.float32, torch.bfloat16) or (dtype is not None and dtype != weight.dtype)
+                or (self.cheap == "sparse" and self.block_size not in (16, 32, 64))
+                or ak.which_face(_CHEAP_OPS[self.cheap], "cpu") != "cpu"):
+            return None
+        names = [n for k in range(self.num_layers) for n in self._layer_names(k)]
+        key = self._weights_key(names) + tuple(
+            (id(p), _version(p), p.data_ptr()) for p in self.arbitrator.parameters())
+        if self._engine_cache is None or self._engine_cache[0] != key:
+            with torch.no_grad():
+                layers = []
+                for k in range(self.num_layers):
+                    w, bias = self.full_weight(k), getattr(self, f"bias_l{k}")
+                    if self.cheap == "sparse":
+                        kept = ak.BlockSparseMatrix.from_block_mask(w, getattr(self, f"block_mask_l{k}"),
+                                                                    self.block_size)
+                        layers += [w, kept.values, kept.crow_indices, kept.col_indices, bias]
+                    else:
+                        layers += [w, *self.lowrank_weights(k), bias]
+                first, last = self.arbitrator[0], self.arbitrator[2]
+                engine = _ENGINE(self.cheap, [t.detach() for t in layers],
+                                 [first.weight, first.bias, last.weight, last.bias], self.input_size,
+                                 self.arbitrator_uses_state, self.per_layer_decisions)
+            self._engine_cache = (key, engine)
+        return self._engine_cache[1]
+
+    def streamer(self, batch: int = 1, threshold: float | None = None, force=None) -> "Streamer":
+        """A live stream's frame engine: `s = enc.streamer(); out, decisions = s(frames)` for frames
+        (batch, T, D), any T per call, the state carried from call to call (s.state, s.reset()). The same
+        results as stream() with the state passed along, at the host cost of one native call per chunk.
+        Built from the weights as they are now: make a new one after changing them."""
+        return Streamer(self, batch, threshold, force)
+
     def _stream_steps(self) -> list["_LayerStep"]:
         """Every layer's prepared streaming step, built once per weight version.
 
@@ -269,17 +323,14 @@ class AmNetsEncoder(nn.Module):
         so a stale copy is never used and an unchanged one is never rebuilt.
         """
         steps = []
-        tensors = {**self._parameters, **self._buffers}  # not getattr: this runs on every stream() call
+        tensors = {**self._parameters, **self._buffers}
         for k in range(self.num_layers):
-            names = (f"weight_ih_l{k}", f"weight_hh_l{k}", f"bias_l{k}") + (
-                (f"block_mask_l{k}",) if self.cheap == "sparse" else
-                tuple(f"w_{w}_l{k}" for w in ("ih_u", "ih_v", "hh_u", "hh_v")))
-            sources = [tensors[n] for n in names]
-            key = tuple((id(t), t._version, t.data_ptr()) for t in sources)  # new dtype/device: new data_ptr
+            names = self._layer_names(k)
+            key = self._weights_key(names)  # new dtype/device: new data_ptr
             hit = self._step_cache.get(k)
             if hit is None or hit[0] != key:
                 w, bias = self.full_weight(k).detach(), getattr(self, f"bias_l{k}").detach()
-                step = (_SparseStep(w, sources[3], bias, self.block_size) if self.cheap == "sparse"
+                step = (_SparseStep(w, tensors[names[3]], bias, self.block_size) if self.cheap == "sparse"
                         else _LowrankStep(w, [t.detach() for t in self.lowrank_weights(k)], bias))
                 hit = self._step_cache[k] = (key, step)
             steps.append(hit[1])
@@ -301,6 +352,9 @@ class AmNetsEncoder(nn.Module):
             with torch.no_grad():
                 return self.stream(x, state, force, threshold)
         state, force, threshold = _check_stream(self, x, state, force, threshold)
+        engine = self.frame_engine(x.device, x.dtype)
+        if engine is not None:
+            return _run_engine(engine, x, state, force, threshold)
         B, T, _ = x.shape
         h, c = list(state[0].unbind(0)), list(state[1].unbind(0))
         n_dec = self.num_layers if self.per_layer_decisions else 1
@@ -337,6 +391,78 @@ class AmNetsEncoder(nn.Module):
         return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, cheap={self.cheap!r}, "
                 f"{cheap}, arbitrator_uses_state={self.arbitrator_uses_state}, "
                 f"per_layer_decisions={self.per_layer_decisions}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# the native frame engine
+
+
+def _version(t: Tensor):
+    try:
+        return t._version
+    except RuntimeError:  # an inference tensor keeps no version counter
+        return None
+
+
+# The pybind11 binding (a call costs ~1 us; the same engine is torch.classes.amnets_native.FrameEngine for
+# TorchScript and C++). None: an extension built without it, or not loaded: stream() runs the prepared steps.
+_ENGINE = getattr(getattr(ak._backend, "_C", None), "FrameEngine", None)
+_CHEAP_OPS = {"sparse": "bsr_linear", "lowrank": "lowrank_lstm_cell"}
+
+
+def _run_engine(engine, x: Tensor, state, force, threshold):
+    """stream()'s result from the engine, on checked arguments (force None, a bool or a (B,) bool tensor)."""
+    code, rows = (-1, None) if force is None else (int(force), None) if isinstance(force, bool) else (2, force)
+    out, h, c, dec = engine.run(x, state[0], state[1], code, rows, _logit(threshold))
+    return out, (h, c), dec
+
+
+class Streamer:
+    """A live stream (or a batch of them) over an AmNetsEncoder: see AmNetsEncoder.streamer.
+
+    `native` says whether it runs on the frame engine (else on stream()'s per-layer prepared steps, for
+    the reasons AmNetsEncoder.frame_engine lists)."""
+
+    def __init__(self, encoder: AmNetsEncoder, batch: int = 1, threshold: float | None = None, force=None):
+        if not _is_int(batch) or batch < 1:
+            raise ValueError(f"AmNetsEncoder.streamer: batch must be an int >= 1; got {batch!r}")
+        self.encoder, self.batch = encoder, batch
+        probe = encoder.weight_ih_l0.new_zeros(batch, 0, encoder.input_size)
+        _, self._force, self._threshold = _check_stream(encoder, probe, None, force, threshold)
+        self._engine = encoder.frame_engine(probe.device, probe.dtype)
+        self.native = self._engine is not None
+        force = self._force
+        self._code, self._rows = (-1, None) if force is None else (int(force), None) if isinstance(force, bool) \
+            else (2, force)
+        self._cut = _logit(self._threshold)
+        self.reset()
+
+    def reset(self) -> None:
+        """Start a new stream: zero state."""
+        zeros = self.encoder.weight_ih_l0.new_zeros(self.encoder.num_layers, self.batch, self.encoder.hidden_size)
+        self.state = (zeros, zeros)
+
+    def __call__(self, frames: Tensor) -> tuple[Tensor, Tensor]:
+        """frames (batch, T, input_size) -> (out (batch, T, H), decisions (batch, T) or (batch, T, L))."""
+        if self._engine is None:
+            self._check(frames)
+            out, self.state, dec = self.encoder.stream(frames, self.state, self._force, self._threshold)
+            return out, dec
+        try:  # the engine checks its arguments itself: no Python check on the way (a frame costs ~5 us)
+            out, h, c, dec = self._engine.run(frames, self.state[0], self.state[1], self._code, self._rows,
+                                              self._cut)
+        except (TypeError, ValueError):
+            self._check(frames)  # the error in stream()'s words, naming the argument
+            raise
+        self.state = (h, c)
+        return out, dec
+
+    def _check(self, frames) -> None:
+        _check_stream(self.encoder, frames, None, self._force, self._threshold)
+        if frames.shape[0] != self.batch:
+            raise ValueError(f"AmNetsEncoder.streamer: frames must have batch = {self.batch} rows (the "
+                             f"streamer's); got shape {tuple(frames.shape)}")
+        _check_stream(self.encoder, frames, self.state, self._force, self._threshold)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -459,6 +585,11 @@ def _check_stream(enc: AmNetsEncoder, x, state, force, threshold):
     full branch, or none does) or a bool tensor (B,) with both values."""
     op = "AmNetsEncoder.stream"
     _check_input(op, enc, x)
+    weights = enc.weight_ih_l0
+    if x.dtype != weights.dtype or x.device != weights.device:
+        raise ValueError(f"{op}: x is {x.dtype} on {x.device} but the encoder's weights are {weights.dtype} on "
+                         f"{weights.device}; pass x.to({weights.dtype}) on that device (or convert the encoder "
+                         "with .to())")
     B = x.shape[0]
     shape = (enc.num_layers, B, enc.hidden_size)
     if state is None:

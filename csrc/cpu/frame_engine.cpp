@@ -1,0 +1,520 @@
+// The AmNets encoder's streaming frame engine on the CPU (python/amnets/encoder.py: AmNetsEncoder.stream
+// and AmNetsEncoder.streamer run on it). One native call runs a chunk of frames: per frame the arbitrator,
+// every layer's chosen branch, the LSTM update and the state, with no ATen op and no Python in between (a
+// frame of a small on-device model costs what its calls cost, ~60 tiny ATen ops before this).
+//
+// Built once from the encoder's weights (copied: later edits of the model do not reach it):
+//   full branch   [W_ih | W_hh] (4H, D + H) as a block-sparse matrix with every 32x32 block stored: the
+//                 dense GEMV is the block kernels below at density 1 (one code path for both branches);
+//   cheap branch  sparse: the kept blocks (the encoder's block mask) through the same kernels;
+//                 lowrank: s = V x by row dots (csrc/cpu/lowrank_lstm.cpp), then U s as axpys over U^T;
+//   arbitrator    Linear -> ReLU -> Linear by row dots; a row takes the full branch when logit > cut.
+// Blocks are stored transposed (W_k^T, b x b): for a few rows (a live stream) 16 output rows are one vector
+// and x is broadcast, so the weights are read once with no horizontal sums (the bsr op's row-major layout
+// needs 16 of them per 16 outputs, which costs more than the arithmetic at density 0.2); for many rows
+// 16 rows of x are one vector and the weights are broadcast.
+// Mixed batches group rows by branch: the full rows pay for the dense weights once, the cheap rows for the
+// cheap ones. Weights are fp32 or bf16 (read as bf16, computed in fp32); for bf16 models h and c are
+// rounded to bf16 after every step, as the bf16 state tensors between chunks hold them, so that chunks
+// continue exactly.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/custom_class.h>
+#include <torch/extension.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include "../checks.h"
+#include "kernels.h"
+#include "lstm_pointwise.h"
+
+namespace amnets::cpu {
+namespace {
+
+using at::Tensor;
+constexpr const char* kOp = "FrameEngine";
+constexpr int64_t kDenseBlock = 32;
+
+// A block-sparse matrix owned by the engine, blocks transposed: values_t[k][j][i] = W_k[i][j].
+struct Bsr {
+  Tensor values_t, crow, col;
+  int64_t n = 0, k = 0, b = 0;
+  int64_t pad() const { return (k + b - 1) / b * b; }
+  int64_t block_rows() const { return (n + b - 1) / b; }
+};
+
+Bsr own_bsr(const Tensor& values, const Tensor& crow_in, const Tensor& col_in, int64_t n, int64_t k) {
+  auto [crow, col] = checks::bsr_pattern(kOp, values, crow_in, col_in, n, k);
+  const int64_t b = values.size(1);
+  TORCH_CHECK_VALUE((b == 16 || b == 32 || b == 64) &&
+                        (values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16),
+                    kOp, ": block-sparse weights need b in {16, 32, 64} and fp32 or bf16; got b = ", b, ", ",
+                    values.scalar_type());
+  return {values.transpose(1, 2).contiguous(), crow.clone(), col.clone(), n, k, b};
+}
+
+// Every block of a dense (N, K) matrix, zeros past N and K.
+Bsr dense_as_bsr(const Tensor& w) {
+  const int64_t n = w.size(0), k = w.size(1), b = kDenseBlock;
+  const int64_t nb = (n + b - 1) / b, kb = (k + b - 1) / b;
+  const Tensor padded = at::constant_pad_nd(w, {0, kb * b - k, 0, nb * b - n}, 0.0);
+  const Tensor values = padded.reshape({nb, b, kb, b}).permute({0, 2, 1, 3}).reshape({nb * kb, b, b});
+  const auto int32 = w.options().dtype(at::kInt);
+  return own_bsr(values, at::arange(nb + 1, int32) * kb, at::arange(kb, int32).repeat({nb}), n, k);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// y (M, N) = x (M, pad) W^T over the transposed blocks; x zero past K (so are the blocks), y row stride N.
+
+using simd::kWidth;
+using simd::load16;
+using simd::vfloat;
+
+// Few rows: MT rows of x, block row r; acc[s][m][v] holds outputs r*B + 16v .. +15 of row m, summed over
+// the j = s mod S. S independent sums keep ~8 FMA chains in flight (one row of one 32-block has only two).
+template <typename T, int B, int MT>
+AMNETS_INLINE void few_rows(const T* vt, const int32_t* crow, const int32_t* col, int64_t n, const float* x,
+                            int64_t ldx, float* y, int64_t r) {
+  constexpr int V = B / kWidth;
+  constexpr int S = MT * V >= 8 ? 1 : 8 / (MT * V) > 4 ? 4 : 8 / (MT * V);
+  vfloat acc[S][MT][V] = {};
+  for (int64_t k = crow[r]; k < crow[r + 1]; ++k) {
+    const T* blk = vt + k * B * B;
+    const float* xk = x + int64_t(col[k]) * B;
+    for (int j0 = 0; j0 < B; j0 += S) {
+      AMNETS_UNROLL
+      for (int s = 0; s < S; ++s) {
+        vfloat w[V];
+        AMNETS_UNROLL
+        for (int v = 0; v < V; ++v) w[v] = load16(blk + (j0 + s) * B + v * kWidth);
+        AMNETS_UNROLL
+        for (int m = 0; m < MT; ++m) {
+          const vfloat xm = simd::splat(xk[m * ldx + j0 + s]);
+          AMNETS_UNROLL
+          for (int v = 0; v < V; ++v) acc[s][m][v] += w[v] * xm;
+        }
+      }
+    }
+  }
+  const int64_t rows = std::min<int64_t>(B, n - r * B);
+  for (int m = 0; m < MT; ++m) {
+    float* out = y + m * n + r * B;
+    AMNETS_UNROLL
+    for (int v = 0; v < V; ++v) {
+      vfloat sum = acc[0][m][v];
+      AMNETS_UNROLL
+      for (int s = 1; s < S; ++s) sum += acc[s][m][v];
+      if ((v + 1) * kWidth <= rows) {
+        simd::store(out + v * kWidth, sum);
+      } else {
+        for (int64_t i = v * kWidth; i < rows; ++i) out[i] = sum[i - v * kWidth];
+      }
+    }
+  }
+}
+
+// Many rows: xt is x transposed (pad, mp), 16 rows of x per vector from m0; acc[i] is output r*B + i0 + i.
+template <typename T, int B>
+AMNETS_INLINE void many_rows(const T* vt, const int32_t* crow, const int32_t* col, int64_t n, const float* xt,
+                             int64_t mp, int64_t rows_x, float* y, int64_t r, int64_t m0) {
+  const int64_t rows = std::min<int64_t>(B, n - r * B), lanes = std::min<int64_t>(kWidth, rows_x - m0);
+  for (int64_t i0 = 0; i0 < rows; i0 += kWidth) {
+    vfloat acc[kWidth] = {};
+    for (int64_t k = crow[r]; k < crow[r + 1]; ++k) {
+      const T* blk = vt + k * B * B + i0;
+      const float* xk = xt + int64_t(col[k]) * B * mp + m0;
+      for (int j = 0; j < B; ++j) {
+        const vfloat xv = simd::load(xk + j * mp);
+        AMNETS_UNROLL
+        for (int i = 0; i < kWidth; ++i) acc[i] += simd::splat(simd::scalar(blk[j * B + i])) * xv;
+      }
+    }
+    for (int i = 0; i < kWidth && i0 + i < rows; ++i)
+      for (int64_t m = 0; m < lanes; ++m) y[(m0 + m) * n + r * B + i0 + i] = acc[i][m];
+  }
+}
+
+template <typename T, int B>
+AMNETS_INLINE void block_rows_b(const Bsr& w, const T* vt, const float* x, int64_t ldx, int64_t M, const float* xt,
+                                int64_t mp, float* y, int64_t r0, int64_t r1) {
+  const int32_t *crow = w.crow.data_ptr<int32_t>(), *col = w.col.data_ptr<int32_t>();
+  for (int64_t r = r0; r < r1; ++r) {
+    if (xt != nullptr) {
+      for (int64_t m0 = 0; m0 < M; m0 += kWidth) many_rows<T, B>(vt, crow, col, w.n, xt, mp, M, y, r, m0);
+      continue;
+    }
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) few_rows<T, B, 4>(vt, crow, col, w.n, x + m * ldx, ldx, y + m * w.n, r);
+    switch (M - m) {
+      case 3: few_rows<T, B, 3>(vt, crow, col, w.n, x + m * ldx, ldx, y + m * w.n, r); break;
+      case 2: few_rows<T, B, 2>(vt, crow, col, w.n, x + m * ldx, ldx, y + m * w.n, r); break;
+      case 1: few_rows<T, B, 1>(vt, crow, col, w.n, x + m * ldx, ldx, y + m * w.n, r); break;
+      default: break;
+    }
+  }
+}
+
+template <typename T>
+AMNETS_INLINE void block_rows(const Bsr& w, const T* vt, const float* x, int64_t ldx, int64_t M, const float* xt,
+                              int64_t mp, float* y, int64_t r0, int64_t r1) {
+  switch (w.b) {
+    case 16: return block_rows_b<T, 16>(w, vt, x, ldx, M, xt, mp, y, r0, r1);
+    case 32: return block_rows_b<T, 32>(w, vt, x, ldx, M, xt, mp, y, r0, r1);
+    default: return block_rows_b<T, 64>(w, vt, x, ldx, M, xt, mp, y, r0, r1);
+  }
+}
+
+AMNETS_CLONES void block_rows_f32(const Bsr& w, const float* x, int64_t ldx, int64_t M, const float* xt, int64_t mp,
+                                  float* y, int64_t r0, int64_t r1) {
+  block_rows<float>(w, w.values_t.data_ptr<float>(), x, ldx, M, xt, mp, y, r0, r1);
+}
+AMNETS_CLONES void block_rows_bf16(const Bsr& w, const float* x, int64_t ldx, int64_t M, const float* xt, int64_t mp,
+                                   float* y, int64_t r0, int64_t r1) {
+  block_rows<c10::BFloat16>(w, w.values_t.data_ptr<c10::BFloat16>(), x, ldx, M, xt, mp, y, r0, r1);
+}
+
+// out (M, G) (+)= s (M, R) U for U given transposed, ut (R, G): 64 outputs of MT rows in registers while
+// the R rows of ut stream past (each output is an axpy over R, not a dot: no horizontal sums).
+template <int MT>
+AMNETS_INLINE void expand_rows(const float* ut, int64_t R, int64_t G, const float* s, int64_t lds, float* out,
+                               bool accumulate) {
+  constexpr int C = 4;
+  int64_t g0 = 0;
+  for (; g0 + C * kWidth <= G; g0 += C * kWidth) {
+    vfloat acc[MT][C];
+    AMNETS_UNROLL
+    for (int m = 0; m < MT; ++m)
+      AMNETS_UNROLL
+      for (int c = 0; c < C; ++c) acc[m][c] = accumulate ? simd::load(out + m * G + g0 + c * kWidth) : simd::splat(0.f);
+    for (int64_t j = 0; j < R; ++j) {
+      vfloat u[C];
+      AMNETS_UNROLL
+      for (int c = 0; c < C; ++c) u[c] = simd::load(ut + j * G + g0 + c * kWidth);
+      AMNETS_UNROLL
+      for (int m = 0; m < MT; ++m) {
+        const vfloat sm = simd::splat(s[m * lds + j]);
+        AMNETS_UNROLL
+        for (int c = 0; c < C; ++c) acc[m][c] += u[c] * sm;
+      }
+    }
+    AMNETS_UNROLL
+    for (int m = 0; m < MT; ++m)
+      AMNETS_UNROLL
+      for (int c = 0; c < C; ++c) simd::store(out + m * G + g0 + c * kWidth, acc[m][c]);
+  }
+  for (int64_t g = g0; g < G; ++g) {  // the last G % 64 outputs
+    for (int m = 0; m < MT; ++m) {
+      float sum = accumulate ? out[m * G + g] : 0.f;
+      for (int64_t j = 0; j < R; ++j) sum += ut[j * G + g] * s[m * lds + j];
+      out[m * G + g] = sum;
+    }
+  }
+}
+
+AMNETS_CLONES void expand(const float* ut, int64_t R, int64_t G, const float* s, int64_t M, float* out,
+                          bool accumulate) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) expand_rows<4>(ut, R, G, s + m * R, R, out + m * G, accumulate);
+  switch (M - m) {
+    case 3: return expand_rows<3>(ut, R, G, s + m * R, R, out + m * G, accumulate);
+    case 2: return expand_rows<2>(ut, R, G, s + m * R, R, out + m * G, accumulate);
+    case 1: return expand_rows<1>(ut, R, G, s + m * R, R, out + m * G, accumulate);
+    default: return;
+  }
+}
+
+// y (M, N) = x (M, pad, row stride ldx) W^T. Below ~256K multiply-adds it stays on this thread: a parallel
+// region costs microseconds, as much as a small streaming layer.
+void matmul_rows(const Bsr& w, const float* x, int64_t ldx, int64_t M, float* y, std::vector<float>& xt) {
+  if (M == 0) return;
+  int64_t mp = 0;
+  if (M >= 8) {
+    mp = (M + kWidth - 1) / kWidth * kWidth;
+    xt.assign(w.pad() * mp, 0.f);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t j = 0; j < w.pad(); ++j) xt[j * mp + m] = x[m * ldx + j];
+  }
+  const float* xtp = M >= 8 ? xt.data() : nullptr;
+  const bool bf16 = w.values_t.scalar_type() == at::kBFloat16;
+  const int64_t macs = w.values_t.numel() * M;
+  const int64_t grain = macs < (1 << 18) ? w.block_rows() : 1;
+  at::parallel_for(0, w.block_rows(), grain, [&](int64_t r0, int64_t r1) {
+    if (bf16) {
+      block_rows_bf16(w, x, ldx, M, xtp, mp, y, r0, r1);
+    } else {
+      block_rows_f32(w, x, ldx, M, xtp, mp, y, r0, r1);
+    }
+  });
+}
+
+Tensor own_float(const Tensor& t) { return t.to(at::kFloat).contiguous().clone(); }
+
+struct Layer {
+  int64_t in = 0, hidden = 0, pad = 0;    // pad: the row stride of [x | h | 0] both branches read
+  Bsr full, kept;                          // kept: sparse cheap branch
+  Tensor ut_ih, v_ih, ut_hh, v_hh;         // lowrank cheap branch, float; U transposed (r, 4H)
+  Tensor bias;                             // float (4H,)
+};
+
+// Scratch of one run() call, sized once per call.
+struct Work {
+  float *h_ptr = nullptr, *c_ptr = nullptr;  // (L, B, H) float state
+  std::vector<char> full;                  // (B, n_dec): the row takes the full branch
+  std::vector<float> inp, z, gates;        // (B, width), (B, pad), (B, 4H)
+  std::vector<float> zg, gg, xs, hs, s_ih, s_hh;  // rows gathered for one branch
+  std::vector<float> ain, hid, logit;      // arbitrator
+  std::vector<float> xt;                   // x transposed, for many rows
+  std::vector<int64_t> full_rows, cheap_rows;
+};
+
+float round_bf16(float v) { return static_cast<float>(c10::BFloat16(v)); }
+
+// t (fp32 or bf16, any strides) into dst as contiguous floats.
+void load_float(const Tensor& t, float* dst) {
+  if (t.scalar_type() == at::kFloat && t.is_contiguous()) {
+    std::memcpy(dst, t.data_ptr<float>(), t.numel() * sizeof(float));
+  } else {
+    at::from_blob(dst, t.sizes(), t.options().dtype(at::kFloat)).copy_(t);
+  }
+}
+
+}  // namespace
+
+struct FrameEngine : torch::CustomClassHolder {
+  std::vector<Layer> layers;
+  Tensor w1, b1, w2, b2;  // arbitrator, float
+  bool lowrank = false, uses_state = false, per_layer = false;
+  int64_t input_size = 0, hidden = 0, n_dec = 1;
+  at::ScalarType dtype = at::kFloat;
+
+  // cheap: "sparse" | "lowrank". layer_tensors per layer: sparse [W (4H, D+H), kept values, kept crow,
+  // kept col, bias]; lowrank [W, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias]. arbitrator: [W1, b1, W2, b2].
+  FrameEngine(const std::string& cheap, const std::vector<Tensor>& layer_tensors,
+              const std::vector<Tensor>& arbitrator, int64_t input_size_, bool uses_state_, bool per_layer_)
+      : lowrank(cheap == "lowrank"), uses_state(uses_state_), per_layer(per_layer_), input_size(input_size_) {
+    TORCH_CHECK_VALUE(cheap == "sparse" || cheap == "lowrank", kOp, ": cheap must be 'sparse' or 'lowrank'; got ",
+                      cheap);
+    const size_t per = lowrank ? 6 : 5;
+    TORCH_CHECK_VALUE(!layer_tensors.empty() && layer_tensors.size() % per == 0, kOp, ": layer_tensors must hold ",
+                      per, " tensors per layer; got ", layer_tensors.size());
+    TORCH_CHECK_VALUE(arbitrator.size() == 4, kOp, ": arbitrator must be [W1, b1, W2, b2]");
+    dtype = layer_tensors[0].scalar_type();
+    TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kBFloat16, kOp, ": weights must be fp32 or bf16; got ",
+                     dtype);
+    int64_t in = input_size;
+    for (size_t at_ = 0; at_ < layer_tensors.size(); at_ += per) {
+      const Tensor* t = layer_tensors.data() + at_;
+      Layer layer;
+      checks::dims(kOp, "W", t[0], 2);
+      TORCH_CHECK_TYPE(t[0].scalar_type() == dtype && t[0].device().is_cpu(), kOp,
+                       ": every layer's W must be a CPU tensor of the first one's dtype");
+      layer.hidden = t[0].size(0) / 4;
+      layer.in = in;
+      TORCH_CHECK_VALUE(layer.hidden >= 1 && t[0].size(0) == 4 * layer.hidden && t[0].size(1) == in + layer.hidden,
+                        kOp, ": layer ", layers.size(), "'s W must be (4H, ", in, " + H); got ", t[0].sizes());
+      TORCH_CHECK_VALUE(hidden == 0 || layer.hidden == hidden, kOp, ": every layer must have one hidden size");
+      hidden = layer.hidden;
+      layer.full = dense_as_bsr(t[0]);
+      if (lowrank) {
+        checks::lowrank_lstm(kOp, t[0].new_empty({0, in}), t[0].new_empty({0, hidden}), t[0].new_empty({0, hidden}),
+                             t[1], t[2], t[3], t[4], t[5], false);
+        layer.ut_ih = own_float(t[1].t()), layer.v_ih = own_float(t[2]);
+        layer.ut_hh = own_float(t[3].t()), layer.v_hh = own_float(t[4]);
+      } else {
+        layer.kept = own_bsr(t[1], t[2], t[3], 4 * hidden, in + hidden);
+        TORCH_CHECK_TYPE(t[1].scalar_type() == dtype, kOp, ": the kept blocks must have the weights' dtype");
+      }
+      layer.pad = std::max(layer.full.pad(), lowrank ? 0 : layer.kept.pad());
+      checks::shape(kOp, "bias", t[per - 1], {4 * hidden});
+      layer.bias = own_float(t[per - 1]);
+      layers.push_back(std::move(layer));
+      in = hidden;
+    }
+    n_dec = per_layer ? static_cast<int64_t>(layers.size()) : 1;
+    const int64_t a_in = input_size + (uses_state ? hidden : 0);
+    checks::dims(kOp, "W1", arbitrator[0], 2);
+    const int64_t width = arbitrator[0].size(0);
+    checks::shape(kOp, "W1", arbitrator[0], {width, a_in});
+    checks::shape(kOp, "b1", arbitrator[1], {width});
+    checks::shape(kOp, "W2", arbitrator[2], {n_dec, width});
+    checks::shape(kOp, "b2", arbitrator[3], {n_dec});
+    w1 = own_float(arbitrator[0]), b1 = own_float(arbitrator[1]);
+    w2 = own_float(arbitrator[2]), b2 = own_float(arbitrator[3]);
+  }
+
+  // x (B, T, D) and h0, c0 (L, B, H) in the weights' dtype. force: -1 the arbitrator decides (full when
+  // logit > cut), 0 every row cheap, 1 every row full, 2 per row from `rows` (B,) bool (True: full).
+  // -> (out (B, T, H), h_n, c_n (L, B, H), decisions (B, T) bool, or (B, T, L) with per-layer decisions).
+  // Host cost: four allocations (none of them ATen work) and the checks, a few microseconds.
+  std::tuple<Tensor, Tensor, Tensor, Tensor> run(const Tensor& x_in, const Tensor& h0, const Tensor& c0,
+                                                 int64_t force, const c10::optional<Tensor>& rows_in, double cut) {
+    const int64_t L = static_cast<int64_t>(layers.size()), H = hidden;
+    checks::dims(kOp, "x", x_in, 3);
+    const int64_t B = x_in.size(0), T = x_in.size(1);
+    TORCH_CHECK_VALUE(x_in.size(2) == input_size, kOp, ": x must be (B, T, input_size = ", input_size, "); got ",
+                      x_in.sizes());
+    for (const auto& [name, t] : {std::pair{"x", &x_in}, {"h", &h0}, {"c", &c0}})
+      TORCH_CHECK_TYPE(t->scalar_type() == dtype && t->device().is_cpu(), kOp, ": ", name, " must be a CPU ", dtype,
+                       " tensor like the engine's weights; got ", t->scalar_type(), " on ", t->device());
+    checks::shape(kOp, "h", h0, {L, B, H});
+    checks::shape(kOp, "c", c0, {L, B, H});
+    TORCH_CHECK_VALUE(force >= -1 && force <= 2, kOp, ": force must be -1, 0, 1 or 2; got ", force);
+    Tensor rows;
+    if (force == 2) {
+      TORCH_CHECK_VALUE(rows_in.has_value() && rows_in->scalar_type() == at::kBool, kOp,
+                        ": force = 2 needs rows, a (B,) bool tensor");
+      checks::shape(kOp, "rows", *rows_in, {B});
+      rows = rows_in->contiguous();
+    }
+    const bool f32 = dtype == at::kFloat;
+    const auto as_float = x_in.options().dtype(at::kFloat);
+    // The state lives in h_n / c_n (float) while the chunk runs; bf16 models get it converted at the end.
+    Tensor h_n = at::empty({L, B, H}, as_float), c_n = at::empty({L, B, H}, as_float);
+    load_float(h0, h_n.data_ptr<float>()), load_float(c0, c_n.data_ptr<float>());
+    Tensor out = at::empty({B, T, H}, as_float);
+    Tensor decisions = at::empty(per_layer ? at::IntArrayRef{B, T, n_dec} : at::IntArrayRef{B, T},
+                                 x_in.options().dtype(at::kBool));
+    thread_local Work w;
+    w.h_ptr = h_n.data_ptr<float>(), w.c_ptr = c_n.data_ptr<float>();
+    const Tensor x = f32 ? x_in.contiguous() : x_in.to(at::kFloat).contiguous();
+    const float* xp = x.data_ptr<float>();
+    float* op = out.data_ptr<float>();
+    bool* dp = decisions.data_ptr<bool>();
+    const bool* rp = rows.defined() ? rows.data_ptr<bool>() : nullptr;
+    w.full.resize(B * n_dec);
+    for (int64_t t = 0; t < T; ++t) {
+      w.inp.resize(B * input_size);
+      for (int64_t b = 0; b < B; ++b)
+        std::memcpy(w.inp.data() + b * input_size, xp + (b * T + t) * input_size, input_size * sizeof(float));
+      decide(w, B, force, rp, cut);
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t j = 0; j < n_dec; ++j) dp[(b * T + t) * n_dec + j] = w.full[b * n_dec + j];
+      for (int64_t k = 0; k < L; ++k) step(layers[k], w, B, k);
+      for (int64_t b = 0; b < B; ++b)
+        std::memcpy(op + (b * T + t) * H, w.inp.data() + b * H, H * sizeof(float));
+    }
+    if (f32) return {out, h_n, c_n, decisions};
+    return {out.to(dtype), h_n.to(dtype), c_n.to(dtype), decisions};
+  }
+
+ private:
+  // full[b * n_dec + j]: row b takes the full branch (for layer j with per-layer decisions).
+  void decide(Work& w, int64_t B, int64_t force, const bool* rows, double cut) const {
+    std::vector<char>& full = w.full;
+    if (force != -1) {
+      for (int64_t b = 0; b < B; ++b)
+        for (int64_t j = 0; j < n_dec; ++j) full[b * n_dec + j] = force == 2 ? rows[b] : force == 1;
+      return;
+    }
+    const int64_t a_in = w1.size(1), width = w1.size(0), H = hidden;
+    const float* h_top = w.h_ptr + (layers.size() - 1) * B * H;
+    w.ain.resize(B * a_in), w.hid.resize(B * width), w.logit.resize(B * n_dec);
+    for (int64_t b = 0; b < B; ++b) {
+      std::memcpy(w.ain.data() + b * a_in, w.inp.data() + b * input_size, input_size * sizeof(float));
+      if (uses_state) std::memcpy(w.ain.data() + b * a_in + input_size, h_top + b * H, H * sizeof(float));
+    }
+    for (int64_t b0 = 0; b0 < B; b0 += kMaxDotBatch) {
+      const int64_t n = std::min(kMaxDotBatch, B - b0);
+      small_batch_mm(w.ain.data() + b0 * a_in, n, w1.data_ptr<float>(), width, a_in, w.hid.data() + b0 * width, false);
+    }
+    const float *bias1 = b1.data_ptr<float>(), *bias2 = b2.data_ptr<float>();
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t j = 0; j < width; ++j) w.hid[b * width + j] = std::max(w.hid[b * width + j] + bias1[j], 0.f);
+    for (int64_t b0 = 0; b0 < B; b0 += kMaxDotBatch) {
+      const int64_t n = std::min(kMaxDotBatch, B - b0);
+      small_batch_mm(w.hid.data() + b0 * width, n, w2.data_ptr<float>(), n_dec, width, w.logit.data() + b0 * n_dec,
+                     false);
+    }
+    for (int64_t i = 0; i < B * n_dec; ++i) full[i] = w.logit[i] + bias2[i % n_dec] > cut;
+  }
+
+  // One layer for every row: gates of each row by its branch, then the LSTM update; w.inp becomes h.
+  void step(const Layer& layer, Work& w, int64_t B, int64_t k) const {
+    const int64_t H = hidden, D = layer.in, G = 4 * H, pad = layer.pad;
+    const std::vector<char>& full = w.full;
+    float* h = w.h_ptr + k * B * H;
+    float* c = w.c_ptr + k * B * H;
+    w.z.assign(B * pad, 0.f);
+    for (int64_t b = 0; b < B; ++b) {  // z = [x | h | zeros]
+      std::memcpy(w.z.data() + b * pad, w.inp.data() + b * D, D * sizeof(float));
+      std::memcpy(w.z.data() + b * pad + D, h + b * H, H * sizeof(float));
+    }
+    w.full_rows.clear(), w.cheap_rows.clear();
+    const int64_t j = per_layer ? k : 0;
+    for (int64_t b = 0; b < B; ++b) (full[b * n_dec + j] ? w.full_rows : w.cheap_rows).push_back(b);
+    w.gates.resize(B * G);
+    branch(layer, w, true, w.full_rows, pad);
+    branch(layer, w, false, w.cheap_rows, pad);
+    finish_step(w.gates.data(), layer.bias.data_ptr<float>(), c, h, B, H);
+    if (dtype == at::kBFloat16) {  // as the bf16 state tensors between chunks hold them
+      for (int64_t i = 0; i < B * H; ++i) h[i] = round_bf16(h[i]), c[i] = round_bf16(c[i]);
+    }
+    w.inp.assign(h, h + B * H);
+  }
+
+  // gates[r] for the rows `which` through the full or the cheap branch, reading z[r].
+  void branch(const Layer& layer, Work& w, bool full, const std::vector<int64_t>& which, int64_t pad) const {
+    const int64_t n = static_cast<int64_t>(which.size()), B = static_cast<int64_t>(w.gates.size()) / (4 * hidden);
+    if (n == 0) return;
+    const int64_t G = 4 * hidden;
+    const bool all = n == B;  // no gathering when every row takes this branch
+    const float* z = w.z.data();
+    float* gates = w.gates.data();
+    if (!all) {
+      w.zg.resize(n * pad), w.gg.resize(n * G);
+      for (int64_t i = 0; i < n; ++i) std::memcpy(w.zg.data() + i * pad, z + which[i] * pad, pad * sizeof(float));
+      z = w.zg.data(), gates = w.gg.data();
+    }
+    if (full || !lowrank) {
+      matmul_rows(full ? layer.full : layer.kept, z, pad, n, gates, w.xt);
+    } else {
+      lowrank_gates(layer, w, z, pad, n, gates);
+    }
+    if (!all) {
+      for (int64_t i = 0; i < n; ++i) std::memcpy(w.gates.data() + which[i] * G, gates + i * G, G * sizeof(float));
+    }
+  }
+
+  // gates (n, 4H) = U_ih (V_ih x) + U_hh (V_hh h) for rows z (n, pad) = [x | h | 0].
+  void lowrank_gates(const Layer& layer, Work& w, const float* z, int64_t pad, int64_t n, float* gates) const {
+    const int64_t D = layer.in, H = hidden, r_ih = layer.v_ih.size(0), r_hh = layer.v_hh.size(0);
+    w.xs.resize(n * D), w.hs.resize(n * H), w.s_ih.resize(n * r_ih), w.s_hh.resize(n * r_hh);
+    for (int64_t i = 0; i < n; ++i) {
+      std::memcpy(w.xs.data() + i * D, z + i * pad, D * sizeof(float));
+      std::memcpy(w.hs.data() + i * H, z + i * pad + D, H * sizeof(float));
+    }
+    for (int64_t i0 = 0; i0 < n; i0 += kMaxDotBatch) {
+      const int64_t m = std::min(kMaxDotBatch, n - i0);
+      small_batch_mm(w.xs.data() + i0 * D, m, layer.v_ih.data_ptr<float>(), r_ih, D, w.s_ih.data() + i0 * r_ih, false);
+      small_batch_mm(w.hs.data() + i0 * H, m, layer.v_hh.data_ptr<float>(), r_hh, H, w.s_hh.data() + i0 * r_hh, false);
+    }
+    expand(layer.ut_ih.data_ptr<float>(), r_ih, 4 * H, w.s_ih.data(), n, gates, false);
+    expand(layer.ut_hh.data_ptr<float>(), r_hh, 4 * H, w.s_hh.data(), n, gates, true);
+  }
+};
+
+// The same engine for Python callers, bound directly: a TorchScript custom-class method call costs ~8 us
+// from Python, more than a frame of a small model; a pybind11 call ~1 us. (csrc/build_info.cpp calls this.)
+void bind_frame_engine(pybind11::module_& m) {
+  pybind11::class_<FrameEngine, c10::intrusive_ptr<FrameEngine>>(m, "FrameEngine")
+      .def(pybind11::init([](const std::string& cheap, const std::vector<Tensor>& layers,
+                             const std::vector<Tensor>& arbitrator, int64_t input_size, bool uses_state,
+                             bool per_layer) {
+        return c10::make_intrusive<FrameEngine>(cheap, layers, arbitrator, input_size, uses_state, per_layer);
+      }))
+      .def("run", &FrameEngine::run);
+}
+
+TORCH_LIBRARY_FRAGMENT(amnets_native, m) {
+  m.class_<FrameEngine>("FrameEngine")
+      .def(torch::init<std::string, std::vector<Tensor>, std::vector<Tensor>, int64_t, bool, bool>())
+      .def("run", &FrameEngine::run);
+}
+
+}  // namespace amnets::cpu

@@ -1,0 +1,143 @@
+"""The CPU frame engine (csrc/cpu/frame_engine.cpp) behind AmNetsEncoder.stream and .streamer: the same
+decisions and outputs as the per-layer prepared steps it replaces (and as the other faces' stream()), for
+every knob; chunks continue exactly; bad input gets named errors."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import amnets.encoder as encoder_module
+import amnets_kernels as ak
+from amnets.encoder import AmNetsEncoder
+
+from conftest import DEVICE
+
+pytestmark = pytest.mark.skipif(DEVICE != "cpu" or encoder_module._ENGINE is None,
+                                reason="the frame engine is the cpu face's (and this build must have it)")
+
+
+def prepared_steps_stream(enc, x, state=None, force=None, threshold=None):
+    """stream() on the per-layer prepared steps: the path the engine replaces."""
+    engine, enc._engine_cache = encoder_module._ENGINE, None
+    encoder_module._ENGINE = None
+    try:
+        return enc.stream(x, state, force=force, threshold=threshold)
+    finally:
+        encoder_module._ENGINE = engine
+
+
+configs = st.fixed_dictionaries(dict(
+    cheap=st.sampled_from(["sparse", "lowrank"]), layers=st.integers(1, 3), hidden=st.sampled_from([8, 16, 40]),
+    inp=st.sampled_from([5, 24]), block=st.sampled_from([16, 32]), per_layer=st.booleans(),
+    uses_state=st.booleans(), batch=st.integers(1, 9), frames=st.integers(1, 7), threshold=st.floats(0.2, 0.8),
+    force=st.sampled_from([None, "full", "cheap", "rows"]), seed=st.integers(0, 2**16)))
+
+
+def build(cfg, dtype=torch.float32):
+    torch.manual_seed(cfg["seed"])
+    enc = AmNetsEncoder(cfg["inp"], cfg["hidden"], num_layers=cfg["layers"], cheap=cfg["cheap"], sparsity=0.5,
+                        block_size=cfg["block"], rank=4, per_layer_decisions=cfg["per_layer"],
+                        arbitrator_uses_state=cfg["uses_state"]).eval().to(dtype)
+    x = torch.randn(cfg["batch"], cfg["frames"], cfg["inp"]).to(dtype)
+    force = torch.rand(cfg["batch"]) < 0.5 if cfg["force"] == "rows" else cfg["force"]
+    return enc, x, force
+
+
+@given(cfg=configs)
+def test_engine_equals_the_prepared_steps(cfg):
+    enc, x, force = build(cfg)
+    assert enc.frame_engine() is not None
+    out, (h, c), dec = enc.stream(x, force=force, threshold=cfg["threshold"])
+    want, (h2, c2), dec2 = prepared_steps_stream(enc, x, force=force, threshold=cfg["threshold"])
+    assert torch.equal(dec, dec2)
+    for got, expected in ((out, want), (h, h2), (c, c2)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+@given(cfg=configs, cut=st.integers(0, 7))
+def test_chunks_and_streamer_continue_exactly(cfg, cut):
+    enc, x, force = build(cfg)
+    cut = min(cut, x.shape[1])
+    whole, state, dec = enc.stream(x, force=force, threshold=cfg["threshold"])
+    first, mid, dec1 = enc.stream(x[:, :cut], force=force, threshold=cfg["threshold"])
+    rest, last, dec2 = enc.stream(x[:, cut:], mid, force=force, threshold=cfg["threshold"])
+    assert torch.equal(torch.cat([first, rest], 1), whole) and torch.equal(torch.cat([dec1, dec2], 1), dec)
+    assert torch.equal(last[0], state[0]) and torch.equal(last[1], state[1])
+    streamer = enc.streamer(batch=x.shape[0], threshold=cfg["threshold"], force=force)
+    assert streamer.native
+    parts = [streamer(x[:, t:t + 1]) for t in range(x.shape[1])]
+    assert torch.equal(torch.cat([p[0] for p in parts], 1), whole)
+    assert torch.equal(torch.cat([p[1] for p in parts], 1), dec)
+    assert torch.equal(streamer.state[1], state[1])
+
+
+@pytest.mark.parametrize("face", ["reference", "triton"])
+@pytest.mark.parametrize("cheap", ["sparse", "lowrank"])
+def test_engine_equals_the_other_faces_stream(face, cheap):
+    op = "bsr_linear" if cheap == "sparse" else "lowrank_lstm_cell"
+    if ak.unavailable_reason(op, face, "cpu") is not None:
+        pytest.skip(ak.unavailable_reason(op, face, "cpu"))
+    cfg = dict(cheap=cheap, layers=2, hidden=16, inp=24, block=16, per_layer=True, uses_state=True, batch=3,
+               frames=4, threshold=0.5, force=None, seed=1)
+    enc, x, _ = build(cfg)
+    out, state, dec = enc.stream(x)
+    with ak.use_backend(face):
+        assert enc.frame_engine() is None  # the backend chosen: its faces run, not the engine
+        want, want_state, want_dec = enc.stream(x)
+    assert torch.equal(dec, want_dec)
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("cheap", ["sparse", "lowrank"])
+def test_bf16_weights(cheap):
+    cfg = dict(cheap=cheap, layers=2, hidden=32, inp=24, block=16, per_layer=False, uses_state=False, batch=4,
+               frames=5, threshold=0.5, force=None, seed=2)
+    enc32, x32, _ = build(cfg)
+    enc, x, _ = build(cfg, torch.bfloat16)
+    for force in ("full", "cheap"):
+        out, (h, c), _ = enc.stream(x, force=force)
+        assert out.dtype == h.dtype == torch.bfloat16
+        want, _, _ = enc32.to(torch.float32).stream(x32, force=force)  # fp32 math on bf16-rounded weights
+        torch.testing.assert_close(out.float(), want, rtol=0.05, atol=0.03)
+        enc32.to(torch.bfloat16)
+        half, mid, _ = enc.stream(x[:, :2], force=force)
+        rest, _, _ = enc.stream(x[:, 2:], mid, force=force)
+        assert torch.equal(torch.cat([half, rest], 1), out)  # bf16 state between chunks: exact continuation
+    enc32 = enc32.to(torch.float32)
+    dec = enc.stream(x)[2]
+    dec32 = enc32.stream(x32.bfloat16().float())[2]
+    assert (dec == dec32).float().mean() >= 0.9  # the bf16 arbitrator may flip a frame at its threshold
+
+
+def test_encoder_loaded_under_inference_mode_streams():
+    with torch.inference_mode():
+        enc = AmNetsEncoder(8, 16, num_layers=2, cheap="sparse", block_size=16).eval()
+        out, _, _ = enc.stream(torch.randn(2, 3, 8))
+        out2, _ = enc.streamer(batch=2)(torch.randn(2, 3, 8))
+    assert out.shape == out2.shape == (2, 3, 16) and torch.isfinite(out).all()
+
+
+def test_bad_input_gets_named_errors():
+    enc = AmNetsEncoder(8, 16, num_layers=2, cheap="lowrank", rank=4).eval()
+    streamer = enc.streamer(batch=2)
+    with pytest.raises(ValueError, match=r"x is torch.float64 on cpu but the encoder.s weights are torch.float32 on cpu; pass x.to"):
+        enc.stream(torch.randn(2, 3, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match=r"x is torch.float64"):
+        streamer(torch.randn(2, 3, 8, dtype=torch.float64))
+    with pytest.raises(ValueError, match="feature dim 9"):
+        streamer(torch.randn(2, 3, 9))
+    with pytest.raises(ValueError, match="batch = 2 rows"):
+        streamer(torch.randn(3, 1, 8))
+    with pytest.raises(ValueError, match="x must be a"):
+        streamer("frames")
+    with pytest.raises(ValueError, match="batch must be an int"):
+        enc.streamer(batch=0)
+    engine = enc.frame_engine()
+    h = torch.zeros(2, 2, 16)
+    with pytest.raises(ValueError, match="FrameEngine: h must have shape"):
+        engine.run(torch.randn(2, 1, 8), torch.zeros(2, 3, 16), h, 0, None, 0.0)
+    with pytest.raises(ValueError, match="force = 2 needs rows"):
+        engine.run(torch.randn(2, 1, 8), h, h, 2, None, 0.0)
+    with pytest.raises(ValueError, match="layer_tensors must hold 6"):
+        encoder_module._ENGINE("lowrank", [torch.zeros(64, 24)], [], 8, False, False)
