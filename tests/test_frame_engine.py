@@ -141,3 +141,14 @@ def test_bad_input_gets_named_errors():
         engine.run(torch.randn(2, 1, 8), h, h, 2, None, 0.0)
     with pytest.raises(ValueError, match="layer_tensors must hold 6"):
         encoder_module._ENGINE("lowrank", [torch.zeros(64, 24)], [], 8, False, False)
+
+
+def test_weights_that_stream_from_memory_take_the_prefetching_kernel_and_agree():
+    """A layer over 4 MB (here 2048 x 520 fp32) runs the kernel variant that prefetches ahead."""
+    torch.manual_seed(3)
+    enc = AmNetsEncoder(8, 512, num_layers=1, cheap="sparse", sparsity=0.5, block_size=32).eval()
+    x = torch.randn(2, 2, 8)
+    for force in ("full", "cheap"):
+        out, _, _ = enc.stream(x, force=force)
+        want, _, _ = prepared_steps_stream(enc, x, force=force)
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)

@@ -7,7 +7,7 @@
 //   full branch   [W_ih | W_hh] (4H, D + H) as a block-sparse matrix with every 32x32 block stored: the
 //                 dense GEMV is the block kernels below at density 1 (one code path for both branches);
 //   cheap branch  sparse: the kept blocks (the encoder's block mask) through the same kernels;
-//                 lowrank: s = V x by row dots (csrc/cpu/lowrank_lstm.cpp), then U s as axpys over U^T;
+//                 lowrank: V x, V h, then U s, each as axpys over the transposed factor;
 //   arbitrator    Linear -> ReLU -> Linear by row dots; a row takes the full branch when logit > cut.
 // Blocks are stored transposed (W_k^T, b x b): for a few rows (a live stream) 16 output rows are one vector
 // and x is broadcast, so the weights are read once with no horizontal sums (the bsr op's row-major layout
@@ -19,6 +19,7 @@
 // continue exactly.
 
 #include <ATen/ATen.h>
+#include <ATen/EmptyTensor.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <torch/custom_class.h>
@@ -78,7 +79,7 @@ using simd::vfloat;
 
 // Few rows: MT rows of x, block row r; acc[s][m][v] holds outputs r*B + 16v .. +15 of row m, summed over
 // the j = s mod S. S independent sums keep ~8 FMA chains in flight (one row of one 32-block has only two).
-template <typename T, int B, int MT>
+template <typename T, int B, int MT, bool PF>
 AMNETS_INLINE void few_rows(const T* vt, const int32_t* crow, const int32_t* col, int64_t n, const float* x,
                             int64_t ldx, float* y, int64_t r) {
   constexpr int V = B / kWidth;
@@ -90,6 +91,13 @@ AMNETS_INLINE void few_rows(const T* vt, const int32_t* crow, const int32_t* col
     for (int j0 = 0; j0 < B; j0 += S) {
       AMNETS_UNROLL
       for (int s = 0; s < S; ++s) {
+        // PF (weights far larger than L2: they stream from memory): prefetch two blocks ahead, a block row's
+        // blocks being contiguous (~15% on a 20 MB layer; on cache-resident weights it only costs issue slots).
+        if constexpr (PF) {
+          AMNETS_UNROLL
+          for (int line = 0; line < int(B * sizeof(T)) / 64; ++line)
+            __builtin_prefetch(reinterpret_cast<const char*>(blk + 2 * B * B + (j0 + s) * B) + 64 * line);
+        }
         vfloat w[V];
         AMNETS_UNROLL
         for (int v = 0; v < V; ++v) w[v] = load16(blk + (j0 + s) * B + v * kWidth);
@@ -140,22 +148,31 @@ AMNETS_INLINE void many_rows(const T* vt, const int32_t* crow, const int32_t* co
   }
 }
 
+template <typename T, int B, bool PF>
+AMNETS_INLINE void few_rows_all(const Bsr& w, const T* vt, const int32_t* crow, const int32_t* col, const float* x,
+                                int64_t ldx, int64_t M, float* y, int64_t r) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) few_rows<T, B, 4, PF>(vt, crow, col, w.n, x + m * ldx, ldx, y + m * w.n, r);
+  switch (M - m) {
+    case 3: return few_rows<T, B, 3, PF>(vt, crow, col, w.n, x + m * ldx, ldx, y + m * w.n, r);
+    case 2: return few_rows<T, B, 2, PF>(vt, crow, col, w.n, x + m * ldx, ldx, y + m * w.n, r);
+    case 1: return few_rows<T, B, 1, PF>(vt, crow, col, w.n, x + m * ldx, ldx, y + m * w.n, r);
+    default: return;
+  }
+}
+
 template <typename T, int B>
 AMNETS_INLINE void block_rows_b(const Bsr& w, const T* vt, const float* x, int64_t ldx, int64_t M, const float* xt,
                                 int64_t mp, float* y, int64_t r0, int64_t r1) {
   const int32_t *crow = w.crow.data_ptr<int32_t>(), *col = w.col.data_ptr<int32_t>();
+  const bool streamed = w.values_t.nbytes() > (int64_t(4) << 20);
   for (int64_t r = r0; r < r1; ++r) {
     if (xt != nullptr) {
       for (int64_t m0 = 0; m0 < M; m0 += kWidth) many_rows<T, B>(vt, crow, col, w.n, xt, mp, M, y, r, m0);
-      continue;
-    }
-    int64_t m = 0;
-    for (; m + 4 <= M; m += 4) few_rows<T, B, 4>(vt, crow, col, w.n, x + m * ldx, ldx, y + m * w.n, r);
-    switch (M - m) {
-      case 3: few_rows<T, B, 3>(vt, crow, col, w.n, x + m * ldx, ldx, y + m * w.n, r); break;
-      case 2: few_rows<T, B, 2>(vt, crow, col, w.n, x + m * ldx, ldx, y + m * w.n, r); break;
-      case 1: few_rows<T, B, 1>(vt, crow, col, w.n, x + m * ldx, ldx, y + m * w.n, r); break;
-      default: break;
+    } else if (streamed) {
+      few_rows_all<T, B, true>(w, vt, crow, col, x, ldx, M, y, r);
+    } else {
+      few_rows_all<T, B, false>(w, vt, crow, col, x, ldx, M, y, r);
     }
   }
 }
@@ -182,8 +199,8 @@ AMNETS_CLONES void block_rows_bf16(const Bsr& w, const float* x, int64_t ldx, in
 // out (M, G) (+)= s (M, R) U for U given transposed, ut (R, G): 64 outputs of MT rows in registers while
 // the R rows of ut stream past (each output is an axpy over R, not a dot: no horizontal sums).
 template <int MT>
-AMNETS_INLINE void expand_rows(const float* ut, int64_t R, int64_t G, const float* s, int64_t lds, float* out,
-                               bool accumulate) {
+AMNETS_INLINE void expand_rows(const float* ut, int64_t R, int64_t G, int64_t ldu, const float* s, int64_t lds,
+                               float* out, int64_t ldo, bool accumulate) {
   constexpr int C = 4;
   int64_t g0 = 0;
   for (; g0 + C * kWidth <= G; g0 += C * kWidth) {
@@ -191,11 +208,11 @@ AMNETS_INLINE void expand_rows(const float* ut, int64_t R, int64_t G, const floa
     AMNETS_UNROLL
     for (int m = 0; m < MT; ++m)
       AMNETS_UNROLL
-      for (int c = 0; c < C; ++c) acc[m][c] = accumulate ? simd::load(out + m * G + g0 + c * kWidth) : simd::splat(0.f);
+      for (int c = 0; c < C; ++c) acc[m][c] = accumulate ? simd::load(out + m * ldo + g0 + c * kWidth) : simd::splat(0.f);
     for (int64_t j = 0; j < R; ++j) {
       vfloat u[C];
       AMNETS_UNROLL
-      for (int c = 0; c < C; ++c) u[c] = simd::load(ut + j * G + g0 + c * kWidth);
+      for (int c = 0; c < C; ++c) u[c] = simd::load(ut + j * ldu + g0 + c * kWidth);
       AMNETS_UNROLL
       for (int m = 0; m < MT; ++m) {
         const vfloat sm = simd::splat(s[m * lds + j]);
@@ -206,27 +223,62 @@ AMNETS_INLINE void expand_rows(const float* ut, int64_t R, int64_t G, const floa
     AMNETS_UNROLL
     for (int m = 0; m < MT; ++m)
       AMNETS_UNROLL
-      for (int c = 0; c < C; ++c) simd::store(out + m * G + g0 + c * kWidth, acc[m][c]);
+      for (int c = 0; c < C; ++c) simd::store(out + m * ldo + g0 + c * kWidth, acc[m][c]);
   }
-  for (int64_t g = g0; g < G; ++g) {  // the last G % 64 outputs
+  for (; g0 + kWidth <= G; g0 += kWidth) {  // then 16 at a time, four sums over j in flight
+    vfloat acc[4][MT] = {};
+    int64_t j = 0;
+    for (; j + 4 <= R; j += 4) {
+      AMNETS_UNROLL
+      for (int q = 0; q < 4; ++q) {
+        const vfloat u = simd::load(ut + (j + q) * ldu + g0);
+        AMNETS_UNROLL
+        for (int m = 0; m < MT; ++m) acc[q][m] += u * simd::splat(s[m * lds + j + q]);
+      }
+    }
+    for (; j < R; ++j) {
+      const vfloat u = simd::load(ut + j * ldu + g0);
+      AMNETS_UNROLL
+      for (int m = 0; m < MT; ++m) acc[0][m] += u * simd::splat(s[m * lds + j]);
+    }
+    AMNETS_UNROLL
     for (int m = 0; m < MT; ++m) {
-      float sum = accumulate ? out[m * G + g] : 0.f;
-      for (int64_t j = 0; j < R; ++j) sum += ut[j * G + g] * s[m * lds + j];
-      out[m * G + g] = sum;
+      const vfloat sum = (acc[0][m] + acc[1][m]) + (acc[2][m] + acc[3][m]);
+      simd::store(out + m * ldo + g0, accumulate ? simd::load(out + m * ldo + g0) + sum : sum);
+    }
+  }
+  for (int64_t g = g0; g < G; ++g) {  // the last G % 16 outputs
+    for (int m = 0; m < MT; ++m) {
+      float sum = accumulate ? out[m * ldo + g] : 0.f;
+      for (int64_t j = 0; j < R; ++j) sum += ut[j * ldu + g] * s[m * lds + j];
+      out[m * ldo + g] = sum;
     }
   }
 }
 
-AMNETS_CLONES void expand(const float* ut, int64_t R, int64_t G, const float* s, int64_t M, float* out,
-                          bool accumulate) {
+// Outputs [g0, g1) of out (M, ldo) (+)= s (M, R, row stride lds) U, U given as ut (R, ldu).
+AMNETS_CLONES void expand_range(const float* ut, int64_t R, int64_t ldu, const float* s, int64_t lds, int64_t M,
+                                float* out, int64_t ldo, bool accumulate, int64_t g0, int64_t g1) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) expand_rows<4>(ut, R, G, s + m * R, R, out + m * G, accumulate);
+  const float* u = ut + g0;
+  float* o = out + g0;
+  const int64_t G = g1 - g0;
+  for (; m + 4 <= M; m += 4) expand_rows<4>(u, R, G, ldu, s + m * lds, lds, o + m * ldo, ldo, accumulate);
   switch (M - m) {
-    case 3: return expand_rows<3>(ut, R, G, s + m * R, R, out + m * G, accumulate);
-    case 2: return expand_rows<2>(ut, R, G, s + m * R, R, out + m * G, accumulate);
-    case 1: return expand_rows<1>(ut, R, G, s + m * R, R, out + m * G, accumulate);
+    case 3: return expand_rows<3>(u, R, G, ldu, s + m * lds, lds, o + m * ldo, ldo, accumulate);
+    case 2: return expand_rows<2>(u, R, G, ldu, s + m * lds, lds, o + m * ldo, ldo, accumulate);
+    case 1: return expand_rows<1>(u, R, G, ldu, s + m * lds, lds, o + m * ldo, ldo, accumulate);
     default: return;
   }
+}
+
+// out (M, G) (+)= s U for ut (R, G); threads split the outputs (in 64s) when there is enough work.
+void expand(const float* ut, int64_t R, int64_t G, const float* s, int64_t lds, int64_t M, float* out,
+            bool accumulate) {
+  const int64_t chunks = (G + 63) / 64, grain = R * G * M < (1 << 18) ? chunks : 1;
+  at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
+    expand_range(ut, R, G, s, lds, M, out, G, accumulate, c0 * 64, std::min(G, c1 * 64));
+  });
 }
 
 // y (M, N) = x (M, pad, row stride ldx) W^T. Below ~256K multiply-adds it stays on this thread: a parallel
@@ -258,7 +310,7 @@ Tensor own_float(const Tensor& t) { return t.to(at::kFloat).contiguous().clone()
 struct Layer {
   int64_t in = 0, hidden = 0, pad = 0;    // pad: the row stride of [x | h | 0] both branches read
   Bsr full, kept;                          // kept: sparse cheap branch
-  Tensor ut_ih, v_ih, ut_hh, v_hh;         // lowrank cheap branch, float; U transposed (r, 4H)
+  Tensor vt_ih, ut_ih, vt_hh, ut_hh;       // lowrank cheap branch, float, transposed: V^T (D, r), U^T (r, 4H)
   Tensor bias;                             // float (4H,)
 };
 
@@ -267,7 +319,7 @@ struct Work {
   float *h_ptr = nullptr, *c_ptr = nullptr;  // (L, B, H) float state
   std::vector<char> full;                  // (B, n_dec): the row takes the full branch
   std::vector<float> inp, z, gates;        // (B, width), (B, pad), (B, 4H)
-  std::vector<float> zg, gg, xs, hs, s_ih, s_hh;  // rows gathered for one branch
+  std::vector<float> zg, gg, s_ih, s_hh;   // rows gathered for one branch; low-rank V x, V h
   std::vector<float> ain, hid, logit;      // arbitrator
   std::vector<float> xt;                   // x transposed, for many rows
   std::vector<int64_t> full_rows, cheap_rows;
@@ -324,8 +376,8 @@ struct FrameEngine : torch::CustomClassHolder {
       if (lowrank) {
         checks::lowrank_lstm(kOp, t[0].new_empty({0, in}), t[0].new_empty({0, hidden}), t[0].new_empty({0, hidden}),
                              t[1], t[2], t[3], t[4], t[5], false);
-        layer.ut_ih = own_float(t[1].t()), layer.v_ih = own_float(t[2]);
-        layer.ut_hh = own_float(t[3].t()), layer.v_hh = own_float(t[4]);
+        layer.ut_ih = own_float(t[1].t()), layer.vt_ih = own_float(t[2].t());
+        layer.ut_hh = own_float(t[3].t()), layer.vt_hh = own_float(t[4].t());
       } else {
         layer.kept = own_bsr(t[1], t[2], t[3], 4 * hidden, in + hidden);
         TORCH_CHECK_TYPE(t[1].scalar_type() == dtype, kOp, ": the kept blocks must have the weights' dtype");
@@ -375,11 +427,12 @@ struct FrameEngine : torch::CustomClassHolder {
     const bool f32 = dtype == at::kFloat;
     const auto as_float = x_in.options().dtype(at::kFloat);
     // The state lives in h_n / c_n (float) while the chunk runs; bf16 models get it converted at the end.
-    Tensor h_n = at::empty({L, B, H}, as_float), c_n = at::empty({L, B, H}, as_float);
+    // empty_cpu: the allocation without a trip through the dispatcher (four of them are most of a call's cost).
+    Tensor h_n = at::detail::empty_cpu({L, B, H}, as_float), c_n = at::detail::empty_cpu({L, B, H}, as_float);
     load_float(h0, h_n.data_ptr<float>()), load_float(c0, c_n.data_ptr<float>());
-    Tensor out = at::empty({B, T, H}, as_float);
-    Tensor decisions = at::empty(per_layer ? at::IntArrayRef{B, T, n_dec} : at::IntArrayRef{B, T},
-                                 x_in.options().dtype(at::kBool));
+    Tensor out = at::detail::empty_cpu({B, T, H}, as_float);
+    Tensor decisions = at::detail::empty_cpu(per_layer ? at::IntArrayRef{B, T, n_dec} : at::IntArrayRef{B, T},
+                                             x_in.options().dtype(at::kBool));
     thread_local Work w;
     w.h_ptr = h_n.data_ptr<float>(), w.c_ptr = c_n.data_ptr<float>();
     const Tensor x = f32 ? x_in.contiguous() : x_in.to(at::kFloat).contiguous();
@@ -481,21 +534,15 @@ struct FrameEngine : torch::CustomClassHolder {
     }
   }
 
-  // gates (n, 4H) = U_ih (V_ih x) + U_hh (V_hh h) for rows z (n, pad) = [x | h | 0].
+  // gates (n, 4H) = U_ih (V_ih x) + U_hh (V_hh h) for rows z (n, pad) = [x | h | 0]: four products, each as
+  // axpys over the transposed factor (expand), x and h read in place from z.
   void lowrank_gates(const Layer& layer, Work& w, const float* z, int64_t pad, int64_t n, float* gates) const {
-    const int64_t D = layer.in, H = hidden, r_ih = layer.v_ih.size(0), r_hh = layer.v_hh.size(0);
-    w.xs.resize(n * D), w.hs.resize(n * H), w.s_ih.resize(n * r_ih), w.s_hh.resize(n * r_hh);
-    for (int64_t i = 0; i < n; ++i) {
-      std::memcpy(w.xs.data() + i * D, z + i * pad, D * sizeof(float));
-      std::memcpy(w.hs.data() + i * H, z + i * pad + D, H * sizeof(float));
-    }
-    for (int64_t i0 = 0; i0 < n; i0 += kMaxDotBatch) {
-      const int64_t m = std::min(kMaxDotBatch, n - i0);
-      small_batch_mm(w.xs.data() + i0 * D, m, layer.v_ih.data_ptr<float>(), r_ih, D, w.s_ih.data() + i0 * r_ih, false);
-      small_batch_mm(w.hs.data() + i0 * H, m, layer.v_hh.data_ptr<float>(), r_hh, H, w.s_hh.data() + i0 * r_hh, false);
-    }
-    expand(layer.ut_ih.data_ptr<float>(), r_ih, 4 * H, w.s_ih.data(), n, gates, false);
-    expand(layer.ut_hh.data_ptr<float>(), r_hh, 4 * H, w.s_hh.data(), n, gates, true);
+    const int64_t D = layer.in, H = hidden, r_ih = layer.vt_ih.size(1), r_hh = layer.vt_hh.size(1);
+    w.s_ih.resize(n * r_ih), w.s_hh.resize(n * r_hh);
+    expand(layer.vt_ih.data_ptr<float>(), D, r_ih, z, pad, n, w.s_ih.data(), false);
+    expand(layer.vt_hh.data_ptr<float>(), H, r_hh, z + D, pad, n, w.s_hh.data(), false);
+    expand(layer.ut_ih.data_ptr<float>(), r_ih, 4 * H, w.s_ih.data(), r_ih, n, gates, false);
+    expand(layer.ut_hh.data_ptr<float>(), r_hh, 4 * H, w.s_hh.data(), r_hh, n, gates, true);
   }
 };
 

@@ -1,0 +1,140 @@
+"""python -m benchmarks.frame_engine [--quick] [--threads N]: the streaming frame engine against its targets
+(the path users run: AmNetsEncoder.streamer(), one call per frame or per chunk, B=1 unless said).
+
+Rows (candidates of a row are timed interleaved, ROUNDS rounds, each the mean over a ~0.2 s loop; the ratios
+are medians of the per-round ratios; 1 thread pinned by default):
+  H=192 x2, D=240, sparse 0.8 b=32 / lowrank r=48: arbitrated all-cheap frame / dense frame (the arbitrator runs
+      and decides cheap: threshold 1), goal 1 - 0.9 (1 - MAC ratio);
+  tiny model (D=8, H=16 x2): an arbitrated frame / one tiny torch.mm (1x8 @ 8x8), goal <= 8;
+  dense frame through the engine (force full) / stock nn.LSTM stepped one frame per call with its state, at
+      H=192 and H=1024, goal <= 0.5;
+  H=1024 x3, D=240: all-cheap / all-full frame, goal <= 0.1;
+  H=1024 x3, B=64, chunks of 10 frames: t(f) / (f t_full + (1 - f) t_cheap) at f = 0.25, 0.5, 0.75, goal <= 1.2
+      (the first round(f * 64) rows full on every frame).
+The weights of each model are one set (cache-resident where they fit: 2 x 1.3 MB at H=192; the H=1024 layers,
+32 MB each, stream from memory); the machine is named in the output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from amnets.encoder import AmNetsEncoder
+
+from .__main__ import cpu_model
+
+
+def mean_us(fn, seconds: float) -> float:
+    for _ in range(3):
+        fn()
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        fn()
+        calls += 1
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def interleaved(candidates: dict, rounds: int, seconds: float) -> dict:
+    """{name: [us per round]} with the candidates taking turns in every round."""
+    times = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            times[name].append(mean_us(fn, seconds))
+    return times
+
+
+def ratio(times: dict, top: str, bottom) -> float:
+    """Median over rounds of times[top] / bottom(round)."""
+    return statistics.median(t / bottom(i) for i, t in enumerate(times[top]))
+
+
+def frame(streamer, x):
+    return lambda: streamer(x)
+
+
+def encoder(d, h, layers, cheap, **kw) -> AmNetsEncoder:
+    torch.manual_seed(0)
+    return AmNetsEncoder(d, h, num_layers=layers, cheap=cheap, sparsity=0.8, block_size=32, rank=kw.get("rank", 48)).eval()
+
+
+def lstm_stepper(enc: AmNetsEncoder, x):
+    lstm = torch.nn.LSTM(enc.input_size, enc.hidden_size, enc.num_layers, batch_first=True).eval()
+    state = [None]
+
+    def step():
+        with torch.no_grad():
+            _, state[0] = lstm(x, state[0])
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: small sizes, 1 round")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rounds, seconds = (1, 0.05) if args.quick else (5, 0.2)
+    big = 128 if args.quick else 1024
+    print(f"# frame engine: {cpu_model()}, {args.threads} thread(s), torch {torch.__version__}, {rounds} rounds\n")
+    print("| row | measured | goal | met |\n|---|---|---|---|")
+
+    def report(label, value, goal, fmt="{:.3f}", leq=True):
+        met = value <= goal if leq else value >= goal
+        print(f"| {label} | {fmt.format(value)} | {'<=' if leq else '>='} {fmt.format(goal)} | {'yes' if met else 'no'} |")
+
+    for cheap in ("sparse", "lowrank"):
+        enc = encoder(240, 192, 2, cheap)
+        x = torch.randn(1, 1, 240)
+        macs = enc.macs_per_frame("cheap") / enc.macs_per_frame("full")
+        times = interleaved({"cheap": frame(enc.streamer(threshold=1.0), x),
+                             "dense": frame(enc.streamer(force="full"), x)}, rounds, seconds)
+        value = ratio(times, "cheap", lambda i: times["dense"][i])
+        report(f"H=192 x2 {cheap}: arbitrated all-cheap / dense frame ({statistics.median(times['cheap']):.1f} / "
+               f"{statistics.median(times['dense']):.1f} us; MAC ratio {macs:.2f})", value, 1 - 0.9 * (1 - macs))
+
+    tiny = encoder(8, 16, 2, "sparse")
+    a, b = torch.randn(1, 8), torch.randn(8, 8)
+    times = interleaved({"frame": frame(tiny.streamer(), torch.randn(1, 1, 8)), "mm": lambda: torch.mm(a, b)},
+                        rounds, seconds)
+    report(f"tiny model (D=8, H=16 x2): arbitrated frame / tiny torch.mm ({statistics.median(times['frame']):.1f} / "
+           f"{statistics.median(times['mm']):.2f} us)", ratio(times, "frame", lambda i: times["mm"][i]), 8.0,
+           "{:.1f}")
+
+    for hidden in (192, big):
+        enc = encoder(240, hidden, 2, "sparse")
+        x = torch.randn(1, 1, 240)
+        times = interleaved({"engine": frame(enc.streamer(force="full"), x), "nn.LSTM": lstm_stepper(enc, x)},
+                            rounds, seconds)
+        report(f"H={hidden} x2: dense frame through the engine / nn.LSTM stepped per frame "
+               f"({statistics.median(times['engine']):.1f} / {statistics.median(times['nn.LSTM']):.1f} us)",
+               ratio(times, "engine", lambda i: times["nn.LSTM"][i]), 0.5)
+
+    for cheap in ("sparse", "lowrank"):
+        enc = encoder(240, big, 3, cheap, rank=128)
+        x = torch.randn(1, 1, 240)
+        times = interleaved({"cheap": frame(enc.streamer(force="cheap"), x),
+                             "full": frame(enc.streamer(force="full"), x)}, rounds, seconds)
+        report(f"H={big} x3 {cheap}: all-cheap / all-full frame ({statistics.median(times['cheap']):.0f} / "
+               f"{statistics.median(times['full']):.0f} us)", ratio(times, "cheap", lambda i: times["full"][i]), 0.1)
+
+    batch, chunk = 64, 10
+    for cheap in ("sparse", "lowrank"):
+        enc = encoder(240, big, 3, cheap, rank=128)
+        x = torch.randn(batch, chunk, 240)
+        candidates = {f: frame(enc.streamer(batch=batch, force=torch.arange(batch) < round(f * batch)), x)
+                      for f in (0.0, 0.25, 0.5, 0.75, 1.0)}
+        times = interleaved(candidates, rounds, seconds)
+        for f in (0.25, 0.5, 0.75):
+            value = ratio(times, f, lambda i: f * times[1.0][i] + (1 - f) * times[0.0][i])
+            report(f"H={big} x3 {cheap} B={batch}, f={f}: t(f) / interpolation ({statistics.median(times[f]) / chunk:.0f}"
+                   f" us a frame; all-cheap {statistics.median(times[0.0]) / chunk:.0f}, all-full "
+                   f"{statistics.median(times[1.0]) / chunk:.0f})", value, 1.2)
+
+
+if __name__ == "__main__":
+    main()
