@@ -14,9 +14,9 @@
 // needs 16 of them per 16 outputs, which costs more than the arithmetic at density 0.2); for many rows
 // 16 rows of x are one vector and the weights are broadcast.
 // Mixed batches group rows by branch: the full rows pay for the dense weights once, the cheap rows for the
-// cheap ones. Weights are fp32 or bf16 (read as bf16, computed in fp32); for bf16 models h and c are
-// rounded to bf16 after every step, as the bf16 state tensors between chunks hold them, so that chunks
-// continue exactly.
+// cheap ones; 8 or more full rows of an fp32 model are one ATen GEMM call (MKL), the one ATen op on the way.
+// Weights are fp32 or bf16 (read as bf16, computed in fp32); for bf16 models h and c are rounded to bf16
+// after every step, as the bf16 state tensors between chunks hold them, so that chunks continue exactly.
 
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
@@ -41,6 +41,7 @@ namespace {
 using at::Tensor;
 constexpr const char* kOp = "FrameEngine";
 constexpr int64_t kDenseBlock = 32;
+constexpr int64_t kGemmRows = 8;  // full-branch rows from which the dense product is a GEMM call
 
 // A block-sparse matrix owned by the engine, blocks transposed: values_t[k][j][i] = W_k[i][j].
 struct Bsr {
@@ -310,6 +311,7 @@ Tensor own_float(const Tensor& t) { return t.to(at::kFloat).contiguous().clone()
 struct Layer {
   int64_t in = 0, hidden = 0, pad = 0;    // pad: the row stride of [x | h | 0] both branches read
   Bsr full, kept;                          // kept: sparse cheap branch
+  Tensor dense;                            // fp32 models: [W_ih | W_hh] row-major, for the full branch's GEMM
   Tensor vt_ih, ut_ih, vt_hh, ut_hh;       // lowrank cheap branch, float, transposed: V^T (D, r), U^T (r, 4H)
   Tensor bias;                             // float (4H,)
 };
@@ -373,6 +375,7 @@ struct FrameEngine : torch::CustomClassHolder {
       TORCH_CHECK_VALUE(hidden == 0 || layer.hidden == hidden, kOp, ": every layer must have one hidden size");
       hidden = layer.hidden;
       layer.full = dense_as_bsr(t[0]);
+      if (dtype == at::kFloat) layer.dense = t[0].contiguous().clone();
       if (lowrank) {
         checks::lowrank_lstm(kOp, t[0].new_empty({0, in}), t[0].new_empty({0, hidden}), t[0].new_empty({0, hidden}),
                              t[1], t[2], t[3], t[4], t[5], false);
@@ -524,7 +527,14 @@ struct FrameEngine : torch::CustomClassHolder {
       for (int64_t i = 0; i < n; ++i) std::memcpy(w.zg.data() + i * pad, z + which[i] * pad, pad * sizeof(float));
       z = w.zg.data(), gates = w.gg.data();
     }
-    if (full || !lowrank) {
+    if (full && n >= kGemmRows && layer.dense.defined()) {
+      // Many full rows are compute-bound: ATen's GEMM (MKL) is the fastest dense step there is, and the
+      // dense baseline must not be slowed by our kernel (~20 vs ~35 GMAC/s on one core at B=64).
+      const auto f32 = layer.dense.options();
+      Tensor y = at::from_blob(gates, {n, 4 * hidden}, f32);
+      at::mm_out(y, at::from_blob(const_cast<float*>(z), {n, pad}, f32).narrow(1, 0, layer.dense.size(1)),
+                 layer.dense.t());
+    } else if (full || !lowrank) {
       matmul_rows(full ? layer.full : layer.kept, z, pad, n, gates, w.xt);
     } else {
       lowrank_gates(layer, w, z, pad, n, gates);
