@@ -4,7 +4,9 @@ Amortized Neural Networks: Macoskey, Strimel, Su, Rastrow, "Amortized Neural Net
 Speech Recognition", Interspeech 2021. An RNN-T whose LSTM encoder picks, frame by frame, a full
 branch or a cheap one (block-sparse or low-rank), chosen by a small arbitrator network.
 
-  AmNetsEncoder   the switching encoder: forward() to train, stream() for kernel inference
+  AmNetsEncoder   the switching encoder: forward() to train, stream() / streamer() for inference on the
+                  native frame engine (one call per chunk of frames)
+  Streamer        what AmNetsEncoder.streamer() returns: a live stream, its state carried from call to call
   AmNetsRNNT      frame stacking + encoder + prediction network + fused joint RNN-T loss
   simulate_latency  user-perceived latency, real-time factor and backlog from per-frame costs
   amnets.data     espeak-ng corpus, LibriSpeech reader, character tokenizer, log-mel, dataset + collate
@@ -38,8 +40,8 @@ Choices the paper leaves open, each a knob (default in brackets):
 
 __version__ = "0.1.0"
 
-from .encoder import AmNetsEncoder, lstm_pointwise  # noqa: E402
+from .encoder import AmNetsEncoder, Streamer, lstm_pointwise  # noqa: E402
 from .latency import simulate_latency  # noqa: E402
 from .model import AmNetsRNNT, stack_frames  # noqa: E402
 
-__all__ = ["AmNetsEncoder", "AmNetsRNNT", "lstm_pointwise", "simulate_latency", "stack_frames"]
+__all__ = ["AmNetsEncoder", "AmNetsRNNT", "Streamer", "lstm_pointwise", "simulate_latency", "stack_frames"]

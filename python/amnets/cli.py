@@ -378,7 +378,7 @@ def stream_frame_costs(models: list[AmNetsRNNT], feats, repeats: int = 3) -> lis
         for u, f in enumerate(feats):
             for m, model in enumerate(models):
                 x, _ = stack_frames(f[None], torch.tensor([len(f)]), model.stack, model.stack_tail)
-                model.encoder.stream(x[:, :1])  # warm-up: builds the encoder's prepared steps
+                model.encoder.stream(x[:, :1])  # warm-up: builds the encoder's frame engine
                 state, mine = None, []
                 for t in range(x.shape[1]):
                     start = time.perf_counter()
