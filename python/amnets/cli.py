@@ -365,8 +365,9 @@ def evaluate(model: AmNetsRNNT, dataset: SpeechDataset, batch_size: int = 16) ->
 
 @torch.no_grad()
 def stream_frame_costs(models: list[AmNetsRNNT], feats, repeats: int = 3) -> list[list[list[float]]]:
-    """Seconds per encoder frame of AmNetsEncoder.stream at B=1, one frame per call with the state carried
-    (as a live stream runs): [model][utterance][frame], for feats, a list of (T, 80) tensors.
+    """Seconds per encoder frame at B=1, one frame per call of the encoder's streamer (AmNetsEncoder.streamer:
+    the frame engine, state carried from call to call, as a live stream runs): [model][utterance][frame],
+    for feats, a list of (T, 80) tensors.
 
     The models take turns utterance by utterance, and each frame's cost is the median of `repeats`
     passes, so that a machine whose speed drifts (a shared VM) does not favour the model timed first.
@@ -378,11 +379,13 @@ def stream_frame_costs(models: list[AmNetsRNNT], feats, repeats: int = 3) -> lis
         for u, f in enumerate(feats):
             for m, model in enumerate(models):
                 x, _ = stack_frames(f[None], torch.tensor([len(f)]), model.stack, model.stack_tail)
-                model.encoder.stream(x[:, :1])  # warm-up: builds the encoder's frame engine
-                state, mine = None, []
+                live = model.encoder.streamer()  # a new stream: zero state
+                live(x[:, :1])  # warm-up
+                live.reset()
+                mine = []
                 for t in range(x.shape[1]):
                     start = time.perf_counter()
-                    _, state, _ = model.encoder.stream(x[:, t:t + 1], state)
+                    live(x[:, t:t + 1])
                     mine.append(time.perf_counter() - start)
                 runs[m][u].append(mine)
     return [[[statistics.median(frame) for frame in zip(*passes)] for passes in per_utt] for per_utt in runs]
