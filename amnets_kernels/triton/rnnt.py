@@ -67,14 +67,14 @@ ACTIVATIONS = {"tanh": 0, "relu": 1, "identity": 2}
 
 @triton.jit
 def _logaddexp(a, b):
-    """log(exp(a) + exp(b)); -inf (not NaN, and no log(0)) when both are -inf; NaN when either is NaN
-    (tl.maximum drops a NaN operand: a NaN log-prob must still make its sequence's cost NaN)."""
-    m = tl.maximum(a, b)
+    """log(exp(a) + exp(b)); -inf (not NaN, and no log(0)) when both are -inf; NaN when either is NaN, so
+    that a NaN log-prob makes its sequence's cost NaN. Selects, not tl.maximum, which drops a NaN operand:
+    a NaN makes s NaN, and `s < 1` is false for NaN, so it reaches the log."""
+    m = tl.where(a > b, a, b)
     none = m == float("-inf")
     m = tl.where(none, 0.0, m)
     s = tl.exp(a - m) + tl.exp(b - m)  # in [1, 2] unless both are -inf
-    out = tl.where(none, float("-inf"), m + tl.log(tl.maximum(s, 1.0)))
-    return tl.where((a != a) | (b != b), a + b, out)
+    return tl.where(none, float("-inf"), m + tl.log(tl.where(s < 1.0, 1.0, s)))
 
 
 @triton.jit
@@ -94,9 +94,9 @@ def _lse_update(m, s, x):
 @triton.jit
 def _lse_finish(m, s):
     # s >= 1 whenever m is finite (the maximum contributes exp(0)). A NaN or +inf logit makes s NaN
-    # (exp(NaN), exp(inf - inf)): the denominator is then NaN, as on the other faces.
-    den = tl.where(m == float("-inf"), float("-inf"), m + tl.log(tl.maximum(s, 1.0)))
-    return tl.where(s != s, s, den)
+    # (exp(NaN), exp(inf - inf)), and `s < 1` is false for NaN: the denominator is then NaN, as on the
+    # other faces (tl.maximum(s, 1) would drop it).
+    return tl.where(m == float("-inf"), float("-inf"), m + tl.log(tl.where(s < 1.0, 1.0, s)))
 
 
 @triton.jit
