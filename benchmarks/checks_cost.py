@@ -6,6 +6,9 @@ Rows (1 thread, fp32, B=1 unless said; microseconds per call, the mean over a ti
   bsr_linear 32x32, M=1                            the same on a tiny matrix: host cost only
   PreparedBsrLstmCell H=192 D=240 b=32 d=0.2       one streaming LSTM step of the pruned branch
   stream frame H=192 x2, sparse / lowrank           AmNetsEncoder.stream, one frame per call, arbitrated
+  pattern check, 2,048 / 16,384 blocks             the compiled index check alone (every CPU kernel runs it),
+                                                   called from Python (~2.5 us of the figure is that call)
+  bsr_linear 4096x2048 b=16 d=0.5 M=1              the op whose 16,384 blocks that check guards
 
 With --against DIR, each round runs this file once with DIR's packages first on the path (DIR is a checkout
 with its extension built in place) and once with this checkout's, alternating, ROUNDS rounds; it prints the
@@ -64,6 +67,14 @@ def measure() -> dict:
                 _, state[0], _ = enc.stream(frame, state[0])
 
             rows[f"stream frame H=192 x2 {cheap}"] = per_call_us(one_frame)
+        check = getattr(getattr(torch.ops, "amnets_native"), "bsr_check_pattern", None)
+        b16 = ak.BlockSparseMatrix.from_dense(torch.randn(4096, 2048), block_size=16, sparsity=0.5)
+        if check is not None:  # an older checkout has no such op (A/B)
+            for w, b in ((big, 32), (b16, 16)):
+                rows[f"pattern check, {w.nnzb} blocks"] = per_call_us(
+                    lambda w=w, b=b: check(w.crow_indices, w.col_indices, w.nnzb, b, 4096, 2048, "x"))
+        x1 = torch.randn(1, 2048)
+        rows["bsr_linear 4096x2048 b=16 d=0.5 M=1"] = per_call_us(lambda: ak.bsr_linear(x1, b16))
     return rows
 
 
@@ -93,7 +104,7 @@ def main() -> None:
         base.append(run_in(os.path.abspath(args.against)))
         this.append(run_in(HERE))
     print(f"{'row':48s} {'other us':>9s} {'this us':>9s} {'this/other':>10s}  (medians of {args.rounds} rounds)")
-    for label in this[0]:
+    for label in [label for label in this[0] if label in base[0]]:
         ratio = statistics.median(t[label] / b[label] for t, b in zip(this, base))
         print(f"{label:48s} {statistics.median(b[label] for b in base):9.1f} "
               f"{statistics.median(t[label] for t in this):9.1f} {ratio:10.3f}")
