@@ -30,8 +30,8 @@ def main() -> None:
     rows = [
         ("native C++ op (the cpu face's kernel)", lambda: native(x, *args)),
         ("argument validation, shapes only", lambda: _validate.bsr_linear("bsr_linear", x, *args, data=False)),
-        ("argument validation with index data (cached)", lambda: _validate.bsr_linear("bsr_linear", x, *args,
-                                                                                      data=True)),
+        ("argument validation with index data (compiled check, every call on CPU)",
+         lambda: _validate.bsr_linear("bsr_linear", x, *args, data=True)),
         ("face resolution", lambda: _backend.resolve("bsr_linear", x.device)),
         ("slow-path check", lambda: bsr._say_if_slow(x, w.values)),
         ("eager-inference check", lambda: eager_inference(x, w.values, None)),
