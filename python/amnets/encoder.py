@@ -397,23 +397,22 @@ class AmNetsEncoder(nn.Module):
 # the native frame engine
 
 
-def _version(t: Tensor):
-    try:
-        return t._version
-    except RuntimeError:  # an inference tensor keeps no version counter
-        return None
-
-
 # The pybind11 binding (a call costs ~1 us; the same engine is torch.classes.amnets_native.FrameEngine for
 # TorchScript and C++). None: an extension built without it, or not loaded: stream() runs the prepared steps.
 _ENGINE = getattr(getattr(ak._backend, "_C", None), "FrameEngine", None)
 _CHEAP_OPS = {"sparse": "bsr_linear", "lowrank": "lowrank_lstm_cell"}
+_version = ak._validate.version  # None for an inference tensor (no version counter)
+
+
+def _engine_force(force) -> tuple:
+    """The engine's (code, rows) for a checked force: None -> the arbitrator decides (-1), a bool -> every
+    row full (1) or cheap (0), a (B,) bool tensor -> per row (2)."""
+    return (-1, None) if force is None else (int(force), None) if isinstance(force, bool) else (2, force)
 
 
 def _run_engine(engine, x: Tensor, state, force, threshold):
-    """stream()'s result from the engine, on checked arguments (force None, a bool or a (B,) bool tensor)."""
-    code, rows = (-1, None) if force is None else (int(force), None) if isinstance(force, bool) else (2, force)
-    out, h, c, dec = engine.run(x, state[0], state[1], code, rows, _logit(threshold))
+    """stream()'s result from the engine, on checked arguments."""
+    out, h, c, dec = engine.run(x, state[0], state[1], *_engine_force(force), _logit(threshold))
     return out, (h, c), dec
 
 
@@ -431,9 +430,7 @@ class Streamer:
         _, self._force, self._threshold = _check_stream(encoder, probe, None, force, threshold)
         self._engine = encoder.frame_engine(probe.device, probe.dtype)
         self.native = self._engine is not None
-        force = self._force
-        self._code, self._rows = (-1, None) if force is None else (int(force), None) if isinstance(force, bool) \
-            else (2, force)
+        self._code, self._rows = _engine_force(self._force)
         self._cut = _logit(self._threshold)
         self.reset()
 
