@@ -62,34 +62,6 @@ def _from_env() -> str:
     return name
 
 
-_default = _from_env()
-_override: contextvars.ContextVar[str | None] = contextvars.ContextVar("amnets_backend", default=None)
-_last: dict[str, str] = {}
-_warned: set[tuple[str, str]] = set()
-
-
-def set_backend(name: str) -> None:
-    """Choose the face every op uses from now on (process-wide); see `use_backend` for a scope."""
-    global _default
-    _default = _check_name(name)
-
-
-def get_backend() -> str:
-    """The backend in force here: the innermost `use_backend`, else `set_backend`, else AMNETS_BACKEND."""
-    scoped = _override.get()
-    return _default if scoped is None else scoped
-
-
-@contextlib.contextmanager
-def use_backend(name: str):
-    """`with use_backend("cpu"): ...` runs the block with that face (context-local, nests)."""
-    token = _override.set(_check_name(name))
-    try:
-        yield
-    finally:
-        _override.reset(token)
-
-
 # ---------------------------------------------------------------------------------------------------
 # The compiled extension. It may be absent (a pure-Python checkout); then its faces say why.
 
@@ -100,6 +72,62 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only on broken installs
     _C = None
     EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
+
+
+class _PythonState:
+    """The backend in force when the compiled extension did not load; otherwise it lives in C++
+    (csrc/face.h), where the compiled ops read it, and amnets_kernels._C reads and sets it: the same
+    functions there."""
+
+    def __init__(self):
+        self._default = "auto"
+        self._override: contextvars.ContextVar[str | None] = contextvars.ContextVar("amnets_backend", default=None)
+        self._last: dict[str, str] = {}
+
+    def get_backend(self) -> str:
+        scoped = self._override.get()
+        return self._default if scoped is None else scoped
+
+    def set_backend(self, name: str) -> None:
+        self._default = name
+
+    def push_backend(self, name: str):
+        return self._override.set(name)
+
+    def pop_backend(self, token) -> None:
+        self._override.reset(token)
+
+    def last_face(self, op: str) -> str:
+        return self._last.get(op, "")
+
+    def note_face(self, op: str, face: str) -> None:
+        self._last[op] = face
+
+
+_state = _C if _C is not None else _PythonState()
+_state.set_backend(_from_env())
+_warned: set[tuple[str, str]] = set()
+
+
+def set_backend(name: str) -> None:
+    """Choose the face every op uses from now on (process-wide); see `use_backend` for a scope."""
+    _state.set_backend(_check_name(name))
+
+
+def get_backend() -> str:
+    """The backend in force here: the innermost `use_backend`, else `set_backend`, else AMNETS_BACKEND."""
+    return _state.get_backend()
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """`with use_backend("cpu"): ...` runs the block with that face (on this thread; nests). Autograd's
+    backward of an op runs under the backend its forward ran under."""
+    token = _state.push_backend(_check_name(name))
+    try:
+        yield
+    finally:
+        _state.pop_backend(token)
 
 
 def _native_has(op: str, dispatch_key: str) -> bool:
@@ -212,7 +240,7 @@ def resolve(op: str, device: torch.device) -> Face:
             f"({unavailable_reason(op, best, device.type)}). It is exact but not fast; "
             f"amnets_kernels.last_face({op!r}) reports which face ran.",
             FallbackWarning, stacklevel=3)
-    _last[op] = face
+    _state.note_face(op, face)
     return _load(op, face)
 
 
@@ -220,7 +248,7 @@ def last_face(op: str) -> str | None:
     """Which face ran `op` most recently in this process (None if it has not run)."""
     if op not in OPS:
         raise ValueError(f"op must be one of {tuple(OPS)}; got {op!r}")
-    return _last.get(op)
+    return _state.last_face(op) or None
 
 
 def build_info() -> dict:

@@ -2,6 +2,8 @@
 // the other files) and exposes what this binary was built with, and the frame engine's Python binding.
 #include <torch/extension.h>
 
+#include "face.h"
+
 #include <string>
 #include <vector>
 
@@ -67,4 +69,13 @@ void bind_frame_engine(pybind11::module_& m);  // csrc/cpu/frame_engine.cpp
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info, "What this binary of amnets_kernels was compiled with.");
   amnets::cpu::bind_frame_engine(m);
+  // The backend in force (csrc/face.h); amnets_kernels._backend is their only user.
+  namespace face = amnets::face;
+  m.def("get_backend", [] { return std::string(face::name(face::current())); });
+  m.def("set_backend", [](const std::string& name) { face::set_default(face::parse(name)); });
+  m.def("push_backend", [](const std::string& name) { return face::set_override(static_cast<int>(face::parse(name))); },
+        "Overrides the backend on this thread; returns the token that pop_backend restores.");
+  m.def("pop_backend", [](int token) { face::set_override(token); });
+  m.def("last_face", [](const std::string& op) { return face::last(face::op_named(op)); });
+  m.def("note_face", [](const std::string& op, const std::string& name) { face::note(face::op_named(op), name); });
 }

@@ -14,8 +14,20 @@
 #include <c10/util/Exception.h>
 
 #include <limits>
+#include <optional>
+#include <string>
 
 namespace amnets::checks {
+
+// Python's spelling of a shape, (3, 11) or (20,), and of a dtype, torch.float32: the messages of
+// amnets_kernels/_validate.py.
+inline std::string py_shape(at::IntArrayRef sizes) {
+  std::string text = "(";
+  for (size_t i = 0; i < sizes.size(); ++i) text += (i ? ", " : "") + std::to_string(sizes[i]);
+  return text + (sizes.size() == 1 ? ",)" : ")");
+}
+
+inline std::string py_dtype(at::ScalarType type) { return "torch." + std::string(c10::getDtypeNames(type).first); }
 
 inline void dims(const char* op, const char* name, const at::Tensor& t, int64_t ndim) {
   TORCH_CHECK_VALUE(t.dim() == ndim, op, ": ", name, " must be ", ndim, "-D; got shape ", t.sizes());
@@ -27,7 +39,7 @@ inline void shape(const char* op, const char* name, const at::Tensor& t, at::Int
 
 inline void index_dtype(const char* op, const char* name, const at::Tensor& t) {
   TORCH_CHECK_TYPE(t.scalar_type() == at::kInt || t.scalar_type() == at::kLong, op, ": ", name,
-                   " must have dtype in (int32, int64); got ", t.scalar_type());
+                   " must have dtype in (int32, int64); got ", py_dtype(t.scalar_type()));
 }
 
 inline void on_cpu(const char* op, const char* name, const at::Tensor& t) {
@@ -124,6 +136,66 @@ inline std::pair<at::Tensor, at::Tensor> bsr_pattern(const char* op, const at::T
   TORCH_CHECK_VALUE(values.size(1) >= 1 && values.size(1) == values.size(2), op,
                     ": values must have shape (nnzb, b, b) with square blocks; got ", values.sizes());
   return bsr_pattern(op, values.size(0), values.size(1), crow, col, out_features, in_features);
+}
+
+// The arguments of the public op torch.ops.amnets.bsr_linear_forward, checked once per call before a
+// face is chosen, with the messages of amnets_kernels/_validate.py (Python's spelling of shapes and
+// dtypes). The index data is read by the kernel (cpu face) or by the op before a Python face.
+
+inline void floating(const char* op, const char* name, const at::Tensor& t) {
+  const auto type = t.scalar_type();
+  TORCH_CHECK_TYPE(type == at::kFloat || type == at::kHalf || type == at::kBFloat16 || type == at::kDouble, op, ": ",
+                   name, " must have dtype in (float32, float16, bfloat16, float64); got ", py_dtype(type));
+}
+
+inline void py_dims(const char* op, const char* name, const at::Tensor& t, int64_t ndim) {
+  TORCH_CHECK_VALUE(t.dim() == ndim, op, ": ", name, " must be ", ndim, "-D; got shape ", py_shape(t.sizes()));
+}
+
+inline void py_shape_is(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef expected,
+                        const char* meaning) {
+  TORCH_CHECK_VALUE(t.sizes() == expected, op, ": ", name, " must have shape ", meaning, py_shape(expected), "; got ",
+                    py_shape(t.sizes()));
+}
+
+// Every tensor on x's device; the floating ones in x's dtype.
+inline void like_x(const char* op, const at::Tensor& x, const char* name, const at::Tensor& t, bool floating) {
+  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device(),
+                    "; all tensors must be on one device");
+  TORCH_CHECK_TYPE(!floating || t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ",
+                   py_dtype(t.scalar_type()), " but x has ", py_dtype(x.scalar_type()), "; they must match");
+}
+
+inline void bsr_linear_args(const char* op, const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow,
+                            const at::Tensor& col, int64_t out_features, int64_t in_features,
+                            const std::optional<at::Tensor>& bias) {
+  floating(op, "x", x);
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least 1 dimension (..., in_features); got a scalar");
+  TORCH_CHECK_VALUE(out_features >= 1, op, ": out_features must be >= 1; got ", out_features);
+  TORCH_CHECK_VALUE(in_features >= 1, op, ": in_features must be >= 1; got ", in_features);
+  TORCH_CHECK_VALUE(x.size(-1) == in_features, op, ": x.shape[-1] must equal in_features = ", in_features,
+                    "; got x of shape ", py_shape(x.sizes()));
+  py_dims(op, "values", values, 3);
+  floating(op, "values", values);
+  const int64_t b = values.size(1);
+  TORCH_CHECK_VALUE(b >= 1 && values.size(2) == b, op, ": values must have shape (nnzb, b, b) with square blocks; got ",
+                    py_shape(values.sizes()));
+  py_dims(op, "crow_indices", crow, 1);
+  index_dtype(op, "crow_indices", crow);
+  py_dims(op, "col_indices", col, 1);
+  index_dtype(op, "col_indices", col);
+  py_shape_is(op, "crow_indices", crow, {(out_features + b - 1) / b + 1}, "(ceil(out_features / b) + 1,) = ");
+  py_shape_is(op, "col_indices", col, {values.size(0)}, "(nnzb,) = ");
+  TORCH_CHECK_TYPE(crow.scalar_type() == col.scalar_type(), op, ": crow_indices (", py_dtype(crow.scalar_type()),
+                   ") and col_indices (", py_dtype(col.scalar_type()), ") must have the same dtype");
+  if (bias.has_value()) {
+    py_dims(op, "bias", *bias, 1);
+    py_shape_is(op, "bias", *bias, {out_features}, "(out_features,) = ");
+  }
+  like_x(op, x, "values", values, true);
+  if (bias.has_value()) like_x(op, x, "bias", *bias, true);
+  like_x(op, x, "crow_indices", crow, false);
+  like_x(op, x, "col_indices", col, false);
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -48,6 +48,18 @@ def run(op: str, direction: str, *args):
     return fn(*[a.contiguous() if isinstance(a, torch.Tensor) else a for a in args])
 
 
+_FACES = torch.library.Library("amnets_faces", "DEF")  # the Python faces of the ops that live in C++
+
+
+def python_face(op: str, direction: str, native_op) -> None:
+    """amnets_faces::<op>_<direction>, with the schema of the C++ op `native_op`: what that op calls when
+    the backend asks for a face it does not have compiled in (the reference, Triton; csrc/face.h). It
+    resolves the face as every Python-routed op does (FaceUnavailableError, FallbackWarning, last_face)."""
+    schema = str(native_op._schema)
+    _FACES.define(f"{op}_{direction}" + schema[schema.index("("):])
+    _FACES.impl(f"{op}_{direction}", lambda *args: run(op, direction, *args), "CompositeExplicitAutograd")
+
+
 def register_autograd(op, backward, setup_context):
     """op.register_autograd, with backward run under the backend that was in force for the forward
     (in eager mode: `with use_backend("cpu"): loss = f(x)` then `loss.backward()` outside it still

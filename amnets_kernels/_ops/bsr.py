@@ -11,9 +11,16 @@ from torch import Tensor
 from .. import _backend, _validate
 from ..formats import BlockSparseMatrix
 from ..reference import acc_dtype, lstm_pointwise
-from . import composite, custom_op, eager_inference, register_autograd, run
+from . import eager_inference, python_face
 
 OP = "bsr_linear"
+
+# The op lives in C++ (csrc/bsr.cpp): torch.ops.amnets.bsr_linear, bsr_linear_forward (autograd) and
+# bsr_linear_backward check their arguments once and run the compiled kernel of the tensors' device, or
+# the Python face registered below when the backend asks for the reference or Triton face.
+_NATIVE = _backend.EXTENSION_ERROR is None
+if _NATIVE:
+    _op, _forward_op = torch.ops.amnets.bsr_linear.default, torch.ops.amnets.bsr_linear_forward.default
 
 
 def bsr_linear(x: Tensor, weight: BlockSparseMatrix, bias: Optional[Tensor] = None) -> Tensor:
@@ -21,39 +28,45 @@ def bsr_linear(x: Tensor, weight: BlockSparseMatrix, bias: Optional[Tensor] = No
 
     Differentiable in x, weight.values (the stored blocks only) and bias.
     """
-    if not isinstance(weight, BlockSparseMatrix):
+    if type(weight) is not BlockSparseMatrix and not isinstance(weight, BlockSparseMatrix):
         raise TypeError(f"{OP}: weight must be an amnets_kernels.BlockSparseMatrix; got "
                         f"{type(weight).__name__} (build one with BlockSparseMatrix.from_dense)")
-    _validate.tensor_types(OP, ("bias",), x=x, bias=bias)
-    args = (weight.values, weight.crow_indices, weight.col_indices, weight.shape[0], weight.shape[1], bias)
-    if eager_inference(x, weight.values, bias):
-        return _forward(x, *args)
-    return torch.ops.amnets.bsr_linear(x, *args)
+    return _call(x, weight.values, weight.crow_indices, weight.col_indices, weight.shape[0], weight.shape[1], bias)
 
 
-@composite("bsr_linear(Tensor x, Tensor values, Tensor crow_indices, Tensor col_indices, "
-           "int out_features, int in_features, Tensor? bias=None) -> Tensor")
-def _bsr_linear(x, values, crow_indices, col_indices, out_features, in_features, bias=None):
-    _validate.bsr_linear(OP, x, values, crow_indices, col_indices, out_features, in_features, bias, data=False)
-    y = torch.ops.amnets.bsr_linear_forward(x.reshape(-1, in_features), values, crow_indices, col_indices,
-                                            out_features, in_features, bias)
-    return y.view(*x.shape[:-1], out_features)
+def _call(x, values, crow_indices, col_indices, out_features, in_features, bias):
+    """The op on x (..., in_features); 2-D x skips the reshaping layer."""
+    if not _NATIVE:
+        raise _backend.FaceUnavailableError(f"{OP} needs the compiled extension amnets_kernels._C "
+                                            f"({_backend.EXTENSION_ERROR})")
+    if values.dtype not in _FAST_DTYPES or values.shape[-1] not in _FAST_BLOCKS:
+        _say_if_slow(x, values)
+    try:
+        if type(x) is Tensor and x.dim() == 2:
+            return _forward_op(x, values, crow_indices, col_indices, out_features, in_features, bias)
+        return _op(x, values, crow_indices, col_indices, out_features, in_features, bias)
+    except RuntimeError:  # torch.ops' own answer to a non-tensor argument: say it as the other checks do
+        _validate.tensor_types(OP, ("bias",), x=x, bias=bias)
+        raise
 
 
 # The compiled faces' fast kernels; other block sizes and dtypes run exact generic code. The warning is
 # raised here rather than by TORCH_WARN in C++: a TORCH_WARN_ONCE from the extension crashed the process
-# under torch 2.11 on the H200 machine (benchmarks/results/nvidia-h200-gpu-suite.log).
+# under torch 2.11 on the H200 machine (benchmarks/results/nvidia-h200-gpu-suite-run1.log).
 _FAST = {"cpu": ({16, 32, 64}, {torch.float32, torch.bfloat16}, "no SIMD kernel",
                  "computing with dense math on the densified blocks"),
          "cuda": ({16, 32, 64}, {torch.float32, torch.float16, torch.bfloat16}, "no fast kernel",
                   "a generic kernel (one thread per output) computes it")}
+_FAST_BLOCKS, _FAST_DTYPES = {16, 32, 64}, {torch.float32, torch.float16, torch.bfloat16}  # either face
 _warned: set = set()
 
 
 def _say_if_slow(x: Tensor, values: Tensor) -> None:
     """Once per (face, block size, dtype): a compiled face without a fast kernel for this call says so."""
-    face = _backend.resolve(OP, x.device).name
-    if face not in _FAST or values.dim() != 3:
+    if not isinstance(x, Tensor) or not isinstance(values, Tensor) or values.dim() != 3:
+        return  # the op's checks answer
+    face = _backend.which_face(OP, x.device)
+    if face not in _FAST:
         return
     blocks, dtypes, what, instead = _FAST[face]
     key = (face, values.shape[1], values.dtype)
@@ -62,7 +75,7 @@ def _say_if_slow(x: Tensor, values: Tensor) -> None:
     _warned.add(key)
     warnings.warn(f"amnets bsr_linear {face} face: {what} for block size {values.shape[1]} and dtype {values.dtype} "
                   f"(kernels exist for b in {sorted(blocks)} and {sorted(str(d) for d in dtypes)}); {instead}: "
-                  "exact, not fast.", stacklevel=2)
+                  "exact, not fast.", stacklevel=4)
 
 
 def _check_rows(op: str, x: Tensor) -> None:
@@ -71,86 +84,24 @@ def _check_rows(op: str, x: Tensor) -> None:
                          "(torch.ops.amnets.bsr_linear takes any leading dims)")
 
 
-@custom_op("bsr_linear_forward")
-def bsr_linear_forward(x: Tensor, values: Tensor, crow_indices: Tensor, col_indices: Tensor,
-                       out_features: int, in_features: int, bias: Optional[Tensor]) -> Tensor:
-    _check_rows(OP, x)
-    return _forward(x, values, crow_indices, col_indices, out_features, in_features, bias)
+if _NATIVE:
+    python_face(OP, "forward", torch.ops.amnets.bsr_linear_forward.default)
+    python_face(OP, "backward", torch.ops.amnets.bsr_linear_backward.default)
 
+    @torch.library.register_fake("amnets::bsr_linear_forward")
+    def _(x, values, crow_indices, col_indices, out_features, in_features, bias):
+        _check_rows(OP, x)
+        _validate.bsr_linear(OP, x, values, crow_indices, col_indices, out_features, in_features, bias, data=False)
+        return x.new_empty(x.shape[0], out_features)
 
-def _reads_indices(x: Tensor) -> bool:
-    """Whether the Python check must read the index data: not for the cpu face, whose kernels check the
-    pattern themselves on every call (csrc/checks.h), so that it is read once per call, not twice."""
-    return _backend.which_face(OP, x.device) != "cpu"
-
-
-def _forward(x, values, crow_indices, col_indices, out_features, in_features, bias):
-    """Checked face call for x (..., in_features): the forward op's body, and bsr_linear's whole path
-    for eager inference (one validation, then the face)."""
-    _validate.bsr_linear(OP, x, values, crow_indices, col_indices, out_features, in_features, bias,
-                         data=_reads_indices(x))
-    return _face_forward(x, values, crow_indices, col_indices, out_features, in_features, bias)
-
-
-def _face_forward(x, values, crow_indices, col_indices, out_features, in_features, bias):
-    """The face call on checked arguments, x (..., in_features)."""
-    _say_if_slow(x, values)
-    y = run(OP, "forward", x.reshape(-1, in_features), values, crow_indices, col_indices, out_features,
-            in_features, bias)
-    return y.view(*x.shape[:-1], out_features)
-
-
-@bsr_linear_forward.register_fake
-def _(x, values, crow_indices, col_indices, out_features, in_features, bias):
-    _check_rows(OP, x)
-    _validate.bsr_linear(OP, x, values, crow_indices, col_indices, out_features, in_features, bias, data=False)
-    return x.new_empty(x.shape[0], out_features)
-
-
-@custom_op("bsr_linear_backward")
-def bsr_linear_backward(grad_out: Tensor, x: Tensor, values: Tensor, crow_indices: Tensor,
-                        col_indices: Tensor, out_features: int, in_features: int, need_x: bool,
-                        need_values: bool) -> tuple[Tensor, Tensor]:
-    _check_backward(grad_out, x, values, crow_indices, col_indices, out_features, in_features,
-                    data=_reads_indices(x))
-    _say_if_slow(x, values)
-    return run(OP, "backward", grad_out, x, values, crow_indices, col_indices, out_features, in_features,
-               need_x, need_values)
-
-
-def _check_backward(grad_out, x, values, crow_indices, col_indices, out_features, in_features, data=False):
-    """The real op reads the index data (_reads_indices): it may be called directly
-    (torch.ops.amnets.bsr_linear_backward), not only by autograd with the forward's checked tensors."""
-    op = "bsr_linear_backward"
-    _check_rows(op, x)
-    _validate.bsr_linear(op, x, values, crow_indices, col_indices, out_features, in_features, None, data=data)
-    _validate.grads_and_saved(op, {"grad_out": (grad_out, (x.shape[0], out_features))})
-
-
-@bsr_linear_backward.register_fake
-def _(grad_out, x, values, crow_indices, col_indices, out_features, in_features, need_x, need_values):
-    _check_backward(grad_out, x, values, crow_indices, col_indices, out_features, in_features)
-    return (x.new_empty(x.shape) if need_x else x.new_empty(0),
-            values.new_empty(values.shape) if need_values else values.new_empty(0))
-
-
-def _setup(ctx, inputs, output):
-    x, values, crow_indices, col_indices, out_features, in_features, bias = inputs
-    ctx.save_for_backward(x, values, crow_indices, col_indices)
-    ctx.features = (out_features, in_features)
-
-
-def _backward(ctx, grad_y):
-    x, values, crow_indices, col_indices = ctx.saved_tensors
-    need_x, need_values = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    grad_x, grad_values = torch.ops.amnets.bsr_linear_backward(
-        grad_y, x, values, crow_indices, col_indices, *ctx.features, need_x, need_values)
-    grad_bias = grad_y.sum(0, dtype=acc_dtype(grad_y.dtype)).to(grad_y.dtype) if ctx.needs_input_grad[6] else None
-    return (grad_x if need_x else None, grad_values if need_values else None, None, None, None, None,
-            grad_bias)
-
-
-register_autograd(bsr_linear_forward, _backward, _setup)
+    @torch.library.register_fake("amnets::bsr_linear_backward")
+    def _(grad_out, x, values, crow_indices, col_indices, out_features, in_features, need_x, need_values):
+        op = "bsr_linear_backward"
+        _check_rows(op, x)
+        _validate.bsr_linear(op, x, values, crow_indices, col_indices, out_features, in_features, None, data=False)
+        _validate.grads_and_saved(op, {"grad_out": (grad_out, (x.shape[0], out_features))})
+        return (x.new_empty(x.shape) if need_x else x.new_empty(0),
+                values.new_empty(values.shape) if need_values else values.new_empty(0))
 
 
 class PreparedBsrLinear:
@@ -180,28 +131,15 @@ class PreparedBsrLinear:
         probe = self.values.new_empty(0, self.in_features)
         _validate.bsr_linear(OP, probe, self.values, self.crow_indices, self.col_indices, self.out_features,
                              self.in_features, self.bias, data=True)
-        self._index_versions = (_validate.version(self.crow_indices), _validate.version(self.col_indices))
 
     def __call__(self, x: Tensor) -> Tensor:
         _validate.prepared_input(OP, "x", x, self.in_features, self.values)
-        args = self.args()
-        if not eager_inference(x, self.values, self.bias):
-            return torch.ops.amnets.bsr_linear(x, *args)
-        return _face_forward(x, *args)
+        return _call(x, *self.args())
 
     def args(self) -> tuple:
-        """(values, crow_indices, col_indices, out_features, in_features, bias) in the op's order, checked
-        for the face about to run them. The cpu face's kernels check shapes and index data themselves on
-        every call. Other faces get the whole check again here: on every call for CPU tensors (it cannot
-        be fooled by an edit through .data or .numpy(), an inference tensor or values.set_()); for CUDA
-        tensors when an index tensor's version changed (reading them is a device sync)."""
-        device = self.values.device
-        if device.type == "cpu":
-            if _reads_indices(self.values):
-                self._check_weight()
-        elif (_validate.version(self.crow_indices), _validate.version(self.col_indices)) != self._index_versions \
-                or self.values.shape[0] != self.col_indices.numel():
-            self._check_weight()
+        """(values, crow_indices, col_indices, out_features, in_features, bias) in the op's order. The op
+        checks them again on every call (cheaply: shapes in C++, the index data by the cpu kernel or,
+        for CUDA tensors, once per pattern version)."""
         return (self.values, self.crow_indices, self.col_indices, self.out_features, self.in_features, self.bias)
 
 

@@ -1,0 +1,227 @@
+// torch.ops.amnets.bsr_linear: the public op, its forward and backward ops, their autograd, and the route
+// to a face (csrc/face.h). One call from Python or C++ checks its arguments once (csrc/checks.h), then
+// runs the compiled kernel of the tensors' device (csrc/cpu/bsr.cpp, csrc/cuda/bsr.cu) without entering
+// Python, or, when the backend asks for it, the Python face op amnets_faces::bsr_linear_<direction>.
+// The fake (meta) kernels are in Python (amnets_kernels/_ops/bsr.py): tracing is Python's business, and
+// they must work on symbolic shapes.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/library.h>
+
+#include <array>
+#include <mutex>
+#include <optional>
+
+#include "checks.h"
+#include "face.h"
+
+namespace amnets {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using ForwardSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t,
+                          const std::optional<Tensor>&);
+using BackwardSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                               const Tensor&, int64_t, int64_t, bool, bool);
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> op_handle(const char* qualified) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(qualified, "").typed<Sig>();
+}
+
+void check_rows(const char* op, const Tensor& x) {
+  TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be 2-D (M, in_features); got shape ", checks::py_shape(x.sizes()),
+                    " (torch.ops.amnets.bsr_linear takes any leading dims)");
+}
+
+// Index patterns on the GPU already checked. Reading them is a device sync, so a pattern is checked once and
+// remembered until either index tensor is freed, replaced or changed in place (its version counter). An
+// edit that bumps no version (through .data, or of an inference tensor, which has none) is not seen here.
+struct CheckedPattern {
+  c10::weak_intrusive_ptr<c10::TensorImpl> crow, col;
+  uint32_t crow_version, col_version;
+  std::array<int64_t, 4> shape;  // nnzb, block, out_features, in_features
+};
+
+bool same_tensor(const c10::weak_intrusive_ptr<c10::TensorImpl>& seen, const Tensor& t) {
+  const auto alive = seen.lock();
+  return alive.get() == t.unsafeGetTensorImpl();
+}
+
+void check_device_pattern(const char* op, const Tensor& values, const Tensor& crow, const Tensor& col,
+                          int64_t out_features, int64_t in_features) {
+  static std::mutex mutex;
+  static std::array<std::optional<CheckedPattern>, 16> seen;
+  static size_t next = 0;
+  const bool versioned = !crow.is_inference() && !col.is_inference();
+  const std::array<int64_t, 4> shape{values.size(0), values.size(1), out_features, in_features};
+  if (versioned) {
+    std::lock_guard<std::mutex> lock(mutex);
+    for (const auto& entry : seen)
+      if (entry && entry->shape == shape && entry->crow_version == crow._version() &&
+          entry->col_version == col._version() && same_tensor(entry->crow, crow) && same_tensor(entry->col, col))
+        return;
+  }
+  checks::bsr_pattern(op, values.size(0), values.size(1), crow.cpu(), col.cpu(), out_features, in_features);
+  if (!versioned) return;
+  std::lock_guard<std::mutex> lock(mutex);
+  seen[next++ % seen.size()] =
+      CheckedPattern{c10::weak_intrusive_ptr<c10::TensorImpl>(crow.getIntrusivePtr()),
+                     c10::weak_intrusive_ptr<c10::TensorImpl>(col.getIntrusivePtr()),
+                     crow._version(), col._version(), shape};
+}
+
+// The index data, checked where no kernel will: the cpu kernels read it themselves on every call.
+void check_pattern(const char* op, bool native, const Tensor& values, const Tensor& crow, const Tensor& col,
+                   int64_t out_features, int64_t in_features) {
+  if (crow.is_cpu() && col.is_cpu()) {
+    if (!native) checks::bsr_pattern(op, values, crow, col, out_features, in_features);
+  } else {
+    check_device_pattern(op, values, crow, col, out_features, in_features);
+  }
+}
+
+std::optional<Tensor> contiguous(const std::optional<Tensor>& t) {
+  return t.has_value() ? std::optional<Tensor>(t->contiguous()) : std::nullopt;
+}
+
+// amnets::bsr_linear_forward on CPU and CUDA tensors.
+Tensor forward(const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col, int64_t out_features,
+               int64_t in_features, const std::optional<Tensor>& bias) {
+  constexpr const char* op = "bsr_linear";
+  check_rows(op, x);
+  checks::bsr_linear_args(op, x, values, crow, col, out_features, in_features, bias);
+  const bool native = face::native(face::Op::BsrLinear, x);
+  check_pattern(op, native, values, crow, col, out_features, in_features);
+  if (native) {
+    static const auto kernel = op_handle<ForwardSig>("amnets_native::bsr_linear_forward");
+    return kernel.call(x.contiguous(), values.contiguous(), crow.contiguous(), col.contiguous(), out_features,
+                       in_features, contiguous(bias));
+  }
+  return face::python_face("bsr_linear_forward")
+      .typed<ForwardSig>()
+      .call(x, values, crow, col, out_features, in_features, bias);
+}
+
+// amnets::bsr_linear_backward on CPU and CUDA tensors; called directly, it reads the index data too.
+std::tuple<Tensor, Tensor> backward(const Tensor& grad_out, const Tensor& x, const Tensor& values,
+                                    const Tensor& crow, const Tensor& col, int64_t out_features,
+                                    int64_t in_features, bool need_x, bool need_values) {
+  constexpr const char* op = "bsr_linear_backward";
+  check_rows(op, x);
+  checks::bsr_linear_args(op, x, values, crow, col, out_features, in_features, std::nullopt);
+  TORCH_CHECK_VALUE(grad_out.numel() != 0 || x.size(0) == 0, op,
+                    ": grad_out is empty: the forward ran with save=False, so there is nothing to differentiate");
+  checks::py_shape_is(op, "grad_out", grad_out, {x.size(0), out_features}, "");
+  const bool native = face::native(face::Op::BsrLinear, x);
+  check_pattern(op, native, values, crow, col, out_features, in_features);
+  if (native) {
+    static const auto kernel = op_handle<BackwardSig>("amnets_native::bsr_linear_backward");
+    return kernel.call(grad_out.contiguous(), x.contiguous(), values.contiguous(), crow.contiguous(),
+                       col.contiguous(), out_features, in_features, need_x, need_values);
+  }
+  return face::python_face("bsr_linear_backward")
+      .typed<BackwardSig>()
+      .call(grad_out, x, values, crow, col, out_features, in_features, need_x, need_values);
+}
+
+// d/dx and d/dvalues by amnets::bsr_linear_backward, d/dbias = the column sums of grad_y (in fp32 for
+// half types); backward runs under the backend that was in force for the forward.
+class BsrLinear : public torch::autograd::Function<BsrLinear> {
+ public:
+  static Tensor forward(AutogradContext* ctx, const Tensor& x, const Tensor& values, const Tensor& crow,
+                        const Tensor& col, int64_t out_features, int64_t in_features,
+                        const std::optional<Tensor>& bias) {
+    ctx->save_for_backward({x, values, crow, col});
+    ctx->saved_data["out_features"] = out_features;
+    ctx->saved_data["in_features"] = in_features;
+    ctx->saved_data["has_bias"] = bias.has_value();
+    ctx->saved_data["backend"] = static_cast<int64_t>(face::current());
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    static const auto op = op_handle<ForwardSig>("amnets::bsr_linear_forward");
+    return op.call(x, values, crow, col, out_features, in_features, bias);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    face::Scope backend(static_cast<face::Backend>(ctx->saved_data["backend"].toInt()));
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& grad_y = grads[0];
+    // Edges: x, values, crow, col, then bias when there is one.
+    const bool need_x = ctx->needs_input_grad(0), need_values = ctx->needs_input_grad(1);
+    const bool need_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(4);
+    Tensor grad_x, grad_values, grad_bias;
+    if (need_x || need_values) {
+      static const auto op = op_handle<BackwardSig>("amnets::bsr_linear_backward");
+      auto [gx, gv] = op.call(grad_y, saved[0], saved[1], saved[2], saved[3],
+                              ctx->saved_data["out_features"].toInt(), ctx->saved_data["in_features"].toInt(),
+                              need_x, need_values);
+      if (need_x) grad_x = gx;
+      if (need_values) grad_values = gv;
+    }
+    if (need_bias) {
+      const auto type = grad_y.scalar_type();
+      const bool half = type == at::kHalf || type == at::kBFloat16;
+      grad_bias = grad_y.sum(0, false, half ? at::kFloat : type).to(type);
+    }
+    return {grad_x, grad_values, Tensor(), Tensor(), Tensor(), Tensor(), grad_bias};
+  }
+};
+
+Tensor forward_autograd(const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
+                        int64_t out_features, int64_t in_features, const std::optional<Tensor>& bias) {
+  return BsrLinear::apply(x, values, crow, col, out_features, in_features, bias);
+}
+
+// amnets::bsr_linear: x (..., in_features) as rows.
+Tensor bsr_linear(const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
+                  int64_t out_features, int64_t in_features, const std::optional<Tensor>& bias) {
+  constexpr const char* op = "bsr_linear";
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least 1 dimension (..., in_features); got a scalar");
+  TORCH_CHECK_VALUE(in_features >= 1 && x.size(-1) == in_features, op, ": x.shape[-1] must equal in_features = ",
+                    in_features, "; got x of shape ", checks::py_shape(x.sizes()));
+  static const auto op_forward = op_handle<ForwardSig>("amnets::bsr_linear_forward");
+  auto shape = x.sizes().vec();
+  shape.back() = out_features;
+  return op_forward.call(x.reshape({-1, in_features}), values, crow, col, out_features, in_features, bias)
+      .view(shape);
+}
+
+}  // namespace
+
+// Inductor hands these ops contiguous inputs (the faces want them) instead of asserting traced strides.
+TORCH_LIBRARY_FRAGMENT(amnets, m) {
+  const std::vector<at::Tag> layout{at::Tag::needs_contiguous_strides};
+  // y = x @ W^T + bias for x (..., in_features), W given as BSR blocks; differentiable in x, values, bias.
+  m.def("bsr_linear(Tensor x, Tensor values, Tensor crow_indices, Tensor col_indices, int out_features, "
+        "int in_features, Tensor? bias=None) -> Tensor");
+  // The same for x (M, in_features): the op autograd is registered on.
+  m.def("bsr_linear_forward(Tensor x, Tensor values, Tensor crow_indices, Tensor col_indices, "
+        "int out_features, int in_features, Tensor? bias) -> Tensor", layout);
+  // (grad_x or an empty tensor, grad_values or an empty tensor), as need_x / need_values ask.
+  m.def("bsr_linear_backward(Tensor grad_out, Tensor x, Tensor values, Tensor crow_indices, "
+        "Tensor col_indices, int out_features, int in_features, bool need_x, bool need_values) "
+        "-> (Tensor, Tensor)", layout);
+}
+
+TORCH_LIBRARY_IMPL(amnets, CompositeImplicitAutograd, m) { m.impl("bsr_linear", &bsr_linear); }
+
+TORCH_LIBRARY_IMPL(amnets, Autograd, m) {
+  m.impl("bsr_linear_forward", &forward_autograd);
+  m.impl("bsr_linear_backward", torch::autograd::autogradNotImplementedFallback());
+}
+
+TORCH_LIBRARY_IMPL(amnets, CPU, m) {
+  m.impl("bsr_linear_forward", &forward);
+  m.impl("bsr_linear_backward", &backward);
+}
+
+TORCH_LIBRARY_IMPL(amnets, CUDA, m) {
+  m.impl("bsr_linear_forward", &forward);
+  m.impl("bsr_linear_backward", &backward);
+}
+
+}  // namespace amnets

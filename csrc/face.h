@@ -1,0 +1,55 @@
+// Which face runs an op, decided in C++ so that the default path (the compiled kernel of the tensors'
+// device) never enters Python between a torch.ops.amnets.* call and the kernel.
+//
+// The backend in force is per thread: a process default (amnets_kernels.set_backend, AMNETS_BACKEND)
+// and an override on top (amnets_kernels.use_backend, and autograd's backward, which runs under the
+// backend of its forward). The Python package keeps no copy of it: amnets_kernels.get_backend() reads
+// it here. When the backend asks for a face that is not compiled in (the reference, a Triton face, a
+// missing CUDA part), the op calls the Python face op of the same schema, amnets_faces::<op>_<dir>,
+// which the Python package registers and which resolves the face as it always has (FallbackWarning,
+// FaceUnavailableError, last_face). A C++ program without Python runs the compiled faces only.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <cstdint>
+#include <string>
+
+namespace amnets::face {
+
+enum class Backend : int8_t { Auto, Reference, Cpu, Triton, Cuda };
+enum class Op : int8_t { BsrLinear, LowrankLstmCell, LowrankLstmSequence, RnntLoss, FusedJointRnntLoss, Count };
+
+Backend parse(const std::string& name);  // raises ValueError for an unknown name
+const char* name(Backend backend);
+const char* name(Op op);
+Op op_named(const std::string& name);  // raises ValueError for an unknown op
+
+Backend current();
+void set_default(Backend backend);
+// The thread's override: -1 for none, else a Backend. Returns the previous value (to restore).
+int set_override(int backend);
+
+// Restores the thread's override when it leaves scope (autograd's backward).
+class Scope {
+ public:
+  explicit Scope(Backend backend) : previous_(set_override(static_cast<int>(backend))) {}
+  ~Scope() { set_override(previous_); }
+  Scope(const Scope&) = delete;
+  Scope& operator=(const Scope&) = delete;
+
+ private:
+  int previous_;
+};
+
+// Whether the compiled kernel of `t`'s device runs `op` now (and if so, records it as the last face).
+bool native(Op op, const at::Tensor& t);
+// The face that ran `op` most recently in this process ("" if none); the Python faces record theirs.
+std::string last(Op op);
+void note(Op op, const std::string& face);
+
+// amnets_faces::<op_name>, the Python face op; a clear error when the Python package has not registered it.
+c10::OperatorHandle python_face(const char* op_name);
+
+}  // namespace amnets::face
