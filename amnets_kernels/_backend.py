@@ -14,7 +14,6 @@ FaceUnavailableError; nothing falls back silently.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import importlib
 import importlib.util
@@ -63,48 +62,17 @@ def _from_env() -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# The compiled extension. It may be absent (a pure-Python checkout); then its faces say why.
+# The compiled extension: it defines the ops (torch.ops.amnets.*), their compiled faces and the backend
+# state (csrc/face.h); the package cannot work without it.
 
 try:
-    from . import _C  # noqa: F401  (registers torch.ops.amnets_native.* kernels)
-
-    EXTENSION_ERROR: str | None = None
+    from . import _C
 except ImportError as exc:  # pragma: no cover - exercised only on broken installs
-    _C = None
-    EXTENSION_ERROR = f"{type(exc).__name__}: {exc}"
+    raise ImportError(f"amnets_kernels: the compiled extension amnets_kernels._C did not load ({exc}); build it "
+                      "with `pip install --no-build-isolation .` (or `python setup.py build_ext --inplace` in a "
+                      "checkout)") from exc
 
-
-class _PythonState:
-    """The backend in force when the compiled extension did not load; otherwise it lives in C++
-    (csrc/face.h), where the compiled ops read it, and amnets_kernels._C reads and sets it: the same
-    functions there."""
-
-    def __init__(self):
-        self._default = "auto"
-        self._override: contextvars.ContextVar[str | None] = contextvars.ContextVar("amnets_backend", default=None)
-        self._last: dict[str, str] = {}
-
-    def get_backend(self) -> str:
-        scoped = self._override.get()
-        return self._default if scoped is None else scoped
-
-    def set_backend(self, name: str) -> None:
-        self._default = name
-
-    def push_backend(self, name: str):
-        return self._override.set(name)
-
-    def pop_backend(self, token) -> None:
-        self._override.reset(token)
-
-    def last_face(self, op: str) -> str:
-        return self._last.get(op, "")
-
-    def note_face(self, op: str, face: str) -> None:
-        self._last[op] = face
-
-
-_state = _C if _C is not None else _PythonState()
+_state = _C  # get_backend/set_backend/push_backend/pop_backend/last_face/note_face, in C++
 _state.set_backend(_from_env())
 _warned: set[tuple[str, str]] = set()
 
@@ -131,12 +99,9 @@ def use_backend(name: str):
 
 
 def _native_has(op: str, dispatch_key: str) -> bool:
-    """Whether the extension registered both directions of `op` for this dispatch key."""
-    try:
-        return all(torch._C._dispatch_has_kernel_for_dispatch_key(f"amnets_native::{op}_{d}", dispatch_key)
-                   for d in ("forward", "backward"))
-    except RuntimeError:  # schema not registered: extension not loaded
-        return False
+    """Whether the extension registered both directions of `op` for this dispatch key (csrc/face.h: the
+    ops route by the same answer)."""
+    return _C.compiled(op, dispatch_key)
 
 
 def _triton_module(op: str):
@@ -167,8 +132,6 @@ def unavailable_reason(op: str, face: str, device: str | torch.device = "cpu") -
     if face in ("cpu", "cuda"):
         if kind != face:
             return f"the {face} face runs on {face} tensors, and these are on {kind}"
-        if EXTENSION_ERROR is not None:
-            return f"the compiled extension amnets_kernels._C did not load ({EXTENSION_ERROR})"
         if not _native_has(op, face.upper()):
             file = f"csrc/{face}/{OPS[op]}.{'cpp' if face == 'cpu' else 'cu'}"
             if face == "cuda" and not (_C.build_info()["cuda_archs"]):
@@ -255,7 +218,7 @@ def build_info() -> dict:
     """What this installation can run: versions, compiled CUDA archs, CPU features, faces per op."""
     import platform
 
-    native = _C.build_info() if _C is not None else {}
+    native = _C.build_info()
     try:
         import triton
 
@@ -269,7 +232,7 @@ def build_info() -> dict:
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "triton": triton_version,
-        "extension": "loaded" if _C is not None else f"not loaded: {EXTENSION_ERROR}",
+        "extension": "loaded",
         "cuda_archs": native.get("cuda_archs", []),
         "nvcc_arch_list": native.get("nvcc_arch_list"),
         "cpu": platform.machine(),

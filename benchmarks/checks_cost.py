@@ -10,19 +10,13 @@ Rows (1 thread, fp32, B=1 unless said; microseconds per call, the mean over a ti
                                                    called from Python (~2.5 us of the figure is that call)
   bsr_linear 4096x2048 b=16 d=0.5 M=1              the op whose 16,384 blocks that check guards
 
-With --against DIR, each round runs this file once with DIR's packages first on the path (DIR is a checkout
-with its extension built in place) and once with this checkout's, alternating, ROUNDS rounds; it prints the
-median over rounds for each and the median of the per-round ratios (this / DIR). Processes run one at a
-time, so the two never share the CPU.
+--against DIR: the same rows in another checkout, alternating (benchmarks/ab.py).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import statistics
-import subprocess
 import sys
 import time
 
@@ -78,37 +72,11 @@ def measure() -> dict:
     return rows
 
 
-def run_in(checkout: str) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([checkout, os.path.join(checkout, "python")]),
-               OMP_NUM_THREADS="1")
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker"], env=env, cwd=checkout,
-                         capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--against", help="another checkout (extension built in place) to compare with")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        print(json.dumps(measure()))
-        return
-    if not args.against:
-        for label, us in measure().items():
-            print(f"{us:9.1f} us  {label}")
-        return
-    base, this = [], []
-    for _ in range(args.rounds):
-        base.append(run_in(os.path.abspath(args.against)))
-        this.append(run_in(HERE))
-    print(f"{'row':48s} {'other us':>9s} {'this us':>9s} {'this/other':>10s}  (medians of {args.rounds} rounds)")
-    for label in [label for label in this[0] if label in base[0]]:
-        ratio = statistics.median(t[label] / b[label] for t, b in zip(this, base))
-        print(f"{label:48s} {statistics.median(b[label] for b in base):9.1f} "
-              f"{statistics.median(t[label] for t in this):9.1f} {ratio:10.3f}")
-
-
 if __name__ == "__main__":
-    main()
+    if "--worker" in sys.argv:  # one measuring process of an A/B run, maybe with another checkout's packages
+        print(json.dumps(measure()))
+    else:
+        sys.path.append(HERE)
+        from benchmarks import ab
+
+        ab.main(__doc__, __file__, measure)

@@ -1,59 +1,92 @@
-"""python -m benchmarks.overhead: the host-side cost of one bsr_linear call, layer by layer, on a 32x32
-matrix where the kernel itself takes ~3 us, then the prepared streaming steps. It shows what a streaming frame pays per op call besides the
-arithmetic (1 thread; microseconds, mean over 20000 calls after 200 warm-up calls)."""
+"""python -m benchmarks.overhead [--against DIR]: the host-side cost of one op call on the paths users run.
 
+Rows (1 thread, fp32; microseconds per call, the mean over a timed loop after a warm-up). The 32x32 rows
+are host cost only (the kernel itself is ~1 us of the native op row). The fwd+bwd rows time a whole
+training step of one bsr_linear at a real size, where per-call index preparation would show. Every row
+uses public entry points only (and the kernel op torch.ops.amnets_native.bsr_linear_forward), so
+`--against DIR` can run the same rows in an older checkout (benchmarks/ab.py): the before/after figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
 import time
 
-import torch
-
-import amnets_kernels as ak
-from amnets_kernels import _backend, _validate
-from amnets_kernels._ops import bsr, eager_inference, run
-from amnets_kernels.reference import lstm_pointwise
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def per_call_us(fn, calls: int = 20000) -> float:
-    for _ in range(200):
+def per_call_us(fn, seconds: float = 0.5) -> float:
+    for _ in range(100):
         fn()
-    start = time.perf_counter()
-    for _ in range(calls):
-        fn()
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        for _ in range(50):
+            fn()
+        calls += 50
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def main() -> None:
+def measure() -> dict:
+    import torch
+
+    import amnets_kernels as ak
+
     torch.set_num_threads(1)
+    torch.manual_seed(0)
+    rows = {}
     w = ak.BlockSparseMatrix.from_dense(torch.randn(32, 32), block_size=32, sparsity=0.0)
     x = torch.randn(1, 32)
     args = (w.values, w.crow_indices, w.col_indices, 32, 32, None)
-    native = torch.ops.amnets_native.bsr_linear_forward
-    rows = [
-        ("native C++ op (the cpu face's kernel)", lambda: native(x, *args)),
-        ("argument validation, shapes only", lambda: _validate.bsr_linear("bsr_linear", x, *args, data=False)),
-        ("argument validation with index data (compiled check, every call on CPU)",
-         lambda: _validate.bsr_linear("bsr_linear", x, *args, data=True)),
-        ("face resolution", lambda: _backend.resolve("bsr_linear", x.device)),
-        ("slow-path check", lambda: bsr._say_if_slow(x, w.values)),
-        ("eager-inference check", lambda: eager_inference(x, w.values, None)),
-        ("run(): face call on contiguous arguments", lambda: run("bsr_linear", "forward", x, *args)),
-        ("torch.ops.amnets.bsr_linear (op layers + autograd wrapper)",
-         lambda: torch.ops.amnets.bsr_linear(x, *args)),
-    ]
-    for label, fn in rows:
-        print(f"{per_call_us(fn):7.1f} us  {label}")
+    rows["bsr_linear 32x32 M=1: the kernel op torch.ops.amnets_native.bsr_linear_forward"] = per_call_us(
+        lambda: torch.ops.amnets_native.bsr_linear_forward(x, *args))
     with torch.no_grad():
-        print(f"{per_call_us(lambda: ak.bsr_linear(x, w)):7.1f} us  ak.bsr_linear under no_grad (eager path)")
-    print(f"{per_call_us(lambda: ak.bsr_linear(x, w)):7.1f} us  ak.bsr_linear with autograd available")
+        rows["bsr_linear 32x32 M=1: ak.bsr_linear under no_grad"] = per_call_us(lambda: ak.bsr_linear(x, w))
+    rows["bsr_linear 32x32 M=1: ak.bsr_linear, grad mode on, no input needs grad"] = per_call_us(
+        lambda: ak.bsr_linear(x, w))
+    rows["bsr_linear 32x32 M=1: torch.ops.amnets.bsr_linear, no input needs grad"] = per_call_us(
+        lambda: torch.ops.amnets.bsr_linear(x, *args))
+    xg, vg = x.clone().requires_grad_(True), w.values.clone().requires_grad_(True)
+    rows["bsr_linear 32x32 M=1: torch.ops.amnets.bsr_linear, x and values need grad (forward)"] = per_call_us(
+        lambda: torch.ops.amnets.bsr_linear(xg, vg, w.crow_indices, w.col_indices, 32, 32, None))
     prepared = ak.PreparedBsrLinear(w)
-    print(f"{per_call_us(lambda: prepared(x)):7.1f} us  ak.PreparedBsrLinear (weights checked once)")
-    # A whole LSTM step of H=8 on a 32x48 [W_ih | W_hh]: one fused native call vs the public ops.
+    rows["bsr_linear 32x32 M=1: ak.PreparedBsrLinear"] = per_call_us(lambda: prepared(x))
+
+    # A whole LSTM step of H=8 on a 32x48 [W_ih | W_hh] in one fused native call.
     lstm_w = ak.BlockSparseMatrix.from_dense(torch.randn(32, 48), block_size=16, sparsity=0.0)
     step, xs, h, c = ak.PreparedBsrLstmCell(lstm_w), torch.randn(1, 40), torch.zeros(1, 8), torch.zeros(1, 8)
     with torch.no_grad():
-        print(f"{per_call_us(lambda: step(xs, h, c)):7.1f} us  ak.PreparedBsrLstmCell: an LSTM step, one fused call")
-        print(f"{per_call_us(lambda: lstm_pointwise(ak.bsr_linear(torch.cat([xs, h], 1), lstm_w), c)):7.1f} us  "
-              "the same step as ak.bsr_linear + the PyTorch update")
+        rows["LSTM step H=8: ak.PreparedBsrLstmCell (one fused call)"] = per_call_us(lambda: step(xs, h, c))
+        # The other ops, still routed through Python (issue 13's next steps): the same tiny sizes.
+        lr = (torch.randn(32, 4), torch.randn(4, 40), torch.randn(32, 4), torch.randn(4, 8))
+        rows["lowrank_lstm_cell H=8 r=4 B=1: ak.lowrank_lstm_cell under no_grad"] = per_call_us(
+            lambda: ak.lowrank_lstm_cell(xs, h, c, *lr))
+        logits = torch.randn(1, 4, 3, 5)
+        targets, frames, labels = torch.tensor([[1, 2]], dtype=torch.int32), torch.tensor([4], dtype=torch.int32), \
+            torch.tensor([2], dtype=torch.int32)
+        rows["rnnt_loss (1, 4, 3, 5): ak.rnnt_loss under no_grad"] = per_call_us(
+            lambda: ak.rnnt_loss(logits, targets, frames, labels))
+
+    big = ak.BlockSparseMatrix.from_dense(torch.randn(4096, 2048), block_size=32, sparsity=0.75)
+    values = big.values.clone().requires_grad_(True)
+    for m in (1, 16):
+        xb = torch.randn(m, 2048, requires_grad=True)
+
+        def train_step():
+            y = torch.ops.amnets.bsr_linear(xb, values, big.crow_indices, big.col_indices, 4096, 2048, None)
+            y.backward(torch.ones_like(y))
+
+        rows[f"bsr_linear 4096x2048 b=32 d=0.25 M={m}: forward + backward (grad x, values)"] = per_call_us(
+            train_step, seconds=1.0)
+    return rows
 
 
 if __name__ == "__main__":
-    main()
+    if "--worker" in sys.argv:  # one measuring process of an A/B run, maybe with another checkout's packages
+        print(json.dumps(measure()))
+    else:
+        sys.path.append(HERE)
+        from benchmarks import ab
+
+        ab.main(__doc__, __file__, measure)

@@ -9,12 +9,12 @@
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
-#include <array>
-#include <mutex>
 #include <optional>
+#include <vector>
 
 #include "checks.h"
 #include "face.h"
+#include "pattern_cache.h"
 
 namespace amnets {
 namespace {
@@ -28,51 +28,19 @@ using ForwardSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Ten
 using BackwardSig = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                                                const Tensor&, int64_t, int64_t, bool, bool);
 
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> op_handle(const char* qualified) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(qualified, "").typed<Sig>();
-}
-
 void check_rows(const char* op, const Tensor& x) {
   TORCH_CHECK_VALUE(x.dim() == 2, op, ": x must be 2-D (M, in_features); got shape ", checks::py_shape(x.sizes()),
                     " (torch.ops.amnets.bsr_linear takes any leading dims)");
 }
 
-// Index patterns on the GPU already checked. Reading them is a device sync, so a pattern is checked once and
-// remembered until either index tensor is freed, replaced or changed in place (its version counter). An
-// edit that bumps no version (through .data, or of an inference tensor, which has none) is not seen here.
-struct CheckedPattern {
-  c10::weak_intrusive_ptr<c10::TensorImpl> crow, col;
-  uint32_t crow_version, col_version;
-  std::array<int64_t, 4> shape;  // nnzb, block, out_features, in_features
-};
-
-bool same_tensor(const c10::weak_intrusive_ptr<c10::TensorImpl>& seen, const Tensor& t) {
-  const auto alive = seen.lock();
-  return alive.get() == t.unsafeGetTensorImpl();
-}
-
+// Index data on the GPU: read (a device sync) once per pattern, csrc/pattern_cache.h.
 void check_device_pattern(const char* op, const Tensor& values, const Tensor& crow, const Tensor& col,
                           int64_t out_features, int64_t in_features) {
-  static std::mutex mutex;
-  static std::array<std::optional<CheckedPattern>, 16> seen;
-  static size_t next = 0;
-  const bool versioned = !crow.is_inference() && !col.is_inference();
-  const std::array<int64_t, 4> shape{values.size(0), values.size(1), out_features, in_features};
-  if (versioned) {
-    std::lock_guard<std::mutex> lock(mutex);
-    for (const auto& entry : seen)
-      if (entry && entry->shape == shape && entry->crow_version == crow._version() &&
-          entry->col_version == col._version() && same_tensor(entry->crow, crow) && same_tensor(entry->col, col))
-        return;
-  }
-  checks::bsr_pattern(op, values.size(0), values.size(1), crow.cpu(), col.cpu(), out_features, in_features);
-  if (!versioned) return;
-  std::lock_guard<std::mutex> lock(mutex);
-  seen[next++ % seen.size()] =
-      CheckedPattern{c10::weak_intrusive_ptr<c10::TensorImpl>(crow.getIntrusivePtr()),
-                     c10::weak_intrusive_ptr<c10::TensorImpl>(col.getIntrusivePtr()),
-                     crow._version(), col._version(), shape};
+  const int64_t nnzb = values.size(0), block = values.size(1);
+  pattern::derived("checked", crow, col, {nnzb, block, out_features, in_features}, [&] {
+    checks::bsr_pattern(op, nnzb, block, crow.cpu(), col.cpu(), out_features, in_features);
+    return std::vector<Tensor>{};
+  });
 }
 
 // The index data, checked where no kernel will: the cpu kernels read it themselves on every call.
@@ -85,10 +53,6 @@ void check_pattern(const char* op, bool native, const Tensor& values, const Tens
   }
 }
 
-std::optional<Tensor> contiguous(const std::optional<Tensor>& t) {
-  return t.has_value() ? std::optional<Tensor>(t->contiguous()) : std::nullopt;
-}
-
 // amnets::bsr_linear_forward on CPU and CUDA tensors.
 Tensor forward(const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col, int64_t out_features,
                int64_t in_features, const std::optional<Tensor>& bias) {
@@ -97,14 +61,8 @@ Tensor forward(const Tensor& x, const Tensor& values, const Tensor& crow, const 
   checks::bsr_linear_args(op, x, values, crow, col, out_features, in_features, bias);
   const bool native = face::native(face::Op::BsrLinear, x);
   check_pattern(op, native, values, crow, col, out_features, in_features);
-  if (native) {
-    static const auto kernel = op_handle<ForwardSig>("amnets_native::bsr_linear_forward");
-    return kernel.call(x.contiguous(), values.contiguous(), crow.contiguous(), col.contiguous(), out_features,
-                       in_features, contiguous(bias));
-  }
-  return face::python_face("bsr_linear_forward")
-      .typed<ForwardSig>()
-      .call(x, values, crow, col, out_features, in_features, bias);
+  static const face::Route<ForwardSig> route("bsr_linear_forward");
+  return route(native, x, values, crow, col, out_features, in_features, bias);
 }
 
 // amnets::bsr_linear_backward on CPU and CUDA tensors; called directly, it reads the index data too.
@@ -114,19 +72,11 @@ std::tuple<Tensor, Tensor> backward(const Tensor& grad_out, const Tensor& x, con
   constexpr const char* op = "bsr_linear_backward";
   check_rows(op, x);
   checks::bsr_linear_args(op, x, values, crow, col, out_features, in_features, std::nullopt);
-  TORCH_CHECK_VALUE(grad_out.numel() != 0 || x.size(0) == 0, op,
-                    ": grad_out is empty: the forward ran with save=False, so there is nothing to differentiate");
-  checks::py_shape_is(op, "grad_out", grad_out, {x.size(0), out_features}, "");
+  checks::saved(op, "grad_out", grad_out, {x.size(0), out_features});
   const bool native = face::native(face::Op::BsrLinear, x);
   check_pattern(op, native, values, crow, col, out_features, in_features);
-  if (native) {
-    static const auto kernel = op_handle<BackwardSig>("amnets_native::bsr_linear_backward");
-    return kernel.call(grad_out.contiguous(), x.contiguous(), values.contiguous(), crow.contiguous(),
-                       col.contiguous(), out_features, in_features, need_x, need_values);
-  }
-  return face::python_face("bsr_linear_backward")
-      .typed<BackwardSig>()
-      .call(grad_out, x, values, crow, col, out_features, in_features, need_x, need_values);
+  static const face::Route<BackwardSig> route("bsr_linear_backward");
+  return route(native, grad_out, x, values, crow, col, out_features, in_features, need_x, need_values);
 }
 
 // d/dx and d/dvalues by amnets::bsr_linear_backward, d/dbias = the column sums of grad_y (in fp32 for
@@ -142,7 +92,7 @@ class BsrLinear : public torch::autograd::Function<BsrLinear> {
     ctx->saved_data["has_bias"] = bias.has_value();
     ctx->saved_data["backend"] = static_cast<int64_t>(face::current());
     at::AutoDispatchBelowADInplaceOrView below_autograd;
-    static const auto op = op_handle<ForwardSig>("amnets::bsr_linear_forward");
+    static const auto op = face::op<ForwardSig>("bsr_linear_forward");
     return op.call(x, values, crow, col, out_features, in_features, bias);
   }
 
@@ -155,7 +105,7 @@ class BsrLinear : public torch::autograd::Function<BsrLinear> {
     const bool need_bias = ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(4);
     Tensor grad_x, grad_values, grad_bias;
     if (need_x || need_values) {
-      static const auto op = op_handle<BackwardSig>("amnets::bsr_linear_backward");
+      static const auto op = face::op<BackwardSig>("bsr_linear_backward");
       auto [gx, gv] = op.call(grad_y, saved[0], saved[1], saved[2], saved[3],
                               ctx->saved_data["out_features"].toInt(), ctx->saved_data["in_features"].toInt(),
                               need_x, need_values);
@@ -183,7 +133,7 @@ Tensor bsr_linear(const Tensor& x, const Tensor& values, const Tensor& crow, con
   TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least 1 dimension (..., in_features); got a scalar");
   TORCH_CHECK_VALUE(in_features >= 1 && x.size(-1) == in_features, op, ": x.shape[-1] must equal in_features = ",
                     in_features, "; got x of shape ", checks::py_shape(x.sizes()));
-  static const auto op_forward = op_handle<ForwardSig>("amnets::bsr_linear_forward");
+  static const auto op_forward = face::op<ForwardSig>("bsr_linear_forward");
   auto shape = x.sizes().vec();
   shape.back() = out_features;
   return op_forward.call(x.reshape({-1, in_features}), values, crow, col, out_features, in_features, bias)

@@ -78,4 +78,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("pop_backend", [](int token) { face::set_override(token); });
   m.def("last_face", [](const std::string& op) { return face::last(face::op_named(op)); });
   m.def("note_face", [](const std::string& op, const std::string& name) { face::note(face::op_named(op), name); });
+  m.def("compiled", [](const std::string& op, const std::string& key) {
+    return face::compiled(face::op_named(op), key == "CUDA" ? c10::DispatchKey::CUDA : c10::DispatchKey::CPU);
+  }, "Whether op's forward and backward kernels are compiled in for the dispatch key 'CPU' or 'CUDA'.");
+  m.def("hide_compiled", [](const std::string& op, bool hide) { face::hide_compiled(face::op_named(op), hide); },
+        "Tests only: pretend op's compiled kernels are absent (or present again).");
 }

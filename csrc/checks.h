@@ -13,6 +13,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <limits>
 #include <optional>
 #include <string>
@@ -196,6 +197,59 @@ inline void bsr_linear_args(const char* op, const at::Tensor& x, const at::Tenso
   if (bias.has_value()) like_x(op, x, "bias", *bias, true);
   like_x(op, x, "crow_indices", crow, false);
   like_x(op, x, "col_indices", col, false);
+}
+
+// The arguments of the public lowrank LSTM ops, checked once per call before a face is chosen, with the
+// messages of amnets_kernels/_validate.py; returns H. h and c are h0 and c0 of a sequence.
+inline int64_t lowrank_lstm_args(const char* op, const at::Tensor& x, const at::Tensor& h, const at::Tensor& c,
+                                 const at::Tensor& w_ih_u, const at::Tensor& w_ih_v, const at::Tensor& w_hh_u,
+                                 const at::Tensor& w_hh_v, const std::optional<at::Tensor>& bias, bool sequence) {
+  py_dims(op, "x", x, sequence ? 3 : 2);
+  floating(op, "x", x);
+  TORCH_CHECK_VALUE(!sequence || x.size(0) >= 1, op, ": x must have at least one time step; got shape ",
+                    py_shape(x.sizes()));
+  const int64_t batch = x.size(-2), d = x.size(-1);
+  for (const auto& [name, w] : {std::pair{"w_ih_u", &w_ih_u}, {"w_ih_v", &w_ih_v}, {"w_hh_u", &w_hh_u},
+                                {"w_hh_v", &w_hh_v}})
+    py_dims(op, name, *w, 2);
+  const int64_t hidden = w_hh_v.size(1);
+  TORCH_CHECK_VALUE(hidden >= 1, op, ": w_hh_v must have shape (rank_hh, H) with H >= 1; got ",
+                    py_shape(w_hh_v.sizes()));
+  const char* h_name = sequence ? "h0" : "h";
+  const char* c_name = sequence ? "c0" : "c";
+  for (const auto& [name, t] : {std::pair{h_name, &h}, {c_name, &c}}) {
+    py_dims(op, name, *t, 2);
+    py_shape_is(op, name, *t, {batch, hidden}, "(B, H) = ");
+  }
+  for (const auto& [pre, w_u, w_v, k] : {std::tuple{"w_ih", &w_ih_u, &w_ih_v, d}, {"w_hh", &w_hh_u, &w_hh_v, hidden}}) {
+    const bool input = std::string(pre) == "w_ih";
+    TORCH_CHECK_VALUE(w_u->size(0) == 4 * hidden, op, ": ", pre, "_u must have 4*H = ", 4 * hidden,
+                      " rows (gates i, f, g, o; H = ", hidden, " from w_hh_v); got shape ", py_shape(w_u->sizes()));
+    const int64_t rank = w_u->size(1);
+    py_shape_is(op, (std::string(pre) + "_v").c_str(), *w_v, {rank, k}, input ? "(rank, D) = " : "(rank, H) = ");
+    TORCH_CHECK_VALUE(rank >= 1 && rank <= std::min(4 * hidden, k), op, ": the rank of ", pre, " (", pre,
+                      "_u.shape[1] = ", rank, ") must be in [1, min(4*H, ", input ? "D" : "H", ")] = [1, ",
+                      std::min(4 * hidden, k), "]");
+  }
+  if (bias.has_value()) {
+    py_dims(op, "bias", *bias, 1);
+    py_shape_is(op, "bias", *bias, {4 * hidden}, "(4*H,) = ");
+  }
+  for (const auto& [name, t] : {std::pair{h_name, &h}, {c_name, &c}, {"w_ih_u", &w_ih_u}, {"w_ih_v", &w_ih_v},
+                                {"w_hh_u", &w_hh_u}, {"w_hh_v", &w_hh_v}})
+    like_x(op, x, name, *t, true);
+  if (bias.has_value()) like_x(op, x, "bias", *bias, true);
+  return hidden;
+}
+
+// A gradient or saved activation handed to a backward op: its expected shape, and not the empty
+// tensor of a forward that ran with save=False.
+inline void saved(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef expected) {
+  bool empty_expected = false;
+  for (int64_t n : expected) empty_expected = empty_expected || n == 0;
+  TORCH_CHECK(t.numel() != 0 || empty_expected, op, ": ", name,
+              " is empty: the forward ran with save=False, so there is nothing to differentiate");
+  py_shape_is(op, name, t, expected, "");
 }
 
 // ---------------------------------------------------------------------------------------------------

@@ -18,9 +18,13 @@ std::atomic<int8_t> default_backend{static_cast<int8_t>(Backend::Auto)};
 thread_local int override_backend = -1;
 std::array<std::atomic<int8_t>, kOpCount> last_face{};  // Backend + 1; 0 = not run yet
 
-// Whether amnets_native::<op>_forward and _backward have a kernel for `key`; asked once per (op, key):
-// the kernels are registered when the library loads and do not change afterwards.
+std::array<std::atomic<bool>, kOpCount> hidden{};
+
+}  // namespace
+
 bool compiled(Op op, c10::DispatchKey key) {
+  if (hidden[static_cast<int>(op)].load(std::memory_order_relaxed)) return false;
+  // Asked once per (op, key): the kernels are registered when the library loads and stay.
   static std::array<std::array<std::atomic<int8_t>, 2>, kOpCount> known{};  // 0 unknown, 1 no, 2 yes
   std::atomic<int8_t>& slot = known[static_cast<int>(op)][key == c10::DispatchKey::CUDA];
   int8_t state = slot.load(std::memory_order_relaxed);
@@ -37,7 +41,7 @@ bool compiled(Op op, c10::DispatchKey key) {
   return state == 2;
 }
 
-}  // namespace
+void hide_compiled(Op op, bool hide) { hidden[static_cast<int>(op)].store(hide); }
 
 Backend parse(const std::string& text) {
   for (int i = 0; i < 5; ++i)

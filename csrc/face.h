@@ -14,7 +14,9 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cstdint>
+#include <optional>
 #include <string>
+#include <utility>
 
 namespace amnets::face {
 
@@ -43,6 +45,11 @@ class Scope {
   int previous_;
 };
 
+// Whether amnets_native::<op>_forward and _backward have kernels for `key` (CPU or CUDA).
+bool compiled(Op op, c10::DispatchKey key);
+// Tests: pretend `op` has no compiled kernels (to exercise the fallback to the reference face).
+void hide_compiled(Op op, bool hide);
+
 // Whether the compiled kernel of `t`'s device runs `op` now (and if so, records it as the last face).
 bool native(Op op, const at::Tensor& t);
 // The face that ran `op` most recently in this process ("" if none); the Python faces record theirs.
@@ -51,5 +58,40 @@ void note(Op op, const std::string& face);
 
 // amnets_faces::<op_name>, the Python face op; a clear error when the Python package has not registered it.
 c10::OperatorHandle python_face(const char* op_name);
+
+inline at::Tensor contiguous(const at::Tensor& t) { return t.contiguous(); }
+inline std::optional<at::Tensor> contiguous(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(t->contiguous()) : std::nullopt;
+}
+template <typename T>
+const T& contiguous(const T& value) {
+  return value;
+}
+
+// One direction of an op, amnets::<name>: its compiled kernel amnets_native::<name> (given contiguous
+// tensors) when `native` says so, else the Python face op amnets_faces::<name> (the tensors as given).
+template <typename Sig>
+class Route {
+ public:
+  explicit Route(std::string name)
+      : name_(std::move(name)),
+        kernel_(c10::Dispatcher::singleton().findSchemaOrThrow(("amnets_native::" + name_).c_str(), "").typed<Sig>()) {}
+
+  template <typename... Args>
+  decltype(auto) operator()(bool native, const Args&... args) const {
+    if (native) return kernel_.call(contiguous(args)...);
+    return python_face(name_.c_str()).typed<Sig>().call(args...);
+  }
+
+ private:
+  std::string name_;
+  c10::TypedOperatorHandle<Sig> kernel_;
+};
+
+// The public op amnets::<name> called from C++ (a composite op calling its forward, autograd its backward).
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow((std::string("amnets::") + name).c_str(), "").typed<Sig>();
+}
 
 }  // namespace amnets::face

@@ -1,12 +1,17 @@
 """The ops, one file per op family: torch.ops.amnets.<op>, its face contract, its autograd.
 
-Every op follows one pattern:
+Every op has three parts:
   amnets::<op>            public, CompositeImplicitAutograd: defaults, light reshaping, reduction;
                           takes the Python function's arguments in the same order.
-  amnets::<op>_forward    custom op (opaque to torch.compile) with a fake impl and autograd: checks its
-                          arguments (amnets_kernels._validate), then routes to the face chosen by
-                          amnets_kernels._backend; with save=True it also returns what backward needs.
-  amnets::<op>_backward   custom op, routed the same way.
+  amnets::<op>_forward    the op autograd is registered on (opaque to torch.compile), with a fake impl:
+                          checks its arguments, then routes to the face chosen by the backend; with
+                          save=True it also returns what backward needs.
+  amnets::<op>_backward   routed the same way.
+bsr_linear and the lowrank LSTM ops live in C++ (csrc/bsr.cpp, csrc/lowrank_lstm.cpp): checks, autograd
+and routing run without Python, and the compiled face is called directly; the reference and Triton
+faces are reached through the Python ops amnets_faces::<op>_<direction> registered here (python_face).
+The fake impls stay in Python (tracing is Python's; they must handle symbolic shapes). The RNN-T ops
+are still Python custom ops (composite + custom_op below), routed by `run`.
 Each face implements <op>_forward/<op>_backward with exactly these arguments (the reference in
 amnets_kernels/reference/, Triton in amnets_kernels/triton/, C++ as torch.ops.amnets_native.*; see
 csrc/ops.cpp). Faces get contiguous tensors and return fresh ones.

@@ -18,9 +18,7 @@ OP = "bsr_linear"
 # The op lives in C++ (csrc/bsr.cpp): torch.ops.amnets.bsr_linear, bsr_linear_forward (autograd) and
 # bsr_linear_backward check their arguments once and run the compiled kernel of the tensors' device, or
 # the Python face registered below when the backend asks for the reference or Triton face.
-_NATIVE = _backend.EXTENSION_ERROR is None
-if _NATIVE:
-    _op, _forward_op = torch.ops.amnets.bsr_linear.default, torch.ops.amnets.bsr_linear_forward.default
+_op, _forward_op = torch.ops.amnets.bsr_linear.default, torch.ops.amnets.bsr_linear_forward.default
 
 
 def bsr_linear(x: Tensor, weight: BlockSparseMatrix, bias: Optional[Tensor] = None) -> Tensor:
@@ -36,9 +34,6 @@ def bsr_linear(x: Tensor, weight: BlockSparseMatrix, bias: Optional[Tensor] = No
 
 def _call(x, values, crow_indices, col_indices, out_features, in_features, bias):
     """The op on x (..., in_features); 2-D x skips the reshaping layer."""
-    if not _NATIVE:
-        raise _backend.FaceUnavailableError(f"{OP} needs the compiled extension amnets_kernels._C "
-                                            f"({_backend.EXTENSION_ERROR})")
     if values.dtype not in _FAST_DTYPES or values.shape[-1] not in _FAST_BLOCKS:
         _say_if_slow(x, values)
     try:
@@ -84,24 +79,25 @@ def _check_rows(op: str, x: Tensor) -> None:
                          "(torch.ops.amnets.bsr_linear takes any leading dims)")
 
 
-if _NATIVE:
-    python_face(OP, "forward", torch.ops.amnets.bsr_linear_forward.default)
-    python_face(OP, "backward", torch.ops.amnets.bsr_linear_backward.default)
+python_face(OP, "forward", torch.ops.amnets.bsr_linear_forward.default)
+python_face(OP, "backward", torch.ops.amnets.bsr_linear_backward.default)
 
-    @torch.library.register_fake("amnets::bsr_linear_forward")
-    def _(x, values, crow_indices, col_indices, out_features, in_features, bias):
-        _check_rows(OP, x)
-        _validate.bsr_linear(OP, x, values, crow_indices, col_indices, out_features, in_features, bias, data=False)
-        return x.new_empty(x.shape[0], out_features)
 
-    @torch.library.register_fake("amnets::bsr_linear_backward")
-    def _(grad_out, x, values, crow_indices, col_indices, out_features, in_features, need_x, need_values):
-        op = "bsr_linear_backward"
-        _check_rows(op, x)
-        _validate.bsr_linear(op, x, values, crow_indices, col_indices, out_features, in_features, None, data=False)
-        _validate.grads_and_saved(op, {"grad_out": (grad_out, (x.shape[0], out_features))})
-        return (x.new_empty(x.shape) if need_x else x.new_empty(0),
-                values.new_empty(values.shape) if need_values else values.new_empty(0))
+@torch.library.register_fake("amnets::bsr_linear_forward")
+def _(x, values, crow_indices, col_indices, out_features, in_features, bias):
+    _check_rows(OP, x)
+    _validate.bsr_linear(OP, x, values, crow_indices, col_indices, out_features, in_features, bias, data=False)
+    return x.new_empty(x.shape[0], out_features)
+
+
+@torch.library.register_fake("amnets::bsr_linear_backward")
+def _(grad_out, x, values, crow_indices, col_indices, out_features, in_features, need_x, need_values):
+    op = "bsr_linear_backward"
+    _check_rows(op, x)
+    _validate.bsr_linear(op, x, values, crow_indices, col_indices, out_features, in_features, None, data=False)
+    _validate.grads_and_saved(op, {"grad_out": (grad_out, (x.shape[0], out_features))})
+    return (x.new_empty(x.shape) if need_x else x.new_empty(0),
+            values.new_empty(values.shape) if need_values else values.new_empty(0))
 
 
 class PreparedBsrLinear:
@@ -184,4 +180,4 @@ class PreparedBsrLstmCell:
 
 
 _unfused_warned: set = set()
-_fused_cell = torch.ops.amnets_native.bsr_lstm_cell_forward.default if _backend.EXTENSION_ERROR is None else None
+_fused_cell = torch.ops.amnets_native.bsr_lstm_cell_forward.default

@@ -18,7 +18,8 @@
 //                                 per thread by plain FMA. Weights read once per 64 rows.
 //   grad_x = grad_y @ W           tile_kernel<!forward>: the same kernel per (block column, 64-row tile)
 //                                 over a column-major index built on the device (stable argsort of
-//                                 col_indices: each column's blocks in block-row order).
+//                                 col_indices: each column's blocks in block-row order), once per
+//                                 pattern (csrc/pattern_cache.h), not per call.
 //   grad_values (SDDMM)           grad_values_kernel: CTA per stored block, grad_y[:, rows]^T x[:, cols]
 //                                 accumulated over 64-row tiles staged in shared memory.
 // Everything else (float64, other block sizes such as 1 and 4): generic_*_kernel, one thread per output
@@ -40,6 +41,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_fp16.h>
 #include <torch/library.h>
+
+#include "../pattern_cache.h"
 
 #include <climits>
 #include <cstdint>
@@ -596,13 +599,22 @@ std::tuple<Tensor, Tensor> bsr_linear_backward(const Tensor& grad_out, const Ten
               "amnets bsr_linear cuda face: grad_out must be (M, out_features) like x");
   Tensor grad_x = x.new_empty({0}), grad_values = values.new_empty({0});
   const bool fast = has_fast_path(values);
-  const Tensor row_of = p.nnzb > 0 && (need_x || need_values) ? block_rows_of(crow, p.nnzb) : Tensor();
+  // The block row of every block and the column-major order: built once per pattern (csrc/pattern_cache.h).
+  std::vector<Tensor> derived{Tensor(), Tensor(), Tensor(), Tensor()};
+  if (p.nnzb > 0 && (need_x || need_values)) {
+    derived = pattern::derived("bsr_linear_backward cuda", crow_indices, col_indices, {p.nnzb, p.Kb}, [&] {
+      const Tensor rows = block_rows_of(crow, p.nnzb);
+      const ColumnIndex ci = column_index(col, rows, p.Kb);
+      return std::vector<Tensor>{rows, ci.start, ci.block, ci.row};
+    });
+  }
+  const Tensor& row_of = derived[0];
 
   if (need_x) {
     grad_x = at::empty({p.M, in_features}, x.options());
     if (p.M > 0 && p.nnzb == 0) grad_x.zero_();
     if (p.M > 0 && p.nnzb > 0) {
-      const ColumnIndex ci = column_index(col, row_of, p.Kb);
+      const ColumnIndex ci{derived[1], derived[2], derived[3]};
       if (fast) {
         AMNETS_DISPATCH_FAST_TYPES(x.scalar_type(), "bsr_linear_backward", [&] {
           with_block_size(p.B, [&](auto b) {
