@@ -1,4 +1,4 @@
-# From a fresh clone:  make test   (install, build, test suite, Triton AOT report)
+# From a fresh clone:  make test   (install, build, test suite, Triton AOT report, C++ deployment example)
 #                      make bench  (the benchmark table on this machine's device; QUICK=1 smoke run)
 # Both create .venv and install the pinned stack (pyproject.toml) the first time, and rebuild the
 # extension when setup.py, pyproject.toml or csrc/ change.
@@ -10,15 +10,17 @@ SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 QUICK  ?=
 SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: test bench install aot clean
+.PHONY: test bench install aot deploy clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# espeak-ng (Debian package) synthesises the amnets speech corpus. torch must be importable before the
-# extension builds (--no-build-isolation), so the build requirements from pyproject.toml go in first.
+# espeak-ng (Debian package) synthesises the amnets speech corpus; cmake and ninja build the C++
+# deployment example. torch must be importable before the extension builds (--no-build-isolation), so the
+# build requirements from pyproject.toml go in first.
 $(VENV)/.installed: $(PY) $(SOURCES)
-	command -v espeak-ng >/dev/null || ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq espeak-ng)
+	command -v espeak-ng >/dev/null && command -v cmake >/dev/null && command -v ninja >/dev/null || \
+	  ($(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq espeak-ng cmake ninja-build)
 	$(PY) -m pip install --quiet $$($(PY) -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"]))')
 	MAX_JOBS=2 $(PY) -m pip install --quiet --no-build-isolation -e ".[test]"
 	touch $@
@@ -30,12 +32,17 @@ test: install
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests; that is a failure" >&2; fi; \
 	  exit $$rc
 	$(PY) -m amnets_kernels.aot
+	bash examples/deploy/run.sh $(PY)
 
 aot: install
 	$(PY) -m amnets_kernels.aot
 
+deploy: install
+	bash examples/deploy/run.sh $(PY)
+
 bench: install
 	$(PY) -m benchmarks $(if $(QUICK),--quick)
+	$(PY) -m benchmarks.overhead
 
 clean:
 	rm -rf build *.egg-info amnets_kernels/_C*.so $(VENV)

@@ -10,7 +10,7 @@ namespace {
 struct Entry {
   std::string what;
   c10::weak_intrusive_ptr<c10::TensorImpl> crow, col;
-  uint32_t crow_version, col_version;
+  int64_t crow_version, col_version;
   std::vector<int64_t> shape;
   std::vector<at::Tensor> tensors;
 

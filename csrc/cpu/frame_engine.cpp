@@ -23,8 +23,10 @@
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <torch/custom_class.h>
-#include <torch/extension.h>
 #include <torch/library.h>
+#ifdef AMNETS_PYTHON_MODULE
+#include <torch/extension.h>
+#endif
 
 #include <algorithm>
 #include <cstring>
@@ -556,6 +558,7 @@ struct FrameEngine : torch::CustomClassHolder {
   }
 };
 
+#ifdef AMNETS_PYTHON_MODULE  // the Python module amnets_kernels._C; not the library a C++ program loads
 // The same engine for Python callers, bound directly: a TorchScript custom-class method call costs ~8 us
 // from Python, more than a frame of a small model; a pybind11 call ~1 us. (csrc/build_info.cpp calls this.)
 void bind_frame_engine(pybind11::module_& m) {
@@ -567,6 +570,7 @@ void bind_frame_engine(pybind11::module_& m) {
       }))
       .def("run", &FrameEngine::run);
 }
+#endif
 
 TORCH_LIBRARY_FRAGMENT(amnets_native, m) {
   m.class_<FrameEngine>("FrameEngine")
