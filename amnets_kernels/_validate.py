@@ -55,6 +55,19 @@ def _int(op: str, name: str, value, low: int | None = None):
         raise ValueError(f"{op}: {name} must be >= {low}; got {value}")
 
 
+def scalars(op: str, **named) -> None:
+    """The public functions' scalar arguments, before torch.ops would answer a wrong type with a
+    RuntimeError of its own: ints (blank), real numbers (clamp), bools (flags)."""
+    for name, value in named.items():
+        if name == "blank":
+            _int(op, name, value)
+        elif name == "clamp":
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise TypeError(f"{op}: {name} must be a float; got {type(value).__name__}")
+        elif not isinstance(value, bool):
+            raise TypeError(f"{op}: {name} must be a bool; got {type(value).__name__}")
+
+
 def _same_device_and_dtype(op: str, dtype_of: str, tensors: dict[str, Tensor | None], ints=()):
     """All tensors on one device; the floating ones in the dtype of `dtype_of`."""
     present = {k: v for k, v in tensors.items() if v is not None}

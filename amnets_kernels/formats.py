@@ -215,10 +215,12 @@ def lowrank_factors(weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 
 
 def rank_for_energy(weight: Tensor, energy: float) -> int:
-    """Smallest rank whose singular values keep `energy` (in (0, 1]) of sum(sigma^2)."""
+    """Smallest rank whose singular values keep `energy` (in (0, 1]) of sum(sigma^2); 1 for a zero matrix."""
     if not 0.0 < energy <= 1.0:
         raise ValueError(f"rank_for_energy: energy must be in (0, 1]; got {energy!r}")
     s2 = torch.linalg.svdvals(weight.detach().to(torch.float64)).pow(2)
+    if not s2.sum() > 0:  # a zero matrix: rank 1 (zero factors) keeps all of its (zero) energy
+        return 1
     kept = s2.cumsum(0) / s2.sum()
     return min(int(torch.searchsorted(kept, torch.tensor(energy * (1 - 1e-12), dtype=kept.dtype))) + 1,
                s2.numel())

@@ -103,3 +103,8 @@ def test_indices_must_be_integers_that_fit_int32():
         BlockSparseMatrix(good.values, good.crow_indices.long() + 2**32, good.col_indices.long(), (16, 16))
     mixed = BlockSparseMatrix(good.values, good.crow_indices.long(), good.col_indices, (16, 16))
     assert mixed.crow_indices.dtype == mixed.col_indices.dtype == torch.int32
+
+
+def test_rank_for_energy_of_a_zero_matrix_is_one():
+    from amnets_kernels.formats import rank_for_energy
+    assert rank_for_energy(torch.zeros(8, 8), 0.9) == 1

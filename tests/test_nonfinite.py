@@ -71,3 +71,37 @@ def test_fp16_cost_overflow_is_reported_as_an_overflow_and_keeps_its_gradient(fa
     assert torch.isinf(cost[0])
     (grad,) = torch.autograd.grad(cost.float().sum(), logits)
     assert torch.isfinite(grad).all() and grad.any()
+
+
+def test_zero_infinity_keeps_a_batch_loss_finite():
+    """zero_infinity (as ctc_loss): the bad utterance counts 0; the clean one's loss and gradients are
+    what they are alone, and the shared weight's gradient is finite."""
+    torch.manual_seed(0)
+    enc, pred = torch.randn(2, 5, 8), torch.randn(2, 3, 8)
+    enc[1, 2, 0] = float("nan")
+    weight = torch.randn(6, 8, requires_grad=True)
+    targets = torch.tensor([[1, 2], [3, 4]], dtype=torch.int32)
+    frames, labels = torch.tensor([5, 5], dtype=torch.int32), torch.tensor([2, 2], dtype=torch.int32)
+    with pytest.warns(RuntimeWarning, match="non-finite cost"):
+        loss = ak.fused_joint_rnnt_loss(enc, pred, weight, None, targets, frames, labels, blank=0,
+                                        reduction="sum", zero_infinity=True)
+    clean = ak.fused_joint_rnnt_loss(enc[:1], pred[:1], weight, None, targets[:1], frames[:1], labels[:1], blank=0,
+                                     reduction="sum")
+    assert torch.isfinite(loss) and torch.allclose(loss, clean)
+    grad, = torch.autograd.grad(loss, weight)
+    grad_clean, = torch.autograd.grad(clean, weight)
+    assert torch.allclose(grad, grad_clean)
+    logits = torch.randn(2, 4, 3, 5)
+    logits[0, 1, 1, 2] = float("inf")
+    with pytest.warns(RuntimeWarning):
+        costs = ak.rnnt_loss(logits, targets[:, :2] % 4 + 1, torch.tensor([4, 4]), labels, blank=0,
+                             reduction="none", zero_infinity=True)
+    assert costs[0] == 0 and torch.isfinite(costs).all()
+
+
+@pytest.mark.parametrize("kwargs, match", [(dict(clamp="x"), "clamp must be a float; got str"),
+                                           (dict(blank=0.0), "blank must be an int; got float")])
+def test_scalar_arguments_named(kwargs, match):
+    logits = torch.randn(1, 2, 2, 3)
+    with pytest.raises(TypeError, match=match):
+        ak.rnnt_loss(logits, torch.tensor([[1]]), torch.tensor([2]), torch.tensor([1]), **kwargs)

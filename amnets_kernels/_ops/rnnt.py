@@ -23,7 +23,9 @@ def _int32(*tensors):
     return tuple(t.to(torch.int32) for t in tensors)
 
 
-def _reduce(costs: Tensor, reduction: str) -> Tensor:
+def _reduce(costs: Tensor, reduction: str, zero_infinity: bool) -> Tensor:
+    if zero_infinity:  # as ctc_loss: a non-finite cost counts 0 (its gradient is zero already)
+        costs = torch.where(torch.isfinite(costs), costs, torch.zeros_like(costs))
     if reduction == "mean":
         return costs.mean()
     return costs.sum() if reduction == "sum" else costs
@@ -68,27 +70,33 @@ RNNT = "rnnt_loss"
 
 
 def rnnt_loss(logits: Tensor, targets: Tensor, logit_lengths: Tensor, target_lengths: Tensor, blank: int = -1,
-              clamp: float = -1.0, reduction: str = "mean", fused_log_softmax: bool = True) -> Tensor:
+              clamp: float = -1.0, reduction: str = "mean", fused_log_softmax: bool = True,
+              zero_infinity: bool = False) -> Tensor:
     """RNN-T loss of logits (B, T, U+1, V); same arguments and results as torchaudio's rnnt_loss.
 
     targets (B, U), logit_lengths and target_lengths (B,), int32 or int64; blank in [-V, V).
-    Unlike torchaudio, the padded T and U may exceed the longest lengths.
+    Unlike torchaudio, the padded T and U may exceed the longest lengths. zero_infinity (as ctc_loss):
+    a sequence whose cost is not finite counts 0 in the result (its gradient is zero either way), so one
+    bad utterance does not make a batch's loss NaN.
     """
     _validate.tensor_types(RNNT, logits=logits, targets=targets, logit_lengths=logit_lengths,
                            target_lengths=target_lengths)
+    _validate.scalars(RNNT, blank=blank, clamp=clamp, fused_log_softmax=fused_log_softmax,
+                      zero_infinity=zero_infinity)
     return torch.ops.amnets.rnnt_loss(logits, targets, logit_lengths, target_lengths, blank, float(clamp),
-                                      reduction, fused_log_softmax)
+                                      reduction, fused_log_softmax, zero_infinity)
 
 
 @composite("rnnt_loss(Tensor logits, Tensor targets, Tensor logit_lengths, Tensor target_lengths, "
-           "int blank=-1, float clamp=-1.0, str reduction=\"mean\", bool fused_log_softmax=True) -> Tensor")
+           "int blank=-1, float clamp=-1.0, str reduction=\"mean\", bool fused_log_softmax=True, "
+           "bool zero_infinity=False) -> Tensor")
 def _rnnt_loss(logits, targets, logit_lengths, target_lengths, blank=-1, clamp=-1.0, reduction="mean",
-               fused_log_softmax=True):
+               fused_log_softmax=True, zero_infinity=False):
     _validate.rnnt_loss(RNNT, logits, targets, logit_lengths, target_lengths, blank, clamp, reduction,
                         data=False)
     costs = torch.ops.amnets.rnnt_loss_forward(logits, targets, logit_lengths, target_lengths, blank, clamp,
                                                fused_log_softmax, wants_grad(logits))[0]
-    return _reduce(costs, reduction)
+    return _reduce(costs, reduction, zero_infinity)
 
 
 @custom_op("rnnt_loss_forward")
@@ -168,31 +176,34 @@ JOINT = "fused_joint_rnnt_loss"
 
 def fused_joint_rnnt_loss(enc: Tensor, pred: Tensor, weight: Tensor, bias: Optional[Tensor], targets: Tensor,
                           logit_lengths: Tensor, target_lengths: Tensor, blank: int = -1,
-                          activation: str = "tanh", clamp: float = -1.0, reduction: str = "mean") -> Tensor:
+                          activation: str = "tanh", clamp: float = -1.0, reduction: str = "mean",
+                          zero_infinity: bool = False) -> Tensor:
     """rnnt_loss(act(enc[:, :, None] + pred[:, None]) @ weight.T + bias, ...) without the 4-D logits.
 
     enc (B, T, H), pred (B, U+1, H), weight (V, H), bias (V,) or None; activation "tanh", "relu" or
     "identity". Differentiable in enc, pred, weight and bias. Peak memory is O(B*T*U) plus one tile
     of cells (cpu: ~256 cells; cuda and triton: a chunk of at most 256 MiB / 64 MiB of logits); the
-    reference face materialises the logits.
+    reference face materialises the logits. zero_infinity: as rnnt_loss's.
     """
     _validate.tensor_types(JOINT, ("bias",), enc=enc, pred=pred, weight=weight, bias=bias, targets=targets,
                            logit_lengths=logit_lengths, target_lengths=target_lengths)
+    _validate.scalars(JOINT, blank=blank, clamp=clamp, zero_infinity=zero_infinity)
     return torch.ops.amnets.fused_joint_rnnt_loss(enc, pred, weight, bias, targets, logit_lengths,
-                                                  target_lengths, blank, activation, float(clamp), reduction)
+                                                  target_lengths, blank, activation, float(clamp), reduction,
+                                                  zero_infinity)
 
 
 @composite("fused_joint_rnnt_loss(Tensor enc, Tensor pred, Tensor weight, Tensor? bias, Tensor targets, "
            "Tensor logit_lengths, Tensor target_lengths, int blank=-1, str activation=\"tanh\", "
-           "float clamp=-1.0, str reduction=\"mean\") -> Tensor")
+           "float clamp=-1.0, str reduction=\"mean\", bool zero_infinity=False) -> Tensor")
 def _fused_joint_rnnt_loss(enc, pred, weight, bias, targets, logit_lengths, target_lengths, blank=-1,
-                           activation="tanh", clamp=-1.0, reduction="mean"):
+                           activation="tanh", clamp=-1.0, reduction="mean", zero_infinity=False):
     _validate.fused_joint_rnnt_loss(JOINT, enc, pred, weight, bias, targets, logit_lengths, target_lengths,
                                     blank, activation, clamp, reduction, data=False)
     costs = torch.ops.amnets.fused_joint_rnnt_loss_forward(
         enc, pred, weight, bias, targets, logit_lengths, target_lengths, blank, activation, clamp,
         wants_grad(enc, pred, weight, bias))[0]
-    return _reduce(costs, reduction)
+    return _reduce(costs, reduction, zero_infinity)
 
 
 @custom_op("fused_joint_rnnt_loss_forward")

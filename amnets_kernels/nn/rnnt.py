@@ -13,13 +13,15 @@ from .._ops.rnnt import fused_joint_rnnt_loss, rnnt_loss
 class RNNTLoss(nn.Module):
     """torchaudio.transforms.RNNTLoss's contract: forward(logits, targets, logit_lengths, target_lengths)."""
 
-    def __init__(self, blank: int = -1, clamp: float = -1.0, reduction: str = "mean", fused_log_softmax: bool = True):
+    def __init__(self, blank: int = -1, clamp: float = -1.0, reduction: str = "mean", fused_log_softmax: bool = True,
+                 zero_infinity: bool = False):
         super().__init__()
         self.blank, self.clamp, self.reduction, self.fused_log_softmax = blank, clamp, reduction, fused_log_softmax
+        self.zero_infinity = zero_infinity
 
     def forward(self, logits, targets, logit_lengths, target_lengths):
         return rnnt_loss(logits, targets, logit_lengths, target_lengths, self.blank, self.clamp, self.reduction,
-                         self.fused_log_softmax)
+                         self.fused_log_softmax, self.zero_infinity)
 
     def extra_repr(self) -> str:
         return f"blank={self.blank}, clamp={self.clamp}, reduction={self.reduction!r}"
@@ -34,13 +36,15 @@ class FusedJointRNNTLoss(nn.Module):
     """
 
     def __init__(self, hidden_size: int, vocab_size: int, blank: int = -1, activation: str = "tanh",
-                 clamp: float = -1.0, reduction: str = "mean", bias: bool = True, device=None, dtype=None):
+                 clamp: float = -1.0, reduction: str = "mean", bias: bool = True, device=None, dtype=None,
+                 zero_infinity: bool = False):
         super().__init__()
         bound = 1 / math.sqrt(hidden_size)
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size, device=device, dtype=dtype).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.empty(vocab_size, device=device, dtype=dtype).uniform_(-bound, bound)) \
             if bias else None
         self.blank, self.activation, self.clamp, self.reduction = blank, activation, clamp, reduction
+        self.zero_infinity = zero_infinity
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, **kwargs) -> FusedJointRNNTLoss:
@@ -57,7 +61,7 @@ class FusedJointRNNTLoss(nn.Module):
 
     def forward(self, enc, pred, targets, logit_lengths, target_lengths):
         return fused_joint_rnnt_loss(enc, pred, self.weight, self.bias, targets, logit_lengths, target_lengths,
-                                     self.blank, self.activation, self.clamp, self.reduction)
+                                     self.blank, self.activation, self.clamp, self.reduction, self.zero_infinity)
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.weight.shape[1]}, vocab_size={self.weight.shape[0]}, blank={self.blank}, "
