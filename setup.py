@@ -94,7 +94,8 @@ def extensions():
 
     cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # -Wno-psabi: the SIMD clones pass 64-byte vectors between always-inlined helpers (csrc/cpu/simd.h).
-    cxx = ["-O3", "-std=c++20", "-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-psabi"]
+    # AMNETS_PYTHON_MODULE: the pybind11 parts (examples/deploy builds the same sources without them).
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-psabi", "-DAMNETS_PYTHON_MODULE"]
     link = ["-fopenmp"]  # at::parallel_for is inlined OpenMP: without it our loops run on one thread
     if not want_cuda(torch.version.cuda is not None, toolkit):
         return [cpp_extension.CppExtension("amnets_kernels._C", cpu_sources,

@@ -3,7 +3,7 @@ stack, layer-major over the chunk: the offline dense encoder), against the dense
 way a live stream runs (stream(force="full"): every layer per frame), and against the same switching
 encoder computed with dense matmuls on its cheap branch's dense equivalent (the block mask applied to W,
 or U @ V multiplied out): the FLOP-only baseline, whose cheap frames save multiply-adds on paper but not
-time. Shapes from issue 6: input 240 (3 stacked 80-dim
+time. Headline shapes: input 240 (3 stacked 80-dim
 frames), H=1024, 3 layers, T=20 frames; sparse branch 0.8 at block 32, low-rank branch r=128.
 
 The fraction f of full-branch frames is forced: at B=1 the whole stream takes "full" or "cheap"; at B=64
@@ -109,6 +109,6 @@ def _case(enc, lstm, grid, batch, f, device):
 
 
 def headline(params: dict, mode: str) -> bool:
-    """The rows README quotes: issue 6's encoder, one stream all cheap or all full, and B=64 half full."""
+    """The rows README quotes: the headline encoder, one stream all cheap or all full, and B=64 half full."""
     return (params["hidden"], params["layers"]) == (1024, 3) and \
         (params["batch"], params["full_fraction"]) in ((1, 0.0), (1, 1.0), (64, 0.5))

@@ -1,5 +1,5 @@
 """bsr_linear against dense F.linear on the same masked weight, and against torch's own sparse
-matmuls (BSR and CSR), forward and forward+backward. Shapes from issue 3: W 4096x2048 (the gate
+matmuls (BSR and CSR), forward and forward+backward. Headline shapes: W 4096x2048 (the gate
 matrix of a 1024-unit LSTM layer) and 1024x1024."""
 
 import torch
@@ -65,6 +65,6 @@ def _case(shape, block, density, dtype, mode, m, sets, device):
 
 
 def headline(params: dict, mode: str) -> bool:
-    """The rows README quotes: issue 3's target shape."""
+    """The rows README quotes: the headline shape."""
     return (params["out_features"], params["block"], params["dtype"], mode) == (4096, 32, "fp32", "fwd") \
         and params["rows"] in (1, 16)

@@ -1,5 +1,5 @@
 """lowrank_lstm_sequence against nn.LSTM (dense, same H) and against the unfused PyTorch low-rank
-composition (a Python loop of two small matmuls per gate matrix). Shapes from issue 4."""
+composition (a Python loop of two small matmuls per gate matrix). Headline shapes below."""
 
 import torch
 
@@ -64,5 +64,5 @@ def _case(lstm, factors, bias, dtype, mode, rank, batch, steps, device):
 
 
 def headline(params: dict, mode: str) -> bool:
-    """The rows README quotes: issue 4's target shape."""
+    """The rows README quotes: the headline shape."""
     return (params["hidden"], params["rank"], params["dtype"]) == (1024, 256, "fp32") and params["batch"] in (1, 16)

@@ -1,5 +1,5 @@
 """rnnt_loss against torchaudio's rnnt_loss, and fused_joint_rnnt_loss against materialising the
-joint in PyTorch (then torchaudio, or our rnnt_loss). Shapes from issue 5."""
+joint in PyTorch (then torchaudio, or our rnnt_loss). Headline shapes below."""
 
 import torch
 import torchaudio.functional as TAF
@@ -85,7 +85,7 @@ def joint_cases(device: torch.device, quick: bool):
 
 
 def loss_headline(params: dict, mode: str) -> bool:
-    """The rows README quotes: issue 5's rnnt_loss target shape."""
+    """The rows README quotes: the headline rnnt_loss shape."""
     return (params["batch"], params["frames"], params["labels"], params["vocab"], params["dtype"]) == \
         (16, 100, 30, 512, "fp32")
 

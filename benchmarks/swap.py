@@ -1,4 +1,4 @@
-"""swap_in on an ordinary LSTM acoustic model (issue 7's target): CPU inference of one utterance,
+"""swap_in on an ordinary LSTM acoustic model: CPU inference of one utterance,
 dense (nn.LSTM + nn.Linear) against the same model after swap_in(lstm_rank=256, linear_sparsity=0.75)."""
 
 import copy

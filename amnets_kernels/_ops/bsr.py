@@ -10,7 +10,7 @@ from torch import Tensor
 
 from .. import _backend, _validate
 from ..formats import BlockSparseMatrix
-from ..reference import acc_dtype, lstm_pointwise
+from .lstm_update import lstm_pointwise
 from . import eager_inference, python_face
 
 OP = "bsr_linear"

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate
-from ..reference import acc_dtype
+from .._dtypes import acc_dtype
 from . import python_face
 
 

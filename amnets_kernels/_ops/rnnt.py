@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from .. import _validate
-from ..reference import acc_dtype
+from .._dtypes import acc_dtype
 from . import composite, custom_op, register_autograd, run, wants_grad
 
 

@@ -43,7 +43,7 @@ Each output element is written by exactly one program (no atomics), so results a
 Limits. Block sizes b must be powers of two up to 64 (1, 2, 4, 8, 16, 32, 64); any other b raises
 ValueError (the reference and cpu faces take any b). float64 is supported, on the tl.dot-free paths
 with 16-row tiles (exact, not fast). crow/col indices may be int32 or int64 (int64 is narrowed to
-int32 per call: fewer than 2**31 blocks). Tile sizes are untuned (no GPU was at hand): chosen for 0
+int32 per call: fewer than 2**31 blocks). Tile sizes are not tuned on a GPU yet (the H200 run timed them as they are): chosen for 0
 spills when compiled by Triton 3.6 and 3.8 (python -m amnets_kernels.aot lists every configuration).
 Triton 3.6's interpreter cannot run these kernels (it cannot take a loop bound loaded from memory);
 3.8's can, and compiled code runs on both.

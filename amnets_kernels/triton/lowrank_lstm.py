@@ -61,7 +61,7 @@ import triton
 import triton.language as tl
 
 from ..aot import AotConfig
-from ..reference import acc_dtype
+from .._dtypes import acc_dtype
 
 BLOCK_B = 16  # batch rows per program: the smallest M tl.dot takes
 PERSISTENT_BLOCK_H = 16  # hidden units per chunk in the persistent kernels

@@ -55,7 +55,7 @@ import triton
 import triton.language as tl
 
 from ..aot import AotConfig
-from ..reference import acc_dtype
+from .._dtypes import acc_dtype
 from ._common import INTERPRETED as _INTERPRETED
 from ._common import acc as _acc
 
@@ -479,7 +479,7 @@ MAX_LABELS_PLUS_1 = _LATTICE_CONFIGS[-1].constexprs["BLOCK_U"]
 # (IEEE) and "fp64" run tl.dot on FMA units, which hold whole operand rows in registers: narrower V
 # blocks and mostly no software pipelining. The logits kernels keep K narrow (their live set is a
 # cells x V tile of logits and its softmax); the two GEMMs of the backward have wide output tiles.
-# tl.dot needs every dimension >= 16. Untuned for speed (no GPU was at hand): each entry is one that
+# tl.dot needs every dimension >= 16. Not tuned on a GPU yet (the H200 run timed them as they are): each entry is one that
 # ptxas compiles without spills under both Triton 3.6 and 3.8 (its register heuristics spill a few
 # bytes at 8 warps for some fp32/fp64 tiles that fit easily at 4, and vice versa).
 _JOINT_CELLS = {"BLOCK_T": 8, "BLOCK_U": 8}

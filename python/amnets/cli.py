@@ -449,7 +449,7 @@ DEMO = dict(hidden_size=192, num_layers=2, rank=32, block_size=32, steps=800, ba
 def cmd_demo(cfg: dict, args) -> int:
     out = args.out
     n_utt = args.utterances or (24 if args.tiny else 450)
-    n_eval = max(2, n_utt // 5)  # 90 held out by default: WER on ~150 words moved by 0.05 between seeds
+    n_eval = max(2, n_utt // 5)  # 90 held out by default: WER on ~300 words moved by 0.05 between seeds
     corpus = os.path.join(out, "corpus")
     start = time.time()
     if not os.path.isfile(os.path.join(corpus, "transcripts.txt")):

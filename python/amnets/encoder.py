@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import amnets_kernels as ak
-from amnets_kernels.reference import lstm_pointwise  # the LSTM update from gate pre-activations
+from amnets_kernels._ops.lstm_update import lstm_pointwise
 
 CHEAP_KINDS = ("sparse", "lowrank")
 FORCE_KINDS = (None, "full", "cheap")
