@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a machine with a CUDA GPU, one command: build the extension with its CUDA faces for this GPU, run the
 # face tests on CUDA (real Triton, not the interpreter; the lowrank_lstm CUDA face once more on its per-step
-# path), the LSTM precision report, then every benchmark suite on its GPU grid. Writes into OUT_DIR
+# path), the LSTM precision report, issue 13's native-path measurements, then every benchmark suite on its
+# GPU grid. Writes into OUT_DIR
 # (default benchmarks/results):
 #   <gpu>.json/.md/.png   the benchmark rows (the JSON is rewritten after every case, so a cut-short run
 #                         still leaves what it measured)
@@ -70,6 +71,9 @@ if [ "${SANITIZE:-0}" = 1 ]; then
     --error-exitcode 3 $PY -m benchmarks.cuda_smoke 2>&1 | tail -25
   sanitize_rc=${PIPESTATUS[0]}
 fi
+
+stage "issue 13: bsr_linear in a CUDA graph vs cuBLAS, host time per eager call, host syncs"
+timeout "${NATIVE_TIMEOUT:-90}" $PY -m benchmarks.native_path_cuda
 
 bench_rc=0
 if [ "${BENCH:-1}" != 0 ]; then

@@ -1,0 +1,105 @@
+"""python -m benchmarks.native_path_cuda: issue 13's GPU targets, for benchmarks/gpu_suite.sh.
+
+  bsr_linear W 4096x2048, b=32, d=0.25, fp32, M = 1 and 16, timed inside a CUDA graph (20 calls captured,
+  replayed; CUDA events), against cuBLAS dense F.linear captured the same way (target <= 0.4x), with the
+  bandwidth on the bytes the op must read (target >= 70% of HBM); the host time of one eager call (launch
+  only, no sync between calls; target <= 15 us); and whether rnnt_loss and bsr_linear run under
+  torch.cuda.set_sync_debug_mode("error") (no host sync; rnnt_loss still syncs until its op is native).
+Each measurement runs on its own: one that fails prints its error and the others still run.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+
+import torch
+import torch.nn.functional as F
+
+import amnets_kernels as ak
+
+
+def graph_us(fn, calls: int = 20, replays: int = 20) -> float:
+    """Microseconds per call of fn, captured `calls` times in one CUDA graph, median over replays."""
+    stream = torch.cuda.Stream()
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()  # warm-up: caches (the pattern check), workspaces
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def host_us(fn, calls: int = 2000) -> float:
+    for _ in range(50):
+        fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    host = (time.perf_counter() - start) / calls * 1e6
+    torch.cuda.synchronize()
+    return host
+
+
+def run(label: str, fn) -> None:
+    try:
+        print(f"{label}: {fn()}")
+    except Exception:  # noqa: BLE001 - report and go on: every row is worth having
+        print(f"{label}: FAILED\n{traceback.format_exc(limit=3)}")
+
+
+def main() -> None:
+    if not torch.cuda.is_available():
+        print("native_path_cuda: no CUDA GPU; nothing to measure")
+        return
+    torch.manual_seed(0)
+    dense = torch.randn(4096, 2048, device="cuda")
+    weight = ak.BlockSparseMatrix.from_dense(dense, 32, sparsity=0.75)
+    for m in (1, 16):
+        x = torch.randn(m, 2048, device="cuda")
+        read = weight.values.numel() * 4 + weight.col_indices.numel() * 4 + x.numel() * 4 + m * 4096 * 4
+
+        def ratio(x=x, read=read):
+            ours = graph_us(lambda: ak.bsr_linear(x, weight))
+            cublas = graph_us(lambda: F.linear(x, dense))
+            return (f"ours {ours:.2f} us, cuBLAS dense {cublas:.2f} us, ratio {ours / cublas:.3f} (target <= 0.4); "
+                    f"{read / ours / 1e3:.0f} GB/s on the {read / 1e6:.1f} MB it reads")
+
+        run(f"bsr_linear 4096x2048 b=32 d=0.25 M={m}, CUDA graph", ratio)
+        run(f"bsr_linear M={m}, host time of one eager call (us, target <= 15)",
+            lambda x=x: f"{host_us(lambda: ak.bsr_linear(x, weight)):.1f}")
+    x = torch.randn(16, 2048, device="cuda")
+
+    def no_sync(fn):
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fn()
+            torch.cuda.set_sync_debug_mode(0)
+            torch.cuda.synchronize()
+            return "no host sync"
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+
+    run("bsr_linear forward under sync debug mode 'error'", lambda: no_sync(lambda: ak.bsr_linear(x, weight)))
+    logits = torch.randn(16, 100, 31, 512, device="cuda", requires_grad=True)
+    targets = torch.randint(1, 512, (16, 30), device="cuda", dtype=torch.int32)
+    frames = torch.full((16,), 100, device="cuda", dtype=torch.int32)
+    labels = torch.full((16,), 30, device="cuda", dtype=torch.int32)
+    run("rnnt_loss fwd+bwd under sync debug mode 'error'",
+        lambda: no_sync(lambda: ak.rnnt_loss(logits, targets, frames, labels, blank=0).backward()))
+
+
+if __name__ == "__main__":
+    main()
