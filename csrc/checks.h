@@ -159,12 +159,14 @@ inline void py_shape_is(const char* op, const char* name, const at::Tensor& t, a
                     py_shape(t.sizes()));
 }
 
-// Every tensor on x's device; the floating ones in x's dtype.
-inline void like_x(const char* op, const at::Tensor& x, const char* name, const at::Tensor& t, bool floating) {
-  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device(),
-                    "; all tensors must be on one device");
-  TORCH_CHECK_TYPE(!floating || t.scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ",
-                   py_dtype(t.scalar_type()), " but x has ", py_dtype(x.scalar_type()), "; they must match");
+// Every tensor on the device of the first one (`ref`, named ref_name); the floating ones in its dtype.
+inline void like(const char* op, const char* ref_name, const at::Tensor& ref, const char* name, const at::Tensor& t,
+                 bool floating) {
+  TORCH_CHECK_VALUE(t.device() == ref.device(), op, ": ", name, " is on ", t.device(), " but ", ref_name, " is on ",
+                    ref.device(), "; all tensors must be on one device");
+  TORCH_CHECK_TYPE(!floating || t.scalar_type() == ref.scalar_type(), op, ": ", name, " has dtype ",
+                   py_dtype(t.scalar_type()), " but ", ref_name, " has ", py_dtype(ref.scalar_type()),
+                   "; they must match");
 }
 
 inline void bsr_linear_args(const char* op, const at::Tensor& x, const at::Tensor& values, const at::Tensor& crow,
@@ -193,10 +195,10 @@ inline void bsr_linear_args(const char* op, const at::Tensor& x, const at::Tenso
     py_dims(op, "bias", *bias, 1);
     py_shape_is(op, "bias", *bias, {out_features}, "(out_features,) = ");
   }
-  like_x(op, x, "values", values, true);
-  if (bias.has_value()) like_x(op, x, "bias", *bias, true);
-  like_x(op, x, "crow_indices", crow, false);
-  like_x(op, x, "col_indices", col, false);
+  like(op, "x", x, "values", values, true);
+  if (bias.has_value()) like(op, "x", x, "bias", *bias, true);
+  like(op, "x", x, "crow_indices", crow, false);
+  like(op, "x", x, "col_indices", col, false);
 }
 
 // The arguments of the public lowrank LSTM ops, checked once per call before a face is chosen, with the
@@ -237,8 +239,8 @@ inline int64_t lowrank_lstm_args(const char* op, const at::Tensor& x, const at::
   }
   for (const auto& [name, t] : {std::pair{h_name, &h}, {c_name, &c}, {"w_ih_u", &w_ih_u}, {"w_ih_v", &w_ih_v},
                                 {"w_hh_u", &w_hh_u}, {"w_hh_v", &w_hh_v}})
-    like_x(op, x, name, *t, true);
-  if (bias.has_value()) like_x(op, x, "bias", *bias, true);
+    like(op, "x", x, name, *t, true);
+  if (bias.has_value()) like(op, "x", x, "bias", *bias, true);
   return hidden;
 }
 
@@ -250,6 +252,74 @@ inline void saved(const char* op, const char* name, const at::Tensor& t, at::Int
   TORCH_CHECK(t.numel() != 0 || empty_expected, op, ": ", name,
               " is empty: the forward ran with save=False, so there is nothing to differentiate");
   py_shape_is(op, name, t, expected, "");
+}
+
+// The arguments of the public RNN-T ops, checked once per call before a face is chosen, with the messages of
+// amnets_kernels/_validate.py. Labels beside a (B, T, U+1, V) lattice; returns blank in [0, V). The label
+// data is checked separately (rnnt_labels, below), on int64 copies: before any narrowing to int32.
+inline int64_t rnnt_label_args(const char* op, const at::Tensor& targets, const at::Tensor& frames,
+                               const at::Tensor& labels, int64_t batch, int64_t max_labels, int64_t vocab,
+                               int64_t blank) {
+  py_dims(op, "targets", targets, 2);
+  index_dtype(op, "targets", targets);
+  py_dims(op, "logit_lengths", frames, 1);
+  index_dtype(op, "logit_lengths", frames);
+  py_dims(op, "target_lengths", labels, 1);
+  index_dtype(op, "target_lengths", labels);
+  py_shape_is(op, "targets", targets, {batch, max_labels}, "(B, U) = ");
+  py_shape_is(op, "logit_lengths", frames, {batch}, "(B,) = ");
+  py_shape_is(op, "target_lengths", labels, {batch}, "(B,) = ");
+  TORCH_CHECK_VALUE(-vocab <= blank && blank < vocab, op, ": blank must be in [-V, V) = [", -vocab, ", ", vocab,
+                    "); got ", blank);
+  return (blank + vocab) % vocab;
+}
+
+inline void labels_like(const char* op, const char* ref_name, const at::Tensor& ref, const at::Tensor& targets,
+                        const at::Tensor& frames, const at::Tensor& labels) {
+  like(op, ref_name, ref, "targets", targets, false);
+  like(op, ref_name, ref, "logit_lengths", frames, false);
+  like(op, ref_name, ref, "target_lengths", labels, false);
+}
+
+inline int64_t rnnt_loss_args(const char* op, const at::Tensor& logits, const at::Tensor& targets,
+                              const at::Tensor& frames, const at::Tensor& labels, int64_t blank) {
+  py_dims(op, "logits", logits, 4);
+  floating(op, "logits", logits);
+  const int64_t batch = logits.size(0), steps = logits.size(1), u1 = logits.size(2), vocab = logits.size(3);
+  TORCH_CHECK_VALUE(batch >= 1 && steps >= 1 && u1 >= 1 && vocab >= 1, op,
+                    ": logits must have shape (B, T, U+1, V) with every dim >= 1; got ", py_shape(logits.sizes()));
+  blank = rnnt_label_args(op, targets, frames, labels, batch, u1 - 1, vocab, blank);
+  labels_like(op, "logits", logits, targets, frames, labels);
+  return blank;
+}
+
+inline int64_t fused_joint_args(const char* op, const at::Tensor& enc, const at::Tensor& pred, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, const at::Tensor& targets,
+                                const at::Tensor& frames, const at::Tensor& labels, int64_t blank,
+                                const std::string& activation) {
+  py_dims(op, "enc", enc, 3);
+  floating(op, "enc", enc);
+  py_dims(op, "pred", pred, 3);
+  py_dims(op, "weight", weight, 2);
+  if (bias.has_value()) py_dims(op, "bias", *bias, 1);
+  const int64_t batch = enc.size(0), steps = enc.size(1), hidden = enc.size(2);
+  TORCH_CHECK_VALUE(batch >= 1 && steps >= 1 && hidden >= 1, op,
+                    ": enc must have shape (B, T, H) with every dim >= 1; got ", py_shape(enc.sizes()));
+  TORCH_CHECK_VALUE(pred.size(0) == batch && pred.size(2) == hidden && pred.size(1) >= 1, op,
+                    ": pred must have shape (B, U+1, H) = (", batch, ", U+1, ", hidden, ") to match enc; got ",
+                    py_shape(pred.sizes()));
+  const int64_t vocab = weight.size(0);
+  TORCH_CHECK_VALUE(vocab >= 1 && weight.size(1) == hidden, op, ": weight must have shape (V, H) = (V, ", hidden,
+                    ") with V >= 1; got ", py_shape(weight.sizes()));
+  if (bias.has_value()) py_shape_is(op, "bias", *bias, {vocab}, "(V,) = ");
+  TORCH_CHECK_VALUE(activation == "tanh" || activation == "relu" || activation == "identity", op,
+                    ": activation must be one of ('tanh', 'relu', 'identity'); got '", activation, "'");
+  blank = rnnt_label_args(op, targets, frames, labels, batch, pred.size(1) - 1, vocab, blank);
+  like(op, "enc", enc, "pred", pred, true);
+  like(op, "enc", enc, "weight", weight, true);
+  if (bias.has_value()) like(op, "enc", enc, "bias", *bias, true);
+  labels_like(op, "enc", enc, targets, frames, labels);
+  return blank;
 }
 
 // ---------------------------------------------------------------------------------------------------

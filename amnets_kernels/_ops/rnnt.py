@@ -16,19 +16,7 @@ from torch import Tensor
 
 from .. import _validate
 from .._dtypes import acc_dtype
-from . import composite, custom_op, register_autograd, run, wants_grad
-
-
-def _int32(*tensors):
-    return tuple(t.to(torch.int32) for t in tensors)
-
-
-def _reduce(costs: Tensor, reduction: str, zero_infinity: bool) -> Tensor:
-    if zero_infinity:  # as ctc_loss: a non-finite cost counts 0 (its gradient is zero already)
-        costs = torch.where(torch.isfinite(costs), costs, torch.zeros_like(costs))
-    if reduction == "mean":
-        return costs.mean()
-    return costs.sum() if reduction == "sum" else costs
+from . import FACES_LIBRARY, python_face
 
 
 def _report_non_finite(op: str, costs: Tensor, betas: Tensor) -> None:
@@ -51,11 +39,16 @@ def _report_non_finite(op: str, costs: Tensor, betas: Tensor) -> None:
         why = "no path with finite probability, or a non-finite logit" + \
             ("" if widest or betas.numel() else f", or a cost beyond {costs.dtype}'s range")
         warnings.warn(f"{op}: sequences {which} have a non-finite cost ({why}){grad}", RuntimeWarning,
-                      stacklevel=4)
+                      stacklevel=3)
     if overflow:
         warnings.warn(f"{op}: the costs of sequences {overflow} overflow {costs.dtype} (they are finite in "
                       f"{betas.dtype}); their gradient is computed from the {betas.dtype} lattice as usual",
-                      RuntimeWarning, stacklevel=4)
+                      RuntimeWarning, stacklevel=3)
+
+
+# The C++ ops call this when a cost is not finite (csrc/rnnt.cpp): the warning stays a RuntimeWarning.
+FACES_LIBRARY.define("report_non_finite(str op, Tensor costs, Tensor betas) -> ()")
+FACES_LIBRARY.impl("report_non_finite", _report_non_finite, "CompositeExplicitAutograd")
 
 
 def _workspace(batch, frames, labels_plus_1, dtype, device, save):
@@ -87,45 +80,15 @@ def rnnt_loss(logits: Tensor, targets: Tensor, logit_lengths: Tensor, target_len
                                       reduction, fused_log_softmax, zero_infinity)
 
 
-@composite("rnnt_loss(Tensor logits, Tensor targets, Tensor logit_lengths, Tensor target_lengths, "
-           "int blank=-1, float clamp=-1.0, str reduction=\"mean\", bool fused_log_softmax=True, "
-           "bool zero_infinity=False) -> Tensor")
-def _rnnt_loss(logits, targets, logit_lengths, target_lengths, blank=-1, clamp=-1.0, reduction="mean",
-               fused_log_softmax=True, zero_infinity=False):
-    _validate.rnnt_loss(RNNT, logits, targets, logit_lengths, target_lengths, blank, clamp, reduction,
-                        data=False)
-    costs = torch.ops.amnets.rnnt_loss_forward(logits, targets, logit_lengths, target_lengths, blank, clamp,
-                                               fused_log_softmax, wants_grad(logits))[0]
-    return _reduce(costs, reduction, zero_infinity)
+python_face(RNNT, "forward", torch.ops.amnets.rnnt_loss_forward.default)
+python_face(RNNT, "backward", torch.ops.amnets.rnnt_loss_backward.default)
 
 
-@custom_op("rnnt_loss_forward")
-def rnnt_loss_forward(logits: Tensor, targets: Tensor, logit_lengths: Tensor, target_lengths: Tensor,
-                      blank: int, clamp: float, fused_log_softmax: bool,
-                      save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    blank = _validate.rnnt_loss(RNNT, logits, targets, logit_lengths, target_lengths, blank, clamp, "none",
-                                data=True)
-    out = run(RNNT, "forward", logits, *_int32(targets, logit_lengths, target_lengths), blank, clamp,
-              fused_log_softmax, save)
-    _report_non_finite(RNNT, out[0], out[2])
-    return out
-
-
-@rnnt_loss_forward.register_fake
+@torch.library.register_fake("amnets::rnnt_loss_forward")
 def _(logits, targets, logit_lengths, target_lengths, blank, clamp, fused_log_softmax, save):
     _validate.rnnt_loss(RNNT, logits, targets, logit_lengths, target_lengths, blank, clamp, "none", data=False)
     batch, frames, labels_plus_1, _ = logits.shape
     return (logits.new_empty(batch), *_workspace(batch, frames, labels_plus_1, logits.dtype, logits.device, save))
-
-
-@custom_op("rnnt_loss_backward")
-def rnnt_loss_backward(grad_costs: Tensor, logits: Tensor, targets: Tensor, logit_lengths: Tensor,
-                       target_lengths: Tensor, costs: Tensor, alphas: Tensor, betas: Tensor, den: Tensor,
-                       blank: int, clamp: float, fused_log_softmax: bool) -> Tensor:
-    blank = _check_rnnt_backward(grad_costs, logits, targets, logit_lengths, target_lengths, costs, alphas,
-                                 betas, den, blank, clamp, data=True)
-    return run(RNNT, "backward", grad_costs, logits, *_int32(targets, logit_lengths, target_lengths), costs,
-               alphas, betas, den, blank, clamp, fused_log_softmax)
 
 
 def _check_saved(op, batch, frames, labels_plus_1, grad_costs, costs, alphas, betas, den):
@@ -135,37 +98,13 @@ def _check_saved(op, batch, frames, labels_plus_1, grad_costs, costs, alphas, be
                                    "den": (den, lattice)})
 
 
-def _check_rnnt_backward(grad_costs, logits, targets, logit_lengths, target_lengths, costs, alphas, betas, den,
-                         blank, clamp, data=False):
-    """data=True in the real op: it may be called directly, not only by autograd with checked tensors."""
-    op = RNNT + "_backward"
-    blank = _validate.rnnt_loss(op, logits, targets, logit_lengths, target_lengths, blank, clamp, "none",
-                                data=data)
-    _check_saved(op, *logits.shape[:3], grad_costs, costs, alphas, betas, den)
-    return blank
-
-
-@rnnt_loss_backward.register_fake
+@torch.library.register_fake("amnets::rnnt_loss_backward")
 def _(grad_costs, logits, targets, logit_lengths, target_lengths, costs, alphas, betas, den, blank, clamp,
       fused_log_softmax):
-    _check_rnnt_backward(grad_costs, logits, targets, logit_lengths, target_lengths, costs, alphas, betas, den,
-                         blank, clamp)
+    op = RNNT + "_backward"
+    _validate.rnnt_loss(op, logits, targets, logit_lengths, target_lengths, blank, clamp, "none", data=False)
+    _check_saved(op, *logits.shape[:3], grad_costs, costs, alphas, betas, den)
     return logits.new_empty(logits.shape)
-
-
-def _rnnt_setup(ctx, inputs, output):
-    logits, targets, logit_lengths, target_lengths, blank, clamp, fused_log_softmax, save = inputs
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(logits, targets, logit_lengths, target_lengths, *output)
-    ctx.args = (blank, clamp, fused_log_softmax)
-
-
-def _rnnt_backward(ctx, grad_costs, *_workspace_grads):
-    grad = torch.ops.amnets.rnnt_loss_backward(grad_costs, *ctx.saved_tensors, *ctx.args)
-    return (grad,) + (None,) * 7
-
-
-register_autograd(rnnt_loss_forward, _rnnt_backward, _rnnt_setup)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -193,33 +132,11 @@ def fused_joint_rnnt_loss(enc: Tensor, pred: Tensor, weight: Tensor, bias: Optio
                                                   zero_infinity)
 
 
-@composite("fused_joint_rnnt_loss(Tensor enc, Tensor pred, Tensor weight, Tensor? bias, Tensor targets, "
-           "Tensor logit_lengths, Tensor target_lengths, int blank=-1, str activation=\"tanh\", "
-           "float clamp=-1.0, str reduction=\"mean\", bool zero_infinity=False) -> Tensor")
-def _fused_joint_rnnt_loss(enc, pred, weight, bias, targets, logit_lengths, target_lengths, blank=-1,
-                           activation="tanh", clamp=-1.0, reduction="mean", zero_infinity=False):
-    _validate.fused_joint_rnnt_loss(JOINT, enc, pred, weight, bias, targets, logit_lengths, target_lengths,
-                                    blank, activation, clamp, reduction, data=False)
-    costs = torch.ops.amnets.fused_joint_rnnt_loss_forward(
-        enc, pred, weight, bias, targets, logit_lengths, target_lengths, blank, activation, clamp,
-        wants_grad(enc, pred, weight, bias))[0]
-    return _reduce(costs, reduction, zero_infinity)
+python_face(JOINT, "forward", torch.ops.amnets.fused_joint_rnnt_loss_forward.default)
+python_face(JOINT, "backward", torch.ops.amnets.fused_joint_rnnt_loss_backward.default)
 
 
-@custom_op("fused_joint_rnnt_loss_forward")
-def fused_joint_rnnt_loss_forward(enc: Tensor, pred: Tensor, weight: Tensor, bias: Optional[Tensor],
-                                  targets: Tensor, logit_lengths: Tensor, target_lengths: Tensor, blank: int,
-                                  activation: str, clamp: float,
-                                  save: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    blank = _validate.fused_joint_rnnt_loss(JOINT, enc, pred, weight, bias, targets, logit_lengths,
-                                            target_lengths, blank, activation, clamp, "none", data=True)
-    out = run(JOINT, "forward", enc, pred, weight, bias, *_int32(targets, logit_lengths, target_lengths), blank,
-              activation, clamp, save)
-    _report_non_finite(JOINT, out[0], out[2])
-    return out
-
-
-@fused_joint_rnnt_loss_forward.register_fake
+@torch.library.register_fake("amnets::fused_joint_rnnt_loss_forward")
 def _(enc, pred, weight, bias, targets, logit_lengths, target_lengths, blank, activation, clamp, save):
     _validate.fused_joint_rnnt_loss(JOINT, enc, pred, weight, bias, targets, logit_lengths, target_lengths,
                                     blank, activation, clamp, "none", data=False)
@@ -227,48 +144,12 @@ def _(enc, pred, weight, bias, targets, logit_lengths, target_lengths, blank, ac
     return (enc.new_empty(batch), *_workspace(batch, frames, pred.shape[1], enc.dtype, enc.device, save))
 
 
-@custom_op("fused_joint_rnnt_loss_backward")
-def fused_joint_rnnt_loss_backward(grad_costs: Tensor, enc: Tensor, pred: Tensor, weight: Tensor,
-                                   bias: Optional[Tensor], targets: Tensor, logit_lengths: Tensor,
-                                   target_lengths: Tensor, costs: Tensor, alphas: Tensor, betas: Tensor,
-                                   den: Tensor, blank: int, activation: str,
-                                   clamp: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    blank = _check_joint_backward(grad_costs, enc, pred, weight, bias, targets, logit_lengths, target_lengths,
-                                  costs, alphas, betas, den, blank, activation, clamp, data=True)
-    return run(JOINT, "backward", grad_costs, enc, pred, weight, bias,
-               *_int32(targets, logit_lengths, target_lengths), costs, alphas, betas, den, blank, activation,
-               clamp)
-
-
-def _check_joint_backward(grad_costs, enc, pred, weight, bias, targets, logit_lengths, target_lengths, costs,
-                          alphas, betas, den, blank, activation, clamp, data=False):
-    op = JOINT + "_backward"
-    blank = _validate.fused_joint_rnnt_loss(op, enc, pred, weight, bias, targets, logit_lengths,
-                                            target_lengths, blank, activation, clamp, "none", data=data)
-    _check_saved(op, enc.shape[0], enc.shape[1], pred.shape[1], grad_costs, costs, alphas, betas, den)
-    return blank
-
-
-@fused_joint_rnnt_loss_backward.register_fake
+@torch.library.register_fake("amnets::fused_joint_rnnt_loss_backward")
 def _(grad_costs, enc, pred, weight, bias, targets, logit_lengths, target_lengths, costs, alphas, betas, den,
       blank, activation, clamp):
-    _check_joint_backward(grad_costs, enc, pred, weight, bias, targets, logit_lengths, target_lengths, costs,
-                          alphas, betas, den, blank, activation, clamp)
+    op = JOINT + "_backward"
+    _validate.fused_joint_rnnt_loss(op, enc, pred, weight, bias, targets, logit_lengths, target_lengths, blank,
+                                    activation, clamp, "none", data=False)
+    _check_saved(op, enc.shape[0], enc.shape[1], pred.shape[1], grad_costs, costs, alphas, betas, den)
     return (enc.new_empty(enc.shape), pred.new_empty(pred.shape), weight.new_empty(weight.shape),
             bias.new_empty(bias.shape) if bias is not None else enc.new_empty(0))
-
-
-def _joint_setup(ctx, inputs, output):
-    enc, pred, weight, bias, targets, logit_lengths, target_lengths, blank, activation, clamp, save = inputs
-    ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(enc, pred, weight, bias, targets, logit_lengths, target_lengths, *output)
-    ctx.args = (blank, activation, clamp)
-
-
-def _joint_backward(ctx, grad_costs, *_workspace_grads):
-    grads = torch.ops.amnets.fused_joint_rnnt_loss_backward(grad_costs, *ctx.saved_tensors, *ctx.args)
-    needs = ctx.needs_input_grad
-    return tuple(g if need else None for g, need in zip(grads, needs[:4])) + (None,) * 7
-
-
-register_autograd(fused_joint_rnnt_loss_forward, _joint_backward, _joint_setup)

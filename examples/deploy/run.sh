@@ -9,8 +9,9 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 OUT=$ROOT/build/deploy
 TORCH_DIR=$("$PY" -c "import os, torch; print(os.path.dirname(torch.__file__))")
 ABI=$("$PY" -c "import torch; print(int(torch._C._GLIBCXX_USE_CXX11_ABI))")
+mkdir -p "$OUT"
 cmake -S "$ROOT/examples/deploy" -B "$OUT/cmake" -G Ninja -DCMAKE_BUILD_TYPE=Release -DTORCH_DIR="$TORCH_DIR" \
-  -DTORCH_CXX11_ABI="$ABI" > "$OUT.cmake.log"
+  -DTORCH_CXX11_ABI="$ABI" > "$OUT/cmake-configure.log"
 cmake --build "$OUT/cmake"
 "$PY" "$ROOT/examples/deploy/export.py" "$OUT"
 RUN=("$OUT/cmake/run_deployed" "$OUT/cmake/libamnets_native.so")

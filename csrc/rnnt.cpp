@@ -1,0 +1,305 @@
+// torch.ops.amnets.rnnt_loss and fused_joint_rnnt_loss: the public ops, their forward and backward ops, their
+// autograd and the route to a face (csrc/face.h), as csrc/bsr.cpp does for bsr_linear. The kernels are the
+// faces' (csrc/cpu/rnnt.cpp, csrc/cuda/rnnt.cu, amnets_faces::*); the fake kernels are in Python
+// (amnets_kernels/_ops/rnnt.py).
+//
+// Host syncs on CUDA tensors: the op reads the labels and lengths to check them (a copy to the host) and
+// the costs to report non-finite ones, on every call, as the Python op did. Removing them (checks on the
+// device, raised lazily) is issue 13's next step; the CPU path has nothing to sync.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+
+#include "checks.h"
+#include "face.h"
+
+namespace amnets {
+namespace {
+
+using at::Tensor;
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+using Bias = std::optional<Tensor>;
+using Saved = std::tuple<Tensor, Tensor, Tensor, Tensor>;  // costs, alphas, betas, den
+
+using LossForwardSig = Saved(const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, double, bool, bool);
+using LossBackwardSig = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                               const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, double, bool);
+using JointForwardSig = Saved(const Tensor&, const Tensor&, const Tensor&, const Bias&, const Tensor&, const Tensor&,
+                              const Tensor&, int64_t, c10::string_view, double, bool);
+using JointBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Bias&, const Tensor&, const Tensor&,
+    const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, c10::string_view, double);
+
+// The label data, read on the host as int64 (a bad int64 value must not wrap into range when narrowed),
+// then the int32 tensors every face receives, on the labels' device.
+std::tuple<Tensor, Tensor, Tensor> checked_labels(const char* op, const Tensor& targets, const Tensor& frames,
+                                                  const Tensor& labels, int64_t batch, int64_t steps, int64_t u1,
+                                                  int64_t vocab, int64_t blank) {
+  const auto host = [](const Tensor& t) { return t.to(at::kCPU, at::kLong); };
+  checks::rnnt_labels(op, host(targets), host(frames), host(labels), batch, steps, u1, vocab, blank);
+  return {targets.to(at::kInt), frames.to(at::kInt), labels.to(at::kInt)};
+}
+
+// A non-finite cost: the Python package's report (a RuntimeWarning saying what backward does with it),
+// else a plain warning.
+void report_non_finite(const char* op, const Tensor& costs, const Tensor& betas) {
+  if (at::isfinite(costs).all().item<bool>()) return;
+  const auto reporter = c10::Dispatcher::singleton().findSchema({"amnets_faces::report_non_finite", ""});
+  if (reporter.has_value()) {
+    reporter->typed<void(c10::string_view, const Tensor&, const Tensor&)>().call(op, costs, betas);
+  } else {
+    TORCH_WARN(op, ": some sequences have a non-finite cost; their gradient is zero");
+  }
+}
+
+void check_saved(const char* op, const Tensor& grad_costs, const Tensor& costs, const Tensor& alphas,
+                 const Tensor& betas, const Tensor& den, int64_t batch, int64_t steps, int64_t u1) {
+  checks::saved(op, "grad_costs", grad_costs, {batch});
+  checks::saved(op, "costs", costs, {batch});
+  checks::saved(op, "alphas", alphas, {batch, steps, u1});
+  checks::saved(op, "betas", betas, {batch, steps, u1});
+  checks::saved(op, "den", den, {batch, steps, u1});
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The routes: checks, then the face.
+
+Saved loss_forward(const Tensor& logits, const Tensor& targets, const Tensor& frames, const Tensor& labels,
+                   int64_t blank_in, double clamp, bool fused_log_softmax, bool save) {
+  constexpr const char* op = "rnnt_loss";
+  const int64_t blank = checks::rnnt_loss_args(op, logits, targets, frames, labels, blank_in);
+  const auto [t, f, l] = checked_labels(op, targets, frames, labels, logits.size(0), logits.size(1), logits.size(2),
+                                        logits.size(3), blank);
+  static const face::Route<LossForwardSig> route("rnnt_loss_forward");
+  Saved out = route(face::native(face::Op::RnntLoss, logits), logits, t, f, l, blank, clamp, fused_log_softmax, save);
+  report_non_finite(op, std::get<0>(out), std::get<2>(out));
+  return out;
+}
+
+Tensor loss_backward(const Tensor& grad_costs, const Tensor& logits, const Tensor& targets, const Tensor& frames,
+                     const Tensor& labels, const Tensor& costs, const Tensor& alphas, const Tensor& betas,
+                     const Tensor& den, int64_t blank_in, double clamp, bool fused_log_softmax) {
+  constexpr const char* op = "rnnt_loss_backward";
+  const int64_t blank = checks::rnnt_loss_args(op, logits, targets, frames, labels, blank_in);
+  const int64_t batch = logits.size(0), steps = logits.size(1), u1 = logits.size(2);
+  const auto [t, f, l] = checked_labels(op, targets, frames, labels, batch, steps, u1, logits.size(3), blank);
+  check_saved(op, grad_costs, costs, alphas, betas, den, batch, steps, u1);
+  static const face::Route<LossBackwardSig> route("rnnt_loss_backward");
+  return route(face::native(face::Op::RnntLoss, logits), grad_costs, logits, t, f, l, costs, alphas, betas, den,
+               blank, clamp, fused_log_softmax);
+}
+
+Saved joint_forward(const Tensor& enc, const Tensor& pred, const Tensor& weight, const Bias& bias,
+                    const Tensor& targets, const Tensor& frames, const Tensor& labels, int64_t blank_in,
+                    c10::string_view activation, double clamp, bool save) {
+  constexpr const char* op = "fused_joint_rnnt_loss";
+  const int64_t blank = checks::fused_joint_args(op, enc, pred, weight, bias, targets, frames, labels, blank_in,
+                                                 std::string(activation));
+  const auto [t, f, l] = checked_labels(op, targets, frames, labels, enc.size(0), enc.size(1), pred.size(1),
+                                        weight.size(0), blank);
+  static const face::Route<JointForwardSig> route("fused_joint_rnnt_loss_forward");
+  Saved out = route(face::native(face::Op::FusedJointRnntLoss, enc), enc, pred, weight, bias, t, f, l, blank,
+                    activation, clamp, save);
+  report_non_finite(op, std::get<0>(out), std::get<2>(out));
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> joint_backward(
+    const Tensor& grad_costs, const Tensor& enc, const Tensor& pred, const Tensor& weight, const Bias& bias,
+    const Tensor& targets, const Tensor& frames, const Tensor& labels, const Tensor& costs, const Tensor& alphas,
+    const Tensor& betas, const Tensor& den, int64_t blank_in, c10::string_view activation, double clamp) {
+  constexpr const char* op = "fused_joint_rnnt_loss_backward";
+  const int64_t blank = checks::fused_joint_args(op, enc, pred, weight, bias, targets, frames, labels, blank_in,
+                                                 std::string(activation));
+  const int64_t batch = enc.size(0), steps = enc.size(1), u1 = pred.size(1);
+  const auto [t, f, l] = checked_labels(op, targets, frames, labels, batch, steps, u1, weight.size(0), blank);
+  check_saved(op, grad_costs, costs, alphas, betas, den, batch, steps, u1);
+  static const face::Route<JointBackwardSig> route("fused_joint_rnnt_loss_backward");
+  return route(face::native(face::Op::FusedJointRnntLoss, enc), grad_costs, enc, pred, weight, bias, t, f, l, costs,
+               alphas, betas, den, blank, activation, clamp);
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Autograd: the costs are differentiable, the lattice workspace is not; backward runs under the backend
+// of the forward.
+
+void remember(AutogradContext* ctx, int64_t blank, double clamp) {
+  ctx->saved_data["blank"] = blank;
+  ctx->saved_data["clamp"] = clamp;
+  ctx->saved_data["backend"] = static_cast<int64_t>(face::current());
+}
+
+variable_list outputs(AutogradContext* ctx, const Saved& out) {
+  const auto& [costs, alphas, betas, den] = out;
+  ctx->mark_non_differentiable({alphas, betas, den});
+  return {costs, alphas, betas, den};
+}
+
+class Loss : public torch::autograd::Function<Loss> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& logits, const Tensor& targets, const Tensor& frames,
+                               const Tensor& labels, int64_t blank, double clamp, bool fused_log_softmax, bool save) {
+    remember(ctx, blank, clamp);
+    ctx->saved_data["fused_log_softmax"] = fused_log_softmax;
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    static const auto op = face::op<LossForwardSig>("rnnt_loss_forward");
+    const Saved out = op.call(logits, targets, frames, labels, blank, clamp, fused_log_softmax, save);
+    const auto& [costs, alphas, betas, den] = out;
+    ctx->save_for_backward({logits, targets, frames, labels, costs, alphas, betas, den});
+    return outputs(ctx, out);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    face::Scope backend(static_cast<face::Backend>(ctx->saved_data["backend"].toInt()));
+    const auto s = ctx->get_saved_variables();
+    static const auto op = face::op<LossBackwardSig>("rnnt_loss_backward");
+    Tensor grad = op.call(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], ctx->saved_data["blank"].toInt(),
+                          ctx->saved_data["clamp"].toDouble(), ctx->saved_data["fused_log_softmax"].toBool());
+    return {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+class Joint : public torch::autograd::Function<Joint> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& enc, const Tensor& pred, const Tensor& weight,
+                               const Bias& bias, const Tensor& targets, const Tensor& frames, const Tensor& labels,
+                               int64_t blank, const std::string& activation, double clamp, bool save) {
+    remember(ctx, blank, clamp);
+    ctx->saved_data["activation"] = activation;
+    ctx->saved_data["has_bias"] = bias.has_value();
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    static const auto op = face::op<JointForwardSig>("fused_joint_rnnt_loss_forward");
+    const Saved out = op.call(enc, pred, weight, bias, targets, frames, labels, blank, activation, clamp, save);
+    const auto& [costs, alphas, betas, den] = out;
+    ctx->save_for_backward({enc, pred, weight, bias.value_or(Tensor()), targets, frames, labels, costs, alphas, betas,
+                            den});
+    return outputs(ctx, out);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    face::Scope backend(static_cast<face::Backend>(ctx->saved_data["backend"].toInt()));
+    const auto s = ctx->get_saved_variables();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const std::string activation = ctx->saved_data["activation"].toStringRef();
+    static const auto op = face::op<JointBackwardSig>("fused_joint_rnnt_loss_backward");
+    auto [g_enc, g_pred, g_weight, g_bias] =
+        op.call(grads[0], s[0], s[1], s[2], has_bias ? Bias(s[3]) : std::nullopt, s[4], s[5], s[6], s[7], s[8], s[9],
+                s[10], ctx->saved_data["blank"].toInt(), activation, ctx->saved_data["clamp"].toDouble());
+    variable_list result(11);  // one per argument of forward
+    const Tensor all[] = {g_enc, g_pred, g_weight, g_bias};
+    for (int i = 0; i < (has_bias ? 4 : 3); ++i)  // edges: enc, pred, weight, then bias when there is one
+      if (ctx->needs_input_grad(i)) result[i] = all[i];
+    return result;
+  }
+};
+
+Saved loss_forward_autograd(const Tensor& logits, const Tensor& targets, const Tensor& frames, const Tensor& labels,
+                            int64_t blank, double clamp, bool fused_log_softmax, bool save) {
+  const auto out = Loss::apply(logits, targets, frames, labels, blank, clamp, fused_log_softmax, save);
+  return {out[0], out[1], out[2], out[3]};
+}
+
+Saved joint_forward_autograd(const Tensor& enc, const Tensor& pred, const Tensor& weight, const Bias& bias,
+                             const Tensor& targets, const Tensor& frames, const Tensor& labels, int64_t blank,
+                             c10::string_view activation, double clamp, bool save) {
+  const auto out =
+      Joint::apply(enc, pred, weight, bias, targets, frames, labels, blank, std::string(activation), clamp, save);
+  return {out[0], out[1], out[2], out[3]};
+}
+
+// ---------------------------------------------------------------------------------------------------
+// The public ops: save the lattice only when a gradient is wanted; reduce.
+
+Tensor reduce(Tensor costs, c10::string_view reduction, bool zero_infinity) {
+  if (zero_infinity) costs = at::where(at::isfinite(costs), costs, at::zeros_like(costs));  // as ctc_loss
+  if (reduction == "mean") return costs.mean();
+  if (reduction == "sum") return costs.sum();
+  return costs;
+}
+
+void check_reduction(const char* op, c10::string_view reduction) {
+  TORCH_CHECK_VALUE(reduction == "none" || reduction == "mean" || reduction == "sum", op,
+                    ": reduction must be one of ('none', 'mean', 'sum'); got '", std::string(reduction), "'");
+}
+
+bool wants_grad(std::initializer_list<const Tensor*> tensors, const Bias& bias) {
+  if (!at::GradMode::is_enabled()) return false;
+  bool any = bias.has_value() && bias->requires_grad();
+  for (const Tensor* t : tensors) any = any || t->requires_grad();
+  return any;
+}
+
+Tensor rnnt_loss(const Tensor& logits, const Tensor& targets, const Tensor& frames, const Tensor& labels, int64_t blank,
+                 double clamp, c10::string_view reduction, bool fused_log_softmax, bool zero_infinity) {
+  check_reduction("rnnt_loss", reduction);
+  static const auto op = face::op<LossForwardSig>("rnnt_loss_forward");
+  const bool save = wants_grad({&logits}, std::nullopt);
+  return reduce(std::get<0>(op.call(logits, targets, frames, labels, blank, clamp, fused_log_softmax, save)),
+                reduction, zero_infinity);
+}
+
+Tensor fused_joint_rnnt_loss(const Tensor& enc, const Tensor& pred, const Tensor& weight, const Bias& bias,
+                             const Tensor& targets, const Tensor& frames, const Tensor& labels, int64_t blank,
+                             c10::string_view activation, double clamp, c10::string_view reduction,
+                             bool zero_infinity) {
+  check_reduction("fused_joint_rnnt_loss", reduction);
+  static const auto op = face::op<JointForwardSig>("fused_joint_rnnt_loss_forward");
+  const bool save = wants_grad({&enc, &pred, &weight}, bias);
+  return reduce(std::get<0>(op.call(enc, pred, weight, bias, targets, frames, labels, blank, activation, clamp, save)),
+                reduction, zero_infinity);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(amnets, m) {
+  const std::vector<at::Tag> layout{at::Tag::needs_contiguous_strides};
+  // RNN-T loss of logits (B, T, U+1, V), torchaudio's arguments; zero_infinity as ctc_loss's.
+  m.def("rnnt_loss(Tensor logits, Tensor targets, Tensor logit_lengths, Tensor target_lengths, int blank=-1, "
+        "float clamp=-1.0, str reduction=\"mean\", bool fused_log_softmax=True, bool zero_infinity=False) -> Tensor");
+  // (costs (B,), alphas, betas, den (B,T,U+1) in the accumulation dtype), the last three only when save.
+  m.def("rnnt_loss_forward(Tensor logits, Tensor targets, Tensor logit_lengths, Tensor target_lengths, int blank, "
+        "float clamp, bool fused_log_softmax, bool save) -> (Tensor, Tensor, Tensor, Tensor)", layout);
+  m.def("rnnt_loss_backward(Tensor grad_costs, Tensor logits, Tensor targets, Tensor logit_lengths, "
+        "Tensor target_lengths, Tensor costs, Tensor alphas, Tensor betas, Tensor den, int blank, float clamp, "
+        "bool fused_log_softmax) -> Tensor", layout);
+  // rnnt_loss(act(enc[:, :, None] + pred[:, None]) @ weight.T + bias, ...) without the 4-D logits.
+  m.def("fused_joint_rnnt_loss(Tensor enc, Tensor pred, Tensor weight, Tensor? bias, Tensor targets, "
+        "Tensor logit_lengths, Tensor target_lengths, int blank=-1, str activation=\"tanh\", float clamp=-1.0, "
+        "str reduction=\"mean\", bool zero_infinity=False) -> Tensor");
+  m.def("fused_joint_rnnt_loss_forward(Tensor enc, Tensor pred, Tensor weight, Tensor? bias, Tensor targets, "
+        "Tensor logit_lengths, Tensor target_lengths, int blank, str activation, float clamp, bool save) "
+        "-> (Tensor, Tensor, Tensor, Tensor)", layout);
+  // -> (grad enc, pred, weight, bias or an empty tensor)
+  m.def("fused_joint_rnnt_loss_backward(Tensor grad_costs, Tensor enc, Tensor pred, Tensor weight, Tensor? bias, "
+        "Tensor targets, Tensor logit_lengths, Tensor target_lengths, Tensor costs, Tensor alphas, Tensor betas, "
+        "Tensor den, int blank, str activation, float clamp) -> (Tensor, Tensor, Tensor, Tensor)", layout);
+}
+
+TORCH_LIBRARY_IMPL(amnets, CompositeImplicitAutograd, m) {
+  m.impl("rnnt_loss", &rnnt_loss);
+  m.impl("fused_joint_rnnt_loss", &fused_joint_rnnt_loss);
+}
+
+TORCH_LIBRARY_IMPL(amnets, Autograd, m) {
+  m.impl("rnnt_loss_forward", &loss_forward_autograd);
+  m.impl("rnnt_loss_backward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("fused_joint_rnnt_loss_forward", &joint_forward_autograd);
+  m.impl("fused_joint_rnnt_loss_backward", torch::autograd::autogradNotImplementedFallback());
+}
+
+#define AMNETS_RNNT_ROUTES(m)                                          \
+  m.impl("rnnt_loss_forward", &loss_forward);                          \
+  m.impl("rnnt_loss_backward", &loss_backward);                        \
+  m.impl("fused_joint_rnnt_loss_forward", &joint_forward);             \
+  m.impl("fused_joint_rnnt_loss_backward", &joint_backward);
+
+TORCH_LIBRARY_IMPL(amnets, CPU, m) { AMNETS_RNNT_ROUTES(m) }
+TORCH_LIBRARY_IMPL(amnets, CUDA, m) { AMNETS_RNNT_ROUTES(m) }
+
+}  // namespace amnets
