@@ -1,9 +1,9 @@
 // Schemas of the compiled faces ("cpu" and "cuda" backends). Each kernel file registers its
 // implementation for one dispatch key with TORCH_LIBRARY_IMPL(amnets_native, CPU|CUDA, m), so one
 // schema serves both devices. The public ops torch.ops.amnets.* check the arguments once and route here,
-// or to the reference or Triton face, by the backend in force (csrc/face.h): in C++ for bsr_linear and
-// the lowrank LSTM ops (csrc/bsr.cpp, csrc/lowrank_lstm.cpp), in Python for the RNN-T losses
-// (amnets_kernels/_ops/rnnt.py). These schemas must equal the face contract there (a test compares them).
+// or to the reference or Triton face, by the backend in force (csrc/face.h), all in C++ (csrc/bsr.cpp,
+// csrc/lowrank_lstm.cpp, csrc/rnnt.cpp). These schemas must equal the face contract there and in
+// amnets_kernels/_ops/ (a test compares them).
 #include <torch/library.h>
 
 TORCH_LIBRARY(amnets_native, m) {

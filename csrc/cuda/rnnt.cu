@@ -35,8 +35,8 @@
 //   - fp32 GEMMs follow torch.backends.cuda.matmul.allow_tf32 like every at::mm (off by default).
 //   - At most 2^31 - 1 lattice cells B*T*(U+1) (checked): cell indices split with 32-bit division.
 //   - The joint's at::nonzero waits for the device once per call, so the joint cannot be captured in
-//     a CUDA graph. rnnt_loss's kernels do not synchronise, but the Python op around them does (it reads
-//     the labels and lengths to check them, and the costs to report non-finite ones): issue 13, open.
+//     a CUDA graph. rnnt_loss's kernels do not synchronise, but the op around them (csrc/rnnt.cpp) does (it
+//     reads the labels and lengths to check them, and the costs to report non-finite ones): issue 13, open.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
