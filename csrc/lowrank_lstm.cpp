@@ -43,13 +43,26 @@ bool wants_grad(std::initializer_list<const Tensor*> tensors, const Bias& bias) 
   return any;
 }
 
+// An empty batch (B = 0) is answered here, the same on every face (some faces' kernels cannot take it).
+at::ScalarType acc_type(const Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
+
+Grads no_grads(const Tensor& x, const Tensor& h, const Tensor& c, const Tensor& w_ih_u, const Tensor& w_ih_v,
+               const Tensor& w_hh_u, const Tensor& w_hh_v) {
+  return {at::zeros_like(x), at::zeros_like(h), at::zeros_like(c), at::zeros_like(w_ih_u), at::zeros_like(w_ih_v),
+          at::zeros_like(w_hh_u), at::zeros_like(w_hh_v), at::zeros({w_ih_u.size(0)}, w_ih_u.options())};
+}
+
 // ---------------------------------------------------------------------------------------------------
 // The routes: checks, then the face.
 
 std::tuple<Tensor, Tensor, Tensor> cell_forward(const Tensor& x, const Tensor& h, const Tensor& c, const Tensor& w_ih_u,
                                                 const Tensor& w_ih_v, const Tensor& w_hh_u, const Tensor& w_hh_v,
                                                 const Bias& bias, bool save) {
-  checks::lowrank_lstm_args("lowrank_lstm_cell", x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, false);
+  const int64_t hidden =
+      checks::lowrank_lstm_args("lowrank_lstm_cell", x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, false);
+  if (x.size(0) == 0) {
+    return {h.clone(), c.clone(), save ? x.new_empty({0, 4 * hidden}, acc_type(x)) : x.new_empty({0}, acc_type(x))};
+  }
   static const face::Route<CellForwardSig> route("lowrank_lstm_cell_forward");
   return route(face::native(kCell, x), x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, save);
 }
@@ -64,6 +77,7 @@ Grads cell_backward(const Tensor& grad_h1, const Tensor& grad_c1, const Tensor& 
   checks::saved(op, "grad_c1", grad_c1, state);
   checks::saved(op, "c1", c1, state);
   checks::saved(op, "gates", gates, {x.size(0), 4 * hidden});
+  if (x.size(0) == 0) return no_grads(x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v);
   static const face::Route<CellBackwardSig> route("lowrank_lstm_cell_backward");
   return route(face::native(kCell, x), grad_h1, grad_c1, x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, c1, gates);
 }
@@ -72,7 +86,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sequence_forward(const Tensor
                                                                     const Tensor& w_ih_u, const Tensor& w_ih_v,
                                                                     const Tensor& w_hh_u, const Tensor& w_hh_v,
                                                                     const Bias& bias, bool save) {
-  checks::lowrank_lstm_args("lowrank_lstm_sequence", x, h0, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, true);
+  const int64_t hidden =
+      checks::lowrank_lstm_args("lowrank_lstm_sequence", x, h0, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, true);
+  if (x.size(1) == 0) {
+    const int64_t steps = x.size(0);
+    const auto workspace = [&](int64_t width) {
+      return save ? x.new_empty({steps, 0, width}, acc_type(x)) : x.new_empty({0}, acc_type(x));
+    };
+    return {x.new_empty({steps, 0, hidden}), h0.clone(), c0.clone(), workspace(4 * hidden), workspace(hidden)};
+  }
   static const face::Route<SequenceForwardSig> route("lowrank_lstm_sequence_forward");
   return route(face::native(kSequence, x), x, h0, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, save);
 }
@@ -90,6 +112,7 @@ Grads sequence_backward(const Tensor& grad_out, const Tensor& grad_h_n, const Te
   checks::saved(op, "out", out, {steps, batch, hidden});
   checks::saved(op, "gates", gates, {steps, batch, 4 * hidden});
   checks::saved(op, "cells", cells, {steps, batch, hidden});
+  if (batch == 0) return no_grads(x, h0, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v);
   static const face::Route<SequenceBackwardSig> route("lowrank_lstm_sequence_backward");
   return route(face::native(kSequence, x), grad_out, grad_h_n, grad_c_n, x, h0, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v,
                out, gates, cells);

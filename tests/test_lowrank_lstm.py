@@ -328,3 +328,17 @@ def test_cell_bad_arguments():
         ak.lowrank_lstm_cell(torch.zeros(2, 5), torch.zeros(2, 3), torch.zeros(2, 4), *w)
     with pytest.raises(TypeError, match=r"lowrank_lstm_cell: h must be a torch.Tensor; got NoneType"):
         ak.lowrank_lstm_cell(torch.zeros(2, 5), None, torch.zeros(2, 3), *w)
+
+
+@pytest.mark.parametrize("face", FACES)
+def test_empty_batch_every_face(face):
+    """B = 0: empty outputs, the state passed through, zero weight gradients, on every face alike."""
+    with use_face("lowrank_lstm_sequence", face):
+        x = torch.randn(3, 0, 4, device=DEVICE, requires_grad=True)
+        w = [torch.randn(*s, device=DEVICE, requires_grad=True) for s in ((8, 2), (2, 4), (8, 2), (2, 2))]
+        out, h, c = ak.lowrank_lstm_sequence(x, None, None, *w)
+        assert out.shape == (3, 0, 2) and h.shape == c.shape == (0, 2)
+        out.sum().backward()
+        assert all(t.grad is not None and not t.grad.any() for t in w)
+        h1, c1 = ak.lowrank_lstm_cell(x[0], torch.zeros(0, 2, device=DEVICE), torch.zeros(0, 2, device=DEVICE), *w)
+        assert h1.shape == c1.shape == (0, 2)
