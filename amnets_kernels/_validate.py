@@ -1,4 +1,5 @@
-"""One argument check per op, run before any face sees the arguments.
+"""The argument checks in Python: the fake (tracing) kernels and the prepared steps run these; the ops
+themselves run their C++ twins (csrc/checks.h), which give the same messages.
 
 Each check raises TypeError (wrong type or dtype) or ValueError (wrong rank, shape, value), naming
 the op and the argument and giving the expected and the actual value. Faces assume valid input.

@@ -101,15 +101,14 @@ def _(grad_out, x, values, crow_indices, col_indices, out_features, in_features,
 
 
 class PreparedBsrLinear:
-    """bsr_linear with its weight and bias checked once, for many inference calls (a streaming decoder).
+    """bsr_linear for many inference calls (a streaming decoder), its weight and bias checked once up front.
 
-    `PreparedBsrLinear(weight, bias)(x)` equals `bsr_linear(x, weight, bias)` bit for bit, on the same
-    face. The weight's shapes, dtypes and index data are checked here, once (the index data again
-    only if an index tensor is changed in place); a call checks x only and goes straight to the face
-    chosen by the backend in force at that call. A call that wants autograd or runs under tracing
-    (torch.compile, a dispatch mode) goes through bsr_linear instead: same answer, with gradients.
-    The weight's values may change in place between calls (an optimizer step); build a new one for
-    a new sparsity pattern or when the matrix's tensors are replaced.
+    `PreparedBsrLinear(weight, bias)(x)` equals `bsr_linear(x, weight, bias)` bit for bit: it is that call
+    on the tensors the weight holds now, after the weight was checked here (a clear error at
+    preparation) and x is checked against it (a message naming the prepared weights). The op checks
+    every argument again on each call (csrc/checks.h; the index data by the cpu kernel, or once per
+    pattern version for CUDA tensors). The weight's values may change in place between calls (an
+    optimizer step); build a new one for a new sparsity pattern or when the matrix's tensors are replaced.
     """
 
     def __init__(self, weight: BlockSparseMatrix, bias: Optional[Tensor] = None):
