@@ -6,11 +6,13 @@
 // Host syncs on CUDA tensors: the op reads the labels and lengths to check them (a copy to the host) and
 // the costs to report non-finite ones, on every call, as the Python op did. Removing them (checks on the
 // device, raised lazily) is issue 13's next step; the CPU path has nothing to sync.
+#include <ATen/Dispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -36,20 +38,35 @@ using JointBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Bias&, const Tensor&, const Tensor&,
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, c10::string_view, double);
 
-// The label data, read on the host as int64 (a bad int64 value must not wrap into range when narrowed),
-// then the int32 tensors every face receives, on the labels' device.
+// The label data checked (values read as they are, before any narrowing: a bad int64 value must not wrap
+// into range), then the int32 tensors every face receives, on the labels' device. CPU tensors of one dtype
+// are read in place; others through int64 host copies (for CUDA tensors, a sync).
 std::tuple<Tensor, Tensor, Tensor> checked_labels(const char* op, const Tensor& targets, const Tensor& frames,
                                                   const Tensor& labels, int64_t batch, int64_t steps, int64_t u1,
                                                   int64_t vocab, int64_t blank) {
+  const bool in_place = targets.is_cpu() && frames.is_cpu() && labels.is_cpu() &&
+                        frames.scalar_type() == targets.scalar_type() && labels.scalar_type() == targets.scalar_type();
+  if (in_place) return checks::rnnt_labels(op, targets, frames, labels, batch, steps, u1, vocab, blank);
   const auto host = [](const Tensor& t) { return t.to(at::kCPU, at::kLong); };
   checks::rnnt_labels(op, host(targets), host(frames), host(labels), batch, steps, u1, vocab, blank);
   return {targets.to(at::kInt), frames.to(at::kInt), labels.to(at::kInt)};
 }
 
+bool all_finite(const Tensor& costs) {
+  if (!costs.is_cpu()) return at::isfinite(costs).all().item<bool>();  // a sync on CUDA
+  const Tensor c = costs.contiguous();
+  bool finite = true;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "all_finite", [&] {
+    const scalar_t* data = c.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < c.numel(); ++i) finite = finite && std::isfinite(static_cast<double>(data[i]));
+  });
+  return finite;
+}
+
 // A non-finite cost: the Python package's report (a RuntimeWarning saying what backward does with it),
 // else a plain warning.
 void report_non_finite(const char* op, const Tensor& costs, const Tensor& betas) {
-  if (at::isfinite(costs).all().item<bool>()) return;
+  if (all_finite(costs)) return;
   const auto reporter = c10::Dispatcher::singleton().findSchema({"amnets_faces::report_non_finite", ""});
   if (reporter.has_value()) {
     reporter->typed<void(c10::string_view, const Tensor&, const Tensor&)>().call(op, costs, betas);

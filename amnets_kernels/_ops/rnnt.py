@@ -72,12 +72,18 @@ def rnnt_loss(logits: Tensor, targets: Tensor, logit_lengths: Tensor, target_len
     a sequence whose cost is not finite counts 0 in the result (its gradient is zero either way), so one
     bad utterance does not make a batch's loss NaN.
     """
-    _validate.tensor_types(RNNT, logits=logits, targets=targets, logit_lengths=logit_lengths,
-                           target_lengths=target_lengths)
-    _validate.scalars(RNNT, blank=blank, clamp=clamp, fused_log_softmax=fused_log_softmax,
-                      zero_infinity=zero_infinity)
-    return torch.ops.amnets.rnnt_loss(logits, targets, logit_lengths, target_lengths, blank, float(clamp),
-                                      reduction, fused_log_softmax, zero_infinity)
+    try:
+        return _rnnt_op(logits, targets, logit_lengths, target_lengths, blank, clamp, reduction, fused_log_softmax,
+                        zero_infinity)
+    except RuntimeError:  # torch.ops' own answer to an argument of the wrong type: say it as the other checks do
+        _validate.tensor_types(RNNT, logits=logits, targets=targets, logit_lengths=logit_lengths,
+                               target_lengths=target_lengths)
+        _validate.scalars(RNNT, blank=blank, clamp=clamp, fused_log_softmax=fused_log_softmax,
+                          zero_infinity=zero_infinity)
+        raise
+
+
+_rnnt_op = torch.ops.amnets.rnnt_loss.default
 
 
 python_face(RNNT, "forward", torch.ops.amnets.rnnt_loss_forward.default)
@@ -124,12 +130,17 @@ def fused_joint_rnnt_loss(enc: Tensor, pred: Tensor, weight: Tensor, bias: Optio
     of cells (cpu: ~256 cells; cuda and triton: a chunk of at most 256 MiB / 64 MiB of logits); the
     reference face materialises the logits. zero_infinity: as rnnt_loss's.
     """
-    _validate.tensor_types(JOINT, ("bias",), enc=enc, pred=pred, weight=weight, bias=bias, targets=targets,
-                           logit_lengths=logit_lengths, target_lengths=target_lengths)
-    _validate.scalars(JOINT, blank=blank, clamp=clamp, zero_infinity=zero_infinity)
-    return torch.ops.amnets.fused_joint_rnnt_loss(enc, pred, weight, bias, targets, logit_lengths,
-                                                  target_lengths, blank, activation, float(clamp), reduction,
-                                                  zero_infinity)
+    try:
+        return _joint_op(enc, pred, weight, bias, targets, logit_lengths, target_lengths, blank, activation, clamp,
+                         reduction, zero_infinity)
+    except RuntimeError:
+        _validate.tensor_types(JOINT, ("bias",), enc=enc, pred=pred, weight=weight, bias=bias, targets=targets,
+                               logit_lengths=logit_lengths, target_lengths=target_lengths)
+        _validate.scalars(JOINT, blank=blank, clamp=clamp, zero_infinity=zero_infinity)
+        raise
+
+
+_joint_op = torch.ops.amnets.fused_joint_rnnt_loss.default
 
 
 python_face(JOINT, "forward", torch.ops.amnets.fused_joint_rnnt_loss_forward.default)
