@@ -14,6 +14,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
 #include <string>
 #include <utility>
@@ -87,6 +88,15 @@ class Route {
   std::string name_;
   c10::TypedOperatorHandle<Sig> kernel_;
 };
+
+// Whether an autograd graph will be built through these inputs (the public ops save what backward needs
+// only then).
+inline bool wants_grad(std::initializer_list<const at::Tensor*> tensors, const std::optional<at::Tensor>& bias) {
+  if (!at::GradMode::is_enabled()) return false;
+  bool any = bias.has_value() && bias->requires_grad();
+  for (const at::Tensor* t : tensors) any = any || t->requires_grad();
+  return any;
+}
 
 // The public op amnets::<name> called from C++ (a composite op calling its forward, autograd its backward).
 template <typename Sig>

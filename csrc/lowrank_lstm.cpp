@@ -36,13 +36,6 @@ using SequenceBackwardSig = Grads(const Tensor&, const Tensor&, const Tensor&, c
 
 constexpr face::Op kCell = face::Op::LowrankLstmCell, kSequence = face::Op::LowrankLstmSequence;
 
-bool wants_grad(std::initializer_list<const Tensor*> tensors, const Bias& bias) {
-  if (!at::GradMode::is_enabled()) return false;
-  bool any = bias.has_value() && bias->requires_grad();
-  for (const Tensor* t : tensors) any = any || t->requires_grad();
-  return any;
-}
-
 // An empty batch (B = 0) is answered here, the same on every face (some faces' kernels cannot take it).
 at::ScalarType acc_type(const Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
@@ -204,7 +197,7 @@ std::tuple<Tensor, Tensor> lowrank_lstm_cell(const Tensor& x, const Tensor& h, c
                                              const Tensor& w_ih_v, const Tensor& w_hh_u, const Tensor& w_hh_v,
                                              const Bias& bias) {
   static const auto op = face::op<CellForwardSig>("lowrank_lstm_cell_forward");
-  const bool save = wants_grad({&x, &h, &c, &w_ih_u, &w_ih_v, &w_hh_u, &w_hh_v}, bias);
+  const bool save = face::wants_grad({&x, &h, &c, &w_ih_u, &w_ih_v, &w_hh_u, &w_hh_v}, bias);
   auto [h1, c1, gates] = op.call(x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, save);
   return {h1, c1};
 }
@@ -223,7 +216,7 @@ std::tuple<Tensor, Tensor, Tensor> lowrank_lstm_sequence(const Tensor& x, const 
   const Tensor& h = h0.has_value() ? *h0 : zeros;
   const Tensor& c = c0.has_value() ? *c0 : zeros;
   static const auto op = face::op<SequenceForwardSig>("lowrank_lstm_sequence_forward");
-  const bool save = wants_grad({&x, &h, &c, &w_ih_u, &w_ih_v, &w_hh_u, &w_hh_v}, bias);
+  const bool save = face::wants_grad({&x, &h, &c, &w_ih_u, &w_ih_v, &w_hh_u, &w_hh_v}, bias);
   auto [out, h_n, c_n, gates, cells] = op.call(x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, save);
   return {out, h_n, c_n};
 }

@@ -245,18 +245,11 @@ void check_reduction(const char* op, c10::string_view reduction) {
                     ": reduction must be one of ('none', 'mean', 'sum'); got '", std::string(reduction), "'");
 }
 
-bool wants_grad(std::initializer_list<const Tensor*> tensors, const Bias& bias) {
-  if (!at::GradMode::is_enabled()) return false;
-  bool any = bias.has_value() && bias->requires_grad();
-  for (const Tensor* t : tensors) any = any || t->requires_grad();
-  return any;
-}
-
 Tensor rnnt_loss(const Tensor& logits, const Tensor& targets, const Tensor& frames, const Tensor& labels, int64_t blank,
                  double clamp, c10::string_view reduction, bool fused_log_softmax, bool zero_infinity) {
   check_reduction("rnnt_loss", reduction);
   static const auto op = face::op<LossForwardSig>("rnnt_loss_forward");
-  const bool save = wants_grad({&logits}, std::nullopt);
+  const bool save = face::wants_grad({&logits}, std::nullopt);
   return reduce(std::get<0>(op.call(logits, targets, frames, labels, blank, clamp, fused_log_softmax, save)),
                 reduction, zero_infinity);
 }
@@ -267,7 +260,7 @@ Tensor fused_joint_rnnt_loss(const Tensor& enc, const Tensor& pred, const Tensor
                              bool zero_infinity) {
   check_reduction("fused_joint_rnnt_loss", reduction);
   static const auto op = face::op<JointForwardSig>("fused_joint_rnnt_loss_forward");
-  const bool save = wants_grad({&enc, &pred, &weight}, bias);
+  const bool save = face::wants_grad({&enc, &pred, &weight}, bias);
   return reduce(std::get<0>(op.call(enc, pred, weight, bias, targets, frames, labels, blank, activation, clamp, save)),
                 reduction, zero_infinity);
 }
