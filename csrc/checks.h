@@ -31,11 +31,14 @@ inline std::string py_shape(at::IntArrayRef sizes) {
 inline std::string py_dtype(at::ScalarType type) { return "torch." + std::string(c10::getDtypeNames(type).first); }
 
 inline void dims(const char* op, const char* name, const at::Tensor& t, int64_t ndim) {
-  TORCH_CHECK_VALUE(t.dim() == ndim, op, ": ", name, " must be ", ndim, "-D; got shape ", t.sizes());
+  TORCH_CHECK_VALUE(t.dim() == ndim, op, ": ", name, " must be ", ndim, "-D; got shape ", py_shape(t.sizes()));
 }
 
-inline void shape(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef expected) {
-  TORCH_CHECK_VALUE(t.sizes() == expected, op, ": ", name, " must have shape ", expected, "; got ", t.sizes());
+// `meaning` names the expected shape's parts, e.g. "(B, H) = ".
+inline void shape(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef expected,
+                  const char* meaning = "") {
+  TORCH_CHECK_VALUE(t.sizes() == expected, op, ": ", name, " must have shape ", meaning, py_shape(expected), "; got ",
+                    py_shape(t.sizes()));
 }
 
 inline void index_dtype(const char* op, const char* name, const at::Tensor& t) {
@@ -149,16 +152,6 @@ inline void floating(const char* op, const char* name, const at::Tensor& t) {
                    name, " must have dtype in (float32, float16, bfloat16, float64); got ", py_dtype(type));
 }
 
-inline void py_dims(const char* op, const char* name, const at::Tensor& t, int64_t ndim) {
-  TORCH_CHECK_VALUE(t.dim() == ndim, op, ": ", name, " must be ", ndim, "-D; got shape ", py_shape(t.sizes()));
-}
-
-inline void py_shape_is(const char* op, const char* name, const at::Tensor& t, at::IntArrayRef expected,
-                        const char* meaning) {
-  TORCH_CHECK_VALUE(t.sizes() == expected, op, ": ", name, " must have shape ", meaning, py_shape(expected), "; got ",
-                    py_shape(t.sizes()));
-}
-
 // Every tensor on the device of the first one (`ref`, named ref_name); the floating ones in its dtype.
 inline void like(const char* op, const char* ref_name, const at::Tensor& ref, const char* name, const at::Tensor& t,
                  bool floating) {
@@ -178,22 +171,22 @@ inline void bsr_linear_args(const char* op, const at::Tensor& x, const at::Tenso
   TORCH_CHECK_VALUE(in_features >= 1, op, ": in_features must be >= 1; got ", in_features);
   TORCH_CHECK_VALUE(x.size(-1) == in_features, op, ": x.shape[-1] must equal in_features = ", in_features,
                     "; got x of shape ", py_shape(x.sizes()));
-  py_dims(op, "values", values, 3);
+  dims(op, "values", values, 3);
   floating(op, "values", values);
   const int64_t b = values.size(1);
   TORCH_CHECK_VALUE(b >= 1 && values.size(2) == b, op, ": values must have shape (nnzb, b, b) with square blocks; got ",
                     py_shape(values.sizes()));
-  py_dims(op, "crow_indices", crow, 1);
+  dims(op, "crow_indices", crow, 1);
   index_dtype(op, "crow_indices", crow);
-  py_dims(op, "col_indices", col, 1);
+  dims(op, "col_indices", col, 1);
   index_dtype(op, "col_indices", col);
-  py_shape_is(op, "crow_indices", crow, {(out_features + b - 1) / b + 1}, "(ceil(out_features / b) + 1,) = ");
-  py_shape_is(op, "col_indices", col, {values.size(0)}, "(nnzb,) = ");
+  shape(op, "crow_indices", crow, {(out_features + b - 1) / b + 1}, "(ceil(out_features / b) + 1,) = ");
+  shape(op, "col_indices", col, {values.size(0)}, "(nnzb,) = ");
   TORCH_CHECK_TYPE(crow.scalar_type() == col.scalar_type(), op, ": crow_indices (", py_dtype(crow.scalar_type()),
                    ") and col_indices (", py_dtype(col.scalar_type()), ") must have the same dtype");
   if (bias.has_value()) {
-    py_dims(op, "bias", *bias, 1);
-    py_shape_is(op, "bias", *bias, {out_features}, "(out_features,) = ");
+    dims(op, "bias", *bias, 1);
+    shape(op, "bias", *bias, {out_features}, "(out_features,) = ");
   }
   like(op, "x", x, "values", values, true);
   if (bias.has_value()) like(op, "x", x, "bias", *bias, true);
@@ -206,36 +199,36 @@ inline void bsr_linear_args(const char* op, const at::Tensor& x, const at::Tenso
 inline int64_t lowrank_lstm_args(const char* op, const at::Tensor& x, const at::Tensor& h, const at::Tensor& c,
                                  const at::Tensor& w_ih_u, const at::Tensor& w_ih_v, const at::Tensor& w_hh_u,
                                  const at::Tensor& w_hh_v, const std::optional<at::Tensor>& bias, bool sequence) {
-  py_dims(op, "x", x, sequence ? 3 : 2);
+  dims(op, "x", x, sequence ? 3 : 2);
   floating(op, "x", x);
   TORCH_CHECK_VALUE(!sequence || x.size(0) >= 1, op, ": x must have at least one time step; got shape ",
                     py_shape(x.sizes()));
   const int64_t batch = x.size(-2), d = x.size(-1);
   for (const auto& [name, w] : {std::pair{"w_ih_u", &w_ih_u}, {"w_ih_v", &w_ih_v}, {"w_hh_u", &w_hh_u},
                                 {"w_hh_v", &w_hh_v}})
-    py_dims(op, name, *w, 2);
+    dims(op, name, *w, 2);
   const int64_t hidden = w_hh_v.size(1);
   TORCH_CHECK_VALUE(hidden >= 1, op, ": w_hh_v must have shape (rank_hh, H) with H >= 1; got ",
                     py_shape(w_hh_v.sizes()));
   const char* h_name = sequence ? "h0" : "h";
   const char* c_name = sequence ? "c0" : "c";
   for (const auto& [name, t] : {std::pair{h_name, &h}, {c_name, &c}}) {
-    py_dims(op, name, *t, 2);
-    py_shape_is(op, name, *t, {batch, hidden}, "(B, H) = ");
+    dims(op, name, *t, 2);
+    shape(op, name, *t, {batch, hidden}, "(B, H) = ");
   }
   for (const auto& [pre, w_u, w_v, k] : {std::tuple{"w_ih", &w_ih_u, &w_ih_v, d}, {"w_hh", &w_hh_u, &w_hh_v, hidden}}) {
     const bool input = std::string(pre) == "w_ih";
     TORCH_CHECK_VALUE(w_u->size(0) == 4 * hidden, op, ": ", pre, "_u must have 4*H = ", 4 * hidden,
                       " rows (gates i, f, g, o; H = ", hidden, " from w_hh_v); got shape ", py_shape(w_u->sizes()));
     const int64_t rank = w_u->size(1);
-    py_shape_is(op, (std::string(pre) + "_v").c_str(), *w_v, {rank, k}, input ? "(rank, D) = " : "(rank, H) = ");
+    shape(op, (std::string(pre) + "_v").c_str(), *w_v, {rank, k}, input ? "(rank, D) = " : "(rank, H) = ");
     TORCH_CHECK_VALUE(rank >= 1 && rank <= std::min(4 * hidden, k), op, ": the rank of ", pre, " (", pre,
                       "_u.shape[1] = ", rank, ") must be in [1, min(4*H, ", input ? "D" : "H", ")] = [1, ",
                       std::min(4 * hidden, k), "]");
   }
   if (bias.has_value()) {
-    py_dims(op, "bias", *bias, 1);
-    py_shape_is(op, "bias", *bias, {4 * hidden}, "(4*H,) = ");
+    dims(op, "bias", *bias, 1);
+    shape(op, "bias", *bias, {4 * hidden}, "(4*H,) = ");
   }
   for (const auto& [name, t] : {std::pair{h_name, &h}, {c_name, &c}, {"w_ih_u", &w_ih_u}, {"w_ih_v", &w_ih_v},
                                 {"w_hh_u", &w_hh_u}, {"w_hh_v", &w_hh_v}})
@@ -251,7 +244,7 @@ inline void saved(const char* op, const char* name, const at::Tensor& t, at::Int
   for (int64_t n : expected) empty_expected = empty_expected || n == 0;
   TORCH_CHECK(t.numel() != 0 || empty_expected, op, ": ", name,
               " is empty: the forward ran with save=False, so there is nothing to differentiate");
-  py_shape_is(op, name, t, expected, "");
+  shape(op, name, t, expected);
 }
 
 // The arguments of the public RNN-T ops, checked once per call before a face is chosen, with the messages of
@@ -260,15 +253,15 @@ inline void saved(const char* op, const char* name, const at::Tensor& t, at::Int
 inline int64_t rnnt_label_args(const char* op, const at::Tensor& targets, const at::Tensor& frames,
                                const at::Tensor& labels, int64_t batch, int64_t max_labels, int64_t vocab,
                                int64_t blank) {
-  py_dims(op, "targets", targets, 2);
+  dims(op, "targets", targets, 2);
   index_dtype(op, "targets", targets);
-  py_dims(op, "logit_lengths", frames, 1);
+  dims(op, "logit_lengths", frames, 1);
   index_dtype(op, "logit_lengths", frames);
-  py_dims(op, "target_lengths", labels, 1);
+  dims(op, "target_lengths", labels, 1);
   index_dtype(op, "target_lengths", labels);
-  py_shape_is(op, "targets", targets, {batch, max_labels}, "(B, U) = ");
-  py_shape_is(op, "logit_lengths", frames, {batch}, "(B,) = ");
-  py_shape_is(op, "target_lengths", labels, {batch}, "(B,) = ");
+  shape(op, "targets", targets, {batch, max_labels}, "(B, U) = ");
+  shape(op, "logit_lengths", frames, {batch}, "(B,) = ");
+  shape(op, "target_lengths", labels, {batch}, "(B,) = ");
   TORCH_CHECK_VALUE(-vocab <= blank && blank < vocab, op, ": blank must be in [-V, V) = [", -vocab, ", ", vocab,
                     "); got ", blank);
   return (blank + vocab) % vocab;
@@ -283,7 +276,7 @@ inline void labels_like(const char* op, const char* ref_name, const at::Tensor& 
 
 inline int64_t rnnt_loss_args(const char* op, const at::Tensor& logits, const at::Tensor& targets,
                               const at::Tensor& frames, const at::Tensor& labels, int64_t blank) {
-  py_dims(op, "logits", logits, 4);
+  dims(op, "logits", logits, 4);
   floating(op, "logits", logits);
   const int64_t batch = logits.size(0), steps = logits.size(1), u1 = logits.size(2), vocab = logits.size(3);
   TORCH_CHECK_VALUE(batch >= 1 && steps >= 1 && u1 >= 1 && vocab >= 1, op,
@@ -297,11 +290,11 @@ inline int64_t fused_joint_args(const char* op, const at::Tensor& enc, const at:
                                 const std::optional<at::Tensor>& bias, const at::Tensor& targets,
                                 const at::Tensor& frames, const at::Tensor& labels, int64_t blank,
                                 const std::string& activation) {
-  py_dims(op, "enc", enc, 3);
+  dims(op, "enc", enc, 3);
   floating(op, "enc", enc);
-  py_dims(op, "pred", pred, 3);
-  py_dims(op, "weight", weight, 2);
-  if (bias.has_value()) py_dims(op, "bias", *bias, 1);
+  dims(op, "pred", pred, 3);
+  dims(op, "weight", weight, 2);
+  if (bias.has_value()) dims(op, "bias", *bias, 1);
   const int64_t batch = enc.size(0), steps = enc.size(1), hidden = enc.size(2);
   TORCH_CHECK_VALUE(batch >= 1 && steps >= 1 && hidden >= 1, op,
                     ": enc must have shape (B, T, H) with every dim >= 1; got ", py_shape(enc.sizes()));
@@ -311,7 +304,7 @@ inline int64_t fused_joint_args(const char* op, const at::Tensor& enc, const at:
   const int64_t vocab = weight.size(0);
   TORCH_CHECK_VALUE(vocab >= 1 && weight.size(1) == hidden, op, ": weight must have shape (V, H) = (V, ", hidden,
                     ") with V >= 1; got ", py_shape(weight.sizes()));
-  if (bias.has_value()) py_shape_is(op, "bias", *bias, {vocab}, "(V,) = ");
+  if (bias.has_value()) shape(op, "bias", *bias, {vocab}, "(V,) = ");
   TORCH_CHECK_VALUE(activation == "tanh" || activation == "relu" || activation == "identity", op,
                     ": activation must be one of ('tanh', 'relu', 'identity'); got '", activation, "'");
   blank = rnnt_label_args(op, targets, frames, labels, batch, pred.size(1) - 1, vocab, blank);

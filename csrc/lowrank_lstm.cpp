@@ -209,8 +209,8 @@ std::tuple<Tensor, Tensor, Tensor> lowrank_lstm_sequence(const Tensor& x, const 
   constexpr const char* name = "lowrank_lstm_sequence";
   Tensor zeros;
   if (!h0.has_value() || !c0.has_value()) {  // what the zero state's shape is read from
-    checks::py_dims(name, "x", x, 3);
-    checks::py_dims(name, "w_hh_v", w_hh_v, 2);
+    checks::dims(name, "x", x, 3);
+    checks::dims(name, "w_hh_v", w_hh_v, 2);
     zeros = at::zeros({x.size(1), w_hh_v.size(1)}, x.options());
   }
   const Tensor& h = h0.has_value() ? *h0 : zeros;

@@ -26,7 +26,7 @@ def bsr_linear(x: Tensor, weight: BlockSparseMatrix, bias: Optional[Tensor] = No
 
     Differentiable in x, weight.values (the stored blocks only) and bias.
     """
-    if type(weight) is not BlockSparseMatrix and not isinstance(weight, BlockSparseMatrix):
+    if not isinstance(weight, BlockSparseMatrix):
         raise TypeError(f"{OP}: weight must be an amnets_kernels.BlockSparseMatrix; got "
                         f"{type(weight).__name__} (build one with BlockSparseMatrix.from_dense)")
     return _call(x, weight.values, weight.crow_indices, weight.col_indices, weight.shape[0], weight.shape[1], bias)
@@ -52,7 +52,8 @@ _FAST = {"cpu": ({16, 32, 64}, {torch.float32, torch.bfloat16}, "no SIMD kernel"
                  "computing with dense math on the densified blocks"),
          "cuda": ({16, 32, 64}, {torch.float32, torch.float16, torch.bfloat16}, "no fast kernel",
                   "a generic kernel (one thread per output) computes it")}
-_FAST_BLOCKS, _FAST_DTYPES = {16, 32, 64}, {torch.float32, torch.float16, torch.bfloat16}  # either face
+# What either face has a fast kernel for: a call inside both sets needs no closer look at its face.
+_FAST_BLOCKS, _FAST_DTYPES = set.union(*(f[0] for f in _FAST.values())), set.union(*(f[1] for f in _FAST.values()))
 _warned: set = set()
 
 
