@@ -8,7 +8,10 @@ Index arrays are int32. Entries of `values` that fall in the padding do not affe
 
 from __future__ import annotations
 
+import json
+
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
 
 from . import _validate
@@ -60,13 +63,23 @@ class BlockSparseMatrix:
         if crow_indices.dtype != col_indices.dtype:
             crow_indices, col_indices = crow_indices.to(torch.int64), col_indices.to(torch.int64)
         probe = values.new_empty((0, shape[1]))  # lets the op's own check validate the container
-        # A meta-device matrix (a model built on "meta" to be materialised later) has no index data to read.
+        # No index data to read on a meta-device matrix (a model built on "meta" to be materialised later)
+        # nor while tracing (fake tensors): the op checks the data itself on every real call.
         _validate.bsr_linear(op, probe, values, crow_indices, col_indices, shape[0], shape[1], None,
-                             data=values.device.type != "meta")
+                             data=values.device.type != "meta" and not _tracing())
         self.values = values
         self.crow_indices = crow_indices.to(torch.int32)
         self.col_indices = col_indices.to(torch.int32)
         self.shape = shape
+
+    @classmethod
+    def _unchecked(cls, values, crow_indices, col_indices, shape) -> BlockSparseMatrix:
+        """A matrix over the given leaves as they are: pytree unflatten, whose leaves may be anything a
+        tree_map returns (None grads, other dtypes), so neither checked nor narrowed."""
+        matrix = cls.__new__(cls)
+        matrix.values, matrix.crow_indices, matrix.col_indices = values, crow_indices, col_indices
+        matrix.shape = shape
+        return matrix
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
@@ -192,6 +205,26 @@ class BlockSparseMatrix:
     def __repr__(self) -> str:
         return (f"BlockSparseMatrix(shape={self.shape}, block_size={self.block_size}, nnzb={self.nnzb}, "
                 f"density={self.density:.3f}, dtype={self.dtype}, device={self.device})")
+
+
+def _tracing() -> bool:
+    """torch.compile/export or a dispatch mode (make_fx, FakeTensorMode) is running: tensors may be fake."""
+    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+
+
+# A pytree node (children: the three tensors; context: the logical shape), so a matrix can be an input or
+# output of torch.compile / torch.export and tree_map reaches its tensors.
+_FIELDS = ("values", "crow_indices", "col_indices")
+pytree.register_pytree_node(
+    BlockSparseMatrix,
+    lambda m: ([m.values, m.crow_indices, m.col_indices], m.shape),
+    lambda leaves, shape: BlockSparseMatrix._unchecked(*leaves, shape),
+    serialized_type_name="amnets_kernels.BlockSparseMatrix",
+    # The shape through JSON as a list, back as the tuple the live treespec holds (specs compare equal).
+    to_dumpable_context=lambda shape: json.dumps(list(shape)),
+    from_dumpable_context=lambda text: tuple(json.loads(text)),
+    flatten_with_keys_fn=lambda m: ([(pytree.GetAttrKey(f), getattr(m, f)) for f in _FIELDS], m.shape),
+)
 
 
 # ---------------------------------------------------------------------------------------------------

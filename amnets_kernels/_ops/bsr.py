@@ -34,7 +34,9 @@ def bsr_linear(x: Tensor, weight: BlockSparseMatrix, bias: Optional[Tensor] = No
 
 def _call(x, values, crow_indices, col_indices, out_features, in_features, bias):
     """The op on x (..., in_features); 2-D x skips the reshaping layer."""
-    if values.dtype not in _FAST_DTYPES or values.shape[-1] not in _FAST_BLOCKS:
+    # Dynamo cannot trace the C++ backend state the warning reads; eager calls still say it.
+    if (values.dtype not in _FAST_DTYPES or values.shape[-1] not in _FAST_BLOCKS) \
+            and not torch.compiler.is_compiling():
         _say_if_slow(x, values)
     try:
         if type(x) is Tensor and x.dim() == 2:
