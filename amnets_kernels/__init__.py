@@ -29,12 +29,12 @@ from ._ops.lowrank_lstm import PreparedLowrankLstmCell, lowrank_lstm_cell, lowra
 from ._ops.rnnt import fused_joint_rnnt_loss, rnnt_loss  # noqa: E402
 from .formats import BlockSparseMatrix, lowrank_factors, rank_for_energy  # noqa: E402
 from . import nn  # noqa: E402  (amnets_kernels.nn: the drop-in modules)
-from .swap import SwapReport, swap_in  # noqa: E402
+from .swap import SwapReport, swap_in, unswap  # noqa: E402
 
 __all__ = [
     "BACKENDS", "BlockSparseMatrix", "FaceUnavailableError", "FallbackWarning", "available_backends",
     "bsr_linear", "build_info", "fused_joint_rnnt_loss", "get_backend", "last_face", "lowrank_factors",
     "lowrank_lstm_cell", "lowrank_lstm_sequence", "nn", "PreparedBsrLinear", "PreparedBsrLstmCell",
     "PreparedLowrankLstmCell", "rank_for_energy", "rnnt_loss", "set_backend",
-    "SwapReport", "swap_in", "unavailable_reason", "use_backend", "which_face",
+    "SwapReport", "swap_in", "unavailable_reason", "unswap", "use_backend", "which_face",
 ]

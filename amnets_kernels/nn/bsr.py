@@ -1,4 +1,4 @@
-"""BlockSparseLinear: nn.Linear with a block-sparse weight (the pruned AmNets branch)."""
+"""BlockSparseLinear / BlockSparseLSTM: nn.Linear / nn.LSTM with block-sparse weights (the pruned AmNets branch)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,22 @@ import math
 import torch
 from torch import nn
 
-from ..formats import BlockSparseMatrix
+from .._ops.bsr import PreparedBsrLstmCell
+from ..formats import BlockSparseMatrix, bsr_to_dense
+from .cost import warn_if_not_cheaper
+from .stacked_lstm import StackedLSTM, combined_bias, lstm_config_of
+
+
+def _resize_to_saved(module: nn.Module, state_dict, prefix: str, names) -> None:
+    """A saved pattern may differ from the module's (another pruning): take the saved tensors' sizes."""
+    for name in names:
+        saved = state_dict.get(prefix + name)
+        current = getattr(module, name)
+        if saved is not None and saved.shape != current.shape:
+            if isinstance(current, nn.Parameter):
+                setattr(module, name, nn.Parameter(current.new_empty(saved.shape)))
+            else:
+                setattr(module, name, current.new_empty(saved.shape))
 
 
 class BlockSparseLinear(nn.Module):
@@ -36,6 +51,7 @@ class BlockSparseLinear(nn.Module):
         self.values = nn.Parameter(matrix.values.detach().clone())
         self.register_buffer("crow_indices", matrix.crow_indices.clone())
         self.register_buffer("col_indices", matrix.col_indices.clone())
+        warn_if_not_cheaper(self, self.values.numel(), self.in_features * self.out_features, matrix.nnzb)
 
     @classmethod
     def from_dense(cls, linear: nn.Linear, block_size: int = 32, sparsity: float | None = 0.75,
@@ -86,17 +102,135 @@ class BlockSparseLinear(nn.Module):
         self.block_size = state["block_size"]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # The pattern may differ from this module's (another pruning): take the saved tensors' sizes.
-        for name in ("values", "crow_indices", "col_indices"):
-            saved = state_dict.get(prefix + name)
-            current = getattr(self, name)
-            if saved is not None and saved.shape != current.shape:
-                if name == "values":
-                    self.values = nn.Parameter(current.new_empty(saved.shape))
-                else:
-                    setattr(self, name, current.new_empty(saved.shape))
+        _resize_to_saved(self, state_dict, prefix, ("values", "crow_indices", "col_indices"))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def macs_per_frame(self) -> int:
+        """Multiply-adds per row as the kernel runs them: every stored block entry, padding included."""
+        return self.values.numel()
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.Linear:
+        """A plain nn.Linear with the pruned weight (zeros where no block is stored)."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.values.device, dtype=self.values.dtype)
+        linear.weight.copy_(self.sparse_weight.to_dense())
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        linear.train(self.training)
+        return linear
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, block_size={self.block_size}, "
                 f"density={self.density:.3f}, bias={self.bias is not None}")
+
+
+class BlockSparseLSTM(StackedLSTM):
+    """nn.LSTM whose every direction's [W_ih | W_hh] (4H, D + H) is kept as b x b blocks (magnitude block
+    pruning), as the AmNets encoder's sparse branch; the forward contract is nn.LSTM's (layouts, hx,
+    bidirectional, dropout between layers; no proj_size).
+
+    Each step of a direction is one PreparedBsrLstmCell call: on the cpu face with block 16/32/64 and
+    fp32/bf16 weights, eager inference runs the fused native step; with autograd (or another face) it is
+    bsr_linear on [x | h] and the PyTorch LSTM update. Per direction (tag l{layer} or l{layer}_reverse):
+    parameter values{tag} (nnzb, b, b), buffers crow_indices{tag} / col_indices{tag}, parameter bias{tag}
+    (4H,) (nn.LSTM's two biases summed).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
+                 block_size: int = 32, sparsity: float = 0.75, device=None, dtype=None):
+        super().__init__()
+        # nn.LSTM's initialisation, then magnitude block pruning.
+        self._prune(nn.LSTM(input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first,
+                            dropout=dropout, bidirectional=bidirectional, device=device, dtype=dtype),
+                    sparsity, block_size)
+
+    @classmethod
+    def from_lstm(cls, lstm: nn.LSTM, sparsity: float = 0.75, block_size: int = 32) -> BlockSparseLSTM:
+        """Prune every direction of an nn.LSTM: keep the largest-norm blocks of [W_ih | W_hh]. Sparsity 0
+        reproduces it (to float32 rounding)."""
+        if not isinstance(lstm, nn.LSTM):
+            raise TypeError(f"BlockSparseLSTM.from_lstm: lstm must be an nn.LSTM; got {type(lstm).__name__}")
+        module = cls.__new__(cls)
+        StackedLSTM.__init__(module)
+        module._prune(lstm, sparsity, block_size)
+        module.train(lstm.training)
+        return module
+
+    def _prune(self, lstm: nn.LSTM, sparsity: float, block_size: int) -> None:
+        if lstm.proj_size:
+            raise ValueError("BlockSparseLSTM: proj_size is not supported (no block-sparse projection); "
+                             "LowRankLSTM supports it")
+        self._configure(**lstm_config_of(lstm))
+        self.block_size, self._steps = block_size, {}
+        for _, layer, suffix, _ in self.directions():
+            tag = f"_l{layer}{suffix}"
+            w = torch.cat([getattr(lstm, f"weight_ih{tag}"), getattr(lstm, f"weight_hh{tag}")], dim=1).detach()
+            m = BlockSparseMatrix.from_dense(w, block_size=block_size, sparsity=sparsity)
+            self.register_parameter(f"values{tag}", nn.Parameter(m.values.clone()))
+            self.register_buffer(f"crow_indices{tag}", m.crow_indices.clone())
+            self.register_buffer(f"col_indices{tag}", m.col_indices.clone())
+            b = combined_bias(lstm, tag) if lstm.bias else None
+            self.register_parameter(f"bias{tag}", None if b is None else nn.Parameter(b))
+        kept = min(getattr(self, f"values_l{layer}{suffix}").shape[0] for _, layer, suffix, _ in self.directions())
+        warn_if_not_cheaper(self, self.macs_per_frame(), self.dense_macs_per_frame(), kept)
+
+    def _pattern(self, k: int):
+        layer, reverse = divmod(k, self.num_directions)
+        tag = f"_l{layer}{'_reverse' if reverse else ''}"
+        return tuple(getattr(self, f"{n}{tag}") for n in ("values", "crow_indices", "col_indices", "bias"))
+
+    def _step(self, k: int, d: int) -> PreparedBsrLstmCell:
+        """Direction k's prepared step, rebuilt when its tensors are replaced (.to(), a new pattern loaded)
+        or its pattern changes in place; values updated in place (an optimizer step) are followed."""
+        values, crow, col, b = self._pattern(k)
+        key = (values.data_ptr(), values.dtype, values.device, crow.data_ptr(), crow._version, col.data_ptr(),
+               col._version, None if b is None else b.data_ptr())
+        cached = self._steps.get(k)
+        if cached is None or cached[0] != key:
+            weight = BlockSparseMatrix(values, crow, col, (4 * self.hidden_size, d + self.hidden_size))
+            cached = self._steps[k] = (key, PreparedBsrLstmCell(weight, b))
+        return cached[1]
+
+    def _run(self, k, x, h0, c0):
+        step = self._step(k, x.shape[-1])
+        zeros = x.new_zeros(x.shape[1], self.hidden_size)
+        h, c = (zeros if h0 is None else h0), (zeros if c0 is None else c0)
+        out = []
+        for x_t in x:
+            h, c = step(x_t, h, c)
+            out.append(h)
+        return torch.stack(out), h, c
+
+    def _dense_weights(self, k):
+        values, crow, col, b = self._pattern(k)
+        in_size = self.input_size_of(k)
+        w = bsr_to_dense(values, crow, col, (4 * self.hidden_size, in_size + self.hidden_size))
+        return w[:, :in_size], w[:, in_size:], b, None
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        names = [f"{n}_l{layer}{suffix}" for _, layer, suffix, _ in self.directions()
+                 for n in ("values", "crow_indices", "col_indices")]
+        _resize_to_saved(self, state_dict, prefix, names)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def get_extra_state(self):
+        return {"block_size": self.block_size}
+
+    def set_extra_state(self, state):
+        self.block_size = state["block_size"]
+
+    def macs_per_frame(self, batch: int = 1) -> int:
+        """Multiply-adds per frame as the kernels run them: every stored block entry, padding included."""
+        return batch * sum(self._pattern(k)[0].numel() for k, _, _, _ in self.directions())
+
+    def density(self) -> float:
+        """Stored blocks / all blocks, over every direction."""
+        total = sum(-(-4 * self.hidden_size // self.block_size) * -(-(d + self.hidden_size) // self.block_size)
+                    for _, _, _, d in self.directions())
+        return sum(self._pattern(k)[0].shape[0] for k, _, _, _ in self.directions()) / total
+
+    def extra_repr(self) -> str:
+        return (f"{self.input_size}, {self.hidden_size}, num_layers={self.num_layers}, block_size={self.block_size}, "
+                f"density={self.density():.3f}, " + self._lstm_config())

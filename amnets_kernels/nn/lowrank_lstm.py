@@ -1,4 +1,5 @@
-"""LowRankLSTM: nn.LSTM's contract with each gate matrix a low-rank product (the factorized branch)."""
+"""LowRankLSTM / LowRankLSTMCell: nn.LSTM's / nn.LSTMCell's contract with each gate matrix a low-rank product
+(the factorized branch)."""
 
 from __future__ import annotations
 
@@ -6,135 +7,229 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .. import _validate
+from .._ops.lstm_update import lstm_pointwise
 from ..formats import lowrank_factors, rank_for_energy
+from .cost import warn_if_not_cheaper
+from .stacked_lstm import StackedLSTM, combined_bias, lstm_config_of
+
+_FACTORS = ("w_ih_u", "w_ih_v", "w_hh_u", "w_hh_v")
 
 
-class LowRankLSTM(nn.Module):
-    """A stacked LSTM whose W_ih = U_ih V_ih (rank r) and W_hh = U_hh V_hh (rank rank_hh, default r).
+def _check_wanted(op: str, **ranks) -> None:
+    for name, wanted in ranks.items():
+        count = isinstance(wanted, int) and not isinstance(wanted, bool) and wanted >= 1
+        if wanted is not None and not (count or (isinstance(wanted, float) and 0 < wanted <= 1)):
+            raise ValueError(f"{op}: {name} must be an int >= 1 or a float in (0, 1] (a fraction of spectral "
+                             f"energy); got {wanted!r}")
 
-    forward(input, hx=None) -> (output, (h_n, c_n)) exactly as nn.LSTM (unidirectional, no projection):
-    input (T, B, input_size) or (B, T, input_size) with batch_first, or unbatched (T, input_size);
-    h_n, c_n (num_layers, B, hidden_size). Each layer runs as one lowrank_lstm_sequence op.
-    Per layer l: parameters w_ih_u_l{l} (4H, r), w_ih_v_l{l} (r, in), w_hh_u_l{l} (4H, r_hh),
-    w_hh_v_l{l} (r_hh, H) and one combined bias_l{l} (4H,) (nn.LSTM's two biases summed).
+
+def _pick_rank(weight: torch.Tensor, wanted: int | float) -> int:
+    r = rank_for_energy(weight, wanted) if isinstance(wanted, float) else wanted
+    return min(r, *weight.shape)  # a rank above the matrix's is its full rank
+
+
+def _factor_into(module: nn.Module, tag: str, w_ih: torch.Tensor, w_hh: torch.Tensor, rank, rank_hh) -> tuple:
+    """Truncated SVD of one direction's W_ih and W_hh into module parameters w_*_{u,v}{tag}; its ranks."""
+    r_ih, r_hh = _pick_rank(w_ih, rank), _pick_rank(w_hh, rank if rank_hh is None else rank_hh)
+    for name, tensor in zip(_FACTORS, (*lowrank_factors(w_ih, r_ih), *lowrank_factors(w_hh, r_hh))):
+        module.register_parameter(f"{name}{tag}", nn.Parameter(tensor))
+    return r_ih, r_hh
+
+
+def _init_into(module: nn.Module, tag: str, hidden: int, d: int, rec: int, r_ih: int, r_hh: int, bias: bool,
+               device, dtype) -> None:
+    """Fresh factors for one direction (input size d, recurrent input size rec), at nn.LSTM's weight scale:
+    nn.LSTM draws W from uniform(-s, s) (variance s^2 / 3); U V with both factors uniform(-a, a) and
+    inner size r has variance r (a^2 / 3)^2, equal when a = (3 / r)^(1/4) sqrt(s)."""
+    scale = 1.0 / math.sqrt(hidden)
+    for name, shape, inner in zip(_FACTORS, ((4 * hidden, r_ih), (r_ih, d), (4 * hidden, r_hh), (r_hh, rec)),
+                                  (r_ih, r_ih, r_hh, r_hh)):
+        bound = (3.0 / inner) ** 0.25 * math.sqrt(scale)
+        module.register_parameter(f"{name}{tag}", nn.Parameter(
+            torch.empty(shape, device=device, dtype=dtype).uniform_(-bound, bound)))
+    module.register_parameter(f"bias{tag}", nn.Parameter(
+        torch.empty(4 * hidden, device=device, dtype=dtype).uniform_(-scale, scale)) if bias else None)
+
+
+def _factor_macs(ranks, hidden: int, d: int) -> int:
+    """Per frame: x -> r_ih -> 4H and h -> r_hh -> 4H (the pointwise part is not counted)."""
+    r_ih, r_hh = ranks
+    return r_ih * (d + 4 * hidden) + r_hh * (hidden + 4 * hidden)
+
+
+class LowRankLSTM(StackedLSTM):
+    """nn.LSTM whose W_ih = U_ih V_ih (rank r) and W_hh = U_hh V_hh (rank rank_hh, default r).
+
+    forward(input, hx=None) -> (output, (h_n, c_n)) exactly as nn.LSTM: input (T, B, input_size), or
+    (B, T, input_size) with batch_first, or unbatched (T, input_size); bidirectional, proj_size and
+    dropout between layers as nn.LSTM. Each direction of each layer is one lowrank_lstm_sequence op.
+    Parameters per direction (tag l{layer}, or l{layer}_reverse): w_ih_u (4H, r), w_ih_v (r, D),
+    w_hh_u (4H, r_hh), w_hh_v (r_hh, P or H), one combined bias (4H,) (nn.LSTM's two biases summed) and,
+    with proj_size P, w_hr (P, H). `ranks[k]` = (r_ih, r_hh) of direction k = layer * directions + direction.
     """
 
     def __init__(self, input_size: int, hidden_size: int, rank: int, num_layers: int = 1, bias: bool = True,
-                 batch_first: bool = False, rank_hh: int | None = None, device=None, dtype=None):
+                 batch_first: bool = False, rank_hh: int | None = None, dropout: float = 0.0,
+                 bidirectional: bool = False, proj_size: int = 0, device=None, dtype=None):
         super().__init__()
         op = "LowRankLSTM"
-        for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("rank", rank),
-                            ("num_layers", num_layers)):
-            _validate._int(op, name, value, 1)
+        _validate._int(op, "rank", rank, 1)
         if rank_hh is not None:
             _validate._int(op, "rank_hh", rank_hh, 1)
-        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
-        self.batch_first, self.bias = batch_first, bias
+        self._configure(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size)
+        rec = proj_size or hidden_size
         self.ranks = []
-        scale = 1.0 / math.sqrt(hidden_size)
-        for layer in range(num_layers):
-            d = input_size if layer == 0 else hidden_size
-            r_ih = min(rank, 4 * hidden_size, d)
-            r_hh = min(rank if rank_hh is None else rank_hh, hidden_size)
-            self.ranks.append((r_ih, r_hh))
-            # nn.LSTM draws W from uniform(-scale, scale), variance scale^2 / 3. U V with both factors
-            # uniform(-a, a) and inner size r has variance r (a^2 / 3)^2: equal when a = (3 / r)^(1/4) sqrt(scale).
-            for name, shape, inner in ((f"w_ih_u_l{layer}", (4 * hidden_size, r_ih), r_ih),
-                                       (f"w_ih_v_l{layer}", (r_ih, d), r_ih),
-                                       (f"w_hh_u_l{layer}", (4 * hidden_size, r_hh), r_hh),
-                                       (f"w_hh_v_l{layer}", (r_hh, hidden_size), r_hh)):
-                bound = (3.0 / inner) ** 0.25 * math.sqrt(scale)
-                self.register_parameter(name, nn.Parameter(
-                    torch.empty(shape, device=device, dtype=dtype).uniform_(-bound, bound)))
-            if bias:
-                self.register_parameter(f"bias_l{layer}", nn.Parameter(
-                    torch.empty(4 * hidden_size, device=device, dtype=dtype).uniform_(-scale, scale)))
-            else:
-                self.register_parameter(f"bias_l{layer}", None)
+        for _, layer, suffix, d in self.directions():
+            ranks = (min(rank, 4 * hidden_size, d), min(rank if rank_hh is None else rank_hh, rec))
+            self.ranks.append(ranks)
+            _init_into(self, f"_l{layer}{suffix}", hidden_size, d, rec, *ranks, bias, device, dtype)
+            if proj_size:
+                bound = 1.0 / math.sqrt(hidden_size)
+                self.register_parameter(f"w_hr_l{layer}{suffix}", nn.Parameter(
+                    torch.empty(proj_size, hidden_size, device=device, dtype=dtype).uniform_(-bound, bound)))
+        warn_if_not_cheaper(self, self.macs_per_frame(), self.dense_macs_per_frame())
 
     @classmethod
     def from_lstm(cls, lstm: nn.LSTM, rank: int | float, rank_hh: int | float | None = None) -> LowRankLSTM:
-        """Factor every layer of `lstm` by truncated SVD. rank: an int, or a float in (0, 1] meaning the
-        smallest rank keeping that fraction of each matrix's spectral energy. At full rank the result
-        reproduces the nn.LSTM (to float32 rounding)."""
+        """Factor every direction of every layer of `lstm` by truncated SVD. rank: an int, or a float in
+        (0, 1] meaning the smallest rank keeping that fraction of each matrix's spectral energy. At full
+        rank the result reproduces the nn.LSTM (to float32 rounding); a projection (proj_size) is kept dense."""
         if not isinstance(lstm, nn.LSTM):
             raise TypeError(f"LowRankLSTM.from_lstm: lstm must be an nn.LSTM; got {type(lstm).__name__}")
-        if lstm.bidirectional or lstm.proj_size > 0:
-            raise ValueError("LowRankLSTM.from_lstm: bidirectional LSTMs and proj_size > 0 are not supported")
+        _check_wanted("LowRankLSTM.from_lstm", rank=rank, rank_hh=rank_hh)
         module = cls.__new__(cls)
-        nn.Module.__init__(module)
-        module.input_size, module.hidden_size, module.num_layers = lstm.input_size, lstm.hidden_size, lstm.num_layers
-        module.batch_first, module.bias = lstm.batch_first, lstm.bias
+        StackedLSTM.__init__(module)
+        module._configure(**lstm_config_of(lstm))
         module.ranks = []
-
-        for name, wanted in (("rank", rank), ("rank_hh", rank if rank_hh is None else rank_hh)):
-            count = isinstance(wanted, int) and not isinstance(wanted, bool) and wanted >= 1
-            if not (count or (isinstance(wanted, float) and 0 < wanted <= 1)):
-                raise ValueError(f"LowRankLSTM.from_lstm: {name} must be an int >= 1 or a float in (0, 1] (a "
-                                 f"fraction of spectral energy); got {wanted!r}")
-
-        def pick(weight, wanted):
-            r = rank_for_energy(weight, wanted) if isinstance(wanted, float) else wanted
-            return min(r, *weight.shape)  # a rank above the matrix's is its full rank
-
-        for layer in range(lstm.num_layers):
-            w_ih, w_hh = getattr(lstm, f"weight_ih_l{layer}"), getattr(lstm, f"weight_hh_l{layer}")
-            r_ih, r_hh = pick(w_ih, rank), pick(w_hh, rank if rank_hh is None else rank_hh)
-            module.ranks.append((r_ih, r_hh))
-            for name, tensor in zip(("w_ih_u", "w_ih_v"), lowrank_factors(w_ih, r_ih)):
-                module.register_parameter(f"{name}_l{layer}", nn.Parameter(tensor))
-            for name, tensor in zip(("w_hh_u", "w_hh_v"), lowrank_factors(w_hh, r_hh)):
-                module.register_parameter(f"{name}_l{layer}", nn.Parameter(tensor))
-            b = (getattr(lstm, f"bias_ih_l{layer}") + getattr(lstm, f"bias_hh_l{layer}")).detach().clone() \
-                if lstm.bias else None
-            module.register_parameter(f"bias_l{layer}", None if b is None else nn.Parameter(b))
+        for _, layer, suffix, _ in module.directions():
+            tag = f"_l{layer}{suffix}"
+            module.ranks.append(_factor_into(module, tag, getattr(lstm, f"weight_ih{tag}"),
+                                             getattr(lstm, f"weight_hh{tag}"), rank, rank_hh))
+            b = combined_bias(lstm, tag) if lstm.bias else None
+            module.register_parameter(f"bias{tag}", None if b is None else nn.Parameter(b))
+            if lstm.proj_size:
+                module.register_parameter(f"w_hr{tag}", nn.Parameter(getattr(lstm, f"weight_hr{tag}").detach().clone()))
+        module.train(lstm.training)
+        warn_if_not_cheaper(module, module.macs_per_frame(), module.dense_macs_per_frame())
         return module
 
-    def layer_weights(self, layer: int):
-        return tuple(getattr(self, f"{n}_l{layer}") for n in ("w_ih_u", "w_ih_v", "w_hh_u", "w_hh_v", "bias"))
+    def layer_weights(self, layer: int, reverse: bool = False):
+        """(w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias) of one direction of one layer, in the ops' order."""
+        tag = f"_l{layer}{'_reverse' if reverse else ''}"
+        return tuple(getattr(self, f"{n}{tag}") for n in (*_FACTORS, "bias"))
 
-    def forward(self, input, hx=None):
-        if isinstance(input, nn.utils.rnn.PackedSequence):
-            raise TypeError("LowRankLSTM: PackedSequence input is not supported; pass a padded tensor")
-        op = "LowRankLSTM"
-        _validate._tensor(op, "input", input, dtypes=_validate.FLOAT_DTYPES)
-        unbatched = input.dim() == 2
-        if input.dim() not in (2, 3):
-            raise ValueError(f"{op}: input must be 2-D (unbatched) or 3-D; got shape {tuple(input.shape)}")
-        x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if self.batch_first else input)
-        if x.shape[-1] != self.input_size:
-            raise ValueError(f"{op}: input.shape[-1] must be input_size = {self.input_size}; got {tuple(input.shape)}")
-        batch = x.shape[1]
-        if hx is None:
-            h0 = c0 = [None] * self.num_layers
+    def _run(self, k, x, h0, c0):
+        layer, reverse = divmod(k, self.num_directions)
+        u_ih, v_ih, u_hh, v_hh, b = self.layer_weights(layer, bool(reverse))
+        if not self.proj_size:
+            return torch.ops.amnets.lowrank_lstm_sequence(x, h0, c0, u_ih, v_ih, u_hh, v_hh, b)
+        # With a projection the recurrence reads h W_hr^T: U_hh V_hh (h W_hr^T) = U_hh (V_hh W_hr) h, the
+        # same rank, so the fused op runs on the full h; a given h0 is already projected, so the first
+        # step reads it directly.
+        w_hr = getattr(self, f"w_hr_l{layer}{'_reverse' if reverse else ''}")
+        v_rec = v_hh @ w_hr
+        if h0 is None:
+            full, h, c = torch.ops.amnets.lowrank_lstm_sequence(x, None, c0, u_ih, v_ih, u_hh, v_rec, b)
         else:
-            h0, c0 = hx
-            if unbatched:
-                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
-            expected = (self.num_layers, batch, self.hidden_size)
-            for name, t in (("h_0", h0), ("c_0", c0)):
-                _validate._tensor(op, name, t, ndim=3)
-                _validate._shape(op, name, t, expected, "(num_layers, B, hidden_size) = ")
-        h_n, c_n = [], []
-        for layer in range(self.num_layers):
-            x, h, c = torch.ops.amnets.lowrank_lstm_sequence(x, h0[layer], c0[layer], *self.layer_weights(layer))
-            h_n.append(h)
-            c_n.append(c)
-        h_n, c_n = torch.stack(h_n), torch.stack(c_n)
-        if unbatched:
-            return x.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
-        return (x.transpose(0, 1) if self.batch_first else x), (h_n, c_n)
+            gates = F.linear(F.linear(x[0], v_ih), u_ih, b) + F.linear(F.linear(h0, v_hh), u_hh)
+            h, c = lstm_pointwise(gates, c0)
+            full = h[None]
+            if x.shape[0] > 1:
+                rest, h, c = torch.ops.amnets.lowrank_lstm_sequence(x[1:], h, c, u_ih, v_ih, u_hh, v_rec, b)
+                full = torch.cat([full, rest])
+        return F.linear(full, w_hr), F.linear(h, w_hr), c
+
+    def _dense_weights(self, k):
+        layer, reverse = divmod(k, self.num_directions)
+        u_ih, v_ih, u_hh, v_hh, b = self.layer_weights(layer, bool(reverse))
+        w_hr = getattr(self, f"w_hr_l{layer}{'_reverse' if reverse else ''}") if self.proj_size else None
+        return u_ih @ v_ih, u_hh @ v_hh, b, w_hr
 
     def macs_per_frame(self, batch: int = 1) -> int:
-        """Multiply-adds per frame (gate products; the pointwise part is not counted)."""
-        total = 0
-        for layer, (r_ih, r_hh) in enumerate(self.ranks):
-            d = self.input_size if layer == 0 else self.hidden_size
-            total += r_ih * (d + 4 * self.hidden_size) + r_hh * (self.hidden_size + 4 * self.hidden_size)
+        """Multiply-adds per frame as this module runs them (gate products and projection, no pointwise)."""
+        total = sum(_factor_macs(self.ranks[k], self.hidden_size, d) + self.proj_size * self.hidden_size
+                    for k, _, _, d in self.directions())
         return total * batch
 
     def extra_repr(self) -> str:
-        return (f"{self.input_size}, {self.hidden_size}, ranks={self.ranks}, num_layers={self.num_layers}, "
-                f"bias={self.bias}, batch_first={self.batch_first}")
+        return f"{self.input_size}, {self.hidden_size}, ranks={self.ranks}, num_layers={self.num_layers}, " \
+               + self._lstm_config()
+
+
+class LowRankLSTMCell(nn.Module):
+    """nn.LSTMCell with W_ih = U_ih V_ih and W_hh = U_hh V_hh, on the lowrank_lstm_cell op.
+
+    forward(input, hx=None) -> (h_1, c_1) exactly as nn.LSTMCell: input (B, input_size) or unbatched
+    (input_size,), hx = (h_0, c_0) each (B, hidden_size), zeros when None. Parameters w_ih_u (4H, r),
+    w_ih_v (r, D), w_hh_u (4H, r_hh), w_hh_v (r_hh, H) and one combined bias (4H,).
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, rank: int, bias: bool = True,
+                 rank_hh: int | None = None, device=None, dtype=None):
+        super().__init__()
+        op = "LowRankLSTMCell"
+        for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("rank", rank)):
+            _validate._int(op, name, value, 1)
+        if rank_hh is not None:
+            _validate._int(op, "rank_hh", rank_hh, 1)
+        self.input_size, self.hidden_size = input_size, hidden_size
+        self.ranks = (min(rank, 4 * hidden_size, input_size), min(rank if rank_hh is None else rank_hh, hidden_size))
+        _init_into(self, "", hidden_size, input_size, hidden_size, *self.ranks, bias, device, dtype)
+        warn_if_not_cheaper(self, self.macs_per_frame(), self.dense_macs_per_frame())
+
+    @classmethod
+    def from_lstm_cell(cls, cell: nn.LSTMCell, rank: int | float,
+                       rank_hh: int | float | None = None) -> LowRankLSTMCell:
+        """Factor an nn.LSTMCell by truncated SVD (rank as in LowRankLSTM.from_lstm)."""
+        if not isinstance(cell, nn.LSTMCell):
+            raise TypeError(f"LowRankLSTMCell.from_lstm_cell: cell must be an nn.LSTMCell; got {type(cell).__name__}")
+        _check_wanted("LowRankLSTMCell.from_lstm_cell", rank=rank, rank_hh=rank_hh)
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.input_size, module.hidden_size = cell.input_size, cell.hidden_size
+        module.ranks = _factor_into(module, "", cell.weight_ih, cell.weight_hh, rank, rank_hh)
+        b = combined_bias(cell, "") if cell.bias else None
+        module.register_parameter("bias", None if b is None else nn.Parameter(b))
+        module.train(cell.training)
+        warn_if_not_cheaper(module, module.macs_per_frame(), module.dense_macs_per_frame())
+        return module
+
+    def forward(self, input, hx=None):
+        op = "LowRankLSTMCell"
+        _validate._tensor(op, "input", input, dtypes=_validate.FLOAT_DTYPES)
+        if input.dim() not in (1, 2):
+            raise ValueError(f"{op}: input must be 1-D (unbatched) or 2-D (B, input_size); got shape "
+                             f"{tuple(input.shape)}")
+        unbatched = input.dim() == 1
+        x = input.unsqueeze(0) if unbatched else input
+        if hx is None:
+            h = c = x.new_zeros(x.shape[0], self.hidden_size)
+        else:
+            h, c = (t.unsqueeze(0) for t in hx) if unbatched else hx
+        h1, c1 = torch.ops.amnets.lowrank_lstm_cell(x, h, c, *(getattr(self, n) for n in (*_FACTORS, "bias")))
+        return (h1.squeeze(0), c1.squeeze(0)) if unbatched else (h1, c1)
+
+    def macs_per_frame(self, batch: int = 1) -> int:
+        return _factor_macs(self.ranks, self.hidden_size, self.input_size) * batch
+
+    def dense_macs_per_frame(self) -> int:
+        return 4 * self.hidden_size * (self.input_size + self.hidden_size)
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.LSTMCell:
+        """A plain nn.LSTMCell computing what this cell computes (bias as bias_ih, bias_hh zero)."""
+        cell = nn.LSTMCell(self.input_size, self.hidden_size, bias=self.bias is not None, device=self.w_ih_u.device,
+                           dtype=self.w_ih_u.dtype)
+        cell.weight_ih.copy_(self.w_ih_u @ self.w_ih_v)
+        cell.weight_hh.copy_(self.w_hh_u @ self.w_hh_v)
+        if self.bias is not None:
+            cell.bias_ih.copy_(self.bias)
+            cell.bias_hh.zero_()
+        cell.train(self.training)
+        return cell
+
+    def extra_repr(self) -> str:
+        return f"{self.input_size}, {self.hidden_size}, ranks={self.ranks}, bias={self.bias is not None}"

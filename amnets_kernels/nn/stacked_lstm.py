@@ -1,0 +1,132 @@
+"""What LowRankLSTM and BlockSparseLSTM share with nn.LSTM: the contract (layouts, hx, layers, directions,
+dropout between layers), the dense MAC count, and the way back to a plain nn.LSTM."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .. import _validate
+from .cost import lstm_macs
+
+
+class StackedLSTM(nn.Module):
+    """nn.LSTM's forward contract over per-direction sequence runs that subclasses define.
+
+    A subclass sets the configuration with `_configure` and implements `_run(k, x, h0, c0)` for the
+    direction k = layer * num_directions + direction: x (T, B, D_k) in time order for that direction,
+    h0 (B, proj_size or H) and c0 (B, H) or None -> (out (T, B, proj_size or H), h_n, c_n); and
+    `_dense_weights(k)` -> (W_ih, W_hh, bias, W_hr or None) for `to_dense`.
+    """
+
+    def _configure(self, input_size: int, hidden_size: int, num_layers: int, bias: bool, batch_first: bool,
+                   dropout: float, bidirectional: bool, proj_size: int) -> None:
+        op = type(self).__name__
+        for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers)):
+            _validate._int(op, name, value, 1)
+        _validate._int(op, "proj_size", proj_size, 0)
+        if proj_size >= hidden_size:
+            raise ValueError(f"{op}: proj_size must be smaller than hidden_size = {hidden_size}; got {proj_size}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout <= 1:
+            raise ValueError(f"{op}: dropout must be a number in [0, 1]; got {dropout!r}")
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
+        self.bidirectional, self.proj_size = bool(bidirectional), proj_size
+
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def input_size_of(self, k: int) -> int:
+        """The input size of direction k (layer 0 reads the input; later layers every direction's output)."""
+        return self.input_size if k < self.num_directions else self.num_directions * (self.proj_size or self.hidden_size)
+
+    def directions(self):
+        """(k, layer, parameter-name suffix, input size) for every direction, in nn.LSTM's order."""
+        for layer in range(self.num_layers):
+            for direction in range(self.num_directions):
+                k = layer * self.num_directions + direction
+                yield k, layer, "_reverse" if direction else "", self.input_size_of(k)
+
+    def forward(self, input, hx=None):
+        op = type(self).__name__
+        if isinstance(input, nn.utils.rnn.PackedSequence):
+            raise TypeError(f"{op}: PackedSequence input is not supported; pass a padded tensor")
+        _validate._tensor(op, "input", input, dtypes=_validate.FLOAT_DTYPES)
+        if input.dim() not in (2, 3):
+            raise ValueError(f"{op}: input must be 2-D (unbatched) or 3-D; got shape {tuple(input.shape)}")
+        unbatched = input.dim() == 2
+        x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if self.batch_first else input)
+        if x.shape[-1] != self.input_size:
+            raise ValueError(f"{op}: input.shape[-1] must be input_size = {self.input_size}; got {tuple(input.shape)}")
+        stack, batch, out_size = self.num_layers * self.num_directions, x.shape[1], self.proj_size or self.hidden_size
+        if hx is None:
+            h0 = c0 = [None] * stack
+        else:
+            h0, c0 = hx
+            if unbatched:
+                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
+            for name, t, size in (("h_0", h0, out_size), ("c_0", c0, self.hidden_size)):
+                _validate._tensor(op, name, t, ndim=3)
+                _validate._shape(op, name, t, (stack, batch, size), "(num_layers * num_directions, B, "
+                                 f"{'proj_size' if name == 'h_0' and self.proj_size else 'hidden_size'}) = ")
+        h_n, c_n, outs = [], [], []
+        for k, layer, suffix, _ in self.directions():
+            reverse = bool(suffix)
+            out, h, c = self._run(k, x.flip(0) if reverse else x, h0[k], c0[k])
+            outs.append(out.flip(0) if reverse else out)
+            h_n.append(h)
+            c_n.append(c)
+            if len(outs) == self.num_directions:  # the layer is complete: its output feeds the next one
+                x = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
+                outs = []
+                if self.dropout and self.training and layer < self.num_layers - 1:
+                    x = F.dropout(x, self.dropout, training=True)
+        h_n, c_n = torch.stack(h_n), torch.stack(c_n)
+        if unbatched:
+            return x.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
+        return (x.transpose(0, 1) if self.batch_first else x), (h_n, c_n)
+
+    def dense_macs_per_frame(self) -> int:
+        """Multiply-adds per frame of the nn.LSTM this module stands for."""
+        return lstm_macs(self.input_size, self.hidden_size, self.num_layers, self.bidirectional, self.proj_size)
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.LSTM:
+        """A plain nn.LSTM computing what this module computes (the factors / kept blocks multiplied out;
+        the one bias per direction becomes bias_ih, bias_hh is zero)."""
+        ref = next(self.parameters())
+        lstm = nn.LSTM(self.input_size, self.hidden_size, self.num_layers, bias=self.bias,
+                       batch_first=self.batch_first, dropout=self.dropout, bidirectional=self.bidirectional,
+                       proj_size=self.proj_size, device=ref.device, dtype=ref.dtype)
+        for k, layer, suffix, _ in self.directions():
+            w_ih, w_hh, b, w_hr = self._dense_weights(k)
+            getattr(lstm, f"weight_ih_l{layer}{suffix}").copy_(w_ih)
+            getattr(lstm, f"weight_hh_l{layer}{suffix}").copy_(w_hh)
+            if self.bias:
+                getattr(lstm, f"bias_ih_l{layer}{suffix}").copy_(b)
+                getattr(lstm, f"bias_hh_l{layer}{suffix}").zero_()
+            if self.proj_size:
+                getattr(lstm, f"weight_hr_l{layer}{suffix}").copy_(w_hr)
+        lstm.train(self.training)
+        return lstm
+
+    def _lstm_config(self) -> str:
+        extra = "".join(f", {name}={getattr(self, name)}" for name, default in
+                        (("dropout", 0.0), ("bidirectional", False), ("proj_size", 0))
+                        if getattr(self, name) != default)
+        return f"bias={self.bias}, batch_first={self.batch_first}{extra}"
+
+
+def lstm_config_of(lstm: nn.LSTM) -> dict:
+    """The keyword arguments of `_configure` that reproduce an nn.LSTM's settings."""
+    return dict(input_size=lstm.input_size, hidden_size=lstm.hidden_size, num_layers=lstm.num_layers,
+                bias=lstm.bias, batch_first=lstm.batch_first, dropout=lstm.dropout,
+                bidirectional=lstm.bidirectional, proj_size=lstm.proj_size)
+
+
+def combined_bias(lstm: nn.Module, suffix: str) -> torch.Tensor | None:
+    """nn.LSTM's / nn.LSTMCell's two biases as the one our ops take (bias_ih + bias_hh), or None."""
+    b_ih = getattr(lstm, f"bias_ih{suffix}", None)
+    return None if b_ih is None else (b_ih + getattr(lstm, f"bias_hh{suffix}")).detach().clone()

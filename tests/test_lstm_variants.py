@@ -1,0 +1,136 @@
+"""LowRankLSTM / BlockSparseLSTM / LowRankLSTMCell against nn.LSTM / nn.LSTMCell at full rank / sparsity 0,
+with every option combination nn.LSTM has (layers, bidirectional, proj_size, batch_first, hx, unbatched),
+on every face; dropout between layers; the way back (to_dense); the cost warnings."""
+
+import itertools
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from amnets_kernels.nn import BlockSparseLSTM, LowRankLSTM, LowRankLSTMCell, NotCheaperWarning
+
+from conftest import DEVICE, FACES, use_face
+
+OPTIONS = list(itertools.product([1, 2], [False, True], [0, 3], [False, True]))  # layers, bidir, proj, batch_first
+
+
+def exact(module, lstm, args, grad=True):
+    """module(*args) equals lstm(*args) (nn.LSTM on the CPU: cuDNN may use TF32), outputs and input gradients."""
+    x = args[0].clone().requires_grad_(grad)
+    mine = module(*((x.to(DEVICE),) + tuple(tuple(t.to(DEVICE) for t in a) for a in args[1:])))
+    xr = args[0].clone().requires_grad_(grad)
+    theirs = lstm(xr, *args[1:])
+    flat_m, flat_t = [mine[0], *mine[1]], [theirs[0], *theirs[1]]
+    for got, want in zip(flat_m, flat_t):
+        torch.testing.assert_close(got.cpu(), want, rtol=0, atol=2e-5)
+    if grad:
+        weights = [torch.randn_like(t) for t in flat_t]
+        sum((g * w.to(DEVICE)).sum() for g, w in zip(flat_m, weights)).backward()
+        sum((g * w).sum() for g, w in zip(flat_t, weights)).backward()
+        torch.testing.assert_close(x.grad.cpu(), xr.grad, rtol=0, atol=5e-5)
+
+
+def cases(layers, bidirectional, proj, batch_first):
+    torch.manual_seed(layers * 8 + bidirectional * 4 + proj + batch_first)
+    lstm = nn.LSTM(6, 8, num_layers=layers, bidirectional=bidirectional, proj_size=proj, batch_first=batch_first)
+    stack, (b, t) = layers * (2 if bidirectional else 1), ((3, 5) if batch_first else (5, 3))
+    x = torch.randn(b, t, 6)
+    hx = (torch.randn(stack, 3, proj or 8), torch.randn(stack, 3, 8))
+    return lstm, [(x,), (x, hx), (torch.randn(4, 6),)]  # the last one unbatched, as nn.LSTM allows
+
+
+@pytest.mark.parametrize("face", FACES)
+@pytest.mark.parametrize("layers, bidirectional, proj, batch_first", OPTIONS)
+def test_lowrank_lstm_at_full_rank_is_the_lstm(face, layers, bidirectional, proj, batch_first):
+    lstm, calls = cases(layers, bidirectional, proj, batch_first)
+    with use_face("lowrank_lstm_sequence", face), warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotCheaperWarning)  # full rank costs more than dense: it is a test
+        low = LowRankLSTM.from_lstm(lstm, rank=10**6).to(DEVICE)
+        for args in calls:
+            exact(low, lstm, args)
+        exact(low.to_dense(), lstm, calls[1])  # the way back: a plain nn.LSTM
+
+
+@pytest.mark.parametrize("face", FACES)
+@pytest.mark.parametrize("layers, bidirectional, batch_first", [(1, False, False), (2, True, True), (2, False, True),
+                                                                (1, True, False)])
+def test_block_sparse_lstm_at_sparsity_zero_is_the_lstm(face, layers, bidirectional, batch_first):
+    lstm, calls = cases(layers, bidirectional, 0, batch_first)
+    with use_face("bsr_linear", face), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # sparsity 0 pays nothing; block 16 is below a face's fast sizes
+        sparse = BlockSparseLSTM.from_lstm(lstm, sparsity=0.0, block_size=16).to(DEVICE)
+        for args in calls:
+            exact(sparse, lstm, args)
+        with torch.no_grad():  # inference: on the cpu face, the fused native step
+            exact(sparse, lstm, calls[1], grad=False)
+        exact(sparse.to_dense(), lstm, calls[0])
+
+
+@pytest.mark.parametrize("face", FACES)
+def test_lowrank_lstm_cell_at_full_rank_is_the_cell(face):
+    torch.manual_seed(0)
+    cell = nn.LSTMCell(6, 5)
+    with use_face("lowrank_lstm_cell", face), warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotCheaperWarning)
+        low = LowRankLSTMCell.from_lstm_cell(cell, 10**6).to(DEVICE)
+    x, hx = torch.randn(4, 6), (torch.randn(4, 5), torch.randn(4, 5))
+    with use_face("lowrank_lstm_cell", face):
+        for args, dense in (((x, hx), cell), ((x,), cell), ((x[0],), cell), ((x, hx), low.to_dense())):
+            got = low(args[0].to(DEVICE), *(tuple(t.to(DEVICE) for t in a) for a in args[1:]))
+            for g, w in zip(got, dense(*args)):
+                torch.testing.assert_close(g.cpu(), w, rtol=0, atol=2e-5)
+
+
+def test_dropout_between_layers_as_lstm():
+    torch.manual_seed(0)
+    low = LowRankLSTM(6, 8, rank=2, num_layers=3, dropout=0.5)
+    x = torch.randn(5, 2, 6)
+    low.eval()
+    assert torch.equal(low(x)[0], low(x)[0])  # no dropout in eval
+    low.train()
+    torch.manual_seed(1)
+    a = low(x)[0]
+    torch.manual_seed(2)
+    assert not torch.equal(a, low(x)[0])  # dropout in training
+    one = LowRankLSTM(6, 8, rank=2, num_layers=1, dropout=0.5)  # nothing after the last layer
+    assert torch.equal(one(x)[0], one(x)[0])
+    assert low.to_dense().dropout == 0.5
+
+
+def test_not_cheaper_is_never_silent():
+    with pytest.warns(NotCheaperWarning, match=r"LowRankLSTM: 40,960 MACs per frame, no fewer than the dense layer's 32,768"):
+        LowRankLSTM.from_lstm(nn.LSTM(64, 64), 256)
+    with pytest.warns(NotCheaperWarning, match="keeps no block"):
+        BlockSparseLSTM(8, 8, sparsity=1.0, block_size=16)
+    with pytest.warns(NotCheaperWarning, match="no fewer"):
+        LowRankLSTMCell(8, 8, rank=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NotCheaperWarning)
+        LowRankLSTM(64, 64, rank=8)  # cheap: silent
+        BlockSparseLSTM(64, 64, sparsity=0.75, block_size=16)
+
+
+def test_block_sparse_lstm_trains_and_round_trips():
+    torch.manual_seed(0)
+    lstm = BlockSparseLSTM(16, 32, num_layers=2, sparsity=0.5, block_size=16)
+    head = nn.Linear(32, 1)
+    opt = torch.optim.Adam(list(lstm.parameters()) + list(head.parameters()), lr=0.02)
+    x = torch.randn(12, 4, 16)
+    target = x.sum(-1, keepdim=True).cumsum(0) / 10
+    losses = []
+    for _ in range(40):
+        loss = nn.functional.mse_loss(head(lstm(x)[0]), target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
+    with torch.no_grad():  # the prepared steps follow the optimizer's in-place updates
+        torch.testing.assert_close(lstm(x)[0], lstm.to_dense()(x)[0], rtol=0, atol=1e-5)
+    other = BlockSparseLSTM(16, 32, num_layers=2, sparsity=0.75, block_size=16)  # another pattern
+    other.load_state_dict(lstm.state_dict())
+    torch.testing.assert_close(other(x)[0], lstm(x)[0])
+    with pytest.raises(ValueError, match="proj_size is not supported"):
+        BlockSparseLSTM.from_lstm(nn.LSTM(4, 4, proj_size=2))
