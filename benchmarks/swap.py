@@ -1,5 +1,6 @@
 """swap_in on an ordinary LSTM acoustic model: CPU inference of one utterance,
-dense (nn.LSTM + nn.Linear) against the same model after swap_in(lstm_rank=256, linear_sparsity=0.75)."""
+dense (nn.LSTM + nn.Linear) against the same model after swap_in(lstm_rank=256, linear_sparsity=0.75);
+and a bidirectional 2-layer LSTM (what offline encoders use) against its LowRankLSTM / BlockSparseLSTM."""
 
 import copy
 
@@ -43,5 +44,24 @@ def cases(device: torch.device, quick: bool):
                [Candidate("after swap_in", inference(lambda: swapped(feats)), "face", f"faces: {faces}")])
 
 
+    yield bidirectional_case(device, quick)
+
+
+def bidirectional_case(device: torch.device, quick: bool) -> Case:
+    hidden, rank, block, frames = (512, 128, 32, 100) if not quick else (128, 32, 16, 20)
+    torch.manual_seed(0)
+    lstm = nn.LSTM(hidden, hidden, num_layers=2, bidirectional=True).to(device).eval()
+    low = ak.nn.LowRankLSTM.from_lstm(lstm, rank).eval()
+    sparse = ak.nn.BlockSparseLSTM.from_lstm(lstm, 0.75, block).eval()
+    feats = torch.randn(frames, 1, hidden, device=device)
+    name = f"bidirectional LSTM 2x{hidden}, T={frames} B=1; rank {rank} / sparsity 0.75 b={block}"
+    return Case("swap_in", name, "fwd", dict(hidden=hidden, layers=2, bidirectional=True, rank=rank, frames=frames),
+                Candidate("nn.LSTM", inference(lambda: lstm(feats)), "baseline"),
+                [Candidate(f"LowRankLSTM r={rank}", inference(lambda: low(feats)), "face",
+                           f"face: {ak.which_face('lowrank_lstm_sequence', device)}"),
+                 Candidate("BlockSparseLSTM 0.75", inference(lambda: sparse(feats)), "face",
+                           f"face: {ak.which_face('bsr_linear', device)}; one fused step per frame")])
+
+
 def headline(params: dict, mode: str) -> bool:
-    return params["hidden"] == 1024
+    return params["hidden"] in (1024, 512)

@@ -134,3 +134,26 @@ def test_block_sparse_lstm_trains_and_round_trips():
     torch.testing.assert_close(other(x)[0], lstm(x)[0])
     with pytest.raises(ValueError, match="proj_size is not supported"):
         BlockSparseLSTM.from_lstm(nn.LSTM(4, 4, proj_size=2))
+
+
+@pytest.mark.parametrize("face", FACES)
+@pytest.mark.parametrize("bidirectional, enforce_sorted", [(False, True), (True, False)])
+def test_packed_sequences_as_lstm(face, bidirectional, enforce_sorted):
+    """Each sequence runs to its own length (the reverse direction from its own last frame); the output
+    keeps the input's packing, h_n / c_n the caller's row order."""
+    torch.manual_seed(3)
+    lstm = nn.LSTM(6, 8, num_layers=2, bidirectional=bidirectional)
+    lengths = torch.tensor([7, 5, 3, 3]) if enforce_sorted else torch.tensor([3, 7, 5, 3])
+    packed = nn.utils.rnn.pack_padded_sequence(torch.randn(7, 4, 6), lengths, enforce_sorted=enforce_sorted)
+    hx = (torch.randn(2 * (1 + bidirectional), 4, 8), torch.randn(2 * (1 + bidirectional), 4, 8))
+    with use_face("lowrank_lstm_sequence", face), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        low = LowRankLSTM.from_lstm(lstm, 10**6).to(DEVICE)
+        sparse = BlockSparseLSTM.from_lstm(lstm, 0.0, 16).to(DEVICE)
+        for module in (low, sparse):
+            for args in ((packed,), (packed, hx)):
+                out, (h, c) = module(packed.to(DEVICE), *(tuple(t.to(DEVICE) for t in a) for a in args[1:]))
+                e_out, (e_h, e_c) = lstm(*args)
+                assert torch.equal(out.batch_sizes, e_out.batch_sizes)
+                for got, want in ((out.data, e_out.data), (h, e_h), (c, e_c)):
+                    torch.testing.assert_close(got.cpu(), want, rtol=0, atol=2e-5)

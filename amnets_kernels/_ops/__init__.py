@@ -41,18 +41,22 @@ def python_face(op: str, direction: str, native_op) -> None:
     FACES_LIBRARY.impl(f"{op}_{direction}", lambda *args: run(op, direction, *args), "CompositeExplicitAutograd")
 
 
+# A module's weights are nn.Parameters: a Tensor subclass that overrides nothing the kernels see.
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def eager_inference(*tensors) -> bool:
     """Whether a prepared step may call a fused kernel directly instead of the public ops (which autograd
     and tracing need). Only for plain eager inference: no gradient wanted, nothing tracing
-    (torch.compile/export, a dispatch mode such as make_fx or FakeTensorMode), and plain tensors (no
-    subclass, no functorch wrapper)."""
+    (torch.compile/export, a dispatch mode such as make_fx or FakeTensorMode), and plain tensors or
+    nn.Parameters (no other subclass, no functorch wrapper)."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:  # a plain loop: this runs on every streaming call
         if t is None:
             continue
-        if type(t) is not torch.Tensor or (grad and t.requires_grad) or _is_wrapped(t):
+        if type(t) not in _PLAIN or (grad and t.requires_grad) or _is_wrapped(t):
             return False
     return True
 

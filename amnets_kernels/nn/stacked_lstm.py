@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .. import _validate
 from .cost import lstm_macs
@@ -51,22 +52,30 @@ class StackedLSTM(nn.Module):
 
     def forward(self, input, hx=None):
         op = type(self).__name__
-        if isinstance(input, nn.utils.rnn.PackedSequence):
-            raise TypeError(f"{op}: PackedSequence input is not supported; pass a padded tensor")
+        if isinstance(input, PackedSequence):
+            return self._forward_packed(input, hx)
         _validate._tensor(op, "input", input, dtypes=_validate.FLOAT_DTYPES)
         if input.dim() not in (2, 3):
             raise ValueError(f"{op}: input must be 2-D (unbatched) or 3-D; got shape {tuple(input.shape)}")
         unbatched = input.dim() == 2
         x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if self.batch_first else input)
+        if unbatched and hx is not None:
+            hx = tuple(t.unsqueeze(1) for t in hx)
+        out, (h_n, c_n) = self._forward_time_major(x, hx)
+        if unbatched:
+            return out.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
+        return (out.transpose(0, 1) if self.batch_first else out), (h_n, c_n)
+
+    def _forward_time_major(self, x, hx):
+        """x (T, B, input_size), hx None or (h_0, c_0) -> (output (T, B, ...), (h_n, c_n))."""
+        op = type(self).__name__
         if x.shape[-1] != self.input_size:
-            raise ValueError(f"{op}: input.shape[-1] must be input_size = {self.input_size}; got {tuple(input.shape)}")
+            raise ValueError(f"{op}: input.shape[-1] must be input_size = {self.input_size}; got {tuple(x.shape)}")
         stack, batch, out_size = self.num_layers * self.num_directions, x.shape[1], self.proj_size or self.hidden_size
         if hx is None:
             h0 = c0 = [None] * stack
         else:
             h0, c0 = hx
-            if unbatched:
-                h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
             for name, t, size in (("h_0", h0, out_size), ("c_0", c0, self.hidden_size)):
                 _validate._tensor(op, name, t, ndim=3)
                 _validate._shape(op, name, t, (stack, batch, size), "(num_layers * num_directions, B, "
@@ -83,10 +92,29 @@ class StackedLSTM(nn.Module):
                 outs = []
                 if self.dropout and self.training and layer < self.num_layers - 1:
                     x = F.dropout(x, self.dropout, training=True)
-        h_n, c_n = torch.stack(h_n), torch.stack(c_n)
-        if unbatched:
-            return x.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
-        return (x.transpose(0, 1) if self.batch_first else x), (h_n, c_n)
+        return x, (torch.stack(h_n), torch.stack(c_n))
+
+    def _forward_packed(self, packed: PackedSequence, hx):
+        """A PackedSequence as nn.LSTM takes it: each sequence runs to its own length (the reverse direction
+        starts at its own last frame). Rows are grouped by length, one padded run per distinct length."""
+        padded, lengths = pad_packed_sequence(packed)  # (T, B, D), rows in the caller's order
+        stack, batch = self.num_layers * self.num_directions, padded.shape[1]
+        out = padded.new_zeros(padded.shape[0], batch, self.num_directions * (self.proj_size or self.hidden_size))
+        h_n = padded.new_zeros(stack, batch, self.proj_size or self.hidden_size)
+        c_n = padded.new_zeros(stack, batch, self.hidden_size)
+        for length in lengths.unique().tolist():
+            rows = (lengths == length).nonzero().squeeze(1).to(padded.device)
+            sub = None if hx is None else tuple(t.index_select(1, rows) for t in hx)
+            o, (h, c) = self._forward_time_major(padded[:length].index_select(1, rows), sub)
+            out[:length, rows], h_n[:, rows], c_n[:, rows] = o, h, c
+        # Back into the input's packing: time-major, the rows of step t in its sorted order.
+        order = packed.sorted_indices if packed.sorted_indices is not None else torch.arange(batch)
+        active = torch.arange(batch)[None] < packed.batch_sizes[:, None]
+        data = out.index_select(1, order.to(out.device))[active.to(out.device)]
+        return PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices), (h_n, c_n)
+
+    def flatten_parameters(self) -> None:
+        """nn.LSTM's cuDNN weight-layout call, which models make before every forward: nothing to do here."""
 
     def dense_macs_per_frame(self) -> int:
         """Multiply-adds per frame of the nn.LSTM this module stands for."""
