@@ -1,4 +1,6 @@
-"""examples/swap_rnnt.py runs end to end at a tiny size: it trains, swaps the kernels in, fine-tunes."""
+"""examples/swap_rnnt.py runs end to end with its defaults: it trains, swaps the kernels in where they pay,
+fine-tunes, and keeps the dense model's accuracy (its speed-up is measured and printed: a figure for the
+log, benchmarks/results/amd-epyc-swap-rnnt.log, not for a test)."""
 
 import pathlib
 import sys
@@ -8,12 +10,12 @@ sys.path.insert(0, str(pathlib.Path(__file__).parent.parent / "examples"))
 import swap_rnnt  # noqa: E402
 
 
-def test_swap_example_runs_at_tiny_size(capsys):
-    result = swap_rnnt.main(["--hidden", "32", "--layers", "1", "--vocab", "6", "--steps", "80", "--finetune", "10",
-                             "--rank", "8", "--sparsity", "0.5", "--block-size", "8", "--frames", "20"])
-    assert result["before"]["loss"] < result["first_loss"]  # the dense model learned something
-    kinds = {r["to"] for r in result["report"].replaced}
-    assert kinds == {"LowRankLSTM", "BlockSparseLinear", "RNNTLoss"}
-    for stage in ("before", "swapped", "after"):
-        assert result[stage]["ms"] > 0 and 0.0 <= result[stage]["accuracy"] <= 1.0
+def test_swap_example_defaults_keep_accuracy(capsys):
+    result = swap_rnnt.main([])
+    assert result["before"]["loss"] < result["first_loss"] and result["before"]["accuracy"] > 0.5  # dense learned
+    kinds = {r["name"]: r["to"] for r in result["report"].replaced}
+    assert kinds == {"encoder": "LowRankLSTM", "predictor": "LowRankLSTM", "enc_proj": "BlockSparseLinear",
+                     "loss": "RNNTLoss"}
+    assert [s["name"] for s in result["report"].skipped] == ["out"]  # the vocabulary layer, below min_macs
+    assert result["accuracy_kept"], result
     assert "speed-up" in capsys.readouterr().out
