@@ -38,16 +38,17 @@ class SwapReport:
         return sum(r["macs_after"] for r in self.replaced)
 
     def __str__(self) -> str:
-        lines = [f"{'module':32s} {'from':>10s} -> {'to':20s} {'params':>21s} {'MACs/frame':>21s}"]
+        w = max([32] + [len(r["name"]) + 1 for r in self.replaced + self.skipped])  # long dotted names fit
+        lines = [f"{'module':{w}s} {'from':>10s} -> {'to':20s} {'params':>21s} {'MACs/frame':>21s}"]
         for r in self.replaced:
-            lines.append(f"{r['name'] or '(root)':32s} {r['from']:>10s} -> {r['to']:20s} "
+            lines.append(f"{r['name'] or '(root)':{w}s} {r['from']:>10s} -> {r['to']:20s} "
                          f"{r['params_before']:>9,d} -> {r['params_after']:<9,d} "
                          f"{r['macs_before']:>9,d} -> {r['macs_after']:<9,d}")
-        lines.append(f"{'total':32s} {'':>10s}    {'':20s} {self.params_before:>9,d} -> {self.params_after:<9,d} "
+        lines.append(f"{'total':{w}s} {'':>10s}    {'':20s} {self.params_before:>9,d} -> {self.params_after:<9,d} "
                      f"{self.macs_before:>9,d} -> {self.macs_after:<9,d}")
         if self.skipped:
             lines.append(f"kept as they are ({len(self.skipped)}):")
-            lines += [f"  {s['name'] or '(root)':30s} {s['from']:>10s}: {s['reason']}" for s in self.skipped]
+            lines += [f"  {s['name'] or '(root)':{w - 2}s} {s['from']:>10s}: {s['reason']}" for s in self.skipped]
         return "\n".join(lines)
 
 

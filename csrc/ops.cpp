@@ -23,6 +23,11 @@ TORCH_LIBRARY(amnets_native, m) {
   // block-sparse, gates = [x | h] W^T + bias, -> (h1, c1).
   m.def("bsr_lstm_cell_forward(Tensor x, Tensor h, Tensor c, Tensor values, Tensor crow_indices, "
         "Tensor col_indices, Tensor? bias) -> (Tensor, Tensor)");
+  // Inference only, CPU only (amnets_kernels.nn.BlockSparseLSTM): a whole sequence, W_ih (4H, D) and
+  // W_hh (4H, H) block-sparse: x (T, B, D), h, c (B, H) -> (out (T, B, H), h_T, c_T).
+  m.def("bsr_lstm_sequence_forward(Tensor x, Tensor h, Tensor c, Tensor ih_values, Tensor ih_crow_indices, "
+        "Tensor ih_col_indices, Tensor hh_values, Tensor hh_crow_indices, Tensor hh_col_indices, Tensor? bias) "
+        "-> (Tensor, Tensor, Tensor)");
 
   // (h1, c1, gates); gates = post-activation i,f,g,o (B, 4H) in the accumulation dtype when save.
   m.def("lowrank_lstm_cell_forward(Tensor x, Tensor h, Tensor c, Tensor w_ih_u, Tensor w_ih_v, "

@@ -212,3 +212,27 @@ def test_reference_face_under_autocast():
         with autocast(torch.bfloat16):
             loss = ak.rnnt_loss(*batch_of(2, 4, 3, 5, 0), blank=0)
         assert loss.dtype == torch.float32 and ak.last_face("rnnt_loss") == "reference"
+
+
+def test_lstm_modules_real_models_use_under_autocast():
+    """The module forms swap_in puts in (bidirectional / projected LowRankLSTM, BlockSparseLSTM, the cell) run
+    under autocast and stay close to their fp32 answers; prepared fused steps leave autocast to the ops."""
+    import warnings
+
+    from amnets_kernels.nn import BlockSparseLSTM, LowRankLSTMCell
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        modules = [LowRankLSTM(8, 16, rank=4, num_layers=2, bidirectional=True, proj_size=6),
+                   BlockSparseLSTM(16, 16, sparsity=0.5, block_size=16), LowRankLSTMCell(8, 16, rank=4)]
+    inputs = [rand(5, 2, 8), rand(5, 2, 16), rand(2, 8)]
+    for module, x in zip(modules, inputs):
+        module = module.to(DEVICE).eval()
+        x = x.to(DEVICE)
+        with torch.no_grad():
+            want = module(x)[0]
+            with autocast(torch.bfloat16):
+                got = module(x)[0]
+        assert torch.isfinite(got).all()
+        torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)

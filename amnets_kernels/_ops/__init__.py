@@ -48,9 +48,11 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 def eager_inference(*tensors) -> bool:
     """Whether a prepared step may call a fused kernel directly instead of the public ops (which autograd
     and tracing need). Only for plain eager inference: no gradient wanted, nothing tracing
-    (torch.compile/export, a dispatch mode such as make_fx or FakeTensorMode), and plain tensors or
-    nn.Parameters (no other subclass, no functorch wrapper)."""
+    (torch.compile/export, a dispatch mode such as make_fx or FakeTensorMode), no autocast, and plain
+    tensors or nn.Parameters (no other subclass, no functorch wrapper)."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    if torch._C._is_any_autocast_enabled():  # the public ops cast for autocast (csrc/autocast.cpp); kernels do not
         return False
     grad = torch.is_grad_enabled()
     for t in tensors:  # a plain loop: this runs on every streaming call

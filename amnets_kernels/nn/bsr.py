@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from .. import _backend
+from .._ops import eager_inference
 from .._ops.bsr import PreparedBsrLstmCell
 from ..formats import BlockSparseMatrix, bsr_to_dense
 from .cost import warn_if_not_cheaper
@@ -125,14 +127,19 @@ class BlockSparseLinear(nn.Module):
                 f"density={self.density:.3f}, bias={self.bias is not None}")
 
 
+_sequence = torch.ops.amnets_native.bsr_lstm_sequence_forward.default
+
+
 class BlockSparseLSTM(StackedLSTM):
     """nn.LSTM whose every direction's [W_ih | W_hh] (4H, D + H) is kept as b x b blocks (magnitude block
     pruning), as the AmNets encoder's sparse branch; the forward contract is nn.LSTM's (layouts, hx,
     bidirectional, dropout between layers; no proj_size).
 
-    Each step of a direction is one PreparedBsrLstmCell call: on the cpu face with block 16/32/64 and
-    fp32/bf16 weights, eager inference runs the fused native step; with autograd (or another face) it is
-    bsr_linear on [x | h] and the PyTorch LSTM update. Per direction (tag l{layer} or l{layer}_reverse):
+    Eager inference on the cpu face (block 16/32/64, fp32/bf16 weights) runs each direction as one native
+    call: the input part of every step in one product over the whole sequence, then the recurrence
+    (W_ih and W_hh blocks split once per pattern and values version). Otherwise (autograd, another face)
+    each step is one PreparedBsrLstmCell call: bsr_linear on [x | h] and the PyTorch LSTM update.
+    `last_path` says which ran last ("native sequence" or "steps"). Per direction (tag l{layer} or l{layer}_reverse):
     parameter values{tag} (nnzb, b, b), buffers crow_indices{tag} / col_indices{tag}, parameter bias{tag}
     (4H,) (nn.LSTM's two biases summed).
     """
@@ -163,7 +170,7 @@ class BlockSparseLSTM(StackedLSTM):
             raise ValueError("BlockSparseLSTM: proj_size is not supported (no block-sparse projection); "
                              "LowRankLSTM supports it")
         self._configure(**lstm_config_of(lstm))
-        self.block_size, self._steps = block_size, {}
+        self.block_size, self._steps, self._splits, self.last_path = block_size, {}, {}, None
         for _, layer, suffix, _ in self.directions():
             tag = f"_l{layer}{suffix}"
             w = torch.cat([getattr(lstm, f"weight_ih{tag}"), getattr(lstm, f"weight_hh{tag}")], dim=1).detach()
@@ -193,10 +200,36 @@ class BlockSparseLSTM(StackedLSTM):
             cached = self._steps[k] = (key, PreparedBsrLstmCell(weight, b))
         return cached[1]
 
+    def _split(self, k: int, d: int) -> tuple[BlockSparseMatrix, BlockSparseMatrix]:
+        """Direction k's kept blocks as W_ih (4H, D) and W_hh (4H, H) (re-blocked where D is not a multiple
+        of b), rebuilt when the pattern or the values change (in place too: an optimizer step)."""
+        values, crow, col, _ = self._pattern(k)
+        key = (values.data_ptr(), values._version, values.dtype, values.device, crow.data_ptr(), crow._version,
+               col.data_ptr(), col._version)
+        cached = self._splits.get(k)
+        if cached is None or cached[0] != key:
+            with torch.no_grad():
+                whole = BlockSparseMatrix(values, crow, col, (4 * self.hidden_size, d + self.hidden_size))
+                b = self.block_size
+                kept = whole.block_mask().repeat_interleave(b, 0).repeat_interleave(b, 1)[: whole.shape[0], : whole.shape[1]]
+                dense = whole.to_dense()
+                parts = tuple(BlockSparseMatrix.from_dense(dense[:, cols], block_size=b, mask=kept[:, cols])
+                              for cols in (slice(0, d), slice(d, None)))
+            cached = self._splits[k] = (key, parts)
+        return cached[1]
+
     def _run(self, k, x, h0, c0):
         step = self._step(k, x.shape[-1])
         zeros = x.new_zeros(x.shape[1], self.hidden_size)
         h, c = (zeros if h0 is None else h0), (zeros if c0 is None else c0)
+        values, _, _, bias = self._pattern(k)
+        if step._fast and _backend.resolve("bsr_linear", x.device).name == "cpu" \
+                and eager_inference(x, h, c, values, bias):
+            w_ih, w_hh = self._split(k, x.shape[-1])
+            self.last_path = "native sequence"
+            return _sequence(x.contiguous(), h, c, w_ih.values, w_ih.crow_indices, w_ih.col_indices, w_hh.values,
+                             w_hh.crow_indices, w_hh.col_indices, bias)
+        self.last_path = "steps"
         out = []
         for x_t in x:
             h, c = step(x_t, h, c)

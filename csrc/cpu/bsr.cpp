@@ -494,6 +494,60 @@ std::tuple<Tensor, Tensor> bsr_lstm_cell_forward(const Tensor& x_in, const Tenso
   return {h1.to(x.scalar_type()), c1.to(x.scalar_type())};
 }
 
+// A whole LSTM sequence, inference only (amnets_kernels.nn.BlockSparseLSTM): W_ih (4H, D) and W_hh (4H, H)
+// block-sparse. The input part of every step is one product over all T*B rows first (the many-row shape
+// the kernels are efficient at, as nn.LSTM hoists its input GEMM); then each step is the recurrent
+// product on h, the precomputed input part and bias added, and the state update, with no ATen op per step.
+// x (T, B, D), h and c (B, H) -> (out (T, B, H), h_T, c_T). Fast-path weights only (the caller checks).
+std::tuple<Tensor, Tensor, Tensor> bsr_lstm_sequence_forward(
+    const Tensor& x_in, const Tensor& h_in, const Tensor& c_in, const Tensor& ih_values_in, const Tensor& ih_crow,
+    const Tensor& ih_col, const Tensor& hh_values_in, const Tensor& hh_crow, const Tensor& hh_col,
+    const c10::optional<Tensor>& bias) {
+  constexpr const char* op = "bsr_lstm_sequence_forward";
+  checks::dims(op, "x", x_in, 3);
+  checks::dims(op, "h", h_in, 2);
+  const int64_t steps = x_in.size(0), batch = x_in.size(1), d = x_in.size(2), hidden = h_in.size(1);
+  TORCH_CHECK_VALUE(steps >= 1 && hidden >= 1 && d >= 1, op, ": x (T, B, D) and h (B, H) need T, D, H >= 1; got ",
+                    x_in.sizes(), " and ", h_in.sizes());
+  const auto [ih_crow32, ih_col32] = checks::bsr_pattern(op, ih_values_in, ih_crow, ih_col, 4 * hidden, d);
+  const auto [hh_crow32, hh_col32] = checks::bsr_pattern(op, hh_values_in, hh_crow, hh_col, 4 * hidden, hidden);
+  const Tensor x = x_in.contiguous().view({steps * batch, d});
+  check_activations(op, x, ih_values_in, d, bias, 4 * hidden);
+  check_activations(op, h_in, hh_values_in, hidden, bias, 4 * hidden);
+  checks::shape(op, "c", c_in, {batch, hidden});
+  TORCH_CHECK_TYPE(h_in.scalar_type() == x.scalar_type() && c_in.scalar_type() == x.scalar_type(), op,
+                   ": x, h and c must have one dtype; got ", x.scalar_type(), ", ", h_in.scalar_type(), ", ",
+                   c_in.scalar_type());
+  TORCH_CHECK_TYPE(has_fast_path(ih_values_in) && has_fast_path(hh_values_in), op,
+                   ": no fast kernel for these block sizes / dtypes");
+  const Tensor ih_values = ih_values_in.contiguous(), hh_values = hh_values_in.contiguous();
+  const auto f32 = x.options().dtype(at::kFloat);
+
+  const Problem in = problem_of(x, ih_values, ih_crow32, ih_col32, 4 * hidden, d);
+  const int64_t in_pad = in.block_cols * in.block;
+  Tensor pre = at::empty({steps * batch, 4 * hidden}, f32);
+  forward_into(in, ih_values, float_padded(x, in_pad), in_pad, pre.data_ptr<float>());
+
+  const Problem rec = problem_of(h_in, hh_values, hh_crow32, hh_col32, 4 * hidden, hidden);
+  const int64_t rec_pad = rec.block_cols * rec.block;
+  Tensor hp = float_padded(h_in.contiguous(), rec_pad);  // h as float, zeros past H: the product's input
+  Tensor c = c_in.to(at::kFloat).contiguous().clone();
+  Tensor gates = at::empty({batch, 4 * hidden}, f32), out = at::empty({steps, batch, hidden}, f32);
+  const Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : Tensor();
+  float *g = gates.data_ptr<float>(), *hpad = hp.data_ptr<float>(), *o = out.data_ptr<float>();
+  const float* p = pre.data_ptr<float>();
+  for (int64_t t = 0; t < steps; ++t) {
+    forward_into(rec, hh_values, hp, rec_pad, g);
+    const float* pt = p + t * batch * 4 * hidden;
+    for (int64_t j = 0; j < batch * 4 * hidden; ++j) g[j] += pt[j];
+    float* ht = o + t * batch * hidden;
+    finish_step(g, b.defined() ? b.data_ptr<float>() : nullptr, c.data_ptr<float>(), ht, batch, hidden);
+    for (int64_t r = 0; r < batch; ++r) std::memcpy(hpad + r * rec_pad, ht + r * hidden, hidden * sizeof(float));
+  }
+  const auto type = x.scalar_type();
+  return {out.to(type), out[steps - 1].to(type).clone(), c.to(type)};
+}
+
 std::tuple<Tensor, Tensor> bsr_linear_backward(const Tensor& grad_out, const Tensor& x, const Tensor& values_in,
                                                const Tensor& crow_indices, const Tensor& col_indices,
                                                int64_t out_features, int64_t in_features, bool need_x,
@@ -559,6 +613,7 @@ TORCH_LIBRARY_IMPL(amnets_native, CPU, m) {
   m.impl("bsr_linear_forward", &bsr_linear_forward);
   m.impl("bsr_linear_backward", &bsr_linear_backward);
   m.impl("bsr_lstm_cell_forward", &bsr_lstm_cell_forward);
+  m.impl("bsr_lstm_sequence_forward", &bsr_lstm_sequence_forward);
 }
 
 }  // namespace amnets::cpu
