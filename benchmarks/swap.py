@@ -60,7 +60,7 @@ def bidirectional_case(device: torch.device, quick: bool) -> Case:
                 [Candidate(f"LowRankLSTM r={rank}", inference(lambda: low(feats)), "face",
                            f"face: {ak.which_face('lowrank_lstm_sequence', device)}"),
                  Candidate("BlockSparseLSTM 0.75", inference(lambda: sparse(feats)), "face",
-                           f"face: {ak.which_face('bsr_linear', device)}; one fused step per frame")])
+                           f"face: {ak.which_face('bsr_linear', device)}; one native call per direction")])
 
 
 def headline(params: dict, mode: str) -> bool:
