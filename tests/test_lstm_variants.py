@@ -160,3 +160,16 @@ def test_packed_sequences_as_lstm(face, bidirectional, enforce_sorted):
                 assert torch.equal(out.batch_sizes, e_out.batch_sizes)
                 for got, want in ((out.data, e_out.data), (h, e_h), (c, e_c)):
                     torch.testing.assert_close(got.cpu(), want, rtol=0, atol=2e-5)
+
+
+def test_modules_built_under_inference_mode_run():
+    """A model loaded for serving under torch.inference_mode() holds inference tensors (no version counter)."""
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        modules = [BlockSparseLSTM(16, 16, sparsity=0.5, block_size=16), LowRankLSTM(16, 16, rank=4, bidirectional=True)]
+        x = torch.randn(5, 2, 16)
+        first = [m(x)[0] for m in modules]
+    with torch.no_grad():
+        for m, want in zip(modules, first):
+            torch.testing.assert_close(m(x)[0], want)
+            torch.testing.assert_close(m(x)[0], m.to_dense()(x)[0], rtol=0, atol=1e-5)

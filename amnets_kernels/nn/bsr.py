@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .. import _backend
+from .. import _backend, _validate
 from .._ops import eager_inference
 from .._ops.bsr import PreparedBsrLstmCell
 from ..formats import BlockSparseMatrix, bsr_to_dense
@@ -130,6 +130,16 @@ class BlockSparseLinear(nn.Module):
 _sequence = torch.ops.amnets_native.bsr_lstm_sequence_forward.default
 
 
+def _identity(*tensors, versions=()):
+    """What a cache of derived weights is keyed on: the tensors' storage, dtype and device, and the version
+    counters of those that may change in place; None (do not cache) for inference tensors, which keep no
+    version counter (a model loaded under torch.inference_mode())."""
+    counters = tuple(_validate.version(t) for t in versions)
+    if None in counters:
+        return None
+    return counters + tuple(None if t is None else (t.data_ptr(), t.dtype, t.device) for t in tensors)
+
+
 class BlockSparseLSTM(StackedLSTM):
     """nn.LSTM whose every direction's [W_ih | W_hh] (4H, D + H) is kept as b x b blocks (magnitude block
     pruning), as the AmNets encoder's sparse branch; the forward contract is nn.LSTM's (layouts, hx,
@@ -192,10 +202,9 @@ class BlockSparseLSTM(StackedLSTM):
         """Direction k's prepared step, rebuilt when its tensors are replaced (.to(), a new pattern loaded)
         or its pattern changes in place; values updated in place (an optimizer step) are followed."""
         values, crow, col, b = self._pattern(k)
-        key = (values.data_ptr(), values.dtype, values.device, crow.data_ptr(), crow._version, col.data_ptr(),
-               col._version, None if b is None else b.data_ptr())
+        key = _identity(values, crow, col, b, versions=(crow, col))
         cached = self._steps.get(k)
-        if cached is None or cached[0] != key:
+        if key is None or cached is None or cached[0] != key:
             weight = BlockSparseMatrix(values, crow, col, (4 * self.hidden_size, d + self.hidden_size))
             cached = self._steps[k] = (key, PreparedBsrLstmCell(weight, b))
         return cached[1]
@@ -204,10 +213,9 @@ class BlockSparseLSTM(StackedLSTM):
         """Direction k's kept blocks as W_ih (4H, D) and W_hh (4H, H) (re-blocked where D is not a multiple
         of b), rebuilt when the pattern or the values change (in place too: an optimizer step)."""
         values, crow, col, _ = self._pattern(k)
-        key = (values.data_ptr(), values._version, values.dtype, values.device, crow.data_ptr(), crow._version,
-               col.data_ptr(), col._version)
+        key = _identity(values, crow, col, versions=(values, crow, col))
         cached = self._splits.get(k)
-        if cached is None or cached[0] != key:
+        if key is None or cached is None or cached[0] != key:
             with torch.no_grad():
                 whole = BlockSparseMatrix(values, crow, col, (4 * self.hidden_size, d + self.hidden_size))
                 b = self.block_size
