@@ -237,6 +237,9 @@ def build_info() -> dict:
         "nvcc_arch_list": native.get("nvcc_arch_list"),
         "cpu": platform.machine(),
         "cpu_isa": native.get("cpu_features", []),
+        # bsr_linear with bf16 weights and >= 8 rows (csrc/cpu/bsr.cpp): vdpbf16ps where the CPU has it.
+        "cpu_bf16_bsr_kernel": ("avx512_bf16 dot products" if "avx512bf16" in native.get("cpu_features", [])
+                                else "bf16 widened to fp32 FMAs"),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "openmp": native.get("openmp"),
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",

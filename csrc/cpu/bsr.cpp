@@ -22,7 +22,12 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
+#include <cstdint>
 #include <vector>
 
 #include "../checks.h"
@@ -300,6 +305,73 @@ void forward_rows(const Problem& p, const c10::BFloat16* v, const float* x, int6
                   int64_t mp, float* y, int64_t r0, int64_t r1) {
   forward_bf16(p, v, x, ldx, xt, mp, y, r0, r1);
 }
+// ---------------------------------------------------------------------------------------------------
+// bf16 weights, many rows, on a CPU with AVX512-BF16 (vdpbf16ps: 32 bf16 products into 16 fp32 lanes per
+// instruction, twice an FMA's work; torch's dense bf16 GEMMs use it, so without it we would lose to them).
+// xp holds x transposed in column pairs, (Kb*B/2, Mp, 2) bf16: lane m of pair row q is (x[m, 2q], x[m, 2q+1]);
+// a weight pair (W[i, 2q], W[i, 2q+1]) is adjacent in a row-major block, so it is one 32-bit broadcast.
+// x has the weights' dtype (the ops check it), so putting it in bf16 rounds nothing.
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define AMNETS_DPBF16 __attribute__((target("avx512f,avx512bf16")))
+
+template <int B>
+AMNETS_DPBF16 inline void forward_dpbf16_block_row(const Problem& p, const uint32_t* pairs, const uint16_t* xp,
+                                                   int64_t mp, float* y, int64_t r) {
+  const int64_t rows = p.rows_in(r);
+  for (int64_t m0 = 0; m0 < p.rows; m0 += 16) {
+    const int64_t lanes = std::min<int64_t>(16, p.rows - m0);
+    for (int64_t i0 = 0; i0 < rows; i0 += 16) {
+      __m512 acc[16];
+      for (auto& a : acc) a = _mm512_setzero_ps();
+      for (int64_t k = p.crow[r]; k < p.crow[r + 1]; ++k) {
+        const uint32_t* w = pairs + (k * B * B + i0 * B) / 2;
+        const uint16_t* xk = xp + (p.col[k] * B / 2 * mp + m0) * 2;
+        // Never read weights outside the logical matrix (padding may hold anything): whole pairs up to the
+        // last logical column, then a lone even column with its odd neighbour masked off.
+        const int64_t cols = p.cols_in(p.col[k]), whole = cols / 2;
+        for (int64_t q = 0; q < whole; ++q) {
+          const __m512bh xv = (__m512bh)_mm512_loadu_si512(xk + q * mp * 2);
+#pragma GCC unroll 16
+          for (int i = 0; i < 16; ++i)
+            acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32(w[i * B / 2 + q]), xv);
+        }
+        if (cols & 1) {  // the low half of a pair is its even column
+          const __m512bh xv = (__m512bh)_mm512_loadu_si512(xk + whole * mp * 2);
+          for (int i = 0; i < 16; ++i)
+            acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32(w[i * B / 2 + whole] & 0xFFFFu), xv);
+        }
+      }
+      for (int i = 0; i < 16 && i0 + i < rows; ++i) {
+        alignas(64) float out[16];
+        _mm512_store_ps(out, acc[i]);
+        for (int64_t m = 0; m < lanes; ++m) y[(m0 + m) * p.out_features + r * B + i0 + i] = out[m];
+      }
+    }
+  }
+}
+
+AMNETS_DPBF16 void forward_rows_dpbf16(const Problem& p, const c10::BFloat16* values, const uint16_t* xp,
+                                       int64_t mp, float* y, int64_t r0, int64_t r1) {
+  const auto* pairs = reinterpret_cast<const uint32_t*>(values);
+  for (int64_t r = r0; r < r1; ++r) {
+    switch (p.block) {
+      case 16: forward_dpbf16_block_row<16>(p, pairs, xp, mp, y, r); break;
+      case 32: forward_dpbf16_block_row<32>(p, pairs, xp, mp, y, r); break;
+      default: forward_dpbf16_block_row<64>(p, pairs, xp, mp, y, r); break;
+    }
+  }
+}
+
+bool has_dpbf16() {
+  static const bool yes = __builtin_cpu_supports("avx512bf16");
+  return yes;
+}
+#else
+void forward_rows_dpbf16(const Problem&, const c10::BFloat16*, const uint16_t*, int64_t, float*, int64_t, int64_t) {}
+bool has_dpbf16() { return false; }
+#endif
+
 void grad_input_columns(const Problem& p, const ColumnIndex& ci, const float* v, const float* gy, float* gx,
                         int64_t c0, int64_t c1) {
   grad_input_f32(p, ci, v, gy, gx, c0, c1);
@@ -400,6 +472,14 @@ void forward_into(const Problem& p, const Tensor& values, const Tensor& xf, int6
   if (p.rows >= 8) {
     mp = (p.rows + kWidth - 1) / kWidth * kWidth;
     xt = at::constant_pad_nd(xf, {0, 0, 0, mp - p.rows}, 0.0).t().contiguous();
+  }
+  if (mp > 0 && values.scalar_type() == at::kBFloat16 && has_dpbf16()) {
+    const Tensor xp = xt.view({k_pad / 2, 2, mp}).permute({0, 2, 1}).contiguous().to(at::kBFloat16);
+    const auto* xp_data = reinterpret_cast<const uint16_t*>(xp.data_ptr<c10::BFloat16>());
+    at::parallel_for(0, p.block_rows, 1, [&](int64_t r0, int64_t r1) {
+      forward_rows_dpbf16(p, values.data_ptr<c10::BFloat16>(), xp_data, mp, y, r0, r1);
+    });
+    return;
   }
   const float* xt_data = xt.defined() ? xt.data_ptr<float>() : nullptr;
   at::parallel_for(0, p.block_rows, 1, [&](int64_t r0, int64_t r1) {

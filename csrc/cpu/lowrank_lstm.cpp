@@ -201,12 +201,12 @@ Tensor backprop(const Tensor& grad_out, Tensor& dh, Tensor& dc, const Tensor& ga
   return dpre;
 }
 
-// Gradients of the four factors and the input from dpre of all steps (large GEMMs).
+// Gradients of the two factors (and of the input, when want_input) from dpre of all steps (large GEMMs).
 // For pre += (inp V^T) U^T over rows: d inp = (dpre U) V, dU = dpre^T (inp V^T), dV = (dpre U)^T inp.
 std::tuple<Tensor, Tensor, Tensor> factor_grads(const Tensor& dpre, const Tensor& inp, const Tensor& u,
-                                                const Tensor& v) {
+                                                const Tensor& v, bool want_input) {
   const Tensor ds = at::mm(dpre, u);
-  return {at::mm(ds, v), at::mm(dpre.t(), at::mm(inp, v.t())), at::mm(ds.t(), inp)};
+  return {want_input ? at::mm(ds, v) : Tensor(), at::mm(dpre.t(), at::mm(inp, v.t())), at::mm(ds.t(), inp)};
 }
 
 using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>;
@@ -215,9 +215,10 @@ using Grads = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
 Grads finish_backward(const Tensor& dpre, const Tensor& x, const Tensor& h_prev, const Tensor& dh, const Tensor& dc,
                       const Factors& w, at::ScalarType out) {
   const Tensor rows = dpre.reshape({-1, dpre.size(-1)});
-  auto [dx, d_ih_u, d_ih_v] = factor_grads(rows, x.reshape({-1, x.size(-1)}), w.w_ih_u, w.w_ih_v);
-  auto [d_h_prev, d_hh_u, d_hh_v] = factor_grads(rows, h_prev.reshape({-1, h_prev.size(-1)}), w.w_hh_u, w.w_hh_v);
-  (void)d_h_prev;  // already propagated step by step in backprop()
+  auto [dx, d_ih_u, d_ih_v] = factor_grads(rows, x.reshape({-1, x.size(-1)}), w.w_ih_u, w.w_ih_v, true);
+  // d h_prev was propagated step by step in backprop(): not recomputed here.
+  [[maybe_unused]] auto [unused, d_hh_u, d_hh_v] =
+      factor_grads(rows, h_prev.reshape({-1, h_prev.size(-1)}), w.w_hh_u, w.w_hh_v, false);
   return {dx.view(x.sizes()).to(out), dh.to(out),     dc.to(out),     d_ih_u.to(out),
           d_ih_v.to(out),             d_hh_u.to(out), d_hh_v.to(out), rows.sum(0).to(out)};
 }
