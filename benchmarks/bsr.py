@@ -18,11 +18,40 @@ QUICK = dict(shapes=[(1024, 1024)], blocks=[32], densities=[0.25], rows=[1, 16],
 # On a GPU the 1024x1024 matrix and block 16 are launch-bound noise; the time goes to the target shape.
 GPU = dict(FULL, shapes=[(4096, 2048)], blocks=[32, 64], rows=[1, 16, 256])
 WEIGHT_SETS = 4  # 4 x 32 MB dense at 4096x2048: more than the 32 MB L3 of the reference CPU
+# Where the weights live decides a CPU ratio as much as the kernel does (a 32 MB L3 holds rotated sparse
+# weights but not the dense ones; a 480 MB one holds both). The headline shape is also timed in two
+# stated regimes: "dram" rotates enough weight sets that even the kept blocks are twice the last-level
+# cache, "cache" times one set (resident where it fits: the row says whether it does).
+REGIMES = {"dram": None, "cache": 1}
 
 
-def _weight_sets(shape, block, density, dtype, device, train):
+def cache_bytes() -> dict:
+    """Per-core L2 and shared L3 of this machine (Linux sysfs), in bytes; {} where it cannot be read."""
+    import glob
+
+    sizes = {}
+    for index in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*"):
+        try:
+            read = lambda name: open(f"{index}/{name}").read().strip()  # noqa: E731
+            level, text = int(read("level")), read("size")
+            if read("type") in ("Unified", "Data") and level >= 2:
+                sizes[f"L{level}"] = int(text[:-1]) * {"K": 1 << 10, "M": 1 << 20}[text[-1]]
+        except (OSError, ValueError, KeyError):
+            continue
+    return sizes
+
+
+def residency(nbytes: int, caches: dict) -> str:
+    """Which level holds `nbytes` of rotated weights (the smallest that fits), e.g. "L3" or "DRAM"."""
+    for level in ("L2", "L3"):
+        if level in caches and nbytes <= caches[level]:
+            return level
+    return "DRAM" if caches else "?"
+
+
+def _weight_sets(shape, block, density, dtype, device, train, count=WEIGHT_SETS):
     sets = []
-    for _ in range(WEIGHT_SETS):
+    for _ in range(count):
         sparse = BlockSparseMatrix.from_dense(torch.randn(shape), block_size=block, sparsity=1 - density)
         sparse = sparse.to(device=device, dtype=dtype)
         dense = sparse.to_dense()
@@ -44,9 +73,26 @@ def cases(device: torch.device, quick: bool):
                         sets = _weight_sets(shape, block, density, dtype, device, train)
                         for m in grid["rows"]:
                             yield _case(shape, block, density, dtype, mode, m, sets, device)
+    if device.type == "cpu" and not quick:
+        yield from regime_cases(device)
 
 
-def _case(shape, block, density, dtype, mode, m, sets, device):
+def regime_cases(device: torch.device):
+    """The headline shape (4096x2048, b=32, fwd, M=1 and 16) in the dram and cache regimes."""
+    caches = cache_bytes()
+    shape, block = (4096, 2048), 32
+    for density in FULL["densities"]:
+        for dtype in FULL["dtypes"]:
+            kept = shape[0] * shape[1] * density * torch.tensor([], dtype=dtype).element_size()
+            for regime, count in REGIMES.items():
+                if count is None:  # enough sets that the kept blocks alone are twice the last-level cache
+                    count = min(64, max(WEIGHT_SETS, int(2 * caches.get("L3", 32 << 20) / kept) + 1))
+                sets = _weight_sets(shape, block, density, dtype, device, False, count)
+                for m in (1, 16):
+                    yield _case(shape, block, density, dtype, "fwd", m, sets, device, regime, caches)
+
+
+def _case(shape, block, density, dtype, mode, m, sets, device, regime=None, caches=None):
     train = mode == "fwd+bwd"
     x = torch.randn(m, shape[1], device=device, dtype=dtype, requires_grad=train)
     wrap = backward_of if train else inference
@@ -57,9 +103,19 @@ def _case(shape, block, density, dtype, mode, m, sets, device):
               Candidate("torch CSR", wrap(lambda: (pick["torch_csr"]() @ x.T).T), "other")]
     faces, skipped = face_candidates("bsr_linear", device, wrap(lambda: ak.bsr_linear(x, pick["sparse"]())))
     name = f"W={shape[0]}x{shape[1]} b={block} d={density} M={m} {DTYPE_NAMES[dtype]}"
-    params = dict(out_features=shape[0], in_features=shape[1], block=block, density=density, rows=m,
-                  dtype=DTYPE_NAMES[dtype], weight_sets=WEIGHT_SETS)
     kept_bytes = sets[0]["sparse"].values.numel() * sets[0]["sparse"].values.element_size()
+    dense_bytes = sets[0]["dense"].numel() * sets[0]["dense"].element_size()
+    caches = cache_bytes() if caches is None and device.type == "cpu" else (caches or {})
+    where = (f"{len(sets)} sets: dense {len(sets) * dense_bytes / 2**20:.0f} MB in "
+             f"{residency(len(sets) * dense_bytes, caches)}, kept {len(sets) * kept_bytes / 2**20:.1f} MB in "
+             f"{residency(len(sets) * kept_bytes, caches)}") if device.type == "cpu" else f"{len(sets)} sets"
+    if regime is not None:
+        name += f" [{regime}]"
+    baseline.note = f"same pruned weight, stored dense; {where}"
+    params = dict(out_features=shape[0], in_features=shape[1], block=block, density=density, rows=m,
+                  dtype=DTYPE_NAMES[dtype], weight_sets=len(sets), regime=regime or "rotated",
+                  dense_in=residency(len(sets) * dense_bytes, caches),
+                  kept_in=residency(len(sets) * kept_bytes, caches))
     derive = (lambda seconds: f"{kept_bytes / seconds / 1e9:.1f} GB/s of kept weights") if mode == "fwd" else None
     return Case("bsr_linear", name, mode, params, baseline, others + faces, skipped, derive)
 
@@ -67,4 +123,5 @@ def _case(shape, block, density, dtype, mode, m, sets, device):
 def headline(params: dict, mode: str) -> bool:
     """The rows README quotes: the headline shape."""
     return (params["out_features"], params["block"], params["dtype"], mode) == (4096, 32, "fp32", "fwd") \
+        and params.get("regime", "rotated") == "rotated" \
         and params["rows"] in (1, 16)
