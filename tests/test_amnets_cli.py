@@ -1,16 +1,20 @@
-"""amnets.cli: metrics, configuration, data-parallel training with checkpoints and resume, eval, the demo."""
+"""amnets.cli: metrics, configuration, data-parallel training with checkpoints and resume, eval, the demo.
+
+The fixtures and helpers here (corpus, TINY_MODEL, run) are shared with tests/test_amnets_cli_*.py."""
 
 import json
 import os
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 
 import pytest
 import torch
 
 from amnets.cli import (CONFIG, build_parser, check_config, defaults, edit_distance, error_rate, main,
-                        temperature)
+                        resolve_config, temperature)
 from amnets.data import make_corpus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -46,18 +50,19 @@ def test_temperature_anneals_exponentially_from_tau0_to_tau_min():
     assert ratios == pytest.approx([0.5 ** 0.5] * 4)  # a constant factor per step
 
 
-def test_config_file_then_flags_override_the_defaults(tmp_path, monkeypatch):
-    seen = {}
-    monkeypatch.setattr("amnets.cli.cmd_train", lambda cfg, args: seen.update(cfg) or 0)
+def test_config_file_then_flags_override_the_defaults(tmp_path, capsys):
     toml = tmp_path / "c.toml"
     toml.write_text('hidden_size = 64\ncheap = "lowrank"\nbudget = 0.3\n')
-    assert main(["train", "--config", str(toml), "--hidden-size", "48", "--force", "full"]) == 0
+    args = build_parser().parse_args(["train", "--config", str(toml), "--hidden-size", "48", "--force",
+                                      "full"])
+    seen, given = resolve_config("train", args)
     assert (seen["hidden_size"], seen["cheap"], seen["budget"], seen["force"]) == (48, "lowrank", 0.3, "full")
     assert seen["num_layers"] == CONFIG["num_layers"][0]
+    assert given == {"hidden_size", "cheap", "budget", "force"}
     js = tmp_path / "c.json"
     js.write_text(json.dumps({"hidden_sise": 3}))
-    with pytest.raises(ValueError, match="hidden_sise"):
-        main(["train", "--config", str(js)])
+    assert main(["train", "--config", str(js)]) == 2
+    assert "unknown keys ['hidden_sise']" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("key, value, match", [
@@ -69,9 +74,15 @@ def test_check_config_names_the_bad_key(key, value, match):
         check_config(dict(defaults(), **{key: value}))
 
 
-def test_unknown_cheap_kind_is_a_value_error_naming_it(tmp_path):
-    with pytest.raises(ValueError, match="cheap"):
+def test_unknown_cheap_kind_is_refused_naming_it(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
         main(["train", "--data", str(tmp_path), "--cheap", "pruned"] + TINY_MODEL)
+    assert stop.value.code == 2
+    assert "argument --cheap: expected one of {sparse,lowrank}; got 'pruned'" in capsys.readouterr().err
+    toml = tmp_path / "c.toml"
+    toml.write_text('cheap = "pruned"\n')  # a --config file's value is checked as well
+    assert main(["train", "--data", str(tmp_path), "--config", str(toml)]) == 2
+    assert "cheap must be one of" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         build_parser().parse_args(["train", "--save-every-rank", "maybe"])
 
@@ -83,9 +94,9 @@ def corpus(tmp_path_factory):
     return make_corpus(str(tmp_path_factory.mktemp("corpus")), 8, seed=3)
 
 
-def run(args, timeout=120):
+def run(args, timeout=120, cwd=ROOT):
     done = subprocess.run([sys.executable, *args], env=ENV, capture_output=True, text=True, timeout=timeout,
-                          cwd=ROOT)
+                          cwd=cwd)
     assert done.returncode == 0, done.stderr[-3000:]
     return done
 
@@ -118,7 +129,10 @@ def test_two_process_ddp_training_agrees_checkpoints_resumes_and_evaluates(corpu
 
 @needs_espeak
 def test_tiny_demo_end_to_end(tmp_path):
+    started = time.time()
     done = run(["-m", "amnets", "demo", "--tiny", "--out", str(tmp_path)])
+    assert time.time() - started < 40  # 7 s on the 2-core machine; the issue's target is 20 s
+    assert f"amnets demo: writing to {tmp_path}" in done.stderr  # says where it writes
     table = done.stdout.splitlines()
     header = next(i for i, line in enumerate(table) if line.startswith("model"))
     rows = [line.split() for line in table[header + 1:header + 4]]
@@ -126,13 +140,29 @@ def test_tiny_demo_end_to_end(tmp_path):
     assert [r[1] for r in rows[1:]] == ["sparse", "lowrank"]
     # steps WER CER frac MACs ms x-dense UPL
     dense, sparse, lowrank = ([float(v) for v in r[-8:]] for r in rows)
-    assert dense[0] == 6 and sparse[0] == lowrank[0] == 4  # tiny: 4 steps, the dense model 1.5x
+    assert dense[0] == 24 and sparse[0] == lowrank[0] == 16  # tiny: 16 steps, the dense model 1.5x
+    assert all(r[1] <= 1 and r[2] <= 1 for r in (dense, sparse, lowrank))  # WER, CER: no garbage emitted
     assert dense[3] == 1.0 and sparse[3] < 1.0 and lowrank[3] < 1.0  # the arbitrators chose some cheap frames
     assert sparse[4] < dense[4] and lowrank[4] < dense[4]  # fewer MACs per frame than the dense model
     assert all(r[5] > 0 and r[7] >= 0 for r in (dense, sparse, lowrank))
     assert dense[6] == 1.0 and abs(sparse[6] - sparse[5] / dense[5]) < 0.01 + 0.002 / dense[5]  # printed rounded
     assert os.path.isfile(tmp_path / "dense" / "last.pt")
     assert os.path.isfile(tmp_path / "corpus" / "transcripts.txt")
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [m["name"] for m in results["models"]] == ["dense", "amnets sparse", "amnets lowrank"]
+    assert [m["steps"] for m in results["models"]] == [24, 16, 16] and results["eval_utterances"] == 4
+    assert all(m["cer"] <= 1 and m["frame_ms"] > 0 for m in results["models"])
+    assert (tmp_path / "table.txt").read_text().splitlines()[:4] == table[header:header + 4]
+
+
+@needs_espeak
+def test_tiny_demo_default_output_is_a_temporary_directory_it_names(tmp_path):
+    done = run(["-m", "amnets", "demo", "--tiny", "--utterances", "10", "--steps", "1"], cwd=tmp_path)
+    assert os.listdir(tmp_path) == []  # nothing left in the working directory
+    out = next(line for line in done.stderr.splitlines() if line.startswith("amnets demo: writing to "))
+    out = out[len("amnets demo: writing to "):].split(" (")[0]
+    assert out.startswith(tempfile.gettempdir()) and os.path.isfile(os.path.join(out, "results.json"))
+    shutil.rmtree(out)
 
 
 def test_batches_cover_the_data_once_per_epoch_sorted_in_windows():
@@ -164,18 +194,17 @@ def test_train_stops_on_a_non_finite_loss_and_keeps_the_last_good_checkpoint(cor
     last = torch.load(ckpt / "last.pt", weights_only=False)
     assert last["step"] == 2
     assert all(v.abs().max() < 100 for v in last["model"].values() if v.is_floating_point())
-    assert sorted(os.listdir(ckpt)) == ["last.pt"]  # no pending checkpoint left behind
-    with pytest.raises(ValueError, match="lr must be a finite number"):
-        main(["train", "--lr", "inf"] + common)
+    assert sorted(p for p in os.listdir(ckpt) if ".pt" in p) == ["last.pt"]  # no pending checkpoint left
+    assert main(["train", "--lr", "inf"] + common) == 2
+    assert "lr must be a finite number" in capsys.readouterr().err
 
 
-def test_eval_refuses_model_flags_that_contradict_the_checkpoint(corpus, tmp_path, capsys):
+def test_eval_refuses_model_flags_the_checkpoint_fixes(corpus, tmp_path, capsys):
     ckpt = tmp_path / "ck"
     assert main(["train", "--steps", "1", "--data", corpus, "--checkpoint-dir", str(ckpt)] + TINY_MODEL) == 0
     capsys.readouterr()
-    assert main(["eval", str(ckpt / "last.pt"), "--data", corpus, "--hidden-size", "999", "--cheap", "lowrank"]) == 2
+    with pytest.raises(SystemExit) as stop:
+        main(["eval", str(ckpt / "last.pt"), "--hidden-size", "999", "--cheap", "lowrank"])
     err = capsys.readouterr().err
-    assert "--hidden-size 999 (checkpoint: 32)" in err and "--cheap 'lowrank' (checkpoint: 'sparse')" in err
-    assert main(["eval", str(ckpt / "last.pt"), "--data", corpus, "--force", "full", "--hidden-size", "32"]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["full_fraction"] == 1.0  # --force applies at eval
+    assert stop.value.code == 2 and len(err.splitlines()) == 1
+    assert "unrecognized arguments: --hidden-size 999 --cheap lowrank" in err and "from the checkpoint" in err

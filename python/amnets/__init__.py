@@ -10,7 +10,7 @@ branch or a cheap one (block-sparse or low-rank), chosen by a small arbitrator n
   AmNetsRNNT      frame stacking + encoder + prediction network + fused joint RNN-T loss
   simulate_latency  user-perceived latency, real-time factor and backlog from per-frame costs
   amnets.data     espeak-ng corpus, LibriSpeech reader, character tokenizer, log-mel, dataset + collate
-  amnets.cli      `amnets train|eval|demo` (python -m amnets): training (DDP under torchrun), WER/CER, demo
+  amnets.cli      `amnets corpus|train|eval|demo` (python -m amnets): corpus, training (DDP under torchrun), WER/CER, demo
 
 Choices the paper leaves open, each a knob (default in brackets):
   * Sparse branch: the same weights under a block mask (no extra parameters) [sparse]; the mask

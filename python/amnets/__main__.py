@@ -1,4 +1,4 @@
-"""python -m amnets train|eval|demo: see amnets.cli."""
+"""python -m amnets corpus|train|eval|demo: see amnets.cli."""
 
 import sys
 

@@ -1,27 +1,39 @@
-"""`amnets train|eval|demo` (also `python -m amnets ...`).
+"""`amnets corpus|train|eval|demo` (also `python -m amnets ...`).
 
-  train  AdamW on an espeak-ng corpus directory (make_corpus) or a LibriSpeech split; Gumbel temperature
-         annealed exponentially from tau0 to tau_min; cost_weight (and optional budget) on the compute
-         cost; checkpoints (model, optimizer, step, config) and --resume. Under torchrun it trains
-         data-parallel (DistributedDataParallel, gloo on the CPU, DistributedSampler).
-  eval   greedy decoding of a checkpoint: WER, CER, fraction of frames on the full branch, MACs per frame.
-  demo   a small espeak-ng corpus, a dense baseline and both AmNets variants trained on the CPU, and a table
-         of WER, full-branch fraction, MACs per frame, streaming time per frame and the user-perceived
-         latency on a simulated device running the dense model at 1.2x real time.
+  corpus  an espeak-ng corpus directory (amnets.data.make_corpus): WAVs and transcripts.txt.
+  train   AdamW on an espeak-ng corpus directory or a LibriSpeech split; Gumbel temperature annealed
+          exponentially from tau0 to tau_min over anneal_steps (fixed by the first run, so --resume continues
+          the schedule); cost_weight (and optional budget) on the compute cost. Prints the configuration and
+          parameter counts first; validates on --eval-data every --eval-every steps; writes last.pt, best.pt
+          (lowest validation WER), averaged.pt (--average-last K), config.json and log.csv to
+          --checkpoint-dir. Under torchrun it trains data-parallel (DistributedDataParallel, gloo on the CPU).
+  eval    greedy (--beam 1) or beam-search decoding of a checkpoint, on the checkpoint's data unless --data
+          is given: WER, CER, fraction of frames on the full branch, MACs per frame; writes hyps.txt,
+          refs.txt, utterances.jsonl (per utterance: WER, CER, realized cost) and summary.json to --out.
+  demo    a small espeak-ng corpus, a dense baseline and both AmNets variants trained on the CPU, and a table
+          of WER, full-branch fraction, MACs per frame, streaming time per frame and the user-perceived
+          latency on a simulated device running the dense model at 1.2x real time; results.json, table.txt.
 
 Configuration: the defaults in CONFIG, overridden by a checkpoint's config (eval, --resume), then by a
---config file (JSON or TOML, the same flat keys), then by command-line flags (--hidden-size 256, ...).
+--config file (JSON or TOML, the same flat keys as the command's flags), then by command-line flags.
+A mistake in what was given (a path, a value, a checkpoint) prints one line, `amnets <command>: error: ...`,
+and exits 2 (a training run that diverges: 1); `amnets --debug ...` shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import glob
 import json
 import math
 import os
 import random
+import shutil
 import statistics
 import sys
+import tempfile
+import textwrap
 import time
 import tomllib
 import warnings
@@ -32,7 +44,8 @@ from tqdm import tqdm
 
 import amnets_kernels as ak
 
-from .data import CharTokenizer, SpeechDataset, collate, corpus_items, librispeech_items, make_corpus
+from .data import (TRANSCRIPTS, VOICES, CharTokenizer, SpeechDataset, collate, corpus_items,
+                   librispeech_items, make_corpus)
 from .encoder import CHEAP_KINDS, FORCE_KINDS
 from .latency import simulate_latency
 from .model import AmNetsRNNT, stack_frames
@@ -40,15 +53,17 @@ from .model import AmNetsRNNT, stack_frames
 # key: (default, help). A default of None takes a value of the type named in NULLABLE.
 CONFIG = {
     # data
-    "data": ("", "an espeak-ng corpus directory (make_corpus) or a LibriSpeech root (with --split)"),
+    "data": ("", "an espeak-ng corpus directory (amnets corpus) or a LibriSpeech root (with --split)"),
     "split": ("", "LibriSpeech split under --data, e.g. train-clean-100; empty: --data is a corpus dir"),
-    "eval_data": ("", "evaluation data (eval; default: --data)"),
+    "eval_data": ("", "validation data, decoded every --eval-every steps (also eval's default data)"),
     "eval_split": ("", "LibriSpeech split of --eval-data"),
+    "eval_every": (0, "steps between validations on --eval-data (0: at every checkpoint)"),
     # model
     "hidden_size": (256, "encoder LSTM width"),
     "num_layers": (2, "encoder LSTM layers"),
-    "cheap": ("sparse", "cheap branch: sparse or lowrank"),
-    "force": (None, "full: the dense baseline (no arbitrator); cheap: the cheap branch only"),
+    "cheap": ("sparse", "cheap branch"),
+    "force": (None, "full: the dense baseline (no arbitrator); cheap: the cheap branch only; none: the "
+                    "arbitrator decides"),
     "sparsity": (0.8, "fraction of blocks the sparse branch drops"),
     "block_size": (32, "block edge of the sparse branch"),
     "rank": (32, "rank of the low-rank branch"),
@@ -58,6 +73,10 @@ CONFIG = {
     "stack": (3, "frames stacked per encoder step (and its stride)"),
     "pred_hidden": (128, "prediction network width"),
     "joint_hidden": (128, "joint network width"),
+    # decoding (eval; validation decodes greedily)
+    "beam": (1, "beam width (1: greedy decoding)"),
+    # A 30 ms frame holds well under one character of speech; the cap bounds what a poor model emits.
+    "max_symbols": (3, "labels emitted per encoder frame at most"),
     # training
     "steps": (1000, "optimizer steps in all (a resumed run continues up to this)"),
     "batch_size": (8, "utterances per step per process"),
@@ -65,22 +84,48 @@ CONFIG = {
     "weight_decay": (0.01, "AdamW weight decay"),
     "grad_clip": (5.0, "max gradient norm (0: no clipping)"),
     "tau0": (2.0, "Gumbel-sigmoid temperature at step 0"),
-    "tau_min": (0.5, "Gumbel-sigmoid temperature at the last step"),
+    "tau_min": (0.5, "Gumbel-sigmoid temperature from step anneal_steps - 1 on"),
+    "anneal_steps": (0, "steps of the temperature anneal (0: the first run's --steps; kept on --resume)"),
     # The RNN-T term is a sum over an utterance's frames (hundreds of nats at first) while the cost fraction
     # is a mean in [0, 1]: a weight of O(10) is what makes the penalty felt.
     "cost_weight": (10.0, "weight of the compute-cost penalty"),
     "budget": (None, "penalise only the cost fraction above this (0..1); none: all of it"),
-    "seed": (0, "seed of initialisation, data order and the corpus"),
-    "checkpoint_dir": ("checkpoints", "where last.pt goes"),
+    "seed": (0, "seed of initialisation, data order and Gumbel noise"),
+    "checkpoint_dir": ("checkpoints", "where checkpoints, config.json and log.csv go"),
     "checkpoint_every": (100, "steps between checkpoints (one is always written at the end)"),
+    "average_last": (0, "keep the last K checkpoints (step-N.pt); averaged.pt, their mean, at the end"),
     "save_every_rank": (False, "every rank also writes last.rank<r>.pt (to compare ranks)"),
-    "log_every": (50, "steps between logged lines"),
+    "log_every": (50, "steps between logged lines (and log.csv rows)"),
     "threads": (0, "torch threads per process (0: torch's default)"),
-    "progress": (True, "tqdm progress bar"),
+    "progress": (True, "tqdm progress bar (on a terminal)"),
 }
 NULLABLE = {"force": str, "budget": float}
+CHOICES = {"cheap": CHEAP_KINDS, "force": FORCE_KINDS}
 MODEL_KEYS = ("hidden_size", "num_layers", "cheap", "force", "sparsity", "block_size", "rank",
               "arbitrator_hidden", "init_p_full", "threshold", "stack", "pred_hidden", "joint_hidden")
+TRAIN_KEYS = ("steps", "batch_size", "lr", "weight_decay", "grad_clip", "tau0", "tau_min", "anneal_steps",
+              "cost_weight", "budget", "seed", "checkpoint_dir", "checkpoint_every", "average_last",
+              "save_every_rank", "log_every", "threads", "progress")
+# The flags (and --config keys) of each command. eval takes the model from the checkpoint and applies only
+# how it decides (threshold, force); the demo makes its own corpus and checkpoint directories.
+COMMAND_KEYS = {
+    "train": ("data", "split", "eval_data", "eval_split", "eval_every") + MODEL_KEYS + TRAIN_KEYS
+             + ("max_symbols",),
+    "eval": ("data", "split", "threshold", "force", "beam", "max_symbols", "threads"),
+    "demo": MODEL_KEYS + tuple(k for k in TRAIN_KEYS if k not in ("checkpoint_dir", "average_last",
+                                                                    "save_every_rank")) + ("max_symbols",),
+}
+
+
+EVAL_FROM_CHECKPOINT = ("threshold", "force", "max_symbols")  # eval's defaults that a checkpoint sets
+
+
+class UsageError(Exception):
+    """A mistake in what the user gave: reported in one line (main), no traceback."""
+
+
+class TrainingDiverged(FloatingPointError):
+    """Training met a non-finite loss, gradient or weight and stopped (no bad checkpoint written)."""
 
 
 def defaults() -> dict:
@@ -98,22 +143,41 @@ def _value_type(key: str):
     default = CONFIG[key][0]
     if key in NULLABLE:
         kind = NULLABLE[key]
-        return lambda text: None if text.lower() in ("none", "") else kind(text)
-    return _parse_bool if isinstance(default, bool) else type(default)
+        parse = lambda text: None if text.lower() in ("none", "") else kind(text)  # noqa: E731
+    else:
+        parse = _parse_bool if isinstance(default, bool) else type(default)
+    if key not in CHOICES:
+        return parse
+
+    def choice(text: str):
+        value = parse(text)
+        if value not in CHOICES[key]:
+            raise argparse.ArgumentTypeError(f"expected one of {_shown_choices(key)}; got {text!r}")
+        return value
+    return choice
 
 
-def load_config_file(path: str) -> dict:
-    """A flat JSON or TOML table of CONFIG keys (by extension: .json, else TOML)."""
+def _shown_choices(key: str) -> str:
+    return "{" + ",".join(str(k).lower() for k in CHOICES[key]) + "}"
+
+
+def load_config_file(path: str, keys=tuple(CONFIG)) -> dict:
+    """A flat JSON or TOML table (by extension: .json, else TOML) of the given CONFIG keys."""
+    if not os.path.isfile(path):
+        raise UsageError(f"config file not found: {path}")
     with open(path, "rb") as f:
-        got = json.load(f) if path.endswith(".json") else tomllib.load(f)
-    unknown = sorted(set(got) - set(CONFIG))
+        try:
+            got = json.load(f) if path.endswith(".json") else tomllib.load(f)
+        except ValueError as exc:  # JSONDecodeError, TOMLDecodeError
+            raise UsageError(f"config file {path}: {exc}") from exc
+    unknown = sorted(set(got) - set(keys))
     if unknown:
-        raise ValueError(f"config file {path}: unknown keys {unknown}; known: {sorted(CONFIG)}")
+        raise ValueError(f"config file {path}: unknown keys {unknown}; known: {sorted(keys)}")
     return got
 
 
 def check_config(cfg: dict) -> dict:
-    """Types and ranges of the training configuration; errors name the key."""
+    """Types and ranges of the configuration; errors name the key."""
     for key, value in cfg.items():
         default = CONFIG[key][0]
         if value is None and key in NULLABLE:
@@ -124,23 +188,26 @@ def check_config(cfg: dict) -> dict:
             cfg[key], ok = float(value), True
         if not ok:
             raise ValueError(f"config: {key} must be a {want.__name__}; got {value!r}")
-    if cfg["cheap"] not in CHEAP_KINDS:
-        raise ValueError(f"config: cheap must be one of {CHEAP_KINDS}; got {cfg['cheap']!r}")
-    if cfg["force"] not in FORCE_KINDS:
-        raise ValueError(f"config: force must be one of {FORCE_KINDS}; got {cfg['force']!r}")
+    for key, kinds in CHOICES.items():
+        if cfg[key] not in kinds:
+            raise ValueError(f"config: {key} must be one of {kinds}; got {cfg[key]!r}")
     if cfg["budget"] is not None and not 0.0 <= cfg["budget"] <= 1.0:
         raise ValueError(f"config: budget must be none or in [0, 1]; got {cfg['budget']!r}")
     positive = ("hidden_size", "num_layers", "block_size", "rank", "arbitrator_hidden", "stack",
-                "pred_hidden", "joint_hidden", "steps", "batch_size", "checkpoint_every", "log_every")
+                "pred_hidden", "joint_hidden", "steps", "batch_size", "checkpoint_every", "log_every",
+                "beam", "max_symbols")
     for key in positive:
         if cfg[key] < 1:
             raise ValueError(f"config: {key} must be >= 1; got {cfg[key]!r}")
     for key in ("lr", "tau0", "tau_min"):
         if not 0 < cfg[key] < math.inf:
             raise ValueError(f"config: {key} must be a finite number > 0; got {cfg[key]!r}")
-    for key in ("weight_decay", "grad_clip", "cost_weight", "threads"):
+    for key in ("weight_decay", "grad_clip", "cost_weight", "threads", "eval_every", "anneal_steps",
+                "average_last"):
         if cfg[key] < 0:
             raise ValueError(f"config: {key} must be >= 0; got {cfg[key]!r}")
+    if not 0.0 <= cfg["threshold"] <= 1.0:
+        raise ValueError(f"config: threshold must be in [0, 1]; got {cfg['threshold']!r}")
     return cfg
 
 
@@ -174,9 +241,11 @@ def error_rate(refs: list[str], hyps: list[str], unit: str) -> float:
 # building blocks
 
 
-def load_items(data: str, split: str) -> list[tuple[str, str]]:
+def load_items(data: str, split: str, what: str = "--data") -> list[tuple[str, str]]:
     if not data:
-        raise ValueError("--data is required: an espeak-ng corpus directory or a LibriSpeech root")
+        raise UsageError(f"{what} is required: an espeak-ng corpus directory or a LibriSpeech root")
+    if not os.path.isdir(data):
+        raise UsageError(f"{what}: no such directory: {data}")
     return librispeech_items(data, split) if split else corpus_items(data)
 
 
@@ -185,9 +254,16 @@ def build_model(cfg: dict, vocab_size: int) -> AmNetsRNNT:
 
 
 def temperature(cfg: dict, step: int) -> float:
-    """Exponential anneal: tau0 at step 0, tau_min at the last step (steps - 1)."""
-    progress = step / max(cfg["steps"] - 1, 1)
+    """Exponential anneal: tau0 at step 0, tau_min at step anneal_steps - 1 (0: steps - 1) and after."""
+    horizon = cfg.get("anneal_steps") or cfg["steps"]
+    progress = step / max(horizon - 1, 1)
     return cfg["tau0"] * (cfg["tau_min"] / cfg["tau0"]) ** min(progress, 1.0)
+
+
+def _noise_seed(seed: int, rank: int, step: int) -> int:
+    """The Gumbel noise seed of one step: a function of the step, so that a resumed run draws the same
+    noise an uninterrupted one would; distinct per rank."""
+    return ((seed * 1_000_003 + rank) * 1_000_000_007 + step) % 2**63
 
 
 BUCKET = 16  # batches per window sorted by length
@@ -209,45 +285,175 @@ def batches(lengths: list[float], cfg: dict, epoch: int, rank: int, world: int) 
     return out
 
 
+def parameter_counts(model: AmNetsRNNT) -> dict:
+    """Parameters by part: encoder full-branch LSTM, cheap-branch factors (low-rank only: the sparse branch
+    reuses the full weights), arbitrator, prediction network (embedding, LSTM, projection), joint."""
+    parts = dict(encoder_lstm=0, cheap_factors=0, arbitrator=0, prediction=0, joint=0)
+    for name, p in model.named_parameters():
+        part = ("arbitrator" if name.startswith("encoder.arbitrator.") else
+                "cheap_factors" if name.startswith("encoder.w_") else
+                "encoder_lstm" if name.startswith("encoder.") else
+                "joint" if name.startswith(("enc_proj.", "out.")) else "prediction")
+        parts[part] += p.numel()
+    return dict(total=sum(parts.values()), **parts)
+
+
 def _save(path: str, payload: dict) -> None:
     tmp = path + ".tmp"
     torch.save(payload, tmp)
     os.replace(tmp, path)  # a run killed mid-write leaves the previous checkpoint intact
 
 
-def train(cfg: dict, resume: str | None = None, items: list | None = None) -> tuple[AmNetsRNNT, dict]:
-    """Train as configured; under torchrun (WORLD_SIZE > 1) data-parallel. items: (audio path, transcript)
-    pairs to train on instead of cfg's data. Returns (model, the last step's stats)."""
+def read_checkpoint(path: str) -> dict:
+    """A checkpoint written by train (model, config, step; optimizer except in averaged.pt)."""
+    if not os.path.isfile(path):
+        raise UsageError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # pickle, zip or torch errors: all say "not a checkpoint"
+        raise UsageError(f"{path} is not a checkpoint torch.load can read "
+                         f"({type(exc).__name__}: {exc})") from exc
+    if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= set(ckpt):
+        raise UsageError(f"{path} is not an amnets checkpoint (no model, config and step)")
+    return ckpt
+
+
+def checkpoint_config(ckpt: dict) -> dict:
+    """The run's configuration, completed with today's defaults for keys added since it was written; the
+    anneal horizon of a checkpoint written before anneal_steps existed is the steps it was trained for."""
+    saved = {k: v for k, v in ckpt["config"].items() if k in CONFIG}
+    saved["anneal_steps"] = saved.get("anneal_steps") or saved.get("steps", CONFIG["steps"][0])
+    return check_config(dict(defaults(), **saved))
+
+
+def model_from_checkpoint(ckpt: dict) -> tuple[AmNetsRNNT, dict]:
+    """The checkpoint's model (eval mode) and its configuration."""
+    cfg = checkpoint_config(ckpt)
+    model = build_model(cfg, CharTokenizer().vocab_size)
+    model.load_state_dict(ckpt["model"])
+    return model.eval(), cfg
+
+
+def load_checkpoint(path: str) -> tuple[AmNetsRNNT, dict]:
+    return model_from_checkpoint(read_checkpoint(path))
+
+
+def _log(message: str) -> None:
+    """A log line on stderr through tqdm, so that it never lands inside a progress bar."""
+    tqdm.write(message, file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------------
+# decoding and metrics of a dataset
+
+
+def utterance_id(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+@torch.no_grad()
+def decode_utterances(model: AmNetsRNNT, dataset: SpeechDataset, beam: int = 1,
+                      max_symbols: int = CONFIG["max_symbols"][0], batch_size: int = 16) -> list[dict]:
+    """Decode every utterance (greedy for beam 1, else beam search): one record per utterance with its
+    id, reference, hypothesis, word and character errors, encoder frames and realized cost (fraction of
+    the frames on the full branch, per layer with per-layer decisions; MACs per frame the encoder spent)."""
+    model.eval()
+    rows = []
+    for start in range(0, len(dataset), batch_size):
+        idx = range(start, min(start + batch_size, len(dataset)))
+        feats, feat_lens, _, _ = collate([dataset[i] for i in idx])
+        decode = (model.greedy_decode(feats, feat_lens, max_symbols, return_decisions=True) if beam == 1 else
+                  model.beam_decode(feats, feat_lens, beam, max_symbols, return_decisions=True))
+        labels, decisions, enc_lens = decode
+        per_frame = decisions.reshape(*decisions.shape[:2], -1).float().mean(-1)
+        macs = model.encoder.realized_macs(decisions)
+        for b, i in enumerate(idx):
+            path, text = dataset.items[i]
+            ref, hyp, n = text.lower(), dataset.tokenizer.decode(labels[b]), int(enc_lens[b])
+            words, chars = edit_distance(ref.split(), hyp.split()), edit_distance(ref, hyp)
+            rows.append(dict(id=utterance_id(path), ref=ref, hyp=hyp, wer=words / len(ref.split()),
+                             cer=chars / len(ref), word_errors=words, words=len(ref.split()),
+                             char_errors=chars, chars=len(ref), frames=n,
+                             full_fraction=float(per_frame[b, :n].mean()),
+                             macs_per_frame=float(macs[b, :n].mean())))
+    return rows
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Corpus-level WER and CER (total errors / total reference length) and frame-weighted costs."""
+    total = {k: sum(r[k] for r in rows) for k in ("word_errors", "words", "char_errors", "chars", "frames")}
+    if total["words"] == 0:
+        raise ValueError("the references are empty")
+    return dict(wer=total["word_errors"] / total["words"], cer=total["char_errors"] / total["chars"],
+                full_fraction=sum(r["full_fraction"] * r["frames"] for r in rows) / total["frames"],
+                macs_per_frame=sum(r["macs_per_frame"] * r["frames"] for r in rows) / total["frames"],
+                utterances=len(rows))
+
+
+def evaluate(model: AmNetsRNNT, dataset: SpeechDataset, batch_size: int = 16, beam: int = 1,
+             max_symbols: int = CONFIG["max_symbols"][0]) -> dict:
+    """WER, CER, full-branch fraction, MACs per frame and utterance count of a dataset, and an example
+    (reference, hypothesis)."""
+    rows = decode_utterances(model, dataset, beam, max_symbols, batch_size)
+    return dict(summarize(rows), example=(rows[0]["ref"], rows[0]["hyp"]))
+
+
+# ---------------------------------------------------------------------------------------------------
+# training
+
+
+def train(cfg: dict, resume: str | None = None, dataset: SpeechDataset | None = None,
+          announce: bool = True) -> tuple[AmNetsRNNT, dict]:
+    """Train as configured; under torchrun (WORLD_SIZE > 1) data-parallel. dataset: what to train on
+    instead of cfg's data; announce: log the configuration and model size first.
+    Returns (model, the last step's stats)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")  # the model trains on the CPU
     rank = dist.get_rank() if world > 1 else 0
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
+    ckpt = read_checkpoint(resume) if resume else None
+    if ckpt is not None and "optimizer" not in ckpt:
+        raise UsageError(f"{resume} holds no optimizer state (an averaged checkpoint?); resume from last.pt")
+    # The anneal horizon is fixed by the first run and kept on --resume: a run extended past it stays at
+    # tau_min instead of jumping back up a schedule recomputed over the new --steps.
+    cfg = dict(cfg, anneal_steps=cfg["anneal_steps"] or cfg["steps"])
+    for key in ("data", "eval_data", "checkpoint_dir"):  # a checkpoint's paths work from any directory
+        cfg[key] = cfg[key] and os.path.abspath(cfg[key])
     tokenizer = CharTokenizer()
-    dataset = SpeechDataset(items if items is not None else load_items(cfg["data"], cfg["split"]), tokenizer)
+    if dataset is None:
+        dataset = SpeechDataset(load_items(cfg["data"], cfg["split"]), tokenizer)
+    valid = None
+    if rank == 0 and cfg["eval_data"]:
+        valid = SpeechDataset(load_items(cfg["eval_data"], cfg["eval_split"], "--eval-data"), tokenizer)
     torch.manual_seed(cfg["seed"])  # the same initial model on every rank (DDP also broadcasts it)
     model = build_model(cfg, tokenizer.vocab_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    step = 0
-    if resume:
-        ckpt = torch.load(resume, map_location="cpu", weights_only=False)
+    step, best = 0, None
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         for group in optimizer.param_groups:  # the run's own --lr / --weight-decay, not the saved ones
             group["lr"], group["weight_decay"] = cfg["lr"], cfg["weight_decay"]
-        step = ckpt["step"]
-    torch.manual_seed(cfg["seed"] * 1000 + rank + step)  # Gumbel noise: its own stream per rank and resume
+        step, best = ckpt["step"], ckpt.get("best")
+    os.makedirs(cfg["checkpoint_dir"], exist_ok=True)
+    if rank == 0:
+        _announce(cfg, model, dataset, valid, resume, step, announce)
+        if step >= cfg["steps"]:
+            _log(f"amnets train: the checkpoint is at step {step}, --steps {cfg['steps']}: nothing to train")
     # A forced encoder never runs its arbitrator (and the dense baseline never its cheap factors).
     ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=cfg["force"] is not None) \
         if world > 1 else model
-    os.makedirs(cfg["checkpoint_dir"], exist_ok=True)
     lengths = [dataset.duration(i) for i in range(len(dataset))]
     n_batches = len(batches(lengths, cfg, 0, rank, world))
-    bar = tqdm(total=cfg["steps"], initial=step, disable=rank != 0 or not cfg["progress"], file=sys.stderr,
-               dynamic_ncols=True)
-    stats: dict = {}
+    bar = tqdm(total=cfg["steps"], initial=step, disable=True if rank or not cfg["progress"] else None,
+               file=sys.stderr, dynamic_ncols=True)  # disable=None: a bar only on a terminal
     checkpoints = _Checkpoints(cfg, rank)
+    csv_log = _CsvLog(os.path.join(cfg["checkpoint_dir"], "log.csv"), step) if rank == 0 else None
+    eval_every = cfg["eval_every"] or cfg["checkpoint_every"]
+    stats: dict = {}
+    started = time.time()
     model.train()
     while step < cfg["steps"]:
         epoch, skip = divmod(step, n_batches)
@@ -255,6 +461,7 @@ def train(cfg: dict, resume: str | None = None, items: list | None = None) -> tu
             if step >= cfg["steps"]:
                 break
             model.encoder.tau = temperature(cfg, step)
+            torch.manual_seed(_noise_seed(cfg["seed"], rank, step))
             loss, stats = ddp(*collate([dataset[i] for i in batch]), cost_weight=cfg["cost_weight"],
                               budget=cfg["budget"])
             optimizer.zero_grad(set_to_none=True)
@@ -264,103 +471,191 @@ def train(cfg: dict, resume: str | None = None, items: list | None = None) -> tu
             norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"] or math.inf))
             if not (math.isfinite(loss.item()) and math.isfinite(norm)):
                 checkpoints.discard()
-                raise TrainingDiverged(f"amnets train: the loss or its gradient became non-finite at step {step + 1} "
-                                       f"(loss {loss.item():.4g}, gradient norm {norm:.4g}); stopped, and "
-                                       f"{checkpoints.kept()}. Lower --lr (now {cfg['lr']:g}) or set --grad-clip.")
-            checkpoints.confirm()  # the weights of the pending checkpoint gave a finite loss and gradient
+                raise TrainingDiverged(f"the loss or its gradient became non-finite at step {step + 1} (loss "
+                                       f"{loss.item():.4g}, gradient norm {norm:.4g}); stopped, and "
+                                       f"{checkpoints.kept()}. {_lower_lr(cfg)}")
+            checkpoints.confirm()  # the weights of the pending checkpoints gave a finite loss and gradient
             optimizer.step()
             step += 1
-            stats = dict(stats, tau=model.encoder.tau, step=step)
+            final = step == cfg["steps"]
+            stats = dict(stats, tau=model.encoder.tau, lr=cfg["lr"], grad_norm=norm, step=step)
             bar.update(1)
             bar.set_postfix(loss=f"{stats['loss']:.3f}", full=f"{stats['full_fraction']:.2f}",
                             tau=f"{stats['tau']:.2f}")
-            if rank == 0 and (step % cfg["log_every"] == 0 or step == cfg["steps"]):
-                shown = " ".join(f"{k}={v:.4g}" for k, v in stats.items() if k != "step")
-                tqdm.write(f"step {step} {shown}", file=sys.stderr)
-            if step % cfg["checkpoint_every"] == 0 or step == cfg["steps"]:
+            row = None
+            if rank == 0 and (step % cfg["log_every"] == 0 or final):
+                _log(f"step {step} " + " ".join(f"{k}={v:.4g}" for k, v in stats.items() if k != "step"))
+                row = dict(stats)
+            improved = False
+            if valid is not None and (step % eval_every == 0 or final):
+                result = evaluate(model, valid, max_symbols=cfg["max_symbols"])
+                model.train()
+                record = {k: result[k] for k in ("wer", "cer", "full_fraction")} | dict(step=step)
+                improved = best is None or (record["wer"], record["cer"]) < (best["wer"], best["cer"])
+                best = record if improved else best
+                mark = ("best so far: best.pt" if improved
+                        else f"best: WER {best['wer']:.4f} at step {best['step']}")
+                _log(f"step {step} validation: WER {record['wer']:.4f} CER {record['cer']:.4f} full fraction "
+                     f"{record['full_fraction']:.3f} ({mark})")
+                row = dict(row or stats, val_wer=record["wer"], val_cer=record["cer"],
+                           val_full_fraction=record["full_fraction"])
+            if row is not None:
+                csv_log.write(dict(row, step=step, elapsed_s=time.time() - started))
+            if step % cfg["checkpoint_every"] == 0 or final or improved:
                 if not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
                     checkpoints.discard()
-                    raise TrainingDiverged(f"amnets train: a weight became non-finite at step {step}; stopped, and "
-                                           f"{checkpoints.kept()}. Lower --lr (now {cfg['lr']:g}) or set --grad-clip.")
-                payload = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step, config=cfg)
-                checkpoints.write(payload, final=step == cfg["steps"])
+                    raise TrainingDiverged(f"a weight became non-finite at step {step}; stopped, and "
+                                           f"{checkpoints.kept()}. {_lower_lr(cfg)}")
+                names = ["best.pt"] if improved else []
+                if step % cfg["checkpoint_every"] == 0 or final:
+                    names += ["last.pt"] + ([f"step-{step}.pt"] if cfg["average_last"] else [])
+                payload = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
+                               config=cfg, tau=model.encoder.tau, best=best)
+                checkpoints.write(payload, names, final)
     bar.close()
+    if rank == 0 and cfg["average_last"] and step == cfg["steps"]:
+        _log(average_checkpoints(cfg["checkpoint_dir"], cfg["average_last"]))
     if world > 1:
-        dist.barrier()  # rank 0's checkpoint is complete before any rank returns
+        dist.barrier()  # rank 0's checkpoints are complete before any rank returns
     return model, stats
 
 
-class TrainingDiverged(FloatingPointError):
-    """Training met a non-finite loss, gradient or weight and stopped (no checkpoint written)."""
+def _lower_lr(cfg: dict) -> str:
+    return f"Lower --lr (now {cfg['lr']:g}) or set --grad-clip."
+
+
+def _announce(cfg: dict, model: AmNetsRNNT, dataset, valid, resume: str | None, step: int,
+              show: bool) -> None:
+    """The configuration (also written to config.json, a --config file for a later run) and the model's
+    size, before anything else is logged."""
+    with open(os.path.join(cfg["checkpoint_dir"], "config.json"), "w") as f:
+        json.dump({k: cfg[k] for k in COMMAND_KEYS["train"]}, f, indent=1)
+    if not show:
+        return
+    shown = " ".join(f"{k}={cfg[k]!r}" for k in COMMAND_KEYS["train"])
+    _log("amnets train: config\n" + textwrap.fill(shown, 110, initial_indent="  ", subsequent_indent="  "))
+    counts = parameter_counts(model)
+    parts = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in counts.items() if k != "total" and v)
+    enc = model.encoder
+    _log(f"amnets train: {counts['total']:,} parameters ({parts}); encoder MACs per frame: full "
+         f"{enc.macs_per_frame('full'):,}, cheap {enc.macs_per_frame('cheap'):,}")
+    _log(f"amnets train: {len(dataset)} training utterances"
+         + (f", {len(valid)} validation utterances" if valid is not None else ", no validation (--eval-data)")
+         + (f"; resumed from {resume} at step {step}" if resume else "")
+         + f"; writing to {cfg['checkpoint_dir']}")
 
 
 class _Checkpoints:
-    """last.pt (rank 0) and last.rank<r>.pt (save_every_rank), replaced only by weights known to be good.
+    """A rank's checkpoints in checkpoint_dir, each replaced only by weights known to be good.
 
-    A checkpoint taken during training is written beside its target (<name>.pending) and moved into place
-    only once the next step has computed a finite loss and gradient from its weights: weights that an
-    optimizer step blew up (finite but huge, then NaN a step later) never replace the last good ones.
-    The final checkpoint, with no next step, goes into place at once (its weights checked finite).
+    Rank 0 writes last.pt, best.pt and step-<N>.pt (kept for --average-last: the last K of them); with
+    save_every_rank every rank also writes last.rank<r>.pt. A checkpoint taken during training is written
+    beside its target (<name>.pending) and moved into place only once the next step has computed a finite
+    loss and gradient from its weights: weights that an optimizer step blew up (finite but huge, then NaN a
+    step later) never replace the last good ones. The final checkpoint, with no next step, goes into place
+    at once (its weights checked finite).
     """
 
     def __init__(self, cfg: dict, rank: int):
-        names = (["last.pt"] if rank == 0 else []) + ([f"last.rank{rank}.pt"] if cfg["save_every_rank"] else [])
-        self.paths = [os.path.join(cfg["checkpoint_dir"], name) for name in names]
-        self.directory = cfg["checkpoint_dir"]
-        self.discard()  # one left by a run killed between a checkpoint and its next step was never confirmed
+        self.directory, self.rank, self.keep = cfg["checkpoint_dir"], rank, cfg["average_last"]
+        self.every_rank = cfg["save_every_rank"]
+        self.pending: list[str] = []
+        # Pending files left by a run killed between a checkpoint and its next step were never confirmed.
+        for path in glob.glob(os.path.join(self.directory, "*.pending")):
+            if self._mine(os.path.basename(path)[:-len(".pending")]):
+                os.remove(path)
 
-    def write(self, payload: dict, final: bool) -> None:
-        for path in self.paths:
-            _save(path if final else path + ".pending", payload)
+    def _mine(self, name: str) -> bool:
+        return name == f"last.rank{self.rank}.pt" if name.startswith("last.rank") else self.rank == 0
+
+    def write(self, payload: dict, names: list[str], final: bool) -> None:
+        if self.every_rank and "last.pt" in names:
+            names = [*names, f"last.rank{self.rank}.pt"]
+        for name in filter(self._mine, names):
+            path = os.path.join(self.directory, name)
+            if final:
+                _save(path, payload)
+            else:
+                _save(path + ".pending", payload)
+                self.pending.append(path)
         if final:
             self.discard()
+            self.prune()
 
     def confirm(self) -> None:
-        for path in self.paths:
-            if os.path.exists(path + ".pending"):
-                os.replace(path + ".pending", path)
+        for path in self.pending:
+            os.replace(path + ".pending", path)
+        if self.pending:
+            self.pending = []
+            self.prune()
 
     def discard(self) -> None:
-        for path in self.paths:
+        for path in self.pending:
             if os.path.exists(path + ".pending"):
                 os.remove(path + ".pending")
+        self.pending = []
+
+    def prune(self) -> None:
+        """Only the last `keep` step-<N>.pt stay (the ones --average-last averages)."""
+        if self.rank == 0 and self.keep:
+            for path in numbered_checkpoints(self.directory)[:-self.keep]:
+                os.remove(path)
 
     def kept(self) -> str:
-        have = [p for p in self.paths if os.path.exists(p)]
-        if not have:
+        path = os.path.join(self.directory, "last.pt" if self.rank == 0 else f"last.rank{self.rank}.pt")
+        if not os.path.exists(path):
             return f"no checkpoint was written to {self.directory}"
-        return "the last good checkpoint is kept: " + ", ".join(
-            f"{p} (step {torch.load(p, map_location='cpu', weights_only=False)['step']})" for p in have)
+        return f"the last good checkpoint is kept: {path} (step {read_checkpoint(path)['step']})"
 
 
-def load_checkpoint(path: str) -> tuple[AmNetsRNNT, dict]:
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    cfg = check_config(dict(defaults(), **ckpt["config"]))
-    model = build_model(cfg, CharTokenizer().vocab_size)
-    model.load_state_dict(ckpt["model"])
-    return model.eval(), cfg
+def numbered_checkpoints(directory: str) -> list[str]:
+    """The step-<N>.pt files of a directory, oldest step first."""
+    paths = glob.glob(os.path.join(directory, "step-*.pt"))
+    steps = {p: os.path.basename(p)[len("step-"):-len(".pt")] for p in paths}
+    return sorted((p for p in paths if steps[p].isdigit()), key=lambda p: int(steps[p]))
 
 
-@torch.no_grad()
-def evaluate(model: AmNetsRNNT, dataset: SpeechDataset, batch_size: int = 16) -> dict:
-    """Greedy-decode every utterance: WER, CER, the fraction of (valid encoder) frames on the full branch
-    (per layer with per-layer decisions) and the mean MACs per frame the encoder spent."""
-    model.eval()
-    refs, hyps, full, macs, frames = [], [], 0, 0.0, 0
-    for start in range(0, len(dataset), batch_size):
-        idx = range(start, min(start + batch_size, len(dataset)))
-        feats, feat_lens, _, _ = collate([dataset[i] for i in idx])
-        labels, decisions, enc_lens = model.greedy_decode(feats, feat_lens, return_decisions=True)
-        hyps += [dataset.tokenizer.decode(h) for h in labels]
-        refs += [dataset.items[i][1].lower() for i in idx]
-        valid = torch.arange(decisions.shape[1])[None] < enc_lens[:, None]
-        per_frame = decisions.reshape(*valid.shape, -1).float().mean(-1)
-        full += float(per_frame[valid].sum())
-        macs += float(model.encoder.realized_macs(decisions)[valid].sum())
-        frames += int(valid.sum())
-    return dict(wer=error_rate(refs, hyps, "word"), cer=error_rate(refs, hyps, "char"),
-                full_fraction=full / frames, macs_per_frame=macs / frames, utterances=len(refs),
-                example=(refs[0], hyps[0]))
+def average_checkpoints(directory: str, k: int) -> str:
+    """averaged.pt: the element-wise mean of the model weights of the last k step-<N>.pt (icefall's and
+    ESPnet's checkpoint averaging); integer and bool buffers (the block masks, fixed at init) are taken from
+    the newest. No optimizer state: for eval, not --resume. Returns what it did, in words."""
+    paths = numbered_checkpoints(directory)[-k:]
+    if not paths:
+        return f"average: no step-<N>.pt in {directory}; nothing averaged"
+    ckpts = [read_checkpoint(p) for p in paths]
+    newest = ckpts[-1]
+    model = {name: torch.stack([c["model"][name] for c in ckpts]).mean(0) if value.is_floating_point()
+             else value for name, value in newest["model"].items()}
+    names = [os.path.basename(p) for p in paths]
+    _save(os.path.join(directory, "averaged.pt"),
+          dict(model=model, step=newest["step"], config=newest["config"], averaged_from=names))
+    short = f" (only {len(paths)} saved)" if len(paths) < k else ""
+    return f"averaged.pt: the mean of {', '.join(names)}{short}"
+
+
+class _CsvLog:
+    """log.csv: a row per logged or validated step. A resumed run drops the rows of steps past its
+    checkpoint (a killed run logged them; they are redone) and appends."""
+
+    COLUMNS = ("step", "loss", "rnnt", "penalty", "cost_fraction", "p_full", "full_fraction", "tau", "lr",
+               "grad_norm", "val_wer", "val_cer", "val_full_fraction", "elapsed_s")
+
+    def __init__(self, path: str, step: int):
+        rows = []
+        if step and os.path.isfile(path):
+            with open(path, newline="") as f:
+                rows = [r for r in csv.DictReader(f)
+                        if r.get("step", "").isdigit() and int(r["step"]) <= step]
+        self.path = path
+        with open(path, "w", newline="") as f:
+            writer = csv.DictWriter(f, self.COLUMNS, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def write(self, row: dict) -> None:
+        with open(self.path, "a", newline="") as f:  # a few rows a minute: no handle kept open
+            csv.DictWriter(f, self.COLUMNS, extrasaction="ignore").writerow(
+                {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
 
 
 @torch.no_grad()
@@ -395,12 +690,45 @@ def stream_frame_costs(models: list[AmNetsRNNT], feats, repeats: int = 3) -> lis
 # commands
 
 
-def cmd_train(cfg: dict, args) -> int:
-    try:
-        model, stats = train(cfg, args.resume)
-    except TrainingDiverged as exc:
-        print(exc, file=sys.stderr)
-        return 1
+def resolve_config(command: str, args, base: dict | None = None) -> tuple[dict, set]:
+    """defaults < base (a checkpoint's config, the demo's settings) < --config file < flags. Returns the
+    checked configuration and the keys the user gave (file or flags)."""
+    cfg = dict(defaults(), **(base or {}))
+    given = load_config_file(args.config, COMMAND_KEYS[command]) if args.config else {}
+    given.update({k: v for k, v in vars(args).items() if k in CONFIG})
+    cfg.update(given)
+    return check_config(cfg), set(given)
+
+
+def cmd_corpus(args) -> int:
+    if os.path.exists(os.path.join(args.dir, TRANSCRIPTS)) and not args.overwrite:
+        raise UsageError(f"{args.dir} already holds a corpus ({TRANSCRIPTS}); --overwrite replaces it")
+    if shutil.which("espeak-ng") is None:
+        raise UsageError("espeak-ng is not installed (Debian/Ubuntu: apt-get install espeak-ng)")
+    if not 80 <= args.rate[0] <= args.rate[1] <= 450:  # espeak-ng's -s range
+        raise UsageError(f"--rate: MIN MAX words per minute with 80 <= MIN <= MAX <= 450; got {args.rate}")
+    voices = tuple(v for v in args.voices.split(",") if v)
+    old_audio = set(glob.glob(os.path.join(args.dir, "utt*.wav")))
+    start = time.time()
+    make_corpus(args.dir, args.utterances, seed=args.seed, words_per_utterance=tuple(args.words),
+                voices=voices, rates=tuple(args.rate), jobs=args.jobs)
+    items = corpus_items(args.dir)
+    for path in old_audio - {p for p, _ in items}:  # a smaller corpus over a larger one: no stray audio
+        os.remove(path)
+    seconds = sum(SpeechDataset(items, cache=False).duration(i) for i in range(len(items)))
+    summary = dict(dir=os.path.abspath(args.dir), utterances=len(items), seed=args.seed,
+                   words=sum(len(t.split()) for _, t in items), audio_s=round(seconds, 2))
+    print(f"amnets corpus: {summary['utterances']} utterances, {summary['words']} words, "
+          f"{seconds / 60:.1f} min of audio in {summary['dir']} ({time.time() - start:.0f} s)",
+          file=sys.stderr)
+    print(json.dumps(summary))
+    return 0
+
+
+def cmd_train(args) -> int:
+    base = checkpoint_config(read_checkpoint(args.resume)) if args.resume else None
+    cfg, _ = resolve_config("train", args, base)
+    _, stats = train(cfg, args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         keys = ("step", "loss", "rnnt", "full_fraction", "tau")
         print(json.dumps({k: stats[k] for k in keys if k in stats}))
@@ -409,24 +737,46 @@ def cmd_train(cfg: dict, args) -> int:
     return 0
 
 
-# Model settings eval applies to a checkpoint's model; the others are fixed by the checkpoint.
-EVAL_MODEL_KEYS = ("threshold", "force")
-
-
-def cmd_eval(cfg: dict, args) -> int:
-    model, saved = load_checkpoint(args.checkpoint)
-    clash = [k for k in sorted(args.explicit) if k in MODEL_KEYS and k not in EVAL_MODEL_KEYS and cfg[k] != saved[k]]
-    if clash:
-        given = ", ".join(f"--{k.replace('_', '-')} {cfg[k]!r} (checkpoint: {saved[k]!r})" for k in clash)
-        print(f"amnets eval: {given} contradict the checkpoint's model; eval takes the model from the checkpoint "
-              f"and applies only {', '.join('--' + k for k in EVAL_MODEL_KEYS)}", file=sys.stderr)
-        return 2
-    model.encoder.threshold = cfg["threshold"]
-    model.encoder.force = cfg["force"]
-    data = cfg["eval_data"] or cfg["data"]
-    split = cfg["eval_split"] if cfg["eval_data"] else cfg["split"]
-    result = evaluate(model, SpeechDataset(load_items(data, split)))
-    print(json.dumps(result))
+def cmd_eval(args) -> int:
+    ckpt = read_checkpoint(args.checkpoint)
+    model, saved = model_from_checkpoint(ckpt)
+    # From the checkpoint: how its model decides, and its validation's cap; not its training's --threads.
+    cfg, given = resolve_config("eval", args, {k: saved[k] for k in EVAL_FROM_CHECKPOINT})
+    # The data: --data, else the checkpoint's validation data, else its training data; --split alone
+    # picks another split of the checkpoint's LibriSpeech root.
+    if "data" in given:
+        data, split = cfg["data"], cfg["split"] if "split" in given else ""
+    else:
+        source = "eval_" if saved["eval_data"] else ""
+        data, split = saved[source + "data"], cfg["split"] if "split" in given else saved[source + "split"]
+    if not data:
+        raise UsageError(f"{args.checkpoint} names no data (the demo trains on a list of files); give --data")
+    if cfg["threads"]:
+        torch.set_num_threads(cfg["threads"])
+    model.encoder.threshold, model.encoder.force = cfg["threshold"], cfg["force"]
+    dataset = SpeechDataset(load_items(data, split))
+    decoding = "greedy" if cfg["beam"] == 1 else f"beam{cfg['beam']}"
+    data_name = os.path.basename(os.path.normpath(data)) + (split and "-" + split)
+    parts = ["eval", utterance_id(args.checkpoint), data_name, decoding] + (
+        [f"force-{cfg['force']}"] if cfg["force"] else [])
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "_".join(parts))
+    start = time.time()
+    rows = decode_utterances(model, dataset, cfg["beam"], cfg["max_symbols"])
+    summary = dict(summarize(rows), checkpoint=os.path.abspath(args.checkpoint), step=ckpt["step"],
+                   data=os.path.abspath(data), split=split, beam=cfg["beam"], max_symbols=cfg["max_symbols"],
+                   force=cfg["force"], threshold=cfg["threshold"], seconds=round(time.time() - start, 3))
+    os.makedirs(out, exist_ok=True)
+    for name, key in (("hyps.txt", "hyp"), ("refs.txt", "ref")):  # Kaldi/ESPnet text files: "<id> <text>"
+        with open(os.path.join(out, name), "w") as f:
+            f.writelines(f"{r['id']} {r[key]}\n" for r in rows)
+    with open(os.path.join(out, "utterances.jsonl"), "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    with open(os.path.join(out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    print(f"amnets eval: {len(rows)} utterances, {decoding}: WER {summary['wer']:.4f} CER "
+          f"{summary['cer']:.4f}; wrote hyps.txt, refs.txt, utterances.jsonl, summary.json to {out}",
+          file=sys.stderr)
+    print(json.dumps(summary))
     return 0
 
 
@@ -435,9 +785,14 @@ def cmd_eval(cfg: dict, args) -> int:
 # the baseline is trained at least as well as the models it is compared with.
 DEMO_MODELS = (("dense", dict(cheap="lowrank", force="full", cost_weight=0.0), 1.5),
                ("amnets sparse", dict(cheap="sparse"), 1.0), ("amnets lowrank", dict(cheap="lowrank"), 1.0))
-# The tiny demo: seconds, for the test suite; it shows the pipeline runs, not that anything is learnt.
+# The tiny demo: seconds (about 7 s on a 2-core CPU), for the test suite; it shows the pipeline runs,
+# not that anything is learnt. At lr 1e-2 and 16 steps the models have learnt that blanks dominate
+# (empty hypotheses: WER and CER 1.0); at the default lr, 4 steps left them emitting up to the cap of
+# labels on every frame (CER near 6 at 5 labels a frame). One thread: a model this small gains nothing
+# from more, and on a busy machine a second OpenMP thread waiting for a core made it 3x slower.
 TINY = dict(hidden_size=32, num_layers=1, rank=4, block_size=16, pred_hidden=16, joint_hidden=16,
-            arbitrator_hidden=8, steps=4, batch_size=4, checkpoint_every=1000, log_every=1000)
+            arbitrator_hidden=8, steps=16, batch_size=4, lr=1e-2, threads=1, checkpoint_every=1000,
+            log_every=1000)
 # The demo: about 12 minutes in all on a 2-core CPU (dense about 2, each AmNets variant about 4). The
 # budget asks the AmNets models for at most half the dense MACs; the dense model has no penalty. At
 # lr 3e-3 the dense model trained badly (WER 0.45-0.53 at 800 steps, loss stuck near 15 for 250
@@ -446,20 +801,28 @@ DEMO = dict(hidden_size=192, num_layers=2, rank=32, block_size=32, steps=800, ba
             cost_weight=50.0, budget=0.5, checkpoint_every=1000, log_every=100)
 
 
-def cmd_demo(cfg: dict, args) -> int:
-    out = args.out
+def cmd_demo(args) -> int:
+    cfg, _ = resolve_config("demo", args, TINY if args.tiny else DEMO)
     n_utt = args.utterances or (24 if args.tiny else 450)
     n_eval = max(2, n_utt // 5)  # 90 held out by default: WER on ~300 words moved by 0.05 between seeds
+    if n_utt <= n_eval:
+        raise UsageError(f"--utterances must be at least 3 (a fifth, at least 2, is held out); got {n_utt}")
+    # A tiny run is a smoke test: by default it leaves nothing in the working directory.
+    out = os.path.abspath(args.out or (tempfile.mkdtemp(prefix="amnets-demo-tiny-") if args.tiny
+                                       else "amnets_demo"))
+    print(f"amnets demo: writing to {out} (corpus/, a checkpoint directory per model, results.json, "
+          f"table.txt; --out DIR to choose)", file=sys.stderr)
     corpus = os.path.join(out, "corpus")
     start = time.time()
-    if not os.path.isfile(os.path.join(corpus, "transcripts.txt")):
+    if not os.path.isfile(os.path.join(corpus, TRANSCRIPTS)):
         make_corpus(corpus, n_utt, seed=cfg["seed"])
     items = corpus_items(corpus)
     if len(items) <= n_eval:
-        raise ValueError(f"demo: {corpus} holds {len(items)} utterances; need more than {n_eval}")
+        raise UsageError(f"{corpus} holds {len(items)} utterances; need more than {n_eval}")
     # The held-out utterances are the corpus's last ones: make_corpus draws each independently.
-    eval_set = SpeechDataset(items[-n_eval:])
-    print(f"demo: corpus of {len(items)} utterances ({len(items) - n_eval} train, {n_eval} eval) in "
+    # One dataset for the three models: the features are computed once.
+    train_set, eval_set = SpeechDataset(items[:-n_eval]), SpeechDataset(items[-n_eval:])
+    print(f"amnets demo: corpus of {len(items)} utterances ({len(items) - n_eval} train, {n_eval} eval) in "
           f"{time.time() - start:.0f} s", file=sys.stderr)
     train_threads, threads = torch.get_num_threads(), args.stream_threads
     rows, models = [], []
@@ -468,73 +831,148 @@ def cmd_demo(cfg: dict, args) -> int:
                                 checkpoint_dir=os.path.join(out, name.replace(" ", "_"))))
         torch.set_num_threads(cfg["threads"] or train_threads)
         t0 = time.time()
-        model, _ = train(run, items=items[:-n_eval])
+        model, _ = train(run, dataset=train_set, announce=False)
         trained = time.time() - t0
-        result = evaluate(model, eval_set)
-        rows.append(dict(name=name, steps=run["steps"], trained_s=trained, **result))
+        result = evaluate(model, eval_set, max_symbols=cfg["max_symbols"])
+        rows.append(dict(name=name, steps=run["steps"], trained_s=round(trained, 2), **result))
         models.append(model)
-        print(f"demo: {name}: trained {run['steps']} steps in {trained:.0f} s; WER {result['wer']:.3f}; "
-              f"e.g. {result['example']}", file=sys.stderr)
+        print(f"amnets demo: {name}: trained {run['steps']} steps in {trained:.0f} s; WER "
+              f"{result['wer']:.3f}; e.g. {result['example']}", file=sys.stderr)
     torch.set_num_threads(threads)  # streaming is timed with pinned threads, the models taking turns
     all_costs = stream_frame_costs(models, [eval_set[i][0] for i in range(len(eval_set))])
-    for r, costs in zip(rows, all_costs):
-        flat = [c for utt in costs for c in utt]
-        r.update(costs=costs, frame_ms=1e3 * sum(flat) / len(flat))
-    dense_costs = [c for utt in rows[0]["costs"] for c in utt]
+    dense_ms = None
     # The simulated device runs the dense encoder at 1.2x real time; every model's costs get that scale.
     period = 0.01 * cfg["stack"]
-    scale = 1.2 * period / (sum(dense_costs) / len(dense_costs))
-    print(f"\n{'model':<16} {'steps':>5} {'WER':>6} {'CER':>6} {'full frac':>9} {'MACs/frame':>11} "
-          f"{'stream ms/frame':>15} {'x dense':>7} {'UPL s @1.2xRT':>13}")
-    for r in rows:
-        upl = [simulate_latency([c * scale for c in utt], period)["upl"] for utt in r["costs"]]
-        print(f"{r['name']:<16} {r['steps']:5d} {r['wer']:6.3f} {r['cer']:6.3f} {r['full_fraction']:9.2f} "
-              f"{r['macs_per_frame']:11.0f} {r['frame_ms']:15.3f} {r['frame_ms'] / rows[0]['frame_ms']:7.2f} "
-              f"{sum(upl) / len(upl):13.3f}")
-    print(f"\n{len(items) - n_eval} training / {n_eval} eval utterances; stream timed at B=1 with {threads} "
-          f"thread(s); frame period {period * 1e3:.0f} ms (stack {cfg['stack']}); total {time.time() - start:.0f} s")
+    for r, costs in zip(rows, all_costs):
+        flat = [c for utt in costs for c in utt]
+        dense_ms = dense_ms or 1e3 * sum(flat) / len(flat)  # the first row is the dense model
+        scale = 1.2 * period / (dense_ms / 1e3)
+        upl = [simulate_latency([c * scale for c in utt], period)["upl"] for utt in costs]
+        r.update(frame_ms=1e3 * sum(flat) / len(flat), upl_s=sum(upl) / len(upl))
+        r["x_dense"] = r["frame_ms"] / dense_ms
+    table = [f"{'model':<16} {'steps':>5} {'WER':>6} {'CER':>6} {'full frac':>9} {'MACs/frame':>11} "
+             f"{'stream ms/frame':>15} {'x dense':>7} {'UPL s @1.2xRT':>13}"]
+    table += [f"{r['name']:<16} {r['steps']:5d} {r['wer']:6.3f} {r['cer']:6.3f} {r['full_fraction']:9.2f} "
+              f"{r['macs_per_frame']:11.0f} {r['frame_ms']:15.3f} {r['x_dense']:7.2f} {r['upl_s']:13.3f}"
+              for r in rows]
+    total = time.time() - start
+    table += ["", f"{len(items) - n_eval} training / {n_eval} eval utterances; stream timed at B=1 with "
+                  f"{threads} thread(s); frame period {period * 1e3:.0f} ms (stack {cfg['stack']}); total "
+                  f"{total:.0f} s"]
+    print("\n" + "\n".join(table))
+    with open(os.path.join(out, "table.txt"), "w") as f:
+        f.write("\n".join(table) + "\n")
+    results = dict(tiny=args.tiny, config=cfg, corpus=corpus, train_utterances=len(items) - n_eval,
+                   eval_utterances=n_eval, stream_threads=threads, frame_period_ms=period * 1e3,
+                   total_s=round(total, 2), models=rows)
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"amnets demo: wrote results.json and table.txt to {out}", file=sys.stderr)
     return 0
 
 
+COMMANDS = {"corpus": cmd_corpus, "train": cmd_train, "eval": cmd_eval, "demo": cmd_demo}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, like every other user error (argparse also prints the usage)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _config_flags(parser, keys, default_of=lambda key: repr(CONFIG[key][0]), aliases=None,
+                  helps=None) -> None:
+    """A flag per configuration key (--hidden-size for hidden_size), absent from args unless given."""
+    group = parser.add_argument_group("options (also keys of a --config file)")
+    group.add_argument("--config", help="JSON or TOML file of these options (flat keys: hidden_size = 64)")
+    for key in keys:
+        flags = ["--" + key.replace("_", "-")] + list((aliases or {}).get(key, ()))
+        text = (helps or {}).get(key, CONFIG[key][1])
+        group.add_argument(*flags, dest=key, type=_value_type(key), default=argparse.SUPPRESS,
+                           metavar=_shown_choices(key) if key in CHOICES else None,
+                           help=f"{text} (default {default_of(key)})")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="amnets", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    subs = {
-        "train": commands.add_parser("train", help="train a model"),
-        "eval": commands.add_parser("eval", help="WER/CER and compute of a checkpoint"),
-        "demo": commands.add_parser("demo", help="dense vs AmNets on a small espeak-ng corpus"),
-    }
-    subs["train"].add_argument("--resume", help="checkpoint to continue from (its config is the base)")
-    subs["eval"].add_argument("checkpoint", help="a checkpoint written by train")
-    subs["demo"].add_argument("--out", default="amnets_demo", help="work directory (corpus, checkpoints)")
-    subs["demo"].add_argument("--tiny", action="store_true", help="a seconds-long smoke run")
-    subs["demo"].add_argument("--utterances", type=int, default=0,
-                              help="corpus size (default 450, a fifth held out; tiny 24)")
-    subs["demo"].add_argument("--stream-threads", type=int, default=1,
-                              help="torch threads while timing stream (default 1)")
-    for sub in subs.values():
-        sub.add_argument("--config", help="JSON or TOML file of config keys")
-        for key, (default, text) in CONFIG.items():
-            sub.add_argument("--" + key.replace("_", "-"), dest=key, type=_value_type(key),
-                             default=argparse.SUPPRESS, help=f"{text} (default {default!r})")
+    parser = _Parser(prog="amnets", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--debug", action="store_true", help="on an error, show the Python traceback")
+    common = argparse.ArgumentParser(add_help=False)
+    # SUPPRESS: `amnets --debug eval ...` is not undone by the subcommand's default
+    common.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                        help="on an error, show the Python traceback")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{corpus,train,eval,demo}")
+    parser.commands = {}
+
+    def command(name, text):
+        parser.commands[name] = commands.add_parser(name, help=text, description=text, parents=[common])
+        return parser.commands[name]
+
+    corpus = command("corpus", "make an espeak-ng corpus directory (WAVs + transcripts.txt)")
+    corpus.add_argument("dir", help="the corpus directory (created)")
+    corpus.add_argument("-n", "--utterances", type=int, default=450, help="utterances (default 450)")
+    corpus.add_argument("--seed", type=int, default=0, help="the same seed gives the same corpus (default "
+                        "0); give training and validation corpora different seeds")
+    corpus.add_argument("--words", type=int, nargs=2, default=(2, 5), metavar=("MIN", "MAX"),
+                        help="words per utterance (default 2 5)")
+    corpus.add_argument("--voices", default=",".join(VOICES), help="espeak-ng voices, comma-separated "
+                        "(`espeak-ng --voices=en` lists them; default %(default)s)")
+    corpus.add_argument("--rate", type=int, nargs=2, default=(120, 220), metavar=("MIN", "MAX"),
+                        help="speaking rate range, words per minute (default 120 220)")
+    corpus.add_argument("--jobs", type=int, default=0,
+                        help="espeak-ng processes at once (default 0: one per CPU)")
+    corpus.add_argument("--overwrite", action="store_true", help="replace a corpus already in DIR")
+
+    train_ = command("train", "train a model (checkpoints, validation, log.csv in --checkpoint-dir)")
+    train_.add_argument("--resume", help="checkpoint to continue from (its config is the base, its step, "
+                        "optimizer and temperature schedule carry on)")
+    _config_flags(train_, COMMAND_KEYS["train"],
+                  helps=dict(max_symbols="validation: " + CONFIG["max_symbols"][1]))
+
+    eval_ = command("eval", "WER/CER and realized compute of a checkpoint; hypotheses, per-utterance files")
+    eval_.add_argument("checkpoint", help="a checkpoint written by train (last.pt, best.pt, averaged.pt)")
+    eval_.add_argument("--out", help="output directory (default: eval_<checkpoint>_<data>_<decoding> beside "
+                       "the checkpoint)")
+    _config_flags(eval_, COMMAND_KEYS["eval"], default_of=lambda k: "the checkpoint's" if k in (
+        "data", "split", *EVAL_FROM_CHECKPOINT) else repr(CONFIG[k][0]),
+        aliases=dict(data=["--eval-data"], split=["--eval-split"]),
+        helps=dict(data="data to decode: a corpus directory or LibriSpeech root (the checkpoint's "
+                        "--eval-data, else its --data)", split="LibriSpeech split of the data"))
+
+    demo = command("demo", "dense vs AmNets on a small espeak-ng corpus (results.json, table.txt)")
+    demo.add_argument("--out", help="work directory: corpus, checkpoints, results (default ./amnets_demo; "
+                      "--tiny: a new temporary directory); printed at the start")
+    demo.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (tiny models, few steps)")
+    demo.add_argument("--utterances", type=int, default=0,
+                      help="corpus size (default 450, a fifth held out; tiny 24)")
+    demo.add_argument("--stream-threads", type=int, default=1,
+                      help="torch threads while timing stream (default 1)")
+    _config_flags(demo, COMMAND_KEYS["demo"], default_of=lambda k: (
+        f"{DEMO.get(k, CONFIG[k][0])!r}; tiny {TINY.get(k, CONFIG[k][0])!r}" if k in DEMO or k in TINY
+        else repr(CONFIG[k][0])))
     return parser
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    cfg = defaults()
-    if args.command == "demo":
-        cfg.update(TINY if args.tiny else DEMO)
-    base = getattr(args, "resume", None) or getattr(args, "checkpoint", None)
-    if base:
-        cfg.update(torch.load(base, map_location="cpu", weights_only=False)["config"])
-    given = load_config_file(args.config) if args.config else {}
-    given.update({k: v for k, v in vars(args).items() if k in CONFIG})
-    args.explicit = set(given)  # what the user set here, for eval to compare with the checkpoint
-    cfg.update(given)
-    cfg = check_config(cfg)
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # reported by the command's parser, with a word on the flags eval takes from the checkpoint
+        hint = ""
+        keys = {u.split("=")[0].lstrip("-").replace("-", "_") for u in unknown}
+        if args.command == "eval" and keys & set(CONFIG):
+            hint = "; eval takes the model and training settings from the checkpoint"
+        parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     warnings.simplefilter("ignore", ak.FallbackWarning)  # a fallback face is slower, not wrong
-    return {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo}[args.command](cfg, args)
+    try:
+        return COMMANDS[args.command](args)
+    except (UsageError, ValueError, OSError, TrainingDiverged) as exc:
+        if args.debug:
+            raise
+        print(f"amnets {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1 if isinstance(exc, TrainingDiverged) else 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print(f"amnets {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

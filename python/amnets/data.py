@@ -18,6 +18,7 @@ import random
 import shutil
 import string
 import subprocess
+from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 
 import numpy as np
@@ -108,21 +109,25 @@ def _espeak(text: str, voice: str, rate: int, pitch: int, gap: int) -> Tensor:
         raise RuntimeError("make_corpus: espeak-ng is not installed (Debian: apt-get install espeak-ng; "
                            "`make install` does it)")
     command = [exe, "-v", voice, "-s", str(rate), "-p", str(pitch), "-g", str(gap), "--stdout", text]
-    wav = subprocess.run(command, check=True, capture_output=True).stdout
-    audio, sr = sf.read(BytesIO(wav), dtype="float32")
+    done = subprocess.run(command, capture_output=True)
+    if done.returncode != 0:  # an unknown voice, most likely: espeak-ng's own words say so
+        message = done.stderr.decode(errors="replace").strip()
+        raise ValueError(f"make_corpus: espeak-ng -v {voice} failed: {message or f'exit {done.returncode}'}")
+    audio, sr = sf.read(BytesIO(done.stdout), dtype="float32")
     return torchaudio.functional.resample(torch.from_numpy(audio), sr, SAMPLE_RATE)
 
 
 def make_corpus(out_dir: str, n_utterances: int, seed: int = 0, words_per_utterance: tuple[int, int] = (2, 5),
                 voices=VOICES, rates: tuple[int, int] = (120, 220), pitches: tuple[int, int] = (25, 75),
                 word_gap: tuple[int, int] = (0, 15), edge_silence: tuple[float, float] = (0.1, 0.6),
-                noise_db: tuple[float, float] = (-55.0, -40.0)) -> str:
+                noise_db: tuple[float, float] = (-55.0, -40.0), jobs: int = 0) -> str:
     """Write n_utterances WAVs (16 kHz, 16-bit) and transcripts.txt ("<id> <text>" per line) to out_dir.
 
     Per utterance, drawn from `seed`: 2-5 words of WORDS, a voice, espeak-ng rate (-s, words per minute),
     pitch (-p, 0-99) and word gap (-g, 10 ms units), leading and trailing silence (seconds each) and white
     noise at `noise_db` dB below full scale over the whole file, so that silent, "easy" frames exist.
-    Ranges are inclusive (low, high). The same arguments give the same files. Returns out_dir.
+    Ranges are inclusive (low, high). The same arguments give the same files, whatever `jobs` (espeak-ng
+    processes run at once; 0: one per CPU). Returns out_dir.
     """
     if isinstance(n_utterances, bool) or not isinstance(n_utterances, int) or n_utterances < 1:
         raise ValueError(f"make_corpus: n_utterances must be an int >= 1; got {n_utterances!r}")
@@ -132,22 +137,30 @@ def make_corpus(out_dir: str, n_utterances: int, seed: int = 0, words_per_uttera
                          f"got {words_per_utterance!r}")
     if not voices:
         raise ValueError("make_corpus: voices must name at least one espeak-ng voice")
+    if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 0:
+        raise ValueError(f"make_corpus: jobs must be an int >= 0; got {jobs!r}")
     rng = random.Random(seed)
     noise_gen = np.random.default_rng(seed)
+    # Every random draw first, in one fixed order (espeak-ng consumes none), so that the synthesis can run
+    # in parallel and the corpus still depends on the seed alone.
+    draws = []
+    for _ in range(n_utterances):
+        text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
+        speech_args = (text, rng.choice(voices), rng.randint(*rates), rng.randint(*pitches),
+                       rng.randint(*word_gap))
+        lead, trail = (int(rng.uniform(*edge_silence) * SAMPLE_RATE) for _ in range(2))
+        draws.append((speech_args, lead, trail, 10 ** (rng.uniform(*noise_db) / 20)))
     os.makedirs(out_dir, exist_ok=True)
     lines = []
-    for i in range(n_utterances):
-        text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(low, high)))
-        speech = _espeak(text, rng.choice(voices), rng.randint(*rates), rng.randint(*pitches),
-                         rng.randint(*word_gap))
-        speech = speech * (0.5 / speech.abs().max().clamp(min=1e-4))  # the same level for every voice
-        lead, trail = (int(rng.uniform(*edge_silence) * SAMPLE_RATE) for _ in range(2))
-        wave = torch.cat([speech.new_zeros(lead), speech, speech.new_zeros(trail)]).numpy()
-        level = 10 ** (rng.uniform(*noise_db) / 20)
-        wave = wave + noise_gen.standard_normal(wave.shape).astype(np.float32) * level
-        utt = f"utt{i:06d}"
-        sf.write(os.path.join(out_dir, utt + ".wav"), np.clip(wave, -1, 1), SAMPLE_RATE, subtype="PCM_16")
-        lines.append(f"{utt} {text}\n")
+    with ThreadPoolExecutor(jobs or os.cpu_count() or 1) as pool:  # threads wait on espeak-ng processes
+        speeches = pool.map(lambda d: _espeak(*d[0]), draws)  # in order, each written as it comes
+        for i, (speech, ((text, *_), lead, trail, level)) in enumerate(zip(speeches, draws)):
+            speech = speech * (0.5 / speech.abs().max().clamp(min=1e-4))  # the same level for every voice
+            wave = torch.cat([speech.new_zeros(lead), speech, speech.new_zeros(trail)]).numpy()
+            wave = wave + noise_gen.standard_normal(wave.shape).astype(np.float32) * level
+            utt = f"utt{i:06d}"
+            sf.write(os.path.join(out_dir, utt + ".wav"), np.clip(wave, -1, 1), SAMPLE_RATE, subtype="PCM_16")
+            lines.append(f"{utt} {text}\n")
     with open(os.path.join(out_dir, TRANSCRIPTS), "w") as f:
         f.writelines(lines)
     return out_dir

@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 import amnets_kernels as ak
 
+from .decode import beam_search
 from .encoder import AmNetsEncoder, _is_int
 
 STACK_TAILS = ("pad", "drop")
@@ -124,12 +125,10 @@ class AmNetsRNNT(nn.Module):
         stream() (the kernels, arbitrator decisions at its threshold). Returns one list of labels per
         utterance (never the blank); with return_decisions also the encoder's decisions, (B, T') or
         (B, T', L) bool, False past each utterance's encoder length, and the encoder lengths (B,)."""
-        _check_decode(self, feats, feat_lens, max_symbols_per_frame)
-        x, enc_lens = stack_frames(feats, feat_lens, self.stack, self.stack_tail)
-        enc, _, decisions = self.encoder.stream(x)
-        enc_p = self.enc_proj(enc)  # causal: padding cannot reach valid frames
+        _check_decode("AmNetsRNNT.greedy_decode", self, feats, feat_lens, max_symbols_per_frame)
+        enc_p, decisions, enc_lens = self._encode(feats, feat_lens)
         hyps = []
-        for b in range(x.shape[0]):
+        for b in range(enc_p.shape[0]):
             hyp, token = [], feats.new_zeros(1, 1, dtype=torch.long)
             pred_p, state = self.predict(token)
             for t in range(int(enc_lens[b])):
@@ -140,10 +139,30 @@ class AmNetsRNNT(nn.Module):
                     hyp.append(label)
                     pred_p, state = self.predict(token.fill_(label), state)
             hyps.append(hyp)
-        if not return_decisions:
-            return hyps
+        return (hyps, decisions, enc_lens) if return_decisions else hyps
+
+    @torch.no_grad()
+    def beam_decode(self, feats: Tensor, feat_lens: Tensor, beam: int = 4, max_symbols_per_frame: int = 5,
+                    return_decisions: bool = False):
+        """Offline RNN-T beam search (amnets.decode.beam_search: time-synchronous, at most
+        max_symbols_per_frame labels per frame; beam=1 is greedy_decode). Returns the best hypothesis per
+        utterance, and with return_decisions the same extras as greedy_decode."""
+        _check_decode("AmNetsRNNT.beam_decode", self, feats, feat_lens, max_symbols_per_frame)
+        if not _is_int(beam) or beam < 1:
+            raise ValueError(f"AmNetsRNNT.beam_decode: beam must be an int >= 1; got {beam!r}")
+        enc_p, decisions, enc_lens = self._encode(feats, feat_lens)
+        hyps = [beam_search(self, enc_p[b, :int(enc_lens[b])], beam, max_symbols_per_frame)[0][0]
+                for b in range(enc_p.shape[0])]
+        return (hyps, decisions, enc_lens) if return_decisions else hyps
+
+    def _encode(self, feats: Tensor, feat_lens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Decoding's encoder pass: projected encoder output (B, T', joint_hidden), the decisions masked
+        past each utterance's encoder length, the encoder lengths."""
+        x, enc_lens = stack_frames(feats, feat_lens, self.stack, self.stack_tail)
+        enc, _, decisions = self.encoder.stream(x)
         valid = torch.arange(x.shape[1], device=x.device)[None] < enc_lens.to(x.device)[:, None]
-        return hyps, decisions & valid.reshape(*valid.shape, *[1] * (decisions.dim() - 2)), enc_lens
+        decisions = decisions & valid.reshape(*valid.shape, *[1] * (decisions.dim() - 2))
+        return self.enc_proj(enc), decisions, enc_lens  # causal: padding cannot reach valid frames
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -204,8 +223,7 @@ def _check_loss(model: AmNetsRNNT, feats, feat_lens, targets, target_lens, cost_
         raise ValueError(f"{op}: budget must be None or a cost fraction in [0, 1]; got {budget!r}")
 
 
-def _check_decode(model: AmNetsRNNT, feats, feat_lens, max_symbols_per_frame) -> None:
-    op = "AmNetsRNNT.greedy_decode"
+def _check_decode(op: str, model: AmNetsRNNT, feats, feat_lens, max_symbols_per_frame) -> None:
     _check_features(op, model, feats, feat_lens)
     if not _is_int(max_symbols_per_frame) or max_symbols_per_frame < 1:
         raise ValueError(f"{op}: max_symbols_per_frame must be an int >= 1; got {max_symbols_per_frame!r}")

@@ -1,0 +1,111 @@
+"""RNN-T beam search for AmNetsRNNT (AmNetsRNNT.beam_decode calls it per utterance).
+
+beam_search is a time-synchronous beam search after the time-synchronous decoding of Saon, Tüske and
+Audhkhasi ("Alignment-length synchronous decoding for RNN transducer", ICASSP 2020; ESPnet's
+`time_sync_decoding`): on each encoder frame, up to max_symbols rounds. In a round every hypothesis still
+on the frame proposes the blank (which ends its frame) and its `beam` best labels (it stays on the frame).
+Unlike ESPnet's, the frame's ended and staying hypotheses compete for the same `beam` places, so that
+beam=1 makes exactly greedy decoding's choices (the blank winning ties, as argmax does;
+tests/test_amnets_cli_beam.py checks it). Ended hypotheses with the same labels are merged by log-add (the
+sum over their alignments, as icefall's modified_beam_search does). A hypothesis still on the frame after
+max_symbols labels leaves it, as greedy decoding does at its cap; its score takes the blank's
+log-probability there, so that every score is that of real alignments.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+class _Hyp:
+    __slots__ = ("labels", "score", "pred", "state")
+
+    def __init__(self, labels: tuple, score: float, pred: Tensor | None = None, state=None):
+        self.labels, self.score, self.pred, self.state = labels, score, pred, state
+
+
+def _advance(model, parents: list[_Hyp], labels: list[int], scores: list[float]) -> list[_Hyp]:
+    """The parents with one more label each: one batched step of the prediction network."""
+    tokens = torch.tensor(labels, device=parents[0].pred.device)[:, None]
+    state = tuple(torch.cat([p.state[i] for p in parents], dim=1) for i in range(2))
+    pred, (h, c) = model.predict(tokens, state)
+    return [_Hyp(p.labels + (k,), s, pred[i, 0], (h[:, i:i + 1], c[:, i:i + 1]))
+            for i, (p, k, s) in enumerate(zip(parents, labels, scores))]
+
+
+def _merge(into: dict, hyp: _Hyp) -> None:
+    """Add an ended hypothesis; one with the same labels (another alignment of them) is log-added."""
+    old = into.get(hyp.labels)
+    if old is None:
+        into[hyp.labels] = hyp
+    else:
+        high, low = max(old.score, hyp.score), min(old.score, hyp.score)
+        old.score = high + math.log1p(math.exp(low - high))
+
+
+@torch.no_grad()
+def beam_search(model, enc_p: Tensor, beam: int = 4, max_symbols: int = 5) -> list[tuple[list[int], float]]:
+    """The n-best (labels, log-score) of one utterance, best first, at most `beam` of them.
+
+    model: an AmNetsRNNT (its predict() and joint()); enc_p: (T, joint_hidden), the projected encoder
+    output of the utterance's valid frames (model.enc_proj of AmNetsEncoder.stream's output). The score
+    is the log-probability of the hypothesis's surviving alignments (summed where merged).
+    """
+    if isinstance(beam, bool) or not isinstance(beam, int) or beam < 1:
+        raise ValueError(f"beam_search: beam must be an int >= 1; got {beam!r}")
+    if isinstance(max_symbols, bool) or not isinstance(max_symbols, int) or max_symbols < 1:
+        raise ValueError(f"beam_search: max_symbols must be an int >= 1; got {max_symbols!r}")
+    start = torch.zeros(1, 1, dtype=torch.long, device=enc_p.device)  # blank 0 starts the prediction
+    pred, state = model.predict(start)
+    hyps = [_Hyp((), 0.0, pred[0, 0], state)]
+    top = min(beam, model.vocab_size - 1)
+    for t in range(enc_p.shape[0]):
+        ended: dict[tuple, _Hyp] = {}
+        for round_ in range(max_symbols + 1):
+            logp = F.log_softmax(model.joint(enc_p[t], torch.stack([h.pred for h in hyps])), dim=-1)
+            for h, blank in zip(hyps, logp[:, 0].tolist()):
+                _merge(ended, _Hyp(h.labels, h.score + blank, h.pred, h.state))
+            if round_ == max_symbols:  # at the cap: the frame ends (its blank scored) whatever wins
+                break
+            label_logp, label = logp[:, 1:].topk(top, dim=-1)
+            staying = [(h.score + lp, 1, (i, k + 1)) for i, h in enumerate(hyps)
+                       for lp, k in zip(label_logp[i].tolist(), label[i].tolist())]
+            # Ended ones listed first and a stable sort: the blank wins ties, as greedy's argmax does.
+            ranked = sorted([(h.score, 0, h) for h in ended.values()] + staying, key=lambda r: -r[0])[:beam]
+            ended = {h.labels: h for _, kind, h in ranked if kind == 0}
+            go = [(score, *payload) for score, kind, payload in ranked if kind == 1]
+            if not go:
+                break
+            hyps = _advance(model, [hyps[i] for _, i, _ in go], [k for *_, k in go], [s for s, *_ in go])
+        hyps = sorted(ended.values(), key=lambda h: -h.score)[:beam]
+    return [(list(h.labels), h.score) for h in hyps]
+
+
+@torch.no_grad()
+def sequence_log_prob(model, enc_p: Tensor, labels: list[int]) -> float:
+    """log P(labels | utterance) under the model: the RNN-T forward algorithm over every alignment (no cap
+    on labels per frame), on the full (T, U+1, V) lattice. enc_p as for beam_search. For scoring a few
+    hypotheses (tests, analysis): it builds the whole lattice."""
+    if enc_p.dim() != 2 or enc_p.shape[0] == 0:
+        raise ValueError(f"sequence_log_prob: enc_p must be (T >= 1, joint_hidden); got {tuple(enc_p.shape)}")
+    tokens = torch.tensor([[0] + list(labels)], device=enc_p.device)
+    pred, _ = model.predict(tokens)
+    logp = F.log_softmax(model.joint(enc_p[:, None], pred[0][None]), dim=-1)  # (T, U+1, V)
+    T, U = enc_p.shape[0], len(labels)
+    blank = logp[..., 0]
+    emit = logp[:, :-1].gather(-1, tokens[0, 1:].view(1, U, 1).expand(T, U, 1))[..., 0] if U else None
+    # alpha[u]: log-probability of having emitted labels[:u] by the current frame. Within a frame the
+    # labels form a prefix scan: alpha[u] = logsumexp_v (a[v] + emit[v:u].sum()), a cumulative logsumexp.
+    alpha = torch.full((U + 1,), -math.inf, dtype=logp.dtype, device=logp.device)
+    alpha[0] = 0.0
+    for t in range(T):
+        if t:
+            alpha = alpha + blank[t - 1]  # the previous frame ended with a blank
+        if U:
+            cum = F.pad(emit[t].cumsum(0), (1, 0))
+            alpha = cum + torch.logcumsumexp(alpha - cum, 0)
+    return float(alpha[U] + blank[T - 1, U])

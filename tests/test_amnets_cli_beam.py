@@ -1,0 +1,74 @@
+"""amnets.decode: the RNN-T beam search beside greedy decoding (AmNetsRNNT.beam_decode, eval --beam)."""
+
+import pytest
+import torch
+
+from amnets.decode import beam_search, sequence_log_prob
+from amnets.model import AmNetsRNNT
+
+
+def make_model(seed: int, cheap: str = "sparse") -> AmNetsRNNT:
+    torch.manual_seed(seed)
+    model = AmNetsRNNT(80, 29, 32, 1, cheap=cheap, block_size=16, rank=4, pred_hidden=16, joint_hidden=16,
+                       arbitrator_hidden=8).eval()
+    with torch.no_grad():  # a peakier, blank-heavier joint, as after some training: real choices to make
+        model.out.weight.mul_(4)
+        model.out.bias[0] += 0.5
+    return model
+
+
+def utterances(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(3, 40, 80, generator=gen), torch.tensor([40, 31, 20])
+
+
+@pytest.mark.parametrize("cheap", ["sparse", "lowrank"])
+@pytest.mark.parametrize("max_symbols", [1, 3])
+def test_beam_of_one_is_greedy_decoding(cheap, max_symbols):
+    for seed in range(3):
+        model, (feats, lens) = make_model(seed, cheap), utterances(seed)
+        greedy = model.greedy_decode(feats, lens, max_symbols)
+        assert any(greedy)  # not all empty: the comparison has labels to compare
+        assert model.beam_decode(feats, lens, 1, max_symbols) == greedy
+
+
+def test_a_wider_beam_never_scores_below_greedy():
+    """The search's own score (log-probability of the alignments it kept): beam 4's best is never below
+    greedy's path. Each score is also bounded by the exact log P(labels | audio) over every alignment.
+    (Under the exact measure a beam can in principle lose to greedy: it sees only the alignments it kept.)"""
+    wider = 0
+    for seed in range(4):
+        model, (feats, lens) = make_model(seed), utterances(seed)
+        enc_p, _, enc_lens = model._encode(feats, lens)
+        greedy_labels = model.greedy_decode(feats, lens)
+        for b in range(3):
+            enc = enc_p[b, :int(enc_lens[b])]
+            (greedy, greedy_score), = beam_search(model, enc, beam=1)
+            nbest = beam_search(model, enc, beam=4)
+            assert greedy == greedy_labels[b]
+            assert len(nbest) <= 4 and len({tuple(h) for h, _ in nbest}) == len(nbest)
+            assert [s for _, s in nbest] == sorted((s for _, s in nbest), reverse=True)
+            assert nbest[0][1] >= greedy_score - 1e-5
+            wider += nbest[0][1] > greedy_score + 1e-3
+            for labels, score in ((greedy, greedy_score), nbest[0]):
+                assert score <= sequence_log_prob(model, enc, labels) + 1e-4
+    assert wider >= 3  # the wider beam does find better hypotheses, not only the same ones
+
+
+def test_sequence_log_prob_is_the_rnnt_loss():
+    model, (feats, lens) = make_model(0), utterances(0)
+    labels = [3, 5, 2, 9]
+    enc_p, _, enc_lens = model._encode(feats[:1], lens[:1])
+    loss, _ = model.loss(feats[:1], lens[:1], torch.tensor([labels]), torch.tensor([4]))
+    got = sequence_log_prob(model, enc_p[0, :int(enc_lens[0])], labels)
+    assert got == pytest.approx(-loss.item(), rel=1e-4)
+
+
+def test_beam_decode_checks_its_arguments():
+    model, (feats, lens) = make_model(0), utterances(0)
+    with pytest.raises(ValueError, match="beam must be an int >= 1"):
+        model.beam_decode(feats, lens, beam=0)
+    with pytest.raises(ValueError, match="AmNetsRNNT.beam_decode: max_symbols_per_frame"):
+        model.beam_decode(feats, lens, beam=2, max_symbols_per_frame=0)
+    hyps, decisions, enc_lens = model.beam_decode(feats, lens, beam=2, return_decisions=True)
+    assert len(hyps) == 3 and enc_lens.tolist() == [14, 11, 7] and not decisions[2, 7:].any()

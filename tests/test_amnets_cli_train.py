@@ -1,0 +1,115 @@
+"""amnets train: exact resume (temperature, steps, weights), validation with best.pt / last.pt / averaged.pt,
+the configuration and parameter counts first, log lines through tqdm, log.csv."""
+
+import csv
+import json
+
+import pytest
+import torch
+
+import amnets.cli
+from amnets.cli import build_model, defaults, main, parameter_counts, temperature
+from test_amnets_cli import TINY_MODEL, corpus  # noqa: F401  (corpus: the module's fixture)
+
+
+def log_rows(directory) -> list[dict]:
+    with open(directory / "log.csv", newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def load(path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def test_resume_continues_the_temperature_schedule_and_steps_exactly(corpus, tmp_path, capsys):  # noqa: F811
+    common = ["--data", corpus] + TINY_MODEL
+    # A run stopped at step 3 of 6 and resumed equals the run that was never stopped: steps, temperatures,
+    # losses (the Gumbel noise is seeded per step) and weights.
+    stopped, whole = tmp_path / "stopped", tmp_path / "whole"
+    assert main(["train", "--steps", "3", "--anneal-steps", "6", "--checkpoint-dir", str(stopped)]
+                + common) == 0
+    assert main(["train", "--resume", str(stopped / "last.pt"), "--steps", "6"] + common) == 0
+    assert main(["train", "--steps", "6", "--checkpoint-dir", str(whole)] + common) == 0
+    capsys.readouterr()
+    a, b = log_rows(stopped), log_rows(whole)
+    assert [r["step"] for r in a] == [r["step"] for r in b] == ["1", "2", "3", "4", "5", "6"]
+    for key in ("tau", "loss", "full_fraction", "grad_norm"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+    cfg = dict(defaults(), tau0=2.0, tau_min=0.5, steps=6)
+    assert [float(r["tau"]) for r in a] == pytest.approx([temperature(cfg, s) for s in range(6)], rel=1e-5)
+    last_a, last_b = load(stopped / "last.pt"), load(whole / "last.pt")
+    assert last_a["step"] == last_b["step"] == 6 and last_a["config"]["anneal_steps"] == 6
+    for name, value in last_a["model"].items():
+        assert torch.equal(value, last_b["model"][name]), name
+
+    # The issue's case: a finished run extended with --resume. The schedule ended at tau_min and stays
+    # there; it used to be recomputed over the new --steps and jump back up (0.5 -> 0.545).
+    assert main(["train", "--resume", str(whole / "last.pt"), "--steps", "8"] + common) == 0
+    logged = [line.split() for line in capsys.readouterr().err.splitlines() if line.startswith("step ")]
+    assert [line[1] for line in logged] == ["7", "8"]  # the step count carries on
+    assert [float(r["tau"]) for r in log_rows(whole)] == pytest.approx(
+        [temperature(cfg, s) for s in range(6)] + [0.5, 0.5], rel=1e-5)
+    assert load(whole / "last.pt")["step"] == 8
+
+
+def test_old_checkpoints_resume_on_their_own_schedule(corpus, tmp_path, capsys):  # noqa: F811
+    ckpt = tmp_path / "ck"
+    common = ["--data", corpus, "--checkpoint-dir", str(ckpt)] + TINY_MODEL
+    assert main(["train", "--steps", "2"] + common) == 0
+    old = load(ckpt / "last.pt")
+    del old["config"]["anneal_steps"]  # as written before anneal_steps existed
+    torch.save(old, ckpt / "old.pt")
+    assert main(["train", "--resume", str(ckpt / "old.pt"), "--steps", "3"] + common) == 0
+    assert float(log_rows(ckpt)[-1]["tau"]) == pytest.approx(0.5)
+
+
+def test_validation_keeps_best_last_and_the_average_of_the_last_k(corpus, tmp_path, capsys):  # noqa: F811
+    ckpt = tmp_path / "ck"
+    assert main(["train", "--data", corpus, "--eval-data", corpus, "--checkpoint-dir", str(ckpt), "--steps",
+                 "4", "--eval-every", "2", "--checkpoint-every", "1", "--average-last", "2", "--log-every",
+                 "3"] + TINY_MODEL[:-2]) == 0  # TINY_MODEL without its --log-every 1
+    err = capsys.readouterr().err
+    names = sorted(p.name for p in ckpt.iterdir())  # step-1.pt and step-2.pt pruned: only the last 2 kept
+    assert names == ["averaged.pt", "best.pt", "config.json", "last.pt", "log.csv", "step-3.pt", "step-4.pt"]
+    rows = log_rows(ckpt)
+    assert [r["step"] for r in rows] == ["2", "3", "4"]  # validated at 2 and 4, logged at 3 and 4 (the end)
+    assert [bool(r["val_wer"]) for r in rows] == [True, False, True] and rows[1]["loss"]
+    validated = [r for r in rows if r["val_wer"]]
+    best_row = min(validated, key=lambda r: (float(r["val_wer"]), float(r["val_cer"])))
+    best = load(ckpt / "best.pt")
+    assert best["step"] == int(best_row["step"])
+    assert best["best"]["cer"] == pytest.approx(float(best_row["val_cer"]), rel=1e-5)
+    last = load(ckpt / "last.pt")
+    assert last["step"] == 4 and last["best"] == best["best"]
+    steps = [load(ckpt / f"step-{s}.pt")["model"] for s in (3, 4)]
+    averaged = load(ckpt / "averaged.pt")
+    assert averaged["averaged_from"] == ["step-3.pt", "step-4.pt"] and "optimizer" not in averaged
+    for name, value in averaged["model"].items():
+        want = (steps[0][name] + steps[1][name]) / 2 if value.is_floating_point() else steps[1][name]
+        torch.testing.assert_close(value, want, rtol=1e-6, atol=1e-7)
+    assert "validation: WER" in err and "averaged.pt: the mean of step-3.pt, step-4.pt" in err
+    # eval takes the averaged model
+    assert main(["eval", str(ckpt / "averaged.pt"), "--out", str(tmp_path / "ev")]) == 0
+
+
+def test_config_and_parameter_counts_come_first_and_lines_go_through_tqdm(
+        corpus, tmp_path, capsys, monkeypatch):  # noqa: F811
+    written = []
+    real_write = amnets.cli.tqdm.write
+    monkeypatch.setattr(amnets.cli.tqdm, "write", lambda s, **kw: written.append(s) or real_write(s, **kw))
+    ckpt = tmp_path / "ck"
+    assert main(["train", "--data", corpus, "--checkpoint-dir", str(ckpt), "--steps", "2"] + TINY_MODEL) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "amnets train: config" and "hidden_size=32" in " ".join(err[1:6])
+    model = build_model(load(ckpt / "last.pt")["config"], 29)
+    counts = parameter_counts(model)
+    assert counts["total"] == sum(p.numel() for p in model.parameters())
+    count_line = next(i for i, line in enumerate(err) if "parameters (" in line)
+    assert f"amnets train: {counts['total']:,} parameters" in err[count_line]
+    assert count_line < next(i for i, line in enumerate(err) if line.startswith("step "))
+    assert [w.split()[1] for w in written if w.startswith("step ")] == ["1", "2"]  # through tqdm.write
+    saved = json.loads((ckpt / "config.json").read_text())
+    assert saved["hidden_size"] == 32 and saved["anneal_steps"] == 2
+    # config.json is a --config file for another run
+    assert main(["train", "--config", str(ckpt / "config.json"), "--steps", "1", "--checkpoint-dir",
+                 str(tmp_path / "again")]) == 0
