@@ -2,7 +2,8 @@
 
 Times every available face of each op against its baseline on this machine's device (CUDA if present,
 else the CPU with pinned threads), prints one markdown table, and writes <out>/<device>.json (rows plus
-device, versions and date), .md and .png. `make bench` runs this; `make bench QUICK=1` the smoke run.
+device, versions and date), .md (with each ratio's min-max over rounds) and .png (when matplotlib is
+installed). `make bench` runs this; `make bench QUICK=1` the smoke run.
 On a GPU, suites that define a GPU grid use it (harness.pick_grid): the issue's target shapes, sized to
 fit benchmarks/gpu_suite.sh's lease.
 """
@@ -11,6 +12,9 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib
+import importlib.machinery
+import importlib.util
 import json
 import os
 import platform
@@ -21,11 +25,57 @@ import warnings
 
 import torch
 
-from . import amnets_encoder, bsr, lowrank_lstm, rnnt, swap
-from .harness import as_dicts, markdown, measure
 
-SUITES = {"bsr": bsr.cases, "lowrank_lstm": lowrank_lstm.cases, "rnnt": rnnt.loss_cases,
-          "fused_joint": rnnt.joint_cases, "swap": swap.cases, "amnets_encoder": amnets_encoder.cases}
+def prefer_installed_package() -> str | None:
+    """Import the amnets_kernels that has its compiled extension; say which when it is not the obvious one.
+
+    `python -m benchmarks` puts the working directory first on sys.path. Run from a clone root after a
+    non-editable install, `amnets_kernels` would be the clone's source folder, which has no compiled
+    extension (it was built into site-packages), so every face row would fail. Then the installed copy is
+    imported instead; a source folder built in place (make install, `pip install -e .`) is used as it is."""
+    if "amnets_kernels" in sys.modules:
+        return None
+    spec = importlib.util.find_spec("amnets_kernels")
+    if spec is None or not spec.submodule_search_locations:
+        return None  # not importable at all: the import below says so
+    local = os.path.realpath(next(iter(spec.submodule_search_locations)))
+    if any(os.path.exists(os.path.join(local, "_C" + ext)) for ext in importlib.machinery.EXTENSION_SUFFIXES):
+        return None
+    parent = os.path.dirname(local)
+    saved = sys.path[:]
+    sys.path[:] = [p for p in saved if os.path.realpath(p or os.getcwd()) != parent]
+    try:  # the search and import without the source folder's parent (every finder, editable installs too)
+        installed = importlib.util.find_spec("amnets_kernels")
+        found = installed is not None and installed.origin is not None and \
+            os.path.realpath(os.path.dirname(installed.origin)) != local
+        if found:
+            import amnets_kernels  # noqa: F401  (cached in sys.modules: every later import gets this copy)
+    finally:
+        sys.path[:] = saved
+    if not found:
+        return (f"amnets_kernels ({local}) has no compiled extension and no installed copy was found: "
+                f"build it (`make install`, or `pip install --no-build-isolation -e .` in {parent}), "
+                "or install it (`pip install --no-build-isolation .`)")
+    return (f"using the installed amnets_kernels ({os.path.dirname(installed.origin)}), not the source "
+            f"folder {local}, which has no compiled extension")
+
+
+# Before the suites import amnets_kernels.
+_PACKAGE_NOTE = prefer_installed_package()
+
+from .harness import as_dicts, markdown, measure  # noqa: E402
+
+
+def _suite(module: str, function: str):
+    """A suite's cases, its module imported when that suite runs: `--ops bsr` needs no torchaudio."""
+    def cases(device, quick):
+        return getattr(importlib.import_module(f".{module}", __package__), function)(device, quick)
+    return cases
+
+
+SUITES = {"bsr": _suite("bsr", "cases"), "lowrank_lstm": _suite("lowrank_lstm", "cases"),
+          "rnnt": _suite("rnnt", "loss_cases"), "fused_joint": _suite("rnnt", "joint_cases"),
+          "swap": _suite("swap", "cases"), "amnets_encoder": _suite("amnets_encoder", "cases")}
 
 
 def cpu_model() -> str:
@@ -49,32 +99,68 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
-def plot(rows, path: str) -> None:
+# One colour per candidate label in every panel (and every run): our faces fixed, the others in order.
+FACE_COLORS = {"amnets[reference]": "tab:gray", "amnets[cpu]": "tab:blue", "amnets[triton]": "tab:orange",
+               "amnets[cuda]": "tab:green", "after swap_in": "tab:cyan"}
+OTHER_COLORS = ("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "gold", "navy", "teal")
+
+
+def label_colors(labels) -> dict[str, str]:
+    labels = set(labels)
+    others = sorted(labels - set(FACE_COLORS))
+    colors = {label: OTHER_COLORS[i % len(OTHER_COLORS)] for i, label in enumerate(others)}
+    return {**colors, **{label: c for label, c in FACE_COLORS.items() if label in labels}}
+
+
+def figure(rows):
+    """Per op, each candidate's median ratio to the baseline per case, with the per-round min-max as a bar."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ops = sorted({r["op"] for r in rows})
+    colors = label_colors(r["label"] for r in rows if r["ratio"] is not None)
     fig, axes = plt.subplots(len(ops), 1, figsize=(11, 3.2 * len(ops)), squeeze=False)
     for ax, op in zip(axes[:, 0], ops):
         mine = [r for r in rows if r["op"] == op and r["ratio"] is not None]
         cases = sorted({(r["case"], r["mode"]) for r in mine})
         index = {c: i for i, c in enumerate(cases)}
         for label in sorted({r["label"] for r in mine}):
-            pts = [(index[(r["case"], r["mode"])], r["ratio"]) for r in mine if r["label"] == label]
-            ax.plot(*zip(*pts), "o", label=label, markersize=4)
+            got = [r for r in mine if r["label"] == label]
+            x = [index[(r["case"], r["mode"])] for r in got]
+            y = [r["ratio"] for r in got]
+            # rows from before the spread was recorded (or timed once) have no min/max: no bar
+            low = [r["ratio"] - r["ratio_min"] if r.get("ratio_min") is not None else 0.0 for r in got]
+            high = [r["ratio_max"] - r["ratio"] if r.get("ratio_max") is not None else 0.0 for r in got]
+            ax.errorbar(x, y, yerr=[low, high], fmt="o", label=label, color=colors[label], markersize=4,
+                        elinewidth=0.8, capsize=2)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
-        ax.set_title(f"{op}: time / baseline (below 1 = faster), {len(cases)} cases")
+        ax.set_title(f"{op}: time / baseline (below 1 = faster; bars: min-max over rounds), "
+                     f"{len(cases)} cases")
         if len(cases) <= 16:
             ax.set_xticks(range(len(cases)), [f"{c} {m}" for c, m in cases], rotation=20, ha="right", fontsize=6)
         else:
             ax.set_xticks([])
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
+    return fig
+
+
+def plot(rows, path: str) -> str | None:
+    """Write the plot; without matplotlib (an optional dependency) say why not instead."""
+    try:
+        fig = figure(rows)
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] != "matplotlib":
+            raise
+        return "plots skipped: matplotlib is not installed (pip install matplotlib, or the [test] extra)"
+    import matplotlib.pyplot as plt
+
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    return None
 
 
 def main(argv=None) -> int:
@@ -92,6 +178,8 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown --ops {sorted(unknown)}; choose from {list(SUITES)}")
 
+    if _PACKAGE_NOTE:
+        print(f"python -m benchmarks: {_PACKAGE_NOTE}", file=sys.stderr)
     device = torch.device(args.device)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -148,9 +236,11 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, stem + ".md"), "w") as f:
         f.write(f"Device: {name}; torch {torch.__version__}; {report['date']}; `{report['command']}`\n\n")
         f.write(table + "\n")
-    if rows:
-        plot(report["rows"], os.path.join(args.out, stem + ".png"))
-    print(f"\nwrote {os.path.join(args.out, stem)}.json/.md/.png ({report['seconds']} s)", file=sys.stderr)
+    skipped = plot(report["rows"], os.path.join(args.out, stem + ".png")) if rows else "no rows to plot"
+    if skipped:
+        print(skipped, file=sys.stderr)
+    written = ".json/.md" + ("" if skipped else "/.png")
+    print(f"\nwrote {os.path.join(args.out, stem)}{written} ({report['seconds']} s)", file=sys.stderr)
     return 0
 
 

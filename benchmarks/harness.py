@@ -3,7 +3,8 @@
 A case has one baseline (dense F.linear, nn.LSTM, torchaudio rnnt_loss, ...) and other candidates:
 our faces ("amnets[<face>]") and other implementations worth beating. Each round times every
 candidate once, in a rotated order, so drift (clock, cache, other load) hits all of them alike.
-Reported: the median time per call and the median over rounds of time / baseline time.
+Reported: the median time per call, the median over rounds of time / baseline time, and the min and max
+of those per-round ratios (the spread: how far one round's answer could be from the median).
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class Row:
     rounds: int
     peak_mb: float | None = None
     note: str = ""
+    ratio_min: float | None = None  # min and max over rounds of time / baseline time (the spread of `ratio`)
+    ratio_max: float | None = None
 
 
 def _sync(device: torch.device):
@@ -133,29 +136,43 @@ def measure(case: Case, device: torch.device, *, rounds: int = 7, round_s: float
             rows.append(Row(case.op, case.name, case.mode, c.label, c.kind, case.params, None, None, 0,
                             note=failed.get(c.label, "baseline failed")))
             continue
+        bounds = (None, None)
         if c is case.baseline:
             ratio = None
         elif len(got) == len(base):
-            ratio = statistics.median(t / b for t, b in zip(got, base))
-        else:
+            per_round = [t / b for t, b in zip(got, base)]
+            ratio, bounds = statistics.median(per_round), (min(per_round), max(per_round))
+        else:  # timed once (too slow to repeat): no per-round ratios, so no spread
             ratio = statistics.median(got) / statistics.median(base)
         derived = case.derive(statistics.median(got)) if case.derive and c.kind == "face" else ""
         note = "; ".join(filter(None, [c.note, notes.get(c.label, ""), derived]))
         rows.append(Row(case.op, case.name, case.mode, c.label, c.kind, case.params,
-                        statistics.median(got) * 1e3, ratio, len(got), _peak_mb(c.fn, device), note))
+                        statistics.median(got) * 1e3, ratio, len(got), _peak_mb(c.fn, device), note, *bounds))
     for label, why in case.skipped:
         rows.append(Row(case.op, case.name, case.mode, label, "face", case.params, None, None, 0, note=why))
     return rows
 
 
+def spread(r: Row) -> str:
+    """'0.48–0.55 (7 rounds)': the per-round ratios' range; for the baseline only its round count."""
+    if r.median_ms is None:
+        return "—"
+    n = f"{r.rounds} round{'' if r.rounds == 1 else 's'}"
+    if r.kind == "baseline" or r.ratio_min is None:
+        return n
+    return f"{r.ratio_min:.2f}–{r.ratio_max:.2f} ({n})"
+
+
 def markdown(rows: list[Row]) -> str:
     """One table: a line per (case, candidate); ratios < 1 are faster than the baseline."""
     show_mem = any(r.peak_mb is not None for r in rows)
-    head = ["op", "case", "mode", "candidate", "median ms", "× baseline"] + (["peak MB"] if show_mem else []) + ["note"]
+    head = ["op", "case", "mode", "candidate", "median ms", "× baseline", "min–max ×"] + \
+        (["peak MB"] if show_mem else []) + ["note"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [r.op, r.case, r.mode, r.label, "—" if r.median_ms is None else f"{r.median_ms:.3f}",
-                 "baseline" if r.kind == "baseline" else ("—" if r.ratio is None else f"{r.ratio:.2f}")]
+                 "baseline" if r.kind == "baseline" else ("—" if r.ratio is None else f"{r.ratio:.2f}"),
+                 spread(r)]
         if show_mem:
             cells.append("—" if r.peak_mb is None else f"{r.peak_mb:.0f}")
         cells.append(r.note)

@@ -26,16 +26,20 @@ def table(report: dict, everything: bool = False, reference: bool = True) -> str
     baselines = {(r["op"], r["case"], r["mode"]): r for r in chosen if r["kind"] == "baseline"}
     lines = [f"Measured on {report['device']}, {report['date'][:10]}, by `{report['command'].strip()}` "
              f"(torch {report['build_info']['torch']}).", "",
-             "| op | case | mode | baseline | baseline ms | candidate | ms | × baseline | peak MB (baseline → candidate) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| op | case | mode | baseline | baseline ms | candidate | ms | × baseline "
+             "| min–max × (rounds) | peak MB (baseline → candidate) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in chosen:
         base = baselines.get((r["op"], r["case"], r["mode"]))
         if r["kind"] == "baseline" or r["median_ms"] is None or base is None or base["median_ms"] is None:
             continue
         memory = "—" if r.get("peak_mb") is None or base.get("peak_mb") is None else \
             f"{base['peak_mb']:.0f} → {r['peak_mb']:.0f}"
+        # results written before the spread was recorded have no ratio_min / ratio_max
+        spread = "—" if r.get("ratio_min") is None else \
+            f"{r['ratio_min']:.2f}–{r['ratio_max']:.2f} ({r['rounds']})"
         lines.append(f"| {r['op']} | {r['case']} | {r['mode']} | {base['label']} | {base['median_ms']:.2f} | "
-                     f"{r['label']} | {r['median_ms']:.2f} | {r['ratio']:.2f} | {memory} |")
+                     f"{r['label']} | {r['median_ms']:.2f} | {r['ratio']:.2f} | {spread} | {memory} |")
     return "\n".join(lines)
 
 

@@ -45,7 +45,13 @@ def test_ratio_is_median_of_per_round_ratios(monkeypatch):
     by_label = {r.label: r for r in rows}
     assert by_label["dense"].ratio is None and by_label["dense"].median_ms == pytest.approx(2000.0)
     assert by_label["amnets[cpu]"].ratio == pytest.approx(0.5)
+    # the spread: min and max of the same per-round ratios, shown in the table beside the median
+    cpu = by_label["amnets[cpu]"]
+    assert (cpu.ratio_min, cpu.ratio_max) == pytest.approx((0.25, 1.0))
+    assert by_label["dense"].ratio_min is None
     assert by_label["amnets[cuda]"].median_ms is None and by_label["amnets[cuda]"].note == "not on cpu"
+    table = harness.markdown(rows)
+    assert "| 0.50 | 0.25–1.00 (3 rounds) |" in table and "| baseline | 3 rounds |" in table
 
 
 def test_failing_candidate_is_reported_not_dropped(monkeypatch):

@@ -43,8 +43,9 @@ Each output element is written by exactly one program (no atomics), so results a
 Limits. Block sizes b must be powers of two up to 64 (1, 2, 4, 8, 16, 32, 64); any other b raises
 ValueError (the reference and cpu faces take any b). float64 is supported, on the tl.dot-free paths
 with 16-row tiles (exact, not fast). crow/col indices may be int32 or int64 (int64 is narrowed to
-int32 per call: fewer than 2**31 blocks). Tile sizes are not tuned on a GPU yet (the H200 run timed them as they are): chosen for 0
-spills when compiled by Triton 3.6 and 3.8 (python -m amnets_kernels.aot lists every configuration).
+int32 per call: fewer than 2**31 blocks). Tile sizes are not tuned: the H200 run (Triton 3.6;
+benchmarks/results/nvidia-h200.md) timed them as they are. They are chosen for 0 spills when compiled by
+Triton 3.6 and 3.8 (python -m amnets_kernels.aot lists every configuration).
 Triton 3.6's interpreter cannot run these kernels (it cannot take a loop bound loaded from memory);
 3.8's can, and compiled code runs on both.
 """
@@ -221,8 +222,8 @@ class _Config:
 # 4 (M <= 4), 16 (M <= 16 in one tile; also the tile for many rows where tl.dot is out: b < 16). float64
 # is an exact path, not a fast one: always 16-row tiles (fewer compiled variants).
 # The tl.dot path: min(b, 32) outputs by 16 rows (4 warps, no pipelining: with it the fp32 FMA version
-# spills on sm_80) or by 64 rows (8 warps, 2 stages; at 4 warps the fp32 version spills). Untuned: no
-# GPU was at hand; chosen for 0 spills.
+# spills on sm_80) or by 64 rows (8 warps, 2 stages; at 4 warps the fp32 version spills). Chosen for 0
+# spills, not tuned: the H200 run (benchmarks/results/nvidia-h200.md) only timed them.
 _MM_WIDTH = 64
 _MM_PRODUCT_BYTES = 16384
 _MM_BROADCAST_BLOCK_M = (1, 4, 16)

@@ -479,9 +479,10 @@ MAX_LABELS_PLUS_1 = _LATTICE_CONFIGS[-1].constexprs["BLOCK_U"]
 # (IEEE) and "fp64" run tl.dot on FMA units, which hold whole operand rows in registers: narrower V
 # blocks and mostly no software pipelining. The logits kernels keep K narrow (their live set is a
 # cells x V tile of logits and its softmax); the two GEMMs of the backward have wide output tiles.
-# tl.dot needs every dimension >= 16. Not tuned on a GPU yet (the H200 run timed them as they are): each entry is one that
-# ptxas compiles without spills under both Triton 3.6 and 3.8 (its register heuristics spill a few
-# bytes at 8 warps for some fp32/fp64 tiles that fit easily at 4, and vice versa).
+# tl.dot needs every dimension >= 16. Not tuned: the H200 run (benchmarks/results/nvidia-h200.md) only
+# timed them. Each entry is one that ptxas compiles without spills under both Triton 3.6 and 3.8 (its
+# register heuristics spill a few bytes at 8 warps for some fp32/fp64 tiles that fit easily at 4, and
+# vice versa).
 _JOINT_CELLS = {"BLOCK_T": 8, "BLOCK_U": 8}
 _JOINT_BLOCKS = {
     _joint_forward_kernel: {"mma": (64, 16, 8, 2), "fp32": (32, 16, 4, 1), "fp64": (32, 16, 8, 1)},

@@ -34,9 +34,10 @@
 //   - Atomic accumulation makes grad_enc / grad_pred (and cuBLAS's own choices) not bitwise reproducible.
 //   - fp32 GEMMs follow torch.backends.cuda.matmul.allow_tf32 like every at::mm (off by default).
 //   - At most 2^31 - 1 lattice cells B*T*(U+1) (checked): cell indices split with 32-bit division.
-//   - The joint's at::nonzero waits for the device once per call, so the joint cannot be captured in
-//     a CUDA graph. rnnt_loss's kernels do not synchronise, but the op around them (csrc/rnnt.cpp) does (it
-//     reads the labels and lengths to check them, and the costs to report non-finite ones): issue 13, open.
+//   - Host syncs: the kernels here never wait, but both ops do. The op around them (csrc/rnnt.cpp) copies
+//     the labels and lengths to the host to check them in every forward and backward, and reads whether
+//     every cost is finite (to report the others) after every forward; the joint's at::nonzero adds one
+//     wait per forward and per backward. So neither op can be captured in a CUDA graph: issue 13, open.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
