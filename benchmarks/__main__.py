@@ -73,7 +73,8 @@ def _suite(module: str, function: str):
     return cases
 
 
-SUITES = {"bsr": _suite("bsr", "cases"), "lowrank_lstm": _suite("lowrank_lstm", "cases"),
+SUITES = {"bsr": _suite("bsr", "cases"), "bsr_regimes": _suite("bsr", "regime_cases"),
+          "lowrank_lstm": _suite("lowrank_lstm", "cases"),
           "rnnt": _suite("rnnt", "loss_cases"), "fused_joint": _suite("rnnt", "joint_cases"),
           "swap": _suite("swap", "cases"), "amnets_encoder": _suite("amnets_encoder", "cases")}
 
