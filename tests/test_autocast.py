@@ -116,8 +116,9 @@ def test_backward_inside_the_autocast_region(face, case):
         want_grads = grads(want, leaves)
         with autocast(torch.bfloat16):
             got_grads = grads(outputs(op(*args)), leaves)
-        for g, w in zip(got_grads, want_grads):
+        for g, w, leaf in zip(got_grads, want_grads, leaves):
             if w is not None:
+                assert g.dtype == leaf.dtype  # the casts are autograd's: an fp32 leaf gets an fp32 gradient
                 close(g, w, torch.bfloat16, scale=4)
 
 

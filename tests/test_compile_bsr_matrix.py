@@ -29,6 +29,7 @@ def _same_as_eager(module, x, params):
     inputs = [x, *params]
     for got, want in zip(grads(compiled, inputs), grads(eager, inputs)):
         close(got, want)
+    return compiled
 
 
 class BuildsMatrix(torch.nn.Module):
@@ -46,7 +47,8 @@ class BuildsMatrix(torch.nn.Module):
 @pytest.mark.parametrize("shape, block", [(SHAPE, BLOCK), ((12, 8), 4)])
 def test_matrix_built_in_compiled_forward(shape, block):
     module = BuildsMatrix(_pattern(shape, block))
-    _same_as_eager(module, rand(3, shape[1], requires_grad=True), [module.values])
+    out = _same_as_eager(module, rand(3, shape[1], requires_grad=True), [module.values])
+    assert out.shape == (3, shape[0])
 
 
 class ReadsSparseWeight(torch.nn.Module):
@@ -61,7 +63,8 @@ class ReadsSparseWeight(torch.nn.Module):
 
 def test_sparse_weight_property_in_compiled_forward():
     module = ReadsSparseWeight()
-    _same_as_eager(module, rand(2, 3, SHAPE[1], requires_grad=True), [module.lin.values, module.lin.bias])
+    out = _same_as_eager(module, rand(2, 3, SHAPE[1], requires_grad=True), [module.lin.values, module.lin.bias])
+    assert out.shape == (2, 3, SHAPE[0])
 
 
 def test_matrix_as_argument_and_result_of_compiled_function():
@@ -112,6 +115,7 @@ def test_export_takes_a_matrix_input():
 
     x = rand(3, SHAPE[1])
     program = torch.export.export(Apply(), (x, matrix))
+    assert len(program.graph_signature.user_inputs) == 4  # x and the matrix's three tensors, flattened
     close(program.module()(x, other), ak.bsr_linear(x, other))
 
 

@@ -30,6 +30,7 @@ def exact(module, lstm, args, grad=True):
         sum((g * w.to(DEVICE)).sum() for g, w in zip(flat_m, weights)).backward()
         sum((g * w).sum() for g, w in zip(flat_t, weights)).backward()
         torch.testing.assert_close(x.grad.cpu(), xr.grad, rtol=0, atol=5e-5)
+    return mine
 
 
 def cases(layers, bidirectional, proj, batch_first):
@@ -50,6 +51,7 @@ def test_lowrank_lstm_at_full_rank_is_the_lstm(face, layers, bidirectional, proj
         low = LowRankLSTM.from_lstm(lstm, rank=10**6).to(DEVICE)
         for args in calls:
             exact(low, lstm, args)
+        assert low.ranks == [(min(4 * 8, d), proj or 8) for _, _, _, d in low.directions()]  # full rank
         exact(low.to_dense(), lstm, calls[1])  # the way back: a plain nn.LSTM
 
 
