@@ -1,5 +1,6 @@
 # From a fresh clone:  make test   (install, build, test suite, Triton AOT report, C++ deployment example)
 #                      make bench  (the benchmark table on this machine's device; QUICK=1 smoke run)
+#                      make peers  (optional: build fast_rnnt and optimized_transducer, rnnt_loss peers, from source)
 # Both create .venv and install the pinned stack (pyproject.toml) the first time, and rebuild the
 # extension when setup.py, pyproject.toml or csrc/ change.
 
@@ -10,7 +11,7 @@ SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 QUICK  ?=
 SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: test bench install aot deploy clean
+.PHONY: test bench peers install aot deploy clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -43,6 +44,11 @@ deploy: install
 bench: install
 	$(PY) -m benchmarks $(if $(QUICK),--quick)
 	$(PY) -m benchmarks.overhead
+
+# Optional: the rnnt_loss peers benchmarks/rnnt.py times when importable (a few minutes of C++ builds;
+# test and bench do not need them and label them "not installed" without).
+peers: install
+	bash benchmarks/peers.sh $(PY)
 
 clean:
 	rm -rf build *.egg-info amnets_kernels/_C*.so $(VENV)
