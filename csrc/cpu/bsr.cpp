@@ -69,8 +69,21 @@ struct Problem {
 // ---------------------------------------------------------------------------------------------------
 // forward, few rows: y[m, r*B + i] = sum_k sum_j W_k[i, j] x[m, col_k*B + j]
 
-// How far ahead the few-row forward asks for weights: about a DRAM latency of one core's stream.
+// How far ahead the forwards ask for weights: about a DRAM latency of one core's stream.
 constexpr int64_t kPrefetchBytes = 8192;
+
+// Ask for `span` bytes of the block kPrefetchBytes of weights ahead of block k, from element `offset` in it,
+// one request per cache line: a pass reads a strided slice of every block (rows i0.. of each), which the
+// hardware prefetchers follow poorly (measured: ~10 GB/s on one AMD EPYC core where MKL's dense GEMV
+// reads ~17).
+template <typename T, int B>
+AMNETS_INLINE void prefetch_block(const Problem& p, const T* values, int64_t k, int64_t r, int64_t offset,
+                                  int64_t span) {
+  constexpr int64_t ahead = std::max<int64_t>(1, kPrefetchBytes / (B * B * int64_t(sizeof(T))));
+  if (k + ahead >= p.crow[r + 1]) return;
+  const char* at = reinterpret_cast<const char*>(values + (k + ahead) * B * B + offset);
+  for (int64_t line = 0; line < span; line += 64) __builtin_prefetch(at + line, 0, 3);
+}
 
 template <typename T, int B, int MT>
 AMNETS_INLINE void forward_dot(const Problem& p, const T* values, const float* x, int64_t ldx, float* y,
@@ -82,18 +95,14 @@ AMNETS_INLINE void forward_dot(const Problem& p, const T* values, const float* x
     vfloat acc[IT][MT] = {};
     for (int64_t k = p.crow[r]; k < p.crow[r + 1]; ++k) {
       const T* blk = values + k * B * B + i0 * B;
-      // Few rows: the weights stream from memory, and each pass reads a strided slice of every block, which
-      // the hardware prefetchers follow poorly (measured: ~10 GB/s on one AMD EPYC core where MKL's dense
-      // GEMV reads ~17). Ask for weights kPrefetchBytes ahead, one request per cache line: for fp32 whole
-      // blocks in the first pass (a sequential stream; later passes find the block row in L2), for bf16
-      // each pass's own slice (measured faster there: the widening, not the stream, bounds bf16).
+      // Few rows: the weights stream from memory. fp32: whole blocks in the first pass (a sequential
+      // stream; later passes find the block row in L2); bf16: each pass's own slice (measured faster
+      // there: the widening, not the stream, bounds bf16).
       if constexpr (MT <= 2) {
-        constexpr bool whole = sizeof(T) == 4;
-        constexpr int64_t span = (whole ? B : IT) * B * int64_t(sizeof(T));
-        constexpr int64_t ahead = std::max<int64_t>(1, kPrefetchBytes / (B * B * int64_t(sizeof(T))));
-        if ((!whole || i0 == 0) && k + ahead < p.crow[r + 1]) {
-          const char* at = reinterpret_cast<const char*>(values + (k + ahead) * B * B + (whole ? 0 : i0 * B));
-          for (int64_t line = 0; line < span; line += 64) __builtin_prefetch(at + line, 0, 3);
+        if constexpr (sizeof(T) == 4) {
+          if (i0 == 0) prefetch_block<T, B>(p, values, k, r, 0, B * B * int64_t(sizeof(T)));
+        } else {
+          prefetch_block<T, B>(p, values, k, r, i0 * B, IT * B * int64_t(sizeof(T)));
         }
       }
       const float* xk = x + p.col[k] * B;
@@ -129,12 +138,13 @@ AMNETS_INLINE void forward_broadcast(const Problem& p, const T* values, const fl
     vfloat acc[kWidth] = {};
     for (int64_t k = p.crow[r]; k < p.crow[r + 1]; ++k) {
       const T* blk = values + k * B * B + i0 * B;
+      prefetch_block<T, B>(p, values, k, r, i0 * B, kWidth * B * int64_t(sizeof(T)));  // this pass's slice
       const float* xk = xt + p.col[k] * B * mp + m0;
       const int64_t cols = p.cols_in(p.col[k]);  // never touch weights outside the logical matrix
       for (int64_t j = 0; j < cols; ++j) {
         const vfloat xv = simd::load(xk + j * mp);
         AMNETS_UNROLL
-        for (int i = 0; i < kWidth; ++i) acc[i] += simd::splat(scalar(blk[i * B + j])) * xv;
+        for (int i = 0; i < kWidth; ++i) acc[i] += scalar(blk[i * B + j]) * xv;
       }
     }
     for (int i = 0; i < kWidth && i0 + i < rows; ++i)
@@ -183,7 +193,7 @@ AMNETS_INLINE void grad_input_column(const Problem& p, const ColumnIndex& ci, co
       for (int v = 0; v < V; ++v) w[v] = load16(blk + i * B + v * kWidth);
       AMNETS_UNROLL
       for (int m = 0; m < MT; ++m) {
-        const vfloat gm = simd::splat(g[(m0 + m) * p.out_features + i]);
+        const float gm = g[(m0 + m) * p.out_features + i];
         AMNETS_UNROLL
         for (int v = 0; v < V; ++v) acc[m][v] += gm * w[v];
       }
@@ -223,7 +233,7 @@ AMNETS_INLINE void grad_values_block(const Problem& p, const float* gy, int64_t 
       for (int v = 0; v < V; ++v) xv[v] = simd::load(xm + v * kWidth);
       AMNETS_UNROLL
       for (int i = 0; i < IT; ++i) {
-        const vfloat g = simd::splat(gm[i]);
+        const float g = gm[i];
         AMNETS_UNROLL
         for (int v = 0; v < V; ++v) acc[i][v] += g * xv[v];
       }
@@ -333,8 +343,9 @@ void forward_rows(const Problem& p, const c10::BFloat16* v, const float* x, int6
 #define AMNETS_DPBF16 __attribute__((target("avx512f,avx512bf16")))
 
 template <int B>
-AMNETS_DPBF16 inline void forward_dpbf16_block_row(const Problem& p, const uint32_t* pairs, const uint16_t* xp,
-                                                   int64_t mp, float* y, int64_t r) {
+AMNETS_DPBF16 inline void forward_dpbf16_block_row(const Problem& p, const c10::BFloat16* values,
+                                                   const uint16_t* xp, int64_t mp, float* y, int64_t r) {
+  const auto* pairs = reinterpret_cast<const uint32_t*>(values);
   const int64_t rows = p.rows_in(r);
   for (int64_t m0 = 0; m0 < p.rows; m0 += 16) {
     const int64_t lanes = std::min<int64_t>(16, p.rows - m0);
@@ -343,6 +354,7 @@ AMNETS_DPBF16 inline void forward_dpbf16_block_row(const Problem& p, const uint3
       for (auto& a : acc) a = _mm512_setzero_ps();
       for (int64_t k = p.crow[r]; k < p.crow[r + 1]; ++k) {
         const uint32_t* w = pairs + (k * B * B + i0 * B) / 2;
+        prefetch_block<c10::BFloat16, B>(p, values, k, r, i0 * B, 16 * B * 2);  // this pass's slice
         const uint16_t* xk = xp + (p.col[k] * B / 2 * mp + m0) * 2;
         // Never read weights outside the logical matrix (padding may hold anything): whole pairs up to the
         // last logical column, then a lone even column with its odd neighbour masked off.
@@ -370,12 +382,11 @@ AMNETS_DPBF16 inline void forward_dpbf16_block_row(const Problem& p, const uint3
 
 AMNETS_DPBF16 void forward_rows_dpbf16(const Problem& p, const c10::BFloat16* values, const uint16_t* xp,
                                        int64_t mp, float* y, int64_t r0, int64_t r1) {
-  const auto* pairs = reinterpret_cast<const uint32_t*>(values);
   for (int64_t r = r0; r < r1; ++r) {
     switch (p.block) {
-      case 16: forward_dpbf16_block_row<16>(p, pairs, xp, mp, y, r); break;
-      case 32: forward_dpbf16_block_row<32>(p, pairs, xp, mp, y, r); break;
-      default: forward_dpbf16_block_row<64>(p, pairs, xp, mp, y, r); break;
+      case 16: forward_dpbf16_block_row<16>(p, values, xp, mp, y, r); break;
+      case 32: forward_dpbf16_block_row<32>(p, values, xp, mp, y, r); break;
+      default: forward_dpbf16_block_row<64>(p, values, xp, mp, y, r); break;
     }
   }
 }

@@ -106,7 +106,7 @@ AMNETS_INLINE void few_rows(const T* vt, const int32_t* crow, const int32_t* col
         for (int v = 0; v < V; ++v) w[v] = load16(blk + (j0 + s) * B + v * kWidth);
         AMNETS_UNROLL
         for (int m = 0; m < MT; ++m) {
-          const vfloat xm = simd::splat(xk[m * ldx + j0 + s]);
+          const float xm = xk[m * ldx + j0 + s];
           AMNETS_UNROLL
           for (int v = 0; v < V; ++v) acc[s][m][v] += w[v] * xm;
         }
@@ -143,7 +143,7 @@ AMNETS_INLINE void many_rows(const T* vt, const int32_t* crow, const int32_t* co
       for (int j = 0; j < B; ++j) {
         const vfloat xv = simd::load(xk + j * mp);
         AMNETS_UNROLL
-        for (int i = 0; i < kWidth; ++i) acc[i] += simd::splat(simd::scalar(blk[j * B + i])) * xv;
+        for (int i = 0; i < kWidth; ++i) acc[i] += simd::scalar(blk[j * B + i]) * xv;
       }
     }
     for (int i = 0; i < kWidth && i0 + i < rows; ++i)
@@ -218,7 +218,7 @@ AMNETS_INLINE void expand_rows(const float* ut, int64_t R, int64_t G, int64_t ld
       for (int c = 0; c < C; ++c) u[c] = simd::load(ut + j * ldu + g0 + c * kWidth);
       AMNETS_UNROLL
       for (int m = 0; m < MT; ++m) {
-        const vfloat sm = simd::splat(s[m * lds + j]);
+        const float sm = s[m * lds + j];
         AMNETS_UNROLL
         for (int c = 0; c < C; ++c) acc[m][c] += u[c] * sm;
       }
@@ -236,13 +236,13 @@ AMNETS_INLINE void expand_rows(const float* ut, int64_t R, int64_t G, int64_t ld
       for (int q = 0; q < 4; ++q) {
         const vfloat u = simd::load(ut + (j + q) * ldu + g0);
         AMNETS_UNROLL
-        for (int m = 0; m < MT; ++m) acc[q][m] += u * simd::splat(s[m * lds + j + q]);
+        for (int m = 0; m < MT; ++m) acc[q][m] += u * s[m * lds + j + q];
       }
     }
     for (; j < R; ++j) {
       const vfloat u = simd::load(ut + j * ldu + g0);
       AMNETS_UNROLL
-      for (int m = 0; m < MT; ++m) acc[0][m] += u * simd::splat(s[m * lds + j]);
+      for (int m = 0; m < MT; ++m) acc[0][m] += u * s[m * lds + j];
     }
     AMNETS_UNROLL
     for (int m = 0; m < MT; ++m) {

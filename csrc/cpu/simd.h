@@ -28,7 +28,10 @@ constexpr int64_t kWidth = 16;
 typedef float vfloat __attribute__((vector_size(64)));
 typedef int32_t vint __attribute__((vector_size(64)));
 
-AMNETS_INLINE vfloat splat(float x) { return vfloat{} + x; }
+// x - 0 is x for every float (-0 included), so this is one broadcast (`vfloat{} + x` is not: 0 + -0 = +0,
+// an extra add). In inner loops write `scalar * vector` instead: GCC then folds the broadcast into the
+// FMA's memory operand ({1to16}); a splat() there became a 64-byte load and a register broadcast.
+AMNETS_INLINE vfloat splat(float x) { return x - vfloat{}; }
 AMNETS_INLINE vfloat load(const float* p) {
   vfloat v;
   std::memcpy(&v, p, sizeof v);
