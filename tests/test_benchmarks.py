@@ -4,6 +4,7 @@ reported as rows (never silently dropped). Times are faked: tests check arithmet
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -75,3 +76,25 @@ def test_quick_run_writes_table_and_json(tmp_path):
     labels = {r["label"] for r in report["rows"]}
     assert "torchaudio rnnt_loss" in labels and "amnets[reference]" in labels
     assert (tmp_path / "smoke.png").stat().st_size > 0
+
+
+def test_contention_quick_run_times_quiet_and_loaded_and_stops_its_hog():
+    done = subprocess.run([sys.executable, "-m", "benchmarks.contention", "--quick", "--filter", "bsr_linear"],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| bsr_linear")]
+    assert len(rows) == 3  # M=1, M=16 forward and M=16 fwd+bwd; the stock rows are filtered out
+    for label, quiet, loaded, growth, verdict in rows:
+        quiet, loaded, half = float(quiet), float(loaded), 0.0005  # printed to 3 decimals
+        assert quiet > half and loaded > half
+        assert (loaded - half) / (quiet + half) - 0.01 <= float(growth) <= (loaded + half) / (quiet - half) + 0.01
+        assert verdict.strip() in ("met", "**missed**")
+    assert not any(b"while True: pass" in _cmdline(p) for p in Path("/proc").glob("[0-9]*")), \
+        "the busy-loop process outlived the benchmark"
+
+
+def _cmdline(proc: Path) -> bytes:
+    try:
+        return (proc / "cmdline").read_bytes()
+    except OSError:  # the process ended meanwhile
+        return b""

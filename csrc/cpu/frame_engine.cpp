@@ -14,7 +14,7 @@
 // needs 16 of them per 16 outputs, which costs more than the arithmetic at density 0.2); for many rows
 // 16 rows of x are one vector and the weights are broadcast.
 // Mixed batches group rows by branch: the full rows pay for the dense weights once, the cheap rows for the
-// cheap ones; 8 or more full rows of an fp32 model are one ATen GEMM call (MKL), the one ATen op on the way.
+// cheap ones; 64 or more full rows of an fp32 model are one ATen GEMM call (MKL), the one ATen op on the way.
 // Weights are fp32 or bf16 (read as bf16, computed in fp32); for bf16 models h and c are rounded to bf16
 // after every step, as the bf16 state tensors between chunks hold them, so that chunks continue exactly.
 
@@ -43,7 +43,12 @@ namespace {
 using at::Tensor;
 constexpr const char* kOp = "FrameEngine";
 constexpr int64_t kDenseBlock = 32;
-constexpr int64_t kGemmRows = 8;  // full-branch rows from which the dense product is a GEMM call
+// Full-branch rows from which the dense product is an ATen GEMM call (MKL). Below it our broadcast kernel
+// at density 1 is about as fast or faster on one AMD EPYC core (4096x2048 fp32, time ours / MKL: 8 rows
+// 1.01, 16 rows 0.81, 32 rows 0.86, 48 rows 0.79, 64 rows 0.87: python -m benchmarks.dense_rows); MKL keeps
+// the many-row case, where its packed AVX-512 GEMM on an Intel Xeon is expected to be far ahead (not
+// measured: no Xeon at hand).
+constexpr int64_t kGemmRows = 64;
 
 // A block-sparse matrix owned by the engine, blocks transposed: values_t[k][j][i] = W_k[i][j].
 struct Bsr {
@@ -530,8 +535,8 @@ struct FrameEngine : torch::CustomClassHolder {
       z = w.zg.data(), gates = w.gg.data();
     }
     if (full && n >= kGemmRows && layer.dense.defined()) {
-      // Many full rows are compute-bound: ATen's GEMM (MKL) is the fastest dense step there is, and the
-      // dense baseline must not be slowed by our kernel (~20 vs ~35 GMAC/s on one core at B=64).
+      // Many full rows are compute-bound: ATen's GEMM (MKL), so that the dense baseline is never slowed by
+      // our kernel (see kGemmRows).
       const auto f32 = layer.dense.options();
       Tensor y = at::from_blob(gates, {n, 4 * hidden}, f32);
       at::mm_out(y, at::from_blob(const_cast<float*>(z), {n, pad}, f32).narrow(1, 0, layer.dense.size(1)),

@@ -1,0 +1,135 @@
+"""python -m benchmarks.contention [--threads N] [--quick]: how much each op slows down when one other
+single-threaded process competes for the CPU (issue 17: no op may grow by more than 2.5x).
+
+A busy-loop process is started once and paused (SIGSTOP) or let run (SIGCONT) between rounds, so that the
+quiet and the contended timings of every row alternate (ROUNDS each) under the same machine state. A row's
+growth is median(contended) / median(quiet). With N op threads sharing the machine's cores with the hog,
+the fair slowdown is (N + 1) / cores when N >= cores (1.5x for 2 threads on 2 cores); much more means that
+the op's threads wait on a descheduled peer (a barrier per parallel region) or spin against the hog.
+Rows: each op's headline shape on the path users run, and the stock PyTorch op it replaces, for scale.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .__main__ import cpu_model
+
+GOAL = 2.5
+
+
+def mean_ms(fn, seconds: float) -> float:
+    fn()
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or calls < 2:
+        fn()
+        calls += 1
+    return (time.perf_counter() - start) / calls * 1e3
+
+
+def rows(quick: bool):
+    """(label, callable) pairs; every callable runs one call of the op as users make it."""
+    import torchaudio.functional as TAF
+
+    import amnets_kernels as ak
+
+    torch.manual_seed(0)
+    out, k = [], (512 if quick else 2048)
+    dense = torch.randn(2 * k, k)
+    w = ak.BlockSparseMatrix.from_dense(dense, block_size=32, sparsity=0.75)
+    for m in (1, 16):
+        x = torch.randn(m, k)
+        out.append((f"bsr_linear {2 * k}x{k} d=0.25 M={m} fwd", lambda x=x: ak.bsr_linear(x, w)))
+        out.append((f"  F.linear {2 * k}x{k} M={m} fwd (stock)", lambda x=x: F.linear(x, dense)))
+    xg, vg = torch.randn(16, k, requires_grad=True), w.values.clone().requires_grad_(True)
+
+    def bsr_train():
+        y = torch.ops.amnets.bsr_linear(xg, vg, w.crow_indices, w.col_indices, 2 * k, k, None)
+        y.sum().backward()
+
+    out.append((f"bsr_linear {2 * k}x{k} d=0.25 M=16 fwd+bwd", bsr_train))
+
+    hidden, frames = (256, 20) if quick else (1024, 100)
+    lstm = torch.nn.LSTM(hidden, hidden).eval()
+    low = ak.nn.LowRankLSTM.from_lstm(lstm, rank=hidden // 4).eval()
+    for batch in (1, 16):
+        seq = torch.randn(frames, batch, hidden)
+        out.append((f"LowRankLSTM H={hidden} r={hidden // 4} T={frames} B={batch} fwd",
+                    lambda seq=seq: torch.no_grad()(low)(seq)))
+        out.append((f"  nn.LSTM H={hidden} T={frames} B={batch} fwd (stock)", lambda seq=seq: torch.no_grad()(lstm)(seq)))
+
+    batch, t, u, v = (4, 30, 10, 64) if quick else (16, 100, 30, 512)
+    logits = torch.randn(batch, t, u + 1, v, requires_grad=True)
+    targets = torch.randint(1, v, (batch, u), dtype=torch.int32)
+    lengths = torch.full((batch,), t, dtype=torch.int32), torch.full((batch,), u, dtype=torch.int32)
+    labels = (targets, *lengths)
+    out.append((f"rnnt_loss ({batch}, {t}, {u + 1}, {v}) fwd+bwd",
+                lambda: ak.rnnt_loss(logits, *labels, blank=0).backward()))
+    out.append((f"  torchaudio rnnt_loss ({batch}, {t}, {u + 1}, {v}) fwd+bwd (stock)",
+                lambda: TAF.rnnt_loss(logits, *labels, blank=0).backward()))
+
+    batch, t, u, d, v = (2, 20, 8, 32, 64) if quick else (8, 200, 50, 320, 1024)
+    enc, pred = torch.randn(batch, t, d, requires_grad=True), torch.randn(batch, u + 1, d, requires_grad=True)
+    weight, bias = torch.randn(v, d, requires_grad=True), torch.zeros(v, requires_grad=True)
+    targets = torch.randint(1, v, (batch, u), dtype=torch.int32)
+    lengths = torch.full((batch,), t, dtype=torch.int32), torch.full((batch,), u, dtype=torch.int32)
+    out.append((f"fused_joint_rnnt_loss ({batch}, {t}, {u + 1}, {d}, {v}) fwd+bwd",
+                lambda: ak.fused_joint_rnnt_loss(enc, pred, weight * 0.05, bias, targets, *lengths, blank=0).backward()))
+
+    from amnets.encoder import AmNetsEncoder
+
+    hidden = 128 if quick else 1024
+    model = AmNetsEncoder(240, hidden, num_layers=3, cheap="sparse", sparsity=0.8, block_size=32).eval()
+    x = torch.randn(1, 1, 240)
+    for force in ("full", "cheap"):
+        streamer = model.streamer(force=force)
+        out.append((f"AmNetsEncoder H={hidden} x3 stream, one frame, all-{force}", lambda s=streamer: s(x)))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--quick", action="store_true", help="small shapes, 1 round: a smoke run")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--filter", default="", help="only rows whose label contains this text")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rounds, seconds = (1, 0.05) if args.quick else (args.rounds, 0.3)
+    cores = len(os.sched_getaffinity(0))
+    print(f"# contention: {cpu_model()}, {cores} cores, {args.threads} op thread(s) + one busy-loop process, "
+          f"torch {torch.__version__}, {rounds} rounds of each, alternating\n")
+    print(f"| row | quiet ms | with the hog ms | growth | goal <= {GOAL} |\n|---|---|---|---|---|")
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        for label, fn in rows(args.quick):
+            if args.filter not in label:
+                continue
+            quiet, loaded = [], []
+            for _ in range(rounds):
+                hog.send_signal(signal.SIGSTOP)
+                time.sleep(0.05)
+                quiet.append(mean_ms(fn, seconds))
+                hog.send_signal(signal.SIGCONT)
+                time.sleep(0.05)
+                loaded.append(mean_ms(fn, seconds))
+            q, h = statistics.median(quiet), statistics.median(loaded)
+            stock = label.startswith("  ")
+            verdict = "(for scale)" if stock else ("met" if h / q <= GOAL else "**missed**")
+            print(f"| {label.strip()} | {q:.3f} | {h:.3f} | {h / q:.2f} | {verdict} |", flush=True)
+    finally:
+        hog.kill()
+        hog.wait()
+
+
+if __name__ == "__main__":
+    main()
