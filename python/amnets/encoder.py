@@ -275,38 +275,61 @@ class AmNetsEncoder(nn.Module):
             (f"block_mask_l{k}",) if self.cheap == "sparse" else
             tuple(f"w_{w}_l{k}" for w in ("ih_u", "ih_v", "hh_u", "hh_v")))
 
-    def frame_engine(self, device: torch.device | str = "cpu", dtype: torch.dtype | None = None):
-        """The native frame engine for the current weights (csrc/cpu/frame_engine.cpp: one call runs a chunk
-        of frames, arbitrator and every layer included), built once per weight version; or None where
-        stream() runs the per-layer prepared steps instead: tensors off the CPU, weights other than fp32/bf16,
-        a sparse block size without fast kernels (16/32/64), a backend other than the compiled cpu face
-        chosen for the cheap branch's op (set_backend/use_backend), or an extension built without it."""
+    def frame_engine(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        """The frame engine for the current weights (one call runs a chunk of frames, arbitrator and every
+        layer included), built once per weight version, or None where stream() runs the per-layer prepared
+        steps instead. Which engine follows the face the cheap branch's op would take on the weights' device:
+          the cpu face     csrc/cpu/frame_engine.cpp (fp32/bf16 weights, sparse block size 16/32/64);
+          the triton face  amnets_kernels/triton/frame_engine.py (CUDA tensors under backend "auto" or
+                           "triton"; CPU tensors under TRITON_INTERPRET=1 with "triton" chosen), fp32/bf16
+                           weights, sparse block size 16/32/64, arbitrator_hidden <= 256;
+        None otherwise: the reference face chosen, backend "cuda" (its faces have no engine: it runs the
+        per-layer steps on the CUDA kernels), other dtypes, or an extension built without the CPU engine.
+        `device` and `dtype` (default: the weights') must be the weights', else None."""
         weight = self.weight_ih_l0
-        if (torch.device(device).type != "cpu" or weight.device.type != "cpu" or _ENGINE is None
-                or weight.dtype not in (torch.float32, torch.bfloat16) or (dtype is not None and dtype != weight.dtype)
-                or (self.cheap == "sparse" and self.block_size not in (16, 32, 64))
-                or ak.which_face(_CHEAP_OPS[self.cheap], "cpu") != "cpu"):
+        kind = weight.device.type
+        if ((device is not None and torch.device(device).type != kind) or (dtype is not None and dtype != weight.dtype)
+                or weight.dtype not in (torch.float32, torch.bfloat16)
+                or (self.cheap == "sparse" and self.block_size not in (16, 32, 64))):
+            return None
+        face = _engine_face(_CHEAP_OPS[self.cheap], kind)
+        if face is None or (face == "triton" and self.arbitrator[0].out_features > _TRITON_MAX_ARBITRATOR):
             return None
         names = [n for k in range(self.num_layers) for n in self._layer_names(k)]
-        key = self._weights_key(names) + tuple(
+        key = (face,) + self._weights_key(names) + tuple(
             (id(p), _version(p), p.data_ptr()) for p in self.arbitrator.parameters())
         if self._engine_cache is None or self._engine_cache[0] != key:
+            first, last = self.arbitrator[0], self.arbitrator[2]
+            arbitrator = [first.weight, first.bias, last.weight, last.bias]
             with torch.no_grad():
-                layers = []
-                for k in range(self.num_layers):
-                    w, bias = self.full_weight(k), getattr(self, f"bias_l{k}")
-                    if self.cheap == "sparse":
-                        kept = ak.BlockSparseMatrix.from_block_mask(w, getattr(self, f"block_mask_l{k}"),
-                                                                    self.block_size)
-                        layers += [w, kept.values, kept.crow_indices, kept.col_indices, bias]
-                    else:
-                        layers += [w, *self.lowrank_weights(k), bias]
-                first, last = self.arbitrator[0], self.arbitrator[2]
-                engine = _ENGINE(self.cheap, [t.detach() for t in layers],
-                                 [first.weight, first.bias, last.weight, last.bias], self.input_size,
-                                 self.arbitrator_uses_state, self.per_layer_decisions)
+                engine = (self._cpu_engine(arbitrator) if face == "cpu" else
+                          _triton_engine().FrameEngine(
+                              self.cheap, [self._engine_layer(k) for k in range(self.num_layers)],
+                              arbitrator, self.input_size, self.arbitrator_uses_state, self.per_layer_decisions,
+                              self.block_size))
             self._engine_cache = (key, engine)
         return self._engine_cache[1]
+
+    def _cpu_engine(self, arbitrator):
+        layers = []
+        for k in range(self.num_layers):
+            w, bias = self.full_weight(k), getattr(self, f"bias_l{k}")
+            if self.cheap == "sparse":
+                kept = ak.BlockSparseMatrix.from_block_mask(w, getattr(self, f"block_mask_l{k}"), self.block_size)
+                layers += [w, kept.values, kept.crow_indices, kept.col_indices, bias]
+            else:
+                layers += [w, *self.lowrank_weights(k), bias]
+        return _ENGINE(self.cheap, [t.detach() for t in layers], arbitrator, self.input_size,
+                       self.arbitrator_uses_state, self.per_layer_decisions)
+
+    def _engine_layer(self, k: int) -> dict:
+        """Layer k for the Triton engine: the dense weight and bias, and the element mask or the factors."""
+        layer = dict(full=self.full_weight(k), bias=getattr(self, f"bias_l{k}"))
+        if self.cheap == "sparse":
+            layer["mask"] = self.element_mask(k)
+        else:
+            layer["factors"] = list(self.lowrank_weights(k))
+        return layer
 
     def streamer(self, batch: int = 1, threshold: float | None = None, force=None) -> "Streamer":
         """A live stream's frame engine: `s = enc.streamer(); out, decisions = s(frames)` for frames
@@ -352,7 +375,7 @@ class AmNetsEncoder(nn.Module):
             with torch.no_grad():
                 return self.stream(x, state, force, threshold)
         state, force, threshold = _check_stream(self, x, state, force, threshold)
-        engine = self.frame_engine(x.device, x.dtype)
+        engine = self.frame_engine()
         if engine is not None:
             return _run_engine(engine, x, state, force, threshold)
         B, T, _ = x.shape
@@ -402,6 +425,27 @@ class AmNetsEncoder(nn.Module):
 _ENGINE = getattr(getattr(ak._backend, "_C", None), "FrameEngine", None)
 _CHEAP_OPS = {"sparse": "bsr_linear", "lowrank": "lowrank_lstm_cell"}
 _version = ak._validate.version  # None for an inference tensor (no version counter)
+_TRITON_MAX_ARBITRATOR = 256  # the Triton engine's widest arbitrator hidden layer (its BLOCK_A)
+
+
+def _engine_face(op: str, kind: str) -> str | None:
+    """"cpu" or "triton": the engine for weights on `kind` under the current backend; None: no engine."""
+    try:
+        face = ak.which_face(op, kind)
+    except ak.FaceUnavailableError:
+        return None
+    if face == "cpu":
+        return "cpu" if _ENGINE is not None else None
+    if face == "triton" or (kind == "cuda" and ak.get_backend() == "auto"
+                            and ak.unavailable_reason(op, "triton", kind) is None):
+        return "triton"
+    return None
+
+
+def _triton_engine():
+    from amnets_kernels.triton import frame_engine  # imports triton: only when an engine on it is built
+
+    return frame_engine
 
 
 def _engine_force(force) -> tuple:

@@ -1,0 +1,527 @@
+"""Triton face of the AmNets frame engine (the CPU face: csrc/cpu/frame_engine.cpp): one call runs a chunk
+of streamed frames of an AmNetsEncoder (python/amnets/encoder.py) on the device, the arbitrator's decisions
+included, with no host sync inside the chunk. On CUDA a chunk's launches are captured once as a CUDA
+graph per (batch, frames, force) and replayed, so a call costs one graph launch of host time.
+
+Per frame t, on the device (decisions never leave it until the chunk returns):
+  _arbitrator_kernel   decisions[:, t] = arbitrator([x_t | h_top]) > cut (a forced chunk fills them instead)
+  per layer k:
+    _project_kernel    (low-rank only) s = [V_ih x | V_hh h] for the rows the decision makes cheap
+    _gates_kernel      partial gate sums, one program per (block row, split of the row's blocks, row tile):
+                       the kept blocks for every row, the remaining blocks for the full rows only
+                       (kept + rest = the dense weight), and for low-rank U s for the cheap rows.
+                       The split over K gives a B=1 frame enough programs to fill the GPU.
+    _update_kernel     sums the splits, adds the bias, the LSTM update; writes h, c (and out[:, t]).
+A row's branch only changes which blocks it multiplies, not the grid: a program whose rows are all cheap
+skips the rest blocks (a loop bound of 0), so the full branch's weight traffic is paid once per frame for
+the rows that want it, and not at all when none does.
+
+Packing (once per weight version): each layer's [W_ih | W_hh] (4H, D + H) is re-tiled so that block row
+g * Hp / b + j holds gate g of hidden units j*b .. j*b + b - 1 (Hp: H rounded up to the tile b), and split
+into the kept BSR (the sparse branch's blocks, masked to its element mask; empty for low-rank) and the rest
+BSR (the complement, every block for low-rank). A gate row's blocks are walked in order, so a result is
+deterministic. State ping-pongs between two buffers (a layer reads every unit of its old h while writing
+the new one).
+
+Numbers: every load is widened to float32 at once (also what TRITON_INTERPRET=1 needs: its bf16 arithmetic is
+wrong) and accumulated in float32; the gates, h, c, out and the arbitrator's hidden layer and logit are
+rounded to the weights' dtype (fp32 or bf16) where the per-layer path rounds them, so the decisions are the
+per-layer path's (fp32: equal in the tests; bf16: a logit at the threshold may round either way).
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from ..aot import AotConfig
+from .lowrank_lstm import _cell_update
+
+SPARSE_BLOCKS = (16, 32, 64)  # the sparse branch's block sizes the engine takes (as the CPU engine)
+ROW_TILES = (1, 4, 16)  # rows per program: B=1 streams, a few, and tl.dot tiles from 16 rows
+BLOCK_R = 16  # rank entries per step of the low-rank products
+BLOCK_K = 64  # inputs per step of the projection and the arbitrator
+UPDATE_UNITS = 128  # hidden units per program of the LSTM update
+GRAPHS_KEPT = 8  # CUDA graphs cached per engine (one per chunk shape seen; oldest dropped)
+
+
+@triton.jit
+def _f32(x):
+    return x.to(tl.float32)
+
+
+@triton.jit
+def _rounded(x, like_ptr):
+    """x as the per-layer path would hold it: rounded to the dtype `like_ptr` points to."""
+    return x.to(like_ptr.dtype.element_ty).to(tl.float32)
+
+
+@triton.jit
+def _load_z(x_ptr, stride_x, h_ptr, stride_h, D, K, rows, row_ok, cols):
+    """z[rows, cols] of z = [x | h] (D + H = K columns), 0 outside, as float32."""
+    r = rows.to(tl.int64)[:, None]
+    in_x = row_ok[:, None] & (cols < D)[None, :]
+    in_h = row_ok[:, None] & ((cols >= D) & (cols < K))[None, :]
+    zx = tl.load(x_ptr + r * stride_x + cols[None, :], mask=in_x, other=0.0)
+    zh = tl.load(h_ptr + r * stride_h + (cols - D)[None, :], mask=in_h, other=0.0)
+    return _f32(zx) + _f32(zh)
+
+
+@triton.jit
+def _mac(acc, a, w, USE_DOT: tl.constexpr):
+    """acc (M, N) += a (M, J) @ w (N, J)^T."""
+    if USE_DOT:
+        return acc + tl.dot(a, tl.trans(w), input_precision="ieee")
+    else:
+        return acc + tl.sum(a[:, None, :] * w[None, :, :], axis=2)
+
+
+@triton.jit
+def _walk(acc, values_ptr, crow_ptr, col_ptr, line, split, SPLIT, enabled, x_ptr, stride_x, h_ptr, stride_h,
+          D, K, rows, rows_on, B: tl.constexpr, USE_DOT: tl.constexpr):
+    """acc += z[rows_on] @ (this split's share of block row `line`)^T; nothing when not `enabled`."""
+    start = tl.load(crow_ptr + line).to(tl.int64)  # int64 loop index: e * B * B may pass 2**31
+    n = tl.load(crow_ptr + line + 1).to(tl.int64) - start
+    lo = start + n * split // SPLIT
+    hi = start + n * (split + 1) // SPLIT
+    hi = tl.where(enabled, hi, lo)
+    o = tl.arange(0, B)
+    for e in range(lo, hi):
+        cols = tl.load(col_ptr + e) * B + o
+        z = _load_z(x_ptr, stride_x, h_ptr, stride_h, D, K, rows, rows_on, cols)
+        w = _f32(tl.load(values_ptr + e * B * B + o[:, None] * B + o[None, :]))
+        acc = _mac(acc, z, w, USE_DOT)
+    return acc
+
+
+@triton.jit
+def _gates_kernel(x_ptr, stride_x, h_ptr, stride_h, D, K, M, full_ptr, stride_full,
+                  kept_ptr, kept_crow_ptr, kept_col_ptr, rest_ptr, rest_crow_ptr, rest_col_ptr,
+                  u_ptr, s_ptr, R, part_ptr, NP, SPLIT,
+                  B: tl.constexpr, BLOCK_M: tl.constexpr, LOWRANK: tl.constexpr, RANK_STEP: tl.constexpr):
+    """part[split, rows, line*B : line*B + B] = this split's share of the tiled gate rows of block row `line`."""
+    pid = tl.program_id(0)
+    m_tiles = tl.cdiv(M, BLOCK_M)
+    split = (pid // m_tiles) % SPLIT
+    line = pid // (m_tiles * SPLIT)
+    rows = (pid % m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    full = row_ok & (tl.load(full_ptr + rows * stride_full, mask=row_ok, other=0) != 0)
+    cheap = row_ok & (full == 0)
+    USE_DOT: tl.constexpr = BLOCK_M >= 16
+    acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
+    acc = _walk(acc, kept_ptr, kept_crow_ptr, kept_col_ptr, line, split, SPLIT, True, x_ptr, stride_x, h_ptr,
+                stride_h, D, K, rows, row_ok, B, USE_DOT)
+    acc = _walk(acc, rest_ptr, rest_crow_ptr, rest_col_ptr, line, split, SPLIT, tl.max(full.to(tl.int32), 0) > 0,
+                x_ptr, stride_x, h_ptr, stride_h, D, K, rows, full, B, USE_DOT)
+    o = line * B + tl.arange(0, B)
+    if LOWRANK:  # U s for the cheap rows, in the first split
+        steps = tl.where((split == 0) & (tl.max(cheap.to(tl.int32), 0) > 0), R, 0)
+        for r0 in range(0, steps, RANK_STEP):
+            r = r0 + tl.arange(0, RANK_STEP)
+            s = tl.load(s_ptr + rows.to(tl.int64)[:, None] * R + r[None, :], mask=cheap[:, None], other=0.0)
+            u = _f32(tl.load(u_ptr + o.to(tl.int64)[:, None] * R + r[None, :]))
+            acc = _mac(acc, s, u, USE_DOT)
+    out = part_ptr + (split * M + rows).to(tl.int64)[:, None] * NP + o[None, :]
+    tl.store(out, acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _project_kernel(x_ptr, stride_x, D, h_ptr, stride_h, H, M, full_ptr, stride_full, v_ih_ptr, v_hh_ptr, R_IH,
+                    s_ptr, R, BLOCK_M: tl.constexpr, RANK_STEP: tl.constexpr, STEP_K: tl.constexpr):
+    """s[rows, r] = V_ih[r] . x (r < R_IH) or V_hh[r - R_IH] . h, for the cheap rows (0 for the others)."""
+    pid = tl.program_id(0)
+    m_tiles = tl.cdiv(M, BLOCK_M)
+    rows = (pid % m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < M
+    cheap = row_ok & (tl.load(full_ptr + rows * stride_full, mask=row_ok, other=1) == 0)
+    first = (pid // m_tiles) * RANK_STEP
+    r = first + tl.arange(0, RANK_STEP)
+    USE_DOT: tl.constexpr = BLOCK_M >= 16
+    acc = tl.zeros((BLOCK_M, RANK_STEP), dtype=tl.float32)
+    any_cheap = tl.max(cheap.to(tl.int32), 0) > 0
+    if first < R_IH:
+        acc = _project(acc, x_ptr, stride_x, D, v_ih_ptr, r, rows, cheap, any_cheap, STEP_K, USE_DOT)
+    else:
+        acc = _project(acc, h_ptr, stride_h, H, v_hh_ptr, r - R_IH, rows, cheap, any_cheap, STEP_K, USE_DOT)
+    tl.store(s_ptr + rows.to(tl.int64)[:, None] * R + r[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
+def _project(acc, src_ptr, stride_src, N, v_ptr, r, rows, on, any_on, STEP_K: tl.constexpr, USE_DOT: tl.constexpr):
+    n = tl.where(any_on, N, 0)
+    for k0 in range(0, n, STEP_K):
+        k = k0 + tl.arange(0, STEP_K)
+        z = _f32(tl.load(src_ptr + rows.to(tl.int64)[:, None] * stride_src + k[None, :],
+                         mask=on[:, None] & (k < N)[None, :], other=0.0))
+        v = _f32(tl.load(v_ptr + r.to(tl.int64)[:, None] * N + k[None, :], mask=(k < N)[None, :], other=0.0))
+        acc = _mac(acc, z, v, USE_DOT)
+    return acc
+
+
+@triton.jit
+def _update_kernel(part_ptr, SPLIT, NP, HP, bias_ptr, c_ptr, h_out_ptr, c_out_ptr, out_ptr, stride_out, M, H,
+                   WRITE_OUT, UNITS: tl.constexpr):
+    """The LSTM update of row m, units j: gates = sum of the splits' partials + bias (i, f, g, o)."""
+    pid = tl.program_id(0)
+    u_tiles = tl.cdiv(H, UNITS)
+    m = pid // u_tiles
+    j = (pid % u_tiles) * UNITS + tl.arange(0, UNITS)
+    ok = j < H
+    gi = _f32(tl.load(bias_ptr + j, mask=ok, other=0.0))
+    gf = _f32(tl.load(bias_ptr + H + j, mask=ok, other=0.0))
+    gg = _f32(tl.load(bias_ptr + 2 * H + j, mask=ok, other=0.0))
+    go = _f32(tl.load(bias_ptr + 3 * H + j, mask=ok, other=0.0))
+    for split in range(0, SPLIT):
+        p = part_ptr + (split * M + m).to(tl.int64) * NP + j
+        gi += tl.load(p, mask=ok, other=0.0)
+        gf += tl.load(p + HP, mask=ok, other=0.0)
+        gg += tl.load(p + 2 * HP, mask=ok, other=0.0)
+        go += tl.load(p + 3 * HP, mask=ok, other=0.0)
+    # the per-layer path rounds the gates to the weights' dtype (F.linear's output), then updates
+    c = _f32(tl.load(c_ptr + m * H + j, mask=ok, other=0.0))
+    _, _, _, _, c, h = _cell_update(_rounded(gi, c_ptr), _rounded(gf, c_ptr), _rounded(gg, c_ptr),
+                                    _rounded(go, c_ptr), c)
+    tl.store(c_out_ptr + m * H + j, c.to(c_out_ptr.dtype.element_ty), mask=ok)
+    tl.store(h_out_ptr + m * H + j, h.to(h_out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_ptr + m.to(tl.int64) * stride_out + j, h.to(out_ptr.dtype.element_ty), mask=ok & (WRITE_OUT != 0))
+
+
+@triton.jit
+def _arbitrator_kernel(x_ptr, stride_x, D, h_ptr, H, USES_STATE, w1_ptr, b1_ptr, A, w2_ptr, b2_ptr, N_DEC,
+                       cut_ptr, dec_ptr, stride_dec, BLOCK_A: tl.constexpr, STEP_K: tl.constexpr,
+                       BLOCK_J: tl.constexpr):
+    """decisions[m, :] = Linear2(relu(Linear1([x_m | h_m]))) > cut, each layer's output rounded as F.linear's."""
+    m = tl.program_id(0)
+    a = tl.arange(0, BLOCK_A)
+    a_ok = a < A
+    n_in = D + H * USES_STATE
+    acc = tl.zeros((BLOCK_A,), dtype=tl.float32)
+    for k0 in range(0, n_in, STEP_K):
+        k = k0 + tl.arange(0, STEP_K)
+        z = _load_z(x_ptr, stride_x, h_ptr, H, D, n_in, m + tl.arange(0, 1), tl.full((1,), 1, tl.int1), k)
+        w = _f32(tl.load(w1_ptr + a[:, None] * n_in + k[None, :], mask=a_ok[:, None] & (k < n_in)[None, :],
+                         other=0.0))
+        acc += tl.sum(w * z, axis=1)
+    hidden = tl.maximum(_rounded(acc + _f32(tl.load(b1_ptr + a, mask=a_ok, other=0.0)), w1_ptr), 0.0)
+    j = tl.arange(0, BLOCK_J)
+    j_ok = j < N_DEC
+    w2 = _f32(tl.load(w2_ptr + j[:, None] * A + a[None, :], mask=j_ok[:, None] & a_ok[None, :], other=0.0))
+    logit = _rounded(tl.sum(w2 * hidden[None, :], axis=1) + _f32(tl.load(b2_ptr + j, mask=j_ok, other=0.0)),
+                     w1_ptr)
+    cut = _f32(tl.load(cut_ptr))
+    tl.store(dec_ptr + m.to(tl.int64) * stride_dec + j, (logit > cut).to(tl.int8), mask=j_ok)
+
+
+# ---------------------------------------------------------------------------------------------------
+# configurations: every launch uses one listed here (python -m amnets_kernels.aot compiles them all)
+
+_DTYPES = {torch.float32: "fp32", torch.bfloat16: "bf16"}
+LOWRANK_TILES = (16, 32)  # low-rank layers: tile 16 for H <= 16, else 32
+ARBITRATOR_WIDTHS = (16, 32, 64, 128, 256)  # arbitrator_hidden up to 256 (BLOCK_A)
+DECISION_BLOCKS = (2, 4, 8)  # up to 8 per-layer decisions (BLOCK_J)
+
+
+def _signature(kernel, dtype: torch.dtype, constexprs: dict) -> dict:
+    """Weights, state and the cut in `dtype`; partial sums and projections fp32; block indices int32;
+    decisions int8."""
+    def kind(name):
+        if name in constexprs:
+            return "constexpr"
+        if not name.endswith("_ptr"):
+            return "i32"
+        if name in ("part_ptr", "s_ptr"):
+            return "*fp32"
+        if name.endswith(("crow_ptr", "col_ptr")):
+            return "*i32"
+        if name in ("full_ptr", "dec_ptr"):
+            return "*i8"
+        return f"*{_DTYPES[dtype]}"
+    return {n: kind(n) for n in kernel.arg_names}
+
+
+def _name(kernel, dtype, constexprs) -> str:
+    blocks = ",".join(f"{k}={v}" for k, v in constexprs.items())
+    return f"frame_engine.{kernel.__name__.strip('_')}[{_DTYPES[dtype]},{blocks}]"
+
+
+def _arbitrator_blocks(width: int, decisions: int) -> dict:
+    block_a = max(16, triton.next_power_of_2(width))
+    return dict(BLOCK_A=block_a, STEP_K=min(64, 4096 // block_a), BLOCK_J=max(2, triton.next_power_of_2(decisions)))
+
+
+def _warps(kernel, constexprs) -> int:
+    """8 warps where a broadcast product tile is large (registers), else 4."""
+    if kernel is _gates_kernel and constexprs["BLOCK_M"] < 16:
+        return 8 if constexprs["BLOCK_M"] * constexprs["B"] ** 2 > 8192 else 4
+    return 4
+
+
+def _stages(kernel) -> int:
+    """Software pipelining (cp.async) for the loops that stream weights: a B=1 program has one block in
+    flight per step otherwise, and HBM latency, not bandwidth, would set its pace."""
+    return 3 if kernel in (_gates_kernel, _project_kernel) else 1
+
+
+def _all_configs() -> dict:
+    configs = []
+    for dtype in _DTYPES:
+        def add(kernel, **constexprs):
+            configs.append(AotConfig(_name(kernel, dtype, constexprs), kernel, _signature(kernel, dtype, constexprs),
+                                     constexprs, _warps(kernel, constexprs), _stages(kernel)))
+        for rows in ROW_TILES:
+            for b in SPARSE_BLOCKS:
+                add(_gates_kernel, B=b, BLOCK_M=rows, LOWRANK=False, RANK_STEP=BLOCK_R)
+            for b in LOWRANK_TILES:
+                add(_gates_kernel, B=b, BLOCK_M=rows, LOWRANK=True, RANK_STEP=BLOCK_R)
+            add(_project_kernel, BLOCK_M=rows, RANK_STEP=BLOCK_R, STEP_K=BLOCK_K)
+        add(_update_kernel, UNITS=UPDATE_UNITS)
+        for width in ARBITRATOR_WIDTHS:
+            for block_j in DECISION_BLOCKS:
+                add(_arbitrator_kernel, **_arbitrator_blocks(width, block_j))
+    return {c.name: c for c in configs}
+
+
+_CONFIGS = _all_configs()
+AOT_CONFIGS = list(_CONFIGS.values())
+MAX_ARBITRATOR_WIDTH, MAX_DECISIONS = max(ARBITRATOR_WIDTHS), max(DECISION_BLOCKS)
+
+
+def _launch(kernel, grid: int, dtype, *args, **constexprs):
+    """Launch with the AOT-listed configuration (a KeyError is a configuration aot never checked)."""
+    config = _CONFIGS[_name(kernel, dtype, constexprs)]
+    kernel[(grid,)](*args, **constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
+
+
+# ---------------------------------------------------------------------------------------------------
+# packing
+
+
+def _tile_rows(w: torch.Tensor, hidden: int, padded: int) -> torch.Tensor:
+    """(4H, ...) gate rows -> (4 * Hp, ...): gate g's rows at g * Hp, zero rows between."""
+    out = w.new_zeros((4, padded) + tuple(w.shape[1:]))
+    out[:, :hidden] = w.reshape((4, hidden) + tuple(w.shape[1:]))
+    return out.reshape((4 * padded,) + tuple(w.shape[1:]))
+
+
+def _bsr(w: torch.Tensor, b: int, keep: torch.Tensor | None = None) -> tuple:
+    """(values (nnzb, b, b), crow int32, col int32) of the b x b blocks of w (rows a multiple of b) that hold
+    a nonzero entry, or the blocks `keep` (block grid bool) says; w is zero-padded to whole blocks."""
+    rows, cols = w.shape
+    nb_r, nb_c = rows // b, -(-cols // b)
+    padded = w.new_zeros(rows, nb_c * b)
+    padded[:, :cols] = w
+    blocks = padded.reshape(nb_r, b, nb_c, b).transpose(1, 2)  # (nb_r, nb_c, b, b)
+    if keep is None:
+        keep = blocks.ne(0).any(-1).any(-1)
+    values = blocks[keep].contiguous()
+    crow = torch.zeros(nb_r + 1, dtype=torch.int32, device=w.device)
+    crow[1:] = keep.sum(1).cumsum(0)
+    col = keep.nonzero()[:, 1].to(torch.int32)
+    if values.shape[0] == 0:  # a valid pointer for the kernel, never read (every loop bound is 0)
+        values, col = w.new_zeros(1, b, b), torch.zeros(1, dtype=torch.int32, device=w.device)
+    return values, crow, col.contiguous()
+
+
+class _Layer:
+    """One layer packed for the kernels (see the module docstring)."""
+
+    def __init__(self, cheap: str, full: torch.Tensor, bias: torch.Tensor, hidden: int, block: int,
+                 element_mask: torch.Tensor | None = None, factors: list | None = None):
+        self.hidden, self.inputs = hidden, full.shape[1] - hidden
+        self.block = block
+        self.padded = -(-hidden // block) * block
+        self.bias = bias.contiguous()
+        w = _tile_rows(full, hidden, self.padded)
+        self.lowrank = cheap == "lowrank"
+        if self.lowrank:
+            grid = (4 * self.padded // block, -(-w.shape[1] // block))
+            self.kept = _bsr(w, block, torch.zeros(grid, dtype=torch.bool, device=w.device))  # none
+            self.rest = _bsr(w, block, torch.ones(grid, dtype=torch.bool, device=w.device))  # every block
+            u_ih, v_ih, u_hh, v_hh = factors
+            self.rank_ih = -(-v_ih.shape[0] // BLOCK_R) * BLOCK_R
+            rank_hh = -(-v_hh.shape[0] // BLOCK_R) * BLOCK_R
+            self.rank = self.rank_ih + rank_hh
+            u = w.new_zeros(4 * hidden, self.rank)
+            u[:, :u_ih.shape[1]] = u_ih
+            u[:, self.rank_ih:self.rank_ih + u_hh.shape[1]] = u_hh
+            self.u = _tile_rows(u, hidden, self.padded).contiguous()
+            self.v_ih, self.v_hh = (_pad_rows(v, r).contiguous() for v, r in ((v_ih, self.rank_ih), (v_hh, rank_hh)))
+        else:
+            mask = _tile_rows(element_mask.to(w.dtype), hidden, self.padded)
+            # blocks holding only zeros are not stored (their product is 0): padding rows, and for the rest
+            # the blocks the sparse branch keeps whole
+            self.kept, self.rest = _bsr(w * mask, block), _bsr(w * (1 - mask), block)
+            self.rank = self.rank_ih = 0
+            self.u = self.v_ih = self.v_hh = w.new_zeros(1)
+
+
+def _pad_rows(v: torch.Tensor, rows: int) -> torch.Tensor:
+    out = v.new_zeros(rows, v.shape[1])
+    out[:v.shape[0]] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------
+# the engine
+
+
+class FrameEngine:
+    """The frame engine on the device: `run(x, h, c, force_code, force_rows, cut)` as the CPU engine's.
+
+    x (B, T, D) frames; h, c (L, B, H) state; force_code -1 (the arbitrator decides, p_full > threshold
+    as logit > cut), 0 / 1 (every row cheap / full), 2 (force_rows, a (B,) bool tensor, True = full)
+    -> (out (B, T, H), h, c, decisions (B, T) or (B, T, L) bool). `split` (programs per block row) and
+    `graphs` (CUDA graphs on CUDA tensors; env AMNETS_CUDA_GRAPHS=0 turns them off) are for tests and tuning.
+    """
+
+    face = "triton"
+
+    def __init__(self, cheap: str, layers: list[dict], arbitrator: list[torch.Tensor], input_size: int,
+                 uses_state: bool, per_layer: bool, block_size: int, split: int | None = None,
+                 graphs: bool | None = None):
+        first = layers[0]["full"]
+        self.dtype, self.device = first.dtype, first.device
+        if self.dtype not in _DTYPES:
+            raise ValueError(f"FrameEngine (triton): weights must be float32 or bfloat16; got {self.dtype}")
+        self.hidden = layers[0]["bias"].shape[0] // 4
+        self.input_size, self.uses_state, self.per_layer = input_size, uses_state, per_layer
+        if cheap == "sparse" and block_size not in SPARSE_BLOCKS:
+            raise ValueError(f"FrameEngine (triton): block_size must be one of {SPARSE_BLOCKS}; got {block_size}")
+        tile = block_size if cheap == "sparse" else (16 if self.hidden <= 16 else 32)
+        with torch.no_grad():
+            self.layers = [_Layer(cheap, d["full"].detach(), d["bias"].detach(), self.hidden, tile,
+                                  d.get("mask"), [f.detach() for f in d.get("factors", [])] or None)
+                           for d in layers]
+            self.arb = [t.detach().contiguous() for t in arbitrator]
+        self.arb_width = self.arb[0].shape[0]
+        self.decisions = len(layers) if per_layer else 1
+        if self.arb_width > MAX_ARBITRATOR_WIDTH or self.decisions > MAX_DECISIONS:
+            raise ValueError(f"FrameEngine (triton): arbitrator_hidden <= {MAX_ARBITRATOR_WIDTH} and at most "
+                             f"{MAX_DECISIONS} per-layer decisions; got {self.arb_width}, {self.decisions}")
+        self.split = split
+        env = os.environ.get("AMNETS_CUDA_GRAPHS", "1") != "0"
+        self.graphs = (env if graphs is None else graphs) and self.device.type == "cuda"
+        self._graphs: collections.OrderedDict = collections.OrderedDict()
+        self._cut = torch.zeros(1, dtype=self.dtype, device=self.device)
+
+    # -- checks: the engine is called without stream()'s checks (Streamer) ---------------------------
+    def _check(self, x, h, c, code, rows):
+        op = "FrameEngine"
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[2] != self.input_size:
+            raise ValueError(f"{op}: x must be a (B, T, {self.input_size}) tensor")
+        if x.dtype != self.dtype or x.device != self.device:
+            raise ValueError(f"{op}: x must be {self.dtype} on {self.device}; got {x.dtype} on {x.device}")
+        shape = (len(self.layers), x.shape[0], self.hidden)
+        for name, t in (("h", h), ("c", c)):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != self.dtype \
+                    or t.device != self.device:
+                raise ValueError(f"{op}: {name} must have shape {shape}, dtype {self.dtype}, on {self.device}")
+        if code not in (-1, 0, 1, 2):
+            raise ValueError(f"{op}: force must be -1, 0, 1 or 2; got {code!r}")
+        if code == 2 and not (isinstance(rows, torch.Tensor) and rows.dtype == torch.bool
+                              and tuple(rows.shape) == (x.shape[0],)):
+            raise ValueError(f"{op}: force = 2 needs rows, a bool tensor of shape ({x.shape[0]},)")
+
+    def run(self, x, h, c, code: int, rows, cut: float):
+        self._check(x, h, c, code, rows)
+        B, T, _ = x.shape
+        L, H = len(self.layers), self.hidden
+        if B == 0 or T == 0:
+            dec = torch.zeros(B, T, self.decisions, dtype=torch.bool, device=self.device)
+            return (x.new_zeros(B, T, H), h.clone(), c.clone(), dec if self.per_layer else dec[..., 0])
+        self._cut.fill_(cut)  # a device scalar: a graph replays with the cut of the call
+        rows = rows.to(torch.int8) if code == 2 else None
+        if not self.graphs:
+            out, h_n, c_n, dec = self._chunk(x.contiguous(), h, c, code, rows)
+        else:
+            out, h_n, c_n, dec = (t.clone() for t in self._replay(x, h, c, code, rows))
+        dec = dec.view(torch.bool)
+        return out, h_n, c_n, dec if self.per_layer else dec[..., 0]
+
+    def _replay(self, x, h, c, code, rows):
+        key = (x.shape[0], x.shape[1], code)
+        entry = self._graphs.get(key)
+        if entry is None:
+            inputs = [x.clone(), h.clone(), c.clone(), None if rows is None else rows.clone()]
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # compile every kernel before capture
+                self._chunk(*inputs[:3], code, inputs[3])
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                outputs = self._chunk(*inputs[:3], code, inputs[3])
+            entry = self._graphs[key] = (graph, inputs, outputs)
+            while len(self._graphs) > GRAPHS_KEPT:
+                self._graphs.popitem(last=False)
+        self._graphs.move_to_end(key)
+        graph, inputs, outputs = entry
+        for static, new in zip(inputs, (x, h, c, rows)):
+            if new is not None:
+                static.copy_(new)
+        graph.replay()
+        return outputs
+
+    def _chunk(self, x, h, c, code, rows):
+        """Every launch of a chunk (what a CUDA graph captures): x contiguous (B, T, D)."""
+        B, T, _ = x.shape
+        L, H = len(self.layers), self.hidden
+        dec = torch.empty(B, T, self.decisions, dtype=torch.int8, device=self.device)
+        if code == 2:
+            dec.copy_(rows[:, None, None].expand(B, T, self.decisions))
+        elif code in (0, 1):
+            dec.fill_(code)
+        states = torch.empty(2, 2, L, B, H, dtype=self.dtype, device=self.device)  # [ping/pong][h/c]
+        states[0, 0].copy_(h)
+        states[0, 1].copy_(c)
+        out = torch.empty(B, T, H, dtype=self.dtype, device=self.device)
+        block_m = 1 if B == 1 else 4 if B <= 4 else 16
+        m_tiles = -(-B // block_m)
+        split = self._split(m_tiles)
+        part = torch.empty(split, B, max(4 * layer.padded for layer in self.layers), dtype=torch.float32,
+                           device=self.device)
+        s = torch.empty(B, max(layer.rank for layer in self.layers) or 1, dtype=torch.float32, device=self.device)
+        for t in range(T):
+            old, new = states[t % 2], states[(t + 1) % 2]
+            if code == -1:
+                w1, b1, w2, b2 = self.arb
+                _launch(_arbitrator_kernel, B, self.dtype, x[:, t], x.stride(0), self.input_size, old[0, L - 1], H,
+                        int(self.uses_state), w1, b1, self.arb_width, w2, b2, self.decisions, self._cut, dec[:, t],
+                        dec.stride(0), **_arbitrator_blocks(self.arb_width, self.decisions))
+            inp, stride_in = x[:, t], x.stride(0)
+            for k, layer in enumerate(self.layers):
+                full = dec[:, t, k if self.per_layer else 0]
+                D, NP = layer.inputs, 4 * layer.padded
+                if layer.lowrank:
+                    _launch(_project_kernel, m_tiles * (layer.rank // BLOCK_R), self.dtype, inp, stride_in, D,
+                            old[0, k], H, H, B, full, dec.stride(0), layer.v_ih, layer.v_hh, layer.rank_ih, s,
+                            layer.rank, BLOCK_M=block_m, RANK_STEP=BLOCK_R, STEP_K=BLOCK_K)
+                lines = NP // layer.block
+                _launch(_gates_kernel, lines * split * m_tiles, self.dtype, inp, stride_in, old[0, k], H, D, D + H, B,
+                        full, dec.stride(0), *layer.kept, *layer.rest, layer.u, s, layer.rank, part, NP, split,
+                        B=layer.block, BLOCK_M=block_m, LOWRANK=layer.lowrank, RANK_STEP=BLOCK_R)
+                last = k == L - 1
+                _launch(_update_kernel, B * -(-H // UPDATE_UNITS), self.dtype, part, split, NP, layer.padded,
+                        layer.bias, old[1, k], new[0, k], new[1, k], out[:, t], out.stride(0), B, H, int(last),
+                        UNITS=UPDATE_UNITS)
+                inp, stride_in = new[0, k], H
+        final = states[T % 2]
+        return out, final[0], final[1], dec
+
+    def _split(self, m_tiles: int) -> int:
+        """Programs per block row: enough for four per SM on a GPU (latency hiding at B=1: a program walks
+        its blocks one after the other), no more than a row's blocks; 2 under the interpreter, so the
+        tests cover the sums over splits. Untuned: no GPU has run it yet."""
+        if self.split is not None:
+            return self.split
+        if self.device.type != "cuda":
+            return 2
+        lines = min(4 * layer.padded // layer.block for layer in self.layers)
+        blocks = min(-(-(layer.inputs + self.hidden) // layer.block) for layer in self.layers)
+        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
+        return max(1, min(blocks, -(-4 * sms // (lines * m_tiles))))

@@ -1,0 +1,203 @@
+"""The Triton frame engine (amnets_kernels/triton/frame_engine.py) behind AmNetsEncoder.stream / .streamer on
+CUDA tensors (and on CPU tensors under the interpreter with backend "triton"): the same decisions and
+outputs as stream()'s per-layer steps on the reference faces, for every knob; chunks continue exactly; bad
+input gets named errors. On a GPU (AMNETS_TEST_DEVICE=cuda) also: CUDA-graph replay equals eager launches,
+and no host sync inside a chunk."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import amnets_kernels as ak
+from amnets.encoder import AmNetsEncoder
+
+from conftest import DEVICE
+
+if ak.unavailable_reason("bsr_linear", "triton", DEVICE) is not None:
+    pytest.skip(ak.unavailable_reason("bsr_linear", "triton", DEVICE), allow_module_level=True)
+
+from amnets_kernels.triton import frame_engine as triton_engine  # noqa: E402  (imports triton)
+
+BACKEND = "triton" if DEVICE == "cpu" else "auto"  # on CUDA, "auto" streams on the Triton engine
+
+
+def per_layer_stream(enc, x, state=None, force=None, threshold=None):
+    """stream() on the per-layer steps of the reference faces: the oracle."""
+    with ak.use_backend("reference"):
+        assert enc.frame_engine() is None
+        return enc.stream(x, state, force=force, threshold=threshold)
+
+
+def engine_stream(enc, x, state=None, force=None, threshold=None, split=None):
+    with ak.use_backend(BACKEND):
+        engine = enc.frame_engine()
+        assert engine is not None and engine.face == "triton"
+        engine.split = split
+        return enc.stream(x, state, force=force, threshold=threshold)
+
+
+configs = st.fixed_dictionaries(dict(
+    cheap=st.sampled_from(["sparse", "lowrank"]), layers=st.integers(1, 3), hidden=st.sampled_from([8, 16, 40]),
+    inp=st.sampled_from([5, 24]), block=st.sampled_from([16, 32]), per_layer=st.booleans(),
+    uses_state=st.booleans(), batch=st.integers(1, 9), frames=st.integers(1, 4), threshold=st.floats(0.2, 0.8),
+    force=st.sampled_from([None, "full", "cheap", "rows"]), split=st.sampled_from([1, 2, 3]),
+    seed=st.integers(0, 2**16)))
+
+
+def build(cfg, dtype=torch.float32, arbitrator_hidden=32):
+    torch.manual_seed(cfg["seed"])
+    enc = AmNetsEncoder(cfg["inp"], cfg["hidden"], num_layers=cfg["layers"], cheap=cfg["cheap"], sparsity=0.5,
+                        block_size=cfg["block"], rank=4, per_layer_decisions=cfg["per_layer"],
+                        arbitrator_uses_state=cfg["uses_state"], arbitrator_hidden=arbitrator_hidden)
+    enc = enc.eval().to(DEVICE, dtype)
+    x = torch.randn(cfg["batch"], cfg["frames"], cfg["inp"], device=DEVICE).to(dtype)
+    force = torch.rand(cfg["batch"], device=DEVICE) < 0.5 if cfg["force"] == "rows" else cfg["force"]
+    return enc, x, force
+
+
+def assert_same(got, want, tol=1e-5):
+    (out, (h, c), dec), (out2, (h2, c2), dec2) = got, want
+    assert torch.equal(dec, dec2)
+    for a, b in ((out, out2), (h, h2), (c, c2)):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+@given(cfg=configs)
+def test_engine_equals_the_per_layer_steps(cfg):
+    enc, x, force = build(cfg)
+    got = engine_stream(enc, x, force=force, threshold=cfg["threshold"], split=cfg["split"])
+    assert_same(got, per_layer_stream(enc, x, force=force, threshold=cfg["threshold"]))
+
+
+@pytest.mark.parametrize("cheap", ["sparse", "lowrank"])
+def test_chunks_and_streamer_continue_exactly(cheap):
+    cfg = dict(cheap=cheap, layers=2, hidden=16, inp=5, block=16, per_layer=False, uses_state=True, batch=3,
+               frames=5, threshold=0.5, force=None, seed=4)
+    enc, x, _ = build(cfg)
+    with ak.use_backend(BACKEND):
+        whole, state, dec = enc.stream(x)
+        first, mid, dec1 = enc.stream(x[:, :2])
+        rest, last, dec2 = enc.stream(x[:, 2:], mid)
+        streamer = enc.streamer(batch=3)
+        assert streamer.native
+        parts = [streamer(x[:, t:t + 1]) for t in range(x.shape[1])]
+    assert torch.equal(torch.cat([first, rest], 1), whole) and torch.equal(torch.cat([dec1, dec2], 1), dec)
+    assert torch.equal(last[0], state[0]) and torch.equal(last[1], state[1])
+    assert torch.equal(torch.cat([p[0] for p in parts], 1), whole)
+    assert torch.equal(torch.cat([p[1] for p in parts], 1), dec)
+    assert torch.equal(streamer.state[1], state[1])
+    assert dec.any() and not dec.all()  # the arbitrator chose both branches: both paths were exercised
+
+
+def test_block_64_wide_arbitrator_and_four_layer_decisions():
+    """The largest tile (b = 64), an arbitrator wider than one block (100 -> 128) and 4 per-layer decisions."""
+    cfg = dict(cheap="sparse", layers=4, hidden=70, inp=24, block=64, per_layer=True, uses_state=True, batch=2,
+               frames=2, threshold=0.5, force=None, seed=5)
+    enc, x, _ = build(cfg, arbitrator_hidden=100)
+    assert_same(engine_stream(enc, x), per_layer_stream(enc, x))
+
+
+@pytest.mark.parametrize("cheap", ["sparse", "lowrank"])
+def test_bf16_weights(cheap):
+    cfg = dict(cheap=cheap, layers=2, hidden=32, inp=24, block=16, per_layer=False, uses_state=False, batch=4,
+               frames=4, threshold=0.5, force=None, seed=2)
+    enc, x, _ = build(cfg, torch.bfloat16)
+    for force in ("full", "cheap"):
+        out, (h, c), _ = engine_stream(enc, x, force=force)
+        assert out.dtype == h.dtype == c.dtype == torch.bfloat16
+        want, _, _ = per_layer_stream(enc, x, force=force)
+        torch.testing.assert_close(out.float(), want.float(), rtol=0.05, atol=0.03)
+        half, mid, _ = engine_stream(enc, x[:, :2], force=force)
+        rest, _, _ = engine_stream(enc, x[:, 2:], mid, force=force)
+        assert torch.equal(torch.cat([half, rest], 1), out)
+    dec, want = engine_stream(enc, x)[2], per_layer_stream(enc, x)[2]
+    assert (dec == want).float().mean() >= 0.9  # a bf16 logit at the threshold may round either way
+
+
+def test_which_engine_follows_the_backend():
+    enc = AmNetsEncoder(8, 16, num_layers=1, cheap="sparse", block_size=16).eval().to(DEVICE)
+    with ak.use_backend(BACKEND):
+        assert enc.frame_engine().face == "triton"
+    with ak.use_backend("reference"):
+        assert enc.frame_engine() is None
+    odd = AmNetsEncoder(8, 16, num_layers=1, cheap="sparse", block_size=8).eval().to(DEVICE)
+    with ak.use_backend(BACKEND):
+        assert odd.frame_engine() is None  # block 8: the per-layer Triton faces run instead
+        out, _, _ = odd.stream(torch.randn(1, 2, 8, device=DEVICE))
+    assert out.shape == (1, 2, 16)
+
+
+def test_bad_input_gets_named_errors():
+    enc = AmNetsEncoder(8, 16, num_layers=2, cheap="lowrank", rank=4).eval().to(DEVICE)
+    with ak.use_backend(BACKEND):
+        streamer = enc.streamer(batch=2)
+        engine = enc.frame_engine()
+        with pytest.raises(ValueError, match="feature dim 9"):
+            streamer(torch.randn(2, 1, 9, device=DEVICE))
+        with pytest.raises(ValueError, match="batch = 2 rows"):
+            streamer(torch.randn(3, 1, 8, device=DEVICE))
+        with pytest.raises(ValueError, match=r"x is torch.float64"):
+            streamer(torch.randn(2, 1, 8, dtype=torch.float64, device=DEVICE))
+    h = torch.zeros(2, 2, 16, device=DEVICE)
+    x = torch.randn(2, 1, 8, device=DEVICE)
+    with pytest.raises(ValueError, match="FrameEngine: h must have shape"):
+        engine.run(x, torch.zeros(2, 3, 16, device=DEVICE), h, 0, None, 0.0)
+    with pytest.raises(ValueError, match="force = 2 needs rows"):
+        engine.run(x, h, h, 2, None, 0.0)
+    with pytest.raises(ValueError, match="FrameEngine: x must be"):
+        engine.run(x[..., :7], h, h, 0, None, 0.0)
+    with pytest.raises(ValueError, match="block_size must be one of"):
+        triton_engine.FrameEngine("sparse", [dict(full=torch.zeros(64, 24), bias=torch.zeros(64),
+                                                  mask=torch.ones(64, 24, dtype=torch.bool))],
+                                  [torch.zeros(4, 8), torch.zeros(4), torch.zeros(1, 4), torch.zeros(1)],
+                                  8, False, False, 8)
+
+
+def test_empty_chunks():
+    enc = AmNetsEncoder(8, 16, num_layers=2, cheap="sparse", block_size=16).eval().to(DEVICE)
+    h = torch.randn(2, 3, 16, device=DEVICE)
+    with ak.use_backend(BACKEND):
+        out, (h2, c2), dec = enc.stream(torch.randn(3, 0, 8, device=DEVICE), (h, h))
+    assert out.shape == (3, 0, 16) and dec.shape == (3, 0) and torch.equal(h2, h)
+
+
+def test_every_launch_is_an_aot_configuration():
+    """_launch looks each configuration up in the AOT list (python -m amnets_kernels.aot compiles it):
+    every launcher choice exists there."""
+    names = {c.name for c in triton_engine.AOT_CONFIGS}
+    for dtype in (torch.float32, torch.bfloat16):
+        for rows in triton_engine.ROW_TILES:
+            for b, lowrank in [(b, False) for b in triton_engine.SPARSE_BLOCKS] + \
+                              [(b, True) for b in triton_engine.LOWRANK_TILES]:
+                assert triton_engine._name(triton_engine._gates_kernel, dtype, dict(
+                    B=b, BLOCK_M=rows, LOWRANK=lowrank, RANK_STEP=triton_engine.BLOCK_R)) in names
+        for width in range(1, triton_engine.MAX_ARBITRATOR_WIDTH + 1, 7):
+            for decisions in range(1, triton_engine.MAX_DECISIONS + 1):
+                blocks = triton_engine._arbitrator_blocks(width, decisions)
+                assert triton_engine._name(triton_engine._arbitrator_kernel, dtype, blocks) in names
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs and host syncs exist on a GPU")
+@pytest.mark.parametrize("cheap", ["sparse", "lowrank"])
+def test_graph_replay_equals_eager_launches_and_never_syncs(cheap):
+    cfg = dict(cheap=cheap, layers=3, hidden=64, inp=24, block=32, per_layer=True, uses_state=True, batch=5,
+               frames=6, threshold=0.5, force=None, seed=6)
+    enc, x, _ = build(cfg)
+    engine = enc.frame_engine()
+    assert engine.graphs
+    got = enc.stream(x)
+    engine.graphs = False
+    assert_same(got, enc.stream(x))
+    engine.graphs = True
+    streamer = enc.streamer(batch=5)
+    parts = [streamer(x[:, :1])]  # captures the T=1 graph (capture itself may synchronise)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        parts += [streamer(x[:, t:t + 1]) for t in range(1, x.shape[1])]
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.equal(torch.cat([p[0] for p in parts], 1), got[0])
+    assert torch.equal(torch.cat([p[1] for p in parts], 1), got[2])
+    assert torch.equal(streamer.state[0], got[1][0]) and torch.equal(streamer.state[1], got[1][1])
