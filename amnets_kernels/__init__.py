@@ -7,6 +7,7 @@ once, for many inference calls at a few microseconds of host cost each (the last
 block-sparse LSTM step into one call on the CPU).
 Faces: "reference" (pure PyTorch), "cpu" (C++), "triton", "cuda" (CUDA C++); choose with
 set_backend / use_backend / AMNETS_BACKEND, inspect with available_backends / which_face / last_face.
+set_label_checks / AMNETS_LABEL_CHECKS: where the RNN-T losses check labels (host on CPU, device on CUDA).
 """
 
 __version__ = "0.1.0"
@@ -18,8 +19,10 @@ from ._backend import (  # noqa: E402
     available_backends,
     build_info,
     get_backend,
+    get_label_checks,
     last_face,
     set_backend,
+    set_label_checks,
     unavailable_reason,
     use_backend,
     which_face,
@@ -33,8 +36,8 @@ from .swap import SwapReport, swap_in, unswap  # noqa: E402
 
 __all__ = [
     "BACKENDS", "BlockSparseMatrix", "FaceUnavailableError", "FallbackWarning", "available_backends",
-    "bsr_linear", "build_info", "fused_joint_rnnt_loss", "get_backend", "last_face", "lowrank_factors",
+    "bsr_linear", "build_info", "fused_joint_rnnt_loss", "get_backend", "get_label_checks", "last_face", "lowrank_factors",
     "lowrank_lstm_cell", "lowrank_lstm_sequence", "nn", "PreparedBsrLinear", "PreparedBsrLstmCell",
-    "PreparedLowrankLstmCell", "rank_for_energy", "rnnt_loss", "set_backend",
+    "PreparedLowrankLstmCell", "rank_for_energy", "rnnt_loss", "set_backend", "set_label_checks",
     "SwapReport", "swap_in", "unavailable_reason", "unswap", "use_backend", "which_face",
 ]

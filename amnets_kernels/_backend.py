@@ -74,6 +74,33 @@ except ImportError as exc:  # pragma: no cover - exercised only on broken instal
 
 _state = _C  # get_backend/set_backend/push_backend/pop_backend/last_face/note_face, in C++
 _state.set_backend(_from_env())
+LABEL_CHECKS = ("auto", "host", "device")
+
+
+def set_label_checks(mode: str) -> None:
+    """Where rnnt_loss and fused_joint_rnnt_loss check their labels and lengths (process-wide; env
+    AMNETS_LABEL_CHECKS): "host" reads them on the host and raises a ValueError naming a bad value, and warns
+    about non-finite costs (for CUDA tensors a device sync on every call); "device" never reads them on the
+    host: a sequence with bad labels or lengths gets a NaN cost and a zero gradient, and the kernels never
+    read out of bounds; "auto" (default) is host on the CPU and device on CUDA (no host sync: CUDA graphs
+    can capture the losses). Use "host" to debug bad labels on a GPU."""
+    if mode not in LABEL_CHECKS:
+        raise ValueError(f"label checks must be one of {LABEL_CHECKS}; got {mode!r}")
+    _state.set_label_checks(mode)
+
+
+def get_label_checks() -> str:
+    return _state.get_label_checks()
+
+
+def _label_checks_from_env() -> str:
+    mode = os.environ.get("AMNETS_LABEL_CHECKS", "auto") or "auto"
+    if mode not in LABEL_CHECKS:
+        raise ValueError(f"environment variable AMNETS_LABEL_CHECKS must be one of {LABEL_CHECKS}; got {mode!r}")
+    return mode
+
+
+_state.set_label_checks(_label_checks_from_env())
 _warned: set[tuple[str, str]] = set()
 
 

@@ -28,22 +28,26 @@ from amnets.encoder import AmNetsEncoder
 from .__main__ import cpu_model
 
 
-def mean_us(fn, seconds: float) -> float:
+def mean_us(fn, seconds: float, sync=lambda: None) -> float:
+    """Mean wall time of fn over a ~`seconds` loop; `sync` (torch.cuda.synchronize on a GPU) waits for
+    queued work before the clock starts and stops, so device time is counted."""
     for _ in range(3):
         fn()
+    sync()
     calls, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         fn()
         calls += 1
+    sync()
     return (time.perf_counter() - start) / calls * 1e6
 
 
-def interleaved(candidates: dict, rounds: int, seconds: float) -> dict:
+def interleaved(candidates: dict, rounds: int, seconds: float, sync=lambda: None) -> dict:
     """{name: [us per round]} with the candidates taking turns in every round."""
     times = {name: [] for name in candidates}
     for _ in range(rounds):
         for name, fn in candidates.items():
-            times[name].append(mean_us(fn, seconds))
+            times[name].append(mean_us(fn, seconds, sync))
     return times
 
 
@@ -56,13 +60,14 @@ def frame(streamer, x):
     return lambda: streamer(x)
 
 
-def encoder(d, h, layers, cheap, **kw) -> AmNetsEncoder:
+def encoder(d, h, layers, cheap, device="cpu", **kw) -> AmNetsEncoder:
     torch.manual_seed(0)
-    return AmNetsEncoder(d, h, num_layers=layers, cheap=cheap, sparsity=0.8, block_size=32, rank=kw.get("rank", 48)).eval()
+    return AmNetsEncoder(d, h, num_layers=layers, cheap=cheap, sparsity=0.8, block_size=32,
+                         rank=kw.get("rank", 48)).eval().to(device)
 
 
 def lstm_stepper(enc: AmNetsEncoder, x):
-    lstm = torch.nn.LSTM(enc.input_size, enc.hidden_size, enc.num_layers, batch_first=True).eval()
+    lstm = torch.nn.LSTM(enc.input_size, enc.hidden_size, enc.num_layers, batch_first=True).eval().to(x.device)
     state = [None]
 
     def step():

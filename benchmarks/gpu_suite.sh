@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # On a machine with a CUDA GPU, one command: build the extension with its CUDA faces for this GPU, run the
 # face tests on CUDA (real Triton, not the interpreter; the lowrank_lstm CUDA face once more on its per-step
-# path), the LSTM precision report, issue 13's native-path measurements, then every benchmark suite on its
+# path), the LSTM precision report, issue 13's native-path measurements, issue 12's frame engine on the GPU
+# (benchmarks/frame_engine_cuda.py), then every benchmark suite on its
 # GPU grid. Writes into OUT_DIR
 # (default benchmarks/results):
 #   <gpu>.json/.md/.png   the benchmark rows (the JSON is rewritten after every case, so a cut-short run
@@ -61,7 +62,8 @@ if ! $PY -c 'import pytest_timeout' 2>/dev/null; then
 fi
 default_tests="tests/test_bsr.py tests/test_triton_bsr.py tests/test_lowrank_lstm.py tests/test_rnnt.py
   tests/test_triton_rnnt.py tests/test_fused_joint.py tests/test_nn.py tests/test_backend.py tests/test_swap.py
-  tests/test_compile.py tests/test_formats.py tests/test_safety.py tests/test_nonfinite.py"
+  tests/test_compile.py tests/test_formats.py tests/test_safety.py tests/test_nonfinite.py
+  tests/test_triton_frame_engine.py"
 read -r -a tests <<< "$(echo ${TESTS:-$default_tests})"
 stage "tests on CUDA"
 AMNETS_TEST_DEVICE=cuda timeout "${TEST_TIMEOUT:-200}" $PY -m pytest -q -p no:cacheprovider "${workers[@]}" \
@@ -85,6 +87,9 @@ fi
 
 stage "issue 13: bsr_linear in a CUDA graph vs cuBLAS, host time per eager call, host syncs"
 timeout "${NATIVE_TIMEOUT:-90}" $PY -m benchmarks.native_path_cuda
+
+stage "issue 12: the Triton frame engine (H=1024 x3 B=1 vs an HBM read of its weights, cheap/full, host syncs, H=192, B=64 mixed)"
+timeout "${ENGINE_TIMEOUT:-120}" $PY -m benchmarks.frame_engine_cuda
 
 bench_rc=0
 if [ "${BENCH:-1}" != 0 ]; then

@@ -83,4 +83,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "Whether op's forward and backward kernels are compiled in for the dispatch key 'CPU' or 'CUDA'.");
   m.def("hide_compiled", [](const std::string& op, bool hide) { face::hide_compiled(face::op_named(op), hide); },
         "Tests only: pretend op's compiled kernels are absent (or present again).");
+  m.def("get_label_checks", &face::label_checks);
+  m.def("set_label_checks", &face::set_label_checks);
 }

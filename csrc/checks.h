@@ -335,29 +335,37 @@ void rnnt_label_data(const char* op, const I* targets, const I* frames, const I*
   }
 }
 
-// The labels of a loss over a (B, T, U+1, V) lattice on the CPU; returns the int32 (targets,
-// logit_lengths, target_lengths) the kernels read.
-inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rnnt_labels(const char* op, const at::Tensor& targets_in,
-                                                                  const at::Tensor& frames_in,
-                                                                  const at::Tensor& labels_in, int64_t batch,
-                                                                  int64_t max_frames, int64_t labels_plus_1,
-                                                                  int64_t vocab, int64_t blank) {
+// The labels' metadata for a loss over a (B, T, U+1, V) lattice: dims, blank, dtypes, shapes (no data read).
+inline void rnnt_label_meta(const char* op, const at::Tensor& targets, const at::Tensor& frames,
+                            const at::Tensor& labels, int64_t batch, int64_t max_frames, int64_t labels_plus_1,
+                            int64_t vocab, int64_t blank) {
   TORCH_CHECK_VALUE(batch >= 1 && max_frames >= 1 && labels_plus_1 >= 1 && vocab >= 1, op,
                     ": the lattice (B, T, U+1, V) must have every dim >= 1; got (", batch, ", ", max_frames, ", ",
                     labels_plus_1, ", ", vocab, ")");
   TORCH_CHECK_VALUE(blank >= 0 && blank < vocab, op, ": blank must be in [0, V = ", vocab, "); got ", blank);
   const char* names[] = {"targets", "logit_lengths", "target_lengths"};
-  const at::Tensor* given[] = {&targets_in, &frames_in, &labels_in};
+  const at::Tensor* given[] = {&targets, &frames, &labels};
   for (int i = 0; i < 3; ++i) {
     index_dtype(op, names[i], *given[i]);
-    on_cpu(op, names[i], *given[i]);
-    TORCH_CHECK_TYPE(given[i]->scalar_type() == targets_in.scalar_type(), op, ": ", names[i],
-                     " must have the dtype of targets (", targets_in.scalar_type(), "); got ",
-                     given[i]->scalar_type());
+    TORCH_CHECK_TYPE(given[i]->scalar_type() == targets.scalar_type(), op, ": ", names[i],
+                     " must have the dtype of targets (", targets.scalar_type(), "); got ", given[i]->scalar_type());
   }
-  shape(op, "targets", targets_in, {batch, labels_plus_1 - 1});
-  shape(op, "logit_lengths", frames_in, {batch});
-  shape(op, "target_lengths", labels_in, {batch});
+  shape(op, "targets", targets, {batch, labels_plus_1 - 1});
+  shape(op, "logit_lengths", frames, {batch});
+  shape(op, "target_lengths", labels, {batch});
+}
+
+// The labels of a loss, on the CPU, checked value by value; returns the int32 (targets, logit_lengths,
+// target_lengths) the kernels read.
+inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rnnt_labels(const char* op, const at::Tensor& targets_in,
+                                                                  const at::Tensor& frames_in,
+                                                                  const at::Tensor& labels_in, int64_t batch,
+                                                                  int64_t max_frames, int64_t labels_plus_1,
+                                                                  int64_t vocab, int64_t blank) {
+  rnnt_label_meta(op, targets_in, frames_in, labels_in, batch, max_frames, labels_plus_1, vocab, blank);
+  on_cpu(op, "targets", targets_in);
+  on_cpu(op, "logit_lengths", frames_in);
+  on_cpu(op, "target_lengths", labels_in);
   const at::Tensor targets = targets_in.contiguous(), frames = frames_in.contiguous(), labels = labels_in.contiguous();
   AT_DISPATCH_INDEX_TYPES(targets.scalar_type(), "rnnt_labels", [&] {
     rnnt_label_data<index_t>(op, targets.data_ptr<index_t>(), frames.data_ptr<index_t>(), labels.data_ptr<index_t>(),

@@ -100,6 +100,25 @@ void note(Op op, const std::string& face) {
   last_face[static_cast<int>(op)].store(static_cast<int8_t>(parse(face)) + 1, std::memory_order_relaxed);
 }
 
+namespace {
+constexpr std::array<const char*, 3> kLabelChecks{"auto", "host", "device"};
+std::atomic<int8_t> label_checks_mode{0};
+}  // namespace
+
+std::string label_checks() { return kLabelChecks[label_checks_mode.load(std::memory_order_relaxed)]; }
+
+void set_label_checks(const std::string& mode) {
+  for (size_t i = 0; i < kLabelChecks.size(); ++i) {
+    if (mode == kLabelChecks[i]) return label_checks_mode.store(static_cast<int8_t>(i));
+  }
+  TORCH_CHECK_VALUE(false, "label checks must be one of ('auto', 'host', 'device'); got '", mode, "'");
+}
+
+bool label_checks_on_host(const at::Tensor& t) {
+  const int8_t mode = label_checks_mode.load(std::memory_order_relaxed);
+  return mode == 1 || (mode == 0 && t.is_cpu());
+}
+
 c10::OperatorHandle python_face(const char* op_name) {
   const auto handle = c10::Dispatcher::singleton().findSchema({std::string("amnets_faces::") + op_name, ""});
   TORCH_CHECK(handle.has_value(), "amnets::", op_name, ": the backend in force ('", name(current()),

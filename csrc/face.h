@@ -57,6 +57,16 @@ bool native(Op op, const at::Tensor& t);
 std::string last(Op op);
 void note(Op op, const std::string& face);
 
+// How the RNN-T losses check their labels and lengths (csrc/rnnt.cpp): "host" reads them on the host and
+// raises a ValueError naming a bad one, and warns about non-finite costs (a device sync per call for CUDA
+// tensors); "device" never reads them on the host: a sequence with bad labels or lengths gets safe
+// stand-ins for the kernels and a NaN cost with a zero gradient (as a sequence with no finite path);
+// "auto" (the default; AMNETS_LABEL_CHECKS, amnets_kernels.set_label_checks) is host on the CPU, where
+// it costs nothing, and device on CUDA, so a CUDA loss never waits for the GPU and CUDA graphs can capture it.
+std::string label_checks();
+void set_label_checks(const std::string& mode);  // raises ValueError for an unknown mode
+bool label_checks_on_host(const at::Tensor& t);
+
 // amnets_faces::<op_name>, the Python face op; a clear error when the Python package has not registered it.
 c10::OperatorHandle python_face(const char* op_name);
 

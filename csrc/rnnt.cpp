@@ -3,9 +3,11 @@
 // faces' (csrc/cpu/rnnt.cpp, csrc/cuda/rnnt.cu, amnets_faces::*); the fake kernels are in Python
 // (amnets_kernels/_ops/rnnt.py).
 //
-// Host syncs on CUDA tensors: the op reads the labels and lengths to check them (a copy to the host) and
-// the costs to report non-finite ones, on every call, as the Python op did. Removing them (checks on the
-// device, raised lazily) is issue 13's next step; the CPU path has nothing to sync.
+// Host syncs: none on CUDA tensors by default. The labels and lengths are checked where the mode of
+// face::label_checks (csrc/face.h) says: on the host (a ValueError naming the bad value, and a warning for
+// non-finite costs; the CPU default) or on the device (bad sequences get a NaN cost and a zero gradient;
+// the CUDA default, which never waits for the GPU). fused_joint_rnnt_loss's CUDA face still synchronises
+// once (at::nonzero over the live cells, csrc/cuda/rnnt.cu).
 #include <ATen/Dispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
@@ -13,6 +15,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 #include <optional>
 #include <string>
 #include <tuple>
@@ -38,18 +41,46 @@ using JointBackwardSig = std::tuple<Tensor, Tensor, Tensor, Tensor>(
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Bias&, const Tensor&, const Tensor&,
     const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, int64_t, c10::string_view, double);
 
-// The label data checked (values read as they are, before any narrowing: a bad int64 value must not wrap
-// into range), then the int32 tensors every face receives, on the labels' device. CPU tensors of one dtype
-// are read in place; others through int64 host copies (for CUDA tensors, a sync).
-std::tuple<Tensor, Tensor, Tensor> checked_labels(const char* op, const Tensor& targets, const Tensor& frames,
-                                                  const Tensor& labels, int64_t batch, int64_t steps, int64_t u1,
-                                                  int64_t vocab, int64_t blank) {
+// The labels as the faces receive them (int32, on the labels' device) and, under device checks, `bad`: a
+// (B,) bool of the sequences whose lengths or labels are out of range (undefined under host checks).
+struct Labels {
+  Tensor targets, frames, labels, bad;
+};
+
+// Host checks: the label data checked value by value (as read, before any narrowing: a bad int64 value must
+// not wrap into range). CPU tensors of one dtype are read in place; others through int64 host copies (for
+// CUDA tensors, a sync).
+Labels host_checked_labels(const char* op, const Tensor& targets, const Tensor& frames, const Tensor& labels,
+                           int64_t batch, int64_t steps, int64_t u1, int64_t vocab, int64_t blank) {
   const bool in_place = targets.is_cpu() && frames.is_cpu() && labels.is_cpu() &&
                         frames.scalar_type() == targets.scalar_type() && labels.scalar_type() == targets.scalar_type();
-  if (in_place) return checks::rnnt_labels(op, targets, frames, labels, batch, steps, u1, vocab, blank);
+  if (in_place) {
+    auto [t, f, l] = checks::rnnt_labels(op, targets, frames, labels, batch, steps, u1, vocab, blank);
+    return {t, f, l, Tensor()};
+  }
   const auto host = [](const Tensor& t) { return t.to(at::kCPU, at::kLong); };
   checks::rnnt_labels(op, host(targets), host(frames), host(labels), batch, steps, u1, vocab, blank);
-  return {targets.to(at::kInt), frames.to(at::kInt), labels.to(at::kInt)};
+  return {targets.to(at::kInt), frames.to(at::kInt), labels.to(at::kInt), Tensor()};
+}
+
+// Device checks: the same conditions as tensor ops on the labels' device (int64, before narrowing), no host
+// read. A bad sequence runs the kernels as 1 frame and 0 labels, so nothing is read out of bounds; targets are
+// clamped into [0, V) (entries past a good sequence's length are never read, so its result is unchanged).
+Labels device_checked_labels(const char* op, const Tensor& targets, const Tensor& frames, const Tensor& labels,
+                             int64_t batch, int64_t steps, int64_t u1, int64_t vocab, int64_t blank) {
+  checks::rnnt_label_meta(op, targets, frames, labels, batch, steps, u1, vocab, blank);
+  const Tensor t = targets.to(at::kLong), f = frames.to(at::kLong), l = labels.to(at::kLong);
+  const Tensor within = at::arange(u1 - 1, t.options()).unsqueeze(0) < l.unsqueeze(1);  // (B, U)
+  const Tensor bad = (f < 1) | (f > steps) | (l < 0) | (l > u1 - 1) |
+                     (within & ((t < 0) | (t >= vocab) | (t == blank))).any(1);
+  return {t.clamp(0, vocab - 1).to(at::kInt), f.masked_fill(bad, 1).to(at::kInt), l.masked_fill(bad, 0).to(at::kInt),
+          bad};
+}
+
+Labels checked_labels(const char* op, const Tensor& targets, const Tensor& frames, const Tensor& labels, int64_t batch,
+                      int64_t steps, int64_t u1, int64_t vocab, int64_t blank) {
+  return (face::label_checks_on_host(targets) ? host_checked_labels : device_checked_labels)(
+      op, targets, frames, labels, batch, steps, u1, vocab, blank);
 }
 
 bool all_finite(const Tensor& costs) {
@@ -63,9 +94,18 @@ bool all_finite(const Tensor& costs) {
   return finite;
 }
 
-// A non-finite cost: the Python package's report (a RuntimeWarning saying what backward does with it),
-// else a plain warning.
-void report_non_finite(const char* op, const Tensor& costs, const Tensor& betas) {
+// After a forward. Host checks: a non-finite cost gets the Python package's report (a RuntimeWarning saying
+// what backward does with it), else a plain warning. Device checks: the bad sequences' costs and log P
+// (beta(0, 0), which backward reads) become NaN, on the device; nothing is reported (it would sync).
+void finish_forward(const char* op, const Labels& checked, Saved& out) {
+  Tensor& costs = std::get<0>(out);
+  Tensor& betas = std::get<2>(out);
+  if (checked.bad.defined()) {
+    const double nan = std::numeric_limits<double>::quiet_NaN();
+    costs.masked_fill_(checked.bad, nan);
+    if (betas.numel()) betas.select(2, 0).select(1, 0).masked_fill_(checked.bad, nan);
+    return;
+  }
   if (all_finite(costs)) return;
   const auto reporter = c10::Dispatcher::singleton().findSchema({"amnets_faces::report_non_finite", ""});
   if (reporter.has_value()) {
@@ -91,11 +131,12 @@ Saved loss_forward(const Tensor& logits, const Tensor& targets, const Tensor& fr
                    int64_t blank_in, double clamp, bool fused_log_softmax, bool save) {
   constexpr const char* op = "rnnt_loss";
   const int64_t blank = checks::rnnt_loss_args(op, logits, targets, frames, labels, blank_in);
-  const auto [t, f, l] = checked_labels(op, targets, frames, labels, logits.size(0), logits.size(1), logits.size(2),
+  const Labels checked = checked_labels(op, targets, frames, labels, logits.size(0), logits.size(1), logits.size(2),
                                         logits.size(3), blank);
   static const face::Route<LossForwardSig> route("rnnt_loss_forward");
-  Saved out = route(face::native(face::Op::RnntLoss, logits), logits, t, f, l, blank, clamp, fused_log_softmax, save);
-  report_non_finite(op, std::get<0>(out), std::get<2>(out));
+  Saved out = route(face::native(face::Op::RnntLoss, logits), logits, checked.targets, checked.frames, checked.labels,
+                    blank, clamp, fused_log_softmax, save);
+  finish_forward(op, checked, out);
   return out;
 }
 
@@ -105,11 +146,11 @@ Tensor loss_backward(const Tensor& grad_costs, const Tensor& logits, const Tenso
   constexpr const char* op = "rnnt_loss_backward";
   const int64_t blank = checks::rnnt_loss_args(op, logits, targets, frames, labels, blank_in);
   const int64_t batch = logits.size(0), steps = logits.size(1), u1 = logits.size(2);
-  const auto [t, f, l] = checked_labels(op, targets, frames, labels, batch, steps, u1, logits.size(3), blank);
+  const Labels l = checked_labels(op, targets, frames, labels, batch, steps, u1, logits.size(3), blank);
   check_saved(op, grad_costs, costs, alphas, betas, den, batch, steps, u1);
   static const face::Route<LossBackwardSig> route("rnnt_loss_backward");
-  return route(face::native(face::Op::RnntLoss, logits), grad_costs, logits, t, f, l, costs, alphas, betas, den,
-               blank, clamp, fused_log_softmax);
+  return route(face::native(face::Op::RnntLoss, logits), grad_costs, logits, l.targets, l.frames, l.labels, costs,
+               alphas, betas, den, blank, clamp, fused_log_softmax);
 }
 
 Saved joint_forward(const Tensor& enc, const Tensor& pred, const Tensor& weight, const Bias& bias,
@@ -118,12 +159,12 @@ Saved joint_forward(const Tensor& enc, const Tensor& pred, const Tensor& weight,
   constexpr const char* op = "fused_joint_rnnt_loss";
   const int64_t blank = checks::fused_joint_args(op, enc, pred, weight, bias, targets, frames, labels, blank_in,
                                                  std::string(activation));
-  const auto [t, f, l] = checked_labels(op, targets, frames, labels, enc.size(0), enc.size(1), pred.size(1),
+  const Labels checked = checked_labels(op, targets, frames, labels, enc.size(0), enc.size(1), pred.size(1),
                                         weight.size(0), blank);
   static const face::Route<JointForwardSig> route("fused_joint_rnnt_loss_forward");
-  Saved out = route(face::native(face::Op::FusedJointRnntLoss, enc), enc, pred, weight, bias, t, f, l, blank,
-                    activation, clamp, save);
-  report_non_finite(op, std::get<0>(out), std::get<2>(out));
+  Saved out = route(face::native(face::Op::FusedJointRnntLoss, enc), enc, pred, weight, bias, checked.targets,
+                    checked.frames, checked.labels, blank, activation, clamp, save);
+  finish_forward(op, checked, out);
   return out;
 }
 
@@ -135,11 +176,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> joint_backward(
   const int64_t blank = checks::fused_joint_args(op, enc, pred, weight, bias, targets, frames, labels, blank_in,
                                                  std::string(activation));
   const int64_t batch = enc.size(0), steps = enc.size(1), u1 = pred.size(1);
-  const auto [t, f, l] = checked_labels(op, targets, frames, labels, batch, steps, u1, weight.size(0), blank);
+  const Labels l = checked_labels(op, targets, frames, labels, batch, steps, u1, weight.size(0), blank);
   check_saved(op, grad_costs, costs, alphas, betas, den, batch, steps, u1);
   static const face::Route<JointBackwardSig> route("fused_joint_rnnt_loss_backward");
-  return route(face::native(face::Op::FusedJointRnntLoss, enc), grad_costs, enc, pred, weight, bias, t, f, l, costs,
-               alphas, betas, den, blank, activation, clamp);
+  return route(face::native(face::Op::FusedJointRnntLoss, enc), grad_costs, enc, pred, weight, bias, l.targets,
+               l.frames, l.labels, costs, alphas, betas, den, blank, activation, clamp);
 }
 
 // ---------------------------------------------------------------------------------------------------

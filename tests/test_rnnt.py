@@ -252,3 +252,82 @@ def test_fuzz_lengths_and_labels_never_crash(data):
             assert str(exc).startswith("rnnt_loss: ")
         else:
             assert torch.isfinite(loss)
+
+
+# ---------------------------------------------------------------------------------------------------
+# device label checks (the CUDA default: no host sync; forced here on any device)
+
+
+@pytest.fixture
+def device_label_checks():
+    previous = ak.get_label_checks()
+    ak.set_label_checks("device")
+    yield
+    ak.set_label_checks(previous)
+
+
+BAD_SEQUENCES = {  # sequence -> how its labels are broken (batch of 5: 0 and 4 stay valid)
+    1: ("logit_lengths", 9),  # > T = 4
+    2: ("targets", 0),  # the blank, within target_lengths
+    3: ("target_lengths", 7),  # > U = 3
+}
+
+
+def _corrupted(device):
+    logits, targets, logit_lengths, target_lengths = batch_of(5, 4, 3, 6, 0, device=device, ragged=False)
+    bad_targets, bad_frames, bad_labels = targets.clone(), logit_lengths.clone(), target_lengths.clone()
+    bad_frames[1] = 9
+    bad_targets[2, 1] = 0
+    bad_labels[3] = 7
+    return logits, (targets, logit_lengths, target_lengths), (bad_targets, bad_frames, bad_labels)
+
+
+@pytest.mark.parametrize("face", FACES)
+def test_device_label_checks_give_bad_sequences_nan_and_no_gradient(face, device_label_checks):
+    """Out-of-range lengths and labels, never read on the host: those sequences' costs are NaN and their
+    gradient zero; the good sequences' costs and gradients are what host checks give."""
+    logits, good, bad = _corrupted(DEVICE)
+    with use_face("rnnt_loss", face):
+        costs = ak.rnnt_loss(logits, *bad, blank=0, reduction="none")
+        (grad,) = torch.autograd.grad(costs.nan_to_num().sum(), logits)
+        want = ak.rnnt_loss(logits, *good, blank=0, reduction="none")
+        (want_grad,) = torch.autograd.grad(want.sum(), logits)
+        zeroed = ak.rnnt_loss(logits, *bad, blank=0, zero_infinity=True)
+    broken = torch.tensor([b in BAD_SEQUENCES for b in range(5)], device=DEVICE)
+    assert torch.isnan(costs[broken]).all() and torch.isfinite(costs[~broken]).all()
+    torch.testing.assert_close(costs[~broken], want[~broken])
+    assert (grad[broken] == 0).all()
+    torch.testing.assert_close(grad[~broken], want_grad[~broken])
+    torch.testing.assert_close(zeroed, want[~broken].sum() / 5)  # zero_infinity: a bad sequence counts 0
+
+
+def test_device_label_checks_in_the_fused_joint(device_label_checks):
+    torch.manual_seed(1)
+    enc, pred = torch.randn(5, 4, 6, device=DEVICE), torch.randn(5, 4, 6, device=DEVICE)
+    weight, bias = torch.randn(6, 6, device=DEVICE), torch.randn(6, device=DEVICE)
+    _, good, bad = _corrupted(DEVICE)
+    costs = ak.fused_joint_rnnt_loss(enc, pred, weight, bias, *bad, blank=0, reduction="none")
+    want = ak.fused_joint_rnnt_loss(enc, pred, weight, bias, *good, blank=0, reduction="none")
+    broken = torch.tensor([b in BAD_SEQUENCES for b in range(5)], device=DEVICE)
+    assert torch.isnan(costs[broken]).all()
+    torch.testing.assert_close(costs[~broken], want[~broken])
+
+
+def test_label_check_modes():
+    assert ak.get_label_checks() == "auto"
+    with pytest.raises(ValueError, match=r"label checks must be one of \('auto', 'host', 'device'\); got 'gpu'"):
+        ak.set_label_checks("gpu")
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="host syncs exist on a GPU")
+def test_rnnt_loss_never_syncs_on_cuda():
+    logits, targets, logit_lengths, target_lengths = batch_of(4, 6, 3, 8, 0)
+    ak.rnnt_loss(logits, targets, logit_lengths, target_lengths, blank=0).backward()  # warm-up (workspaces)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = ak.rnnt_loss(logits, targets, logit_lengths, target_lengths, blank=0)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(loss)

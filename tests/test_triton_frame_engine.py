@@ -56,6 +56,15 @@ def build(cfg, dtype=torch.float32, arbitrator_hidden=32):
     return enc, x, force
 
 
+def same(a, b, tol=1e-6):
+    """Chunk continuation and graph replay repeat the same kernels; on a GPU a different chunk shape may
+    compile a differently vectorised variant (summation order), so outputs agree to rounding there."""
+    if DEVICE == "cpu":
+        assert torch.equal(a, b)
+    else:
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
 def assert_same(got, want, tol=1e-5):
     (out, (h, c), dec), (out2, (h2, c2), dec2) = got, want
     assert torch.equal(dec, dec2)
@@ -82,11 +91,13 @@ def test_chunks_and_streamer_continue_exactly(cheap):
         streamer = enc.streamer(batch=3)
         assert streamer.native
         parts = [streamer(x[:, t:t + 1]) for t in range(x.shape[1])]
-    assert torch.equal(torch.cat([first, rest], 1), whole) and torch.equal(torch.cat([dec1, dec2], 1), dec)
-    assert torch.equal(last[0], state[0]) and torch.equal(last[1], state[1])
-    assert torch.equal(torch.cat([p[0] for p in parts], 1), whole)
+    same(torch.cat([first, rest], 1), whole)
+    assert torch.equal(torch.cat([dec1, dec2], 1), dec)
+    same(last[0], state[0])
+    same(last[1], state[1])
+    same(torch.cat([p[0] for p in parts], 1), whole)
     assert torch.equal(torch.cat([p[1] for p in parts], 1), dec)
-    assert torch.equal(streamer.state[1], state[1])
+    same(streamer.state[1], state[1])
     assert dec.any() and not dec.all()  # the arbitrator chose both branches: both paths were exercised
 
 
@@ -110,7 +121,7 @@ def test_bf16_weights(cheap):
         torch.testing.assert_close(out.float(), want.float(), rtol=0.05, atol=0.03)
         half, mid, _ = engine_stream(enc, x[:, :2], force=force)
         rest, _, _ = engine_stream(enc, x[:, 2:], mid, force=force)
-        assert torch.equal(torch.cat([half, rest], 1), out)
+        same(torch.cat([half, rest], 1).float(), out.float(), tol=1e-2)
     dec, want = engine_stream(enc, x)[2], per_layer_stream(enc, x)[2]
     assert (dec == want).float().mean() >= 0.9  # a bf16 logit at the threshold may round either way
 
@@ -198,6 +209,7 @@ def test_graph_replay_equals_eager_launches_and_never_syncs(cheap):
         parts += [streamer(x[:, t:t + 1]) for t in range(1, x.shape[1])]
     finally:
         torch.cuda.set_sync_debug_mode(0)
-    assert torch.equal(torch.cat([p[0] for p in parts], 1), got[0])
+    same(torch.cat([p[0] for p in parts], 1), got[0])
     assert torch.equal(torch.cat([p[1] for p in parts], 1), got[2])
-    assert torch.equal(streamer.state[0], got[1][0]) and torch.equal(streamer.state[1], got[1][1])
+    same(streamer.state[0], got[1][0])
+    same(streamer.state[1], got[1][1])

@@ -1,0 +1,146 @@
+"""python -m benchmarks.frame_engine_cuda [--quick]: issue 12's GPU targets for the Triton frame engine
+(amnets_kernels/triton/frame_engine.py), on the path users run (AmNetsEncoder.streamer(), one call per frame
+unless said; each call replays the chunk's CUDA graph). For benchmarks/gpu_suite.sh.
+
+Rows (wall time per call over a ~0.2 s loop with the queue drained before and after, 5 interleaved rounds,
+medians; fp32):
+  HBM read bandwidth: the best of 5 sums over a 1 GiB tensor;
+  H=1024 x3, D=240, B=1 (sparse 0.8 b=32 / low-rank r=128): all-full frame / time to read its dense
+      weights once from HBM, goal <= 2; all-cheap / all-full frame, goal <= 0.3; the arbitrated frame and
+      16-frame chunks for scale; no host sync in 10 streamed frames (torch.cuda.set_sync_debug_mode("error"));
+  H=192 x2, D=240, B=1: arbitrated all-cheap / dense frame (threshold 1), goal 1 - 0.9 (1 - MAC ratio); the
+      dense frame / cuDNN nn.LSTM stepped one frame per call, goal <= 0.5;
+  H=1024 x3, B=64, chunks of 10: t(f) / (f t_full + (1 - f) t_cheap) at f = 0.25, 0.5, 0.75, goal <= 1.2.
+Each row runs on its own: one that fails prints its error and the others still run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import traceback
+
+import torch
+
+from .frame_engine import encoder, frame, interleaved, lstm_stepper, ratio
+
+DEVICE = "cuda"
+CHUNK = 16  # frames per call of the B=1 chunk row
+MIXED_BATCH, MIXED_CHUNK = 64, 10  # the mixed-batch rows
+
+
+def hbm_read_gbs(gib: float = 1.0) -> float:
+    """Read bandwidth in GB/s: the best of 5 timed sums over `gib` GiB of fp32."""
+    x = torch.ones(int(gib * 2**28), device=DEVICE)
+    best = float("inf")
+    for _ in range(6):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        x.sum()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3)
+    return x.numel() * 4 / best / 1e9
+
+
+def dense_bytes(enc) -> int:
+    return sum(enc.full_weight(k).numel() * enc.full_weight(k).element_size() for k in range(enc.num_layers))
+
+
+def no_host_sync(streamer, x, frames: int = 10) -> str:
+    streamer(x)  # the graph is captured on the first call of a shape
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for _ in range(frames):
+            streamer(x)
+    except RuntimeError as exc:
+        return f"host sync: {str(exc).splitlines()[0]}"
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    return "none"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 1 round, short loops")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks.frame_engine_cuda: no CUDA GPU; nothing measured")
+        return
+    rounds, seconds = (1, 0.05) if args.quick else (5, 0.2)
+    sync = torch.cuda.synchronize
+    print(f"# frame engine on {torch.cuda.get_device_name()}: torch {torch.__version__}, {rounds} rounds\n")
+    print("| row | measured | goal | met |\n|---|---|---|---|")
+
+    def report(label, value, goal, fmt="{:.3f}"):
+        print(f"| {label} | {fmt.format(value)} | <= {fmt.format(goal)} | {'yes' if value <= goal else 'no'} |")
+
+    def row(name, fn):
+        try:
+            fn()
+        except Exception:  # noqa: BLE001 - report and go on: every row is worth having
+            print(f"| {name} | FAILED | | |\n```\n{traceback.format_exc(limit=4)}```")
+
+    bandwidth = {}
+
+    def hbm():
+        bandwidth["gbs"] = hbm_read_gbs()
+        print(f"| HBM read bandwidth (sum over 1 GiB) | {bandwidth['gbs']:.0f} GB/s | | |")
+
+    def big_b1(cheap):
+        enc = encoder(240, 1024, 3, cheap, DEVICE, rank=128)
+        x, chunk = torch.randn(1, 1, 240, device=DEVICE), torch.randn(1, CHUNK, 240, device=DEVICE)
+        full, cheap_s = enc.streamer(force="full"), enc.streamer(force="cheap")
+        assert getattr(enc.frame_engine(), "face", None) == "triton", "the frame engine is not the Triton one"
+        times = interleaved({"full": frame(full, x), "cheap": frame(cheap_s, x),
+                             "arbitrated": frame(enc.streamer(), x),
+                             "full chunk": frame(enc.streamer(force="full"), chunk)}, rounds, seconds, sync)
+        read_us = dense_bytes(enc) / (bandwidth.get("gbs") or hbm_read_gbs()) / 1e3
+        med = {k: statistics.median(v) for k, v in times.items()}
+        report(f"H=1024 x3 {cheap} B=1: all-full frame / dense weights read once ({med['full']:.1f} / {read_us:.1f} us;"
+               f" {CHUNK}-frame chunks {med['full chunk'] / CHUNK:.1f} us a frame; arbitrated {med['arbitrated']:.1f} us)",
+               statistics.median(t / read_us for t in times["full"]), 2.0)
+        report(f"H=1024 x3 {cheap} B=1: all-cheap / all-full frame ({med['cheap']:.1f} / {med['full']:.1f} us)",
+               ratio(times, "cheap", lambda i: times["full"][i]), 0.3)
+        print(f"| H=1024 x3 {cheap} B=1: host syncs in 10 arbitrated streamed frames | "
+              f"{no_host_sync(enc.streamer(), x)} | none | |")
+
+    def small(cheap):
+        enc = encoder(240, 192, 2, cheap, DEVICE)
+        x = torch.randn(1, 1, 240, device=DEVICE)
+        macs = enc.macs_per_frame("cheap") / enc.macs_per_frame("full")
+        times = interleaved({"cheap": frame(enc.streamer(threshold=1.0), x),
+                             "dense": frame(enc.streamer(force="full"), x), "nn.LSTM": lstm_stepper(enc, x)},
+                            rounds, seconds, sync)
+        med = {k: statistics.median(v) for k, v in times.items()}
+        report(f"H=192 x2 {cheap} B=1: arbitrated all-cheap / dense frame ({med['cheap']:.1f} / {med['dense']:.1f} us;"
+               f" MAC ratio {macs:.2f})", ratio(times, "cheap", lambda i: times["dense"][i]), 1 - 0.9 * (1 - macs))
+        report(f"H=192 x2 {cheap} B=1: dense frame / cuDNN nn.LSTM stepped per frame ({med['dense']:.1f} / "
+               f"{med['nn.LSTM']:.1f} us)", ratio(times, "dense", lambda i: times["nn.LSTM"][i]), 0.5)
+
+    def mixed(cheap):
+        batch, chunk = MIXED_BATCH, MIXED_CHUNK
+        enc = encoder(240, 1024, 3, cheap, DEVICE, rank=128)
+        x = torch.randn(batch, chunk, 240, device=DEVICE)
+        rows = torch.arange(batch, device=DEVICE)
+        candidates = {f: frame(enc.streamer(batch=batch, force=rows < round(f * batch)), x)
+                      for f in (0.0, 0.25, 0.5, 0.75, 1.0)}
+        times = interleaved(candidates, rounds, seconds, sync)
+        for f in (0.25, 0.5, 0.75):
+            report(f"H=1024 x3 {cheap} B={batch}, f={f}: t(f) / interpolation ({statistics.median(times[f]) / chunk:.1f}"
+                   f" us a frame; all-cheap {statistics.median(times[0.0]) / chunk:.1f}, all-full "
+                   f"{statistics.median(times[1.0]) / chunk:.1f})",
+                   ratio(times, f, lambda i: f * times[1.0][i] + (1 - f) * times[0.0][i]), 1.2)
+
+    row("HBM read bandwidth", hbm)
+    for cheap in ("sparse", "lowrank"):
+        row(f"H=1024 x3 {cheap} B=1", lambda: big_b1(cheap))
+    for cheap in ("sparse", "lowrank"):
+        row(f"H=192 x2 {cheap} B=1", lambda: small(cheap))
+    for cheap in ("sparse", "lowrank"):
+        row(f"H=1024 x3 {cheap} B=64", lambda: mixed(cheap))
+
+
+if __name__ == "__main__":
+    main()
