@@ -20,7 +20,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
-#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
@@ -36,6 +35,7 @@
 #include "../checks.h"
 #include "kernels.h"
 #include "lstm_pointwise.h"
+#include "parallel.h"
 
 namespace amnets::cpu {
 namespace {
@@ -284,7 +284,7 @@ AMNETS_CLONES void expand_range(const float* ut, int64_t R, int64_t ldu, const f
 void expand(const float* ut, int64_t R, int64_t G, const float* s, int64_t lds, int64_t M, float* out,
             bool accumulate) {
   const int64_t chunks = (G + 63) / 64, grain = R * G * M < (1 << 18) ? chunks : 1;
-  at::parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
+  parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
     expand_range(ut, R, G, s, lds, M, out, G, accumulate, c0 * 64, std::min(G, c1 * 64));
   });
 }
@@ -304,7 +304,7 @@ void matmul_rows(const Bsr& w, const float* x, int64_t ldx, int64_t M, float* y,
   const bool bf16 = w.values_t.scalar_type() == at::kBFloat16;
   const int64_t macs = w.values_t.numel() * M;
   const int64_t grain = macs < (1 << 18) ? w.block_rows() : 1;
-  at::parallel_for(0, w.block_rows(), grain, [&](int64_t r0, int64_t r1) {
+  parallel_for(0, w.block_rows(), grain, [&](int64_t r0, int64_t r1) {
     if (bf16) {
       block_rows_bf16(w, x, ldx, M, xtp, mp, y, r0, r1);
     } else {
