@@ -153,3 +153,36 @@ def test_weights_that_stream_from_memory_take_the_prefetching_kernel_and_agree()
         out, _, _ = enc.stream(x, force=force)
         want, _, _ = prepared_steps_stream(enc, x, force=force)
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_thread_counts_and_a_forked_child_give_the_same_frames():
+    """The engine's loops run on our pool (csrc/cpu/parallel.h): chunks write disjoint outputs, so 1 or 2
+    threads (the pool resized in between) give identical results, and a forked child (DataLoader workers),
+    which inherits the pool but none of its threads, streams too (its caller does every chunk)."""
+    import multiprocessing
+
+    torch.manual_seed(7)
+    enc = AmNetsEncoder(24, 512, num_layers=2, cheap="sparse", sparsity=0.5, block_size=32).eval()
+    x = torch.randn(3, 4, 24)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = enc.stream(x)
+        torch.set_num_threads(1)
+        one = enc.stream(x)
+        torch.set_num_threads(2)
+        again = enc.stream(x)
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in ((two, one), (two, again)):
+        assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
+    ctx = multiprocessing.get_context("fork")
+    results = ctx.Queue()
+    # fork: the closure is not pickled; a list, not a tensor (torch shares tensors through the child's fds)
+    child = ctx.Process(target=lambda: results.put(enc.stream(x)[0].tolist()))
+    child.start()
+    try:
+        out = results.get(timeout=120)  # a deadlocked pool would time out here
+    finally:
+        child.join(timeout=10)
+    assert torch.equal(torch.tensor(out), two[0])
