@@ -407,7 +407,7 @@ class FrameEngine:
         env = os.environ.get("AMNETS_CUDA_GRAPHS", "1") != "0"
         self.graphs = (env if graphs is None else graphs) and self.device.type == "cuda"
         self._graphs: collections.OrderedDict = collections.OrderedDict()
-        self._cut = torch.zeros(1, dtype=self.dtype, device=self.device)
+        self._cut, self._cut_value = torch.zeros(1, dtype=self.dtype, device=self.device), 0.0
 
     # -- checks: the engine is called without stream()'s checks (Streamer) ---------------------------
     def _check(self, x, h, c, code, rows):
@@ -434,7 +434,9 @@ class FrameEngine:
         if B == 0 or T == 0:
             dec = torch.zeros(B, T, self.decisions, dtype=torch.bool, device=self.device)
             return (x.new_zeros(B, T, H), h.clone(), c.clone(), dec if self.per_layer else dec[..., 0])
-        self._cut.fill_(cut)  # a device scalar: a graph replays with the cut of the call
+        if cut != self._cut_value:  # a device scalar: a graph replays with the cut of the call
+            self._cut.fill_(cut)
+            self._cut_value = cut
         rows = rows.to(torch.int8) if code == 2 else None
         if not self.graphs:
             out, h_n, c_n, dec = self._chunk(x.contiguous(), h, c, code, rows)
