@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/parallel.h"
 #include "face.h"
 #include "pattern_cache.h"
 
@@ -98,6 +99,7 @@ class BsrLinear : public torch::autograd::Function<BsrLinear> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     face::Scope backend(static_cast<face::Backend>(ctx->saved_data["backend"].toInt()));
+    cpu::OpenMpScope openmp;
     const auto saved = ctx->get_saved_variables();
     const Tensor& grad_y = grads[0];
     // Edges: x, values, crow, col, then bias when there is one.
@@ -123,6 +125,12 @@ class BsrLinear : public torch::autograd::Function<BsrLinear> {
 
 Tensor forward_autograd(const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
                         int64_t out_features, int64_t in_features, const std::optional<Tensor>& bias) {
+  // A call autograd records alternates with ATen's OpenMP regions (its backward's): its loops run on OpenMP
+  // too (csrc/cpu/parallel.h); inference calls run on our pool.
+  const bool recorded = at::GradMode::is_enabled() &&
+                        (x.requires_grad() || values.requires_grad() || (bias.has_value() && bias->requires_grad()));
+  std::optional<cpu::OpenMpScope> openmp;
+  if (recorded) openmp.emplace();
   return BsrLinear::apply(x, values, crow, col, out_features, in_features, bias);
 }
 

@@ -14,11 +14,11 @@
 //                               broadcast-multiplied into 16-wide column accumulators;
 //   grad_values (SDDMM):        per stored block, sum over m of grad_y[m, block rows] x[m, block cols].
 // The logical shape need not be whole blocks: block entries outside it are never used (masked),
-// whatever they hold. Parallel over block rows / block columns / blocks with at::parallel_for; SIMD
+// whatever they hold. Parallel over block rows / block columns / blocks with parallel_for (parallel.h: our
+// pool, or OpenMP when autograd records the call); SIMD
 // through csrc/cpu/simd.h (run-time ISA choice).
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
@@ -32,6 +32,7 @@
 
 #include "../checks.h"
 #include "lstm_pointwise.h"
+#include "parallel.h"
 #include "simd.h"
 
 namespace amnets::cpu {
@@ -504,13 +505,13 @@ void forward_into(const Problem& p, const Tensor& values, const Tensor& xf, int6
   if (mp > 0 && values.scalar_type() == at::kBFloat16 && has_dpbf16()) {
     const Tensor xp = xt.view({k_pad / 2, 2, mp}).permute({0, 2, 1}).contiguous().to(at::kBFloat16);
     const auto* xp_data = reinterpret_cast<const uint16_t*>(xp.data_ptr<c10::BFloat16>());
-    at::parallel_for(0, p.block_rows, 1, [&](int64_t r0, int64_t r1) {
+    parallel_for(0, p.block_rows, 1, [&](int64_t r0, int64_t r1) {
       forward_rows_dpbf16(p, values.data_ptr<c10::BFloat16>(), xp_data, mp, y, r0, r1);
     });
     return;
   }
   const float* xt_data = xt.defined() ? xt.data_ptr<float>() : nullptr;
-  at::parallel_for(0, p.block_rows, 1, [&](int64_t r0, int64_t r1) {
+  parallel_for(0, p.block_rows, 1, [&](int64_t r0, int64_t r1) {
     if (values.scalar_type() == at::kFloat) {
       forward_rows(p, values.data_ptr<float>(), xf.data_ptr<float>(), k_pad, xt_data, mp, y, r0, r1);
     } else {
@@ -675,7 +676,7 @@ std::tuple<Tensor, Tensor> bsr_linear_backward(const Tensor& grad_out, const Ten
     Tensor gx = at::empty({p.rows, in_features}, x.options().dtype(at::kFloat));
     if (p.rows > 0) {
       const ColumnIndex ci = column_index(p);
-      at::parallel_for(0, p.block_cols, 1, [&](int64_t c0, int64_t c1) {
+      parallel_for(0, p.block_cols, 1, [&](int64_t c0, int64_t c1) {
         if (values.scalar_type() == at::kFloat) {
           grad_input_columns(p, ci, values.data_ptr<float>(), gy.data_ptr<float>(), gx.data_ptr<float>(), c0, c1);
         } else {
@@ -694,7 +695,7 @@ std::tuple<Tensor, Tensor> bsr_linear_backward(const Tensor& grad_out, const Ten
       std::vector<int64_t> row_of(nnzb);
       for (int64_t r = 0; r < p.block_rows; ++r)
         for (int64_t k = p.crow[r]; k < p.crow[r + 1]; ++k) row_of[k] = r;
-      at::parallel_for(0, nnzb, 1, [&](int64_t k0, int64_t k1) {
+      parallel_for(0, nnzb, 1, [&](int64_t k0, int64_t k1) {
         if (values.scalar_type() == at::kFloat) {
           grad_values_blocks(p, gf.data_ptr<float>(), gf.size(1), xf.data_ptr<float>(), xf.size(1),
                              grad_values.data_ptr<float>(), row_of.data(), k0, k1);

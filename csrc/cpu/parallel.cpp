@@ -23,11 +23,12 @@
 namespace amnets::cpu {
 namespace {
 
-constexpr int64_t kChunksPerThread = 4;  // dynamic claiming needs a few chunks per thread to rebalance
+constexpr int64_t kChunksPerThread = 2;  // dynamic claiming needs a few chunks per thread to rebalance
 constexpr auto kIdleSpin = std::chrono::microseconds(50);  // a worker's wait for the next job before it sleeps
 constexpr auto kJoinSpin = std::chrono::microseconds(20);  // the caller's wait for claimed chunks before it sleeps
 
 thread_local bool in_parallel = false;
+thread_local bool openmp_scope = false;
 
 inline void relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -148,6 +149,9 @@ Pool& the_pool() {
 
 }  // namespace
 
+OpenMpScope::OpenMpScope() : previous_(openmp_scope) { openmp_scope = true; }
+OpenMpScope::~OpenMpScope() { openmp_scope = previous_; }
+
 void parallel_run(int64_t begin, int64_t end, int64_t grain, ChunkFn fn, const void* body) {
   if (end <= begin) return;
   // AMNETS_CPU_POOL=0: ATen's OpenMP regions instead (for A/B measurements, and as an escape hatch).
@@ -155,7 +159,7 @@ void parallel_run(int64_t begin, int64_t end, int64_t grain, ChunkFn fn, const v
     const char* env = std::getenv("AMNETS_CPU_POOL");
     return env == nullptr || std::string(env) != "0";
   }();
-  if (!use_pool) return at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) { fn(body, b, e); });
+  if (!use_pool || openmp_scope) return at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) { fn(body, b, e); });
   const int64_t range = end - begin;
   grain = std::max<int64_t>(grain, 1);
   const int threads = in_parallel || range <= grain ? 1 : at::get_num_threads();

@@ -1,6 +1,6 @@
-// amnets::cpu::parallel_for: the frame engine's parallel loops (csrc/cpu/frame_engine.cpp), on our own small
-// thread pool instead of an OpenMP region (at::parallel_for), because of what a shared CPU does to a
-// fork/join region.
+// amnets::cpu::parallel_for: the parallel loops of the frame engine (csrc/cpu/frame_engine.cpp) and of
+// bsr_linear (csrc/cpu/bsr.cpp), on our own small thread pool instead of an OpenMP region (at::parallel_for),
+// because of what a shared CPU does to a fork/join region.
 //
 // An OpenMP region splits the range evenly over its threads and returns when the last one is done: when
 // another process holds a core, the thread that was descheduled holds half the work, and the region waits a
@@ -17,14 +17,14 @@
 // another parallel loop, or while another thread is using the pool); the first exception is rethrown.
 // Chunk boundaries differ from at::parallel_for's: bodies must not depend on them (ours write disjoint
 // outputs per index). The pool has torch.get_num_threads() - 1 workers, resized when that changes.
+// AMNETS_CPU_POOL=0 (read once) runs at::parallel_for everywhere instead.
 //
-// Why only the frame engine: a frame is our code from end to end. Where our loops alternate with ATen ops
-// (bsr_linear's backward, the low-rank LSTM's per-step GEMMs) the two pools' idle threads take turns on the
-// cores: OpenMP's spin for milliseconds after each region, so ours start late and the caller works alone.
-// In an uncommitted experiment on the 2-core AMD EPYC (benchmarks/contention.py, 2026-11-29), bsr_linear's
-// forward on this pool: M=16 fwd+bwd grew 2.2x beside a busy process (3.2x on OpenMP) but its quiet time
-// rose 2.0 -> 2.8-3.5 ms. The frame engine's quiet frames stayed within noise (README, "CPU under contention").
-// AMNETS_CPU_POOL=0 (read once) runs at::parallel_for instead.
+// Inside an OpenMpScope the loops run on at::parallel_for: where our loops alternate with ATen's OpenMP
+// regions (an op autograd will differentiate: its backward's reductions and GEMMs; the low-rank LSTM's
+// per-step GEMMs, which keep at::parallel_for outright) the two pools' idle threads take turns on the
+// cores — libgomp's spin for milliseconds after each region, so ours start late and the caller works alone.
+// In an uncommitted experiment on the 2-core AMD EPYC (2026-11-29) bsr_linear's fwd+bwd on this pool grew
+// 2.2x beside a busy process (3.2x on OpenMP) but its quiet time rose 2.0 -> 2.8-3.5 ms.
 #pragma once
 
 #include <cstdint>
@@ -33,6 +33,19 @@ namespace amnets::cpu {
 
 using ChunkFn = void (*)(const void* body, int64_t begin, int64_t end);
 void parallel_run(int64_t begin, int64_t end, int64_t grain, ChunkFn fn, const void* body);
+
+// Loops on this thread run on OpenMP while one is alive (nests). bsr_linear's autograd forward and backward
+// open one.
+class OpenMpScope {
+ public:
+  OpenMpScope();
+  ~OpenMpScope();
+  OpenMpScope(const OpenMpScope&) = delete;
+  OpenMpScope& operator=(const OpenMpScope&) = delete;
+
+ private:
+  bool previous_;
+};
 
 template <typename F>
 void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
