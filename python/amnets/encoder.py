@@ -20,6 +20,7 @@ the work the decision asks for is done.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -436,10 +437,14 @@ def _engine_face(op: str, kind: str) -> str | None:
         return None
     if face == "cpu":
         return "cpu" if _ENGINE is not None else None
-    if face == "triton" or (kind == "cuda" and ak.get_backend() == "auto"
-                            and ak.unavailable_reason(op, "triton", kind) is None):
+    if face == "triton" or (kind == "cuda" and ak.get_backend() == "auto" and _triton_runs(op, kind)):
         return "triton"
     return None
+
+
+@functools.lru_cache(maxsize=None)  # faces do not come and go while the process runs (as _backend._pick)
+def _triton_runs(op: str, kind: str) -> bool:
+    return ak.unavailable_reason(op, "triton", kind) is None
 
 
 def _triton_engine():
