@@ -404,6 +404,8 @@ class FrameEngine:
             raise ValueError(f"FrameEngine (triton): arbitrator_hidden <= {MAX_ARBITRATOR_WIDTH} and at most "
                              f"{MAX_DECISIONS} per-layer decisions; got {self.arb_width}, {self.decisions}")
         self.split = split
+        self._sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
+                     if self.device.type == "cuda" else 0)
         env = os.environ.get("AMNETS_CUDA_GRAPHS", "1") != "0"
         self.graphs = (env if graphs is None else graphs) and self.device.type == "cuda"
         self._graphs: collections.OrderedDict = collections.OrderedDict()
@@ -430,10 +432,9 @@ class FrameEngine:
     def run(self, x, h, c, code: int, rows, cut: float):
         self._check(x, h, c, code, rows)
         B, T, _ = x.shape
-        L, H = len(self.layers), self.hidden
         if B == 0 or T == 0:
             dec = torch.zeros(B, T, self.decisions, dtype=torch.bool, device=self.device)
-            return (x.new_zeros(B, T, H), h.clone(), c.clone(), dec if self.per_layer else dec[..., 0])
+            return (x.new_zeros(B, T, self.hidden), h.clone(), c.clone(), dec if self.per_layer else dec[..., 0])
         if cut != self._cut_value:  # a device scalar: a graph replays with the cut of the call
             self._cut.fill_(cut)
             self._cut_value = cut
@@ -446,7 +447,7 @@ class FrameEngine:
         return out, h_n, c_n, dec if self.per_layer else dec[..., 0]
 
     def _replay(self, x, h, c, code, rows):
-        key = (x.shape[0], x.shape[1], code)
+        key = (x.shape[0], x.shape[1], code, self.split)  # the split is captured with the launches
         entry = self._graphs.get(key)
         if entry is None:
             inputs = [x.clone(), h.clone(), c.clone(), None if rows is None else rows.clone()]
@@ -525,5 +526,4 @@ class FrameEngine:
             return 2
         lines = min(4 * layer.padded // layer.block for layer in self.layers)
         blocks = min(-(-(layer.inputs + self.hidden) // layer.block) for layer in self.layers)
-        sms = torch.cuda.get_device_properties(self.device).multi_processor_count
-        return max(1, min(blocks, -(-4 * sms // (lines * m_tiles))))
+        return max(1, min(blocks, -(-4 * self._sms // (lines * m_tiles))))
