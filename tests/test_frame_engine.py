@@ -72,6 +72,27 @@ def test_chunks_and_streamer_continue_exactly(cfg, cut):
     assert torch.equal(streamer.state[1], state[1])
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_streamer_state_is_a_snapshot_and_can_be_set(backend):
+    enc = AmNetsEncoder(8, 16, num_layers=2, cheap="sparse", block_size=16).eval()
+    x = torch.randn(2, 4, 8)
+    with ak.use_backend(backend):
+        streamer = enc.streamer(batch=2)
+        assert streamer.native == (backend == "auto")  # the engine keeps the state in place; stream() does not
+        streamer(x[:, :2])
+        mid = streamer.state
+        kept = mid[0].clone(), mid[1].clone()
+        rest, _ = streamer(x[:, 2:])
+        assert torch.equal(mid[0], kept[0]) and torch.equal(mid[1], kept[1])  # read earlier: not changed since
+        streamer.state = mid
+        assert torch.equal(streamer(x[:, 2:])[0], rest)  # set back: the same continuation
+        streamer.reset()
+        first, _ = streamer(x[:, :2])
+        assert torch.equal(first, enc.stream(x[:, :2])[0])
+        with pytest.raises(ValueError, match="state must be"):
+            streamer.state = (torch.zeros(2, 3, 16), torch.zeros(2, 3, 16))
+
+
 @pytest.mark.parametrize("face", ["reference", "triton"])
 @pytest.mark.parametrize("cheap", ["sparse", "lowrank"])
 def test_engine_equals_the_other_faces_stream(face, cheap):

@@ -99,6 +99,14 @@ def test_chunks_and_streamer_continue_exactly(cheap):
     assert torch.equal(torch.cat([p[1] for p in parts], 1), dec)
     same(streamer.state[1], state[1])
     assert dec.any() and not dec.all()  # the arbitrator chose both branches: both paths were exercised
+    with ak.use_backend(BACKEND):
+        streamer.state = mid  # set back to the middle: the same continuation
+        again, again_dec = streamer(x[:, 2:])
+        streamer.reset()
+        restart, _ = streamer(x[:, :2])
+    same(again, rest)
+    assert torch.equal(again_dec, dec2)
+    same(restart, first)
 
 
 def test_block_64_wide_arbitrator_and_four_layer_decisions():

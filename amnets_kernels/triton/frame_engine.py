@@ -446,6 +446,10 @@ class FrameEngine:
         dec = dec.view(torch.bool)
         return out, h_n, c_n, dec if self.per_layer else dec[..., 0]
 
+    def stream(self, batch: int, code: int, rows, cut: float) -> "Stream":
+        """A live stream on this engine, as the CPU engine's: `s(x) -> (out, decisions)`, the state kept."""
+        return Stream(self, batch, code, rows, cut)
+
     def _replay(self, x, h, c, code, rows):
         key = (x.shape[0], x.shape[1], code, self.split)  # the split is captured with the launches
         entry = self._graphs.get(key)
@@ -527,3 +531,30 @@ class FrameEngine:
         lines = min(4 * layer.padded // layer.block for layer in self.layers)
         blocks = min(-(-(layer.inputs + self.hidden) // layer.block) for layer in self.layers)
         return max(1, min(blocks, -(-4 * self._sms // (lines * m_tiles))))
+
+
+class Stream:
+    """FrameEngine.stream: the state (h, c) carried from call to call; state() copies, set_state, reset()."""
+
+    def __init__(self, engine: FrameEngine, batch: int, code: int, rows, cut: float):
+        self.engine, self.code, self.rows, self.cut = engine, code, rows, cut
+        self.shape = (len(engine.layers), batch, engine.hidden)
+        self.reset()
+
+    def __call__(self, x):
+        out, self.h, self.c, dec = self.engine.run(x, self.h, self.c, self.code, self.rows, self.cut)
+        return out, dec
+
+    def state(self):
+        return self.h.clone(), self.c.clone()
+
+    def set_state(self, h, c):
+        for name, t in (("h", h), ("c", c)):
+            if tuple(t.shape) != self.shape or t.dtype != self.engine.dtype or t.device != self.engine.device:
+                raise ValueError(f"FrameEngine: {name} must have shape {self.shape}, dtype {self.engine.dtype}, "
+                                 f"on {self.engine.device}")
+        self.h, self.c = h.clone(), c.clone()
+
+    def reset(self):
+        self.h = torch.zeros(self.shape, dtype=self.engine.dtype, device=self.engine.device)
+        self.c = torch.zeros_like(self.h)

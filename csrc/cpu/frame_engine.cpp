@@ -8,7 +8,7 @@
 //                 dense GEMV is the block kernels below at density 1 (one code path for both branches);
 //   cheap branch  sparse: the kept blocks (the encoder's block mask) through the same kernels;
 //                 lowrank: V x, V h, then U s, each as axpys over the transposed factor;
-//   arbitrator    Linear -> ReLU -> Linear by row dots; a row takes the full branch when logit > cut.
+//   arbitrator    Linear (axpys over W1^T) -> ReLU -> Linear (row dots); a row is full when logit > cut.
 // Blocks are stored transposed (W_k^T, b x b): for a few rows (a live stream) 16 output rows are one vector
 // and x is broadcast, so the weights are read once with no horizontal sums (the bsr op's row-major layout
 // needs 16 of them per 16 outputs, which costs more than the arithmetic at density 0.2); for many rows
@@ -349,7 +349,7 @@ void load_float(const Tensor& t, float* dst) {
 
 struct FrameEngine : torch::CustomClassHolder {
   std::vector<Layer> layers;
-  Tensor w1, b1, w2, b2;  // arbitrator, float
+  Tensor w1t, b1, w2, b2;  // arbitrator, float; W1 transposed (D_a, width) for expand()
   bool lowrank = false, uses_state = false, per_layer = false;
   int64_t input_size = 0, hidden = 0, n_dec = 1;
   at::ScalarType dtype = at::kFloat;
@@ -406,7 +406,7 @@ struct FrameEngine : torch::CustomClassHolder {
     checks::shape(kOp, "b1", arbitrator[1], {width});
     checks::shape(kOp, "W2", arbitrator[2], {n_dec, width});
     checks::shape(kOp, "b2", arbitrator[3], {n_dec});
-    w1 = own_float(arbitrator[0]), b1 = own_float(arbitrator[1]);
+    w1t = own_float(arbitrator[0].t()), b1 = own_float(arbitrator[1]);
     w2 = own_float(arbitrator[2]), b2 = own_float(arbitrator[3]);
   }
 
@@ -414,37 +414,59 @@ struct FrameEngine : torch::CustomClassHolder {
   // logit > cut), 0 every row cheap, 1 every row full, 2 per row from `rows` (B,) bool (True: full).
   // -> (out (B, T, H), h_n, c_n (L, B, H), decisions (B, T) bool, or (B, T, L) with per-layer decisions).
   // Host cost: four allocations (none of them ATen work) and the checks, a few microseconds.
-  std::tuple<Tensor, Tensor, Tensor, Tensor> run(const Tensor& x_in, const Tensor& h0, const Tensor& c0,
-                                                 int64_t force, const c10::optional<Tensor>& rows_in, double cut) {
-    const int64_t L = static_cast<int64_t>(layers.size()), H = hidden;
-    checks::dims(kOp, "x", x_in, 3);
-    const int64_t B = x_in.size(0), T = x_in.size(1);
-    TORCH_CHECK_VALUE(x_in.size(2) == input_size, kOp, ": x must be (B, T, input_size = ", input_size, "); got ",
-                      x_in.sizes());
-    for (const auto& [name, t] : {std::pair{"x", &x_in}, {"h", &h0}, {"c", &c0}})
-      TORCH_CHECK_TYPE(t->scalar_type() == dtype && t->device().is_cpu(), kOp, ": ", name, " must be a CPU ", dtype,
-                       " tensor like the engine's weights; got ", t->scalar_type(), " on ", t->device());
-    checks::shape(kOp, "h", h0, {L, B, H});
-    checks::shape(kOp, "c", c0, {L, B, H});
-    TORCH_CHECK_VALUE(force >= -1 && force <= 2, kOp, ": force must be -1, 0, 1 or 2; got ", force);
-    Tensor rows;
-    if (force == 2) {
-      TORCH_CHECK_VALUE(rows_in.has_value() && rows_in->scalar_type() == at::kBool, kOp,
-                        ": force = 2 needs rows, a (B,) bool tensor");
-      checks::shape(kOp, "rows", *rows_in, {B});
-      rows = rows_in->contiguous();
-    }
-    const bool f32 = dtype == at::kFloat;
-    const auto as_float = x_in.options().dtype(at::kFloat);
+  std::tuple<Tensor, Tensor, Tensor, Tensor> run(const Tensor& x, const Tensor& h0, const Tensor& c0, int64_t force,
+                                                 const c10::optional<Tensor>& rows_in, double cut) {
+    check_frames(x, -1);
+    const int64_t L = static_cast<int64_t>(layers.size()), B = x.size(0);
+    for (const auto& [name, t] : {std::pair{"h", &h0}, {"c", &c0}}) check_like_weights(name, *t);
+    checks::shape(kOp, "h", h0, {L, B, hidden});
+    checks::shape(kOp, "c", c0, {L, B, hidden});
+    const Tensor rows = force_rows(force, rows_in, B);
     // The state lives in h_n / c_n (float) while the chunk runs; bf16 models get it converted at the end.
     // empty_cpu: the allocation without a trip through the dispatcher (four of them are most of a call's cost).
-    Tensor h_n = at::detail::empty_cpu({L, B, H}, as_float), c_n = at::detail::empty_cpu({L, B, H}, as_float);
+    const auto as_float = x.options().dtype(at::kFloat);
+    Tensor h_n = at::detail::empty_cpu({L, B, hidden}, as_float), c_n = at::detail::empty_cpu({L, B, hidden}, as_float);
     load_float(h0, h_n.data_ptr<float>()), load_float(c0, c_n.data_ptr<float>());
-    Tensor out = at::detail::empty_cpu({B, T, H}, as_float);
+    auto [out, decisions] = advance(x, h_n.data_ptr<float>(), c_n.data_ptr<float>(), force, rows, cut);
+    if (dtype == at::kFloat) return {out, h_n, c_n, decisions};
+    return {out, h_n.to(dtype), c_n.to(dtype), decisions};
+  }
+
+  // x must be (B, T, input_size) on the CPU in the weights' dtype, B = batch unless batch < 0.
+  void check_frames(const Tensor& x, int64_t batch) const {
+    checks::dims(kOp, "x", x, 3);
+    TORCH_CHECK_VALUE(x.size(2) == input_size && (batch < 0 || x.size(0) == batch), kOp, ": x must be (",
+                      batch < 0 ? std::string("B") : std::to_string(batch), ", T, input_size = ", input_size,
+                      "); got ", x.sizes());
+    check_like_weights("x", x);
+  }
+
+  void check_like_weights(const char* name, const Tensor& t) const {
+    TORCH_CHECK_TYPE(t.scalar_type() == dtype && t.device().is_cpu(), kOp, ": ", name, " must be a CPU ", dtype,
+                     " tensor like the engine's weights; got ", t.scalar_type(), " on ", t.device());
+  }
+
+  // The checked force code and its rows (contiguous; undefined unless force == 2).
+  static Tensor force_rows(int64_t force, const c10::optional<Tensor>& rows_in, int64_t B) {
+    TORCH_CHECK_VALUE(force >= -1 && force <= 2, kOp, ": force must be -1, 0, 1 or 2; got ", force);
+    if (force != 2) return Tensor();
+    TORCH_CHECK_VALUE(rows_in.has_value() && rows_in->scalar_type() == at::kBool, kOp,
+                      ": force = 2 needs rows, a (B,) bool tensor");
+    checks::shape(kOp, "rows", *rows_in, {B});
+    return rows_in->contiguous();
+  }
+
+  // The chunk x (checked) from the float state h, c (L, B, H, contiguous), which it updates in place.
+  // -> (out in the weights' dtype, decisions).
+  std::tuple<Tensor, Tensor> advance(const Tensor& x_in, float* h, float* c, int64_t force, const Tensor& rows,
+                                     double cut) const {
+    const int64_t L = static_cast<int64_t>(layers.size()), H = hidden, B = x_in.size(0), T = x_in.size(1);
+    const bool f32 = dtype == at::kFloat;
+    Tensor out = at::detail::empty_cpu({B, T, H}, x_in.options().dtype(at::kFloat));
     Tensor decisions = at::detail::empty_cpu(per_layer ? at::IntArrayRef{B, T, n_dec} : at::IntArrayRef{B, T},
                                              x_in.options().dtype(at::kBool));
     thread_local Work w;
-    w.h_ptr = h_n.data_ptr<float>(), w.c_ptr = c_n.data_ptr<float>();
+    w.h_ptr = h, w.c_ptr = c;
     const Tensor x = f32 ? x_in.contiguous() : x_in.to(at::kFloat).contiguous();
     const float* xp = x.data_ptr<float>();
     float* op = out.data_ptr<float>();
@@ -462,8 +484,7 @@ struct FrameEngine : torch::CustomClassHolder {
       for (int64_t b = 0; b < B; ++b)
         std::memcpy(op + (b * T + t) * H, w.inp.data() + b * H, H * sizeof(float));
     }
-    if (f32) return {out, h_n, c_n, decisions};
-    return {out.to(dtype), h_n.to(dtype), c_n.to(dtype), decisions};
+    return {f32 ? out : out.to(dtype), decisions};
   }
 
  private:
@@ -475,17 +496,14 @@ struct FrameEngine : torch::CustomClassHolder {
         for (int64_t j = 0; j < n_dec; ++j) full[b * n_dec + j] = force == 2 ? rows[b] : force == 1;
       return;
     }
-    const int64_t a_in = w1.size(1), width = w1.size(0), H = hidden;
+    const int64_t a_in = w1t.size(0), width = w1t.size(1), H = hidden;
     const float* h_top = w.h_ptr + (layers.size() - 1) * B * H;
     w.ain.resize(B * a_in), w.hid.resize(B * width), w.logit.resize(B * n_dec);
     for (int64_t b = 0; b < B; ++b) {
       std::memcpy(w.ain.data() + b * a_in, w.inp.data() + b * input_size, input_size * sizeof(float));
       if (uses_state) std::memcpy(w.ain.data() + b * a_in + input_size, h_top + b * H, H * sizeof(float));
     }
-    for (int64_t b0 = 0; b0 < B; b0 += kMaxDotBatch) {
-      const int64_t n = std::min(kMaxDotBatch, B - b0);
-      small_batch_mm(w.ain.data() + b0 * a_in, n, w1.data_ptr<float>(), width, a_in, w.hid.data() + b0 * width, false);
-    }
+    expand(w1t.data_ptr<float>(), a_in, width, w.ain.data(), a_in, B, w.hid.data(), false);  // no horizontal sums
     const float *bias1 = b1.data_ptr<float>(), *bias2 = b2.data_ptr<float>();
     for (int64_t b = 0; b < B; ++b)
       for (int64_t j = 0; j < width; ++j) w.hid[b * width + j] = std::max(w.hid[b * width + j] + bias1[j], 0.f);
@@ -563,6 +581,48 @@ struct FrameEngine : torch::CustomClassHolder {
   }
 };
 
+// A live stream on an engine (what Python's Streamer calls): the state stays here as floats and is updated
+// in place, so a call converts one argument and allocates two tensors, not six and four as run() does —
+// about a microsecond of a ~10 us small-model frame. Not for two threads at once (one state).
+struct EngineStream {
+  c10::intrusive_ptr<FrameEngine> engine;
+  int64_t batch, force;
+  Tensor rows, h, c;  // h, c: (L, batch, H) float
+  double cut;
+
+  EngineStream(c10::intrusive_ptr<FrameEngine> engine_, int64_t batch_, int64_t force_,
+               const c10::optional<Tensor>& rows_in, double cut_)
+      : engine(std::move(engine_)), batch(batch_), force(force_), cut(cut_) {
+    TORCH_CHECK_VALUE(batch >= 1, kOp, ": a stream's batch must be >= 1; got ", batch);
+    rows = FrameEngine::force_rows(force, rows_in, batch);
+    if (rows.defined()) rows = rows.clone();
+    const auto as_float = at::TensorOptions().dtype(at::kFloat);
+    h = at::zeros({static_cast<int64_t>(engine->layers.size()), batch, engine->hidden}, as_float);
+    c = at::zeros_like(h);
+  }
+
+  std::tuple<Tensor, Tensor> operator()(const Tensor& x) {
+    engine->check_frames(x, batch);
+    return engine->advance(x, h.data_ptr<float>(), c.data_ptr<float>(), force, rows, cut);
+  }
+
+  // Copies in the weights' dtype: a state read earlier does not change with later calls.
+  std::tuple<Tensor, Tensor> state() const {
+    if (engine->dtype == at::kFloat) return {h.clone(), c.clone()};
+    return {h.to(engine->dtype), c.to(engine->dtype)};
+  }
+
+  void set_state(const Tensor& h0, const Tensor& c0) {
+    for (const auto& [name, t] : {std::pair{"h", &h0}, {"c", &c0}}) {
+      engine->check_like_weights(name, *t);
+      checks::shape(kOp, name, *t, h.sizes());
+    }
+    load_float(h0, h.data_ptr<float>()), load_float(c0, c.data_ptr<float>());
+  }
+
+  void reset() { h.zero_(), c.zero_(); }
+};
+
 #ifdef AMNETS_PYTHON_MODULE  // the Python module amnets_kernels._C; not the library a C++ program loads
 // The same engine for Python callers, bound directly: a TorchScript custom-class method call costs ~8 us
 // from Python, more than a frame of a small model; a pybind11 call ~1 us. (csrc/build_info.cpp calls this.)
@@ -573,7 +633,16 @@ void bind_frame_engine(pybind11::module_& m) {
                              bool per_layer) {
         return c10::make_intrusive<FrameEngine>(cheap, layers, arbitrator, input_size, uses_state, per_layer);
       }))
-      .def("run", &FrameEngine::run);
+      .def("run", &FrameEngine::run)
+      .def("stream", [](c10::intrusive_ptr<FrameEngine> self, int64_t batch, int64_t force,
+                        const c10::optional<Tensor>& rows, double cut) {
+        return EngineStream(std::move(self), batch, force, rows, cut);
+      });
+  pybind11::class_<EngineStream>(m, "EngineStream")
+      .def("__call__", &EngineStream::operator())
+      .def("state", &EngineStream::state)
+      .def("set_state", &EngineStream::set_state)
+      .def("reset", &EngineStream::reset);
 }
 #endif
 

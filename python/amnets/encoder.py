@@ -477,31 +477,47 @@ class Streamer:
         self.encoder, self.batch = encoder, batch
         probe = encoder.weight_ih_l0.new_zeros(batch, 0, encoder.input_size)
         _, self._force, self._threshold = _check_stream(encoder, probe, None, force, threshold)
-        self._engine = encoder.frame_engine(probe.device, probe.dtype)
-        self.native = self._engine is not None
-        self._code, self._rows = _engine_force(self._force)
-        self._cut = _logit(self._threshold)
+        engine = encoder.frame_engine(probe.device, probe.dtype)
+        self.native = engine is not None
+        # On an engine the state lives in its stream object (updated in place: a call passes only the frames).
+        self._live = engine.stream(batch, *_engine_force(self._force), _logit(self._threshold)) if self.native \
+            else None
         self.reset()
+
+    @property
+    def state(self) -> tuple[Tensor, Tensor]:
+        """(h, c), each (num_layers, batch, H): the state after the last call (a copy: later calls leave it)."""
+        return self._live.state() if self._live is not None else self._state
+
+    @state.setter
+    def state(self, value: tuple[Tensor, Tensor]) -> None:
+        probe = self.encoder.weight_ih_l0.new_zeros(self.batch, 0, self.encoder.input_size)
+        value, _, _ = _check_stream(self.encoder, probe, value, self._force, self._threshold)
+        if self._live is not None:
+            self._live.set_state(*value)
+        else:
+            self._state = tuple(value)
 
     def reset(self) -> None:
         """Start a new stream: zero state."""
-        zeros = self.encoder.weight_ih_l0.new_zeros(self.encoder.num_layers, self.batch, self.encoder.hidden_size)
-        self.state = (zeros, zeros)
+        if self._live is not None:
+            self._live.reset()
+        else:
+            zeros = self.encoder.weight_ih_l0.new_zeros(self.encoder.num_layers, self.batch,
+                                                        self.encoder.hidden_size)
+            self._state = (zeros, zeros)
 
     def __call__(self, frames: Tensor) -> tuple[Tensor, Tensor]:
         """frames (batch, T, input_size) -> (out (batch, T, H), decisions (batch, T) or (batch, T, L))."""
-        if self._engine is None:
+        if self._live is None:
             self._check(frames)
-            out, self.state, dec = self.encoder.stream(frames, self.state, self._force, self._threshold)
+            out, self._state, dec = self.encoder.stream(frames, self._state, self._force, self._threshold)
             return out, dec
-        try:  # the engine checks its arguments itself: no Python check on the way (a frame costs ~5 us)
-            out, h, c, dec = self._engine.run(frames, self.state[0], self.state[1], self._code, self._rows,
-                                              self._cut)
+        try:  # the engine checks its arguments itself: no Python check on the way (a frame costs ~10 us)
+            return self._live(frames)
         except (TypeError, ValueError):
             self._check(frames)  # the error in stream()'s words, naming the argument
             raise
-        self.state = (h, c)
-        return out, dec
 
     def _check(self, frames) -> None:
         _check_stream(self.encoder, frames, None, self._force, self._threshold)
