@@ -3,15 +3,19 @@
 //
 // Sequence forward: the input part of every gate for all T frames comes first, as two large GEMMs
 // ((T B, D) x (D, r) x (r, 4H), plus the bias); the time loop then does only what depends on h: the
-// recurrent low-rank product s = h V_hh^T, gates += s U_hh^T (two small GEMMs into preallocated
-// buffers), and one fused pass for the activations and the state update. No allocation inside the
-// loop. With save, the activated gates and every c_t are written once for backward.
-// Backward walks the steps in reverse with the same two small GEMMs (transposed) and a fused pointwise
-// pass, keeps d(pre-activation) for all steps, and forms the factor and input gradients at the end as
-// large GEMMs. fp16/bf16 inputs are computed in fp32 (the state stays fp32 across steps).
+// recurrent low-rank product s = h V_hh^T, gates += s U_hh^T (two small products into preallocated
+// buffers, struct Recurrent), and one pass for the activations and the state update. No allocation inside
+// the loop. With save, the activated gates and every c_t are written once for backward.
+// Backward walks the steps in reverse with the same two small products (transposed) and a pointwise pass,
+// keeps d(pre-activation) for all steps, and forms the factor and input gradients at the end as large GEMMs.
+// fp16/bf16 inputs are computed in fp32 (the state stays fp32 across steps).
+// For float and up to 64 batch rows the time loops make no BLAS call: the small products are our row
+// kernels (kernels.h), ~20% faster than MKL's GEMM at 16 and 64 rows. Their threads are OpenMP's
+// (OpenMpScope), not our pool's: the GEMMs before and after the loop are OpenMP regions whose idle threads
+// spin for milliseconds, and the pool's dynamic claiming loses the L2 affinity of OpenMP's static split
+// (2 threads, H=1024 r=256 T=100, forward: 9.4 / 62 ms at B=1 / 16 on the pool, 6.4 / 52 ms on OpenMP).
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -21,6 +25,7 @@
 #include "../lowrank_lstm_cell.h"
 #include "kernels.h"
 #include "lstm_pointwise.h"
+#include "parallel.h"
 #include "simd.h"
 
 namespace amnets::cpu {
@@ -70,67 +75,6 @@ void step_backward(const double* gates, const double* c_t, const double* c_prev,
 }
 
 // ---------------------------------------------------------------------------------------------------
-// Small-batch products y[b, j] (+)= A[j, :] . x[b, :] for A (rows, cols) row-major: every row of A is
-// streamed once and dotted with all B inputs. At B = 1 a BLAS GEMM call spends more on its overhead
-// than this takes, and a step is exactly two such products (the streaming-inference case).
-
-
-template <int NB>
-AMNETS_INLINE void rows_dot_fixed(const float* a, int64_t cols, const float* x, float* y, int64_t rows,
-                                  int64_t r0, int64_t r1, bool accumulate) {
-  for (int64_t j = r0; j < r1; ++j) {
-    const float* row = a + j * cols;
-    simd::vfloat acc[NB] = {}, odd[NB] = {};  // two sums in flight: one chain waits on the FMA latency
-    int64_t k = 0;
-    for (; k + 2 * simd::kWidth <= cols; k += 2 * simd::kWidth) {
-      const simd::vfloat w = simd::load(row + k), w2 = simd::load(row + k + simd::kWidth);
-      for (int b = 0; b < NB; ++b) {
-        acc[b] += w * simd::load(x + b * cols + k);
-        odd[b] += w2 * simd::load(x + b * cols + k + simd::kWidth);
-      }
-    }
-    for (; k + simd::kWidth <= cols; k += simd::kWidth) {
-      const simd::vfloat w = simd::load(row + k);
-      for (int b = 0; b < NB; ++b) acc[b] += w * simd::load(x + b * cols + k);
-    }
-    for (int b = 0; b < NB; ++b) {
-      float sum = simd::hsum(acc[b] + odd[b]);
-      for (int64_t kk = k; kk < cols; ++kk) sum += row[kk] * x[b * cols + kk];
-      y[b * rows + j] = accumulate ? y[b * rows + j] + sum : sum;
-    }
-  }
-}
-
-AMNETS_CLONES void rows_dot(const float* a, int64_t cols, const float* x, int64_t batch, float* y, int64_t rows,
-                            int64_t r0, int64_t r1, bool accumulate) {
-  switch (batch) {
-    case 0: return;
-    case 1: return rows_dot_fixed<1>(a, cols, x, y, rows, r0, r1, accumulate);
-    case 2: return rows_dot_fixed<2>(a, cols, x, y, rows, r0, r1, accumulate);
-    case 3: return rows_dot_fixed<3>(a, cols, x, y, rows, r0, r1, accumulate);
-    default: return rows_dot_fixed<4>(a, cols, x, y, rows, r0, r1, accumulate);
-  }
-}
-
-}  // namespace
-
-void small_batch_mm(const float* xp, int64_t batch, const float* ap, int64_t rows, int64_t cols, float* yp,
-                    bool accumulate) {
-  at::parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
-    rows_dot(ap, cols, xp, batch, yp, rows, r0, r1, accumulate);
-  });
-}
-
-namespace {
-
-using amnets::cpu::small_batch_mm;  // the raw-pointer one above, beside this overload
-
-void small_batch_mm(const Tensor& x, const Tensor& a, Tensor& y, bool accumulate) {
-  small_batch_mm(x.data_ptr<float>(), x.size(0), a.data_ptr<float>(), a.size(0), a.size(1), y.data_ptr<float>(),
-                 accumulate);
-}
-
-// ---------------------------------------------------------------------------------------------------
 // The recurrence, shared by the cell (T = 1) and the sequence.
 
 struct Factors {  // every weight in the accumulation dtype, contiguous
@@ -152,30 +96,74 @@ Tensor input_projection(const Tensor& x, const Factors& w, const c10::optional<T
   return pre.view({x.size(0), x.size(1), w.w_ih_u.size(0)});  // not -1: B may be 0
 }
 
+// Up to this many batch rows a float step's recurrent products run on our row kernels (kernels.h) and every
+// loop of the time loop on our pool: no BLAS call and no OpenMP region per step. Beyond it, ATen's GEMM.
+constexpr int64_t kRowKernelsMax = 64;
+
+// The recurrent products of one step for B rows: gates (B, 4H) += (h V_hh^T) U_hh^T forward, and
+// dh (B, H) = (dpre U_hh) V_hh backward. Float with B <= kMaxDotBatch: row dots over the factors as they are;
+// float up to kRowKernelsMax rows: axpys (expand) over V_hh^T and U_hh^T, transposed once per call
+// (backward reads U_hh and V_hh as they are); double or more rows: ATen's GEMM.
+struct Recurrent {
+  const Factors& w;
+  int64_t batch;
+  bool dots = false, rows = false;
+  Tensor vt, ut;  // V_hh^T (H, r), U_hh^T (r, 4H): forward with `rows`
+
+  Recurrent(const Factors& w_, int64_t batch_, bool forward) : w(w_), batch(batch_) {
+    const bool f32 = w.w_hh_u.scalar_type() == at::kFloat;
+    dots = f32 && forward && batch <= kMaxDotBatch;
+    rows = f32 && !dots && batch <= kRowKernelsMax;
+    if (rows && forward) vt = w.w_hh_v.t().contiguous(), ut = w.w_hh_u.t().contiguous();
+  }
+
+  // s (B, r) scratch; h (B, H) and gates (B, 4H) contiguous.
+  void forward(const Tensor& h, Tensor& s, Tensor& gates) const {
+    const int64_t H = w.hidden(), r = w.w_hh_v.size(0);
+    if (dots) {
+      small_batch_mm(h.data_ptr<float>(), batch, w.w_hh_v.data_ptr<float>(), r, H, s.data_ptr<float>(), false);
+      small_batch_mm(s.data_ptr<float>(), batch, w.w_hh_u.data_ptr<float>(), 4 * H, r, gates.data_ptr<float>(), true);
+    } else if (rows) {
+      expand(vt.data_ptr<float>(), H, r, h.data_ptr<float>(), H, batch, s.data_ptr<float>(), false);
+      expand(ut.data_ptr<float>(), r, 4 * H, s.data_ptr<float>(), r, batch, gates.data_ptr<float>(), true);
+    } else {
+      at::mm_out(s, h, w.w_hh_v.t());
+      gates.addmm_(s, w.w_hh_u.t());
+    }
+  }
+
+  // ds (B, r) scratch; dpre (B, 4H) and dh (B, H, overwritten) contiguous.
+  void backward(const Tensor& dpre, Tensor& ds, Tensor& dh) const {
+    const int64_t H = w.hidden(), r = w.w_hh_v.size(0);
+    if (rows) {
+      expand(w.w_hh_u.data_ptr<float>(), 4 * H, r, dpre.data_ptr<float>(), 4 * H, batch, ds.data_ptr<float>(), false);
+      expand(w.w_hh_v.data_ptr<float>(), r, H, ds.data_ptr<float>(), r, batch, dh.data_ptr<float>(), false);
+    } else {
+      at::mm_out(ds, dpre, w.w_hh_u);
+      at::mm_out(dh, ds, w.w_hh_v);  // dL/dh_{t-1} through the recurrent product
+    }
+  }
+};
+
 // Runs the recurrence over pre (T, B, 4H; overwritten by the activated gates) from (h, c) (B, H;
 // updated in place to the last state), writing h_t into out[t] and, when cells is defined, c_t.
 template <typename acc_t>
 void recur(Tensor& pre, Tensor& h, Tensor& c, Tensor& out, const Tensor& cells, const Factors& w) {
   const int64_t steps = pre.size(0), batch = pre.size(1), hidden = w.hidden();
+  const Recurrent products(w, batch, true);
   Tensor s = at::empty({batch, w.w_hh_v.size(0)}, h.options());  // h V_hh^T, reused every step
+  acc_t* cp = c.data_ptr<acc_t>();
   for (int64_t t = 0; t < steps; ++t) {
-    Tensor gates = pre[t];
-    if (std::is_same_v<acc_t, float> && batch <= kMaxDotBatch) {
-      small_batch_mm(h, w.w_hh_v, s, false);
-      small_batch_mm(s, w.w_hh_u, gates, true);
-    } else {
-      at::mm_out(s, h, w.w_hh_v.t());
-      gates.addmm_(s, w.w_hh_u.t());
-    }
-    acc_t* g = gates.data_ptr<acc_t>();
-    acc_t *cp = c.data_ptr<acc_t>(), *hp = out[t].data_ptr<acc_t>();
-    at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
+    Tensor gates = pre[t], h_t = out[t];
+    products.forward(t > 0 ? out[t - 1] : h, s, gates);
+    acc_t *g = gates.data_ptr<acc_t>(), *hp = h_t.data_ptr<acc_t>();
+    parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b)
         step_forward(g + b * 4 * hidden, cp + b * hidden, hp + b * hidden, hidden, hidden);
     });
-    h.copy_(out[t]);
-    if (cells.defined()) cells[t].copy_(c);
+    if (cells.defined()) std::memcpy(cells[t].data_ptr<acc_t>(), cp, batch * hidden * sizeof(acc_t));
   }
+  if (steps > 0) h.copy_(out[steps - 1]);
 }
 
 // BPTT. Returns dpre (T, B, 4H); dh, dc (B, H) enter as dL/dh_T, dL/dc_T and leave as dL/dh_0, dL/dc_0.
@@ -183,20 +171,23 @@ template <typename acc_t>
 Tensor backprop(const Tensor& grad_out, Tensor& dh, Tensor& dc, const Tensor& gates, const Tensor& cells,
                 const Tensor& c0, const Factors& w) {
   const int64_t steps = gates.size(0), batch = gates.size(1), hidden = w.hidden();
+  const Recurrent products(w, batch, false);
   Tensor dpre = at::empty_like(gates);
   Tensor ds = at::empty({batch, w.w_hh_u.size(1)}, dh.options());  // dpre U_hh, reused every step
+  acc_t *dhp = dh.data_ptr<acc_t>(), *dcp = dc.data_ptr<acc_t>();
   for (int64_t t = steps - 1; t >= 0; --t) {
-    dh += grad_out[t];
-    const acc_t *g = gates[t].data_ptr<acc_t>(), *ct = cells[t].data_ptr<acc_t>();
+    const acc_t *g = gates[t].data_ptr<acc_t>(), *ct = cells[t].data_ptr<acc_t>(), *go = grad_out[t].data_ptr<acc_t>();
     const acc_t* cprev = (t > 0 ? cells[t - 1] : c0).data_ptr<acc_t>();
-    acc_t *dhp = dh.data_ptr<acc_t>(), *dcp = dc.data_ptr<acc_t>(), *dp = dpre[t].data_ptr<acc_t>();
-    at::parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
-      for (int64_t b = b0; b < b1; ++b)
+    Tensor dpre_t = dpre[t];
+    acc_t* dp = dpre_t.data_ptr<acc_t>();
+    parallel_for(0, batch, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        for (int64_t k = 0; k < hidden; ++k) dhp[b * hidden + k] += go[b * hidden + k];
         step_backward(g + b * 4 * hidden, ct + b * hidden, cprev + b * hidden, dhp + b * hidden, dcp + b * hidden,
                       dp + b * 4 * hidden, hidden, hidden);
+      }
     });
-    at::mm_out(ds, dpre[t], w.w_hh_u);
-    at::mm_out(dh, ds, w.w_hh_v);  // dL/dh_{t-1} through the recurrent product
+    products.backward(dpre_t, ds, dh);
   }
   return dpre;
 }
@@ -239,11 +230,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lowrank_lstm_sequence_forward
     const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih_u, const Tensor& w_ih_v,
     const Tensor& w_hh_u, const Tensor& w_hh_v, const c10::optional<Tensor>& bias, bool save) {
   checks::lowrank_lstm("lowrank_lstm_sequence_forward", x, h0, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, true);
+  const OpenMpScope openmp;  // see the top of this file
   const auto acc = acc_of(x);
   const Factors w = factors_of(w_ih_u, w_ih_v, w_hh_u, w_hh_v, acc);
   const int64_t steps = x.size(0), batch = x.size(1), hidden = w.hidden();
   Tensor pre = input_projection(x.to(acc), w, bias).contiguous();  // becomes the activated gates
-  Tensor h = h0.to(acc).clone(), c = c0.to(acc).clone();
+  const auto dense = at::MemoryFormat::Contiguous;  // the loops index rows by raw pointer
+  Tensor h = h0.to(acc).clone(dense), c = c0.to(acc).clone(dense);
   Tensor out = at::empty({steps, batch, hidden}, pre.options());
   Tensor cells = save ? at::empty({steps, batch, hidden}, pre.options()) : Tensor();
   dispatch_acc(acc, [&](auto tag) { recur<decltype(tag)>(pre, h, c, out, cells, w); });
@@ -258,9 +251,11 @@ Grads lowrank_lstm_sequence_backward(const Tensor& grad_out, const Tensor& grad_
                                      const Tensor& out, const Tensor& gates, const Tensor& cells) {
   checks::lowrank_lstm_backward("lowrank_lstm_sequence_backward", grad_out, grad_h_n, grad_c_n, x, h0, c0, w_ih_u,
                                  w_ih_v, w_hh_u, w_hh_v, out, gates, cells);
+  const OpenMpScope openmp;
   const auto acc = acc_of(x);
   const Factors w = factors_of(w_ih_u, w_ih_v, w_hh_u, w_hh_v, acc);
-  Tensor dh = grad_h_n.to(acc).clone(), dc = grad_c_n.to(acc).clone();
+  const auto dense = at::MemoryFormat::Contiguous;  // the loops index rows by raw pointer
+  Tensor dh = grad_h_n.to(acc).clone(dense), dc = grad_c_n.to(acc).clone(dense);
   const Tensor c0a = c0.to(acc).contiguous(), ga = gates.to(acc).contiguous(), ca = cells.to(acc).contiguous();
   Tensor dpre;
   dispatch_acc(acc, [&](auto tag) {
