@@ -136,7 +136,9 @@ AMNETS_INLINE void few_rows(const T* vt, const int32_t* crow, const int32_t* col
 }
 
 // Many rows: xt is x transposed (pad, mp), 16 rows of x per vector from m0; acc[i] is output r*B + i0 + i.
-template <typename T, int B>
+// PF as in few_rows: without it a B=16 all-full frame of 4096x2048 layers spent half its time on the first
+// FMA of each weight line, waiting for memory (perf annotate; 6.9 GB/s of weights against ~20 a core reads).
+template <typename T, int B, bool PF>
 AMNETS_INLINE void many_rows(const T* vt, const int32_t* crow, const int32_t* col, int64_t n, const float* xt,
                              int64_t mp, int64_t rows_x, float* y, int64_t r, int64_t m0) {
   const int64_t rows = std::min<int64_t>(B, n - r * B), lanes = std::min<int64_t>(kWidth, rows_x - m0);
@@ -146,6 +148,7 @@ AMNETS_INLINE void many_rows(const T* vt, const int32_t* crow, const int32_t* co
       const T* blk = vt + k * B * B + i0;
       const float* xk = xt + int64_t(col[k]) * B * mp + m0;
       for (int j = 0; j < B; ++j) {
+        if constexpr (PF) __builtin_prefetch(blk + 2 * B * B + j * B);
         const vfloat xv = simd::load(xk + j * mp);
         AMNETS_UNROLL
         for (int i = 0; i < kWidth; ++i) acc[i] += simd::scalar(blk[j * B + i]) * xv;
@@ -176,7 +179,13 @@ AMNETS_INLINE void block_rows_b(const Bsr& w, const T* vt, const float* x, int64
   const bool streamed = w.values_t.nbytes() > (int64_t(4) << 20);
   for (int64_t r = r0; r < r1; ++r) {
     if (xt != nullptr) {
-      for (int64_t m0 = 0; m0 < M; m0 += kWidth) many_rows<T, B>(vt, crow, col, w.n, xt, mp, M, y, r, m0);
+      for (int64_t m0 = 0; m0 < M; m0 += kWidth) {
+        if (streamed) {
+          many_rows<T, B, true>(vt, crow, col, w.n, xt, mp, M, y, r, m0);
+        } else {
+          many_rows<T, B, false>(vt, crow, col, w.n, xt, mp, M, y, r, m0);
+        }
+      }
     } else if (streamed) {
       few_rows_all<T, B, true>(w, vt, crow, col, x, ldx, M, y, r);
     } else {
@@ -234,7 +243,7 @@ struct Layer {
   int64_t in = 0, hidden = 0, pad = 0;    // pad: the row stride of [x | h | 0] both branches read
   Bsr full, kept;                          // kept: sparse cheap branch
   Tensor dense;                            // fp32 models: [W_ih | W_hh] row-major, for the full branch's GEMM
-  Tensor vt_ih, ut_ih, vt_hh, ut_hh;       // lowrank cheap branch, float, transposed: V^T (D, r), U^T (r, 4H)
+  PackedT v_ih, u_ih, v_hh, u_hh;         // lowrank cheap branch: V^T (D, r), U^T (r, 4H) as expand's panels
   Tensor bias;                             // float (4H,)
 };
 
@@ -264,7 +273,8 @@ void load_float(const Tensor& t, float* dst) {
 
 struct FrameEngine : torch::CustomClassHolder {
   std::vector<Layer> layers;
-  Tensor w1t, b1, w2, b2;  // arbitrator, float; W1 transposed (D_a, width) for expand()
+  PackedT w1t;             // arbitrator: W1^T (D_a, width) as expand's panels
+  Tensor b1, w2, b2;       // float
   bool lowrank = false, uses_state = false, per_layer = false;
   int64_t input_size = 0, hidden = 0, n_dec = 1;
   at::ScalarType dtype = at::kFloat;
@@ -301,8 +311,8 @@ struct FrameEngine : torch::CustomClassHolder {
       if (lowrank) {
         checks::lowrank_lstm(kOp, t[0].new_empty({0, in}), t[0].new_empty({0, hidden}), t[0].new_empty({0, hidden}),
                              t[1], t[2], t[3], t[4], t[5], false);
-        layer.ut_ih = own_float(t[1].t()), layer.vt_ih = own_float(t[2].t());
-        layer.ut_hh = own_float(t[3].t()), layer.vt_hh = own_float(t[4].t());
+        layer.u_ih = pack_transposed(t[1]), layer.v_ih = pack_transposed(t[2]);
+        layer.u_hh = pack_transposed(t[3]), layer.v_hh = pack_transposed(t[4]);
       } else {
         layer.kept = own_bsr(t[1], t[2], t[3], 4 * hidden, in + hidden);
         TORCH_CHECK_TYPE(t[1].scalar_type() == dtype, kOp, ": the kept blocks must have the weights' dtype");
@@ -321,7 +331,7 @@ struct FrameEngine : torch::CustomClassHolder {
     checks::shape(kOp, "b1", arbitrator[1], {width});
     checks::shape(kOp, "W2", arbitrator[2], {n_dec, width});
     checks::shape(kOp, "b2", arbitrator[3], {n_dec});
-    w1t = own_float(arbitrator[0].t()), b1 = own_float(arbitrator[1]);
+    w1t = pack_transposed(arbitrator[0]), b1 = own_float(arbitrator[1]);
     w2 = own_float(arbitrator[2]), b2 = own_float(arbitrator[3]);
   }
 
@@ -411,14 +421,14 @@ struct FrameEngine : torch::CustomClassHolder {
         for (int64_t j = 0; j < n_dec; ++j) full[b * n_dec + j] = force == 2 ? rows[b] : force == 1;
       return;
     }
-    const int64_t a_in = w1t.size(0), width = w1t.size(1), H = hidden;
+    const int64_t a_in = w1t.R, width = w1t.G, H = hidden;
     const float* h_top = w.h_ptr + (layers.size() - 1) * B * H;
     w.ain.resize(B * a_in), w.hid.resize(B * width), w.logit.resize(B * n_dec);
     for (int64_t b = 0; b < B; ++b) {
       std::memcpy(w.ain.data() + b * a_in, w.inp.data() + b * input_size, input_size * sizeof(float));
       if (uses_state) std::memcpy(w.ain.data() + b * a_in + input_size, h_top + b * H, H * sizeof(float));
     }
-    expand(w1t.data_ptr<float>(), a_in, width, w.ain.data(), a_in, B, w.hid.data(), false);  // no horizontal sums
+    expand(w1t.panels, a_in, width, w.ain.data(), a_in, B, w.hid.data(), false);  // no horizontal sums
     const float *bias1 = b1.data_ptr<float>(), *bias2 = b2.data_ptr<float>();
     for (int64_t b = 0; b < B; ++b)
       for (int64_t j = 0; j < width; ++j) w.hid[b * width + j] = std::max(w.hid[b * width + j] + bias1[j], 0.f);
@@ -487,12 +497,12 @@ struct FrameEngine : torch::CustomClassHolder {
   // gates (n, 4H) = U_ih (V_ih x) + U_hh (V_hh h) for rows z (n, pad) = [x | h | 0]: four products, each as
   // axpys over the transposed factor (expand), x and h read in place from z.
   void lowrank_gates(const Layer& layer, Work& w, const float* z, int64_t pad, int64_t n, float* gates) const {
-    const int64_t D = layer.in, H = hidden, r_ih = layer.vt_ih.size(1), r_hh = layer.vt_hh.size(1);
+    const int64_t D = layer.in, H = hidden, r_ih = layer.v_ih.G, r_hh = layer.v_hh.G;
     w.s_ih.resize(n * r_ih), w.s_hh.resize(n * r_hh);
-    expand(layer.vt_ih.data_ptr<float>(), D, r_ih, z, pad, n, w.s_ih.data(), false);
-    expand(layer.vt_hh.data_ptr<float>(), H, r_hh, z + D, pad, n, w.s_hh.data(), false);
-    expand(layer.ut_ih.data_ptr<float>(), r_ih, 4 * H, w.s_ih.data(), r_ih, n, gates, false);
-    expand(layer.ut_hh.data_ptr<float>(), r_hh, 4 * H, w.s_hh.data(), r_hh, n, gates, true);
+    expand(layer.v_ih.panels, D, r_ih, z, pad, n, w.s_ih.data(), false);
+    expand(layer.v_hh.panels, H, r_hh, z + D, pad, n, w.s_hh.data(), false);
+    expand(layer.u_ih.panels, r_ih, 4 * H, w.s_ih.data(), r_ih, n, gates, false);
+    expand(layer.u_hh.panels, r_hh, 4 * H, w.s_hh.data(), r_hh, n, gates, true);
   }
 };
 

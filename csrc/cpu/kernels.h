@@ -1,7 +1,10 @@
 // CPU kernels of one file used by another (csrc/cpu/row_products.cpp: the low-rank LSTM's and the frame
 // engine's small-row products): raw-pointer entry points on checked float data, no ATen op inside (a
-// streaming frame at small H costs what its calls cost), threads on our pool (csrc/cpu/parallel.h).
+// streaming frame at small H costs what its calls cost), threads on our pool (csrc/cpu/parallel.h);
+// pack_transposed is the one ATen-side helper, run once per weight (or per sequence call).
 #pragma once
+
+#include <ATen/core/Tensor.h>
 
 #include <cstdint>
 
@@ -13,9 +16,34 @@ constexpr int64_t kMaxDotBatch = 4;
 void small_batch_mm(const float* x, int64_t batch, const float* a, int64_t rows, int64_t cols, float* y,
                     bool accumulate);
 
-// out (M, G) (+)= s (M, R; row stride lds) U for U given transposed as ut (R, G) row-major; out contiguous.
-// Threads split the outputs in 64s once the product has ~256K multiply-adds.
-void expand(const float* ut, int64_t R, int64_t G, const float* s, int64_t lds, int64_t M, float* out,
-            bool accumulate);
+// The right operand of expand, U^T (R, G), in 64-column panels: row j of panel c (columns 64c .. 64c + 63)
+// starts at data + c * chunk_stride + j * ldu. Row-major (R, G) is {ut, G, 64}; packed (pack_panels) is
+// {p, 64, 64 R}: each panel one contiguous run, so the thread walking a panel down its R rows reads one
+// sequential stream (down a row-major matrix it jumps 4 G bytes a row, and past a page per row the hardware
+// prefetcher gives up: the frame engine's H=1024 low-rank layers read their factors at ~40 GB/s that way).
+constexpr int64_t kPanel = 64;
+struct Panels {
+  const float* data;
+  int64_t ldu, chunk_stride;
+};
+inline Panels row_major(const float* ut, int64_t G) { return {ut, G, kPanel}; }
+// Floats pack_panels writes for (R, G).
+inline int64_t packed_size(int64_t R, int64_t G) { return (G + kPanel - 1) / kPanel * kPanel * R; }
+// Packs U^T (R, G), element (j, g) at src[j * stride_r + g * stride_g], into out (packed_size floats; the
+// last panel zero past G).
+Panels pack_panels(const float* src, int64_t R, int64_t G, int64_t stride_r, int64_t stride_g, float* out);
+
+// A weight W (G, R) (out x in, any float dtype) as expand's right operand W^T in packed panels: the tensor owns
+// the floats the panels point into.
+struct PackedT {
+  at::Tensor data;
+  Panels panels{nullptr, 0, 0};
+  int64_t R = 0, G = 0;
+};
+PackedT pack_transposed(const at::Tensor& w);
+
+// out (M, G) (+)= s (M, R; row stride lds) U for U^T given as panels; out contiguous. Threads split the
+// panels once the product has ~256K multiply-adds; each panel serves every row of s before the next.
+void expand(Panels u, int64_t R, int64_t G, const float* s, int64_t lds, int64_t M, float* out, bool accumulate);
 
 }  // namespace amnets::cpu

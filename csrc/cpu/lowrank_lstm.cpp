@@ -104,19 +104,19 @@ constexpr int64_t kRowKernelsMax = 64;
 
 // The recurrent products of one step for B rows: gates (B, 4H) += (h V_hh^T) U_hh^T forward, and
 // dh (B, H) = (dpre U_hh) V_hh backward. Float with B <= kMaxDotBatch: row dots over the factors as they are;
-// float up to kRowKernelsMax rows: axpys (expand) over V_hh^T and U_hh^T, transposed once per call
-// (backward reads U_hh and V_hh as they are); double or more rows: ATen's GEMM.
+// float up to kRowKernelsMax rows: axpys (expand) over V_hh^T and U_hh^T, packed once per call
+// (backward reads U_hh and V_hh as they are: their rows are short); double or more rows: ATen's GEMM.
 struct Recurrent {
   const Factors& w;
   int64_t batch;
   bool dots = false, rows = false;
-  Tensor vt, ut;  // V_hh^T (H, r), U_hh^T (r, 4H): forward with `rows`
+  PackedT vt, ut;  // V_hh^T (H, r), U_hh^T (r, 4H) as expand's panels: forward with `rows`
 
   Recurrent(const Factors& w_, int64_t batch_, bool forward) : w(w_), batch(batch_) {
     const bool f32 = w.w_hh_u.scalar_type() == at::kFloat;
     dots = f32 && forward && batch <= kMaxDotBatch;
     rows = f32 && !dots && batch <= kRowKernelsMax;
-    if (rows && forward) vt = w.w_hh_v.t().contiguous(), ut = w.w_hh_u.t().contiguous();
+    if (rows && forward) vt = pack_transposed(w.w_hh_v), ut = pack_transposed(w.w_hh_u);
   }
 
   // s (B, r) scratch; h (B, H) and gates (B, 4H) contiguous.
@@ -126,8 +126,8 @@ struct Recurrent {
       small_batch_mm(h.data_ptr<float>(), batch, w.w_hh_v.data_ptr<float>(), r, H, s.data_ptr<float>(), false);
       small_batch_mm(s.data_ptr<float>(), batch, w.w_hh_u.data_ptr<float>(), 4 * H, r, gates.data_ptr<float>(), true);
     } else if (rows) {
-      expand(vt.data_ptr<float>(), H, r, h.data_ptr<float>(), H, batch, s.data_ptr<float>(), false);
-      expand(ut.data_ptr<float>(), r, 4 * H, s.data_ptr<float>(), r, batch, gates.data_ptr<float>(), true);
+      expand(vt.panels, H, r, h.data_ptr<float>(), H, batch, s.data_ptr<float>(), false);
+      expand(ut.panels, r, 4 * H, s.data_ptr<float>(), r, batch, gates.data_ptr<float>(), true);
     } else {
       at::mm_out(s, h, w.w_hh_v.t());
       gates.addmm_(s, w.w_hh_u.t());
@@ -138,8 +138,9 @@ struct Recurrent {
   void backward(const Tensor& dpre, Tensor& ds, Tensor& dh) const {
     const int64_t H = w.hidden(), r = w.w_hh_v.size(0);
     if (rows) {
-      expand(w.w_hh_u.data_ptr<float>(), 4 * H, r, dpre.data_ptr<float>(), 4 * H, batch, ds.data_ptr<float>(), false);
-      expand(w.w_hh_v.data_ptr<float>(), r, H, ds.data_ptr<float>(), r, batch, dh.data_ptr<float>(), false);
+      const Panels u = row_major(w.w_hh_u.data_ptr<float>(), r), v = row_major(w.w_hh_v.data_ptr<float>(), H);
+      expand(u, 4 * H, r, dpre.data_ptr<float>(), 4 * H, batch, ds.data_ptr<float>(), false);
+      expand(v, r, H, ds.data_ptr<float>(), r, batch, dh.data_ptr<float>(), false);
     } else {
       at::mm_out(ds, dpre, w.w_hh_u);
       at::mm_out(dh, ds, w.w_hh_v);  // dL/dh_{t-1} through the recurrent product

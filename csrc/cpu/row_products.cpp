@@ -3,8 +3,10 @@
 // setup than the product (B = 1) or leaves the cores to OpenMP's fork/join (csrc/cpu/parallel.h). Both run
 // their threads on our pool.
 //   small_batch_mm  y = x A^T for A row-major: row dots, every row of A streamed once for all B inputs;
-//   expand          out (+)= s U for U given transposed (R, G): axpys, MT rows x 64 outputs in registers
-//                   while the rows of U^T stream past (no horizontal sums).
+//   expand          out (+)= s U for U given transposed (R, G), in 64-column panels: axpys, MT rows x 64
+//                   outputs in registers while the panel's rows stream past (no horizontal sums).
+
+#include <ATen/ATen.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -117,13 +119,11 @@ AMNETS_INLINE void expand_rows(const float* ut, int64_t R, int64_t G, int64_t ld
   }
 }
 
-// Outputs [g0, g1) of out (M, ldo) (+)= s (M, R, row stride lds) U, U given as ut (R, ldu).
-AMNETS_CLONES void expand_range(const float* ut, int64_t R, int64_t ldu, const float* s, int64_t lds, int64_t M,
-                                float* out, int64_t ldo, bool accumulate, int64_t g0, int64_t g1) {
+// One panel: out (M, width; row stride ldo) (+)= s (M, R; row stride lds) U, U^T given as u (R rows, stride ldu).
+AMNETS_CLONES void expand_panel(const float* u, int64_t R, int64_t ldu, int64_t width, const float* s, int64_t lds,
+                                int64_t M, float* o, int64_t ldo, bool accumulate) {
   int64_t m = 0;
-  const float* u = ut + g0;
-  float* o = out + g0;
-  const int64_t G = g1 - g0;
+  const int64_t G = width;
   for (; m + 4 <= M; m += 4) expand_rows<4>(u, R, G, ldu, s + m * lds, lds, o + m * ldo, ldo, accumulate);
   switch (M - m) {
     case 3: return expand_rows<3>(u, R, G, ldu, s + m * lds, lds, o + m * ldo, ldo, accumulate);
@@ -142,12 +142,34 @@ void small_batch_mm(const float* xp, int64_t batch, const float* ap, int64_t row
   });
 }
 
-// out (M, G) (+)= s U for ut (R, G); threads split the outputs (in 64s) when there is enough work.
-void expand(const float* ut, int64_t R, int64_t G, const float* s, int64_t lds, int64_t M, float* out,
-            bool accumulate) {
-  const int64_t chunks = (G + 63) / 64, grain = R * G * M < (1 << 18) ? chunks : 1;
+Panels pack_panels(const float* src, int64_t R, int64_t G, int64_t stride_r, int64_t stride_g, float* out) {
+  const int64_t chunks = (G + kPanel - 1) / kPanel;
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int64_t j = 0; j < R; ++j) {
+      float* row = out + (c * R + j) * kPanel;
+      for (int64_t i = 0; i < kPanel; ++i) {
+        const int64_t g = c * kPanel + i;
+        row[i] = g < G ? src[j * stride_r + g * stride_g] : 0.f;
+      }
+    }
+  return {out, kPanel, kPanel * R};
+}
+
+PackedT pack_transposed(const at::Tensor& w) {
+  const at::Tensor f = w.to(at::kFloat).contiguous();
+  PackedT p;
+  p.G = f.size(0), p.R = f.size(1);
+  p.data = at::empty({packed_size(p.R, p.G)}, f.options());
+  p.panels = pack_panels(f.data_ptr<float>(), p.R, p.G, 1, p.R, p.data.data_ptr<float>());
+  return p;
+}
+
+void expand(Panels u, int64_t R, int64_t G, const float* s, int64_t lds, int64_t M, float* out, bool accumulate) {
+  const int64_t chunks = (G + kPanel - 1) / kPanel, grain = R * G * M < (1 << 18) ? chunks : 1;
   parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
-    expand_range(ut, R, G, s, lds, M, out, G, accumulate, c0 * 64, std::min(G, c1 * 64));
+    for (int64_t c = c0; c < c1; ++c)
+      expand_panel(u.data + c * u.chunk_stride, R, u.ldu, std::min(kPanel, G - c * kPanel), s, lds, M,
+                   out + c * kPanel, G, accumulate);
   });
 }
 
