@@ -23,17 +23,13 @@ import torch
 import torch.nn.functional as F
 
 from .__main__ import cpu_model
+from .harness import loop_mean
 
 GOAL = 2.5
 
 
 def mean_ms(fn, seconds: float) -> float:
-    fn()
-    calls, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds or calls < 2:
-        fn()
-        calls += 1
-    return (time.perf_counter() - start) / calls * 1e3
+    return loop_mean(fn, seconds, min_calls=2) * 1e3
 
 
 def rows(quick: bool):

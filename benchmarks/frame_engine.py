@@ -19,27 +19,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 
 import torch
 
 from amnets.encoder import AmNetsEncoder
 
 from .__main__ import cpu_model
+from .harness import loop_mean
 
 
 def mean_us(fn, seconds: float, sync=lambda: None) -> float:
-    """Mean wall time of fn over a ~`seconds` loop; `sync` (torch.cuda.synchronize on a GPU) waits for
-    queued work before the clock starts and stops, so device time is counted."""
-    for _ in range(3):
-        fn()
-    sync()
-    calls, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        fn()
-        calls += 1
-    sync()
-    return (time.perf_counter() - start) / calls * 1e6
+    return loop_mean(fn, seconds, warmup=3, sync=sync) * 1e6
 
 
 def interleaved(candidates: dict, rounds: int, seconds: float, sync=lambda: None) -> dict:

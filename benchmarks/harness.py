@@ -60,6 +60,22 @@ def _sync(device: torch.device):
         torch.cuda.synchronize(device)
 
 
+def loop_mean(fn, seconds: float, warmup: int = 1, min_calls: int = 1, sync=lambda: None) -> float:
+    """Mean wall seconds of one fn() call over a loop of at least `seconds` and `min_calls` calls, after
+    `warmup` calls; `sync` (torch.cuda.synchronize on a GPU) waits for queued work before the clock starts
+    and stops, so device time is counted. (benchmarks/overhead.py and checks_cost.py keep their own loop:
+    they also run against other checkouts' packages, which need not have this one.)"""
+    for _ in range(warmup):
+        fn()
+    sync()
+    calls, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds or calls < min_calls:
+        fn()
+        calls += 1
+    sync()
+    return (time.perf_counter() - start) / calls
+
+
 def _time(fn, calls: int, device) -> float:
     _sync(device)
     start = time.perf_counter()
