@@ -10,7 +10,7 @@
 // keeps d(pre-activation) for all steps, and forms the factor and input gradients at the end as large GEMMs.
 // fp16/bf16 inputs are computed in fp32 (the state stays fp32 across steps).
 // For float and up to 64 batch rows the time loops make no BLAS call: the small products are our row
-// kernels (kernels.h); with them the forward at H=1024 r=256 T=100 on 2 threads took 55.7 / 203 ms at
+// kernels (kernels.h); with them the forward at H=1024 r=256 T=100 on 2 threads took 52.7 / 192 ms at
 // B=16 / 64, against 74.7 / 307 ms with MKL's GEMM per step (benchmarks/results/
 // amd-epyc-2-threads-lstm-headline.md, 2026-11-30, and its 2026-11-26 version). Their threads are OpenMP's
 // (OpenMpScope), not our pool's: the GEMMs before and after the loop are OpenMP regions whose idle threads
