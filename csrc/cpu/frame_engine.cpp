@@ -7,7 +7,7 @@
 //   full branch   [W_ih | W_hh] (4H, D + H) as a block-sparse matrix with every 32x32 block stored: the
 //                 dense GEMV is the block kernels below at density 1 (one code path for both branches);
 //   cheap branch  sparse: the kept blocks (the encoder's block mask) through the same kernels;
-//                 lowrank: V x, V h, then U s, each as axpys over the transposed factor;
+//                 lowrank: V x, V h, then U s, each as axpys over the transposed factor (64-column panels);
 //   arbitrator    Linear (axpys over W1^T) -> ReLU -> Linear (row dots); a row is full when logit > cut.
 // Blocks are stored transposed (W_k^T, b x b): for a few rows (a live stream) 16 output rows are one vector
 // and x is broadcast, so the weights are read once with no horizontal sums (the bsr op's row-major layout
