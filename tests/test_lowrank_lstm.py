@@ -84,17 +84,20 @@ def test_sequence_matches_lstm_and_autograd(face, steps, batch, d, hidden, rank_
 
 
 @pytest.mark.parametrize("face", FACES)
-@pytest.mark.parametrize("hidden, batch", [(16, 3), (37, 3), (64, 3), (37, 9), (37, 70)])
+@pytest.mark.parametrize("hidden, batch, steps", [(16, 3, 5), (37, 3, 5), (64, 3, 5), (37, 9, 5), (37, 9, 2),
+                                                  (37, 70, 5)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_wide_hidden_matches_autograd(face, hidden, batch, dtype):
-    """Hidden sizes spanning whole SIMD vectors plus a tail, through forward and BPTT; batches that take the
-    CPU face's row dots (<= 4), its row kernels (9: two 4-row tiles and one row) and ATen's GEMM (> 64)."""
+def test_wide_hidden_matches_autograd(face, hidden, batch, steps, dtype):
+    """Hidden sizes spanning whole SIMD vectors plus a tail, through forward and BPTT; batches and lengths
+    that take the CPU face's row dots (<= 4 rows), its row kernels (9 rows, 5 steps: two 4-row tiles and one
+    row) and ATen's GEMM (9 rows for 2 steps, too few to pack for; 70 rows)."""
     with use_face("lowrank_lstm_sequence", face):
         w = factors(20, hidden, 8, 6, dtype, requires_grad=True)
-        x = rand(5, batch, 20, dtype=dtype, device=DEVICE, requires_grad=True)
+        x = rand(steps, batch, 20, dtype=dtype, device=DEVICE, requires_grad=True)
         h0, c0 = (rand(batch, hidden, dtype=dtype, device=DEVICE, requires_grad=True) for _ in range(2))
         out, h_n, c_n = ak.lowrank_lstm_sequence(x, h0, c0, *w)
-        assert out.shape == (5, batch, hidden) and h_n.shape == c_n.shape == (batch, hidden) and out.dtype == dtype
+        assert out.shape == (steps, batch, hidden) and h_n.shape == c_n.shape == (batch, hidden)
+        assert out.dtype == dtype
         ref = leaf64([x, h0, c0, *w])
         e_out, e_h, e_c = autograd_sequence(*ref)
         for got, want in ((out, e_out), (h_n, e_h), (c_n, e_c)):

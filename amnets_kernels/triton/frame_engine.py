@@ -418,16 +418,19 @@ class FrameEngine:
             raise ValueError(f"{op}: x must be a (B, T, {self.input_size}) tensor")
         if x.dtype != self.dtype or x.device != self.device:
             raise ValueError(f"{op}: x must be {self.dtype} on {self.device}; got {x.dtype} on {x.device}")
-        shape = (len(self.layers), x.shape[0], self.hidden)
-        for name, t in (("h", h), ("c", c)):
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != self.dtype \
-                    or t.device != self.device:
-                raise ValueError(f"{op}: {name} must have shape {shape}, dtype {self.dtype}, on {self.device}")
+        self._check_state(h, c, x.shape[0])
         if code not in (-1, 0, 1, 2):
             raise ValueError(f"{op}: force must be -1, 0, 1 or 2; got {code!r}")
         if code == 2 and not (isinstance(rows, torch.Tensor) and rows.dtype == torch.bool
                               and tuple(rows.shape) == (x.shape[0],)):
             raise ValueError(f"{op}: force = 2 needs rows, a bool tensor of shape ({x.shape[0]},)")
+
+    def _check_state(self, h, c, batch: int):
+        shape = (len(self.layers), batch, self.hidden)
+        for name, t in (("h", h), ("c", c)):
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != shape or t.dtype != self.dtype \
+                    or t.device != self.device:
+                raise ValueError(f"FrameEngine: {name} must have shape {shape}, dtype {self.dtype}, on {self.device}")
 
     def run(self, x, h, c, code: int, rows, cut: float):
         self._check(x, h, c, code, rows)
@@ -549,10 +552,7 @@ class Stream:
         return self.h.clone(), self.c.clone()
 
     def set_state(self, h, c):
-        for name, t in (("h", h), ("c", c)):
-            if tuple(t.shape) != self.shape or t.dtype != self.engine.dtype or t.device != self.engine.device:
-                raise ValueError(f"FrameEngine: {name} must have shape {self.shape}, dtype {self.engine.dtype}, "
-                                 f"on {self.engine.device}")
+        self.engine._check_state(h, c, self.shape[1])
         self.h, self.c = h.clone(), c.clone()
 
     def reset(self):

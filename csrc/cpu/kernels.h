@@ -1,12 +1,13 @@
 // CPU kernels of one file used by another (csrc/cpu/row_products.cpp: the low-rank LSTM's and the frame
 // engine's small-row products): raw-pointer entry points on checked float data, no ATen op inside (a
 // streaming frame at small H costs what its calls cost), threads on our pool (csrc/cpu/parallel.h);
-// pack_transposed is the one ATen-side helper, run once per weight (or per sequence call).
+// pack_transposed(Tensor) is the one ATen-side helper, run once per weight.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace amnets::cpu {
 
@@ -27,16 +28,14 @@ struct Panels {
   int64_t ldu, chunk_stride;
 };
 inline Panels row_major(const float* ut, int64_t G) { return {ut, G, kPanel}; }
-// Floats pack_panels writes for (R, G).
+// Floats the packed panels of an (R, G) operand take.
 inline int64_t packed_size(int64_t R, int64_t G) { return (G + kPanel - 1) / kPanel * kPanel * R; }
-// Packs U^T (R, G), element (j, g) at src[j * stride_r + g * stride_g], into out (packed_size floats; the
-// last panel zero past G).
-Panels pack_panels(const float* src, int64_t R, int64_t G, int64_t stride_r, int64_t stride_g, float* out);
+// Packs W^T for W (G, R) row-major float into out (packed_size(R, G) floats; the last panel zero past G).
+Panels pack_transposed(const float* w, int64_t G, int64_t R, float* out);
 
-// A weight W (G, R) (out x in, any float dtype) as expand's right operand W^T in packed panels: the tensor owns
-// the floats the panels point into.
+// A weight W (G, R) (out x in, any float dtype) as expand's right operand W^T in packed panels, owning the floats.
 struct PackedT {
-  at::Tensor data;
+  std::vector<float> data;
   Panels panels{nullptr, 0, 0};
   int64_t R = 0, G = 0;
 };

@@ -22,6 +22,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <vector>
 
 #include "../checks.h"
 #include "../lowrank_lstm_cell.h"
@@ -98,25 +99,37 @@ Tensor input_projection(const Tensor& x, const Factors& w, const c10::optional<T
   return pre.view({x.size(0), x.size(1), w.w_ih_u.size(0)});  // not -1: B may be 0
 }
 
-// Up to this many batch rows a float step's recurrent products run on our row kernels (kernels.h) and every
-// loop of the time loop on our pool: no BLAS call and no OpenMP region per step. Beyond it, ATen's GEMM.
+// Up to this many batch rows a float step's recurrent products run on our row kernels (kernels.h): no BLAS
+// call per step. Beyond it, ATen's GEMM.
 constexpr int64_t kRowKernelsMax = 64;
+// The forward packs V_hh^T and U_hh^T once per call (~1.5 ms at H=1024 r=256 on one AMD EPYC core): with
+// fewer steps than this, ATen's GEMM per step is as fast or faster on 2 threads (B=5 / 16, H=1024 r=256:
+// T=1 1.1 / 1.9 ms against 2.7 / 3.2 packed, T=4 even, T=8 packed 12-17% faster; ad-hoc runs, 2026-11-30).
+constexpr int64_t kPackMinSteps = 4;
 
 // The recurrent products of one step for B rows: gates (B, 4H) += (h V_hh^T) U_hh^T forward, and
-// dh (B, H) = (dpre U_hh) V_hh backward. Float with B <= kMaxDotBatch: row dots over the factors as they are;
-// float up to kRowKernelsMax rows: axpys (expand) over V_hh^T and U_hh^T, packed once per call
-// (backward reads U_hh and V_hh as they are: their rows are short); double or more rows: ATen's GEMM.
+// dh (B, H) = (dpre U_hh) V_hh backward. Float with B <= kMaxDotBatch: row dots over the factors as they are
+// (forward). Float up to kRowKernelsMax rows (forward: with kPackMinSteps steps or more): axpys (expand);
+// the forward packs V_hh^T and U_hh^T once per call into this thread's buffers (a fresh multi-MB allocation
+// per call costs its page faults, ~2 ms at H=1024 r=256, more than a step), the backward reads U_hh and V_hh
+// as they are (their rows are short). Otherwise (double, more rows, short sequences): ATen's GEMM.
 struct Recurrent {
   const Factors& w;
   int64_t batch;
   bool dots = false, rows = false;
-  PackedT vt, ut;  // V_hh^T (H, r), U_hh^T (r, 4H) as expand's panels: forward with `rows`
+  Panels vt{nullptr, 0, 0}, ut{nullptr, 0, 0};  // V_hh^T (H, r), U_hh^T (r, 4H): forward with `rows`
 
-  Recurrent(const Factors& w_, int64_t batch_, bool forward) : w(w_), batch(batch_) {
+  Recurrent(const Factors& w_, int64_t batch_, bool forward, int64_t steps) : w(w_), batch(batch_) {
     const bool f32 = w.w_hh_u.scalar_type() == at::kFloat;
     dots = f32 && forward && batch <= kMaxDotBatch;
-    rows = f32 && !dots && batch <= kRowKernelsMax;
-    if (rows && forward) vt = pack_transposed(w.w_hh_v), ut = pack_transposed(w.w_hh_u);
+    rows = f32 && !dots && batch <= kRowKernelsMax && (!forward || steps >= kPackMinSteps);
+    if (rows && forward) {
+      thread_local std::vector<float> v_buf, u_buf;
+      const int64_t H = w.hidden(), r = w.w_hh_v.size(0);
+      v_buf.resize(packed_size(H, r)), u_buf.resize(packed_size(r, 4 * H));
+      vt = pack_transposed(w.w_hh_v.data_ptr<float>(), r, H, v_buf.data());
+      ut = pack_transposed(w.w_hh_u.data_ptr<float>(), 4 * H, r, u_buf.data());
+    }
   }
 
   // s (B, r) scratch; h (B, H) and gates (B, 4H) contiguous.
@@ -126,8 +139,8 @@ struct Recurrent {
       small_batch_mm(h.data_ptr<float>(), batch, w.w_hh_v.data_ptr<float>(), r, H, s.data_ptr<float>(), false);
       small_batch_mm(s.data_ptr<float>(), batch, w.w_hh_u.data_ptr<float>(), 4 * H, r, gates.data_ptr<float>(), true);
     } else if (rows) {
-      expand(vt.panels, H, r, h.data_ptr<float>(), H, batch, s.data_ptr<float>(), false);
-      expand(ut.panels, r, 4 * H, s.data_ptr<float>(), r, batch, gates.data_ptr<float>(), true);
+      expand(vt, H, r, h.data_ptr<float>(), H, batch, s.data_ptr<float>(), false);
+      expand(ut, r, 4 * H, s.data_ptr<float>(), r, batch, gates.data_ptr<float>(), true);
     } else {
       at::mm_out(s, h, w.w_hh_v.t());
       gates.addmm_(s, w.w_hh_u.t());
@@ -153,7 +166,7 @@ struct Recurrent {
 template <typename acc_t>
 void recur(Tensor& pre, Tensor& h, Tensor& c, Tensor& out, const Tensor& cells, const Factors& w) {
   const int64_t steps = pre.size(0), batch = pre.size(1), hidden = w.hidden();
-  const Recurrent products(w, batch, true);
+  const Recurrent products(w, batch, true, steps);
   Tensor s = at::empty({batch, w.w_hh_v.size(0)}, h.options());  // h V_hh^T, reused every step
   acc_t* cp = c.data_ptr<acc_t>();
   for (int64_t t = 0; t < steps; ++t) {
@@ -174,7 +187,7 @@ template <typename acc_t>
 Tensor backprop(const Tensor& grad_out, Tensor& dh, Tensor& dc, const Tensor& gates, const Tensor& cells,
                 const Tensor& c0, const Factors& w) {
   const int64_t steps = gates.size(0), batch = gates.size(1), hidden = w.hidden();
-  const Recurrent products(w, batch, false);
+  const Recurrent products(w, batch, false, steps);
   Tensor dpre = at::empty_like(gates);
   Tensor ds = at::empty({batch, w.w_hh_u.size(1)}, dh.options());  // dpre U_hh, reused every step
   acc_t *dhp = dh.data_ptr<acc_t>(), *dcp = dc.data_ptr<acc_t>();

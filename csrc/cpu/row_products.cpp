@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "kernels.h"
 #include "parallel.h"
@@ -119,11 +120,10 @@ AMNETS_INLINE void expand_rows(const float* ut, int64_t R, int64_t G, int64_t ld
   }
 }
 
-// One panel: out (M, width; row stride ldo) (+)= s (M, R; row stride lds) U, U^T given as u (R rows, stride ldu).
-AMNETS_CLONES void expand_panel(const float* u, int64_t R, int64_t ldu, int64_t width, const float* s, int64_t lds,
+// One panel: out (M, G <= 64; row stride ldo) (+)= s (M, R; row stride lds) U, U^T given as u (R rows, stride ldu).
+AMNETS_CLONES void expand_panel(const float* u, int64_t R, int64_t ldu, int64_t G, const float* s, int64_t lds,
                                 int64_t M, float* o, int64_t ldo, bool accumulate) {
   int64_t m = 0;
-  const int64_t G = width;
   for (; m + 4 <= M; m += 4) expand_rows<4>(u, R, G, ldu, s + m * lds, lds, o + m * ldo, ldo, accumulate);
   switch (M - m) {
     case 3: return expand_rows<3>(u, R, G, ldu, s + m * lds, lds, o + m * ldo, ldo, accumulate);
@@ -142,16 +142,18 @@ void small_batch_mm(const float* xp, int64_t batch, const float* ap, int64_t row
   });
 }
 
-Panels pack_panels(const float* src, int64_t R, int64_t G, int64_t stride_r, int64_t stride_g, float* out) {
+Panels pack_transposed(const float* w, int64_t G, int64_t R, float* out) {
+  // Panel by panel: its 64 rows of W are read in order (R floats each) and written down the panel's columns,
+  // which stay in L2 (64 R floats); gathering W^T element by element instead strode a whole row of W per element.
   const int64_t chunks = (G + kPanel - 1) / kPanel;
-  for (int64_t c = 0; c < chunks; ++c)
-    for (int64_t j = 0; j < R; ++j) {
-      float* row = out + (c * R + j) * kPanel;
-      for (int64_t i = 0; i < kPanel; ++i) {
-        const int64_t g = c * kPanel + i;
-        row[i] = g < G ? src[j * stride_r + g * stride_g] : 0.f;
-      }
+  for (int64_t c = 0; c < chunks; ++c) {
+    float* panel = out + c * R * kPanel;
+    const int64_t width = std::min(kPanel, G - c * kPanel);
+    for (int64_t i = 0; i < kPanel; ++i) {
+      const float* row = w + (c * kPanel + i) * R;
+      for (int64_t j = 0; j < R; ++j) panel[j * kPanel + i] = i < width ? row[j] : 0.f;
     }
+  }
   return {out, kPanel, kPanel * R};
 }
 
@@ -159,8 +161,8 @@ PackedT pack_transposed(const at::Tensor& w) {
   const at::Tensor f = w.to(at::kFloat).contiguous();
   PackedT p;
   p.G = f.size(0), p.R = f.size(1);
-  p.data = at::empty({packed_size(p.R, p.G)}, f.options());
-  p.panels = pack_panels(f.data_ptr<float>(), p.R, p.G, 1, p.R, p.data.data_ptr<float>());
+  p.data.resize(packed_size(p.R, p.G));
+  p.panels = pack_transposed(f.data_ptr<float>(), p.G, p.R, p.data.data());
   return p;
 }
 
