@@ -7,6 +7,9 @@ growth is median(contended) / median(quiet). With N op threads sharing the machi
 the fair slowdown is (N + 1) / cores when N >= cores (1.5x for 2 threads on 2 cores); much more means that
 the op's threads wait on a descheduled peer (a barrier per parallel region) or spin against the hog.
 Rows: each op's headline shape on the path users run, and the stock PyTorch op it replaces, for scale.
+The last column counts the stalls our contention guard (csrc/cpu/parallel.h) saw in the row's quiet and
+contended rounds: each one ran the CPU loops serially for a window of up to 256 ms, so a quiet round starts
+only after that long (the hog paused), and a stall in a quiet round would show here.
 """
 
 from __future__ import annotations
@@ -47,12 +50,18 @@ def rows(quick: bool):
         out.append((f"bsr_linear {2 * k}x{k} d=0.25 M={m} fwd", lambda x=x: ak.bsr_linear(x, w)))
         out.append((f"  F.linear {2 * k}x{k} M={m} fwd (stock)", lambda x=x: F.linear(x, dense)))
     xg, vg = torch.randn(16, k, requires_grad=True), w.values.clone().requires_grad_(True)
+    gy = torch.randn(16, 2 * k)
 
-    def bsr_train():
+    def bsr_train():  # the op's forward and backward: gradients returned, not accumulated
+        y = torch.ops.amnets.bsr_linear(xg, vg, w.crow_indices, w.col_indices, 2 * k, k, None)
+        torch.autograd.grad(y, [xg, vg], gy)
+
+    def bsr_train_into_grad():  # what a training step adds: ATen's sum, and += into the 8 MB .grad
         y = torch.ops.amnets.bsr_linear(xg, vg, w.crow_indices, w.col_indices, 2 * k, k, None)
         y.sum().backward()
 
     out.append((f"bsr_linear {2 * k}x{k} d=0.25 M=16 fwd+bwd", bsr_train))
+    out.append((f"  same, y.sum().backward() into .grad (ATen's sum and accumulation)", bsr_train_into_grad))
 
     hidden, frames = (256, 20) if quick else (1024, 100)
     lstm = torch.nn.LSTM(hidden, hidden).eval()
@@ -104,24 +113,34 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     print(f"# contention: {cpu_model()}, {cores} cores, {args.threads} op thread(s) + one busy-loop process, "
           f"torch {torch.__version__}, {rounds} rounds of each, alternating\n")
-    print(f"| row | quiet ms | with the hog ms | growth | goal <= {GOAL} |\n|---|---|---|---|---|")
+    print(f"| row | quiet ms | with the hog ms | growth | goal <= {GOAL} | guard stalls quiet / hog |\n"
+          "|---|---|---|---|---|---|")
+    from amnets_kernels import _C
+
+    def stalls() -> int:
+        return _C.cpu_contention()["stalls"]
+
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         for label, fn in rows(args.quick):
             if args.filter not in label:
                 continue
-            quiet, loaded = [], []
+            quiet, loaded, seen = [], [], [0, 0]
             for _ in range(rounds):
                 hog.send_signal(signal.SIGSTOP)
-                time.sleep(0.05)
+                time.sleep(0.3)  # past the guard's longest serial window
+                before = stalls()
                 quiet.append(mean_ms(fn, seconds))
+                seen[0] += stalls() - before
                 hog.send_signal(signal.SIGCONT)
                 time.sleep(0.05)
+                before = stalls()
                 loaded.append(mean_ms(fn, seconds))
+                seen[1] += stalls() - before
             q, h = statistics.median(quiet), statistics.median(loaded)
             stock = label.startswith("  ")
             verdict = "(for scale)" if stock else ("met" if h / q <= GOAL else "**missed**")
-            print(f"| {label.strip()} | {q:.3f} | {h:.3f} | {h / q:.2f} | {verdict} |", flush=True)
+            print(f"| {label.strip()} | {q:.3f} | {h:.3f} | {h / q:.2f} | {verdict} | {seen[0]} / {seen[1]} |", flush=True)
     finally:
         hog.kill()
         hog.wait()

@@ -2,6 +2,7 @@
 // the other files) and exposes what this binary was built with, and the frame engine's Python binding.
 #include <torch/extension.h>
 
+#include "cpu/parallel.h"
 #include "face.h"
 
 #include <string>
@@ -83,6 +84,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "Whether op's forward and backward kernels are compiled in for the dispatch key 'CPU' or 'CUDA'.");
   m.def("hide_compiled", [](const std::string& op, bool hide) { face::hide_compiled(face::op_named(op), hide); },
         "Tests only: pretend op's compiled kernels are absent (or present again).");
+  m.def("cpu_contention", [] {
+    const auto stats = amnets::cpu::contention_stats();
+    pybind11::dict d;
+    d["enabled"] = stats.enabled;
+    d["stalls"] = stats.stalls;
+    d["serial_for_ms"] = static_cast<double>(stats.serial_for_ns) / 1e6;
+    return d;
+  }, "The CPU loops' contention guard (csrc/cpu/parallel.h): stalls seen since start, serial window left.");
+  m.def("serialize_cpu_for", [](double seconds) { amnets::cpu::serialize_for(static_cast<int64_t>(seconds * 1e9)); },
+        "Tests only: run the CPU loops on their callers alone for this long (0 ends it).");
   m.def("get_label_checks", &face::label_checks);
   m.def("set_label_checks", &face::set_label_checks);
 }

@@ -8,11 +8,15 @@
 #include "parallel.h"
 
 #include <ATen/Parallel.h>
+#include <fcntl.h>
+#include <omp.h>
 #include <pthread.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <exception>
 #include <mutex>
@@ -28,7 +32,7 @@ constexpr auto kIdleSpin = std::chrono::microseconds(50);  // a worker's wait fo
 constexpr auto kJoinSpin = std::chrono::microseconds(20);  // the caller's wait for claimed chunks before it sleeps
 
 thread_local bool in_parallel = false;
-thread_local bool openmp_scope = false;
+thread_local OpenMpScope* openmp_scope = nullptr;  // the outermost one open on this thread
 
 inline void relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -54,6 +58,119 @@ T wait_change(const std::atomic<T>& value, T old, std::chrono::microseconds spin
     if (now != old) return now;
   }
 }
+
+// ---------------------------------------------------------------------------------------------------
+// The contention guard (parallel.h). All state is process-wide: contention is the machine's, not a loop's.
+namespace guard {
+
+constexpr int64_t kCheckEveryNs = 2'000'000;   // one look at the watched threads per 2 ms at most (~3 us each)
+constexpr double kHorizonNs = 16e6;            // a stall: one of them waited for a CPU for a quarter of the
+constexpr double kStalledShare = 0.25;         // time, averaged over ~16 ms (one 2-4 ms wait is not one)
+constexpr int64_t kFirstWindowNs = 4'000'000;  // serial windows: 4 ms, x4 while stalls recur
+constexpr int64_t kRecurNs = 100'000'000;      // (within 100 ms of the last window's end),
+constexpr int64_t kMaxWindowNs = 256'000'000;  // up to 256 ms (a probe costs a few ms; serial after a hog left)
+constexpr size_t kMaxWatched = 64;
+
+std::atomic<int64_t> serial_until{0}, window{kFirstWindowNs}, last_look{0};
+std::atomic<uint64_t> stalls{0};
+std::atomic<uint32_t> generation{0};
+
+struct Watched {
+  pid_t tid;
+  int64_t waited;      // ns runnable but not running, at the last look
+  double share = 0.0;  // of the time it waited: moving average over kHorizonNs
+};
+// Pointers: a forked child starts new ones (a thread of the parent may have held the mutex; the old ones
+// are left), and its threads register again.
+std::mutex* watched_mutex = new std::mutex();
+std::vector<Watched>* watched = new std::vector<Watched>();
+const int atfork = pthread_atfork(nullptr, nullptr, [] {
+  watched_mutex = new std::mutex();
+  watched = new std::vector<Watched>();
+  generation.fetch_add(1);
+});
+
+int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now().time_since_epoch())
+      .count();
+}
+
+bool enabled() {
+  static const bool on = [] {
+    const char* env = std::getenv("AMNETS_CONTENTION_GUARD");
+    return env == nullptr || std::string(env) != "0";
+  }();
+  return on;
+}
+
+bool serial(int64_t now) { return now < serial_until.load(std::memory_order_relaxed); }
+
+// Nanoseconds thread `tid` of this process has spent runnable but not running (Linux schedstat); -1 when
+// it is gone (or the kernel does not say).
+int64_t runqueue_wait_ns(pid_t tid) {
+  char path[64];
+  std::snprintf(path, sizeof(path), "/proc/self/task/%d/schedstat", static_cast<int>(tid));
+  const int fd = ::open(path, O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return -1;
+  char text[128];
+  const ssize_t n = ::read(fd, text, sizeof(text) - 1);
+  ::close(fd);
+  if (n <= 0) return -1;
+  text[n] = 0;
+  unsigned long long ran = 0, waited = 0;
+  return std::sscanf(text, "%llu %llu", &ran, &waited) == 2 ? static_cast<int64_t>(waited) : -1;
+}
+
+// Every thread that runs our loops (callers, pool workers, OpenMP team threads) is watched from then on.
+void watch_this_thread() {
+  thread_local uint32_t watched_in = ~0u;
+  const uint32_t g = generation.load(std::memory_order_relaxed);
+  if (watched_in == g) return;
+  watched_in = g;
+  const pid_t tid = ::gettid();
+  std::lock_guard<std::mutex> lock(*watched_mutex);
+  if (watched->size() < kMaxWatched) watched->push_back({tid, std::max<int64_t>(runqueue_wait_ns(tid), 0)});
+}
+
+void note_stall(int64_t now) {
+  stalls.fetch_add(1, std::memory_order_relaxed);
+  // A busy neighbour stalls the first probe after a window; a short-lived task (on our build machine a few
+  // a second, waits of 1-3 ms) now and then: it gets the first window only.
+  const bool recurring = now - serial_until.load(std::memory_order_relaxed) < kRecurNs;
+  const int64_t w = recurring ? std::min(4 * window.load(std::memory_order_relaxed), kMaxWindowNs) : kFirstWindowNs;
+  window.store(w, std::memory_order_relaxed);
+  serial_until.store(now + w, std::memory_order_relaxed);
+}
+
+// At most every 2 ms, from a loop's caller: has a watched thread waited for a CPU for a large share of the
+// recent time? That is a busy neighbour, whichever region the thread was in: ours, ATen's or MKL's. A thread
+// that sleeps does not wait; a spinning one competes like any other. The average keeps out the single waits
+// of a few ms that a quiet machine gives too (a short-lived task, or two of our threads briefly on one core).
+void look(int64_t now) {
+  int64_t last = last_look.load(std::memory_order_relaxed);
+  if (now - last < kCheckEveryNs) return;
+  std::unique_lock<std::mutex> lock(*watched_mutex, std::try_to_lock);
+  if (!lock.owns_lock() || !last_look.compare_exchange_strong(last, now)) return;
+  std::vector<Watched>& threads = *watched;
+  bool stalled = false;
+  for (size_t i = 0; i < threads.size();) {
+    const int64_t w = runqueue_wait_ns(threads[i].tid);
+    if (w < 0) {  // the thread has ended
+      threads[i] = threads.back();
+      threads.pop_back();
+      continue;
+    }
+    const double interval = static_cast<double>(now - last);
+    const double share = std::min(1.0, static_cast<double>(w - threads[i].waited) / interval);
+    threads[i].share += std::min(1.0, interval / kHorizonNs) * (share - threads[i].share);
+    threads[i].waited = w;
+    if (threads[i].share >= kStalledShare) stalled = true;
+    ++i;
+  }
+  if (stalled) note_stall(now);
+}
+
+}  // namespace guard
 
 class Pool {
  public:
@@ -102,6 +219,7 @@ class Pool {
   }
 
   void work() {
+    if (guard::enabled()) guard::watch_this_thread();
     uint32_t seen = generation_.load(std::memory_order_acquire);
     for (;;) {
       seen = wait_change(generation_, seen, kIdleSpin);
@@ -149,8 +267,42 @@ Pool& the_pool() {
 
 }  // namespace
 
-OpenMpScope::OpenMpScope() : previous_(openmp_scope) { openmp_scope = true; }
-OpenMpScope::~OpenMpScope() { openmp_scope = previous_; }
+// MKL's per-thread thread count, by value (mkl_service.h maps the C name to this one; the lower-case
+// symbol is the Fortran interface, which takes a pointer). Weak: present in torch's x86 builds (MKL).
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
+OpenMpScope::OpenMpScope() {
+  if (openmp_scope != nullptr) return;  // nested: the outermost one sets the thread counts
+  openmp_scope = this;
+  follow(guard::enabled() && guard::serial(guard::now_ns()));
+}
+
+OpenMpScope::~OpenMpScope() {
+  if (openmp_scope != this) return;
+  follow(false);
+  openmp_scope = nullptr;
+}
+
+void OpenMpScope::follow(bool serial) {
+  if (serial == serial_) return;
+  serial_ = serial;
+  if (serial) {
+    at::get_num_threads();  // ATen's per-thread OpenMP setup first: it would override ours
+    omp_threads_ = omp_get_max_threads();
+    omp_set_num_threads(1);
+    if (MKL_Set_Num_Threads_Local) mkl_threads_ = MKL_Set_Num_Threads_Local(1);
+  } else {
+    omp_set_num_threads(omp_threads_);
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(mkl_threads_);
+  }
+}
+
+ContentionStats contention_stats() {
+  const int64_t left = guard::serial_until.load(std::memory_order_relaxed) - guard::now_ns();
+  return {guard::enabled(), guard::stalls.load(std::memory_order_relaxed), std::max<int64_t>(left, 0)};
+}
+
+void serialize_for(int64_t ns) { guard::serial_until.store(guard::now_ns() + std::max<int64_t>(ns, 0)); }
 
 void parallel_run(int64_t begin, int64_t end, int64_t grain, ChunkFn fn, const void* body) {
   if (end <= begin) return;
@@ -159,7 +311,27 @@ void parallel_run(int64_t begin, int64_t end, int64_t grain, ChunkFn fn, const v
     const char* env = std::getenv("AMNETS_CPU_POOL");
     return env == nullptr || std::string(env) != "0";
   }();
-  if (!use_pool || openmp_scope) return at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) { fn(body, b, e); });
+  const bool guarded = guard::enabled();
+  bool serial = false;
+  if (guarded) {
+    const int64_t now = guard::now_ns();
+    serial = guard::serial(now);
+    if (!serial && at::get_num_threads() > 1) {  // one thread has nothing to wait for
+      guard::watch_this_thread();
+      guard::look(now);
+      serial = guard::serial(now);
+    }
+  }
+  // A long op's ATen regions follow the window from one of our loops to the next (not from inside a
+  // parallel region, whose thread settings end with it).
+  if (openmp_scope != nullptr && !in_parallel && !at::in_parallel_region()) openmp_scope->follow(serial);
+  if (serial) return fn(body, begin, end);
+  if (!use_pool || openmp_scope != nullptr) {
+    return at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
+      if (guarded) guard::watch_this_thread();
+      fn(body, b, e);
+    });
+  }
   const int64_t range = end - begin;
   grain = std::max<int64_t>(grain, 1);
   const int threads = in_parallel || range <= grain ? 1 : at::get_num_threads();

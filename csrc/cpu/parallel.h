@@ -21,10 +21,24 @@
 //
 // Inside an OpenMpScope the loops run on at::parallel_for: where our loops alternate with ATen's OpenMP
 // regions (an op autograd will differentiate: its backward's reductions and GEMMs; the low-rank LSTM's
-// per-step GEMMs, which keep at::parallel_for outright) the two pools' idle threads take turns on the
-// cores — libgomp's spin for milliseconds after each region, so ours start late and the caller works alone.
+// GEMMs before and after its time loop; the RNN-T losses' GEMMs and lattice passes) the two pools' idle
+// threads take turns on the cores — libgomp's spin for milliseconds after each region, so ours start late
+// and the caller works alone.
 // In an uncommitted experiment on the 2-core AMD EPYC (2026-11-29) bsr_linear's fwd+bwd on this pool grew
 // 2.2x beside a busy process (3.2x on OpenMP) but its quiet time rose 2.0 -> 2.8-3.5 ms.
+//
+// The contention guard (parallel.cpp) covers what dynamic claiming cannot: a fork/join loop whose thread
+// was descheduled while it held a chunk (every OpenMP region, ATen's and MKL's included, and a pool chunk
+// already claimed) waits a scheduler slice (4 ms here) for it. Every thread that runs our loops is watched:
+// at most every 2 ms a loop's caller reads their runqueue wait (Linux schedstat); when one has waited for a
+// CPU a quarter of the time (averaged over ~16 ms, so the odd 2-4 ms wait of a quiet machine does not
+// count) the process is contended, and for a window (4 ms, x4 while stalls recur, up to 256 ms) every loop
+// runs on its caller alone, and so do ATen's and MKL's regions inside an OpenMpScope (their thread counts
+// are set to 1 on this thread only, and put back at the next of our loops after the window, or when the
+// scope closes). A loop after the window probes again. One thread beside a busy process costs what one
+// thread costs (~1.5-1.9x the quiet 2-thread time here) instead of a slice per region; quiet, the guard
+// costs a file read per watched thread per 2 ms. AMNETS_CONTENTION_GUARD=0 (read once) turns it off;
+// contention_stats() says what it did.
 #pragma once
 
 #include <cstdint>
@@ -34,18 +48,30 @@ namespace amnets::cpu {
 using ChunkFn = void (*)(const void* body, int64_t begin, int64_t end);
 void parallel_run(int64_t begin, int64_t end, int64_t grain, ChunkFn fn, const void* body);
 
-// Loops on this thread run on OpenMP while one is alive (nests). bsr_linear's autograd forward and backward
-// open one.
+// Loops on this thread run on OpenMP while one is alive (nests); in a contended window it also makes this
+// thread's OpenMP and MKL regions single-threaded (checked when it opens and at each of our loops; restored
+// when it closes). Opened by the ops whose loops alternate with ATen's (see above).
 class OpenMpScope {
  public:
   OpenMpScope();
   ~OpenMpScope();
   OpenMpScope(const OpenMpScope&) = delete;
   OpenMpScope& operator=(const OpenMpScope&) = delete;
+  void follow(bool serial);  // parallel_for calls it: the thread counts follow the guard's window
 
  private:
-  bool previous_;
+  bool serial_ = false;
+  int omp_threads_ = 0, mkl_threads_ = 0;
 };
+
+struct ContentionStats {
+  bool enabled;
+  uint64_t stalls;        // loops that found a descheduled thread, since the process started
+  int64_t serial_for_ns;  // how long loops still run on their caller alone (0: not now)
+};
+ContentionStats contention_stats();
+// Tests: run every loop serially for the next `ns` nanoseconds (0 ends a window now).
+void serialize_for(int64_t ns);
 
 template <typename F>
 void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {

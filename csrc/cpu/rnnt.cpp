@@ -7,6 +7,7 @@
 // pass over V per cell writes the gradient. Cells outside a sequence's lattice are never read.
 // fused_joint_rnnt_loss computes the joint in tiles of cells with BLAS and keeps no more than a tile
 // of logits; backward recomputes each tile (flash-attention style).
+// Threads: OpenMP's (OpenMpScope), alternating with the GEMMs'; serial while the CPU is contended.
 
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -19,6 +20,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "parallel.h"
 #include "simd.h"
 
 namespace amnets::cpu {
@@ -154,7 +156,7 @@ template <typename acc_t, typename cost_t>
 void run_lattice(const Shape& s, const Lengths& len, const acc_t* lp_blank, const acc_t* lp_y, acc_t* alphas,
                  acc_t* betas, cost_t* costs, bool save) {
   const int64_t tasks = save ? 2 * s.batch : s.batch;  // alpha and beta of a sequence run concurrently
-  at::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
+  parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t task = begin; task < end; ++task) {
       const int64_t b = task % s.batch;
       const int64_t off = b * s.cells();
@@ -176,7 +178,7 @@ Lengths lengths_of(const Tensor& targets, const Tensor& logit_lengths, const Ten
 // `dead(cell)` the others.
 template <typename Live, typename Dead>
 void for_each_cell(const Shape& s, const Lengths& len, int64_t grain, const Live& visit, const Dead& dead) {
-  at::parallel_for(0, s.batch * s.cells(), grain, [&](int64_t begin, int64_t end) {
+  parallel_for(0, s.batch * s.cells(), grain, [&](int64_t begin, int64_t end) {
     for (int64_t cell = begin; cell < end; ++cell) {
       const int64_t b = cell / s.cells(), t = cell / s.labels_plus_1 % s.frames, u = cell % s.labels_plus_1;
       if (t < len.frames[b] && u <= len.labels[b]) {
@@ -302,6 +304,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> rnnt_loss_forward(const Tensor& logit
   const int64_t vocab = logits_in.size(3), labels = s.labels_plus_1 - 1;
   const Labels checked("rnnt_loss_forward", targets, logit_lengths, target_lengths, s, vocab, blank);
   const Lengths len = checked.lengths();
+  const OpenMpScope openmp;  // the loops alternate with ATen's (parallel.h)
   const Tensor logits = logits_in.contiguous();
   std::tuple<Tensor, Tensor, Tensor, Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "rnnt_loss_forward", [&] {
@@ -331,6 +334,7 @@ Tensor rnnt_loss_backward(const Tensor& grad_costs, const Tensor& logits_in, con
   const int64_t vocab = logits_in.size(3);
   const Labels checked(op, targets, logit_lengths, target_lengths, s, vocab, blank);
   const Lengths len = checked.lengths();
+  const OpenMpScope openmp;  // the loops alternate with ATen's (parallel.h)
   checks::rnnt_saved(op, grad_costs, alphas_in, betas_in, den_in, s.batch, s.frames, s.labels_plus_1);
   const Tensor logits = logits_in.contiguous(), alphas = alphas_in.contiguous(), betas = betas_in.contiguous(),
                den = den_in.contiguous();
@@ -424,6 +428,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_joint_rnnt_loss_forward(
   const Labels checked("fused_joint_rnnt_loss_forward", targets, logit_lengths, target_lengths, s, weight.size(0),
                        blank);
   const Lengths len = checked.lengths();
+  const OpenMpScope openmp;  // the loops alternate with ATen's (parallel.h)
   std::tuple<Tensor, Tensor, Tensor, Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, enc.scalar_type(), "fused_joint_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -436,7 +441,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_joint_rnnt_loss_forward(
         const int64_t t1 = std::min(frames, t0 + step);
         const Tensor logits = joint.tile(b, t0, t1, labels).second;
         const acc_t* l = logits.data_ptr<acc_t>();
-        at::parallel_for(0, (t1 - t0) * (labels + 1), 8, [&](int64_t begin, int64_t end) {
+        parallel_for(0, (t1 - t0) * (labels + 1), 8, [&](int64_t begin, int64_t end) {
           for (int64_t r = begin; r < end; ++r) {
             const int64_t t = t0 + r / (labels + 1), u = r % (labels + 1);
             const int64_t label = u < labels ? len.targets[b * labels_pad + u] : -1;
@@ -460,6 +465,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_joint_rnnt_loss_backward(
   const Shape s = joint_shape(op, enc, pred, weight, bias);
   const Labels checked(op, targets, logit_lengths, target_lengths, s, weight.size(0), blank);
   const Lengths len = checked.lengths();
+  const OpenMpScope openmp;  // the loops alternate with ATen's (parallel.h)
   checks::rnnt_saved(op, grad_costs, alphas, betas, den, s.batch, s.frames, s.labels_plus_1);
   const auto scales = grad_costs.to(at::kDouble).contiguous();
   std::tuple<Tensor, Tensor, Tensor, Tensor> out;
@@ -478,7 +484,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_joint_rnnt_loss_backward(
         const int64_t t1 = std::min(frames, t0 + step);
         auto [act, grad_logits] = joint.tile(b, t0, t1, labels);  // logits, overwritten by their gradient
         acc_t* l = grad_logits.data_ptr<acc_t>();
-        at::parallel_for(0, (t1 - t0) * (labels + 1), 8, [&](int64_t begin, int64_t end) {
+        parallel_for(0, (t1 - t0) * (labels + 1), 8, [&](int64_t begin, int64_t end) {
           thread_local std::vector<acc_t> row;
           for (int64_t r = begin; r < end; ++r) {
             const int64_t t = t0 + r / (labels + 1), u = r % (labels + 1);
