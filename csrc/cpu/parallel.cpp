@@ -134,8 +134,8 @@ void watch_this_thread() {
 
 void note_stall(int64_t now) {
   stalls.fetch_add(1, std::memory_order_relaxed);
-  // A busy neighbour stalls the first probe after a window; a short-lived task (on our build machine a few
-  // a second, waits of 1-3 ms) now and then: it gets the first window only.
+  // A busy neighbour stalls again at the first probe after a window: the window grows. A stall long after
+  // the last window (a burst of other work that ended) gets the first window only.
   const bool recurring = now - serial_until.load(std::memory_order_relaxed) < kRecurNs;
   const int64_t w = recurring ? std::min(4 * window.load(std::memory_order_relaxed), kMaxWindowNs) : kFirstWindowNs;
   window.store(w, std::memory_order_relaxed);
