@@ -311,6 +311,7 @@ void parallel_run(int64_t begin, int64_t end, int64_t grain, ChunkFn fn, const v
     const char* env = std::getenv("AMNETS_CPU_POOL");
     return env == nullptr || std::string(env) != "0";
   }();
+  if (end - begin <= std::max<int64_t>(grain, 1)) return fn(body, begin, end);  // one chunk: no threads
   const bool guarded = guard::enabled();
   bool serial = false;
   if (guarded) {
