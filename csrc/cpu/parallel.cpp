@@ -311,7 +311,9 @@ void parallel_run(int64_t begin, int64_t end, int64_t grain, ChunkFn fn, const v
     const char* env = std::getenv("AMNETS_CPU_POOL");
     return env == nullptr || std::string(env) != "0";
   }();
-  if (end - begin <= std::max<int64_t>(grain, 1)) return fn(body, begin, end);  // one chunk: no threads
+  grain = std::max<int64_t>(grain, 1);
+  const int64_t range = end - begin;
+  if (range <= grain) return fn(body, begin, end);  // one chunk: no threads, no guard
   const bool guarded = guard::enabled();
   bool serial = false;
   if (guarded) {
@@ -333,9 +335,7 @@ void parallel_run(int64_t begin, int64_t end, int64_t grain, ChunkFn fn, const v
       fn(body, b, e);
     });
   }
-  const int64_t range = end - begin;
-  grain = std::max<int64_t>(grain, 1);
-  const int threads = in_parallel || range <= grain ? 1 : at::get_num_threads();
+  const int threads = in_parallel ? 1 : at::get_num_threads();
   if (threads <= 1) return fn(body, begin, end);
   static std::mutex create;
   Pool* p;
