@@ -148,8 +148,8 @@ AMNETS_INLINE void forward_broadcast(const Problem& p, const T* values, const fl
         for (int i = 0; i < kWidth; ++i) acc[i] += scalar(blk[i * B + j]) * xv;
       }
     }
-    for (int i = 0; i < kWidth && i0 + i < rows; ++i)
-      for (int64_t m = 0; m < lanes; ++m) y[(m0 + m) * p.out_features + r * B + i0 + i] = acc[i][m];
+    simd::store_transposed(acc, y + m0 * p.out_features + r * B + i0, p.out_features, lanes,
+                           std::min<int64_t>(kWidth, rows - i0));
   }
 }
 
@@ -372,11 +372,10 @@ AMNETS_DPBF16 inline void forward_dpbf16_block_row(const Problem& p, const c10::
             acc[i] = _mm512_dpbf16_ps(acc[i], (__m512bh)_mm512_set1_epi32(w[i * B / 2 + whole] & 0xFFFFu), xv);
         }
       }
-      for (int i = 0; i < 16 && i0 + i < rows; ++i) {
-        alignas(64) float out[16];
-        _mm512_store_ps(out, acc[i]);
-        for (int64_t m = 0; m < lanes; ++m) y[(m0 + m) * p.out_features + r * B + i0 + i] = out[m];
-      }
+      vfloat tile[16];
+      for (int i = 0; i < 16; ++i) tile[i] = acc[i];
+      simd::store_transposed(tile, y + m0 * p.out_features + r * B + i0, p.out_features, lanes,
+                             std::min<int64_t>(16, rows - i0));
     }
   }
 }

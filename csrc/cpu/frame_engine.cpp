@@ -154,8 +154,7 @@ AMNETS_INLINE void many_rows(const T* vt, const int32_t* crow, const int32_t* co
         for (int i = 0; i < kWidth; ++i) acc[i] += simd::scalar(blk[j * B + i]) * xv;
       }
     }
-    for (int i = 0; i < kWidth && i0 + i < rows; ++i)
-      for (int64_t m = 0; m < lanes; ++m) y[(m0 + m) * n + r * B + i0 + i] = acc[i][m];
+    simd::store_transposed(acc, y + m0 * n + r * B + i0, n, lanes, std::min<int64_t>(kWidth, rows - i0));
   }
 }
 
