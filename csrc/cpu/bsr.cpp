@@ -122,9 +122,20 @@ AMNETS_INLINE void forward_dot(const Problem& p, const T* values, const float* x
         }
       }
     }
-    for (int i = 0; i < IT && i0 + i < rows; ++i)
+    vfloat flat[kWidth];  // accumulator i * MT + m
+    AMNETS_UNROLL
+    for (int i = 0; i < IT; ++i)
       AMNETS_UNROLL
-      for (int m = 0; m < MT; ++m) y[(m0 + m) * p.out_features + r * B + i0 + i] = simd::hsum(acc[i][m]);
+      for (int m = 0; m < MT; ++m) flat[i * MT + m] = acc[i][m];
+    const vfloat sums = simd::hsum16(flat);
+    float* out = y + m0 * p.out_features + r * B + i0;
+    if (MT == 1 && rows - i0 >= kWidth) {  // one row of x: 16 consecutive outputs
+      simd::store(out, sums);
+    } else {
+      for (int i = 0; i < IT && i0 + i < rows; ++i)
+        AMNETS_UNROLL
+        for (int m = 0; m < MT; ++m) out[m * p.out_features + i] = sums[i * MT + m];
+    }
   }
 }
 

@@ -66,37 +66,55 @@ AMNETS_INLINE float hmax(vfloat v) {
   return m;
 }
 
-// A 16 x 16 tile in 16 registers transposed in place (t[i][m] -> t[m][i]): four rounds, round h exchanging
-// bit h of the register index with bit h of the lane, each a two-source shuffle per register (vpermt2ps
-// on AVX-512). Kernels that accumulate (outputs x batch rows) tiles write them to row-major y this way:
-// 64 shuffles and 16 stores, where lane-by-lane stores took 256 extracts (29% of bsr_linear's time at 16
-// rows and density 0.1, perf annotate).
+// 16 x 16 tiles in 16 registers, t[i][m]. Round h (8, 4, 2, 1) pairs register i with i + h (bit h of i
+// clear) and builds two registers from them with two-source shuffles (vpermt2ps on AVX-512): low() takes
+// lane m from a where bit h of m is 0, else lane m - h of b; high() takes lane m + h of a, else lane m of b.
+// Storing both exchanges bit h of the register index with bit h of the lane (four rounds: a transposition);
+// adding them halves the registers while keeping every register's partial sums apart (four rounds: one
+// register whose lane i is register i's sum). Kernels that accumulate (outputs x batch rows) tiles write
+// them to row-major y this way: 64 shuffles and 16 stores, where lane-by-lane stores took 256 extracts (29%
+// of bsr_linear's time at 16 rows and density 0.1, perf annotate); 16 dot products end in 30 shuffles and
+// 15 adds instead of 16 sequential 16-lane sums.
 template <int H>
-AMNETS_INLINE void transpose16_round(vfloat (&t)[kWidth], vint lo, vint hi) {
+AMNETS_INLINE vint round_mask(bool high) {
+  vint mask;
+  AMNETS_UNROLL
+  for (int m = 0; m < kWidth; ++m) mask[m] = (m & H) ? kWidth + m - (high ? 0 : H) : m + (high ? H : 0);
+  return mask;
+}
+template <int H>
+AMNETS_INLINE vfloat round_half(vfloat a, vfloat b, bool high) {
+  const vint mask = round_mask<H>(high);
+#if defined(__clang__)
+  vfloat out;
+  for (int m = 0; m < kWidth; ++m) out[m] = mask[m] < kWidth ? a[mask[m]] : b[mask[m] - kWidth];
+  return out;
+#else
+  return __builtin_shuffle(a, b, mask);
+#endif
+}
+template <int H>
+AMNETS_INLINE void transpose_round(vfloat (&t)[kWidth]) {
   AMNETS_UNROLL
   for (int i = 0; i < kWidth; ++i) {
     if (i & H) continue;
     const vfloat a = t[i], b = t[i + H];
-#if defined(__clang__)
-    for (int m = 0; m < kWidth; ++m) t[i][m] = lo[m] < kWidth ? a[lo[m]] : b[lo[m] - kWidth];
-    for (int m = 0; m < kWidth; ++m) t[i + H][m] = hi[m] < kWidth ? a[hi[m]] : b[hi[m] - kWidth];
-#else
-    t[i] = __builtin_shuffle(a, b, lo);
-    t[i + H] = __builtin_shuffle(a, b, hi);
-#endif
+    t[i] = round_half<H>(a, b, false);
+    t[i + H] = round_half<H>(a, b, true);
   }
 }
 AMNETS_INLINE void transpose16(vfloat (&t)[kWidth]) {
-  // Lane m of the low register of a pair: its own lane m where bit h of m is 0, else the high one's m - h;
-  // of the high register: the low one's m + h where bit h of m is 0, else its own lane m (b: 16 + index).
-  transpose16_round<8>(t, vint{0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23},
-                       vint{8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31});
-  transpose16_round<4>(t, vint{0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27},
-                       vint{4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31});
-  transpose16_round<2>(t, vint{0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29},
-                       vint{2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31});
-  transpose16_round<1>(t, vint{0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30},
-                       vint{1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31});
+  transpose_round<8>(t), transpose_round<4>(t), transpose_round<2>(t), transpose_round<1>(t);
+}
+template <int H>
+AMNETS_INLINE void sum_round(vfloat (&t)[kWidth]) {
+  AMNETS_UNROLL
+  for (int i = 0; i < H; ++i) t[i] = round_half<H>(t[i], t[i + H], false) + round_half<H>(t[i], t[i + H], true);
+}
+// Lane i of the result: the sum of t[i]'s lanes (t is used up).
+AMNETS_INLINE vfloat hsum16(vfloat (&t)[kWidth]) {
+  sum_round<8>(t), sum_round<4>(t), sum_round<2>(t), sum_round<1>(t);
+  return t[0];
 }
 
 // y[m * ld + i] = t[i][m] for m < rows, i < cols (both at most 16): a tile of accumulators, outputs i by
