@@ -66,10 +66,10 @@ AMNETS_INLINE float hmax(vfloat v) {
   return m;
 }
 
-// 16 x 16 tiles in 16 registers, t[i][m]. Round h (8, 4, 2, 1) pairs register i with i + h (bit h of i
-// clear) and builds two registers from them with two-source shuffles (vpermt2ps on AVX-512): low() takes
-// lane m from a where bit h of m is 0, else lane m - h of b; high() takes lane m + h of a, else lane m of b.
-// Storing both exchanges bit h of the register index with bit h of the lane (four rounds: a transposition);
+// 16 x 16 tiles in 16 registers, t[i][m]. Round h (8, 4, 2, 1) pairs register a = t[i] with b = t[i + h]
+// (bit h of i clear) and builds two registers from them with two-source shuffles (vpermt2ps on AVX-512,
+// round_half): the low one takes lane m of a where bit h of m is 0, else lane m - h of b; the high one lane
+// m + h of a, else lane m of b. Storing both exchanges bit h of the register index with bit h of the lane (four rounds: a transposition);
 // adding them halves the registers while keeping every register's partial sums apart (four rounds: one
 // register whose lane i is register i's sum). Kernels that accumulate (outputs x batch rows) tiles write
 // them to row-major y this way: 64 shuffles and 16 stores, where lane-by-lane stores took 256 extracts (29%
