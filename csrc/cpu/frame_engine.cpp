@@ -7,7 +7,7 @@
 //   full branch   [W_ih | W_hh] (4H, D + H) as a block-sparse matrix with every 32x32 block stored: the
 //                 dense GEMV is the block kernels below at density 1 (one code path for both branches);
 //   cheap branch  sparse: the kept blocks (the encoder's block mask) through the same kernels;
-//                 lowrank: V x, V h, then U s, each as axpys over the transposed factor (64-column panels);
+//                 lowrank: s = [V_ih x | V_hh h], then [U_ih | U_hh] s, as axpys over the transposed factors;
 //   arbitrator    Linear (axpys over W1^T) -> ReLU -> Linear (row dots); a row is full when logit > cut.
 // Blocks are stored transposed (W_k^T, b x b): for a few rows (a live stream) 16 output rows are one vector
 // and x is broadcast, so the weights are read once with no horizontal sums (the bsr op's row-major layout
@@ -242,7 +242,8 @@ struct Layer {
   int64_t in = 0, hidden = 0, pad = 0;    // pad: the row stride of [x | h | 0] both branches read
   Bsr full, kept;                          // kept: sparse cheap branch
   Tensor dense;                            // fp32 models: [W_ih | W_hh] row-major, for the full branch's GEMM
-  PackedT v_ih, u_ih, v_hh, u_hh;         // lowrank cheap branch: V^T (D, r), U^T (r, 4H) as expand's panels
+  PackedT v_ih, v_hh, u;                   // lowrank cheap branch: V_ih^T (D, r), V_hh^T (H, r) and
+                                           // [U_ih | U_hh]^T (r_ih + r_hh, 4H) as expand's panels
   Tensor bias;                             // float (4H,)
 };
 
@@ -251,7 +252,7 @@ struct Work {
   float *h_ptr = nullptr, *c_ptr = nullptr;  // (L, B, H) float state
   std::vector<char> full;                  // (B, n_dec): the row takes the full branch
   std::vector<float> inp, z, gates;        // (B, width), (B, pad), (B, 4H)
-  std::vector<float> zg, gg, s_ih, s_hh;   // rows gathered for one branch; low-rank V x, V h
+  std::vector<float> zg, gg, s;            // rows gathered for one branch; low-rank [V_ih x | V_hh h]
   std::vector<float> ain, hid, logit;      // arbitrator
   std::vector<float> xt;                   // x transposed, for many rows
   std::vector<int64_t> full_rows, cheap_rows;
@@ -310,8 +311,8 @@ struct FrameEngine : torch::CustomClassHolder {
       if (lowrank) {
         checks::lowrank_lstm(kOp, t[0].new_empty({0, in}), t[0].new_empty({0, hidden}), t[0].new_empty({0, hidden}),
                              t[1], t[2], t[3], t[4], t[5], false);
-        layer.u_ih = pack_transposed(t[1]), layer.v_ih = pack_transposed(t[2]);
-        layer.u_hh = pack_transposed(t[3]), layer.v_hh = pack_transposed(t[4]);
+        layer.v_ih = pack_transposed(t[2]), layer.v_hh = pack_transposed(t[4]);
+        layer.u = pack_transposed(at::cat({t[1], t[3]}, 1));
       } else {
         layer.kept = own_bsr(t[1], t[2], t[3], 4 * hidden, in + hidden);
         TORCH_CHECK_TYPE(t[1].scalar_type() == dtype, kOp, ": the kept blocks must have the weights' dtype");
@@ -427,7 +428,7 @@ struct FrameEngine : torch::CustomClassHolder {
       std::memcpy(w.ain.data() + b * a_in, w.inp.data() + b * input_size, input_size * sizeof(float));
       if (uses_state) std::memcpy(w.ain.data() + b * a_in + input_size, h_top + b * H, H * sizeof(float));
     }
-    expand(w1t.panels, a_in, width, w.ain.data(), a_in, B, w.hid.data(), false);  // no horizontal sums
+    expand(w1t.panels, a_in, width, w.ain.data(), a_in, B, w.hid.data(), width, false);  // no horizontal sums
     const float *bias1 = b1.data_ptr<float>(), *bias2 = b2.data_ptr<float>();
     for (int64_t b = 0; b < B; ++b)
       for (int64_t j = 0; j < width; ++j) w.hid[b * width + j] = std::max(w.hid[b * width + j] + bias1[j], 0.f);
@@ -493,15 +494,15 @@ struct FrameEngine : torch::CustomClassHolder {
     }
   }
 
-  // gates (n, 4H) = U_ih (V_ih x) + U_hh (V_hh h) for rows z (n, pad) = [x | h | 0]: four products, each as
-  // axpys over the transposed factor (expand), x and h read in place from z.
+  // gates (n, 4H) = U_ih (V_ih x) + U_hh (V_hh h) = [U_ih | U_hh] [V_ih x | V_hh h] for rows z (n, pad) =
+  // [x | h | 0]: three products, each as axpys over the transposed factor (expand), x and h read in place from
+  // z; one product with the stacked U writes the gates once (two read and wrote them twice).
   void lowrank_gates(const Layer& layer, Work& w, const float* z, int64_t pad, int64_t n, float* gates) const {
-    const int64_t D = layer.in, H = hidden, r_ih = layer.v_ih.G, r_hh = layer.v_hh.G;
-    w.s_ih.resize(n * r_ih), w.s_hh.resize(n * r_hh);
-    expand(layer.v_ih.panels, D, r_ih, z, pad, n, w.s_ih.data(), false);
-    expand(layer.v_hh.panels, H, r_hh, z + D, pad, n, w.s_hh.data(), false);
-    expand(layer.u_ih.panels, r_ih, 4 * H, w.s_ih.data(), r_ih, n, gates, false);
-    expand(layer.u_hh.panels, r_hh, 4 * H, w.s_hh.data(), r_hh, n, gates, true);
+    const int64_t D = layer.in, H = hidden, r_ih = layer.v_ih.G, r = layer.u.R;
+    w.s.resize(n * r);
+    expand(layer.v_ih.panels, D, r_ih, z, pad, n, w.s.data(), r, false);
+    expand(layer.v_hh.panels, H, r - r_ih, z + D, pad, n, w.s.data() + r_ih, r, false);
+    expand(layer.u.panels, r, 4 * H, w.s.data(), r, n, gates, 4 * H, false);
   }
 };
 

@@ -139,8 +139,8 @@ struct Recurrent {
       small_batch_mm(h.data_ptr<float>(), batch, w.w_hh_v.data_ptr<float>(), r, H, s.data_ptr<float>(), false);
       small_batch_mm(s.data_ptr<float>(), batch, w.w_hh_u.data_ptr<float>(), 4 * H, r, gates.data_ptr<float>(), true);
     } else if (rows) {
-      expand(vt, H, r, h.data_ptr<float>(), H, batch, s.data_ptr<float>(), false);
-      expand(ut, r, 4 * H, s.data_ptr<float>(), r, batch, gates.data_ptr<float>(), true);
+      expand(vt, H, r, h.data_ptr<float>(), H, batch, s.data_ptr<float>(), r, false);
+      expand(ut, r, 4 * H, s.data_ptr<float>(), r, batch, gates.data_ptr<float>(), 4 * H, true);
     } else {
       at::mm_out(s, h, w.w_hh_v.t());
       gates.addmm_(s, w.w_hh_u.t());
@@ -152,8 +152,8 @@ struct Recurrent {
     const int64_t H = w.hidden(), r = w.w_hh_v.size(0);
     if (rows) {
       const Panels u = row_major(w.w_hh_u.data_ptr<float>(), r), v = row_major(w.w_hh_v.data_ptr<float>(), H);
-      expand(u, 4 * H, r, dpre.data_ptr<float>(), 4 * H, batch, ds.data_ptr<float>(), false);
-      expand(v, r, H, ds.data_ptr<float>(), r, batch, dh.data_ptr<float>(), false);
+      expand(u, 4 * H, r, dpre.data_ptr<float>(), 4 * H, batch, ds.data_ptr<float>(), r, false);
+      expand(v, r, H, ds.data_ptr<float>(), r, batch, dh.data_ptr<float>(), H, false);
     } else {
       at::mm_out(ds, dpre, w.w_hh_u);
       at::mm_out(dh, ds, w.w_hh_v);  // dL/dh_{t-1} through the recurrent product

@@ -60,58 +60,62 @@ AMNETS_CLONES void rows_dot(const float* a, int64_t cols, const float* x, int64_
   }
 }
 
-// out (M, G) (+)= s (M, R) U for U given transposed, ut (R, G): 64 outputs of MT rows in registers while
-// the R rows of ut stream past (each output is an axpy over R, not a dot: no horizontal sums).
+// Columns 0 .. 16C - 1 of out (MT rows) (+)= s U over the R rows of ut: acc[q][m][c] sums the j = q mod S, so
+// that ~8 independent FMA chains are in flight (MT C of them alone can be fewer than the FMA latency covers).
+template <int MT, int C>
+AMNETS_INLINE void expand_cols(const float* ut, int64_t R, int64_t ldu, const float* s, int64_t lds, float* out,
+                               int64_t ldo, bool accumulate) {
+  constexpr int S = MT * C >= 8 ? 1 : (8 / (MT * C) > 4 ? 4 : 8 / (MT * C));
+  vfloat acc[S][MT][C] = {};
+  int64_t j = 0;
+  for (; j + S <= R; j += S) {
+    AMNETS_UNROLL
+    for (int q = 0; q < S; ++q) {
+      vfloat u[C];
+      AMNETS_UNROLL
+      for (int c = 0; c < C; ++c) u[c] = simd::load(ut + (j + q) * ldu + c * kWidth);
+      AMNETS_UNROLL
+      for (int m = 0; m < MT; ++m) {
+        const float sm = s[m * lds + j + q];
+        AMNETS_UNROLL
+        for (int c = 0; c < C; ++c) acc[q][m][c] += u[c] * sm;
+      }
+    }
+  }
+  for (; j < R; ++j) {
+    AMNETS_UNROLL
+    for (int m = 0; m < MT; ++m) {
+      const float sm = s[m * lds + j];
+      AMNETS_UNROLL
+      for (int c = 0; c < C; ++c) acc[0][m][c] += simd::load(ut + j * ldu + c * kWidth) * sm;
+    }
+  }
+  AMNETS_UNROLL
+  for (int m = 0; m < MT; ++m) {
+    AMNETS_UNROLL
+    for (int c = 0; c < C; ++c) {
+      vfloat sum = acc[0][m][c];
+      AMNETS_UNROLL
+      for (int q = 1; q < S; ++q) sum += acc[q][m][c];
+      float* o = out + m * ldo + c * kWidth;
+      simd::store(o, accumulate ? simd::load(o) + sum : sum);
+    }
+  }
+}
+
+// out (M, G <= 64) (+)= s (M, R) U for U given transposed, ut (R, G): the panel's 16-column vectors of MT rows
+// in registers while the R rows of ut stream past (each output is an axpy over R, not a dot: no horizontal sums).
 template <int MT>
 AMNETS_INLINE void expand_rows(const float* ut, int64_t R, int64_t G, int64_t ldu, const float* s, int64_t lds,
                                float* out, int64_t ldo, bool accumulate) {
-  constexpr int C = 4;
-  int64_t g0 = 0;
-  for (; g0 + C * kWidth <= G; g0 += C * kWidth) {
-    vfloat acc[MT][C];
-    AMNETS_UNROLL
-    for (int m = 0; m < MT; ++m)
-      AMNETS_UNROLL
-      for (int c = 0; c < C; ++c) acc[m][c] = accumulate ? simd::load(out + m * ldo + g0 + c * kWidth) : simd::splat(0.f);
-    for (int64_t j = 0; j < R; ++j) {
-      vfloat u[C];
-      AMNETS_UNROLL
-      for (int c = 0; c < C; ++c) u[c] = simd::load(ut + j * ldu + g0 + c * kWidth);
-      AMNETS_UNROLL
-      for (int m = 0; m < MT; ++m) {
-        const float sm = s[m * lds + j];
-        AMNETS_UNROLL
-        for (int c = 0; c < C; ++c) acc[m][c] += u[c] * sm;
-      }
-    }
-    AMNETS_UNROLL
-    for (int m = 0; m < MT; ++m)
-      AMNETS_UNROLL
-      for (int c = 0; c < C; ++c) simd::store(out + m * ldo + g0 + c * kWidth, acc[m][c]);
+  switch (G / kWidth) {
+    case 4: expand_cols<MT, 4>(ut, R, ldu, s, lds, out, ldo, accumulate); break;
+    case 3: expand_cols<MT, 3>(ut, R, ldu, s, lds, out, ldo, accumulate); break;
+    case 2: expand_cols<MT, 2>(ut, R, ldu, s, lds, out, ldo, accumulate); break;
+    case 1: expand_cols<MT, 1>(ut, R, ldu, s, lds, out, ldo, accumulate); break;
+    default: break;
   }
-  for (; g0 + kWidth <= G; g0 += kWidth) {  // then 16 at a time, four sums over j in flight
-    vfloat acc[4][MT] = {};
-    int64_t j = 0;
-    for (; j + 4 <= R; j += 4) {
-      AMNETS_UNROLL
-      for (int q = 0; q < 4; ++q) {
-        const vfloat u = simd::load(ut + (j + q) * ldu + g0);
-        AMNETS_UNROLL
-        for (int m = 0; m < MT; ++m) acc[q][m] += u * s[m * lds + j + q];
-      }
-    }
-    for (; j < R; ++j) {
-      const vfloat u = simd::load(ut + j * ldu + g0);
-      AMNETS_UNROLL
-      for (int m = 0; m < MT; ++m) acc[0][m] += u * s[m * lds + j];
-    }
-    AMNETS_UNROLL
-    for (int m = 0; m < MT; ++m) {
-      const vfloat sum = (acc[0][m] + acc[1][m]) + (acc[2][m] + acc[3][m]);
-      simd::store(out + m * ldo + g0, accumulate ? simd::load(out + m * ldo + g0) + sum : sum);
-    }
-  }
-  for (int64_t g = g0; g < G; ++g) {  // the last G % 16 outputs
+  for (int64_t g = G / kWidth * kWidth; g < G; ++g) {  // the last G % 16 outputs
     for (int m = 0; m < MT; ++m) {
       float sum = accumulate ? out[m * ldo + g] : 0.f;
       for (int64_t j = 0; j < R; ++j) sum += ut[j * ldu + g] * s[m * lds + j];
@@ -143,18 +147,18 @@ void small_batch_mm(const float* xp, int64_t batch, const float* ap, int64_t row
 }
 
 Panels pack_transposed(const float* w, int64_t G, int64_t R, float* out) {
-  // Panel by panel: its 64 rows of W are read in order (R floats each) and written down the panel's columns,
+  // Panel by panel: its rows of W are read in order (R floats each) and written down the panel's columns,
   // which stay in L2 (64 R floats); gathering W^T element by element instead strode a whole row of W per element.
-  const int64_t chunks = (G + kPanel - 1) / kPanel;
+  const int64_t width = panel_width(G), chunks = (G + width - 1) / width;
   for (int64_t c = 0; c < chunks; ++c) {
-    float* panel = out + c * R * kPanel;
-    const int64_t width = std::min(kPanel, G - c * kPanel);
-    for (int64_t i = 0; i < kPanel; ++i) {
-      const float* row = w + (c * kPanel + i) * R;
-      for (int64_t j = 0; j < R; ++j) panel[j * kPanel + i] = i < width ? row[j] : 0.f;
+    float* panel = out + c * R * width;
+    const int64_t used = std::min(width, G - c * width);
+    for (int64_t i = 0; i < width; ++i) {
+      const float* row = w + (c * width + i) * R;
+      for (int64_t j = 0; j < R; ++j) panel[j * width + i] = i < used ? row[j] : 0.f;
     }
   }
-  return {out, kPanel, kPanel * R};
+  return {out, width, width * R};
 }
 
 PackedT pack_transposed(const at::Tensor& w) {
@@ -166,12 +170,13 @@ PackedT pack_transposed(const at::Tensor& w) {
   return p;
 }
 
-void expand(Panels u, int64_t R, int64_t G, const float* s, int64_t lds, int64_t M, float* out, bool accumulate) {
+void expand(Panels u, int64_t R, int64_t G, const float* s, int64_t lds, int64_t M, float* out, int64_t ldo,
+            bool accumulate) {
   const int64_t chunks = (G + kPanel - 1) / kPanel, grain = R * G * M < (1 << 18) ? chunks : 1;
   parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c)
       expand_panel(u.data + c * u.chunk_stride, R, u.ldu, std::min(kPanel, G - c * kPanel), s, lds, M,
-                   out + c * kPanel, G, accumulate);
+                   out + c * kPanel, ldo, accumulate);
   });
 }
 
