@@ -6,10 +6,12 @@
 // (training) costs nothing extra.
 //
 // Kernels (fp32 and bf16 weights, b in {16, 32, 64}; everything else takes a plain loop):
-//   forward, few rows (M < 8):  y[m, rows of r] = dot products of block rows with x, vectorised along
+//   forward, few rows (M <= 12, and what is left past the last 16-row tile when at most 12 rows are):
+//                               y[m, rows of r] = dot products of block rows with x, vectorised along
 //                               the block's columns, up to 16 accumulators of (row i, input m);
 //   forward, many rows:         x is packed transposed once per call (K x M in 16-wide tiles) and each
-//                               weight element is broadcast against 16 inputs at a time;
+//                               weight element is broadcast against 16 inputs at a time (bf16 weights on
+//                               AVX512-BF16: from 8 rows, vdpbf16ps on pairs of inputs);
 //   grad_x = grad_y @ W:        by block column (a transposed index built per call), rows of a block
 //                               broadcast-multiplied into 16-wide column accumulators;
 //   grad_values (SDDMM):        per stored block, sum over m of grad_y[m, block rows] x[m, block cols].
@@ -142,6 +144,12 @@ AMNETS_INLINE void forward_dot(const Problem& p, const T* values, const float* x
 // ---------------------------------------------------------------------------------------------------
 // forward, many rows: xt is x transposed and padded, (Kb*B, Mp) with Mp a multiple of 16.
 
+// Rows that go through the few-row kernel (fp32, and bf16 without AVX512-BF16) rather than a 16-row tile:
+// a tile costs the same for 1 or 16 rows, the few-row kernel ~1/13 of a tile per row (4096x2048 b=32 on one
+// AMD EPYC core, d = 0.1 / 0.25: 4 rows 0.090 / 0.220 ms, a tile 0.30 / 0.67 ms). So 8-12 rows, and the rows
+// past the last full tile when at most 12 are left (M=17 paid two tiles), take the few-row kernel.
+constexpr int64_t kDotRowsMax = 12;
+
 template <typename T, int B>
 AMNETS_INLINE void forward_broadcast(const Problem& p, const T* values, const float* xt, int64_t mp, float* y,
                                      int64_t r, int64_t m0) {
@@ -270,11 +278,10 @@ AMNETS_INLINE void grad_values_block(const Problem& p, const float* gy, int64_t 
 template <typename T, int B>
 AMNETS_INLINE void forward_block_row(const Problem& p, const T* values, const float* x, int64_t ldx,
                                      const float* xt, int64_t mp, float* y, int64_t r) {
-  if (xt != nullptr) {
-    for (int64_t m0 = 0; m0 < p.rows; m0 += kWidth) forward_broadcast<T, B>(p, values, xt, mp, y, r, m0);
-    return;
-  }
   int64_t m0 = 0;
+  if (xt != nullptr) {  // 16-row tiles while more than kDotRowsMax rows are left, then the few-row kernel
+    for (; p.rows - m0 > kDotRowsMax; m0 += kWidth) forward_broadcast<T, B>(p, values, xt, mp, y, r, m0);
+  }
   for (; m0 + 4 <= p.rows; m0 += 4) forward_dot<T, B, 4>(p, values, x, ldx, y, r, m0);
   for (; m0 + 2 <= p.rows; m0 += 2) forward_dot<T, B, 2>(p, values, x, ldx, y, r, m0);
   for (; m0 < p.rows; ++m0) forward_dot<T, B, 1>(p, values, x, ldx, y, r, m0);
@@ -508,11 +515,12 @@ void forward_into(const Problem& p, const Tensor& values, const Tensor& xf, int6
   if (p.rows == 0) return;
   Tensor xt;  // many rows: x transposed into 16-wide column tiles, zeros past M
   int64_t mp = 0;
-  if (p.rows >= 8) {
+  const bool dpbf16 = values.scalar_type() == at::kBFloat16 && has_dpbf16();
+  if (p.rows >= (dpbf16 ? 8 : kDotRowsMax + 1)) {
     mp = (p.rows + kWidth - 1) / kWidth * kWidth;
     xt = at::constant_pad_nd(xf, {0, 0, 0, mp - p.rows}, 0.0).t().contiguous();
   }
-  if (mp > 0 && values.scalar_type() == at::kBFloat16 && has_dpbf16()) {
+  if (mp > 0 && dpbf16) {
     const Tensor xp = xt.view({k_pad / 2, 2, mp}).permute({0, 2, 1}).contiguous().to(at::kBFloat16);
     const auto* xp_data = reinterpret_cast<const uint16_t*>(xp.data_ptr<c10::BFloat16>());
     parallel_for(0, p.block_rows, 1, [&](int64_t r0, int64_t r1) {
