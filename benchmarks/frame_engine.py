@@ -10,7 +10,9 @@ are medians of the per-round ratios; 1 thread pinned by default):
       H=192 and H=1024, goal <= 0.5;
   H=1024 x3, D=240: all-cheap / all-full frame, goal <= 0.1;
   H=1024 x3, B=64, chunks of 10 frames: t(f) / (f t_full + (1 - f) t_cheap) at f = 0.25, 0.5, 0.75, goal <= 1.2
-      (the first round(f * 64) rows full on every frame).
+      (the first round(f * 64) rows full on every frame);
+  live pacing (reported, no goal): the H=192 and tiny models' frames with the core idle 30 ms before each call
+      (one frame a call) or 120 ms (chunks of 4 frames), against back-to-back calls.
 The weights of each model are one set (cache-resident where they fit: 2 x 1.3 MB at H=192; the H=1024 layers,
 32 MB each, stream from memory); the machine is named in the output.
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import time
 
 import torch
 
@@ -129,6 +132,50 @@ def main() -> None:
             report(f"H={big} x3 {cheap} B={batch}, f={f}: t(f) / interpolation ({statistics.median(times[f]) / chunk:.0f}"
                    f" us a frame; all-cheap {statistics.median(times[0.0]) / chunk:.0f}, all-full "
                    f"{statistics.median(times[1.0]) / chunk:.0f})", value, 1.2)
+
+    paced(tiny, rounds)
+
+
+def paced(tiny: AmNetsEncoder, rounds: int, period: float = 0.03) -> None:
+    """The H=192 frames as a live stream calls them: a frame every `period` seconds (time.sleep between calls),
+    one frame per call and chunks of 4 frames per call (every 4 periods), against the same calls back to back.
+    Reported with no goal: what a frame costs after the core has idled is the machine's (caches, TLBs, clock
+    and, on a VM, the hypervisor), and every model pays it."""
+    models = {"tiny (D=8, H=16 x2), arbitrated": (tiny.streamer(), 8)}
+    for cheap in ("sparse", "lowrank"):
+        enc = encoder(240, 192, 2, cheap)
+        if cheap == "sparse":
+            models["H=192 x2 dense (force full)"] = (enc.streamer(force="full"), 240)
+        models[f"H=192 x2 {cheap}, arbitrated all-cheap"] = (enc.streamer(threshold=1.0), 240)
+    calls = 5 if rounds == 1 else 40
+    print(f"\nLive pacing (reported, no goal): median us per frame over {calls} calls per model; paced: a call "
+          f"every {period * 1e3:.0f} ms (sleep), the models taking turns, and chunks of 4 frames a call every "
+          f"{4 * period * 1e3:.0f} ms; back to back: one model's calls in a row.\n")
+    print("| model | paced, 1 frame a call | back to back | paced, 4 frames a call (per frame) |\n|---|---|---|---|")
+    costs = {name: {"paced": [], "hot": [], "chunk": []} for name in models}
+    clock = time.perf_counter
+
+    def timed(name, frames, gap):
+        stream, width = models[name]
+        x = torch.randn(1, frames, width)
+        if gap:
+            time.sleep(gap)
+        start = clock()
+        stream(x)
+        return (clock() - start) / frames * 1e6
+
+    for _ in range(calls):
+        for name in models:
+            costs[name]["paced"].append(timed(name, 1, period))
+    for _ in range(calls):
+        for name in models:
+            costs[name]["chunk"].append(timed(name, 4, 4 * period))
+    for name in models:
+        timed(name, 1, 0.0)
+        costs[name]["hot"] = [timed(name, 1, 0.0) for _ in range(calls)]
+    for name, c in costs.items():
+        print(f"| {name} | {statistics.median(c['paced']):.1f} | {statistics.median(c['hot']):.1f} | "
+              f"{statistics.median(c['chunk']):.1f} |")
 
 
 if __name__ == "__main__":
