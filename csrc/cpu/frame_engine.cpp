@@ -217,8 +217,7 @@ AMNETS_CLONES void block_rows_bf16(const Bsr& w, const float* x, int64_t ldx, in
   block_rows<c10::BFloat16>(w, w.values_t.data_ptr<c10::BFloat16>(), x, ldx, M, xt, mp, y, r0, r1);
 }
 
-// y (M, N) = x (M, pad, row stride ldx) W^T. Below ~256K multiply-adds it stays on this thread: a parallel
-// region costs microseconds, as much as a small streaming layer.
+// y (M, N) = x (M, pad, row stride ldx) W^T, on this thread alone below kParallelMinMacs (parallel.h).
 void matmul_rows(const Bsr& w, const float* x, int64_t ldx, int64_t M, float* y, std::vector<float>& xt) {
   if (M == 0) return;
   int64_t mp = 0;
@@ -231,7 +230,7 @@ void matmul_rows(const Bsr& w, const float* x, int64_t ldx, int64_t M, float* y,
   const float* xtp = M > kFewRowsMax ? xt.data() : nullptr;
   const bool bf16 = w.values_t.scalar_type() == at::kBFloat16;
   const int64_t macs = w.values_t.numel() * M;
-  const int64_t grain = macs < (1 << 18) ? w.block_rows() : 1;
+  const int64_t grain = macs < kParallelMinMacs ? w.block_rows() : 1;
   parallel_for(0, w.block_rows(), grain, [&](int64_t r0, int64_t r1) {
     if (bf16) {
       block_rows_bf16(w, x, ldx, M, xtp, mp, y, r0, r1);

@@ -46,7 +46,7 @@ struct PackedT {
 PackedT pack_transposed(const at::Tensor& w);
 
 // out (M, G; row stride ldo) (+)= s (M, R; row stride lds) U for U^T given as panels. Threads split the
-// panels once the product has ~256K multiply-adds; each panel serves every row of s before the next.
+// panels from kParallelMinMacs multiply-adds (parallel.h); each panel serves every row of s before the next.
 void expand(Panels u, int64_t R, int64_t G, const float* s, int64_t lds, int64_t M, float* out, int64_t ldo,
             bool accumulate);
 

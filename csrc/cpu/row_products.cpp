@@ -172,7 +172,7 @@ PackedT pack_transposed(const at::Tensor& w) {
 
 void expand(Panels u, int64_t R, int64_t G, const float* s, int64_t lds, int64_t M, float* out, int64_t ldo,
             bool accumulate) {
-  const int64_t chunks = (G + kPanel - 1) / kPanel, grain = R * G * M < (1 << 18) ? chunks : 1;
+  const int64_t chunks = (G + kPanel - 1) / kPanel, grain = R * G * M < kParallelMinMacs ? chunks : 1;
   parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
     for (int64_t c = c0; c < c1; ++c)
       expand_panel(u.data + c * u.chunk_stride, R, u.ldu, std::min(kPanel, G - c * kPanel), s, lds, M,
