@@ -46,10 +46,12 @@
 namespace amnets::cpu {
 
 // Products of fewer multiply-adds than this stay on their caller's thread (expand, the frame engine's block
-// products). The pool's workers spin between back-to-back loops, so a split costs about a microsecond: at 2
-// threads an H=192 low-rank AmNets frame (its U product ~74K multiply-adds a layer) took 12.7 us with the
-// bound at 256K, 9.5 us at 32K (one AMD EPYC, 2 cores).
-constexpr int64_t kParallelMinMacs = int64_t(1) << 15;
+// products). Lower is faster back to back and slower in a live stream (one AMD EPYC, 2 cores, H=192 AmNets
+// frames, 2 threads, bound 32K against 256K): a low-rank all-cheap frame took 9.5 against 12.7 us in a loop,
+// but 247 against 148 us when called every 30 ms, because each frame then wakes a sleeping worker that
+// arrives late and cold (1 thread: 163 us). Kept at 256K until the pool can share small jobs with awake
+// workers only.
+constexpr int64_t kParallelMinMacs = int64_t(1) << 18;
 
 using ChunkFn = void (*)(const void* body, int64_t begin, int64_t end);
 void parallel_run(int64_t begin, int64_t end, int64_t grain, ChunkFn fn, const void* body);
