@@ -70,10 +70,15 @@ constexpr int64_t kFirstWindowNs = 4'000'000;  // serial windows: 4 ms, x4 while
 constexpr int64_t kRecurNs = 100'000'000;      // (within 100 ms of the last window's end),
 constexpr int64_t kMaxWindowNs = 256'000'000;  // up to 256 ms (a probe costs a few ms; serial after a hog left)
 constexpr size_t kMaxWatched = 64;
+// Loops that paused longer than the horizon (a live stream's frames, one every 30 ms) get no look: the counters
+// would say nothing about now, and reading them cost ~70 us a frame here (a file per watched thread, cold). The
+// look after one that skipped takes fresh baselines; the next one decides.
+constexpr int64_t kIdleNs = 16'000'000;
 
 std::atomic<int64_t> serial_until{0}, window{kFirstWindowNs}, last_look{0};
 std::atomic<uint64_t> stalls{0};
 std::atomic<uint32_t> generation{0};
+bool stale = true;  // the watched threads' baselines predate a pause (guarded by watched_mutex)
 
 struct Watched {
   pid_t tid;
@@ -151,6 +156,10 @@ void look(int64_t now) {
   if (now - last < kCheckEveryNs) return;
   std::unique_lock<std::mutex> lock(*watched_mutex, std::try_to_lock);
   if (!lock.owns_lock() || !last_look.compare_exchange_strong(last, now)) return;
+  if (now - last > kIdleNs) {
+    stale = true;
+    return;
+  }
   std::vector<Watched>& threads = *watched;
   bool stalled = false;
   for (size_t i = 0; i < threads.size();) {
@@ -160,6 +169,11 @@ void look(int64_t now) {
       threads.pop_back();
       continue;
     }
+    if (stale) {
+      threads[i].waited = w, threads[i].share = 0.0;
+      ++i;
+      continue;
+    }
     const double interval = static_cast<double>(now - last);
     const double share = std::min(1.0, static_cast<double>(w - threads[i].waited) / interval);
     threads[i].share += std::min(1.0, interval / kHorizonNs) * (share - threads[i].share);
@@ -167,6 +181,7 @@ void look(int64_t now) {
     if (threads[i].share >= kStalledShare) stalled = true;
     ++i;
   }
+  stale = false;
   if (stalled) note_stall(now);
 }
 

@@ -30,7 +30,8 @@
 // The contention guard (parallel.cpp) covers what dynamic claiming cannot: a fork/join loop whose thread
 // was descheduled while it held a chunk (every OpenMP region, ATen's and MKL's included, and a pool chunk
 // already claimed) waits a scheduler slice (4 ms here) for it. Every thread that runs our loops is watched:
-// at most every 2 ms a loop's caller reads their runqueue wait (Linux schedstat); when one has waited for a
+// at most every 2 ms a loop's caller reads their runqueue wait (Linux schedstat; after loops paused for over
+// 16 ms, as a live stream's do between frames, the first look only takes baselines); when one has waited for a
 // CPU a quarter of the time (averaged over ~16 ms, so the odd 2-4 ms wait of a quiet machine does not
 // count) the process is contended, and for a window (4 ms, x4 while stalls recur, up to 256 ms) every loop
 // runs on its caller alone, and so do ATen's and MKL's regions inside an OpenMpScope (their thread counts
