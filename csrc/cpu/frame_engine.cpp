@@ -91,7 +91,7 @@ template <typename T, int B, int MT, bool PF>
 AMNETS_INLINE void few_rows(const T* vt, const int32_t* crow, const int32_t* col, int64_t n, const float* x,
                             int64_t ldx, float* y, int64_t r) {
   constexpr int V = B / kWidth;
-  constexpr int S = MT * V >= 8 ? 1 : 8 / (MT * V) > 4 ? 4 : 8 / (MT * V);
+  constexpr int S = simd::partial_sums(MT * V);
   vfloat acc[S][MT][V] = {};
   for (int64_t k = crow[r]; k < crow[r + 1]; ++k) {
     const T* blk = vt + k * B * B;
@@ -505,7 +505,7 @@ struct FrameEngine : torch::CustomClassHolder {
     const int64_t D = layer.in, H = hidden, r_ih = layer.v_ih.G, r = layer.u.R;
     w.s.resize(n * r);
     expand(layer.v_ih.panels, D, r_ih, z, pad, n, w.s.data(), r, false);
-    expand(layer.v_hh.panels, H, r - r_ih, z + D, pad, n, w.s.data() + r_ih, r, false);
+    expand(layer.v_hh.panels, H, layer.v_hh.G, z + D, pad, n, w.s.data() + r_ih, r, false);
     expand(layer.u.panels, r, 4 * H, w.s.data(), r, n, gates, 4 * H, false);
   }
 };

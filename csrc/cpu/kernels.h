@@ -33,7 +33,10 @@ struct Panels {
 inline Panels row_major(const float* ut, int64_t G) { return {ut, G, kPanel}; }
 inline int64_t panel_width(int64_t G) { return G < kPanel ? (G + 15) / 16 * 16 : kPanel; }
 // Floats the packed panels of an (R, G) operand take.
-inline int64_t packed_size(int64_t R, int64_t G) { return (G + panel_width(G) - 1) / panel_width(G) * panel_width(G) * R; }
+inline int64_t packed_size(int64_t R, int64_t G) {
+  const int64_t width = panel_width(G);
+  return (G + width - 1) / width * width * R;
+}
 // Packs W^T for W (G, R) row-major float into out (packed_size(R, G) floats; the last panel zero past G).
 Panels pack_transposed(const float* w, int64_t G, int64_t R, float* out);
 

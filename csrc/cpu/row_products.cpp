@@ -65,7 +65,7 @@ AMNETS_CLONES void rows_dot(const float* a, int64_t cols, const float* x, int64_
 template <int MT, int C>
 AMNETS_INLINE void expand_cols(const float* ut, int64_t R, int64_t ldu, const float* s, int64_t lds, float* out,
                                int64_t ldo, bool accumulate) {
-  constexpr int S = MT * C >= 8 ? 1 : (8 / (MT * C) > 4 ? 4 : 8 / (MT * C));
+  constexpr int S = simd::partial_sums(MT * C);
   vfloat acc[S][MT][C] = {};
   int64_t j = 0;
   for (; j + S <= R; j += S) {

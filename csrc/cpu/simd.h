@@ -25,6 +25,11 @@
 namespace amnets::simd {
 
 constexpr int64_t kWidth = 16;
+// Independent partial sums a loop with `accumulators` vector accumulators per step keeps, so that ~8 FMA
+// chains are in flight (the FMA latency over its issue interval), at most 4.
+constexpr int partial_sums(int accumulators) {
+  return accumulators >= 8 ? 1 : (8 / accumulators > 4 ? 4 : 8 / accumulators);
+}
 typedef float vfloat __attribute__((vector_size(64)));
 typedef int32_t vint __attribute__((vector_size(64)));
 
