@@ -136,6 +136,43 @@ def test_bf16_weights(cheap):
     assert (dec == dec32).float().mean() >= 0.9  # the bf16 arbitrator may flip a frame at its threshold
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_streamer_hands_out_again_only_outputs_nothing_holds(dtype):
+    """The engine's stream reuses an output tensor once the caller has let go of it (csrc/cpu/frame_engine.cpp
+    OutputPool): outputs kept as tensors, views or numpy arrays never change, a dropped tensor that asked
+    for its gradient is not handed out again, and the frames equal the whole chunk's."""
+    cfg = dict(cheap="sparse", layers=2, hidden=16, inp=8, block=16, per_layer=False, uses_state=False, batch=2,
+               frames=16, threshold=0.5, force=None, seed=3)
+    enc, x, _ = build(cfg, dtype)
+    whole, _, dec = enc.stream(x)
+    streamer = enc.streamer(batch=2)
+    copies, held, pointers = [], [], set()
+    for t in range(x.shape[1]):
+        out, d = streamer(x[:, t:t + 1])
+        assert not out.requires_grad and not out.is_inference()
+        copies.append((out.clone(), d.clone()))
+        pointers.add(out.data_ptr())
+        if t == 1:
+            held.append((out, out.clone()))
+        if t == 2:
+            held.append((out[1], out[1].clone()))
+        if t == 3 and dtype == torch.float32:
+            held.append((torch.from_numpy(out.numpy()), out.clone()))
+        if t == 4:
+            out.requires_grad_()  # then dropped
+        del out, d
+    assert torch.equal(torch.cat([c[0] for c in copies], 1), whole)
+    assert torch.equal(torch.cat([c[1] for c in copies], 1), dec)
+    for kept, copy in held:
+        assert torch.equal(kept, copy)
+    assert len(pointers) < x.shape[1]  # dropped outputs came back
+    with torch.inference_mode():
+        out, _ = streamer(x[:, :1])
+        assert out.is_inference()  # not a tensor made outside inference mode
+    out, _ = streamer(x[:, :1])
+    assert not out.is_inference()
+
+
 def test_encoder_loaded_under_inference_mode_streams():
     with torch.inference_mode():
         enc = AmNetsEncoder(8, 16, num_layers=2, cheap="sparse", block_size=16).eval()

@@ -356,7 +356,9 @@ struct FrameEngine : torch::CustomClassHolder {
     const auto as_float = x.options().dtype(at::kFloat);
     Tensor h_n = at::detail::empty_cpu({L, B, hidden}, as_float), c_n = at::detail::empty_cpu({L, B, hidden}, as_float);
     load_float(h0, h_n.data_ptr<float>()), load_float(c0, c_n.data_ptr<float>());
-    auto [out, decisions] = advance(x, h_n.data_ptr<float>(), c_n.data_ptr<float>(), force, rows, cut);
+    Tensor out = at::detail::empty_cpu(out_sizes(x), x.options());
+    Tensor decisions = at::detail::empty_cpu(decision_sizes(x), x.options().dtype(at::kBool));
+    advance(x, h_n.data_ptr<float>(), c_n.data_ptr<float>(), force, rows, cut, out, decisions);
     if (dtype == at::kFloat) return {out, h_n, c_n, decisions};
     return {out, h_n.to(dtype), c_n.to(dtype), decisions};
   }
@@ -385,20 +387,24 @@ struct FrameEngine : torch::CustomClassHolder {
     return rows_in->contiguous();
   }
 
-  // The chunk x (checked) from the float state h, c (L, B, H, contiguous), which it updates in place.
-  // -> (out in the weights' dtype, decisions).
-  std::tuple<Tensor, Tensor> advance(const Tensor& x_in, float* h, float* c, int64_t force, const Tensor& rows,
-                                     double cut) const {
+  // advance's outputs for frames x (B, T, D): out (B, T, H) in the weights' dtype, decisions (bool) (B, T),
+  // or (B, T, L) with per-layer decisions.
+  std::vector<int64_t> out_sizes(const Tensor& x) const { return {x.size(0), x.size(1), hidden}; }
+  std::vector<int64_t> decision_sizes(const Tensor& x) const {
+    if (per_layer) return {x.size(0), x.size(1), n_dec};
+    return {x.size(0), x.size(1)};
+  }
+
+  // The chunk x (checked) from the float state h, c (L, B, H, contiguous), which it updates in place, into
+  // out and decisions (contiguous, of out_sizes / decision_sizes).
+  void advance(const Tensor& x_in, float* h, float* c, int64_t force, const Tensor& rows, double cut, Tensor& out,
+               Tensor& decisions) const {
     const int64_t L = static_cast<int64_t>(layers.size()), H = hidden, B = x_in.size(0), T = x_in.size(1);
     const bool f32 = dtype == at::kFloat;
-    Tensor out = at::detail::empty_cpu({B, T, H}, x_in.options().dtype(at::kFloat));
-    Tensor decisions = at::detail::empty_cpu(per_layer ? at::IntArrayRef{B, T, n_dec} : at::IntArrayRef{B, T},
-                                             x_in.options().dtype(at::kBool));
     thread_local Work w;
     w.h_ptr = h, w.c_ptr = c;
     const Tensor x = f32 ? x_in.contiguous() : x_in.to(at::kFloat).contiguous();
     const float* xp = x.data_ptr<float>();
-    float* op = out.data_ptr<float>();
     bool* dp = decisions.data_ptr<bool>();
     const bool* rp = rows.defined() ? rows.data_ptr<bool>() : nullptr;
     w.full.resize(B * n_dec);
@@ -410,10 +416,16 @@ struct FrameEngine : torch::CustomClassHolder {
       for (int64_t b = 0; b < B; ++b)
         for (int64_t j = 0; j < n_dec; ++j) dp[(b * T + t) * n_dec + j] = w.full[b * n_dec + j];
       for (int64_t k = 0; k < L; ++k) step(layers[k], w, B, k);
-      for (int64_t b = 0; b < B; ++b)
-        std::memcpy(op + (b * T + t) * H, w.inp.data() + b * H, H * sizeof(float));
+      for (int64_t b = 0; b < B; ++b) {
+        const float* h_top = w.inp.data() + b * H;
+        if (f32) {
+          std::memcpy(out.data_ptr<float>() + (b * T + t) * H, h_top, H * sizeof(float));
+        } else {  // h is already rounded to bf16 (see step): the conversion is exact
+          c10::BFloat16* o = out.data_ptr<c10::BFloat16>() + (b * T + t) * H;
+          for (int64_t j = 0; j < H; ++j) o[j] = c10::BFloat16(h_top[j]);
+        }
+      }
     }
-    return {f32 ? out : out.to(dtype), decisions};
   }
 
  private:
@@ -510,14 +522,50 @@ struct FrameEngine : torch::CustomClassHolder {
   }
 };
 
+// Output tensors a stream hands out, taken back for a later call once the caller has let go of them: only
+// the pool holds the tensor and its storage (no view of it lives), nothing asked for its gradient, and it was
+// made under the inference mode now in force. A frame then allocates nothing and makes no new Python object
+// (the outputs' malloc, construction and destruction were ~1 us a frame, perf on one AMD EPYC core).
+class OutputPool {
+ public:
+  Tensor take(at::IntArrayRef sizes, at::ScalarType dtype) {
+    const bool inference = c10::InferenceMode::is_enabled();
+    Tensor* spare = nullptr;  // a slot free for a new tensor
+    for (Tensor& t : slots_) {
+      if (!only_pool_holds(t) || t.requires_grad()) continue;
+      if (t.scalar_type() == dtype && t.sizes() == sizes && t.is_contiguous() && t.is_inference() == inference)
+        return t;
+      spare = &t;
+    }
+    Tensor t = at::detail::empty_cpu(sizes, at::TensorOptions().dtype(dtype));
+    if (slots_.size() < kSlots) slots_.push_back(t);
+    else if (spare != nullptr) *spare = t;
+    return t;
+  }
+
+ private:
+  // No view or numpy array shares the storage, and nothing but the pool holds the tensor: torch (2.13, 2.14)
+  // keeps a tensor that went to Python and its Python object alive together, so then the object holds the
+  // tensor's second reference and the tensor the object's only one.
+  static bool only_pool_holds(const Tensor& t) {
+    if (t.storage().use_count() != 1) return false;
+    return t.use_count() == 1 ||
+           (t.use_count() == 2 && t.unsafeGetTensorImpl()->pyobj_slot()->has_unique_reference());
+  }
+
+  static constexpr size_t kSlots = 8;  // a caller that keeps a few frames' outputs still finds free ones
+  std::vector<Tensor> slots_;
+};
+
 // A live stream on an engine (what Python's Streamer calls): the state stays here as floats and is updated
-// in place, so a call converts one argument and allocates two tensors, not six and four as run() does —
-// about a microsecond of a ~10 us small-model frame. Not for two threads at once (one state).
+// in place, so a call converts one argument and takes its two outputs from a pool, not six and four fresh
+// tensors as run() makes. Not for two threads at once (one state).
 struct EngineStream {
   c10::intrusive_ptr<FrameEngine> engine;
   int64_t batch, force;
   Tensor rows, h, c;  // h, c: (L, batch, H) float
   double cut;
+  OutputPool pool;
 
   EngineStream(c10::intrusive_ptr<FrameEngine> engine_, int64_t batch_, int64_t force_,
                const c10::optional<Tensor>& rows_in, double cut_)
@@ -532,7 +580,10 @@ struct EngineStream {
 
   std::tuple<Tensor, Tensor> operator()(const Tensor& x) {
     engine->check_frames(x, batch);
-    return engine->advance(x, h.data_ptr<float>(), c.data_ptr<float>(), force, rows, cut);
+    Tensor out = pool.take(engine->out_sizes(x), engine->dtype);
+    Tensor decisions = pool.take(engine->decision_sizes(x), at::kBool);
+    engine->advance(x, h.data_ptr<float>(), c.data_ptr<float>(), force, rows, cut, out, decisions);
+    return {std::move(out), std::move(decisions)};
   }
 
   // Copies in the weights' dtype: a state read earlier does not change with later calls.
