@@ -75,21 +75,33 @@ struct Problem {
 // How far ahead the forwards ask for weights: about a DRAM latency of one core's stream.
 constexpr int64_t kPrefetchBytes = 8192;
 
-// Ask for `span` bytes of the block kPrefetchBytes of weights ahead of block k, from element `offset` in it,
-// one request per cache line: a pass reads a strided slice of every block (rows i0.. of each), which the
-// hardware prefetchers follow poorly (measured: ~10 GB/s on one AMD EPYC core where MKL's dense GEMV
-// reads ~17). Into: prefetcht0 (L1) or prefetcht1 (L2). Slices go to L2: on one AMD EPYC core, weights
-// from DRAM, W 4096x2048 b=32, the many-row fp32 and bf16 (vdpbf16ps) kernels at 16 rows took 0.75-0.85x
-// and the few-row bf16 kernel at 1 row 0.78-0.95x the time they took with prefetcht0, and the same on
-// weights resident in L3. The few-row fp32 kernel's whole-block stream stays in L1: into L2 its
-// L3-resident case took 1.1-1.15x (d = 0.1, 0.25, 1 row) for at most 0.9x from DRAM.
+// Ask for the slice a pass reads (`span` bytes from row i0 of a block; passes of `pass` rows) kPrefetchBytes
+// of weights ahead of block k of block row r, one request per cache line: a pass reads a strided slice of
+// every block (rows i0.. of each), which the hardware prefetchers follow poorly (measured: ~10 GB/s on one
+// AMD EPYC core where MKL's dense GEMV reads ~17). Near a row's end it asks for what comes next: the row's
+// next slice, or after its last the next row's first (its blocks follow in memory); at density 0.1 a block
+// row of a 2048-wide matrix holds ~6 blocks, so stopping at the row's end left most of them unrequested.
+// Into: prefetcht0 (L1) or prefetcht1 (L2). Slices go to L2: on one AMD EPYC core, weights from DRAM, W
+// 4096x2048 b=32, the many-row fp32 and bf16 (vdpbf16ps) kernels at 16 rows took 0.75-0.85x and the few-row
+// bf16 kernel at 1 row 0.78-0.95x the time they took with prefetcht0, and about the same on weights resident
+// in L3. The few-row fp32 kernel's whole-block stream (one pass a row) stays in L1: into L2 its L3-resident
+// case took 1.1-1.15x (d = 0.1, 0.25, 1 row) for at most 0.9x from DRAM.
 constexpr int kIntoL1 = 3, kIntoL2 = 2;
 template <typename T, int B, int Into = kIntoL2>
-AMNETS_INLINE void prefetch_block(const Problem& p, const T* values, int64_t k, int64_t r, int64_t offset,
+AMNETS_INLINE void prefetch_block(const Problem& p, const T* values, int64_t k, int64_t r, int64_t i0, int64_t pass,
                                   int64_t span) {
   constexpr int64_t ahead = std::max<int64_t>(1, kPrefetchBytes / (B * B * int64_t(sizeof(T))));
-  if (k + ahead >= p.crow[r + 1]) return;
-  const char* at = reinterpret_cast<const char*>(values + (k + ahead) * B * B + offset);
+  int64_t next = k + ahead;
+  if (next >= p.crow[r + 1]) {
+    if (i0 + pass < p.rows_in(r)) {
+      next -= p.crow[r + 1] - p.crow[r], i0 += pass;
+      if (next >= p.crow[r + 1]) return;  // a row of fewer blocks than `ahead`
+    } else {
+      if (next >= p.crow[p.block_rows]) return;
+      i0 = 0;
+    }
+  }
+  const char* at = reinterpret_cast<const char*>(values + next * B * B + i0 * B);
   for (int64_t line = 0; line < span; line += 64) __builtin_prefetch(at + line, 0, Into);
 }
 
@@ -108,9 +120,9 @@ AMNETS_INLINE void forward_dot(const Problem& p, const T* values, const float* x
       // there: the widening, not the stream, bounds bf16).
       if constexpr (MT <= 2) {
         if constexpr (sizeof(T) == 4) {
-          if (i0 == 0) prefetch_block<T, B, kIntoL1>(p, values, k, r, 0, B * B * int64_t(sizeof(T)));
+          if (i0 == 0) prefetch_block<T, B, kIntoL1>(p, values, k, r, 0, rows, B * B * int64_t(sizeof(T)));
         } else {
-          prefetch_block<T, B>(p, values, k, r, i0 * B, IT * B * int64_t(sizeof(T)));
+          prefetch_block<T, B>(p, values, k, r, i0, IT, IT * B * int64_t(sizeof(T)));
         }
       }
       const float* xk = x + p.col[k] * B;
@@ -165,7 +177,7 @@ AMNETS_INLINE void forward_broadcast(const Problem& p, const T* values, const fl
     vfloat acc[kWidth] = {};
     for (int64_t k = p.crow[r]; k < p.crow[r + 1]; ++k) {
       const T* blk = values + k * B * B + i0 * B;
-      prefetch_block<T, B>(p, values, k, r, i0 * B, kWidth * B * int64_t(sizeof(T)));  // this pass's slice
+      prefetch_block<T, B>(p, values, k, r, i0, kWidth, kWidth * B * int64_t(sizeof(T)));  // this pass's slice
       const float* xk = xt + p.col[k] * B * mp + m0;
       const int64_t cols = p.cols_in(p.col[k]);  // never touch weights outside the logical matrix
       for (int64_t j = 0; j < cols; ++j) {
@@ -380,7 +392,7 @@ AMNETS_DPBF16 inline void forward_dpbf16_block_row(const Problem& p, const c10::
       for (auto& a : acc) a = _mm512_setzero_ps();
       for (int64_t k = p.crow[r]; k < p.crow[r + 1]; ++k) {
         const uint32_t* w = pairs + (k * B * B + i0 * B) / 2;
-        prefetch_block<c10::BFloat16, B>(p, values, k, r, i0 * B, 16 * B * 2);  // this pass's slice
+        prefetch_block<c10::BFloat16, B>(p, values, k, r, i0, 16, 16 * B * 2);  // this pass's slice
         const uint16_t* xk = xp + (p.col[k] * B / 2 * mp + m0) * 2;
         // Never read weights outside the logical matrix (padding may hold anything): whole pairs up to the
         // last logical column, then a lone even column with its odd neighbour masked off.
