@@ -116,14 +116,15 @@ AMNETS_INLINE void forward_dot(const Problem& p, const T* values, const float* x
     for (int64_t k = p.crow[r]; k < p.crow[r + 1]; ++k) {
       const T* blk = values + k * B * B + i0 * B;
       // Few rows: the weights stream from memory. fp32: whole blocks in the first pass (a sequential
-      // stream; later passes find the block row in L2); bf16: each pass's own slice (measured faster
-      // there: the widening, not the stream, bounds bf16).
-      if constexpr (MT <= 2) {
-        if constexpr (sizeof(T) == 4) {
+      // stream; later passes find the block row in L2), not at 4 rows (no gain resolved from DRAM, 1.1-1.3x
+      // on L3-resident weights with prefetcht0); bf16: each pass's own slice at every row count (measured
+      // faster there: the widening, not the stream, bounds bf16; at 4 rows from DRAM 0.7-0.8x, resident ~1x).
+      if constexpr (sizeof(T) == 4) {
+        if constexpr (MT <= 2) {
           if (i0 == 0) prefetch_block<T, B, kIntoL1>(p, values, k, r, 0, rows, B * B * int64_t(sizeof(T)));
-        } else {
-          prefetch_block<T, B>(p, values, k, r, i0, IT, IT * B * int64_t(sizeof(T)));
         }
+      } else {
+        prefetch_block<T, B>(p, values, k, r, i0, IT, IT * B * int64_t(sizeof(T)));
       }
       const float* xk = x + p.col[k] * B;
       const bool partial = p.col[k] == last_col && last_cols < B;
