@@ -398,8 +398,8 @@ struct FrameEngine : torch::CustomClassHolder {
 
   // The chunk x (checked) from the float state h, c (L, B, H, contiguous), which it updates in place, into
   // out and decisions (contiguous, of out_sizes / decision_sizes).
-  void advance(const Tensor& x_in, float* h, float* c, int64_t force, const Tensor& rows, double cut, Tensor& out,
-               Tensor& decisions) const {
+  void advance(const Tensor& x_in, float* h, float* c, int64_t force, const Tensor& rows, double cut,
+               const Tensor& out, const Tensor& decisions) const {
     const int64_t L = static_cast<int64_t>(layers.size()), H = hidden, B = x_in.size(0), T = x_in.size(1);
     const bool f32 = dtype == at::kFloat;
     thread_local Work w;
@@ -407,6 +407,7 @@ struct FrameEngine : torch::CustomClassHolder {
     const Tensor x = f32 ? x_in.contiguous() : x_in.to(at::kFloat).contiguous();
     const float* xp = x.data_ptr<float>();
     bool* dp = decisions.data_ptr<bool>();
+    void* op = out.data_ptr();  // float, or bf16 for bf16 models
     const bool* rp = rows.defined() ? rows.data_ptr<bool>() : nullptr;
     w.full.resize(B * n_dec);
     for (int64_t t = 0; t < T; ++t) {
@@ -420,9 +421,9 @@ struct FrameEngine : torch::CustomClassHolder {
       for (int64_t b = 0; b < B; ++b) {
         const float* h_top = w.inp.data() + b * H;
         if (f32) {
-          std::memcpy(out.data_ptr<float>() + (b * T + t) * H, h_top, H * sizeof(float));
+          std::memcpy(static_cast<float*>(op) + (b * T + t) * H, h_top, H * sizeof(float));
         } else {  // h is already rounded to bf16 (see step): the conversion is exact
-          c10::BFloat16* o = out.data_ptr<c10::BFloat16>() + (b * T + t) * H;
+          c10::BFloat16* o = static_cast<c10::BFloat16*>(op) + (b * T + t) * H;
           for (int64_t j = 0; j < H; ++j) o[j] = c10::BFloat16(h_top[j]);
         }
       }
