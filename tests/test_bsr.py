@@ -116,6 +116,30 @@ def test_non_contiguous_and_all_zero(face):
         close(ak.bsr_linear(x, sparse), dense_linear(x, sparse, None), torch.float32)
 
 
+@pytest.mark.parametrize("block", [16, 32, 64])
+@pytest.mark.parametrize("m", [1, 5, 16, 33])
+def test_cpu_bf16_weight_gradient_is_the_fp32_one_rounded(block, m):
+    """The CPU kernels accumulate in fp32 whatever the weights' dtype, so bf16 grad_values must be the fp32
+    kernel's result on the same (bf16-valued) inputs rounded to nearest even, bit for bit; NaN stays NaN and
+    overflow becomes inf (the vectorised store must round as torch does)."""
+    if DEVICE != "cpu" or ak.unavailable_reason("bsr_linear", "cpu") is not None:
+        pytest.skip("cpu face only")
+    out_f, in_f = 4 * block + 3, 3 * block + 5
+    _, sparse = make(out_f, in_f, block, 0.5)
+    sparse = sparse.to(torch.bfloat16)
+    x = (rand(m, in_f) * 1e3).to(torch.bfloat16)
+    gy = (rand(m, out_f) * 1e35).to(torch.bfloat16)  # products past bf16's range: inf, and inf - inf = NaN
+    gy[0, 0] = float("nan")
+    backward = torch.ops.amnets_native.bsr_linear_backward
+    args = (sparse.crow_indices, sparse.col_indices, out_f, in_f, False, True)
+    got = backward(gy, x, sparse.values, *args)[1]
+    want = backward(gy.float(), x.float(), sparse.values.float(), *args)[1].to(torch.bfloat16)
+    assert got.dtype == torch.bfloat16 and torch.equal(got.isnan(), want.isnan())
+    assert want.isinf().any() and want.isnan().any()
+    keep = ~want.isnan()
+    assert torch.equal(got.view(torch.int16)[keep], want.view(torch.int16)[keep])
+
+
 def test_cpu_face_says_when_it_has_no_simd_kernel():
     """Block sizes outside {16, 32, 64} (or fp16/fp64 values) run exact dense math, and say so
     (once per process, so in a fresh one)."""

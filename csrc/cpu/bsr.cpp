@@ -87,6 +87,15 @@ constexpr int64_t kPrefetchBytes = 8192;
 // in L3. The few-row fp32 kernel's whole-block stream (one pass a row) stays in L1: into L2 its L3-resident
 // case took 1.1-1.15x (d = 0.1, 0.25, 1 row) for at most 0.9x from DRAM.
 constexpr int kIntoL1 = 3, kIntoL2 = 2;
+#ifndef AMNETS_GX_INTO
+#define AMNETS_GX_INTO kIntoL2
+#endif
+template <int Into>
+AMNETS_INLINE void prefetch_span(const void* from, int64_t span) {
+  const char* at = static_cast<const char*>(from);
+  for (int64_t line = 0; line < span; line += 64) __builtin_prefetch(at + line, 0, Into);
+}
+
 template <typename T, int B, int Into = kIntoL2>
 AMNETS_INLINE void prefetch_block(const Problem& p, const T* values, int64_t k, int64_t r, int64_t i0, int64_t pass,
                                   int64_t span) {
@@ -101,8 +110,7 @@ AMNETS_INLINE void prefetch_block(const Problem& p, const T* values, int64_t k, 
       i0 = 0;
     }
   }
-  const char* at = reinterpret_cast<const char*>(values + next * B * B + i0 * B);
-  for (int64_t line = 0; line < span; line += 64) __builtin_prefetch(at + line, 0, Into);
+  prefetch_span<Into>(values + next * B * B + i0 * B, span);
 }
 
 template <typename T, int B, int MT>
@@ -218,12 +226,18 @@ ColumnIndex column_index(const Problem& p) {
   return ci;
 }
 
+// A column's blocks lie anywhere in `values` (one per block row that has one), so the hardware prefetchers
+// cannot follow them: the first pass over a column asks for whole blocks kPrefetchBytes ahead in column
+// order (past the column's end: the next column's first ones).
 template <typename T, int B, int MT>
 AMNETS_INLINE void grad_input_column(const Problem& p, const ColumnIndex& ci, const T* values, const float* gy,
                                      float* gx, int64_t c, int64_t m0) {
   constexpr int V = B / kWidth;
+  constexpr int64_t block_bytes = B * B * int64_t(sizeof(T)), ahead = std::max<int64_t>(1, kPrefetchBytes / block_bytes);
+  const int64_t nnzb = int64_t(ci.block.size());
   vfloat acc[MT][V] = {};
   for (int64_t at = ci.start[c]; at < ci.start[c + 1]; ++at) {
+    if (m0 == 0 && at + ahead < nnzb) prefetch_span<AMNETS_GX_INTO>(values + ci.block[at + ahead] * B * B, block_bytes);
     const T* blk = values + ci.block[at] * B * B;
     const float* g = gy + ci.row[at] * B;
     const int64_t rows = p.rows_in(ci.row[at]);
@@ -282,9 +296,7 @@ AMNETS_INLINE void grad_values_block(const Problem& p, const float* gy, int64_t 
     for (int i = 0; i < IT; ++i) {
       T* out = gv + k * B * B + (i0 + i) * B;
       AMNETS_UNROLL
-      for (int v = 0; v < V; ++v)
-        AMNETS_UNROLL
-        for (int j = 0; j < kWidth; ++j) out[v * kWidth + j] = static_cast<T>(acc[i][v][j]);
+      for (int v = 0; v < V; ++v) simd::store16(out + v * kWidth, acc[i][v]);
     }
   }
 }

@@ -55,6 +55,17 @@ AMNETS_INLINE vfloat load16(const c10::BFloat16* p) {
   std::memcpy(&out, &wide, sizeof out);
   return out;
 }
+// 16 floats stored as the weights' dtype; bf16 rounds to nearest even and NaN becomes 0x7FC0, bit for bit
+// what c10::BFloat16(float) gives, without its scalar per-element path.
+AMNETS_INLINE void store16(float* p, vfloat v) { store(p, v); }
+AMNETS_INLINE void store16(c10::BFloat16* p, vfloat v) {
+  vu32 bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  const vu32 rounded = (bits + (((bits >> 16) & 1u) + 0x7FFFu)) >> 16;
+  const vu32 nan = (vu32)(v != v);  // all ones in NaN lanes
+  const vu16 half = __builtin_convertvector((rounded & ~nan) | (nan & 0x7FC0u), vu16);
+  std::memcpy(p, &half, sizeof half);
+}
 AMNETS_INLINE float scalar(float v) { return v; }
 AMNETS_INLINE float scalar(c10::BFloat16 v) { return static_cast<float>(v); }
 
