@@ -41,6 +41,7 @@ namespace amnets::cpu {
 namespace {
 
 using at::Tensor;
+using simd::kPairs;
 using simd::kWidth;
 using simd::vfloat;
 
@@ -54,6 +55,15 @@ AMNETS_INLINE vfloat keep_lanes_below(vfloat w, int64_t valid) {
   AMNETS_UNROLL
   for (int i = 0; i < kWidth; ++i) lane[i] = float(i);
   return lane < float(valid) ? w : simd::splat(0.f);
+}
+
+// The same for a row of 32 read as pairs: even lane l is column 2l, odd lane l column 2l + 1.
+AMNETS_INLINE void keep_pairs_below(vfloat& even, vfloat& odd, int64_t valid) {
+  vfloat lane;
+  AMNETS_UNROLL
+  for (int i = 0; i < kWidth; ++i) lane[i] = float(2 * i);
+  even = lane < float(valid) ? even : simd::splat(0.f);
+  odd = lane + 1.f < float(valid) ? odd : simd::splat(0.f);
 }
 
 // What every kernel needs to know about the problem.
@@ -136,6 +146,26 @@ AMNETS_INLINE void forward_dot(const Problem& p, const T* values, const float* x
       }
       const float* xk = x + p.col[k] * B;
       const bool partial = p.col[k] == last_col && last_cols < B;
+      if constexpr (kPairs<T, B>) {  // a dot product in any order: x's columns go into the weights' pair order
+        AMNETS_UNROLL
+        for (int q = 0; q < V / 2; ++q) {
+          vfloat xe[MT], xo[MT];
+          AMNETS_UNROLL
+          for (int m = 0; m < MT; ++m) {
+            const float* xq = xk + (m0 + m) * ldx + q * 2 * kWidth;
+            simd::deinterleave(simd::load(xq), simd::load(xq + kWidth), xe[m], xo[m]);
+          }
+          AMNETS_UNROLL
+          for (int i = 0; i < IT; ++i) {
+            vfloat we, wo;
+            simd::load_pairs(blk + i * B + q * 2 * kWidth, we, wo);
+            if (partial) keep_pairs_below(we, wo, last_cols - q * 2 * kWidth);
+            AMNETS_UNROLL
+            for (int m = 0; m < MT; ++m) acc[i][m] += we * xe[m], acc[i][m] += wo * xo[m];
+          }
+        }
+        continue;
+      }
       AMNETS_UNROLL
       for (int v = 0; v < V; ++v) {
         vfloat xv[MT];
@@ -226,6 +256,8 @@ ColumnIndex column_index(const Problem& p) {
   return ci;
 }
 
+// bf16 blocks of 32 or 64 columns read their rows as even/odd column pairs (simd::load_pairs): grad_input
+// accumulates in that order and puts the lanes back in order once, at the end.
 // A column's blocks lie anywhere in `values` (one per block row that has one), so the hardware prefetchers
 // cannot follow them: the first pass over a column asks for whole blocks kPrefetchBytes ahead in column
 // order (past the column's end: the next column's first ones).
@@ -233,7 +265,8 @@ template <typename T, int B, int MT>
 AMNETS_INLINE void grad_input_column(const Problem& p, const ColumnIndex& ci, const T* values, const float* gy,
                                      float* gx, int64_t c, int64_t m0) {
   constexpr int V = B / kWidth;
-  constexpr int64_t block_bytes = B * B * int64_t(sizeof(T)), ahead = std::max<int64_t>(1, kPrefetchBytes / block_bytes);
+  constexpr int64_t block_bytes = B * B * int64_t(sizeof(T));
+  constexpr int64_t ahead = std::max<int64_t>(1, kPrefetchBytes / block_bytes);
   const int64_t nnzb = int64_t(ci.block.size());
   vfloat acc[MT][V] = {};
   for (int64_t at = ci.start[c]; at < ci.start[c + 1]; ++at) {
@@ -243,8 +276,13 @@ AMNETS_INLINE void grad_input_column(const Problem& p, const ColumnIndex& ci, co
     const int64_t rows = p.rows_in(ci.row[at]);
     for (int64_t i = 0; i < rows; ++i) {
       vfloat w[V];
-      AMNETS_UNROLL
-      for (int v = 0; v < V; ++v) w[v] = load16(blk + i * B + v * kWidth);
+      if constexpr (kPairs<T, B>) {  // w[2q], w[2q + 1]: even and odd columns of the q-th 32 (fixed at the end)
+        AMNETS_UNROLL
+        for (int q = 0; q < V / 2; ++q) simd::load_pairs(blk + i * B + q * 2 * kWidth, w[2 * q], w[2 * q + 1]);
+      } else {
+        AMNETS_UNROLL
+        for (int v = 0; v < V; ++v) w[v] = load16(blk + i * B + v * kWidth);
+      }
       AMNETS_UNROLL
       for (int m = 0; m < MT; ++m) {
         const float gm = g[(m0 + m) * p.out_features + i];
@@ -252,6 +290,16 @@ AMNETS_INLINE void grad_input_column(const Problem& p, const ColumnIndex& ci, co
         for (int v = 0; v < V; ++v) acc[m][v] += gm * w[v];
       }
     }
+  }
+  if constexpr (kPairs<T, B>) {
+    AMNETS_UNROLL
+    for (int m = 0; m < MT; ++m)
+      AMNETS_UNROLL
+      for (int q = 0; q < V / 2; ++q) {
+        vfloat& even = acc[m][2 * q];
+        vfloat& odd = acc[m][2 * q + 1];
+        simd::interleave(even, odd, even, odd);
+      }
   }
   const int64_t cols = p.cols_in(c);
   AMNETS_UNROLL

@@ -107,8 +107,13 @@ AMNETS_INLINE void few_rows(const T* vt, const int32_t* crow, const int32_t* col
             __builtin_prefetch(reinterpret_cast<const char*>(blk + 2 * B * B + (j0 + s) * B) + 64 * line);
         }
         vfloat w[V];
-        AMNETS_UNROLL
-        for (int v = 0; v < V; ++v) w[v] = load16(blk + (j0 + s) * B + v * kWidth);
+        if constexpr (simd::kPairs<T, B>) {  // bf16: outputs in pair order (even, odd), put back in order below
+          AMNETS_UNROLL
+          for (int q = 0; q < V / 2; ++q) simd::load_pairs(blk + (j0 + s) * B + q * 2 * kWidth, w[2 * q], w[2 * q + 1]);
+        } else {
+          AMNETS_UNROLL
+          for (int v = 0; v < V; ++v) w[v] = load16(blk + (j0 + s) * B + v * kWidth);
+        }
         AMNETS_UNROLL
         for (int m = 0; m < MT; ++m) {
           const float xm = xk[m * ldx + j0 + s];
@@ -121,11 +126,20 @@ AMNETS_INLINE void few_rows(const T* vt, const int32_t* crow, const int32_t* col
   const int64_t rows = std::min<int64_t>(B, n - r * B);
   for (int m = 0; m < MT; ++m) {
     float* out = y + m * n + r * B;
+    vfloat sums[V];
     AMNETS_UNROLL
     for (int v = 0; v < V; ++v) {
-      vfloat sum = acc[0][m][v];
+      sums[v] = acc[0][m][v];
       AMNETS_UNROLL
-      for (int s = 1; s < S; ++s) sum += acc[s][m][v];
+      for (int s = 1; s < S; ++s) sums[v] += acc[s][m][v];
+    }
+    if constexpr (simd::kPairs<T, B>) {
+      AMNETS_UNROLL
+      for (int q = 0; q < V / 2; ++q) simd::interleave(sums[2 * q], sums[2 * q + 1], sums[2 * q], sums[2 * q + 1]);
+    }
+    AMNETS_UNROLL
+    for (int v = 0; v < V; ++v) {
+      const vfloat sum = sums[v];
       if ((v + 1) * kWidth <= rows) {
         simd::store(out + v * kWidth, sum);
       } else {

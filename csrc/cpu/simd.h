@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define AMNETS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
@@ -66,6 +67,18 @@ AMNETS_INLINE void store16(c10::BFloat16* p, vfloat v) {
   const vu16 half = __builtin_convertvector((rounded & ~nan) | (nan & 0x7FC0u), vu16);
   std::memcpy(p, &half, sizeof half);
 }
+// 32 consecutive bf16 weights as floats in pair order, with no widening shuffle: lane l of `even` is weight 2l,
+// of `odd` weight 2l + 1 (a bf16 is the high half of a float: shift the low one up, mask the high one). Where
+// widening bounds a kernel: load16 of bf16 compiles to two 8-lane widenings and an insert in the avx512f clone.
+template <typename T, int N>  // rows of N weights of type T that load_pairs reads
+constexpr bool kPairs = std::is_same_v<T, c10::BFloat16> && N % (2 * kWidth) == 0;
+AMNETS_INLINE void load_pairs(const c10::BFloat16* p, vfloat& even, vfloat& odd) {
+  vu32 bits;
+  std::memcpy(&bits, p, sizeof bits);
+  const vu32 low = bits << 16, high = bits & 0xFFFF0000u;
+  std::memcpy(&even, &low, sizeof even);
+  std::memcpy(&odd, &high, sizeof odd);
+}
 AMNETS_INLINE float scalar(float v) { return v; }
 AMNETS_INLINE float scalar(c10::BFloat16 v) { return static_cast<float>(v); }
 
@@ -98,9 +111,8 @@ AMNETS_INLINE vint round_mask(bool high) {
   for (int m = 0; m < kWidth; ++m) mask[m] = (m & H) ? kWidth + m - (high ? 0 : H) : m + (high ? H : 0);
   return mask;
 }
-template <int H>
-AMNETS_INLINE vfloat round_half(vfloat a, vfloat b, bool high) {
-  const vint mask = round_mask<H>(high);
+// Lane m of the result: a[mask[m]] where mask[m] < 16, else b[mask[m] - 16] (one vpermt2ps on AVX-512).
+AMNETS_INLINE vfloat select2(vfloat a, vfloat b, vint mask) {
 #if defined(__clang__)
   vfloat out;
   for (int m = 0; m < kWidth; ++m) out[m] = mask[m] < kWidth ? a[mask[m]] : b[mask[m] - kWidth];
@@ -108,6 +120,27 @@ AMNETS_INLINE vfloat round_half(vfloat a, vfloat b, bool high) {
 #else
   return __builtin_shuffle(a, b, mask);
 #endif
+}
+// Element order to pair order: even = elements 0, 2, .., 30, odd = 1, 3, .., 31 of lo (0-15) followed by hi (16-31).
+AMNETS_INLINE void deinterleave(vfloat lo, vfloat hi, vfloat& even, vfloat& odd) {
+  vint mask_even, mask_odd;
+  AMNETS_UNROLL
+  for (int m = 0; m < kWidth; ++m) mask_even[m] = 2 * m, mask_odd[m] = 2 * m + 1;
+  even = select2(lo, hi, mask_even), odd = select2(lo, hi, mask_odd);
+}
+// Back to element order: lo = elements 0-15, hi = 16-31 of the sequence even[0], odd[0], even[1], odd[1], ...
+AMNETS_INLINE void interleave(vfloat even, vfloat odd, vfloat& lo, vfloat& hi) {
+  vint mask_lo, mask_hi;
+  AMNETS_UNROLL
+  for (int m = 0; m < kWidth; ++m) {
+    mask_lo[m] = (m & 1) * kWidth + m / 2;
+    mask_hi[m] = mask_lo[m] + kWidth / 2;
+  }
+  lo = select2(even, odd, mask_lo), hi = select2(even, odd, mask_hi);
+}
+template <int H>
+AMNETS_INLINE vfloat round_half(vfloat a, vfloat b, bool high) {
+  return select2(a, b, round_mask<H>(high));
 }
 template <int H>
 AMNETS_INLINE void transpose_round(vfloat (&t)[kWidth]) {
