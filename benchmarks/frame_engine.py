@@ -11,6 +11,8 @@ are medians of the per-round ratios; 1 thread pinned by default):
   H=1024 x3, D=240: all-cheap / all-full frame, goal <= 0.1;
   H=1024 x3, B=64, chunks of 10 frames: t(f) / (f t_full + (1 - f) t_cheap) at f = 0.25, 0.5, 0.75, goal <= 1.2
       (the first round(f * 64) rows full on every frame);
+  bf16 weights (reported, no goal): the H=192 x2 models' dense and arbitrated all-cheap frames with bf16
+      weights, against the fp32 dense frame;
   live pacing (reported, no goal): the H=192 and tiny models' frames with the core idle 30 ms before each call
       (one frame a call) or 120 ms (chunks of 4 frames), against back-to-back calls.
 The weights of each model are one set (cache-resident where they fit: 2 x 1.3 MB at H=192; the H=1024 layers,
@@ -133,7 +135,27 @@ def main() -> None:
                    f" us a frame; all-cheap {statistics.median(times[0.0]) / chunk:.0f}, all-full "
                    f"{statistics.median(times[1.0]) / chunk:.0f})", value, 1.2)
 
+    bf16(rounds, seconds)
     paced(tiny, rounds)
+
+
+def bf16(rounds: int, seconds: float) -> None:
+    """The H=192 frames with bf16 weights (read as bf16, computed in fp32), interleaved with the fp32 dense
+    frame: what halving the weight bytes buys a small on-device model."""
+    x = torch.randn(1, 1, 240)
+    candidates = {"fp32 dense (force full)": frame(encoder(240, 192, 2, "sparse").streamer(force="full"), x)}
+    for cheap in ("sparse", "lowrank"):
+        enc = encoder(240, 192, 2, cheap).to(torch.bfloat16)
+        if cheap == "sparse":
+            candidates["bf16 dense (force full)"] = frame(enc.streamer(force="full"), x.to(torch.bfloat16))
+        candidates[f"bf16 {cheap}, arbitrated all-cheap"] = frame(enc.streamer(threshold=1.0), x.to(torch.bfloat16))
+    times = interleaved(candidates, rounds, seconds)
+    base = "fp32 dense (force full)"
+    print("\nbf16 weights (reported, no goal): H=192 x2, B=1, one frame a call, interleaved; median us per frame "
+          "and the median per-round ratio to the fp32 dense frame.\n")
+    print("| model | us per frame | x fp32 dense |\n|---|---|---|")
+    for name in candidates:
+        print(f"| {name} | {statistics.median(times[name]):.1f} | {ratio(times, name, lambda i: times[base][i]):.3f} |")
 
 
 def paced(tiny: AmNetsEncoder, rounds: int, period: float = 0.03) -> None:
