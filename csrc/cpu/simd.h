@@ -56,16 +56,27 @@ AMNETS_INLINE vfloat load16(const c10::BFloat16* p) {
   std::memcpy(&out, &wide, sizeof out);
   return out;
 }
-// 16 floats stored as the weights' dtype; bf16 rounds to nearest even and NaN becomes 0x7FC0, bit for bit
-// what c10::BFloat16(float) gives, without its scalar per-element path.
-AMNETS_INLINE void store16(float* p, vfloat v) { store(p, v); }
-AMNETS_INLINE void store16(c10::BFloat16* p, vfloat v) {
+// Each lane's nearest bf16 (ties to even; NaN gives 0x7FC0) as the 16-bit pattern in the lane's low half: bit
+// for bit what c10::BFloat16(float) gives, without its scalar per-element path.
+AMNETS_INLINE vu32 bf16_bits(vfloat v) {
   vu32 bits;
   std::memcpy(&bits, &v, sizeof bits);
   const vu32 rounded = (bits + (((bits >> 16) & 1u) + 0x7FFFu)) >> 16;
   const vu32 nan = (vu32)(v != v);  // all ones in NaN lanes
-  const vu16 half = __builtin_convertvector((rounded & ~nan) | (nan & 0x7FC0u), vu16);
+  return (rounded & ~nan) | (nan & 0x7FC0u);
+}
+// 16 floats stored as the weights' dtype.
+AMNETS_INLINE void store16(float* p, vfloat v) { store(p, v); }
+AMNETS_INLINE void store16(c10::BFloat16* p, vfloat v) {
+  const vu16 half = __builtin_convertvector(bf16_bits(v), vu16);
   std::memcpy(p, &half, sizeof half);
+}
+// v rounded to bf16 precision, as floats (a round trip through c10::BFloat16).
+AMNETS_INLINE vfloat round_bf16(vfloat v) {
+  const vu32 bits = bf16_bits(v) << 16;
+  vfloat out;
+  std::memcpy(&out, &bits, sizeof out);
+  return out;
 }
 // 32 consecutive bf16 weights as floats in pair order, with no widening shuffle: lane l of `even` is weight 2l,
 // of `odd` weight 2l + 1 (a bf16 is the high half of a float: shift the low one up, mask the high one). Where
