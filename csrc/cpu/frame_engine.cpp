@@ -108,8 +108,7 @@ AMNETS_INLINE void few_rows(const T* vt, const int32_t* crow, const int32_t* col
         }
         vfloat w[V];
         if constexpr (simd::kPairs<T, B>) {  // bf16: outputs in pair order (even, odd), put back in order below
-          AMNETS_UNROLL
-          for (int q = 0; q < V / 2; ++q) simd::load_pairs(blk + (j0 + s) * B + q * 2 * kWidth, w[2 * q], w[2 * q + 1]);
+          simd::load_row_pairs(blk + (j0 + s) * B, w);
         } else {
           AMNETS_UNROLL
           for (int v = 0; v < V; ++v) w[v] = load16(blk + (j0 + s) * B + v * kWidth);
@@ -133,10 +132,7 @@ AMNETS_INLINE void few_rows(const T* vt, const int32_t* crow, const int32_t* col
       AMNETS_UNROLL
       for (int s = 1; s < S; ++s) sums[v] += acc[s][m][v];
     }
-    if constexpr (simd::kPairs<T, B>) {
-      AMNETS_UNROLL
-      for (int q = 0; q < V / 2; ++q) simd::interleave(sums[2 * q], sums[2 * q + 1], sums[2 * q], sums[2 * q + 1]);
-    }
+    if constexpr (simd::kPairs<T, B>) simd::to_element_order(sums);
     AMNETS_UNROLL
     for (int v = 0; v < V; ++v) {
       const vfloat sum = sums[v];

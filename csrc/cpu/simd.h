@@ -149,6 +149,18 @@ AMNETS_INLINE void interleave(vfloat even, vfloat odd, vfloat& lo, vfloat& hi) {
   }
   lo = select2(even, odd, mask_lo), hi = select2(even, odd, mask_hi);
 }
+// A row of V * 16 bf16 weights (V even) through load_pairs: w[2q], w[2q + 1] hold the even and odd elements
+// of its q-th 32; sums accumulated in that order go back to element order through to_element_order.
+template <int V>
+AMNETS_INLINE void load_row_pairs(const c10::BFloat16* p, vfloat (&w)[V]) {
+  AMNETS_UNROLL
+  for (int q = 0; q < V / 2; ++q) load_pairs(p + q * 2 * kWidth, w[2 * q], w[2 * q + 1]);
+}
+template <int V>
+AMNETS_INLINE void to_element_order(vfloat (&v)[V]) {
+  AMNETS_UNROLL
+  for (int q = 0; q < V / 2; ++q) interleave(v[2 * q], v[2 * q + 1], v[2 * q], v[2 * q + 1]);
+}
 template <int H>
 AMNETS_INLINE vfloat round_half(vfloat a, vfloat b, bool high) {
   return select2(a, b, round_mask<H>(high));
