@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "bf16_convert.h"
 #include "lstm_pointwise.h"
 #include "parallel.h"
 #include "simd.h"
@@ -524,9 +525,29 @@ bool has_fast_path(const Tensor& values) {
 
 // A float copy of `t` (M, width) with `padded` columns, zeros past `width`.
 Tensor float_padded(const Tensor& t, int64_t padded) {
+  if (t.scalar_type() == at::kBFloat16) {  // no ATen op on the way (bf16_convert.h)
+    const Tensor c = t.contiguous();
+    const int64_t rows = c.size(0), cols = c.size(1);
+    Tensor f = at::empty({rows, padded}, c.options().dtype(at::kFloat));
+    const c10::BFloat16* src = c.data_ptr<c10::BFloat16>();
+    float* dst = f.data_ptr<float>();
+    for (int64_t r = 0; r < rows; ++r) {
+      widen_bf16(src + r * cols, dst + r * padded, cols);
+      std::fill(dst + r * padded + cols, dst + (r + 1) * padded, 0.0f);
+    }
+    return f;
+  }
   Tensor f = t.to(at::kFloat);
   if (padded == t.size(1)) return f.contiguous();
   return at::constant_pad_nd(f, {0, padded - t.size(1)}, 0.0);
+}
+
+// y (float, contiguous) in `type`: bf16 through bf16_convert.h, anything else through ATen.
+Tensor float_to(const Tensor& y, at::ScalarType type) {
+  if (type != at::kBFloat16) return y.to(type);
+  Tensor out = at::empty(y.sizes(), y.options().dtype(type));
+  narrow_bf16(y.data_ptr<float>(), out.data_ptr<c10::BFloat16>(), y.numel());
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -643,7 +664,7 @@ Tensor bsr_linear_forward(const Tensor& x, const Tensor& values_in, const Tensor
   Tensor y = at::empty({p.rows, out_features}, x.options().dtype(at::kFloat));
   if (p.rows > 0) forward_into(p, values, float_padded(x, k_pad), k_pad, y.data_ptr<float>());
   if (bias.has_value()) y += bias->to(at::kFloat);
-  return y.to(x.scalar_type());
+  return float_to(y, x.scalar_type());
 }
 
 // n elements of a contiguous float or bf16 tensor from offset `at`, as floats.
@@ -651,8 +672,7 @@ void to_float(const Tensor& t, int64_t at, int64_t n, float* out) {
   if (t.scalar_type() == at::kFloat) {
     std::memcpy(out, t.data_ptr<float>() + at, n * sizeof(float));
   } else {
-    const c10::BFloat16* src = t.data_ptr<c10::BFloat16>() + at;
-    for (int64_t i = 0; i < n; ++i) out[i] = static_cast<float>(src[i]);
+    widen_bf16(t.data_ptr<c10::BFloat16>() + at, out, n);
   }
 }
 
@@ -697,7 +717,7 @@ std::tuple<Tensor, Tensor> bsr_lstm_cell_forward(const Tensor& x_in, const Tenso
   finish_step(gates.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr, cp, h1.data_ptr<float>(), batch,
               hidden);
   if (x.scalar_type() == at::kFloat) return {h1, c1};
-  return {h1.to(x.scalar_type()), c1.to(x.scalar_type())};
+  return {float_to(h1, x.scalar_type()), float_to(c1, x.scalar_type())};
 }
 
 // A whole LSTM sequence, inference only (amnets_kernels.nn.BlockSparseLSTM): W_ih (4H, D) and W_hh (4H, H)
@@ -767,7 +787,7 @@ std::tuple<Tensor, Tensor> bsr_linear_backward(const Tensor& grad_out, const Ten
     return dense_backward(grad_out, x, values, crow, col, out_features, in_features, need_x, need_values);
   }
   const Problem p = problem_of(x, values, crow, col, out_features, in_features);
-  const Tensor gy = grad_out.to(at::kFloat).contiguous();
+  const Tensor gy = float_padded(grad_out, out_features);
   Tensor grad_x = x.new_empty({0}), grad_values = values.new_empty({0});
   if (need_x) {
     Tensor gx = at::empty({p.rows, in_features}, x.options().dtype(at::kFloat));
@@ -782,7 +802,7 @@ std::tuple<Tensor, Tensor> bsr_linear_backward(const Tensor& grad_out, const Ten
         }
       });
     }
-    grad_x = gx.to(x.scalar_type());
+    grad_x = float_to(gx, x.scalar_type());
   }
   if (need_values) {
     grad_values = at::empty_like(values);

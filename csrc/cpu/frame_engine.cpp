@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "bf16_convert.h"
 #include "kernels.h"
 #include "lstm_pointwise.h"
 #include "parallel.h"
@@ -272,25 +273,6 @@ struct Work {
   std::vector<float> xf;                   // bf16 frames widened
   std::vector<int64_t> full_rows, cheap_rows;
 };
-
-// bf16 models' conversions, vectorised: x (n floats) rounded to bf16 precision in place (a round trip through
-// c10::BFloat16), bf16 frames widened to floats, outputs narrowed to bf16. With a per-element c10 conversion
-// for the state and the outputs and an ATen copy for the frames, a bf16 H=192 frame spent ~2 us on them.
-AMNETS_CLONES void round_to_bf16(float* x, int64_t n) {
-  int64_t i = 0;
-  for (; i + kWidth <= n; i += kWidth) simd::store(x + i, simd::round_bf16(simd::load(x + i)));
-  for (; i < n; ++i) x[i] = static_cast<float>(c10::BFloat16(x[i]));
-}
-AMNETS_CLONES void widen_bf16(const c10::BFloat16* src, float* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + kWidth <= n; i += kWidth) simd::store(dst + i, load16(src + i));
-  for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-AMNETS_CLONES void narrow_bf16(const float* src, c10::BFloat16* dst, int64_t n) {
-  int64_t i = 0;
-  for (; i + kWidth <= n; i += kWidth) simd::store16(dst + i, simd::load(src + i));
-  for (; i < n; ++i) dst[i] = c10::BFloat16(src[i]);
-}
 
 // t (fp32 or bf16, any strides) into dst as contiguous floats.
 void load_float(const Tensor& t, float* dst) {
