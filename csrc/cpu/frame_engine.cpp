@@ -414,16 +414,12 @@ struct FrameEngine : torch::CustomClassHolder {
     const bool f32 = dtype == at::kFloat;
     thread_local Work w;
     w.h_ptr = h, w.c_ptr = c;
-    const bool keep = f32 || x_in.scalar_type() == at::kBFloat16;
-    const Tensor x = keep ? x_in.contiguous() : x_in.to(at::kFloat).contiguous();
-    const float* xp;
-    if (x.scalar_type() == at::kBFloat16) {
+    const Tensor x = x_in.contiguous();  // the weights' dtype (checked)
+    if (!f32) {
       w.xf.resize(x.numel());
       widen_bf16(x.data_ptr<c10::BFloat16>(), w.xf.data(), x.numel());
-      xp = w.xf.data();
-    } else {
-      xp = x.data_ptr<float>();
     }
+    const float* xp = f32 ? x.data_ptr<float>() : w.xf.data();
     bool* dp = decisions.data_ptr<bool>();
     void* op = out.data_ptr();  // float, or bf16 for bf16 models
     const bool* rp = rows.defined() ? rows.data_ptr<bool>() : nullptr;
