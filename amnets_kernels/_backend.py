@@ -254,6 +254,7 @@ def build_info() -> dict:
         triton_version = None
     from . import __version__
 
+    dpbf16 = "avx512bf16" in native.get("cpu_features", []) and "avx512bw" in native.get("cpu_features", [])
     return {
         "amnets_kernels": __version__,
         "torch": torch.__version__,
@@ -265,8 +266,10 @@ def build_info() -> dict:
         "cpu": platform.machine(),
         "cpu_isa": native.get("cpu_features", []),
         # bsr_linear with bf16 weights and >= 8 rows (csrc/cpu/bsr.cpp): vdpbf16ps where the CPU has it.
-        "cpu_bf16_bsr_kernel": ("avx512_bf16 dot products" if "avx512bf16" in native.get("cpu_features", [])
-                                else "bf16 widened to fp32 FMAs"),
+        "cpu_bf16_bsr_kernel": ("avx512_bf16 dot products" if dpbf16 else "bf16 widened to fp32 FMAs"),
+        # lowrank_lstm forward with bf16 input and factors, B <= 64 (csrc/cpu/lowrank_lstm.cpp): the factors
+        # stay bf16 (vdpbf16ps) where the CPU has it, else the whole op runs in fp32.
+        "cpu_bf16_lowrank_lstm_kernel": ("avx512_bf16 dot products" if dpbf16 else "fp32"),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "openmp": native.get("openmp"),
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",

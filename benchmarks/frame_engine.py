@@ -14,7 +14,9 @@ are medians of the per-round ratios; 1 thread pinned by default):
   bf16 weights (reported, no goal): the H=192 x2 models' dense and arbitrated all-cheap frames with bf16
       weights, against the fp32 dense frame;
   live pacing (reported, no goal): the H=192 and tiny models' frames with the core idle 30 ms before each call
-      (one frame a call) or 120 ms (chunks of 4 frames), against back-to-back calls.
+      (one frame a call) or 120 ms (chunks of 4 frames), against back-to-back calls; stock PyTorch paced the
+      same way beside them (a tiny torch.mm, nn.LSTM stepped with its state), so that what idling costs the
+      machine is told apart from what it costs our path.
 The weights of each model are one set (cache-resident where they fit: 2 x 1.3 MB at H=192; the H=1024 layers,
 32 MB each, stream from memory); the machine is named in the output.
 """
@@ -140,8 +142,9 @@ def main() -> None:
 
 
 def bf16(rounds: int, seconds: float) -> None:
-    """The H=192 frames with bf16 weights (read as bf16, computed in fp32), interleaved with the fp32 dense
-    frame: what halving the weight bytes buys a small on-device model."""
+    """The H=192 frames with bf16 weights (block weights read as bf16 and computed in fp32; low-rank factors on
+    vdpbf16ps where the CPU has AVX512-BF16: build_info()["cpu_bf16_lowrank_lstm_kernel"]), interleaved with
+    the fp32 dense frame: what halving the weight bytes buys a small on-device model."""
     x = torch.randn(1, 1, 240)
     candidates = {"fp32 dense (force full)": frame(encoder(240, 192, 2, "sparse").streamer(force="full"), x)}
     for cheap in ("sparse", "lowrank"):
@@ -162,13 +165,23 @@ def paced(tiny: AmNetsEncoder, rounds: int, period: float = 0.03) -> None:
     """The H=192 frames as a live stream calls them: a frame every `period` seconds (time.sleep between calls),
     one frame per call and chunks of 4 frames per call (every 4 periods), against the same calls back to back.
     Reported with no goal: what a frame costs after the core has idled is the machine's (caches, TLBs, clock
-    and, on a VM, the hypervisor), and every model pays it."""
+    and, on a VM, the hypervisor), and every model pays it; the stock rows show what it costs PyTorch's own
+    calls on the same machine in the same run."""
     models = {"tiny (D=8, H=16 x2), arbitrated": (tiny.streamer(), 8)}
     for cheap in ("sparse", "lowrank"):
         enc = encoder(240, 192, 2, cheap)
         if cheap == "sparse":
             models["H=192 x2 dense (force full)"] = (enc.streamer(force="full"), 240)
         models[f"H=192 x2 {cheap}, arbitrated all-cheap"] = (enc.streamer(threshold=1.0), 240)
+    a = torch.randn(8, 8)
+    models["stock: tiny torch.mm (frames @ 8x8)"] = (lambda x: torch.mm(x.view(-1, 8), a), 8)
+    lstm, state = torch.nn.LSTM(240, 192, 2, batch_first=True).eval(), [None]
+
+    def lstm_frames(x):
+        with torch.no_grad():
+            _, state[0] = lstm(x, state[0])
+
+    models["stock: nn.LSTM H=192 x2, stepped with its state"] = (lstm_frames, 240)
     calls = 5 if rounds == 1 else 40
     print(f"\nLive pacing (reported, no goal): median us per frame over {calls} calls per model; paced: a call "
           f"every {period * 1e3:.0f} ms (sleep), the models taking turns, and chunks of 4 frames a call every "

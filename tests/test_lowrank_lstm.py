@@ -140,6 +140,48 @@ def test_inference_step_matches_float64(face, batch, d, hidden, has_bias, stride
         close(c1, ec.float(), torch.float32, scale=4)
 
 
+def bf16_forward_emulated(x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias):
+    """The CPU face's bf16 forward in float64 with its roundings: the input projection by bf16 GEMMs (each
+    product rounded to bf16, the bias added before the second rounding), h and s rounded to bf16 before the
+    recurrent products, everything else unrounded."""
+    r = lambda t: t.bfloat16().double()
+    d = [t.double() for t in (x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias)]
+    x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias = d
+    pre = r(r(x @ w_ih_v.T) @ w_ih_u.T + bias)
+    outs = []
+    for t in range(x.shape[0]):
+        g = pre[t] + r(r(h) @ w_hh_v.T) @ w_hh_u.T
+        i, f, gg, o = g.chunk(4, -1)
+        c = f.sigmoid() * c + i.sigmoid() * gg.tanh()
+        h = o.sigmoid() * c.tanh()
+        outs.append(h)
+    return torch.stack(outs), h, c
+
+
+@pytest.mark.parametrize("batch, steps, hidden, rank_hh", [(1, 3, 37, 7), (4, 2, 50, 33), (2, 1, 100, 64),
+                                                          (5, 4, 37, 7), (16, 6, 70, 65), (64, 4, 20, 5)])
+def test_cpu_bf16_forward_keeps_bf16_factors(batch, steps, hidden, rank_hh):
+    """bf16 input and factors on a CPU with AVX512-BF16: the forward's products run on vdpbf16ps (row dots up to
+    4 rows, pair panels up to 64 rows from 4 steps). Against float64 math with the same roundings, to a tenth of
+    the bf16 tolerance (a dropped product term or a pair read out of order misses by far more);
+    shapes with a partial vector in every product: H and r not multiples of 16 or 32, odd r (a half pair),
+    4H over several 64-column panels."""
+    if DEVICE != "cpu" or ak.build_info()["cpu_bf16_lowrank_lstm_kernel"] != "avx512_bf16 dot products":
+        pytest.skip("the cpu face's bf16 kernels need a CPU with AVX512-BF16")
+    with use_face("lowrank_lstm_sequence", "cpu"), torch.no_grad():
+        # Factors scaled so that the gates are O(1): with factors() as they are (U V entries ~ 0.25 sqrt(r)) the
+        # gates reach ~10 at r = 65 and the roundings alone move outputs by ~1 (float64 with and without them).
+        w = [t * s for t, s in zip(factors(45, hidden, 19, rank_hh, torch.float64, "cpu"),
+                                   (19 ** -0.5, 45 ** -0.5, rank_hh ** -0.5, hidden ** -0.5, 1))]
+        w = [t.bfloat16() for t in w]
+        x = rand(steps, batch, 45, dtype=torch.bfloat16)
+        h0, c0 = (rand(batch, hidden, dtype=torch.bfloat16) for _ in range(2))
+        got = ak.lowrank_lstm_sequence(x, h0, c0, *w)
+        for g, e in zip(got, bf16_forward_emulated(x, h0, c0, *w)):
+            assert g.dtype == torch.bfloat16
+            torch.testing.assert_close(g.double(), e, rtol=4e-3, atol=8e-3)
+
+
 # ---------------------------------------------------------------------------------------------------
 # the Triton face's two time loops: the persistent kernels and one launch per step
 

@@ -430,8 +430,7 @@ void forward_rows(const Problem& p, const c10::BFloat16* v, const float* x, int6
 // a weight pair (W[i, 2q], W[i, 2q+1]) is adjacent in a row-major block, so it is one 32-bit broadcast.
 // x has the weights' dtype (the ops check it), so putting it in bf16 rounds nothing.
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define AMNETS_DPBF16 __attribute__((target("avx512f,avx512bf16")))
+#ifdef AMNETS_HAVE_DPBF16
 
 template <int B>
 AMNETS_DPBF16 inline void forward_dpbf16_block_row(const Problem& p, const c10::BFloat16* values,
@@ -480,14 +479,8 @@ AMNETS_DPBF16 void forward_rows_dpbf16(const Problem& p, const c10::BFloat16* va
     }
   }
 }
-
-bool has_dpbf16() {
-  static const bool yes = __builtin_cpu_supports("avx512bf16");
-  return yes;
-}
 #else
 void forward_rows_dpbf16(const Problem&, const c10::BFloat16*, const uint16_t*, int64_t, float*, int64_t, int64_t) {}
-bool has_dpbf16() { return false; }
 #endif
 
 void grad_input_columns(const Problem& p, const ColumnIndex& ci, const float* v, const float* gy, float* gx,
@@ -605,7 +598,7 @@ std::tuple<Tensor, Tensor> dense_backward(const Tensor& gy, const Tensor& x, con
 // y (M, out_features) float = x W^T through the fast kernels; xf is x as float, padded to k_pad columns.
 void forward_into(const Problem& p, const Tensor& values, const Tensor& xf, int64_t k_pad, float* y) {
   if (p.rows == 0) return;
-  const bool dpbf16 = values.scalar_type() == at::kBFloat16 && has_dpbf16();
+  const bool dpbf16 = values.scalar_type() == at::kBFloat16 && simd::has_dpbf16();
   // AVX512-BF16 tiles are about twice as cheap per row as the fp32 ones, so only up to kDpbf16FewMax rows past
   // the last full tile go to the few-row kernel (bf16, 4096x2048 b=32 d=0.1 on one AMD EPYC core: a tile
   // 0.233 ms for 1-16 rows, 4 rows few-row 0.111 ms, 17 rows 0.403 ms as two tiles).

@@ -17,6 +17,9 @@
 // cheap ones; 64 or more full rows of an fp32 model are one ATen GEMM call (MKL), the one ATen op on the way.
 // Weights are fp32 or bf16 (read as bf16, computed in fp32); for bf16 models h and c are rounded to bf16
 // after every step, as the bf16 state tensors between chunks hold them, so that chunks continue exactly.
+// bf16 low-rank factors on a CPU with AVX512-BF16 stay bf16 and run on vdpbf16ps (kernels.h): x and h are
+// bf16 values already, s = [V_ih x | V_hh h] is rounded to bf16 before the U product, as the low-rank LSTM op's
+// bf16 forward rounds it (csrc/cpu/lowrank_lstm.cpp).
 
 #include <ATen/ATen.h>
 #include <ATen/EmptyTensor.h>
@@ -259,6 +262,8 @@ struct Layer {
   Tensor dense;                            // fp32 models: [W_ih | W_hh] row-major, for the full branch's GEMM
   PackedT v_ih, v_hh, u;                   // lowrank cheap branch: V_ih^T (D, r), V_hh^T (H, r) and
                                            // [U_ih | U_hh]^T (r_ih + r_hh, 4H) as expand's panels
+  PackedPairsT v_ih2, v_hh2, u2;           // the same as bf16 pair panels, for bf16 factors on vdpbf16ps
+  bool pairs = false;
   Tensor bias;                             // float (4H,)
 };
 
@@ -325,8 +330,14 @@ struct FrameEngine : torch::CustomClassHolder {
       if (lowrank) {
         checks::lowrank_lstm(kOp, t[0].new_empty({0, in}), t[0].new_empty({0, hidden}), t[0].new_empty({0, hidden}),
                              t[1], t[2], t[3], t[4], t[5], false);
-        layer.v_ih = pack_transposed(t[2]), layer.v_hh = pack_transposed(t[4]);
-        layer.u = pack_transposed(at::cat({t[1], t[3]}, 1));
+        const Tensor u = at::cat({t[1], t[3]}, 1);
+        layer.pairs = dtype == at::kBFloat16 && simd::has_dpbf16();
+        if (layer.pairs) {
+          layer.v_ih2 = pack_pairs_transposed(t[2]), layer.v_hh2 = pack_pairs_transposed(t[4]);
+          layer.u2 = pack_pairs_transposed(u);
+        } else {
+          layer.v_ih = pack_transposed(t[2]), layer.v_hh = pack_transposed(t[4]), layer.u = pack_transposed(u);
+        }
       } else {
         layer.kept = own_bsr(t[1], t[2], t[3], 4 * hidden, in + hidden);
         TORCH_CHECK_TYPE(t[1].scalar_type() == dtype, kOp, ": the kept blocks must have the weights' dtype");
@@ -529,11 +540,18 @@ struct FrameEngine : torch::CustomClassHolder {
   // [x | h | 0]: three products, each as axpys over the transposed factor (expand), x and h read in place from
   // z; one product with the stacked U writes the gates once (two read and wrote them twice).
   void lowrank_gates(const Layer& layer, Work& w, const float* z, int64_t pad, int64_t n, float* gates) const {
-    const int64_t D = layer.in, H = hidden, r_ih = layer.v_ih.G, r = layer.u.R;
+    if (layer.pairs) return lowrank_gates(layer.v_ih2, layer.v_hh2, layer.u2, layer.in, w, z, pad, n, gates);
+    lowrank_gates(layer.v_ih, layer.v_hh, layer.u, layer.in, w, z, pad, n, gates);
+  }
+
+  template <typename Packed>
+  void lowrank_gates(const Packed& v_ih, const Packed& v_hh, const Packed& u, int64_t D, Work& w, const float* z,
+                     int64_t pad, int64_t n, float* gates) const {
+    const int64_t H = hidden, r_ih = v_ih.G, r = u.R;
     w.s.resize(n * r);
-    expand(layer.v_ih.panels, D, r_ih, z, pad, n, w.s.data(), r, false);
-    expand(layer.v_hh.panels, H, layer.v_hh.G, z + D, pad, n, w.s.data() + r_ih, r, false);
-    expand(layer.u.panels, r, 4 * H, w.s.data(), r, n, gates, 4 * H, false);
+    expand(v_ih.panels, D, r_ih, z, pad, n, w.s.data(), r, false);
+    expand(v_hh.panels, H, v_hh.G, z + D, pad, n, w.s.data() + r_ih, r, false);
+    expand(u.panels, r, 4 * H, w.s.data(), r, n, gates, 4 * H, false);
   }
 };
 

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
 
 #include <cstdint>
 #include <vector>
@@ -51,6 +52,34 @@ PackedT pack_transposed(const at::Tensor& w);
 // out (M, G; row stride ldo) (+)= s (M, R; row stride lds) U for U^T given as panels. Threads split the
 // panels from kParallelMinMacs multiply-adds (parallel.h); each panel serves every row of s before the next.
 void expand(Panels u, int64_t R, int64_t G, const float* s, int64_t lds, int64_t M, float* out, int64_t ldo,
+            bool accumulate);
+
+// bf16 weights on a CPU with AVX512-BF16 (simd::has_dpbf16(); callers check): the same two products on
+// vdpbf16ps, the float left operand (x, s) rounded to bf16 on the way in and every sum in fp32, as torch's
+// bf16 GEMMs do. Half the weight bytes of the float kernels and twice the products per instruction.
+void small_batch_mm(const float* x, int64_t batch, const c10::BFloat16* a, int64_t rows, int64_t cols, float* y,
+                    bool accumulate);
+
+// U^T (R, G) as bf16 row pairs in panels of up to 64 columns: pair row q of panel c, at data + c * chunk_stride
+// + q * ldu, holds (W[g, 2q], W[g, 2q + 1]) for each column g of the panel, so that one 64-byte load is 16
+// columns' pairs, the operand of one vdpbf16ps against a broadcast pair of s. Zero past R and past G.
+struct PairPanels {
+  const uint16_t* data;
+  int64_t ldu, chunk_stride;
+};
+// uint16 elements the pair panels of an (R, G) operand take.
+inline int64_t packed_pairs_size(int64_t R, int64_t G) { return packed_size((R + 1) / 2, G) * 2; }
+// Packs W^T for W (G, R) row-major bf16 into out (packed_pairs_size(R, G) elements).
+PairPanels pack_pairs_transposed(const c10::BFloat16* w, int64_t G, int64_t R, uint16_t* out);
+// A bf16 weight W (G, R) as the pair panels of W^T, owning them.
+struct PackedPairsT {
+  std::vector<uint16_t> data;
+  PairPanels panels{nullptr, 0, 0};
+  int64_t R = 0, G = 0;
+};
+PackedPairsT pack_pairs_transposed(const at::Tensor& w);
+// out (M, G) (+)= s (M, R) U as expand() above, U^T given as pair panels.
+void expand(PairPanels u, int64_t R, int64_t G, const float* s, int64_t lds, int64_t M, float* out, int64_t ldo,
             bool accumulate);
 
 }  // namespace amnets::cpu

@@ -5,13 +5,20 @@
 //   small_batch_mm  y = x A^T for A row-major: row dots, every row of A streamed once for all B inputs;
 //   expand          out (+)= s U for U given transposed (R, G), in 64-column panels: axpys, MT rows x 64
 //                   outputs in registers while the panel's rows stream past (no horizontal sums).
+// Each has a bf16-weight twin on vdpbf16ps (AVX512-BF16) at the end of the file.
 
 #include <ATen/ATen.h>
 
+#ifdef __x86_64__
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
+#include "bf16_convert.h"
 #include "kernels.h"
 #include "parallel.h"
 #include "simd.h"
@@ -177,6 +184,207 @@ void expand(Panels u, int64_t R, int64_t G, const float* s, int64_t lds, int64_t
     for (int64_t c = c0; c < c1; ++c)
       expand_panel(u.data + c * u.chunk_stride, R, u.ldu, std::min(kPanel, G - c * kPanel), s, lds, M,
                    out + c * kPanel, ldo, accumulate);
+  });
+}
+
+// ---------------------------------------------------------------------------------------------------
+// bf16 weights: the same products on vdpbf16ps. The float left operand is rounded to bf16 once per call, into
+// the calling thread's buffer (the pool's threads read it there), each row zero-padded to an even width.
+
+namespace {
+
+const uint16_t* rounded_rows(const float* x, int64_t rows, int64_t cols, int64_t ld, int64_t width) {
+  thread_local std::vector<uint16_t> buf;
+  buf.resize(rows * width);
+  for (int64_t r = 0; r < rows; ++r) {
+    uint16_t* row = buf.data() + r * width;
+    narrow_bf16(x + r * ld, reinterpret_cast<c10::BFloat16*>(row), cols);
+    std::fill(row + cols, row + width, uint16_t{0});
+  }
+  return buf.data();
+}
+
+#ifdef AMNETS_HAVE_DPBF16
+// y[b, j] (+)= a[j, :] . x[b, :] for rows j in [r0, r1): 32 products a vdpbf16ps, S partial sums per input
+// row so that ~4 chains hide the instruction's latency; x rows are zero-padded to ldx (a multiple of 32), the
+// weight row's last partial vector is a masked load (never past the row).
+template <int NB>
+AMNETS_DPBF16 inline void rows_dot_dp_fixed(const uint16_t* a, int64_t cols, const uint16_t* x, int64_t ldx, float* y,
+                                            int64_t rows, int64_t r0, int64_t r1, bool accumulate) {
+  constexpr int S = NB >= 4 ? 1 : 4 / NB;
+  const int64_t whole = cols / 32 * 32;
+  const __mmask32 tail = static_cast<__mmask32>((uint64_t(1) << (cols - whole)) - 1);
+  for (int64_t j = r0; j < r1; ++j) {
+    const uint16_t* row = a + j * cols;
+    __m512 acc[S][NB];
+    AMNETS_UNROLL
+    for (int q = 0; q < S; ++q)
+      AMNETS_UNROLL
+      for (int b = 0; b < NB; ++b) acc[q][b] = _mm512_setzero_ps();
+    int64_t k = 0;
+    for (; k + 32 * S <= whole; k += 32 * S) {
+      AMNETS_UNROLL
+      for (int q = 0; q < S; ++q) {
+        const __m512bh w = (__m512bh)_mm512_loadu_si512(row + k + 32 * q);
+        AMNETS_UNROLL
+        for (int b = 0; b < NB; ++b)
+          acc[q][b] = _mm512_dpbf16_ps(acc[q][b], w, (__m512bh)_mm512_loadu_si512(x + b * ldx + k + 32 * q));
+      }
+    }
+    for (; k < whole + (tail != 0) * 32; k += 32) {
+      const __m512bh w = (__m512bh)(k < whole ? _mm512_loadu_si512(row + k) : _mm512_maskz_loadu_epi16(tail, row + k));
+      AMNETS_UNROLL
+      for (int b = 0; b < NB; ++b)
+        acc[0][b] = _mm512_dpbf16_ps(acc[0][b], w, (__m512bh)_mm512_loadu_si512(x + b * ldx + k));
+    }
+    AMNETS_UNROLL
+    for (int b = 0; b < NB; ++b) {
+      __m512 sum = acc[0][b];
+      AMNETS_UNROLL
+      for (int q = 1; q < S; ++q) sum = _mm512_add_ps(sum, acc[q][b]);
+      const float dot = simd::hsum(sum);
+      y[b * rows + j] = accumulate ? y[b * rows + j] + dot : dot;
+    }
+  }
+}
+
+AMNETS_DPBF16 void rows_dot_dp(const uint16_t* a, int64_t cols, const uint16_t* x, int64_t ldx, int64_t batch,
+                               float* y, int64_t rows, int64_t r0, int64_t r1, bool accumulate) {
+  switch (batch) {
+    case 0: return;
+    case 1: return rows_dot_dp_fixed<1>(a, cols, x, ldx, y, rows, r0, r1, accumulate);
+    case 2: return rows_dot_dp_fixed<2>(a, cols, x, ldx, y, rows, r0, r1, accumulate);
+    case 3: return rows_dot_dp_fixed<3>(a, cols, x, ldx, y, rows, r0, r1, accumulate);
+    default: return rows_dot_dp_fixed<4>(a, cols, x, ldx, y, rows, r0, r1, accumulate);
+  }
+}
+
+// One pair row j of U against MT rows of s, into the accumulators of one partial sum.
+template <int MT, int C>
+AMNETS_DPBF16 inline __attribute__((always_inline)) void pair_row_dp(__m512 (&acc)[MT][C], const uint16_t* u,
+                                                                     const uint16_t* sp, int64_t lds, int64_t j) {
+  __m512bh uv[C];
+  AMNETS_UNROLL
+  for (int c = 0; c < C; ++c) uv[c] = (__m512bh)_mm512_loadu_si512(u + 32 * c);
+  AMNETS_UNROLL
+  for (int m = 0; m < MT; ++m) {
+    int32_t pair;
+    std::memcpy(&pair, sp + m * lds + 2 * j, sizeof pair);
+    const __m512bh sv = (__m512bh)_mm512_set1_epi32(pair);
+    AMNETS_UNROLL
+    for (int c = 0; c < C; ++c) acc[m][c] = _mm512_dpbf16_ps(acc[m][c], uv[c], sv);
+  }
+}
+
+// Columns 0 .. min(16C, cols) - 1 of out (MT rows) (+)= s U over Rp pair rows: as expand_cols, one pair of
+// U's rows per vdpbf16ps against the broadcast pair (s[m, 2q], s[m, 2q + 1]) (sp: s rounded, lds per row).
+template <int MT, int C>
+AMNETS_DPBF16 inline void expand_cols_dp(const uint16_t* u, int64_t Rp, int64_t ldu, const uint16_t* sp, int64_t lds,
+                                         float* out, int64_t ldo, int64_t cols, bool accumulate) {
+  constexpr int S = simd::partial_sums(MT * C);
+  __m512 acc[S][MT][C];
+  AMNETS_UNROLL
+  for (int q = 0; q < S; ++q)
+    AMNETS_UNROLL
+    for (int m = 0; m < MT; ++m)
+      AMNETS_UNROLL
+      for (int c = 0; c < C; ++c) acc[q][m][c] = _mm512_setzero_ps();
+  int64_t j = 0;
+  for (; j + S <= Rp; j += S) {
+    AMNETS_UNROLL
+    for (int q = 0; q < S; ++q) pair_row_dp<MT, C>(acc[q], u + (j + q) * ldu, sp, lds, j + q);
+  }
+  for (; j < Rp; ++j) pair_row_dp<MT, C>(acc[0], u + j * ldu, sp, lds, j);
+  AMNETS_UNROLL
+  for (int m = 0; m < MT; ++m) {
+    AMNETS_UNROLL
+    for (int c = 0; c < C; ++c) {
+      const int64_t n = std::min<int64_t>(16, cols - 16 * c);
+      const __mmask16 mask = static_cast<__mmask16>((1u << n) - 1);
+      __m512 sum = acc[0][m][c];
+      AMNETS_UNROLL
+      for (int q = 1; q < S; ++q) sum = _mm512_add_ps(sum, acc[q][m][c]);
+      float* o = out + m * ldo + 16 * c;
+      if (accumulate) sum = _mm512_add_ps(sum, _mm512_maskz_loadu_ps(mask, o));
+      _mm512_mask_storeu_ps(o, mask, sum);
+    }
+  }
+}
+
+template <int MT>
+AMNETS_DPBF16 inline void expand_rows_dp(const uint16_t* u, int64_t Rp, int64_t ldu, const uint16_t* sp, int64_t lds,
+                                         float* out, int64_t ldo, int64_t cols, bool accumulate) {
+  switch ((cols + 15) / 16) {
+    case 4: return expand_cols_dp<MT, 4>(u, Rp, ldu, sp, lds, out, ldo, cols, accumulate);
+    case 3: return expand_cols_dp<MT, 3>(u, Rp, ldu, sp, lds, out, ldo, cols, accumulate);
+    case 2: return expand_cols_dp<MT, 2>(u, Rp, ldu, sp, lds, out, ldo, cols, accumulate);
+    default: return expand_cols_dp<MT, 1>(u, Rp, ldu, sp, lds, out, ldo, cols, accumulate);
+  }
+}
+
+AMNETS_DPBF16 void expand_panel_dp(const uint16_t* u, int64_t Rp, int64_t ldu, int64_t G, const uint16_t* sp,
+                                   int64_t lds, int64_t M, float* o, int64_t ldo, bool accumulate) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) expand_rows_dp<4>(u, Rp, ldu, sp + m * lds, lds, o + m * ldo, ldo, G, accumulate);
+  switch (M - m) {
+    case 3: return expand_rows_dp<3>(u, Rp, ldu, sp + m * lds, lds, o + m * ldo, ldo, G, accumulate);
+    case 2: return expand_rows_dp<2>(u, Rp, ldu, sp + m * lds, lds, o + m * ldo, ldo, G, accumulate);
+    case 1: return expand_rows_dp<1>(u, Rp, ldu, sp + m * lds, lds, o + m * ldo, ldo, G, accumulate);
+    default: return;
+  }
+}
+#else
+void rows_dot_dp(const uint16_t*, int64_t, const uint16_t*, int64_t, int64_t, float*, int64_t, int64_t, int64_t,
+                 bool) {}
+void expand_panel_dp(const uint16_t*, int64_t, int64_t, int64_t, const uint16_t*, int64_t, int64_t, float*, int64_t,
+                     bool) {}
+#endif
+
+}  // namespace
+
+void small_batch_mm(const float* xp, int64_t batch, const c10::BFloat16* ap, int64_t rows, int64_t cols, float* yp,
+                    bool accumulate) {
+  const int64_t ldx = (cols + 31) / 32 * 32;
+  const uint16_t* x = rounded_rows(xp, batch, cols, cols, ldx);
+  const auto* a = reinterpret_cast<const uint16_t*>(ap);
+  parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
+    rows_dot_dp(a, cols, x, ldx, batch, yp, rows, r0, r1, accumulate);
+  });
+}
+
+PairPanels pack_pairs_transposed(const c10::BFloat16* w, int64_t G, int64_t R, uint16_t* out) {
+  const int64_t width = panel_width(G), chunks = (G + width - 1) / width, Rp = (R + 1) / 2;
+  for (int64_t c = 0; c < chunks; ++c) {
+    uint16_t* panel = out + c * Rp * 2 * width;
+    const int64_t used = std::min(width, G - c * width);
+    for (int64_t i = 0; i < width; ++i) {
+      const c10::BFloat16* row = w + (c * width + i) * R;
+      for (int64_t j = 0; j < 2 * Rp; ++j)
+        panel[j / 2 * 2 * width + 2 * i + j % 2] = i < used && j < R ? row[j].x : uint16_t{0};
+    }
+  }
+  return {out, 2 * width, 2 * width * Rp};
+}
+
+PackedPairsT pack_pairs_transposed(const at::Tensor& w) {
+  TORCH_INTERNAL_ASSERT(w.scalar_type() == at::kBFloat16 && w.dim() == 2);
+  const at::Tensor c = w.contiguous();
+  PackedPairsT p;
+  p.G = c.size(0), p.R = c.size(1);
+  p.data.resize(packed_pairs_size(p.R, p.G));
+  p.panels = pack_pairs_transposed(c.data_ptr<c10::BFloat16>(), p.G, p.R, p.data.data());
+  return p;
+}
+
+void expand(PairPanels u, int64_t R, int64_t G, const float* s, int64_t lds, int64_t M, float* out, int64_t ldo,
+            bool accumulate) {
+  const int64_t Rp = (R + 1) / 2, chunks = (G + kPanel - 1) / kPanel;
+  const int64_t grain = R * G * M < 2 * kParallelMinMacs ? chunks : 1;  // half the instructions of a float MAC
+  const uint16_t* sp = rounded_rows(s, M, R, lds, 2 * Rp);
+  parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c)
+      expand_panel_dp(u.data + c * u.chunk_stride, Rp, u.ldu, std::min(kPanel, G - c * kPanel), sp, 2 * Rp, M,
+                      out + c * kPanel, ldo, accumulate);
   });
 }
 

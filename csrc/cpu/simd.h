@@ -20,12 +20,27 @@
 #define AMNETS_CLONES
 #endif
 #define AMNETS_INLINE inline __attribute__((always_inline))
+// Kernels on AVX512-BF16's vdpbf16ps (32 bf16 products summed pairwise into 16 fp32 lanes: twice an FMA's
+// work) are compiled for that ISA alone and called only where has_dpbf16() (simd::has_dpbf16) says so.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define AMNETS_HAVE_DPBF16 1
+#define AMNETS_DPBF16 __attribute__((target("avx512f,avx512bw,avx512bf16")))
+#endif
 // Loops with compile-time trip counts over accumulators: unrolled, so the accumulators live in registers.
 #define AMNETS_UNROLL _Pragma("GCC unroll 16")
 
 namespace amnets::simd {
 
 constexpr int64_t kWidth = 16;
+
+inline bool has_dpbf16() {
+#ifdef AMNETS_HAVE_DPBF16
+  static const bool yes = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
+  return yes;
+#else
+  return false;
+#endif
+}
 // Independent partial sums a loop with `accumulators` vector accumulators per step keeps, so that ~8 FMA
 // chains are in flight (the FMA latency over its issue interval), at most 4.
 constexpr int partial_sums(int accumulators) {
