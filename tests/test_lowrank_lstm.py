@@ -159,10 +159,11 @@ def bf16_forward_emulated(x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias):
 
 
 @pytest.mark.parametrize("batch, steps, hidden, rank_hh", [(1, 3, 37, 7), (4, 2, 50, 33), (2, 1, 100, 64),
-                                                          (5, 4, 37, 7), (16, 6, 70, 65), (64, 4, 20, 5)])
+                                                          (3, 5, 37, 7), (5, 4, 37, 7), (16, 6, 70, 65),
+                                                          (64, 4, 20, 5)])
 def test_cpu_bf16_forward_keeps_bf16_factors(batch, steps, hidden, rank_hh):
-    """bf16 input and factors on a CPU with AVX512-BF16: the forward's products run on vdpbf16ps (row dots up to
-    4 rows, pair panels up to 64 rows from 4 steps). Against float64 math with the same roundings, to a tenth of
+    """bf16 input and factors on a CPU with AVX512-BF16: the forward's products run on vdpbf16ps (pair panels
+    from 2 to 64 rows with 4 steps or more, row dots below). Against float64 math with the same roundings, to a tenth of
     the bf16 tolerance (a dropped product term or a pair read out of order misses by far more);
     shapes with a partial vector in every product: H and r not multiples of 16 or 32, odd r (a half pair),
     4H over several 64-column panels."""
