@@ -84,13 +84,14 @@ def test_sequence_matches_lstm_and_autograd(face, steps, batch, d, hidden, rank_
 
 
 @pytest.mark.parametrize("face", FACES)
-@pytest.mark.parametrize("hidden, batch, steps", [(16, 3, 5), (37, 3, 5), (64, 3, 5), (37, 9, 5), (37, 9, 2),
-                                                  (37, 70, 5)])
+@pytest.mark.parametrize("hidden, batch, steps", [(16, 3, 5), (37, 3, 5), (64, 3, 5), (37, 3, 2), (37, 1, 5),
+                                                  (37, 9, 5), (37, 9, 2), (37, 70, 5)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_wide_hidden_matches_autograd(face, hidden, batch, steps, dtype):
     """Hidden sizes spanning whole SIMD vectors plus a tail, through forward and BPTT; batches and lengths
-    that take the CPU face's row dots (<= 4 rows), its row kernels (9 rows, 5 steps: two 4-row tiles and one
-    row) and ATen's GEMM (9 rows for 2 steps, too few to pack for; 70 rows)."""
+    that take the CPU face's row dots (one row, or 3 rows for 2 steps: too few to pack for), its row kernels (3
+    rows for 5 steps: one 3-row tile; 9 rows: two 4-row tiles and one row) and ATen's GEMM (9 rows for 2 steps;
+    70 rows)."""
     with use_face("lowrank_lstm_sequence", face):
         w = factors(20, hidden, 8, 6, dtype, requires_grad=True)
         x = rand(steps, batch, 20, dtype=dtype, device=DEVICE, requires_grad=True)

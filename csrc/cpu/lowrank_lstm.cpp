@@ -122,8 +122,8 @@ Tensor input_projection(const Tensor& x, const Factors& w, const c10::optional<T
 }
 
 // The recurrent products of one step for B rows: gates (B, 4H) += (h V_hh^T) U_hh^T forward, and
-// dh (B, H) = (dpre U_hh) V_hh backward. Float with B <= kMaxDotBatch: row dots over the factors as they are
-// (forward). Float up to kRowKernelsMax rows (forward: with kPackMinSteps steps or more): axpys (expand);
+// dh (B, H) = (dpre U_hh) V_hh backward. Float or bf16 forward, one row (or up to kMaxDotBatch rows for fewer
+// than kPackMinSteps steps): row dots over the factors as they are. Float up to kRowKernelsMax rows (forward: with kPackMinSteps steps or more): axpys (expand);
 // the forward packs V_hh^T and U_hh^T once per call into this thread's buffers (a fresh multi-MB allocation
 // per call costs its page faults, ~2 ms at H=1024 r=256, more than a step), the backward reads U_hh and V_hh
 // as they are (their rows are short). Otherwise (double, more rows, short sequences): ATen's GEMM.
@@ -137,9 +137,10 @@ struct Recurrent {
   Recurrent(const Factors& w_, int64_t batch_, bool forward, int64_t steps) : w(w_), batch(batch_) {
     bf16 = w.w_hh_u.scalar_type() == at::kBFloat16;
     const bool rowwise = bf16 || w.w_hh_u.scalar_type() == at::kFloat;
-    // bf16 takes the pair panels from 2 rows where it may pack (H=1024 r=256 T=100, 2 threads: B=4 8.5 ms
-    // against 11.5-12.3 on row dots, B=2 5.7 against 6.4); one row stays on row dots (4.2-4.4 against 5.1).
-    dots = rowwise && forward && batch <= (bf16 && steps >= kPackMinSteps ? 1 : kMaxDotBatch);
+    // Where the forward may pack (kPackMinSteps), the panels win from 2 rows (H=1024 r=256 T=100, 2 threads:
+    // fp32 B=4 15.0 ms against 19.8-23.3 on row dots, B=2 10.3-11.8 against 12.9-13.6; bf16 B=4 8.5 against
+    // 11.5-12.3); one row stays on row dots (fp32 6.2-6.6 against 8.0-8.4, bf16 4.2-4.4 against 5.1).
+    dots = rowwise && forward && batch <= (steps >= kPackMinSteps ? 1 : kMaxDotBatch);
     rows = rowwise && !dots && batch <= kRowKernelsMax && (!forward || steps >= kPackMinSteps);
     TORCH_INTERNAL_ASSERT(!bf16 || (forward && (dots || rows)), "bf16 factors outside dpbf16_forward's cases");
     if (rows && forward) {
