@@ -1,6 +1,6 @@
 """python -m benchmarks.overhead [--against DIR]: the host-side cost of one op call on the paths users run.
 
-Rows (1 thread, fp32; microseconds per call, the mean over a timed loop after a warm-up). The 32x32 rows
+Rows (1 thread, fp32 unless a row says bf16; microseconds per call, the mean over a timed loop after a warm-up). The 32x32 rows
 are host cost only (the kernel itself is ~1 us of the native op row). The fwd+bwd rows time a whole
 training step of one bsr_linear at a real size, where per-call index preparation would show. Every row
 uses public entry points only (and the kernel op torch.ops.amnets_native.bsr_linear_forward), so
@@ -62,6 +62,9 @@ def measure() -> dict:
         lr = (torch.randn(32, 4), torch.randn(4, 40), torch.randn(32, 4), torch.randn(4, 8))
         rows["lowrank_lstm_cell H=8 r=4 B=1: ak.lowrank_lstm_cell under no_grad"] = per_call_us(
             lambda: ak.lowrank_lstm_cell(xs, h, c, *lr))
+        lr16, xs16, h16, c16 = [t.bfloat16() for t in lr], xs.bfloat16(), h.bfloat16(), c.bfloat16()
+        rows["lowrank_lstm_cell H=8 r=4 B=1 bf16: ak.lowrank_lstm_cell under no_grad"] = per_call_us(
+            lambda: ak.lowrank_lstm_cell(xs16, h16, c16, *lr16))
         logits = torch.randn(1, 4, 3, 5)
         targets, frames, labels = torch.tensor([[1, 2]], dtype=torch.int32), torch.tensor([4], dtype=torch.int32), \
             torch.tensor([2], dtype=torch.int32)

@@ -126,19 +126,20 @@ def test_cell_is_one_sequence_step(face, batch, d, hidden, dtype):
 
 @pytest.mark.parametrize("face", FACES)
 @given(batch=st.integers(0, 6), d=st.integers(1, 40), hidden=st.integers(1, 40), has_bias=st.booleans(),
-       strided=st.booleans())
-def test_inference_step_matches_float64(face, batch, d, hidden, has_bias, strided):
-    """The streaming step (no autograd): the cpu face's row-dot path for B <= 4 (B = 0 included), the
-    sequence path above it, and a strided x, against float64 math."""
+       strided=st.booleans(), dtype=st.sampled_from([torch.float32, torch.bfloat16]))
+def test_inference_step_matches_float64(face, batch, d, hidden, has_bias, strided, dtype):
+    """The streaming step (no autograd): the cpu face's row-dot path for B <= 4 (B = 0 included; bf16 on
+    vdpbf16ps where the CPU has it), the sequence path above it, and a strided x, against float64 math."""
     with use_face("lowrank_lstm_cell", face), torch.no_grad():
-        w = factors(d, hidden, min(5, d, 4 * hidden), min(4, hidden), bias=has_bias)
-        x = rand(batch, 2 * d, device=DEVICE)[:, ::2] if strided else rand(batch, d, device=DEVICE)
-        h, c = (rand(batch, hidden, device=DEVICE) for _ in range(2))
+        w = factors(d, hidden, min(5, d, 4 * hidden), min(4, hidden), dtype, bias=has_bias)
+        x = rand(batch, 2 * d, dtype=dtype, device=DEVICE)
+        x = x[:, ::2] if strided else x[:, :d].contiguous()
+        h, c = (rand(batch, hidden, dtype=dtype, device=DEVICE) for _ in range(2))
         h1, c1 = ak.lowrank_lstm_cell(x, h, c, *w)
-        assert h1.shape == c1.shape == (batch, hidden) and not h1.requires_grad
+        assert h1.shape == c1.shape == (batch, hidden) and not h1.requires_grad and h1.dtype == c1.dtype == dtype
         _, eh, ec = autograd_sequence(*(None if t is None else t.double() for t in (x[None], h, c, *w)))
-        close(h1, eh.float(), torch.float32, scale=4)
-        close(c1, ec.float(), torch.float32, scale=4)
+        close(h1, eh, dtype, scale=4)
+        close(c1, ec, dtype, scale=4)
 
 
 def bf16_forward_emulated(x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias):
