@@ -41,13 +41,15 @@ inline int64_t packed_size(int64_t R, int64_t G) {
 // Packs W^T for W (G, R) row-major float into out (packed_size(R, G) floats; the last panel zero past G).
 Panels pack_transposed(const float* w, int64_t G, int64_t R, float* out);
 
-// A weight W (G, R) (out x in, any float dtype) as expand's right operand W^T in packed panels, owning the floats.
-struct PackedT {
-  std::vector<float> data;
-  Panels panels{nullptr, 0, 0};
+// A weight W (G, R) as expand's right operand W^T in packed panels (of floats, or bf16 pairs below), owning them.
+template <typename Element, typename PanelsOf>
+struct Packed {
+  std::vector<Element> data;
+  PanelsOf panels{nullptr, 0, 0};
   int64_t R = 0, G = 0;
 };
-PackedT pack_transposed(const at::Tensor& w);
+using PackedT = Packed<float, Panels>;
+PackedT pack_transposed(const at::Tensor& w);  // any float dtype
 
 // out (M, G; row stride ldo) (+)= s (M, R; row stride lds) U for U^T given as panels. Threads split the
 // panels from kParallelMinMacs multiply-adds (parallel.h); each panel serves every row of s before the next.
@@ -71,13 +73,8 @@ struct PairPanels {
 inline int64_t packed_pairs_size(int64_t R, int64_t G) { return packed_size((R + 1) / 2, G) * 2; }
 // Packs W^T for W (G, R) row-major bf16 into out (packed_pairs_size(R, G) elements).
 PairPanels pack_pairs_transposed(const c10::BFloat16* w, int64_t G, int64_t R, uint16_t* out);
-// A bf16 weight W (G, R) as the pair panels of W^T, owning them.
-struct PackedPairsT {
-  std::vector<uint16_t> data;
-  PairPanels panels{nullptr, 0, 0};
-  int64_t R = 0, G = 0;
-};
-PackedPairsT pack_pairs_transposed(const at::Tensor& w);
+using PackedPairsT = Packed<uint16_t, PairPanels>;
+PackedPairsT pack_pairs_transposed(const at::Tensor& w);  // bf16
 // out (M, G) (+)= s (M, R) U as expand() above, U^T given as pair panels.
 void expand(PairPanels u, int64_t R, int64_t G, const float* s, int64_t lds, int64_t M, float* out, int64_t ldo,
             bool accumulate);
