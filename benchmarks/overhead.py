@@ -1,8 +1,9 @@
 """python -m benchmarks.overhead [--against DIR]: the host-side cost of one op call on the paths users run.
 
-Rows (1 thread, fp32 unless a row says bf16; microseconds per call, the mean over a timed loop after a warm-up). The 32x32 rows
-are host cost only (the kernel itself is ~1 us of the native op row). The fwd+bwd rows time a whole
-training step of one bsr_linear at a real size, where per-call index preparation would show. Every row
+Rows (1 thread, fp32 unless a row says bf16; microseconds per call, the mean over a timed loop after a
+warm-up). The 32x32 rows are host cost only (the kernel itself is ~1 us of the native op row). The fwd+bwd
+rows time a whole training step of one bsr_linear at a real size, where per-call index preparation would
+show. Every row
 uses public entry points only (and the kernel op torch.ops.amnets_native.bsr_linear_forward), so
 `--against DIR` can run the same rows in an older checkout (benchmarks/ab.py): the before/after figures.
 """

@@ -165,8 +165,8 @@ def bf16_forward_emulated(x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias):
                                                           (64, 4, 20, 5)])
 def test_cpu_bf16_forward_keeps_bf16_factors(batch, steps, hidden, rank_hh):
     """bf16 input and factors on a CPU with AVX512-BF16: the forward's products run on vdpbf16ps (pair panels
-    from 2 to 64 rows with 4 steps or more, row dots below). Against float64 math with the same roundings, to a tenth of
-    the bf16 tolerance (a dropped product term or a pair read out of order misses by far more);
+    from 2 to 64 rows with 4 steps or more, row dots below). Against float64 math with the same roundings, to
+    a tenth of the bf16 tolerance (a dropped product term or a pair read out of order misses by far more);
     shapes with a partial vector in every product: H and r not multiples of 16 or 32, odd r (a half pair),
     4H over several 64-column panels."""
     if DEVICE != "cpu" or ak.build_info()["cpu_bf16_lowrank_lstm_kernel"] != "avx512_bf16 dot products":

@@ -125,10 +125,11 @@ Tensor input_projection(const Tensor& x, const Factors& w, const c10::optional<T
 
 // The recurrent products of one step for B rows: gates (B, 4H) += (h V_hh^T) U_hh^T forward, and
 // dh (B, H) = (dpre U_hh) V_hh backward. Float or bf16 forward, one row (or up to kMaxDotBatch rows for fewer
-// than kPackMinSteps steps): row dots over the factors as they are. Float up to kRowKernelsMax rows (forward: with kPackMinSteps steps or more): axpys (expand);
-// the forward packs V_hh^T and U_hh^T once per call into this thread's buffers (a fresh multi-MB allocation
-// per call costs its page faults, ~2 ms at H=1024 r=256, more than a step), the backward reads U_hh and V_hh
-// as they are (their rows are short). Otherwise (double, more rows, short sequences): ATen's GEMM.
+// than kPackMinSteps steps): row dots over the factors as they are. Otherwise float or bf16 up to
+// kRowKernelsMax rows (forward: with kPackMinSteps steps or more): axpys (expand; bf16 on pair panels); the
+// forward packs V_hh^T and U_hh^T once per call into this thread's buffers (a fresh multi-MB allocation per
+// call costs its page faults, ~2 ms at H=1024 r=256, more than a step), the backward reads U_hh and V_hh as
+// they are (their rows are short). Otherwise (double, more rows, short sequences): ATen's GEMM.
 struct Recurrent {
   const Factors& w;
   int64_t batch;
