@@ -255,6 +255,8 @@ def build_info() -> dict:
     from . import __version__
 
     dpbf16 = "avx512bf16" in native.get("cpu_features", []) and "avx512bw" in native.get("cpu_features", [])
+    # The bf16 kernels' AMX tiles (csrc/cpu/amx.h): where the CPU and OS offer them, or emulated for a test.
+    amx = {"amx": "amx tiles", "amx emulated (tests only)": "amx tiles, emulated (tests only)"}.get(native.get("cpu_amx"))
     return {
         "amnets_kernels": __version__,
         "torch": torch.__version__,
@@ -265,11 +267,14 @@ def build_info() -> dict:
         "nvcc_arch_list": native.get("nvcc_arch_list"),
         "cpu": platform.machine(),
         "cpu_isa": native.get("cpu_features", []),
-        # bsr_linear with bf16 weights and >= 8 rows (csrc/cpu/bsr.cpp): vdpbf16ps where the CPU has it.
-        "cpu_bf16_bsr_kernel": ("avx512_bf16 dot products" if dpbf16 else "bf16 widened to fp32 FMAs"),
+        # bsr_linear with bf16 weights and >= 8 rows (csrc/cpu/bsr.cpp): AMX tiles, else vdpbf16ps where the
+        # CPU has it.
+        "cpu_bf16_bsr_kernel": amx or ("avx512_bf16 dot products" if dpbf16 else "bf16 widened to fp32 FMAs"),
         # lowrank_lstm forward with bf16 input and factors, B <= 64 (csrc/cpu/lowrank_lstm.cpp): the factors
-        # stay bf16 (vdpbf16ps) where the CPU has it, else the whole op runs in fp32.
-        "cpu_bf16_lowrank_lstm_kernel": ("avx512_bf16 dot products" if dpbf16 else "fp32"),
+        # stay bf16 (vdpbf16ps; the recurrent products on AMX tiles from 8 rows) where the CPU has it, else the
+        # whole op runs in fp32.
+        "cpu_bf16_lowrank_lstm_kernel": ("avx512_bf16 dot products" + (f" + {amx} from 8 rows" if amx else "")
+                                         if dpbf16 else "fp32"),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "openmp": native.get("openmp"),
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",

@@ -2,6 +2,7 @@
 // the other files) and exposes what this binary was built with, and the frame engine's Python binding.
 #include <torch/extension.h>
 
+#include "cpu/amx.h"
 #include "cpu/parallel.h"
 #include "face.h"
 
@@ -33,6 +34,8 @@ std::vector<std::string> cpu_features() {
   AMNETS_PROBE("avx512vl")
   AMNETS_PROBE("avx512bf16")
   AMNETS_PROBE("avx512fp16")
+  AMNETS_PROBE("amx-tile")
+  AMNETS_PROBE("amx-bf16")
 #undef AMNETS_PROBE
 #elif defined(__aarch64__)
   found.emplace_back("neon");
@@ -57,6 +60,8 @@ pybind11::dict build_info() {
 #else
   info["openmp"] = false;
 #endif
+  // The tile kernels (csrc/cpu/amx.h) the bf16 CPU kernels run now: "amx" only where the OS grants the tiles.
+  info["cpu_amx"] = std::string(amnets::amx::name(amnets::amx::active()));
   info["compiler"] = std::string(__VERSION__);
   return info;
 }
@@ -94,6 +99,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "The CPU loops' contention guard (csrc/cpu/parallel.h): stalls seen since start, serial window left.");
   m.def("serialize_cpu_for", [](double seconds) { amnets::cpu::serialize_for(static_cast<int64_t>(seconds * 1e9)); },
         "Tests only: run the CPU loops on their callers alone for this long (0 ends it).");
+  m.def("set_cpu_amx", [](const std::string& mode) { amnets::amx::set_mode(mode.c_str()); },
+        "'auto' (AMX tiles where the CPU has them), 'off', or 'emulate' (tests only: the tile kernels on a "
+        "scalar emulation of AMX, on any CPU).");
   m.def("get_label_checks", &face::label_checks);
   m.def("set_label_checks", &face::set_label_checks);
 }

@@ -140,6 +140,44 @@ def test_cpu_bf16_weight_gradient_is_the_fp32_one_rounded(block, m):
     assert torch.equal(got.view(torch.int16)[keep], want.view(torch.int16)[keep])
 
 
+@pytest.mark.parametrize("kernel", ["emulate", "hardware"])
+@pytest.mark.parametrize("block", [16, 32, 64])
+@pytest.mark.parametrize("m", [8, 16, 21, 40])
+def test_cpu_bf16_amx_tiles(kernel, block, m):
+    """bf16 weights' tile kernel on AMX (csrc/cpu/amx.h) against the fp32 kernel on the same bf16-valued
+    inputs: both sum exact products in fp32, so once rounded to bf16 they differ by at most one bf16 step
+    (the order of the sums). Shapes that are not whole blocks and inf/NaN in the padding, as above.
+    'emulate' runs the kernel's tile program on the scalar emulation of AMX, on any CPU (its asserts fail
+    on a tile shape the hardware would fault on); 'hardware' needs a CPU and OS with AMX."""
+    from amnets_kernels import _backend
+
+    if DEVICE != "cpu" or ak.unavailable_reason("bsr_linear", "cpu") is not None:
+        pytest.skip("cpu face only")
+    if kernel == "hardware" and ak.build_info()["cpu_bf16_bsr_kernel"] != "amx tiles":
+        pytest.skip("no AMX on this CPU (or the OS does not grant it)")
+    out_f, in_f = 3 * block + 5, 4 * block + 7
+    _, clean = make(out_f, in_f, block, 0.4)
+    values = clean.values.detach().clone()
+    rows, cols = block_row_of(clean.crow_indices), clean.col_indices.long()
+    values[rows == out_f // block, out_f % block:, :] = float("nan")
+    values[cols == in_f // block, :, in_f % block:] = float("inf")
+    values = values.to(torch.bfloat16)
+    x = rand(m, in_f).to(torch.bfloat16)
+    forward = torch.ops.amnets_native.bsr_linear_forward
+    args = (clean.crow_indices, clean.col_indices, out_f, in_f, None)
+    want = forward(x.float(), values.float(), *args)
+    if kernel == "emulate":
+        _backend._C.set_cpu_amx("emulate")
+        assert ak.build_info()["cpu_bf16_bsr_kernel"] == "amx tiles, emulated (tests only)"
+    try:
+        got = forward(x, values, *args)
+    finally:
+        _backend._C.set_cpu_amx("auto")
+    assert got.dtype == torch.bfloat16 and torch.isfinite(want).all()
+    step = want.abs() * 2.0 ** -7 + 1e-5 * in_f  # one bf16 step, plus fp32 sums in another order
+    assert ((got.float() - want).abs() <= step).all()
+
+
 def test_cpu_face_says_when_it_has_no_simd_kernel():
     """Block sizes outside {16, 32, 64} (or fp16/fp64 values) run exact dense math, and say so
     (once per process, so in a fresh one)."""

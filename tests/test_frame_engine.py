@@ -136,6 +136,26 @@ def test_bf16_weights(cheap):
     assert (dec == dec32).float().mean() >= 0.9  # the bf16 arbitrator may flip a frame at its threshold
 
 
+def test_bf16_lowrank_frames_on_emulated_amx_tiles():
+    """12 streams of bf16 low-rank frames: from 8 rows the engine's factor products run on AMX tiles where the
+    CPU has them. Here on the scalar emulation of AMX (csrc/cpu/amx.h), against the vdpbf16ps frames: the same
+    bf16 products summed in fp32 in another order, so the frames agree to far within a bf16 step."""
+    from amnets_kernels import _backend
+
+    if not ak.build_info()["cpu_bf16_lowrank_lstm_kernel"].startswith("avx512_bf16"):
+        pytest.skip("the engine keeps bf16 factors on CPUs with AVX512-BF16 only")
+    cfg = dict(cheap="lowrank", layers=2, hidden=40, inp=24, block=16, per_layer=False, uses_state=False, batch=12,
+               frames=4, threshold=0.5, force=None, seed=3, rank=20)
+    enc, x, _ = build(cfg, torch.bfloat16)
+    want = enc.stream(x, force="cheap")[0]
+    _backend._C.set_cpu_amx("emulate")
+    try:
+        got = enc.stream(x, force="cheap")[0]
+    finally:
+        _backend._C.set_cpu_amx("auto")
+    torch.testing.assert_close(got.float(), want.float(), rtol=0.01, atol=0.01)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_streamer_hands_out_again_only_outputs_nothing_holds(dtype):
     """The engine's stream reuses an output tensor once the caller has let go of it (csrc/cpu/frame_engine.cpp

@@ -162,15 +162,29 @@ def bf16_forward_emulated(x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias):
 
 @pytest.mark.parametrize("batch, steps, hidden, rank_hh", [(1, 3, 37, 7), (4, 2, 50, 33), (2, 1, 100, 64),
                                                           (3, 5, 37, 7), (5, 4, 37, 7), (16, 6, 70, 65),
-                                                          (64, 4, 20, 5)])
-def test_cpu_bf16_forward_keeps_bf16_factors(batch, steps, hidden, rank_hh):
+                                                          (64, 4, 20, 5), (9, 4, 40, 40), (17, 4, 24, 3)])
+@pytest.mark.parametrize("amx", ["auto", "emulate"])
+def test_cpu_bf16_forward_keeps_bf16_factors(batch, steps, hidden, rank_hh, amx):
     """bf16 input and factors on a CPU with AVX512-BF16: the forward's products run on vdpbf16ps (pair panels
-    from 2 to 64 rows with 4 steps or more, row dots below). Against float64 math with the same roundings, to
-    a tenth of the bf16 tolerance (a dropped product term or a pair read out of order misses by far more);
-    shapes with a partial vector in every product: H and r not multiples of 16 or 32, odd r (a half pair),
-    4H over several 64-column panels."""
-    if DEVICE != "cpu" or ak.build_info()["cpu_bf16_lowrank_lstm_kernel"] != "avx512_bf16 dot products":
+    from 2 to 64 rows with 4 steps or more, row dots below), the panels on AMX tiles from 8 rows where the CPU
+    has them ("auto"; "emulate" runs that tile program on the scalar emulation of AMX, csrc/cpu/amx.h, on any
+    CPU). Against float64 math with the same roundings, to a tenth of the bf16 tolerance (a dropped product term
+    or a pair read out of order misses by far more); shapes with a partial vector in every product: H and r not
+    multiples of 16 or 32, odd r (a half pair), 4H over several 64-column panels, partial 16-row tiles."""
+    from amnets_kernels import _backend
+
+    if DEVICE != "cpu" or not ak.build_info()["cpu_bf16_lowrank_lstm_kernel"].startswith("avx512_bf16"):
         pytest.skip("the cpu face's bf16 kernels need a CPU with AVX512-BF16")
+    if amx == "emulate" and batch < 8:
+        pytest.skip("below the tile kernels' rows")
+    _backend._C.set_cpu_amx(amx)
+    try:
+        _bf16_forward_against_float64(batch, steps, hidden, rank_hh)
+    finally:
+        _backend._C.set_cpu_amx("auto")
+
+
+def _bf16_forward_against_float64(batch, steps, hidden, rank_hh):
     with use_face("lowrank_lstm_sequence", "cpu"), torch.no_grad():
         # Factors scaled so that the gates are O(1): with factors() as they are (U V entries ~ 0.25 sqrt(r)) the
         # gates reach ~10 at r = 65 and the roundings alone move outputs by ~1 (float64 with and without them).

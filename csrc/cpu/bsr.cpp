@@ -30,9 +30,11 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <utility>
 #include <vector>
 
 #include "../checks.h"
+#include "amx.h"
 #include "bf16_convert.h"
 #include "lstm_pointwise.h"
 #include "parallel.h"
@@ -483,6 +485,88 @@ AMNETS_DPBF16 void forward_rows_dpbf16(const Problem& p, const c10::BFloat16* va
 void forward_rows_dpbf16(const Problem&, const c10::BFloat16*, const uint16_t*, int64_t, float*, int64_t, int64_t) {}
 #endif
 
+// C tile J (outputs 16J.. of a block, by the 16 rows from m0) into row-major y.
+template <class Tiles, int J>
+AMNETS_INLINE void store_c(float* y, int64_t ld, int64_t lanes, int64_t outputs) {
+  if (outputs <= 0) return;  // past out_features
+  alignas(64) float c[16][16];
+  Tiles::template store<J>(c, 64);
+  vfloat tile[16];
+  for (int i = 0; i < 16; ++i) tile[i] = simd::load(c[i]);
+  simd::store_transposed(tile, y, ld, lanes, std::min<int64_t>(16, outputs));
+}
+
+// The same tiles on AMX (amx.h): C (16 outputs i x 16 rows m of x) += W's rows i, read in place from the
+// row-major block as the left operand (16 x 32 bf16), times xp's pair rows as the right one (xp's layout is
+// the one TDPBF16PS wants: row q, column m holds (x[m, 2q], x[m, 2q + 1])), 8192 products an instruction.
+// Tiles: C 0..B/16-1 (one per 16 outputs of a block), x 4, weights 5..7. A block in the last block column
+// holds columns past in_features that may be anything (inf * 0 is NaN): it goes through a zeroed copy.
+template <class Tiles, int B>
+AMNETS_INLINE void forward_amx_block_row(const Problem& p, const c10::BFloat16* values, const uint16_t* xp,
+                                         int64_t mp, float* y, int64_t r) {
+  constexpr int kC = B / 16, kSteps = B > 32 ? 2 : 1, kDepth = B > 32 ? 32 : B;  // C tiles; k-steps of kDepth
+  const int64_t rows = p.rows_in(r);
+  c10::BFloat16 edge[B * B];
+  for (int64_t m0 = 0; m0 < p.rows; m0 += 16) {
+    [&]<int... J>(std::integer_sequence<int, J...>) { (Tiles::template zero<J>(), ...); }(
+        std::make_integer_sequence<int, kC>{});
+    for (int64_t k = p.crow[r]; k < p.crow[r + 1]; ++k) {
+      const c10::BFloat16* w = values + k * B * B;
+      prefetch_block<c10::BFloat16, B>(p, values, k, r, 0, B, B * B * 2);
+      if (const int64_t cols = p.cols_in(p.col[k]); cols < B) {
+        for (int i = 0; i < B; ++i) {
+          std::copy(w + i * B, w + i * B + cols, edge + i * B);
+          std::fill(edge + i * B + cols, edge + (i + 1) * B, c10::BFloat16(0.f));
+        }
+        w = edge;
+      }
+      for (int s = 0; s < kSteps; ++s) {
+        Tiles::template load<4>(xp + ((p.col[k] * B / 2 + 16 * s) * mp + m0) * 2, mp * 4);
+        [&]<int... J>(std::integer_sequence<int, J...>) {
+          ((Tiles::template load<5 + J % 3>(w + 16 * J * B + kDepth * s, B * 2),
+            Tiles::template dot_bf16<J, 5 + J % 3, 4>()), ...);
+        }(std::make_integer_sequence<int, kC>{});
+      }
+    }
+    const int64_t lanes = std::min<int64_t>(16, p.rows - m0);
+    [&]<int... J>(std::integer_sequence<int, J...>) {
+      (store_c<Tiles, J>(y + m0 * p.out_features + r * B + 16 * J, p.out_features, lanes, rows - 16 * J), ...);
+    }(std::make_integer_sequence<int, kC>{});
+  }
+}
+
+template <class Tiles>
+AMNETS_INLINE void forward_amx_rows(const Problem& p, const c10::BFloat16* values, const uint16_t* xp, int64_t mp,
+                                    float* y, int64_t r0, int64_t r1) {
+  const int depth = p.block > 32 ? 32 : int(p.block);
+  amx::Config config;
+  for (int j = 0; j < p.block / 16; ++j) config.set(j, 16, 64);
+  config.set(4, depth / 2, 64);
+  for (int t = 5; t < 8; ++t) config.set(t, 16, depth * 2);
+  Tiles::configure(config);  // per call: the tile configuration is the thread's, and other code may change it
+  for (int64_t r = r0; r < r1; ++r) {
+    switch (p.block) {
+      case 16: forward_amx_block_row<Tiles, 16>(p, values, xp, mp, y, r); break;
+      case 32: forward_amx_block_row<Tiles, 32>(p, values, xp, mp, y, r); break;
+      default: forward_amx_block_row<Tiles, 64>(p, values, xp, mp, y, r); break;
+    }
+  }
+  Tiles::release();
+}
+
+#ifdef AMNETS_HAVE_AMX
+AMNETS_AMX void forward_rows_amx(const Problem& p, const c10::BFloat16* values, const uint16_t* xp, int64_t mp,
+                                 float* y, int64_t r0, int64_t r1) {
+  forward_amx_rows<amx::Hardware>(p, values, xp, mp, y, r0, r1);
+}
+#else
+void forward_rows_amx(const Problem&, const c10::BFloat16*, const uint16_t*, int64_t, float*, int64_t, int64_t) {}
+#endif
+void forward_rows_amx_emulated(const Problem& p, const c10::BFloat16* values, const uint16_t* xp, int64_t mp,
+                               float* y, int64_t r0, int64_t r1) {
+  forward_amx_rows<amx::Emulated>(p, values, xp, mp, y, r0, r1);
+}
+
 void grad_input_columns(const Problem& p, const ColumnIndex& ci, const float* v, const float* gy, float* gx,
                         int64_t c0, int64_t c1) {
   grad_input_f32(p, ci, v, gy, gx, c0, c1);
@@ -598,7 +682,8 @@ std::tuple<Tensor, Tensor> dense_backward(const Tensor& gy, const Tensor& x, con
 // y (M, out_features) float = x W^T through the fast kernels; xf is x as float, padded to k_pad columns.
 void forward_into(const Problem& p, const Tensor& values, const Tensor& xf, int64_t k_pad, float* y) {
   if (p.rows == 0) return;
-  const bool dpbf16 = values.scalar_type() == at::kBFloat16 && simd::has_dpbf16();
+  const amx::Kernel tiles_on = values.scalar_type() == at::kBFloat16 ? amx::active() : amx::Kernel::kNone;
+  const bool dpbf16 = values.scalar_type() == at::kBFloat16 && (tiles_on != amx::Kernel::kNone || simd::has_dpbf16());
   // AVX512-BF16 tiles are about twice as cheap per row as the fp32 ones, so only up to kDpbf16FewMax rows past
   // the last full tile go to the few-row kernel (bf16, 4096x2048 b=32 d=0.1 on one AMD EPYC core: a tile
   // 0.233 ms for 1-16 rows, 4 rows few-row 0.111 ms, 17 rows 0.403 ms as two tiles).
@@ -611,7 +696,12 @@ void forward_into(const Problem& p, const Tensor& values, const Tensor& xf, int6
     const Tensor xp = xt.reshape({k_pad / 2, 2, mp}).permute({0, 2, 1}).contiguous().to(at::kBFloat16);
     const auto* xp_data = reinterpret_cast<const uint16_t*>(xp.data_ptr<c10::BFloat16>());
     parallel_for(0, p.block_rows, 1, [&](int64_t r0, int64_t r1) {
-      forward_rows_dpbf16(tiles, values.data_ptr<c10::BFloat16>(), xp_data, mp, y, r0, r1);
+      const c10::BFloat16* v = values.data_ptr<c10::BFloat16>();
+      switch (tiles_on) {
+        case amx::Kernel::kHardware: forward_rows_amx(tiles, v, xp_data, mp, y, r0, r1); break;
+        case amx::Kernel::kEmulated: forward_rows_amx_emulated(tiles, v, xp_data, mp, y, r0, r1); break;
+        default: forward_rows_dpbf16(tiles, v, xp_data, mp, y, r0, r1); break;
+      }
     });
     return forward_into(few, values, xf.narrow(0, tiles.rows, rest), k_pad, y + tiles.rows * p.out_features);
   }

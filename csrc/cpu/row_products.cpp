@@ -5,7 +5,8 @@
 //   small_batch_mm  y = x A^T for A row-major: row dots, every row of A streamed once for all B inputs;
 //   expand          out (+)= s U for U given transposed (R, G), in 64-column panels: axpys, MT rows x 64
 //                   outputs in registers while the panel's rows stream past (no horizontal sums).
-// Each has a bf16-weight twin on vdpbf16ps (AVX512-BF16) at the end of the file.
+// Each has a bf16-weight twin on vdpbf16ps (AVX512-BF16) at the end of the file, and expand's twin also runs on
+// AMX tiles (amx.h) from kAmxMinRows rows where the CPU has them.
 
 #include <ATen/ATen.h>
 
@@ -16,8 +17,10 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 #include <vector>
 
+#include "amx.h"
 #include "bf16_convert.h"
 #include "kernels.h"
 #include "parallel.h"
@@ -193,14 +196,17 @@ void expand(Panels u, int64_t R, int64_t G, const float* s, int64_t lds, int64_t
 
 namespace {
 
-const uint16_t* rounded_rows(const float* x, int64_t rows, int64_t cols, int64_t ld, int64_t width) {
+// `padded` >= rows rows: zeros past `rows` (whole 16-row tiles for AMX).
+const uint16_t* rounded_rows(const float* x, int64_t rows, int64_t cols, int64_t ld, int64_t width,
+                             int64_t padded) {
   thread_local std::vector<uint16_t> buf;
-  buf.resize(rows * width);
+  buf.resize(padded * width);
   for (int64_t r = 0; r < rows; ++r) {
     uint16_t* row = buf.data() + r * width;
     narrow_bf16(x + r * ld, reinterpret_cast<c10::BFloat16*>(row), cols);
     std::fill(row + cols, row + width, uint16_t{0});
   }
+  std::fill(buf.data() + rows * width, buf.data() + padded * width, uint16_t{0});
   return buf.data();
 }
 
@@ -340,12 +346,90 @@ void expand_panel_dp(const uint16_t*, int64_t, int64_t, int64_t, const uint16_t*
                      bool) {}
 #endif
 
+// expand's panel on AMX (amx.h): out's rows m0 .. m0 + 15 by the panel's (up to 64) columns, as C tiles 0..3 (16
+// columns each) += sp's rows (A: 16 rows x 16 pairs, tile 4) times the panel's pair rows as they are (B: 16 pair
+// rows x 16 columns' pairs, tile 6: the panels already have TDPBF16PS's layout). A last partial step of `tail`
+// pairs runs on tiles 5 and 7, configured to its width. sp's rows are zero-padded to whole 16-row tiles; rows
+// past M and columns past G are computed and not stored.
+constexpr int64_t kAmxMinRows = 8;  // not tuned: no AMX CPU to time it on yet (the bsr tiles start at 8 rows too)
+
+amx::Config expand_config(int64_t Rp) {
+  amx::Config config;
+  for (int j = 0; j < 4; ++j) config.set(j, 16, 64);
+  config.set(4, 16, 64), config.set(6, 16, 64);
+  if (const int tail = int(Rp % 16); tail > 0) config.set(5, 16, 4 * tail), config.set(7, tail, 64);
+  return config;
+}
+
+template <class Tiles>
+AMNETS_INLINE void expand_panel_amx(const uint16_t* u, int64_t Rp, int64_t ldu, int64_t G, const uint16_t* sp,
+                                    int64_t lds, int64_t M, float* out, int64_t ldo, bool accumulate) {
+  const int64_t whole = Rp / 16 * 16;
+  const int n = int((G + 15) / 16);
+  auto tiles = [&](auto body) {  // body(integral_constant J) for each C tile J < n
+    [&]<int... J>(std::integer_sequence<int, J...>) {
+      ((J < n ? body(std::integral_constant<int, J>{}) : void()), ...);
+    }(std::make_integer_sequence<int, 4>{});
+  };
+  for (int64_t m0 = 0; m0 < M; m0 += 16) {
+    tiles([&](auto j) { Tiles::template zero<j>(); });
+    for (int64_t q = 0; q < whole; q += 16) {
+      Tiles::template load<4>(sp + m0 * lds + 2 * q, lds * 2);
+      tiles([&](auto j) {
+        Tiles::template load<6>(u + q * ldu + 32 * j, ldu * 2);
+        Tiles::template dot_bf16<j, 4, 6>();
+      });
+    }
+    if (whole < Rp) {
+      Tiles::template load<5>(sp + m0 * lds + 2 * whole, lds * 2);
+      tiles([&](auto j) {
+        Tiles::template load<7>(u + whole * ldu + 32 * j, ldu * 2);
+        Tiles::template dot_bf16<j, 5, 7>();
+      });
+    }
+    const int64_t rows = std::min<int64_t>(16, M - m0);
+    tiles([&](auto j) {
+      alignas(64) float c[16][16];
+      Tiles::template store<j>(c, 64);
+      const int64_t cols = std::min<int64_t>(16, G - 16 * j);
+      for (int64_t i = 0; i < rows; ++i) {
+        float* o = out + (m0 + i) * ldo + 16 * j;
+        for (int64_t k = 0; k < cols; ++k) o[k] = accumulate ? o[k] + c[i][k] : c[i][k];
+      }
+    });
+  }
+}
+
+template <class Tiles>
+AMNETS_INLINE void expand_panels_amx(PairPanels u, int64_t Rp, int64_t G, const uint16_t* sp, int64_t lds, int64_t M,
+                                     float* out, int64_t ldo, bool accumulate, int64_t c0, int64_t c1) {
+  Tiles::configure(expand_config(Rp));  // per call: the tile configuration is the thread's
+  for (int64_t c = c0; c < c1; ++c)
+    expand_panel_amx<Tiles>(u.data + c * u.chunk_stride, Rp, u.ldu, std::min(kPanel, G - c * kPanel), sp, lds, M,
+                            out + c * kPanel, ldo, accumulate);
+  Tiles::release();
+}
+
+#ifdef AMNETS_HAVE_AMX
+AMNETS_AMX void expand_panels_amx_hw(PairPanels u, int64_t Rp, int64_t G, const uint16_t* sp, int64_t lds, int64_t M,
+                                     float* out, int64_t ldo, bool accumulate, int64_t c0, int64_t c1) {
+  expand_panels_amx<amx::Hardware>(u, Rp, G, sp, lds, M, out, ldo, accumulate, c0, c1);
+}
+#else
+void expand_panels_amx_hw(PairPanels, int64_t, int64_t, const uint16_t*, int64_t, int64_t, float*, int64_t, bool,
+                          int64_t, int64_t) {}
+#endif
+void expand_panels_amx_emulated(PairPanels u, int64_t Rp, int64_t G, const uint16_t* sp, int64_t lds, int64_t M,
+                                float* out, int64_t ldo, bool accumulate, int64_t c0, int64_t c1) {
+  expand_panels_amx<amx::Emulated>(u, Rp, G, sp, lds, M, out, ldo, accumulate, c0, c1);
+}
+
 }  // namespace
 
 void small_batch_mm(const float* xp, int64_t batch, const c10::BFloat16* ap, int64_t rows, int64_t cols, float* yp,
                     bool accumulate) {
   const int64_t ldx = (cols + 31) / 32 * 32;
-  const uint16_t* x = rounded_rows(xp, batch, cols, cols, ldx);
+  const uint16_t* x = rounded_rows(xp, batch, cols, cols, ldx, batch);
   const auto* a = reinterpret_cast<const uint16_t*>(ap);
   parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
     rows_dot_dp(a, cols, x, ldx, batch, yp, rows, r0, r1, accumulate);
@@ -380,11 +464,18 @@ void expand(PairPanels u, int64_t R, int64_t G, const float* s, int64_t lds, int
             bool accumulate) {
   const int64_t Rp = (R + 1) / 2, chunks = (G + kPanel - 1) / kPanel;
   const int64_t grain = R * G * M < 2 * kParallelMinMacs ? chunks : 1;  // half the instructions of a float MAC
-  const uint16_t* sp = rounded_rows(s, M, R, lds, 2 * Rp);
+  const amx::Kernel tiles = M >= kAmxMinRows ? amx::active() : amx::Kernel::kNone;
+  const uint16_t* sp = rounded_rows(s, M, R, lds, 2 * Rp, tiles == amx::Kernel::kNone ? M : (M + 15) / 16 * 16);
   parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c)
-      expand_panel_dp(u.data + c * u.chunk_stride, Rp, u.ldu, std::min(kPanel, G - c * kPanel), sp, 2 * Rp, M,
-                      out + c * kPanel, ldo, accumulate);
+    switch (tiles) {
+      case amx::Kernel::kHardware: return expand_panels_amx_hw(u, Rp, G, sp, 2 * Rp, M, out, ldo, accumulate, c0, c1);
+      case amx::Kernel::kEmulated:
+        return expand_panels_amx_emulated(u, Rp, G, sp, 2 * Rp, M, out, ldo, accumulate, c0, c1);
+      default:
+        for (int64_t c = c0; c < c1; ++c)
+          expand_panel_dp(u.data + c * u.chunk_stride, Rp, u.ldu, std::min(kPanel, G - c * kPanel), sp, 2 * Rp, M,
+                          out + c * kPanel, ldo, accumulate);
+    }
   });
 }
 
