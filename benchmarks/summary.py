@@ -24,8 +24,12 @@ def table(report: dict, everything: bool = False, reference: bool = True) -> str
         (lambda r: HEADLINES[r["op"]](r["params"], r["mode"]))
     chosen = [r for r in rows if pick(r)]
     baselines = {(r["op"], r["case"], r["mode"]): r for r in chosen if r["kind"] == "baseline"}
+    info = report["build_info"]
+    # Which bf16 CPU kernels ran (AMX tiles, AVX512-BF16 dot products or fp32): they differ between CPU kinds.
+    kernels = "" if "cpu_bf16_bsr_kernel" not in info else \
+        f"; bf16 CPU kernels: bsr_linear {info['cpu_bf16_bsr_kernel']}, LSTM {info['cpu_bf16_lowrank_lstm_kernel']}"
     lines = [f"Measured on {report['device']}, {report['date'][:10]}, by `{report['command'].strip()}` "
-             f"(torch {report['build_info']['torch']}).", "",
+             f"(torch {info['torch']}{kernels}).", "",
              "| op | case | mode | baseline | baseline ms | candidate | ms | × baseline "
              "| min–max × (rounds) | peak MB (baseline → candidate) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
