@@ -136,6 +136,33 @@ def test_bf16_weights(cheap):
     assert (dec == dec32).float().mean() >= 0.9  # the bf16 arbitrator may flip a frame at its threshold
 
 
+@pytest.mark.parametrize("cheap", ["sparse", "lowrank"])
+def test_stream_follows_every_weight_it_reads(cheap):
+    """stream() rebuilds its engine when any tensor the engine was built from changes (in place, or replaced
+    through .data): each edit must show in the next call, as on a fresh copy of the encoder. A streamed
+    encoder still copies and pickles (its native engine is a cache that stays behind)."""
+    import copy
+    import io
+
+    cfg = dict(cheap=cheap, layers=2, hidden=32, inp=24, block=16, per_layer=False, uses_state=True, batch=3,
+               frames=4, threshold=0.5, force=None, seed=5, rank=20)
+    enc, x, _ = build(cfg)
+    edits = [lambda e: e.arbitrator[0].weight.mul_(-1.5), lambda e: e.arbitrator[2].bias.add_(0.7),
+             lambda e: e.arbitrator[0].bias.data.copy_(torch.randn_like(e.arbitrator[0].bias)),
+             lambda e: e.weight_hh_l1.mul_(0.5), lambda e: e.bias_l0.add_(0.3)]
+    edits.append((lambda e: e.block_mask_l0.logical_not_()) if cheap == "sparse" else
+                 (lambda e: e.w_hh_u_l1.mul_(2.0)))
+    edits.append(lambda e: setattr(e.weight_ih_l0, "data", e.weight_ih_l0.data * 0.9))
+    enc.stream(x)
+    for edit in edits:
+        with torch.no_grad():
+            edit(enc)
+        got, want = enc.stream(x), copy.deepcopy(enc).stream(x)
+        assert torch.equal(got[2], want[2])
+        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    torch.save(enc, io.BytesIO())
+
+
 def test_bf16_lowrank_frames_on_emulated_amx_tiles():
     """12 streams of bf16 low-rank frames: from 8 rows the engine's factor products run on AMX tiles where the
     CPU has them. Here on the scalar emulation of AMX (csrc/cpu/amx.h), against the vdpbf16ps frames: the same

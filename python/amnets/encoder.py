@@ -116,6 +116,13 @@ class AmNetsEncoder(nn.Module):
         self._step_cache: dict = {}  # layer -> (weight versions, its _LayerStep): see _stream_steps
         self._engine_cache: tuple | None = None  # (weight versions, FrameEngine): see frame_engine
 
+    def __getstate__(self):
+        """Pickling (torch.save of the module, copy.deepcopy) leaves the inference caches behind: the native
+        engine cannot be pickled, and a copy's weights are new tensors that would miss them anyway."""
+        state = dict(super().__getstate__())
+        state["_step_cache"], state["_engine_cache"] = {}, None
+        return state
+
     # -- weights ------------------------------------------------------------------------------------
     def layer_input_size(self, k: int) -> int:
         return self.input_size if k == 0 else self.hidden_size
@@ -272,9 +279,7 @@ class AmNetsEncoder(nn.Module):
         return tuple((id(t), _version(t), t.data_ptr()) for t in (tensors[n] for n in names))
 
     def _layer_names(self, k: int) -> tuple:
-        return (f"weight_ih_l{k}", f"weight_hh_l{k}", f"bias_l{k}") + (
-            (f"block_mask_l{k}",) if self.cheap == "sparse" else
-            tuple(f"w_{w}_l{k}" for w in ("ih_u", "ih_v", "hh_u", "hh_v")))
+        return _layer_names(k, self.cheap)
 
     def frame_engine(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         """The frame engine for the current weights (one call runs a chunk of frames, arbitrator and every
@@ -296,12 +301,14 @@ class AmNetsEncoder(nn.Module):
         face = _engine_face(_CHEAP_OPS[self.cheap], kind)
         if face is None or (face == "triton" and self.arbitrator[0].out_features > _TRITON_MAX_ARBITRATOR):
             return None
-        names = [n for k in range(self.num_layers) for n in self._layer_names(k)]
-        key = (face,) + self._weights_key(names) + tuple(
-            (id(p), _version(p), p.data_ptr()) for p in self.arbitrator.parameters())
+        # This key is built on every stream() call: the names once per encoder kind, the arbitrator's four
+        # tensors (all the engine reads of it) by attribute rather than by walking .parameters() (~15 us).
+        mods = self.arbitrator._modules
+        first, last = mods["0"], mods["2"]
+        arbitrator = [first.weight, first.bias, last.weight, last.bias]
+        key = (face,) + self._weights_key(_engine_names(self.num_layers, self.cheap)) + tuple(
+            (id(p), _version(p), p.data_ptr()) for p in arbitrator)
         if self._engine_cache is None or self._engine_cache[0] != key:
-            first, last = self.arbitrator[0], self.arbitrator[2]
-            arbitrator = [first.weight, first.bias, last.weight, last.bias]
             with torch.no_grad():
                 engine = (self._cpu_engine(arbitrator) if face == "cpu" else
                           _triton_engine().FrameEngine(
@@ -427,6 +434,18 @@ _ENGINE = getattr(getattr(ak._backend, "_C", None), "FrameEngine", None)
 _CHEAP_OPS = {"sparse": "bsr_linear", "lowrank": "lowrank_lstm_cell"}
 _version = ak._validate.version  # None for an inference tensor (no version counter)
 _TRITON_MAX_ARBITRATOR = 256  # the Triton engine's widest arbitrator hidden layer (its BLOCK_A)
+
+
+def _layer_names(k: int, cheap: str) -> tuple:
+    """Layer k's parameters and buffers."""
+    return (f"weight_ih_l{k}", f"weight_hh_l{k}", f"bias_l{k}") + (
+        (f"block_mask_l{k}",) if cheap == "sparse" else tuple(f"w_{w}_l{k}" for w in ("ih_u", "ih_v", "hh_u", "hh_v")))
+
+
+@functools.lru_cache(maxsize=None)
+def _engine_names(num_layers: int, cheap: str) -> tuple:
+    """Every layer's parameters and buffers: what the frame engine is built from."""
+    return tuple(n for k in range(num_layers) for n in _layer_names(k, cheap))
 
 
 def _engine_face(op: str, kind: str) -> str | None:
