@@ -3,7 +3,7 @@
 Rows (1 thread, fp32 unless a row says bf16; microseconds per call, the mean over a timed loop after a
 warm-up). The 32x32 rows are host cost only (the kernel itself is ~1 us of the native op row). The fwd+bwd
 rows time a whole training step of one bsr_linear at a real size, where per-call index preparation would
-show. Every row
+show. The AmNets rows time one streamed frame of a small encoder (host cost and the frame's arithmetic). Every row
 uses public entry points only (and the kernel op torch.ops.amnets_native.bsr_linear_forward), so
 `--against DIR` can run the same rows in an older checkout (benchmarks/ab.py): the before/after figures.
 """
@@ -71,6 +71,23 @@ def measure() -> dict:
             torch.tensor([2], dtype=torch.int32)
         rows["rnnt_loss (1, 4, 3, 5): ak.rnnt_loss under no_grad"] = per_call_us(
             lambda: ak.rnnt_loss(logits, targets, frames, labels))
+
+    # A streamed AmNets frame (issue 12's H=192 x2 encoder, B=1, one frame a call): stream() (per-call checks and
+    # the engine lookup in Python) against the streamer (one native call); the frame itself is the same engine.
+    from amnets.encoder import AmNetsEncoder
+
+    with torch.no_grad():
+        for cheap in ("sparse", "lowrank"):
+            torch.manual_seed(0)
+            enc = AmNetsEncoder(240, 192, num_layers=2, cheap=cheap, sparsity=0.8, block_size=32, rank=48).eval()
+            frame = torch.randn(1, 1, 240)
+            for force in ("cheap", "full"):
+                state = enc.stream(frame, force=force)[1]
+                rows[f"AmNets H=192 x2 {cheap} frame, forced {force}: AmNetsEncoder.stream()"] = per_call_us(
+                    lambda: enc.stream(frame, state, force))
+                streamer = enc.streamer(force=force)
+                rows[f"AmNets H=192 x2 {cheap} frame, forced {force}: AmNetsEncoder.streamer()"] = per_call_us(
+                    lambda: streamer(frame))
 
     big = ak.BlockSparseMatrix.from_dense(torch.randn(4096, 2048), block_size=32, sparsity=0.75)
     values = big.values.clone().requires_grad_(True)
