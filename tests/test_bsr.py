@@ -130,9 +130,15 @@ def test_cpu_bf16_weight_gradient_is_the_fp32_one_rounded(block, m):
     x = (rand(m, in_f) * 1e3).to(torch.bfloat16)
     gy = (rand(m, out_f) * 1e35).to(torch.bfloat16)  # products past bf16's range: inf, and inf - inf = NaN
     gy[0, 0] = float("nan")
+    from amnets_kernels import _backend
+
     backward = torch.ops.amnets_native.bsr_linear_backward
     args = (sparse.crow_indices, sparse.col_indices, out_f, in_f, False, True)
-    got = backward(gy, x, sparse.values, *args)[1]
+    _backend._C.set_cpu_amx("off")  # the vector kernels' rounding (AMX tiles sum in another order: below)
+    try:
+        got = backward(gy, x, sparse.values, *args)[1]
+    finally:
+        _backend._C.set_cpu_amx("auto")
     want = backward(gy.float(), x.float(), sparse.values.float(), *args)[1].to(torch.bfloat16)
     assert got.dtype == torch.bfloat16 and torch.equal(got.isnan(), want.isnan())
     assert want.isinf().any() and want.isnan().any()
@@ -144,9 +150,10 @@ def test_cpu_bf16_weight_gradient_is_the_fp32_one_rounded(block, m):
 @pytest.mark.parametrize("block", [16, 32, 64])
 @pytest.mark.parametrize("m", [8, 16, 21, 40])
 def test_cpu_bf16_amx_tiles(kernel, block, m):
-    """bf16 weights' tile kernel on AMX (csrc/cpu/amx.h) against the fp32 kernel on the same bf16-valued
-    inputs: both sum exact products in fp32, so once rounded to bf16 they differ by at most one bf16 step
-    (the order of the sums). Shapes that are not whole blocks and inf/NaN in the padding, as above.
+    """bf16 weights' tile kernels on AMX (csrc/cpu/amx.h: the forward from 8 rows, grad_x and grad_values from
+    16) against the fp32 kernels on the same bf16-valued inputs: both sum exact products in fp32, so once
+    rounded to bf16 they differ by at most one bf16 step (the order of the sums). Shapes that are not whole
+    blocks and inf/NaN in the padding, as above.
     'emulate' runs the kernel's tile program on the scalar emulation of AMX, on any CPU (its asserts fail
     on a tile shape the hardware would fault on); 'hardware' needs a CPU and OS with AMX."""
     from amnets_kernels import _backend
@@ -165,17 +172,48 @@ def test_cpu_bf16_amx_tiles(kernel, block, m):
     x = rand(m, in_f).to(torch.bfloat16)
     forward = torch.ops.amnets_native.bsr_linear_forward
     args = (clean.crow_indices, clean.col_indices, out_f, in_f, None)
+    gy = rand(m, out_f).to(torch.bfloat16)
+    backward = torch.ops.amnets_native.bsr_linear_backward
+    bargs = (clean.crow_indices, clean.col_indices, out_f, in_f, True, True)
     want = forward(x.float(), values.float(), *args)
+    want_gx, want_gv = backward(gy.float(), x.float(), values.float(), *bargs)
     if kernel == "emulate":
         _backend._C.set_cpu_amx("emulate")
         assert ak.build_info()["cpu_bf16_bsr_kernel"] == "amx tiles, emulated (tests only)"
     try:
         got = forward(x, values, *args)
+        got_gx, got_gv = backward(gy, x, values, *bargs)  # on the tiles from 16 rows
     finally:
         _backend._C.set_cpu_amx("auto")
-    assert got.dtype == torch.bfloat16 and torch.isfinite(want).all()
-    step = want.abs() * 2.0 ** -7 + 1e-5 * in_f  # one bf16 step, plus fp32 sums in another order
-    assert ((got.float() - want).abs() <= step).all()
+    for g, w, depth in ((got, want, in_f), (got_gx, want_gx, out_f), (got_gv, want_gv, m)):
+        assert g.dtype == torch.bfloat16 and torch.isfinite(w).all()
+        step = w.abs() * 2.0 ** -7 + 1e-5 * depth  # one bf16 step, plus fp32 sums in another order
+        assert ((g.float() - w).abs() <= step).all()
+
+
+@given(m=st.integers(8, 40), out_f=st.integers(1, 140), in_f=st.integers(1, 140),
+       block=st.sampled_from([16, 32, 64]), sparsity=st.sampled_from([0.0, 0.5, 1.0]))
+def test_cpu_bf16_amx_tiles_on_any_shape(m, out_f, in_f, block, sparsity):
+    """The AMX tile kernels (emulated; see above) on generated shapes: narrower than a block, empty patterns,
+    partial tiles everywhere; forward and both gradients within a bf16 step of the fp32 kernels."""
+    from amnets_kernels import _backend
+
+    if DEVICE != "cpu" or ak.unavailable_reason("bsr_linear", "cpu") is not None:
+        pytest.skip("cpu face only")
+    _, sparse = make(out_f, in_f, block, sparsity)
+    values, x, gy = sparse.values.bfloat16(), rand(m, in_f).bfloat16(), rand(m, out_f).bfloat16()
+    pattern = (sparse.crow_indices, sparse.col_indices, out_f, in_f)
+    forward, backward = torch.ops.amnets_native.bsr_linear_forward, torch.ops.amnets_native.bsr_linear_backward
+    want = (forward(x.float(), values.float(), *pattern, None),
+            *backward(gy.float(), x.float(), values.float(), *pattern, True, True))
+    _backend._C.set_cpu_amx("emulate")
+    try:
+        got = (forward(x, values, *pattern, None), *backward(gy, x, values, *pattern, True, True))
+    finally:
+        _backend._C.set_cpu_amx("auto")
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == torch.bfloat16
+        assert ((g.float() - w).abs() <= w.abs() * 2.0 ** -7 + 1e-5 * max(m, in_f, out_f)).all()
 
 
 def test_cpu_face_says_when_it_has_no_simd_kernel():

@@ -148,4 +148,26 @@ struct Emulated {
   static void release() { state().configured = false; }
 };
 
+// K::run<Tiles>(args...) on the tiles `kernel` names (kHardware or kEmulated): the hardware instantiation
+// compiled for AMX and AVX-512 (for the vector code around the tiles: K::run must be always_inline), or the
+// emulation.
+#ifdef AMNETS_HAVE_AMX
+template <class K, class... A>
+AMNETS_AMX void run_hardware(A... a) {
+  K::template run<Hardware>(a...);
+}
+#endif
+template <class K, class... A>
+void run_emulated(A... a) {
+  K::template run<Emulated>(a...);
+}
+template <class K, class... A>
+void run(Kernel kernel, A... a) {
+#ifdef AMNETS_HAVE_AMX
+  if (kernel == Kernel::kHardware) return run_hardware<K>(a...);
+#endif
+  TORCH_INTERNAL_ASSERT(kernel == Kernel::kEmulated, "amx::run without tiles");
+  run_emulated<K>(a...);
+}
+
 }  // namespace amnets::amx

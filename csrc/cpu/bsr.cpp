@@ -14,7 +14,8 @@
 //                               AVX512-BF16: from 8 rows, vdpbf16ps on pairs of inputs);
 //   grad_x = grad_y @ W:        by block column (a transposed index built per call), rows of a block
 //                               broadcast-multiplied into 16-wide column accumulators;
-//   grad_values (SDDMM):        per stored block, sum over m of grad_y[m, block rows] x[m, block cols].
+//   grad_values (SDDMM):        per stored block, sum over m of grad_y[m, block rows] x[m, block cols];
+//   on AMX (amx.h), bf16:       the many-row forward from 8 rows, grad_x and grad_values from 16, on tiles.
 // The logical shape need not be whole blocks: block entries outside it are never used (masked),
 // whatever they hold. Parallel over block rows / block columns / blocks with parallel_for (parallel.h: our
 // pool, or OpenMP when autograd records the call); SIMD
@@ -535,37 +536,133 @@ AMNETS_INLINE void forward_amx_block_row(const Problem& p, const c10::BFloat16* 
   }
 }
 
-template <class Tiles>
-AMNETS_INLINE void forward_amx_rows(const Problem& p, const c10::BFloat16* values, const uint16_t* xp, int64_t mp,
-                                    float* y, int64_t r0, int64_t r1) {
-  const int depth = p.block > 32 ? 32 : int(p.block);
-  amx::Config config;
-  for (int j = 0; j < p.block / 16; ++j) config.set(j, 16, 64);
-  config.set(4, depth / 2, 64);
-  for (int t = 5; t < 8; ++t) config.set(t, 16, depth * 2);
-  Tiles::configure(config);  // per call: the tile configuration is the thread's, and other code may change it
-  for (int64_t r = r0; r < r1; ++r) {
-    switch (p.block) {
-      case 16: forward_amx_block_row<Tiles, 16>(p, values, xp, mp, y, r); break;
-      case 32: forward_amx_block_row<Tiles, 32>(p, values, xp, mp, y, r); break;
-      default: forward_amx_block_row<Tiles, 64>(p, values, xp, mp, y, r); break;
+struct ForwardAmx {  // block rows [r0, r1)
+  template <class Tiles>
+  static AMNETS_INLINE void run(const Problem* p, const c10::BFloat16* values, const uint16_t* xp, int64_t mp,
+                                float* y, int64_t r0, int64_t r1) {
+    const int depth = p->block > 32 ? 32 : int(p->block);
+    amx::Config config;
+    for (int j = 0; j < p->block / 16; ++j) config.set(j, 16, 64);
+    config.set(4, depth / 2, 64);
+    for (int t = 5; t < 8; ++t) config.set(t, 16, depth * 2);
+    Tiles::configure(config);  // per call: the tile configuration is the thread's, and other code may change it
+    for (int64_t r = r0; r < r1; ++r) {
+      switch (p->block) {
+        case 16: forward_amx_block_row<Tiles, 16>(*p, values, xp, mp, y, r); break;
+        case 32: forward_amx_block_row<Tiles, 32>(*p, values, xp, mp, y, r); break;
+        default: forward_amx_block_row<Tiles, 64>(*p, values, xp, mp, y, r); break;
+      }
     }
+    Tiles::release();
   }
-  Tiles::release();
+};
+
+// The backward on AMX, bf16 weights, from kAmxBackwardMinRows rows (grad_out and x are bf16 values: putting
+// them in bf16 rounds nothing; sums in fp32 as elsewhere, in another order).
+//
+// grad_values: C (16 block rows i x 16 block columns j) += gy^T's rows (A: 16 i x 32 rows m, from gyt, gy
+// transposed, m contiguous) times x's rows as pairs over m (B: 16 m-pairs x 16 j, from xm: pair row q, column
+// j holds (x[2q, j], x[2q + 1, j])). Both are zero past M (Mp, a multiple of 32) and past the logical matrix.
+// Per block, four C tiles at a time (16 rows i of it by up to 64 columns j). Tiles: C 0..3, A 4, B 5..7.
+constexpr int64_t kAmxBackwardMinRows = 16;  // not tuned (no AMX CPU yet): one whole tile of rows
+
+template <class Tiles, int B>
+AMNETS_INLINE void grad_values_amx_block(const Problem& p, const uint16_t* gyt, const uint16_t* xm, int64_t mp,
+                                         int64_t kp, c10::BFloat16* gv, int64_t k, int64_t r) {
+  constexpr int kC = B / 16;
+  for (int a = 0; a < kC; ++a) {  // rows 16a .. 16a + 15 of the block
+    [&]<int... J>(std::integer_sequence<int, J...>) { (Tiles::template zero<J>(), ...); }(
+        std::make_integer_sequence<int, kC>{});
+    for (int64_t m0 = 0; m0 < mp; m0 += 32) {
+      Tiles::template load<4>(gyt + (r * B + 16 * a) * mp + m0, mp * 2);
+      [&]<int... J>(std::integer_sequence<int, J...>) {
+        ((Tiles::template load<5 + J % 3>(xm + (m0 / 2 * kp + p.col[k] * B + 16 * J) * 2, kp * 4),
+          Tiles::template dot_bf16<J, 4, 5 + J % 3>()), ...);
+      }(std::make_integer_sequence<int, kC>{});
+    }
+    [&]<int... J>(std::integer_sequence<int, J...>) {
+      ([&] {
+        alignas(64) float c[16][16];
+        Tiles::template store<J>(c, 64);
+        for (int i = 0; i < 16; ++i) simd::store16(gv + k * B * B + (16 * a + i) * B + 16 * J, simd::load(c[i]));
+      }(), ...);
+    }(std::make_integer_sequence<int, kC>{});
+  }
 }
 
-#ifdef AMNETS_HAVE_AMX
-AMNETS_AMX void forward_rows_amx(const Problem& p, const c10::BFloat16* values, const uint16_t* xp, int64_t mp,
-                                 float* y, int64_t r0, int64_t r1) {
-  forward_amx_rows<amx::Hardware>(p, values, xp, mp, y, r0, r1);
+struct GradValuesAmx {  // blocks [k0, k1)
+  template <class Tiles>
+  static AMNETS_INLINE void run(const Problem* p, const uint16_t* gyt, const uint16_t* xm, int64_t mp, int64_t kp,
+                                c10::BFloat16* gv, const int64_t* row_of, int64_t k0, int64_t k1) {
+    amx::Config config;
+    for (int t = 0; t < 8; ++t) config.set(t, 16, 64);
+    Tiles::configure(config);
+    for (int64_t k = k0; k < k1; ++k) {
+      switch (p->block) {
+        case 16: grad_values_amx_block<Tiles, 16>(*p, gyt, xm, mp, kp, gv, k, row_of[k]); break;
+        case 32: grad_values_amx_block<Tiles, 32>(*p, gyt, xm, mp, kp, gv, k, row_of[k]); break;
+        default: grad_values_amx_block<Tiles, 64>(*p, gyt, xm, mp, kp, gv, k, row_of[k]); break;
+      }
+    }
+    Tiles::release();
+  }
+};
+
+// grad_x: C (16 rows m x 16 block columns j) += gy's rows (A: 16 m x kDepth block rows i, from gyb, gy in bf16
+// with Mp16 rows) times the block as pairs over i (B: kDepth/2 i-pairs x 16 j, from wv: the blocks repacked per
+// call, pair row q, column j holding (W[2q, j], W[2q + 1, j]), rows past the logical matrix zeroed: they may
+// hold anything and gy's zeros would not cancel an inf there). Per block column, up to four C tiles (its
+// columns), every block of the column, every depth step. Tiles: C 0..3, A 4, B 5..7.
+template <class Tiles, int B>
+AMNETS_INLINE void grad_input_amx_column(const Problem& p, const ColumnIndex& ci, const uint16_t* wv,
+                                         const uint16_t* gyb, int64_t np, float* gx, int64_t c) {
+  constexpr int kC = B / 16, kSteps = B > 32 ? 2 : 1, kDepth = B > 32 ? 32 : B;
+  for (int64_t m0 = 0; m0 < p.rows; m0 += 16) {
+    [&]<int... J>(std::integer_sequence<int, J...>) { (Tiles::template zero<J>(), ...); }(
+        std::make_integer_sequence<int, kC>{});
+    for (int64_t at = ci.start[c]; at < ci.start[c + 1]; ++at) {
+      const uint16_t* w = wv + ci.block[at] * B * B;
+      for (int s = 0; s < kSteps; ++s) {
+        Tiles::template load<4>(gyb + m0 * np + ci.row[at] * B + kDepth * s, np * 2);
+        [&]<int... J>(std::integer_sequence<int, J...>) {
+          ((Tiles::template load<5 + J % 3>(w + (kDepth / 2 * s * B + 16 * J) * 2, B * 4),
+            Tiles::template dot_bf16<J, 4, 5 + J % 3>()), ...);
+        }(std::make_integer_sequence<int, kC>{});
+      }
+    }
+    const int64_t rows = std::min<int64_t>(16, p.rows - m0), cols = p.cols_in(c);
+    [&]<int... J>(std::integer_sequence<int, J...>) {
+      ([&] {
+        alignas(64) float t[16][16];
+        Tiles::template store<J>(t, 64);
+        const int64_t n = std::min<int64_t>(16, cols - 16 * J);
+        for (int64_t m = 0; m < rows; ++m)
+          for (int64_t j = 0; j < n; ++j) gx[(m0 + m) * p.in_features + c * B + 16 * J + j] = t[m][j];
+      }(), ...);
+    }(std::make_integer_sequence<int, kC>{});
+  }
 }
-#else
-void forward_rows_amx(const Problem&, const c10::BFloat16*, const uint16_t*, int64_t, float*, int64_t, int64_t) {}
-#endif
-void forward_rows_amx_emulated(const Problem& p, const c10::BFloat16* values, const uint16_t* xp, int64_t mp,
-                               float* y, int64_t r0, int64_t r1) {
-  forward_amx_rows<amx::Emulated>(p, values, xp, mp, y, r0, r1);
-}
+
+struct GradInputAmx {  // block columns [c0, c1)
+  template <class Tiles>
+  static AMNETS_INLINE void run(const Problem* p, const ColumnIndex* ci, const uint16_t* wv, const uint16_t* gyb,
+                                int64_t np, float* gx, int64_t c0, int64_t c1) {
+    const int depth = p->block > 32 ? 32 : int(p->block);
+    amx::Config config;
+    for (int j = 0; j < 4; ++j) config.set(j, 16, 64);
+    config.set(4, 16, depth * 2);
+    for (int t = 5; t < 8; ++t) config.set(t, depth / 2, 64);
+    Tiles::configure(config);
+    for (int64_t c = c0; c < c1; ++c) {
+      switch (p->block) {
+        case 16: grad_input_amx_column<Tiles, 16>(*p, *ci, wv, gyb, np, gx, c); break;
+        case 32: grad_input_amx_column<Tiles, 32>(*p, *ci, wv, gyb, np, gx, c); break;
+        default: grad_input_amx_column<Tiles, 64>(*p, *ci, wv, gyb, np, gx, c); break;
+      }
+    }
+    Tiles::release();
+  }
+};
 
 void grad_input_columns(const Problem& p, const ColumnIndex& ci, const float* v, const float* gy, float* gx,
                         int64_t c0, int64_t c1) {
@@ -697,10 +794,10 @@ void forward_into(const Problem& p, const Tensor& values, const Tensor& xf, int6
     const auto* xp_data = reinterpret_cast<const uint16_t*>(xp.data_ptr<c10::BFloat16>());
     parallel_for(0, p.block_rows, 1, [&](int64_t r0, int64_t r1) {
       const c10::BFloat16* v = values.data_ptr<c10::BFloat16>();
-      switch (tiles_on) {
-        case amx::Kernel::kHardware: forward_rows_amx(tiles, v, xp_data, mp, y, r0, r1); break;
-        case amx::Kernel::kEmulated: forward_rows_amx_emulated(tiles, v, xp_data, mp, y, r0, r1); break;
-        default: forward_rows_dpbf16(tiles, v, xp_data, mp, y, r0, r1); break;
+      if (tiles_on != amx::Kernel::kNone) {
+        amx::run<ForwardAmx>(tiles_on, &tiles, v, xp_data, mp, y, r0, r1);
+      } else {
+        forward_rows_dpbf16(tiles, v, xp_data, mp, y, r0, r1);
       }
     });
     return forward_into(few, values, xf.narrow(0, tiles.rows, rest), k_pad, y + tiles.rows * p.out_features);
@@ -857,6 +954,51 @@ std::tuple<Tensor, Tensor, Tensor> bsr_lstm_sequence_forward(
   return {out.to(type), out[steps - 1].to(type).clone(), c.to(type)};
 }
 
+// bsr_linear_backward on AMX tiles (GradInputAmx, GradValuesAmx above): bf16 values, grad_out and x.
+std::tuple<Tensor, Tensor> amx_backward(amx::Kernel tiles, const Problem& p, const Tensor& grad_out, const Tensor& x,
+                                        const Tensor& values, bool need_x, bool need_values) {
+  const int64_t b = p.block, np = p.block_rows * b, kp = p.block_cols * b;
+  // bf16 (rows, cols) zero-padded to (rows_to, cols_to): the tiles read whole 16-row, 32-column slices.
+  auto padded = [](const Tensor& t, int64_t rows_to, int64_t cols_to) {
+    return at::constant_pad_nd(t, {0, cols_to - t.size(1), 0, rows_to - t.size(0)}, 0.0).contiguous();
+  };
+  auto as_u16 = [](const Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<c10::BFloat16>()); };
+  Tensor grad_x = x.new_empty({0}), grad_values = values.new_empty({0});
+  if (need_x) {
+    Tensor v = values;
+    if (const int64_t last = p.out_features - (p.block_rows - 1) * b; p.block_rows > 0 && last < b) {
+      // rows past out_features may hold anything
+      v = values.clone();
+      const int64_t k0 = p.crow[p.block_rows - 1], k1 = p.crow[p.block_rows];
+      v.narrow(0, k0, k1 - k0).narrow(1, last, b - last).zero_();
+    }
+    const Tensor wv = v.view({-1, b / 2, 2, b}).permute({0, 1, 3, 2}).contiguous();  // pairs over block rows
+    const Tensor gyb = padded(grad_out, (p.rows + 15) / 16 * 16, np);
+    Tensor gx = at::empty({p.rows, p.in_features}, x.options().dtype(at::kFloat));
+    const ColumnIndex ci = column_index(p);
+    parallel_for(0, p.block_cols, 1, [&](int64_t c0, int64_t c1) {
+      amx::run<GradInputAmx>(tiles, &p, &ci, as_u16(wv), as_u16(gyb), np, gx.data_ptr<float>(), c0, c1);
+    });
+    grad_x = float_to(gx, x.scalar_type());
+  }
+  if (need_values) {
+    grad_values = at::empty_like(values);
+    const int64_t nnzb = values.size(0), mp = (p.rows + 31) / 32 * 32;
+    if (nnzb > 0) {
+      const Tensor gyt = padded(grad_out, mp, np).t().contiguous();  // (np, mp): m contiguous
+      const Tensor xm = padded(x, mp, kp).view({mp / 2, 2, kp}).permute({0, 2, 1}).contiguous();  // pairs over m
+      std::vector<int64_t> row_of(nnzb);
+      for (int64_t r = 0; r < p.block_rows; ++r)
+        for (int64_t k = p.crow[r]; k < p.crow[r + 1]; ++k) row_of[k] = r;
+      parallel_for(0, nnzb, 1, [&](int64_t k0, int64_t k1) {
+        amx::run<GradValuesAmx>(tiles, &p, as_u16(gyt), as_u16(xm), mp, kp,
+                                grad_values.data_ptr<c10::BFloat16>(), row_of.data(), k0, k1);
+      });
+    }
+  }
+  return {grad_x, grad_values};
+}
+
 std::tuple<Tensor, Tensor> bsr_linear_backward(const Tensor& grad_out, const Tensor& x, const Tensor& values_in,
                                                const Tensor& crow_indices, const Tensor& col_indices,
                                                int64_t out_features, int64_t in_features, bool need_x,
@@ -870,6 +1012,11 @@ std::tuple<Tensor, Tensor> bsr_linear_backward(const Tensor& grad_out, const Ten
     return dense_backward(grad_out, x, values, crow, col, out_features, in_features, need_x, need_values);
   }
   const Problem p = problem_of(x, values, crow, col, out_features, in_features);
+  const amx::Kernel tiles = values.scalar_type() == at::kBFloat16 && grad_out.scalar_type() == at::kBFloat16 &&
+                                    p.rows >= kAmxBackwardMinRows
+                                ? amx::active()
+                                : amx::Kernel::kNone;
+  if (tiles != amx::Kernel::kNone) return amx_backward(tiles, p, grad_out, x, values, need_x, need_values);
   const Tensor gy = float_padded(grad_out, out_features);
   Tensor grad_x = x.new_empty({0}), grad_values = values.new_empty({0});
   if (need_x) {

@@ -400,29 +400,17 @@ AMNETS_INLINE void expand_panel_amx(const uint16_t* u, int64_t Rp, int64_t ldu, 
   }
 }
 
-template <class Tiles>
-AMNETS_INLINE void expand_panels_amx(PairPanels u, int64_t Rp, int64_t G, const uint16_t* sp, int64_t lds, int64_t M,
-                                     float* out, int64_t ldo, bool accumulate, int64_t c0, int64_t c1) {
-  Tiles::configure(expand_config(Rp));  // per call: the tile configuration is the thread's
-  for (int64_t c = c0; c < c1; ++c)
-    expand_panel_amx<Tiles>(u.data + c * u.chunk_stride, Rp, u.ldu, std::min(kPanel, G - c * kPanel), sp, lds, M,
-                            out + c * kPanel, ldo, accumulate);
-  Tiles::release();
-}
-
-#ifdef AMNETS_HAVE_AMX
-AMNETS_AMX void expand_panels_amx_hw(PairPanels u, int64_t Rp, int64_t G, const uint16_t* sp, int64_t lds, int64_t M,
-                                     float* out, int64_t ldo, bool accumulate, int64_t c0, int64_t c1) {
-  expand_panels_amx<amx::Hardware>(u, Rp, G, sp, lds, M, out, ldo, accumulate, c0, c1);
-}
-#else
-void expand_panels_amx_hw(PairPanels, int64_t, int64_t, const uint16_t*, int64_t, int64_t, float*, int64_t, bool,
-                          int64_t, int64_t) {}
-#endif
-void expand_panels_amx_emulated(PairPanels u, int64_t Rp, int64_t G, const uint16_t* sp, int64_t lds, int64_t M,
+struct ExpandAmx {  // panels [c0, c1)
+  template <class Tiles>
+  static AMNETS_INLINE void run(const PairPanels* u, int64_t Rp, int64_t G, const uint16_t* sp, int64_t lds, int64_t M,
                                 float* out, int64_t ldo, bool accumulate, int64_t c0, int64_t c1) {
-  expand_panels_amx<amx::Emulated>(u, Rp, G, sp, lds, M, out, ldo, accumulate, c0, c1);
-}
+    Tiles::configure(expand_config(Rp));  // per call: the tile configuration is the thread's
+    for (int64_t c = c0; c < c1; ++c)
+      expand_panel_amx<Tiles>(u->data + c * u->chunk_stride, Rp, u->ldu, std::min(kPanel, G - c * kPanel), sp, lds,
+                              M, out + c * kPanel, ldo, accumulate);
+    Tiles::release();
+  }
+};
 
 }  // namespace
 
@@ -467,15 +455,11 @@ void expand(PairPanels u, int64_t R, int64_t G, const float* s, int64_t lds, int
   const amx::Kernel tiles = M >= kAmxMinRows ? amx::active() : amx::Kernel::kNone;
   const uint16_t* sp = rounded_rows(s, M, R, lds, 2 * Rp, tiles == amx::Kernel::kNone ? M : (M + 15) / 16 * 16);
   parallel_for(0, chunks, grain, [&](int64_t c0, int64_t c1) {
-    switch (tiles) {
-      case amx::Kernel::kHardware: return expand_panels_amx_hw(u, Rp, G, sp, 2 * Rp, M, out, ldo, accumulate, c0, c1);
-      case amx::Kernel::kEmulated:
-        return expand_panels_amx_emulated(u, Rp, G, sp, 2 * Rp, M, out, ldo, accumulate, c0, c1);
-      default:
-        for (int64_t c = c0; c < c1; ++c)
-          expand_panel_dp(u.data + c * u.chunk_stride, Rp, u.ldu, std::min(kPanel, G - c * kPanel), sp, 2 * Rp, M,
-                          out + c * kPanel, ldo, accumulate);
-    }
+    if (tiles != amx::Kernel::kNone) return amx::run<ExpandAmx>(tiles, &u, Rp, G, sp, 2 * Rp, M, out, ldo, accumulate,
+                                                                 c0, c1);
+    for (int64_t c = c0; c < c1; ++c)
+      expand_panel_dp(u.data + c * u.chunk_stride, Rp, u.ldu, std::min(kPanel, G - c * kPanel), sp, 2 * Rp, M,
+                      out + c * kPanel, ldo, accumulate);
   });
 }
 
