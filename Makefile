@@ -11,7 +11,7 @@ SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 QUICK  ?=
 SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: test bench peers install aot deploy clean
+.PHONY: test bench peers install aot deploy asan clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -50,6 +50,10 @@ bench: install
 # test and bench do not need them and label them "not installed" without).
 peers: install
 	bash benchmarks/peers.sh $(PY)
+
+# Optional: the test suite against an AddressSanitizer build of the CPU extension (tests/asan.sh; ~20 minutes).
+asan: install
+	bash tests/asan.sh $(PY)
 
 clean:
 	rm -rf build *.egg-info amnets_kernels/_C*.so $(VENV)
