@@ -177,26 +177,22 @@ def test_cpu_bf16_forward_keeps_bf16_factors(batch, steps, hidden, rank_hh, amx)
         pytest.skip("the cpu face's bf16 kernels need a CPU with AVX512-BF16")
     if amx == "emulate" and batch < 8:
         pytest.skip("below the tile kernels' rows")
+    # Factors scaled so that the gates are O(1): with factors() as they are (U V entries ~ 0.25 sqrt(r)) the
+    # gates reach ~10 at r = 65 and the roundings alone move outputs by ~1 (float64 with and without them).
+    w = [t * s for t, s in zip(factors(45, hidden, 19, rank_hh, torch.float64, "cpu"),
+                               (19 ** -0.5, 45 ** -0.5, rank_hh ** -0.5, hidden ** -0.5, 1))]
+    w = [t.bfloat16() for t in w]
+    x = rand(steps, batch, 45, dtype=torch.bfloat16)
+    h0, c0 = (rand(batch, hidden, dtype=torch.bfloat16) for _ in range(2))
     _backend._C.set_cpu_amx(amx)
     try:
-        _bf16_forward_against_float64(batch, steps, hidden, rank_hh)
+        with use_face("lowrank_lstm_sequence", "cpu"), torch.no_grad():
+            got = ak.lowrank_lstm_sequence(x, h0, c0, *w)
     finally:
         _backend._C.set_cpu_amx("auto")
-
-
-def _bf16_forward_against_float64(batch, steps, hidden, rank_hh):
-    with use_face("lowrank_lstm_sequence", "cpu"), torch.no_grad():
-        # Factors scaled so that the gates are O(1): with factors() as they are (U V entries ~ 0.25 sqrt(r)) the
-        # gates reach ~10 at r = 65 and the roundings alone move outputs by ~1 (float64 with and without them).
-        w = [t * s for t, s in zip(factors(45, hidden, 19, rank_hh, torch.float64, "cpu"),
-                                   (19 ** -0.5, 45 ** -0.5, rank_hh ** -0.5, hidden ** -0.5, 1))]
-        w = [t.bfloat16() for t in w]
-        x = rand(steps, batch, 45, dtype=torch.bfloat16)
-        h0, c0 = (rand(batch, hidden, dtype=torch.bfloat16) for _ in range(2))
-        got = ak.lowrank_lstm_sequence(x, h0, c0, *w)
-        for g, e in zip(got, bf16_forward_emulated(x, h0, c0, *w)):
-            assert g.dtype == torch.bfloat16
-            torch.testing.assert_close(g.double(), e, rtol=4e-3, atol=8e-3)
+    for g, e in zip(got, bf16_forward_emulated(x, h0, c0, *w)):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g.double(), e, rtol=4e-3, atol=8e-3)
 
 
 # ---------------------------------------------------------------------------------------------------
