@@ -14,6 +14,8 @@
 
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define AMNETS_HAVE_AMX 1
@@ -147,6 +149,13 @@ struct Emulated {
   }
   static void release() { state().configured = false; }
 };
+
+// f(std::integral_constant<int, J>{}) for J = 0 .. N - 1, in order: a tile number the instructions can take.
+template <int N, class F>
+inline __attribute__((always_inline)) void each(F&& f) {
+  [&]<int... J>(std::integer_sequence<int, J...>) { (f(std::integral_constant<int, J>{}), ...); }(
+      std::make_integer_sequence<int, N>{});
+}
 
 // K::run<Tiles>(args...) on the tiles `kernel` names (kHardware or kEmulated): the hardware instantiation
 // compiled for AMX and AVX-512 (for the vector code around the tiles: K::run must be always_inline), or the

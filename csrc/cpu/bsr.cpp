@@ -31,7 +31,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <utility>
 #include <vector>
 
 #include "../checks.h"
@@ -509,8 +508,7 @@ AMNETS_INLINE void forward_amx_block_row(const Problem& p, const c10::BFloat16* 
   const int64_t rows = p.rows_in(r);
   c10::BFloat16 edge[B * B];
   for (int64_t m0 = 0; m0 < p.rows; m0 += 16) {
-    [&]<int... J>(std::integer_sequence<int, J...>) { (Tiles::template zero<J>(), ...); }(
-        std::make_integer_sequence<int, kC>{});
+    amx::each<kC>([](auto j) { Tiles::template zero<j>(); });
     for (int64_t k = p.crow[r]; k < p.crow[r + 1]; ++k) {
       const c10::BFloat16* w = values + k * B * B;
       prefetch_block<c10::BFloat16, B>(p, values, k, r, 0, B, B * B * 2);
@@ -523,16 +521,16 @@ AMNETS_INLINE void forward_amx_block_row(const Problem& p, const c10::BFloat16* 
       }
       for (int s = 0; s < kSteps; ++s) {
         Tiles::template load<4>(xp + ((p.col[k] * B / 2 + 16 * s) * mp + m0) * 2, mp * 4);
-        [&]<int... J>(std::integer_sequence<int, J...>) {
-          ((Tiles::template load<5 + J % 3>(w + 16 * J * B + kDepth * s, B * 2),
-            Tiles::template dot_bf16<J, 5 + J % 3, 4>()), ...);
-        }(std::make_integer_sequence<int, kC>{});
+        amx::each<kC>([&](auto j) {
+          Tiles::template load<5 + j % 3>(w + 16 * j * B + kDepth * s, B * 2);
+          Tiles::template dot_bf16<j, 5 + j % 3, 4>();
+        });
       }
     }
     const int64_t lanes = std::min<int64_t>(16, p.rows - m0);
-    [&]<int... J>(std::integer_sequence<int, J...>) {
-      (store_c<Tiles, J>(y + m0 * p.out_features + r * B + 16 * J, p.out_features, lanes, rows - 16 * J), ...);
-    }(std::make_integer_sequence<int, kC>{});
+    amx::each<kC>([&](auto j) {
+      store_c<Tiles, j>(y + m0 * p.out_features + r * B + 16 * j, p.out_features, lanes, rows - 16 * j);
+    });
   }
 }
 
@@ -571,22 +569,19 @@ AMNETS_INLINE void grad_values_amx_block(const Problem& p, const uint16_t* gyt, 
                                          int64_t kp, c10::BFloat16* gv, int64_t k, int64_t r) {
   constexpr int kC = B / 16;
   for (int a = 0; a < kC; ++a) {  // rows 16a .. 16a + 15 of the block
-    [&]<int... J>(std::integer_sequence<int, J...>) { (Tiles::template zero<J>(), ...); }(
-        std::make_integer_sequence<int, kC>{});
+    amx::each<kC>([](auto j) { Tiles::template zero<j>(); });
     for (int64_t m0 = 0; m0 < mp; m0 += 32) {
       Tiles::template load<4>(gyt + (r * B + 16 * a) * mp + m0, mp * 2);
-      [&]<int... J>(std::integer_sequence<int, J...>) {
-        ((Tiles::template load<5 + J % 3>(xm + (m0 / 2 * kp + p.col[k] * B + 16 * J) * 2, kp * 4),
-          Tiles::template dot_bf16<J, 4, 5 + J % 3>()), ...);
-      }(std::make_integer_sequence<int, kC>{});
+      amx::each<kC>([&](auto j) {
+        Tiles::template load<5 + j % 3>(xm + (m0 / 2 * kp + p.col[k] * B + 16 * j) * 2, kp * 4);
+        Tiles::template dot_bf16<j, 4, 5 + j % 3>();
+      });
     }
-    [&]<int... J>(std::integer_sequence<int, J...>) {
-      ([&] {
-        alignas(64) float c[16][16];
-        Tiles::template store<J>(c, 64);
-        for (int i = 0; i < 16; ++i) simd::store16(gv + k * B * B + (16 * a + i) * B + 16 * J, simd::load(c[i]));
-      }(), ...);
-    }(std::make_integer_sequence<int, kC>{});
+    amx::each<kC>([&](auto j) {
+      alignas(64) float c[16][16];
+      Tiles::template store<j>(c, 64);
+      for (int i = 0; i < 16; ++i) simd::store16(gv + k * B * B + (16 * a + i) * B + 16 * j, simd::load(c[i]));
+    });
   }
 }
 
@@ -618,28 +613,25 @@ AMNETS_INLINE void grad_input_amx_column(const Problem& p, const ColumnIndex& ci
                                          const uint16_t* gyb, int64_t np, float* gx, int64_t c) {
   constexpr int kC = B / 16, kSteps = B > 32 ? 2 : 1, kDepth = B > 32 ? 32 : B;
   for (int64_t m0 = 0; m0 < p.rows; m0 += 16) {
-    [&]<int... J>(std::integer_sequence<int, J...>) { (Tiles::template zero<J>(), ...); }(
-        std::make_integer_sequence<int, kC>{});
+    amx::each<kC>([](auto j) { Tiles::template zero<j>(); });
     for (int64_t at = ci.start[c]; at < ci.start[c + 1]; ++at) {
       const uint16_t* w = wv + ci.block[at] * B * B;
       for (int s = 0; s < kSteps; ++s) {
         Tiles::template load<4>(gyb + m0 * np + ci.row[at] * B + kDepth * s, np * 2);
-        [&]<int... J>(std::integer_sequence<int, J...>) {
-          ((Tiles::template load<5 + J % 3>(w + (kDepth / 2 * s * B + 16 * J) * 2, B * 4),
-            Tiles::template dot_bf16<J, 4, 5 + J % 3>()), ...);
-        }(std::make_integer_sequence<int, kC>{});
+        amx::each<kC>([&](auto j) {
+          Tiles::template load<5 + j % 3>(w + (kDepth / 2 * s * B + 16 * j) * 2, B * 4);
+          Tiles::template dot_bf16<j, 4, 5 + j % 3>();
+        });
       }
     }
     const int64_t rows = std::min<int64_t>(16, p.rows - m0), cols = p.cols_in(c);
-    [&]<int... J>(std::integer_sequence<int, J...>) {
-      ([&] {
-        alignas(64) float t[16][16];
-        Tiles::template store<J>(t, 64);
-        const int64_t n = std::min<int64_t>(16, cols - 16 * J);
-        for (int64_t m = 0; m < rows; ++m)
-          for (int64_t j = 0; j < n; ++j) gx[(m0 + m) * p.in_features + c * B + 16 * J + j] = t[m][j];
-      }(), ...);
-    }(std::make_integer_sequence<int, kC>{});
+    amx::each<kC>([&](auto j) {
+      alignas(64) float t[16][16];
+      Tiles::template store<j>(t, 64);
+      const int64_t n = std::min<int64_t>(16, cols - 16 * j);
+      for (int64_t m = 0; m < rows; ++m)
+        for (int64_t i = 0; i < n; ++i) gx[(m0 + m) * p.in_features + c * B + 16 * j + i] = t[m][i];
+    });
   }
 }
 

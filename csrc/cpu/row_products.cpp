@@ -17,7 +17,6 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-#include <utility>
 #include <vector>
 
 #include "amx.h"
@@ -366,10 +365,10 @@ AMNETS_INLINE void expand_panel_amx(const uint16_t* u, int64_t Rp, int64_t ldu, 
                                     int64_t lds, int64_t M, float* out, int64_t ldo, bool accumulate) {
   const int64_t whole = Rp / 16 * 16;
   const int n = int((G + 15) / 16);
-  auto tiles = [&](auto body) {  // body(integral_constant J) for each C tile J < n
-    [&]<int... J>(std::integer_sequence<int, J...>) {
-      ((J < n ? body(std::integral_constant<int, J>{}) : void()), ...);
-    }(std::make_integer_sequence<int, 4>{});
+  auto tiles = [&](auto body) {  // body(tile J) for each C tile J < n
+    amx::each<4>([&](auto j) {
+      if (j < n) body(j);
+    });
   };
   for (int64_t m0 = 0; m0 < M; m0 += 16) {
     tiles([&](auto j) { Tiles::template zero<j>(); });
