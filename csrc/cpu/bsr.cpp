@@ -772,12 +772,12 @@ std::tuple<Tensor, Tensor> dense_backward(const Tensor& gy, const Tensor& x, con
 void forward_into(const Problem& p, const Tensor& values, const Tensor& xf, int64_t k_pad, float* y) {
   if (p.rows == 0) return;
   const amx::Kernel tiles_on = values.scalar_type() == at::kBFloat16 ? amx::active() : amx::Kernel::kNone;
-  const bool dpbf16 = values.scalar_type() == at::kBFloat16 && (tiles_on != amx::Kernel::kNone || simd::has_dpbf16());
+  const bool bf16_tiles = values.scalar_type() == at::kBFloat16 && (tiles_on != amx::Kernel::kNone || simd::has_dpbf16());
   // AVX512-BF16 tiles are about twice as cheap per row as the fp32 ones, so only up to kDpbf16FewMax rows past
   // the last full tile go to the few-row kernel (bf16, 4096x2048 b=32 d=0.1 on one AMD EPYC core: a tile
   // 0.233 ms for 1-16 rows, 4 rows few-row 0.111 ms, 17 rows 0.403 ms as two tiles).
   const int64_t rest = p.rows % kWidth <= kDpbf16FewMax ? p.rows % kWidth : 0;
-  if (dpbf16 && p.rows - rest >= kDpbf16MinRows) {
+  if (bf16_tiles && p.rows - rest >= kDpbf16MinRows) {
     Problem tiles = p, few = p;
     tiles.rows = p.rows - rest, few.rows = rest;
     const int64_t mp = (tiles.rows + kWidth - 1) / kWidth * kWidth;
@@ -946,6 +946,14 @@ std::tuple<Tensor, Tensor, Tensor> bsr_lstm_sequence_forward(
   return {out.to(type), out[steps - 1].to(type).clone(), c.to(type)};
 }
 
+// The block row of every stored block (grad_values runs over blocks, not rows).
+std::vector<int64_t> block_row_of(const Problem& p) {
+  std::vector<int64_t> row_of(p.crow[p.block_rows]);
+  for (int64_t r = 0; r < p.block_rows; ++r)
+    for (int64_t k = p.crow[r]; k < p.crow[r + 1]; ++k) row_of[k] = r;
+  return row_of;
+}
+
 // bsr_linear_backward on AMX tiles (GradInputAmx, GradValuesAmx above): bf16 values, grad_out and x.
 std::tuple<Tensor, Tensor> amx_backward(amx::Kernel tiles, const Problem& p, const Tensor& grad_out, const Tensor& x,
                                         const Tensor& values, bool need_x, bool need_values) {
@@ -979,9 +987,7 @@ std::tuple<Tensor, Tensor> amx_backward(amx::Kernel tiles, const Problem& p, con
     if (nnzb > 0) {
       const Tensor gyt = padded(grad_out, mp, np).t().contiguous();  // (np, mp): m contiguous
       const Tensor xm = padded(x, mp, kp).view({mp / 2, 2, kp}).permute({0, 2, 1}).contiguous();  // pairs over m
-      std::vector<int64_t> row_of(nnzb);
-      for (int64_t r = 0; r < p.block_rows; ++r)
-        for (int64_t k = p.crow[r]; k < p.crow[r + 1]; ++k) row_of[k] = r;
+      const std::vector<int64_t> row_of = block_row_of(p);
       parallel_for(0, nnzb, 1, [&](int64_t k0, int64_t k1) {
         amx::run<GradValuesAmx>(tiles, &p, as_u16(gyt), as_u16(xm), mp, kp,
                                 grad_values.data_ptr<c10::BFloat16>(), row_of.data(), k0, k1);
@@ -1031,9 +1037,7 @@ std::tuple<Tensor, Tensor> bsr_linear_backward(const Tensor& grad_out, const Ten
     const int64_t nnzb = values.size(0);
     if (nnzb > 0) {
       const Tensor xf = float_padded(x, p.block_cols * p.block), gf = float_padded(gy, p.block_rows * p.block);
-      std::vector<int64_t> row_of(nnzb);
-      for (int64_t r = 0; r < p.block_rows; ++r)
-        for (int64_t k = p.crow[r]; k < p.crow[r + 1]; ++k) row_of[k] = r;
+      const std::vector<int64_t> row_of = block_row_of(p);
       parallel_for(0, nnzb, 1, [&](int64_t k0, int64_t k1) {
         if (values.scalar_type() == at::kFloat) {
           grad_values_blocks(p, gf.data_ptr<float>(), gf.size(1), xf.data_ptr<float>(), xf.size(1),
