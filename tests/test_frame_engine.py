@@ -138,29 +138,74 @@ def test_bf16_weights(cheap):
 
 @pytest.mark.parametrize("cheap", ["sparse", "lowrank"])
 def test_stream_follows_every_weight_it_reads(cheap):
-    """stream() rebuilds its engine when any tensor the engine was built from changes (in place, or replaced
-    through .data): each edit must show in the next call, as on a fresh copy of the encoder. A streamed
-    encoder still copies and pickles (its native engine is a cache that stays behind)."""
+    """stream() rebuilds its engine when any tensor the engine was built from changes (in place, through
+    .data, replaced, swapped, a submodule replaced) or the backend does: each edit must show in the next call,
+    as on a fresh copy of the encoder. The state is passed, so that stream() takes its native path (no Python
+    checks, the engine's validity checked by _C.TensorSnapshot). A streamed encoder still copies and pickles
+    (its native engine is a cache that stays behind)."""
     import copy
     import io
 
     cfg = dict(cheap=cheap, layers=2, hidden=32, inp=24, block=16, per_layer=False, uses_state=True, batch=3,
                frames=4, threshold=0.5, force=None, seed=5, rank=20)
     enc, x, _ = build(cfg)
+    state = enc.stream(x[:, :1])[1]
+
+    def replace(e, name, scale):
+        setattr(e, name, torch.nn.Parameter(getattr(e, name) * scale))
+
+    def new_arbitrator_output(e):
+        last = torch.nn.Linear(e.arbitrator[2].in_features, e.arbitrator[2].out_features)
+        last.bias.data.fill_(-0.2)
+        e.arbitrator[2] = last
+
     edits = [lambda e: e.arbitrator[0].weight.mul_(-1.5), lambda e: e.arbitrator[2].bias.add_(0.7),
              lambda e: e.arbitrator[0].bias.data.copy_(torch.randn_like(e.arbitrator[0].bias)),
              lambda e: e.weight_hh_l1.mul_(0.5), lambda e: e.bias_l0.add_(0.3)]
     edits.append((lambda e: e.block_mask_l0.logical_not_()) if cheap == "sparse" else
                  (lambda e: e.w_hh_u_l1.mul_(2.0)))
     edits.append(lambda e: setattr(e.weight_ih_l0, "data", e.weight_ih_l0.data * 0.9))
-    enc.stream(x)
+    edits.append(lambda e: replace(e, "weight_ih_l1", 1.2))  # a new Parameter object
+    edits.append(lambda e: replace(e, "w_ih_v_l0" if cheap == "lowrank" else "bias_l1", 0.8))
+    edits.append(lambda e: torch.utils.swap_tensors(e.weight_hh_l0, torch.nn.Parameter(e.weight_hh_l0 * 1.1)))
+    edits.append(new_arbitrator_output)
+    edits.append(lambda e: e.load_state_dict({k: v * 0.95 if v.is_floating_point() else v
+                                              for k, v in e.state_dict().items()}))
     for edit in edits:
+        assert torch.equal(enc.stream(x, state)[0], enc.stream(x, state)[0])  # built, then taken from the cache
         with torch.no_grad():
             edit(enc)
-        got, want = enc.stream(x), copy.deepcopy(enc).stream(x)
+        got, want = enc.stream(x, state), copy.deepcopy(enc).stream(x, state)
         assert torch.equal(got[2], want[2])
         torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    engine = enc.frame_engine()
+    with ak.use_backend("reference"):
+        assert enc.frame_engine() is None
+        enc.stream(x, state, force="cheap")
+    assert ak.last_face(encoder_module._CHEAP_OPS[cheap]) == "reference"  # its steps ran, not the engine
+    assert enc.frame_engine() is engine  # the same weights under the same backend again: no rebuild
     torch.save(enc, io.BytesIO())
+
+
+def test_stream_with_a_state_runs_natively(monkeypatch):
+    """Once its engine is built, stream() with the state passed and force None / "full" / "cheap" is one
+    native call: stream()'s Python checks do not run (the engine checks the frames and the state)."""
+    cfg = dict(cheap="sparse", layers=2, hidden=16, inp=8, block=16, per_layer=False, uses_state=True, batch=2,
+               frames=3, threshold=0.5, force=None, seed=0)
+    enc, x, _ = build(cfg)
+    whole, state, dec = enc.stream(x)  # builds the engine (state None: the checked path)
+    first, mid, _ = enc.stream(x[:, :1])
+
+    def no_python_checks(*args):
+        raise AssertionError("stream() ran its Python checks")
+
+    monkeypatch.setattr(encoder_module, "_check_stream", no_python_checks)
+    rest, last, dec2 = enc.stream(x[:, 1:], mid)
+    assert torch.equal(torch.cat([first, rest], 1), whole) and torch.equal(last[1], state[1])
+    for force in ("full", "cheap"):
+        enc.stream(x, state, force=force, threshold=0.3)
+    with pytest.raises(AssertionError, match="Python checks"):  # a per-row force: the checked path
+        enc.stream(x, state, force=torch.tensor([True, False]))
 
 
 def test_bf16_lowrank_frames_on_emulated_amx_tiles():
@@ -243,6 +288,21 @@ def test_bad_input_gets_named_errors():
         streamer("frames")
     with pytest.raises(ValueError, match="batch must be an int"):
         enc.streamer(batch=0)
+    state = enc.stream(torch.randn(2, 1, 8))[1]  # with a state, stream() runs natively: the same errors
+    with pytest.raises(ValueError, match=r"x is torch.float64 on cpu but the encoder.s weights"):
+        enc.stream(torch.randn(2, 3, 8, dtype=torch.float64), state)
+    with pytest.raises(ValueError, match="feature dim 9"):
+        enc.stream(torch.randn(2, 3, 9), state)
+    with pytest.raises(ValueError, match="x must be a"):
+        enc.stream(torch.randn(2, 8), state)
+    with pytest.raises(ValueError, match="state must be"):
+        enc.stream(torch.randn(3, 1, 8), state)
+    with pytest.raises(ValueError, match="state must be"):
+        enc.stream(torch.randn(2, 1, 8), state[0])
+    with pytest.raises(ValueError, match="threshold must be in"):
+        enc.stream(torch.randn(2, 1, 8), state, threshold=1.5)
+    with pytest.raises(ValueError, match="force must be None"):
+        enc.stream(torch.randn(2, 1, 8), state, force="fast")
     engine = enc.frame_engine()
     h = torch.zeros(2, 2, 16)
     with pytest.raises(ValueError, match="FrameEngine: h must have shape"):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -114,7 +115,7 @@ class AmNetsEncoder(nn.Module):
         with torch.no_grad():
             self.arbitrator[2].bias.fill_(math.log(init_p_full / (1.0 - init_p_full)))
         self._step_cache: dict = {}  # layer -> (weight versions, its _LayerStep): see _stream_steps
-        self._engine_cache: tuple | None = None  # (weight versions, FrameEngine): see frame_engine
+        self._engine_cache: _EngineHit | None = None  # see frame_engine
 
     def __getstate__(self):
         """Pickling (torch.save of the module, copy.deepcopy) leaves the inference caches behind: the native
@@ -292,33 +293,50 @@ class AmNetsEncoder(nn.Module):
         None otherwise: the reference face chosen, backend "cuda" (its faces have no engine: it runs the
         per-layer steps on the CUDA kernels), other dtypes, or an extension built without the CPU engine.
         `device` and `dtype` (default: the weights') must be the weights', else None."""
-        # Runs on every stream() call: parameters and submodules read from their dicts, not through
-        # nn.Module.__getattr__ (~0.5 us each).
+        # Parameters read from their dicts, not through nn.Module.__getattr__ (~0.5 us each).
         weight = self._parameters["weight_ih_l0"]
         kind = weight.device.type
-        if ((device is not None and torch.device(device).type != kind) or (dtype is not None and dtype != weight.dtype)
-                or weight.dtype not in (torch.float32, torch.bfloat16)
-                or (self.cheap == "sparse" and self.block_size not in (16, 32, 64))):
+        if (device is not None and torch.device(device).type != kind) or (dtype is not None and dtype != weight.dtype):
+            return None
+        engine = self._cached_engine()
+        return engine if engine is not None else self._build_engine(kind)
+
+    def _engine_sources(self) -> tuple:
+        """Every tensor the frame engine is built from: the layers' parameters and buffers, and the four of
+        the arbitrator (read from the dicts: this runs on every stream() call)."""
+        params, buffers = _engine_names(self.num_layers, self.cheap)
+        mods = self._modules["arbitrator"]._modules
+        first, last = mods["0"]._parameters, mods["2"]._parameters
+        return (*map(self._parameters.__getitem__, params), *map(self._buffers.__getitem__, buffers),
+                first["weight"], first["bias"], last["weight"], last["bias"])
+
+    def _cached_engine(self):
+        """The cached engine while the backend and every tensor it was built from are unchanged (in place,
+        by `.data = ...`, replaced or moved), else None. ~1.5 us: one native check (_C.TensorSnapshot)."""
+        hit = self._engine_cache
+        if hit is not None and hit.backend == ak.get_backend() and hit.sources.matches(self._engine_sources()):
+            return hit.engine
+        return None
+
+    def _build_engine(self, kind: str):
+        """frame_engine() past its cache: the engine for the current weights and backend, cached, or None."""
+        weight = self._parameters["weight_ih_l0"]
+        if weight.dtype not in (torch.float32, torch.bfloat16) or (
+                self.cheap == "sparse" and self.block_size not in (16, 32, 64)):
             return None
         face = _engine_face(_CHEAP_OPS[self.cheap], kind)
         if face is None or (face == "triton" and self.arbitrator[0].out_features > _TRITON_MAX_ARBITRATOR):
             return None
-        # The key: the layers' tensors by names made once per encoder kind, and the arbitrator's four tensors
-        # (all the engine reads of it) rather than a walk of .parameters() (~6 us).
-        mods = self._modules["arbitrator"]._modules
-        first, last = mods["0"]._parameters, mods["2"]._parameters
-        arbitrator = [first["weight"], first["bias"], last["weight"], last["bias"]]
-        key = (face,) + self._weights_key(_engine_names(self.num_layers, self.cheap)) + tuple(
-            (id(p), _version(p), p.data_ptr()) for p in arbitrator)
-        if self._engine_cache is None or self._engine_cache[0] != key:
-            with torch.no_grad():
-                engine = (self._cpu_engine(arbitrator) if face == "cpu" else
-                          _triton_engine().FrameEngine(
-                              self.cheap, [self._engine_layer(k) for k in range(self.num_layers)],
-                              arbitrator, self.input_size, self.arbitrator_uses_state, self.per_layer_decisions,
-                              self.block_size))
-            self._engine_cache = (key, engine)
-        return self._engine_cache[1]
+        backend, sources = ak.get_backend(), self._engine_sources()
+        arbitrator = list(sources[-4:])
+        with torch.no_grad():
+            engine = (self._cpu_engine(arbitrator) if face == "cpu" else
+                      _triton_engine().FrameEngine(
+                          self.cheap, [self._engine_layer(k) for k in range(self.num_layers)],
+                          arbitrator, self.input_size, self.arbitrator_uses_state, self.per_layer_decisions,
+                          self.block_size))
+        self._engine_cache = _EngineHit(backend, _C.TensorSnapshot(sources), engine, face == "cpu")
+        return engine
 
     def _cpu_engine(self, arbitrator):
         layers = []
@@ -384,6 +402,9 @@ class AmNetsEncoder(nn.Module):
         if torch.is_grad_enabled():  # (a streaming loop under no_grad/inference_mode skips this switch)
             with torch.no_grad():
                 return self.stream(x, state, force, threshold)
+        fast = self._stream_natively(x, state, force, threshold)
+        if fast is not None:
+            return fast
         state, force, threshold = _check_stream(self, x, state, force, threshold)
         engine = self.frame_engine()
         if engine is not None:
@@ -418,6 +439,26 @@ class AmNetsEncoder(nn.Module):
             dec = force[:, None, None].expand(B, T, n_dec).clone()
         return out, (torch.stack(h), torch.stack(c)), dec if self.per_layer_decisions else dec[..., 0]
 
+    def _stream_natively(self, x, state, force, threshold):
+        """stream() in one native call, or None where it does not apply: the CPU engine already built for
+        the current weights, the state passed, force None, "full" or "cheap" and a float threshold. The
+        engine checks x and the state itself; where it refuses them stream() runs its own checks, which
+        raise in its words. This skips ~8 us of Python per call (a cheap H=192 frame is ~7 us)."""
+        force = self.force if force is None else force
+        threshold = self.threshold if threshold is None else threshold
+        code = -1 if force is None else _FORCE_CODES.get(force) if isinstance(force, str) else None
+        if (code is None or not isinstance(state, (tuple, list)) or len(state) != 2
+                or type(threshold) is not float or not 0.0 <= threshold <= 1.0):
+            return None
+        engine = self._cached_engine()
+        if engine is None or not self._engine_cache.native:
+            return None
+        try:
+            out, h, c, dec = engine.run(x, state[0], state[1], code, None, _logit(threshold))
+        except (TypeError, ValueError):
+            return None
+        return out, (h, c), dec
+
     def extra_repr(self) -> str:
         cheap = (f"sparsity={self.sparsity}, block_size={self.block_size}" if self.cheap == "sparse"
                  else f"ranks={self.ranks}")
@@ -434,6 +475,18 @@ class AmNetsEncoder(nn.Module):
 # TorchScript and C++). None: an extension built without it, or not loaded: stream() runs the prepared steps.
 _ENGINE = getattr(getattr(ak._backend, "_C", None), "FrameEngine", None)
 _CHEAP_OPS = {"sparse": "bsr_linear", "lowrank": "lowrank_lstm_cell"}
+_C = ak._backend._C
+_FORCE_CODES = {"cheap": 0, "full": 1}  # the engine's force codes (FrameEngine::run)
+
+
+class _EngineHit(NamedTuple):
+    """A built frame engine and what it was built under: the backend and a snapshot of its source tensors.
+    native: the CPU engine, which checks stream()'s arguments itself."""
+    backend: str
+    sources: "_C.TensorSnapshot"
+    engine: object
+    native: bool
+
 _version = ak._validate.version  # None for an inference tensor (no version counter)
 _TRITON_MAX_ARBITRATOR = 256  # the Triton engine's widest arbitrator hidden layer (its BLOCK_A)
 
@@ -445,9 +498,11 @@ def _layer_names(k: int, cheap: str) -> tuple:
 
 
 @functools.lru_cache(maxsize=None)
-def _engine_names(num_layers: int, cheap: str) -> tuple:
-    """Every layer's parameters and buffers: what the frame engine is built from."""
-    return tuple(n for k in range(num_layers) for n in _layer_names(k, cheap))
+def _engine_names(num_layers: int, cheap: str) -> tuple[tuple, tuple]:
+    """Every layer's (parameters, buffers): what the frame engine is built from."""
+    names = [n for k in range(num_layers) for n in _layer_names(k, cheap)]
+    masks = tuple(n for n in names if n.startswith("block_mask_l"))  # the sparse layers' buffers
+    return tuple(n for n in names if n not in masks), masks
 
 
 def _engine_face(op: str, kind: str) -> str | None:
