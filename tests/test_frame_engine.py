@@ -228,19 +228,30 @@ def test_bf16_lowrank_frames_on_emulated_amx_tiles():
     torch.testing.assert_close(got.float(), want.float(), rtol=0.01, atol=0.01)
 
 
+@pytest.mark.parametrize("path", ["streamer", "stream"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_streamer_hands_out_again_only_outputs_nothing_holds(dtype):
-    """The engine's stream reuses an output tensor once the caller has let go of it (csrc/cpu/frame_engine.cpp
-    OutputPool): outputs kept as tensors, views or numpy arrays never change, a dropped tensor that asked
-    for its gradient is not handed out again, and the frames equal the whole chunk's."""
+def test_outputs_are_handed_out_again_only_when_nothing_holds_them(dtype, path):
+    """The engine and its stream reuse an output tensor once the caller has let go of it
+    (csrc/cpu/frame_engine.cpp OutputPool): outputs and states kept as tensors, views or numpy arrays never
+    change, a dropped tensor that asked for its gradient is not handed out again, and the frames equal the
+    whole chunk's. "stream": stream() with each frame's state passed on, its native path (FrameEngine::run)."""
     cfg = dict(cheap="sparse", layers=2, hidden=16, inp=8, block=16, per_layer=False, uses_state=False, batch=2,
                frames=16, threshold=0.5, force=None, seed=3)
     enc, x, _ = build(cfg, dtype)
-    whole, _, dec = enc.stream(x)
+    whole, last, dec = enc.stream(x)
     streamer = enc.streamer(batch=2)
+    state = enc.stream(x[:, :0])[1]  # zeros
+
+    def frame(chunk):
+        nonlocal state
+        if path == "streamer":
+            return streamer(chunk)
+        out, state, d = enc.stream(chunk, state)
+        return out, d
+
     copies, held, pointers = [], [], set()
     for t in range(x.shape[1]):
-        out, d = streamer(x[:, t:t + 1])
+        out, d = frame(x[:, t:t + 1])
         assert not out.requires_grad and not out.is_inference()
         copies.append((out.clone(), d.clone()))
         pointers.add(out.data_ptr())
@@ -252,16 +263,20 @@ def test_streamer_hands_out_again_only_outputs_nothing_holds(dtype):
             held.append((torch.from_numpy(out.numpy()), out.clone()))
         if t == 4:
             out.requires_grad_()  # then dropped
+        if t == 5 and path == "stream":
+            held += [(state[0], state[0].clone()), (state[1][0], state[1][0].clone())]
         del out, d
     assert torch.equal(torch.cat([c[0] for c in copies], 1), whole)
     assert torch.equal(torch.cat([c[1] for c in copies], 1), dec)
+    if path == "stream":
+        assert torch.equal(state[0], last[0]) and torch.equal(state[1], last[1])
     for kept, copy in held:
         assert torch.equal(kept, copy)
     assert len(pointers) < x.shape[1]  # dropped outputs came back
     with torch.inference_mode():
-        out, _ = streamer(x[:, :1])
+        out, _ = frame(x[:, :1])
         assert out.is_inference()  # not a tensor made outside inference mode
-    out, _ = streamer(x[:, :1])
+    out, _ = frame(x[:, :1])
     assert not out.is_inference()
 
 

@@ -32,6 +32,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -290,6 +291,42 @@ void load_float(const Tensor& t, float* dst) {
 
 }  // namespace
 
+// Output tensors an engine or a stream hands out, taken back for a later call once the caller has let go of them: only
+// the pool holds the tensor and its storage (no view of it lives), nothing asked for its gradient, and it was
+// made under the inference mode now in force. A frame then allocates nothing and makes no new Python object
+// (the outputs' malloc, construction and destruction: a tiny 2-layer frame took 1.88 us before, 1.18 after,
+// one AMD EPYC core).
+class OutputPool {
+ public:
+  Tensor take(at::IntArrayRef sizes, at::ScalarType dtype) {
+    const bool inference = c10::InferenceMode::is_enabled();
+    Tensor* spare = nullptr;  // a slot free for a new tensor
+    for (Tensor& t : slots_) {
+      if (!only_pool_holds(t) || t.requires_grad()) continue;
+      if (t.scalar_type() == dtype && t.sizes() == sizes && t.is_contiguous() && t.is_inference() == inference)
+        return t;
+      spare = &t;
+    }
+    Tensor t = at::detail::empty_cpu(sizes, at::TensorOptions().dtype(dtype));
+    if (slots_.size() < kSlots) slots_.push_back(t);
+    else if (spare != nullptr) *spare = t;
+    return t;
+  }
+
+ private:
+  // No view or numpy array shares the storage, and nothing but the pool holds the tensor: torch (2.13, 2.14)
+  // keeps a tensor that went to Python and its Python object alive together, so then the object holds the
+  // tensor's second reference and the tensor the object's only one.
+  static bool only_pool_holds(const Tensor& t) {
+    if (t.storage().use_count() != 1) return false;
+    return t.use_count() == 1 ||
+           (t.use_count() == 2 && t.unsafeGetTensorImpl()->pyobj_slot()->has_unique_reference());
+  }
+
+  static constexpr size_t kSlots = 8;  // a caller that keeps a few frames' outputs still finds free ones
+  std::vector<Tensor> slots_;
+};
+
 struct FrameEngine : torch::CustomClassHolder {
   std::vector<Layer> layers;
   PackedT w1t;             // arbitrator: W1^T (D_a, width) as expand's panels
@@ -297,6 +334,11 @@ struct FrameEngine : torch::CustomClassHolder {
   bool lowrank = false, uses_state = false, per_layer = false;
   int64_t input_size = 0, hidden = 0, n_dec = 1;
   at::ScalarType dtype = at::kFloat;
+  // run()'s outputs: a caller that passes each chunk's state on to the next lets go of the one before, so a
+  // call allocates nothing (four fresh tensors were ~2 us of a 10 us H=192 frame). Locked: C++ and TorchScript
+  // callers may share an engine between threads.
+  std::mutex pool_mutex;
+  OutputPool pool;
 
   // cheap: "sparse" | "lowrank". layer_tensors per layer: sparse [W (4H, D+H), kept values, kept crow,
   // kept col, bias]; lowrank [W, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias]. arbitrator: [W1, b1, W2, b2].
@@ -363,7 +405,7 @@ struct FrameEngine : torch::CustomClassHolder {
   // x (B, T, D) and h0, c0 (L, B, H) in the weights' dtype. force: -1 the arbitrator decides (full when
   // logit > cut), 0 every row cheap, 1 every row full, 2 per row from `rows` (B,) bool (True: full).
   // -> (out (B, T, H), h_n, c_n (L, B, H), decisions (B, T) bool, or (B, T, L) with per-layer decisions).
-  // Host cost: four allocations (none of them ATen work) and the checks, a few microseconds.
+  // Host cost: the checks and four outputs from the pool, a few microseconds.
   std::tuple<Tensor, Tensor, Tensor, Tensor> run(const Tensor& x, const Tensor& h0, const Tensor& c0, int64_t force,
                                                  const c10::optional<Tensor>& rows_in, double cut) {
     check_frames(x, -1);
@@ -372,16 +414,26 @@ struct FrameEngine : torch::CustomClassHolder {
     checks::shape(kOp, "h", h0, {L, B, hidden});
     checks::shape(kOp, "c", c0, {L, B, hidden});
     const Tensor rows = force_rows(force, rows_in, B);
-    // The state lives in h_n / c_n (float) while the chunk runs; bf16 models get it converted at the end.
-    // empty_cpu: the allocation without a trip through the dispatcher (four of them are most of a call's cost).
-    const auto as_float = x.options().dtype(at::kFloat);
-    Tensor h_n = at::detail::empty_cpu({L, B, hidden}, as_float), c_n = at::detail::empty_cpu({L, B, hidden}, as_float);
-    load_float(h0, h_n.data_ptr<float>()), load_float(c0, c_n.data_ptr<float>());
-    Tensor out = at::detail::empty_cpu(out_sizes(x), x.options());
-    Tensor decisions = at::detail::empty_cpu(decision_sizes(x), x.options().dtype(at::kBool));
-    advance(x, h_n.data_ptr<float>(), c_n.data_ptr<float>(), force, rows, cut, out, decisions);
-    if (dtype == at::kFloat) return {out, h_n, c_n, decisions};
-    return {out, h_n.to(dtype), c_n.to(dtype), decisions};
+    Tensor out, h_n, c_n, decisions;
+    {
+      const std::lock_guard<std::mutex> lock(pool_mutex);
+      out = pool.take(out_sizes(x), dtype), decisions = pool.take(decision_sizes(x), at::kBool);
+      h_n = pool.take({L, B, hidden}, dtype), c_n = pool.take({L, B, hidden}, dtype);
+    }
+    // The state is float while the chunk runs: in h_n / c_n, or for bf16 models in scratch, converted at the end
+    // (exactly: every step rounds it to bf16).
+    const bool f32 = dtype == at::kFloat;
+    thread_local std::vector<float> h_scratch, c_scratch;
+    if (!f32) h_scratch.resize(h_n.numel()), c_scratch.resize(c_n.numel());
+    float* h = f32 ? h_n.data_ptr<float>() : h_scratch.data();
+    float* c = f32 ? c_n.data_ptr<float>() : c_scratch.data();
+    load_float(h0, h), load_float(c0, c);
+    advance(x, h, c, force, rows, cut, out, decisions);
+    if (!f32) {
+      narrow_bf16(h, h_n.data_ptr<c10::BFloat16>(), h_n.numel());
+      narrow_bf16(c, c_n.data_ptr<c10::BFloat16>(), c_n.numel());
+    }
+    return {out, h_n, c_n, decisions};
   }
 
   // x must be (B, T, input_size) on the CPU in the weights' dtype, B = batch unless batch < 0.
@@ -555,45 +607,9 @@ struct FrameEngine : torch::CustomClassHolder {
   }
 };
 
-// Output tensors a stream hands out, taken back for a later call once the caller has let go of them: only
-// the pool holds the tensor and its storage (no view of it lives), nothing asked for its gradient, and it was
-// made under the inference mode now in force. A frame then allocates nothing and makes no new Python object
-// (the outputs' malloc, construction and destruction: a tiny 2-layer frame took 1.88 us before, 1.18 after,
-// one AMD EPYC core).
-class OutputPool {
- public:
-  Tensor take(at::IntArrayRef sizes, at::ScalarType dtype) {
-    const bool inference = c10::InferenceMode::is_enabled();
-    Tensor* spare = nullptr;  // a slot free for a new tensor
-    for (Tensor& t : slots_) {
-      if (!only_pool_holds(t) || t.requires_grad()) continue;
-      if (t.scalar_type() == dtype && t.sizes() == sizes && t.is_contiguous() && t.is_inference() == inference)
-        return t;
-      spare = &t;
-    }
-    Tensor t = at::detail::empty_cpu(sizes, at::TensorOptions().dtype(dtype));
-    if (slots_.size() < kSlots) slots_.push_back(t);
-    else if (spare != nullptr) *spare = t;
-    return t;
-  }
-
- private:
-  // No view or numpy array shares the storage, and nothing but the pool holds the tensor: torch (2.13, 2.14)
-  // keeps a tensor that went to Python and its Python object alive together, so then the object holds the
-  // tensor's second reference and the tensor the object's only one.
-  static bool only_pool_holds(const Tensor& t) {
-    if (t.storage().use_count() != 1) return false;
-    return t.use_count() == 1 ||
-           (t.use_count() == 2 && t.unsafeGetTensorImpl()->pyobj_slot()->has_unique_reference());
-  }
-
-  static constexpr size_t kSlots = 8;  // a caller that keeps a few frames' outputs still finds free ones
-  std::vector<Tensor> slots_;
-};
-
 // A live stream on an engine (what Python's Streamer calls): the state stays here as floats and is updated
-// in place, so a call converts one argument and takes its two outputs from a pool, not six and four fresh
-// tensors as run() makes. Not for two threads at once (one state).
+// in place, so a call converts one argument and returns two outputs, not three and four as run(). Not for two
+// threads at once (one state).
 struct EngineStream {
   c10::intrusive_ptr<FrameEngine> engine;
   int64_t batch, force;
