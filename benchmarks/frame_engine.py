@@ -1,5 +1,6 @@
 """python -m benchmarks.frame_engine [--quick] [--threads N]: the streaming frame engine against its targets
-(the path users run: AmNetsEncoder.streamer(), one call per frame or per chunk, B=1 unless said).
+(the path users run: AmNetsEncoder.streamer(), one call per frame or per chunk, B=1 unless said; the H=192
+rows also through AmNetsEncoder.stream() with the state passed, the call without a streamer object).
 
 Rows (candidates of a row are timed interleaved, ROUNDS rounds, each the mean over a ~0.2 s loop; the ratios
 are medians of the per-round ratios; 1 thread pinned by default):
@@ -93,11 +94,16 @@ def main() -> None:
         enc = encoder(240, 192, 2, cheap)
         x = torch.randn(1, 1, 240)
         macs = enc.macs_per_frame("cheap") / enc.macs_per_frame("full")
+        state = enc.stream(x)[1]
         times = interleaved({"cheap": frame(enc.streamer(threshold=1.0), x),
-                             "dense": frame(enc.streamer(force="full"), x)}, rounds, seconds)
-        value = ratio(times, "cheap", lambda i: times["dense"][i])
-        report(f"H=192 x2 {cheap}: arbitrated all-cheap / dense frame ({statistics.median(times['cheap']):.1f} / "
-               f"{statistics.median(times['dense']):.1f} us; MAC ratio {macs:.2f})", value, 1 - 0.9 * (1 - macs))
+                             "dense": frame(enc.streamer(force="full"), x),
+                             "stream() cheap": lambda: enc.stream(x, state, threshold=1.0),
+                             "stream() dense": lambda: enc.stream(x, state, force="full")}, rounds, seconds)
+        for path, prefix in (("streamer()", ""), ("stream(), the state passed", "stream() ")):
+            value = ratio(times, prefix + "cheap", lambda i: times[prefix + "dense"][i])
+            report(f"H=192 x2 {cheap}, {path}: arbitrated all-cheap / dense frame "
+                   f"({statistics.median(times[prefix + 'cheap']):.1f} / {statistics.median(times[prefix + 'dense']):.1f}"
+                   f" us; MAC ratio {macs:.2f})", value, 1 - 0.9 * (1 - macs))
 
     tiny = encoder(8, 16, 2, "sparse")
     a, b = torch.randn(1, 8), torch.randn(8, 8)

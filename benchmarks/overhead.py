@@ -72,8 +72,9 @@ def measure() -> dict:
         rows["rnnt_loss (1, 4, 3, 5): ak.rnnt_loss under no_grad"] = per_call_us(
             lambda: ak.rnnt_loss(logits, targets, frames, labels))
 
-    # A streamed AmNets frame (issue 12's H=192 x2 encoder, B=1, one frame a call): stream() (per-call checks and
-    # the engine lookup in Python) against the streamer (one native call); the frame itself is the same engine.
+    # A streamed AmNets frame (issue 12's H=192 x2 encoder, B=1, one frame a call): stream() with the state passed
+    # (the engine's validity checked, then one native call) against the streamer (one native call, the state kept
+    # inside); the frame itself is the same engine.
     from amnets.encoder import AmNetsEncoder
 
     with torch.no_grad():

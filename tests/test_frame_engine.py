@@ -200,7 +200,8 @@ def test_stream_with_a_state_runs_natively(monkeypatch):
         raise AssertionError("stream() ran its Python checks")
 
     monkeypatch.setattr(encoder_module, "_check_stream", no_python_checks)
-    rest, last, dec2 = enc.stream(x[:, 1:], mid)
+    rest, last, dec2 = enc.stream(x[:, 1:].clone().requires_grad_(), mid)  # grad mode on: no graph made
+    assert not rest.requires_grad and not last[0].requires_grad
     assert torch.equal(torch.cat([first, rest], 1), whole) and torch.equal(last[1], state[1])
     for force in ("full", "cheap"):
         enc.stream(x, state, force=force, threshold=0.3)

@@ -399,12 +399,12 @@ class AmNetsEncoder(nn.Module):
         Rows of one batch may take different branches in the same step; each row's result equals
         running it alone (see _LayerStep for how each branch is computed). Runs without autograd.
         """
+        fast = self._stream_natively(x, state, force, threshold)  # makes no autograd graph, grad mode or not
+        if fast is not None:
+            return fast
         if torch.is_grad_enabled():  # (a streaming loop under no_grad/inference_mode skips this switch)
             with torch.no_grad():
                 return self.stream(x, state, force, threshold)
-        fast = self._stream_natively(x, state, force, threshold)
-        if fast is not None:
-            return fast
         state, force, threshold = _check_stream(self, x, state, force, threshold)
         engine = self.frame_engine()
         if engine is not None:
