@@ -72,13 +72,13 @@ namespace amnets::cpu {
 void bind_frame_engine(pybind11::module_& m);  // csrc/cpu/frame_engine.cpp
 }
 namespace amnets {
-void bind_tensor_snapshot(pybind11::module_& m);  // csrc/tensor_snapshot.cpp
+void bind_sources_snapshot(pybind11::module_& m);  // csrc/sources_snapshot.cpp
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info, "What this binary of amnets_kernels was compiled with.");
   amnets::cpu::bind_frame_engine(m);
-  amnets::bind_tensor_snapshot(m);
+  amnets::bind_sources_snapshot(m);
   // The backend in force (csrc/face.h); amnets_kernels._backend is their only user.
   namespace face = amnets::face;
   m.def("get_backend", [] { return std::string(face::name(face::current())); });

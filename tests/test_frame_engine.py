@@ -141,7 +141,7 @@ def test_stream_follows_every_weight_it_reads(cheap):
     """stream() rebuilds its engine when any tensor the engine was built from changes (in place, through
     .data, replaced, swapped, a submodule replaced) or the backend does: each edit must show in the next call,
     as on a fresh copy of the encoder. The state is passed, so that stream() takes its native path (no Python
-    checks, the engine's validity checked by _C.TensorSnapshot). A streamed encoder still copies and pickles
+    checks, the engine's validity checked by _C.SourcesSnapshot). A streamed encoder still copies and pickles
     (its native engine is a cache that stays behind)."""
     import copy
     import io

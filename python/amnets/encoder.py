@@ -301,20 +301,22 @@ class AmNetsEncoder(nn.Module):
         engine = self._cached_engine()
         return engine if engine is not None else self._build_engine(kind)
 
-    def _engine_sources(self) -> tuple:
-        """Every tensor the frame engine is built from: the layers' parameters and buffers, and the four of
-        the arbitrator (read from the dicts: this runs on every stream() call)."""
+    def _engine_sources(self) -> list[tuple[dict, str]]:
+        """Where every tensor the frame engine is built from lives, as (dict, key): the layers' parameters and
+        buffers, the arbitrator's four tensors and the submodules on the way to them."""
         params, buffers = _engine_names(self.num_layers, self.cheap)
-        mods = self._modules["arbitrator"]._modules
-        first, last = mods["0"]._parameters, mods["2"]._parameters
-        return (*map(self._parameters.__getitem__, params), *map(self._buffers.__getitem__, buffers),
-                first["weight"], first["bias"], last["weight"], last["bias"])
+        arbitrator = self._modules["arbitrator"]
+        first, last = arbitrator._modules["0"], arbitrator._modules["2"]
+        return ([(self._parameters, n) for n in params] + [(self._buffers, n) for n in buffers]
+                + [(self._modules, "arbitrator"), (arbitrator._modules, "0"), (arbitrator._modules, "2")]
+                + [(m._parameters, n) for m in (first, last) for n in ("weight", "bias")])
 
     def _cached_engine(self):
         """The cached engine while the backend and every tensor it was built from are unchanged (in place,
-        by `.data = ...`, replaced or moved), else None. ~1.5 us: one native check (_C.TensorSnapshot)."""
+        by `.data = ...`, replaced or moved), else None. Runs on every stream() call: ~0.5 us, one native
+        check (_C.SourcesSnapshot)."""
         hit = self._engine_cache
-        if hit is not None and hit.backend == ak.get_backend() and hit.sources.matches(self._engine_sources()):
+        if hit is not None and hit.backend == ak.get_backend() and hit.sources.matches():
             return hit.engine
         return None
 
@@ -328,14 +330,14 @@ class AmNetsEncoder(nn.Module):
         if face is None or (face == "triton" and self.arbitrator[0].out_features > _TRITON_MAX_ARBITRATOR):
             return None
         backend, sources = ak.get_backend(), self._engine_sources()
-        arbitrator = list(sources[-4:])
+        arbitrator = [d[n] for d, n in sources[-4:]]
         with torch.no_grad():
             engine = (self._cpu_engine(arbitrator) if face == "cpu" else
                       _triton_engine().FrameEngine(
                           self.cheap, [self._engine_layer(k) for k in range(self.num_layers)],
                           arbitrator, self.input_size, self.arbitrator_uses_state, self.per_layer_decisions,
                           self.block_size))
-        self._engine_cache = _EngineHit(backend, _C.TensorSnapshot(sources), engine, face == "cpu")
+        self._engine_cache = _EngineHit(backend, _C.SourcesSnapshot(sources), engine, face == "cpu")
         return engine
 
     def _cpu_engine(self, arbitrator):
@@ -483,7 +485,7 @@ class _EngineHit(NamedTuple):
     """A built frame engine and what it was built under: the backend and a snapshot of its source tensors.
     native: the CPU engine, which checks stream()'s arguments itself."""
     backend: str
-    sources: "_C.TensorSnapshot"
+    sources: "_C.SourcesSnapshot"
     engine: object
     native: bool
 
