@@ -136,13 +136,14 @@ def test_bf16_weights(cheap):
     assert (dec == dec32).float().mean() >= 0.9  # the bf16 arbitrator may flip a frame at its threshold
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])
 @pytest.mark.parametrize("cheap", ["sparse", "lowrank"])
-def test_stream_follows_every_weight_it_reads(cheap):
-    """stream() rebuilds its engine when any tensor the engine was built from changes (in place, through
-    .data, replaced, swapped, a submodule replaced) or the backend does: each edit must show in the next call,
-    as on a fresh copy of the encoder. The state is passed, so that stream() takes its native path (no Python
-    checks, the engine's validity checked by _C.SourcesSnapshot). A streamed encoder still copies and pickles
-    (its native engine is a cache that stays behind)."""
+def test_stream_follows_every_weight_it_reads(cheap, backend):
+    """stream() rebuilds its engine ("auto") or its per-layer steps ("reference") when any tensor they were
+    built from changes (in place, through .data, replaced, swapped, a submodule replaced) or the backend does:
+    each edit must show in the next call, as on a fresh copy of the encoder. The state is passed, so that on the
+    engine stream() takes its native path (no Python checks, the engine's validity checked by
+    _C.SourcesSnapshot). A streamed encoder still copies and pickles (its caches stay behind)."""
     import copy
     import io
 
@@ -171,13 +172,14 @@ def test_stream_follows_every_weight_it_reads(cheap):
     edits.append(new_arbitrator_output)
     edits.append(lambda e: e.load_state_dict({k: v * 0.95 if v.is_floating_point() else v
                                               for k, v in e.state_dict().items()}))
-    for edit in edits:
-        assert torch.equal(enc.stream(x, state)[0], enc.stream(x, state)[0])  # built, then taken from the cache
-        with torch.no_grad():
-            edit(enc)
-        got, want = enc.stream(x, state), copy.deepcopy(enc).stream(x, state)
-        assert torch.equal(got[2], want[2])
-        torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+    with ak.use_backend(backend):
+        for edit in edits:
+            assert torch.equal(enc.stream(x, state)[0], enc.stream(x, state)[0])  # built, then from the cache
+            with torch.no_grad():
+                edit(enc)
+            got, want = enc.stream(x, state), copy.deepcopy(enc).stream(x, state)
+            assert torch.equal(got[2], want[2])
+            torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
     engine = enc.frame_engine()
     with ak.use_backend("reference"):
         assert enc.frame_engine() is None

@@ -114,7 +114,7 @@ class AmNetsEncoder(nn.Module):
                                                   **factory))
         with torch.no_grad():
             self.arbitrator[2].bias.fill_(math.log(init_p_full / (1.0 - init_p_full)))
-        self._step_cache: dict = {}  # layer -> (weight versions, its _LayerStep): see _stream_steps
+        self._step_cache: dict = {}  # layer -> (SourcesSnapshot, its _LayerStep): see _stream_steps
         self._engine_cache: _EngineHit | None = None  # see frame_engine
 
     def __getstate__(self):
@@ -148,7 +148,7 @@ class AmNetsEncoder(nn.Module):
         for k in range(self.num_layers):
             kept = ak.BlockSparseMatrix.from_dense(self.full_weight(k), self.block_size,
                                                    sparsity=self.sparsity)
-            getattr(self, f"block_mask_l{k}").copy_(kept.block_mask())  # in place: bumps _version (cache key)
+            getattr(self, f"block_mask_l{k}").copy_(kept.block_mask())  # in place: bumps its version (the stream caches see it)
 
     def lowrank_weights(self, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return tuple(getattr(self, f"w_{w}_l{k}") for w in ("ih_u", "ih_v", "hh_u", "hh_v"))
@@ -271,16 +271,16 @@ class AmNetsEncoder(nn.Module):
                          cost_fraction=cost_fraction.to(x.dtype))
 
     # -- inference path -----------------------------------------------------------------------------
-    def _weights_key(self, names) -> tuple:
-        """Identity, version and data_ptr of each named parameter/buffer: in-place updates (optimizer steps,
-        load_state_dict, reprune) bump the version, `.data = ...` and module.to() change the data_ptr.
-        Inference tensors keep no version (an encoder loaded under torch.inference_mode()): theirs is None,
-        and in-place edits of them (only possible inside inference_mode) are not followed."""
-        tensors = {**self._parameters, **self._buffers}  # not getattr: this runs on every stream() call
-        return tuple((id(t), _version(t), t.data_ptr()) for t in (tensors[n] for n in names))
-
-    def _layer_names(self, k: int) -> tuple:
-        return _layer_names(k, self.cheap)
+    def _layer_sources(self, k: int) -> list[tuple[dict, str]]:
+        """Where layer k's parameters and buffers live, as (dict, name): what its streaming step and the frame
+        engine are built from, for _C.SourcesSnapshot (csrc/sources_snapshot.cpp), which tells a cache built
+        from them whether any has changed since: in place (optimizer steps, load_state_dict, reprune), through
+        `.data = ...` or module.to(), replaced or swapped."""
+        names = (f"weight_ih_l{k}", f"weight_hh_l{k}", f"bias_l{k}")
+        if self.cheap == "lowrank":
+            names += tuple(f"w_{w}_l{k}" for w in ("ih_u", "ih_v", "hh_u", "hh_v"))
+        sources = [(self._parameters, n) for n in names]
+        return sources + [(self._buffers, f"block_mask_l{k}")] if self.cheap == "sparse" else sources
 
     def frame_engine(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None):
         """The frame engine for the current weights (one call runs a chunk of frames, arbitrator and every
@@ -302,12 +302,11 @@ class AmNetsEncoder(nn.Module):
         return engine if engine is not None else self._build_engine(kind)
 
     def _engine_sources(self) -> list[tuple[dict, str]]:
-        """Where every tensor the frame engine is built from lives, as (dict, key): the layers' parameters and
-        buffers, the arbitrator's four tensors and the submodules on the way to them."""
-        params, buffers = _engine_names(self.num_layers, self.cheap)
+        """Where every tensor the frame engine is built from lives, as (dict, key): every layer's, the
+        arbitrator's four and the submodules on the way to them."""
         arbitrator = self._modules["arbitrator"]
         first, last = arbitrator._modules["0"], arbitrator._modules["2"]
-        return ([(self._parameters, n) for n in params] + [(self._buffers, n) for n in buffers]
+        return ([source for k in range(self.num_layers) for source in self._layer_sources(k)]
                 + [(self._modules, "arbitrator"), (arbitrator._modules, "0"), (arbitrator._modules, "2")]
                 + [(m._parameters, n) for m in (first, last) for n in ("weight", "bias")])
 
@@ -369,23 +368,18 @@ class AmNetsEncoder(nn.Module):
         return Streamer(self, batch, threshold, force)
 
     def _stream_steps(self) -> list["_LayerStep"]:
-        """Every layer's prepared streaming step, built once per weight version.
-
-        The key holds each source tensor's identity, `_version` (bumped by every in-place update: optimizer
-        steps, load_state_dict, reprune) and data_ptr (catches `.data = ...` and module.to()),
-        so a stale copy is never used and an unchanged one is never rebuilt.
-        """
+        """Every layer's prepared streaming step, rebuilt when any tensor it was built from has changed
+        (see _layer_sources): a stale copy is never used and an unchanged one is never rebuilt."""
         steps = []
-        tensors = {**self._parameters, **self._buffers}
         for k in range(self.num_layers):
-            names = self._layer_names(k)
-            key = self._weights_key(names)  # new dtype/device: new data_ptr
             hit = self._step_cache.get(k)
-            if hit is None or hit[0] != key:
+            if hit is None or not hit[0].matches():
+                sources = self._layer_sources(k)
                 w, bias = self.full_weight(k).detach(), getattr(self, f"bias_l{k}").detach()
-                step = (_SparseStep(w, tensors[names[3]], bias, self.block_size) if self.cheap == "sparse"
-                        else _LowrankStep(w, [t.detach() for t in self.lowrank_weights(k)], bias))
-                hit = self._step_cache[k] = (key, step)
+                step = (_SparseStep(w, getattr(self, f"block_mask_l{k}"), bias, self.block_size)
+                        if self.cheap == "sparse" else
+                        _LowrankStep(w, [t.detach() for t in self.lowrank_weights(k)], bias))
+                hit = self._step_cache[k] = (_C.SourcesSnapshot(sources), step)
             steps.append(hit[1])
         return steps
 
@@ -491,22 +485,7 @@ class _EngineHit(NamedTuple):
     engine: object
     native: bool
 
-_version = ak._validate.version  # None for an inference tensor (no version counter)
 _TRITON_MAX_ARBITRATOR = 256  # the Triton engine's widest arbitrator hidden layer (its BLOCK_A)
-
-
-def _layer_names(k: int, cheap: str) -> tuple:
-    """Layer k's parameters and buffers."""
-    return (f"weight_ih_l{k}", f"weight_hh_l{k}", f"bias_l{k}") + (
-        (f"block_mask_l{k}",) if cheap == "sparse" else tuple(f"w_{w}_l{k}" for w in ("ih_u", "ih_v", "hh_u", "hh_v")))
-
-
-@functools.lru_cache(maxsize=None)
-def _engine_names(num_layers: int, cheap: str) -> tuple[tuple, tuple]:
-    """Every layer's (parameters, buffers): what the frame engine is built from."""
-    names = [n for k in range(num_layers) for n in _layer_names(k, cheap)]
-    masks = tuple(n for n in names if n.startswith("block_mask_l"))  # the sparse layers' buffers
-    return tuple(n for n in names if n not in masks), masks
 
 
 def _engine_face(op: str, kind: str) -> str | None:
