@@ -59,8 +59,8 @@ class SourcesSnapshot {
 
   static TensorState state(PyObject* tensor) {
     c10::TensorImpl* impl = THPVariable_Unpack(tensor).unsafeGetTensorImpl();
-    const int64_t version = impl->is_inference() ? -1 : static_cast<int64_t>(impl->version_counter().current_version());
-    return {impl, impl->data(), version};
+    if (impl->is_inference()) return {impl, impl->data(), -1};
+    return {impl, impl->data(), static_cast<int64_t>(impl->version_counter().current_version())};
   }
 
   std::vector<Entry> entries_;

@@ -189,6 +189,25 @@ def test_stream_follows_every_weight_it_reads(cheap, backend):
     torch.save(enc, io.BytesIO())
 
 
+def test_sources_snapshot_sees_each_kind_of_change():
+    """_C.SourcesSnapshot (csrc/sources_snapshot.cpp), the check behind stream()'s caches, on its own: an entry
+    written in place, re-pointed through .data, swapped, replaced or removed no longer matches."""
+    snapshot = encoder_module._C.SourcesSnapshot
+    module = torch.nn.Linear(3, 2)
+    d = {"w": torch.zeros(3), "m": module}
+    changes = [lambda: d["w"].add_(1.0), lambda: setattr(d["w"], "data", torch.ones(3)),
+               lambda: torch.utils.swap_tensors(d["w"], torch.zeros(3)), lambda: d.update(m=torch.nn.Linear(3, 2)),
+               lambda: d.update(w=d["w"].clone()), lambda: d.pop("w")]
+    for change in changes:
+        snap = snapshot([(d, "w"), (d, "m")])
+        assert snap.matches() and snap.matches()
+        change()
+        assert not snap.matches()
+        d.setdefault("w", torch.zeros(3))
+    with pytest.raises(ValueError, match="no entry bias"):
+        snapshot([(d, "bias")])
+
+
 def test_stream_with_a_state_runs_natively(monkeypatch):
     """Once its engine is built, stream() with the state passed and force None / "full" / "cheap" is one
     native call: stream()'s Python checks do not run (the engine checks the frames and the state)."""

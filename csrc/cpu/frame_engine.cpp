@@ -291,11 +291,11 @@ void load_float(const Tensor& t, float* dst) {
 
 }  // namespace
 
-// Output tensors an engine or a stream hands out, taken back for a later call once the caller has let go of them: only
-// the pool holds the tensor and its storage (no view of it lives), nothing asked for its gradient, and it was
-// made under the inference mode now in force. A frame then allocates nothing and makes no new Python object
-// (the outputs' malloc, construction and destruction: a tiny 2-layer frame took 1.88 us before, 1.18 after,
-// one AMD EPYC core).
+// Output tensors an engine or a stream hands out, taken back for a later call once the caller has let go of
+// them: only the pool holds the tensor and its storage (no view of it lives), nothing asked for its gradient,
+// and it was made under the inference mode now in force. A frame then allocates nothing and makes no new
+// Python object (the outputs' malloc, construction and destruction: a tiny 2-layer frame took 1.88 us before,
+// 1.18 after, one AMD EPYC core).
 class OutputPool {
  public:
   Tensor take(at::IntArrayRef sizes, at::ScalarType dtype) {

@@ -148,7 +148,8 @@ class AmNetsEncoder(nn.Module):
         for k in range(self.num_layers):
             kept = ak.BlockSparseMatrix.from_dense(self.full_weight(k), self.block_size,
                                                    sparsity=self.sparsity)
-            getattr(self, f"block_mask_l{k}").copy_(kept.block_mask())  # in place: bumps its version (the stream caches see it)
+            # In place: bumps its version, which the stream caches see.
+            getattr(self, f"block_mask_l{k}").copy_(kept.block_mask())
 
     def lowrank_weights(self, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return tuple(getattr(self, f"w_{w}_l{k}") for w in ("ih_u", "ih_v", "hh_u", "hh_v"))
@@ -296,7 +297,7 @@ class AmNetsEncoder(nn.Module):
         # Parameters read from their dicts, not through nn.Module.__getattr__ (~0.5 us each).
         weight = self._parameters["weight_ih_l0"]
         kind = weight.device.type
-        if (device is not None and torch.device(device).type != kind) or (dtype is not None and dtype != weight.dtype):
+        if device is not None and torch.device(device).type != kind or dtype is not None and dtype != weight.dtype:
             return None
         engine = self._cached_engine()
         return engine if engine is not None else self._build_engine(kind)
@@ -469,12 +470,13 @@ class AmNetsEncoder(nn.Module):
 # the native frame engine
 
 
+_C = ak._backend._C  # the compiled extension
 # The pybind11 binding (a call costs ~1 us; the same engine is torch.classes.amnets_native.FrameEngine for
 # TorchScript and C++). None: an extension built without it, or not loaded: stream() runs the prepared steps.
-_ENGINE = getattr(getattr(ak._backend, "_C", None), "FrameEngine", None)
+_ENGINE = getattr(_C, "FrameEngine", None)
 _CHEAP_OPS = {"sparse": "bsr_linear", "lowrank": "lowrank_lstm_cell"}
-_C = ak._backend._C
 _FORCE_CODES = {None: -1, "cheap": 0, "full": 1}  # the engine's force codes (FrameEngine::run)
+_TRITON_MAX_ARBITRATOR = 256  # the Triton engine's widest arbitrator hidden layer (its BLOCK_A)
 
 
 class _EngineHit(NamedTuple):
@@ -484,8 +486,6 @@ class _EngineHit(NamedTuple):
     sources: "_C.SourcesSnapshot"
     engine: object
     native: bool
-
-_TRITON_MAX_ARBITRATOR = 256  # the Triton engine's widest arbitrator hidden layer (its BLOCK_A)
 
 
 def _engine_face(op: str, kind: str) -> str | None:
