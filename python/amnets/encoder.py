@@ -330,7 +330,7 @@ class AmNetsEncoder(nn.Module):
         if face is None or (face == "triton" and self.arbitrator[0].out_features > _TRITON_MAX_ARBITRATOR):
             return None
         backend, sources = ak.get_backend(), self._engine_sources()
-        arbitrator = [d[n] for d, n in sources[-4:]]
+        arbitrator = [d[n] for d, n in sources[-4:]]  # _engine_sources ends with W1, b1, W2, b2
         with torch.no_grad():
             engine = (self._cpu_engine(arbitrator) if face == "cpu" else
                       _triton_engine().FrameEngine(
