@@ -2,6 +2,7 @@
 decisions and outputs as the per-layer prepared steps it replaces (and as the other faces' stream()), for
 every knob; chunks continue exactly; bad input gets named errors."""
 
+import numpy as np
 import pytest
 import torch
 from hypothesis import given
@@ -216,18 +217,36 @@ def test_stream_with_a_state_runs_natively(monkeypatch):
     enc, x, _ = build(cfg)
     whole, state, dec = enc.stream(x)  # builds the engine (state None: the checked path)
     first, mid, _ = enc.stream(x[:, :1])
+    # The checked path for the same calls (a numpy float is not a float to the native path), to compare:
+    # every threshold's cut (logit(0) = -inf, logit(1) = inf), each force, the encoder's own defaults.
+    calls = [dict(threshold=t) for t in (0.0, 0.3, 0.62, 1.0)] + [dict(force=f) for f in ("full", "cheap")]
+    checked = [enc.stream(x, state, **{k: np.float64(v) if k == "threshold" else v for k, v in c.items()})
+               for c in calls]
+    enc.force = "cheap"
+    checked_default = enc.stream(x, state)  # the encoder's own force when stream()'s is None
+    enc.force = None
 
     def no_python_checks(*args):
         raise AssertionError("stream() ran its Python checks")
 
     monkeypatch.setattr(encoder_module, "_check_stream", no_python_checks)
-    rest, last, dec2 = enc.stream(x[:, 1:].clone().requires_grad_(), mid)  # grad mode on: no graph made
+    rest, last, dec2 = enc.stream(x[:, 1:].clone().requires_grad_(), list(mid))  # grad mode on: no graph made
     assert not rest.requires_grad and not last[0].requires_grad
     assert torch.equal(torch.cat([first, rest], 1), whole) and torch.equal(last[1], state[1])
-    for force in ("full", "cheap"):
-        enc.stream(x, state, force=force, threshold=0.3)
-    with pytest.raises(AssertionError, match="Python checks"):  # a per-row force: the checked path
-        enc.stream(x, state, force=torch.tensor([True, False]))
+    for c, want in zip(calls, checked):
+        got = enc.stream(x, state, **c)
+        assert torch.equal(got[2], want[2]) and torch.equal(got[0], want[0]), c
+    enc.threshold = 0.62
+    assert torch.equal(enc.stream(x, state)[2], checked[2][2])  # the encoder's threshold when stream()'s is None
+    enc.force = "cheap"
+    assert torch.equal(enc.stream(x, state)[0], checked_default[0])
+    for bad in (dict(force=torch.tensor([True, False])), dict(threshold=1), dict(force=True)):
+        with pytest.raises(AssertionError, match="Python checks"):  # not for the native path: the checked one
+            enc.stream(x, state, **bad)
+    with pytest.raises(AssertionError, match="Python checks"):  # the engine refuses: the checked path names it
+        enc.stream(x.double(), state)
+    with ak.use_backend("reference"), pytest.raises(AssertionError, match="Python checks"):  # not its engine's
+        enc.stream(x, state)
 
 
 def test_bf16_lowrank_frames_on_emulated_amx_tiles():

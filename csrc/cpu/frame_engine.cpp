@@ -28,6 +28,11 @@
 #include <torch/library.h>
 #ifdef AMNETS_PYTHON_MODULE
 #include <torch/extension.h>
+
+#include <cmath>
+
+#include "../face.h"
+#include "../sources_snapshot.h"
 #endif
 
 #include <algorithm>
@@ -654,6 +659,64 @@ struct EngineStream {
 };
 
 #ifdef AMNETS_PYTHON_MODULE  // the Python module amnets_kernels._C; not the library a C++ program loads
+// AmNetsEncoder.stream() in one native call, from its Python arguments as given (python/amnets/encoder.py):
+// whether the engine still matches the weights and the backend it was built under, the arguments' kinds and
+// the engine's run. Python around it cost ~2 us a call, a fifth of a cheap H=192 frame. Returns None where
+// this path does not apply, and stream() then takes its checked Python path:
+//   the weights or the backend changed since the engine was built (stream() rebuilds it);
+//   no state, force not None / "full" / "cheap" (a per-row tensor, a bool), a threshold not a float in [0, 1];
+//   arguments the engine refuses (TypeError or ValueError): stream()'s own checks name them in its words.
+class StreamCall {
+ public:
+  StreamCall(c10::intrusive_ptr<FrameEngine> engine, SourcesSnapshot sources)
+      : engine_(std::move(engine)), sources_(std::move(sources)), backend_(face::current()) {}
+
+  // force / threshold None: the encoder's own, default_force / default_threshold.
+  pybind11::object operator()(pybind11::handle x, pybind11::handle state, pybind11::handle force,
+                              pybind11::handle threshold, pybind11::handle default_force,
+                              pybind11::handle default_threshold) const {
+    const pybind11::object skip = pybind11::none();
+    if (force.is_none()) force = default_force;
+    if (threshold.is_none()) threshold = default_threshold;
+    int64_t code = -1;  // FrameEngine::run's force codes
+    if (!force.is_none()) {
+      if (!PyUnicode_Check(force.ptr())) return skip;
+      code = PyUnicode_CompareWithASCIIString(force.ptr(), "cheap") == 0  ? 0
+             : PyUnicode_CompareWithASCIIString(force.ptr(), "full") == 0 ? 1
+                                                                          : -2;
+      if (code == -2) return skip;
+    }
+    if (!PyFloat_CheckExact(threshold.ptr())) return skip;
+    const double p = PyFloat_AS_DOUBLE(threshold.ptr());
+    if (!(p >= 0.0 && p <= 1.0)) return skip;
+    PyObject *h0 = nullptr, *c0 = nullptr;
+    if (PyTuple_Check(state.ptr()) && PyTuple_GET_SIZE(state.ptr()) == 2) {
+      h0 = PyTuple_GET_ITEM(state.ptr(), 0), c0 = PyTuple_GET_ITEM(state.ptr(), 1);
+    } else if (PyList_Check(state.ptr()) && PyList_GET_SIZE(state.ptr()) == 2) {
+      h0 = PyList_GET_ITEM(state.ptr(), 0), c0 = PyList_GET_ITEM(state.ptr(), 1);
+    }
+    if (h0 == nullptr || !THPVariable_Check(x.ptr()) || !THPVariable_Check(h0) || !THPVariable_Check(c0)) return skip;
+    if (face::current() != backend_ || !sources_.matches()) return skip;
+    // p_full > p exactly when the arbitrator's logit > logit(p), as encoder.py's _logit computes it.
+    const double cut = p == 0.0 ? -INFINITY : p == 1.0 ? INFINITY : std::log(p / (1.0 - p));
+    try {
+      auto [out, h, c, decisions] = engine_->run(THPVariable_Unpack(x.ptr()), THPVariable_Unpack(h0),
+                                                 THPVariable_Unpack(c0), code, c10::nullopt, cut);
+      return pybind11::make_tuple(std::move(out), pybind11::make_tuple(std::move(h), std::move(c)),
+                                  std::move(decisions));
+    } catch (const c10::ValueError&) {
+      return skip;
+    } catch (const c10::TypeError&) {
+      return skip;
+    }
+  }
+
+ private:
+  c10::intrusive_ptr<FrameEngine> engine_;
+  SourcesSnapshot sources_;
+  face::Backend backend_;
+};
+
 // The same engine for Python callers, bound directly: a TorchScript custom-class method call costs ~8 us
 // from Python, more than a frame of a small model; a pybind11 call ~1 us. (csrc/build_info.cpp calls this.)
 void bind_frame_engine(pybind11::module_& m) {
@@ -668,6 +731,9 @@ void bind_frame_engine(pybind11::module_& m) {
                         const c10::optional<Tensor>& rows, double cut) {
         return EngineStream(std::move(self), batch, force, rows, cut);
       });
+  pybind11::class_<StreamCall>(m, "StreamCall")
+      .def(pybind11::init<c10::intrusive_ptr<FrameEngine>, SourcesSnapshot>())
+      .def("__call__", &StreamCall::operator());
   pybind11::class_<EngineStream>(m, "EngineStream")
       .def("__call__", &EngineStream::operator())
       .def("state", &EngineStream::state)

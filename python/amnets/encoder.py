@@ -337,7 +337,9 @@ class AmNetsEncoder(nn.Module):
                           self.cheap, [self._engine_layer(k) for k in range(self.num_layers)],
                           arbitrator, self.input_size, self.arbitrator_uses_state, self.per_layer_decisions,
                           self.block_size))
-        self._engine_cache = _EngineHit(backend, _C.SourcesSnapshot(sources), engine, face == "cpu")
+        snapshot = _C.SourcesSnapshot(sources)
+        self._engine_cache = _EngineHit(backend, snapshot, engine,
+                                        _C.StreamCall(engine, snapshot) if face == "cpu" else None)
         return engine
 
     def _cpu_engine(self, arbitrator):
@@ -396,9 +398,11 @@ class AmNetsEncoder(nn.Module):
         Rows of one batch may take different branches in the same step; each row's result equals
         running it alone (see _LayerStep for how each branch is computed). Runs without autograd.
         """
-        fast = self._stream_natively(x, state, force, threshold)  # makes no autograd graph, grad mode or not
-        if fast is not None:
-            return fast
+        hit = self._engine_cache
+        if hit is not None and hit.native is not None:  # the CPU engine, built: one native call where it applies
+            fast = hit.native(x, state, force, threshold, self.force, self.threshold)  # (no autograd graph)
+            if fast is not None:
+                return fast
         if torch.is_grad_enabled():  # (a streaming loop under no_grad/inference_mode skips this switch)
             with torch.no_grad():
                 return self.stream(x, state, force, threshold)
@@ -436,28 +440,6 @@ class AmNetsEncoder(nn.Module):
             dec = force[:, None, None].expand(B, T, n_dec).clone()
         return out, (torch.stack(h), torch.stack(c)), dec if self.per_layer_decisions else dec[..., 0]
 
-    def _stream_natively(self, x, state, force, threshold):
-        """stream() in one native call, or None where it does not apply: the CPU engine already built for
-        the current weights, the state passed, force None, "full" or "cheap" and a float threshold. The
-        engine checks x and the state itself; where it refuses them stream() runs its own checks, which
-        raise in its words. ~2 us of Python around the engine (its checked path: ~15 us more)."""
-        hit = self._engine_cache
-        if hit is None or not hit.native or not isinstance(state, (tuple, list)) or len(state) != 2:
-            return None
-        force = self.force if force is None else force
-        threshold = self.threshold if threshold is None else threshold
-        code = _FORCE_CODES.get(force) if force is None or isinstance(force, str) else None
-        if code is None or type(threshold) is not float or not 0.0 <= threshold <= 1.0:
-            return None
-        engine = self._cached_engine()
-        if engine is None:
-            return None
-        try:
-            out, h, c, dec = engine.run(x, state[0], state[1], code, None, _logit(threshold))
-        except (TypeError, ValueError):
-            return None
-        return out, (h, c), dec
-
     def extra_repr(self) -> str:
         cheap = (f"sparsity={self.sparsity}, block_size={self.block_size}" if self.cheap == "sparse"
                  else f"ranks={self.ranks}")
@@ -475,17 +457,17 @@ _C = ak._backend._C  # the compiled extension
 # TorchScript and C++). None: an extension built without it, or not loaded: stream() runs the prepared steps.
 _ENGINE = getattr(_C, "FrameEngine", None)
 _CHEAP_OPS = {"sparse": "bsr_linear", "lowrank": "lowrank_lstm_cell"}
-_FORCE_CODES = {None: -1, "cheap": 0, "full": 1}  # the engine's force codes (FrameEngine::run)
 _TRITON_MAX_ARBITRATOR = 256  # the Triton engine's widest arbitrator hidden layer (its BLOCK_A)
 
 
 class _EngineHit(NamedTuple):
     """A built frame engine and what it was built under: the backend and a snapshot of its source tensors.
-    native: the CPU engine, which checks stream()'s arguments itself."""
+    native: for the CPU engine, stream() as one native call (_C.StreamCall, csrc/cpu/frame_engine.cpp: it
+    checks the snapshot and the backend itself, returns None where stream() must take its Python path)."""
     backend: str
     sources: "_C.SourcesSnapshot"
     engine: object
-    native: bool
+    native: "_C.StreamCall | None"
 
 
 def _engine_face(op: str, kind: str) -> str | None:

@@ -1,0 +1,73 @@
+// amnets_kernels._C.SourcesSnapshot: whether a cache built from a module's tensors still matches them, checked
+// in one native call with no arguments. Python's own check (read each tensor from its module's dict, then its
+// id, _version and data_ptr) cost ~3 us for the 18 tensors of a 2-layer AmNets encoder, more than a cheap
+// frame's arithmetic (python/amnets/encoder.py: stream() checks its cached frame engine on every call; the
+// CPU engine's StreamCall, csrc/cpu/frame_engine.cpp, holds one).
+// Part of the Python module only (examples/deploy builds the other sources without AMNETS_PYTHON_MODULE).
+#pragma once
+#ifdef AMNETS_PYTHON_MODULE
+#include <torch/extension.h>
+
+#include <cstdint>
+#include <utility>
+#include <vector>
+
+namespace amnets {
+
+// Built from (dict, key) pairs, e.g. (module._parameters, "weight") or (module._modules, "arbitrator"): the
+// object found there now must be the one found at the snapshot (a parameter or submodule replaced is seen;
+// the objects are held, so that their addresses cannot be reused by others). For a tensor also the TensorImpl
+// it wraps (torch.utils.swap_tensors, as module.to() may use, swaps it), its data pointer (`.data = ...`
+// re-points it) and its version (every in-place write bumps it: optimizer steps, load_state_dict, fill_).
+// Inference tensors keep no version: theirs is -1, and in-place edits of them (only possible inside
+// torch.inference_mode()) are not seen.
+class SourcesSnapshot {
+ public:
+  explicit SourcesSnapshot(const std::vector<std::pair<pybind11::dict, pybind11::object>>& entries) {
+    for (const auto& [dict, key] : entries) {
+      PyObject* value = PyDict_GetItemWithError(dict.ptr(), key.ptr());
+      if (value == nullptr && PyErr_Occurred()) throw pybind11::error_already_set();
+      TORCH_CHECK_VALUE(value != nullptr, "SourcesSnapshot: no entry ", pybind11::str(key).cast<std::string>());
+      Entry e{dict, key, pybind11::reinterpret_borrow<pybind11::object>(value)};
+      if (THPVariable_Check(value)) e.tensor = state(value);
+      entries_.push_back(std::move(e));
+    }
+  }
+
+  // Every entry holds the same object, and every tensor among them is unchanged.
+  bool matches() const {
+    for (const Entry& e : entries_) {
+      PyObject* value = PyDict_GetItemWithError(e.dict.ptr(), e.key.ptr());  // borrowed; hashes are cached
+      if (value != e.object.ptr()) {
+        if (value == nullptr && PyErr_Occurred()) throw pybind11::error_already_set();
+        return false;
+      }
+      if (e.tensor.impl != nullptr && state(value) != e.tensor) return false;
+    }
+    return true;
+  }
+
+ private:
+  struct TensorState {
+    const c10::TensorImpl* impl = nullptr;
+    const void* data = nullptr;
+    int64_t version = -1;
+    bool operator!=(const TensorState& o) const { return impl != o.impl || data != o.data || version != o.version; }
+  };
+  struct Entry {
+    pybind11::dict dict;
+    pybind11::object key, object;
+    TensorState tensor;  // impl == nullptr: the object is not a tensor
+  };
+
+  static TensorState state(PyObject* tensor) {
+    c10::TensorImpl* impl = THPVariable_Unpack(tensor).unsafeGetTensorImpl();
+    if (impl->is_inference()) return {impl, impl->data(), -1};
+    return {impl, impl->data(), static_cast<int64_t>(impl->version_counter().current_version())};
+  }
+
+  std::vector<Entry> entries_;
+};
+
+}  // namespace amnets
+#endif  // AMNETS_PYTHON_MODULE
