@@ -28,7 +28,7 @@ class SourcesSnapshot {
       PyObject* value = PyDict_GetItemWithError(dict.ptr(), key.ptr());
       if (value == nullptr && PyErr_Occurred()) throw pybind11::error_already_set();
       TORCH_CHECK_VALUE(value != nullptr, "SourcesSnapshot: no entry ", pybind11::str(key).cast<std::string>());
-      Entry e{dict, key, pybind11::reinterpret_borrow<pybind11::object>(value)};
+      Entry e{dict, own_key(dict, key), pybind11::reinterpret_borrow<pybind11::object>(value)};
       if (THPVariable_Check(value)) e.tensor = state(value);
       entries_.push_back(std::move(e));
     }
@@ -59,6 +59,18 @@ class SourcesSnapshot {
     pybind11::object key, object;
     TensorState tensor;  // impl == nullptr: the object is not a tensor
   };
+
+  // The dict's own key object equal to `key`: a lookup with it matches by identity, with no string compare
+  // (f"weight_ih_l{k}" makes a new string each time: comparing them cost ~0.1 us of the ~0.45 us check).
+  static pybind11::object own_key(const pybind11::dict& dict, const pybind11::object& key) {
+    PyObject *k = nullptr, *v = nullptr;
+    for (Py_ssize_t pos = 0; PyDict_Next(dict.ptr(), &pos, &k, &v);) {
+      const int same = PyObject_RichCompareBool(k, key.ptr(), Py_EQ);
+      if (same < 0) throw pybind11::error_already_set();
+      if (same == 1) return pybind11::reinterpret_borrow<pybind11::object>(k);
+    }
+    return key;
+  }
 
   static TensorState state(PyObject* tensor) {
     c10::TensorImpl* impl = THPVariable_Unpack(tensor).unsafeGetTensorImpl();
