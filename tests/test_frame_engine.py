@@ -209,40 +209,46 @@ def test_sources_snapshot_sees_each_kind_of_change():
         snapshot([(d, "bias")])
 
 
-def test_stream_with_a_state_runs_natively(monkeypatch):
-    """Once its engine is built, stream() with the state passed and force None / "full" / "cheap" is one
-    native call: stream()'s Python checks do not run (the engine checks the frames and the state)."""
+def test_stream_runs_natively_once_its_engine_is_built(monkeypatch):
+    """Once its engine is built, stream() is one native call (_C.StreamCall): stream()'s Python checks do not run
+    (the engine checks the frames, the state and a per-row force), and every result equals the checked path's:
+    state None (zeros) or passed as a tuple or a list, every threshold's cut (logit(0) = -inf, logit(1) = inf;
+    an int threshold), each force (a string, a per-row tensor, mixed or uniform), the encoder's own defaults."""
     cfg = dict(cheap="sparse", layers=2, hidden=16, inp=8, block=16, per_layer=False, uses_state=True, batch=2,
                frames=3, threshold=0.5, force=None, seed=0)
     enc, x, _ = build(cfg)
-    whole, state, dec = enc.stream(x)  # builds the engine (state None: the checked path)
-    first, mid, _ = enc.stream(x[:, :1])
-    # The checked path for the same calls (a numpy float is not a float to the native path), to compare:
-    # every threshold's cut (logit(0) = -inf, logit(1) = inf), each force, the encoder's own defaults.
-    calls = [dict(threshold=t) for t in (0.0, 0.3, 0.62, 1.0)] + [dict(force=f) for f in ("full", "cheap")]
-    checked = [enc.stream(x, state, **{k: np.float64(v) if k == "threshold" else v for k, v in c.items()})
+    state = enc.stream(x)[1]  # builds the engine
+    rows = [torch.tensor([True, False]), torch.tensor([False, False]), torch.tensor([True, True])]
+    calls = ([dict(state=None), dict(state=None, force="full")]
+             + [dict(threshold=t) for t in (0.0, 0.3, 0.62, 1.0, 1)]
+             + [dict(force=f) for f in ("full", "cheap", *rows)])
+    # The checked path for the same calls: a numpy float is not a float to the native path.
+    checked = [enc.stream(x, **{"state": state, **c, "threshold": np.float64(c.get("threshold", 0.5))})
                for c in calls]
+    whole = checked[0]
     enc.force = "cheap"
-    checked_default = enc.stream(x, state)  # the encoder's own force when stream()'s is None
+    checked_default = enc.stream(x, state, threshold=np.float64(0.5))  # the encoder's own force
     enc.force = None
 
     def no_python_checks(*args):
         raise AssertionError("stream() ran its Python checks")
 
     monkeypatch.setattr(encoder_module, "_check_stream", no_python_checks)
-    rest, last, dec2 = enc.stream(x[:, 1:].clone().requires_grad_(), list(mid))  # grad mode on: no graph made
+    first, mid, _ = enc.stream(x[:, :1])
+    rest, last, _ = enc.stream(x[:, 1:].clone().requires_grad_(), list(mid))  # grad mode on: no graph made
     assert not rest.requires_grad and not last[0].requires_grad
-    assert torch.equal(torch.cat([first, rest], 1), whole) and torch.equal(last[1], state[1])
+    assert torch.equal(torch.cat([first, rest], 1), whole[0]) and torch.equal(last[1], whole[1][1])
     for c, want in zip(calls, checked):
-        got = enc.stream(x, state, **c)
-        assert torch.equal(got[2], want[2]) and torch.equal(got[0], want[0]), c
+        got = enc.stream(x, **{"state": state, **c})
+        assert all(torch.equal(g, w) for g, w in zip((got[0], *got[1], got[2]), (want[0], *want[1], want[2]))), c
     enc.threshold = 0.62
-    assert torch.equal(enc.stream(x, state)[2], checked[2][2])  # the encoder's threshold when stream()'s is None
+    assert torch.equal(enc.stream(x, state)[2], checked[4][2])  # the encoder's threshold when stream()'s is None
     enc.force = "cheap"
     assert torch.equal(enc.stream(x, state)[0], checked_default[0])
-    for bad in (dict(force=torch.tensor([True, False])), dict(threshold=1), dict(force=True)):
+    for bad in (dict(force=True), dict(threshold=True), dict(threshold=np.float64(0.5)), dict(force="fast"),
+                dict(force=torch.tensor([1, 0])), dict(force=torch.tensor([True])), dict(state=state[0])):
         with pytest.raises(AssertionError, match="Python checks"):  # not for the native path: the checked one
-            enc.stream(x, state, **bad)
+            enc.stream(x, **{"state": state, **bad})
     with pytest.raises(AssertionError, match="Python checks"):  # the engine refuses: the checked path names it
         enc.stream(x.double(), state)
     with ak.use_backend("reference"), pytest.raises(AssertionError, match="Python checks"):  # not its engine's

@@ -407,17 +407,22 @@ struct FrameEngine : torch::CustomClassHolder {
     w2 = own_float(arbitrator[2]), b2 = own_float(arbitrator[3]);
   }
 
-  // x (B, T, D) and h0, c0 (L, B, H) in the weights' dtype. force: -1 the arbitrator decides (full when
-  // logit > cut), 0 every row cheap, 1 every row full, 2 per row from `rows` (B,) bool (True: full).
+  // x (B, T, D) and h0, c0 (L, B, H) in the weights' dtype (both undefined: zeros, a stream's first chunk).
+  // force: -1 the arbitrator decides (full when logit > cut), 0 every row cheap, 1 every row full, 2 per row
+  // from `rows` (B,) bool on the CPU (True: full).
   // -> (out (B, T, H), h_n, c_n (L, B, H), decisions (B, T) bool, or (B, T, L) with per-layer decisions).
   // Host cost: the checks and four outputs from the pool, a few microseconds.
   std::tuple<Tensor, Tensor, Tensor, Tensor> run(const Tensor& x, const Tensor& h0, const Tensor& c0, int64_t force,
                                                  const c10::optional<Tensor>& rows_in, double cut) {
     check_frames(x, -1);
     const int64_t L = static_cast<int64_t>(layers.size()), B = x.size(0);
-    for (const auto& [name, t] : {std::pair{"h", &h0}, {"c", &c0}}) check_like_weights(name, *t);
-    checks::shape(kOp, "h", h0, {L, B, hidden});
-    checks::shape(kOp, "c", c0, {L, B, hidden});
+    TORCH_CHECK_VALUE(h0.defined() == c0.defined(), kOp, ": pass both h and c, or neither");
+    const bool zeros = !h0.defined();
+    if (!zeros) {
+      for (const auto& [name, t] : {std::pair{"h", &h0}, {"c", &c0}}) check_like_weights(name, *t);
+      checks::shape(kOp, "h", h0, {L, B, hidden});
+      checks::shape(kOp, "c", c0, {L, B, hidden});
+    }
     const Tensor rows = force_rows(force, rows_in, B);
     Tensor out, h_n, c_n, decisions;
     {
@@ -432,7 +437,11 @@ struct FrameEngine : torch::CustomClassHolder {
     if (!f32) h_scratch.resize(h_n.numel()), c_scratch.resize(c_n.numel());
     float* h = f32 ? h_n.data_ptr<float>() : h_scratch.data();
     float* c = f32 ? c_n.data_ptr<float>() : c_scratch.data();
-    load_float(h0, h), load_float(c0, c);
+    if (zeros) {
+      std::fill_n(h, h_n.numel(), 0.f), std::fill_n(c, c_n.numel(), 0.f);
+    } else {
+      load_float(h0, h), load_float(c0, c);
+    }
     advance(x, h, c, force, rows, cut, out, decisions);
     if (!f32) {
       narrow_bf16(h, h_n.data_ptr<c10::BFloat16>(), h_n.numel());
@@ -459,8 +468,8 @@ struct FrameEngine : torch::CustomClassHolder {
   static Tensor force_rows(int64_t force, const c10::optional<Tensor>& rows_in, int64_t B) {
     TORCH_CHECK_VALUE(force >= -1 && force <= 2, kOp, ": force must be -1, 0, 1 or 2; got ", force);
     if (force != 2) return Tensor();
-    TORCH_CHECK_VALUE(rows_in.has_value() && rows_in->scalar_type() == at::kBool, kOp,
-                      ": force = 2 needs rows, a (B,) bool tensor");
+    TORCH_CHECK_VALUE(rows_in.has_value() && rows_in->scalar_type() == at::kBool && rows_in->is_cpu(), kOp,
+                      ": force = 2 needs rows, a (B,) bool tensor on the CPU");
     checks::shape(kOp, "rows", *rows_in, {B});
     return rows_in->contiguous();
   }
@@ -664,7 +673,8 @@ struct EngineStream {
 // the engine's run. Python around it cost ~2 us a call, a fifth of a cheap H=192 frame. Returns None where
 // this path does not apply, and stream() then takes its checked Python path:
 //   the weights or the backend changed since the engine was built (stream() rebuilds it);
-//   no state, force not None / "full" / "cheap" (a per-row tensor, a bool), a threshold not a float in [0, 1];
+//   a state that is not None or a pair of tensors, force not None / "full" / "cheap" / a tensor, a threshold
+//   not a float or int in [0, 1];
 //   arguments the engine refuses (TypeError or ValueError): stream()'s own checks name them in its words.
 class StreamCall {
  public:
@@ -679,29 +689,43 @@ class StreamCall {
     if (force.is_none()) force = default_force;
     if (threshold.is_none()) threshold = default_threshold;
     int64_t code = -1;  // FrameEngine::run's force codes
-    if (!force.is_none()) {
+    c10::optional<Tensor> rows;
+    if (THPVariable_Check(force.ptr())) {  // per row (the engine checks it: a (B,) bool tensor on the CPU)
+      code = 2, rows = THPVariable_Unpack(force.ptr());
+    } else if (!force.is_none()) {
       if (!PyUnicode_Check(force.ptr())) return skip;
       code = PyUnicode_CompareWithASCIIString(force.ptr(), "cheap") == 0  ? 0
              : PyUnicode_CompareWithASCIIString(force.ptr(), "full") == 0 ? 1
                                                                           : -2;
       if (code == -2) return skip;
     }
-    if (!PyFloat_CheckExact(threshold.ptr())) return skip;
-    const double p = PyFloat_AS_DOUBLE(threshold.ptr());
-    if (!(p >= 0.0 && p <= 1.0)) return skip;
-    PyObject *h0 = nullptr, *c0 = nullptr;
-    if (PyTuple_Check(state.ptr()) && PyTuple_GET_SIZE(state.ptr()) == 2) {
-      h0 = PyTuple_GET_ITEM(state.ptr(), 0), c0 = PyTuple_GET_ITEM(state.ptr(), 1);
-    } else if (PyList_Check(state.ptr()) && PyList_GET_SIZE(state.ptr()) == 2) {
-      h0 = PyList_GET_ITEM(state.ptr(), 0), c0 = PyList_GET_ITEM(state.ptr(), 1);
+    double p = 0.0;
+    if (PyFloat_CheckExact(threshold.ptr())) {
+      p = PyFloat_AS_DOUBLE(threshold.ptr());
+    } else if (PyLong_CheckExact(threshold.ptr())) {  // 0 or 1 (True and False are not thresholds)
+      const long whole = PyLong_AsLong(threshold.ptr());
+      if (whole == -1 && PyErr_Occurred()) return PyErr_Clear(), skip;
+      p = static_cast<double>(whole);
+    } else {
+      return skip;
     }
-    if (h0 == nullptr || !THPVariable_Check(x.ptr()) || !THPVariable_Check(h0) || !THPVariable_Check(c0)) return skip;
-    if (face::current() != backend_ || !sources_.matches()) return skip;
+    if (!(p >= 0.0 && p <= 1.0)) return skip;
+    Tensor h0, c0;  // undefined for state None: zeros
+    if (!state.is_none()) {
+      PyObject *h = nullptr, *c = nullptr;
+      if (PyTuple_Check(state.ptr()) && PyTuple_GET_SIZE(state.ptr()) == 2) {
+        h = PyTuple_GET_ITEM(state.ptr(), 0), c = PyTuple_GET_ITEM(state.ptr(), 1);
+      } else if (PyList_Check(state.ptr()) && PyList_GET_SIZE(state.ptr()) == 2) {
+        h = PyList_GET_ITEM(state.ptr(), 0), c = PyList_GET_ITEM(state.ptr(), 1);
+      }
+      if (h == nullptr || !THPVariable_Check(h) || !THPVariable_Check(c)) return skip;
+      h0 = THPVariable_Unpack(h), c0 = THPVariable_Unpack(c);
+    }
+    if (!THPVariable_Check(x.ptr()) || face::current() != backend_ || !sources_.matches()) return skip;
     // p_full > p exactly when the arbitrator's logit > logit(p), as encoder.py's _logit computes it.
     const double cut = p == 0.0 ? -INFINITY : p == 1.0 ? INFINITY : std::log(p / (1.0 - p));
     try {
-      auto [out, h, c, decisions] = engine_->run(THPVariable_Unpack(x.ptr()), THPVariable_Unpack(h0),
-                                                 THPVariable_Unpack(c0), code, c10::nullopt, cut);
+      auto [out, h, c, decisions] = engine_->run(THPVariable_Unpack(x.ptr()), h0, c0, code, rows, cut);
       return pybind11::make_tuple(std::move(out), pybind11::make_tuple(std::move(h), std::move(c)),
                                   std::move(decisions));
     } catch (const c10::ValueError&) {
