@@ -371,6 +371,10 @@ def test_bad_input_gets_named_errors():
         engine.run(torch.randn(2, 1, 8), torch.zeros(2, 3, 16), h, 0, None, 0.0)
     with pytest.raises(ValueError, match="force = 2 needs rows"):
         engine.run(torch.randn(2, 1, 8), h, h, 2, None, 0.0)
+    with pytest.raises(ValueError, match="force = 2 needs rows, a .* on the CPU"):  # never read off the CPU
+        engine.run(torch.randn(2, 1, 8), h, h, 2, torch.ones(2, dtype=torch.bool, device="meta"), 0.0)
+    with pytest.raises(ValueError, match="force must be None"):  # a per-row force the engine refuses, named
+        enc.stream(torch.randn(2, 1, 8), state, force=torch.ones(3, dtype=torch.bool))
     with pytest.raises(ValueError, match="layer_tensors must hold 6"):
         encoder_module._ENGINE("lowrank", [torch.zeros(64, 24)], [], 8, False, False)
 
