@@ -2,6 +2,8 @@
 decisions and outputs as the per-layer prepared steps it replaces (and as the other faces' stream()), for
 every knob; chunks continue exactly; bad input gets named errors."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -96,6 +98,32 @@ def test_streamer_state_is_a_snapshot_and_can_be_set(backend):
         assert torch.equal(first, enc.stream(x[:, :2])[0])
         with pytest.raises(ValueError, match="state must be"):
             streamer.state = (torch.zeros(2, 3, 16), torch.zeros(2, 3, 16))
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("how", ["fork", "copy", "deepcopy"])
+def test_a_forked_streamer_continues_from_the_state_then_goes_its_own_way(backend, how):
+    """A fork (or a copy) continues exactly as the original would, and afterwards each stream's calls leave
+    the other's state alone; a per-row force travels with it."""
+    enc = AmNetsEncoder(8, 16, num_layers=2, cheap="lowrank", rank=4).eval()
+    x = torch.randn(2, 6, 8)
+    with ak.use_backend(backend):
+        streamer = enc.streamer(batch=2, force=torch.tensor([True, False]) if how == "copy" else None)
+        streamer(x[:, :2])
+        other = {"fork": streamer.fork, "copy": lambda: copy.copy(streamer),
+                 "deepcopy": lambda: copy.deepcopy(streamer)}[how]()
+        assert other.native == streamer.native == (backend == "auto")
+        assert (other.encoder is enc) == (how != "deepcopy")
+        want = streamer(x[:, 2:4])
+        state = streamer.state
+        got = other(x[:, 2:4])
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        other(x[:, 4:] * 3)  # a different continuation: the original's state stays
+        assert all(torch.equal(a, b) for a, b in zip(streamer.state, state))
+        want = streamer(x[:, 4:])
+        assert not torch.equal(other.state[0], streamer.state[0])
+        other.state = state
+        assert torch.equal(other(x[:, 4:])[0], want[0])
 
 
 @pytest.mark.parametrize("face", ["reference", "triton"])

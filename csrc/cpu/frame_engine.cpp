@@ -665,6 +665,13 @@ struct EngineStream {
   }
 
   void reset() { h.zero_(), c.zero_(); }
+
+  // Another stream on the same engine from this one's state now, with its own state and outputs.
+  EngineStream fork() const {
+    EngineStream other(engine, batch, force, rows.defined() ? c10::optional<Tensor>(rows) : c10::nullopt, cut);
+    other.h.copy_(h), other.c.copy_(c);
+    return other;
+  }
 };
 
 #ifdef AMNETS_PYTHON_MODULE  // the Python module amnets_kernels._C; not the library a C++ program loads
@@ -762,7 +769,8 @@ void bind_frame_engine(pybind11::module_& m) {
       .def("__call__", &EngineStream::operator())
       .def("state", &EngineStream::state)
       .def("set_state", &EngineStream::set_state)
-      .def("reset", &EngineStream::reset);
+      .def("reset", &EngineStream::reset)
+      .def("fork", &EngineStream::fork);
 }
 #endif
 

@@ -20,6 +20,7 @@ the work the decision asks for is done.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from typing import NamedTuple
@@ -549,6 +550,24 @@ class Streamer:
             zeros = self.encoder.weight_ih_l0.new_zeros(self.encoder.num_layers, self.batch,
                                                         self.encoder.hidden_size)
             self._state = (zeros, zeros)
+
+    def fork(self) -> "Streamer":
+        """Another stream that continues from this one's state as it is now, with its own state from here on
+        (a beam of hypotheses, or trying a continuation and going back): the same engine and settings.
+        copy.copy(streamer) is the same; copy.deepcopy also copies the encoder."""
+        other = object.__new__(Streamer)
+        other.__dict__.update(self.__dict__)
+        if self._live is not None:
+            other._live = self._live.fork()
+        # (else the state is a pair of tensors that calls replace and never write: the two can share it)
+        return other
+
+    __copy__ = fork
+
+    def __deepcopy__(self, memo) -> "Streamer":
+        other = self.fork()
+        other.encoder, other._force = copy.deepcopy(self.encoder, memo), copy.deepcopy(self._force, memo)
+        return other
 
     def __call__(self, frames: Tensor) -> tuple[Tensor, Tensor]:
         """frames (batch, T, input_size) -> (out (batch, T, H), decisions (batch, T) or (batch, T, L))."""
