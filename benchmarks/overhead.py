@@ -73,8 +73,8 @@ def measure() -> dict:
             lambda: ak.rnnt_loss(logits, targets, frames, labels))
 
     # A streamed AmNets frame (issue 12's H=192 x2 encoder, B=1, one frame a call): stream() with the state passed
-    # (the engine's validity checked, then one native call) against the streamer (one native call, the state kept
-    # inside); the frame itself is the same engine.
+    # and a stream's first chunk (state None) against the streamer (one native call, the state kept inside); the
+    # frame itself is the same engine.
     from amnets.encoder import AmNetsEncoder
 
     with torch.no_grad():
@@ -86,6 +86,9 @@ def measure() -> dict:
                 state = enc.stream(frame, force=force)[1]
                 rows[f"AmNets H=192 x2 {cheap} frame, forced {force}: AmNetsEncoder.stream()"] = per_call_us(
                     lambda: enc.stream(frame, state, force))
+                if force == "cheap":
+                    rows[f"AmNets H=192 x2 {cheap} frame, forced {force}: AmNetsEncoder.stream(), state None"] = \
+                        per_call_us(lambda: enc.stream(frame, None, force))
                 streamer = enc.streamer(force=force)
                 rows[f"AmNets H=192 x2 {cheap} frame, forced {force}: AmNetsEncoder.streamer()"] = per_call_us(
                     lambda: streamer(frame))
