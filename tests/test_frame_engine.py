@@ -3,6 +3,8 @@ decisions and outputs as the per-layer prepared steps it replaces (and as the ot
 every knob; chunks continue exactly; bad input gets named errors."""
 
 import copy
+import itertools
+import math
 
 import numpy as np
 import pytest
@@ -281,6 +283,42 @@ def test_stream_runs_natively_once_its_engine_is_built(monkeypatch):
         enc.stream(x.double(), state)
     with ak.use_backend("reference"), pytest.raises(AssertionError, match="Python checks"):  # not its engine's
         enc.stream(x, state)
+
+
+def test_stream_native_or_not_every_argument_gets_the_checked_paths_answer():
+    """stream() over a grid of odd arguments (wrong kinds, shapes, dtypes, devices, layouts; NaN, huge and bool
+    thresholds): the native call's result equals the checked path's on the same engine bit for bit, and
+    what the checked path refuses is refused with a ValueError or TypeError, never another error or a crash."""
+    torch.manual_seed(0)
+    enc = AmNetsEncoder(8, 16, num_layers=2, cheap="lowrank", rank=4).eval()
+    x = torch.randn(2, 3, 8)
+    st = enc.stream(x)[1]
+    xs = [x, x.transpose(0, 1).contiguous().transpose(0, 1), x[:, ::2], x.double(), x.to(torch.bfloat16),
+          torch.randn(2, 3, 9), torch.randn(2, 8), torch.randn(2, 0, 8), "x", np.zeros((2, 3, 8), np.float32)]
+    states = [None, st, list(st), (st[0],), (st[0], st[1], st[1]), (st[0].double(), st[1]), (st[0], "c"),
+              (st[0].transpose(0, 2), st[1]), (st[0][:, :1], st[1][:, :1]),
+              (st[0].transpose(1, 2).contiguous().transpose(1, 2), st[1]), st[0], (st[0].int(), st[1].int())]
+    forces = [None, "full", "fast", True, torch.tensor([True, False]), torch.tensor([True]), torch.tensor([1, 0]),
+              torch.tensor([[True, False]]), b"full", torch.ones(2, dtype=torch.bool, device="meta")]
+    thresholds = [None, 0.0, 1, -0.1, math.nan, math.inf, True, 10**30, np.float64(0.3), "0.5", torch.tensor(0.5)]
+    native = enc._engine_cache
+    checked = native._replace(native=None)  # the same engine without its native call
+    answered = 0
+    for args in itertools.product(xs, states, forces, thresholds):
+        results = []
+        for hit in (native, checked):
+            enc._engine_cache = hit
+            try:
+                results.append(enc.stream(*args))
+            except (ValueError, TypeError) as e:
+                results.append(type(e))
+        got, want = results
+        if isinstance(want, type):
+            assert got is want, args
+        else:
+            answered += 1
+            assert all(torch.equal(g, w) for g, w in zip((got[0], *got[1], got[2]), (want[0], *want[1], want[2])))
+    assert answered > 100
 
 
 def test_bf16_lowrank_frames_on_emulated_amx_tiles():

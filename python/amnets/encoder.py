@@ -734,8 +734,10 @@ def _check_stream(enc: AmNetsEncoder, x, state, force, threshold):
                              f"got {force!r}")
         return state, force == "full", threshold
     if force is not None:
-        if not isinstance(force, Tensor) or force.dtype != torch.bool or tuple(force.shape) != (B,):
-            got = tuple(force.shape) if isinstance(force, Tensor) else type(force).__name__
+        if (not isinstance(force, Tensor) or force.dtype != torch.bool or tuple(force.shape) != (B,)
+                or force.is_meta):
+            got = ("a meta tensor (no data)" if isinstance(force, Tensor) and force.is_meta else
+                   tuple(force.shape) if isinstance(force, Tensor) else type(force).__name__)
             raise ValueError(f"{op}: force must be None, 'full', 'cheap' or a bool tensor of shape ({B},); "
                              f"got {got}")
         force = _uniform(force.to(x.device))
