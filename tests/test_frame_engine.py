@@ -5,6 +5,7 @@ every knob; chunks continue exactly; bad input gets named errors."""
 import copy
 import itertools
 import math
+import weakref
 
 import numpy as np
 import pytest
@@ -319,6 +320,21 @@ def test_stream_native_or_not_every_argument_gets_the_checked_paths_answer():
             answered += 1
             assert all(torch.equal(g, w) for g, w in zip((got[0], *got[1], got[2]), (want[0], *want[1], want[2])))
     assert answered > 100
+
+
+def test_a_dropped_encoder_is_freed_with_its_weights():
+    """The engine caches (the snapshot of the sources, StreamCall, streams and their forks) hold the encoder's
+    dicts and tensors but nothing that holds the encoder: dropping it frees it at once, with no cycle for the
+    garbage collector to find (pybind11 objects are opaque to it: a cycle through one would never be freed)."""
+    enc = AmNetsEncoder(8, 16, num_layers=2, cheap="lowrank", rank=4).eval()
+    x = torch.randn(1, 2, 8)
+    enc.stream(x, enc.stream(x)[1])
+    streamer = enc.streamer()
+    other = streamer.fork()
+    streamer(x), other(x)
+    freed = weakref.ref(enc), weakref.ref(enc.weight_ih_l0), weakref.ref(enc._engine_cache.engine)
+    del enc, streamer, other
+    assert all(ref() is None for ref in freed)
 
 
 def test_bf16_lowrank_frames_on_emulated_amx_tiles():
