@@ -465,12 +465,13 @@ _TRITON_MAX_ARBITRATOR = 256  # the Triton engine's widest arbitrator hidden lay
 
 class _EngineHit(NamedTuple):
     """A built frame engine and what it was built under: the backend and a snapshot of its source tensors.
-    native: for the CPU engine, stream() as one native call (_C.StreamCall, csrc/cpu/frame_engine.cpp: it
-    checks the snapshot and the backend itself, returns None where stream() must take its Python path)."""
+    native: for the CPU engine, stream() as one native call (_C.StreamCall, csrc/cpu/frame_engine.cpp: a builtin
+    function that checks the snapshot and the backend itself, returns None where stream() must take its Python
+    path)."""
     backend: str
     sources: "_C.SourcesSnapshot"
     engine: object
-    native: "_C.StreamCall | None"
+    native: object  # the _C.StreamCall builtin, or None
 
 
 def _engine_face(op: str, kind: str) -> str | None:
