@@ -503,3 +503,121 @@ def test_thread_counts_and_a_forked_child_give_the_same_frames():
     finally:
         child.join(timeout=10)
     assert torch.equal(torch.tensor(out), two[0])
+
+
+def spins_while(call) -> tuple[float, float]:
+    """(counts per second of a spinning Python thread while this one sleeps, its counts while call() runs):
+    call() holding the GIL lets it count for at most one switch interval (set to 0.1 ms here)."""
+    import sys
+    import threading
+    import time
+
+    count, done = [0], [False]
+
+    def spin():
+        while not done[0]:
+            count[0] += 1
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-4)
+    spinner = threading.Thread(target=spin)
+    spinner.start()
+    try:
+        n0, t0 = count[0], time.perf_counter()
+        time.sleep(0.05)
+        rate = (count[0] - n0) / (time.perf_counter() - t0)
+        n0, t0 = count[0], time.perf_counter()
+        call()
+        return rate, (count[0] - n0) / (time.perf_counter() - t0)
+    finally:
+        done[0] = True
+        spinner.join()
+        sys.setswitchinterval(interval)
+
+
+@pytest.mark.parametrize("path", ["streamer", "stream", "stream, state passed", "engine.run"])
+def test_a_chunk_runs_with_the_gil_released(path):
+    """A server runs live streams on Python threads, one each: a chunk must not hold the GIL (torch's own ops
+    release it too). While a ~0.1 s chunk runs on this thread, a spinning thread keeps counting at a good part
+    of its own rate (~100% here). With the GIL held, it counts only while the call's Python bytecodes hand the
+    GIL back and forth, each time for at most a switch interval: 1-5% of a 50 ms chunk, measured with the
+    release taken out of the stream() path."""
+    torch.manual_seed(0)
+    enc = AmNetsEncoder(24, 512, num_layers=2, cheap="sparse", sparsity=0.5, block_size=32).eval()
+    x = torch.randn(1, 1000, 24)
+    state = enc.stream(x[:, :1])[1]
+    streamer = enc.streamer()
+    call = {"streamer": lambda: streamer(x), "stream": lambda: enc.stream(x),
+            "stream, state passed": lambda: enc.stream(x, state),
+            "engine.run": lambda: enc.frame_engine().run(x, *state, 1, None, 0.0)}[path]
+    call()
+    rate, during = spins_while(call)
+    assert during > 0.3 * rate, (during, rate)
+
+
+@pytest.mark.parametrize("cheap", ["sparse", "lowrank"])
+def test_streams_on_many_threads_equal_each_stream_run_alone(cheap):
+    """Six live streams on one encoder, each on its own thread, all at once: three streamers and three
+    stream() callers passing their state on (these share the engine and its output pool), chunks of 1-3 frames.
+    Every stream's outputs and decisions equal the same stream run alone, bit for bit."""
+    import threading
+
+    torch.manual_seed(5)
+    enc = AmNetsEncoder(24, 40, num_layers=2, cheap=cheap, sparsity=0.5, block_size=16, rank=8).eval()
+    chunks = [[torch.randn(2, int(n), 24) for n in torch.randint(1, 4, (40,))] for _ in range(6)]
+
+    def run(k, start=None):
+        streamer, state, outs = enc.streamer(batch=2), None, []
+        if start is not None:
+            start.wait()
+        for x in chunks[k]:
+            if k < 3:
+                outs.append(streamer(x))
+            else:
+                out, state, d = enc.stream(x, state)
+                outs.append((out, d))
+        return outs
+
+    alone = [run(k) for k in range(6)]
+    together, start = [None] * 6, threading.Barrier(6)
+    threads = [threading.Thread(target=lambda k=k: together.__setitem__(k, run(k, start))) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(alone, together):
+        assert len(a) == len(b) == 40
+        for (out_a, d_a), (out_b, d_b) in zip(a, b):
+            assert torch.equal(out_a, out_b) and torch.equal(d_a, d_b)
+
+
+def test_one_stream_on_two_threads_at_once_is_refused_not_torn():
+    """A streamer holds one state: while a chunk runs on one thread (the GIL released), another thread's call,
+    state read or write, reset or fork of the same streamer raises a named RuntimeError, and the running chunk
+    ends as if alone."""
+    import threading
+
+    torch.manual_seed(1)
+    enc = AmNetsEncoder(24, 512, num_layers=2, cheap="sparse", sparsity=0.5, block_size=32).eval()
+    x = torch.randn(1, 400, 24)
+    want = enc.streamer()(x)
+    streamer, got = enc.streamer(), []
+    zeros = enc.stream(x[:, :0])[1]
+    attempts = [lambda: streamer(x[:, :1]), lambda: streamer.state, lambda: setattr(streamer, "state", zeros),
+                streamer.reset, streamer.fork]
+    runner = threading.Thread(target=lambda: got.append(streamer(x)))
+    runner.start()
+    try:
+        while True:  # until the runner is inside its chunk (reading the state leaves the stream as it is)
+            try:
+                streamer.state
+            except RuntimeError:
+                break
+            assert runner.is_alive(), "the runner's chunk ended before this thread saw it running"
+        for attempt in attempts:  # (microseconds each: the chunk runs ~0.1 s)
+            with pytest.raises(RuntimeError, match="this stream is in use by another thread"):
+                attempt()
+    finally:
+        runner.join()
+    assert torch.equal(got[0][0], want[0]) and torch.equal(got[0][1], want[1])
+    assert torch.equal(streamer.state[0], enc.stream(x)[1][0])

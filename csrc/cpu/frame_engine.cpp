@@ -36,7 +36,9 @@
 #endif
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
+#include <memory>
 #include <mutex>
 #include <string>
 #include <vector>
@@ -294,6 +296,30 @@ void load_float(const Tensor& t, float* dst) {
   }
 }
 
+// How run() and a stream call run their arithmetic: as it is, for C++ callers (see WithoutGil).
+struct Directly {
+  template <typename F>
+  void operator()(F&& f) const {
+    f();
+  }
+};
+
+// A stream's state is one: a call into a stream marks it in use, and a second thread entering the same stream
+// meanwhile (the Python bindings release the GIL while a chunk runs) gets an error, not a torn state.
+class InUse {
+ public:
+  explicit InUse(std::atomic<bool>& flag) : flag_(flag) {
+    TORCH_CHECK(!flag_.exchange(true), kOp, ": this stream is in use by another thread; give each thread its own "
+                "stream (Streamer.fork() copies one)");
+  }
+  ~InUse() { flag_.store(false); }
+  InUse(const InUse&) = delete;
+  InUse& operator=(const InUse&) = delete;
+
+ private:
+  std::atomic<bool>& flag_;
+};
+
 }  // namespace
 
 // Output tensors an engine or a stream hands out, taken back for a later call once the caller has let go of
@@ -328,7 +354,9 @@ class OutputPool {
            (t.use_count() == 2 && t.unsafeGetTensorImpl()->pyobj_slot()->has_unique_reference());
   }
 
-  static constexpr size_t kSlots = 8;  // a caller that keeps a few frames' outputs still finds free ones
+  // A caller that keeps a few frames' outputs still finds free ones, and so do streams on a few threads at once
+  // (each holds its last state and four outputs while its chunk runs).
+  static constexpr size_t kSlots = 16;
   std::vector<Tensor> slots_;
 };
 
@@ -411,9 +439,13 @@ struct FrameEngine : torch::CustomClassHolder {
   // force: -1 the arbitrator decides (full when logit > cut), 0 every row cheap, 1 every row full, 2 per row
   // from `rows` (B,) bool on the CPU (True: full).
   // -> (out (B, T, H), h_n, c_n (L, B, H), decisions (B, T) bool, or (B, T, L) with per-layer decisions).
-  // Host cost: the checks and four outputs from the pool, a few microseconds.
+  // Host cost: the checks and four outputs from the pool, a few microseconds. `around` runs the arithmetic
+  // (all but the checks and the pool, which reads Python reference counts): the Python bindings pass
+  // WithoutGil.
+  template <typename Around = Directly>
   std::tuple<Tensor, Tensor, Tensor, Tensor> run(const Tensor& x, const Tensor& h0, const Tensor& c0, int64_t force,
-                                                 const c10::optional<Tensor>& rows_in, double cut) {
+                                                 const c10::optional<Tensor>& rows_in, double cut,
+                                                 Around around = {}) {
     check_frames(x, -1);
     const int64_t L = static_cast<int64_t>(layers.size()), B = x.size(0);
     TORCH_CHECK_VALUE(h0.defined() == c0.defined(), kOp, ": pass both h and c, or neither");
@@ -430,23 +462,25 @@ struct FrameEngine : torch::CustomClassHolder {
       out = pool.take(out_sizes(x), dtype), decisions = pool.take(decision_sizes(x), at::kBool);
       h_n = pool.take({L, B, hidden}, dtype), c_n = pool.take({L, B, hidden}, dtype);
     }
-    // The state is float while the chunk runs: in h_n / c_n, or for bf16 models in scratch, converted at the end
-    // (exactly: every step rounds it to bf16).
-    const bool f32 = dtype == at::kFloat;
-    thread_local std::vector<float> h_scratch, c_scratch;
-    if (!f32) h_scratch.resize(h_n.numel()), c_scratch.resize(c_n.numel());
-    float* h = f32 ? h_n.data_ptr<float>() : h_scratch.data();
-    float* c = f32 ? c_n.data_ptr<float>() : c_scratch.data();
-    if (zeros) {
-      std::fill_n(h, h_n.numel(), 0.f), std::fill_n(c, c_n.numel(), 0.f);
-    } else {
-      load_float(h0, h), load_float(c0, c);
-    }
-    advance(x, h, c, force, rows, cut, out, decisions);
-    if (!f32) {
-      narrow_bf16(h, h_n.data_ptr<c10::BFloat16>(), h_n.numel());
-      narrow_bf16(c, c_n.data_ptr<c10::BFloat16>(), c_n.numel());
-    }
+    around([&] {
+      // The state is float while the chunk runs: in h_n / c_n, or for bf16 models in scratch, converted at the
+      // end (exactly: every step rounds it to bf16).
+      const bool f32 = dtype == at::kFloat;
+      thread_local std::vector<float> h_scratch, c_scratch;
+      if (!f32) h_scratch.resize(h_n.numel()), c_scratch.resize(c_n.numel());
+      float* h = f32 ? h_n.data_ptr<float>() : h_scratch.data();
+      float* c = f32 ? c_n.data_ptr<float>() : c_scratch.data();
+      if (zeros) {
+        std::fill_n(h, h_n.numel(), 0.f), std::fill_n(c, c_n.numel(), 0.f);
+      } else {
+        load_float(h0, h), load_float(c0, c);
+      }
+      advance(x, h, c, force, rows, cut, out, decisions);
+      if (!f32) {
+        narrow_bf16(h, h_n.data_ptr<c10::BFloat16>(), h_n.numel());
+        narrow_bf16(c, c_n.data_ptr<c10::BFloat16>(), c_n.numel());
+      }
+    });
     return {out, h_n, c_n, decisions};
   }
 
@@ -622,14 +656,15 @@ struct FrameEngine : torch::CustomClassHolder {
 };
 
 // A live stream on an engine (what Python's Streamer calls): the state stays here as floats and is updated
-// in place, so a call converts one argument and returns two outputs, not three and four as run(). Not for two
-// threads at once (one state).
+// in place, so a call converts one argument and returns two outputs, not three and four as run(). One thread
+// at a time (one state): every method marks the stream in use (InUse).
 struct EngineStream {
   c10::intrusive_ptr<FrameEngine> engine;
   int64_t batch, force;
   Tensor rows, h, c;  // h, c: (L, batch, H) float
   double cut;
   OutputPool pool;
+  std::unique_ptr<std::atomic<bool>> busy = std::make_unique<std::atomic<bool>>(false);
 
   EngineStream(c10::intrusive_ptr<FrameEngine> engine_, int64_t batch_, int64_t force_,
                const c10::optional<Tensor>& rows_in, double cut_)
@@ -642,21 +677,26 @@ struct EngineStream {
     c = at::zeros_like(h);
   }
 
-  std::tuple<Tensor, Tensor> operator()(const Tensor& x) {
+  // `around` as in FrameEngine::run.
+  template <typename Around = Directly>
+  std::tuple<Tensor, Tensor> operator()(const Tensor& x, Around around = {}) {
+    const InUse use(*busy);
     engine->check_frames(x, batch);
     Tensor out = pool.take(engine->out_sizes(x), engine->dtype);
     Tensor decisions = pool.take(engine->decision_sizes(x), at::kBool);
-    engine->advance(x, h.data_ptr<float>(), c.data_ptr<float>(), force, rows, cut, out, decisions);
+    around([&] { engine->advance(x, h.data_ptr<float>(), c.data_ptr<float>(), force, rows, cut, out, decisions); });
     return {std::move(out), std::move(decisions)};
   }
 
   // Copies in the weights' dtype: a state read earlier does not change with later calls.
   std::tuple<Tensor, Tensor> state() const {
+    const InUse use(*busy);
     if (engine->dtype == at::kFloat) return {h.clone(), c.clone()};
     return {h.to(engine->dtype), c.to(engine->dtype)};
   }
 
   void set_state(const Tensor& h0, const Tensor& c0) {
+    const InUse use(*busy);
     for (const auto& [name, t] : {std::pair{"h", &h0}, {"c", &c0}}) {
       engine->check_like_weights(name, *t);
       checks::shape(kOp, name, *t, h.sizes());
@@ -664,10 +704,14 @@ struct EngineStream {
     load_float(h0, h.data_ptr<float>()), load_float(c0, c.data_ptr<float>());
   }
 
-  void reset() { h.zero_(), c.zero_(); }
+  void reset() {
+    const InUse use(*busy);
+    h.zero_(), c.zero_();
+  }
 
   // Another stream on the same engine from this one's state now, with its own state and outputs.
   EngineStream fork() const {
+    const InUse use(*busy);
     EngineStream other(engine, batch, force, rows.defined() ? c10::optional<Tensor>(rows) : c10::nullopt, cut);
     other.h.copy_(h), other.c.copy_(c);
     return other;
@@ -683,6 +727,16 @@ struct EngineStream {
 //   a state that is not None or a pair of tensors, force not None / "full" / "cheap" / a tensor, a threshold
 //   not a float or int in [0, 1];
 //   arguments the engine refuses (TypeError or ValueError): stream()'s own checks name them in its words.
+// Runs a chunk's arithmetic with the GIL released, as torch's own ops run theirs: other Python threads (other
+// streams, each with its own state) run meanwhile. ~0.1 us a call.
+struct WithoutGil {
+  template <typename F>
+  void operator()(F&& f) const {
+    pybind11::gil_scoped_release released;
+    f();
+  }
+};
+
 class StreamCall {
  public:
   StreamCall(c10::intrusive_ptr<FrameEngine> engine, SourcesSnapshot sources)
@@ -732,7 +786,7 @@ class StreamCall {
     // p_full > p exactly when the arbitrator's logit > logit(p), as encoder.py's _logit computes it.
     const double cut = p == 0.0 ? -INFINITY : p == 1.0 ? INFINITY : std::log(p / (1.0 - p));
     try {
-      auto [out, h, c, decisions] = engine_->run(THPVariable_Unpack(x.ptr()), h0, c0, code, rows, cut);
+      auto [out, h, c, decisions] = engine_->run(THPVariable_Unpack(x.ptr()), h0, c0, code, rows, cut, WithoutGil());
       return pybind11::make_tuple(std::move(out), pybind11::make_tuple(std::move(h), std::move(c)),
                                   std::move(decisions));
     } catch (const c10::ValueError&) {
@@ -772,7 +826,9 @@ void bind_frame_engine(pybind11::module_& m) {
                              bool per_layer) {
         return c10::make_intrusive<FrameEngine>(cheap, layers, arbitrator, input_size, uses_state, per_layer);
       }))
-      .def("run", &FrameEngine::run)
+      .def("run",
+           [](FrameEngine& self, const Tensor& x, const Tensor& h0, const Tensor& c0, int64_t force,
+              const c10::optional<Tensor>& rows, double cut) { return self.run(x, h0, c0, force, rows, cut, WithoutGil()); })
       .def("stream", [](c10::intrusive_ptr<FrameEngine> self, int64_t batch, int64_t force,
                         const c10::optional<Tensor>& rows, double cut) {
         return EngineStream(std::move(self), batch, force, rows, cut);
@@ -786,7 +842,7 @@ void bind_frame_engine(pybind11::module_& m) {
     return pybind11::reinterpret_steal<pybind11::object>(function);
   });
   pybind11::class_<EngineStream>(m, "EngineStream")
-      .def("__call__", &EngineStream::operator())
+      .def("__call__", [](EngineStream& self, const Tensor& x) { return self(x, WithoutGil()); })
       .def("state", &EngineStream::state)
       .def("set_state", &EngineStream::set_state)
       .def("reset", &EngineStream::reset)
@@ -797,7 +853,10 @@ void bind_frame_engine(pybind11::module_& m) {
 TORCH_LIBRARY_FRAGMENT(amnets_native, m) {
   m.class_<FrameEngine>("FrameEngine")
       .def(torch::init<std::string, std::vector<Tensor>, std::vector<Tensor>, int64_t, bool, bool>())
-      .def("run", &FrameEngine::run);
+      .def("run", [](const c10::intrusive_ptr<FrameEngine>& self, const Tensor& x, const Tensor& h0, const Tensor& c0,
+                     int64_t force, const c10::optional<Tensor>& rows, double cut) {
+        return self->run(x, h0, c0, force, rows, cut);
+      });
 }
 
 }  // namespace amnets::cpu

@@ -368,7 +368,10 @@ class AmNetsEncoder(nn.Module):
         """A live stream's frame engine: `s = enc.streamer(); out, decisions = s(frames)` for frames
         (batch, T, D), any T per call, the state carried from call to call (s.state, s.reset()). The same
         results as stream() with the state passed along, at the host cost of one native call per chunk.
-        Built from the weights as they are now: make a new one after changing them."""
+        Built from the weights as they are now: make a new one after changing them.
+        Threads: a chunk runs with the GIL released, so streams on several Python threads run in parallel
+        (a server, one stream per thread: python -m benchmarks.serving). A streamer is one state: give each
+        thread its own (another streamer(), or fork()); a second thread entering a busy one gets a RuntimeError."""
         return Streamer(self, batch, threshold, force)
 
     def _stream_steps(self) -> list["_LayerStep"]:
@@ -400,6 +403,7 @@ class AmNetsEncoder(nn.Module):
         running it alone (see _LayerStep for how each branch is computed). Runs without autograd.
         Once the CPU frame engine is built for the current weights, a call is one native call (_C.StreamCall:
         the engine's validity, the arguments' kinds and the chunk; ~1 us of host time more than a streamer's).
+        Many threads may stream on one encoder at once, each with its own state: the chunk releases the GIL.
         """
         hit = self._engine_cache
         if hit is not None and hit.native is not None:  # the CPU engine, built: one native call where it applies

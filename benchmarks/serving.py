@@ -1,0 +1,120 @@
+"""python -m benchmarks.serving [--against DIR]: live streams served from Python threads, one stream per thread.
+
+A server that holds many live streams (one per user) runs each on its own Python thread, with
+torch.set_num_threads(1) so the streams, not the ops, share the cores. That only scales if the native call
+of a frame releases the GIL, as torch's own ops do.
+
+Rows (microseconds of wall time per frame, over all streams: lower is better; each the median of 5 timed
+runs of ~0.2 s): the same frames, N streams (N = the cores torch sees, at most 4), each one frame per call,
+  - "1 thread": one thread running the N streams in turn, frame by frame;
+  - "N threads": N threads, each running its own stream, started together.
+N threads / 1 thread is 1/N when the streams run in parallel, and ~1 when every frame holds the GIL.
+Models: issue 12's H=192 x2 encoder (D=240; sparse 0.8 b=32, low-rank r=48), all-cheap frames
+(threshold 1: the arbitrator runs and decides cheap) through AmNetsEncoder.streamer() and through
+AmNetsEncoder.stream() with the state passed; stock nn.LSTM (H=192 x2) stepped one frame per call beside them.
+Public entry points only, so `--against DIR` runs the same rows in an older checkout (benchmarks/ab.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+
+HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def wall_per_frame_us(steps: list, threads: bool, seconds: float = 0.2) -> float:
+    """steps: one frame of each stream (callables). The median over 5 runs of wall time / frames."""
+    for step in steps:  # warm-up
+        for _ in range(20):
+            step()
+    frames = max(1, int(seconds / _one_frame_s(steps[0])))
+    runs = []
+    for _ in range(5):
+        if threads:
+            start = threading.Barrier(len(steps) + 1)
+
+            def work(step):
+                start.wait()
+                for _ in range(frames):
+                    step()
+
+            pool = [threading.Thread(target=work, args=(s,)) for s in steps]
+            for t in pool:
+                t.start()
+            start.wait()
+            begin = time.perf_counter()
+            for t in pool:
+                t.join()
+        else:
+            begin = time.perf_counter()
+            for _ in range(frames):
+                for step in steps:
+                    step()
+        runs.append((time.perf_counter() - begin) / (frames * len(steps)) * 1e6)
+    return statistics.median(runs)
+
+
+def _one_frame_s(step) -> float:
+    begin = time.perf_counter()
+    for _ in range(50):
+        step()
+    return (time.perf_counter() - begin) / 50
+
+
+def measure() -> dict:
+    import torch
+
+    from amnets.encoder import AmNetsEncoder
+
+    torch.set_num_threads(1)
+    n = max(2, min(4, os.cpu_count() or 2))
+    rows = {}
+    with torch.no_grad():
+        for cheap in ("sparse", "lowrank"):
+            torch.manual_seed(0)
+            enc = AmNetsEncoder(240, 192, num_layers=2, cheap=cheap, sparsity=0.8, block_size=32,
+                                rank=48).eval()
+            frame = torch.randn(1, 1, 240)
+            streamers = [enc.streamer(threshold=1.0) for _ in range(n)]
+            states = [[(torch.zeros(2, 1, 192), torch.zeros(2, 1, 192))] for _ in range(n)]
+
+            def stream_step(state):
+                def step():
+                    _, state[0], _ = enc.stream(frame, state[0], None, 1.0)
+                return step
+
+            for how, steps in (("streamer()", [lambda s=s: s(frame) for s in streamers]),
+                               ("stream()", [stream_step(state) for state in states])):
+                for threads in (False, True):
+                    label = f"AmNets H=192 x2 {cheap} all-cheap, {n} streams, {how}: " + \
+                        (f"{n} threads" if threads else "1 thread")
+                    rows[label] = wall_per_frame_us(steps, threads)
+        torch.manual_seed(0)
+        lstm = torch.nn.LSTM(240, 192, 2, batch_first=True).eval()
+        frame = torch.randn(1, 1, 240)
+        lstm_states = [[None] for _ in range(n)]
+
+        def lstm_step(state):
+            def step():
+                _, state[0] = lstm(frame, state[0])
+            return step
+
+        for threads in (False, True):
+            rows[f"stock nn.LSTM H=192 x2 stepped, {n} streams: " + (f"{n} threads" if threads else "1 thread")] = \
+                wall_per_frame_us([lstm_step(s) for s in lstm_states], threads)
+    return rows
+
+
+if __name__ == "__main__":
+    if "--worker" in sys.argv:  # one measuring process of an A/B run, maybe with another checkout's packages
+        print(json.dumps(measure()))
+    else:
+        sys.path.append(HERE)
+        from benchmarks import ab
+
+        ab.main(__doc__, __file__, measure)
