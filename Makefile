@@ -44,6 +44,7 @@ deploy: install
 bench: install
 	$(PY) -m benchmarks $(if $(QUICK),--quick)
 	$(PY) -m benchmarks.overhead
+	$(PY) -m benchmarks.serving
 	$(PY) -m benchmarks.contention $(if $(QUICK),--quick)
 
 # Optional: the rnnt_loss peers benchmarks/rnnt.py times when importable (a few minutes of C++ builds;

@@ -621,3 +621,35 @@ def test_one_stream_on_two_threads_at_once_is_refused_not_torn():
         runner.join()
     assert torch.equal(got[0][0], want[0]) and torch.equal(got[0][1], want[1])
     assert torch.equal(streamer.state[0], enc.stream(x)[1][0])
+
+
+def test_threads_streaming_on_one_engine_do_not_deadlock():
+    """Regression: four threads calling stream() on one encoder, chunks of 1-5 frames, hung within seconds
+    (3 of 3 runs of this script on the build before the fix): a thread evicting an output from the engine's pool
+    under its lock freed a tensor with a Python object, which released the GIL inside torch, while another
+    thread held the GIL and waited for the lock. Run in a child process: a deadlock holds the GIL."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent("""
+        import threading, torch
+        from amnets.encoder import AmNetsEncoder
+        torch.set_num_threads(1)
+        torch.manual_seed(0)
+        enc = AmNetsEncoder(24, 32, num_layers=2, cheap="sparse", sparsity=0.5, block_size=16).eval()
+        xs = [torch.randn(1, n, 24) for n in (1, 2, 3, 5)]
+        def work(k):
+            state = None
+            for i in range(3000):
+                _, state, _ = enc.stream(xs[(i + k) % 4], state)
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+        [t.start() for t in threads]
+        [t.join() for t in threads]
+        print("done")
+    """)
+    try:
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("four threads streaming on one encoder did not finish in 120 s (a deadlock)")
+    assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr

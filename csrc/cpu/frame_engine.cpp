@@ -41,6 +41,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "../checks.h"
@@ -327,9 +328,13 @@ class InUse {
 // and it was made under the inference mode now in force. A frame then allocates nothing and makes no new
 // Python object (the outputs' malloc, construction and destruction: a tiny 2-layer frame took 1.88 us before,
 // 1.18 after, one AMD EPYC core).
+// A full pool lets go of a free slot's tensor for the new one into `evicted`, which the caller drops after
+// unlocking the pool: freeing a tensor that had a Python object can release the GIL inside torch
+// (THPVariable_clear), and a thread that holds the GIL and waits for the lock would then deadlock with this one
+// (two Python threads streaming on one engine hung within seconds before).
 class OutputPool {
  public:
-  Tensor take(at::IntArrayRef sizes, at::ScalarType dtype) {
+  Tensor take(at::IntArrayRef sizes, at::ScalarType dtype, Tensor& evicted) {
     const bool inference = c10::InferenceMode::is_enabled();
     Tensor* spare = nullptr;  // a slot free for a new tensor
     for (Tensor& t : slots_) {
@@ -340,7 +345,7 @@ class OutputPool {
     }
     Tensor t = at::detail::empty_cpu(sizes, at::TensorOptions().dtype(dtype));
     if (slots_.size() < kSlots) slots_.push_back(t);
-    else if (spare != nullptr) *spare = t;
+    else if (spare != nullptr) evicted = std::exchange(*spare, t);
     return t;
   }
 
@@ -456,11 +461,12 @@ struct FrameEngine : torch::CustomClassHolder {
       checks::shape(kOp, "c", c0, {L, B, hidden});
     }
     const Tensor rows = force_rows(force, rows_in, B);
-    Tensor out, h_n, c_n, decisions;
+    Tensor out, h_n, c_n, decisions, evicted[4];  // (evicted: dropped at the end, after the lock; see OutputPool)
     {
       const std::lock_guard<std::mutex> lock(pool_mutex);
-      out = pool.take(out_sizes(x), dtype), decisions = pool.take(decision_sizes(x), at::kBool);
-      h_n = pool.take({L, B, hidden}, dtype), c_n = pool.take({L, B, hidden}, dtype);
+      out = pool.take(out_sizes(x), dtype, evicted[0]);
+      decisions = pool.take(decision_sizes(x), at::kBool, evicted[1]);
+      h_n = pool.take({L, B, hidden}, dtype, evicted[2]), c_n = pool.take({L, B, hidden}, dtype, evicted[3]);
     }
     around([&] {
       // The state is float while the chunk runs: in h_n / c_n, or for bf16 models in scratch, converted at the
@@ -680,10 +686,11 @@ struct EngineStream {
   // `around` as in FrameEngine::run.
   template <typename Around = Directly>
   std::tuple<Tensor, Tensor> operator()(const Tensor& x, Around around = {}) {
+    Tensor evicted[2];  // (destroyed last, when this stream is no longer in use: see OutputPool)
     const InUse use(*busy);
     engine->check_frames(x, batch);
-    Tensor out = pool.take(engine->out_sizes(x), engine->dtype);
-    Tensor decisions = pool.take(engine->decision_sizes(x), at::kBool);
+    Tensor out = pool.take(engine->out_sizes(x), engine->dtype, evicted[0]);
+    Tensor decisions = pool.take(engine->decision_sizes(x), at::kBool, evicted[1]);
     around([&] { engine->advance(x, h.data_ptr<float>(), c.data_ptr<float>(), force, rows, cut, out, decisions); });
     return {std::move(out), std::move(decisions)};
   }
