@@ -1,4 +1,4 @@
-"""The command line of a host-cost benchmark (benchmarks.overhead, benchmarks.checks_cost): print its rows,
+"""The command line of a host-cost benchmark (benchmarks.overhead, benchmarks.checks_cost, benchmarks.serving): print its rows,
 or with --against DIR compare them with another checkout of this repository (A/B).
 
 With --against, each round runs the benchmark once with DIR's packages first on the path (DIR is a checkout

@@ -13,6 +13,8 @@ Models: issue 12's H=192 x2 encoder (D=240; sparse 0.8 b=32, low-rank r=48), all
 (threshold 1: the arbitrator runs and decides cheap) through AmNetsEncoder.streamer() and through
 AmNetsEncoder.stream() with the state passed; stock nn.LSTM (H=192 x2) stepped one frame per call beside them.
 Public entry points only, so `--against DIR` runs the same rows in an older checkout (benchmarks/ab.py).
+SERVING_PATHS=streamer leaves out the stream() rows: builds before d5a08cd deadlock there (threads calling
+stream() on one encoder).
 """
 
 from __future__ import annotations
@@ -88,8 +90,11 @@ def measure() -> dict:
                     _, state[0], _ = enc.stream(frame, state[0], None, 1.0)
                 return step
 
-            for how, steps in (("streamer()", [lambda s=s: s(frame) for s in streamers]),
-                               ("stream()", [stream_step(state) for state in states])):
+            paths = {"streamer()": [lambda s=s: s(frame) for s in streamers],
+                     "stream()": [stream_step(state) for state in states]}
+            if os.environ.get("SERVING_PATHS") == "streamer":
+                del paths["stream()"]
+            for how, steps in paths.items():
                 for threads in (False, True):
                     label = f"AmNets H=192 x2 {cheap} all-cheap, {n} streams, {how}: " + \
                         (f"{n} threads" if threads else "1 thread")
