@@ -591,21 +591,29 @@ def test_streams_on_many_threads_equal_each_stream_run_alone(cheap):
             assert torch.equal(out_a, out_b) and torch.equal(d_a, d_b)
 
 
-def test_one_stream_on_two_threads_at_once_is_refused_not_torn():
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+def test_one_stream_on_two_threads_at_once_is_refused_not_torn(backend):
     """A streamer holds one state: while a chunk runs on one thread (the GIL released), another thread's call,
     state read or write, reset or fork of the same streamer raises a named RuntimeError, and the running chunk
-    ends as if alone."""
+    ends as if alone. On the engine (auto) and off it (reference: stream()'s per-layer steps)."""
     import threading
 
     torch.manual_seed(1)
     enc = AmNetsEncoder(24, 512, num_layers=2, cheap="sparse", sparsity=0.5, block_size=32).eval()
     x = torch.randn(1, 400, 24)
-    want = enc.streamer()(x)
-    streamer, got = enc.streamer(), []
+    with ak.use_backend(backend):  # (on this thread)
+        want, last = enc.streamer()(x), enc.stream(x)[1]
+        streamer, got = enc.streamer(), []
+    assert streamer.native == (backend == "auto")
     zeros = enc.stream(x[:, :0])[1]
     attempts = [lambda: streamer(x[:, :1]), lambda: streamer.state, lambda: setattr(streamer, "state", zeros),
                 streamer.reset, streamer.fork]
-    runner = threading.Thread(target=lambda: got.append(streamer(x)))
+
+    def run():
+        with ak.use_backend(backend):
+            got.append(streamer(x))
+
+    runner = threading.Thread(target=run)
     runner.start()
     try:
         while True:  # until the runner is inside its chunk (reading the state leaves the stream as it is)
@@ -620,7 +628,7 @@ def test_one_stream_on_two_threads_at_once_is_refused_not_torn():
     finally:
         runner.join()
     assert torch.equal(got[0][0], want[0]) and torch.equal(got[0][1], want[1])
-    assert torch.equal(streamer.state[0], enc.stream(x)[1][0])
+    assert torch.equal(streamer.state[0], last[0]) and torch.equal(streamer.state[1], last[1])
 
 
 def test_threads_streaming_on_one_engine_do_not_deadlock():

@@ -726,16 +726,9 @@ struct EngineStream {
 };
 
 #ifdef AMNETS_PYTHON_MODULE  // the Python module amnets_kernels._C; not the library a C++ program loads
-// AmNetsEncoder.stream() in one native call, from its Python arguments as given (python/amnets/encoder.py):
-// whether the engine still matches the weights and the backend it was built under, the arguments' kinds and
-// the engine's run. Python around it cost ~2 us a call, a fifth of a cheap H=192 frame. Returns None where
-// this path does not apply, and stream() then takes its checked Python path:
-//   the weights or the backend changed since the engine was built (stream() rebuilds it);
-//   a state that is not None or a pair of tensors, force not None / "full" / "cheap" / a tensor, a threshold
-//   not a float or int in [0, 1];
-//   arguments the engine refuses (TypeError or ValueError): stream()'s own checks name them in its words.
 // Runs a chunk's arithmetic with the GIL released, as torch's own ops run theirs: other Python threads (other
-// streams, each with its own state) run meanwhile. ~0.1 us a call.
+// streams, each with its own state) run meanwhile. What it adds to a call is within the noise of
+// benchmarks.overhead's stream rows (an A/B of the builds: 0.99-1.05).
 struct WithoutGil {
   template <typename F>
   void operator()(F&& f) const {
@@ -744,6 +737,14 @@ struct WithoutGil {
   }
 };
 
+// AmNetsEncoder.stream() in one native call, from its Python arguments as given (python/amnets/encoder.py):
+// whether the engine still matches the weights and the backend it was built under, the arguments' kinds and
+// the engine's run. Python around it cost ~2 us a call, a fifth of a cheap H=192 frame. Returns None where
+// this path does not apply, and stream() then takes its checked Python path:
+//   the weights or the backend changed since the engine was built (stream() rebuilds it);
+//   a state that is not None or a pair of tensors, force not None / "full" / "cheap" / a tensor, a threshold
+//   not a float or int in [0, 1];
+//   arguments the engine refuses (TypeError or ValueError): stream()'s own checks name them in its words.
 class StreamCall {
  public:
   StreamCall(c10::intrusive_ptr<FrameEngine> engine, SourcesSnapshot sources)
@@ -833,9 +834,10 @@ void bind_frame_engine(pybind11::module_& m) {
                              bool per_layer) {
         return c10::make_intrusive<FrameEngine>(cheap, layers, arbitrator, input_size, uses_state, per_layer);
       }))
-      .def("run",
-           [](FrameEngine& self, const Tensor& x, const Tensor& h0, const Tensor& c0, int64_t force,
-              const c10::optional<Tensor>& rows, double cut) { return self.run(x, h0, c0, force, rows, cut, WithoutGil()); })
+      .def("run", [](FrameEngine& self, const Tensor& x, const Tensor& h0, const Tensor& c0, int64_t force,
+                     const c10::optional<Tensor>& rows, double cut) {
+        return self.run(x, h0, c0, force, rows, cut, WithoutGil());
+      })
       .def("stream", [](c10::intrusive_ptr<FrameEngine> self, int64_t batch, int64_t force,
                         const c10::optional<Tensor>& rows, double cut) {
         return EngineStream(std::move(self), batch, force, rows, cut);
