@@ -109,6 +109,33 @@ def test_chunks_and_streamer_continue_exactly(cheap):
     same(restart, first)
 
 
+def test_a_forked_streamer_continues_and_a_busy_stream_refuses_other_threads():
+    """Streamer.fork() on the Triton engine's stream continues exactly as the original, then each goes its own
+    way; while a call is inside the stream (held here by hand, as another thread would), every method raises
+    the named error, as the CPU engine's stream does."""
+    cfg = dict(cheap="lowrank", layers=2, hidden=16, inp=5, block=16, per_layer=False, uses_state=True, batch=2,
+               frames=4, threshold=0.5, force=None, seed=6)
+    enc, x, _ = build(cfg)
+    with ak.use_backend(BACKEND):
+        streamer = enc.streamer(batch=2)
+        assert streamer.native
+        streamer(x[:, :2])
+        other = streamer.fork()
+        want = streamer(x[:, 2:])
+        got = other(x[:, 2:])
+        same(got[0], want[0])
+        assert torch.equal(got[1], want[1])
+        other(x[:, 2:] * 3)
+        same(streamer.state[0], enc.stream(x)[1][0])  # the original's state stayed
+        live = streamer._live
+        with live._one_thread:
+            for attempt in (lambda: streamer(x[:, :1]), lambda: streamer.state, streamer.reset, streamer.fork,
+                            lambda: setattr(streamer, "state", other.state)):
+                with pytest.raises(RuntimeError, match="this stream is in use by another thread"):
+                    attempt()
+        streamer(x[:, :1])  # free again
+
+
 def test_block_64_wide_arbitrator_and_four_layer_decisions():
     """The largest tile (b = 64), an arbitrator wider than one block (100 -> 128) and 4 per-layer decisions."""
     cfg = dict(cheap="sparse", layers=4, hidden=70, inp=24, block=64, per_layer=True, uses_state=True, batch=2,

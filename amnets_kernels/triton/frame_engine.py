@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .._one_thread import OneThread
 from ..aot import AotConfig
 from .lowrank_lstm import _cell_update
 
@@ -537,24 +538,35 @@ class FrameEngine:
 
 
 class Stream:
-    """FrameEngine.stream: the state (h, c) carried from call to call; state() copies, set_state, reset()."""
+    """FrameEngine.stream: the state (h, c) carried from call to call; state() copies, set_state, reset(),
+    fork() (another stream from this state). One thread at a time, as the CPU engine's stream."""
 
     def __init__(self, engine: FrameEngine, batch: int, code: int, rows, cut: float):
         self.engine, self.code, self.rows, self.cut = engine, code, rows, cut
         self.shape = (len(engine.layers), batch, engine.hidden)
+        self._one_thread = OneThread("FrameEngine stream")
         self.reset()
 
     def __call__(self, x):
-        out, self.h, self.c, dec = self.engine.run(x, self.h, self.c, self.code, self.rows, self.cut)
+        with self._one_thread:
+            out, self.h, self.c, dec = self.engine.run(x, self.h, self.c, self.code, self.rows, self.cut)
         return out, dec
 
     def state(self):
-        return self.h.clone(), self.c.clone()
+        with self._one_thread:
+            return self.h.clone(), self.c.clone()
 
     def set_state(self, h, c):
         self.engine._check_state(h, c, self.shape[1])
-        self.h, self.c = h.clone(), c.clone()
+        with self._one_thread:
+            self.h, self.c = h.clone(), c.clone()
 
     def reset(self):
-        self.h = torch.zeros(self.shape, dtype=self.engine.dtype, device=self.engine.device)
-        self.c = torch.zeros_like(self.h)
+        h = torch.zeros(self.shape, dtype=self.engine.dtype, device=self.engine.device)
+        with self._one_thread:
+            self.h, self.c = h, torch.zeros_like(h)
+
+    def fork(self) -> "Stream":
+        other = Stream(self.engine, self.shape[1], self.code, self.rows, self.cut)
+        other.set_state(*self.state())
+        return other

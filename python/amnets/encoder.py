@@ -20,11 +20,9 @@ the work the decision asks for is done.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import math
-import threading
 from typing import NamedTuple
 
 import torch
@@ -32,6 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import amnets_kernels as ak
+from amnets_kernels._one_thread import OneThread
 from amnets_kernels._ops.lstm_update import lstm_pointwise
 
 CHEAP_KINDS = ("sparse", "lowrank")
@@ -533,26 +532,15 @@ class Streamer:
         # On an engine the state lives in its stream object (updated in place: a call passes only the frames).
         self._live = engine.stream(batch, *_engine_force(self._force), _logit(self._threshold)) if self.native \
             else None
-        self._busy = threading.Lock()  # off the engine: one thread at a time, as the engine's stream enforces
+        self._one_thread = OneThread("AmNetsEncoder.streamer")  # off the engines (theirs enforce it themselves)
         self.reset()
-
-    @contextlib.contextmanager
-    def _in_use(self):
-        """Off the engine, as on it (its stream's InUse): a second thread entering a busy streamer gets an error."""
-        if not self._busy.acquire(blocking=False):
-            raise RuntimeError("AmNetsEncoder.streamer: this stream is in use by another thread; give each thread "
-                               "its own stream (Streamer.fork() copies one)")
-        try:
-            yield
-        finally:
-            self._busy.release()
 
     @property
     def state(self) -> tuple[Tensor, Tensor]:
         """(h, c), each (num_layers, batch, H): the state after the last call (a copy: later calls leave it)."""
         if self._live is not None:
             return self._live.state()
-        with self._in_use():
+        with self._one_thread:
             return self._state
 
     @state.setter
@@ -562,7 +550,7 @@ class Streamer:
         if self._live is not None:
             self._live.set_state(*value)
         else:
-            with self._in_use():
+            with self._one_thread:
                 self._state = tuple(value)
 
     def reset(self) -> None:
@@ -572,7 +560,7 @@ class Streamer:
         else:
             zeros = self.encoder.weight_ih_l0.new_zeros(self.encoder.num_layers, self.batch,
                                                         self.encoder.hidden_size)
-            with self._in_use():
+            with self._one_thread:
                 self._state = (zeros, zeros)
 
     def fork(self) -> "Streamer":
@@ -581,11 +569,11 @@ class Streamer:
         copy.copy(streamer) is the same; copy.deepcopy also copies the encoder."""
         other = object.__new__(Streamer)
         other.__dict__.update(self.__dict__)
-        other._busy = threading.Lock()
+        other._one_thread = OneThread("AmNetsEncoder.streamer")
         if self._live is not None:
             other._live = self._live.fork()
         else:  # the state is a pair of tensors that calls replace and never write: the two can share it
-            with self._in_use():
+            with self._one_thread:
                 other._state = self._state
         return other
 
@@ -600,7 +588,7 @@ class Streamer:
         """frames (batch, T, input_size) -> (out (batch, T, H), decisions (batch, T) or (batch, T, L))."""
         if self._live is None:
             self._check(frames)
-            with self._in_use():
+            with self._one_thread:
                 out, self._state, dec = self.encoder.stream(frames, self._state, self._force, self._threshold)
             return out, dec
         try:  # the engine checks its arguments itself: no Python check on the way (a frame costs ~10 us)
