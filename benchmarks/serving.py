@@ -4,8 +4,9 @@ A server that holds many live streams (one per user) runs each on its own Python
 torch.set_num_threads(1) so the streams, not the ops, share the cores. That only scales if the native call
 of a frame releases the GIL, as torch's own ops do.
 
-Rows (microseconds of wall time per frame, over all streams: lower is better; each the median of 5 timed
-runs of ~0.2 s): the same frames, N streams (N = the cores torch sees, at most 4), each one frame per call,
+Rows (microseconds of wall time per frame, over all streams: lower is better; each the median of 7 timed
+runs of ~0.2 s, the two rows of a path taking turns): the same frames, N streams (N = the cores the OS reports,
+at most 4), each one frame per call,
   - "1 thread": one thread running the N streams in turn, frame by frame;
   - "N threads": N threads, each running its own stream, started together.
 N threads / 1 thread is 1/N when the streams run in parallel, and ~1 when every frame holds the GIL.
@@ -29,36 +30,41 @@ import time
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def wall_per_frame_us(steps: list, threads: bool, seconds: float = 0.2) -> float:
-    """steps: one frame of each stream (callables). The median over 5 runs of wall time / frames."""
+def wall_per_frame_us(steps: list, rounds: int = 7, seconds: float = 0.2) -> tuple[float, float]:
+    """steps: one frame of each stream (callables). (1 thread, N threads): the medians over `rounds` of wall time
+    / frames, the two taking turns in every round (so that the VM's drift hits both alike)."""
     for step in steps:  # warm-up
         for _ in range(20):
             step()
     frames = max(1, int(seconds / _one_frame_s(steps[0])))
-    runs = []
-    for _ in range(5):
-        if threads:
-            start = threading.Barrier(len(steps) + 1)
 
-            def work(step):
-                start.wait()
-                for _ in range(frames):
-                    step()
+    def one_thread():
+        for _ in range(frames):
+            for step in steps:
+                step()
 
-            pool = [threading.Thread(target=work, args=(s,)) for s in steps]
-            for t in pool:
-                t.start()
+    def threads():
+        start = threading.Barrier(len(steps) + 1)
+
+        def work(step):
             start.wait()
-            begin = time.perf_counter()
-            for t in pool:
-                t.join()
-        else:
-            begin = time.perf_counter()
             for _ in range(frames):
-                for step in steps:
-                    step()
-        runs.append((time.perf_counter() - begin) / (frames * len(steps)) * 1e6)
-    return statistics.median(runs)
+                step()
+
+        pool = [threading.Thread(target=work, args=(s,)) for s in steps]
+        for t in pool:
+            t.start()
+        start.wait()
+        for t in pool:
+            t.join()
+
+    times = {one_thread: [], threads: []}
+    for r in range(rounds):
+        for run in ((one_thread, threads) if r % 2 == 0 else (threads, one_thread)):
+            begin = time.perf_counter()
+            run()
+            times[run].append((time.perf_counter() - begin) / (frames * len(steps)) * 1e6)
+    return statistics.median(times[one_thread]), statistics.median(times[threads])
 
 
 def _one_frame_s(step) -> float:
@@ -95,10 +101,8 @@ def measure() -> dict:
             if os.environ.get("SERVING_PATHS") == "streamer":
                 del paths["stream()"]
             for how, steps in paths.items():
-                for threads in (False, True):
-                    label = f"AmNets H=192 x2 {cheap} all-cheap, {n} streams, {how}: " + \
-                        (f"{n} threads" if threads else "1 thread")
-                    rows[label] = wall_per_frame_us(steps, threads)
+                label = f"AmNets H=192 x2 {cheap} all-cheap, {n} streams, {how}: "
+                rows[label + "1 thread"], rows[label + f"{n} threads"] = wall_per_frame_us(steps)
         torch.manual_seed(0)
         lstm = torch.nn.LSTM(240, 192, 2, batch_first=True).eval()
         frame = torch.randn(1, 1, 240)
@@ -109,9 +113,8 @@ def measure() -> dict:
                 _, state[0] = lstm(frame, state[0])
             return step
 
-        for threads in (False, True):
-            rows[f"stock nn.LSTM H=192 x2 stepped, {n} streams: " + (f"{n} threads" if threads else "1 thread")] = \
-                wall_per_frame_us([lstm_step(s) for s in lstm_states], threads)
+        label = f"stock nn.LSTM H=192 x2 stepped, {n} streams: "
+        rows[label + "1 thread"], rows[label + f"{n} threads"] = wall_per_frame_us([lstm_step(s) for s in lstm_states])
     return rows
 
 
