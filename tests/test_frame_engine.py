@@ -595,7 +595,8 @@ def test_streams_on_many_threads_equal_each_stream_run_alone(cheap):
 def test_one_stream_on_two_threads_at_once_is_refused_not_torn(backend):
     """A streamer holds one state: while a chunk runs on one thread (the GIL released), another thread's call,
     state read or write, reset or fork of the same streamer raises a named RuntimeError, and the running chunk
-    ends as if alone. On the engine (auto) and off it (reference: stream()'s per-layer steps)."""
+    ends as if alone. On the engine (auto) and off it (reference: stream()'s per-layer steps). Off the engine the
+    probe's own state read holds the stream for a moment, and the runner retries if that refused its call."""
     import threading
 
     torch.manual_seed(1)

@@ -568,5 +568,6 @@ class Stream:
 
     def fork(self) -> "Stream":
         other = Stream(self.engine, self.shape[1], self.code, self.rows, self.cut)
-        other.set_state(*self.state())
+        with self._one_thread:
+            other.h, other.c = self.h.clone(), self.c.clone()
         return other
