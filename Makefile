@@ -45,6 +45,7 @@ bench: install
 	$(PY) -m benchmarks $(if $(QUICK),--quick)
 	$(PY) -m benchmarks.overhead
 	$(PY) -m benchmarks.serving
+	$(PY) -m benchmarks.frame_engine $(if $(QUICK),--quick)
 	$(PY) -m benchmarks.contention $(if $(QUICK),--quick)
 
 # Optional: the rnnt_loss peers benchmarks/rnnt.py times when importable (a few minutes of C++ builds;

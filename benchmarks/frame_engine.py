@@ -9,7 +9,10 @@ are medians of the per-round ratios; 1 thread pinned by default):
   tiny model (D=8, H=16 x2): an arbitrated frame / one tiny torch.mm (1x8 @ 8x8), goal <= 8;
   dense frame through the engine (force full) / stock nn.LSTM stepped one frame per call with its state, at
       H=192 and H=1024, goal <= 0.5;
-  H=1024 x3, D=240: all-cheap / all-full frame, goal <= 0.1;
+  H=1024 x3, D=240: all-cheap / all-full frame in two cache regimes (issue 17): "cache", back to back (the row
+      says where each branch's weights fit, from this machine's L2/L3 sizes), goal <= 0.1 (issue 12); "dram",
+      each call timed alone after reading a buffer of twice the L3 (so neither branch's weights are cached),
+      goal 1 - 0.9 (1 - MAC ratio) (issue 17);
   H=1024 x3, B=64, chunks of 10 frames: t(f) / (f t_full + (1 - f) t_cheap) at f = 0.25, 0.5, 0.75, goal <= 1.2
       (the first round(f * 64) rows full on every frame);
   bf16 weights (reported, no goal): the H=192 x2 models' dense and arbitrated all-cheap frames with bf16
@@ -18,8 +21,8 @@ are medians of the per-round ratios; 1 thread pinned by default):
       (one frame a call) or 120 ms (chunks of 4 frames), against back-to-back calls; stock PyTorch paced the
       same way beside them (a tiny torch.mm, nn.LSTM stepped with its state), so that what idling costs the
       machine is told apart from what it costs our path.
-The weights of each model are one set (cache-resident where they fit: 2 x 1.3 MB at H=192; the H=1024 layers,
-32 MB each, stream from memory); the machine is named in the output.
+The weights of each model are one set, cache-resident where they fit (2 x 1.3 MB at H=192; at H=1024 the dense
+layers, ~28 MB each, fit only a large L3, e.g. not the 32 MB of the AMD EPYC); the machine is named in the output.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import torch
 from amnets.encoder import AmNetsEncoder
 
 from .__main__ import cpu_model
+from .bsr import cache_bytes, residency
 from .harness import loop_mean
 
 
@@ -46,6 +50,22 @@ def interleaved(candidates: dict, rounds: int, seconds: float, sync=lambda: None
     for _ in range(rounds):
         for name, fn in candidates.items():
             times[name].append(mean_us(fn, seconds, sync))
+    return times
+
+
+def interleaved_cold(candidates: dict, rounds: int, calls: int, evict) -> dict:
+    """{name: [us per round]}: each round's figure is the median of `calls` single calls, each timed alone right
+    after evict() (untimed) pushed the weights out of the caches; the candidates take turns in every round."""
+    times = {name: [] for name in candidates}
+    for _ in range(rounds):
+        for name, fn in candidates.items():
+            one = []
+            for _ in range(calls):
+                evict()
+                start = time.perf_counter()
+                fn()
+                one.append((time.perf_counter() - start) * 1e6)
+            times[name].append(statistics.median(one))
     return times
 
 
@@ -122,13 +142,24 @@ def main() -> None:
                f"({statistics.median(times['engine']):.1f} / {statistics.median(times['nn.LSTM']):.1f} us)",
                ratio(times, "engine", lambda i: times["nn.LSTM"][i]), 0.5)
 
+    caches = cache_bytes()
+    evict = torch.ones(2 * caches.get("L3", 32 << 20) // 4)  # read (not written) before each dram-regime call
     for cheap in ("sparse", "lowrank"):
         enc = encoder(240, big, 3, cheap, rank=128)
         x = torch.randn(1, 1, 240)
-        times = interleaved({"cheap": frame(enc.streamer(force="cheap"), x),
-                             "full": frame(enc.streamer(force="full"), x)}, rounds, seconds)
-        report(f"H={big} x3 {cheap}: all-cheap / all-full frame ({statistics.median(times['cheap']):.0f} / "
-               f"{statistics.median(times['full']):.0f} us)", ratio(times, "cheap", lambda i: times["full"][i]), 0.1)
+        macs = enc.macs_per_frame("cheap") / enc.macs_per_frame("full")
+        candidates = {"cheap": frame(enc.streamer(force="cheap"), x), "full": frame(enc.streamer(force="full"), x)}
+        # B=1: a frame reads each weight it multiplies once, 4 bytes (fp32), so its weight bytes are 4 x its MACs.
+        where = ", ".join(f"{b} {4 * enc.macs_per_frame(b) / 2**20:.1f} MB {residency(4 * enc.macs_per_frame(b), caches)}"
+                          for b in ("cheap", "full"))
+        times = interleaved(candidates, rounds, seconds)
+        report(f"H={big} x3 {cheap} [cache: back to back; {where}]: all-cheap / all-full frame "
+               f"({statistics.median(times['cheap']):.0f} / {statistics.median(times['full']):.0f} us)",
+               ratio(times, "cheap", lambda i: times["full"][i]), 0.1)
+        times = interleaved_cold(candidates, rounds, 2 if args.quick else 15, lambda: evict.sum())
+        report(f"H={big} x3 {cheap} [dram: {evict.numel() * 4 / 2**20:.0f} MB read before each call]: all-cheap / "
+               f"all-full frame ({statistics.median(times['cheap']):.0f} / {statistics.median(times['full']):.0f} us;"
+               f" MAC ratio {macs:.2f})", ratio(times, "cheap", lambda i: times["full"][i]), 1 - 0.9 * (1 - macs))
 
     batch, chunk = 64, 10
     for cheap in ("sparse", "lowrank"):

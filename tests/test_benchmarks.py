@@ -94,6 +94,24 @@ def test_contention_quick_run_times_quiet_and_loaded_and_stops_its_hog():
         "the busy-loop process outlived the benchmark"
 
 
+def test_frame_engine_quick_run_gives_every_target_row_with_its_cache_regime():
+    """benchmarks/frame_engine.py (in `make bench`; README's frame-engine tables come from it) end to end at its
+    --quick sizes: every row has a number, a goal and a verdict that agree, and the large model's rows name their
+    cache regime (issue 17: a ratio flattered or penalised by residency must say so)."""
+    done = subprocess.run([sys.executable, "-m", "benchmarks.frame_engine", "--quick"], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    targets = done.stdout.split("|---|---|---|---|\n", 1)[1].split("\n\n", 1)[0]  # the first table
+    rows = [line.split(" | ") for line in targets.splitlines()]
+    assert len(rows) >= 16, done.stdout
+    for label, measured, goal, met in rows:
+        value, (sign, bound) = float(measured), goal.split()
+        assert met.rstrip(" |") == ("yes" if (value <= float(bound) if sign == "<=" else value >= float(bound)) else "no")
+    regimes = [label for label, *_ in rows if " x3 " in label and "B=" not in label]
+    assert len(regimes) == 4 and sum("[cache: back to back; cheap " in r for r in regimes) == 2
+    assert sum("[dram: " in r and "MB read before each call]" in r for r in regimes) == 2
+
+
 def _cmdline(proc: Path) -> bytes:
     try:
         return (proc / "cmdline").read_bytes()
