@@ -2,6 +2,7 @@
 reported as rows (never silently dropped). Times are faked: tests check arithmetic, not speed."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -110,6 +111,40 @@ def test_frame_engine_quick_run_gives_every_target_row_with_its_cache_regime():
     regimes = [label for label, *_ in rows if " x3 " in label and "B=" not in label]
     assert len(regimes) == 4 and sum("[cache: back to back; cheap " in r for r in regimes) == 2
     assert sum("[dram: " in r and "MB read before each call]" in r for r in regimes) == 2
+
+
+def test_amx_rows_runs_on_the_emulation_and_says_when_the_cpu_has_no_tiles():
+    """benchmarks/amx_rows.py is for a CPU with AMX (issue 17's Intel Xeon, which no session has had yet): here its
+    rows run with the scalar emulation as the tiles, and without --emulate on a CPU without AMX it says so."""
+    import amnets_kernels as ak
+
+    done = subprocess.run([sys.executable, "-m", "benchmarks.amx_rows", "--quick", "--emulate"], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [line.split(" | ") for line in done.stdout.splitlines() if line.startswith("| bsr_linear")
+            or line.startswith("| lowrank")]
+    assert len(rows) == 6, done.stdout
+    for _, m, on, off, ratio in rows:
+        assert int(m) in (8, 16) and float(on) > 0 and float(off) > 0 and float(ratio.rstrip(" |")) > 0
+    if ak.build_info()["cpu_bf16_bsr_kernel"] != "amx tiles":
+        done = subprocess.run([sys.executable, "-m", "benchmarks.amx_rows", "--quick"], capture_output=True,
+                              text=True, timeout=600)
+        assert done.returncode == 0 and "offers no AMX tiles" in done.stdout
+
+
+def test_cpu_suite_names_only_benchmarks_that_exist():
+    """benchmarks/cpu_suite.sh runs on a CPU kind we rarely get (a long QUICK=1 run checked it end to end): here
+    its syntax, and that every module and --ops it names exists."""
+    from benchmarks.__main__ import SUITES
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "cpu_suite.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    text = script.read_text()
+    modules = set(re.findall(r"-m (benchmarks\.\w+)", text))
+    assert {"benchmarks.amx_rows", "benchmarks.frame_engine", "benchmarks.contention"} <= modules
+    for module in modules:
+        assert (script.parent / (module.split(".")[1] + ".py")).exists(), module
+    assert set(re.findall(r"--ops (\w+)", text)) <= set(SUITES)
 
 
 def _cmdline(proc: Path) -> bytes:
