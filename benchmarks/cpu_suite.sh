@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # On a CPU machine kind the README has no table for yet (issue 17: the Intel Xeon with AMX and a 480 MB L3), one
 # command measures everything issue 17 asks per CPU kind. Run it from a clone after `make install`:
-#   bash benchmarks/cpu_suite.sh            (about 25 minutes on 2 cores: 5 of tests, the rest benchmarks)
+#   bash benchmarks/cpu_suite.sh   (2-core AMD EPYC: ~5 minutes of tests, 12.5 of benchmarks; longer with a larger L3)
 # Every file is named after the CPU kind (intel-xeon, amd-epyc, else the model name) and written into OUT_DIR
 # (default benchmarks/results):
 #   <cpu>-cpu-suite.log                        the CPU, build_info, the test suite's result, each stage's time
