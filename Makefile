@@ -11,7 +11,7 @@ SOURCES := setup.py pyproject.toml $(shell find csrc -type f 2>/dev/null)
 QUICK  ?=
 SUDO   := $(if $(filter 0,$(shell id -u)),,sudo)
 
-.PHONY: test bench peers install aot deploy asan clean
+.PHONY: test bench peers install aot deploy asan tsan clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -53,9 +53,13 @@ bench: install
 peers: install
 	bash benchmarks/peers.sh $(PY)
 
-# Optional: the test suite against an AddressSanitizer build of the CPU extension (tests/asan.sh; ~20 minutes).
+# Optional: the test suite against an AddressSanitizer build of the CPU extension (tests/sanitize.sh; ~20 minutes),
+# and the threaded tests against a ThreadSanitizer build (~20 minutes; tests/tsan_reports.py judges the reports).
 asan: install
-	bash tests/asan.sh $(PY)
+	bash tests/sanitize.sh address $(PY)
+
+tsan: install
+	bash tests/sanitize.sh thread $(PY)
 
 clean:
 	rm -rf build *.egg-info amnets_kernels/_C*.so $(VENV)

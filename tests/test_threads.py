@@ -153,3 +153,25 @@ def test_a_use_backend_scope_stays_on_its_thread(scoped):
     assert seen["B"][:2] == ("auto", "cpu")
     for _, _, y in seen.values():
         torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_tsan_reports_judges_only_races_it_can_see(tmp_path, capsys):
+    """tests/tsan_reports.py (make tsan) sets aside reports with an OpenMP team thread or a thread's TLS teardown
+    in them, and fails on any other."""
+    import tsan_reports
+
+    def report(*frames):
+        lines = "\n".join(f"    #{i} {f} (lib.so+0x{i})" for i, f in enumerate(frames))
+        return f"==================\nWARNING: ThreadSanitizer: data race (pid=1)\n  Write of size 8 by thread T1:\n{lines}\n"
+
+    openmp = report("amnets::cpu::recur", "at::internal::invoke_parallel", "gomp_thread_start")
+    teardown = report("free", "__GI__dl_deallocate_tls")
+    ours = report("amnets::cpu::Pool::claim", "amnets::cpu::parallel_run")
+    quiet, racy = tmp_path / "tsan.1", tmp_path / "tsan.2"
+    quiet.write_text(openmp + teardown + openmp)
+    racy.write_text(openmp + ours + ours)
+    assert tsan_reports.main([str(quiet), str(tmp_path / "tsan.absent")]) == 0
+    assert "2  with an OpenMP team thread" in capsys.readouterr().out
+    assert tsan_reports.main([str(quiet), str(racy)]) == 1
+    out = capsys.readouterr().out
+    assert "2  judged" in out and out.count("amnets::cpu::Pool::claim") == 1  # each distinct race printed once
