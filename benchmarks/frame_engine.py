@@ -150,8 +150,8 @@ def main() -> None:
         macs = enc.macs_per_frame("cheap") / enc.macs_per_frame("full")
         candidates = {"cheap": frame(enc.streamer(force="cheap"), x), "full": frame(enc.streamer(force="full"), x)}
         # B=1: a frame reads each weight it multiplies once, 4 bytes (fp32), so its weight bytes are 4 x its MACs.
-        where = ", ".join(f"{b} {4 * enc.macs_per_frame(b) / 2**20:.1f} MB {residency(4 * enc.macs_per_frame(b), caches)}"
-                          for b in ("cheap", "full"))
+        nbytes = {b: 4 * enc.macs_per_frame(b) for b in ("cheap", "full")}
+        where = ", ".join(f"{b} {n / 2**20:.1f} MB {residency(n, caches)}" for b, n in nbytes.items())
         times = interleaved(candidates, rounds, seconds)
         report(f"H={big} x3 {cheap} [cache: back to back; {where}]: all-cheap / all-full frame "
                f"({statistics.median(times['cheap']):.0f} / {statistics.median(times['full']):.0f} us)",
