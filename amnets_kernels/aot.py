@@ -1,10 +1,12 @@
 """Ahead-of-time compile every Triton kernel configuration for a GPU, on a machine without one.
 
-    python -m amnets_kernels.aot [--arch sm_80] [--arch sm_90] [--only NAME_SUBSTRING]
+    python -m amnets_kernels.aot [--arch sm_80] [--arch sm_90] [--only NAME_SUBSTRING] [--jobs N]
 
 Prints one line per kernel configuration and arch: registers, shared memory, stack, spill bytes.
 Exits non-zero if any configuration fails to compile or spills. Configurations come from the
-AOT_CONFIGS list of each module in amnets_kernels/triton/.
+AOT_CONFIGS list of each module in amnets_kernels/triton/. The report names the Triton that compiled:
+register allocation differs between releases, so `make test` runs it under CI's Triton and again under
+the lent GPU machines' (Makefile, GPU_TRITON).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import glob
 import importlib
+import multiprocessing
 import os
 import pkgutil
 import re
@@ -120,6 +123,13 @@ def compile_config(config: AotConfig, arch: str) -> Report:
     return report
 
 
+_JOBS: list = []  # (config, arch) of this run, inherited by the forked workers
+
+
+def _compile_job(index: int) -> Report:
+    return compile_config(*_JOBS[index])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m amnets_kernels.aot", description=__doc__.split("\n\n")[0])
     parser.add_argument("--arch", action="append", choices=["sm_80", "sm_90"],
@@ -127,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", default="", help="compile only configurations whose name contains this")
     parser.add_argument("--module", action="append", default=[],
                         help="also compile the AOT_CONFIGS of this importable module (repeatable)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="configurations compiled at once (default: one per CPU)")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("amnets_kernels.aot: TRITON_INTERPRET=1 turns kernels into interpreted functions, which cannot "
@@ -139,12 +151,20 @@ def main(argv: list[str] | None = None) -> int:
               f"(no AOT_CONFIGS in amnets_kernels/triton/{' matching ' + repr(args.only) if args.only else ''}): "
               "nothing was compiled, so nothing is verified yet.")
         return 0
-    reports = [compile_config(c, arch) for c in configs for arch in archs]
+    import triton
+
+    _JOBS[:] = [(c, arch) for c in configs for arch in archs]
+    if args.jobs > 1:
+        # fork: the workers inherit the kernels (JITFunctions do not pickle); each compile is its own job
+        with multiprocessing.get_context("fork").Pool(min(args.jobs, len(_JOBS))) as pool:
+            reports = pool.map(_compile_job, range(len(_JOBS)), chunksize=1)
+    else:
+        reports = [_compile_job(i) for i in range(len(_JOBS))]
     for report in reports:
         print(report.line())
     bad = [r for r in reports if not r.ok]
-    print(f"amnets_kernels.aot: {len(reports) - len(bad)}/{len(reports)} configurations compiled without spills"
-          + (f"; {len(bad)} failed" if bad else ""))
+    print(f"amnets_kernels.aot (triton {triton.__version__}): {len(reports) - len(bad)}/{len(reports)} "
+          "configurations compiled without spills" + (f"; {len(bad)} failed" if bad else ""))
     return 1 if bad else 0
 
 

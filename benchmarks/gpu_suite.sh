@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # On a machine with a CUDA GPU, one command: build the extension with its CUDA faces for this GPU, run the
-# face tests on CUDA (real Triton, not the interpreter; the lowrank_lstm CUDA face once more on its per-step
-# path), the LSTM precision report, issue 13's native-path measurements, issue 12's frame engine on the GPU
-# (benchmarks/frame_engine_cuda.py), then every benchmark suite on its
-# GPU grid. Writes into OUT_DIR
+# face tests on CUDA (real Triton, not the interpreter), issue 13's native-path measurements
+# (benchmarks/native_path_cuda.py), issue 12's frame engine on the GPU (benchmarks/frame_engine_cuda.py),
+# the lowrank_lstm CUDA face's tests once more on its per-step path, the LSTM precision report, then every
+# benchmark suite on its GPU grid. Writes into OUT_DIR
 # (default benchmarks/results):
 #   <gpu>.json/.md/.png   the benchmark rows (the JSON is rewritten after every case, so a cut-short run
 #                         still leaves what it measured)
 #   <gpu>-gpu-suite.log   build summary, test results, precision report, benchmark progress
 #   <gpu>-build.log       the build's full output (ptxas register/spill report)
 # Uses the python3 that holds torch there and installs nothing (no network there). Sized for a
-# 15-minute GPU lease: each stage has a time limit (BUILD_TIMEOUT, TEST_TIMEOUT, BENCH_TIMEOUT seconds).
+# 15-minute GPU lease whose single command may run 10 minutes: each stage has a time limit (BUILD_TIMEOUT,
+# TEST_TIMEOUT, BENCH_TIMEOUT, ... seconds), cut to what is left of DEADLINE (default 540 s for the whole
+# run), so the script ends, log and summary written, before the device call is killed. A stage with no time
+# left is skipped and says so. The stages run in the order of what the open issues need most.
 #   TESTS="tests/test_bsr.py ..."  which tests (default: every face test file)
 #   BENCH=0                        skip the benchmarks
 #   SANITIZE=1                     also run benchmarks/cuda_smoke.py under compute-sanitizer (memcheck)
@@ -20,6 +23,9 @@ PY=${PYTHON:-python3}
 OUT=${OUT_DIR:-benchmarks/results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+# Nothing is pip-installed there: the in-place build and the amnets package are found from the clone, also by
+# the subprocesses the tests start (tests/safety_routes.py), as pytest's own pythonpath setting finds them.
+export PYTHONPATH="$PWD:$PWD/python${PYTHONPATH:+:$PYTHONPATH}"
 
 if ! $PY -c 'import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)'; then
   echo "gpu_suite.sh: no CUDA GPU visible to torch; nothing to do" >&2
@@ -32,13 +38,21 @@ log="$OUT/$slug-gpu-suite.log"
 exec > >(tee "$log") 2>&1
 start=$SECONDS
 stage() { echo "== [$((SECONDS - start)) s] $*"; }
+# limited SECONDS CMD...: CMD under `timeout`, its limit cut to what is left of DEADLINE (15 s kept for the
+# summary); skipped with exit 124 (said on stderr, which the log keeps) when under 10 s are left.
+limited() {
+  local left=$(( ${DEADLINE:-540} - (SECONDS - start) - 15 ))
+  local limit=$(( $1 < left ? $1 : left )); shift
+  if [ "$limit" -lt 10 ]; then echo "skipped: DEADLINE reached" >&2; return 124; fi
+  timeout "$limit" "$@"
+}
 
 stage "$gpu (sm $cap); torch $($PY -c 'import torch; print(torch.__version__)'); triton $($PY -c 'import triton; print(triton.__version__)'); nvcc $(nvcc --version | tail -1)"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw --format=csv
 
 stage "build (CUDA faces for $cap)"
 AMNETS_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$cap" MAX_JOBS=$(nproc) \
-  timeout "${BUILD_TIMEOUT:-300}" $PY setup.py -q build_ext --inplace > "$OUT/$slug-build.log" 2>&1
+  limited "${BUILD_TIMEOUT:-300}" $PY setup.py -q build_ext --inplace > "$OUT/$slug-build.log" 2>&1
 echo "build exit $?; ptxas report and errors:"
 grep -E "error|spill|Used [0-9]+ registers" "$OUT/$slug-build.log" | sort | uniq -c | sort -rn | head -40
 if ! $PY -c 'import amnets_kernels as ak, sys; sys.exit(0 if ak.build_info()["cuda_archs"] else 1)'; then
@@ -66,35 +80,36 @@ default_tests="tests/test_bsr.py tests/test_triton_bsr.py tests/test_lowrank_lst
   tests/test_triton_frame_engine.py"
 read -r -a tests <<< "$(echo ${TESTS:-$default_tests})"
 stage "tests on CUDA"
-AMNETS_TEST_DEVICE=cuda timeout "${TEST_TIMEOUT:-200}" $PY -m pytest -q -p no:cacheprovider "${workers[@]}" \
+AMNETS_TEST_DEVICE=cuda limited "${TEST_TIMEOUT:-200}" $PY -m pytest -q -p no:cacheprovider "${workers[@]}" \
   "${per_test[@]}" -o addopts="-rfEs --strict-markers" "${tests[@]}"
 tests_rc=$?
+
+stage "issue 13: bsr_linear in a CUDA graph vs cuBLAS, host time per eager call, host syncs"
+limited "${NATIVE_TIMEOUT:-90}" $PY -m benchmarks.native_path_cuda
+
+stage "issue 12: the Triton frame engine (H=1024 x3 B=1 vs an HBM read of its weights, cheap/full, host syncs, H=192, B=64 mixed)"
+limited "${ENGINE_TIMEOUT:-120}" $PY -m benchmarks.frame_engine_cuda
+
 stage "lowrank_lstm CUDA face on its per-step path"
-AMNETS_LSTM_CUDA_PATH=step AMNETS_TEST_DEVICE=cuda timeout 60 $PY -m pytest -q -p no:cacheprovider \
+AMNETS_LSTM_CUDA_PATH=step AMNETS_TEST_DEVICE=cuda limited 60 $PY -m pytest -q -p no:cacheprovider \
   "${step_workers[@]}" -o addopts="-rfE" tests/test_lowrank_lstm.py -k cuda
 step_rc=$?
 
 stage "lowrank_lstm precision against float64 autograd"
-timeout "${PRECISION_TIMEOUT:-90}" $PY -m benchmarks.lstm_precision
+limited "${PRECISION_TIMEOUT:-90}" $PY -m benchmarks.lstm_precision
 
 sanitize_rc=0
 if [ "${SANITIZE:-0}" = 1 ]; then
   stage "compute-sanitizer memcheck of every cuda face"
-  PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "${SANITIZE_TIMEOUT:-120}" compute-sanitizer --tool memcheck \
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 limited "${SANITIZE_TIMEOUT:-120}" compute-sanitizer --tool memcheck \
     --error-exitcode 3 $PY -m benchmarks.cuda_smoke 2>&1 | tail -25
   sanitize_rc=${PIPESTATUS[0]}
 fi
 
-stage "issue 13: bsr_linear in a CUDA graph vs cuBLAS, host time per eager call, host syncs"
-timeout "${NATIVE_TIMEOUT:-90}" $PY -m benchmarks.native_path_cuda
-
-stage "issue 12: the Triton frame engine (H=1024 x3 B=1 vs an HBM read of its weights, cheap/full, host syncs, H=192, B=64 mixed)"
-timeout "${ENGINE_TIMEOUT:-120}" $PY -m benchmarks.frame_engine_cuda
-
 bench_rc=0
 if [ "${BENCH:-1}" != 0 ]; then
   stage "benchmarks"
-  timeout "${BENCH_TIMEOUT:-240}" $PY -m benchmarks --device cuda --name "$slug" --out "$OUT" > /dev/null
+  limited "${BENCH_TIMEOUT:-240}" $PY -m benchmarks --device cuda --name "$slug" --out "$OUT" > /dev/null
   bench_rc=$?
 fi
 stage "done: tests exit $tests_rc, step-path tests exit $step_rc, sanitizer exit $sanitize_rc, benchmarks exit $bench_rc; results in $OUT/$slug*"

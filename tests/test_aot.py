@@ -35,6 +35,15 @@ def test_spilling_kernel_fails_the_run():
     assert "SPILL" in done.stdout or "FAIL" in done.stdout
 
 
+def test_parallel_compiles_report_what_one_process_reports():
+    import triton
+
+    serial, parallel = aot("--only", "toy.", "--jobs", "1"), aot("--only", "toy.", "--jobs", "2")
+    assert serial.returncode == parallel.returncode == 1, serial.stdout + parallel.stdout  # toy.hog spills
+    assert serial.stdout == parallel.stdout and serial.stdout.count("toy.") == 4
+    assert f"(triton {triton.__version__})" in serial.stdout.splitlines()[-1]
+
+
 def test_says_when_there_is_nothing_to_compile():
     done = aot("--only", "no-such-kernel")
     assert done.returncode == 0 and "nothing was compiled" in done.stdout

@@ -147,6 +147,40 @@ def test_cpu_suite_names_only_benchmarks_that_exist():
     assert set(re.findall(r"--ops (\w+)", text)) <= set(SUITES)
 
 
+FAKE_GPU_PYTHON = """#!/usr/bin/env bash
+# stands in for the GPU machine's python3: answers the suite's probes, and every stage's command hangs
+if [ "$1" = -c ]; then
+  case "$2" in
+    *get_device_name*) echo "Fake GPU" ;;
+    *get_device_capability*) echo 9.0a ;;
+    *__version__*) echo 0.0 ;;
+  esac
+  exit 0
+fi
+exec sleep 300
+"""
+
+
+def test_gpu_suite_ends_by_its_deadline_and_says_what_it_skipped(tmp_path):
+    """A device call is killed at 10 minutes and the lease is 15: gpu_suite.sh cuts every stage's time limit
+    to what is left of DEADLINE, skips what no longer fits, and still writes its summary. Here every stage
+    hangs (a fake python3), so the build uses up the deadline and every later stage must be skipped."""
+    fake = tmp_path / "python3"
+    fake.write_text(FAKE_GPU_PYTHON)
+    fake.chmod(0o755)
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_suite.sh"
+    env = {"PATH": "/usr/bin:/bin:/usr/local/cuda/bin", "PYTHON": str(fake), "OUT_DIR": str(tmp_path / "out"),
+           "DEADLINE": "26"}
+    done = subprocess.run(["bash", str(script)], capture_output=True, text=True, env=env, timeout=120)
+    log = (tmp_path / "out" / "fake-gpu-gpu-suite.log").read_text()
+    assert "build exit 124" in log, log  # the build's 300 s limit was cut to the deadline's 11 s
+    stages = re.findall(r"^== \[(\d+) s\] (.*)$", log, re.M)
+    assert int(stages[-1][0]) <= 26 and stages[-1][1].startswith("done:"), log
+    later = [name for _, name in stages if name.startswith(("tests on CUDA", "issue 1", "lowrank", "benchmarks"))]
+    assert len(later) == 6 and log.count("skipped: DEADLINE reached") == 6, log
+    assert done.returncode == 1
+
+
 def _cmdline(proc: Path) -> bytes:
     try:
         return (proc / "cmdline").read_bytes()

@@ -256,9 +256,12 @@ def _arbitrator_blocks(width: int, decisions: int) -> dict:
 
 
 def _warps(kernel, constexprs) -> int:
-    """8 warps where a broadcast product tile is large (registers), else 4."""
+    """8 warps where a broadcast product tile is large (registers), else 4. A tl.dot tile over 64x64
+    blocks also takes 8: at 4, Triton 3.6 (the GPU machines') spills its bf16 variant; 3.8 does not."""
     if kernel is _gates_kernel and constexprs["BLOCK_M"] < 16:
         return 8 if constexprs["BLOCK_M"] * constexprs["B"] ** 2 > 8192 else 4
+    if kernel is _gates_kernel and constexprs["B"] == 64:
+        return 8
     return 4
 
 

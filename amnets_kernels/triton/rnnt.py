@@ -487,7 +487,7 @@ _JOINT_CELLS = {"BLOCK_T": 8, "BLOCK_U": 8}
 _JOINT_BLOCKS = {
     _joint_forward_kernel: {"mma": (64, 16, 8, 2), "fp32": (32, 16, 4, 1), "fp64": (32, 16, 8, 1)},
     _joint_dlogits_kernel: {"mma": (64, 16, 8, 2), "fp32": (32, 16, 4, 1), "fp64": (16, 16, 4, 1)},
-    _joint_dweight_kernel: {"mma": (64, 64, 8, 2), "fp32": (32, 32, 8, 2), "fp64": (16, 32, 4, 1)},
+    _joint_dweight_kernel: {"mma": (64, 64, 8, 2), "fp32": (32, 32, 8, 2), "fp64": (16, 32, 8, 1)},
     _joint_dhidden_kernel: {"mma": (64, 64, 8, 2), "fp32": (32, 32, 8, 2), "fp64": (32, 32, 8, 2)},
 }
 _JOINT_KINDS = {torch.float16: "mma", torch.bfloat16: "mma", torch.float32: "fp32", torch.float64: "fp64"}
