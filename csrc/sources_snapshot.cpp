@@ -1,4 +1,4 @@
-// amnets_kernels._C.SourcesSnapshot (csrc/sources_snapshot.h): its Python binding.
+// amnets_kernels._C.SourcesSnapshot and the weights epoch (csrc/sources_snapshot.h): their Python bindings.
 #ifdef AMNETS_PYTHON_MODULE
 #include "sources_snapshot.h"
 
@@ -8,6 +8,8 @@ void bind_sources_snapshot(pybind11::module_& m) {
   pybind11::class_<SourcesSnapshot>(m, "SourcesSnapshot")
       .def(pybind11::init<const std::vector<std::pair<pybind11::dict, pybind11::object>>&>())
       .def("matches", &SourcesSnapshot::matches);
+  m.def("weights_changed", [] { weights_epoch().fetch_add(1, std::memory_order_acq_rel); });
+  m.def("weights_epoch", [] { return weights_epoch().load(std::memory_order_acquire); });
 }
 
 }  // namespace amnets

@@ -8,11 +8,21 @@
 #ifdef AMNETS_PYTHON_MODULE
 #include <torch/extension.h>
 
+#include <atomic>
 #include <cstdint>
 #include <utility>
 #include <vector>
 
 namespace amnets {
+
+// Some writes change a weight and bump no version: in-place edits through `.data` (a counter of its own) or
+// `.numpy()`, DLPack consumers, torch.optim's fused=True steps on the CPU. amnets_kernels.weights_changed()
+// (called by hand after those, and after every torch.optim step by a hook: amnets_kernels/_weights.py)
+// advances this epoch, and every snapshot taken before it reads as stale.
+inline std::atomic<int64_t>& weights_epoch() {
+  static std::atomic<int64_t> epoch{0};
+  return epoch;
+}
 
 // Built from (dict, key) pairs, e.g. (module._parameters, "weight") or (module._modules, "arbitrator"): the
 // object found there now must be the one found at the snapshot (a parameter or submodule replaced is seen;
@@ -20,10 +30,11 @@ namespace amnets {
 // it wraps (torch.utils.swap_tensors, as module.to() may use, swaps it), its data pointer (`.data = ...`
 // re-points it) and its version (every in-place write bumps it: optimizer steps, load_state_dict, fill_).
 // Inference tensors keep no version: theirs is -1, and in-place edits of them (only possible inside
-// torch.inference_mode()) are not seen.
+// torch.inference_mode()) are not seen. And the weights epoch above, for the writes no version records.
 class SourcesSnapshot {
  public:
-  explicit SourcesSnapshot(const std::vector<std::pair<pybind11::dict, pybind11::object>>& entries) {
+  explicit SourcesSnapshot(const std::vector<std::pair<pybind11::dict, pybind11::object>>& entries)
+      : epoch_(weights_epoch().load(std::memory_order_acquire)) {
     for (const auto& [dict, key] : entries) {
       PyObject* value = PyDict_GetItemWithError(dict.ptr(), key.ptr());
       if (value == nullptr && PyErr_Occurred()) throw pybind11::error_already_set();
@@ -36,6 +47,7 @@ class SourcesSnapshot {
 
   // Every entry holds the same object, and every tensor among them is unchanged.
   bool matches() const {
+    if (weights_epoch().load(std::memory_order_acquire) != epoch_) return false;
     for (const Entry& e : entries_) {
       PyObject* value = PyDict_GetItemWithError(e.dict.ptr(), e.key.ptr());  // borrowed; hashes are cached
       if (value != e.object.ptr()) {
@@ -78,6 +90,7 @@ class SourcesSnapshot {
     return {impl, impl->data(), static_cast<int64_t>(impl->version_counter().current_version())};
   }
 
+  int64_t epoch_;
   std::vector<Entry> entries_;
 };
 

@@ -221,6 +221,44 @@ def test_stream_follows_every_weight_it_reads(cheap, backend):
     torch.save(enc, io.BytesIO())
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("cheap", ["sparse", "lowrank"])
+def test_stream_follows_writes_that_bump_no_version(cheap, backend):
+    """Writes no version counter records: torch.optim's fused=True steps (on the CPU they leave _version as it
+    was; every torch.optim step advances the weights epoch through a global hook) and in-place edits through
+    .data or .numpy() (followed by ak.weights_changed()). Each must show in the next call, state passed (the
+    native path), as on a fresh copy of the encoder."""
+    cfg = dict(cheap=cheap, layers=2, hidden=32, inp=24, block=16, per_layer=False, uses_state=True, batch=3,
+               frames=4, threshold=0.5, force=None, seed=7, rank=20)
+    enc, x, _ = build(cfg)
+    state = enc.stream(x[:, :1])[1]
+    packed = "weight_hh_l1" if cheap == "sparse" else "w_ih_u_l0"  # a weight the engine copies when built
+
+    def fused_step(e):
+        params = [p for p in e.parameters() if p.is_floating_point()]
+        for p in params:
+            p.grad = torch.randn_like(p)
+        torch.optim.AdamW(params, lr=0.05, fused=DEVICE == "cpu").step()
+
+    def through_data(e):
+        e.weight_ih_l0.data.mul_(0.5)
+        getattr(e, packed).data.mul_(-1.0)
+        e.arbitrator[0].weight.data.mul_(2.0)
+        ak.weights_changed()
+
+    def through_numpy(e):
+        getattr(e, packed).detach().cpu().numpy()[:] *= 1.5  # on a GPU a host copy: the edit is a no-op there
+        ak.weights_changed()
+
+    with ak.use_backend(backend):
+        for edit in (fused_step, through_data, through_numpy):
+            assert torch.equal(enc.stream(x, state)[0], enc.stream(x, state)[0])  # built, then from the cache
+            edit(enc)
+            got, want = enc.stream(x, state), copy.deepcopy(enc).stream(x, state)
+            assert torch.equal(got[2], want[2])
+            torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
+
+
 def test_sources_snapshot_sees_each_kind_of_change():
     """_C.SourcesSnapshot (csrc/sources_snapshot.cpp), the check behind stream()'s caches, on its own: an entry
     written in place, re-pointed through .data, swapped, replaced or removed no longer matches."""
@@ -447,6 +485,14 @@ def test_bad_input_gets_named_errors():
         enc.stream(torch.randn(2, 1, 8), state, threshold=1.5)
     with pytest.raises(ValueError, match="force must be None"):
         enc.stream(torch.randn(2, 1, 8), state, force="fast")
+    for bad in (torch.float64, torch.int64):  # on the engine, and off it (the reference face's per-layer steps)
+        wrong = tuple(s.to(bad) for s in state)
+        with pytest.raises(TypeError, match=r"h must be"):
+            enc.stream(torch.randn(2, 1, 8), wrong)
+        with ak.use_backend("reference"), pytest.raises(TypeError, match=r"stream: state's h must be torch.float32"):
+            enc.stream(torch.randn(2, 1, 8), wrong)
+    with pytest.raises(ValueError, match="at least one frame"):
+        enc(torch.randn(2, 0, 8))
     engine = enc.frame_engine()
     h = torch.zeros(2, 2, 16)
     with pytest.raises(ValueError, match="FrameEngine: h must have shape"):

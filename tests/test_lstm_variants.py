@@ -115,6 +115,39 @@ def test_not_cheaper_is_never_silent():
         BlockSparseLSTM(64, 64, sparsity=0.75, block_size=16)
 
 
+@pytest.mark.parametrize("write", ["fused optimizer step", ".data in place"])
+def test_block_sparse_lstm_inference_follows_writes_that_bump_no_version(write):
+    """The native path's split weights are a copy: a fused=True optimizer step (which on the CPU leaves the
+    version counters as they were) and an edit through .data followed by amnets_kernels.weights_changed()
+    must both show in the next no-grad call, which must equal the grad-mode path and the dense LSTM."""
+    import amnets_kernels as ak
+
+    torch.manual_seed(1)
+    lstm = BlockSparseLSTM(16, 32, num_layers=2, sparsity=0.5, block_size=16).to(DEVICE)
+    x = torch.randn(5, 3, 16, device=DEVICE)
+    with torch.no_grad():
+        lstm(x)  # builds the cache
+    if write == "fused optimizer step":
+        for p in lstm.parameters():
+            p.grad = torch.randn_like(p)
+        torch.optim.SGD(lstm.parameters(), lr=0.5, fused=True).step()
+    else:
+        lstm.values_l0.data.mul_(-2.0)
+        ak.weights_changed()
+    with torch.no_grad():
+        got = lstm(x)[0]
+    torch.testing.assert_close(got, lstm(x)[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(got.cpu(), lstm.to_dense().cpu()(x.cpu())[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore")  # small layers: not cheaper than dense
+@pytest.mark.parametrize("grad", [True, False])
+def test_no_time_steps_is_a_named_error_as_for_nn_lstm(grad):
+    for module in (LowRankLSTM(16, 16, rank=4), BlockSparseLSTM(16, 16, block_size=16, sparsity=0.5)):
+        with torch.set_grad_enabled(grad), pytest.raises(ValueError, match="at least one time step"):
+            module.to(DEVICE)(torch.randn(0, 2, 16, device=DEVICE))
+
+
 def test_block_sparse_lstm_trains_and_round_trips():
     torch.manual_seed(0)
     lstm = BlockSparseLSTM(16, 32, num_layers=2, sparsity=0.5, block_size=16)

@@ -23,6 +23,35 @@ def round_trip(module, fresh):
     return fresh
 
 
+@pytest.mark.filterwarnings("ignore")  # small layers: not cheaper than dense, which is beside the point here
+def test_a_checkpoint_of_another_layer_shape_is_a_size_mismatch_and_changes_nothing():
+    """Another pattern, sparsity or block size loads (the saved pattern replaces the module's); another layer
+    shape raises as nn.Linear / nn.LSTM do, with or without strict, and leaves the module as it was."""
+    from amnets_kernels.nn import BlockSparseLSTM
+
+    torch.manual_seed(0)
+    pairs = [(BlockSparseLinear(32, 16, 16, 0.5, bias=False), BlockSparseLinear(64, 48, 16, 0.5, bias=False)),
+             (BlockSparseLinear(32, 16, 16, 0.5), BlockSparseLinear(32, 32, 16, 0.5)),
+             (BlockSparseLSTM(16, 16, block_size=16, sparsity=0.5), BlockSparseLSTM(16, 32, block_size=16, sparsity=0.5)),
+             (BlockSparseLSTM(16, 16, block_size=16, sparsity=0.5), BlockSparseLSTM(48, 16, block_size=16, sparsity=0.5)),
+             (BlockSparseLSTM(16, 16, block_size=16, sparsity=0.5), BlockSparseLSTM(16, 15, block_size=16, sparsity=0.5))]
+    for module, other in pairs:
+        before = {k: v.clone() for k, v in module.state_dict().items() if isinstance(v, torch.Tensor)}
+        for strict in (True, False):
+            with pytest.raises(RuntimeError, match="size mismatch"):
+                module.load_state_dict(other.state_dict(), strict=strict)
+        after = module.state_dict()
+        assert all(torch.equal(before[k], after[k]) for k in before), type(module).__name__
+    old_style = BlockSparseLSTM(16, 32, block_size=16, sparsity=0.5).state_dict()
+    old_style["_extra_state"] = {"block_size": 16}  # a checkpoint from before the sizes were saved
+    with pytest.raises(RuntimeError, match="does not fit"):
+        BlockSparseLSTM(16, 16, block_size=16, sparsity=0.5).load_state_dict(old_style)
+    same_shape = BlockSparseLSTM(16, 16, block_size=8, sparsity=0.8)  # another block size and pattern: loads
+    same_shape.load_state_dict(pairs[2][0].state_dict())
+    x = torch.randn(3, 2, 16)
+    torch.testing.assert_close(same_shape(x)[0], pairs[2][0](x)[0])
+
+
 @pytest.mark.parametrize("face", FACES)
 def test_block_sparse_linear_from_dense_trains_kept_blocks(face):
     with use_face("bsr_linear", face):

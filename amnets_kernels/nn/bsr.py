@@ -103,9 +103,17 @@ class BlockSparseLinear(nn.Module):
         self.out_features, self.in_features = state["shape"]
         self.block_size = state["block_size"]
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):
+        # Another pattern or block size loads (the saved pattern replaces ours); another layer shape is a
+        # size mismatch, as for nn.Linear, and nothing of this module changes.
+        saved = state_dict.get(prefix + "_extra_state")
+        if saved is not None and tuple(saved["shape"]) != (self.out_features, self.in_features):
+            where = prefix.rstrip(".") or type(self).__name__
+            error_msgs.append(f"size mismatch for {where}: a checkpoint of a {tuple(saved['shape'])} (out, in) "
+                              f"BlockSparseLinear cannot load into this {(self.out_features, self.in_features)} one")
+            return
         _resize_to_saved(self, state_dict, prefix, ("values", "crow_indices", "col_indices"))
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs)
 
     def macs_per_frame(self) -> int:
         """Multiply-adds per row as the kernel runs them: every stored block entry, padding included."""
@@ -131,13 +139,15 @@ _sequence = torch.ops.amnets_native.bsr_lstm_sequence_forward.default
 
 
 def _identity(*tensors, versions=()):
-    """What a cache of derived weights is keyed on: the tensors' storage, dtype and device, and the version
-    counters of those that may change in place; None (do not cache) for inference tensors, which keep no
-    version counter (a model loaded under torch.inference_mode())."""
+    """What a cache of derived weights is keyed on: the tensors' storage, dtype and device, the version
+    counters of those that may change in place, and the weights epoch (amnets_kernels.weights_changed: the
+    writes no version records); None (do not cache) for inference tensors, which keep no version counter
+    (a model loaded under torch.inference_mode())."""
     counters = tuple(_validate.version(t) for t in versions)
     if None in counters:
         return None
-    return counters + tuple(None if t is None else (t.data_ptr(), t.dtype, t.device) for t in tensors)
+    return ((_backend._C.weights_epoch(),) + counters
+            + tuple(None if t is None else (t.data_ptr(), t.dtype, t.device) for t in tensors))
 
 
 class BlockSparseLSTM(StackedLSTM):
@@ -250,14 +260,38 @@ class BlockSparseLSTM(StackedLSTM):
         w = bsr_to_dense(values, crow, col, (4 * self.hidden_size, in_size + self.hidden_size))
         return w[:, :in_size], w[:, in_size:], b, None
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):
+        # Another pattern or block size loads; another hidden or input size is a size mismatch, as for
+        # nn.LSTM, and nothing of this module changes. Checkpoints name their sizes in the extra state; for
+        # older ones each direction's crow_indices must have a row of blocks per b gate rows and its
+        # col_indices stay within the blocks of [x | h].
+        saved = state_dict.get(prefix + "_extra_state")
+        b = saved["block_size"] if saved is not None else self.block_size
+        sizes = {k: saved[k] for k in ("input_size", "hidden_size") if saved is not None and k in saved}
+        ours = {"input_size": self.input_size, "hidden_size": self.hidden_size}
+        if any(sizes[k] != ours[k] for k in sizes):
+            where = prefix.rstrip(".") or type(self).__name__
+            error_msgs.append(f"size mismatch for {where}: a checkpoint of a BlockSparseLSTM with {sizes} cannot "
+                              f"load into this one with {ours}")
+            return
+        for _, layer, suffix, d in self.directions():
+            crow, col = (state_dict.get(f"{prefix}{n}_l{layer}{suffix}") for n in ("crow_indices", "col_indices"))
+            if crow is None or col is None:
+                continue  # missing keys: reported by the loader
+            rows, cols = -(-4 * self.hidden_size // b), -(-(d + self.hidden_size) // b)
+            if crow.numel() != rows + 1 or (col.numel() and int(col.max()) >= cols):
+                error_msgs.append(f"size mismatch for {prefix}crow_indices_l{layer}{suffix}/col_indices: the "
+                                  f"checkpoint's pattern does not fit this BlockSparseLSTM (hidden_size "
+                                  f"{self.hidden_size}, input {d}, block {b}: {rows} block rows, {cols} block "
+                                  f"columns; saved {crow.numel() - 1} block rows)")
+                return
         names = [f"{n}_l{layer}{suffix}" for _, layer, suffix, _ in self.directions()
                  for n in ("values", "crow_indices", "col_indices")]
         _resize_to_saved(self, state_dict, prefix, names)
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs)
 
     def get_extra_state(self):
-        return {"block_size": self.block_size}
+        return {"block_size": self.block_size, "input_size": self.input_size, "hidden_size": self.hidden_size}
 
     def set_extra_state(self, state):
         self.block_size = state["block_size"]

@@ -59,6 +59,8 @@ class StackedLSTM(nn.Module):
             raise ValueError(f"{op}: input must be 2-D (unbatched) or 3-D; got shape {tuple(input.shape)}")
         unbatched = input.dim() == 2
         x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if self.batch_first else input)
+        if x.shape[0] == 0:  # as nn.LSTM, which refuses it too
+            raise ValueError(f"{op}: input must have at least one time step; got shape {tuple(input.shape)}")
         if unbatched and hx is not None:
             hx = tuple(t.unsqueeze(1) for t in hx)
         out, (h_n, c_n) = self._forward_time_major(x, hx)

@@ -710,6 +710,9 @@ def _check_forward(enc: AmNetsEncoder, x, lengths) -> Tensor:
     if not isinstance(enc.tau, (int, float)) or not enc.tau > 0:
         raise ValueError(f"{op}: tau must be > 0; got {enc.tau!r}")
     B, T, _ = x.shape
+    if T == 0:
+        raise ValueError(f"{op}: x must have at least one frame (as nn.LSTM); got shape {tuple(x.shape)} "
+                         "(stream() takes an empty chunk)")
     if lengths is None:
         return torch.full((B,), T, dtype=torch.long, device=x.device)
     if not isinstance(lengths, Tensor) or lengths.shape != (B,) or lengths.is_floating_point():
@@ -738,6 +741,10 @@ def _check_stream(enc: AmNetsEncoder, x, state, force, threshold):
     elif not (isinstance(state, (tuple, list)) and len(state) == 2
               and all(isinstance(s, Tensor) and tuple(s.shape) == shape for s in state)):
         raise ValueError(f"{op}: state must be (h, c), each of shape (num_layers, B, H) = {shape}")
+    for name, s in zip(("h", "c"), state):
+        if s.dtype != x.dtype or s.device != x.device:
+            raise TypeError(f"{op}: state's {name} must be {x.dtype} on {x.device}, as x and the weights; got "
+                            f"{s.dtype} on {s.device}")
     if threshold is None:
         threshold = enc.threshold
     if force is None:

@@ -1,0 +1,30 @@
+"""weights_changed(): for writes to weights that PyTorch's version counters do not record.
+
+The caches built from weights (the AmNets encoder's frame engines and per-layer streaming steps, through
+_C.SourcesSnapshot; BlockSparseLSTM's split weights) tell a changed weight by its tensor, data pointer and
+version counter. Some writes bump no version: an in-place edit through `.data` (which has a counter of its
+own) or `.numpy()`, a DLPack consumer, and torch.optim's fused=True steps on the CPU (Adam, AdamW, SGD under
+torch 2.14). The last are caught here: every torch.optim step ends with weights_changed() (a global step hook,
+registered when amnets_kernels is imported). The others need one call by hand.
+"""
+
+from __future__ import annotations
+
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from ._backend import _C
+
+
+def weights_changed() -> None:
+    """Every cache built from weights before this call is rebuilt at its next use (the next stream() call,
+    BlockSparseLSTM's next no-grad forward). Call it after editing weights in a way that bumps no version
+    counter: `p.data.mul_(...)`, writes through `p.numpy()` or DLPack. Streamers built before keep their
+    weights: make new ones."""
+    _C.weights_changed()
+
+
+def _after_optimizer_step(optimizer, args, kwargs) -> None:
+    _C.weights_changed()
+
+
+_STEP_HOOK = register_optimizer_step_post_hook(_after_optimizer_step)
