@@ -90,9 +90,17 @@ def prepared_input(op: str, name: str, t, width: int, like: Tensor, rows: int | 
     if t.dim() < 1 or t.shape[-1] != width or (rows is not None and tuple(t.shape) != (rows, width)):
         want = f"({rows}, {width})" if rows is not None else f"(..., {width})"
         raise ValueError(f"{op}: {name} must have shape {want}; got {tuple(t.shape)}")
-    if t.dtype != like.dtype or t.device != like.device:
+    if t.device != like.device or (t.dtype != like.dtype and not _autocast_activation(t, like)):
         raise TypeError(f"{op}: {name} must be {like.dtype} on {like.device} like the prepared weights; "
                         f"got {t.dtype} on {t.device}")
+
+
+def _autocast_activation(t: Tensor, like: Tensor) -> bool:
+    """Under autocast the public ops cast fp32 weights to the autocast dtype (csrc/autocast.cpp), so an
+    activation already in that dtype is what they expect (as nn.LSTM under autocast gets)."""
+    kind = like.device.type
+    return (like.dtype == torch.float32 and torch.is_autocast_enabled(kind)
+            and t.dtype == torch.get_autocast_dtype(kind))
 
 
 def prepared_step(op: str, x, h, c, input_size: int, hidden: int, like: Tensor) -> None:

@@ -148,6 +148,27 @@ def test_no_time_steps_is_a_named_error_as_for_nn_lstm(grad):
             module.to(DEVICE)(torch.randn(0, 2, 16, device=DEVICE))
 
 
+@pytest.mark.filterwarnings("ignore")  # small layers: not cheaper than dense
+@pytest.mark.parametrize("hx", [False, True])
+def test_under_autocast_results_take_its_dtype_as_nn_lstm(hx):
+    """nn.LSTM under autocast computes in, and returns, the autocast dtype: so must both drop-ins (given the
+    same fp32 input and state), with values within that dtype's rounding of the dense LSTM's."""
+    torch.manual_seed(2)
+    lstm = nn.LSTM(16, 32, num_layers=2).to(DEVICE)
+    x = torch.randn(6, 3, 16, device=DEVICE)
+    state = (torch.randn(2, 3, 32, device=DEVICE), torch.randn(2, 3, 32, device=DEVICE)) if hx else None
+    dtype = torch.bfloat16 if DEVICE == "cpu" else torch.float16
+    for module in (LowRankLSTM.from_lstm(lstm, rank=10**6), BlockSparseLSTM.from_lstm(lstm, sparsity=0.5, block_size=16)):
+        module, dense = module.to(DEVICE), module.to_dense().to(DEVICE)
+        for grad in (True, False):
+            with torch.set_grad_enabled(grad), torch.autocast(DEVICE, dtype=dtype):
+                got, (h, c) = module(x, state)
+                want, (h2, c2) = dense(x, state)
+            assert got.dtype == h.dtype == c.dtype == want.dtype == dtype, (type(module).__name__, got.dtype)
+            for a, b in ((got, want), (h, h2), (c, c2)):
+                torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05)
+
+
 def test_block_sparse_lstm_trains_and_round_trips():
     torch.manual_seed(0)
     lstm = BlockSparseLSTM(16, 32, num_layers=2, sparsity=0.5, block_size=16)

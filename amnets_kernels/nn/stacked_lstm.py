@@ -74,6 +74,10 @@ class StackedLSTM(nn.Module):
         if x.shape[-1] != self.input_size:
             raise ValueError(f"{op}: input.shape[-1] must be input_size = {self.input_size}; got {tuple(x.shape)}")
         stack, batch, out_size = self.num_layers * self.num_directions, x.shape[1], self.proj_size or self.hidden_size
+        if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
+            # as nn.LSTM under autocast: input, state and results in the autocast dtype (the ops cast the weights)
+            dtype = torch.get_autocast_dtype(x.device.type)
+            x, hx = x.to(dtype), (None if hx is None else tuple(t.to(dtype) for t in hx))
         if hx is None:
             h0 = c0 = [None] * stack
         else:
