@@ -167,6 +167,11 @@ def test_under_autocast_results_take_its_dtype_as_nn_lstm(hx):
             assert got.dtype == h.dtype == c.dtype == want.dtype == dtype, (type(module).__name__, got.dtype)
             for a, b in ((got, want), (h, h2), (c, c2)):
                 torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05)
+        packed = nn.utils.rnn.pack_padded_sequence(x, torch.tensor([6, 4, 2]))
+        with torch.no_grad(), torch.autocast(DEVICE, dtype=dtype):
+            got, want = module(packed, state)[0], dense(packed, state)[0]
+        assert got.data.dtype == want.data.dtype  # nn.LSTM's: fp32 for a PackedSequence under CPU autocast
+        torch.testing.assert_close(got.data.float(), want.data.float(), rtol=0.05, atol=0.05)
 
 
 def test_block_sparse_lstm_trains_and_round_trips():

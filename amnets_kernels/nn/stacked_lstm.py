@@ -52,6 +52,7 @@ class StackedLSTM(nn.Module):
 
     def forward(self, input, hx=None):
         op = type(self).__name__
+        input, hx = _in_autocast_dtype(input, hx)
         if isinstance(input, PackedSequence):
             return self._forward_packed(input, hx)
         _validate._tensor(op, "input", input, dtypes=_validate.FLOAT_DTYPES)
@@ -74,10 +75,6 @@ class StackedLSTM(nn.Module):
         if x.shape[-1] != self.input_size:
             raise ValueError(f"{op}: input.shape[-1] must be input_size = {self.input_size}; got {tuple(x.shape)}")
         stack, batch, out_size = self.num_layers * self.num_directions, x.shape[1], self.proj_size or self.hidden_size
-        if x.dtype == torch.float32 and torch.is_autocast_enabled(x.device.type):
-            # as nn.LSTM under autocast: input, state and results in the autocast dtype (the ops cast the weights)
-            dtype = torch.get_autocast_dtype(x.device.type)
-            x, hx = x.to(dtype), (None if hx is None else tuple(t.to(dtype) for t in hx))
         if hx is None:
             h0 = c0 = [None] * stack
         else:
@@ -112,7 +109,8 @@ class StackedLSTM(nn.Module):
             rows = (lengths == length).nonzero().squeeze(1).to(padded.device)
             sub = None if hx is None else tuple(t.index_select(1, rows) for t in hx)
             o, (h, c) = self._forward_time_major(padded[:length].index_select(1, rows), sub)
-            out[:length, rows], h_n[:, rows], c_n[:, rows] = o, h, c
+            # the input's dtype, as nn.LSTM: under autocast an op may return the autocast dtype
+            out[:length, rows], h_n[:, rows], c_n[:, rows] = o.to(out.dtype), h.to(out.dtype), c.to(out.dtype)
         # Back into the input's packing: time-major, the rows of step t in its sorted order.
         order = packed.sorted_indices if packed.sorted_indices is not None else torch.arange(batch)
         active = torch.arange(batch)[None] < packed.batch_sizes[:, None]
@@ -164,3 +162,16 @@ def combined_bias(lstm: nn.Module, suffix: str) -> torch.Tensor | None:
     """nn.LSTM's / nn.LSTMCell's two biases as the one our ops take (bias_ih + bias_hh), or None."""
     b_ih = getattr(lstm, f"bias_ih{suffix}", None)
     return None if b_ih is None else (b_ih + getattr(lstm, f"bias_hh{suffix}")).detach().clone()
+
+
+def _in_autocast_dtype(input, hx):
+    """As nn.LSTM under autocast: fp32 input and state in the autocast dtype, so that the results are in it too
+    (the ops cast the weights: csrc/autocast.cpp). Anything else unchanged (the checks come after), and so is
+    a PackedSequence: nn.LSTM computes those in fp32 under CPU autocast (torch 2.14), and so do we."""
+    if not (isinstance(input, torch.Tensor) and input.dtype == torch.float32
+            and torch.is_autocast_enabled(input.device.type)):
+        return input, hx
+    dtype = torch.get_autocast_dtype(input.device.type)
+    if isinstance(hx, (tuple, list)):
+        hx = tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t for t in hx)
+    return input.to(dtype), hx
