@@ -5,7 +5,8 @@ _C.SourcesSnapshot; BlockSparseLSTM's split weights) tell a changed weight by it
 version counter. Some writes bump no version: an in-place edit through `.data` (which has a counter of its
 own) or `.numpy()`, a DLPack consumer, and torch.optim's fused=True steps on the CPU (Adam, AdamW, SGD under
 torch 2.14). The last are caught here: every torch.optim step ends with weights_changed() (a global step hook,
-registered when amnets_kernels is imported). The others need one call by hand.
+registered when amnets_kernels is imported). The others need one call by hand, which also makes the op check
+and derive CUDA index data (crow_indices, col_indices: csrc/pattern_cache.h) afresh.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ def weights_changed() -> None:
     """Every cache built from weights before this call is rebuilt at its next use (the next stream() call,
     BlockSparseLSTM's next no-grad forward). Call it after editing weights in a way that bumps no version
     counter: `p.data.mul_(...)`, writes through `p.numpy()` or DLPack. Streamers built before keep their
-    weights: make new ones."""
-    _C.weights_changed()
+    weights: make new ones. Block-sparse index tensors on CUDA edited that way are checked again too."""
+    _C.weights_changed(indices=True)
 
 
 def _after_optimizer_step(optimizer, args, kwargs) -> None:
-    _C.weights_changed()
+    _C.weights_changed(indices=False)  # a step writes values, not patterns: the checked patterns stay
 
 
 _STEP_HOOK = register_optimizer_step_post_hook(_after_optimizer_step)

@@ -43,4 +43,9 @@ std::vector<at::Tensor> derived(const char* what, const at::Tensor& crow, const 
   return tensors;
 }
 
+void forget_all() {
+  std::lock_guard<std::mutex> lock(mutex);
+  entries.clear();
+}
+
 }  // namespace amnets::pattern

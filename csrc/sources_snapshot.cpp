@@ -1,5 +1,6 @@
 // amnets_kernels._C.SourcesSnapshot and the weights epoch (csrc/sources_snapshot.h): their Python bindings.
 #ifdef AMNETS_PYTHON_MODULE
+#include "pattern_cache.h"
 #include "sources_snapshot.h"
 
 namespace amnets {
@@ -8,7 +9,15 @@ void bind_sources_snapshot(pybind11::module_& m) {
   pybind11::class_<SourcesSnapshot>(m, "SourcesSnapshot")
       .def(pybind11::init<const std::vector<std::pair<pybind11::dict, pybind11::object>>&>())
       .def("matches", &SourcesSnapshot::matches);
-  m.def("weights_changed", [] { weights_epoch().fetch_add(1, std::memory_order_acq_rel); });
+  // indices=false from the optimizer step hook: a step writes values, never a pattern, and forgetting the
+  // patterns would re-check (a device sync) and re-derive every layer's indices after each training step.
+  m.def(
+      "weights_changed",
+      [](bool indices) {
+        weights_epoch().fetch_add(1, std::memory_order_acq_rel);
+        if (indices) pattern::forget_all();
+      },
+      pybind11::arg("indices") = true);
   m.def("weights_epoch", [] { return weights_epoch().load(std::memory_order_acquire); });
 }
 

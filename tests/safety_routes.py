@@ -105,6 +105,14 @@ def col_edited_through_numpy():
     return edited_after_a_call(lambda col: col.numpy().__setitem__(0, -5))
 
 
+@route("col_indices")
+def col_edited_through_data_then_weights_changed():  # CUDA too: weights_changed() forgets checked patterns
+    def edit(col):
+        col.data[0] = HUGE
+        ak.weights_changed()
+    return edited_after_a_call(edit)
+
+
 def raw_bsr_args(col_value=HUGE):
     weight = matrix()
     col = weight.col_indices.clone()
