@@ -6,7 +6,6 @@
 // they must work on symbolic shapes.
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
-#include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
 #include <optional>
@@ -123,6 +122,69 @@ class BsrLinear : public torch::autograd::Function<BsrLinear> {
   }
 };
 
+// bsr_linear_backward as a function of (grad_y, x, values) for double backward (Hessian-vector products,
+// gradient penalties). It is bilinear like the forward, so its derivatives are the op's two directions again,
+// on the same pattern: with gx = g W and gv = the blocks of gᵀx at W's pattern, and ggx, ggv their incoming
+// gradients (GGV: the matrix of ggv's blocks),
+//   d/dg = ggx Wᵀ + x GGVᵀ  (forward, twice),   d/dx = g GGV,   d/dvalues = the blocks of gᵀ ggx  (backward).
+// Those calls go through the dispatcher, so under create_graph they record a graph in turn (any order).
+class BsrLinearBackward : public torch::autograd::Function<BsrLinearBackward> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const Tensor& grad_y, const Tensor& x, const Tensor& values,
+                               const Tensor& crow, const Tensor& col, int64_t out_features, int64_t in_features,
+                               bool need_x, bool need_values) {
+    ctx->save_for_backward({grad_y, x, values, crow, col});
+    ctx->saved_data["out_features"] = out_features;
+    ctx->saved_data["in_features"] = in_features;
+    ctx->saved_data["backend"] = static_cast<int64_t>(face::current());
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    static const auto op = face::op<BackwardSig>("bsr_linear_backward");
+    auto [gx, gv] = op.call(grad_y, x, values, crow, col, out_features, in_features, need_x, need_values);
+    return {gx, gv};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    face::Scope backend(static_cast<face::Backend>(ctx->saved_data["backend"].toInt()));
+    cpu::OpenMpScope openmp;
+    const auto saved = ctx->get_saved_variables();
+    const Tensor &g = saved[0], &x = saved[1], &values = saved[2], &crow = saved[3], &col = saved[4];
+    const int64_t out_f = ctx->saved_data["out_features"].toInt(), in_f = ctx->saved_data["in_features"].toInt();
+    // An empty output (not asked for) or an unused one brings no gradient.
+    const Tensor ggx = grads[0].defined() && grads[0].numel() > 0 ? grads[0] : Tensor();
+    const Tensor ggv = grads[1].defined() && grads[1].numel() > 0 ? grads[1] : Tensor();
+    static const auto forward_op = face::op<ForwardSig>("bsr_linear_forward");
+    static const auto backward_op = face::op<BackwardSig>("bsr_linear_backward");
+    Tensor grad_g, grad_x, grad_values;
+    if (ctx->needs_input_grad(0)) {
+      if (ggx.defined()) grad_g = forward_op.call(ggx, values, crow, col, out_f, in_f, std::nullopt);
+      if (ggv.defined()) {
+        Tensor term = forward_op.call(x, ggv, crow, col, out_f, in_f, std::nullopt);
+        grad_g = grad_g.defined() ? grad_g + term : term;
+      }
+    }
+    if (ctx->needs_input_grad(1) && ggv.defined())
+      grad_x = std::get<0>(backward_op.call(g, x, ggv, crow, col, out_f, in_f, true, false));
+    if (ctx->needs_input_grad(2) && ggx.defined())
+      grad_values = std::get<1>(backward_op.call(g, ggx, values, crow, col, out_f, in_f, false, true));
+    return {grad_g, grad_x, grad_values, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+std::tuple<Tensor, Tensor> backward_autograd(const Tensor& grad_y, const Tensor& x, const Tensor& values,
+                                             const Tensor& crow, const Tensor& col, int64_t out_features,
+                                             int64_t in_features, bool need_x, bool need_values) {
+  const bool recorded = at::GradMode::is_enabled() &&
+                        (grad_y.requires_grad() || x.requires_grad() || values.requires_grad());
+  if (!recorded) {  // a first-order backward: straight to the kernel
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    static const auto op = face::op<BackwardSig>("bsr_linear_backward");
+    return op.call(grad_y, x, values, crow, col, out_features, in_features, need_x, need_values);
+  }
+  auto outputs = BsrLinearBackward::apply(grad_y, x, values, crow, col, out_features, in_features, need_x,
+                                          need_values);
+  return {outputs[0], outputs[1]};
+}
+
 Tensor forward_autograd(const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
                         int64_t out_features, int64_t in_features, const std::optional<Tensor>& bias) {
   // A call autograd records alternates with ATen's OpenMP regions (its backward's): its loops run on OpenMP
@@ -169,7 +231,7 @@ TORCH_LIBRARY_IMPL(amnets, CompositeImplicitAutograd, m) { m.impl("bsr_linear", 
 
 TORCH_LIBRARY_IMPL(amnets, Autograd, m) {
   m.impl("bsr_linear_forward", &forward_autograd);
-  m.impl("bsr_linear_backward", torch::autograd::autogradNotImplementedFallback());
+  m.impl("bsr_linear_backward", &backward_autograd);
 }
 
 TORCH_LIBRARY_IMPL(amnets, CPU, m) {

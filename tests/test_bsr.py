@@ -232,6 +232,43 @@ def test_cpu_face_says_when_it_has_no_simd_kernel():
     assert "no SIMD kernel for block size 4" in out
 
 
+def densified(values, sparse):
+    """The dense matrix of `values` at `sparse`'s pattern, differentiable in `values`."""
+    (out_f, in_f), b = sparse.shape, sparse.block_size
+    rows, cols = block_row_of(sparse.crow_indices).long(), sparse.col_indices.long()
+    grid = torch.zeros(-(-out_f // b), -(-in_f // b), b, b, dtype=values.dtype, device=values.device)
+    grid = grid.index_put((rows, cols), values)
+    return grid.permute(0, 2, 1, 3).reshape(grid.shape[0] * b, grid.shape[1] * b)[:out_f, :in_f]
+
+
+@pytest.mark.parametrize("face", FACES)
+@pytest.mark.parametrize("m, out_f, in_f, block", [(3, 40, 24, 8), (1, 70, 33, 16), (17, 64, 64, 32), (0, 16, 16, 16)])
+def test_double_backward_matches_dense(face, m, out_f, in_f, block):
+    """Second derivatives (a Hessian-vector product of a non-linear loss, in x and in values) equal dense
+    autograd's on the densified weight; and a third order runs (the double backward records a graph too)."""
+    with use_face("bsr_linear", face):
+        _, sparse = make(out_f, in_f, block, 0.5)
+        x0, v0 = rand(m, in_f, device=DEVICE), sparse.values.detach()
+        probe_x, probe_v, probe_g = rand(m, in_f, device=DEVICE), rand(*v0.shape, device=DEVICE), rand(m, out_f, device=DEVICE)
+
+        def second(linear, x, v):
+            y = linear(x, v)
+            gx, gv = torch.autograd.grad((y.tanh() * probe_g).sum(), (x, v), create_graph=True)
+            return torch.autograd.grad((gx * probe_x).sum() + (gv * probe_v).sum(), (x, v), create_graph=True)
+
+        ours = [x0.clone().requires_grad_(True), v0.clone().requires_grad_(True)]
+        hx, hv = second(lambda x, v: ak.bsr_linear(x, BlockSparseMatrix(v, sparse.crow_indices, sparse.col_indices,
+                                                                         sparse.shape)), *ours)
+        dense = [x0.double().requires_grad_(True), v0.double().requires_grad_(True)]
+        ex, ev = second(lambda x, v: F.linear(x, densified(v, sparse)), *dense)
+        close(hx, ex, torch.float32, scale=out_f)
+        close(hv, ev, torch.float32, scale=max(m, 1))
+        if m:
+            third, = torch.autograd.grad((hx.sum() + hv.sum()), ours[0])
+            expected, = torch.autograd.grad((ex.sum() + ev.sum()), dense[0])
+            close(third, expected, torch.float32, scale=4 * float(expected.abs().max()))  # fp32, three chained products
+
+
 def test_reference_gradcheck_float64():
     with ak.use_backend("reference"):
         _, sparse = make(10, 13, 4, 0.4, torch.float64, device="cpu")  # the reference's own check: any device
@@ -240,6 +277,7 @@ def test_reference_gradcheck_float64():
         values = sparse.values.requires_grad_(True)
         fn = lambda x, v, b: torch.ops.amnets.bsr_linear(x, v, sparse.crow_indices, sparse.col_indices, 10, 13, b)  # noqa: E731
         assert torch.autograd.gradcheck(fn, (x, values, bias))
+        assert torch.autograd.gradgradcheck(fn, (x, values, bias))
 
 
 def test_opcheck_and_compile():
