@@ -4,6 +4,10 @@ import pathlib
 import re
 import warnings
 
+import pytest
+import torch
+from torch.func import grad, vmap
+
 import amnets_kernels as ak
 
 
@@ -17,3 +21,19 @@ def test_readme_api_example_runs():
         for block in blocks:
             exec(compile(block, "README.md", "exec"), scope)
     assert scope["loss"].ndim == 0 and scope["out"].shape == (100, 8, 256)
+
+
+def test_higher_order_and_torch_func_limits_are_as_stated():
+    """README's "Gradients beyond the first" paragraph: which orders and transforms run and which refuse."""
+    lstm = ak.nn.LowRankLSTM(8, 16, rank=4)
+    x = torch.randn(3, 2, 8, requires_grad=True)
+    first, = torch.autograd.grad(lstm(x)[0].pow(2).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="derivative for amnets::lowrank_lstm_sequence_backward is not implemented"):
+        first.sum().backward()
+    linear = ak.nn.BlockSparseLinear(32, 16, block_size=16, sparsity=0.5)
+    with pytest.raises(RuntimeError, match="cannot use C\\+\\+ torch::autograd::Function with functorch"):
+        grad(lambda v: linear(v).sum())(torch.randn(4, 32))
+    xs = torch.randn(5, 4, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(vmap(linear)(xs), torch.stack([linear(v) for v in xs]))
