@@ -5,6 +5,7 @@ every knob; chunks continue exactly; bad input gets named errors."""
 import copy
 import itertools
 import math
+import pickle
 import weakref
 
 import numpy as np
@@ -127,6 +128,24 @@ def test_a_forked_streamer_continues_from_the_state_then_goes_its_own_way(backen
         assert not torch.equal(other.state[0], streamer.state[0])
         other.state = state
         assert torch.equal(other(x[:, 4:])[0], want[0])
+
+
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("force", [None, "full", "cheap", "rows"])
+def test_a_pickled_streamer_continues_where_it_was(backend, force):
+    """pickle (torch.save, multiprocessing) carries a live stream: its encoder, settings and state; the copy
+    gets an engine of its own and continues exactly as the original does."""
+    enc = AmNetsEncoder(8, 16, num_layers=2, cheap="sparse", sparsity=0.5, block_size=16).eval()
+    x = torch.randn(2, 6, 8)
+    with ak.use_backend(backend):
+        streamer = enc.streamer(batch=2, threshold=0.3,
+                                force=torch.tensor([True, False]) if force == "rows" else force)
+        streamer(x[:, :3])
+        other = pickle.loads(pickle.dumps(streamer))
+        assert other.native == streamer.native == (backend == "auto") and other.encoder is not enc
+        want, got = streamer(x[:, 3:]), other(x[:, 3:])
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+        assert all(torch.equal(a, b) for a, b in zip(other.state, streamer.state))
 
 
 @pytest.mark.parametrize("face", ["reference", "triton"])

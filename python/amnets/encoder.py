@@ -526,11 +526,12 @@ class Streamer:
             raise ValueError(f"AmNetsEncoder.streamer: batch must be an int >= 1; got {batch!r}")
         self.encoder, self.batch = encoder, batch
         probe = encoder.weight_ih_l0.new_zeros(batch, 0, encoder.input_size)
-        _, self._force, self._threshold = _check_stream(encoder, probe, None, force, threshold)
+        _, force, self._threshold = _check_stream(encoder, probe, None, force, threshold)
+        self._force = _force_argument(force)  # as stream() takes it again
         engine = encoder.frame_engine(probe.device, probe.dtype)
         self.native = engine is not None
         # On an engine the state lives in its stream object (updated in place: a call passes only the frames).
-        self._live = engine.stream(batch, *_engine_force(self._force), _logit(self._threshold)) if self.native \
+        self._live = engine.stream(batch, *_engine_force(force), _logit(self._threshold)) if self.native \
             else None
         self._one_thread = OneThread("AmNetsEncoder.streamer")  # off the engines (theirs enforce it themselves)
         self.reset()
@@ -583,6 +584,11 @@ class Streamer:
         other = self.fork()
         other.encoder, other._force = copy.deepcopy(self.encoder, memo), copy.deepcopy(self._force, memo)
         return other
+
+    def __reduce__(self):
+        # pickle, torch.save, multiprocessing: a stream travels as its encoder, settings and state, and gets an
+        # engine of its own where it lands (the engine's native state cannot be pickled).
+        return _unpickled_streamer, (self.encoder, self.batch, self._threshold, self._force, self.state)
 
     def __call__(self, frames: Tensor) -> tuple[Tensor, Tensor]:
         """frames (batch, T, input_size) -> (out (batch, T, H), decisions (batch, T) or (batch, T, L))."""
@@ -721,6 +727,17 @@ def _check_forward(enc: AmNetsEncoder, x, lengths) -> Tensor:
     if B and (int(lengths.min()) < 0 or int(lengths.max()) > T):
         raise ValueError(f"{op}: lengths must lie in [0, T={T}]; got {lengths.tolist()}")
     return lengths
+
+
+def _force_argument(force):
+    """_check_stream's force (None, a bool, a (B,) bool tensor) as an argument it takes again."""
+    return ("full" if force else "cheap") if isinstance(force, bool) else force
+
+
+def _unpickled_streamer(encoder: AmNetsEncoder, batch: int, threshold: float, force, state) -> Streamer:
+    streamer = Streamer(encoder, batch, threshold, force)
+    streamer.state = state
+    return streamer
 
 
 def _check_stream(enc: AmNetsEncoder, x, state, force, threshold):
