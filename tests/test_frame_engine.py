@@ -96,7 +96,12 @@ def test_streamer_state_is_a_snapshot_and_can_be_set(backend):
         rest, _ = streamer(x[:, 2:])
         assert torch.equal(mid[0], kept[0]) and torch.equal(mid[1], kept[1])  # read earlier: not changed since
         streamer.state = mid
+        mid[0].zero_(), mid[1].zero_()  # the caller's tensors, edited after the assignment: not the stream's
         assert torch.equal(streamer(x[:, 2:])[0], rest)  # set back: the same continuation
+        streamer.state = kept
+        h, c = streamer.state
+        h.zero_(), c.zero_()  # a read, edited: not the stream's either
+        assert torch.equal(streamer(x[:, 2:])[0], rest)
         streamer.reset()
         first, _ = streamer(x[:, :2])
         assert torch.equal(first, enc.stream(x[:, :2])[0])

@@ -541,8 +541,8 @@ class Streamer:
         """(h, c), each (num_layers, batch, H): the state after the last call (a copy: later calls leave it)."""
         if self._live is not None:
             return self._live.state()
-        with self._one_thread:
-            return self._state
+        with self._one_thread:  # calls replace self._state, never write it: a copy keeps the caller's edits out
+            return tuple(t.clone() for t in self._state)
 
     @state.setter
     def state(self, value: tuple[Tensor, Tensor]) -> None:
@@ -552,7 +552,7 @@ class Streamer:
             self._live.set_state(*value)
         else:
             with self._one_thread:
-                self._state = tuple(value)
+                self._state = tuple(t.clone() for t in value)  # the caller's later edits stay theirs
 
     def reset(self) -> None:
         """Start a new stream: zero state."""
