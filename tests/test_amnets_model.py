@@ -1,5 +1,6 @@
 """The AmNets model package `amnets`: latency simulator, switching encoder, RNN-T model."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -193,6 +194,12 @@ def test_forward_aux_statistics(per_layer):
     torch.testing.assert_close(aux["expected_macs"].double(), hand, rtol=1e-6, atol=1e-3)
     frac = hand.sum() / (8 * enc.macs_per_frame("full"))
     assert aux["cost_fraction"].item() == pytest.approx(frac.item(), rel=1e-5)
+    # A forced encoder runs no arbitrator and counts none: forced full is the dense LSTM, exactly 1.
+    enc.force = "full"
+    assert enc(x, lengths)[1]["cost_fraction"].item() == pytest.approx(1.0, rel=1e-6)
+    enc.force = "cheap"
+    cheap_only = sum(cheap) / sum(full)
+    assert enc(x, lengths)[1]["cost_fraction"].item() == pytest.approx(cheap_only, rel=1e-6)
 
 
 @pytest.mark.parametrize("cheap", ["sparse", "lowrank"])
@@ -261,6 +268,28 @@ def test_encoder_rejects_bad_construction(kwargs, match):
         make_encoder(**kwargs)
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(per_layer_decisions="no"), "per_layer_decisions must be a bool"),
+    (dict(arbitrator_uses_state=1), "arbitrator_uses_state must be a bool"),
+    (dict(threshold=1.5), r"threshold must be in \[0, 1\]"),
+    (dict(init_p_full=1.0), r"init_p_full must be in \(0, 1\)"),
+    (dict(force="bogus"), "force must be one of"),
+])
+def test_encoder_rejects_bad_settings(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_encoder("sparse", **kwargs)
+
+
+@pytest.mark.parametrize("threshold", [0, 1.0])
+def test_encoder_thresholds_at_the_extremes(threshold):
+    """threshold 0 (every frame full) and 1 (none) are accepted by the constructor as by stream()."""
+    enc = make_encoder("sparse", threshold=threshold).eval()
+    x = torch.randn(2, 4, D)
+    decisions = enc(x)[1]["decisions"]
+    assert bool(decisions.all()) == (threshold == 0) and bool((~decisions).all()) == (threshold == 1)
+    assert torch.equal(enc.stream(x)[2], decisions)
+
+
 def test_encoder_rejects_bad_calls():
     enc = make_encoder("sparse")
     x = torch.randn(2, 5, D)
@@ -276,8 +305,24 @@ def test_encoder_rejects_bad_calls():
         enc(x, torch.tensor([5]))
     with pytest.raises(ValueError, match="force must be"):
         enc.stream(x, force="sometimes")
-    with pytest.raises(ValueError, match="force must be"):
-        enc.stream(x, force=torch.tensor([1, 0]))
+    with pytest.raises(ValueError, match=r"force must be.*; got a torch.int64 tensor of shape \(2,\)"):
+        enc.stream(x, force=torch.tensor([1, 0]))  # the dtype is what is wrong: the message shows it
+    for bad in (torch.tensor(0.5), "0.5", True):
+        with pytest.raises(ValueError, match=r"threshold must be in \[0, 1\] \(a number\); got .* \(a "):
+            enc.stream(x, threshold=bad)
+    for fine in (np.float32(0.25), 0, 1):  # any real number in range, numpy's too; 0 and 1 are the extremes
+        assert enc.eval().stream(x, threshold=fine)[0].shape == (2, 5, H)
+    with pytest.raises(ValueError, match=r"x is torch.float64 on cpu but the encoder's weights are torch.float32"):
+        enc(x.double())  # as stream() says it
+    with pytest.raises(ValueError, match=r"x is torch.float64 on cpu but the encoder's weights are torch.float32"):
+        enc.stream(x.double())
+    enc.force = "bogus"  # an attribute set after construction is checked where it is used
+    with pytest.raises(ValueError, match="force must be one of"):
+        enc(x)
+    enc.force, enc.threshold = None, 1.5
+    with pytest.raises(ValueError, match=r"threshold must be in \[0, 1\]"):
+        enc(x)
+    enc.threshold = 0.5
     with pytest.raises(ValueError, match="state must be"):
         enc.stream(x, state=(torch.zeros(L, 3, H), torch.zeros(L, 3, H)))
     with pytest.raises(ValueError, match="branch must be"):

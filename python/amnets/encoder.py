@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
@@ -82,7 +83,7 @@ class AmNetsEncoder(nn.Module):
                  device=None, dtype=None):
         super().__init__()
         _check_init(input_size, hidden_size, num_layers, cheap, sparsity, block_size, rank, arbitrator_hidden,
-                    init_p_full, tau, threshold, force)
+                    arbitrator_uses_state, per_layer_decisions, init_p_full, tau, threshold, force)
         self.force = force
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.cheap, self.sparsity, self.block_size = cheap, float(sparsity), block_size
@@ -219,7 +220,8 @@ class AmNetsEncoder(nn.Module):
         Eval mode: d = p_full > threshold (decided as logit > logit(threshold), as stream() does). aux:
         p_full, decisions (B, T) (or (B, T, L) per layer; 0/False on padded frames), mask (B, T) valid frames, expected_macs (B, T) = arbitrator +
         sum_layers p_full * macs_full + (1 - p_full) * macs_cheap (0 on padding), and cost_fraction, the
-        scalar sum(expected_macs) / (valid frames * macs_per_frame("full")) (differentiable in p_full).
+        scalar sum(expected_macs) / (valid frames * macs_per_frame("full")) (differentiable in p_full); a
+        forced encoder runs no arbitrator, and counts none on either side.
         """
         lengths = _check_forward(self, x, lengths)
         B, T, _ = x.shape
@@ -267,7 +269,8 @@ class AmNetsEncoder(nn.Module):
         p_layers = p_full.to(torch.float64).expand(B, T, L)
         arbitrator = 0 if self.force is not None else self.arbitrator_macs()
         expected = (arbitrator + p_layers @ full + (1 - p_layers) @ cheap) * mask
-        cost_fraction = expected.sum() / (mask.sum().clamp(min=1) * self.macs_per_frame("full"))
+        all_full = self.macs_per_frame("full") - (self.arbitrator_macs() if self.force is not None else 0)
+        cost_fraction = expected.sum() / (mask.sum().clamp(min=1) * all_full)  # a forced-full encoder: exactly 1
         if not self.per_layer_decisions:
             p_full, decisions = p_full[..., 0], decisions[..., 0]
         return out, dict(p_full=p_full, decisions=decisions, mask=mask, expected_macs=expected.to(x.dtype),
@@ -679,8 +682,22 @@ class _LowrankStep(_LayerStep):
 # validation: one function per public entry point
 
 
+def _threshold(op: str, value) -> float:
+    """A decision threshold on p_full in [0, 1] (0: every frame full, 1: none), as a float; any real number
+    (numpy's included), not a bool or a tensor."""
+    if isinstance(value, (bool, Tensor)) or not isinstance(value, numbers.Real) or not 0.0 <= value <= 1.0:
+        kind = "" if isinstance(value, numbers.Real) and not isinstance(value, bool) else f" (a {type(value).__name__})"
+        raise ValueError(f"{op}: threshold must be in [0, 1] (a number); got {value!r}{kind}")
+    return float(value)
+
+
+def _check_force_kind(op: str, force) -> None:
+    if not (force is None or isinstance(force, str) and force in ("full", "cheap")):
+        raise ValueError(f"{op}: force must be one of {FORCE_KINDS}; got {force!r}")
+
+
 def _check_init(input_size, hidden_size, num_layers, cheap, sparsity, block_size, rank, arbitrator_hidden,
-                init_p_full, tau, threshold, force):
+                arbitrator_uses_state, per_layer_decisions, init_p_full, tau, threshold, force):
     op = "AmNetsEncoder"
     for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("num_layers", num_layers),
                         ("block_size", block_size), ("rank", rank), ("arbitrator_hidden", arbitrator_hidden)):
@@ -690,13 +707,24 @@ def _check_init(input_size, hidden_size, num_layers, cheap, sparsity, block_size
         raise ValueError(f"{op}: cheap must be one of {CHEAP_KINDS}; got {cheap!r}")
     if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
         raise ValueError(f"{op}: sparsity must be a float in [0, 1); got {sparsity!r}")
-    for name, value in (("init_p_full", init_p_full), ("threshold", threshold)):
-        if not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
-            raise ValueError(f"{op}: {name} must be in (0, 1); got {value!r}")
-    if not isinstance(tau, (int, float)) or not tau > 0:
+    for name, value in (("arbitrator_uses_state", arbitrator_uses_state), ("per_layer_decisions", per_layer_decisions)):
+        if not isinstance(value, bool):  # a string such as "no" would be truthy
+            raise ValueError(f"{op}: {name} must be a bool; got {value!r}")
+    if isinstance(init_p_full, bool) or not isinstance(init_p_full, numbers.Real) or not 0.0 < init_p_full < 1.0:
+        raise ValueError(f"{op}: init_p_full must be in (0, 1) (its logit initialises the arbitrator); "
+                         f"got {init_p_full!r}")
+    _threshold(op, threshold)
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not tau > 0:
         raise ValueError(f"{op}: tau must be > 0; got {tau!r}")
-    if force not in FORCE_KINDS:
-        raise ValueError(f"{op}: force must be one of {FORCE_KINDS}; got {force!r}")
+    _check_force_kind(op, force)
+
+
+def _check_weights_like(op: str, enc: AmNetsEncoder, x: Tensor) -> None:
+    weights = enc.weight_ih_l0
+    if x.dtype != weights.dtype or x.device != weights.device:
+        raise ValueError(f"{op}: x is {x.dtype} on {x.device} but the encoder's weights are {weights.dtype} on "
+                         f"{weights.device}; pass x.to({weights.dtype}) on that device (or convert the encoder "
+                         "with .to())")
 
 
 def _check_input(op: str, enc: AmNetsEncoder, x) -> None:
@@ -713,8 +741,11 @@ def _check_input(op: str, enc: AmNetsEncoder, x) -> None:
 def _check_forward(enc: AmNetsEncoder, x, lengths) -> Tensor:
     op = "AmNetsEncoder.forward"
     _check_input(op, enc, x)
+    _check_weights_like(op, enc, x)
     if not isinstance(enc.tau, (int, float)) or not enc.tau > 0:
         raise ValueError(f"{op}: tau must be > 0; got {enc.tau!r}")
+    _check_force_kind(op, enc.force)  # attributes a caller may set after construction
+    _threshold(op, enc.threshold)
     B, T, _ = x.shape
     if T == 0:
         raise ValueError(f"{op}: x must have at least one frame (as nn.LSTM); got shape {tuple(x.shape)} "
@@ -745,11 +776,7 @@ def _check_stream(enc: AmNetsEncoder, x, state, force, threshold):
     full branch, or none does) or a bool tensor (B,) with both values."""
     op = "AmNetsEncoder.stream"
     _check_input(op, enc, x)
-    weights = enc.weight_ih_l0
-    if x.dtype != weights.dtype or x.device != weights.device:
-        raise ValueError(f"{op}: x is {x.dtype} on {x.device} but the encoder's weights are {weights.dtype} on "
-                         f"{weights.device}; pass x.to({weights.dtype}) on that device (or convert the encoder "
-                         "with .to())")
+    _check_weights_like(op, enc, x)
     B = x.shape[0]
     shape = (enc.num_layers, B, enc.hidden_size)
     if state is None:
@@ -762,12 +789,9 @@ def _check_stream(enc: AmNetsEncoder, x, state, force, threshold):
         if s.dtype != x.dtype or s.device != x.device:
             raise TypeError(f"{op}: state's {name} must be {x.dtype} on {x.device}, as x and the weights; got "
                             f"{s.dtype} on {s.device}")
-    if threshold is None:
-        threshold = enc.threshold
+    threshold = _threshold(op, enc.threshold if threshold is None else threshold)
     if force is None:
         force = enc.force
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"{op}: threshold must be in [0, 1]; got {threshold!r}")
     if isinstance(force, str):
         if force not in ("full", "cheap"):
             raise ValueError(f"{op}: force must be None, 'full', 'cheap' or a bool tensor (B,); "
@@ -777,7 +801,8 @@ def _check_stream(enc: AmNetsEncoder, x, state, force, threshold):
         if (not isinstance(force, Tensor) or force.dtype != torch.bool or tuple(force.shape) != (B,)
                 or force.is_meta):
             got = ("a meta tensor (no data)" if isinstance(force, Tensor) and force.is_meta else
-                   tuple(force.shape) if isinstance(force, Tensor) else type(force).__name__)
+                   f"a {force.dtype} tensor of shape {tuple(force.shape)}" if isinstance(force, Tensor) else
+                   type(force).__name__)
             raise ValueError(f"{op}: force must be None, 'full', 'cheap' or a bool tensor of shape ({B},); "
                              f"got {got}")
         force = _uniform(force.to(x.device))
