@@ -28,7 +28,8 @@ def test_latency_hand_computed_backlog():
 
 @pytest.mark.parametrize("costs, period, final, match", [
     ([0.1, -0.1], 1.0, 0.0, "frame_costs"), ([], 1.0, 0.0, "frame_costs"), ([0.1], 0.0, 0.0, "frame_period"),
-    ([0.1], -1.0, 0.0, "frame_period"), ([0.1], 1.0, -1.0, "final_cost"), (["x"], 1.0, 0.0, "frame_costs")])
+    ([0.1], -1.0, 0.0, "frame_period"), ([0.1], 1.0, -1.0, "final_cost"), (["x"], 1.0, 0.0, "frame_costs"),
+    ("123", 1.0, 0.0, "frame_costs")])  # a string iterates as characters: not costs [1, 2, 3]
 def test_latency_rejects_bad_input(costs, period, final, match):
     with pytest.raises(ValueError, match=match):
         simulate_latency(costs, period, final_cost=final)
@@ -262,22 +263,13 @@ def test_reprune_recomputes_the_mask_from_current_weights():
     (dict(cheap="pruned"), "cheap must be one of"), (dict(sparsity=1.0), "sparsity"),
     (dict(sparsity=-0.1), "sparsity"), (dict(cheap="lowrank", rank=0), "rank"),
     (dict(block_size=0), "block_size"),
-    (dict(tau=0.0), "tau"), (dict(init_p_full=1.0), "init_p_full")])
+    (dict(tau=0.0), "tau"), (dict(init_p_full=1.0), r"init_p_full must be in \(0, 1\)"),
+    (dict(per_layer_decisions="no"), "per_layer_decisions must be a bool"),  # a truthy string
+    (dict(arbitrator_uses_state=1), "arbitrator_uses_state must be a bool"),
+    (dict(threshold=1.5), r"threshold must be in \[0, 1\]")])
 def test_encoder_rejects_bad_construction(kwargs, match):
     with pytest.raises(ValueError, match=match):
         make_encoder(**kwargs)
-
-
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(per_layer_decisions="no"), "per_layer_decisions must be a bool"),
-    (dict(arbitrator_uses_state=1), "arbitrator_uses_state must be a bool"),
-    (dict(threshold=1.5), r"threshold must be in \[0, 1\]"),
-    (dict(init_p_full=1.0), r"init_p_full must be in \(0, 1\)"),
-    (dict(force="bogus"), "force must be one of"),
-])
-def test_encoder_rejects_bad_settings(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        make_encoder("sparse", **kwargs)
 
 
 @pytest.mark.parametrize("threshold", [0, 1.0])
@@ -352,6 +344,23 @@ def toy_batch():
     torch.manual_seed(123)
     feats = torch.randn(2, 24, F_IN)
     return feats, torch.tensor([24, 19]), torch.tensor([[1, 3, 2], [4, 5, 0]]), torch.tensor([3, 2])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(stack=0), "stack must be an int >= 1"), (dict(tail="bogus"), "tail must be one of"),
+    (dict(lengths=torch.tensor([True, False])), "lengths must be an integer tensor")])
+def test_stack_frames_rejects_bad_input(kwargs, match):
+    args = dict(feats=torch.randn(2, 7, 3), lengths=torch.tensor([7, 4]), stack=3, tail="pad") | kwargs
+    with pytest.raises(ValueError, match=match):
+        stack_frames(**args)
+
+
+def test_model_dtype_and_device_apply_to_every_part():
+    model = AmNetsRNNT(F_IN, V, 16, 1, dtype=torch.float64, device="cpu")
+    assert {p.dtype for p in model.parameters()} == {torch.float64}
+    feats, feat_lens, targets, target_lens = toy_batch()
+    loss, _ = model.loss(feats.double(), feat_lens, targets, target_lens)
+    assert loss.dtype == torch.float64 and torch.isfinite(loss)
 
 
 def test_stack_frames_by_hand():
@@ -440,6 +449,19 @@ def test_model_rejects_bad_input():
         model.loss(feats, torch.tensor([25, 19]), targets, target_lens)
     with pytest.raises(ValueError, match="budget"):
         model.loss(feats, feat_lens, targets, target_lens, cost_weight=1.0, budget=2.0)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="cost_weight must be a finite number"):
+            model.loss(feats, feat_lens, targets, target_lens, cost_weight=bad)
+    with pytest.raises(ValueError, match=r"no utterance \(B = 0\)"):
+        model.loss(feats[:0], feat_lens[:0], targets[:0], target_lens[:0])
+    for name, args in (("feat_lens", (feats, feat_lens > 0, targets, target_lens)),  # bool: not 1/0 lengths
+                       ("targets", (feats, feat_lens, targets > 0, target_lens)),
+                       ("target_lens", (feats, feat_lens, targets, target_lens > 0))):
+        with pytest.raises(ValueError, match=f"{name} must be an integer tensor"):
+            model.loss(*args)
+    for call in (model.loss, model.greedy_decode):
+        with pytest.raises(ValueError, match=r"feats are torch.float64 on cpu but the model's weights are"):
+            call(feats.double(), feat_lens, *((targets, target_lens) if call == model.loss else ()))
     with pytest.raises(ValueError, match="vocab_size"):
         AmNetsRNNT(F_IN, 1, 32, 1)
     with pytest.raises(ValueError, match="joint_activation"):

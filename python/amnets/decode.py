@@ -2,14 +2,15 @@
 
 beam_search is a time-synchronous beam search after the time-synchronous decoding of Saon, Tüske and
 Audhkhasi ("Alignment-length synchronous decoding for RNN transducer", ICASSP 2020; ESPnet's
-`time_sync_decoding`): on each encoder frame, up to max_symbols rounds. In a round every hypothesis still
-on the frame proposes the blank (which ends its frame) and its `beam` best labels (it stays on the frame).
-Unlike ESPnet's, the frame's ended and staying hypotheses compete for the same `beam` places, so that
-beam=1 makes exactly greedy decoding's choices (the blank winning ties, as argmax does;
-tests/test_amnets_cli_beam.py checks it). Ended hypotheses with the same labels are merged by log-add (the
-sum over their alignments, as icefall's modified_beam_search does). A hypothesis still on the frame after
-max_symbols labels leaves it, as greedy decoding does at its cap; its score takes the blank's
-log-probability there, so that every score is that of real alignments.
+`time_sync_decoding`): on each encoder frame, up to max_symbols rounds. In a round every hypothesis still on
+the frame proposes the blank (which ends its frame) and its `beam` best labels (it stays on the frame).
+Unlike ESPnet's, the frame's ended and staying hypotheses compete for the same `beam` places, so that beam=1
+makes greedy decoding's choices (the blank winning ties, as argmax does; tests/test_amnets_cli_beam.py
+checks it) except where two candidates differ by a rounding error: greedy compares raw logits, the beam
+accumulated log-probabilities, in which a 1-ulp lead can round to a tie. Ended hypotheses with the same
+labels are merged by log-add (the sum over their alignments, as icefall's modified_beam_search does). A
+hypothesis still on the frame after max_symbols labels leaves it, as greedy decoding does at its cap; its
+score takes the blank's log-probability there, so that every score is that of real alignments.
 """
 
 from __future__ import annotations

@@ -20,6 +20,8 @@ import torch
 
 
 def _check_simulate_latency(frame_costs, frame_period, final_cost) -> list[float]:
+    if isinstance(frame_costs, (str, bytes)):  # iterable, but of characters
+        raise ValueError(f"simulate_latency: frame_costs must be a sequence of numbers; got {frame_costs!r}")
     if isinstance(frame_costs, torch.Tensor):
         frame_costs = frame_costs.detach().reshape(-1).tolist()
     try:

@@ -8,6 +8,8 @@ amnets_kernels.fused_joint_rnnt_loss computes without materialising the (B, T, U
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -27,6 +29,7 @@ def stack_frames(feats: Tensor, lengths: Tensor, stack: int, tail: str = "pad") 
     tail="pad": a last partial group is zero-padded (T' = ceil(T / stack), no audio is lost);
     tail="drop": it is dropped (T' = floor(T / stack)). Lengths follow the same rounding.
     """
+    _check_stack("stack_frames", feats, lengths, stack, tail)
     B, T, n = feats.shape
     if tail == "pad":
         frames, lengths = -(-T // stack), torch.div(lengths + stack - 1, stack, rounding_mode="floor")
@@ -43,7 +46,8 @@ class AmNetsRNNT(nn.Module):
     Args:
         input_size: feature dim per 10 ms frame (80 log-mel); the encoder sees stack * input_size.
         vocab_size: output classes including the blank 0.
-        hidden_size, num_layers, cheap: the encoder's; further encoder knobs go in **encoder_kwargs.
+        hidden_size, num_layers, cheap: the encoder's; further encoder knobs go in **encoder_kwargs
+            (device and dtype, as for torch modules, apply to every part of the model).
         stack: frames stacked (and the stride); stack_tail: "pad" or "drop" the last partial group.
         pred_hidden: prediction LSTM width (default hidden_size); pred_embed: its embedding width
             (default pred_hidden); joint_hidden: width of the joint (default hidden_size).
@@ -55,6 +59,7 @@ class AmNetsRNNT(nn.Module):
                  pred_hidden: int | None = None, pred_embed: int | None = None,
                  joint_hidden: int | None = None, joint_activation: str = "tanh", **encoder_kwargs):
         super().__init__()
+        factory = dict(device=encoder_kwargs.pop("device", None), dtype=encoder_kwargs.pop("dtype", None))
         pred_hidden = hidden_size if pred_hidden is None else pred_hidden
         pred_embed = pred_hidden if pred_embed is None else pred_embed
         joint_hidden = hidden_size if joint_hidden is None else joint_hidden
@@ -63,12 +68,13 @@ class AmNetsRNNT(nn.Module):
         self.input_size, self.vocab_size = input_size, vocab_size
         self.stack, self.stack_tail, self.joint_activation = stack, stack_tail, joint_activation
         self.encoder = AmNetsEncoder(stack * input_size, hidden_size, num_layers, cheap=cheap,
-                                     **encoder_kwargs)
-        self.embedding = nn.Embedding(vocab_size, pred_embed)
-        self.prediction = nn.LSTM(pred_embed, pred_hidden, batch_first=True)
-        self.enc_proj = nn.Linear(hidden_size, joint_hidden)
-        self.pred_proj = nn.Linear(pred_hidden, joint_hidden, bias=False)  # enc_proj's bias covers it
-        self.out = nn.Linear(joint_hidden, vocab_size)
+                                     **encoder_kwargs, **factory)
+        self.embedding = nn.Embedding(vocab_size, pred_embed, **factory)
+        self.prediction = nn.LSTM(pred_embed, pred_hidden, batch_first=True, **factory)
+        self.enc_proj = nn.Linear(hidden_size, joint_hidden, **factory)
+        # no bias: enc_proj's covers it
+        self.pred_proj = nn.Linear(pred_hidden, joint_hidden, bias=False, **factory)
+        self.out = nn.Linear(joint_hidden, vocab_size, **factory)
 
     def joint(self, enc_p: Tensor, pred_p: Tensor) -> Tensor:
         """Logits from projected encoder and prediction vectors (broadcasting): the fused op's joint."""
@@ -145,8 +151,8 @@ class AmNetsRNNT(nn.Module):
     def beam_decode(self, feats: Tensor, feat_lens: Tensor, beam: int = 4, max_symbols_per_frame: int = 5,
                     return_decisions: bool = False):
         """Offline RNN-T beam search (amnets.decode.beam_search: time-synchronous, at most
-        max_symbols_per_frame labels per frame; beam=1 is greedy_decode). Returns the best hypothesis per
-        utterance, and with return_decisions the same extras as greedy_decode."""
+        max_symbols_per_frame labels per frame; beam=1 is greedy_decode up to rounding ties). Returns the best
+        hypothesis per utterance, and with return_decisions the same extras as greedy_decode."""
         _check_decode("AmNetsRNNT.beam_decode", self, feats, feat_lens, max_symbols_per_frame)
         if not _is_int(beam) or beam < 1:
             raise ValueError(f"AmNetsRNNT.beam_decode: beam must be an int >= 1; got {beam!r}")
@@ -184,12 +190,35 @@ def _check_init(input_size, vocab_size, stack, stack_tail, pred_hidden, pred_emb
                          f"got {joint_activation!r}")
 
 
+def _is_index(t) -> bool:
+    """An integer tensor (not bool, whose True/False would pass as 1/0)."""
+    return isinstance(t, Tensor) and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
+def _check_stack(op: str, feats, lengths, stack, tail) -> None:
+    if not isinstance(feats, Tensor) or feats.dim() != 3:
+        got = tuple(feats.shape) if isinstance(feats, Tensor) else type(feats).__name__
+        raise ValueError(f"{op}: feats must be a (B, T, F) tensor; got {got}")
+    if not _is_index(lengths) or tuple(lengths.shape) != (feats.shape[0],):
+        raise ValueError(f"{op}: lengths must be an integer tensor of shape ({feats.shape[0]},)")
+    if not _is_int(stack) or stack < 1:
+        raise ValueError(f"{op}: stack must be an int >= 1; got {stack!r}")
+    if tail not in STACK_TAILS:
+        raise ValueError(f"{op}: tail must be one of {STACK_TAILS}; got {tail!r}")
+
+
 def _check_features(op: str, model: AmNetsRNNT, feats, feat_lens) -> None:
     if not isinstance(feats, Tensor) or feats.dim() != 3 or feats.shape[2] != model.input_size:
         got = tuple(feats.shape) if isinstance(feats, Tensor) else type(feats).__name__
         raise ValueError(f"{op}: feats must have shape (B, T, input_size={model.input_size}); got {got}")
+    weights = model.out.weight
+    if feats.dtype != weights.dtype or feats.device != weights.device:
+        raise ValueError(f"{op}: feats are {feats.dtype} on {feats.device} but the model's weights are "
+                         f"{weights.dtype} on {weights.device}; pass feats.to({weights.dtype}) on that "
+                         "device "
+                         "(or convert the model with .to(); under torch.autocast the weights stay fp32)")
     B, T, _ = feats.shape
-    if not isinstance(feat_lens, Tensor) or tuple(feat_lens.shape) != (B,) or feat_lens.is_floating_point():
+    if not _is_index(feat_lens) or tuple(feat_lens.shape) != (B,):
         raise ValueError(f"{op}: feat_lens must be an integer tensor of shape ({B},)")
     shortest = model.stack if model.stack_tail == "drop" else 1  # at least one encoder frame
     if B and (int(feat_lens.min()) < shortest or int(feat_lens.max()) > T):
@@ -200,13 +229,13 @@ def _check_loss(model: AmNetsRNNT, feats, feat_lens, targets, target_lens, cost_
     op = "AmNetsRNNT.loss"
     _check_features(op, model, feats, feat_lens)
     B = feats.shape[0]
-    if not isinstance(targets, Tensor) or targets.dim() != 2 or targets.shape[0] != B \
-            or targets.is_floating_point():
+    if B == 0:
+        raise ValueError(f"{op}: feats hold no utterance (B = 0); the loss is a mean over at least one")
+    if not _is_index(targets) or targets.dim() != 2 or targets.shape[0] != B:
         raise ValueError(f"{op}: targets must be an integer tensor of shape (B={B}, U)")
     if targets.shape[1] == 0:
         raise ValueError(f"{op}: targets are empty (U = 0); every utterance needs at least one label")
-    if not isinstance(target_lens, Tensor) or tuple(target_lens.shape) != (B,) \
-            or target_lens.is_floating_point():
+    if not _is_index(target_lens) or tuple(target_lens.shape) != (B,):
         raise ValueError(f"{op}: target_lens must be an integer tensor of shape ({B},)")
     if int(target_lens.min()) < 1 or int(target_lens.max()) > targets.shape[1]:
         raise ValueError(f"{op}: target_lens must lie in [1, U={targets.shape[1]}] (empty targets are not "
@@ -216,8 +245,9 @@ def _check_loss(model: AmNetsRNNT, feats, feat_lens, targets, target_lens, cost_
     if int(labels.min()) < 1 or int(labels.max()) >= model.vocab_size:
         raise ValueError(f"{op}: target labels must lie in [1, vocab_size-1={model.vocab_size - 1}] "
                          f"(0 is the blank); got values in [{int(labels.min())}, {int(labels.max())}]")
-    if isinstance(cost_weight, bool) or not isinstance(cost_weight, (int, float)) or cost_weight < 0:
-        raise ValueError(f"{op}: cost_weight must be a number >= 0; got {cost_weight!r}")
+    if isinstance(cost_weight, bool) or not isinstance(cost_weight, (int, float)) \
+            or not 0 <= cost_weight < math.inf:  # NaN fails too
+        raise ValueError(f"{op}: cost_weight must be a finite number >= 0; got {cost_weight!r}")
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
                                or not 0.0 <= budget <= 1.0):
         raise ValueError(f"{op}: budget must be None or a cost fraction in [0, 1]; got {budget!r}")
