@@ -3,6 +3,7 @@
 The fixtures and helpers here (corpus, TINY_MODEL, run) are shared with tests/test_amnets_cli_*.py."""
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -68,10 +69,26 @@ def test_config_file_then_flags_override_the_defaults(tmp_path, capsys):
 @pytest.mark.parametrize("key, value, match", [
     ("hidden_size", 0, "hidden_size"), ("lr", 0.0, "lr"), ("cheap", 3, "cheap"), ("cheap", "pruned", "cheap"),
     ("force", "dense", "force"), ("budget", 1.5, "budget"), ("save_every_rank", 1, "save_every_rank"),
-    ("cost_weight", -1.0, "cost_weight")])
+    ("cost_weight", -1.0, "cost_weight"), ("hidden_size", 16.0, "hidden_size must be an integer; got 16.0"),
+    ("lr", "big", "lr must be a number"),
+    # nan and inf: only < 0 was checked, and a nan passes that; training then "diverged"
+    ("cost_weight", math.nan, "cost_weight must be a finite number >= 0; got nan"),
+    ("cost_weight", math.inf, "cost_weight must be a finite"), ("grad_clip", math.nan, "grad_clip"),
+    ("weight_decay", math.inf, "weight_decay"), ("budget", math.nan, "budget"),
+    ("threshold", math.nan, "threshold"),
+    ("sparsity", math.nan, r"sparsity must be in \[0, 1\)"), ("init_p_full", math.inf, "init_p_full")])
 def test_check_config_names_the_bad_key(key, value, match):
     with pytest.raises(ValueError, match=match):
         check_config(dict(defaults(), **{key: value}))
+
+
+def test_a_config_file_says_none_as_the_flags_do(tmp_path):
+    # TOML has no null: "none" (what --force none and --budget none take) was refused as a value
+    toml = tmp_path / "c.toml"
+    toml.write_text('force = "none"\nbudget = "None"\n')
+    args = build_parser().parse_args(["train", "--config", str(toml)])
+    seen, _ = resolve_config("train", args, dict(defaults(), force="full", budget=0.5))
+    assert (seen["force"], seen["budget"]) == (None, None)
 
 
 def test_unknown_cheap_kind_is_refused_naming_it(tmp_path, capsys):

@@ -4,7 +4,9 @@ import json
 import os
 
 import pytest
+import torch
 
+import amnets.cli
 from amnets.cli import build_parser, main
 from test_amnets_cli import TINY_MODEL, corpus  # noqa: F401  (corpus: the module's fixture)
 
@@ -93,4 +95,33 @@ def test_eval_config_file_takes_eval_keys_only(checkpoint, capsys, tmp_path):
     assert (summary["beam"], summary["force"], summary["full_fraction"]) == (2, "full", 1.0)
     toml.write_text("hidden_size = 3\n")  # a model key: the checkpoint fixes it
     assert main(["eval", checkpoint, "--config", str(toml)]) == 2
-    assert "unknown keys ['hidden_size']" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "['hidden_size'] are not eval keys but train and demo keys; eval takes the model" in err
+    # the config.json train wrote beside the checkpoint: was "unknown keys", as if misspelt
+    config_json = os.path.join(os.path.dirname(checkpoint), "config.json")
+    assert main(["eval", checkpoint, "--config", config_json]) == 2
+    err = capsys.readouterr().err
+    assert "'weight_decay'] are not eval keys but train keys; eval takes the model and training" in err
+    assert len(err.splitlines()) == 1
+    toml.write_text("beem = 3\n")
+    assert main(["eval", checkpoint, "--config", str(toml)]) == 2
+    assert "unknown keys ['beem']; known: ['beam'," in capsys.readouterr().err
+
+
+def test_eval_names_where_a_missing_data_directory_came_from(checkpoint, capsys, tmp_path):
+    ckpt = torch.load(checkpoint, weights_only=False)
+    gone = str(tmp_path / "gone")
+    ckpt["config"]["data"] = gone  # the corpus it was trained on, since deleted
+    torch.save(ckpt, tmp_path / "moved.pt")
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "moved.pt")]) == 2
+    err = capsys.readouterr().err  # was "--data: no such directory", though no --data was given
+    assert err == (f"amnets eval: error: the checkpoint's --data (recorded in {tmp_path / 'moved.pt'}): "
+                   f"no such directory: {gone}; give --data\n")
+
+
+def test_eval_checks_out_before_decoding(corpus, checkpoint, capsys, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(amnets.cli, "decode_utterances", lambda *a, **k: pytest.fail("decoded first"))
+    out = os.path.join(corpus, "transcripts.txt", "out")  # under a file: cannot be made
+    assert main(["eval", checkpoint, "--out", out]) == 2
+    assert f"--out: cannot write to {out} (Not a directory)" in capsys.readouterr().err

@@ -113,3 +113,25 @@ def test_config_and_parameter_counts_come_first_and_lines_go_through_tqdm(
     # config.json is a --config file for another run
     assert main(["train", "--config", str(ckpt / "config.json"), "--steps", "1", "--checkpoint-dir",
                  str(tmp_path / "again")]) == 0
+
+
+def test_a_new_run_refuses_a_directory_holding_another_runs_numbered_checkpoints(
+        corpus, tmp_path, capsys):  # noqa: F811
+    # The probe's case: a second, shorter run into the same directory pruned its own step-1.pt and step-2.pt
+    # (the old run's numbers were higher) and wrote averaged.pt as the mean of the old run's step-5/step-6.
+    ckpt = tmp_path / "ck"
+    common = ["--data", corpus, "--checkpoint-dir", str(ckpt), "--checkpoint-every", "1", "--average-last",
+              "2"] + TINY_MODEL
+    assert main(["train", "--steps", "3", "--seed", "1"] + common) == 0
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    capsys.readouterr()
+    assert main(["train", "--steps", "2", "--seed", "2"] + common) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith(
+        f"amnets train: error: --checkpoint-dir {ckpt} holds step-<N>.pt checkpoints of another run "
+        f"(step-2.pt, step-3.pt)")
+    assert f"--resume {ckpt / 'last.pt'}, or choose another --checkpoint-dir" in err
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before  # nothing pruned, averaged, rewritten
+    # --resume still continues that run: its own step-N.pt pruned and averaged
+    assert main(["train", "--resume", str(ckpt / "last.pt"), "--steps", "4"] + common) == 0
+    assert load(ckpt / "averaged.pt")["averaged_from"] == ["step-3.pt", "step-4.pt"]

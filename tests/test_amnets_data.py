@@ -42,6 +42,32 @@ def test_logmel_shape_hop_and_normalisation():
         LogMel()(torch.zeros(2, 100))
 
 
+def test_logmel_states_the_shortest_waveform_it_takes():
+    # 200 samples or fewer was a RuntimeError from the reflection padding that centres the window
+    for n in (1, 150, 200):
+        with pytest.raises(ValueError, match=f"at least 201 samples \\(12.6 ms at 16 kHz\\); got {n}"):
+            LogMel()(torch.randn(n))
+    assert LogMel()(torch.randn(201)).shape == (2, 80)
+
+
+def test_dataset_names_a_short_or_unreadable_audio_file_at_once(tmp_path):
+    ok, short, text = (str(tmp_path / f"{name}.wav") for name in ("ok", "short", "text"))
+    sf.write(ok, np.zeros(1600, dtype=np.float32), SAMPLE_RATE)
+    sf.write(short, np.zeros(150, dtype=np.float32), SAMPLE_RATE)
+    with open(text, "w") as f:
+        f.write("not audio")
+    with pytest.raises(ValueError, match=f"^{short}: LogMel: the waveform must hold at least 201 samples"):
+        SpeechDataset([(ok, "a"), (short, "b")])  # from the header, before any features are computed
+    sf.write(short, np.zeros(100, dtype=np.float32), 8000)  # 200 samples once resampled to 16 kHz
+    with pytest.raises(ValueError, match="got 200$"):
+        SpeechDataset([(short, "b")])
+    with pytest.raises(ValueError, match=f"cannot read audio: Error opening '{text}'"):
+        SpeechDataset([(text, "c")])
+    with pytest.raises(ValueError, match=f"cannot read audio: Error opening '{text}'"):
+        read_audio(text)
+    assert SpeechDataset([(ok, "a")]).duration(0) == 0.1
+
+
 @needs_espeak
 def test_make_corpus_is_deterministic_and_has_silent_edges(tmp_path):
     a, b, c = (make_corpus(str(tmp_path / name), 3, seed=seed)
@@ -103,6 +129,10 @@ def test_librispeech_items_and_dataset(tmp_path):
     assert ds.tokenizer.decode(labels) == "chapter beta said it's two"
     with pytest.raises(ValueError, match="split"):
         librispeech_items(str(tmp_path), "train-clean-100")
+    # stray files beside the speaker and chapter directories: were "[Errno 20] Not a directory"
+    for stray in ("dev-clean/README.TXT", "dev-clean/19/.DS_Store"):
+        (tmp_path / stray).write_text("x")
+    assert librispeech_items(str(tmp_path), "dev-clean") == items
 
 
 def test_dataset_rejects_digits_and_empty_transcripts(tmp_path):

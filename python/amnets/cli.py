@@ -6,7 +6,8 @@
           the schedule); cost_weight (and optional budget) on the compute cost. Prints the configuration and
           parameter counts first; validates on --eval-data every --eval-every steps; writes last.pt, best.pt
           (lowest validation WER), averaged.pt (--average-last K), config.json and log.csv to
-          --checkpoint-dir. Under torchrun it trains data-parallel (DistributedDataParallel, gloo on the CPU).
+          --checkpoint-dir (a new run refuses one holding another run's step-<N>.pt: --resume continues
+          that run). Under torchrun it trains data-parallel (DistributedDataParallel, gloo on the CPU).
   eval    greedy (--beam 1) or beam-search decoding of a checkpoint, on the checkpoint's data unless --data
           is given: WER, CER, fraction of frames on the full branch, MACs per frame; writes hyps.txt,
           refs.txt, utterances.jsonl (per utterance: WER, CER, realized cost) and summary.json to --out.
@@ -100,6 +101,7 @@ CONFIG = {
     "progress": (True, "tqdm progress bar (on a terminal)"),
 }
 NULLABLE = {"force": str, "budget": float}
+TYPE_NAMES = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
 CHOICES = {"cheap": CHEAP_KINDS, "force": FORCE_KINDS}
 MODEL_KEYS = ("hidden_size", "num_layers", "cheap", "force", "sparsity", "block_size", "rank",
               "arbitrator_hidden", "init_p_full", "threshold", "stack", "pred_hidden", "joint_hidden")
@@ -118,6 +120,10 @@ COMMAND_KEYS = {
 
 
 EVAL_FROM_CHECKPOINT = ("threshold", "force", "max_symbols")  # eval's defaults that a checkpoint sets
+EVAL_HINT = "; eval takes the model and training settings from the checkpoint"
+# The model keys that made the checkpoint's weights (shapes, mask, initialisation): a resumed run loads those
+# weights, so it cannot change them; how the encoder decides (threshold, force) it can.
+FIXED_BY_CHECKPOINT = tuple(k for k in MODEL_KEYS if k not in EVAL_FROM_CHECKPOINT)
 
 
 class UsageError(Exception):
@@ -139,11 +145,16 @@ def _parse_bool(text: str) -> bool:
     return low in ("true", "1", "yes")
 
 
+def _means_none(text: str) -> bool:
+    """How a flag or a config file (TOML has no null) spells None for a NULLABLE key."""
+    return text.lower() in ("none", "")
+
+
 def _value_type(key: str):
     default = CONFIG[key][0]
     if key in NULLABLE:
         kind = NULLABLE[key]
-        parse = lambda text: None if text.lower() in ("none", "") else kind(text)  # noqa: E731
+        parse = lambda text: None if _means_none(text) else kind(text)  # noqa: E731
     else:
         parse = _parse_bool if isinstance(default, bool) else type(default)
     if key not in CHOICES:
@@ -161,8 +172,8 @@ def _shown_choices(key: str) -> str:
     return "{" + ",".join(str(k).lower() for k in CHOICES[key]) + "}"
 
 
-def load_config_file(path: str, keys=tuple(CONFIG)) -> dict:
-    """A flat JSON or TOML table (by extension: .json, else TOML) of the given CONFIG keys."""
+def load_config_file(path: str, command: str) -> dict:
+    """A flat JSON or TOML table (by extension: .json, else TOML) of the command's CONFIG keys."""
     if not os.path.isfile(path):
         raise UsageError(f"config file not found: {path}")
     with open(path, "rb") as f:
@@ -170,10 +181,18 @@ def load_config_file(path: str, keys=tuple(CONFIG)) -> dict:
             got = json.load(f) if path.endswith(".json") else tomllib.load(f)
         except ValueError as exc:  # JSONDecodeError, TOMLDecodeError
             raise UsageError(f"config file {path}: {exc}") from exc
-    unknown = sorted(set(got) - set(keys))
+    keys = COMMAND_KEYS[command]
+    unknown = sorted(set(got) - set(CONFIG))
     if unknown:
         raise ValueError(f"config file {path}: unknown keys {unknown}; known: {sorted(keys)}")
-    return got
+    # Another command's keys, e.g. the config.json train writes given to eval: say whose, not "unknown".
+    others = sorted(set(got) - set(keys))
+    if others:
+        whose = [c for c, ks in COMMAND_KEYS.items() if c != command and set(others) <= set(ks)]
+        raise ValueError(f"config file {path}: {others} are not {command} keys"
+                         + (f" but {' and '.join(whose)} keys" if whose else "")
+                         + (EVAL_HINT if command == "eval" else "") + f"; {command} keys: {sorted(keys)}")
+    return {k: None if k in NULLABLE and isinstance(v, str) and _means_none(v) else v for k, v in got.items()}
 
 
 def check_config(cfg: dict) -> dict:
@@ -187,7 +206,7 @@ def check_config(cfg: dict) -> dict:
         if want is float and isinstance(value, int) and not isinstance(value, bool):
             cfg[key], ok = float(value), True
         if not ok:
-            raise ValueError(f"config: {key} must be a {want.__name__}; got {value!r}")
+            raise ValueError(f"config: {key} must be {TYPE_NAMES[want]}; got {value!r}")
     for key, kinds in CHOICES.items():
         if cfg[key] not in kinds:
             raise ValueError(f"config: {key} must be one of {kinds}; got {cfg[key]!r}")
@@ -202,12 +221,18 @@ def check_config(cfg: dict) -> dict:
     for key in ("lr", "tau0", "tau_min"):
         if not 0 < cfg[key] < math.inf:
             raise ValueError(f"config: {key} must be a finite number > 0; got {cfg[key]!r}")
+    # < inf also refuses nan (every comparison with it is false): a nan or inf weight, clip or decay only
+    # shows up as a diverged run.
     for key in ("weight_decay", "grad_clip", "cost_weight", "threads", "eval_every", "anneal_steps",
                 "average_last"):
-        if cfg[key] < 0:
-            raise ValueError(f"config: {key} must be >= 0; got {cfg[key]!r}")
+        if not 0 <= cfg[key] < math.inf:
+            raise ValueError(f"config: {key} must be a finite number >= 0; got {cfg[key]!r}")
     if not 0.0 <= cfg["threshold"] <= 1.0:
         raise ValueError(f"config: threshold must be in [0, 1]; got {cfg['threshold']!r}")
+    if not 0.0 <= cfg["sparsity"] < 1.0:
+        raise ValueError(f"config: sparsity must be in [0, 1); got {cfg['sparsity']!r}")
+    if not 0.0 < cfg["init_p_full"] < 1.0:
+        raise ValueError(f"config: init_p_full must be in (0, 1); got {cfg['init_p_full']!r}")
     return cfg
 
 
@@ -241,12 +266,23 @@ def error_rate(refs: list[str], hyps: list[str], unit: str) -> float:
 # building blocks
 
 
-def load_items(data: str, split: str, what: str = "--data") -> list[tuple[str, str]]:
+def load_items(data: str, split: str, what: str = "--data", hint: str = "") -> list[tuple[str, str]]:
+    """what: where data came from (a flag, a checkpoint), as errors name it; hint: what to do instead."""
     if not data:
         raise UsageError(f"{what} is required: an espeak-ng corpus directory or a LibriSpeech root")
     if not os.path.isdir(data):
-        raise UsageError(f"{what}: no such directory: {data}")
+        raise UsageError(f"{what}: no such directory: {data}{hint}")
     return librispeech_items(data, split) if split else corpus_items(data)
+
+
+def writable_dir(path: str, what: str) -> str:
+    """path, created if need be, once a file could be made in it: checked before the work that fills it."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        tempfile.TemporaryFile(dir=path).close()  # as root os.access says yes even on a read-only mount
+    except OSError as exc:
+        raise UsageError(f"{what}: cannot write to {path} ({exc.strerror or exc})") from exc
+    return path
 
 
 def build_model(cfg: dict, vocab_size: int) -> AmNetsRNNT:
@@ -421,6 +457,15 @@ def train(cfg: dict, resume: str | None = None, dataset: SpeechDataset | None = 
     cfg = dict(cfg, anneal_steps=cfg["anneal_steps"] or cfg["steps"])
     for key in ("data", "eval_data", "checkpoint_dir"):  # a checkpoint's paths work from any directory
         cfg[key] = cfg[key] and os.path.abspath(cfg[key])
+    # step-<N>.pt carry no run identity: a new run would prune its own (lower-numbered) ones and average
+    # the old run's. Only --resume continues the run they belong to.
+    old = [os.path.basename(p) for p in numbered_checkpoints(cfg["checkpoint_dir"])] if resume is None else []
+    if old:
+        raise UsageError(f"--checkpoint-dir {cfg['checkpoint_dir']} holds step-<N>.pt checkpoints of another "
+                         f"run ({', '.join(old[:3])}{', ...' if len(old) > 3 else ''}), which "
+                         f"--average-last would mix with this run's; continue that run with --resume "
+                         f"{os.path.join(cfg['checkpoint_dir'], 'last.pt')}, or choose another "
+                         f"--checkpoint-dir")
     tokenizer = CharTokenizer()
     if dataset is None:
         dataset = SpeechDataset(load_items(cfg["data"], cfg["split"]), tokenizer)
@@ -697,10 +742,14 @@ def resolve_config(command: str, args, base: dict | None = None) -> tuple[dict, 
     """defaults < base (a checkpoint's config, the demo's settings) < --config file < flags. Returns the
     checked configuration and the keys the user gave (file or flags)."""
     cfg = dict(defaults(), **(base or {}))
-    given = load_config_file(args.config, COMMAND_KEYS[command]) if args.config else {}
+    given = load_config_file(args.config, command) if args.config else {}
     given.update({k: v for k, v in vars(args).items() if k in CONFIG})
     cfg.update(given)
     return check_config(cfg), set(given)
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
 
 
 def cmd_corpus(args) -> int:
@@ -730,7 +779,13 @@ def cmd_corpus(args) -> int:
 
 def cmd_train(args) -> int:
     base = checkpoint_config(read_checkpoint(args.resume)) if args.resume else None
-    cfg, _ = resolve_config("train", args, base)
+    cfg, given = resolve_config("train", args, base)
+    if base is not None:
+        clash = [k for k in FIXED_BY_CHECKPOINT if k in given and cfg[k] != base[k]]
+        if clash:
+            raise UsageError(f"--resume {args.resume}: the checkpoint's model fixes " + ", ".join(
+                f"{_flag(k)} (the checkpoint: {base[k]!r}; given: {cfg[k]!r})" for k in clash)
+                + "; drop them, or train a new model without --resume")
     _, stats = train(cfg, args.resume)
     if int(os.environ.get("RANK", "0")) == 0:
         keys = ("step", "loss", "rnnt", "full_fraction", "tau")
@@ -749,26 +804,30 @@ def cmd_eval(args) -> int:
     # picks another split of the checkpoint's LibriSpeech root.
     if "data" in given:
         data, split = cfg["data"], cfg["split"] if "split" in given else ""
+        items = load_items(data, split)
     else:
         source = "eval_" if saved["eval_data"] else ""
         data, split = saved[source + "data"], cfg["split"] if "split" in given else saved[source + "split"]
-    if not data:
-        raise UsageError(f"{args.checkpoint} names no data (the demo trains on a list of files); give --data")
+        if not data:
+            raise UsageError(f"{args.checkpoint} names no data (the demo trains on a list of files); "
+                             "give --data")
+        items = load_items(data, split, f"the checkpoint's {_flag(source + 'data')} (recorded in "
+                           f"{args.checkpoint})", "; give --data")
     if cfg["threads"]:
         torch.set_num_threads(cfg["threads"])
     model.encoder.threshold, model.encoder.force = cfg["threshold"], cfg["force"]
-    dataset = SpeechDataset(load_items(data, split))
     decoding = "greedy" if cfg["beam"] == 1 else f"beam{cfg['beam']}"
     data_name = os.path.basename(os.path.normpath(data)) + (split and "-" + split)
     parts = ["eval", utterance_id(args.checkpoint), data_name, decoding] + (
         [f"force-{cfg['force']}"] if cfg["force"] else [])
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "_".join(parts))
+    writable_dir(out, "--out" if args.out else "the output directory beside the checkpoint (--out to choose)")
+    dataset = SpeechDataset(items)
     start = time.time()
     rows = decode_utterances(model, dataset, cfg["beam"], cfg["max_symbols"])
     summary = dict(summarize(rows), checkpoint=os.path.abspath(args.checkpoint), step=ckpt["step"],
                    data=os.path.abspath(data), split=split, beam=cfg["beam"], max_symbols=cfg["max_symbols"],
                    force=cfg["force"], threshold=cfg["threshold"], seconds=round(time.time() - start, 3))
-    os.makedirs(out, exist_ok=True)
     for name, key in (("hyps.txt", "hyp"), ("refs.txt", "ref")):  # Kaldi/ESPnet text files: "<id> <text>"
         with open(os.path.join(out, name), "w") as f:
             f.writelines(f"{r['id']} {r[key]}\n" for r in rows)
@@ -810,6 +869,8 @@ def cmd_demo(args) -> int:
     n_eval = max(2, n_utt // 5)  # 90 held out by default: WER on ~300 words moved by 0.05 between seeds
     if n_utt <= n_eval:
         raise UsageError(f"--utterances must be at least 3 (a fifth, at least 2, is held out); got {n_utt}")
+    if args.stream_threads < 1:  # checked now, not after minutes of training when the timing starts
+        raise UsageError(f"--stream-threads must be >= 1; got {args.stream_threads}")
     # A tiny run is a smoke test: by default it leaves nothing in the working directory.
     out = os.path.abspath(args.out or (tempfile.mkdtemp(prefix="amnets-demo-tiny-") if args.tiny
                                        else "amnets_demo"))
@@ -888,7 +949,7 @@ def _config_flags(parser, keys, default_of=lambda key: repr(CONFIG[key][0]), ali
     group = parser.add_argument_group("options (also keys of a --config file)")
     group.add_argument("--config", help="JSON or TOML file of these options (flat keys: hidden_size = 64)")
     for key in keys:
-        flags = ["--" + key.replace("_", "-")] + list((aliases or {}).get(key, ()))
+        flags = [_flag(key)] + list((aliases or {}).get(key, ()))
         text = (helps or {}).get(key, CONFIG[key][1])
         group.add_argument(*flags, dest=key, type=_value_type(key), default=argparse.SUPPRESS,
                            metavar=_shown_choices(key) if key in CHOICES else None,
@@ -961,7 +1022,7 @@ def main(argv=None) -> int:
         hint = ""
         keys = {u.split("=")[0].lstrip("-").replace("-", "_") for u in unknown}
         if args.command == "eval" and keys & set(CONFIG):
-            hint = "; eval takes the model and training settings from the checkpoint"
+            hint = EVAL_HINT
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
     warnings.simplefilter("ignore", ak.FallbackWarning)  # a fallback face is slower, not wrong
     try:

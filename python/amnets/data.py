@@ -13,6 +13,7 @@ Audio is read with soundfile: torchaudio.load needs the torchcodec package for e
 
 from __future__ import annotations
 
+import math
 import os
 import random
 import shutil
@@ -71,15 +72,24 @@ class CharTokenizer:
 # audio
 
 
+def _soundfile(call, path: str):
+    """call(path) of soundfile; a file it cannot read (not audio, truncated) is a ValueError naming it."""
+    try:
+        return call(path)
+    except sf.LibsndfileError as exc:  # its message names the path
+        raise ValueError(f"cannot read audio: {exc}") from exc
+
+
 def read_audio(path: str) -> Tensor:
     """Mono float32 waveform (N,) at 16 kHz from any file soundfile reads (WAV, FLAC, ...)."""
-    audio, rate = sf.read(path, dtype="float32", always_2d=True)
+    audio, rate = _soundfile(lambda p: sf.read(p, dtype="float32", always_2d=True), path)
     wave = torch.from_numpy(audio.mean(axis=1))
     return wave if rate == SAMPLE_RATE else torchaudio.functional.resample(wave, rate, SAMPLE_RATE)
 
 
 class LogMel(torch.nn.Module):
-    """(N,) waveform at 16 kHz -> (T, n_mels) log-mel, 25 ms Hann window, 10 ms hop (T = N // 160 + 1).
+    """(N,) waveform at 16 kHz -> (T, n_mels) log-mel, 25 ms Hann window, 10 ms hop (T = N // 160 + 1),
+    for N >= min_samples (201: 12.6 ms).
 
     Each utterance is normalised to zero mean and unit variance per mel bin: the corpus mixes voices
     and recording levels, and a small model should not spend capacity on the offset."""
@@ -89,11 +99,20 @@ class LogMel(torch.nn.Module):
         self.n_mels = n_mels
         self.mel = torchaudio.transforms.MelSpectrogram(SAMPLE_RATE, n_fft=400, win_length=400,
                                                         hop_length=160, n_mels=n_mels)
+        # The window is centred by reflecting n_fft // 2 samples at each end, which needs more than that.
+        self.min_samples = self.mel.n_fft // 2 + 1
+
+    def check_samples(self, n: int) -> None:
+        """A ValueError unless a waveform of n samples is long enough."""
+        if n < self.min_samples:
+            raise ValueError(f"LogMel: the waveform must hold at least {self.min_samples} samples "
+                             f"({1e3 * self.min_samples / SAMPLE_RATE:.1f} ms at 16 kHz); got {n}")
 
     def forward(self, wave: Tensor) -> Tensor:
         if not isinstance(wave, Tensor) or wave.dim() != 1 or wave.numel() == 0:
             got = tuple(wave.shape) if isinstance(wave, Tensor) else type(wave).__name__
             raise ValueError(f"LogMel: wave must be a non-empty 1-d waveform; got {got}")
+        self.check_samples(wave.numel())
         feats = torch.log(self.mel(wave.float()) + 1e-6).T
         return (feats - feats.mean(0)) / (feats.std(0, unbiased=False) + 1e-5)
 
@@ -200,8 +219,9 @@ def librispeech_items(root: str, split: str) -> list[tuple[str, str]]:
     if not os.path.isdir(base):
         raise ValueError(f"librispeech_items: no split directory {base!r}")
     items = []
-    for speaker in sorted(os.listdir(base)):
-        for chapter in sorted(os.listdir(os.path.join(base, speaker))):
+    subdirs = lambda d: sorted(n for n in os.listdir(d) if os.path.isdir(os.path.join(d, n)))  # noqa: E731
+    for speaker in subdirs(base):  # a stray file (a README, .DS_Store) is no speaker or chapter
+        for chapter in subdirs(os.path.join(base, speaker)):
             folder = os.path.join(base, speaker, chapter)
             transcripts = os.path.join(folder, f"{speaker}-{chapter}.trans.txt")
             items += _read_transcripts(transcripts, folder, ".flac")
@@ -216,7 +236,9 @@ def librispeech_items(root: str, split: str) -> list[tuple[str, str]]:
 
 class SpeechDataset(torch.utils.data.Dataset):
     """(feats (T, 80), labels (U,)) per (audio path, transcript) item. Features are computed once and kept
-    in memory (cache=True): the corpora this trains on are small and every epoch reads them again."""
+    in memory (cache=True): the corpora this trains on are small and every epoch reads them again.
+    Every file's header is read at once: one soundfile cannot read, or too short for LogMel, is an error
+    naming it now rather than hours into training."""
 
     def __init__(self, items: list[tuple[str, str]], tokenizer: CharTokenizer | None = None,
                  features: LogMel | None = None, cache: bool = True):
@@ -225,27 +247,40 @@ class SpeechDataset(torch.utils.data.Dataset):
         self.items = list(items)
         self.tokenizer = tokenizer or CharTokenizer()
         self.features = features or LogMel()
-        self.labels = []
+        self.labels, self.seconds = [], []
         for path, text in self.items:
             labels = self.tokenizer.encode(text)
             if not labels:
                 raise ValueError(f"SpeechDataset: empty transcript for {path}")
             self.labels.append(torch.tensor(labels, dtype=torch.long))
+            info = _soundfile(sf.info, path)  # the header only: no decoding
+            self.seconds.append(info.frames / info.samplerate)
+            if isinstance(self.features, LogMel):  # read_audio's length: resample rounds up
+                samples = math.ceil(info.frames * SAMPLE_RATE / info.samplerate)
+                self._named(path, self.features.check_samples, samples)
         self._cache: dict[int, Tensor] | None = {} if cache else None
+
+    @staticmethod
+    def _named(path: str, call, *args):
+        """call(*args); its ValueError (a LogMel one says nothing of the file) names the audio file."""
+        try:
+            return call(*args)
+        except ValueError as exc:
+            raise ValueError(f"{path}: {exc}") from exc
 
     def __len__(self) -> int:
         return len(self.items)
 
     def duration(self, i: int) -> float:
         """Seconds of audio of item i, from the file's header (no decoding)."""
-        info = sf.info(self.items[i][0])
-        return info.frames / info.samplerate
+        return self.seconds[i]
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         feats = self._cache.get(i) if self._cache is not None else None
         if feats is None:
             with torch.no_grad():
-                feats = self.features(read_audio(self.items[i][0]))
+                path = self.items[i][0]
+                feats = self._named(path, self.features, read_audio(path))
             if self._cache is not None:
                 self._cache[i] = feats
         return feats, self.labels[i]
