@@ -232,6 +232,53 @@ def test_cpu_face_says_when_it_has_no_simd_kernel():
     assert "no SIMD kernel for block size 4" in out
 
 
+@pytest.mark.parametrize("face", FACES)
+@pytest.mark.parametrize("block", [16, 32])
+def test_non_finite_input_reaches_exactly_the_outputs_of_stored_blocks(face, block):
+    """Absent blocks are structural zeros on every face: a NaN/inf in x reaches the outputs of the block rows
+    that store a block over its column, all of those and no others (0 * NaN is never formed); the same for a
+    NaN in grad_y and grad_x. Padding past the logical matrix holds NaN too and must not leak."""
+    with use_face("bsr_linear", face):
+        out_f, in_f = 3 * block - 5, 3 * block - 3
+        mask = torch.tensor([[True, False, True], [False, False, True], [True, True, False]])
+        w = BlockSparseMatrix.from_block_mask(rand(out_f, in_f, device=DEVICE), mask.to(DEVICE), block)
+        values = w.values.detach().clone()
+        rows, cols = block_row_of(w.crow_indices), w.col_indices.long()
+        values[rows == 2, out_f % block:] = float("nan")  # rows past out_features
+        values[cols == 2, :, in_f % block:] = float("nan")  # columns past in_features
+        w = BlockSparseMatrix(values, w.crow_indices, w.col_indices, w.shape)
+        x = rand(4, in_f, device=DEVICE).requires_grad_(True)
+        poisoned = x.detach().clone()
+        for row, column_block in enumerate((0, 1, 2)):  # row 3 stays finite
+            poisoned[row, column_block * block + 1] = float("nan") if row % 2 else float("inf")
+        y = ak.bsr_linear(poisoned.requires_grad_(True), w)
+        bad = ~torch.isfinite(y)
+        for row, column_block in enumerate((0, 1, 2, None)):
+            for row_block in range(3):
+                reached = column_block is not None and bool(mask[row_block, column_block])
+                assert bad[row, row_block * block:(row_block + 1) * block].any().item() == reached, (row, row_block)
+        g = torch.zeros(4, out_f, device=DEVICE)
+        g[0, block + 2] = float("nan")  # block row 1 stores only block column 2
+        gx, = torch.autograd.grad(ak.bsr_linear(x, w), x, g)
+        bad_columns = (~torch.isfinite(gx[0])).cpu()
+        assert bad_columns[2 * block:].all() and not bad_columns[:2 * block].any()
+        assert torch.isfinite(gx[1:]).all()
+
+
+def test_reference_face_in_row_chunks_equals_one_pass(monkeypatch):
+    """The reference gathers x's blocks a few rows at a time to bound its memory: chunked = one pass."""
+    from amnets_kernels.reference import bsr as reference
+
+    _, sparse = make(40, 50, 16, 0.5, device="cpu")
+    x, g = rand(7, 50), rand(7, 40)
+    args = (sparse.values, sparse.crow_indices, sparse.col_indices, 40, 50)
+    whole = reference.bsr_linear_forward(x, *args, None), *reference.bsr_linear_backward(g, x, *args, True, True)
+    monkeypatch.setattr(reference, "_GATHER_ELEMENTS", 1)  # one row per einsum
+    chunked = reference.bsr_linear_forward(x, *args, None), *reference.bsr_linear_backward(g, x, *args, True, True)
+    for a, b in zip(chunked, whole):
+        close(a, b)
+
+
 def densified(values, sparse):
     """The dense matrix of `values` at `sparse`'s pattern, differentiable in `values`."""
     (out_f, in_f), b = sparse.shape, sparse.block_size
