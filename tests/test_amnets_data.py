@@ -27,7 +27,10 @@ def test_tokenizer_layout_and_round_trip():
 @pytest.mark.parametrize("call, match", [(lambda t: t.encode("hello!"), "characters outside"),
                                          (lambda t: t.encode(3), "str"),
                                          (lambda t: t.decode([0, 3]), "blank"),
-                                         (lambda t: t.decode([29]), "labels")])
+                                         (lambda t: t.decode([29]), "labels"),
+                                         (lambda t: t.decode(torch.tensor([[1, 2]])), "1-d integer tensor"),
+                                         (lambda t: t.decode(torch.tensor([1.0])), "1-d integer tensor"),
+                                         (lambda t: t.decode([1.5]), "must be ints")])
 def test_tokenizer_rejects_bad_input(call, match):
     with pytest.raises(ValueError, match=match):
         call(CharTokenizer())

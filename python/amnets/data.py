@@ -14,6 +14,7 @@ Audio is read with soundfile: torchaudio.load needs the torchcodec package for e
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import random
 import shutil
@@ -60,11 +61,15 @@ class CharTokenizer:
         return [self.index[ch] for ch in text.lower()]
 
     def decode(self, labels) -> str:
+        if isinstance(labels, Tensor) and (labels.dim() != 1 or labels.is_floating_point()):
+            raise ValueError(f"CharTokenizer.decode: labels must be a 1-d integer tensor or a sequence of ints; "
+                             f"got a {labels.dtype} tensor of shape {tuple(labels.shape)}")
         labels = labels.tolist() if isinstance(labels, Tensor) else list(labels)
-        bad = [i for i in labels if not 1 <= i < self.vocab_size]
+        bad = [i for i in labels
+               if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not 1 <= i < self.vocab_size]
         if bad:
-            raise ValueError(f"CharTokenizer.decode: labels must lie in [1, {self.vocab_size - 1}] "
-                             f"(0 is the blank); got {bad[0]}")
+            raise ValueError(f"CharTokenizer.decode: labels must be ints in [1, {self.vocab_size - 1}] "
+                             f"(0 is the blank); got {bad[0]!r}")
         return "".join(self.SYMBOLS[i - 1] for i in labels)
 
 
