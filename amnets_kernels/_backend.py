@@ -18,6 +18,7 @@ import functools
 import importlib
 import importlib.util
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -114,15 +115,32 @@ def get_backend() -> str:
     return _state.get_backend()
 
 
+# This thread's open use_backend blocks, in the order they opened, and the override before the first.
+_open_blocks = threading.local()
+
+
 @contextlib.contextmanager
 def use_backend(name: str):
     """`with use_backend("cpu"): ...` runs the block with that face (on this thread; nests). Autograd's
     backward of an op runs under the backend its forward ran under."""
-    token = _state.push_backend(_check_name(name))
+    name = _check_name(name)
+    blocks = _open_blocks.__dict__.setdefault("blocks", [])
+    token = _state.push_backend(name)
+    if not blocks:
+        _open_blocks.before = token
+    block = (object(), name)
+    blocks.append(block)
     try:
         yield
     finally:
-        _state.pop_backend(token)
+        # Blocks can close out of order (asyncio tasks interleaving on one thread): what is in force after
+        # one closes is the innermost block still open, else what was before any; not what was in force
+        # when this one opened, which may be a block that has closed since.
+        blocks.remove(block)
+        if blocks:
+            _state.push_backend(blocks[-1][1])
+        else:
+            _state.pop_backend(_open_blocks.before)
 
 
 def _native_has(op: str, dispatch_key: str) -> bool:

@@ -35,6 +35,31 @@ def test_set_get_and_scoped_backend():
         ak.use_backend("fast").__enter__()
 
 
+def test_blocks_closing_out_of_order_leave_the_innermost_open_one_then_none():
+    """asyncio tasks interleave use_backend blocks on one thread, so they can close out of order: after
+    each close the innermost block still open is in force, and after the last, what was before any."""
+    import asyncio
+
+    async def task(name, seconds, seen):
+        with ak.use_backend(name):
+            await asyncio.sleep(seconds)
+            seen.append(ak.get_backend())
+
+    async def both():
+        seen = []
+        await asyncio.gather(task("reference", 0.01, seen), task("cpu", 0.03, seen))
+        return seen
+
+    assert asyncio.run(both()) == ["cpu", "cpu"]  # one thread, one override: the last block opened
+    assert ak.get_backend() == "auto"
+    outer, inner = ak.use_backend("reference"), ak.use_backend("cpu")
+    outer.__enter__(), inner.__enter__()
+    outer.__exit__(None, None, None)
+    assert ak.get_backend() == "cpu"  # the block still open
+    inner.__exit__(None, None, None)
+    assert ak.get_backend() == "auto"
+
+
 @pytest.mark.parametrize("face", ["cpu", "triton", "cuda"])
 def test_missing_face_is_an_error_not_a_fallback(face, monkeypatch):
     """A chosen face that cannot run (simulated where it exists) raises, naming the reason."""
