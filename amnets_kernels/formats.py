@@ -9,6 +9,7 @@ Index arrays are int32. Entries of `values` that fall in the padding do not affe
 from __future__ import annotations
 
 import json
+import numbers
 
 import torch
 import torch.utils._pytree as pytree
@@ -54,7 +55,12 @@ class BlockSparseMatrix:
 
     def __init__(self, values: Tensor, crow_indices: Tensor, col_indices: Tensor, shape: tuple[int, int]):
         op = "BlockSparseMatrix"
+        if not (isinstance(shape, (tuple, list, torch.Size)) and len(shape) == 2
+                and all(isinstance(d, numbers.Integral) and not isinstance(d, bool) and d >= 1 for d in shape)):
+            raise ValueError(f"{op}: shape must be (out_features, in_features), two ints >= 1; got {shape!r}")
         shape = (int(shape[0]), int(shape[1]))
+        # values named as values (the op's check below would call it by the op's names)
+        _validate._tensor(op, "values", values, dtypes=_validate.FLOAT_DTYPES)
         # Integer indices only, checked before they are narrowed to int32 (a float 2.7 would truncate to
         # 2, an int64 2^32 + 3 wrap to 3). int64 goes through the check as it is: any value it accepts
         # lies in [0, nnzb] or [0, Kb), so the narrowing after it is exact.
@@ -87,8 +93,9 @@ class BlockSparseMatrix:
                    mask: Tensor | None = None) -> BlockSparseMatrix:
         """Keep the blocks of `weight` (N, K) with the largest Frobenius norm, or those `mask` names.
 
-        sparsity: fraction of blocks dropped, in [0, 1] (round((1 - sparsity) * Nb * Kb) blocks kept;
-        ties go to the lower block index). mask: a block mask (Nb, Kb), or an element mask (N, K) such
+        sparsity: fraction of blocks dropped, in [0, 1] (round((1 - sparsity) * Nb * Kb) blocks kept, Python's
+        round: half to even, so 0.5 of 1 block keeps none and 0.5 of 3 keeps 2; equal norms go to the lower
+        block index). mask: a block mask (Nb, Kb), or an element mask (N, K) such
         as torch.nn.utils.prune leaves (a block is kept if any element is; elements it zeroes stay
         zero, so to_dense() == weight * mask exactly). With neither, every block is kept.
         """
@@ -132,6 +139,16 @@ class BlockSparseMatrix:
     @classmethod
     def from_block_mask(cls, weight: Tensor, keep: Tensor, block_size: int) -> BlockSparseMatrix:
         """The blocks of `weight` where the (Nb, Kb) bool mask `keep` is True."""
+        op = "BlockSparseMatrix.from_block_mask"
+        _validate._tensor(op, "weight", weight, ndim=2, dtypes=_validate.FLOAT_DTYPES)
+        _validate._int(op, "block_size", block_size, 1)
+        _validate._tensor(op, "keep", keep, dtypes=(torch.bool,))  # a float mask's sum would count fractions
+        _validate._shape(op, "keep", keep, block_grid(tuple(weight.shape), block_size), "(Nb, Kb) = ")
+        if weight.device.type == "meta" or keep.device.type == "meta":
+            raise ValueError(f"{op}: the pattern is read from `keep` (or, in from_dense, the weights' block "
+                             "norms), which a meta tensor does not hold; build the matrix on a real device "
+                             "(or construct BlockSparseMatrix(values, crow_indices, col_indices, shape) on "
+                             "meta from a known pattern)")
         blocks = _padded_blocks(weight.detach(), block_size)
         block_rows, block_cols = keep.nonzero(as_tuple=True)  # row-major: canonical BSR order
         counts = keep.sum(1)
@@ -147,7 +164,11 @@ class BlockSparseMatrix:
             raise TypeError("BlockSparseMatrix.from_torch_bsr: tensor must be a torch.sparse_bsr tensor; "
                             f"got {getattr(tensor, 'layout', type(tensor).__name__)}")
         values = tensor.values()
-        if values.dim() != 3 or values.shape[1] != values.shape[2]:
+        if tensor.dim() != 2 or values.dim() != 3:
+            raise ValueError("BlockSparseMatrix.from_torch_bsr: tensor must be a plain 2-D BSR matrix (no batch "
+                             f"or dense dimensions); got shape {tuple(tensor.shape)} with values of shape "
+                             f"{tuple(values.shape)}")
+        if values.shape[1] != values.shape[2]:
             raise ValueError("BlockSparseMatrix.from_torch_bsr: blocks must be square; got values of shape "
                              f"{tuple(values.shape)}")
         full = tuple(tensor.shape)
@@ -197,10 +218,12 @@ class BlockSparseMatrix:
                                        size=(rows * b, cols * b), check_invariants=False)
 
     def to(self, *args, **kwargs) -> BlockSparseMatrix:
-        """Values follow Tensor.to(...) (device and dtype); indices follow the device only."""
+        """Values follow Tensor.to(...) (device and dtype); indices follow the device only, and copy=True
+        copies them too."""
         values = self.values.to(*args, **kwargs)
-        return BlockSparseMatrix(values, self.crow_indices.to(values.device),
-                                 self.col_indices.to(values.device), self.shape)
+        copy = bool(kwargs.get("copy", False))
+        crow, col = (t.to(values.device, copy=copy) for t in (self.crow_indices, self.col_indices))
+        return BlockSparseMatrix(values, crow, col, self.shape)
 
     def __repr__(self) -> str:
         return (f"BlockSparseMatrix(shape={self.shape}, block_size={self.block_size}, nnzb={self.nnzb}, "
@@ -227,6 +250,11 @@ pytree.register_pytree_node(
 )
 
 
+# torch.load's default (weights_only=True) rebuilds only allowlisted classes: a saved matrix loads as its
+# tensors and shape (its index data is checked by every kernel call that reads it, not trusted).
+torch.serialization.add_safe_globals([BlockSparseMatrix])
+
+
 # ---------------------------------------------------------------------------------------------------
 # Low-rank factors
 
@@ -249,11 +277,17 @@ def lowrank_factors(weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 
 def rank_for_energy(weight: Tensor, energy: float) -> int:
     """Smallest rank whose singular values keep `energy` (in (0, 1]) of sum(sigma^2); 1 for a zero matrix."""
-    if not 0.0 < energy <= 1.0:
-        raise ValueError(f"rank_for_energy: energy must be in (0, 1]; got {energy!r}")
-    s2 = torch.linalg.svdvals(weight.detach().to(torch.float64)).pow(2)
-    if not s2.sum() > 0:  # a zero matrix: rank 1 (zero factors) keeps all of its (zero) energy
+    op = "rank_for_energy"
+    _validate._tensor(op, "weight", weight, ndim=2, dtypes=_validate.FLOAT_DTYPES)
+    if isinstance(energy, bool) or not isinstance(energy, numbers.Real) or not 0.0 < energy <= 1.0:
+        raise ValueError(f"{op}: energy must be a number in (0, 1]; got {energy!r}")
+    weight = weight.detach().to(torch.float64)
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"{op}: weight must be finite (its singular values are not defined otherwise)")
+    s = torch.linalg.svdvals(weight)
+    if not s[0] > 0:  # a zero matrix: rank 1 (zero factors) keeps all of its (zero) energy
         return 1
+    s2 = (s / s[0]).pow(2)  # scaled first: squares of 1e200 overflow and of 1e-200 vanish in float64
     kept = s2.cumsum(0) / s2.sum()
     return min(int(torch.searchsorted(kept, torch.tensor(energy * (1 - 1e-12), dtype=kept.dtype))) + 1,
                s2.numel())

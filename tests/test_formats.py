@@ -108,3 +108,48 @@ def test_indices_must_be_integers_that_fit_int32():
 def test_rank_for_energy_of_a_zero_matrix_is_one():
     from amnets_kernels.formats import rank_for_energy
     assert rank_for_energy(torch.zeros(8, 8), 0.9) == 1
+
+
+def test_rank_for_energy_at_extreme_magnitudes_and_bad_arguments():
+    """Singular values are scaled before they are squared: 1e200^2 would overflow, 1e-200^2 vanish."""
+    big = torch.diag(torch.tensor([1e200, 1e199, 1e150, 1.0], dtype=torch.float64))
+    assert ak.rank_for_energy(big, 0.5) == 1 and ak.rank_for_energy(big, 0.995) == 2
+    assert ak.rank_for_energy(torch.eye(4, dtype=torch.float64) * 1e-200, 1.0) == 4
+    with pytest.raises(ValueError, match="weight must be finite"):
+        ak.rank_for_energy(torch.full((4, 4), float("inf")), 0.9)
+    with pytest.raises(ValueError, match="weight must be 2-D"):
+        ak.rank_for_energy(torch.randn(4), 0.9)
+    with pytest.raises(ValueError, match=r"energy must be a number in \(0, 1\]"):
+        ak.rank_for_energy(torch.randn(4, 4), "0.5")
+
+
+def test_construction_errors_name_the_argument():
+    w = torch.randn(8, 12)
+    good = BlockSparseMatrix.from_dense(w, block_size=4, sparsity=0.5)
+    with pytest.raises(TypeError, match=r"BlockSparseMatrix: values must have dtype"):
+        BlockSparseMatrix(good.values.int(), good.crow_indices, good.col_indices, good.shape)
+    with pytest.raises(TypeError, match=r"BlockSparseMatrix: values must have dtype"):
+        good.to(torch.int32)
+    with pytest.raises(ValueError, match=r"shape must be \(out_features, in_features\), two ints >= 1"):
+        BlockSparseMatrix(good.values, good.crow_indices, good.col_indices, (0, 12))
+    with pytest.raises(TypeError, match=r"keep must have dtype in \(bool\)"):  # a float mask summed fractions
+        BlockSparseMatrix.from_block_mask(w, torch.full((2, 3), 0.3), 4)
+    with pytest.raises(ValueError, match=r"keep must have shape \(Nb, Kb\) = \(2, 3\)"):  # silently cut before
+        BlockSparseMatrix.from_block_mask(w, torch.ones(2, 2, dtype=torch.bool), 4)
+    with pytest.raises(ValueError, match="block_size must be >= 1"):
+        BlockSparseMatrix.from_block_mask(w, torch.ones(2, 3, dtype=torch.bool), 0)
+    with pytest.raises(ValueError, match="a meta tensor does not hold"):
+        ak.nn.BlockSparseLinear(64, 64, 32, 0.5, device="meta")
+    batched = torch.stack([good.to_dense()] * 2).to_sparse_bsr((4, 4))
+    with pytest.raises(ValueError, match="plain 2-D BSR matrix"):
+        BlockSparseMatrix.from_torch_bsr(batched)
+
+
+def test_a_saved_matrix_loads_with_weights_only_and_copies_copy_the_indices(tmp_path):
+    good = BlockSparseMatrix.from_dense(torch.randn(8, 12), block_size=4, sparsity=0.5)
+    torch.save({"w": good}, tmp_path / "w.pt")
+    loaded = torch.load(tmp_path / "w.pt")  # weights_only=True, torch's default
+    assert loaded["w"].shape == good.shape and torch.equal(loaded["w"].to_dense(), good.to_dense())
+    copied = good.to(torch.float32, copy=True)
+    assert all(getattr(copied, f).data_ptr() != getattr(good, f).data_ptr()
+               for f in ("values", "crow_indices", "col_indices"))
