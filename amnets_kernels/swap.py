@@ -4,10 +4,14 @@ them out again."""
 from __future__ import annotations
 
 import fnmatch
+import functools
+import numbers
 import warnings
 from dataclasses import dataclass, field
 
 from torch import nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.prune import BasePruningMethod
 
 from .nn import BlockSparseLinear, BlockSparseLSTM, LowRankLSTM, LowRankLSTMCell, RNNTLoss
 from .nn.cost import NotCheaperWarning, lstm_macs, why_not_cheaper
@@ -16,7 +20,8 @@ from .nn.cost import NotCheaperWarning, lstm_macs, why_not_cheaper
 @dataclass
 class SwapReport:
     """What swap_in replaced (one entry per module, with parameters and multiply-adds per frame or row) and
-    what it left as it was, with the reason (`skipped`: name, from, reason)."""
+    what it left as it was, with the reason (`skipped`: name, from, reason). A module found at more than
+    one place in the model has one entry: `name` is its first name, `also` (only then present) the others."""
 
     replaced: list[dict] = field(default_factory=list)
     skipped: list[dict] = field(default_factory=list)
@@ -38,18 +43,23 @@ class SwapReport:
         return sum(r["macs_after"] for r in self.replaced)
 
     def __str__(self) -> str:
-        w = max([32] + [len(r["name"]) + 1 for r in self.replaced + self.skipped])  # long dotted names fit
+        w = max([32] + [len(_label(r)) + 1 for r in self.replaced + self.skipped])  # long dotted names fit
         lines = [f"{'module':{w}s} {'from':>10s} -> {'to':20s} {'params':>21s} {'MACs/frame':>21s}"]
         for r in self.replaced:
-            lines.append(f"{r['name'] or '(root)':{w}s} {r['from']:>10s} -> {r['to']:20s} "
+            lines.append(f"{_label(r):{w}s} {r['from']:>10s} -> {r['to']:20s} "
                          f"{r['params_before']:>9,d} -> {r['params_after']:<9,d} "
                          f"{r['macs_before']:>9,d} -> {r['macs_after']:<9,d}")
         lines.append(f"{'total':{w}s} {'':>10s}    {'':20s} {self.params_before:>9,d} -> {self.params_after:<9,d} "
                      f"{self.macs_before:>9,d} -> {self.macs_after:<9,d}")
         if self.skipped:
             lines.append(f"kept as they are ({len(self.skipped)}):")
-            lines += [f"  {s['name'] or '(root)':{w - 2}s} {s['from']:>10s}: {s['reason']}" for s in self.skipped]
+            lines += [f"  {_label(s):{w - 2}s} {s['from']:>10s}: {s['reason']}" for s in self.skipped]
         return "\n".join(lines)
+
+
+def _label(entry: dict) -> str:
+    label = entry["name"] or "(root)"
+    return f"{label} (also {', '.join(entry['also'])})" if entry.get("also") else label
 
 
 def _params(module: nn.Module) -> int:
@@ -86,17 +96,90 @@ def _is_torchaudio_rnnt_loss(module: nn.Module) -> bool:
 _RECURRENT = (nn.GRU, nn.RNN, nn.GRUCell, nn.RNNCell)
 
 
-def _patterns(value) -> list[str] | None:
-    return [value] if isinstance(value, str) else (None if value is None else list(value))
+def _patterns(name: str, value) -> list[str] | None:
+    if value is None or isinstance(value, str):
+        return None if value is None else [value]
+    expected = f"swap_in: {name} must be a str or an iterable of str (fnmatch patterns), or None"
+    try:
+        patterns = list(value)
+    except TypeError:
+        raise TypeError(f"{expected}; got {type(value).__name__}") from None
+    for p in patterns:
+        if not isinstance(p, str):
+            raise TypeError(f"{expected}; got a {type(value).__name__} holding {type(p).__name__} {p!r}")
+    return patterns
 
 
-def _set_child(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
-    """Put `new` at `name` (the model itself when name is ""); returns the (possibly new) root."""
-    if name == "":
-        return new
-    parent_name, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent_name), child, new)
+def _number(name: str, value, kind: type, fits, expected: str):
+    """`value` as a plain int / float (numpy scalars too), or TypeError / ValueError naming the argument."""
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise TypeError(f"swap_in: {name} must be {expected}; got {type(value).__name__}")
+    value = int(value) if kind is numbers.Integral else float(value)
+    if not fits(value):
+        raise ValueError(f"swap_in: {name} must be {expected}; got {value!r}")
+    return value
+
+
+def _places(model: nn.Module) -> dict[int, tuple[nn.Module, list[str]]]:
+    """Every module once, in named_modules() order, with all the names it has (a shared module has several,
+    and each of them must get the replacement, or the sharing breaks)."""
+    places: dict[int, tuple[nn.Module, list[str]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        places.setdefault(id(module), (module, []))[1].append(name)
+    return places
+
+
+def _owners(places) -> dict[int, list[tuple[nn.Module, str]]]:
+    """Each parameter's holders: (module, qualified name) — more than one module when weights are tied."""
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module, names in places.values():
+        for pname, p in module._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((module, f"{names[0]}.{pname}" if names[0] else pname))
+    return owners
+
+
+# The hooks a module object carries: a new module would silently not have them. (prune's forward pre-hook
+# is not lost: the replacement is built from the masked weight, and BlockSparseLinear keeps the mask.)
+_HOOKS = {"forward pre-hook": "_forward_pre_hooks", "forward hook": "_forward_hooks",
+          "backward pre-hook": "_backward_pre_hooks", "backward hook": "_backward_hooks",
+          "state_dict hook": "_state_dict_hooks", "state_dict pre-hook": "_state_dict_pre_hooks",
+          "load_state_dict pre-hook": "_load_state_dict_pre_hooks",
+          "load_state_dict post-hook": "_load_state_dict_post_hooks"}
+
+
+def _what_would_be_lost(module: nn.Module, owners) -> str | None:
+    """Why replacing `module` by a new object would silently drop part of what it does, or None."""
+    if parametrize.is_parametrized(module):
+        return (f"its {', '.join(module.parametrizations)} is parametrized (torch.nn.utils.parametrize); "
+                "a replacement would drop the parametrization")
+    hooks = [f"{kind} {getattr(h, '__name__', type(h).__name__)}" for kind, attr in _HOOKS.items()
+             for h in getattr(module, attr, {}).values() if not isinstance(h, BasePruningMethod)]
+    if hooks:
+        return f"it has {', '.join(hooks)}; a replacement would drop them"
+    inside = {id(m) for m in module.modules()}
+    for pname, p in module.named_parameters():
+        tied = [qualified for owner, qualified in owners.get(id(p), ()) if id(owner) not in inside]
+        if tied:
+            return (f"its {pname} is shared with {', '.join(tied)} (tied weights); a replacement would hold a "
+                    "copy and break the tie")
+    return None
+
+
+def _put(model: nn.Module, names: list[str], new: nn.Module) -> nn.Module:
+    """Put `new` at every one of `names` (the model itself at ""); returns the (possibly new) root."""
+    for name in names:
+        if name == "":
+            model = new
+        else:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, new)
     return model
+
+
+def _entry(module: nn.Module, names: list[str], **more) -> dict:
+    return dict(name=names[0], **{"from": type(module).__name__}, **({"also": names[1:]} if names[1:] else {}),
+                **more)
 
 
 def swap_in(model: nn.Module, lstm_rank: int | float | None = None, linear_sparsity: float | None = None,
@@ -116,15 +199,36 @@ def swap_in(model: nn.Module, lstm_rank: int | float | None = None, linear_spars
     would cost no fewer multiply-adds per frame than the layer (a rank too high, padding to whole blocks;
     only_if_cheaper=False replaces those anyway, with a NotCheaperWarning), when the dense layer has fewer
     than min_macs multiply-adds, or when it has no counterpart here (nn.GRU / nn.RNN, a projected LSTM for
-    lstm_sparsity). strict=True raises ValueError instead of leaving a layer for any reason but min_macs.
-    include / exclude: fnmatch patterns (or lists) on names as named_modules() gives them ("" is the model
-    itself). A model on the meta device is refused (pruning and SVD read the weights). Returns the model,
-    or (model, SwapReport) with return_report. Full rank and sparsity 0 (with only_if_cheaper=False) leave
-    the outputs unchanged; unswap(model) multiplies the factors / blocks back out into plain modules.
+    lstm_sparsity), or when replacing it would drop something silently: a parametrization, hooks (but
+    torch.nn.utils.prune's), a weight tied to another module's. strict=True raises ValueError instead of
+    leaving a layer for any reason but min_macs. A module found at several places in the model is replaced
+    at all of them by one new module (the sharing kept), and named once in the report.
+    include / exclude: fnmatch patterns (or lists) on names as named_modules(remove_duplicate=False) gives
+    them ("" is the model itself); a shared module is replaced only if every one of its names is wanted
+    (else it is reported as left as it is). A model on the meta device is refused (pruning and SVD read the
+    weights). Returns the model, or (model, SwapReport) with return_report. Full rank and sparsity 0 (with
+    only_if_cheaper=False) leave the outputs unchanged; unswap(model) multiplies the factors / blocks back
+    out into plain modules.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"swap_in: model must be an nn.Module; got {type(model).__name__}")
+    # Every argument checked here, whatever the model holds, so a wrong one is named as given.
+    if lstm_rank is not None:
+        expected = "an int >= 1 or a float in (0, 1] (a fraction of spectral energy)"
+        lstm_rank = (_number("lstm_rank", lstm_rank, numbers.Integral, lambda r: r >= 1, expected)
+                     if isinstance(lstm_rank, numbers.Integral) else
+                     _number("lstm_rank", lstm_rank, numbers.Real, lambda r: 0 < r <= 1, expected))
+    if linear_sparsity is not None:
+        linear_sparsity = _number("linear_sparsity", linear_sparsity, numbers.Real, lambda s: 0 <= s <= 1,
+                                  "a float in [0, 1]")
+    if lstm_sparsity is not None:
+        lstm_sparsity = _number("lstm_sparsity", lstm_sparsity, numbers.Real, lambda s: 0 <= s <= 1,
+                                "a float in [0, 1]")
+    block_size = _number("block_size", block_size, numbers.Integral, lambda b: b >= 1, "an int >= 1")
+    min_macs = _number("min_macs", min_macs, numbers.Integral, lambda m: m >= 0, "an int >= 0")
+    include, exclude = _patterns("include", include), _patterns("exclude", exclude) or []
     if lstm_rank is not None and lstm_sparsity is not None:
         raise ValueError("swap_in: give lstm_rank (low-rank LSTMs) or lstm_sparsity (block-sparse LSTMs), not both")
-    include, exclude = _patterns(include), _patterns(exclude) or []
 
     def wanted(name: str) -> bool:
         if include is not None and not any(fnmatch.fnmatchcase(name, p) for p in include):
@@ -136,6 +240,8 @@ def swap_in(model: nn.Module, lstm_rank: int | float | None = None, linear_spars
     def replacement(module: nn.Module):
         """The new module, or a string saying why there is none, or None when the module is not a target."""
         kind = type(module)
+        if parametrize.is_parametrized(module):
+            kind = kind.__bases__[0]  # parametrize subclasses the module's own class
         if kind is nn.LSTM and lstms:
             if lstm_rank is not None:
                 return lambda: LowRankLSTM.from_lstm(module, lstm_rank)
@@ -154,18 +260,25 @@ def swap_in(model: nn.Module, lstm_rank: int | float | None = None, linear_spars
             return lambda: RNNTLoss(module.blank, module.clamp, module.reduction, module.fused_log_softmax)
         return None
 
+    places = _places(model)
+    owners = _owners(places)
     report, plans, refused = SwapReport(), [], []
-    for name, module in model.named_modules():
-        if not wanted(name) or (plan := replacement(module)) is None:
+    for module, names in places.values():
+        chosen = [n for n in names if wanted(n)]
+        if not chosen or (plan := replacement(module)) is None:
             continue
-        entry = dict(name=name, **{"from": type(module).__name__})
+        entry = _entry(module, names)
+        if not isinstance(plan, str):
+            left_out = ", ".join(n or "(root)" for n in names if n not in chosen)
+            plan = (f"it is also {left_out}, which include / exclude leave out; replacing it would change that too"
+                    if left_out else _what_would_be_lost(module, owners)) or plan
         if isinstance(plan, str):
             report.skipped.append(dict(entry, reason=plan))
-            refused.append(name)
+            refused.append(names[0])
             continue
         if any(p.is_meta for p in module.parameters()):
-            raise ValueError(f"swap_in: {name or 'the model'} ({type(module).__name__}) has its weights on the meta "
-                             "device; pruning and the SVD read them: materialise the model first (to_empty() "
+            raise ValueError(f"swap_in: {names[0] or 'the model'} ({type(module).__name__}) has its weights on the "
+                             "meta device; pruning and the SVD read them: materialise the model first (to_empty() "
                              "and load_state_dict, or build it on a real device)")
         if _macs(module) and _macs(module) < min_macs:
             report.skipped.append(dict(entry, reason=f"{_macs(module):,} MACs per frame, below min_macs = {min_macs:,}"))
@@ -176,50 +289,62 @@ def swap_in(model: nn.Module, lstm_rank: int | float | None = None, linear_spars
         reason = why_not_cheaper(_macs(new), _macs(module), _kept_blocks(new)) if _macs(module) else None
         if reason is not None and (only_if_cheaper or _kept_blocks(new) == 0):
             report.skipped.append(dict(entry, reason=f"{type(new).__name__} would not pay: {reason}"))
-            refused.append(name)
+            refused.append(names[0])
             continue
         if reason is not None:
-            warnings.warn(f"swap_in: {name or 'the model'} -> {type(new).__name__}: {reason} (only_if_cheaper=False)",
-                          NotCheaperWarning, stacklevel=2)
-        plans.append((name, module, new))
+            warnings.warn(f"swap_in: {names[0] or 'the model'} -> {type(new).__name__}: {reason} "
+                          "(only_if_cheaper=False)", NotCheaperWarning, stacklevel=2)
+        plans.append((names, module, new))
     if strict and refused:
         raise ValueError("swap_in(strict=True): these layers would be left as they are:\n"
-                         + "\n".join(f"  {s['name'] or '(root)'} ({s['from']}): {s['reason']}" for s in report.skipped
+                         + "\n".join(f"  {_label(s)} ({s['from']}): {s['reason']}" for s in report.skipped
                                      if s["name"] in refused))
-    for name, old, new in plans:
+    for names, old, new in plans:
         new.train(old.training)
-        model = _set_child(model, name, new)
-        report.replaced.append(dict(name=name, **{"from": type(old).__name__, "to": type(new).__name__},
-                                    params_before=_params(old), params_after=_params(new),
-                                    macs_before=_macs(old), macs_after=_macs(new)))
+        model = _put(model, names, new)
+        report.replaced.append(_entry(old, names, to=type(new).__name__, params_before=_params(old),
+                                      params_after=_params(new), macs_before=_macs(old), macs_after=_macs(new)))
     return (model, report) if return_report else model
 
 
 def unswap(model: nn.Module, return_report: bool = False):
     """Undo swap_in, in place: every BlockSparseLinear / LowRankLSTM / BlockSparseLSTM / LowRankLSTMCell
     becomes the plain nn.Linear / nn.LSTM / nn.LSTMCell computing what it computes (factors and kept blocks
-    multiplied out), and our RNNTLoss torchaudio's when torchaudio is installed. The result's state_dict
-    loads into the original dense model. Returns the model, or (model, SwapReport) with return_report."""
-    report = SwapReport()
-    plans = []
-    for name, module in model.named_modules():
+    multiplied out), and our RNNTLoss torchaudio's when torchaudio is installed; a module found at several
+    places becomes one dense module at all of them. A module is left as it is, and the report says why, as
+    swap_in leaves one: when replacing it would drop a parametrization, hooks or a tie of its weights. The
+    result's state_dict loads into the original dense model. Returns the model, or (model, SwapReport) with
+    return_report."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"unswap: model must be an nn.Module; got {type(model).__name__}")
+    places = _places(model)
+    owners = _owners(places)
+    report, plans = SwapReport(), []
+    for module, names in places.values():
         if isinstance(module, (BlockSparseLinear, BlockSparseLSTM, LowRankLSTM, LowRankLSTMCell)):
-            plans.append((name, module, module.to_dense()))
+            plan = module.to_dense
         elif type(module) is RNNTLoss:
-            if module.zero_infinity:
-                report.skipped.append(dict(name=name, **{"from": "RNNTLoss"},
-                                           reason="zero_infinity=True has no torchaudio equivalent"))
-                continue
             try:
                 from torchaudio.transforms import RNNTLoss as AudioRNNTLoss
             except ImportError:
-                report.skipped.append(dict(name=name, **{"from": "RNNTLoss"}, reason="torchaudio is not installed"))
-                continue
-            plans.append((name, module, AudioRNNTLoss(module.blank, module.clamp, module.reduction,
-                                                      module.fused_log_softmax)))
-    for name, old, new in plans:
-        model = _set_child(model, name, new)
-        report.replaced.append(dict(name=name, **{"from": type(old).__name__, "to": type(new).__name__},
-                                    params_before=_params(old), params_after=_params(new),
-                                    macs_before=_macs(old), macs_after=_macs(new)))
+                AudioRNNTLoss = None
+            if module.zero_infinity:
+                plan = "zero_infinity=True has no torchaudio equivalent"
+            elif AudioRNNTLoss is None:
+                plan = "torchaudio is not installed"
+            else:
+                plan = functools.partial(AudioRNNTLoss, module.blank, module.clamp, module.reduction,
+                                         module.fused_log_softmax)
+        else:
+            continue
+        if not isinstance(plan, str):
+            plan = _what_would_be_lost(module, owners) or plan
+        if isinstance(plan, str):
+            report.skipped.append(_entry(module, names, reason=plan))
+        else:
+            plans.append((names, module, plan()))
+    for names, old, new in plans:
+        model = _put(model, names, new)
+        report.replaced.append(_entry(old, names, to=type(new).__name__, params_before=_params(old),
+                                      params_after=_params(new), macs_before=_macs(old), macs_after=_macs(new)))
     return (model, report) if return_report else model

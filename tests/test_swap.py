@@ -3,6 +3,7 @@
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torchaudio
@@ -149,3 +150,135 @@ def test_a_meta_model_is_refused_naming_the_reason():
     with pytest.raises(ValueError, match=r"0 \(Linear\) has its weights on the meta device.*materialise"):
         ak.swap_in(model, linear_sparsity=0.5)
     assert ak.swap_in(model, lstm_rank=4) is model  # nothing to factor: nothing read
+
+
+class SharedAndTied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(64, 64)
+        self.seq = nn.Sequential(nn.Linear(64, 64), self.shared)  # one module at two places
+        self.pair = nn.ModuleList([nn.Sequential(nn.Linear(64, 64))] * 2)  # a shared container: 4 names
+
+    def forward(self, x):
+        return self.pair[1](self.pair[0](self.shared(self.seq(x))))
+
+
+def test_a_module_at_several_places_is_replaced_everywhere_by_one_module():
+    torch.manual_seed(0)
+    model, x = SharedAndTied(), torch.randn(3, 64)
+    with pytest.warns(NotCheaperWarning):  # sparsity 0: exact, and asked for anyway
+        swapped, report = ak.swap_in(copy.deepcopy(model), linear_sparsity=0.0, block_size=16, return_report=True,
+                                     only_if_cheaper=False)
+    assert isinstance(swapped.shared, BlockSparseLinear) and swapped.seq[1] is swapped.shared
+    assert isinstance(swapped.pair[0][0], BlockSparseLinear) and swapped.pair[1] is swapped.pair[0]
+    assert [(r["name"], r.get("also")) for r in report.replaced] == [
+        ("shared", ["seq.1"]), ("seq.0", None), ("pair.0.0", ["pair.1.0"])]
+    assert "shared (also seq.1)" in str(report)
+    assert report.params_before == 3 * (64 * 64 + 64)  # each module counted once
+    with ak.use_backend("reference"):
+        torch.testing.assert_close(swapped(x), model(x), rtol=0, atol=1e-5)
+    dense, back = ak.unswap(swapped, return_report=True)
+    assert type(dense.shared) is nn.Linear and dense.seq[1] is dense.shared
+    assert type(dense.pair[0][0]) is nn.Linear and dense.pair[1] is dense.pair[0]
+    assert [(r["name"], r.get("also")) for r in back.replaced] == [(r["name"], r.get("also")) for r in report.replaced]
+    torch.testing.assert_close(dense(x), model(x), rtol=0, atol=1e-5)
+    # Patterns that want one of its places but not another: left as it is (replacing it would change both).
+    kept, report = ak.swap_in(SharedAndTied(), linear_sparsity=0.5, block_size=16, exclude="seq.1",
+                              return_report=True)
+    assert type(kept.shared) is nn.Linear and kept.seq[1] is kept.shared and isinstance(kept.seq[0], BlockSparseLinear)
+    assert "it is also seq.1, which include / exclude leave out" in report.skipped[0]["reason"]
+    with pytest.raises(ValueError, match=r"strict=True.*\n  shared \(also seq.1\) \(Linear\): it is also seq.1"):
+        ak.swap_in(SharedAndTied(), linear_sparsity=0.5, block_size=16, exclude="seq.1", strict=True)
+
+
+def test_layers_with_tied_weights_are_kept_and_reported():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.out = nn.Embedding(64, 64), nn.Linear(64, 64, bias=False)
+            self.out.weight = self.emb.weight  # weight tying, as in language models
+            self.lstm, self.cell = nn.LSTM(32, 32), nn.LSTMCell(32, 32)
+            self.cell.weight_hh = self.lstm.weight_hh_l0
+
+    model, report = ak.swap_in(Tied(), linear_sparsity=0.5, lstm_rank=4, block_size=16, return_report=True)
+    assert type(model.out) is nn.Linear and model.out.weight is model.emb.weight
+    assert type(model.lstm) is nn.LSTM and type(model.cell) is nn.LSTMCell
+    assert model.cell.weight_hh is model.lstm.weight_hh_l0 and not report.replaced
+    reasons = {s["name"]: s["reason"] for s in report.skipped}
+    assert reasons["out"].startswith("its weight is shared with emb.weight (tied weights)")
+    assert reasons["lstm"].startswith("its weight_hh_l0 is shared with cell.weight_hh")
+    assert reasons["cell"].startswith("its weight_hh is shared with lstm.weight_hh_l0")
+    with pytest.raises(ValueError, match=r"strict=True.*\n  out \(Linear\): its weight is shared with emb.weight"):
+        ak.swap_in(Tied(), linear_sparsity=0.5, block_size=16, strict=True)
+
+
+def test_hooks_and_parametrizations_are_kept_and_reported():
+    def model():
+        layers = nn.ModuleDict({k: nn.Linear(64, 64) for k in ("fwd", "pre", "bwd", "param", "pruned", "plain")})
+        layers["fwd"].register_forward_hook(lambda *args: None)
+        layers["pre"] = nn.utils.spectral_norm(layers["pre"])  # a forward pre-hook on weight_orig
+        layers["bwd"].register_full_backward_hook(lambda *args: None)
+        torch.nn.utils.parametrize.register_parametrization(layers["param"], "weight", nn.Identity())
+        mask = torch.zeros(64, 64)
+        mask[:32] = 1  # half the blocks: the prune hook's mask is carried over, so that hook is no reason
+        torch.nn.utils.prune.custom_from_mask(layers["pruned"], "weight", mask)
+        return layers
+
+    swapped, report = ak.swap_in(model(), linear_sparsity=0.5, block_size=16, return_report=True)
+    assert [r["name"] for r in report.replaced] == ["pruned", "plain"] and swapped["pruned"].values.shape[0] == 8
+    assert all(type(swapped[k]).__name__.endswith("Linear") and not isinstance(swapped[k], BlockSparseLinear)
+               for k in ("fwd", "pre", "bwd", "param"))
+    reasons = {s["name"]: s["reason"] for s in report.skipped}
+    assert reasons["fwd"] == "it has forward hook <lambda>; a replacement would drop them"
+    assert reasons["pre"].startswith("it has forward pre-hook SpectralNorm")
+    assert "backward hook" in reasons["bwd"]
+    assert report.skipped[3] == dict(name="param", **{"from": "ParametrizedLinear"}, reason=(
+        "its weight is parametrized (torch.nn.utils.parametrize); a replacement would drop the parametrization"))
+    with pytest.raises(ValueError, match=r"strict=True.*\n  fwd \(Linear\): it has forward hook"):
+        ak.swap_in(model(), linear_sparsity=0.5, block_size=16, strict=True)
+    lstm = nn.LSTM(32, 32)
+    lstm.register_forward_pre_hook(lambda *args: None)
+    assert ak.swap_in(lstm, lstm_rank=4) is lstm
+    # unswap likewise: a hook on a swapped module would be lost with it.
+    swapped["plain"].register_forward_hook(lambda *args: None)
+    dense, report = ak.unswap(swapped, return_report=True)
+    assert type(dense["pruned"]) is nn.Linear and isinstance(dense["plain"], BlockSparseLinear)
+    assert report.skipped == [dict(name="plain", **{"from": "BlockSparseLinear"},
+                                   reason="it has forward hook <lambda>; a replacement would drop them")]
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(include=3), TypeError, "include must be a str or an iterable of str .*; got int"),
+    (dict(exclude=["a", 1]), TypeError, "exclude must be .*; got a list holding int 1"),
+    (dict(linear_sparsity=1.5), ValueError, r"linear_sparsity must be a float in \[0, 1\]; got 1.5"),
+    (dict(linear_sparsity="0.5"), TypeError, "linear_sparsity must be a float .*; got str"),
+    (dict(lstm_sparsity=float("nan")), ValueError, "lstm_sparsity must be a float in .*; got nan"),
+    (dict(lstm_rank=0), ValueError, r"lstm_rank must be an int >= 1 or a float in \(0, 1\].*; got 0"),
+    (dict(lstm_rank=2.5), ValueError, "lstm_rank must be .*; got 2.5"),
+    (dict(lstm_rank=True), TypeError, "lstm_rank must be .*; got bool"),
+    (dict(block_size=0), ValueError, "block_size must be an int >= 1; got 0"),
+    (dict(block_size=16.0), TypeError, "block_size must be an int >= 1; got float"),
+    (dict(min_macs=-1), ValueError, "min_macs must be an int >= 0; got -1"),
+])
+def test_arguments_are_checked_up_front_under_their_own_names(kwargs, error, match):
+    for model in (nn.Identity(), nn.Linear(64, 64)):  # whatever the model holds
+        with pytest.raises(error, match=f"^swap_in: {match}"):
+            ak.swap_in(model, **kwargs)
+
+
+def test_numpy_numbers_are_accepted_and_models_type_checked():
+    def model():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(64, 64), nn.LSTM(64, 64))
+
+    plain = ak.swap_in(model(), linear_sparsity=0.5, lstm_sparsity=0.5, block_size=16)
+    numpy = ak.swap_in(model(), linear_sparsity=np.float32(0.5), lstm_sparsity=np.float64(0.5),
+                       block_size=np.int64(16))
+    assert isinstance(numpy[0], BlockSparseLinear) and isinstance(numpy[1], BlockSparseLSTM)
+    for a, b in zip(plain.state_dict().values(), numpy.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert ak.swap_in(nn.LSTM(64, 64), lstm_rank=np.int64(4)).w_ih_u_l0.shape == (256, 4)
+    with pytest.raises(TypeError, match="swap_in: model must be an nn.Module; got dict"):
+        ak.swap_in({}, linear_sparsity=0.5)
+    with pytest.raises(TypeError, match="unswap: model must be an nn.Module; got dict"):
+        ak.unswap({})
