@@ -9,7 +9,7 @@ import torchaudio
 from torch import nn
 
 import amnets_kernels as ak
-from amnets_kernels.nn import BlockSparseLinear, FusedJointRNNTLoss, LowRankLSTM, RNNTLoss
+from amnets_kernels.nn import BlockSparseLinear, BlockSparseLSTM, FusedJointRNNTLoss, LowRankLSTM, RNNTLoss
 
 from conftest import DEVICE, FACES, use_face
 from test_rnnt import batch_of
@@ -151,3 +151,37 @@ def test_lowrank_lstm_bad_sizes_are_errors_naming_them(kwargs, match):
 def test_from_lstm_rejects_ranks_it_cannot_mean(rank):
     with pytest.raises(ValueError, match="rank must be an int >= 1 or a float in"):
         LowRankLSTM.from_lstm(torch.nn.LSTM(8, 8), rank=rank)
+
+
+@pytest.mark.parametrize("make", [lambda: BlockSparseLSTM(32, 32, block_size=16, sparsity=0.5),
+                                  lambda: LowRankLSTM(32, 32, rank=8),
+                                  lambda: BlockSparseLinear(32, 32, block_size=16, sparsity=0.5)],
+                         ids=["BlockSparseLSTM", "LowRankLSTM", "BlockSparseLinear"])
+@pytest.mark.parametrize("grad", [False, True])
+def test_a_model_ensemble_runs_under_vmap(make, grad):
+    """torch.func.vmap over stacked weights (stack_module_state + functional_call: a model ensemble) equals
+    each model run alone; each member's own block pattern is used and checked (the op checks every sample's
+    pattern when it runs: a corrupted one is a named error, not a read out of bounds)."""
+    import copy
+    import warnings
+
+    from torch.func import functional_call, stack_module_state, vmap
+
+    members = [make() for _ in range(3)]
+    params, buffers = stack_module_state(members)
+    base = copy.deepcopy(members[0]).to("meta")
+    x = torch.randn(5, 2, 32)
+    first = lambda out: out[0] if isinstance(out, tuple) else out  # noqa: E731
+
+    def ensemble(p, b):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # PyTorch's "no batching rule" performance warning
+            return vmap(lambda p, b: first(functional_call(base, (p, b), (x,))))(p, b)
+
+    with torch.set_grad_enabled(grad):
+        torch.testing.assert_close(ensemble(params, buffers), torch.stack([first(m(x)) for m in members]))
+        for name in [n for n in buffers if n.startswith("col_indices")][:1]:  # the sparse modules
+            bad = dict(buffers, **{name: buffers[name].clone()})
+            bad[name][1, 0] = 10_000  # the second member's first block
+            with pytest.raises(ValueError, match="col_indices"):
+                ensemble(params, bad)

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .. import _backend, _validate
-from .._ops import eager_inference
+from .._ops import _is_wrapped, eager_inference
 from .._ops.bsr import PreparedBsrLstmCell
 from ..formats import BlockSparseMatrix, bsr_to_dense
 from .cost import warn_if_not_cheaper
@@ -142,9 +142,10 @@ def _identity(*tensors, versions=()):
     """What a cache of derived weights is keyed on: the tensors' storage, dtype and device, the version
     counters of those that may change in place, and the weights epoch (amnets_kernels.weights_changed: the
     writes no version records); None (do not cache) for inference tensors, which keep no version counter
-    (a model loaded under torch.inference_mode())."""
+    (a model loaded under torch.inference_mode()), and for functorch's wrappers (torch.func.vmap over stacked
+    weights, a model ensemble), which have no storage of their own."""
     counters = tuple(_validate.version(t) for t in versions)
-    if None in counters:
+    if None in counters or any(t is not None and _is_wrapped(t) for t in tensors):
         return None
     return ((_backend._C.weights_epoch(),) + counters
             + tuple(None if t is None else (t.data_ptr(), t.dtype, t.device) for t in tensors))
