@@ -43,17 +43,19 @@ class SwapReport:
         return sum(r["macs_after"] for r in self.replaced)
 
     def __str__(self) -> str:
-        w = max([32] + [len(_label(r)) + 1 for r in self.replaced + self.skipped])  # long dotted names fit
-        lines = [f"{'module':{w}s} {'from':>10s} -> {'to':20s} {'params':>21s} {'MACs/frame':>21s}"]
+        entries = self.replaced + self.skipped
+        w = max([32] + [len(_label(r)) + 1 for r in entries])  # long dotted names fit
+        f = max([10] + [len(r["from"]) for r in entries])  # and class names (unswap's are long)
+        lines = [f"{'module':{w}s} {'from':>{f}s} -> {'to':20s} {'params':>21s} {'MACs/frame':>21s}"]
         for r in self.replaced:
-            lines.append(f"{_label(r):{w}s} {r['from']:>10s} -> {r['to']:20s} "
+            lines.append(f"{_label(r):{w}s} {r['from']:>{f}s} -> {r['to']:20s} "
                          f"{r['params_before']:>9,d} -> {r['params_after']:<9,d} "
                          f"{r['macs_before']:>9,d} -> {r['macs_after']:<9,d}")
-        lines.append(f"{'total':{w}s} {'':>10s}    {'':20s} {self.params_before:>9,d} -> {self.params_after:<9,d} "
+        lines.append(f"{'total':{w}s} {'':>{f}s}    {'':20s} {self.params_before:>9,d} -> {self.params_after:<9,d} "
                      f"{self.macs_before:>9,d} -> {self.macs_after:<9,d}")
         if self.skipped:
             lines.append(f"kept as they are ({len(self.skipped)}):")
-            lines += [f"  {_label(s):{w - 2}s} {s['from']:>10s}: {s['reason']}" for s in self.skipped]
+            lines += [f"  {_label(s):{w - 2}s} {s['from']:>{f}s}: {s['reason']}" for s in self.skipped]
         return "\n".join(lines)
 
 
