@@ -228,6 +228,10 @@ def swap_in(model: nn.Module, lstm_rank: int | float | None = None, linear_spars
                                 "a float in [0, 1]")
     block_size = _number("block_size", block_size, numbers.Integral, lambda b: b >= 1, "an int >= 1")
     min_macs = _number("min_macs", min_macs, numbers.Integral, lambda m: m >= 0, "an int >= 0")
+    for name, flag in (("loss", loss), ("return_report", return_report), ("only_if_cheaper", only_if_cheaper),
+                       ("strict", strict)):
+        if not isinstance(flag, bool):  # a string such as "no" would be truthy
+            raise TypeError(f"swap_in: {name} must be a bool; got {type(flag).__name__}")
     include, exclude = _patterns("include", include), _patterns("exclude", exclude) or []
     if lstm_rank is not None and lstm_sparsity is not None:
         raise ValueError("swap_in: give lstm_rank (low-rank LSTMs) or lstm_sparsity (block-sparse LSTMs), not both")

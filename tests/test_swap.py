@@ -259,6 +259,8 @@ def test_hooks_and_parametrizations_are_kept_and_reported():
     (dict(block_size=0), ValueError, "block_size must be an int >= 1; got 0"),
     (dict(block_size=16.0), TypeError, "block_size must be an int >= 1; got float"),
     (dict(min_macs=-1), ValueError, "min_macs must be an int >= 0; got -1"),
+    (dict(strict="no"), TypeError, "strict must be a bool; got str"),
+    (dict(loss=1), TypeError, "loss must be a bool; got int"),
 ])
 def test_arguments_are_checked_up_front_under_their_own_names(kwargs, error, match):
     for model in (nn.Identity(), nn.Linear(64, 64)):  # whatever the model holds
