@@ -4,7 +4,10 @@ the per-pattern index cache and the backend state really run concurrently. Every
 made alone, bit for bit, and a use_backend scope must stay on its own thread. (The streams' own thread rules:
 tests/test_frame_engine.py.)"""
 
+import os
 import random
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -175,3 +178,33 @@ def test_tsan_reports_judges_only_races_it_can_see(tmp_path, capsys):
     assert tsan_reports.main([str(quiet), str(racy)]) == 1
     out = capsys.readouterr().out
     assert "2  judged" in out and out.count("amnets::cpu::Pool::claim") == 1  # each distinct race printed once
+
+
+RESIZE_SCRIPT = """
+import threading, torch, amnets_kernels as ak
+torch.manual_seed(0)
+w = ak.BlockSparseMatrix.from_dense(torch.randn(512, 512), block_size=32, sparsity=0.5)
+x = torch.randn(16, 512)
+ref = ak.bsr_linear(x, w)
+for i in range(400):  # every call after a change resizes the pool (2 <-> 3 threads)
+    torch.set_num_threads(2 + (i & 1))
+    assert torch.equal(ak.bsr_linear(x, w), ref)
+other = threading.Thread(target=lambda: [ak.bsr_linear(x, w) for _ in range(300)])
+torch.set_num_threads(2)
+other.start()  # its thread count stays what it first saw; calls alternating between the two threads resize
+torch.set_num_threads(3)
+for _ in range(300):
+    assert torch.equal(ak.bsr_linear(x, w), ref)
+other.join()
+print("done")
+"""
+
+
+def test_the_pool_resizes_between_calls_without_a_hang():
+    """A thread-count change resizes our pool on the next call (its workers stopped and joined, new ones
+    started). A new worker that first ran after the next resize had begun waited for a wake-up that had
+    already passed, and join() waited for it: the process hung on the first or second change (every run),
+    and so did two threads with different torch thread counts calling in turn."""
+    run = subprocess.run([sys.executable, "-c", RESIZE_SCRIPT], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, AMNETS_CONTENTION_GUARD="1"))
+    assert run.returncode == 0 and run.stdout.strip() == "done", run.stderr[-2000:]

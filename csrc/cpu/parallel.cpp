@@ -236,6 +236,10 @@ class Pool {
   void work() {
     if (guard::enabled()) guard::watch_this_thread();
     uint32_t seen = generation_.load(std::memory_order_acquire);
+    // A resize that came before this thread first ran has already made the bump that would wake it: the
+    // stop it set is visible now (set before the bump, read after it), so leave instead of waiting for a
+    // change that will not come while resize() waits in join() (a hang on the next call after a resize).
+    if (stop_.load(std::memory_order_acquire)) return;
     for (;;) {
       seen = wait_change(generation_, seen, kIdleSpin);
       if (stop_.load(std::memory_order_acquire)) return;
