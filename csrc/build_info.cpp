@@ -101,7 +101,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["serial_for_ms"] = static_cast<double>(stats.serial_for_ns) / 1e6;
     return d;
   }, "The CPU loops' contention guard (csrc/cpu/parallel.h): stalls seen since start, serial window left.");
-  m.def("serialize_cpu_for", [](double seconds) { amnets::cpu::serialize_for(static_cast<int64_t>(seconds * 1e9)); },
+  m.def("serialize_cpu_for", [](double seconds) {
+    // 1e6 s (11 days) bounds the product well inside int64 nanoseconds (a cast of inf or 1e10 s is undefined)
+    TORCH_CHECK_VALUE(seconds >= 0.0 && seconds <= 1e6, "serialize_cpu_for: seconds must be in [0, 1e6]; got ",
+                      seconds);
+    amnets::cpu::serialize_for(static_cast<int64_t>(seconds * 1e9));
+  },
         "Tests only: run the CPU loops on their callers alone for this long (0 ends it).");
   m.def("set_cpu_amx", [](const std::string& mode) { amnets::amx::set_mode(mode.c_str()); },
         "'auto' (AMX tiles where the CPU has them), 'off', or 'emulate' (tests only: the tile kernels on a "

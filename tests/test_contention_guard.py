@@ -124,3 +124,10 @@ def test_the_guard_sees_threads_kept_off_the_cpu(guard):
         assert done is not None and done.returncode == 0, done and done.stderr
         enabled, stalls = done.stdout.split()
         assert enabled == "True" and int(stalls) >= 1
+
+
+def test_the_serial_window_hook_refuses_what_int64_nanoseconds_cannot_hold():
+    for bad in (float("inf"), float("nan"), 1e10, -1.0):  # a cast of these to int64 ns was undefined
+        with pytest.raises(ValueError, match=r"seconds must be in \[0, 1e6\]"):
+            _C.serialize_cpu_for(bad)
+    assert _C.cpu_contention()["serial_for_ms"] == 0
