@@ -355,6 +355,17 @@ def test_stack_frames_rejects_bad_input(kwargs, match):
         stack_frames(**args)
 
 
+def test_training_under_autocast_takes_low_precision_inputs():
+    """Under torch.autocast the dtype check lets bf16 features through (the products cast as autocast says),
+    as before the check existed; outside it they are refused with a named error (tested above)."""
+    model = make_model()
+    feats, feat_lens, targets, target_lens = toy_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = model.loss(feats.bfloat16(), feat_lens, targets, target_lens)
+        out, _ = model.encoder(torch.randn(2, 5, model.encoder.input_size, dtype=torch.bfloat16))
+    assert torch.isfinite(loss) and out.dtype == torch.bfloat16
+
+
 def test_model_dtype_and_device_apply_to_every_part():
     model = AmNetsRNNT(F_IN, V, 16, 1, dtype=torch.float64, device="cpu")
     assert {p.dtype for p in model.parameters()} == {torch.float64}

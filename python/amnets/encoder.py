@@ -719,9 +719,12 @@ def _check_init(input_size, hidden_size, num_layers, cheap, sparsity, block_size
     _check_force_kind(op, force)
 
 
-def _check_weights_like(op: str, enc: AmNetsEncoder, x: Tensor) -> None:
+def _check_weights_like(op: str, enc: AmNetsEncoder, x: Tensor, autocast_ok: bool = False) -> None:
+    """x on the weights' device in their dtype; autocast_ok: any float dtype while torch.autocast is on for
+    that device (the training path's products cast as autocast says; the streaming engine does not)."""
     weights = enc.weight_ih_l0
-    if x.dtype != weights.dtype or x.device != weights.device:
+    casts = autocast_ok and torch.is_autocast_enabled(x.device.type)
+    if x.device != weights.device or (x.dtype != weights.dtype and not casts):
         raise ValueError(f"{op}: x is {x.dtype} on {x.device} but the encoder's weights are {weights.dtype} on "
                          f"{weights.device}; pass x.to({weights.dtype}) on that device (or convert the encoder "
                          "with .to())")
@@ -741,7 +744,7 @@ def _check_input(op: str, enc: AmNetsEncoder, x) -> None:
 def _check_forward(enc: AmNetsEncoder, x, lengths) -> Tensor:
     op = "AmNetsEncoder.forward"
     _check_input(op, enc, x)
-    _check_weights_like(op, enc, x)
+    _check_weights_like(op, enc, x, autocast_ok=True)
     if not isinstance(enc.tau, (int, float)) or not enc.tau > 0:
         raise ValueError(f"{op}: tau must be > 0; got {enc.tau!r}")
     _check_force_kind(op, enc.force)  # attributes a caller may set after construction

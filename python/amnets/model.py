@@ -212,7 +212,8 @@ def _check_features(op: str, model: AmNetsRNNT, feats, feat_lens) -> None:
         got = tuple(feats.shape) if isinstance(feats, Tensor) else type(feats).__name__
         raise ValueError(f"{op}: feats must have shape (B, T, input_size={model.input_size}); got {got}")
     weights = model.out.weight
-    if feats.dtype != weights.dtype or feats.device != weights.device:
+    casts = torch.is_autocast_enabled(feats.device.type)  # then the products cast as autocast says
+    if feats.device != weights.device or (feats.dtype != weights.dtype and not casts):
         raise ValueError(f"{op}: feats are {feats.dtype} on {feats.device} but the model's weights are "
                          f"{weights.dtype} on {weights.device}; pass feats.to({weights.dtype}) on that "
                          "device "
