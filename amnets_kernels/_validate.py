@@ -146,7 +146,8 @@ def _native_pattern_check():
 
 
 _native_check = False
-_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+# functorch's wrappers (vmap's batched tensors, grad's): no storage of their own, no data to read here
+is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
 def bsr_indices(op: str, crow: Tensor, col: Tensor, nnzb: int, block: int, out_features: int,
@@ -159,7 +160,7 @@ def bsr_indices(op: str, crow: Tensor, col: Tensor, nnzb: int, block: int, out_f
     cached until either tensor's version changes; an edit that bumps no version (.data, .numpy(), an
     inference tensor) is not seen by this check there.
     """
-    if _is_wrapped(crow) or _is_wrapped(col):
+    if is_wrapped(crow) or is_wrapped(col):
         return  # functorch's wrappers (vmap over stacked weights) hold no data here; each sample's op call checks
     native = _native_pattern_check()
     if native is not None and crow.device.type == "cpu" and col.device.type == "cpu":

@@ -17,7 +17,7 @@ csrc/ops.cpp). Faces get contiguous tensors and return fresh ones.
 
 import torch
 
-from .. import _backend
+from .. import _backend, _validate
 
 
 def run(op: str, direction: str, *args):
@@ -63,7 +63,7 @@ def eager_inference(*tensors) -> bool:
     return True
 
 
-_is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
+_is_wrapped = _validate.is_wrapped  # one definition, shared with the index check
 
 
 from . import bsr, lowrank_lstm, rnnt  # noqa: E402,F401  (registers the ops)
