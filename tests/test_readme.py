@@ -31,8 +31,13 @@ def test_higher_order_and_torch_func_limits_are_as_stated():
     with pytest.raises(RuntimeError, match="derivative for amnets::lowrank_lstm_sequence_backward is not implemented"):
         first.sum().backward()
     linear = ak.nn.BlockSparseLinear(32, 16, block_size=16, sparsity=0.5)
+    v = torch.randn(4, 32)
+    torch.testing.assert_close(grad(lambda v: linear(v).sum())(v), linear.sparse_weight.to_dense().sum(0).expand(4, 32))
+    with pytest.raises(NotImplementedError, match="lowrank_lstm_sequence: derivatives beyond the first"):
+        grad(lambda x: grad(lambda x: lstm(x)[0].pow(2).sum())(x).sum())(torch.randn(3, 2, 8))
     with pytest.raises(RuntimeError, match="cannot use C\\+\\+ torch::autograd::Function with functorch"):
-        grad(lambda v: linear(v).sum())(torch.randn(4, 32))
+        grad(lambda v: torch.ops.amnets.bsr_linear(v, linear.values, linear.crow_indices, linear.col_indices, 16, 32,
+                                                   None).sum())(v)
     xs = torch.randn(5, 4, 32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

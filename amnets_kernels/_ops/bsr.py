@@ -11,7 +11,7 @@ from torch import Tensor
 from .. import _backend, _validate
 from ..formats import BlockSparseMatrix
 from .lstm_update import lstm_pointwise
-from . import eager_inference, python_face
+from . import eager_inference, functorch, python_face
 
 OP = "bsr_linear"
 
@@ -39,6 +39,8 @@ def _call(x, values, crow_indices, col_indices, out_features, in_features, bias)
             and not torch.compiler.is_compiling():
         _say_if_slow(x, values)
     try:
+        if functorch.active():
+            return functorch.bsr_linear(x, values, crow_indices, col_indices, out_features, in_features, bias)
         if type(x) is Tensor and x.dim() == 2:
             return _forward_op(x, values, crow_indices, col_indices, out_features, in_features, bias)
         return _op(x, values, crow_indices, col_indices, out_features, in_features, bias)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from .. import _validate
 from .._dtypes import acc_dtype
-from . import python_face
+from . import functorch, python_face
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -24,6 +24,8 @@ def lowrank_lstm_cell(x: Tensor, h: Tensor, c: Tensor, w_ih_u: Tensor, w_ih_v: T
                       w_hh_v: Tensor, bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor]:
     """One step: x (B, D), h and c (B, H) -> (h1, c1)."""
     try:
+        if functorch.active():
+            return functorch.lowrank_lstm_cell(x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias)
         return torch.ops.amnets.lowrank_lstm_cell.default(x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias)
     except RuntimeError:  # torch.ops' own answer to a non-tensor argument: say it as the other checks do
         _validate.tensor_types(CELL, ("bias",), x=x, h=h, c=c, w_ih_u=w_ih_u, w_ih_v=w_ih_v, w_hh_u=w_hh_u,
@@ -106,6 +108,8 @@ def lowrank_lstm_sequence(x: Tensor, h0: Optional[Tensor], c0: Optional[Tensor],
                           bias: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
     """All T steps in one op: x (T, B, D), h0/c0 (B, H) or None (zeros) -> (out (T, B, H), h_n, c_n)."""
     try:
+        if functorch.active():
+            return functorch.lowrank_lstm_sequence(x, h0, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias)
         return torch.ops.amnets.lowrank_lstm_sequence.default(x, h0, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias)
     except RuntimeError:
         _validate.tensor_types(SEQ, ("h0", "c0", "bias"), x=x, h0=h0, c0=c0, w_ih_u=w_ih_u, w_ih_v=w_ih_v,

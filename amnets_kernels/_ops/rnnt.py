@@ -16,7 +16,7 @@ from torch import Tensor
 
 from .. import _validate
 from .._dtypes import acc_dtype
-from . import FACES_LIBRARY, python_face
+from . import FACES_LIBRARY, functorch, python_face
 
 
 def _report_non_finite(op: str, costs: Tensor, betas: Tensor) -> None:
@@ -73,6 +73,9 @@ def rnnt_loss(logits: Tensor, targets: Tensor, logit_lengths: Tensor, target_len
     bad utterance does not make a batch's loss NaN.
     """
     try:
+        if functorch.active():
+            return functorch.rnnt_loss(logits, targets, logit_lengths, target_lengths, blank, clamp, reduction,
+                                       fused_log_softmax, zero_infinity)
         return _rnnt_op(logits, targets, logit_lengths, target_lengths, blank, clamp, reduction, fused_log_softmax,
                         zero_infinity)
     except RuntimeError:  # torch.ops' own answer to an argument of the wrong type: say it as the other checks do
@@ -131,6 +134,9 @@ def fused_joint_rnnt_loss(enc: Tensor, pred: Tensor, weight: Tensor, bias: Optio
     reference face materialises the logits. zero_infinity: as rnnt_loss's.
     """
     try:
+        if functorch.active():
+            return functorch.fused_joint_rnnt_loss(enc, pred, weight, bias, targets, logit_lengths, target_lengths,
+                                                   blank, activation, clamp, reduction, zero_infinity)
         return _joint_op(enc, pred, weight, bias, targets, logit_lengths, target_lengths, blank, activation, clamp,
                          reduction, zero_infinity)
     except RuntimeError:

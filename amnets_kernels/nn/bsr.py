@@ -9,6 +9,7 @@ from torch import nn
 
 from .. import _backend, _validate
 from .._ops import _is_wrapped, eager_inference
+from .._ops import functorch
 from .._ops.bsr import PreparedBsrLstmCell
 from ..formats import BlockSparseMatrix, bsr_to_dense
 from .cost import warn_if_not_cheaper
@@ -93,7 +94,8 @@ class BlockSparseLinear(nn.Module):
         return self.sparse_weight.density
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.amnets.bsr_linear(x, self.values, self.crow_indices, self.col_indices, self.out_features,
+        op = functorch.bsr_linear if functorch.active() else torch.ops.amnets.bsr_linear
+        return op(x, self.values, self.crow_indices, self.col_indices, self.out_features,
                                            self.in_features, self.bias)
 
     def get_extra_state(self):

@@ -10,6 +10,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import _validate
+from .._ops import functorch
 from .._ops.lstm_update import lstm_pointwise
 from ..formats import lowrank_factors, rank_for_energy
 from .cost import warn_if_not_cheaper
@@ -124,21 +125,22 @@ class LowRankLSTM(StackedLSTM):
     def _run(self, k, x, h0, c0):
         layer, reverse = divmod(k, self.num_directions)
         u_ih, v_ih, u_hh, v_hh, b = self.layer_weights(layer, bool(reverse))
+        sequence = functorch.lowrank_lstm_sequence if functorch.active() else torch.ops.amnets.lowrank_lstm_sequence
         if not self.proj_size:
-            return torch.ops.amnets.lowrank_lstm_sequence(x, h0, c0, u_ih, v_ih, u_hh, v_hh, b)
+            return sequence(x, h0, c0, u_ih, v_ih, u_hh, v_hh, b)
         # With a projection the recurrence reads h W_hr^T: U_hh V_hh (h W_hr^T) = U_hh (V_hh W_hr) h, the
         # same rank, so the fused op runs on the full h; a given h0 is already projected, so the first
         # step reads it directly.
         w_hr = getattr(self, f"w_hr_l{layer}{'_reverse' if reverse else ''}")
         v_rec = v_hh @ w_hr
         if h0 is None:
-            full, h, c = torch.ops.amnets.lowrank_lstm_sequence(x, None, c0, u_ih, v_ih, u_hh, v_rec, b)
+            full, h, c = sequence(x, None, c0, u_ih, v_ih, u_hh, v_rec, b)
         else:
             gates = F.linear(F.linear(x[0], v_ih), u_ih, b) + F.linear(F.linear(h0, v_hh), u_hh)
             h, c = lstm_pointwise(gates, c0)
             full = h[None]
             if x.shape[0] > 1:
-                rest, h, c = torch.ops.amnets.lowrank_lstm_sequence(x[1:], h, c, u_ih, v_ih, u_hh, v_rec, b)
+                rest, h, c = sequence(x[1:], h, c, u_ih, v_ih, u_hh, v_rec, b)
                 full = torch.cat([full, rest])
         return F.linear(full, w_hr), F.linear(h, w_hr), c
 
@@ -209,7 +211,8 @@ class LowRankLSTMCell(nn.Module):
             h = c = x.new_zeros(x.shape[0], self.hidden_size)
         else:
             h, c = (t.unsqueeze(0) for t in hx) if unbatched else hx
-        h1, c1 = torch.ops.amnets.lowrank_lstm_cell(x, h, c, *(getattr(self, n) for n in (*_FACTORS, "bias")))
+        cell = functorch.lowrank_lstm_cell if functorch.active() else torch.ops.amnets.lowrank_lstm_cell
+        h1, c1 = cell(x, h, c, *(getattr(self, n) for n in (*_FACTORS, "bias")))
         return (h1.squeeze(0), c1.squeeze(0)) if unbatched else (h1, c1)
 
     def macs_per_frame(self, batch: int = 1) -> int:

@@ -1,0 +1,340 @@
+"""torch.func transforms (grad, vjp, jacrev, hessian, functional_call + grad, vmap of them) over the ops.
+
+The ops' autograd is C++ (torch::autograd::Function), which functorch refuses ("cannot use C++
+torch::autograd::Function with functorch transforms"). While a transform is active, the Python entry
+points (ak.bsr_linear, ak.lowrank_lstm_cell, ..., the nn modules, PreparedBsrLinear) come here instead:
+Python autograd.Functions around the same op directions, amnets::<op>_forward and <op>_backward called
+below autograd, so the same checks, face and kernels run as without a transform. vmap loops over the
+batch (functorch's fallback for ops without a batching rule, which warns once that it is slow).
+
+bsr_linear is differentiable to any order, in forward mode too (jacfwd, jvp, hessian): it is bilinear, so
+its derivatives are its two directions again. The other ops are differentiable once, in reverse mode: a
+second derivative or a jvp of them raises NotImplementedError naming the op, never a silent zero.
+torch.ops.amnets.* called directly under a transform still gives PyTorch's error.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import _backend
+
+
+@torch.compiler.assume_constant_result  # torch.compile traces the transforms itself: read once there
+def active() -> bool:
+    """Whether a torch.func transform is active (then the entry points route here)."""
+    return torch._C._are_functorch_transforms_active()
+
+
+def _below(op, *args):
+    """op on args without its C++ autograd (which functorch refuses): the checks and the face only."""
+    with torch._C._AutoDispatchBelowAutograd():
+        return op(*args)
+
+
+def _forward_mode_unsupported(op: str):
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(f"{op}: forward-mode derivatives (torch.func.jvp, jacfwd, hessian) are not "
+                                  "supported; use reverse mode (grad, vjp, jacrev)")
+    return staticmethod(jvp)
+
+
+class _Remember(torch.autograd.Function):
+    """What every Function here shares: vmap by functorch's rule; setup_context calls _keep_backend, so
+    that backward runs under the backend that was in force for the forward (as the C++ autograd does)."""
+    generate_vmap_rule = True
+
+
+def _keep_backend(ctx) -> None:
+    ctx.backend = _backend.get_backend()
+
+
+class _FirstOrder(_Remember):
+    """An op's backward direction, differentiable no further: a second derivative of the op raises
+    instead of being silently zero."""
+
+    @staticmethod
+    def forward(op_name, backward_op, *args):
+        return _below(backward_op, *args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.op_name = inputs[0]
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise NotImplementedError(f"{ctx.op_name}: derivatives beyond the first are not supported under torch.func "
+                                  "(bsr_linear's are)")
+
+    @staticmethod
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(f"{ctx.op_name}: forward-mode derivatives of its backward are not supported")
+
+
+def _first_order(op_name: str, backward_op, ctx, *args):
+    with _backend.use_backend(ctx.backend):
+        return _FirstOrder.apply(op_name, backward_op, *args)
+
+
+# ---------------------------------------------------------------------------------------------------
+# bsr_linear: y = x Wᵀ + bias. With gx = g W and gv = the blocks of gᵀx at W's pattern (the backward op),
+# d/dx and d/dvalues of y are those, and the backward's own derivatives are the two directions again:
+# d/dg = ggx Wᵀ + x GGVᵀ, d/dx = g GGV, d/dvalues = the blocks of gᵀ ggx (as csrc/bsr.cpp's BsrLinearBackward).
+
+_BSR_FORWARD = torch.ops.amnets.bsr_linear_forward.default
+_BSR_BACKWARD = torch.ops.amnets.bsr_linear_backward.default
+
+
+def _given(t):
+    """A gradient or tangent that carries something (None and the backward's empty placeholder do not)."""
+    return t is not None and t.numel() > 0
+
+
+class _BsrLinear(_Remember):
+    @staticmethod
+    def forward(x, values, crow, col, out_features, in_features, bias):
+        return _below(_BSR_FORWARD, x, values, crow, col, out_features, in_features, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, values, crow, col, out_features, in_features, bias = inputs
+        ctx.save_for_backward(x, values, crow, col)
+        ctx.save_for_forward(x, values, crow, col)
+        ctx.shape = (out_features, in_features)
+        _keep_backend(ctx)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, values, crow, col = ctx.saved_tensors
+        need_x, need_values = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        gx = gv = gb = None
+        if need_x or need_values:
+            with _backend.use_backend(ctx.backend):
+                gx, gv = _BsrLinearBackward.apply(g, x, values, crow, col, *ctx.shape, need_x, need_values)
+        if ctx.needs_input_grad[6]:  # a bias, wanting its gradient
+            gb = g.sum(0, dtype=torch.float32 if g.dtype in (torch.float16, torch.bfloat16) else g.dtype).to(g.dtype)
+        return gx if need_x else None, gv if need_values else None, None, None, None, None, gb
+
+    @staticmethod
+    def jvp(ctx, dx, dvalues, dcrow, dcol, dout, din, dbias):
+        x, values, crow, col = ctx.saved_tensors
+        terms = [_BsrLinear.apply(dx, values, crow, col, *ctx.shape, None) if _given(dx) else None,
+                 _BsrLinear.apply(x, dvalues, crow, col, *ctx.shape, None) if _given(dvalues) else None,
+                 dbias]
+        return _sum(terms, lambda: x.new_zeros(x.shape[0], ctx.shape[0]))
+
+
+class _BsrLinearBackward(_Remember):
+    @staticmethod
+    def forward(g, x, values, crow, col, out_features, in_features, need_x, need_values):
+        return _below(_BSR_BACKWARD, g, x, values, crow, col, out_features, in_features, need_x, need_values)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        g, x, values, crow, col, out_features, in_features, need_x, need_values = inputs
+        ctx.save_for_backward(g, x, values, crow, col)
+        ctx.save_for_forward(g, x, values, crow, col)
+        ctx.shape, ctx.need = (out_features, in_features), (need_x, need_values)
+        _keep_backend(ctx)
+
+    @staticmethod
+    def backward(ctx, ggx, ggv):
+        g, x, values, crow, col = ctx.saved_tensors
+        ggx, ggv = (t if _given(t) else None for t in (ggx, ggv))
+        fwd = lambda a, v: _BsrLinear.apply(a, v, crow, col, *ctx.shape, None)  # noqa: E731
+        bwd = lambda a, b, v, nx, nv: _BsrLinearBackward.apply(a, b, v, crow, col, *ctx.shape, nx, nv)  # noqa: E731
+        with _backend.use_backend(ctx.backend):
+            grad_g = _sum([fwd(ggx, values) if ggx is not None else None,
+                           fwd(x, ggv) if ggv is not None else None], lambda: None) \
+                if ctx.needs_input_grad[0] else None
+            grad_x = bwd(g, x, ggv, True, False)[0] if ctx.needs_input_grad[1] and ggv is not None else None
+            grad_v = bwd(g, ggx, values, False, True)[1] if ctx.needs_input_grad[2] and ggx is not None else None
+        return grad_g, grad_x, grad_v, None, None, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, dg, dx, dvalues, *rest):
+        # gx = g W(values): d = dg W + g W(dvalues);  gv = blocks(gᵀ x): d = blocks(dgᵀ x) + blocks(gᵀ dx)
+        g, x, values, crow, col = ctx.saved_tensors
+        need_x, need_values = ctx.need
+        bwd = lambda a, b, v, nx, nv: _BsrLinearBackward.apply(a, b, v, crow, col, *ctx.shape, nx, nv)  # noqa: E731
+        tx = _sum([bwd(dg, x, values, True, False)[0] if _given(dg) else None,
+                   bwd(g, x, dvalues, True, False)[0] if _given(dvalues) else None],
+                  lambda: torch.zeros_like(x)) if need_x else x.new_empty(0)
+        tv = _sum([bwd(dg, x, values, False, True)[1] if _given(dg) else None,
+                   bwd(g, dx, values, False, True)[1] if _given(dx) else None],
+                  lambda: torch.zeros_like(values)) if need_values else values.new_empty(0)
+        return tx, tv
+
+
+def _sum(terms, zero):
+    """The sum of the terms that are not None; zero() when none is."""
+    present = [t for t in terms if t is not None]
+    if not present:
+        return zero()
+    total = present[0]
+    for t in present[1:]:
+        total = total + t
+    return total
+
+
+def bsr_linear(x, values, crow_indices, col_indices, out_features, in_features, bias):
+    """torch.ops.amnets.bsr_linear under a transform: x (..., in_features)."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 1 or x.shape[-1] != in_features:
+        # the op's own check says it (x's shape, in_features)
+        return torch.ops.amnets.bsr_linear.default(x, values, crow_indices, col_indices, out_features,
+                                                   in_features, bias)
+    rows = x.reshape(-1, in_features)
+    y = _BsrLinear.apply(rows, values, crow_indices, col_indices, out_features, in_features, bias)
+    return y.reshape(*x.shape[:-1], out_features)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The low-rank LSTM: the forward saves (c1, gates) or (out, gates, cells) for the backward op.
+
+_CELL = ("lowrank_lstm_cell", torch.ops.amnets.lowrank_lstm_cell_forward.default,
+         torch.ops.amnets.lowrank_lstm_cell_backward.default)
+_SEQUENCE = ("lowrank_lstm_sequence", torch.ops.amnets.lowrank_lstm_sequence_forward.default,
+             torch.ops.amnets.lowrank_lstm_sequence_backward.default)
+
+
+def _wanted(ctx, grads):
+    """The backward op's gradients, one per tensor input in order, kept where the input wants one (an absent
+    bias does not)."""
+    return tuple(gr if need else None for gr, need in zip(grads, ctx.needs_input_grad))
+
+
+class _LowrankCell(_Remember):
+    @staticmethod
+    def forward(x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias):
+        return _below(_CELL[1], x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        h1, c1, gates = output
+        ctx.mark_non_differentiable(gates)
+        ctx.save_for_backward(*inputs[:7], c1, gates)
+        _keep_backend(ctx)
+
+    @staticmethod
+    def backward(ctx, grad_h1, grad_c1, _grad_gates):
+        saved = ctx.saved_tensors
+        grad_h1 = torch.zeros_like(saved[1]) if grad_h1 is None else grad_h1
+        grad_c1 = torch.zeros_like(saved[2]) if grad_c1 is None else grad_c1
+        return _wanted(ctx, _first_order(_CELL[0], _CELL[2], ctx, grad_h1, grad_c1, *saved))
+
+    jvp = _forward_mode_unsupported(_CELL[0])
+
+
+class _LowrankSequence(_Remember):
+    @staticmethod
+    def forward(x, h0, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias):
+        return _below(_SEQUENCE[1], x, h0, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        out, h_n, c_n, gates, cells = output
+        ctx.mark_non_differentiable(gates, cells)
+        ctx.save_for_backward(*inputs[:7], out, gates, cells)
+        _keep_backend(ctx)
+
+    @staticmethod
+    def backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
+        saved = ctx.saved_tensors
+        grad_out = torch.zeros_like(saved[7]) if grad_out is None else grad_out
+        grad_h_n = torch.zeros_like(saved[1]) if grad_h_n is None else grad_h_n
+        grad_c_n = torch.zeros_like(saved[2]) if grad_c_n is None else grad_c_n
+        return _wanted(ctx, _first_order(_SEQUENCE[0], _SEQUENCE[2], ctx, grad_out, grad_h_n, grad_c_n, *saved))
+
+    jvp = _forward_mode_unsupported(_SEQUENCE[0])
+
+
+def lowrank_lstm_cell(x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias=None):
+    h1, c1, _ = _LowrankCell.apply(x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias)
+    return h1, c1
+
+
+def lowrank_lstm_sequence(x, h0, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias=None):
+    if h0 is None or c0 is None:  # the zero state, as the op's composite makes it
+        zeros = x.new_zeros(x.shape[1], w_hh_v.shape[1]) if x.dim() == 3 and w_hh_v.dim() == 2 else None
+        if zeros is None:  # the op's own checks name the argument
+            return torch.ops.amnets.lowrank_lstm_sequence.default(x, h0, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias)
+        h0, c0 = (zeros if t is None else t for t in (h0, c0))
+    out, h_n, c_n, _, _ = _LowrankSequence.apply(x, h0, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias)
+    return out, h_n, c_n
+
+
+# ---------------------------------------------------------------------------------------------------
+# The RNN-T losses: per-sequence costs, then the public ops' reduction (csrc/rnnt.cpp's `reduce`).
+
+_LOSS = ("rnnt_loss", torch.ops.amnets.rnnt_loss_forward.default, torch.ops.amnets.rnnt_loss_backward.default)
+_JOINT = ("fused_joint_rnnt_loss", torch.ops.amnets.fused_joint_rnnt_loss_forward.default,
+          torch.ops.amnets.fused_joint_rnnt_loss_backward.default)
+
+
+class _RnntLoss(_Remember):
+    @staticmethod
+    def forward(logits, targets, logit_lengths, target_lengths, blank, clamp, fused_log_softmax):
+        return _below(_LOSS[1], logits, targets, logit_lengths, target_lengths, blank, clamp, fused_log_softmax, True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        costs, alphas, betas, den = output
+        ctx.mark_non_differentiable(alphas, betas, den)
+        ctx.save_for_backward(*inputs[:4], *output)
+        ctx.scalars = inputs[4:]
+        _keep_backend(ctx)
+
+    @staticmethod
+    def backward(ctx, grad_costs, *_):
+        grad = _first_order(_LOSS[0], _LOSS[2], ctx, grad_costs, *ctx.saved_tensors, *ctx.scalars)
+        return grad, None, None, None, None, None, None
+
+    jvp = _forward_mode_unsupported(_LOSS[0])
+
+
+class _FusedJointRnntLoss(_Remember):
+    @staticmethod
+    def forward(enc, pred, weight, bias, targets, logit_lengths, target_lengths, blank, activation, clamp):
+        return _below(_JOINT[1], enc, pred, weight, bias, targets, logit_lengths, target_lengths, blank, activation,
+                      clamp, True)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        costs, alphas, betas, den = output
+        ctx.mark_non_differentiable(alphas, betas, den)
+        ctx.save_for_backward(*inputs[:7], *output)  # bias may be None: save_for_backward takes it
+        ctx.scalars = inputs[7:]
+        _keep_backend(ctx)
+
+    @staticmethod
+    def backward(ctx, grad_costs, *_):
+        grads = _first_order(_JOINT[0], _JOINT[2], ctx, grad_costs, *ctx.saved_tensors, *ctx.scalars)
+        return (*_wanted(ctx, grads), None, None, None, None, None, None)
+
+    jvp = _forward_mode_unsupported(_JOINT[0])
+
+
+def _reduce(costs, reduction, zero_infinity: bool):
+    if zero_infinity:  # as ctc_loss
+        costs = torch.where(torch.isfinite(costs), costs, torch.zeros_like(costs))
+    return costs.mean() if reduction == "mean" else costs.sum() if reduction == "sum" else costs
+
+
+def _check_reduction(op: str, reduction) -> None:
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"{op}: reduction must be one of ('none', 'mean', 'sum'); got {reduction!r}")
+
+
+def rnnt_loss(logits, targets, logit_lengths, target_lengths, blank, clamp, reduction, fused_log_softmax,
+              zero_infinity):
+    _check_reduction(_LOSS[0], reduction)
+    costs = _RnntLoss.apply(logits, targets, logit_lengths, target_lengths, blank, clamp, fused_log_softmax)[0]
+    return _reduce(costs, reduction, zero_infinity)
+
+
+def fused_joint_rnnt_loss(enc, pred, weight, bias, targets, logit_lengths, target_lengths, blank, activation, clamp,
+                          reduction, zero_infinity):
+    _check_reduction(_JOINT[0], reduction)
+    costs = _FusedJointRnntLoss.apply(enc, pred, weight, bias, targets, logit_lengths, target_lengths, blank,
+                                      activation, clamp)[0]
+    return _reduce(costs, reduction, zero_infinity)
