@@ -22,6 +22,8 @@ def fails(argv, capsys) -> tuple[int, str]:
 
 @pytest.mark.parametrize("argv, message", [
     (["eval", "missing.pt"], "amnets eval: error: checkpoint not found: missing.pt"),
+    (["eval", "{tmp}"], "amnets eval: error: {tmp} is a directory; give a checkpoint in it, e.g. {tmp}/last.pt or "
+                        "{tmp}/best.pt"),
     (["eval", "{corpus}/transcripts.txt"], "is not a checkpoint torch.load can read"),
     (["eval", "{ckpt}", "--beam", "0"], "amnets eval: error: config: beam must be >= 1; got 0"),
     (["eval", "{ckpt}", "--beam", "two"], "amnets eval: error: argument --beam: invalid int value: 'two'"),

@@ -109,7 +109,10 @@ def test_config_and_parameter_counts_come_first_and_lines_go_through_tqdm(
     assert count_line < next(i for i, line in enumerate(err) if line.startswith("step "))
     assert [w.split()[1] for w in written if w.startswith("step ")] == ["1", "2"]  # through tqdm.write
     saved = json.loads((ckpt / "config.json").read_text())
-    assert saved["hidden_size"] == 32 and saved["anneal_steps"] == 2
+    # anneal_steps as given (0: each run's own --steps), not this run's horizon: a later run of another
+    # length from this file anneals over its own steps
+    assert saved["hidden_size"] == 32 and saved["anneal_steps"] == 0 and load(ckpt / "last.pt")["config"][
+        "anneal_steps"] == 2
     # config.json is a --config file for another run
     assert main(["train", "--config", str(ckpt / "config.json"), "--steps", "1", "--checkpoint-dir",
                  str(tmp_path / "again")]) == 0
@@ -135,3 +138,58 @@ def test_a_new_run_refuses_a_directory_holding_another_runs_numbered_checkpoints
     # --resume still continues that run: its own step-N.pt pruned and averaged
     assert main(["train", "--resume", str(ckpt / "last.pt"), "--steps", "4"] + common) == 0
     assert load(ckpt / "averaged.pt")["averaged_from"] == ["step-3.pt", "step-4.pt"]
+
+
+def test_a_one_step_horizon_is_at_tau_min_from_step_0():
+    cfg = dict(defaults(), tau0=2.0, tau_min=0.5)
+    assert [temperature(dict(cfg, steps=1), s) for s in (0, 1)] == [0.5, 0.5]
+    assert [temperature(dict(cfg, steps=6, anneal_steps=1), s) for s in (0, 3)] == [0.5, 0.5]
+    assert temperature(dict(cfg, steps=2), 0) == 2.0 and temperature(dict(cfg, steps=2), 1) == 0.5
+
+
+def test_resume_continues_beside_the_checkpoint_given_not_where_it_was_written(
+        corpus, tmp_path, capsys):  # noqa: F811
+    """A copied (or moved) run resumed from its copy writes into the copy; the original stays as it was (it
+    used to be overwritten: the checkpoint's recorded --checkpoint-dir was used)."""
+    import shutil
+
+    orig, copy = tmp_path / "orig", tmp_path / "copy"
+    common = ["--data", corpus, "--checkpoint-every", "1", "--average-last", "2"] + TINY_MODEL
+    assert main(["train", "--steps", "2", "--checkpoint-dir", str(orig)] + common) == 0
+    shutil.copytree(orig, copy)
+    before = {p.name: p.read_bytes() for p in orig.iterdir()}
+    capsys.readouterr()
+    assert main(["train", "--resume", str(copy / "last.pt"), "--steps", "3"] + common) == 0
+    assert f"writing to {copy}" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in orig.iterdir()} == before
+    assert load(copy / "last.pt")["step"] == 3 and load(copy / "averaged.pt")["averaged_from"] == [
+        "step-2.pt", "step-3.pt"]
+    # Resumed into a third directory holding another run's step-N.pt: refused, as a new run would be.
+    assert main(["train", "--resume", str(copy / "last.pt"), "--steps", "4", "--checkpoint-dir", str(orig)]
+                + common) == 2
+    assert "holds step-<N>.pt checkpoints of another run" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in orig.iterdir()} == before
+
+
+def test_a_resumed_run_keeps_a_better_best_pt_written_after_its_checkpoint(corpus, tmp_path, capsys):  # noqa: F811
+    """Killed after best.pt was written at a step past last.pt's: the resumed run redoes those steps and must not
+    replace the better model by a worse one (last.pt's record predates it). Validation on other data starts
+    the record afresh: WERs on different data do not compare."""
+    ckpt = tmp_path / "ck"
+    common = ["--data", corpus, "--eval-data", corpus, "--eval-every", "1", "--checkpoint-dir", str(ckpt)] \
+        + TINY_MODEL
+    assert main(["train", "--steps", "2", "--checkpoint-every", "2"] + common) == 0
+    best = load(ckpt / "best.pt")
+    best["best"] = dict(best["best"], wer=0.0, cer=0.0, step=3)  # as if step 3 had validated perfectly
+    torch.save(best, ckpt / "best.pt")
+    kept = (ckpt / "best.pt").read_bytes()
+    capsys.readouterr()
+    assert main(["train", "--resume", str(ckpt / "last.pt"), "--steps", "4", "--checkpoint-every", "2"]
+                + common) == 0
+    assert (ckpt / "best.pt").read_bytes() == kept and "best: WER 0.0000 at step 3" in capsys.readouterr().err
+    other = tmp_path / "other_eval"  # the same utterances at another path: other data, as far as the run knows
+    import shutil
+    shutil.copytree(corpus, other)
+    assert main(["train", "--resume", str(ckpt / "last.pt"), "--steps", "5", "--checkpoint-every", "1"]
+                + common[:2] + ["--eval-data", str(other)] + common[4:]) == 0
+    assert load(ckpt / "best.pt")["best"]["step"] == 5  # the first validation on the new data is the best so far

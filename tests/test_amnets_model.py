@@ -460,9 +460,15 @@ def test_model_rejects_bad_input():
         model.loss(feats, torch.tensor([25, 19]), targets, target_lens)
     with pytest.raises(ValueError, match="budget"):
         model.loss(feats, feat_lens, targets, target_lens, cost_weight=1.0, budget=2.0)
-    for bad in (float("nan"), float("inf")):
+    for bad in (float("nan"), float("inf"), torch.tensor(0.5), "0.5"):
         with pytest.raises(ValueError, match="cost_weight must be a finite number"):
             model.loss(feats, feat_lens, targets, target_lens, cost_weight=bad)
+    # NumPy numbers are numbers (a config read with NumPy): the same loss as the Python float's
+    model.eval()
+    loss, _ = model.loss(feats, feat_lens, targets, target_lens, cost_weight=np.float32(0.5), budget=np.float64(0.1))
+    assert type(loss) is torch.Tensor
+    torch.testing.assert_close(loss, model.loss(feats, feat_lens, targets, target_lens, cost_weight=0.5, budget=0.1)[0])
+    model.train()
     with pytest.raises(ValueError, match=r"no utterance \(B = 0\)"):
         model.loss(feats[:0], feat_lens[:0], targets[:0], target_lens[:0])
     for name, args in (("feat_lens", (feats, feat_lens > 0, targets, target_lens)),  # bool: not 1/0 lengths

@@ -292,7 +292,9 @@ def build_model(cfg: dict, vocab_size: int) -> AmNetsRNNT:
 def temperature(cfg: dict, step: int) -> float:
     """Exponential anneal: tau0 at step 0, tau_min at step anneal_steps - 1 (0: steps - 1) and after."""
     horizon = cfg.get("anneal_steps") or cfg["steps"]
-    progress = step / max(horizon - 1, 1)
+    if horizon <= 1:  # step 0 is step anneal_steps - 1 already
+        return cfg["tau_min"]
+    progress = step / (horizon - 1)
     return cfg["tau0"] * (cfg["tau_min"] / cfg["tau0"]) ** min(progress, 1.0)
 
 
@@ -342,6 +344,9 @@ def _save(path: str, payload: dict) -> None:
 
 def read_checkpoint(path: str) -> dict:
     """A checkpoint written by train (model, config, step; optimizer except in averaged.pt)."""
+    if os.path.isdir(path):
+        raise UsageError(f"{path} is a directory; give a checkpoint in it, e.g. "
+                         f"{os.path.join(path, 'last.pt')} or {os.path.join(path, 'best.pt')}")
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint not found: {path}")
     try:
@@ -453,13 +458,18 @@ def train(cfg: dict, resume: str | None = None, dataset: SpeechDataset | None = 
     if ckpt is not None and "optimizer" not in ckpt:
         raise UsageError(f"{resume} holds no optimizer state (an averaged checkpoint?); resume from last.pt")
     # The anneal horizon is fixed by the first run and kept on --resume: a run extended past it stays at
-    # tau_min instead of jumping back up a schedule recomputed over the new --steps.
+    # tau_min instead of jumping back up a schedule recomputed over the new --steps. config.json keeps the
+    # value as given (0: a later run's own --steps).
+    anneal_given = cfg["anneal_steps"]
     cfg = dict(cfg, anneal_steps=cfg["anneal_steps"] or cfg["steps"])
     for key in ("data", "eval_data", "checkpoint_dir"):  # a checkpoint's paths work from any directory
         cfg[key] = cfg[key] and os.path.abspath(cfg[key])
     # step-<N>.pt carry no run identity: a new run would prune its own (lower-numbered) ones and average
-    # the old run's. Only --resume continues the run they belong to.
-    old = [os.path.basename(p) for p in numbered_checkpoints(cfg["checkpoint_dir"])] if resume is None else []
+    # the old run's. Only --resume continues the run they belong to, in the directory of its checkpoint.
+    old = []
+    if os.path.isdir(cfg["checkpoint_dir"]) and not (
+            resume and os.path.samefile(os.path.dirname(os.path.abspath(resume)), cfg["checkpoint_dir"])):
+        old = [os.path.basename(p) for p in numbered_checkpoints(cfg["checkpoint_dir"])]
     if old:
         raise UsageError(f"--checkpoint-dir {cfg['checkpoint_dir']} holds step-<N>.pt checkpoints of another "
                          f"run ({', '.join(old[:3])}{', ...' if len(old) > 3 else ''}), which "
@@ -481,10 +491,10 @@ def train(cfg: dict, resume: str | None = None, dataset: SpeechDataset | None = 
         optimizer.load_state_dict(ckpt["optimizer"])
         for group in optimizer.param_groups:  # the run's own --lr / --weight-decay, not the saved ones
             group["lr"], group["weight_decay"] = cfg["lr"], cfg["weight_decay"]
-        step, best = ckpt["step"], ckpt.get("best")
+        step, best = ckpt["step"], _best_so_far(cfg, ckpt)
     os.makedirs(cfg["checkpoint_dir"], exist_ok=True)
     if rank == 0:
-        _announce(cfg, model, dataset, valid, resume, step, announce)
+        _announce(cfg, model, dataset, valid, resume, step, announce, anneal_given)
         if step >= cfg["steps"]:
             _log(f"amnets train: the checkpoint is at step {step}, --steps {cfg['steps']}: nothing to train")
     # A forced encoder never runs its arbitrator (and the dense baseline never its cheap factors).
@@ -565,16 +575,35 @@ def train(cfg: dict, resume: str | None = None, dataset: SpeechDataset | None = 
     return model, stats
 
 
+def _best_so_far(cfg: dict, ckpt: dict) -> dict | None:
+    """The best validation record a resumed run starts from: its checkpoint's, or best.pt's in the checkpoint
+    directory when better (written after that checkpoint, by steps this run redoes, which may come out
+    otherwise). Only records of this run's validation data count: WERs on other data do not compare."""
+    def same_data(conf: dict) -> bool:
+        return (conf.get("eval_data"), conf.get("eval_split")) == (cfg["eval_data"], cfg["eval_split"])
+
+    records = [ckpt.get("best")] if same_data(ckpt["config"]) else []
+    path = os.path.join(cfg["checkpoint_dir"], "best.pt")
+    if os.path.isfile(path):
+        try:
+            on_disk = read_checkpoint(path)
+        except UsageError:  # unreadable: the checkpoint's record stands, and the next best overwrites it
+            on_disk = None
+        if on_disk is not None and same_data(on_disk["config"]):
+            records.append(on_disk.get("best"))
+    return min((r for r in records if r), key=lambda r: (r["wer"], r["cer"]), default=None)
+
+
 def _lower_lr(cfg: dict) -> str:
     return f"Lower --lr (now {cfg['lr']:g}) or set --grad-clip."
 
 
 def _announce(cfg: dict, model: AmNetsRNNT, dataset, valid, resume: str | None, step: int,
-              show: bool) -> None:
+              show: bool, anneal_given: int) -> None:
     """The configuration (also written to config.json, a --config file for a later run) and the model's
     size, before anything else is logged."""
     with open(os.path.join(cfg["checkpoint_dir"], "config.json"), "w") as f:
-        json.dump({k: cfg[k] for k in COMMAND_KEYS["train"]}, f, indent=1)
+        json.dump({k: cfg[k] for k in COMMAND_KEYS["train"]} | {"anneal_steps": anneal_given}, f, indent=1)
     if not show:
         return
     shown = " ".join(f"{k}={cfg[k]!r}" for k in COMMAND_KEYS["train"])
@@ -780,6 +809,10 @@ def cmd_corpus(args) -> int:
 def cmd_train(args) -> int:
     base = checkpoint_config(read_checkpoint(args.resume)) if args.resume else None
     cfg, given = resolve_config("train", args, base)
+    if base is not None and "checkpoint_dir" not in given:
+        # Beside the checkpoint given, not where the run was when it wrote it: a copied or moved run
+        # continues in its new place and leaves the original alone.
+        cfg["checkpoint_dir"] = os.path.dirname(os.path.abspath(args.resume))
     if base is not None:
         clash = [k for k in FIXED_BY_CHECKPOINT if k in given and cfg[k] != base[k]]
         if clash:

@@ -9,6 +9,7 @@ amnets_kernels.fused_joint_rnnt_loss computes without materialising the (B, T, U
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -106,7 +107,7 @@ class AmNetsRNNT(nn.Module):
                                         enc_lens.to(torch.int32), target_lens.to(torch.int32), blank=0,
                                         activation=self.joint_activation, reduction="mean")
         cost = aux["cost_fraction"]
-        penalty = cost_weight * (cost if budget is None else F.relu(cost - budget))
+        penalty = float(cost_weight) * (cost if budget is None else F.relu(cost - float(budget)))
         loss = rnnt + penalty
         mask = aux["mask"]
         p_full = aux["p_full"].reshape(*mask.shape, -1)
@@ -246,10 +247,12 @@ def _check_loss(model: AmNetsRNNT, feats, feat_lens, targets, target_lens, cost_
     if int(labels.min()) < 1 or int(labels.max()) >= model.vocab_size:
         raise ValueError(f"{op}: target labels must lie in [1, vocab_size-1={model.vocab_size - 1}] "
                          f"(0 is the blank); got values in [{int(labels.min())}, {int(labels.max())}]")
-    if isinstance(cost_weight, bool) or not isinstance(cost_weight, (int, float)) \
+    # Real numbers of any kind (NumPy's too; the loss takes their float), never a bool or a tensor.
+    if isinstance(cost_weight, bool) or not isinstance(cost_weight, numbers.Real) \
             or not 0 <= cost_weight < math.inf:  # NaN fails too
-        raise ValueError(f"{op}: cost_weight must be a finite number >= 0; got {cost_weight!r}")
-    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+        raise ValueError(f"{op}: cost_weight must be a finite number >= 0 (a Python or NumPy real; for a 0-dim "
+                         f"tensor t, pass float(t)); got {cost_weight!r}")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, numbers.Real)
                                or not 0.0 <= budget <= 1.0):
         raise ValueError(f"{op}: budget must be None or a cost fraction in [0, 1]; got {budget!r}")
 
