@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "checks.h"
@@ -196,18 +197,29 @@ Tensor forward_autograd(const Tensor& x, const Tensor& values, const Tensor& cro
   return BsrLinear::apply(x, values, crow, col, out_features, in_features, bias);
 }
 
+// checks::py_shape of sizes that may be symbolic (under torch.export).
+std::string sym_shape(const Tensor& x) {
+  const c10::SymIntArrayRef sizes = x.sym_sizes();
+  std::string text = "(";
+  for (size_t i = 0; i < sizes.size(); ++i) text += (i ? ", " : "") + c10::str(sizes[i]);
+  return text + (sizes.size() == 1 ? ",)" : ")");
+}
+
 // amnets::bsr_linear: x (..., in_features) as rows.
 Tensor bsr_linear(const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
                   int64_t out_features, int64_t in_features, const std::optional<Tensor>& bias) {
   constexpr const char* op = "bsr_linear";
   TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least 1 dimension (..., in_features); got a scalar");
-  TORCH_CHECK_VALUE(in_features >= 1 && x.size(-1) == in_features, op, ": x.shape[-1] must equal in_features = ",
-                    in_features, "; got x of shape ", checks::py_shape(x.sizes()));
+  // Symbolic sizes (sym_sizes, reshape_symint, view_symint): under torch.export with a dynamic batch, x.sizes()
+  // would specialise the leading dims to the example's (or fail on a symbolic size).
+  TORCH_CHECK_VALUE(in_features >= 1 && x.sym_size(-1) == in_features, op, ": x.shape[-1] must equal in_features = ",
+                    in_features, "; got x of shape ", sym_shape(x));
   static const auto op_forward = face::op<ForwardSig>("bsr_linear_forward");
-  auto shape = x.sizes().vec();
+  std::vector<c10::SymInt> shape(x.sym_sizes().begin(), x.sym_sizes().end());
   shape.back() = out_features;
-  return op_forward.call(x.reshape({-1, in_features}), values, crow, col, out_features, in_features, bias)
-      .view(shape);
+  const std::vector<c10::SymInt> rows{-1, in_features};
+  return op_forward.call(x.reshape_symint(rows), values, crow, col, out_features, in_features, bias)
+      .view_symint(shape);
 }
 
 }  // namespace

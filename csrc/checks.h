@@ -58,6 +58,9 @@ inline at::Tensor int32(const at::Tensor& t) { return t.to(at::kInt).contiguous(
 // ---------------------------------------------------------------------------------------------------
 // bsr_linear: values (nnzb, b, b), crow_indices (ceil(N/b) + 1,), col_indices (nnzb,).
 
+// ceil(n / b) for n, b >= 1 (checked first): (n + b - 1) / b overflows for n near 2^63.
+inline int64_t ceil_div(int64_t n, int64_t b) { return (n - 1) / b + 1; }
+
 inline void bsr_shapes(const char* op, int64_t nnzb, int64_t b, const at::Tensor& crow, const at::Tensor& col,
                        int64_t out_features, int64_t in_features) {
   TORCH_CHECK_VALUE(out_features >= 1 && in_features >= 1, op, ": out_features and in_features must be >= 1; got ",
@@ -67,9 +70,11 @@ inline void bsr_shapes(const char* op, int64_t nnzb, int64_t b, const at::Tensor
   index_dtype(op, "col_indices", col);
   dims(op, "crow_indices", crow, 1);
   dims(op, "col_indices", col, 1);
-  TORCH_CHECK_VALUE(crow.numel() == (out_features + b - 1) / b + 1, op,
+  // crow.numel() - 1 against ceil(N / b): the + 1 would overflow at N = 2^63 - 1, b = 1 (printed unsigned).
+  const int64_t block_rows = ceil_div(out_features, b);
+  TORCH_CHECK_VALUE(crow.numel() - 1 == block_rows, op,
                     ": crow_indices must have shape (ceil(out_features / b) + 1,) = (",
-                    (out_features + b - 1) / b + 1, ",); got ", crow.sizes());
+                    static_cast<uint64_t>(block_rows) + 1, ",); got ", crow.sizes());
   TORCH_CHECK_VALUE(col.numel() == nnzb, op, ": col_indices must have shape (nnzb,) = (", nnzb, ",); got ",
                     col.sizes());
 }
@@ -126,8 +131,8 @@ inline std::pair<at::Tensor, at::Tensor> bsr_pattern(const char* op, int64_t nnz
   TORCH_CHECK_VALUE(nnzb <= std::numeric_limits<int32_t>::max(), op, ": at most 2^31 - 1 blocks; got ", nnzb);
   const at::Tensor crow = crow_in.contiguous(), col = col_in.contiguous();
   AT_DISPATCH_INDEX_TYPES(crow.scalar_type(), "bsr_pattern", [&] {
-    bsr_pattern_data<index_t>(op, crow.data_ptr<index_t>(), col.data_ptr<index_t>(), (out_features + b - 1) / b,
-                              (in_features + b - 1) / b, nnzb);
+    bsr_pattern_data<index_t>(op, crow.data_ptr<index_t>(), col.data_ptr<index_t>(), ceil_div(out_features, b),
+                              ceil_div(in_features, b), nnzb);
   });
   return {int32(crow), int32(col)};
 }
@@ -180,7 +185,11 @@ inline void bsr_linear_args(const char* op, const at::Tensor& x, const at::Tenso
   index_dtype(op, "crow_indices", crow);
   dims(op, "col_indices", col, 1);
   index_dtype(op, "col_indices", col);
-  shape(op, "crow_indices", crow, {(out_features + b - 1) / b + 1}, "(ceil(out_features / b) + 1,) = ");
+  // As shape() would say it, compared as numel - 1 (see bsr_shapes: the + 1 overflows at N = 2^63 - 1, b = 1).
+  const int64_t block_rows = ceil_div(out_features, b);
+  TORCH_CHECK_VALUE(crow.numel() - 1 == block_rows, op,
+                    ": crow_indices must have shape (ceil(out_features / b) + 1,) = (",
+                    static_cast<uint64_t>(block_rows) + 1, ",); got ", py_shape(crow.sizes()));
   shape(op, "col_indices", col, {values.size(0)}, "(nnzb,) = ");
   TORCH_CHECK_TYPE(crow.scalar_type() == col.scalar_type(), op, ": crow_indices (", py_dtype(crow.scalar_type()),
                    ") and col_indices (", py_dtype(col.scalar_type()), ") must have the same dtype");
@@ -407,6 +416,12 @@ inline int64_t lowrank_lstm(const char* op, const at::Tensor& x, const at::Tenso
   shape(op, "w_ih_v", w_ih_v, {r_ih, d});
   shape(op, "w_hh_u", w_hh_u, {4 * hidden, r_hh});
   if (bias.has_value()) shape(op, "bias", *bias, {4 * hidden});
+  // The public ops' dtype rule (lowrank_lstm_args): a floating x, every other tensor on its device in its dtype.
+  floating(op, "x", x);
+  for (const auto& [name, t] : {std::pair{sequence ? "h0" : "h", &h}, {sequence ? "c0" : "c", &c}, {"w_ih_u", &w_ih_u},
+                                {"w_ih_v", &w_ih_v}, {"w_hh_u", &w_hh_u}, {"w_hh_v", &w_hh_v}})
+    like(op, "x", x, name, *t, true);
+  if (bias.has_value()) like(op, "x", x, "bias", *bias, true);
   return hidden;
 }
 
@@ -424,6 +439,12 @@ inline void lowrank_lstm_backward(const char* op, const at::Tensor& grad_out, co
   shape(op, "out", out, {steps, batch, hidden});
   shape(op, "gates", gates, {steps, batch, 4 * hidden});
   shape(op, "cells", cells, {steps, batch, hidden});
+  // Floating, on x's device; not x's dtype: gates and cells are saved in the accumulation dtype.
+  for (const auto& [name, t] : {std::pair{"grad_out", &grad_out}, {"grad_h_n", &grad_h_n}, {"grad_c_n", &grad_c_n},
+                                {"out", &out}, {"gates", &gates}, {"cells", &cells}}) {
+    floating(op, name, *t);
+    like(op, "x", x, name, *t, false);
+  }
 }
 
 }  // namespace amnets::checks

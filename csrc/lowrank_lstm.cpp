@@ -211,7 +211,8 @@ std::tuple<Tensor, Tensor, Tensor> lowrank_lstm_sequence(const Tensor& x, const 
   if (!h0.has_value() || !c0.has_value()) {  // what the zero state's shape is read from
     checks::dims(name, "x", x, 3);
     checks::dims(name, "w_hh_v", w_hh_v, 2);
-    zeros = at::zeros({x.size(1), w_hh_v.size(1)}, x.options());
+    // x's batch as a SymInt: x.size(1) would specialise a dynamic batch under torch.export.
+    zeros = at::zeros_symint({x.sym_size(1), w_hh_v.sym_size(1)}, x.options());
   }
   const Tensor& h = h0.has_value() ? *h0 : zeros;
   const Tensor& c = c0.has_value() ? *c0 : zeros;

@@ -7,6 +7,8 @@
 
 #include <tuple>
 
+#include "checks.h"
+
 namespace amnets {
 
 using LstmGrads = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
@@ -29,6 +31,17 @@ LstmGrads lowrank_lstm_cell_backward(const at::Tensor& grad_h1, const at::Tensor
                                      const at::Tensor& h, const at::Tensor& c, const at::Tensor& w_ih_u,
                                      const at::Tensor& w_ih_v, const at::Tensor& w_hh_u, const at::Tensor& w_hh_v,
                                      const at::Tensor& c1, const at::Tensor& gates) {
+  // The cell's own arguments under their own names first: the sequence's checks would name grad_h1's
+  // stand-ins (grad_out) and c1 as cells.
+  constexpr const char* op = "lowrank_lstm_cell_backward";
+  const int64_t hidden = checks::lowrank_lstm(op, x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, c10::nullopt, false);
+  for (const auto& [name, t] : {std::pair{"grad_h1", &grad_h1}, {"grad_c1", &grad_c1}, {"c1", &c1}})
+    checks::saved(op, name, *t, h.sizes());
+  checks::saved(op, "gates", gates, {x.size(0), 4 * hidden});
+  for (const auto& [name, t] : {std::pair{"grad_h1", &grad_h1}, {"grad_c1", &grad_c1}, {"c1", &c1}, {"gates", &gates}}) {
+    checks::floating(op, name, *t);
+    checks::like(op, "x", x, name, *t, false);
+  }
   LstmGrads g = SequenceBackward(at::zeros_like(grad_h1).unsqueeze(0), grad_h1, grad_c1, x.unsqueeze(0), h, c,
                                  w_ih_u, w_ih_v, w_hh_u, w_hh_v, h.unsqueeze(0), gates.unsqueeze(0),
                                  c1.unsqueeze(0));

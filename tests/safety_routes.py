@@ -1,13 +1,16 @@
 """Corrupt index and label data through every route that once crashed a kernel; run as a script.
 
-`python tests/safety_routes.py FACE [DEVICE]` runs each route with the backend FACE on DEVICE (default cpu;
+`python tests/safety_routes.py FACE [DEVICE [GROUP]]` runs each route of GROUP (default "indices") with the
+backend FACE on DEVICE (default cpu;
 the routes that CUDA tensors do not support or that are documented as unchecked there are left out: see
 UNCHECKED_ON_CUDA), in this one process (the
 caller, tests/test_safety.py, runs it in a subprocess so that a segfault fails the test instead of
 killing pytest), and prints one JSON line per route: {"route", "outcome", "message"}, where outcome is
 the exception's type name, or "returned" when the call gave a result (a silent wrong result: every
-route here is invalid input). The test asserts that every route raised ValueError or TypeError
-naming the corrupted argument and that the process ended without a signal.
+route here is invalid input). The test asserts that every route raised ValueError or TypeError (the one
+the route names, where it names one) naming the corrupted argument and that the process ended without a
+signal. The other groups (tests/test_safety.py: ARGUMENT_GROUPS) are the native ops' (torch.ops.amnets_native.*, the
+FrameEngine) other arguments: state shapes, strings, dtypes, sizes; cpu face only.
 """
 
 import json
@@ -23,14 +26,30 @@ import amnets_kernels as ak  # noqa: E402
 
 HUGE = 10_000_000
 ROUTES = []
+native = torch.ops.amnets_native
 
 
-def route(argument: str):
-    """Register a route whose error must name `argument`."""
+def route(argument: str, error: type | None = None, group: str = "indices"):
+    """Register a route of `group` whose error must name `argument` (and be an `error`, when given)."""
     def register(fn):
-        ROUTES.append((argument, fn))
+        ROUTES.append((argument, error, group, fn))
         return fn
     return register
+
+
+def all_refuse(argument: str, *calls, also: str = ""):
+    """Every call must raise ValueError or TypeError naming `argument` (and `also`); raises the last one (the
+    route's outcome), re-raises any other error, and returns "returned" for a call that gave a result."""
+    for call in calls:
+        try:
+            call()
+        except (ValueError, TypeError) as exc:
+            if argument not in str(exc) or also not in str(exc):
+                raise
+            last = exc
+        else:
+            return "returned"
+    raise last
 
 
 def matrix(out_f=64, in_f=64, block=16, sparsity=0.5):
@@ -133,22 +152,15 @@ def registered_forward_op_bad_col():
     return torch.ops.amnets.bsr_linear_forward(torch.randn(3, k), values, crow, col, n, k, None)
 
 
-@route("col_indices")
+@route("col_indices", ValueError)
 def native_ops_bad_col():  # the compiled kernels called with no Python layer in front (cpu only)
     values, crow, col, n, k = raw_bsr_args()
     x, g = torch.randn(3, k), torch.randn(3, n)
-    for call in (lambda: torch.ops.amnets_native.bsr_linear_forward(x, values, crow, col, n, k, None),
-                 lambda: torch.ops.amnets_native.bsr_linear_backward(g, x, values, crow, col, n, k, True, True),
-                 lambda: torch.ops.amnets_native.bsr_lstm_cell_forward(
-                     torch.randn(3, 48), torch.randn(3, 16), torch.randn(3, 16), values, crow, col, None)):
-        try:
-            call()
-        except ValueError as exc:
-            if "col_indices" not in str(exc):
-                raise
-        else:
-            return "returned"
-    raise ValueError("col_indices: every native op refused it")
+    return all_refuse("col_indices",
+                      lambda: native.bsr_linear_forward(x, values, crow, col, n, k, None),
+                      lambda: native.bsr_linear_backward(g, x, values, crow, col, n, k, True, True),
+                      lambda: native.bsr_lstm_cell_forward(
+                          torch.randn(3, 48), torch.randn(3, 16), torch.randn(3, 16), values, crow, col, None))
 
 
 @route("crow_indices")
@@ -295,6 +307,188 @@ def int64_indices_that_wrap_in_int32():
                                                 weight.col_indices.long(), (16, 16))
 
 
+# ---------------------------------------------------------------------------------------------------
+# The native ops' other arguments, a group per kind (tests/test_safety.py: ARGUMENT_GROUPS; cpu face only).
+
+def dense_bsr(n, k, b=32):
+    """Every b x b block of an (n, k) matrix stored: (values, crow_indices, col_indices)."""
+    nb, kb = n // b, k // b
+    return torch.randn(nb * kb, b, b), torch.arange(nb + 1) * kb, torch.arange(kb).repeat(nb)
+
+
+@route(": h ", ValueError, group="state_batch")
+def native_bsr_lstm_sequence_h_batch():  # h's batch was never checked: heap corruption (larger), over-read (smaller)
+    hidden, d, steps = 64, 32, 3
+    weights = (*dense_bsr(4 * hidden, d), *dense_bsr(4 * hidden, hidden))
+
+    def call(batch, h_batch):
+        return native.bsr_lstm_sequence_forward(torch.randn(steps, batch, d), torch.randn(h_batch, hidden),
+                                                torch.randn(batch, hidden), *weights, None)
+    return all_refuse(": h ", lambda: call(1, 64), lambda: call(64, 1))
+
+
+@route(": c ", ValueError, group="state_batch")
+def native_lstm_c_batch():  # the same for c, on every native LSTM op
+    x, h, wrong = torch.randn(3, 48), torch.randn(3, 16), torch.randn(5, 16)
+    weight = matrix()
+    factors = torch.randn(64, 4), torch.randn(4, 48), torch.randn(64, 4), torch.randn(4, 16)
+    sequence = (*dense_bsr(64, 32, 16), *dense_bsr(64, 16, 16))
+    return all_refuse(": c ",
+                      lambda: native.bsr_lstm_cell_forward(x, h, wrong, weight.values, weight.crow_indices,
+                                                           weight.col_indices, None),
+                      lambda: native.bsr_lstm_sequence_forward(torch.randn(2, 3, 32), h, wrong, *sequence, None),
+                      lambda: native.lowrank_lstm_cell_forward(x, h, wrong, *factors, None, False))
+
+
+@route("activation", ValueError, group="joint")
+def native_joint_unknown_activation():  # any other string ran as the identity
+    enc, pred, weight, bias, targets, frames, labels = joint()
+    saved = native.fused_joint_rnnt_loss_forward(enc, pred, weight, bias, targets, frames, labels, 0, "tanh", -1.0,
+                                                 True)
+    forward = [lambda a=a: native.fused_joint_rnnt_loss_forward(enc, pred, weight, bias, targets, frames, labels, 0,
+                                                                a, -1.0, False) for a in ("TANH", "sigmoid", "")]
+    return all_refuse("activation", *forward,
+                      lambda: native.fused_joint_rnnt_loss_backward(torch.ones(2), enc, pred, weight, bias, targets,
+                                                                    frames, labels, *saved, 0, "sigmoid", -1.0),
+                      also="('tanh', 'relu', 'identity')")
+
+
+@route("enc", ValueError, group="joint")
+def native_joint_zero_hidden():
+    enc, pred, weight, bias, targets, frames, labels = joint(hidden=0)
+    return native.fused_joint_rnnt_loss_forward(enc, pred, weight, bias, targets, frames, labels, 0, "tanh", -1.0,
+                                                False)
+
+
+def engine(cheap="lowrank", dtype=torch.float32, edit=None, arbitrator_edit=None):
+    """A one-layer FrameEngine (D = 12, H = 16), its tensors edited first."""
+    d, hidden, rank = 12, 16, 4
+    weight = torch.randn(4 * hidden, d + hidden) / 3
+    if cheap == "sparse":
+        kept = ak.BlockSparseMatrix.from_dense(weight, block_size=16, sparsity=0.5)
+        layer = [weight, kept.values, kept.crow_indices, kept.col_indices, torch.randn(4 * hidden)]
+    else:
+        layer = [weight, torch.randn(4 * hidden, rank), torch.randn(rank, d), torch.randn(4 * hidden, rank),
+                 torch.randn(rank, hidden), torch.randn(4 * hidden)]
+    layer = [t.to(dtype) if t.is_floating_point() else t for t in layer]
+    arbitrator = [t.to(dtype) for t in (torch.randn(8, d + hidden), torch.randn(8), torch.randn(1, 8),
+                                        torch.randn(1))]
+    if edit:
+        edit(layer)
+    if arbitrator_edit:
+        arbitrator_edit(arbitrator)
+    return torch.classes.amnets_native.FrameEngine(cheap, layer, arbitrator, d, True, False)
+
+
+def replace(index, change):
+    return lambda tensors: tensors.__setitem__(index, change(tensors[index]))
+
+
+@route("w_ih_u", TypeError, group="frame_engine")
+def engine_bf16_with_fp32_factor():  # was a PyTorch INTERNAL ASSERT
+    return engine(dtype=torch.bfloat16, edit=replace(1, lambda t: t.float()))
+
+
+@route("w_ih_v", TypeError, group="frame_engine")
+def engine_integer_or_double_factor():  # were converted silently
+    return all_refuse("w_ih_v", lambda: engine(edit=replace(2, lambda t: t.long())),
+                      lambda: engine(edit=replace(2, lambda t: t.double())))
+
+
+@route("kept values", ValueError, group="frame_engine")
+def engine_meta_kept_values():  # was accepted, then "data is not allocated yet" at run()
+    return engine("sparse", edit=replace(1, lambda t: t.to("meta")))
+
+
+@route("bias", ValueError, group="frame_engine")
+def engine_meta_bias():
+    return engine("sparse", edit=replace(4, lambda t: t.to("meta")))
+
+
+@route("bias", TypeError, group="frame_engine")
+def engine_integer_bias():
+    return engine("sparse", edit=replace(4, lambda t: t.long()))
+
+
+@route("arbitrator W1", TypeError, group="frame_engine")
+def engine_arbitrator_other_dtype():
+    return engine(arbitrator_edit=replace(0, lambda t: t.double()))
+
+
+def lowrank_cell_saved():
+    x, h, c = torch.randn(2, 8), torch.randn(2, 16), torch.randn(2, 16)
+    factors = torch.randn(64, 4), torch.randn(4, 8), torch.randn(64, 4), torch.randn(4, 16)
+    h1, c1, gates = native.lowrank_lstm_cell_forward(x, h, c, *factors, None, True)
+    return torch.randn_like(h1), torch.randn_like(c1), x, h, c, factors, c1, gates
+
+
+@route("c1", ValueError, group="lowrank_cell_backward")
+def native_lowrank_cell_backward_bad_c1():  # was reported as the sequence's "cells"
+    grad_h1, grad_c1, x, h, c, factors, c1, gates = lowrank_cell_saved()
+    return native.lowrank_lstm_cell_backward(grad_h1, grad_c1, x, h, c, *factors, c1[:1], gates)
+
+
+@route("grad_h1", ValueError, group="lowrank_cell_backward")
+def native_lowrank_cell_backward_bad_grad_h1():  # was reported as "grad_out"
+    grad_h1, grad_c1, x, h, c, factors, c1, gates = lowrank_cell_saved()
+    return native.lowrank_lstm_cell_backward(grad_h1[:, :3], grad_c1, x, h, c, *factors, c1, gates)
+
+
+@route(": x ", TypeError, group="dtypes")
+def native_ops_integer_x():  # bsr_linear_forward returned int64; the low-rank ops converted it
+    weight = matrix()
+    values, crow, col = weight.values, weight.crow_indices, weight.col_indices
+    x, h = torch.randn(2, 8), torch.randn(2, 16)
+    factors = torch.randn(64, 4), torch.randn(4, 8), torch.randn(64, 4), torch.randn(4, 16)
+    return all_refuse(": x ",
+                      lambda: native.bsr_linear_forward(torch.ones(3, 64, dtype=torch.long), values.long(), crow,
+                                                        col, 64, 64, None),
+                      lambda: native.lowrank_lstm_cell_forward(x.long(), h, h, *factors, None, False),
+                      lambda: native.lowrank_lstm_sequence_forward(x[None].long(), h, h, *factors, None, False))
+
+
+@route("bias", TypeError, group="dtypes")
+def native_bsr_bias_other_dtype():  # was cast silently
+    weight, x = matrix(), torch.randn(3, 64)
+    args = weight.values, weight.crow_indices, weight.col_indices, 64, 64
+    return all_refuse("bias", *(lambda t=t: native.bsr_linear_forward(x, *args, torch.ones(64, dtype=t))
+                                for t in (torch.float64, torch.long)))
+
+
+@route("weight", TypeError, group="dtypes")
+def native_joint_integer_weight():
+    enc, pred, weight, bias, targets, frames, labels = joint()
+    return native.fused_joint_rnnt_loss_forward(enc, pred, weight.long(), bias, targets, frames, labels, 0, "tanh",
+                                                -1.0, False)
+
+
+@route("pred", TypeError, group="dtypes")
+def native_joint_double_pred():
+    enc, pred, weight, bias, targets, frames, labels = joint()
+    return native.fused_joint_rnnt_loss_forward(enc, pred.double(), weight, bias, targets, frames, labels, 0, "tanh",
+                                                -1.0, False)
+
+
+def huge_out_features(blocks, block_size):
+    """bsr_linear_forward, native and public, with out_features = 2^63 - 1: (N + b - 1) / b overflowed (undefined
+    behaviour; a negative count in the message). The message must give ceil(N / b) + 1 exactly."""
+    n, x = 2**63 - 1, torch.randn(3, 64)
+    calls = [lambda op=op: op(x, *blocks, n, 64, None)
+             for op in (native.bsr_linear_forward, torch.ops.amnets.bsr_linear_forward)]
+    return all_refuse("out_features", *calls, also=f"= ({-(-n // block_size) + 1},)")
+
+
+@route("out_features", ValueError, group="ceil_div")
+def bsr_out_features_near_int64_max():
+    weight = matrix()
+    return huge_out_features((weight.values, weight.crow_indices, weight.col_indices), 16)
+
+
+@route("out_features", ValueError, group="ceil_div")
+def bsr_out_features_int64_max_block_1():  # ceil(N / 1) + 1 = 2^63 itself overflows an int64
+    return huge_out_features((torch.randn(1, 1, 1), torch.tensor([0, 1]), torch.tensor([0])), 1)
+
+
 # The compiled cpu face's own kernels, called with no Python layer in front.
 NATIVE_ONLY = {"native_ops_bad_col", "native_ops_bad_crow", "native_lowrank_cell_mismatched_factors",
                "native_rnnt_bad_labels", "native_joint_bad_lengths"}
@@ -303,11 +497,13 @@ NATIVE_ONLY = {"native_ops_bad_col", "native_ops_bad_crow", "native_lowrank_cell
 UNCHECKED_ON_CUDA = {"col_edited_through_data", "col_edited_through_numpy"}
 
 
-def main(face: str, device: str) -> None:
+def main(face: str, device: str, group: str = "indices") -> None:
     torch.manual_seed(0)
     torch.set_default_device(device)
     with ak.use_backend(face):
-        for argument, fn in ROUTES:
+        for argument, error, in_group, fn in ROUTES:
+            if in_group != group:
+                continue
             if (fn.__name__ in NATIVE_ONLY and face != "cpu") or (device != "cpu" and fn.__name__ in UNCHECKED_ON_CUDA):
                 continue
             print(json.dumps({"route": fn.__name__, "outcome": "started"}), flush=True)
@@ -315,9 +511,9 @@ def main(face: str, device: str) -> None:
                 outcome, message = ("returned", "") if fn() is not None else ("returned None", "")
             except Exception as exc:  # noqa: BLE001 - the outcome is what the test judges
                 outcome, message = type(exc).__name__, str(exc).splitlines()[0] if str(exc) else ""
-            print(json.dumps({"route": fn.__name__, "argument": argument, "outcome": outcome,
-                              "message": message}), flush=True)
+            print(json.dumps({"route": fn.__name__, "argument": argument, "error": error and error.__name__,
+                              "outcome": outcome, "message": message}), flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "cpu")
+    main(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "cpu", sys.argv[3] if len(sys.argv) > 3 else "indices")

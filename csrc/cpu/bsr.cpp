@@ -816,9 +816,14 @@ void check_activations(const char* op, const Tensor& x, const Tensor& values, in
   checks::dims(op, "x", x, 2);
   TORCH_CHECK_VALUE(x.size(1) == in_features, op, ": x.shape[-1] must equal in_features = ", in_features, "; got x of shape ",
                     x.sizes());
-  TORCH_CHECK_TYPE(x.scalar_type() == values.scalar_type(), op, ": values has dtype ", values.scalar_type(),
-                   " but x has ", x.scalar_type(), "; they must match");
-  if (bias.has_value()) checks::shape(op, "bias", *bias, {out_features});
+  // The public op's dtype rule (checks::bsr_linear_args): a floating x; values and bias in its dtype (a bias of
+  // another dtype was cast silently, int64 x and values ran as int64).
+  checks::floating(op, "x", x);
+  checks::like(op, "x", x, "values", values, true);
+  if (bias.has_value()) {
+    checks::shape(op, "bias", *bias, {out_features});
+    checks::like(op, "x", x, "bias", *bias, true);
+  }
 }
 
 Tensor bsr_linear_forward(const Tensor& x, const Tensor& values_in, const Tensor& crow_indices,
@@ -865,9 +870,8 @@ std::tuple<Tensor, Tensor> bsr_lstm_cell_forward(const Tensor& x_in, const Tenso
   check_activations(op, x_in, values_in, d, bias, 4 * hidden);
   checks::shape(op, "h", h_in, {batch, hidden});
   checks::shape(op, "c", c_in, {batch, hidden});
-  TORCH_CHECK_TYPE(h_in.scalar_type() == x_in.scalar_type() && c_in.scalar_type() == x_in.scalar_type(), op,
-                   ": x, h and c must have one dtype; got ", x_in.scalar_type(), ", ", h_in.scalar_type(), ", ",
-                   c_in.scalar_type());
+  checks::like(op, "x", x_in, "h", h_in, true);
+  checks::like(op, "x", x_in, "c", c_in, true);
   TORCH_CHECK_TYPE(has_fast_path(values_in), op, ": no fast kernel for block size ", values_in.size(1), " and dtype ",
                    values_in.scalar_type());
   const Tensor x = x_in.contiguous(), h = h_in.contiguous(), c = c_in.contiguous(), values = values_in.contiguous();
@@ -911,11 +915,13 @@ std::tuple<Tensor, Tensor, Tensor> bsr_lstm_sequence_forward(
   const auto [hh_crow32, hh_col32] = checks::bsr_pattern(op, hh_values_in, hh_crow, hh_col, 4 * hidden, hidden);
   const Tensor x = x_in.contiguous().view({steps * batch, d});
   check_activations(op, x, ih_values_in, d, bias, 4 * hidden);
-  check_activations(op, h_in, hh_values_in, hidden, bias, 4 * hidden);
+  // h's batch too, not only its width: the recurrence reads and writes batch rows of it (a smaller h was read
+  // past its end, a larger one overflowed the (B, 4H) gates).
+  checks::shape(op, "h", h_in, {batch, hidden});
   checks::shape(op, "c", c_in, {batch, hidden});
-  TORCH_CHECK_TYPE(h_in.scalar_type() == x.scalar_type() && c_in.scalar_type() == x.scalar_type(), op,
-                   ": x, h and c must have one dtype; got ", x.scalar_type(), ", ", h_in.scalar_type(), ", ",
-                   c_in.scalar_type());
+  checks::like(op, "x", x, "hh_values", hh_values_in, true);
+  checks::like(op, "x", x, "h", h_in, true);
+  checks::like(op, "x", x, "c", c_in, true);
   TORCH_CHECK_TYPE(has_fast_path(ih_values_in) && has_fast_path(hh_values_in), op,
                    ": no fast kernel for these block sizes / dtypes");
   const Tensor ih_values = ih_values_in.contiguous(), hh_values = hh_values_in.contiguous();
@@ -1005,6 +1011,8 @@ std::tuple<Tensor, Tensor> bsr_linear_backward(const Tensor& grad_out, const Ten
   const auto [crow, col] = checks::bsr_pattern(op, values_in, crow_indices, col_indices, out_features, in_features);
   check_activations(op, x, values_in, in_features, c10::nullopt, out_features);
   checks::shape(op, "grad_out", grad_out, {x.size(0), out_features});
+  checks::floating(op, "grad_out", grad_out);
+  checks::like(op, "x", x, "grad_out", grad_out, false);
   const Tensor values = values_in.contiguous();
   if (!has_fast_path(values)) {
     return dense_backward(grad_out, x, values, crow, col, out_features, in_features, need_x, need_values);

@@ -396,9 +396,16 @@ struct FrameEngine : torch::CustomClassHolder {
     for (size_t at_ = 0; at_ < layer_tensors.size(); at_ += per) {
       const Tensor* t = layer_tensors.data() + at_;
       Layer layer;
+      const std::string of = "layer " + std::to_string(layers.size()) + "'s ";
       checks::dims(kOp, "W", t[0], 2);
-      TORCH_CHECK_TYPE(t[0].scalar_type() == dtype && t[0].device().is_cpu(), kOp,
-                       ": every layer's W must be a CPU tensor of the first one's dtype");
+      check_weight(of + "W", t[0]);
+      if (lowrank) {
+        const char* names[] = {"w_ih_u", "w_ih_v", "w_hh_u", "w_hh_v"};
+        for (int i = 0; i < 4; ++i) check_weight(of + names[i], t[1 + i]);
+      } else {
+        check_weight(of + "kept values", t[1]);
+      }
+      check_weight(of + "bias", t[per - 1]);
       layer.hidden = t[0].size(0) / 4;
       layer.in = in;
       TORCH_CHECK_VALUE(layer.hidden >= 1 && t[0].size(0) == 4 * layer.hidden && t[0].size(1) == in + layer.hidden,
@@ -420,7 +427,6 @@ struct FrameEngine : torch::CustomClassHolder {
         }
       } else {
         layer.kept = own_bsr(t[1], t[2], t[3], 4 * hidden, in + hidden);
-        TORCH_CHECK_TYPE(t[1].scalar_type() == dtype, kOp, ": the kept blocks must have the weights' dtype");
       }
       layer.pad = std::max(layer.full.pad(), lowrank ? 0 : layer.kept.pad());
       checks::shape(kOp, "bias", t[per - 1], {4 * hidden});
@@ -430,6 +436,8 @@ struct FrameEngine : torch::CustomClassHolder {
     }
     n_dec = per_layer ? static_cast<int64_t>(layers.size()) : 1;
     const int64_t a_in = input_size + (uses_state ? hidden : 0);
+    const char* arbitrator_names[] = {"arbitrator W1", "arbitrator b1", "arbitrator W2", "arbitrator b2"};
+    for (int i = 0; i < 4; ++i) check_weight(arbitrator_names[i], arbitrator[i]);
     checks::dims(kOp, "W1", arbitrator[0], 2);
     const int64_t width = arbitrator[0].size(0);
     checks::shape(kOp, "W1", arbitrator[0], {width, a_in});
@@ -438,6 +446,16 @@ struct FrameEngine : torch::CustomClassHolder {
     checks::shape(kOp, "b2", arbitrator[3], {n_dec});
     w1t = pack_transposed(arbitrator[0]), b1 = own_float(arbitrator[1]);
     w2 = own_float(arbitrator[2]), b2 = own_float(arbitrator[3]);
+  }
+
+  // Every tensor the engine copies is a CPU tensor of the weights' dtype, checked by name at construction: an
+  // fp32 factor of a bf16 engine was an internal assert, a meta one "data is not allocated yet" at run(), and
+  // int64 or float64 ones were converted silently.
+  void check_weight(const std::string& name, const Tensor& t) const {
+    TORCH_CHECK_VALUE(t.device().is_cpu(), kOp, ": ", name, " must be on the cpu like the other weights; got ",
+                      t.device());
+    TORCH_CHECK_TYPE(t.scalar_type() == dtype, kOp, ": ", name, " must have the weights' dtype ",
+                     checks::py_dtype(dtype), "; got ", checks::py_dtype(t.scalar_type()));
   }
 
   // x (B, T, D) and h0, c0 (L, B, H) in the weights' dtype (both undefined: zeros, a stream's first chunk).
