@@ -127,7 +127,11 @@ def amnets_step(out_dir: str, frames: int = 30) -> None:
           f"max |diff| = {diff:.2e}")
     assert diff < 1e-5
     # h and c as two tensors: one tensor passed for both would be exported as one input read twice.
-    compile_package(out_dir, "amnets_step", step, (x[:, 0], torch.zeros(2, 1, 64), torch.zeros(2, 1, 64)))
+    # An example frame with row-major strides (40, 1): x[:, 0] has (1200, 1), which the package (run with
+    # AOTI_RUNTIME_CHECK_INPUTS=1 by run_deployed) would then demand of every frame. Not .contiguous(): a
+    # (1, 40) view counts as contiguous whatever its first stride, so it returns the view as it is.
+    frame = x[:, 0].clone(memory_format=torch.contiguous_format)
+    compile_package(out_dir, "amnets_step", step, (frame, torch.zeros(2, 1, 64), torch.zeros(2, 1, 64)))
     write(out_dir, "amnets_step", x[0], out[0])  # (T, D) frames in, (T, H) outputs expected
 
 

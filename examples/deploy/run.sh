@@ -17,3 +17,20 @@ cmake --build "$OUT/cmake"
 RUN=("$OUT/cmake/run_deployed" "$OUT/cmake/libamnets_native.so")
 "${RUN[@]}" "$OUT/acoustic.pt2" "$OUT/acoustic.input.bin" "$OUT/acoustic.expected.bin" 1,50,80
 "${RUN[@]}" "$OUT/amnets_step.pt2" "$OUT/amnets_step.input.bin" "$OUT/amnets_step.expected.bin" 30,40 --stream 2,64
+# Wrong SHAPEs fail with a one-line message instead of running: one whose element count is not the input
+# file's (exit 2, before the package runs), and one with the file's count that is not the exported shape
+# (exit 1: the package's own input check, which run_deployed turns on).
+expect_failure() {  # STATUS COMMAND...
+  local want=$1 status=0
+  shift
+  "$@" 2> "$OUT/wrong_shape.err" || status=$?
+  if [ "$status" != "$want" ] || ! grep -q "^run_deployed: " "$OUT/wrong_shape.err"; then
+    echo "run.sh: expected exit $want and a run_deployed: message from: $*; got exit $status:" >&2
+    cat "$OUT/wrong_shape.err" >&2
+    exit 1
+  fi
+  echo "as expected (exit $status): $(head -n 1 "$OUT/wrong_shape.err")"
+}
+expect_failure 2 "${RUN[@]}" "$OUT/acoustic.pt2" "$OUT/acoustic.input.bin" "$OUT/acoustic.expected.bin" 5000,50,80
+expect_failure 2 "${RUN[@]}" "$OUT/acoustic.pt2" "$OUT/acoustic.input.bin" "$OUT/acoustic.expected.bin" 1,49,80
+expect_failure 1 "${RUN[@]}" "$OUT/acoustic.pt2" "$OUT/acoustic.input.bin" "$OUT/acoustic.expected.bin" 1,80,50
