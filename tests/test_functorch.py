@@ -270,3 +270,17 @@ def test_outside_a_transform_the_native_path_runs():
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # and no warning says anything about transforms
         ak.bsr_linear(x, weight)
+
+
+def test_vmap_says_once_that_it_runs_per_sample():
+    """Our warning, in Python: PyTorch's C++ one, queued in a call that then raised, turned the named error into
+    a SystemError (a model ensemble with one corrupted member after a good call: tests/test_nn.py)."""
+    import amnets_kernels._ops.functorch as functorch_route
+
+    functorch_route._per_sample_said.clear()
+    weight = sparse(32, 32, 16)
+    with pytest.warns(UserWarning, match="bsr_linear_forward under torch.func.vmap runs once per sample"):
+        vmap(lambda x: ak.bsr_linear(x, weight))(torch.randn(3, 2, 32, dtype=F64, device=DEVICE))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        vmap(lambda x: ak.bsr_linear(x, weight))(torch.randn(3, 2, 32, dtype=F64, device=DEVICE))

@@ -15,6 +15,8 @@ torch.ops.amnets.* called directly under a transform still gives PyTorch's error
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from .. import _backend
@@ -29,7 +31,30 @@ def active() -> bool:
 def _below(op, *args):
     """op on args without its C++ autograd (which functorch refuses): the checks and the face only."""
     with torch._C._AutoDispatchBelowAutograd():
-        return op(*args)
+        if not _under_vmap():
+            return op(*args)
+        # vmap runs the op once per sample (functorch's fallback: no batching rule). We say so in Python, and
+        # turn PyTorch's C++ warning of it off for the call: that warning, queued in a call that then raises
+        # (a bad pattern in one member of an ensemble), turned our named ValueError into "SystemError:
+        # <class 'UserWarning'> returned a result with an exception set". PyTorch has no getter for the
+        # switch: it goes back to its default, on.
+        if op not in _per_sample_said:
+            _per_sample_said.add(op)
+            warnings.warn(f"amnets {op.__name__.split('.')[0]} under torch.func.vmap runs once per sample (no "
+                          "batching rule): correct, not batched", stacklevel=3)
+        torch._C._functorch._set_vmap_fallback_warning_enabled(False)
+        try:
+            return op(*args)
+        finally:
+            torch._C._functorch._set_vmap_fallback_warning_enabled(True)
+
+
+_per_sample_said: set = set()
+
+
+def _under_vmap() -> bool:
+    top = torch._C._functorch.peek_interpreter_stack()
+    return top is not None and top.key() == torch._C._functorch.TransformType.Vmap
 
 
 def _forward_mode_unsupported(op: str):
