@@ -228,49 +228,35 @@ def _wanted(ctx, grads):
     return tuple(gr if need else None for gr, need in zip(grads, ctx.needs_input_grad))
 
 
-class _LowrankCell(_Remember):
-    @staticmethod
+def _lowrank(spec, differentiable: int, saved: tuple, zeros_like: tuple):
+    """The Function of one low-rank LSTM op: forward (x, h, c, the four factors, bias) -> the op's outputs, the
+    first `differentiable` of them differentiable. Its backward op reads the seven tensor inputs, then the
+    outputs at `saved`; a gradient not given is zeros shaped like the saved tensor at `zeros_like`."""
+    name, forward_op, backward_op = spec
+
     def forward(x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias):
-        return _below(_CELL[1], x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, True)
+        return _below(forward_op, x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, True)
 
-    @staticmethod
     def setup_context(ctx, inputs, output):
-        h1, c1, gates = output
-        ctx.mark_non_differentiable(gates)
-        ctx.save_for_backward(*inputs[:7], c1, gates)
+        ctx.mark_non_differentiable(*output[differentiable:])
+        ctx.save_for_backward(*inputs[:7], *(output[i] for i in saved))
         _keep_backend(ctx)
 
-    @staticmethod
-    def backward(ctx, grad_h1, grad_c1, _grad_gates):
-        saved = ctx.saved_tensors
-        grad_h1 = torch.zeros_like(saved[1]) if grad_h1 is None else grad_h1
-        grad_c1 = torch.zeros_like(saved[2]) if grad_c1 is None else grad_c1
-        return _wanted(ctx, _first_order(_CELL[0], _CELL[2], ctx, grad_h1, grad_c1, *saved))
+    def backward(ctx, *grads):
+        tensors = ctx.saved_tensors
+        given = [torch.zeros_like(tensors[like]) if g is None else g
+                 for g, like in zip(grads[:differentiable], zeros_like)]
+        return _wanted(ctx, _first_order(name, backward_op, ctx, *given, *tensors))
 
-    jvp = _forward_mode_unsupported(_CELL[0])
+    methods = dict(forward=staticmethod(forward), setup_context=staticmethod(setup_context),
+                   backward=staticmethod(backward), jvp=_forward_mode_unsupported(name))
+    return type(f"_{name}", (_Remember,), methods)
 
 
-class _LowrankSequence(_Remember):
-    @staticmethod
-    def forward(x, h0, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias):
-        return _below(_SEQUENCE[1], x, h0, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, True)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        out, h_n, c_n, gates, cells = output
-        ctx.mark_non_differentiable(gates, cells)
-        ctx.save_for_backward(*inputs[:7], out, gates, cells)
-        _keep_backend(ctx)
-
-    @staticmethod
-    def backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_gates, _grad_cells):
-        saved = ctx.saved_tensors
-        grad_out = torch.zeros_like(saved[7]) if grad_out is None else grad_out
-        grad_h_n = torch.zeros_like(saved[1]) if grad_h_n is None else grad_h_n
-        grad_c_n = torch.zeros_like(saved[2]) if grad_c_n is None else grad_c_n
-        return _wanted(ctx, _first_order(_SEQUENCE[0], _SEQUENCE[2], ctx, grad_out, grad_h_n, grad_c_n, *saved))
-
-    jvp = _forward_mode_unsupported(_SEQUENCE[0])
+# cell: (h1, c1, gates), the backward op reads c1 and gates; sequence: (out, h_n, c_n, gates, cells), it reads
+# out, gates and cells. A missing grad_h1/grad_c1 is zeros like h/c; grad_out like out, grad_h_n/c_n like h0/c0.
+_LowrankCell = _lowrank(_CELL, 2, saved=(1, 2), zeros_like=(1, 2))
+_LowrankSequence = _lowrank(_SEQUENCE, 3, saved=(0, 3, 4), zeros_like=(7, 1, 2))
 
 
 def lowrank_lstm_cell(x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias=None):
