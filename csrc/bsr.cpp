@@ -215,6 +215,8 @@ Tensor bsr_linear(const Tensor& x, const Tensor& values, const Tensor& crow, con
   TORCH_CHECK_VALUE(in_features >= 1 && x.sym_size(-1) == in_features, op, ": x.shape[-1] must equal in_features = ",
                     in_features, "; got x of shape ", sym_shape(x));
   static const auto op_forward = face::op<ForwardSig>("bsr_linear_forward");
+  // Rows already: no reshaping views (two tensors a call, the most of this layer's host cost).
+  if (x.dim() == 2) return op_forward.call(x, values, crow, col, out_features, in_features, bias);
   std::vector<c10::SymInt> shape(x.sym_sizes().begin(), x.sym_sizes().end());
   shape.back() = out_features;
   const std::vector<c10::SymInt> rows{-1, in_features};
