@@ -295,10 +295,10 @@ inline int64_t rnnt_loss_args(const char* op, const at::Tensor& logits, const at
   return blank;
 }
 
-inline int64_t fused_joint_args(const char* op, const at::Tensor& enc, const at::Tensor& pred, const at::Tensor& weight,
-                                const std::optional<at::Tensor>& bias, const at::Tensor& targets,
-                                const at::Tensor& frames, const at::Tensor& labels, int64_t blank,
-                                const std::string& activation) {
+// The joint's tensors and activation: enc (B, T, H), pred (B, U+1, H), weight (V, H), bias (V,) in enc's floating
+// dtype. The public op checks them with the labels (fused_joint_args); the native faces, called directly, alone.
+inline void fused_joint_tensors(const char* op, const at::Tensor& enc, const at::Tensor& pred, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, const std::string& activation) {
   dims(op, "enc", enc, 3);
   floating(op, "enc", enc);
   dims(op, "pred", pred, 3);
@@ -316,10 +316,17 @@ inline int64_t fused_joint_args(const char* op, const at::Tensor& enc, const at:
   if (bias.has_value()) shape(op, "bias", *bias, {vocab}, "(V,) = ");
   TORCH_CHECK_VALUE(activation == "tanh" || activation == "relu" || activation == "identity", op,
                     ": activation must be one of ('tanh', 'relu', 'identity'); got '", activation, "'");
-  blank = rnnt_label_args(op, targets, frames, labels, batch, pred.size(1) - 1, vocab, blank);
   like(op, "enc", enc, "pred", pred, true);
   like(op, "enc", enc, "weight", weight, true);
   if (bias.has_value()) like(op, "enc", enc, "bias", *bias, true);
+}
+
+inline int64_t fused_joint_args(const char* op, const at::Tensor& enc, const at::Tensor& pred, const at::Tensor& weight,
+                                const std::optional<at::Tensor>& bias, const at::Tensor& targets,
+                                const at::Tensor& frames, const at::Tensor& labels, int64_t blank,
+                                const std::string& activation) {
+  fused_joint_tensors(op, enc, pred, weight, bias, activation);
+  blank = rnnt_label_args(op, targets, frames, labels, enc.size(0), pred.size(1) - 1, weight.size(0), blank);
   labels_like(op, "enc", enc, targets, frames, labels);
   return blank;
 }

@@ -403,27 +403,11 @@ struct Joint {
   }
 };
 
-// enc (B, T, H), pred (B, U+1, H), weight (V, H), bias (V,): the lattice (B, T, U+1). Also the activation, once
-// here: Joint's tile() would run any other string as the identity.
+// The lattice (B, T, U+1) of checked joint tensors and activation (Joint's tile() would run any other string as the
+// identity).
 Shape joint_shape(const char* op, const Tensor& enc, const Tensor& pred, const Tensor& weight,
-                  const c10::optional<Tensor>& bias, c10::string_view activation_in) {
-  const std::string activation(activation_in);
-  checks::dims(op, "enc", enc, 3);
-  checks::dims(op, "pred", pred, 3);
-  checks::dims(op, "weight", weight, 2);
-  TORCH_CHECK_VALUE(enc.size(2) >= 1, op, ": enc must have shape (B, T, H) with H >= 1; got ", enc.sizes());
-  TORCH_CHECK_VALUE(pred.size(0) == enc.size(0) && pred.size(2) == enc.size(2), op,
-                    ": pred must have shape (B, U+1, H) to match enc ", enc.sizes(), "; got ", pred.sizes());
-  TORCH_CHECK_VALUE(weight.size(1) == enc.size(2), op, ": weight must have shape (V, H = ", enc.size(2), "); got ",
-                    weight.sizes());
-  if (bias.has_value()) checks::shape(op, "bias", *bias, {weight.size(0)});
-  TORCH_CHECK_VALUE(activation == "tanh" || activation == "relu" || activation == "identity", op,
-                    ": activation must be one of ('tanh', 'relu', 'identity'); got '", activation, "'");
-  // The public op's dtype rule (checks::fused_joint_args): pred, weight and bias in enc's floating dtype.
-  checks::floating(op, "enc", enc);
-  checks::like(op, "enc", enc, "pred", pred, true);
-  checks::like(op, "enc", enc, "weight", weight, true);
-  if (bias.has_value()) checks::like(op, "enc", enc, "bias", *bias, true);
+                  const c10::optional<Tensor>& bias, c10::string_view activation) {
+  checks::fused_joint_tensors(op, enc, pred, weight, bias, std::string(activation));
   return {enc.size(0), enc.size(1), pred.size(1)};
 }
 
