@@ -274,6 +274,11 @@ Saved joint_forward_autograd(const Tensor& enc, const Tensor& pred, const Tensor
 // ---------------------------------------------------------------------------------------------------
 // The public ops: save the lattice only when a gradient is wanted; reduce.
 
+void check_reduction(c10::string_view op, c10::string_view reduction) {
+  TORCH_CHECK_VALUE(reduction == "none" || reduction == "mean" || reduction == "sum", std::string(op),
+                    ": reduction must be one of ('none', 'mean', 'sum'); got '", std::string(reduction), "'");
+}
+
 Tensor reduce(Tensor costs, c10::string_view reduction, bool zero_infinity) {
   if (zero_infinity) costs = at::where(at::isfinite(costs), costs, at::zeros_like(costs));  // as ctc_loss
   if (reduction == "mean") return costs.mean();
@@ -281,9 +286,11 @@ Tensor reduce(Tensor costs, c10::string_view reduction, bool zero_infinity) {
   return costs;
 }
 
-void check_reduction(const char* op, c10::string_view reduction) {
-  TORCH_CHECK_VALUE(reduction == "none" || reduction == "mean" || reduction == "sum", op,
-                    ": reduction must be one of ('none', 'mean', 'sum'); got '", std::string(reduction), "'");
+// The same check and reduction as an op, for the torch.func route (amnets_kernels/_ops/functorch.py), which
+// computes the costs with its own autograd.Function: op names the public op in the error.
+Tensor rnnt_reduce(const Tensor& costs, c10::string_view reduction, bool zero_infinity, c10::string_view op) {
+  check_reduction(op, reduction);
+  return reduce(costs, reduction, zero_infinity);
 }
 
 Tensor rnnt_loss(const Tensor& logits, const Tensor& targets, const Tensor& frames, const Tensor& labels, int64_t blank,
@@ -330,11 +337,14 @@ TORCH_LIBRARY_FRAGMENT(amnets, m) {
   m.def("fused_joint_rnnt_loss_backward(Tensor grad_costs, Tensor enc, Tensor pred, Tensor weight, Tensor? bias, "
         "Tensor targets, Tensor logit_lengths, Tensor target_lengths, Tensor costs, Tensor alphas, Tensor betas, "
         "Tensor den, int blank, str activation, float clamp) -> (Tensor, Tensor, Tensor, Tensor)", layout);
+  // costs (B,) -> the loss as the public ops reduce it; op: the public op's name for the error message.
+  m.def("_rnnt_reduce(Tensor costs, str reduction, bool zero_infinity, str op) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(amnets, CompositeImplicitAutograd, m) {
   m.impl("rnnt_loss", &rnnt_loss);
   m.impl("fused_joint_rnnt_loss", &fused_joint_rnnt_loss);
+  m.impl("_rnnt_reduce", &rnnt_reduce);
 }
 
 TORCH_LIBRARY_IMPL(amnets, Autograd, m) {

@@ -272,15 +272,65 @@ def test_outside_a_transform_the_native_path_runs():
         ak.bsr_linear(x, weight)
 
 
-def test_vmap_says_once_that_it_runs_per_sample():
-    """Our warning, in Python: PyTorch's C++ one, queued in a call that then raised, turned the named error into
-    a SystemError (a model ensemble with one corrupted member after a good call: tests/test_nn.py)."""
+def _counted(monkeypatch, name: str) -> list:
+    """The row counts of every call the torch.func route makes to one of its op directions."""
     import amnets_kernels._ops.functorch as functorch_route
 
-    functorch_route._per_sample_said.clear()
+    op, rows = getattr(functorch_route, name), []
+
+    def counted(*args):
+        rows.append(args[0].shape[0])
+        return op(*args)
+
+    counted.__name__ = op.__name__
+    monkeypatch.setattr(functorch_route, name, counted)
+    return rows
+
+
+@pytest.mark.parametrize("face", FACES)
+def test_vmap_over_inputs_is_one_bsr_linear_call_on_every_row(face, monkeypatch):
+    """bsr_linear's batching rule: vmap over x, and jacrev in x (a vmap of the backward over the basis
+    cotangents), fold the samples into the rows of one call each, without the per-sample warning."""
+    weight = sparse(32, 48, 16)
+    bias = torch.randn(32, dtype=F64, device=DEVICE)
+    xs = torch.randn(5, 3, 48, dtype=F64, device=DEVICE)
+    forward, backward = _counted(monkeypatch, "_BSR_FORWARD"), _counted(monkeypatch, "_BSR_BACKWARD")
+    ours = lambda x: ak.bsr_linear(x, weight, bias)  # noqa: E731
+    with use_face("bsr_linear", face), warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*(per sample|per member|batching rule)")  # float64's slow path
+        outputs = vmap(ours)(xs)
+        jacobian = jacrev(ours)(xs[0])  # (3, 32, 3, 48): 96 cotangents
+    assert forward == [15, 3] and backward == [96 * 3], (forward, backward)
+    dense = lambda x: torch.nn.functional.linear(x, weight.to_dense(), bias)  # noqa: E731
+    assert_same(outputs, dense(xs))
+    assert_same(jacobian, jacrev(dense)(xs[0]))
+
+
+def test_vmap_says_once_where_it_runs_per_sample():
+    """Each case vmap cannot batch says so once, in Python: PyTorch's C++ warning, queued in a call that then
+    raised, turned the named error into a SystemError (a model ensemble with one corrupted member after a good
+    call: tests/test_nn.py)."""
+    import amnets_kernels._ops.functorch as functorch_route
+
     weight = sparse(32, 32, 16)
-    with pytest.warns(UserWarning, match="bsr_linear_forward under torch.func.vmap runs once per sample"):
-        vmap(lambda x: ak.bsr_linear(x, weight))(torch.randn(3, 2, 32, dtype=F64, device=DEVICE))
+    x = torch.randn(3, 2, 32, dtype=F64, device=DEVICE)
+    cell = [torch.randn(3, 2, 8, dtype=F64, device=DEVICE), torch.zeros(2, 4, dtype=F64, device=DEVICE),
+            torch.zeros(2, 4, dtype=F64, device=DEVICE)] + \
+           [torch.randn(*shape, dtype=F64, device=DEVICE) for shape in ((16, 2), (2, 8), (16, 2), (2, 4))]
+    cases = {
+        "lowrank_lstm_cell_forward under torch.func.vmap runs once per sample":
+            lambda: vmap(lambda x: ak.lowrank_lstm_cell(x, *cell[1:])[0])(cell[0]),
+        "bsr_linear under torch.func.vmap computes the values' gradient once per sample":
+            lambda: vmap(grad(lambda x, v: ak.bsr_linear(x, on_pattern(weight, v)).sum(), 1), (0, None))(
+                x, weight.values),
+        "bsr_linear under torch.func.vmap over stacked weights runs once per member":
+            lambda: vmap(lambda v: ak.bsr_linear(x[0], on_pattern(weight, v)))(torch.stack([weight.values] * 2)),
+    }
+    functorch_route._per_sample_said.clear()
+    for message, run in cases.items():
+        with pytest.warns(UserWarning, match=message):
+            run()
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        vmap(lambda x: ak.bsr_linear(x, weight))(torch.randn(3, 2, 32, dtype=F64, device=DEVICE))
+        for run in cases.values():
+            run()

@@ -116,6 +116,8 @@ def _given(t):
 
 
 class _BsrLinear(_Remember):
+    generate_vmap_rule = False  # its own: the rows of every sample in one call (vmap below)
+
     @staticmethod
     def forward(x, values, crow, col, out_features, in_features, bias):
         return _below(_BSR_FORWARD, x, values, crow, col, out_features, in_features, bias)
@@ -141,6 +143,15 @@ class _BsrLinear(_Remember):
         return gx if need_x else None, gv if need_values else None, None, None, None, None, gb
 
     @staticmethod
+    def vmap(info, in_dims, x, values, crow, col, out_features, in_features, bias):
+        if any(d is not None for d in in_dims[1:]):  # stacked weights (an ensemble): one call per member
+            return _per_sample(_BsrLinear, info, in_dims, (x, values, crow, col, out_features, in_features, bias),
+                               "over stacked weights runs once per member")
+        rows = _batch_first(x, in_dims[0], info.batch_size)  # (batch, M, K): one call on batch·M rows
+        y = _BsrLinear.apply(rows.reshape(-1, in_features), values, crow, col, out_features, in_features, bias)
+        return y.reshape(info.batch_size, -1, out_features), 0
+
+    @staticmethod
     def jvp(ctx, dx, dvalues, dcrow, dcol, dout, din, dbias):
         x, values, crow, col = ctx.saved_tensors
         terms = [_BsrLinear.apply(dx, values, crow, col, *ctx.shape, None) if _given(dx) else None,
@@ -150,6 +161,8 @@ class _BsrLinear(_Remember):
 
 
 class _BsrLinearBackward(_Remember):
+    generate_vmap_rule = False
+
     @staticmethod
     def forward(g, x, values, crow, col, out_features, in_features, need_x, need_values):
         return _below(_BSR_BACKWARD, g, x, values, crow, col, out_features, in_features, need_x, need_values)
@@ -177,6 +190,24 @@ class _BsrLinearBackward(_Remember):
         return grad_g, grad_x, grad_v, None, None, None, None, None, None
 
     @staticmethod
+    def vmap(info, in_dims, g, x, values, crow, col, out_features, in_features, need_x, need_values):
+        args = (g, x, values, crow, col, out_features, in_features)
+        if any(d is not None for d in in_dims[2:5]):  # stacked weights: one call per member
+            return _per_sample(_BsrLinearBackward, info, in_dims, (*args, need_x, need_values),
+                               "over stacked weights runs once per member")
+        gx = gv = None
+        if need_x:  # g W row by row: the batch folds into the rows, one call (jacrev in x, vmap of grad in x)
+            rows = [_batch_first(t, d, info.batch_size) for t, d in zip((g, x), in_dims)]
+            gx = _BsrLinearBackward.apply(*(t.reshape(-1, t.shape[-1]) for t in rows), *args[2:], True, False)[0]
+            gx = gx.reshape(info.batch_size, -1, in_features)
+        if need_values:  # a sum over each sample's rows: one call per sample
+            gv = _per_sample(_BsrLinearBackward, info, in_dims, (*args, False, True),
+                             "computes the values' gradient once per sample")[0][1]
+        empty = values.new_empty(0)  # the op's placeholder for a gradient not wanted, the same for every sample
+        return (gx if need_x else empty, gv if need_values else empty), (0 if need_x else None,
+                                                                         0 if need_values else None)
+
+    @staticmethod
     def jvp(ctx, dg, dx, dvalues, *rest):
         # gx = g W(values): d = dg W + g W(dvalues);  gv = blocks(gᵀ x): d = blocks(dgᵀ x) + blocks(gᵀ dx)
         g, x, values, crow, col = ctx.saved_tensors
@@ -189,6 +220,24 @@ class _BsrLinearBackward(_Remember):
                    bwd(g, dx, values, False, True)[1] if _given(dx) else None],
                   lambda: torch.zeros_like(values)) if need_values else values.new_empty(0)
         return tx, tv
+
+
+def _batch_first(t, dim, batch_size: int):
+    """A vmapped tensor with its batch dim first; one vmap does not map (dim None) is the same for every sample."""
+    return t.movedim(dim, 0) if dim is not None else t.expand(batch_size, *t.shape)
+
+
+def _per_sample(function, info, in_dims, args, what: str):
+    """function.apply once per sample of a vmap, the outputs stacked: (outputs, out_dims) for a vmap rule. Says
+    so once per case (what)."""
+    if what not in _per_sample_said:
+        _per_sample_said.add(what)
+        warnings.warn(f"amnets bsr_linear under torch.func.vmap {what}: correct, not batched", stacklevel=4)
+    outs = [function.apply(*(a.select(d, i) if d is not None else a for a, d in zip(args, in_dims)))
+            for i in range(info.batch_size)]
+    if isinstance(outs[0], torch.Tensor):
+        return torch.stack(outs), 0
+    return tuple(torch.stack(column) for column in zip(*outs)), (0,) * len(outs[0])
 
 
 def _sum(terms, zero):
@@ -275,7 +324,7 @@ def lowrank_lstm_sequence(x, h0, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias=None):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The RNN-T losses: per-sequence costs, then the public ops' reduction (csrc/rnnt.cpp's `reduce`).
+# The RNN-T losses: per-sequence costs, then the public ops' reduction (amnets::_rnnt_reduce).
 
 _LOSS = ("rnnt_loss", torch.ops.amnets.rnnt_loss_forward.default, torch.ops.amnets.rnnt_loss_backward.default)
 _JOINT = ("fused_joint_rnnt_loss", torch.ops.amnets.fused_joint_rnnt_loss_forward.default,
@@ -325,27 +374,19 @@ class _FusedJointRnntLoss(_Remember):
     jvp = _forward_mode_unsupported(_JOINT[0])
 
 
-def _reduce(costs, reduction, zero_infinity: bool):
-    if zero_infinity:  # as ctc_loss
-        costs = torch.where(torch.isfinite(costs), costs, torch.zeros_like(costs))
-    return costs.mean() if reduction == "mean" else costs.sum() if reduction == "sum" else costs
-
-
-def _check_reduction(op: str, reduction) -> None:
-    if reduction not in ("none", "mean", "sum"):
-        raise ValueError(f"{op}: reduction must be one of ('none', 'mean', 'sum'); got {reduction!r}")
+def _reduce(op: str, costs, reduction, zero_infinity: bool):
+    # the public ops' own check and reduction (csrc/rnnt.cpp), a composite op that functorch sees through
+    return torch.ops.amnets._rnnt_reduce(costs, reduction, zero_infinity, op)
 
 
 def rnnt_loss(logits, targets, logit_lengths, target_lengths, blank, clamp, reduction, fused_log_softmax,
               zero_infinity):
-    _check_reduction(_LOSS[0], reduction)
     costs = _RnntLoss.apply(logits, targets, logit_lengths, target_lengths, blank, clamp, fused_log_softmax)[0]
-    return _reduce(costs, reduction, zero_infinity)
+    return _reduce(_LOSS[0], costs, reduction, zero_infinity)
 
 
 def fused_joint_rnnt_loss(enc, pred, weight, bias, targets, logit_lengths, target_lengths, blank, activation, clamp,
                           reduction, zero_infinity):
-    _check_reduction(_JOINT[0], reduction)
     costs = _FusedJointRnntLoss.apply(enc, pred, weight, bias, targets, logit_lengths, target_lengths, blank,
                                       activation, clamp)[0]
-    return _reduce(costs, reduction, zero_infinity)
+    return _reduce(_JOINT[0], costs, reduction, zero_infinity)
