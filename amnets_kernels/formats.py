@@ -50,7 +50,8 @@ class BlockSparseMatrix:
     """A (N, K) matrix stored as b x b blocks (BSR); `.values` may be an nn.Parameter.
 
     Build one with `from_dense` (magnitude block pruning or a given mask) or `from_torch_bsr`.
-    The constructor checks the index arrays once (clear errors, never an out-of-bounds read later).
+    The constructor checks the index arrays (clear errors); so do the ops and every method that reads them,
+    as they may be edited in place later (never an out-of-bounds read).
     """
 
     def __init__(self, values: Tensor, crow_indices: Tensor, col_indices: Tensor, shape: tuple[int, int]):
@@ -68,11 +69,7 @@ class BlockSparseMatrix:
         _validate._tensor(op, "col_indices", col_indices, ndim=1, dtypes=_validate.INDEX_DTYPES)
         if crow_indices.dtype != col_indices.dtype:
             crow_indices, col_indices = crow_indices.to(torch.int64), col_indices.to(torch.int64)
-        probe = values.new_empty((0, shape[1]))  # lets the op's own check validate the container
-        # No index data to read on a meta-device matrix (a model built on "meta" to be materialised later)
-        # nor while tracing (fake tensors): the op checks the data itself on every real call.
-        _validate.bsr_linear(op, probe, values, crow_indices, col_indices, shape[0], shape[1], None,
-                             data=values.device.type != "meta" and not _tracing())
+        _check_pattern(op, values, crow_indices, col_indices, shape)
         self.values = values
         self.crow_indices = crow_indices.to(torch.int32)
         self.col_indices = col_indices.to(torch.int32)
@@ -201,17 +198,25 @@ class BlockSparseMatrix:
     def device(self) -> torch.device:
         return self.values.device
 
+    def _check(self, op: str) -> None:
+        """The index data again: it may have been edited in place since construction, or loaded unchecked
+        (torch.load rebuilds the object without calling __init__)."""
+        _check_pattern(f"BlockSparseMatrix.{op}", self.values, self.crow_indices, self.col_indices, self.shape)
+
     def block_mask(self) -> Tensor:
         """(Nb, Kb) bool: which blocks are stored."""
+        self._check("block_mask")
         keep = torch.zeros(block_grid(self.shape, self.block_size), dtype=torch.bool, device=self.device)
         keep[block_row_of(self.crow_indices), self.col_indices.to(torch.int64)] = True
         return keep
 
     def to_dense(self) -> Tensor:
+        self._check("to_dense")
         return bsr_to_dense(self.values, self.crow_indices, self.col_indices, self.shape)
 
     def to_torch_bsr(self) -> Tensor:
         """A torch.sparse_bsr tensor; its shape is padded up to whole blocks (torch requires that)."""
+        self._check("to_torch_bsr")  # check_invariants=False below: torch's kernels would read out of bounds
         rows, cols = block_grid(self.shape, self.block_size)
         b = self.block_size
         return torch.sparse_bsr_tensor(self.crow_indices, self.col_indices, self.values.detach(),
@@ -228,6 +233,15 @@ class BlockSparseMatrix:
     def __repr__(self) -> str:
         return (f"BlockSparseMatrix(shape={self.shape}, block_size={self.block_size}, nnzb={self.nnzb}, "
                 f"density={self.density:.3f}, dtype={self.dtype}, device={self.device})")
+
+
+def _check_pattern(op: str, values: Tensor, crow_indices: Tensor, col_indices: Tensor, shape) -> None:
+    """The checks bsr_linear runs on a weight (container, then index data), with an empty probe input."""
+    probe = values.new_empty((0, shape[1]))
+    # No index data to read on a meta-device matrix (a model built on "meta" to be materialised later)
+    # nor while tracing (fake tensors): the op checks the data itself on every real call.
+    _validate.bsr_linear(op, probe, values, crow_indices, col_indices, shape[0], shape[1], None,
+                         data=values.device.type != "meta" and not _tracing())
 
 
 def _tracing() -> bool:
@@ -259,17 +273,26 @@ torch.serialization.add_safe_globals([BlockSparseMatrix])
 # Low-rank factors
 
 
+def _svd_input(op: str, weight: Tensor) -> Tensor:
+    """`weight` (2-D, floating, finite) detached in float64, as the SVDs below take it."""
+    _validate._tensor(op, "weight", weight, ndim=2, dtypes=_validate.FLOAT_DTYPES)
+    weight = weight.detach().to(torch.float64)
+    if not torch.isfinite(weight).all():
+        raise ValueError(f"{op}: weight must be finite (its singular values are not defined otherwise)")
+    return weight
+
+
 def lowrank_factors(weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
     """Truncated SVD: U (N, rank), V (rank, K) with U @ V the best rank-`rank` approximation of weight.
 
     The singular values are split evenly (sqrt into each side) so both factors have similar scale.
     """
     op = "lowrank_factors"
-    _validate._tensor(op, "weight", weight, ndim=2, dtypes=_validate.FLOAT_DTYPES)
+    weight64 = _svd_input(op, weight)
     _validate._int(op, "rank", rank, 1)
     if rank > min(weight.shape):
         raise ValueError(f"{op}: rank must be <= min(weight.shape) = {min(weight.shape)}; got {rank}")
-    u, s, vh = torch.linalg.svd(weight.detach().to(torch.float64), full_matrices=False)
+    u, s, vh = torch.linalg.svd(weight64, full_matrices=False)
     root = s[:rank].sqrt()
     return ((u[:, :rank] * root).to(weight.dtype).contiguous(),
             (root[:, None] * vh[:rank]).to(weight.dtype).contiguous())
@@ -278,12 +301,9 @@ def lowrank_factors(weight: Tensor, rank: int) -> tuple[Tensor, Tensor]:
 def rank_for_energy(weight: Tensor, energy: float) -> int:
     """Smallest rank whose singular values keep `energy` (in (0, 1]) of sum(sigma^2); 1 for a zero matrix."""
     op = "rank_for_energy"
-    _validate._tensor(op, "weight", weight, ndim=2, dtypes=_validate.FLOAT_DTYPES)
+    weight = _svd_input(op, weight)
     if isinstance(energy, bool) or not isinstance(energy, numbers.Real) or not 0.0 < energy <= 1.0:
         raise ValueError(f"{op}: energy must be a number in (0, 1]; got {energy!r}")
-    weight = weight.detach().to(torch.float64)
-    if not torch.isfinite(weight).all():
-        raise ValueError(f"{op}: weight must be finite (its singular values are not defined otherwise)")
     s = torch.linalg.svdvals(weight)
     if not s[0] > 0:  # a zero matrix: rank 1 (zero factors) keeps all of its (zero) energy
         return 1

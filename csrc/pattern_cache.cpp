@@ -1,5 +1,7 @@
 #include "pattern_cache.h"
 
+#include "tensor_identity.h"
+
 #include <deque>
 #include <mutex>
 #include <string>
@@ -9,14 +11,12 @@ namespace {
 
 struct Entry {
   std::string what;
-  c10::weak_intrusive_ptr<c10::TensorImpl> crow, col;
-  int64_t crow_version, col_version;
+  TensorIdentity crow, col;
   std::vector<int64_t> shape;
   std::vector<at::Tensor> tensors;
 
   bool holds(const char* kind, const at::Tensor& c, const at::Tensor& k, const std::vector<int64_t>& s) const {
-    return what == kind && shape == s && crow_version == c._version() && col_version == k._version() &&
-           crow.lock().get() == c.unsafeGetTensorImpl() && col.lock().get() == k.unsafeGetTensorImpl();
+    return what == kind && shape == s && crow.matches(c) && col.matches(k);
   }
 };
 
@@ -37,9 +37,7 @@ std::vector<at::Tensor> derived(const char* what, const at::Tensor& crow, const 
   std::vector<at::Tensor> tensors = build();  // may raise (a failed check is not remembered)
   std::lock_guard<std::mutex> lock(mutex);
   if (entries.size() == kEntries) entries.pop_front();
-  entries.push_back(Entry{what, c10::weak_intrusive_ptr<c10::TensorImpl>(crow.getIntrusivePtr()),
-                          c10::weak_intrusive_ptr<c10::TensorImpl>(col.getIntrusivePtr()), crow._version(),
-                          col._version(), shape, tensors});
+  entries.push_back(Entry{what, TensorIdentity(crow), TensorIdentity(col), shape, tensors});
   return tensors;
 }
 

@@ -1,9 +1,9 @@
 // What is derived from a block-sparse pattern (crow_indices, col_indices) once and reused while the pattern
 // does not change: the check of index data on the GPU (reading it is a device sync) and the column-major
-// order the CUDA backward needs. An entry holds until either index tensor is freed, replaced or changed
-// in place (its version counter moves), or until forget_all() (amnets_kernels.weights_changed()). An edit
-// that moves no version counter (through .data, .numpy()) is not seen before that call; inference tensors,
-// which have no counter, are never cached.
+// order the CUDA backward needs. An entry holds until either index tensor is freed, replaced, re-pointed
+// (`.data = ...`) or changed in place (its version counter moves: tensor_identity.h), or until forget_all()
+// (amnets_kernels.weights_changed()). An in-place edit that moves no version counter (through .data,
+// .numpy()) is not seen before that call; inference tensors, which have no counter, are never cached.
 #pragma once
 
 #include <ATen/ATen.h>

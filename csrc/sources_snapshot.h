@@ -10,8 +10,11 @@
 
 #include <atomic>
 #include <cstdint>
+#include <optional>
 #include <utility>
 #include <vector>
+
+#include "tensor_identity.h"
 
 namespace amnets {
 
@@ -26,11 +29,11 @@ inline std::atomic<int64_t>& weights_epoch() {
 
 // Built from (dict, key) pairs, e.g. (module._parameters, "weight") or (module._modules, "arbitrator"): the
 // object found there now must be the one found at the snapshot (a parameter or submodule replaced is seen;
-// the objects are held, so that their addresses cannot be reused by others). For a tensor also the TensorImpl
-// it wraps (torch.utils.swap_tensors, as module.to() may use, swaps it), its data pointer (`.data = ...`
-// re-points it) and its version (every in-place write bumps it: optimizer steps, load_state_dict, fill_).
-// Inference tensors keep no version: theirs is -1, and in-place edits of them (only possible inside
-// torch.inference_mode()) are not seen. And the weights epoch above, for the writes no version records.
+// the objects are held, so that their addresses cannot be reused by others). For a tensor also its
+// TensorIdentity (tensor_identity.h): the TensorImpl it wraps (torch.utils.swap_tensors, as module.to() may
+// use, swaps it), its storage and data pointer (`.data = ...` re-points them) and its version (every in-place
+// write bumps it: optimizer steps, load_state_dict, fill_). And the weights epoch above, for the writes no
+// version records.
 class SourcesSnapshot {
  public:
   explicit SourcesSnapshot(const std::vector<std::pair<pybind11::dict, pybind11::object>>& entries)
@@ -40,7 +43,7 @@ class SourcesSnapshot {
       if (value == nullptr && PyErr_Occurred()) throw pybind11::error_already_set();
       TORCH_CHECK_VALUE(value != nullptr, "SourcesSnapshot: no entry ", pybind11::str(key).cast<std::string>());
       Entry e{dict, own_key(dict, key), pybind11::reinterpret_borrow<pybind11::object>(value)};
-      if (THPVariable_Check(value)) e.tensor = state(value);
+      if (THPVariable_Check(value)) e.tensor.emplace(THPVariable_Unpack(value));
       entries_.push_back(std::move(e));
     }
   }
@@ -54,22 +57,16 @@ class SourcesSnapshot {
         if (value == nullptr && PyErr_Occurred()) throw pybind11::error_already_set();
         return false;
       }
-      if (e.tensor.impl != nullptr && state(value) != e.tensor) return false;
+      if (e.tensor && !e.tensor->matches(THPVariable_Unpack(value).unsafeGetTensorImpl())) return false;
     }
     return true;
   }
 
  private:
-  struct TensorState {
-    const c10::TensorImpl* impl = nullptr;
-    const void* data = nullptr;
-    int64_t version = -1;
-    bool operator!=(const TensorState& o) const { return impl != o.impl || data != o.data || version != o.version; }
-  };
   struct Entry {
     pybind11::dict dict;
     pybind11::object key, object;
-    TensorState tensor;  // impl == nullptr: the object is not a tensor
+    std::optional<TensorIdentity> tensor;  // none: the object is not a tensor
   };
 
   // The dict's own key object equal to `key`: a lookup with it matches by identity, with no string compare
@@ -82,12 +79,6 @@ class SourcesSnapshot {
       if (same == 1) return pybind11::reinterpret_borrow<pybind11::object>(k);
     }
     return key;
-  }
-
-  static TensorState state(PyObject* tensor) {
-    c10::TensorImpl* impl = THPVariable_Unpack(tensor).unsafeGetTensorImpl();
-    if (impl->is_inference()) return {impl, impl->data(), -1};
-    return {impl, impl->data(), static_cast<int64_t>(impl->version_counter().current_version())};
   }
 
   int64_t epoch_;

@@ -153,3 +153,33 @@ def test_a_saved_matrix_loads_with_weights_only_and_copies_copy_the_indices(tmp_
     copied = good.to(torch.float32, copy=True)
     assert all(getattr(copied, f).data_ptr() != getattr(good, f).data_ptr()
                for f in ("values", "crow_indices", "col_indices"))
+
+
+@pytest.mark.parametrize("edit, match", [("col_big", "col_indices must lie in"), ("col_neg", "col_indices must lie in"),
+                                         ("crow_big", "crow_indices must be non-decreasing")])
+def test_an_edited_or_loaded_pattern_is_a_named_error_not_a_read_out_of_bounds(tmp_path, edit, match):
+    """The index data is checked again by to_dense, block_mask and to_torch_bsr (whose torch tensor is built
+    unchecked): it may have been edited in place, or loaded with torch.load, which calls no __init__."""
+    m = BlockSparseMatrix.from_dense(torch.randn(64, 64), block_size=16, sparsity=0.5)
+    if edit == "crow_big":
+        m.crow_indices[1] = 100_000
+    else:
+        m.col_indices[0] = 100_000 if edit == "col_big" else -100_000
+    torch.save(m, tmp_path / "m.pt")
+    for matrix in (m, torch.load(tmp_path / "m.pt")):
+        for method in ("to_dense", "block_mask", "to_torch_bsr"):
+            with pytest.raises(ValueError, match=f"BlockSparseMatrix.{method}: {match}"):
+                getattr(matrix, method)()
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_lowrank_factors_of_a_non_finite_weight_is_a_named_error(bad):
+    w = torch.randn(16, 12)
+    w[0, 0] = bad
+    with pytest.raises(ValueError, match="lowrank_factors: weight must be finite"):
+        ak.lowrank_factors(w, 4)
+    lstm = torch.nn.LSTM(12, 16)
+    with torch.no_grad():
+        lstm.weight_hh_l0[3, 2] = bad
+    with pytest.raises(ValueError, match="weight must be finite"):  # an int rank too (no rank_for_energy)
+        ak.nn.LowRankLSTM.from_lstm(lstm, rank=4)

@@ -289,9 +289,12 @@ def test_sources_snapshot_sees_each_kind_of_change():
     snapshot = encoder_module._C.SourcesSnapshot
     module = torch.nn.Linear(3, 2)
     d = {"w": torch.zeros(3), "m": module}
-    changes = [lambda: d["w"].add_(1.0), lambda: setattr(d["w"], "data", torch.ones(3)),
+    buffer = np.zeros(3, dtype=np.float32)  # two storages over it: a re-point to the same address
+    changes = [lambda: setattr(d["w"], "data", torch.from_numpy(buffer)),
+               lambda: d["w"].add_(1.0), lambda: setattr(d["w"], "data", torch.ones(3)),
                lambda: torch.utils.swap_tensors(d["w"], torch.zeros(3)), lambda: d.update(m=torch.nn.Linear(3, 2)),
                lambda: d.update(w=d["w"].clone()), lambda: d.pop("w")]
+    d["w"].data = torch.from_numpy(buffer)
     for change in changes:
         snap = snapshot([(d, "w"), (d, "m")])
         assert snap.matches() and snap.matches()
@@ -300,6 +303,28 @@ def test_sources_snapshot_sees_each_kind_of_change():
         d.setdefault("w", torch.zeros(3))
     with pytest.raises(ValueError, match="no entry bias"):
         snapshot([(d, "bias")])
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="numpy buffers are host memory")
+@pytest.mark.parametrize("cheap", ["sparse", "lowrank"])
+def test_stream_sees_a_weight_re_pointed_to_a_new_buffer_at_the_old_address(cheap):
+    """`param.data = new` keeps the parameter's version, and the new buffer may sit where the freed one was (a
+    perturb-evaluate-restore loop over the weights): the snapshot pins the storage, not only the address. Two
+    storages over one numpy buffer stand in for the allocator's reuse."""
+    cfg = dict(cheap=cheap, layers=2, hidden=32, inp=24, block=16, per_layer=False, uses_state=True, batch=3,
+               frames=4, threshold=0.5, force=None, seed=7, rank=20)
+    enc, x, _ = build(cfg)
+    weight = getattr(enc, "weight_hh_l1" if cheap == "sparse" else "w_ih_u_l0")  # one the engine copies
+    buffer = weight.detach().numpy().copy()
+    weight.data = torch.from_numpy(buffer)
+    state = enc.stream(x[:, :1])[1]
+    assert torch.equal(enc.stream(x, state)[0], enc.stream(x, state)[0])  # built, then from the cache
+    buffer *= -1.5
+    weight.data = torch.from_numpy(buffer)  # another storage, same address, same version
+    assert weight.data_ptr() == buffer.ctypes.data
+    got, want = enc.stream(x, state), copy.deepcopy(enc).stream(x, state)
+    assert torch.equal(got[2], want[2])
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=0)
 
 
 def test_stream_runs_natively_once_its_engine_is_built(monkeypatch):

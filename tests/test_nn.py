@@ -185,3 +185,62 @@ def test_a_model_ensemble_runs_under_vmap(make, grad):
             bad[name][1, 0] = 10_000  # the second member's first block
             with pytest.raises(ValueError, match="col_indices"):
                 ensemble(params, bad)
+
+
+@pytest.mark.filterwarnings("ignore")  # small layers: not cheaper than dense
+@pytest.mark.parametrize("make", [lambda s: BlockSparseLinear(64, 64, 16, sparsity=s),
+                                  lambda s: BlockSparseLSTM(16, 16, block_size=16, sparsity=s)],
+                         ids=["BlockSparseLinear", "BlockSparseLSTM"])
+def test_loading_another_block_count_keeps_the_tensors_an_optimizer_holds(make):
+    """A checkpoint of another pattern resizes the module's own parameters and buffers in place: an optimizer
+    built before the load (resuming a run) keeps training them."""
+    torch.manual_seed(0)
+    module, checkpoint = make(0.5), make(0.75).state_dict()
+    tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+    opt = torch.optim.SGD(module.parameters(), lr=0.1)
+    module.load_state_dict(checkpoint)
+    for name, t in tensors.items():
+        assert getattr(module, name) is t and torch.equal(t, checkpoint[name]), name
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    x = torch.randn(3, 2, 16) if isinstance(module, BlockSparseLSTM) else torch.randn(8, 64)
+    for _ in range(2):
+        opt.zero_grad()
+        (module(x)[0] if isinstance(module, BlockSparseLSTM) else module(x)).square().mean().backward()
+        opt.step()
+    assert all(not torch.equal(before[n], p) for n, p in module.named_parameters())
+
+
+@pytest.mark.filterwarnings("ignore")  # small layers: not cheaper than dense
+def test_from_lstm_takes_numpy_ranks_as_swap_in_does():
+    import numpy as np
+
+    from amnets_kernels.nn import LowRankLSTMCell
+
+    lstm, cell = nn.LSTM(8, 8), nn.LSTMCell(8, 8)
+    for rank in (np.int64(4), np.int32(4)):
+        assert LowRankLSTM.from_lstm(lstm, rank=rank, rank_hh=rank).ranks == [(4, 4)]
+        assert LowRankLSTMCell.from_lstm_cell(cell, rank=rank).ranks == (4, 4)
+    assert LowRankLSTM.from_lstm(lstm, rank=np.float32(1.0)).ranks == LowRankLSTM.from_lstm(lstm, rank=1.0).ranks
+
+
+@pytest.mark.filterwarnings("ignore")  # small layers: not cheaper than dense
+def test_block_sparse_lstm_copies_leave_the_inference_caches_behind():
+    """deepcopy and torch.save of the module carry no caches built from the original's tensors; the copy
+    builds its own."""
+    import copy
+
+    torch.manual_seed(0)
+    lstm = BlockSparseLSTM(16, 16, block_size=16, sparsity=0.5).eval()
+    x = torch.randn(4, 2, 16)
+    with torch.no_grad():
+        want = lstm(x)[0]
+    assert lstm._steps and lstm._splits
+    buffer = io.BytesIO()
+    torch.save(lstm, buffer)
+    buffer.seek(0)
+    for other in (copy.deepcopy(lstm), torch.load(buffer, weights_only=False)):
+        assert other._steps == {} and other._splits == {}
+        with torch.no_grad():
+            torch.testing.assert_close(other(x)[0], want, rtol=0, atol=0)
+        assert other.last_path == lstm.last_path and other._splits
+    assert lstm._steps and lstm._splits  # the original keeps its own

@@ -284,3 +284,29 @@ def test_numpy_numbers_are_accepted_and_models_type_checked():
         ak.swap_in({}, linear_sparsity=0.5)
     with pytest.raises(TypeError, match="unswap: model must be an nn.Module; got dict"):
         ak.unswap({})
+
+
+@pytest.mark.filterwarnings("ignore")  # small layers: not cheaper than dense
+@pytest.mark.parametrize("frozen", ["all", "biases", "none"])
+@pytest.mark.parametrize("kwargs", [dict(lstm_rank=4), dict(lstm_rank=0.5), dict(lstm_sparsity=0.5)],
+                         ids=["rank", "energy", "sparsity"])
+def test_frozen_parameters_stay_frozen_through_swap_in_and_unswap(frozen, kwargs):
+    """Every new parameter trains only if those it is made from did (a frozen encoder, or frozen biases alone),
+    both ways: swap_in, then unswap (each module's to_dense)."""
+    model = nn.ModuleDict(dict(lstm=nn.LSTM(32, 32, num_layers=2, bidirectional=True), proj=nn.LSTM(32, 32, proj_size=8),
+                               cell=nn.LSTMCell(32, 32), linear=nn.Linear(32, 32)))
+    trains = lambda name: frozen == "none" or (frozen == "biases" and "bias" not in name)  # noqa: E731
+
+    def check():
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == \
+               {n: trains(n) for n, _ in model.named_parameters()}
+
+    for name, p in model.named_parameters():
+        p.requires_grad_(trains(name))
+    ak.swap_in(model, linear_sparsity=0.5, block_size=16, only_if_cheaper=False, **kwargs)
+    kinds = {LowRankLSTM, LowRankLSTMCell} if "lstm_rank" in kwargs else {BlockSparseLSTM}
+    assert kinds | {BlockSparseLinear} <= {type(m) for m in model.values()}
+    check()
+    ak.unswap(model)
+    assert all(type(m) in (nn.LSTM, nn.LSTMCell, nn.Linear) for m in model.values())
+    check()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -13,19 +14,17 @@ from .._ops import functorch
 from .._ops.bsr import PreparedBsrLstmCell
 from ..formats import BlockSparseMatrix, bsr_to_dense
 from .cost import warn_if_not_cheaper
-from .stacked_lstm import StackedLSTM, combined_bias, lstm_config_of
+from .stacked_lstm import StackedLSTM, combined_bias, copy_into, lstm_config_of, parameter_from
 
 
 def _resize_to_saved(module: nn.Module, state_dict, prefix: str, names) -> None:
-    """A saved pattern may differ from the module's (another pruning): take the saved tensors' sizes."""
+    """A saved pattern may differ from the module's (another pruning): take the saved tensors' sizes. Only
+    the data is replaced, not the tensor objects: an optimizer built before the load keeps training them."""
     for name in names:
         saved = state_dict.get(prefix + name)
         current = getattr(module, name)
         if saved is not None and saved.shape != current.shape:
-            if isinstance(current, nn.Parameter):
-                setattr(module, name, nn.Parameter(current.new_empty(saved.shape)))
-            else:
-                setattr(module, name, current.new_empty(saved.shape))
+            current.data = current.new_empty(saved.shape)
 
 
 class BlockSparseLinear(nn.Module):
@@ -48,10 +47,10 @@ class BlockSparseLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def _adopt(self, matrix: BlockSparseMatrix) -> None:
+    def _adopt(self, matrix: BlockSparseMatrix, requires_grad: bool = True) -> None:
         self.in_features, self.out_features = matrix.shape[1], matrix.shape[0]
         self.block_size = matrix.block_size
-        self.values = nn.Parameter(matrix.values.detach().clone())
+        self.values = nn.Parameter(matrix.values.detach().clone(), requires_grad=requires_grad)
         self.register_buffer("crow_indices", matrix.crow_indices.clone())
         self.register_buffer("col_indices", matrix.col_indices.clone())
         warn_if_not_cheaper(self, self.values.numel(), self.in_features * self.out_features, matrix.nnzb)
@@ -70,8 +69,8 @@ class BlockSparseLinear(nn.Module):
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         module._adopt(BlockSparseMatrix.from_dense(linear.weight.detach(), block_size=block_size, sparsity=sparsity,
-                                                   mask=mask))
-        module.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone())
+                                                   mask=mask), linear.weight.requires_grad)
+        module.bias = None if linear.bias is None else parameter_from(linear.bias.detach().clone(), linear.bias)
         return module
 
     @classmethod
@@ -126,9 +125,9 @@ class BlockSparseLinear(nn.Module):
         """A plain nn.Linear with the pruned weight (zeros where no block is stored)."""
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=self.values.device, dtype=self.values.dtype)
-        linear.weight.copy_(self.sparse_weight.to_dense())
+        copy_into(linear.weight, self.sparse_weight.to_dense(), self.values)
         if self.bias is not None:
-            linear.bias.copy_(self.bias)
+            copy_into(linear.bias, self.bias, self.bias)
         linear.train(self.training)
         return linear
 
@@ -141,16 +140,19 @@ _sequence = torch.ops.amnets_native.bsr_lstm_sequence_forward.default
 
 
 def _identity(*tensors, versions=()):
-    """What a cache of derived weights is keyed on: the tensors' storage, dtype and device, the version
-    counters of those that may change in place, and the weights epoch (amnets_kernels.weights_changed: the
-    writes no version records); None (do not cache) for inference tensors, which keep no version counter
+    """What a cache of derived weights is keyed on: the tensors' storage, data pointer, dtype and device, the
+    version counters of those that may change in place, and the weights epoch (amnets_kernels.weights_changed:
+    the writes no version records); None (do not cache) for inference tensors, which keep no version counter
     (a model loaded under torch.inference_mode()), and for functorch's wrappers (torch.func.vmap over stacked
-    weights, a model ensemble), which have no storage of their own."""
+    weights, a model ensemble), which have no storage of their own. The storage is held by a weak reference,
+    dead once it is freed: `param.data = new` keeps the parameter's version, and the new buffer may sit at the
+    freed one's address (a perturb-evaluate-restore loop), so the data pointer alone would match."""
     counters = tuple(_validate.version(t) for t in versions)
     if None in counters or any(t is not None and _is_wrapped(t) for t in tensors):
         return None
     return ((_backend._C.weights_epoch(),) + counters
-            + tuple(None if t is None else (t.data_ptr(), t.dtype, t.device) for t in tensors))
+            + tuple(None if t is None else (weakref.ref(t.untyped_storage()), t.data_ptr(), t.dtype, t.device)
+                    for t in tensors))
 
 
 class BlockSparseLSTM(StackedLSTM):
@@ -196,13 +198,13 @@ class BlockSparseLSTM(StackedLSTM):
         self.block_size, self._steps, self._splits, self.last_path = block_size, {}, {}, None
         for _, layer, suffix, _ in self.directions():
             tag = f"_l{layer}{suffix}"
-            w = torch.cat([getattr(lstm, f"weight_ih{tag}"), getattr(lstm, f"weight_hh{tag}")], dim=1).detach()
-            m = BlockSparseMatrix.from_dense(w, block_size=block_size, sparsity=sparsity)
-            self.register_parameter(f"values{tag}", nn.Parameter(m.values.clone()))
+            w_ih, w_hh = getattr(lstm, f"weight_ih{tag}"), getattr(lstm, f"weight_hh{tag}")
+            m = BlockSparseMatrix.from_dense(torch.cat([w_ih, w_hh], dim=1).detach(), block_size=block_size,
+                                             sparsity=sparsity)
+            self.register_parameter(f"values{tag}", parameter_from(m.values.clone(), w_ih, w_hh))
             self.register_buffer(f"crow_indices{tag}", m.crow_indices.clone())
             self.register_buffer(f"col_indices{tag}", m.col_indices.clone())
-            b = combined_bias(lstm, tag) if lstm.bias else None
-            self.register_parameter(f"bias{tag}", None if b is None else nn.Parameter(b))
+            self.register_parameter(f"bias{tag}", combined_bias(lstm, tag))
         kept = min(getattr(self, f"values_l{layer}{suffix}").shape[0] for _, layer, suffix, _ in self.directions())
         warn_if_not_cheaper(self, self.macs_per_frame(), self.dense_macs_per_frame(), kept)
 
@@ -295,6 +297,13 @@ class BlockSparseLSTM(StackedLSTM):
 
     def get_extra_state(self):
         return {"block_size": self.block_size, "input_size": self.input_size, "hidden_size": self.hidden_size}
+
+    def __getstate__(self):
+        """Pickling (torch.save of the module, copy.deepcopy) leaves the inference caches behind: they hold
+        the original's tensors, and the copy rebuilds its own at its first forward."""
+        state = dict(super().__getstate__())
+        state["_steps"], state["_splits"] = {}, {}
+        return state
 
     def set_extra_state(self, state):
         self.block_size = state["block_size"]

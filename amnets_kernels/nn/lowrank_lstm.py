@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 from torch import nn
@@ -14,17 +15,23 @@ from .._ops import functorch
 from .._ops.lstm_update import lstm_pointwise
 from ..formats import lowrank_factors, rank_for_energy
 from .cost import warn_if_not_cheaper
-from .stacked_lstm import StackedLSTM, combined_bias, lstm_config_of
+from .stacked_lstm import StackedLSTM, combined_bias, copy_into, lstm_config_of, parameter_from
 
 _FACTORS = ("w_ih_u", "w_ih_v", "w_hh_u", "w_hh_v")
 
 
-def _check_wanted(op: str, **ranks) -> None:
-    for name, wanted in ranks.items():
-        count = isinstance(wanted, int) and not isinstance(wanted, bool) and wanted >= 1
-        if wanted is not None and not (count or (isinstance(wanted, float) and 0 < wanted <= 1)):
-            raise ValueError(f"{op}: {name} must be an int >= 1 or a float in (0, 1] (a fraction of spectral "
-                             f"energy); got {wanted!r}")
+def _wanted(op: str, name: str, wanted):
+    """rank / rank_hh as a plain int >= 1 or float in (0, 1] (numpy scalars too, as swap_in takes them), or None."""
+    if wanted is None:
+        return None
+    if isinstance(wanted, numbers.Real) and not isinstance(wanted, bool):
+        if isinstance(wanted, numbers.Integral):
+            if wanted >= 1:
+                return int(wanted)
+        elif 0 < wanted <= 1:
+            return float(wanted)
+    raise ValueError(f"{op}: {name} must be an int >= 1 or a float in (0, 1] (a fraction of spectral "
+                     f"energy); got {wanted!r}")
 
 
 def _pick_rank(weight: torch.Tensor, wanted: int | float) -> int:
@@ -35,8 +42,9 @@ def _pick_rank(weight: torch.Tensor, wanted: int | float) -> int:
 def _factor_into(module: nn.Module, tag: str, w_ih: torch.Tensor, w_hh: torch.Tensor, rank, rank_hh) -> tuple:
     """Truncated SVD of one direction's W_ih and W_hh into module parameters w_*_{u,v}{tag}; its ranks."""
     r_ih, r_hh = _pick_rank(w_ih, rank), _pick_rank(w_hh, rank if rank_hh is None else rank_hh)
-    for name, tensor in zip(_FACTORS, (*lowrank_factors(w_ih, r_ih), *lowrank_factors(w_hh, r_hh))):
-        module.register_parameter(f"{name}{tag}", nn.Parameter(tensor))
+    for name, tensor, source in zip(_FACTORS, (*lowrank_factors(w_ih, r_ih), *lowrank_factors(w_hh, r_hh)),
+                                    (w_ih, w_ih, w_hh, w_hh)):
+        module.register_parameter(f"{name}{tag}", parameter_from(tensor, source))
     return r_ih, r_hh
 
 
@@ -100,7 +108,8 @@ class LowRankLSTM(StackedLSTM):
         rank the result reproduces the nn.LSTM (to float32 rounding); a projection (proj_size) is kept dense."""
         if not isinstance(lstm, nn.LSTM):
             raise TypeError(f"LowRankLSTM.from_lstm: lstm must be an nn.LSTM; got {type(lstm).__name__}")
-        _check_wanted("LowRankLSTM.from_lstm", rank=rank, rank_hh=rank_hh)
+        op = "LowRankLSTM.from_lstm"
+        rank, rank_hh = _wanted(op, "rank", rank), _wanted(op, "rank_hh", rank_hh)
         module = cls.__new__(cls)
         StackedLSTM.__init__(module)
         module._configure(**lstm_config_of(lstm))
@@ -109,10 +118,10 @@ class LowRankLSTM(StackedLSTM):
             tag = f"_l{layer}{suffix}"
             module.ranks.append(_factor_into(module, tag, getattr(lstm, f"weight_ih{tag}"),
                                              getattr(lstm, f"weight_hh{tag}"), rank, rank_hh))
-            b = combined_bias(lstm, tag) if lstm.bias else None
-            module.register_parameter(f"bias{tag}", None if b is None else nn.Parameter(b))
+            module.register_parameter(f"bias{tag}", combined_bias(lstm, tag))
             if lstm.proj_size:
-                module.register_parameter(f"w_hr{tag}", nn.Parameter(getattr(lstm, f"weight_hr{tag}").detach().clone()))
+                w_hr = getattr(lstm, f"weight_hr{tag}")
+                module.register_parameter(f"w_hr{tag}", parameter_from(w_hr.detach().clone(), w_hr))
         module.train(lstm.training)
         warn_if_not_cheaper(module, module.macs_per_frame(), module.dense_macs_per_frame())
         return module
@@ -188,13 +197,13 @@ class LowRankLSTMCell(nn.Module):
         """Factor an nn.LSTMCell by truncated SVD (rank as in LowRankLSTM.from_lstm)."""
         if not isinstance(cell, nn.LSTMCell):
             raise TypeError(f"LowRankLSTMCell.from_lstm_cell: cell must be an nn.LSTMCell; got {type(cell).__name__}")
-        _check_wanted("LowRankLSTMCell.from_lstm_cell", rank=rank, rank_hh=rank_hh)
+        op = "LowRankLSTMCell.from_lstm_cell"
+        rank, rank_hh = _wanted(op, "rank", rank), _wanted(op, "rank_hh", rank_hh)
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         module.input_size, module.hidden_size = cell.input_size, cell.hidden_size
         module.ranks = _factor_into(module, "", cell.weight_ih, cell.weight_hh, rank, rank_hh)
-        b = combined_bias(cell, "") if cell.bias else None
-        module.register_parameter("bias", None if b is None else nn.Parameter(b))
+        module.register_parameter("bias", combined_bias(cell, ""))
         module.train(cell.training)
         warn_if_not_cheaper(module, module.macs_per_frame(), module.dense_macs_per_frame())
         return module
@@ -226,11 +235,13 @@ class LowRankLSTMCell(nn.Module):
         """A plain nn.LSTMCell computing what this cell computes (bias as bias_ih, bias_hh zero)."""
         cell = nn.LSTMCell(self.input_size, self.hidden_size, bias=self.bias is not None, device=self.w_ih_u.device,
                            dtype=self.w_ih_u.dtype)
-        cell.weight_ih.copy_(self.w_ih_u @ self.w_ih_v)
-        cell.weight_hh.copy_(self.w_hh_u @ self.w_hh_v)
+        with torch.enable_grad():  # so each product's requires_grad says if a factor of it trains
+            w_ih, w_hh = self.w_ih_u @ self.w_ih_v, self.w_hh_u @ self.w_hh_v
+        copy_into(cell.weight_ih, w_ih, w_ih)
+        copy_into(cell.weight_hh, w_hh, w_hh)
         if self.bias is not None:
-            cell.bias_ih.copy_(self.bias)
-            cell.bias_hh.zero_()
+            copy_into(cell.bias_ih, self.bias, self.bias)
+            copy_into(cell.bias_hh, 0.0, self.bias)
         cell.train(self.training)
         return cell
 

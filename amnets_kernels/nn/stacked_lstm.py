@@ -133,14 +133,12 @@ class StackedLSTM(nn.Module):
                        batch_first=self.batch_first, dropout=self.dropout, bidirectional=self.bidirectional,
                        proj_size=self.proj_size, device=ref.device, dtype=ref.dtype)
         for k, layer, suffix, _ in self.directions():
-            w_ih, w_hh, b, w_hr = self._dense_weights(k)
-            getattr(lstm, f"weight_ih_l{layer}{suffix}").copy_(w_ih)
-            getattr(lstm, f"weight_hh_l{layer}{suffix}").copy_(w_hh)
-            if self.bias:
-                getattr(lstm, f"bias_ih_l{layer}{suffix}").copy_(b)
-                getattr(lstm, f"bias_hh_l{layer}{suffix}").zero_()
-            if self.proj_size:
-                getattr(lstm, f"weight_hr_l{layer}{suffix}").copy_(w_hr)
+            with torch.enable_grad():  # so each product's requires_grad says if a factor of it trains
+                w_ih, w_hh, b, w_hr = self._dense_weights(k)
+            for name, value, source in (("weight_ih", w_ih, w_ih), ("weight_hh", w_hh, w_hh), ("bias_ih", b, b),
+                                        ("bias_hh", 0.0, b), ("weight_hr", w_hr, w_hr)):
+                if source is not None:  # no bias / no projection
+                    copy_into(getattr(lstm, f"{name}_l{layer}{suffix}"), value, source)
         lstm.train(self.training)
         return lstm
 
@@ -158,10 +156,26 @@ def lstm_config_of(lstm: nn.LSTM) -> dict:
                 bidirectional=lstm.bidirectional, proj_size=lstm.proj_size)
 
 
-def combined_bias(lstm: nn.Module, suffix: str) -> torch.Tensor | None:
-    """nn.LSTM's / nn.LSTMCell's two biases as the one our ops take (bias_ih + bias_hh), or None."""
+def parameter_from(tensor: torch.Tensor, *sources: torch.Tensor) -> nn.Parameter:
+    """A new parameter holding `tensor`, trainable only if a parameter it is made from is: swap_in, unswap
+    and to_dense keep a frozen layer (or a frozen bias alone) frozen."""
+    return nn.Parameter(tensor, requires_grad=any(s.requires_grad for s in sources))
+
+
+def copy_into(param: nn.Parameter, value, source: torch.Tensor) -> None:
+    """A dense module's parameter takes `value`, and trains only if `source` does (a frozen layer stays frozen)."""
+    with torch.no_grad():
+        param.copy_(torch.as_tensor(value))
+    param.requires_grad_(source.requires_grad)
+
+
+def combined_bias(lstm: nn.Module, suffix: str) -> nn.Parameter | None:
+    """nn.LSTM's / nn.LSTMCell's two biases as the one parameter our ops take (bias_ih + bias_hh), or None."""
     b_ih = getattr(lstm, f"bias_ih{suffix}", None)
-    return None if b_ih is None else (b_ih + getattr(lstm, f"bias_hh{suffix}")).detach().clone()
+    if b_ih is None:
+        return None
+    b_hh = getattr(lstm, f"bias_hh{suffix}")
+    return parameter_from((b_ih + b_hh).detach(), b_ih, b_hh)
 
 
 def _in_autocast_dtype(input, hx):
