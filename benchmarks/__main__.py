@@ -3,7 +3,9 @@
 Times every available face of each op against its baseline on this machine's device (CUDA if present,
 else the CPU with pinned threads), prints one markdown table, and writes <out>/<device>.json (rows plus
 device, versions and date), .md (with each ratio's min-max over rounds) and .png (when matplotlib is
-installed). `make bench` runs this; `make bench QUICK=1` the smoke run.
+installed). `make bench` runs this; `make bench QUICK=1` the smoke run. A part of the table (--ops, --filter)
+is written under its own name (<device>-<ops>-<filter>), never over the whole table's; a --filter that
+matches no case is an error before anything is built or written.
 On a GPU, suites that define a GPU grid use it (harness.pick_grid): the issue's target shapes, sized to
 fit benchmarks/gpu_suite.sh's lease.
 """
@@ -11,6 +13,7 @@ fit benchmarks/gpu_suite.sh's lease.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import importlib
 import importlib.machinery
@@ -20,6 +23,7 @@ import os
 import platform
 import re
 import sys
+import tempfile
 import time
 import warnings
 
@@ -63,13 +67,13 @@ def prefer_installed_package() -> str | None:
 # Before the suites import amnets_kernels.
 _PACKAGE_NOTE = prefer_installed_package()
 
-from .harness import as_dicts, markdown, measure  # noqa: E402
+from .harness import TIMED_FACES, as_dicts, at_least, command_line, everything, markdown, measure  # noqa: E402
 
 
 def _suite(module: str, function: str):
     """A suite's cases, its module imported when that suite runs: `--ops bsr` needs no torchaudio."""
-    def cases(device, quick):
-        return getattr(importlib.import_module(f".{module}", __package__), function)(device, quick)
+    def cases(device, quick, wanted=everything):
+        return getattr(importlib.import_module(f".{module}", __package__), function)(device, quick, wanted)
     return cases
 
 
@@ -164,39 +168,98 @@ def plot(rows, path: str) -> str | None:
     return None
 
 
+def case_names(ops, device: torch.device, quick: bool) -> dict[str, list[str]]:
+    """Every case name of each suite in `ops`, in order, with nothing built (see harness.everything)."""
+    names = {}
+    for op in ops:
+        seen = names[op] = []
+
+        def record(name, seen=seen):
+            if name not in seen:
+                seen.append(name)
+            return False
+
+        for _ in SUITES[op](device, quick, record):
+            pass
+    return names
+
+
+def device_arg(text: str) -> torch.device:
+    """--device: an argparse type, so that a bad device is one line naming the flag."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device: give cpu, cuda or cuda:N") from None
+    if device.type not in TIMED_FACES:
+        raise argparse.ArgumentTypeError(f"{text!r}: the benchmarks run on {' or '.join(TIMED_FACES)}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text!r}: no CUDA GPU here (torch.cuda.is_available() is False)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{text!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small shapes, few rounds: a smoke run")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--threads", type=int, default=2, help="CPU threads (pinned; default 2)")
+    parser = command_line(__doc__, "benchmarks")
+    parser.add_argument("--quick", action="store_true", help="small shapes, 3 rounds per case: a smoke run")
+    parser.add_argument("--device", type=device_arg, default=None,
+                        help="cpu, cuda or cuda:N (default: cuda where a GPU is, else cpu)")
+    parser.add_argument("--threads", type=at_least(1), default=2, help="CPU threads (pinned; default 2)")
     parser.add_argument("--ops", default=",".join(SUITES), help=f"comma-separated, of {list(SUITES)}")
     parser.add_argument("--filter", default="", help="only cases whose name contains this text")
-    parser.add_argument("--rounds", type=int, default=7)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    parser.add_argument("--name", default=None, help="file name stem (default: the device's name)")
+    parser.add_argument("--rounds", type=at_least(3), default=None,
+                        help="most timed rounds per case (default 7; at least 3). A case whose calls are slow gets "
+                             "fewer, down to 3, to stay within about 3 s of timing (1 s on a GPU); --quick times "
+                             "3 rounds and takes no --rounds")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"),
+                        help="folder for the .json/.md/.png (default: benchmarks/results)")
+    parser.add_argument("--name", default=None,
+                        help="file name stem (default: the device's name, then -quick for --quick, and for a "
+                             "partial run its --ops and --filter, so that a part never replaces the whole table)")
     args = parser.parse_args(argv)
-    unknown = set(args.ops.split(",")) - set(SUITES)
+    ops = args.ops.split(",")
+    unknown = set(ops) - set(SUITES)
     if unknown:
         parser.error(f"unknown --ops {sorted(unknown)}; choose from {list(SUITES)}")
+    if args.quick and args.rounds is not None:
+        parser.error("argument --rounds: --quick times 3 rounds per case; give one or the other")
+    if args.name is not None and (not args.name or os.sep in args.name or args.name in (".", "..")):
+        parser.error(f"argument --name: {args.name!r} is not a file name stem (no {os.sep!r}; --out picks the folder)")
+    try:
+        os.makedirs(args.out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=args.out):
+            pass
+    except OSError as exc:
+        parser.error(f"argument --out: cannot write to {args.out!r}: {exc.strerror or exc}")
 
     if _PACKAGE_NOTE:
         print(f"python -m benchmarks: {_PACKAGE_NOTE}", file=sys.stderr)
-    device = torch.device(args.device)
+    device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.set_num_threads(args.threads)
-    torch.manual_seed(0)
     import amnets_kernels as ak
 
     warnings.simplefilter("ignore", ak.FallbackWarning)  # the table labels every face explicitly
     warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
     warnings.filterwarnings("ignore", message="Sparse BSR tensor support is in beta")
+    # Before anything is built: a --filter that matches nothing is an error, not a long run that writes an empty table.
+    names = case_names(ops, device, args.quick)
+    if not any(args.filter in n for got in names.values() for n in got):
+        where = f"--ops {','.join(ops)} on {device.type}" + (" with --quick" if args.quick else "")
+        if args.filter:
+            some = [n for got in names.values() for n in got][:3]
+            parser.error(f"argument --filter: {args.filter!r} matches none of the {sum(map(len, names.values()))} "
+                         f"case names of {where}" + (f" (such as {'; '.join(map(repr, some))})" if some else ""))
+        parser.error(f"{where} has no case to run")
+    torch.manual_seed(0)
     # GPU calls take microseconds: shorter rounds keep the whole suite inside gpu_suite.sh's 10 minutes.
     timing = dict(rounds=3, round_s=0.005, budget_s=0.5) if args.quick else \
-        dict(rounds=args.rounds, round_s=0.005 if device.type == "cuda" else 0.02,
+        dict(rounds=args.rounds or 7, round_s=0.005 if device.type == "cuda" else 0.02,
              budget_s=1.0 if device.type == "cuda" else 3.0)
     name = device_name(device, args.threads)
-    stem = args.name or slug(name) + ("-quick" if args.quick else "")
-    os.makedirs(args.out, exist_ok=True)
-    rows, start = [], time.time()
+    part = [slug(",".join(ops))] if set(ops) != set(SUITES) else []
+    part += [slug(args.filter) or "filtered"] if args.filter else []
+    stem = args.name or "-".join([slug(name)] + (["quick"] if args.quick else []) + part)
+    rows, start, replaced = [], time.time(), []
 
     def snapshot(complete: bool) -> dict:
         return {
@@ -215,14 +278,17 @@ def main(argv=None) -> int:
     def write_json(complete: bool) -> dict:
         # Rewritten after every case, so a run cut short by a time limit still leaves its rows.
         got = snapshot(complete)
+        if not replaced:  # this run replaces the stem's report: no .md or .png of an earlier run stays beside it
+            for ext in (".md", ".png"):
+                with contextlib.suppress(FileNotFoundError):
+                    os.remove(os.path.join(args.out, stem + ext))
+            replaced.append(stem)
         with open(os.path.join(args.out, stem + ".json"), "w") as f:
             json.dump(got, f, separators=(",", ":"))
         return got
 
-    for op in args.ops.split(","):
-        for case in SUITES[op](device, args.quick):
-            if args.filter not in case.name:
-                continue
+    for op in ops:
+        for case in SUITES[op](device, args.quick, lambda case_name: args.filter in case_name):
             got = measure(case, device, **timing)
             rows += got
             for r in got:

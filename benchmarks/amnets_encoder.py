@@ -10,12 +10,14 @@ The fraction f of full-branch frames is forced: at B=1 the whole stream takes "f
 the first round(f * 64) rows take the full branch on every frame and the others the cheap one.
 """
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 from amnets.encoder import AmNetsEncoder, lstm_pointwise
 
-from .harness import Candidate, Case, face_candidates, inference, pick_grid
+from .harness import Candidate, Case, everything, face_candidates, inference, pick_grid
 
 FULL = dict(input=240, hidden=1024, layers=3, steps=20, sparsity=0.8, block=32, rank=128,
             batches={1: [0.0, 1.0], 64: [0.0, 0.25, 0.5, 0.75, 1.0]},
@@ -65,17 +67,29 @@ def flop_only_stream(enc: AmNetsEncoder, weights, x: torch.Tensor, full: torch.T
     return inp
 
 
-def cases(device: torch.device, quick: bool):
+def cases(device: torch.device, quick: bool, wanted=everything):
     grid = pick_grid(device, quick, FULL, QUICK)
     for cheap in ("sparse", "lowrank"):
-        torch.manual_seed(0)
-        enc = AmNetsEncoder(grid["input"], grid["hidden"], grid["layers"], cheap=cheap,
-                            sparsity=grid["sparsity"], block_size=grid["block"], rank=grid["rank"])
-        enc = enc.to(device).eval()
-        lstm = dense_lstm(enc).to(device).eval()
+        models = functools.cache(functools.partial(_models, grid, cheap, device))  # for the first wanted case
         for batch, fractions in grid["batches"].items():
             for f in fractions:
-                yield _case(enc, lstm, grid, batch, f, device)
+                if wanted(case_name(grid, cheap, batch, f)):
+                    yield _case(*models(), grid, batch, f, device)
+
+
+def _models(grid, cheap, device):
+    """The switching encoder of `cheap`'s branch and its dense nn.LSTM stack."""
+    torch.manual_seed(0)
+    enc = AmNetsEncoder(grid["input"], grid["hidden"], grid["layers"], cheap=cheap,
+                        sparsity=grid["sparsity"], block_size=grid["block"], rank=grid["rank"])
+    enc = enc.to(device).eval()
+    return enc, dense_lstm(enc).to(device).eval()
+
+
+def case_name(grid, cheap, batch, f) -> str:
+    branch = f"b={grid['block']} s={float(grid['sparsity'])}" if cheap == "sparse" else f"r={grid['rank']}"
+    return (f"{cheap} {branch} D={grid['input']} H={grid['hidden']} L={grid['layers']} T={grid['steps']} "
+            f"B={batch} f={f:g}")
 
 
 def _case(enc, lstm, grid, batch, f, device):
@@ -94,9 +108,7 @@ def _case(enc, lstm, grid, batch, f, device):
     faces, skipped = face_candidates(OPS[enc.cheap], device, inference(lambda: enc.stream(x, force=force)[0]),
                                      skip_reference=None if grid["reference"] else
                                      "the pure-PyTorch oracle: not timed on the full grid")
-    branch = f"b={enc.block_size} s={enc.sparsity}" if enc.cheap == "sparse" else f"r={grid['rank']}"
-    name = (f"{enc.cheap} {branch} D={enc.input_size} H={enc.hidden_size} L={enc.num_layers} T={steps} "
-            f"B={batch} f={f:g}")
+    name = case_name(grid, enc.cheap, batch, f)
     params = dict(cheap=enc.cheap, input=enc.input_size, hidden=enc.hidden_size, layers=enc.num_layers,
                   steps=steps, batch=batch, full_fraction=f, block=enc.block_size, sparsity=enc.sparsity,
                   rank=grid["rank"], dtype="fp32")

@@ -14,7 +14,6 @@ only: it checks this script runs, its times mean nothing).
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import torch
@@ -25,6 +24,7 @@ from amnets_kernels import _backend
 from .__main__ import cpu_model
 from .bsr import cache_bytes, residency
 from .frame_engine import interleaved
+from .harness import at_least, command_line
 
 
 def with_tiles(mode: str, fn):
@@ -75,9 +75,9 @@ def cases(quick: bool):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = command_line(__doc__, "benchmarks.amx_rows")
     parser.add_argument("--quick", action="store_true", help="small shapes, 1 round: a smoke run")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=at_least(1), default=1)
     parser.add_argument("--emulate", action="store_true", help="the scalar emulation as 'on' (tests only)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)

@@ -2,14 +2,16 @@
 matmuls (BSR and CSR), forward and forward+backward. Headline shapes: W 4096x2048 (the gate
 matrix of a 1024-unit LSTM layer) and 1024x1024."""
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 import amnets_kernels as ak
 from amnets_kernels import BlockSparseMatrix
 
-from .harness import (DTYPE_NAMES, Candidate, Case, backward_of, face_candidates, inference, pick_grid,
-                      rotating)
+from .harness import (DTYPE_NAMES, Candidate, Case, backward_of, everything, face_candidates, inference,
+                      pick_grid, rotating)
 
 FULL = dict(shapes=[(4096, 2048), (1024, 1024)], blocks=[16, 32, 64], densities=[0.5, 0.25, 0.1],
             rows=[1, 4, 16, 64, 256], dtypes=[torch.float32, torch.bfloat16], modes=["fwd", "fwd+bwd"])
@@ -62,7 +64,7 @@ def _weight_sets(shape, block, density, dtype, device, train, count=WEIGHT_SETS,
     return sets
 
 
-def cases(device: torch.device, quick: bool):
+def cases(device: torch.device, quick: bool, wanted=everything):
     grid = pick_grid(device, quick, FULL, QUICK, GPU)
     for shape in grid["shapes"]:
         for block in grid["blocks"]:
@@ -70,12 +72,15 @@ def cases(device: torch.device, quick: bool):
                 for dtype in grid["dtypes"]:
                     for mode in grid["modes"]:
                         train = mode == "fwd+bwd"
-                        sets = _weight_sets(shape, block, density, dtype, device, train)
+                        # built for the first wanted row count, shared by the others
+                        sets = functools.cache(functools.partial(_weight_sets, shape, block, density, dtype, device,
+                                                                 train))
                         for m in grid["rows"]:
-                            yield _case(shape, block, density, dtype, mode, m, sets, device)
+                            if wanted(case_name(shape, block, density, m, dtype)):
+                                yield _case(shape, block, density, dtype, mode, m, sets(), device)
 
 
-def regime_cases(device: torch.device, quick: bool = False):
+def regime_cases(device: torch.device, quick: bool = False, wanted=everything):
     """The headline shape (4096x2048, b=32, fwd, M=1 and 16) in the dram and cache regimes, CPU only
     (`python -m benchmarks --ops bsr_regimes`); nothing for --quick."""
     if device.type != "cpu" or quick:
@@ -88,9 +93,16 @@ def regime_cases(device: torch.device, quick: bool = False):
             for regime, count in REGIMES.items():
                 if count is None:  # enough sets that the kept blocks alone are twice the last-level cache
                     count = min(64, max(WEIGHT_SETS, int(2 * caches.get("L3", 32 << 20) / kept) + 1))
-                sets = _weight_sets(shape, block, density, dtype, device, False, count, peers=False)
+                sets = functools.cache(functools.partial(_weight_sets, shape, block, density, dtype, device, False,
+                                                         count, peers=False))
                 for m in (1, 16):
-                    yield _case(shape, block, density, dtype, "fwd", m, sets, device, regime, caches)
+                    if wanted(case_name(shape, block, density, m, dtype, regime)):
+                        yield _case(shape, block, density, dtype, "fwd", m, sets(), device, regime, caches)
+
+
+def case_name(shape, block, density, m, dtype, regime=None) -> str:
+    return f"W={shape[0]}x{shape[1]} b={block} d={density} M={m} {DTYPE_NAMES[dtype]}" + \
+        (f" [{regime}]" if regime is not None else "")
 
 
 def _case(shape, block, density, dtype, mode, m, sets, device, regime=None, caches=None):
@@ -105,15 +117,13 @@ def _case(shape, block, density, dtype, mode, m, sets, device, regime=None, cach
     faces, skipped = face_candidates("bsr_linear", device, wrap(lambda: ak.bsr_linear(x, pick["sparse"]())))
     if regime is not None:  # the oracle's speed says nothing about where weights live
         faces = [f for f in faces if f.label != "amnets[reference]"]
-    name = f"W={shape[0]}x{shape[1]} b={block} d={density} M={m} {DTYPE_NAMES[dtype]}"
+    name = case_name(shape, block, density, m, dtype, regime)
     kept_bytes = sets[0]["sparse"].values.numel() * sets[0]["sparse"].values.element_size()
     dense_bytes = sets[0]["dense"].numel() * sets[0]["dense"].element_size()
     caches = cache_bytes() if caches is None and device.type == "cpu" else (caches or {})
     where = (f"{len(sets)} sets: dense {len(sets) * dense_bytes / 2**20:.0f} MB in "
              f"{residency(len(sets) * dense_bytes, caches)}, kept {len(sets) * kept_bytes / 2**20:.1f} MB in "
              f"{residency(len(sets) * kept_bytes, caches)}") if device.type == "cpu" else f"{len(sets)} sets"
-    if regime is not None:
-        name += f" [{regime}]"
     baseline.note = f"same pruned weight, stored dense; {where}"
     params = dict(out_features=shape[0], in_features=shape[1], block=block, density=density, rows=m,
                   dtype=DTYPE_NAMES[dtype], weight_sets=len(sets), regime=regime or "rotated",

@@ -15,7 +15,6 @@ Rows (1 thread, fp32, B=1 unless said; microseconds per call, the mean over a ti
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -72,11 +71,8 @@ def measure() -> dict:
     return rows
 
 
-if __name__ == "__main__":
-    if "--worker" in sys.argv:  # one measuring process of an A/B run, maybe with another checkout's packages
-        print(json.dumps(measure()))
-    else:
-        sys.path.append(HERE)
-        from benchmarks import ab
+if __name__ == "__main__":  # an A/B run's measuring processes load measure() from this file (benchmarks/ab.py)
+    sys.path.append(HERE)
+    from benchmarks import ab
 
-        ab.main(__doc__, __file__, measure)
+    ab.main(__doc__, __file__, measure)

@@ -14,7 +14,6 @@ only after that long (the hog paused), and a stall in a quiet round would show h
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import statistics
@@ -26,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .__main__ import cpu_model
-from .harness import loop_mean
+from .harness import at_least, command_line, loop_mean
 
 GOAL = 2.5
 
@@ -102,14 +101,20 @@ def rows(quick: bool):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=2)
+    parser = command_line(__doc__, "benchmarks.contention")
+    parser.add_argument("--threads", type=at_least(1), default=2)
     parser.add_argument("--quick", action="store_true", help="small shapes, 1 round: a smoke run")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=at_least(1), default=None,
+                        help="rounds of each row, quiet and with the hog (default 5; --quick times 1 and takes none)")
     parser.add_argument("--filter", default="", help="only rows whose label contains this text")
     args = parser.parse_args()
+    if args.quick and args.rounds is not None:
+        parser.error("argument --rounds: --quick times 1 round; give one or the other")
     torch.set_num_threads(args.threads)
-    rounds, seconds = (1, 0.05) if args.quick else (args.rounds, 0.3)
+    rounds, seconds = (1, 0.05) if args.quick else (args.rounds or 5, 0.3)
+    wanted = [(label, fn) for label, fn in rows(args.quick) if args.filter in label]
+    if not wanted:
+        parser.error(f"argument --filter: {args.filter!r} matches no row")
     cores = len(os.sched_getaffinity(0))
     print(f"# contention: {cpu_model()}, {cores} cores, {args.threads} op thread(s) + one busy-loop process, "
           f"torch {torch.__version__}, {rounds} rounds of each, alternating\n")
@@ -122,9 +127,7 @@ def main() -> None:
 
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        for label, fn in rows(args.quick):
-            if args.filter not in label:
-                continue
+        for label, fn in wanted:
             quiet, loaded, seen = [], [], [0, 0]
             for _ in range(rounds):
                 hog.send_signal(signal.SIGSTOP)

@@ -2,12 +2,27 @@
 shapes (dims off the block and tile multiples). Meant to run under compute-sanitizer (gpu_suite.sh does,
 with PYTORCH_NO_CUDA_MEMORY_CACHING=1 so that an out-of-bounds access leaves its allocation)."""
 
+import sys
+
 import torch
 
 import amnets_kernels as ak
 
+from .harness import command_line
 
-def main():
+OPS = ("bsr_linear", "lowrank_lstm_sequence", "rnnt_loss", "fused_joint_rnnt_loss")
+
+
+def main(argv=None) -> int:
+    command_line(__doc__, "benchmarks.cuda_smoke").parse_args(argv)
+    if not torch.cuda.is_available():
+        print("benchmarks.cuda_smoke: no CUDA GPU here (torch.cuda.is_available() is False); nothing run",
+              file=sys.stderr)
+        return 1
+    missing = [f"{op}: {why}" for op in OPS if (why := ak.unavailable_reason(op, "cuda", "cuda")) is not None]
+    if missing:
+        print(f"benchmarks.cuda_smoke: no cuda face to run ({'; '.join(missing)}); nothing run", file=sys.stderr)
+        return 1
     dev = torch.device("cuda")
     torch.manual_seed(0)
 
@@ -38,7 +53,8 @@ def main():
                                      blank=0).backward()
     torch.cuda.synchronize()
     print("cuda_smoke: every cuda face ran forward and backward")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -8,7 +8,6 @@ frame per call: the product plus the LSTM update). Medians of 3 interleaved roun
 
 from __future__ import annotations
 
-import argparse
 import statistics
 
 import torch
@@ -18,12 +17,13 @@ import amnets_kernels as ak
 from amnets.encoder import AmNetsEncoder
 
 from .__main__ import cpu_model
+from .harness import at_least, command_line
 from .contention import mean_ms
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--threads", type=int, default=1)
+    parser = command_line(__doc__, "benchmarks.dense_rows")
+    parser.add_argument("--threads", type=at_least(1), default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)

@@ -27,7 +27,6 @@ layers, ~28 MB each, fit only a large L3, e.g. not the 32 MB of the AMD EPYC); t
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import time
 
@@ -37,7 +36,7 @@ from amnets.encoder import AmNetsEncoder
 
 from .__main__ import cpu_model
 from .bsr import cache_bytes, residency
-from .harness import loop_mean
+from .harness import at_least, command_line, loop_mean
 
 
 def mean_us(fn, seconds: float, sync=lambda: None) -> float:
@@ -96,9 +95,9 @@ def lstm_stepper(enc: AmNetsEncoder, x):
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = command_line(__doc__, "benchmarks.frame_engine")
     parser.add_argument("--quick", action="store_true", help="a smoke run: small sizes, 1 round")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=at_least(1), default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rounds, seconds = (1, 0.05) if args.quick else (5, 0.2)

@@ -16,13 +16,13 @@ Each row runs on its own: one that fails prints its error and the others still r
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import traceback
 
 import torch
 
 from .frame_engine import encoder, frame, interleaved, lstm_stepper, ratio
+from .harness import command_line
 
 DEVICE = "cuda"
 CHUNK = 16  # frames per call of the B=1 chunk row
@@ -62,7 +62,7 @@ def no_host_sync(streamer, x, frames: int = 10) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = command_line(__doc__, "benchmarks.frame_engine_cuda")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 1 round, short loops")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():

@@ -9,6 +9,7 @@ of those per-round ratios (the spread: how far one round's answer could be from 
 
 from __future__ import annotations
 
+import argparse
 import math
 import statistics
 import time
@@ -53,6 +54,27 @@ class Row:
     note: str = ""
     ratio_min: float | None = None  # min and max over rounds of time / baseline time (the spread of `ratio`)
     ratio_max: float | None = None
+
+
+def at_least(low: int):
+    """An argparse type: an int >= low. A bad value is argparse's one-line error naming the flag
+    ("argument --threads: must be an int >= 1; got 0"), not a traceback from deep in torch."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an int >= {low}; got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an int >= {low}; got {value}")
+        return value
+
+    parse.__name__ = f"int >= {low}"  # what argparse calls the type in its messages
+    return parse
+
+
+def command_line(doc: str, module: str) -> argparse.ArgumentParser:
+    """The parser of `python -m <module>`: its --help shows the module docstring's first paragraph."""
+    return argparse.ArgumentParser(prog=f"python -m {module}", description=doc.split("\n\n")[0])
 
 
 def _sync(device: torch.device):
@@ -202,6 +224,14 @@ def as_dicts(rows: list[Row]) -> list[dict]:
 
 # ---------------------------------------------------------------------------------------------------
 # shared by the op modules
+
+# Every suite is cases(device, quick, wanted=everything): `wanted(name)` is asked for each case name before
+# anything of that case is built (tensors, models), so that a --filter run builds only what it times, and a
+# `wanted` that records the names and says no lists a suite's cases at no cost (python -m benchmarks checks a
+# --filter against them before it builds anything).
+def everything(name: str) -> bool:
+    return True
+
 
 # Faces worth timing per device: the Triton interpreter on the CPU is a correctness tool, not a speed.
 TIMED_FACES = {"cpu": ("reference", "cpu"), "cuda": ("reference", "triton", "cuda")}

@@ -1,11 +1,13 @@
 """lowrank_lstm_sequence against nn.LSTM (dense, same H) and against the unfused PyTorch low-rank
 composition (a Python loop of two small matmuls per gate matrix). Headline shapes below."""
 
+import functools
+
 import torch
 
 import amnets_kernels as ak
 
-from .harness import DTYPE_NAMES, Candidate, Case, backward_of, face_candidates, inference, pick_grid
+from .harness import DTYPE_NAMES, Candidate, Case, backward_of, everything, face_candidates, inference, pick_grid
 
 FULL = dict(hidden=1024, ranks=[64, 128, 256], steps=100, batches=[1, 4, 16, 64],
             dtypes=[torch.float32, torch.bfloat16], modes=["fwd", "fwd+bwd"])
@@ -25,20 +27,35 @@ def unfused_lowrank(x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias):
     return torch.stack(outs), h, c
 
 
-def cases(device: torch.device, quick: bool):
+def cases(device: torch.device, quick: bool, wanted=everything):
     grid = pick_grid(device, quick, FULL, QUICK, GPU)
     hidden, steps = grid["hidden"], grid["steps"]
     for dtype in grid["dtypes"]:
         for mode in grid["modes"]:
             train = mode == "fwd+bwd"
-            lstm = torch.nn.LSTM(hidden, hidden).to(device=device, dtype=dtype).requires_grad_(train)
+            # built for the first wanted case, shared by the others
+            lstm = functools.cache(functools.partial(_lstm, hidden, dtype, train, device))
             for rank in grid["ranks"]:
-                w_ih_u, w_ih_v = ak.lowrank_factors(lstm.weight_ih_l0.float(), rank)
-                w_hh_u, w_hh_v = ak.lowrank_factors(lstm.weight_hh_l0.float(), rank)
-                factors = [t.to(device, dtype).requires_grad_(train) for t in (w_ih_u, w_ih_v, w_hh_u, w_hh_v)]
-                bias = (lstm.bias_ih_l0 + lstm.bias_hh_l0).detach().clone().requires_grad_(train)
+                factors = functools.cache(functools.partial(_factors, lstm, rank, dtype, train, device))
                 for batch in grid["batches"]:
-                    yield _case(lstm, factors, bias, dtype, mode, rank, batch, steps, device)
+                    if wanted(case_name(hidden, rank, steps, batch, dtype)):
+                        yield _case(lstm(), *factors(), dtype, mode, rank, batch, steps, device)
+
+
+def _lstm(hidden, dtype, train, device):
+    return torch.nn.LSTM(hidden, hidden).to(device=device, dtype=dtype).requires_grad_(train)
+
+
+def _factors(lstm, rank, dtype, train, device):
+    """The rank-`rank` factors of lstm()'s two gate matrices, and its summed bias."""
+    w_ih_u, w_ih_v = ak.lowrank_factors(lstm().weight_ih_l0.float(), rank)
+    w_hh_u, w_hh_v = ak.lowrank_factors(lstm().weight_hh_l0.float(), rank)
+    factors = [t.to(device, dtype).requires_grad_(train) for t in (w_ih_u, w_ih_v, w_hh_u, w_hh_v)]
+    return factors, (lstm().bias_ih_l0 + lstm().bias_hh_l0).detach().clone().requires_grad_(train)
+
+
+def case_name(hidden, rank, steps, batch, dtype) -> str:
+    return f"H=D={hidden} r={rank} T={steps} B={batch} {DTYPE_NAMES[dtype]}"
 
 
 def _case(lstm, factors, bias, dtype, mode, rank, batch, steps, device):
@@ -52,7 +69,7 @@ def _case(lstm, factors, bias, dtype, mode, rank, batch, steps, device):
                         "other", "unfused: 4 matmuls + pointwise ops per step")]
     faces, skipped = face_candidates("lowrank_lstm_sequence", device,
                                      wrap(lambda: ak.lowrank_lstm_sequence(x, None, None, *factors, bias)[0]))
-    name = f"H=D={hidden} r={rank} T={steps} B={batch} {DTYPE_NAMES[dtype]}"
+    name = case_name(hidden, rank, steps, batch, dtype)
     params = dict(hidden=hidden, input=hidden, rank=rank, steps=steps, batch=batch, dtype=DTYPE_NAMES[dtype])
     # Bytes of factors a step must read: the recurrent pair every step, the input pair once per frame.
     factor_bytes = sum(f.numel() * f.element_size() for f in factors)

@@ -12,6 +12,8 @@ import torch
 
 import amnets_kernels as ak
 
+from .harness import command_line
+
 NAMES = ("out", "h_n", "c_n", "d x", "d h0", "d c0", "d w_ih_u", "d w_ih_v", "d w_hh_u", "d w_hh_v", "d bias")
 
 
@@ -48,7 +50,8 @@ def run(tensors, dtype, face=None):
     return [r.detach() for r in result] + list(torch.autograd.grad(loss, leaves))
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    command_line(__doc__, "benchmarks.lstm_precision").parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shapes = [(8, 3, 11, 64, 6, 8), (100, 16, 256, 256, 64, 64), (100, 1, 1024, 1024, 256, 256)]
     variants = [("reference", None), ("triton", "persistent"), ("triton", "per_step"), ("cuda", None),

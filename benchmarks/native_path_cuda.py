@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 import amnets_kernels as ak
 
+from .harness import command_line
+
 
 def graph_us(fn, calls: int = 20, replays: int = 20) -> float:
     """Microseconds per call of fn, captured `calls` times in one CUDA graph, median over replays."""
@@ -78,7 +80,8 @@ def run(label: str, fn) -> None:
         print(f"{label}: FAILED\n{traceback.format_exc(limit=3)}")
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    command_line(__doc__, "benchmarks.native_path_cuda").parse_args(argv)
     if not torch.cuda.is_available():
         print("native_path_cuda: no CUDA GPU; nothing to measure")
         return

@@ -10,7 +10,6 @@ uses public entry points only (and the kernel op torch.ops.amnets_native.bsr_lin
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
@@ -107,11 +106,8 @@ def measure() -> dict:
     return rows
 
 
-if __name__ == "__main__":
-    if "--worker" in sys.argv:  # one measuring process of an A/B run, maybe with another checkout's packages
-        print(json.dumps(measure()))
-    else:
-        sys.path.append(HERE)
-        from benchmarks import ab
+if __name__ == "__main__":  # an A/B run's measuring processes load measure() from this file (benchmarks/ab.py)
+    sys.path.append(HERE)
+    from benchmarks import ab
 
-        ab.main(__doc__, __file__, measure)
+    ab.main(__doc__, __file__, measure)

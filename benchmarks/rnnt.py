@@ -11,7 +11,7 @@ import torchaudio.functional as TAF
 
 import amnets_kernels as ak
 
-from .harness import DTYPE_NAMES, Candidate, Case, backward_of, face_candidates, inference
+from .harness import DTYPE_NAMES, Candidate, Case, backward_of, everything, face_candidates, inference
 
 LOSS_FULL = dict(shapes=[(16, 100, 30, 512), (8, 200, 50, 1024), (32, 150, 40, 28), (4, 500, 100, 4096)],
                  dtypes=[torch.float32, torch.float16], modes=["fwd", "fwd+bwd"])
@@ -94,10 +94,13 @@ def peer_candidates(args, wrap, reference):
     return others, skipped
 
 
-def loss_cases(device: torch.device, quick: bool):
+def loss_cases(device: torch.device, quick: bool, wanted=everything):
     grid = LOSS_QUICK if quick else LOSS_FULL
     for batch, frames, labels, vocab in grid["shapes"]:
         for dtype in grid["dtypes"]:
+            name = f"B={batch} T={frames} U={labels} V={vocab} {DTYPE_NAMES[dtype]}"
+            if not wanted(name):
+                continue
             for mode in grid["modes"]:
                 train = mode == "fwd+bwd"
                 wrap = backward_of if train else inference
@@ -111,15 +114,17 @@ def loss_cases(device: torch.device, quick: bool):
                     peers, absent = peer_candidates(args, wrap, lambda: TAF.rnnt_loss(*args, blank=0))
                 else:  # what `make peers` builds: CPU, and both run fp32 only there
                     peers, absent = [], [(name, "timed for fp32 on the CPU only") for name in PEERS]
-                name = f"B={batch} T={frames} U={labels} V={vocab} {DTYPE_NAMES[dtype]}"
                 params = dict(batch=batch, frames=frames, labels=labels, vocab=vocab, dtype=DTYPE_NAMES[dtype])
                 yield Case("rnnt_loss", name, mode, params, baseline, faces + peers, skipped + absent)
 
 
-def joint_cases(device: torch.device, quick: bool):
+def joint_cases(device: torch.device, quick: bool, wanted=everything):
     grid = JOINT_QUICK if quick else JOINT_FULL
     for batch, frames, labels, hidden, vocab in grid["shapes"]:
         for dtype in grid["dtypes"]:
+            name = f"B={batch} T={frames} U={labels} H={hidden} V={vocab} {DTYPE_NAMES[dtype]}"
+            if not wanted(name):
+                continue
             for mode in grid["modes"]:
                 train = mode == "fwd+bwd"
                 wrap = backward_of if train else inference
@@ -147,7 +152,6 @@ def joint_cases(device: torch.device, quick: bool):
                     "fused_joint_rnnt_loss", device,
                     wrap(lambda: ak.fused_joint_rnnt_loss(enc, pred, weight, bias, *labels_, blank=0)),
                     _reference_note(batch * frames * (labels + 1) * vocab))
-                name = f"B={batch} T={frames} U={labels} H={hidden} V={vocab} {DTYPE_NAMES[dtype]}"
                 params = dict(batch=batch, frames=frames, labels=labels, hidden=hidden, vocab=vocab,
                               dtype=DTYPE_NAMES[dtype])
                 yield Case("fused_joint_rnnt_loss", name, mode, params, baseline, others + faces, skipped)

@@ -20,7 +20,6 @@ stream() on one encoder).
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 import sys
@@ -118,11 +117,8 @@ def measure() -> dict:
     return rows
 
 
-if __name__ == "__main__":
-    if "--worker" in sys.argv:  # one measuring process of an A/B run, maybe with another checkout's packages
-        print(json.dumps(measure()))
-    else:
-        sys.path.append(HERE)
-        from benchmarks import ab
+if __name__ == "__main__":  # an A/B run's measuring processes load measure() from this file (benchmarks/ab.py)
+    sys.path.append(HERE)
+    from benchmarks import ab
 
-        ab.main(__doc__, __file__, measure)
+    ab.main(__doc__, __file__, measure)

@@ -7,11 +7,11 @@ with the machine, date and command the numbers came from. --all prints every tim
 --no-reference leaves out the reference face (the pure-PyTorch oracle, not meant to be fast).
 """
 
-import argparse
 import json
 import sys
 
 from . import amnets_encoder, bsr, lowrank_lstm, rnnt, swap
+from .harness import command_line
 
 HEADLINES = {"bsr_linear": bsr.headline, "lowrank_lstm_sequence": lowrank_lstm.headline,
              "rnnt_loss": rnnt.loss_headline, "fused_joint_rnnt_loss": rnnt.joint_headline, "swap_in": swap.headline,
@@ -26,8 +26,10 @@ def table(report: dict, everything: bool = False, reference: bool = True) -> str
     baselines = {(r["op"], r["case"], r["mode"]): r for r in chosen if r["kind"] == "baseline"}
     info = report["build_info"]
     # Which bf16 CPU kernels ran (AMX tiles, AVX512-BF16 dot products or fp32): they differ between CPU kinds.
+    # (results from before the LSTM's kernel was recorded name only bsr_linear's)
     kernels = "" if "cpu_bf16_bsr_kernel" not in info else \
-        f"; bf16 CPU kernels: bsr_linear {info['cpu_bf16_bsr_kernel']}, LSTM {info['cpu_bf16_lowrank_lstm_kernel']}"
+        f"; bf16 CPU kernels: bsr_linear {info['cpu_bf16_bsr_kernel']}" + \
+        (f", LSTM {info['cpu_bf16_lowrank_lstm_kernel']}" if "cpu_bf16_lowrank_lstm_kernel" in info else "")
     lines = [f"Measured on {report['device']}, {report['date'][:10]}, by `{report['command'].strip()}` "
              f"(torch {info['torch']}{kernels}).", "",
              "| op | case | mode | baseline | baseline ms | candidate | ms | × baseline "
@@ -48,13 +50,21 @@ def table(report: dict, everything: bool = False, reference: bool = True) -> str
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.summary")
-    parser.add_argument("json")
+    parser = command_line(__doc__, "benchmarks.summary")
+    parser.add_argument("json", help="a results JSON written by python -m benchmarks")
     parser.add_argument("--all", action="store_true", help="every timed row, not only the headline shapes")
     parser.add_argument("--no-reference", action="store_true", help="leave out the reference face's rows")
     args = parser.parse_args(argv)
-    with open(args.json) as f:
-        print(table(json.load(f), args.all, not args.no_reference))
+    try:
+        with open(args.json) as f:
+            report = json.load(f)
+    except OSError as exc:
+        parser.error(f"{args.json}: {exc.strerror or exc}")
+    except ValueError as exc:  # not JSON, or not text
+        parser.error(f"{args.json}: not a results JSON ({type(exc).__name__}: {exc})")
+    if not isinstance(report, dict) or not {"rows", "build_info", "device", "date", "command"} <= report.keys():
+        parser.error(f"{args.json}: not a results JSON written by python -m benchmarks (no rows, device, ...)")
+    print(table(report, args.all, not args.no_reference))
     return 0
 
 

@@ -7,6 +7,7 @@ left as it is and why.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import torch
@@ -35,8 +36,12 @@ def main(argv=None):
     model = MODELS[args.model]()
     rank = int(args.lstm_rank) if args.lstm_rank >= 1 else args.lstm_rank
     start = time.perf_counter()
-    _, report = ak.swap_in(model, lstm_rank=rank, linear_sparsity=args.linear_sparsity, block_size=args.block_size,
-                           return_report=True)
+    try:
+        _, report = ak.swap_in(model, lstm_rank=rank, linear_sparsity=args.linear_sparsity,
+                               block_size=args.block_size, return_report=True)
+    except ValueError as exc:  # an argument swap_in refuses: its message names it; one line, no traceback
+        print(f"{parser.prog}: error: {str(exc).splitlines()[0]}", file=sys.stderr)
+        sys.exit(2)
     print(f"torchaudio.models {args.model}: swap_in(lstm_rank={rank}, linear_sparsity={args.linear_sparsity}, "
           f"block_size={args.block_size}) in {time.perf_counter() - start:.1f} s")
     print(report)

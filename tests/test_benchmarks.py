@@ -2,6 +2,7 @@
 reported as rows (never silently dropped). Times are faked: tests check arithmetic, not speed."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -214,3 +215,284 @@ def test_frame_engine_cuda_rows_run_end_to_end(monkeypatch, capsys):
     assert "FAILED" not in out, out
     rows = [line for line in out.splitlines() if line.startswith("| H=")]
     assert len(rows) == 2 * (2 + 1) + 2 * 2 + 2 * 3, out  # B=1 big (2 ratios + syncs), H=192 (2), B=64 (3)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The command lines: bad flags are one line naming the flag, partial runs never replace the full table,
+# an A/B run compares two checkouts or says why it cannot.
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_module(*args, timeout=120, **kw):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT, **kw)
+
+
+def one_line_error(stderr: str, flag: str):
+    """argparse's error: the usage, then one line naming the flag; no traceback."""
+    assert "Traceback" not in stderr, stderr
+    assert f"error: argument {flag}" in stderr.strip().splitlines()[-1], stderr
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """benchmarks.__main__ with two fake suites of one trivial case each; `built` lists the cases built."""
+    import torch
+
+    from benchmarks import __main__ as bench
+
+    built = []
+
+    def suite(name):
+        def cases(device, quick, wanted=lambda name: True):
+            if wanted(name):
+                built.append(name)
+                yield harness.Case("fake_op", name, "fwd", {}, harness.Candidate("base", lambda: None, "baseline"),
+                                   [harness.Candidate("amnets[cpu]", lambda: None)])
+        return cases
+
+    monkeypatch.setattr(bench, "SUITES", {"fake": suite("tiny case"), "other": suite("other case")})
+    monkeypatch.setattr(bench, "plot", lambda rows, path: "plots skipped (test)")
+    threads = torch.get_num_threads()  # main() pins the threads of this process: leave them as they are
+    bench.full_stem = bench.slug(bench.device_name(torch.device("cpu"), threads))
+    bench.args = ["--device", "cpu", "--threads", str(threads)]
+    return bench, built
+
+
+@pytest.mark.parametrize("argv, flag", [(["--threads", "0"], "--threads"), (["--device", "bogus"], "--device"),
+                                        (["--device", "meta"], "--device"), (["--rounds", "1"], "--rounds"),
+                                        (["--quick", "--rounds", "5"], "--rounds"), (["--name", "a/b"], "--name")])
+def test_bad_flags_are_one_line_naming_the_flag(bench, capsys, tmp_path, argv, flag):
+    bench, built = bench
+    with pytest.raises(SystemExit) as done:
+        bench.main(["--ops", "fake", "--out", str(tmp_path)] + argv)
+    assert done.value.code == 2
+    one_line_error(capsys.readouterr().err, flag)
+    assert not built and not list(tmp_path.iterdir())
+
+
+def test_cuda_device_without_a_gpu_and_an_unwritable_out_are_flag_errors(bench, capsys, tmp_path):
+    import torch
+
+    bench, built = bench
+    (tmp_path / "file").write_text("")
+    bad = [(["--out", str(tmp_path / "file" / "sub")], "--out")]
+    if not torch.cuda.is_available():
+        bad.append((["--device", "cuda"], "--device"))
+    for argv, flag in bad:
+        with pytest.raises(SystemExit) as done:
+            bench.main(["--ops", "fake", "--out", str(tmp_path / "out")] + argv)
+        assert done.value.code == 2
+        one_line_error(capsys.readouterr().err, flag)
+    assert not built
+
+
+def test_rounds_help_says_what_the_harness_does_with_it(bench, capsys):
+    bench, _ = bench
+    with pytest.raises(SystemExit):
+        bench.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "at least 3" in text and "--quick times 3 rounds" in text
+
+
+def test_filter_matching_nothing_is_an_error_before_anything_is_built_or_written(bench, capsys, tmp_path):
+    bench, built = bench
+    with pytest.raises(SystemExit) as done:
+        bench.main(bench.args + ["--filter", "zzz_nomatch", "--out", str(tmp_path)])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    one_line_error(err, "--filter")
+    assert "'tiny case'" in err  # it shows names that exist
+    assert not built and not list(tmp_path.iterdir())
+
+
+def test_filter_matching_nothing_in_a_real_suite_fails_in_seconds(tmp_path):
+    """The probe's command: it built bsr's cases for 91 s, then wrote an empty table over the full one's name."""
+    done = run_module("-m", "benchmarks", "--ops", "bsr", "--filter", "zzz_nomatch", "--out", str(tmp_path),
+                      timeout=60)
+    assert done.returncode == 2
+    one_line_error(done.stderr, "--filter")
+    assert not list(tmp_path.iterdir())
+
+
+def test_partial_runs_get_their_own_name(bench, tmp_path):
+    bench, built = bench
+    assert bench.main(bench.args + ["--out", str(tmp_path)]) == 0  # both suites: the full table
+    assert bench.main(bench.args + ["--ops", "fake", "--out", str(tmp_path)]) == 0
+    assert bench.main(bench.args + ["--filter", "other", "--out", str(tmp_path)]) == 0
+    assert bench.main(bench.args + ["--ops", "fake", "--quick", "--out", str(tmp_path)]) == 0
+    full = bench.full_stem
+    assert sorted(p.name for p in tmp_path.glob("*.json")) == sorted(
+        f"{stem}.json" for stem in (full, f"{full}-fake", f"{full}-other", f"{full}-quick-fake"))
+    cases = json.loads((tmp_path / f"{full}.json").read_text())["rows"]
+    assert {r["case"] for r in cases} == {"tiny case", "other case"}  # the full table was not replaced
+    assert built == ["tiny case", "other case", "tiny case", "other case", "tiny case"]  # each built when run
+
+
+def test_a_run_leaves_no_stale_plot_or_table_beside_its_json(bench, tmp_path):
+    bench, _ = bench
+    for ext in (".png", ".md"):
+        (tmp_path / f"smoke{ext}").write_text("from an earlier run")
+    assert bench.main(bench.args + ["--ops", "fake", "--quick", "--out", str(tmp_path), "--name", "smoke"]) == 0
+    assert not (tmp_path / "smoke.png").exists()  # plot() skipped it: the old one must not stay
+    assert "tiny case" in (tmp_path / "smoke.md").read_text()
+
+
+def test_suites_list_their_case_names_without_building_and_the_names_are_the_cases():
+    """python -m benchmarks checks --filter against these names before it builds anything: they must be the names
+    the suites give their cases (--quick: built here), and the full grid's must include every case of the
+    committed full table."""
+    import torch
+
+    from benchmarks.__main__ import SUITES, case_names
+
+    cpu = torch.device("cpu")
+    quick = case_names(SUITES, cpu, True)
+    for op, suite in SUITES.items():
+        assert quick[op] == list(dict.fromkeys(case.name for case in suite(cpu, True))), op
+    full = {name for names in case_names(SUITES, cpu, False).values() for name in names}
+    committed = json.loads((ROOT / "benchmarks" / "results" / "amd-epyc-2-threads.json").read_text())["rows"]
+    assert {r["case"] for r in committed} <= full
+
+
+TINY_AB = '''"""A tiny A/B benchmark: its one row says which amnets_kernels it timed."""
+import os
+import sys
+
+
+def measure():
+    import amnets_kernels
+    return {"row": 1.0}
+
+
+if __name__ == "__main__":
+    sys.path.append(os.environ["AB_ROOT"])
+    from benchmarks import ab
+
+    ab.main(__doc__, __file__, measure)
+'''
+
+
+@pytest.fixture
+def tiny_ab(tmp_path):
+    script = tmp_path / "tiny.py"
+    script.write_text(TINY_AB)
+
+    def run(*args):
+        return run_module(str(script), *args, env=dict(os.environ, AB_ROOT=str(ROOT)))
+    return run
+
+
+def test_ab_run_compares_two_checkouts(tiny_ab):
+    done = tiny_ab("--against", str(ROOT), "--rounds", "1")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "(medians of 1 rounds)" in done.stdout and done.stdout.splitlines()[-1].split()[-1] == "1.000"
+
+
+def test_ab_worker_refuses_packages_from_outside_its_checkout(tmp_path):
+    """The probe's case: DIR without the packages, so the editable install's finder supplied this checkout's,
+    and the A/B table compared this checkout with itself. The measuring process must say so and fail."""
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(empty), str(empty / "python")]))
+    done = run_module(str(ROOT / "benchmarks" / "ab.py"), "--worker", str(empty),
+                      str(ROOT / "benchmarks" / "overhead.py"), env=env)
+    assert done.returncode == 3 and not done.stdout
+    assert f"amnets_kernels from {ROOT / 'amnets_kernels'}" in done.stderr, done.stderr
+
+
+def test_ab_against_a_checkout_without_its_packages_fails_naming_them(tiny_ab, tmp_path):
+    (tmp_path / "co" / "amnets_kernels").mkdir(parents=True)  # a folder, but no package (no __init__.py)
+    done = tiny_ab("--against", str(tmp_path / "co"), "--rounds", "1")
+    assert done.returncode == 1 and "Traceback" not in done.stderr.split("its stderr ends:")[0]
+    assert "amnets_kernels from a namespace package" in done.stderr, done.stderr
+    assert "row" not in done.stdout  # no table
+
+
+def test_ab_broken_checkout_shows_the_measuring_process_error(tiny_ab, tmp_path):
+    package = tmp_path / "co" / "amnets_kernels"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text('raise ImportError("the compiled extension _C is not built here")\n')
+    done = tiny_ab("--against", str(tmp_path / "co"), "--rounds", "1")
+    assert done.returncode == 1
+    assert "CalledProcessError" not in done.stderr
+    assert "the measuring process on" in done.stderr and "_C is not built here" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize("argv, flag", [(["--rounds", "0"], "--rounds"), (["--against", "/nonexistent/co"], "--against"),
+                                        (["--against", "{empty folder}"], "--against")])
+def test_ab_bad_flags_are_one_line(tiny_ab, tmp_path, argv, flag):
+    argv = [str(tmp_path) if a == "{empty folder}" else a for a in argv]
+    done = tiny_ab(*(["--against", str(ROOT)] + argv))
+    assert done.returncode == 2
+    one_line_error(done.stderr, flag)
+
+
+def test_summary_of_a_missing_or_foreign_file_is_one_line(capsys, tmp_path):
+    from benchmarks import summary
+
+    (tmp_path / "text.json").write_text("not json")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    for path in (tmp_path / "missing.json", tmp_path / "text.json", tmp_path / "list.json", tmp_path):
+        with pytest.raises(SystemExit) as done:
+            summary.main([str(path)])
+        assert done.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.strip().splitlines()[-1].startswith(
+            f"python -m benchmarks.summary: error: {path}"), err
+
+
+def test_summary_reads_every_committed_results_table(capsys):
+    """Results written before build_info named the LSTM's bf16 kernel (the bsr headline's) included."""
+    from benchmarks import summary
+
+    for path in (ROOT / "benchmarks" / "results").glob("*.json"):
+        report = json.loads(path.read_text())
+        if "rows" in report and "build_info" in report:
+            assert summary.main([str(path)]) == 0
+            assert capsys.readouterr().out.startswith("Measured on ")
+
+
+def entry_points():
+    """`python -m` names of every benchmarks/*.py with a command line (ab.py is the A/B runs' measuring process)."""
+    return sorted("benchmarks" if p.stem == "__main__" else f"benchmarks.{p.stem}"
+                  for p in (ROOT / "benchmarks").glob("*.py")
+                  if 'if __name__ == "__main__"' in p.read_text() and p.stem != "ab")
+
+
+@pytest.mark.filterwarnings("ignore:.*found in sys.modules:RuntimeWarning")  # runpy of a module already imported
+@pytest.mark.parametrize("module", entry_points())
+def test_every_entry_point_answers_help_without_running(module, monkeypatch, capsys):
+    """--help prints what the command does and runs nothing (cuda_smoke crashed without a GPU, lstm_precision ran
+    its whole measurement). Each module runs here as `python -m` runs it, in this process (torch imported once)."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", [module, "--help"])
+    with pytest.raises(SystemExit) as done:
+        runpy.run_module(module, run_name="__main__", alter_sys=False)
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: python -m {module} "), out
+    assert len(out.split("\n\n")[1].strip()) > 20, out  # a description
+
+
+def test_the_entry_points_include_the_gpu_scripts():
+    assert {f"benchmarks.{name}" for name in ("cuda_smoke", "lstm_precision", "native_path_cuda", "overhead",
+                                               "summary")} | {"benchmarks"} <= set(entry_points())
+
+
+def test_cuda_smoke_without_a_gpu_says_so_in_one_line():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is here: cuda_smoke runs")
+    done = run_module("-m", "benchmarks.cuda_smoke", timeout=60)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines() == [done.stderr.strip()] and "no CUDA GPU" in done.stderr
+
+
+def test_contention_filter_matching_nothing_is_an_error_before_the_hog_starts():
+    done = run_module("-m", "benchmarks.contention", "--quick", "--filter", "zzz_nomatch", timeout=120)
+    assert done.returncode == 2
+    one_line_error(done.stderr, "--filter")
+    assert "| row |" not in done.stdout
