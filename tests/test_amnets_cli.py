@@ -225,3 +225,35 @@ def test_eval_refuses_model_flags_the_checkpoint_fixes(corpus, tmp_path, capsys)
     err = capsys.readouterr().err
     assert stop.value.code == 2 and len(err.splitlines()) == 1
     assert "unrecognized arguments: --hidden-size 999 --cheap lowrank" in err and "from the checkpoint" in err
+
+
+@needs_espeak
+def test_demo_reuses_its_corpus_only_when_made_with_the_same_parameters(tmp_path, capsys):
+    # An old corpus was reused whatever --utterances and --seed said (results.json recorded the new seed).
+    from amnets.cli import UsageError, _demo_corpus
+
+    corpus = str(tmp_path / "corpus")
+    first = _demo_corpus(corpus, 3, 0)
+    assert len(first) == 3 and capsys.readouterr().err == ""
+    assert _demo_corpus(corpus, 3, 0) == first
+    assert capsys.readouterr().err == (f"amnets demo: reusing the corpus in {corpus} (made with the same "
+                                       "--utterances 3 and --seed 0)\n")
+    assert len(_demo_corpus(corpus, 2, 1)) == 2
+    assert capsys.readouterr().err == (f"amnets demo: the corpus in {corpus} was made with --utterances 3 "
+                                       "--seed 0; remaking it with --utterances 2 --seed 1\n")
+    assert sorted(os.listdir(corpus)) == ["demo_corpus.json", "transcripts.txt", "utt000000.wav",
+                                          "utt000001.wav"]
+    assert [t for _, t in _demo_corpus(corpus, 2, 1)] != [t for _, t in first[:2]]  # seed 1's sentences
+    mine = str(tmp_path / "mine")  # a corpus the demo did not record making is not replaced
+    make_corpus(mine, 1)
+    with pytest.raises(UsageError, match=f"^{mine} is not a corpus this demo recorded making"):
+        _demo_corpus(mine, 1, 0)
+
+
+def test_demo_has_no_cheap_flag(capsys):
+    # --cheap was listed in the demo's --help, but every demo model sets its own.
+    flags = {s for a in build_parser().commands["demo"]._actions for s in a.option_strings}
+    assert "--cheap" not in flags and {"--hidden-size", "--force", "--sparsity", "--rank"} <= flags
+    with pytest.raises(SystemExit):
+        main(["demo", "--tiny", "--cheap", "sparse"])
+    assert "unrecognized arguments: --cheap sparse" in capsys.readouterr().err

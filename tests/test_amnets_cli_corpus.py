@@ -37,3 +37,24 @@ def test_corpus_command_names_a_bad_voice(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("amnets corpus: error: make_corpus: espeak-ng -v xx-nope failed")
     assert len(err.splitlines()) == 1
+
+
+def test_corpus_command_removes_only_the_audio_it_wrote(tmp_path, capsys):
+    # It removed every utt*.wav the new corpus did not list, even in a directory that held no corpus, and
+    # without --overwrite: the user's own recordings went with them.
+    out = tmp_path / "mine"
+    out.mkdir()
+    mine = {name: name.encode() for name in ("utt_keep.wav", "utterance_my_recording.wav", "notes.txt")}
+    for name, data in mine.items():
+        (out / name).write_bytes(data)
+    assert main(["corpus", str(out), "-n", "2"]) == 2
+    assert capsys.readouterr().err == (
+        f"amnets corpus: error: {out} is not empty and holds no corpus (transcripts.txt); give a new or "
+        "empty directory, or --overwrite to write the corpus among its files (any named as the corpus's, "
+        "utt000000.wav ..., are replaced)\n")
+    assert sorted(os.listdir(out)) == sorted(mine)
+    assert main(["corpus", str(out), "-n", "3", "--words", "1", "1", "--overwrite"]) == 0
+    assert main(["corpus", str(out), "-n", "1", "--words", "1", "1", "--overwrite"]) == 0
+    # the corpus's own third and second utterances are gone; nothing else is
+    assert sorted(os.listdir(out)) == sorted([*mine, "transcripts.txt", "utt000000.wav"])
+    assert all((out / name).read_bytes() == data for name, data in mine.items())

@@ -51,6 +51,18 @@ def fails(argv, capsys) -> tuple[int, str]:
     (["train", "--resume", "{ckpt}", "--hidden-size", "48", "--cheap", "lowrank"],
      "the checkpoint's model fixes --hidden-size (the checkpoint: 32; given: 48), --cheap (the checkpoint: "
      "'sparse'; given: 'lowrank'); drop them"),
+    # a sparse branch that keeps no block (the bias alone) was trained silently; the demo refuses it before
+    # making its corpus and training the models before the sparse one
+    (["train", "--data", "{corpus}", "--checkpoint-dir", "{tmp}/ck", "--sparsity", "0.999", "--hidden-size",
+      "32", "--block-size", "16", "--steps", "1"],
+     "error: AmNetsEncoder: sparsity=0.999 with block_size=16: the pruning keeps no block of [W_ih | W_hh] "
+     "in layer 0 (8 x 17 blocks), layer 1 (8 x 4 blocks), so the sparse branch there would be the bias "
+     "alone"),
+    (["train", "--data", "{corpus}", "--checkpoint-dir", "{tmp}/ck", "--block-size", "1000", "--steps", "1"],
+     "sparsity=0.8 with block_size=1000: the pruning keeps no block of [W_ih | W_hh] in layer 0 (2 x 1 "
+     "blocks)"),
+    (["demo", "--tiny", "--sparsity", "0.999", "--steps", "1", "--utterances", "5", "--out", "{tmp}"],
+     "amnets demo: error: AmNetsEncoder: sparsity="),
     (["corpus", "{corpus}"], "amnets corpus: error: {corpus} already holds a corpus"),
     (["corpus", "{tmp}/c", "--rate", "300", "100"], "amnets corpus: error: --rate: MIN MAX words per minute"),
     (["frobnicate"], "amnets: error: argument {corpus,train,eval,demo}: invalid choice: 'frobnicate'"),
@@ -99,13 +111,25 @@ def write_corpus(directory, samples: list[int]) -> list:
 @pytest.mark.parametrize("audio, message", [
     ("short", "{path}: LogMel: the waveform must hold at least 201 samples (12.6 ms at 16 kHz); got 150"),
     ("text", "cannot read audio: Error opening '{path}': Format not recognised"),
+    # were accepted: training diverged later, eval gave an empty hypothesis
+    ("nan", "{path}: the audio holds non-finite samples (NaN or inf)"),
+    # was the tokenizer's message alone, naming no file
+    ("punct", "{path}: CharTokenizer.encode: text has characters outside \"' abcdefghijklmnopqrstuvwxyz\": "
+              "['.']"),
 ])
-def test_a_short_or_unreadable_audio_file_is_named_before_training(audio, message, tmp_path, capsys):
+def test_a_bad_audio_file_or_transcript_is_named_before_training(audio, message, tmp_path, capsys):
     # Was a RuntimeError from LogMel's padding, or soundfile's own traceback, out of the first epoch.
+    import numpy as np
+    import soundfile as sf
+
     good = write_corpus(tmp_path / "good", [3200])
-    bad = write_corpus(tmp_path / "bad", [3200, 150])[1]
+    bad = write_corpus(tmp_path / "bad", [3200, 150 if audio == "short" else 3200])[1]
     if audio == "text":
         bad.write_text("not audio\n")
+    elif audio == "nan":
+        sf.write(bad, np.full(3200, np.nan, dtype="float32"), 16000, subtype="FLOAT")
+    elif audio == "punct":
+        (bad.parent / "transcripts.txt").write_text("utt000000 one two\nutt000001 one two.\n")
     for data in (["--data", str(bad.parent)],
                  ["--data", str(good[0].parent), "--eval-data", str(bad.parent)]):
         code, err = fails(["train", *data, "--steps", "1", "--checkpoint-dir", str(tmp_path / "ck")]
@@ -113,3 +137,116 @@ def test_a_short_or_unreadable_audio_file_is_named_before_training(audio, messag
         assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
         assert message.replace("{path}", str(bad)) in err, err
         assert not (tmp_path / "ck").exists()  # refused before anything was trained or written
+
+
+def test_data_errors_name_the_flag_and_what_to_give(tmp_path, capsys):
+    from test_amnets_data import write_librispeech
+
+    good = write_corpus(tmp_path / "good", [3200])[0].parent
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "transcripts.txt").write_text("")
+    write_librispeech(str(tmp_path / "libri"))
+    common = ["--steps", "1", "--checkpoint-dir", str(tmp_path / "ck")] + TINY_MODEL
+    for data, message in (
+            # was "SpeechDataset: items is empty"
+            (["--data", str(good), "--eval-data", str(empty)],
+             f"--eval-data: corpus_items: {empty / 'transcripts.txt'} lists no utterances"),
+            # were "... has no transcripts.txt (not a make_corpus directory)": no word of --split
+            (["--data", str(tmp_path / "libri")],
+             f"--data: {tmp_path / 'libri'} has no transcripts.txt, so it is no corpus directory (amnets "
+             "corpus); a LibriSpeech root needs --split (it holds dev-clean)"),
+            (["--data", str(good), "--eval-data", str(tmp_path / "libri")],
+             "a LibriSpeech root needs --eval-split")):
+        code, err = fails(["train", *data] + common, capsys)
+        assert code == 2 and len(err.splitlines()) == 1 and message in err, err
+
+
+def test_the_checkpoint_dir_is_checked_before_the_data_loads(tmp_path, capsys, monkeypatch):
+    import amnets.cli
+
+    good = write_corpus(tmp_path / "good", [3200])[0].parent
+    monkeypatch.setattr(amnets.cli, "load_items", lambda *a, **k: pytest.fail("the data loaded first"))
+    under_a_file = tmp_path / "good" / "transcripts.txt" / "ck"
+    code, err = fails(["train", "--data", str(good), "--steps", "1", "--checkpoint-dir", str(under_a_file)]
+                      + TINY_MODEL, capsys)
+    assert code == 2 and err == (f"amnets train: error: --checkpoint-dir: cannot write to {under_a_file} "
+                                 f"({good / 'transcripts.txt'} is not a directory)\n")
+
+
+def test_audio_without_a_transcript_line_is_a_one_line_warning(tmp_path, capsys):
+    import numpy as np
+    import soundfile as sf
+
+    data = write_corpus(tmp_path / "c", [3200])[0].parent
+    sf.write(data / "utt000007.wav", np.zeros(3200, dtype="float32"), 16000)  # no line in transcripts.txt
+    capsys.readouterr()
+    assert main(["train", "--data", str(data), "--steps", "1", "--checkpoint-dir", str(tmp_path / "ck")]
+                + TINY_MODEL) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert (f"amnets train: warning: 1 audio file(s) in {data} have no transcript line and are left out, "
+            f"e.g. {data / 'utt000007.wav'}") in err
+
+
+def _ran(what):  # what unpickling a hostile checkpoint would call
+    RAN.append(what)
+
+
+RAN = []
+
+
+class Hostile:
+    def __reduce__(self):
+        return _ran, ("code",)
+
+
+def test_a_malformed_checkpoint_or_config_file_is_one_line(corpus, tmp_path, capsys):  # noqa: F811
+    import torch
+
+    from amnets.cli import model_from_checkpoint, read_checkpoint
+
+    ckpt_dir = tmp_path / "ck"
+    assert main(["train", "--steps", "1", "--data", corpus, "--checkpoint-dir", str(ckpt_dir)]
+                + TINY_MODEL) == 0
+    last = ckpt_dir / "last.pt"
+    # Read with weights_only=True: what train writes still round-trips.
+    saved = read_checkpoint(str(last))
+    assert {"model", "optimizer", "config", "step", "tau", "best"} <= set(saved) and saved["step"] == 1
+    model, cfg = model_from_checkpoint(saved, str(last))
+    assert cfg["hidden_size"] == 32
+    assert all(torch.equal(v, saved["model"][k]) for k, v in model.state_dict().items())
+
+    def variant(name, edit):
+        ckpt = torch.load(last, weights_only=True)
+        edit(ckpt)
+        torch.save(ckpt, tmp_path / name)
+        return str(tmp_path / name)
+
+    fit = "its weights do not fit the model its config describes"
+    cases = [  # were tracebacks: RuntimeError size mismatch, Missing/Unexpected keys, AttributeError
+        (variant("wide.pt", lambda c: c["config"].update(hidden_size=64)),
+         f": {fit} (mismatched: encoder.weight_ih_l0 (128, 240) where the model has (256, 240), "),
+        (variant("nobias.pt", lambda c: c["model"].pop("out.bias")), f": {fit} (missing: out.bias)"),
+        (variant("swapped.pt", lambda c: c["config"].update(cheap="lowrank")),
+         f": {fit} (missing: encoder.w_ih_u_l0, encoder.w_ih_v_l0, encoder.w_hh_u_l0 and 1 more; unexpected: "
+         "encoder.block_mask_l0)"),
+        (variant("badcfg.pt", lambda c: c.update(config="x")),
+         " is not an amnets checkpoint (its model, config and step must be a dict, a dict and an int; got "),
+        (variant("badvalue.pt", lambda c: c["config"].update(hidden_size="wide")),
+         ": its config: hidden_size must be an integer; got 'wide'"),
+        # weights_only: its pickled object is refused, never called (weights_only=False ran it)
+        (variant("hostile.pt", lambda c: c.update(extra=Hostile())),
+         " is not an amnets checkpoint: it holds pickled Python objects, which are not loaded (unpickling "
+         "them could run code); Unsupported global: GLOBAL test_amnets_cli_errors._ran"),
+    ]
+    for path, message in cases:
+        for argv in (["eval", path], ["train", "--resume", path, "--steps", "5"]):
+            code, err = fails(argv, capsys)
+            assert code == 2 and len(err.splitlines()) == 1 and f"error: {path}{message}" in err, (argv, err)
+    assert RAN == []
+    for text, kind in (("null", "NoneType"), ("[1, 2]", "list"), ('"abc"', "str")):  # was a TypeError, or
+        config = tmp_path / "c.json"                                        # "unknown keys ['a', 'b', 'c']"
+        config.write_text(text)
+        code, err = fails(["train", "--config", str(config)], capsys)
+        assert code == 2 and err == (f"amnets train: error: config file {config}: must hold a table of "
+                                     f'settings (a JSON object, e.g. {{"hidden_size": 64}}); got {kind}\n')

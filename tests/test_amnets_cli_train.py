@@ -193,3 +193,33 @@ def test_a_resumed_run_keeps_a_better_best_pt_written_after_its_checkpoint(corpu
     assert main(["train", "--resume", str(ckpt / "last.pt"), "--steps", "5", "--checkpoint-every", "1"]
                 + common[:2] + ["--eval-data", str(other)] + common[4:]) == 0
     assert load(ckpt / "best.pt")["best"]["step"] == 5  # the first validation on the new data is the best so far
+
+
+def test_a_new_run_refuses_a_directory_holding_another_runs_last_and_best(
+        corpus, tmp_path, capsys):  # noqa: F811
+    # Only step-N.pt were guarded: a second run silently replaced the first one's last.pt and best.pt.
+    ckpt = tmp_path / "ck"
+    common = ["--data", corpus, "--eval-data", corpus, "--checkpoint-dir", str(ckpt)] + TINY_MODEL
+    assert main(["train", "--steps", "1", "--seed", "1"] + common) == 0
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    capsys.readouterr()
+    assert main(["train", "--steps", "1", "--seed", "2"] + common) == 2
+    assert capsys.readouterr().err == (
+        f"amnets train: error: --checkpoint-dir {ckpt} holds another run's last.pt, best.pt, which this run "
+        f"would overwrite; continue that run with --resume {ckpt / 'last.pt'}, or choose another "
+        "--checkpoint-dir\n")
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+
+
+def test_resume_refuses_steps_below_the_checkpoints(corpus, tmp_path, capsys):  # noqa: F811
+    # Was "nothing to train", config.json rewritten with the lower --steps, and `{}` printed.
+    ckpt = tmp_path / "ck"
+    assert main(["train", "--steps", "3", "--data", corpus, "--checkpoint-dir", str(ckpt)] + TINY_MODEL) == 0
+    before = {p.name: p.read_bytes() for p in ckpt.iterdir()}
+    capsys.readouterr()
+    assert main(["train", "--resume", str(ckpt / "last.pt"), "--steps", "2"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == (
+        f"amnets train: error: --resume {ckpt / 'last.pt'} is at step 3, past --steps 2 (the steps in all, "
+        "not more steps); give --steps above 3 to train on\n")
+    assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before

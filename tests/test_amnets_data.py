@@ -8,8 +8,8 @@ import pytest
 import soundfile as sf
 import torch
 
-from amnets.data import (SAMPLE_RATE, WORDS, CharTokenizer, LogMel, SpeechDataset, collate, corpus_items,
-                         librispeech_items, make_corpus, read_audio)
+from amnets.data import (SAMPLE_RATE, WORDS, CharTokenizer, DataWarning, LogMel, SpeechDataset, collate,
+                         corpus_items, librispeech_items, make_corpus, read_audio)
 
 needs_espeak = pytest.mark.skipif(shutil.which("espeak-ng") is None,
                                   reason="espeak-ng is not installed (make install installs it)")
@@ -157,3 +157,72 @@ def test_collate_pads_and_reports_lengths():
         collate([(torch.ones(3, 80), torch.tensor([], dtype=torch.long))])
     with pytest.raises(ValueError, match="feats"):
         collate([(torch.ones(3, 80), torch.tensor([1])), (torch.ones(3, 40), torch.tensor([1]))])
+
+
+def test_audio_without_a_transcript_line_is_left_out_with_a_warning(tmp_path):
+    # Were left out silently: a transcript file missing lines lost its utterances unnoticed.
+    write_librispeech(str(tmp_path))
+    folder = tmp_path / "dev-clean" / "19" / "198"
+    sf.write(folder / "19-198-0009.flac", np.zeros(1600), SAMPLE_RATE, format="FLAC")
+    with pytest.warns(DataWarning, match=f"^1 audio file\\(s\\) in {tmp_path / 'dev-clean'} have no "
+                                         f"transcript line and are left out, e.g. "
+                                         f"{folder / '19-198-0009.flac'}$"):
+        assert len(librispeech_items(str(tmp_path), "dev-clean")) == 5
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("utt000000.wav", "utt000001.wav"):
+        sf.write(corpus / name, np.zeros(1600), SAMPLE_RATE)
+    (corpus / "transcripts.txt").write_text("utt000000 one\n")
+    with pytest.warns(DataWarning, match=f"e.g. {corpus / 'utt000001.wav'}$"):
+        assert [p for p, _ in corpus_items(str(corpus))] == [str(corpus / "utt000000.wav")]
+
+
+def test_transcript_files_refuse_duplicates_and_take_a_bom_blanks_and_tabs(tmp_path):
+    for name in ("utt000000.wav", "utt000001.wav"):
+        sf.write(tmp_path / name, np.zeros(1600), SAMPLE_RATE)
+    transcripts = tmp_path / "transcripts.txt"
+    transcripts.write_text("utt000000 one\nutt000001 two\nutt000000 three\n")
+    with pytest.raises(ValueError, match=f"^{transcripts}:3: utterance 'utt000000' is listed again "
+                                         "\\(first at line 1\\)$"):
+        corpus_items(str(tmp_path))
+    # A byte-order mark was read as part of the first id ("no audio file .../\ufeffutt000000.wav"), as
+    # was a leading blank; a tab after the id made the id "utt000001\ttwo".
+    transcripts.write_bytes("\ufeffutt000000 one two\n  utt000001\ttwo\n".encode("utf-8"))
+    assert corpus_items(str(tmp_path)) == [(str(tmp_path / "utt000000.wav"), "one two"),
+                                           (str(tmp_path / "utt000001.wav"), "two")]
+    transcripts.write_text("\n")
+    with pytest.raises(ValueError, match="transcripts.txt lists no utterances"):
+        corpus_items(str(tmp_path))
+
+
+def test_a_chapter_without_its_transcripts_is_named(tmp_path):
+    write_librispeech(str(tmp_path))
+    (tmp_path / "dev-clean" / "19" / "227" / "19-227.trans.txt").unlink()  # was a raw [Errno 2]
+    chapter = tmp_path / "dev-clean" / "19" / "227"
+    with pytest.raises(ValueError, match=f"^librispeech_items: chapter {chapter} has no 19-227.trans.txt$"):
+        librispeech_items(str(tmp_path), "dev-clean")
+
+
+def test_dataset_names_the_file_of_a_transcript_outside_the_vocabulary(tmp_path):
+    path = str(tmp_path / "a.wav")
+    sf.write(path, np.zeros(1600, dtype=np.float32), SAMPLE_RATE)
+    # was the tokenizer's message alone, naming neither the file nor the utterance
+    with pytest.raises(ValueError, match=f"^{path}: CharTokenizer.encode: text has characters outside "
+                                         ".*\\['.'\\]"):
+        SpeechDataset([(path, "hello.")])
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_audio_is_refused_naming_the_file(bad, tmp_path):
+    # Was accepted: training diverged later with a misleading message, eval gave an empty hypothesis.
+    ok, path = str(tmp_path / "ok.wav"), str(tmp_path / "bad.wav")
+    sf.write(ok, np.zeros(1600, dtype=np.float32), SAMPLE_RATE, subtype="FLOAT")
+    wave = np.zeros(1600, dtype=np.float32)
+    wave[800] = bad
+    sf.write(path, wave, SAMPLE_RATE, subtype="FLOAT")
+    message = f"^{path}: the audio holds non-finite samples \\(NaN or inf\\)$"
+    with pytest.raises(ValueError, match=message):
+        read_audio(path)
+    with pytest.raises(ValueError, match=message):  # at once, before any features are computed
+        SpeechDataset([(ok, "a"), (path, "b")])
+    assert SpeechDataset([(ok, "a")])[0][0].isfinite().all()

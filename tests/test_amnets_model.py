@@ -1,5 +1,8 @@
 """The AmNets model package `amnets`: latency simulator, switching encoder, RNN-T model."""
 
+import contextlib
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -35,12 +38,38 @@ def test_latency_rejects_bad_input(costs, period, final, match):
         simulate_latency(costs, period, final_cost=final)
 
 
+@pytest.mark.parametrize("costs", [torch.full((2, 3), 0.1), np.full((2, 3), 0.1), np.full((3, 1), 0.1),
+                                   torch.tensor(0.1)])
+def test_latency_takes_one_stream_as_a_tensor_or_an_array_alike(costs):
+    # A (B, T) tensor was flattened into one stream of B * T frames while the same ndarray was refused.
+    with pytest.raises(ValueError, match=r"frame_costs must be 1-d \(one stream's costs; call once per "
+                                         rf"stream\); got shape {re.escape(str(tuple(costs.shape)))}"):
+        simulate_latency(costs, 1.0)
+    want = simulate_latency([0.1, 0.2], 1.0)
+    assert simulate_latency(torch.tensor([0.1, 0.2], dtype=torch.float64), 1.0) == want
+    assert simulate_latency(np.array([0.1, 0.2]), 1.0) == want
+
+
+def test_latency_takes_real_numbers_of_any_kind_but_not_bools():
+    # np.float32 was refused where np.float64 (a float subclass) passed; bools passed as 1.0 and 0.0.
+    r = simulate_latency([np.float32(0.5)], np.float32(0.25), final_cost=np.float32(0.125))
+    assert r == simulate_latency([0.5], 0.25, final_cost=0.125) and type(r["upl"]) is float
+    for costs, period, final, name in (([True, False], 1.0, 0.0, "frame_costs"),
+                                       (torch.tensor([True]), 1.0, 0.0, "frame_costs"),
+                                       (["0.5"], 1.0, 0.0, "frame_costs"), ([0.5], True, 0.0, "frame_period"),
+                                       ([0.5], np.bool_(True), 0.0, "frame_period"),
+                                       ([0.5], 1.0, True, "final_cost")):
+        with pytest.raises(ValueError, match=name):
+            simulate_latency(costs, period, final_cost=final)
+
+
 # ---------------------------------------------------------------------------------------------------
 # encoder
 
 from torch import nn  # noqa: E402
 
 from amnets.encoder import AmNetsEncoder  # noqa: E402
+from amnets_kernels.nn import NotCheaperWarning  # noqa: E402
 
 D, H, L = 16, 32, 2
 
@@ -272,6 +301,22 @@ def test_encoder_rejects_bad_construction(kwargs, match):
         make_encoder(**kwargs)
 
 
+@pytest.mark.parametrize("sparsity, block_size, grid", [(0.999, 16, "8 x 17"), (0.8, 1000, "1 x 1")])
+def test_a_sparse_branch_that_keeps_no_block_is_never_silent(sparsity, block_size, grid):
+    # Was accepted silently: a cheap branch of the bias alone, trained and streamed. Legal (the engines run
+    # it; amnets train refuses it), so a NotCheaperWarning, as amnets_kernels' own modules give.
+    with pytest.warns(NotCheaperWarning, match=rf"^AmNetsEncoder: sparsity={sparsity:g} with "
+                                               rf"block_size={block_size}: the pruning keeps no block of "
+                                               rf"\[W_ih \| W_hh\] in layer 0 \({grid} blocks\), so the "
+                                               "sparse branch there would be the bias alone; lower sparsity "
+                                               "or block_size$"):
+        AmNetsEncoder(240, 32, 1, sparsity=sparsity, block_size=block_size)
+    enc = make_encoder("sparse")  # two layers
+    enc.sparsity = 0.999
+    with pytest.warns(NotCheaperWarning, match=r"in layer 0 \(8 x 3 blocks\), layer 1 \(8 x 4 blocks\), so"):
+        enc.reprune()
+
+
 @pytest.mark.parametrize("threshold", [0, 1.0])
 def test_encoder_thresholds_at_the_extremes(threshold):
     """threshold 0 (every frame full) and 1 (none) are accepted by the constructor as by stream()."""
@@ -494,7 +539,8 @@ def test_package_exports():
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.99])  # an empty complement; no kept block at all
 def test_sparse_stream_at_extreme_sparsity(sparsity):
-    enc = make_encoder("sparse", sparsity=sparsity)
+    with pytest.warns(NotCheaperWarning) if sparsity else contextlib.nullcontext():
+        enc = make_encoder("sparse", sparsity=sparsity)
     x = torch.randn(2, 4, D)
     for force, weight in (("full", enc.full_weight), ("cheap", enc.cheap_weight)):
         out, _, _ = enc.stream(x, force=force)

@@ -1,24 +1,29 @@
 """`amnets corpus|train|eval|demo` (also `python -m amnets ...`).
 
-  corpus  an espeak-ng corpus directory (amnets.data.make_corpus): WAVs and transcripts.txt.
+  corpus  an espeak-ng corpus directory (amnets.data.make_corpus): WAVs and transcripts.txt. A directory
+          holding anything needs --overwrite; only the audio a corpus there had written (utt<NNNNNN>.wav)
+          is ever removed.
   train   AdamW on an espeak-ng corpus directory or a LibriSpeech split; Gumbel temperature annealed
           exponentially from tau0 to tau_min over anneal_steps (fixed by the first run, so --resume continues
           the schedule); cost_weight (and optional budget) on the compute cost. Prints the configuration and
           parameter counts first; validates on --eval-data every --eval-every steps; writes last.pt, best.pt
           (lowest validation WER), averaged.pt (--average-last K), config.json and log.csv to
-          --checkpoint-dir (a new run refuses one holding another run's step-<N>.pt: --resume continues
-          that run). Under torchrun it trains data-parallel (DistributedDataParallel, gloo on the CPU).
+          --checkpoint-dir (a new run refuses one holding another run's last.pt, best.pt, averaged.pt or
+          step-<N>.pt: --resume continues that run). Under torchrun it trains data-parallel (DistributedDataParallel, gloo on the CPU).
   eval    greedy (--beam 1) or beam-search decoding of a checkpoint, on the checkpoint's data unless --data
           is given: WER, CER, fraction of frames on the full branch, MACs per frame; writes hyps.txt,
           refs.txt, utterances.jsonl (per utterance: WER, CER, realized cost) and summary.json to --out.
   demo    a small espeak-ng corpus, a dense baseline and both AmNets variants trained on the CPU, and a table
           of WER, full-branch fraction, MACs per frame, streaming time per frame and the user-perceived
           latency on a simulated device running the dense model at 1.2x real time; results.json, table.txt.
+          The corpus in --out is reused when this demo made it with the same --utterances and --seed, else
+          made anew.
 
 Configuration: the defaults in CONFIG, overridden by a checkpoint's config (eval, --resume), then by a
 --config file (JSON or TOML, the same flat keys as the command's flags), then by command-line flags.
 A mistake in what was given (a path, a value, a checkpoint) prints one line, `amnets <command>: error: ...`,
-and exits 2 (a training run that diverges: 1); `amnets --debug ...` shows the traceback instead.
+and exits 2 (a training run that diverges: 1); `amnets --debug ...` shows the traceback instead. Data that
+loads only in part (audio files no transcript line lists) is one line too, `amnets <command>: warning: ...`.
 """
 
 from __future__ import annotations
@@ -29,7 +34,9 @@ import glob
 import json
 import math
 import os
+import pickle
 import random
+import re
 import shutil
 import statistics
 import sys
@@ -44,9 +51,10 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import amnets_kernels as ak
+from amnets_kernels.nn import NotCheaperWarning
 
-from .data import (TRANSCRIPTS, VOICES, CharTokenizer, SpeechDataset, collate, corpus_items,
-                   librispeech_items, make_corpus)
+from .data import (CORPUS_AUDIO, TRANSCRIPTS, VOICES, CharTokenizer, DataWarning, SpeechDataset, collate,
+                   corpus_items, librispeech_items, make_corpus)
 from .encoder import CHEAP_KINDS, FORCE_KINDS
 from .latency import simulate_latency
 from .model import AmNetsRNNT, stack_frames
@@ -114,8 +122,10 @@ COMMAND_KEYS = {
     "train": ("data", "split", "eval_data", "eval_split", "eval_every") + MODEL_KEYS + TRAIN_KEYS
              + ("max_symbols",),
     "eval": ("data", "split", "threshold", "force", "beam", "max_symbols", "threads"),
-    "demo": MODEL_KEYS + tuple(k for k in TRAIN_KEYS if k not in ("checkpoint_dir", "average_last",
-                                                                    "save_every_rank")) + ("max_symbols",),
+    # cheap: each demo model sets its own
+    "demo": tuple(k for k in MODEL_KEYS if k != "cheap")
+            + tuple(k for k in TRAIN_KEYS if k not in ("checkpoint_dir", "average_last", "save_every_rank"))
+            + ("max_symbols",),
 }
 
 
@@ -181,6 +191,9 @@ def load_config_file(path: str, command: str) -> dict:
             got = json.load(f) if path.endswith(".json") else tomllib.load(f)
         except ValueError as exc:  # JSONDecodeError, TOMLDecodeError
             raise UsageError(f"config file {path}: {exc}") from exc
+    if not isinstance(got, dict):  # JSON's null, a list, a string: its items are no keys
+        raise UsageError(f"config file {path}: must hold a table of settings (a JSON object, e.g. "
+                         f'{{"hidden_size": 64}}); got {type(got).__name__}')
     keys = COMMAND_KEYS[command]
     unknown = sorted(set(got) - set(CONFIG))
     if unknown:
@@ -266,27 +279,53 @@ def error_rate(refs: list[str], hyps: list[str], unit: str) -> float:
 # building blocks
 
 
-def load_items(data: str, split: str, what: str = "--data", hint: str = "") -> list[tuple[str, str]]:
-    """what: where data came from (a flag, a checkpoint), as errors name it; hint: what to do instead."""
+def load_items(data: str, split: str, what: str = "--data", hint: str = "",
+               split_flag: str = "--split") -> list[tuple[str, str]]:
+    """what: where data came from (a flag, a checkpoint), as errors name it; hint: what to do instead;
+    split_flag: the flag that gives its LibriSpeech split."""
     if not data:
         raise UsageError(f"{what} is required: an espeak-ng corpus directory or a LibriSpeech root")
     if not os.path.isdir(data):
         raise UsageError(f"{what}: no such directory: {data}{hint}")
-    return librispeech_items(data, split) if split else corpus_items(data)
-
-
-def writable_dir(path: str, what: str) -> str:
-    """path, created if need be, once a file could be made in it: checked before the work that fills it."""
+    if not split and not os.path.isfile(os.path.join(data, TRANSCRIPTS)):
+        subdirs = sorted(n for n in os.listdir(data) if os.path.isdir(os.path.join(data, n)))
+        raise UsageError(f"{what}: {data} has no {TRANSCRIPTS}, so it is no corpus directory (amnets "
+                         f"corpus); a LibriSpeech root needs {split_flag}"
+                         + (f" (it holds {', '.join(subdirs[:4])}{', ...' if len(subdirs) > 4 else ''})"
+                            if subdirs else ""))
     try:
-        os.makedirs(path, exist_ok=True)
-        tempfile.TemporaryFile(dir=path).close()  # as root os.access says yes even on a read-only mount
+        return librispeech_items(data, split) if split else corpus_items(data)
+    except ValueError as exc:  # which of the run's data sets it is
+        raise UsageError(f"{what}: {exc}") from exc
+
+
+def writable_dir(path: str, what: str, create: bool = True) -> str:
+    """path, created if need be, once a file could be made in it: checked before the work that fills it.
+    create=False: only checked (the directory it would be made in is writable), nothing is created."""
+    probe = path
+    if not create:  # the nearest existing directory on the way
+        while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+            probe = os.path.dirname(probe)
+    try:
+        if create:
+            os.makedirs(path, exist_ok=True)
+        elif not os.path.isdir(probe):
+            raise NotADirectoryError(f"{probe} is not a directory")
+        tempfile.TemporaryFile(dir=probe).close()  # as root os.access says yes even on a read-only mount
     except OSError as exc:
         raise UsageError(f"{what}: cannot write to {path} ({exc.strerror or exc})") from exc
     return path
 
 
 def build_model(cfg: dict, vocab_size: int) -> AmNetsRNNT:
-    return AmNetsRNNT(80, vocab_size, **{k: cfg[k] for k in MODEL_KEYS})
+    """The configured model; a sparse branch that keeps no block (--sparsity too high for --block-size and
+    the layers), which the encoder only warns of, is refused: a run of it would train a useless branch."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NotCheaperWarning)
+        try:
+            return AmNetsRNNT(80, vocab_size, **{k: cfg[k] for k in MODEL_KEYS})
+        except NotCheaperWarning as exc:
+            raise ValueError(str(exc)) from None
 
 
 def temperature(cfg: dict, step: int) -> float:
@@ -350,33 +389,66 @@ def read_checkpoint(path: str) -> dict:
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        # weights_only: unpickling anything else could run code; train writes tensors and plain values only
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip or torch errors: all say "not a checkpoint"
+        if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc):
+            found = re.search(r"Unsupported global: GLOBAL \S+", str(exc))
+            raise UsageError(f"{path} is not an amnets checkpoint: it holds pickled Python objects, which "
+                             "are not loaded (unpickling them could run code)"
+                             + (f"; {found[0]}" if found else "")) from exc
         raise UsageError(f"{path} is not a checkpoint torch.load can read "
                          f"({type(exc).__name__}: {exc})") from exc
     if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= set(ckpt):
         raise UsageError(f"{path} is not an amnets checkpoint (no model, config and step)")
+    kinds = (type(ckpt["model"]), type(ckpt["config"]), type(ckpt["step"]))
+    if not (issubclass(kinds[0], dict) and issubclass(kinds[1], dict) and issubclass(kinds[2], int)):
+        raise UsageError(f"{path} is not an amnets checkpoint (its model, config and step must be a dict, a "
+                         f"dict and an int; got {', '.join(k.__name__ for k in kinds)})")
     return ckpt
 
 
-def checkpoint_config(ckpt: dict) -> dict:
+def checkpoint_config(ckpt: dict, source: str = "the checkpoint") -> dict:
     """The run's configuration, completed with today's defaults for keys added since it was written; the
-    anneal horizon of a checkpoint written before anneal_steps existed is the steps it was trained for."""
+    anneal horizon of a checkpoint written before anneal_steps existed is the steps it was trained for.
+    source: the checkpoint's path, as errors name it."""
     saved = {k: v for k, v in ckpt["config"].items() if k in CONFIG}
     saved["anneal_steps"] = saved.get("anneal_steps") or saved.get("steps", CONFIG["steps"][0])
-    return check_config(dict(defaults(), **saved))
+    try:
+        return check_config(dict(defaults(), **saved))
+    except ValueError as exc:
+        raise UsageError(f"{source}: its {exc}") from exc
 
 
-def model_from_checkpoint(ckpt: dict) -> tuple[AmNetsRNNT, dict]:
-    """The checkpoint's model (eval mode) and its configuration."""
-    cfg = checkpoint_config(ckpt)
-    model = build_model(cfg, CharTokenizer().vocab_size)
-    model.load_state_dict(ckpt["model"])
+def load_weights(model: AmNetsRNNT, ckpt: dict, source: str = "the checkpoint") -> None:
+    """The checkpoint's weights into model, which its config built; a mismatch (an edited or foreign
+    checkpoint) is one line naming source and the first differences, not load_state_dict's report."""
+    state, own = ckpt["model"], model.state_dict()
+    wrong = [f"{k} {tuple(state[k].shape)} where the model has {tuple(v.shape)}" for k, v in own.items()
+             if k in state and not (isinstance(state[k], torch.Tensor) and state[k].shape == v.shape)]
+    problems = [f"{what}: {', '.join(keys[:3])}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+                for what, keys in (
+        ("missing", [k for k in own if k not in state]), ("unexpected", [k for k in state if k not in own]),
+        ("mismatched", wrong)) if keys]
+    if problems:
+        raise UsageError(f"{source}: its weights do not fit the model its config describes ("
+                         + "; ".join(problems) + ")")
+    model.load_state_dict(state)
+
+
+def model_from_checkpoint(ckpt: dict, source: str = "the checkpoint") -> tuple[AmNetsRNNT, dict]:
+    """The checkpoint's model (eval mode) and its configuration; source: its path, as errors name it."""
+    cfg = checkpoint_config(ckpt, source)
+    try:
+        model = build_model(cfg, CharTokenizer().vocab_size)
+    except ValueError as exc:  # a config check_config passes that build_model refuses (no kept block)
+        raise UsageError(f"{source}: {exc}") from exc
+    load_weights(model, ckpt, source)
     return model.eval(), cfg
 
 
 def load_checkpoint(path: str) -> tuple[AmNetsRNNT, dict]:
-    return model_from_checkpoint(read_checkpoint(path))
+    return model_from_checkpoint(read_checkpoint(path), path)
 
 
 def _log(message: str) -> None:
@@ -444,9 +516,10 @@ def evaluate(model: AmNetsRNNT, dataset: SpeechDataset, batch_size: int = 16, be
 
 
 def train(cfg: dict, resume: str | None = None, dataset: SpeechDataset | None = None,
-          announce: bool = True) -> tuple[AmNetsRNNT, dict]:
+          announce: bool = True, replace: bool = False) -> tuple[AmNetsRNNT, dict]:
     """Train as configured; under torchrun (WORLD_SIZE > 1) data-parallel. dataset: what to train on
-    instead of cfg's data; announce: log the configuration and model size first.
+    instead of cfg's data; announce: log the configuration and model size first; replace: checkpoint_dir
+    is the caller's own output (the demo's), whose earlier checkpoints are replaced, not refused.
     Returns (model, the last step's stats)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1 and not dist.is_initialized():
@@ -457,6 +530,9 @@ def train(cfg: dict, resume: str | None = None, dataset: SpeechDataset | None = 
     ckpt = read_checkpoint(resume) if resume else None
     if ckpt is not None and "optimizer" not in ckpt:
         raise UsageError(f"{resume} holds no optimizer state (an averaged checkpoint?); resume from last.pt")
+    if ckpt is not None and ckpt["step"] > cfg["steps"]:  # it would log nothing and rewrite config.json
+        raise UsageError(f"--resume {resume} is at step {ckpt['step']}, past --steps {cfg['steps']} (the "
+                         f"steps in all, not more steps); give --steps above {ckpt['step']} to train on")
     # The anneal horizon is fixed by the first run and kept on --resume: a run extended past it stays at
     # tau_min instead of jumping back up a schedule recomputed over the new --steps. config.json keeps the
     # value as given (0: a later run's own --steps).
@@ -464,34 +540,30 @@ def train(cfg: dict, resume: str | None = None, dataset: SpeechDataset | None = 
     cfg = dict(cfg, anneal_steps=cfg["anneal_steps"] or cfg["steps"])
     for key in ("data", "eval_data", "checkpoint_dir"):  # a checkpoint's paths work from any directory
         cfg[key] = cfg[key] and os.path.abspath(cfg[key])
-    # step-<N>.pt carry no run identity: a new run would prune its own (lower-numbered) ones and average
-    # the old run's. Only --resume continues the run they belong to, in the directory of its checkpoint.
-    old = []
-    if os.path.isdir(cfg["checkpoint_dir"]) and not (
-            resume and os.path.samefile(os.path.dirname(os.path.abspath(resume)), cfg["checkpoint_dir"])):
-        old = [os.path.basename(p) for p in numbered_checkpoints(cfg["checkpoint_dir"])]
-    if old:
-        raise UsageError(f"--checkpoint-dir {cfg['checkpoint_dir']} holds step-<N>.pt checkpoints of another "
-                         f"run ({', '.join(old[:3])}{', ...' if len(old) > 3 else ''}), which "
-                         f"--average-last would mix with this run's; continue that run with --resume "
-                         f"{os.path.join(cfg['checkpoint_dir'], 'last.pt')}, or choose another "
-                         f"--checkpoint-dir")
+    # Everything that can be refused without the data is checked before it loads (minutes, on LibriSpeech).
+    writable_dir(cfg["checkpoint_dir"], "--checkpoint-dir", create=False)
+    if not replace:
+        _refuse_another_runs_checkpoints(cfg["checkpoint_dir"], resume)
     tokenizer = CharTokenizer()
-    if dataset is None:
-        dataset = SpeechDataset(load_items(cfg["data"], cfg["split"]), tokenizer)
-    valid = None
-    if rank == 0 and cfg["eval_data"]:
-        valid = SpeechDataset(load_items(cfg["eval_data"], cfg["eval_split"], "--eval-data"), tokenizer)
     torch.manual_seed(cfg["seed"])  # the same initial model on every rank (DDP also broadcasts it)
     model = build_model(cfg, tokenizer.vocab_size)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     step, best = 0, None
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_weights(model, ckpt, resume)
+        try:
+            optimizer.load_state_dict(ckpt["optimizer"])
+        except (ValueError, KeyError, TypeError) as exc:  # torch's words, without the file
+            raise UsageError(f"{resume}: its optimizer state does not fit its model ({exc})") from exc
         for group in optimizer.param_groups:  # the run's own --lr / --weight-decay, not the saved ones
             group["lr"], group["weight_decay"] = cfg["lr"], cfg["weight_decay"]
         step, best = ckpt["step"], _best_so_far(cfg, ckpt)
+    if dataset is None:
+        dataset = SpeechDataset(load_items(cfg["data"], cfg["split"]), tokenizer)
+    valid = None
+    if rank == 0 and cfg["eval_data"]:
+        valid = SpeechDataset(load_items(cfg["eval_data"], cfg["eval_split"], "--eval-data",
+                                         split_flag="--eval-split"), tokenizer)
     os.makedirs(cfg["checkpoint_dir"], exist_ok=True)
     if rank == 0:
         _announce(cfg, model, dataset, valid, resume, step, announce, anneal_given)
@@ -573,6 +645,30 @@ def train(cfg: dict, resume: str | None = None, dataset: SpeechDataset | None = 
     if world > 1:
         dist.barrier()  # rank 0's checkpoints are complete before any rank returns
     return model, stats
+
+
+# A run's own checkpoints besides step-<N>.pt (the names _Checkpoints and average_checkpoints write).
+RUN_CHECKPOINTS = ("last.pt", "best.pt", "averaged.pt")
+
+
+def _refuse_another_runs_checkpoints(directory: str, resume: str | None) -> None:
+    """Checkpoints carry no run identity: a new run would overwrite another's last.pt and best.pt, prune its
+    own (lower-numbered) step-<N>.pt and average the old run's. Only --resume continues the run they
+    belong to, in the directory of its checkpoint."""
+    if not os.path.isdir(directory) or (
+            resume and os.path.samefile(os.path.dirname(os.path.abspath(resume)), directory)):
+        return
+    advice = (f"continue that run with --resume {os.path.join(directory, 'last.pt')}, or choose another "
+              f"--checkpoint-dir")
+    old = [os.path.basename(p) for p in numbered_checkpoints(directory)]
+    if old:
+        raise UsageError(f"--checkpoint-dir {directory} holds step-<N>.pt checkpoints of another run "
+                         f"({', '.join(old[:3])}{', ...' if len(old) > 3 else ''}), which --average-last "
+                         f"would mix with this run's; {advice}")
+    taken = [name for name in RUN_CHECKPOINTS if os.path.exists(os.path.join(directory, name))]
+    if taken:
+        raise UsageError(f"--checkpoint-dir {directory} holds another run's {', '.join(taken)}, which this "
+                         f"run would overwrite; {advice}")
 
 
 def _best_so_far(cfg: dict, ckpt: dict) -> dict | None:
@@ -781,21 +877,41 @@ def _flag(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
+def _corpus_audio(directory: str) -> set[str]:
+    """The audio files of a corpus of ours in directory: only these are removed when it is remade."""
+    if not os.path.isfile(os.path.join(directory, TRANSCRIPTS)):  # not recognisably one: nothing is ours
+        return set()
+    return {os.path.join(directory, n) for n in os.listdir(directory) if CORPUS_AUDIO.fullmatch(n)}
+
+
+def remake_corpus(directory: str, n_utterances: int, **kwargs) -> list[tuple[str, str]]:
+    """make_corpus over whatever directory holds, then the old corpus's audio that the new one did not
+    replace is removed (a smaller corpus over a larger one leaves no stray utterances); other files stay."""
+    old = _corpus_audio(directory)
+    make_corpus(directory, n_utterances, **kwargs)
+    with warnings.catch_warnings():  # the unlisted audio is the old corpus's, going now, or not ours
+        warnings.simplefilter("ignore", DataWarning)
+        items = corpus_items(directory)
+    for path in old - {p for p, _ in items}:
+        os.remove(path)
+    return items
+
+
 def cmd_corpus(args) -> int:
     if os.path.exists(os.path.join(args.dir, TRANSCRIPTS)) and not args.overwrite:
         raise UsageError(f"{args.dir} already holds a corpus ({TRANSCRIPTS}); --overwrite replaces it")
+    if os.path.isdir(args.dir) and os.listdir(args.dir) and not args.overwrite:
+        raise UsageError(f"{args.dir} is not empty and holds no corpus ({TRANSCRIPTS}); give a new or empty "
+                         f"directory, or --overwrite to write the corpus among its files (any named as the "
+                         f"corpus's, utt000000.wav ..., are replaced)")
     if shutil.which("espeak-ng") is None:
         raise UsageError("espeak-ng is not installed (Debian/Ubuntu: apt-get install espeak-ng)")
     if not 80 <= args.rate[0] <= args.rate[1] <= 450:  # espeak-ng's -s range
         raise UsageError(f"--rate: MIN MAX words per minute with 80 <= MIN <= MAX <= 450; got {args.rate}")
     voices = tuple(v for v in args.voices.split(",") if v)
-    old_audio = set(glob.glob(os.path.join(args.dir, "utt*.wav")))
     start = time.time()
-    make_corpus(args.dir, args.utterances, seed=args.seed, words_per_utterance=tuple(args.words),
-                voices=voices, rates=tuple(args.rate), jobs=args.jobs)
-    items = corpus_items(args.dir)
-    for path in old_audio - {p for p, _ in items}:  # a smaller corpus over a larger one: no stray audio
-        os.remove(path)
+    items = remake_corpus(args.dir, args.utterances, seed=args.seed, words_per_utterance=tuple(args.words),
+                          voices=voices, rates=tuple(args.rate), jobs=args.jobs)
     seconds = sum(SpeechDataset(items, cache=False).duration(i) for i in range(len(items)))
     summary = dict(dir=os.path.abspath(args.dir), utterances=len(items), seed=args.seed,
                    words=sum(len(t.split()) for _, t in items), audio_s=round(seconds, 2))
@@ -807,7 +923,7 @@ def cmd_corpus(args) -> int:
 
 
 def cmd_train(args) -> int:
-    base = checkpoint_config(read_checkpoint(args.resume)) if args.resume else None
+    base = checkpoint_config(read_checkpoint(args.resume), args.resume) if args.resume else None
     cfg, given = resolve_config("train", args, base)
     if base is not None and "checkpoint_dir" not in given:
         # Beside the checkpoint given, not where the run was when it wrote it: a copied or moved run
@@ -830,7 +946,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     ckpt = read_checkpoint(args.checkpoint)
-    model, saved = model_from_checkpoint(ckpt)
+    model, saved = model_from_checkpoint(ckpt, args.checkpoint)
     # From the checkpoint: how its model decides, and its validation's cap; not its training's --threads.
     cfg, given = resolve_config("eval", args, {k: saved[k] for k in EVAL_FROM_CHECKPOINT})
     # The data: --data, else the checkpoint's validation data, else its training data; --split alone
@@ -896,6 +1012,40 @@ DEMO = dict(hidden_size=192, num_layers=2, rank=32, block_size=32, steps=800, ba
             cost_weight=50.0, budget=0.5, checkpoint_every=1000, log_every=100)
 
 
+DEMO_CORPUS_RECORD = "demo_corpus.json"  # in the demo's corpus directory: what made it
+
+
+def _demo_corpus(corpus: str, n_utt: int, seed: int) -> list[tuple[str, str]]:
+    """The demo's corpus: the one in `corpus` if this demo made it with these parameters, else made anew
+    (over one it made with others); a corpus it did not record making is refused, not replaced."""
+    record_path = os.path.join(corpus, DEMO_CORPUS_RECORD)
+    want = dict(utterances=n_utt, seed=seed)
+    made = None
+    if os.path.isfile(record_path):
+        with open(record_path) as f:
+            try:
+                made = json.load(f)
+            except ValueError:  # cut short or edited: made with unknown parameters
+                made = {}
+        made = made if isinstance(made, dict) else {}
+    if made == want:
+        print(f"amnets demo: reusing the corpus in {corpus} (made with the same --utterances {n_utt} and "
+              f"--seed {seed})", file=sys.stderr)
+        return corpus_items(corpus)
+    if made is None and os.path.isdir(corpus) and os.listdir(corpus):
+        raise UsageError(f"{corpus} is not a corpus this demo recorded making (no {DEMO_CORPUS_RECORD}); "
+                         f"remove it, or choose another --out")
+    if made is not None:
+        print(f"amnets demo: the corpus in {corpus} was made with --utterances {made.get('utterances')} "
+              f"--seed {made.get('seed')}; remaking it with --utterances {n_utt} --seed {seed}",
+              file=sys.stderr)
+        os.remove(record_path)  # a remake cut short is not taken for a finished one
+    items = remake_corpus(corpus, n_utt, seed=seed)
+    with open(record_path, "w") as f:
+        json.dump(want, f)
+    return items
+
+
 def cmd_demo(args) -> int:
     cfg, _ = resolve_config("demo", args, TINY if args.tiny else DEMO)
     n_utt = args.utterances or (24 if args.tiny else 450)
@@ -904,6 +1054,8 @@ def cmd_demo(args) -> int:
         raise UsageError(f"--utterances must be at least 3 (a fifth, at least 2, is held out); got {n_utt}")
     if args.stream_threads < 1:  # checked now, not after minutes of training when the timing starts
         raise UsageError(f"--stream-threads must be >= 1; got {args.stream_threads}")
+    for _, overrides, _ in DEMO_MODELS:  # a model build_model refuses: now, not after the models before it
+        build_model(check_config(dict(cfg, **overrides)), CharTokenizer().vocab_size)
     # A tiny run is a smoke test: by default it leaves nothing in the working directory.
     out = os.path.abspath(args.out or (tempfile.mkdtemp(prefix="amnets-demo-tiny-") if args.tiny
                                        else "amnets_demo"))
@@ -911,9 +1063,7 @@ def cmd_demo(args) -> int:
           f"table.txt; --out DIR to choose)", file=sys.stderr)
     corpus = os.path.join(out, "corpus")
     start = time.time()
-    if not os.path.isfile(os.path.join(corpus, TRANSCRIPTS)):
-        make_corpus(corpus, n_utt, seed=cfg["seed"])
-    items = corpus_items(corpus)
+    items = _demo_corpus(corpus, n_utt, cfg["seed"])
     if len(items) <= n_eval:
         raise UsageError(f"{corpus} holds {len(items)} utterances; need more than {n_eval}")
     # The held-out utterances are the corpus's last ones: make_corpus draws each independently.
@@ -928,7 +1078,7 @@ def cmd_demo(args) -> int:
                                 checkpoint_dir=os.path.join(out, name.replace(" ", "_"))))
         torch.set_num_threads(cfg["threads"] or train_threads)
         t0 = time.time()
-        model, _ = train(run, dataset=train_set, announce=False)
+        model, _ = train(run, dataset=train_set, announce=False, replace=True)
         trained = time.time() - t0
         result = evaluate(model, eval_set, max_symbols=cfg["max_symbols"])
         rows.append(dict(name=name, steps=run["steps"], trained_s=round(trained, 2), **result))
@@ -1016,7 +1166,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="speaking rate range, words per minute (default 120 220)")
     corpus.add_argument("--jobs", type=int, default=0,
                         help="espeak-ng processes at once (default 0: one per CPU)")
-    corpus.add_argument("--overwrite", action="store_true", help="replace a corpus already in DIR")
+    corpus.add_argument("--overwrite", action="store_true", help="replace a corpus already in DIR, or write "
+                        "into a DIR holding other files (only those named as the corpus's, utt<NNNNNN>.wav, are "
+                        "replaced)")
 
     train_ = command("train", "train a model (checkpoints, validation, log.csv in --checkpoint-dir)")
     train_.add_argument("--resume", help="checkpoint to continue from (its config is the base, its step, "
@@ -1039,7 +1191,8 @@ def build_parser() -> argparse.ArgumentParser:
                       "--tiny: a new temporary directory); printed at the start")
     demo.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (tiny models, few steps)")
     demo.add_argument("--utterances", type=int, default=0,
-                      help="corpus size (default 450, a fifth held out; tiny 24)")
+                      help="corpus size (default 450, a fifth held out; tiny 24); a corpus in --out made with "
+                      "other --utterances or --seed is made anew")
     demo.add_argument("--stream-threads", type=int, default=1,
                       help="torch threads while timing stream (default 1)")
     _config_flags(demo, COMMAND_KEYS["demo"], default_of=lambda k: (
@@ -1057,9 +1210,18 @@ def main(argv=None) -> int:
         if args.command == "eval" and keys & set(CONFIG):
             hint = EVAL_HINT
         parser.commands[args.command].error(f"unrecognized arguments: {' '.join(unknown)}{hint}")
-    warnings.simplefilter("ignore", ak.FallbackWarning)  # a fallback face is slower, not wrong
     try:
-        return COMMANDS[args.command](args)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ak.FallbackWarning)  # a fallback face is slower, not wrong
+            shown = warnings.showwarning
+
+            def show(message, category, *rest):  # about the user's data: one line, as errors are
+                if issubclass(category, DataWarning):
+                    print(f"amnets {args.command}: warning: {message}", file=sys.stderr)
+                else:
+                    shown(message, category, *rest)
+            warnings.showwarning = show
+            return COMMANDS[args.command](args)
     except (UsageError, ValueError, OSError, TrainingDiverged) as exc:
         if args.debug:
             raise

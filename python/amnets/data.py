@@ -17,9 +17,11 @@ import math
 import numbers
 import os
 import random
+import re
 import shutil
 import string
 import subprocess
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 
@@ -31,6 +33,15 @@ from torch import Tensor
 
 SAMPLE_RATE = 16000
 TRANSCRIPTS = "transcripts.txt"
+# The audio files make_corpus writes; only files so named are ever removed as an old corpus's.
+CORPUS_AUDIO = re.compile(r"utt\d{6,}\.wav")
+# soundfile subtypes whose samples are floats (integer PCM, FLAC and the rest are finite by construction)
+FLOAT_SUBTYPES = ("FLOAT", "DOUBLE")
+
+
+class DataWarning(UserWarning):
+    """Data that loads but not all of it: audio files without a transcript line (left out)."""
+
 
 # Common words with distinct spellings: enough to need real character modelling, few enough to learn fast.
 WORDS = ("the", "a", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten",
@@ -86,8 +97,11 @@ def _soundfile(call, path: str):
 
 
 def read_audio(path: str) -> Tensor:
-    """Mono float32 waveform (N,) at 16 kHz from any file soundfile reads (WAV, FLAC, ...)."""
+    """Mono float32 waveform (N,) at 16 kHz from any file soundfile reads (WAV, FLAC, ...); a file holding
+    NaN or inf samples (possible in float WAVs) is a ValueError naming it."""
     audio, rate = _soundfile(lambda p: sf.read(p, dtype="float32", always_2d=True), path)
+    if not np.isfinite(audio).all():  # training would diverge on it, decoding emit nothing, both silently
+        raise ValueError(f"{path}: the audio holds non-finite samples (NaN or inf)")
     wave = torch.from_numpy(audio.mean(axis=1))
     return wave if rate == SAMPLE_RATE else torchaudio.functional.resample(wave, rate, SAMPLE_RATE)
 
@@ -191,47 +205,77 @@ def make_corpus(out_dir: str, n_utterances: int, seed: int = 0, words_per_uttera
 
 
 def _read_transcripts(path: str, folder: str, ext: str) -> list[tuple[str, str]]:
-    items = []
-    with open(path) as f:
+    """(audio path, text) per "<id> <text>" line of path; the audio is <folder>/<id><ext>."""
+    items, seen = [], {}
+    # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first id
+    with open(path, encoding="utf-8-sig") as f:
         for n, line in enumerate(f, 1):
-            if not line.strip():
+            fields = line.split(None, 1)  # leading blanks and a tab after the id are no part of either
+            if not fields:
                 continue
-            utt, _, text = line.rstrip("\n").partition(" ")
-            if not text.strip():
+            utt, text = fields[0], fields[1].strip() if len(fields) > 1 else ""
+            if not text:
                 raise ValueError(f"{path}:{n}: utterance {utt!r} has an empty transcript")
+            if utt in seen:  # would be trained on twice
+                raise ValueError(f"{path}:{n}: utterance {utt!r} is listed again (first at line {seen[utt]})")
+            seen[utt] = n
             audio = os.path.join(folder, utt + ext)
             if not os.path.isfile(audio):
                 raise ValueError(f"{path}:{n}: no audio file {audio}")
-            items.append((audio, text.strip()))
+            items.append((audio, text))
     return items
 
 
+def _unlisted(folder: str, ext: str, items: list[tuple[str, str]]) -> list[str]:
+    """The <ext> audio files of folder that no item names."""
+    listed = {os.path.basename(p) for p, _ in items}
+    return sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(ext) and n not in listed)
+
+
+def _warn_unlisted(unlisted: list[str], where: str) -> None:
+    if unlisted:
+        warnings.warn(f"{len(unlisted)} audio file(s) in {where} have no transcript line and are left out, "
+                      f"e.g. {unlisted[0]}", DataWarning, stacklevel=3)
+
+
 def corpus_items(corpus_dir: str) -> list[tuple[str, str]]:
-    """(wav path, transcript) of a make_corpus directory, in transcript order."""
+    """(wav path, transcript) of a make_corpus directory, in transcript order. WAVs it does not list are
+    left out with a DataWarning."""
     path = os.path.join(corpus_dir, TRANSCRIPTS)
     if not os.path.isfile(path):
         raise ValueError(f"corpus_items: {corpus_dir!r} has no {TRANSCRIPTS} (not a make_corpus directory)")
-    return _read_transcripts(path, corpus_dir, ".wav")
+    items = _read_transcripts(path, corpus_dir, ".wav")
+    if not items:
+        raise ValueError(f"corpus_items: {path} lists no utterances")
+    _warn_unlisted(_unlisted(corpus_dir, ".wav", items), corpus_dir)
+    return items
 
 
 def librispeech_items(root: str, split: str) -> list[tuple[str, str]]:
     """(flac path, transcript) of every utterance of <root>/<split> (e.g. train-clean-100), sorted by id.
 
     Layout: <root>/<split>/<speaker>/<chapter>/<speaker>-<chapter>-<utt>.flac, one
-    <speaker>-<chapter>.trans.txt per chapter with lines "<speaker>-<chapter>-<utt> TRANSCRIPT".
+    <speaker>-<chapter>.trans.txt per chapter with lines "<speaker>-<chapter>-<utt> TRANSCRIPT". FLACs no
+    line lists are left out with a DataWarning.
     """
     base = os.path.join(root, split)
     if not os.path.isdir(base):
         raise ValueError(f"librispeech_items: no split directory {base!r}")
-    items = []
+    items, unlisted = [], []
     subdirs = lambda d: sorted(n for n in os.listdir(d) if os.path.isdir(os.path.join(d, n)))  # noqa: E731
     for speaker in subdirs(base):  # a stray file (a README, .DS_Store) is no speaker or chapter
         for chapter in subdirs(os.path.join(base, speaker)):
             folder = os.path.join(base, speaker, chapter)
             transcripts = os.path.join(folder, f"{speaker}-{chapter}.trans.txt")
-            items += _read_transcripts(transcripts, folder, ".flac")
+            if not os.path.isfile(transcripts):
+                raise ValueError(f"librispeech_items: chapter {folder} has no "
+                                 f"{os.path.basename(transcripts)}")
+            chapter_items = _read_transcripts(transcripts, folder, ".flac")
+            items += chapter_items
+            unlisted += _unlisted(folder, ".flac", chapter_items)
     if not items:
         raise ValueError(f"librispeech_items: {base!r} holds no utterances")
+    _warn_unlisted(unlisted, base)
     return items
 
 
@@ -242,8 +286,9 @@ def librispeech_items(root: str, split: str) -> list[tuple[str, str]]:
 class SpeechDataset(torch.utils.data.Dataset):
     """(feats (T, 80), labels (U,)) per (audio path, transcript) item. Features are computed once and kept
     in memory (cache=True): the corpora this trains on are small and every epoch reads them again.
-    Every file's header is read at once: one soundfile cannot read, or too short for LogMel, is an error
-    naming it now rather than hours into training."""
+    Every file's header is read at once (and a float file's samples): one soundfile cannot read, too short
+    for LogMel, holding NaN or inf, or a transcript with characters the tokenizer lacks, is an error naming
+    it now rather than hours into training."""
 
     def __init__(self, items: list[tuple[str, str]], tokenizer: CharTokenizer | None = None,
                  features: LogMel | None = None, cache: bool = True):
@@ -254,12 +299,14 @@ class SpeechDataset(torch.utils.data.Dataset):
         self.features = features or LogMel()
         self.labels, self.seconds = [], []
         for path, text in self.items:
-            labels = self.tokenizer.encode(text)
+            labels = self._named(path, self.tokenizer.encode, text)
             if not labels:
                 raise ValueError(f"SpeechDataset: empty transcript for {path}")
             self.labels.append(torch.tensor(labels, dtype=torch.long))
             info = _soundfile(sf.info, path)  # the header only: no decoding
             self.seconds.append(info.frames / info.samplerate)
+            if info.subtype in FLOAT_SUBTYPES:  # only float samples can be NaN or inf: read those now
+                read_audio(path)
             if isinstance(self.features, LogMel):  # read_audio's length: resample rounds up
                 samples = math.ceil(info.frames * SAMPLE_RATE / info.samplerate)
                 self._named(path, self.features.check_samples, samples)
@@ -267,7 +314,8 @@ class SpeechDataset(torch.utils.data.Dataset):
 
     @staticmethod
     def _named(path: str, call, *args):
-        """call(*args); its ValueError (a LogMel one says nothing of the file) names the audio file."""
+        """call(*args); its ValueError (LogMel's and the tokenizer's say nothing of the file) names the
+        audio file."""
         try:
             return call(*args)
         except ValueError as exc:

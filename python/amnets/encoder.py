@@ -24,6 +24,7 @@ import copy
 import functools
 import math
 import numbers
+import warnings
 from typing import NamedTuple
 
 import torch
@@ -33,6 +34,7 @@ from torch import Tensor, nn
 import amnets_kernels as ak
 from amnets_kernels._one_thread import OneThread
 from amnets_kernels._ops.lstm_update import lstm_pointwise
+from amnets_kernels.nn import NotCheaperWarning
 
 CHEAP_KINDS = ("sparse", "lowrank")
 FORCE_KINDS = (None, "full", "cheap")
@@ -144,15 +146,24 @@ class AmNetsEncoder(nn.Module):
 
     @torch.no_grad()
     def reprune(self) -> None:
-        """Recompute every layer's block mask by magnitude block pruning of the current full weights."""
+        """Recompute every layer's block mask by magnitude block pruning of the current full weights. A layer
+        that keeps no block is legal (the engines run it) but never silent: a NotCheaperWarning."""
         if self.cheap != "sparse":
             raise ValueError("AmNetsEncoder.reprune: only the sparse cheap branch has a mask; "
                              f"cheap={self.cheap!r}")
+        empty = []
         for k in range(self.num_layers):
-            kept = ak.BlockSparseMatrix.from_dense(self.full_weight(k), self.block_size,
-                                                   sparsity=self.sparsity)
+            mask = ak.BlockSparseMatrix.from_dense(self.full_weight(k), self.block_size,
+                                                   sparsity=self.sparsity).block_mask()
+            if not mask.any():
+                empty.append(f"layer {k} ({mask.shape[0]} x {mask.shape[1]} blocks)")
             # In place: bumps its version, which the stream caches see.
-            getattr(self, f"block_mask_l{k}").copy_(kept.block_mask())
+            getattr(self, f"block_mask_l{k}").copy_(mask)
+        if empty:  # as amnets_kernels' modules and swap_in say of a pruning that keeps nothing
+            warnings.warn(f"AmNetsEncoder: sparsity={self.sparsity:g} with block_size={self.block_size}: the "
+                          f"pruning keeps no block of [W_ih | W_hh] in {', '.join(empty)}, so the sparse branch "
+                          "there would be the bias alone; lower sparsity or block_size", NotCheaperWarning,
+                          stacklevel=2)
 
     def lowrank_weights(self, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return tuple(getattr(self, f"w_{w}_l{k}") for w in ("ih_u", "ih_v", "hh_u", "hh_v"))

@@ -15,39 +15,50 @@ final decoder flush) is `final_cost`.
 from __future__ import annotations
 
 import math
+import numbers
 
+import numpy as np
 import torch
 
 
-def _check_simulate_latency(frame_costs, frame_period, final_cost) -> list[float]:
+def _is_real(value) -> bool:
+    """A real number of any kind (Python, NumPy), not a bool: True is no cost in seconds."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _check_simulate_latency(frame_costs, frame_period, final_cost) -> tuple[list[float], float, float]:
+    op = "simulate_latency"
     if isinstance(frame_costs, (str, bytes)):  # iterable, but of characters
-        raise ValueError(f"simulate_latency: frame_costs must be a sequence of numbers; got {frame_costs!r}")
-    if isinstance(frame_costs, torch.Tensor):
-        frame_costs = frame_costs.detach().reshape(-1).tolist()
+        raise ValueError(f"{op}: frame_costs must be a sequence of numbers; got {frame_costs!r}")
+    if isinstance(frame_costs, (torch.Tensor, np.ndarray)):  # one stream: a batch is one call per row
+        if frame_costs.ndim != 1:
+            raise ValueError(f"{op}: frame_costs must be 1-d (one stream's costs; call once per stream); got "
+                             f"shape {tuple(frame_costs.shape)}")
+        frame_costs = frame_costs.tolist()  # Python numbers (a tensor's bools stay bools: refused below)
     try:
-        costs = [float(c) for c in frame_costs]
-    except (TypeError, ValueError):
-        raise ValueError(f"simulate_latency: frame_costs must be a sequence of numbers; got {frame_costs!r}")
+        costs = list(frame_costs)
+    except TypeError:
+        raise ValueError(f"{op}: frame_costs must be a sequence of numbers; got {frame_costs!r}") from None
     if not costs:
-        raise ValueError("simulate_latency: frame_costs must hold at least one frame; got none")
-    bad = [c for c in costs if not math.isfinite(c) or c < 0]
+        raise ValueError(f"{op}: frame_costs must hold at least one frame; got none")
+    bad = [c for c in costs if not _is_real(c) or not math.isfinite(c) or c < 0]
     if bad:
-        raise ValueError(f"simulate_latency: frame_costs must be finite and non-negative; got {bad[0]!r}")
+        raise ValueError(f"{op}: frame_costs must be finite non-negative real numbers (seconds), or a 1-d "
+                         f"tensor or array of them; got {bad[0]!r}")
     for name, value, positive in (("frame_period", frame_period, True), ("final_cost", final_cost, False)):
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                or value < 0 or (positive and value == 0):
+        if not _is_real(value) or not math.isfinite(value) or value < 0 or (positive and value == 0):
             need = "a positive" if positive else "a non-negative"
-            raise ValueError(f"simulate_latency: {name} must be {need} finite number (seconds); "
-                             f"got {value!r}")
-    return costs
+            raise ValueError(f"{op}: {name} must be {need} finite number (seconds); got {value!r}")
+    return [float(c) for c in costs], float(frame_period), float(final_cost)
 
 
 def simulate_latency(frame_costs, frame_period: float, final_cost: float = 0.0) -> dict:
-    """Simulate one stream; frame_costs are seconds of compute per frame (list, tuple or tensor).
+    """Simulate one stream; frame_costs are seconds of compute per frame (a sequence of real numbers, or
+    a 1-d tensor or array); frame_period and final_cost are real numbers (Python's or NumPy's), in seconds.
 
     Returns dict(upl=..., rtf=..., max_backlog=...) in seconds (rtf unitless); see the module docstring.
     """
-    costs = _check_simulate_latency(frame_costs, frame_period, final_cost)
+    costs, frame_period, final_cost = _check_simulate_latency(frame_costs, frame_period, final_cost)
     finish, max_backlog = 0.0, 0.0
     for i, cost in enumerate(costs):
         arrival = (i + 1) * frame_period
