@@ -1,8 +1,8 @@
 """weights_changed(): for writes to weights that PyTorch's version counters do not record.
 
-The caches built from weights (the AmNets encoder's frame engines and per-layer streaming steps, through
-_C.SourcesSnapshot; BlockSparseLSTM's split weights) tell a changed weight by its tensor, data pointer and
-version counter. Some writes bump no version: an in-place edit through `.data` (which has a counter of its
+The caches built from weights (the AmNets encoder's frame engines and per-layer streaming steps,
+BlockSparseLSTM's prepared steps and split weights, all through _C.SourcesSnapshot) tell a changed weight by
+its tensor, storage, data pointer and version counter. Some writes bump no version: an in-place edit through `.data` (which has a counter of its
 own) or `.numpy()`, a DLPack consumer, and torch.optim's fused=True steps on the CPU (Adam, AdamW, SGD under
 torch 2.14). The last are caught here: every torch.optim step ends with weights_changed() (a global step hook,
 registered when amnets_kernels is imported). The others need one call by hand, which also makes the op check

@@ -7,7 +7,7 @@ namespace amnets {
 
 void bind_sources_snapshot(pybind11::module_& m) {
   pybind11::class_<SourcesSnapshot>(m, "SourcesSnapshot")
-      .def(pybind11::init<const std::vector<std::pair<pybind11::dict, pybind11::object>>&>())
+      .def(pybind11::init<const std::vector<pybind11::tuple>&>())
       .def("matches", &SourcesSnapshot::matches);
   // indices=false from the optimizer step hook: a step writes values, never a pattern, and forgetting the
   // patterns would re-check (a device sync) and re-derive every layer's indices after each training step.

@@ -33,17 +33,28 @@ inline std::atomic<int64_t>& weights_epoch() {
 // TensorIdentity (tensor_identity.h): the TensorImpl it wraps (torch.utils.swap_tensors, as module.to() may
 // use, swaps it), its storage and data pointer (`.data = ...` re-points them) and its version (every in-place
 // write bumps it: optimizer steps, load_state_dict, fill_). And the weights epoch above, for the writes no
-// version records.
+// version records. An entry (dict, key, false) leaves its tensor's version out: the cache holds that tensor
+// and follows its in-place writes itself (BlockSparseLSTM's prepared steps and their values).
 class SourcesSnapshot {
  public:
-  explicit SourcesSnapshot(const std::vector<std::pair<pybind11::dict, pybind11::object>>& entries)
+  explicit SourcesSnapshot(const std::vector<pybind11::tuple>& entries)
       : epoch_(weights_epoch().load(std::memory_order_acquire)) {
-    for (const auto& [dict, key] : entries) {
+    for (const pybind11::tuple& entry : entries) {
+      TORCH_CHECK_VALUE(entry.size() == 2 || entry.size() == 3,
+                        "SourcesSnapshot: an entry is (dict, key) or (dict, key, track_version); got ", entry.size(),
+                        " items");
+      // A type check, not cast<dict>(): that would make a new dict from any mapping, and the snapshot would
+      // watch a copy.
+      TORCH_CHECK_TYPE(pybind11::isinstance<pybind11::dict>(entry[0]), "SourcesSnapshot: an entry's first item "
+                       "must be a dict; got ", Py_TYPE(entry[0].ptr())->tp_name);
+      const auto dict = pybind11::reinterpret_borrow<pybind11::dict>(entry[0]);
+      const pybind11::object key = entry[1];
+      const bool track_version = entry.size() == 2 || entry[2].cast<bool>();
       PyObject* value = PyDict_GetItemWithError(dict.ptr(), key.ptr());
       if (value == nullptr && PyErr_Occurred()) throw pybind11::error_already_set();
       TORCH_CHECK_VALUE(value != nullptr, "SourcesSnapshot: no entry ", pybind11::str(key).cast<std::string>());
       Entry e{dict, own_key(dict, key), pybind11::reinterpret_borrow<pybind11::object>(value)};
-      if (THPVariable_Check(value)) e.tensor.emplace(THPVariable_Unpack(value));
+      if (THPVariable_Check(value)) e.tensor.emplace(THPVariable_Unpack(value), track_version);
       entries_.push_back(std::move(e));
     }
   }

@@ -303,6 +303,13 @@ def test_sources_snapshot_sees_each_kind_of_change():
         d.setdefault("w", torch.zeros(3))
     with pytest.raises(ValueError, match="no entry bias"):
         snapshot([(d, "bias")])
+    with pytest.raises(TypeError, match="must be a dict"):
+        snapshot([(list(d.items()), "w")])
+    follow = snapshot([(d, "w", False)])  # version left out: in-place writes match, a re-point does not
+    d["w"].add_(1.0)
+    assert follow.matches()
+    d["w"].data = torch.ones(3)
+    assert not follow.matches()
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="numpy buffers are host memory")

@@ -152,6 +152,42 @@ def test_block_sparse_lstm_inference_follows_writes_that_bump_no_version(write):
     torch.testing.assert_close(got.cpu(), lstm.to_dense().cpu()(x.cpu())[0], rtol=0, atol=1e-5)
 
 
+def test_block_sparse_lstm_caches_are_rebuilt_exactly_when_their_sources_change():
+    """BlockSparseLSTM's two inference caches, per direction: the prepared step holds the values and bias and
+    follows their in-place writes (an optimizer step must not rebuild it), the native path's split weights
+    copy the values and are rebuilt after them; both are rebuilt when a tensor is re-pointed or the pattern
+    edited, and nothing is cached from inference tensors (their in-place writes keep no version)."""
+    torch.manual_seed(2)
+    lstm = BlockSparseLSTM(16, 32, num_layers=2, sparsity=0.5, block_size=16)
+    x = torch.randn(4, 2, 16)
+    with torch.no_grad():
+        lstm(x)
+        step, split = lstm._steps[0], lstm._splits[0]
+        lstm(x)
+        assert lstm._steps[0] is step and lstm._splits[0] is split  # unchanged: from the cache
+        lstm.values_l0.mul_(-1.0)
+        lstm.bias_l0.add_(0.5)
+        got = lstm(x)[0]
+        assert lstm._steps[0] is step and lstm._splits[0] is not split  # the step follows, the copy is redone
+        assert lstm._steps[1] is not None and lstm._splits[1][1] is not None
+        torch.testing.assert_close(got, lstm.to_dense()(x)[0], rtol=0, atol=1e-5)
+        lstm.bias_l0.data = lstm.bias_l0.clone()  # re-pointed: the step holds the old tensor's storage
+        lstm(x)
+        assert lstm._steps[0] is not step
+        step = lstm._steps[0]
+        lstm.col_indices_l0.copy_(lstm.col_indices_l0.clone())  # a pattern written in place (here: unchanged)
+        lstm(x)
+        assert lstm._steps[0] is not step
+    with torch.inference_mode():
+        served = BlockSparseLSTM(16, 32, sparsity=0.5, block_size=16)
+        served(x)
+        served.values_l0.mul_(-1.0)  # no version: a cache would not see it
+        got = served(x)[0]
+    assert not served._steps and not served._splits
+    with torch.no_grad():
+        torch.testing.assert_close(got, served.to_dense()(x)[0], rtol=0, atol=1e-5)
+
+
 @pytest.mark.filterwarnings("ignore")  # small layers: not cheaper than dense
 @pytest.mark.parametrize("grad", [True, False])
 def test_no_time_steps_is_a_named_error_as_for_nn_lstm(grad):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 from torch import nn
@@ -139,22 +138,6 @@ class BlockSparseLinear(nn.Module):
 _sequence = torch.ops.amnets_native.bsr_lstm_sequence_forward.default
 
 
-def _identity(*tensors, versions=()):
-    """What a cache of derived weights is keyed on: the tensors' storage, data pointer, dtype and device, the
-    version counters of those that may change in place, and the weights epoch (amnets_kernels.weights_changed:
-    the writes no version records); None (do not cache) for inference tensors, which keep no version counter
-    (a model loaded under torch.inference_mode()), and for functorch's wrappers (torch.func.vmap over stacked
-    weights, a model ensemble), which have no storage of their own. The storage is held by a weak reference,
-    dead once it is freed: `param.data = new` keeps the parameter's version, and the new buffer may sit at the
-    freed one's address (a perturb-evaluate-restore loop), so the data pointer alone would match."""
-    counters = tuple(_validate.version(t) for t in versions)
-    if None in counters or any(t is not None and _is_wrapped(t) for t in tensors):
-        return None
-    return ((_backend._C.weights_epoch(),) + counters
-            + tuple(None if t is None else (weakref.ref(t.untyped_storage()), t.data_ptr(), t.dtype, t.device)
-                    for t in tensors))
-
-
 class BlockSparseLSTM(StackedLSTM):
     """nn.LSTM whose every direction's [W_ih | W_hh] (4H, D + H) is kept as b x b blocks (magnitude block
     pruning), as the AmNets encoder's sparse branch; the forward contract is nn.LSTM's (layouts, hx,
@@ -213,39 +196,54 @@ class BlockSparseLSTM(StackedLSTM):
         tag = f"_l{layer}{'_reverse' if reverse else ''}"
         return tuple(getattr(self, f"{n}{tag}") for n in ("values", "crow_indices", "col_indices", "bias"))
 
+    def _sources(self, k: int, track_values: bool) -> list[tuple]:
+        """Where direction k's values, pattern and bias live, as _C.SourcesSnapshot entries (dict, key[, track
+        version]): a cache built from them is stale once any is replaced, re-pointed (`.data = ...`, .to()) or,
+        where tracked, written in place. The pattern is always tracked; the values and bias only for a copy of them."""
+        tag = f"_l{k // self.num_directions}{'_reverse' if k % self.num_directions else ''}"
+        entries = [(self._parameters, f"values{tag}", track_values), (self._buffers, f"crow_indices{tag}"),
+                   (self._buffers, f"col_indices{tag}")]
+        return entries + [(self._parameters, f"bias{tag}", track_values)] if not track_values else entries
+
+    def _cached(self, cache: dict, k: int, track_values: bool, build):
+        """cache[k]'s value while its snapshot matches (one native check, ~0.2 us), else build() cached anew.
+        Not cached when a source is an inference tensor (no version to follow: a model loaded under
+        torch.inference_mode()) or a functorch wrapper (torch.func.vmap over stacked weights): built per call."""
+        hit = cache.get(k)
+        if hit is not None and hit[0].matches():
+            return hit[1]
+        sources = self._sources(k, track_values)
+        value = build(*(d[name] for d, name, *_ in sources))
+        if not any(t is not None and (t.is_inference() or _is_wrapped(t)) for d, name, *_ in sources
+                   for t in (d[name],)):
+            cache[k] = (_backend._C.SourcesSnapshot(sources), value)
+        return value
+
     def _step(self, k: int, d: int) -> PreparedBsrLstmCell:
         """Direction k's prepared step, rebuilt when its tensors are replaced (.to(), a new pattern loaded)
         or its pattern changes in place; values updated in place (an optimizer step) are followed."""
-        values, crow, col, b = self._pattern(k)
-        key = _identity(values, crow, col, b, versions=(crow, col))
-        cached = self._steps.get(k)
-        if key is None or cached is None or cached[0] != key:
-            weight = BlockSparseMatrix(values, crow, col, (4 * self.hidden_size, d + self.hidden_size))
-            cached = self._steps[k] = (key, PreparedBsrLstmCell(weight, b))
-        return cached[1]
+        shape = (4 * self.hidden_size, d + self.hidden_size)
+        return self._cached(self._steps, k, False, lambda values, crow, col, b: PreparedBsrLstmCell(
+            BlockSparseMatrix(values, crow, col, shape), b))
 
     def _split(self, k: int, d: int) -> tuple[BlockSparseMatrix, BlockSparseMatrix]:
         """Direction k's kept blocks as W_ih (4H, D) and W_hh (4H, H) (re-blocked where D is not a multiple
         of b), rebuilt when the pattern or the values change (in place too: an optimizer step)."""
-        values, crow, col, _ = self._pattern(k)
-        key = _identity(values, crow, col, versions=(values, crow, col))
-        cached = self._splits.get(k)
-        if key is None or cached is None or cached[0] != key:
+        def build(values, crow, col):
             with torch.no_grad():
                 whole = BlockSparseMatrix(values, crow, col, (4 * self.hidden_size, d + self.hidden_size))
                 b = self.block_size
                 kept = whole.block_mask().repeat_interleave(b, 0).repeat_interleave(b, 1)[: whole.shape[0], : whole.shape[1]]
                 dense = whole.to_dense()
-                parts = tuple(BlockSparseMatrix.from_dense(dense[:, cols], block_size=b, mask=kept[:, cols])
-                              for cols in (slice(0, d), slice(d, None)))
-            cached = self._splits[k] = (key, parts)
-        return cached[1]
+                return tuple(BlockSparseMatrix.from_dense(dense[:, cols], block_size=b, mask=kept[:, cols])
+                             for cols in (slice(0, d), slice(d, None)))
+        return self._cached(self._splits, k, True, build)
 
     def _run(self, k, x, h0, c0):
         step = self._step(k, x.shape[-1])
         zeros = x.new_zeros(x.shape[1], self.hidden_size)
         h, c = (zeros if h0 is None else h0), (zeros if c0 is None else c0)
-        values, _, _, bias = self._pattern(k)
+        values, bias = step.linear.values, step.linear.bias  # the module's own tensors (the step's snapshot matched)
         if step._fast and _backend.resolve("bsr_linear", x.device).name == "cpu" \
                 and eager_inference(x, h, c, values, bias):
             w_ih, w_hh = self._split(k, x.shape[-1])
