@@ -61,6 +61,11 @@ def fails(argv, capsys) -> tuple[int, str]:
     (["train", "--data", "{corpus}", "--checkpoint-dir", "{tmp}/ck", "--block-size", "1000", "--steps", "1"],
      "sparsity=0.8 with block_size=1000: the pruning keeps no block of [W_ih | W_hh] in layer 0 (2 x 1 "
      "blocks)"),
+    # a low-rank branch costlier than the full one in layer 1 (rank 32 at H = 32) was trained silently
+    (["train", "--data", "{corpus}", "--checkpoint-dir", "{tmp}/ck", "--cheap", "lowrank", "--rank", "32",
+      "--hidden-size", "32", "--num-layers", "2", "--steps", "1"],
+     "error: AmNetsEncoder: cheap='lowrank', rank=32: the cheap branch costs no fewer MACs per frame than the "
+     "full one in layer 1 (10,240 >= 8,192), so choosing it saves nothing there; lower the rank"),
     (["demo", "--tiny", "--sparsity", "0.999", "--steps", "1", "--utterances", "5", "--out", "{tmp}"],
      "amnets demo: error: AmNetsEncoder: sparsity="),
     (["corpus", "{corpus}"], "amnets corpus: error: {corpus} already holds a corpus"),

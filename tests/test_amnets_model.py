@@ -1,7 +1,7 @@
 """The AmNets model package `amnets`: latency simulator, switching encoder, RNN-T model."""
 
-import contextlib
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -317,6 +317,23 @@ def test_a_sparse_branch_that_keeps_no_block_is_never_silent(sparsity, block_siz
         enc.reprune()
 
 
+def test_a_cheap_branch_no_cheaper_than_the_full_one_is_never_silent():
+    # Was silent: a rank clipped to a small layer's sides (layer 1 here: input 32 = H) gave a "cheap" branch
+    # of more MACs than the full one; so did a pruning that keeps every block. `amnets train` refuses both.
+    with pytest.warns(NotCheaperWarning, match=r"^AmNetsEncoder: cheap='lowrank', rank=32: the cheap branch "
+                                               r"costs no fewer MACs per frame than the full one in layer 1 "
+                                               r"\(10,240 >= 8,192\), so choosing it saves nothing there; "
+                                               "lower the rank$"):
+        AmNetsEncoder(80, 32, 2, cheap="lowrank", rank=32)
+    with pytest.warns(NotCheaperWarning, match=r"sparsity=0 with block_size=16: .* in layer 0 \(14,336 >= "
+                                               r"14,336\), layer 1 \(8,192 >= 8,192\), so .*; raise sparsity$"):
+        AmNetsEncoder(80, 32, 2, sparsity=0.0, block_size=16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NotCheaperWarning)
+        AmNetsEncoder(80, 32, 2, cheap="lowrank", rank=8)  # cheaper in both layers: silent
+        AmNetsEncoder(80, 32, 2, sparsity=0.5, block_size=16)
+
+
 @pytest.mark.parametrize("threshold", [0, 1.0])
 def test_encoder_thresholds_at_the_extremes(threshold):
     """threshold 0 (every frame full) and 1 (none) are accepted by the constructor as by stream()."""
@@ -539,7 +556,7 @@ def test_package_exports():
 
 @pytest.mark.parametrize("sparsity", [0.0, 0.99])  # an empty complement; no kept block at all
 def test_sparse_stream_at_extreme_sparsity(sparsity):
-    with pytest.warns(NotCheaperWarning) if sparsity else contextlib.nullcontext():
+    with pytest.warns(NotCheaperWarning, match="keeps no block" if sparsity else "no fewer MACs"):
         enc = make_encoder("sparse", sparsity=sparsity)
     x = torch.randn(2, 4, D)
     for force, weight in (("full", enc.full_weight), ("cheap", enc.cheap_weight)):

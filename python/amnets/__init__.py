@@ -16,10 +16,11 @@ Choices the paper leaves open, each a knob (default in brackets):
   * Sparse branch: the same weights under a block mask (no extra parameters) [sparse]; the mask
     prunes each layer's concatenated [W_ih | W_hh] by block Frobenius norm at `sparsity` [0.8] with
     `block_size` [32] blocks, fixed at init; `reprune()` recomputes it (say, after pretraining). A mask
-    that keeps no block of a layer (the branch would be the bias alone) is a NotCheaperWarning; `amnets
-    train` refuses it.
+    that keeps no block of a layer (the branch would be the bias alone), or every block, is a
+    NotCheaperWarning; `amnets train` refuses it.
   * Low-rank branch: its own factors for W_ih and W_hh, truncated-SVD initialised at `rank` [128]
-    (clipped to each matrix), trained jointly; the bias is shared with the full branch.
+    (clipped to each matrix), trained jointly; the bias is shared with the full branch. A rank at which
+    a layer's branch costs no fewer MACs than its full one is a NotCheaperWarning (`amnets train` refuses it).
   * Arbitrator: Linear(`arbitrator_hidden` [32]) -> ReLU -> Linear on the current (stacked) frame,
     plus the previous top-layer h with `arbitrator_uses_state` [False]; one decision per frame for all
     layers, or per layer with `per_layer_decisions` [False]; output bias logit(`init_p_full`) [0.5].

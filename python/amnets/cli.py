@@ -318,8 +318,9 @@ def writable_dir(path: str, what: str, create: bool = True) -> str:
 
 
 def build_model(cfg: dict, vocab_size: int) -> AmNetsRNNT:
-    """The configured model; a sparse branch that keeps no block (--sparsity too high for --block-size and
-    the layers), which the encoder only warns of, is refused: a run of it would train a useless branch."""
+    """The configured model; a cheap branch that saves nothing, which the encoder only warns of (a
+    NotCheaperWarning: a sparse branch keeping no block or every block, a --rank at which a layer's
+    low-rank branch costs no fewer MACs than its full one), is refused: a run would train a useless branch."""
     with warnings.catch_warnings():
         warnings.simplefilter("error", NotCheaperWarning)
         try:

@@ -113,6 +113,8 @@ class AmNetsEncoder(nn.Module):
                 self.register_buffer(f"block_mask_l{k}", torch.zeros(grid, dtype=torch.bool, device=device))
         if cheap == "sparse":
             self.reprune()
+        else:
+            self._warn_if_not_cheaper()
         arb_in = input_size + (H if arbitrator_uses_state else 0)
         self.arbitrator = nn.Sequential(nn.Linear(arb_in, arbitrator_hidden, **factory), nn.ReLU(),
                                         nn.Linear(arbitrator_hidden, num_layers if per_layer_decisions else 1,
@@ -164,6 +166,21 @@ class AmNetsEncoder(nn.Module):
                           f"pruning keeps no block of [W_ih | W_hh] in {', '.join(empty)}, so the sparse branch "
                           "there would be the bias alone; lower sparsity or block_size", NotCheaperWarning,
                           stacklevel=2)
+        else:
+            self._warn_if_not_cheaper()
+
+    def _warn_if_not_cheaper(self) -> None:
+        """A cheap branch that costs no fewer MACs than the full one in some layer (a rank clipped to the
+        layer's sides, a pruning that keeps every block) is legal but saves nothing there: never silent."""
+        costly = [f"layer {k} ({self.layer_macs(k, 'cheap'):,} >= {self.layer_macs(k, 'full'):,})"
+                  for k in range(self.num_layers) if self.layer_macs(k, "cheap") >= self.layer_macs(k, "full")]
+        if costly:
+            knob = f"rank={max(max(r) for r in self.ranks)}" if self.cheap == "lowrank" else \
+                f"sparsity={self.sparsity:g} with block_size={self.block_size}"
+            warnings.warn(f"AmNetsEncoder: cheap={self.cheap!r}, {knob}: the cheap branch costs no fewer MACs per "
+                          f"frame than the full one in {', '.join(costly)}, so choosing it saves nothing there; "
+                          f"{'lower the rank' if self.cheap == 'lowrank' else 'raise sparsity'}",
+                          NotCheaperWarning, stacklevel=3)
 
     def lowrank_weights(self, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return tuple(getattr(self, f"w_{w}_l{k}") for w in ("ih_u", "ih_v", "hh_u", "hh_v"))
