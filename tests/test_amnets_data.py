@@ -1,6 +1,7 @@
 """amnets.data: tokenizer, espeak-ng corpus, LibriSpeech layout, features, dataset and collate."""
 
 import os
+import re
 import shutil
 
 import numpy as np
@@ -226,3 +227,16 @@ def test_non_finite_audio_is_refused_naming_the_file(bad, tmp_path):
     with pytest.raises(ValueError, match=message):  # at once, before any features are computed
         SpeechDataset([(ok, "a"), (path, "b")])
     assert SpeechDataset([(ok, "a")])[0][0].isfinite().all()
+
+
+def test_utterance_ids_name_files_in_the_corpus_folder_only(tmp_path):
+    # Was accepted: the audio is <folder>/<id>.wav, so an id "../outside" (or an absolute path, which
+    # os.path.join lets replace the folder) read audio from outside the corpus.
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    sf.write(tmp_path / "outside.wav", np.zeros(1600), SAMPLE_RATE)
+    sf.write(corpus / "utt000000.wav", np.zeros(1600), SAMPLE_RATE)
+    for utt in ("../outside", str(tmp_path / "outside"), ".."):
+        (corpus / "transcripts.txt").write_text(f"utt000000 one\n{utt} two\n")
+        with pytest.raises(ValueError, match=f":2: utterance id '{re.escape(utt)}' must be a file name in "):
+            corpus_items(str(corpus))

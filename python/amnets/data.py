@@ -216,6 +216,10 @@ def _read_transcripts(path: str, folder: str, ext: str) -> list[tuple[str, str]]
             utt, text = fields[0], fields[1].strip() if len(fields) > 1 else ""
             if not text:
                 raise ValueError(f"{path}:{n}: utterance {utt!r} has an empty transcript")
+            if os.sep in utt or (os.altsep and os.altsep in utt) or utt in (".", ".."):
+                # the audio is <folder>/<id><ext>: an id "../x" or "/x" would read a file outside the folder
+                raise ValueError(f"{path}:{n}: utterance id {utt!r} must be a file name in {folder} (no path "
+                                 "separator, not '.' or '..')")
             if utt in seen:  # would be trained on twice
                 raise ValueError(f"{path}:{n}: utterance {utt!r} is listed again (first at line {seen[utt]})")
             seen[utt] = n
