@@ -30,7 +30,14 @@ def block_row_of(crow_indices: Tensor) -> Tensor:
 
 
 def bsr_to_dense(values: Tensor, crow_indices: Tensor, col_indices: Tensor, shape: tuple[int, int]) -> Tensor:
-    """The logical (N, K) dense matrix of a BSR pattern (zeros where no block is stored)."""
+    """The logical (N, K) dense matrix of a BSR pattern (zeros where no block is stored). The pattern gets
+    bsr_linear's checks first (a negative column would wrap around silently, one past the grid raise a bare
+    IndexError)."""
+    _check_pattern("bsr_to_dense", values, crow_indices, col_indices, shape)
+    return _scatter_dense(values, crow_indices, col_indices, shape)
+
+
+def _scatter_dense(values: Tensor, crow_indices: Tensor, col_indices: Tensor, shape: tuple[int, int]) -> Tensor:
     b = values.shape[-1]
     rows, cols = block_grid(shape, b)
     grid = values.new_zeros(rows, cols, b, b)
@@ -212,7 +219,7 @@ class BlockSparseMatrix:
 
     def to_dense(self) -> Tensor:
         self._check("to_dense")
-        return bsr_to_dense(self.values, self.crow_indices, self.col_indices, self.shape)
+        return _scatter_dense(self.values, self.crow_indices, self.col_indices, self.shape)
 
     def to_torch_bsr(self) -> Tensor:
         """A torch.sparse_bsr tensor; its shape is padded up to whole blocks (torch requires that)."""

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 
 import amnets_kernels as ak
 from amnets_kernels import BlockSparseMatrix
+from amnets_kernels.formats import bsr_to_dense
 
 
 @given(n=st.integers(1, 40), k=st.integers(1, 40), block=st.sampled_from([1, 3, 8, 16]),
@@ -170,6 +171,8 @@ def test_an_edited_or_loaded_pattern_is_a_named_error_not_a_read_out_of_bounds(t
         for method in ("to_dense", "block_mask", "to_torch_bsr"):
             with pytest.raises(ValueError, match=f"BlockSparseMatrix.{method}: {match}"):
                 getattr(matrix, method)()
+    with pytest.raises(ValueError, match=f"bsr_to_dense: {match}"):  # the function under to_dense, public
+        bsr_to_dense(m.values, m.crow_indices, m.col_indices, m.shape)
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
