@@ -211,7 +211,7 @@ def test_loading_another_block_count_keeps_the_tensors_an_optimizer_holds(make):
 
 
 @pytest.mark.filterwarnings("ignore")  # small layers: not cheaper than dense
-def test_from_lstm_takes_numpy_ranks_as_swap_in_does():
+def test_from_lstm_and_the_constructors_take_numpy_ranks_as_swap_in_does():
     import numpy as np
 
     from amnets_kernels.nn import LowRankLSTMCell
@@ -220,6 +220,12 @@ def test_from_lstm_takes_numpy_ranks_as_swap_in_does():
     for rank in (np.int64(4), np.int32(4)):
         assert LowRankLSTM.from_lstm(lstm, rank=rank, rank_hh=rank).ranks == [(4, 4)]
         assert LowRankLSTMCell.from_lstm_cell(cell, rank=rank).ranks == (4, 4)
+        for ranks in (LowRankLSTM(8, 8, rank=rank, rank_hh=rank).ranks[0], LowRankLSTMCell(8, 8, rank).ranks):
+            assert ranks == (4, 4) and all(type(r) is int for r in ranks)  # plain ints: state, repr, configs
+    with pytest.raises(TypeError, match="LowRankLSTM: rank must be an int; got float64"):
+        LowRankLSTM(8, 8, rank=np.float64(4))
+    with pytest.raises(ValueError, match="LowRankLSTMCell: rank_hh must be >= 1; got 0"):
+        LowRankLSTMCell(8, 8, 4, rank_hh=np.int64(0))
     assert LowRankLSTM.from_lstm(lstm, rank=np.float32(1.0)).ranks == LowRankLSTM.from_lstm(lstm, rank=1.0).ranks
 
 

@@ -34,6 +34,15 @@ def _wanted(op: str, name: str, wanted):
                      f"energy); got {wanted!r}")
 
 
+def _int_rank(op: str, name: str, value) -> int:
+    """A constructor's rank / rank_hh: an int >= 1, numpy integers too (as from_lstm and swap_in take them),
+    returned as a plain int. The sizes stay plain ints, as nn.LSTM wants them."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{op}: {name} must be an int; got {type(value).__name__}")
+    _validate._int(op, name, int(value), 1)
+    return int(value)
+
+
 def _pick_rank(weight: torch.Tensor, wanted: int | float) -> int:
     r = rank_for_energy(weight, wanted) if isinstance(wanted, float) else wanted
     return min(r, *weight.shape)  # a rank above the matrix's is its full rank
@@ -85,9 +94,8 @@ class LowRankLSTM(StackedLSTM):
                  bidirectional: bool = False, proj_size: int = 0, device=None, dtype=None):
         super().__init__()
         op = "LowRankLSTM"
-        _validate._int(op, "rank", rank, 1)
-        if rank_hh is not None:
-            _validate._int(op, "rank_hh", rank_hh, 1)
+        rank = _int_rank(op, "rank", rank)
+        rank_hh = None if rank_hh is None else _int_rank(op, "rank_hh", rank_hh)
         self._configure(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size)
         rec = proj_size or hidden_size
         self.ranks = []
@@ -182,10 +190,10 @@ class LowRankLSTMCell(nn.Module):
                  rank_hh: int | None = None, device=None, dtype=None):
         super().__init__()
         op = "LowRankLSTMCell"
-        for name, value in (("input_size", input_size), ("hidden_size", hidden_size), ("rank", rank)):
+        for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
             _validate._int(op, name, value, 1)
-        if rank_hh is not None:
-            _validate._int(op, "rank_hh", rank_hh, 1)
+        rank = _int_rank(op, "rank", rank)
+        rank_hh = None if rank_hh is None else _int_rank(op, "rank_hh", rank_hh)
         self.input_size, self.hidden_size = input_size, hidden_size
         self.ranks = (min(rank, 4 * hidden_size, input_size), min(rank if rank_hh is None else rank_hh, hidden_size))
         _init_into(self, "", hidden_size, input_size, hidden_size, *self.ranks, bias, device, dtype)
