@@ -139,6 +139,23 @@ def test_librispeech_items_and_dataset(tmp_path):
     assert librispeech_items(str(tmp_path), "dev-clean") == items
 
 
+def test_dataset_keeps_features_up_to_its_cache_budget(tmp_path):
+    # The cache was unbounded: every training process held the whole corpus's features (~11.5 GB for
+    # LibriSpeech train-clean-100). Items past the budget are computed again on each read, equal.
+    write_librispeech(str(tmp_path))
+    items = librispeech_items(str(tmp_path), "dev-clean")
+    one = SpeechDataset(items)[1][0].nbytes  # 19-198-0001
+    ds = SpeechDataset(items, cache_bytes=one)
+    first = ds[1][0]
+    assert ds[1][0] is first and set(ds._cache) == {1}  # kept: the budget exactly
+    again = [ds[i][0] for i in (0, 2)]
+    assert set(ds._cache) == {1} and all(ds[i][0] is not a for i, a in zip((0, 2), again))
+    assert all(torch.equal(ds[i][0], a) for i, a in zip((0, 2), again))
+    assert not SpeechDataset(items, cache=False)._cache_left
+    full = SpeechDataset(items)
+    assert all(full[i][0] is full[i][0] for i in range(len(items)))  # the default budget: all kept
+
+
 def test_dataset_rejects_digits_and_empty_transcripts(tmp_path):
     write_librispeech(str(tmp_path))
     items = librispeech_items(str(tmp_path), "dev-clean")

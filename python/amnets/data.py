@@ -287,15 +287,22 @@ def librispeech_items(root: str, split: str) -> list[tuple[str, str]]:
 # dataset
 
 
+# Features a SpeechDataset keeps in memory at most (per process), by default: 2 GiB holds about 18 hours
+# of 80-mel frames (32 KB a second of audio). Unbounded, LibriSpeech train-clean-100 held ~11.5 GB in every
+# training process, since each rank reads every utterance over its reshuffled epochs.
+CACHE_BYTES = 2 << 30
+
+
 class SpeechDataset(torch.utils.data.Dataset):
     """(feats (T, 80), labels (U,)) per (audio path, transcript) item. Features are computed once and kept
-    in memory (cache=True): the corpora this trains on are small and every epoch reads them again.
+    in memory (cache=True), the first-read items up to cache_bytes (default CACHE_BYTES, 2 GiB); items past
+    that are computed again on each read. The demo's corpora fit many times over.
     Every file's header is read at once (and a float file's samples): one soundfile cannot read, too short
     for LogMel, holding NaN or inf, or a transcript with characters the tokenizer lacks, is an error naming
     it now rather than hours into training."""
 
     def __init__(self, items: list[tuple[str, str]], tokenizer: CharTokenizer | None = None,
-                 features: LogMel | None = None, cache: bool = True):
+                 features: LogMel | None = None, cache: bool = True, cache_bytes: int = CACHE_BYTES):
         if not items:
             raise ValueError("SpeechDataset: items is empty")
         self.items = list(items)
@@ -314,7 +321,8 @@ class SpeechDataset(torch.utils.data.Dataset):
             if isinstance(self.features, LogMel):  # read_audio's length: resample rounds up
                 samples = math.ceil(info.frames * SAMPLE_RATE / info.samplerate)
                 self._named(path, self.features.check_samples, samples)
-        self._cache: dict[int, Tensor] | None = {} if cache else None
+        self._cache: dict[int, Tensor] = {}
+        self._cache_left = cache_bytes if cache else 0
 
     @staticmethod
     def _named(path: str, call, *args):
@@ -333,13 +341,14 @@ class SpeechDataset(torch.utils.data.Dataset):
         return self.seconds[i]
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        feats = self._cache.get(i) if self._cache is not None else None
+        feats = self._cache.get(i)
         if feats is None:
             with torch.no_grad():
                 path = self.items[i][0]
                 feats = self._named(path, self.features, read_audio(path))
-            if self._cache is not None:
+            if feats.nbytes <= self._cache_left:
                 self._cache[i] = feats
+                self._cache_left -= feats.nbytes
         return feats, self.labels[i]
 
 
