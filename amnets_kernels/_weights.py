@@ -2,11 +2,14 @@
 
 The caches built from weights (the AmNets encoder's frame engines and per-layer streaming steps,
 BlockSparseLSTM's prepared steps and split weights, all through _C.SourcesSnapshot) tell a changed weight by
-its tensor, storage, data pointer and version counter. Some writes bump no version: an in-place edit through `.data` (which has a counter of its
-own) or `.numpy()`, a DLPack consumer, and torch.optim's fused=True steps on the CPU (Adam, AdamW, SGD under
-torch 2.14). The last are caught here: every torch.optim step ends with weights_changed() (a global step hook,
-registered when amnets_kernels is imported). The others need one call by hand, which also makes the op check
-and derive CUDA index data (crow_indices, col_indices: csrc/pattern_cache.h) afresh.
+its tensor, storage, data pointer, dtype, sizes, strides and version counter. Some writes bump no version: an
+in-place edit through `.data` (which has a counter of its own) or `.numpy()`, a write through another tensor
+over the same memory (after torch.nn.utils.vector_to_parameters the parameters' .data are views of the flat
+vector: writing the vector bumps its counter, not theirs), a DLPack consumer, and torch.optim's fused=True
+steps on the CPU (Adam, AdamW, SGD under torch 2.14). The last are caught here: every torch.optim step ends
+with weights_changed() (a global step hook, registered when amnets_kernels is imported). The others need one
+call by hand, which also makes the op check and derive CUDA index data (crow_indices, col_indices:
+csrc/pattern_cache.h) afresh.
 """
 
 from __future__ import annotations

@@ -49,7 +49,9 @@ class SourcesSnapshot {
                        "must be a dict; got ", Py_TYPE(entry[0].ptr())->tp_name);
       const auto dict = pybind11::reinterpret_borrow<pybind11::dict>(entry[0]);
       const pybind11::object key = entry[1];
-      const bool track_version = entry.size() == 2 || entry[2].cast<bool>();
+      TORCH_CHECK_TYPE(entry.size() == 2 || PyBool_Check(entry[2].ptr()), "SourcesSnapshot: an entry's third item "
+                       "(track_version) must be a bool; got ", Py_TYPE(entry[2].ptr())->tp_name);
+      const bool track_version = entry.size() == 2 || entry[2].ptr() == Py_True;
       PyObject* value = PyDict_GetItemWithError(dict.ptr(), key.ptr());
       if (value == nullptr && PyErr_Occurred()) throw pybind11::error_already_set();
       TORCH_CHECK_VALUE(value != nullptr, "SourcesSnapshot: no entry ", pybind11::str(key).cast<std::string>());
@@ -61,7 +63,7 @@ class SourcesSnapshot {
 
   // Every entry holds the same object, and every tensor among them is unchanged.
   bool matches() const {
-    if (weights_epoch().load(std::memory_order_acquire) != epoch_) return false;
+    if (cleared_ || weights_epoch().load(std::memory_order_acquire) != epoch_) return false;
     for (const Entry& e : entries_) {
       PyObject* value = PyDict_GetItemWithError(e.dict.ptr(), e.key.ptr());  // borrowed; hashes are cached
       if (value != e.object.ptr()) {
@@ -73,6 +75,21 @@ class SourcesSnapshot {
     return true;
   }
 
+  // For Python's cycle collector (sources_snapshot.cpp): a cache in a module holding a snapshot of the module's
+  // own dicts is a cycle as soon as a parameter refers back to the module (a hook's closure, an attribute).
+  int traverse(visitproc visit, void* arg) const {
+    for (const Entry& e : entries_) {
+      Py_VISIT(e.dict.ptr());
+      Py_VISIT(e.key.ptr());
+      Py_VISIT(e.object.ptr());
+    }
+    return 0;
+  }
+  void clear() {  // a cleared snapshot never matches
+    cleared_ = true;
+    entries_.clear();
+  }
+
  private:
   struct Entry {
     pybind11::dict dict;
@@ -80,18 +97,20 @@ class SourcesSnapshot {
     std::optional<TensorIdentity> tensor;  // none: the object is not a tensor
   };
 
-  // The dict's own key object equal to `key`: a lookup with it matches by identity, with no string compare
-  // (f"weight_ih_l{k}" makes a new string each time: comparing them cost ~0.1 us of the ~0.45 us check).
+  // The dict's own key object equal to a str `key`: a lookup with it matches by identity, with no string compare
+  // (f"weight_ih_l{k}" makes a new string each time: comparing them cost ~0.1 us of the ~0.45 us check). Other
+  // keys are used as given: the first key that compares equal need not be the one the lookup finds.
   static pybind11::object own_key(const pybind11::dict& dict, const pybind11::object& key) {
+    if (!PyUnicode_CheckExact(key.ptr())) return key;
     PyObject *k = nullptr, *v = nullptr;
     for (Py_ssize_t pos = 0; PyDict_Next(dict.ptr(), &pos, &k, &v);) {
-      const int same = PyObject_RichCompareBool(k, key.ptr(), Py_EQ);
-      if (same < 0) throw pybind11::error_already_set();
-      if (same == 1) return pybind11::reinterpret_borrow<pybind11::object>(k);
+      if (PyUnicode_CheckExact(k) && PyUnicode_Compare(k, key.ptr()) == 0)
+        return pybind11::reinterpret_borrow<pybind11::object>(k);
     }
     return key;
   }
 
+  bool cleared_ = false;
   int64_t epoch_;
   std::vector<Entry> entries_;
 };

@@ -285,7 +285,8 @@ def test_stream_follows_writes_that_bump_no_version(cheap, backend):
 
 def test_sources_snapshot_sees_each_kind_of_change():
     """_C.SourcesSnapshot (csrc/sources_snapshot.cpp), the check behind stream()'s caches, on its own: an entry
-    written in place, re-pointed through .data, swapped, replaced or removed no longer matches."""
+    written in place, re-pointed through .data (also to the same memory as another dtype or strides), swapped,
+    replaced or removed no longer matches."""
     snapshot = encoder_module._C.SourcesSnapshot
     module = torch.nn.Linear(3, 2)
     d = {"w": torch.zeros(3), "m": module}
@@ -293,7 +294,10 @@ def test_sources_snapshot_sees_each_kind_of_change():
     changes = [lambda: setattr(d["w"], "data", torch.from_numpy(buffer)),
                lambda: d["w"].add_(1.0), lambda: setattr(d["w"], "data", torch.ones(3)),
                lambda: torch.utils.swap_tensors(d["w"], torch.zeros(3)), lambda: d.update(m=torch.nn.Linear(3, 2)),
-               lambda: d.update(w=d["w"].clone()), lambda: d.pop("w")]
+               lambda: d.update(w=d["w"].clone()), lambda: d.pop("w"),
+               # the same memory seen anew: another dtype of the same width, other strides
+               lambda: setattr(d["w"], "data", d["w"].data.view(torch.int32)),
+               lambda: setattr(d["w"], "data", d["w"].data.as_strided((3,), (0,)))]
     d["w"].data = torch.from_numpy(buffer)
     for change in changes:
         snap = snapshot([(d, "w"), (d, "m")])
@@ -301,15 +305,41 @@ def test_sources_snapshot_sees_each_kind_of_change():
         change()
         assert not snap.matches()
         d.setdefault("w", torch.zeros(3))
+    d["w"] = torch.zeros(3)  # not the stride-0 view of the last change
     with pytest.raises(ValueError, match="no entry bias"):
         snapshot([(d, "bias")])
     with pytest.raises(TypeError, match="must be a dict"):
         snapshot([(list(d.items()), "w")])
+    with pytest.raises(TypeError, match="third item \\(track_version\\) must be a bool; got str"):
+        snapshot([(d, "w", "no")])
+    keys = {torch.tensor(1): torch.zeros(1), 1: torch.zeros(1)}  # the first equal key is not the one looked up
+    watch = snapshot([(keys, 1)])
+    keys[1] = torch.ones(1)
+    assert not watch.matches()
     follow = snapshot([(d, "w", False)])  # version left out: in-place writes match, a re-point does not
     d["w"].add_(1.0)
     assert follow.matches()
     d["w"].data = torch.ones(3)
     assert not follow.matches()
+
+
+@pytest.mark.parametrize("cheap", ["sparse", "lowrank"])
+def test_stream_caches_let_the_cycle_collector_free_the_encoder(cheap):
+    """The engine's snapshot (and the native StreamCall holding it) keep the encoder's parameter dicts; with a
+    parameter referring back to the encoder that is a cycle the collector must see, or the encoder leaks."""
+    import gc
+    import weakref
+
+    cfg = dict(cheap=cheap, layers=2, hidden=32, inp=24, block=16, per_layer=False, uses_state=True, batch=2,
+               frames=3, threshold=0.5, force=None, seed=7, rank=8)
+    enc, x, _ = build(cfg)
+    enc.weight_ih_l0.owner = enc
+    enc.stream(x)
+    enc.stream(x, force="cheap")
+    gone = weakref.ref(enc)
+    del enc
+    gc.collect()
+    assert gone() is None
 
 
 @pytest.mark.skipif(DEVICE != "cpu", reason="numpy buffers are host memory")

@@ -771,8 +771,9 @@ struct WithoutGil {
 //   arguments the engine refuses (TypeError or ValueError): stream()'s own checks name them in its words.
 class StreamCall {
  public:
-  StreamCall(c10::intrusive_ptr<FrameEngine> engine, SourcesSnapshot sources)
-      : engine_(std::move(engine)), sources_(std::move(sources)), backend_(face::current()) {}
+  // `sources` is owned by the Python SourcesSnapshot object that the StreamCall function holds with it.
+  StreamCall(c10::intrusive_ptr<FrameEngine> engine, const SourcesSnapshot* sources)
+      : engine_(std::move(engine)), sources_(sources), backend_(face::current()) {}
 
   // force / threshold None: the encoder's own, default_force / default_threshold.
   pybind11::object operator()(pybind11::handle x, pybind11::handle state, pybind11::handle force,
@@ -814,7 +815,7 @@ class StreamCall {
       if (h == nullptr || !THPVariable_Check(h) || !THPVariable_Check(c)) return skip;
       h0 = THPVariable_Unpack(h), c0 = THPVariable_Unpack(c);
     }
-    if (!THPVariable_Check(x.ptr()) || face::current() != backend_ || !sources_.matches()) return skip;
+    if (!THPVariable_Check(x.ptr()) || face::current() != backend_ || !sources_->matches()) return skip;
     // p_full > p exactly when the arbitrator's logit > logit(p), as encoder.py's _logit computes it.
     const double cut = p == 0.0 ? -INFINITY : p == 1.0 ? INFINITY : std::log(p / (1.0 - p));
     try {
@@ -830,17 +831,19 @@ class StreamCall {
 
  private:
   c10::intrusive_ptr<FrameEngine> engine_;
-  SourcesSnapshot sources_;
+  const SourcesSnapshot* sources_;
   face::Backend backend_;
 };
 
 namespace {
 // _C.StreamCall(engine, snapshot): the StreamCall as a builtin function of its six arguments, called through
 // CPython's vectorcall (METH_FASTCALL) with no pybind11 dispatcher in between: ~0.15 us less a call (a cheap
-// H=192 frame is ~10 us, a tiny model's ~1.2).
-PyObject* call_stream(PyObject* capsule, PyObject* const* args, Py_ssize_t n) {
+// H=192 frame is ~10 us, a tiny model's ~1.2). Its self is the tuple (capsule of the StreamCall, snapshot): the
+// cycle collector sees the snapshot through it (a capsule's contents it cannot see).
+PyObject* call_stream(PyObject* self, PyObject* const* args, Py_ssize_t n) {
   HANDLE_TH_ERRORS
   TORCH_CHECK_TYPE(n == 6, "StreamCall takes (x, state, force, threshold, default_force, default_threshold)");
+  PyObject* capsule = PyTuple_GET_ITEM(self, 0);
   const auto* call = static_cast<const StreamCall*>(PyCapsule_GetPointer(capsule, "amnets.StreamCall"));
   return (*call)(args[0], args[1], args[2], args[3], args[4], args[5]).release().ptr();
   END_HANDLE_TH_ERRORS
@@ -866,11 +869,13 @@ void bind_frame_engine(pybind11::module_& m) {
                         const c10::optional<Tensor>& rows, double cut) {
         return EngineStream(std::move(self), batch, force, rows, cut);
       });
-  m.def("StreamCall", [](c10::intrusive_ptr<FrameEngine> engine, const SourcesSnapshot& sources) {
+  m.def("StreamCall", [](c10::intrusive_ptr<FrameEngine> engine, const pybind11::object& snapshot) {
+    const auto* sources = &snapshot.cast<const SourcesSnapshot&>();  // a TypeError for anything else
     pybind11::capsule owner(new StreamCall(std::move(engine), sources), "amnets.StreamCall", [](PyObject* c) {
       delete static_cast<StreamCall*>(PyCapsule_GetPointer(c, "amnets.StreamCall"));
     });
-    PyObject* function = PyCFunction_New(&call_stream_def, owner.ptr());
+    const pybind11::tuple self = pybind11::make_tuple(owner, snapshot);
+    PyObject* function = PyCFunction_New(&call_stream_def, self.ptr());
     if (function == nullptr) throw pybind11::error_already_set();
     return pybind11::reinterpret_steal<pybind11::object>(function);
   });
