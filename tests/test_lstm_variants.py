@@ -188,6 +188,85 @@ def test_block_sparse_lstm_caches_are_rebuilt_exactly_when_their_sources_change(
         torch.testing.assert_close(got, served.to_dense()(x)[0], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("wrap", ["prune", "parametrize"])
+def test_block_sparse_lstm_runs_under_pruning_and_parametrizations(wrap):
+    """torch.nn.utils.prune and parametrizations move `values` out of the module's parameters (it is computed
+    on each forward or access): the caches keyed on the parameter dicts raised KeyError; now nothing is cached
+    for it, and the result is the reparametrized weight's."""
+    from torch.nn.utils import parametrize, prune
+
+    torch.manual_seed(3)
+    lstm = BlockSparseLSTM(16, 32, num_layers=2, sparsity=0.5, block_size=16)
+    x = torch.randn(4, 2, 16)
+    if wrap == "prune":
+        prune.l1_unstructured(lstm, "values_l0", amount=0.3)
+    else:
+        class Double(nn.Module):
+            def forward(self, v):
+                return 2 * v
+        parametrize.register_parametrization(lstm, "values_l0", Double())
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            got = lstm(x)[0]
+            torch.testing.assert_close(got, lstm.to_dense()(x)[0], rtol=0, atol=1e-5)
+
+
+def test_block_sparse_lstm_caches_let_the_cycle_collector_free_the_module():
+    """A parameter referring back to its module (an attribute, a hook's closure) makes a cycle through the
+    caches' snapshots of the module's dicts; the snapshots were invisible to the cycle collector, so every
+    such module leaked with its weights."""
+    import gc
+    import weakref
+
+    lstm = BlockSparseLSTM(16, 32, num_layers=2, sparsity=0.5, block_size=16)
+    lstm.values_l0.owner = lstm
+    with torch.no_grad():
+        lstm(torch.randn(3, 2, 16))
+    assert lstm._steps and lstm._splits
+    gone = weakref.ref(lstm)
+    del lstm
+    gc.collect()
+    assert gone() is None
+
+
+def test_block_sparse_lstm_leaves_the_callers_state_alone():
+    """The native no-grad path wrote h_n into the caller's h_0 (fp32, H a multiple of the block): a second
+    identical call then gave another output."""
+    torch.manual_seed(4)
+    lstm = BlockSparseLSTM(16, 32, num_layers=2, sparsity=0.5, block_size=16, bidirectional=True)
+    x, h0, c0 = torch.randn(5, 3, 16), torch.randn(4, 3, 32), torch.randn(4, 3, 32)
+    kept = h0.clone(), c0.clone()
+    with torch.no_grad():
+        first = lstm(x, (h0, c0))[0]
+        assert lstm.last_path == "native sequence"
+        assert torch.equal(h0, kept[0]) and torch.equal(c0, kept[1])
+        torch.testing.assert_close(lstm(x, (h0, c0))[0], first, rtol=0, atol=0)
+
+
+def test_block_sparse_lstm_follows_a_re_view_of_the_same_memory():
+    """`.data = values.transpose(1, 2)` keeps the storage, data pointer, element count and version: only the
+    strides tell it; the split weights were stale (error 0.7)."""
+    torch.manual_seed(5)
+    lstm = BlockSparseLSTM(16, 32, num_layers=1, sparsity=0.5, block_size=16)
+    x = torch.randn(4, 2, 16)
+    with torch.no_grad():
+        lstm(x)
+        lstm.values_l0.data = lstm.values_l0.data.transpose(1, 2)
+        torch.testing.assert_close(lstm(x)[0], lstm.to_dense()(x)[0], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("cls", ["sparse", "lowrank"])
+def test_modules_run_on_the_meta_device_as_nn_lstm_does(cls):
+    """A model built or moved to "meta" (to be materialised later) runs for shapes, as nn.LSTM does; the
+    autocast check asked "meta" for an autocast state it has none of (RuntimeError)."""
+    module = (BlockSparseLSTM(16, 32, sparsity=0.5, block_size=16) if cls == "sparse"
+              else LowRankLSTM(16, 32, rank=4)).to("meta")
+    x = torch.randn(5, 2, 16, device="meta")
+    out, (h, c) = module(x)
+    want, (h_want, _) = nn.LSTM(16, 32).to("meta")(x)
+    assert out.shape == want.shape and h.shape == h_want.shape and out.device.type == "meta"
+
+
 @pytest.mark.filterwarnings("ignore")  # small layers: not cheaper than dense
 @pytest.mark.parametrize("grad", [True, False])
 def test_no_time_steps_is_a_named_error_as_for_nn_lstm(grad):

@@ -207,12 +207,16 @@ class BlockSparseLSTM(StackedLSTM):
 
     def _cached(self, cache: dict, k: int, track_values: bool, build):
         """cache[k]'s value while its snapshot matches (one native check, ~0.2 us), else build() cached anew.
-        Not cached when a source is an inference tensor (no version to follow: a model loaded under
+        Not cached when a source is not in the module's own dicts, when one is an inference tensor (no version to follow: a model loaded under
         torch.inference_mode()) or a functorch wrapper (torch.func.vmap over stacked weights): built per call."""
         hit = cache.get(k)
         if hit is not None and hit[0].matches():
             return hit[1]
         sources = self._sources(k, track_values)
+        if not all(name in d for d, name, *_ in sources):
+            # Not a plain parameter or buffer (torch.nn.utils.prune, a parametrization, weight_norm: values
+            # computed anew on each access or forward): nothing stable to watch, built from what is there now.
+            return build(*(getattr(self, name) for _, name, *_ in sources))
         value = build(*(d[name] for d, name, *_ in sources))
         if not any(t is not None and (t.is_inference() or _is_wrapped(t)) for d, name, *_ in sources
                    for t in (d[name],)):

@@ -183,6 +183,7 @@ def _in_autocast_dtype(input, hx):
     (the ops cast the weights: csrc/autocast.cpp). Anything else unchanged (the checks come after), and so is
     a PackedSequence: nn.LSTM computes those in fp32 under CPU autocast (torch 2.14), and so do we."""
     if not (isinstance(input, torch.Tensor) and input.dtype == torch.float32
+            and torch.amp.is_autocast_available(input.device.type)  # "meta" has no autocast state to ask
             and torch.is_autocast_enabled(input.device.type)):
         return input, hx
     dtype = torch.get_autocast_dtype(input.device.type)

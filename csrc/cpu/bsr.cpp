@@ -935,6 +935,8 @@ std::tuple<Tensor, Tensor, Tensor> bsr_lstm_sequence_forward(
   const Problem rec = problem_of(h_in, hh_values, hh_crow32, hh_col32, 4 * hidden, hidden);
   const int64_t rec_pad = rec.block_cols * rec.block;
   Tensor hp = float_padded(h_in.contiguous(), rec_pad);  // h as float, zeros past H: the product's input
+  // Written every step below: never the caller's h_0 (float_padded hands back an fp32 input with no padding).
+  if (hp.data_ptr() == h_in.data_ptr()) hp = hp.clone();
   Tensor c = c_in.to(at::kFloat).contiguous().clone();
   Tensor gates = at::empty({batch, 4 * hidden}, f32), out = at::empty({steps, batch, hidden}, f32);
   const Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : Tensor();
