@@ -199,7 +199,8 @@ class BlockSparseLSTM(StackedLSTM):
     def _sources(self, k: int, track_values: bool) -> list[tuple]:
         """Where direction k's values, pattern and bias live, as _C.SourcesSnapshot entries (dict, key[, track
         version]): a cache built from them is stale once any is replaced, re-pointed (`.data = ...`, .to()) or,
-        where tracked, written in place. The pattern is always tracked; the values and bias only for a copy of them."""
+        where tracked, written in place. The pattern is always tracked; the values and bias only for a cache
+        that copies them (which then needs no bias)."""
         tag = f"_l{k // self.num_directions}{'_reverse' if k % self.num_directions else ''}"
         entries = [(self._parameters, f"values{tag}", track_values), (self._buffers, f"crow_indices{tag}"),
                    (self._buffers, f"col_indices{tag}")]
@@ -207,8 +208,9 @@ class BlockSparseLSTM(StackedLSTM):
 
     def _cached(self, cache: dict, k: int, track_values: bool, build):
         """cache[k]'s value while its snapshot matches (one native check, ~0.2 us), else build() cached anew.
-        Not cached when a source is not in the module's own dicts, when one is an inference tensor (no version to follow: a model loaded under
-        torch.inference_mode()) or a functorch wrapper (torch.func.vmap over stacked weights): built per call."""
+        Built per call, not cached, when a source is not in the module's own dicts, is an inference tensor (no
+        version to follow: a model loaded under torch.inference_mode()) or a functorch wrapper (torch.func.vmap
+        over stacked weights)."""
         hit = cache.get(k)
         if hit is not None and hit[0].matches():
             return hit[1]
