@@ -92,6 +92,22 @@ def test_bsr_lstm_step_other_dtypes(dtype):
     close(c1, c_ref, dtype, scale=8.0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16])
+def test_bsr_lstm_step_follows_a_dtype_switch_after_preparation(dtype):
+    """values.data and bias.data switched to a dtype without the fused kernel after the cell was prepared: the
+    step takes bsr_linear + the update (before: the fused kernel's TypeError, "no fast kernel")."""
+    w, bias = sparse(4 * 20, 36 + 20, 16, 0.5), rand(80, device=DEVICE)
+    cell = ak.PreparedBsrLstmCell(w, bias)
+    w.values.data, bias.data = w.values.data.to(dtype), bias.data.to(dtype)
+    x, h, c = (rand(3, n, dtype=dtype, device=DEVICE) for n in (36, 20, 20))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the unfused path's and bsr_linear's notices
+        h1, c1 = cell(x, h, c)
+    assert cell.last_path == "bsr_linear + pointwise"
+    assert h1.dtype == dtype
+    close(h1, lstm_step_64(x, h, c, w, bias)[0], dtype, scale=8.0)
+
+
 def test_unfused_path_says_so_once_and_is_queryable():
     from amnets_kernels._ops import bsr
     bsr._unfused_warned.clear()

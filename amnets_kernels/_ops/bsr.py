@@ -165,19 +165,24 @@ class PreparedBsrLstmCell:
             raise ValueError(f"PreparedBsrLstmCell: weight must be [W_ih | W_hh] of shape (4*H, D + H) with "
                              f"D >= 1; got {tuple(weight.shape)}")
         self.hidden_size, self.input_size = n // 4, k - n // 4
-        values = self.linear.values
-        self._fast = values.shape[1] in _FAST["cpu"][0] and values.dtype in _FAST["cpu"][1]
         self.last_path: str | None = None
+
+    @property
+    def _fast(self) -> bool:
+        # Read each call, not at preparation: `values.data` may be switched to another dtype (fp64, fp16) since.
+        values = self.linear.values
+        return values.shape[1] in _FAST["cpu"][0] and values.dtype in _FAST["cpu"][1]
 
     def __call__(self, x: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
         values, bias = self.linear.values, self.linear.bias
         _validate.prepared_step("PreparedBsrLstmCell", x, h, c, self.input_size, self.hidden_size, values)
-        fusable = self._fast and _backend.resolve(OP, x.device).name == "cpu"
+        fast = self._fast
+        fusable = fast and _backend.resolve(OP, x.device).name == "cpu"
         if fusable and eager_inference(x, h, c, values, bias):
             self.last_path = "fused"  # the kernel checks the weight's shapes and pattern itself, every call
             return _fused_cell(x, h, c, values, self.linear.crow_indices, self.linear.col_indices, bias)
-        if not fusable and (x.device.type, self._fast) not in _unfused_warned:
-            _unfused_warned.add((x.device.type, self._fast))
+        if not fusable and (x.device.type, fast) not in _unfused_warned:
+            _unfused_warned.add((x.device.type, fast))
             warnings.warn(f"PreparedBsrLstmCell on {x.device.type}: no fused step kernel for this face or weight "
                           "(the fused step is the cpu face's, block 16/32/64, fp32/bf16); runs bsr_linear for "
                           "the gates and the PyTorch LSTM update.", stacklevel=2)
