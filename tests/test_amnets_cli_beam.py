@@ -72,3 +72,34 @@ def test_beam_decode_checks_its_arguments():
         model.beam_decode(feats, lens, beam=2, max_symbols_per_frame=0)
     hyps, decisions, enc_lens = model.beam_decode(feats, lens, beam=2, return_decisions=True)
     assert len(hyps) == 3 and enc_lens.tolist() == [14, 11, 7] and not decisions[2, 7:].any()
+
+
+def test_beam_search_and_sequence_log_prob_check_enc_p_and_labels():
+    """A wrong enc_p or label gave a silent answer (a 1-D enc_p decoded as T frames, the blank scored as a
+    label) or a raw error deep in torch; each is now a ValueError naming the argument."""
+    model = make_model(0)
+    enc = torch.randn(5, 16)
+    for bad in (enc[0], enc[None], torch.randn(5, 7)):
+        with pytest.raises(ValueError, match="enc_p must be a"):
+            beam_search(model, bad, 2, 2)
+        with pytest.raises(ValueError, match="enc_p must be a"):
+            sequence_log_prob(model, bad, [3])
+    with pytest.raises(ValueError, match="enc_p is torch.float64"):
+        beam_search(model, enc.double(), 2, 2)
+    with pytest.raises(ValueError, match="enc_p holds NaN or inf"):
+        beam_search(model, torch.cat([enc, torch.full((1, 16), float("nan"))]), 2, 2)
+    for labels in ([0, 3], [29], [-1], [1.0], [True], "ab"):
+        with pytest.raises(ValueError, match=r"labels must be a list of ints in \[1, vocab_size-1=28\]"):
+            sequence_log_prob(model, enc, labels)
+    assert sequence_log_prob(model, enc, torch.tensor([3, 4])) == sequence_log_prob(model, enc, [3, 4])
+    assert beam_search(model, enc[:0], 2, 2) == [([], 0.0)]  # T = 0: the empty hypothesis
+
+
+def test_decoding_refuses_non_finite_features_within_the_lengths():
+    model, (feats, lens) = make_model(0), utterances(0)
+    feats[1, lens[1]:] = float("nan")  # past utterance 1's length: never read
+    assert model.greedy_decode(feats, lens) == model.greedy_decode(torch.nan_to_num(feats), lens)
+    feats[1, 3, 5] = float("inf")
+    for decode in (model.greedy_decode, model.beam_decode):
+        with pytest.raises(ValueError, match=r"feats hold NaN or inf within the lengths of utterance\(s\) \[1\]"):
+            decode(feats, lens)

@@ -446,6 +446,18 @@ def test_stack_frames_by_hand():
     assert x.shape == (2, 2, 6) and lens.tolist() == [2, 1]
 
 
+def test_stack_frames_reads_zeros_past_a_rows_length():
+    """A shorter row's last partial group is zero-padded whatever the batch holds past its length (it took the
+    caller's padding, and decoding or the loss of that row then depended on it)."""
+    feats = torch.arange(2 * 7 * 2, dtype=torch.float32).reshape(2, 7, 2)
+    feats[1, 4:] = 5.0  # not zeros past row 1's 4 frames
+    x, lens = stack_frames(feats, torch.tensor([7, 4]), 3, "pad")
+    alone, _ = stack_frames(feats[1:, :4], torch.tensor([4]), 3, "pad")
+    assert lens.tolist() == [3, 2]
+    assert torch.equal(x[1, :2], alone[0])
+    assert torch.equal(x[1, 1], torch.cat([feats[1, 3], torch.zeros(4)]))
+
+
 @pytest.mark.parametrize("cheap, activation", [("sparse", "tanh"), ("lowrank", "relu")])
 def test_loss_is_the_rnnt_loss_of_the_joint_plus_the_cost(cheap, activation):
     model = make_model(cheap, joint_activation=activation).eval()  # eval: deterministic decisions, so two passes agree

@@ -16,6 +16,7 @@ score takes the blank's log-probability there, so that every score is that of re
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +61,7 @@ def beam_search(model, enc_p: Tensor, beam: int = 4, max_symbols: int = 5) -> li
         raise ValueError(f"beam_search: beam must be an int >= 1; got {beam!r}")
     if isinstance(max_symbols, bool) or not isinstance(max_symbols, int) or max_symbols < 1:
         raise ValueError(f"beam_search: max_symbols must be an int >= 1; got {max_symbols!r}")
+    _check_enc_p("beam_search", model, enc_p, min_frames=0)
     start = torch.zeros(1, 1, dtype=torch.long, device=enc_p.device)  # blank 0 starts the prediction
     pred, state = model.predict(start)
     hyps = [_Hyp((), 0.0, pred[0, 0], state)]
@@ -91,9 +93,15 @@ def sequence_log_prob(model, enc_p: Tensor, labels: list[int]) -> float:
     """log P(labels | utterance) under the model: the RNN-T forward algorithm over every alignment (no cap
     on labels per frame), on the full (T, U+1, V) lattice. enc_p as for beam_search. For scoring a few
     hypotheses (tests, analysis): it builds the whole lattice."""
-    if enc_p.dim() != 2 or enc_p.shape[0] == 0:
-        raise ValueError(f"sequence_log_prob: enc_p must be (T >= 1, joint_hidden); got {tuple(enc_p.shape)}")
-    tokens = torch.tensor([[0] + list(labels)], device=enc_p.device)
+    _check_enc_p("sequence_log_prob", model, enc_p, min_frames=1)
+    vocab = model.vocab_size
+    if isinstance(labels, Tensor):
+        labels = labels.tolist() if labels.dim() == 1 and not labels.is_floating_point() else labels
+    if not isinstance(labels, (list, tuple)) or not all(
+            isinstance(k, numbers.Integral) and not isinstance(k, bool) and 1 <= k < vocab for k in labels):
+        raise ValueError(f"sequence_log_prob: labels must be a list of ints in [1, vocab_size-1={vocab - 1}] "
+                         f"(0 is the blank); got {labels!r}")
+    tokens = torch.tensor([[0] + [int(k) for k in labels]], device=enc_p.device)
     pred, _ = model.predict(tokens)
     logp = F.log_softmax(model.joint(enc_p[:, None], pred[0][None]), dim=-1)  # (T, U+1, V)
     T, U = enc_p.shape[0], len(labels)
@@ -110,3 +118,20 @@ def sequence_log_prob(model, enc_p: Tensor, labels: list[int]) -> float:
             cum = F.pad(emit[t].cumsum(0), (1, 0))
             alpha = cum + torch.logcumsumexp(alpha - cum, 0)
     return float(alpha[U] + blank[T - 1, U])
+
+
+def _check_enc_p(op: str, model, enc_p, min_frames: int) -> None:
+    """enc_p: a finite (T >= min_frames, joint_hidden) tensor in the joint's dtype and device."""
+    proj = model.enc_proj.weight
+    width = proj.shape[0]
+    if not isinstance(enc_p, Tensor) or enc_p.dim() != 2 or enc_p.shape[1] != width or enc_p.shape[0] < min_frames:
+        got = tuple(enc_p.shape) if isinstance(enc_p, Tensor) else type(enc_p).__name__
+        raise ValueError(f"{op}: enc_p must be a (T{' >= 1' if min_frames else ''}, joint_hidden={width}) tensor "
+                         f"(model.enc_proj of one utterance's encoder output); got {got}")
+    casts = torch.is_autocast_enabled(enc_p.device.type)  # then the joint's products cast as autocast says
+    if (enc_p.dtype != proj.dtype and not casts) or enc_p.device != proj.device:
+        raise ValueError(f"{op}: enc_p is {enc_p.dtype} on {enc_p.device} but the model's weights are {proj.dtype} "
+                         f"on {proj.device}; pass enc_p.to(...) to match")
+    if not bool(torch.isfinite(enc_p).all()):
+        raise ValueError(f"{op}: enc_p holds NaN or inf (non-finite features or weights); its hypotheses would "
+                         "be meaningless")

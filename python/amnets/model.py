@@ -28,13 +28,17 @@ def stack_frames(feats: Tensor, lengths: Tensor, stack: int, tail: str = "pad") 
     """Concatenate `stack` consecutive frames with stride `stack`: (B, T, F) -> (B, T', stack * F).
 
     tail="pad": a last partial group is zero-padded (T' = ceil(T / stack), no audio is lost);
-    tail="drop": it is dropped (T' = floor(T / stack)). Lengths follow the same rounding.
+    tail="drop": it is dropped (T' = floor(T / stack)). Lengths follow the same rounding. Frames past a row's
+    length are read as zeros whatever the batch holds there, so each row stacks as it would alone.
     """
     _check_stack("stack_frames", feats, lengths, stack, tail)
     B, T, n = feats.shape
     if tail == "pad":
-        frames, lengths = -(-T // stack), torch.div(lengths + stack - 1, stack, rounding_mode="floor")
-        feats = F.pad(feats, (0, 0, 0, frames * stack - T))
+        frames, lengths_out = -(-T // stack), torch.div(lengths + stack - 1, stack, rounding_mode="floor")
+        # A shorter row's last partial group would otherwise take the batch's padding past its length.
+        past = torch.arange(T, device=feats.device)[None] >= lengths.to(feats.device)[:, None]
+        feats = F.pad(feats.masked_fill(past[..., None], 0), (0, 0, 0, frames * stack - T))
+        lengths = lengths_out
     else:
         frames, lengths = T // stack, torch.div(lengths, stack, rounding_mode="floor")
         feats = feats[:, :frames * stack]
@@ -261,3 +265,10 @@ def _check_decode(op: str, model: AmNetsRNNT, feats, feat_lens, max_symbols_per_
     _check_features(op, model, feats, feat_lens)
     if not _is_int(max_symbols_per_frame) or max_symbols_per_frame < 1:
         raise ValueError(f"{op}: max_symbols_per_frame must be an int >= 1; got {max_symbols_per_frame!r}")
+    # A NaN frame decoded to ordinary-looking labels (argmax over NaN logits); frames past a length are not read.
+    valid = torch.arange(feats.shape[1], device=feats.device)[None] < feat_lens.to(feats.device)[:, None]
+    bad = (~torch.isfinite(feats)).any(-1) & valid
+    if bool(bad.any()):
+        rows = bad.any(1).nonzero().flatten().tolist()
+        raise ValueError(f"{op}: feats hold NaN or inf within the lengths of utterance(s) {rows[:5]}"
+                         f"{' ...' if len(rows) > 5 else ''}")
