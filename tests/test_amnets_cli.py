@@ -37,6 +37,8 @@ def test_wer_and_cer():
     refs, hyps = ["the cat sat", "go home"], ["the bat sat down", "go home"]
     assert error_rate(refs, hyps, "word") == pytest.approx(2 / 5)  # one substitution, one insertion
     assert error_rate(refs, hyps, "char") == pytest.approx(6 / 18)  # c->b, then " down"
+    with pytest.raises(ValueError, match="unit must be 'word' or 'char'; got 'words'"):  # was a CER
+        error_rate(refs, hyps, "words")
     with pytest.raises(ValueError, match="references"):
         error_rate(["a"], [], "word")
     with pytest.raises(ValueError, match="empty"):

@@ -136,6 +136,10 @@ def test_librispeech_items_and_dataset(tmp_path):
     # stray files beside the speaker and chapter directories: were "[Errno 20] Not a directory"
     for stray in ("dev-clean/README.TXT", "dev-clean/19/.DS_Store"):
         (tmp_path / stray).write_text("x")
+    # and hidden directories (a notebook's checkpoints), at split and speaker level: were "chapter ... has no
+    # 19-.ipynb_checkpoints.trans.txt"
+    for hidden in ("dev-clean/.ipynb_checkpoints", "dev-clean/19/.ipynb_checkpoints"):
+        (tmp_path / hidden).mkdir()
     assert librispeech_items(str(tmp_path), "dev-clean") == items
 
 
@@ -186,6 +190,9 @@ def test_audio_without_a_transcript_line_is_left_out_with_a_warning(tmp_path):
                                          f"transcript line and are left out, e.g. "
                                          f"{folder / '19-198-0009.flac'}$"):
         assert len(librispeech_items(str(tmp_path), "dev-clean")) == 5
+    (folder / "19-198-0009.flac").rename(folder / "19-198-0009.FLAC")  # was left out without a word
+    with pytest.warns(DataWarning, match=f"e.g. {folder / '19-198-0009.FLAC'}$"):
+        assert len(librispeech_items(str(tmp_path), "dev-clean")) == 5
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     for name in ("utt000000.wav", "utt000001.wav"):
@@ -210,6 +217,9 @@ def test_transcript_files_refuse_duplicates_and_take_a_bom_blanks_and_tabs(tmp_p
                                            (str(tmp_path / "utt000001.wav"), "two")]
     transcripts.write_text("\n")
     with pytest.raises(ValueError, match="transcripts.txt lists no utterances"):
+        corpus_items(str(tmp_path))
+    transcripts.write_bytes("utt000000 caf\u00e9\n".encode("latin-1"))  # was the codec's message alone
+    with pytest.raises(ValueError, match=f"^{transcripts}: not UTF-8 text \\(invalid continuation byte at byte 13\\)$"):
         corpus_items(str(tmp_path))
 
 

@@ -268,6 +268,8 @@ def error_rate(refs: list[str], hyps: list[str], unit: str) -> float:
     if len(refs) != len(hyps) or not refs:
         raise ValueError(f"error_rate: need as many hypotheses as references (>= 1); got {len(refs)} "
                          f"references, {len(hyps)} hypotheses")
+    if unit not in ("word", "char"):  # "words" was a CER
+        raise ValueError(f"error_rate: unit must be 'word' or 'char'; got {unit!r}")
     split = str.split if unit == "word" else list
     total = sum(len(split(r)) for r in refs)
     if total == 0:

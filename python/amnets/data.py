@@ -209,7 +209,11 @@ def _read_transcripts(path: str, folder: str, ext: str) -> list[tuple[str, str]]
     items, seen = [], {}
     # utf-8-sig: a byte-order mark (Windows editors write one) is not part of the first id
     with open(path, encoding="utf-8-sig") as f:
-        for n, line in enumerate(f, 1):
+        try:
+            lines = f.readlines()
+        except UnicodeDecodeError as e:  # named here: the caller's message gave the codec's words alone
+            raise ValueError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+        for n, line in enumerate(lines, 1):
             fields = line.split(None, 1)  # leading blanks and a tab after the id are no part of either
             if not fields:
                 continue
@@ -233,7 +237,8 @@ def _read_transcripts(path: str, folder: str, ext: str) -> list[tuple[str, str]]
 def _unlisted(folder: str, ext: str, items: list[tuple[str, str]]) -> list[str]:
     """The <ext> audio files of folder that no item names."""
     listed = {os.path.basename(p) for p, _ in items}
-    return sorted(os.path.join(folder, n) for n in os.listdir(folder) if n.endswith(ext) and n not in listed)
+    return sorted(os.path.join(folder, n) for n in os.listdir(folder)
+                  if n.lower().endswith(ext) and n not in listed)  # (an upper-case .FLAC is unlisted, not unseen)
 
 
 def _warn_unlisted(unlisted: list[str], where: str) -> None:
@@ -256,7 +261,8 @@ def corpus_items(corpus_dir: str) -> list[tuple[str, str]]:
 
 
 def librispeech_items(root: str, split: str) -> list[tuple[str, str]]:
-    """(flac path, transcript) of every utterance of <root>/<split> (e.g. train-clean-100), sorted by id.
+    """(flac path, transcript) of every utterance of <root>/<split> (e.g. train-clean-100), by speaker and
+    chapter (sorted by name), each chapter in its transcript's line order.
 
     Layout: <root>/<split>/<speaker>/<chapter>/<speaker>-<chapter>-<utt>.flac, one
     <speaker>-<chapter>.trans.txt per chapter with lines "<speaker>-<chapter>-<utt> TRANSCRIPT". FLACs no
@@ -266,8 +272,10 @@ def librispeech_items(root: str, split: str) -> list[tuple[str, str]]:
     if not os.path.isdir(base):
         raise ValueError(f"librispeech_items: no split directory {base!r}")
     items, unlisted = [], []
-    subdirs = lambda d: sorted(n for n in os.listdir(d) if os.path.isdir(os.path.join(d, n)))  # noqa: E731
-    for speaker in subdirs(base):  # a stray file (a README, .DS_Store) is no speaker or chapter
+    subdirs = lambda d: sorted(n for n in os.listdir(d)  # noqa: E731
+                               if os.path.isdir(os.path.join(d, n)) and not n.startswith("."))
+    # a stray file (a README, .DS_Store) or hidden directory (.ipynb_checkpoints) is no speaker or chapter
+    for speaker in subdirs(base):
         for chapter in subdirs(os.path.join(base, speaker)):
             folder = os.path.join(base, speaker, chapter)
             transcripts = os.path.join(folder, f"{speaker}-{chapter}.trans.txt")
