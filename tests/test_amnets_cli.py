@@ -136,6 +136,8 @@ def test_two_process_ddp_training_agrees_checkpoints_resumes_and_evaluates(corpu
     done = run(["-m", "amnets", "train", "--resume", str(ckpt / "last.pt"), "--steps", "5"] + common)
     logged = [line.split()[1] for line in done.stderr.splitlines() if line.startswith("step ")]
     assert logged == ["4", "5"]  # continued from step 3, did not start over
+    assert "was trained on 2 process(es), this run on 1" in done.stderr  # said, not silent
+    assert "last.rank<r>.pt of ranks past this run's are the earlier run's" in done.stderr
     resumed = torch.load(ckpt / "last.pt", weights_only=False)
     assert resumed["step"] == 5
     assert all(s["step"] == 5 for s in resumed["optimizer"]["state"].values())  # AdamW's count carried on

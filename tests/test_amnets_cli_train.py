@@ -209,6 +209,28 @@ def test_a_new_run_refuses_a_directory_holding_another_runs_last_and_best(
         f"would overwrite; continue that run with --resume {ckpt / 'last.pt'}, or choose another "
         "--checkpoint-dir\n")
     assert {p.name: p.read_bytes() for p in ckpt.iterdir()} == before
+    lone = tmp_path / "lone"  # another run's per-rank checkpoint alone (--save-every-rank) was not guarded
+    lone.mkdir()
+    (lone / "last.rank1.pt").write_bytes(before["last.pt"])
+    assert main(["train", "--steps", "1"] + common[:4] + ["--checkpoint-dir", str(lone)] + TINY_MODEL) == 2
+    assert f"--checkpoint-dir {lone} holds another run's last.rank1.pt" in capsys.readouterr().err
+
+
+def test_a_resume_on_another_number_of_processes_says_what_changes(corpus, tmp_path, capsys):  # noqa: F811
+    """It continued without a word (the global batch and the data order change); the checkpoint now records
+    the process count."""
+    ckpt = tmp_path / "ck"
+    common = ["--data", corpus, "--checkpoint-dir", str(ckpt)] + TINY_MODEL
+    assert main(["train", "--steps", "1"] + common) == 0
+    last = load(ckpt / "last.pt")
+    assert last["world"] == 1
+    capsys.readouterr()
+    assert main(["train", "--resume", str(ckpt / "last.pt"), "--steps", "2"] + common) == 0
+    assert "process(es)" not in capsys.readouterr().err  # the same count: nothing to say
+    torch.save(dict(last, world=2), ckpt / "last.pt")  # as written by a 2-process run
+    assert main(["train", "--resume", str(ckpt / "last.pt"), "--steps", "2"] + common) == 0
+    assert (f"amnets train: note: {ckpt / 'last.pt'} was trained on 2 process(es), this run on 1: the global "
+            "batch becomes 1 x batch_size") in capsys.readouterr().err
 
 
 def test_resume_refuses_steps_below_the_checkpoints(corpus, tmp_path, capsys):  # noqa: F811

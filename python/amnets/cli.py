@@ -570,6 +570,12 @@ def train(cfg: dict, resume: str | None = None, dataset: SpeechDataset | None = 
     os.makedirs(cfg["checkpoint_dir"], exist_ok=True)
     if rank == 0:
         _announce(cfg, model, dataset, valid, resume, step, announce, anneal_given)
+        if ckpt is not None and ckpt.get("world", world) != world:  # (checkpoints before 2026-12-02: unknown)
+            _log(f"amnets train: note: {resume} was trained on {ckpt['world']} process(es), this run on {world}: "
+                 f"the global batch becomes {world} x batch_size and the data order from here is not that of "
+                 f"an uninterrupted run (resume on {ckpt['world']} to continue exactly)"
+                 + ("; last.rank<r>.pt of ranks past this run's are the earlier run's"
+                    if cfg["save_every_rank"] and ckpt["world"] > world else ""))
         if step >= cfg["steps"]:
             _log(f"amnets train: the checkpoint is at step {step}, --steps {cfg['steps']}: nothing to train")
     # A forced encoder never runs its arbitrator (and the dense baseline never its cheap factors).
@@ -640,7 +646,7 @@ def train(cfg: dict, resume: str | None = None, dataset: SpeechDataset | None = 
                 if step % cfg["checkpoint_every"] == 0 or final:
                     names += ["last.pt"] + ([f"step-{step}.pt"] if cfg["average_last"] else [])
                 payload = dict(model=model.state_dict(), optimizer=optimizer.state_dict(), step=step,
-                               config=cfg, tau=model.encoder.tau, best=best)
+                               config=cfg, tau=model.encoder.tau, best=best, world=world)
                 checkpoints.write(payload, names, final)
     bar.close()
     if rank == 0 and cfg["average_last"] and step == cfg["steps"]:
@@ -669,6 +675,7 @@ def _refuse_another_runs_checkpoints(directory: str, resume: str | None) -> None
                          f"({', '.join(old[:3])}{', ...' if len(old) > 3 else ''}), which --average-last "
                          f"would mix with this run's; {advice}")
     taken = [name for name in RUN_CHECKPOINTS if os.path.exists(os.path.join(directory, name))]
+    taken += sorted(os.path.basename(p) for p in glob.glob(os.path.join(directory, "last.rank*.pt")))
     if taken:
         raise UsageError(f"--checkpoint-dir {directory} holds another run's {', '.join(taken)}, which this "
                          f"run would overwrite; {advice}")
