@@ -256,6 +256,20 @@ def test_non_finite_audio_is_refused_naming_the_file(bad, tmp_path):
     assert SpeechDataset([(ok, "a")])[0][0].isfinite().all()
 
 
+def test_audio_loud_enough_to_overflow_the_features_is_refused(tmp_path):
+    # A float WAV at 1e19 passed and gave non-finite log-mel features (its window power overflows float32).
+    path = str(tmp_path / "loud.wav")
+    wave = np.zeros(1600, dtype=np.float32)
+    wave[800] = 1e19
+    sf.write(path, wave, SAMPLE_RATE, subtype="FLOAT")
+    with pytest.raises(ValueError, match=f"^{path}: the audio's samples reach 1e\\+19; float audio is expected "
+                                         "within \\[-1, 1\\]"):
+        SpeechDataset([(path, "a")])
+    wave[800] = 1e6  # far beyond [-1, 1] but harmless: the features are normalised per utterance
+    sf.write(path, wave, SAMPLE_RATE, subtype="FLOAT")
+    assert SpeechDataset([(path, "a")])[0][0].isfinite().all()
+
+
 def test_utterance_ids_name_files_in_the_corpus_folder_only(tmp_path):
     # Was accepted: the audio is <folder>/<id>.wav, so an id "../outside" (or an absolute path, which
     # os.path.join lets replace the folder) read audio from outside the corpus.

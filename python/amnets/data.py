@@ -96,12 +96,19 @@ def _soundfile(call, path: str):
         raise ValueError(f"cannot read audio: {exc}") from exc
 
 
+MAX_PEAK = 1e15  # read_audio's bound on a sample's magnitude (float files can hold anything)
+
+
 def read_audio(path: str) -> Tensor:
     """Mono float32 waveform (N,) at 16 kHz from any file soundfile reads (WAV, FLAC, ...); a file holding
-    NaN or inf samples (possible in float WAVs) is a ValueError naming it."""
+    NaN or inf samples, or samples beyond MAX_PEAK (possible in float WAVs), is a ValueError naming it."""
     audio, rate = _soundfile(lambda p: sf.read(p, dtype="float32", always_2d=True), path)
     if not np.isfinite(audio).all():  # training would diverge on it, decoding emit nothing, both silently
         raise ValueError(f"{path}: the audio holds non-finite samples (NaN or inf)")
+    peak = float(np.abs(audio).max(initial=0.0))
+    if peak > MAX_PEAK:  # its window power overflows float32 from ~1e18: non-finite features, the same silence
+        raise ValueError(f"{path}: the audio's samples reach {peak:.3g}; float audio is expected within [-1, 1] "
+                         f"(at most {MAX_PEAK:g} is taken)")
     wave = torch.from_numpy(audio.mean(axis=1))
     return wave if rate == SAMPLE_RATE else torchaudio.functional.resample(wave, rate, SAMPLE_RATE)
 
