@@ -3,7 +3,8 @@
 Rows (1 thread, fp32 unless a row says bf16; microseconds per call, the mean over a timed loop after a
 warm-up). The 32x32 rows are host cost only (the kernel itself is ~1 us of the native op row). The fwd+bwd
 rows time a whole training step of one bsr_linear at a real size, where per-call index preparation would
-show. The AmNets rows time one streamed frame of a small encoder (host cost and the frame's arithmetic). Every row
+show. The AmNets rows time one streamed frame of a small encoder (host cost and the frame's arithmetic), the
+LowRankLSTM rows a swapped model's streaming step at that size (module and op). Every row
 uses public entry points only (and the kernel op torch.ops.amnets_native.bsr_linear_forward), so
 `--against DIR` can run the same rows in an older checkout (benchmarks/ab.py): the before/after figures.
 """
@@ -91,6 +92,19 @@ def measure() -> dict:
                 streamer = enc.streamer(force=force)
                 rows[f"AmNets H=192 x2 {cheap} frame, forced {force}: AmNetsEncoder.streamer()"] = per_call_us(
                     lambda: streamer(frame))
+
+        # A swapped model streaming a frame a call (swap_in's LowRankLSTM, stepped with its state) and its op at
+        # that size: short factor rows (r = 48), where the row products' horizontal sums once dominated.
+        lstm = torch.nn.LSTM(240, 192, 2).eval()
+        swapped, frame = ak.nn.LowRankLSTM.from_lstm(lstm, rank=48).eval(), torch.randn(1, 1, 240)
+        state = swapped(frame)[1]
+        rows["LowRankLSTM 240->192 x2 r=48, T=1 B=1, with its state: the module"] = per_call_us(
+            lambda: swapped(frame, state))
+        factors = swapped.layer_weights(0)
+        for b in (1, 4):
+            xs, hs, cs = torch.randn(b, 240), torch.randn(b, 192), torch.randn(b, 192)
+            rows[f"lowrank_lstm_cell H=192 D=240 r=48 B={b}: ak.lowrank_lstm_cell under no_grad"] = per_call_us(
+                lambda: ak.lowrank_lstm_cell(xs, hs, cs, *factors))
 
     big = ak.BlockSparseMatrix.from_dense(torch.randn(4096, 2048), block_size=32, sparsity=0.75)
     values = big.values.clone().requires_grad_(True)

@@ -140,6 +140,12 @@ def test_inference_step_matches_float64(face, batch, d, hidden, has_bias, stride
         _, eh, ec = autograd_sequence(*(None if t is None else t.double() for t in (x[None], h, c, *w)))
         close(h1, eh, dtype, scale=4)
         close(c1, ec, dtype, scale=4)
+        # A one-step sequence (a swapped LowRankLSTM streaming a frame a call) takes the same step on the cpu face.
+        out, h_n, c_n = ak.lowrank_lstm_sequence(x[None], h, c, *w)
+        assert out.shape == (1, batch, hidden) and torch.equal(out[0], h_n) and h_n.dtype == dtype
+        assert batch == 0 or out.data_ptr() != h_n.data_ptr()  # separate outputs, never views of one another
+        close(h_n, eh, dtype, scale=4)
+        close(c_n, ec, dtype, scale=4)
 
 
 def bf16_forward_emulated(x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias):

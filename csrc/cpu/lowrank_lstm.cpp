@@ -280,10 +280,21 @@ void dispatch_acc(at::ScalarType acc, const F& f) {
 // ---------------------------------------------------------------------------------------------------
 // The ops
 
+bool lean_step_applies(const Tensor& x, const Tensor& h, const Tensor& c, const Tensor& w_ih_u, const Tensor& w_ih_v,
+                       const Tensor& w_hh_u, const Tensor& w_hh_v, const c10::optional<Tensor>& bias, bool save);
+std::tuple<Tensor, Tensor> lean_step(const Tensor& x, const Tensor& h, const Tensor& c, const Tensor& w_ih_u,
+                                     const Tensor& w_ih_v, const Tensor& w_hh_u, const Tensor& w_hh_v,
+                                     const c10::optional<Tensor>& bias);  // (below, with the cell)
+
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lowrank_lstm_sequence_forward(
     const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih_u, const Tensor& w_ih_v,
     const Tensor& w_hh_u, const Tensor& w_hh_v, const c10::optional<Tensor>& bias, bool save) {
   checks::lowrank_lstm("lowrank_lstm_sequence_forward", x, h0, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, true);
+  if (x.size(0) == 1 && lean_step_applies(x[0], h0, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, save)) {
+    auto [h1, c1] = lean_step(x[0], h0, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias);
+    const auto none = at::empty({0}, x.options().dtype(acc_of(x)));
+    return {h1.unsqueeze(0), h1.clone(), c1, none, none.clone()};  // (outputs never alias each other)
+  }
   const OpenMpScope openmp;  // see the top of this file
   const auto acc = acc_of(x);
   const bool bf16 = dpbf16_forward(x, w_ih_u, w_ih_v, w_hh_u, w_hh_v);
@@ -331,27 +342,31 @@ Grads lowrank_lstm_sequence_backward(const Tensor& grad_out, const Tensor& grad_
   return finish_backward(dpre, dbias, x.to(acc), h_prev, dh, dc, w, x.scalar_type());
 }
 
-// The cell for streaming inference (no save, B <= 4 rows, contiguous; float, or bf16 on a CPU with
+// The lean step for streaming inference (no save, B <= 4 rows, contiguous; float, or bf16 on a CPU with
 // AVX512-BF16): the four products as row dots into one workspace and the fused update, three allocations and
 // no other ATen op (a step at small H costs its host overhead). bf16 rows are widened into the workspace and
 // the factors read as they are (vdpbf16ps; s rounded to bf16 as in the sequence's bf16 forward), h and c
 // narrowed at the end: through the sequence op a bf16 step cost 76 us at H=256 r=64 against 20 us in fp32 (its
-// ATen GEMMs and conversions; one AMD EPYC core, the public op). Anything else is one step of the sequence op.
-std::tuple<Tensor, Tensor, Tensor> cell_forward(const Tensor& x, const Tensor& h, const Tensor& c, const Tensor& w_ih_u,
-                                                const Tensor& w_ih_v, const Tensor& w_hh_u, const Tensor& w_hh_v,
-                                                const c10::optional<Tensor>& bias, bool save) {
-  checks::lowrank_lstm("lowrank_lstm_cell_forward", x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, false);
-  const int64_t batch = x.size(0);
+// ATen GEMMs and conversions; one AMD EPYC core, the public op). The cell runs it where it applies, and so does
+// a sequence of one step (a swapped LowRankLSTM streaming a frame a call: the public op 41 -> 24 us at H=192
+// r=48, one AMD EPYC core, alternating processes; its input GEMMs and clones were most of it).
+bool lean_step_applies(const Tensor& x, const Tensor& h, const Tensor& c, const Tensor& w_ih_u, const Tensor& w_ih_v,
+                       const Tensor& w_hh_u, const Tensor& w_hh_v, const c10::optional<Tensor>& bias, bool save) {
   const auto dtype = x.scalar_type();
-  const bool bf16 = dtype == at::kBFloat16;
-  bool lean = !save && batch <= kMaxDotBatch && (dtype == at::kFloat || (bf16 && simd::has_dpbf16()));
+  bool lean = !save && x.size(0) <= kMaxDotBatch &&
+              (dtype == at::kFloat || (dtype == at::kBFloat16 && simd::has_dpbf16()));
   for (const Tensor* t : {&x, &h, &c, &w_ih_u, &w_ih_v, &w_hh_u, &w_hh_v})
     lean = lean && t->scalar_type() == dtype && t->is_contiguous();
   if (bias.has_value()) lean = lean && bias->scalar_type() == dtype && bias->is_contiguous();
-  if (!lean) {
-    return amnets::lowrank_lstm_cell_forward<lowrank_lstm_sequence_forward>(x, h, c, w_ih_u, w_ih_v, w_hh_u,
-                                                                          w_hh_v, bias, save);
-  }
+  return lean;
+}
+
+// x (B, D), h and c (B, H), checked and lean_step_applies -> (h1, c1).
+std::tuple<Tensor, Tensor> lean_step(const Tensor& x, const Tensor& h, const Tensor& c, const Tensor& w_ih_u,
+                                     const Tensor& w_ih_v, const Tensor& w_hh_u, const Tensor& w_hh_v,
+                                     const c10::optional<Tensor>& bias) {
+  const int64_t batch = x.size(0);
+  const bool bf16 = x.scalar_type() == at::kBFloat16;
   const int64_t d = x.size(1), hidden = h.size(1), r_ih = w_ih_v.size(0), r_hh = w_hh_v.size(0);
   // float workspace: s_ih, s_hh, gates; bf16 also x, h, c (updated in place to c1), h1 and the bias
   const int64_t rows = batch * (r_ih + r_hh + 4 * hidden);
@@ -392,6 +407,18 @@ std::tuple<Tensor, Tensor, Tensor> cell_forward(const Tensor& x, const Tensor& h
     narrow_bf16(hout, h1.data_ptr<c10::BFloat16>(), batch * hidden);
     narrow_bf16(cf, c1.data_ptr<c10::BFloat16>(), batch * hidden);
   }
+  return {h1, c1};
+}
+
+std::tuple<Tensor, Tensor, Tensor> cell_forward(const Tensor& x, const Tensor& h, const Tensor& c, const Tensor& w_ih_u,
+                                                const Tensor& w_ih_v, const Tensor& w_hh_u, const Tensor& w_hh_v,
+                                                const c10::optional<Tensor>& bias, bool save) {
+  checks::lowrank_lstm("lowrank_lstm_cell_forward", x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, false);
+  if (!lean_step_applies(x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, save)) {  // one step of the sequence
+    return amnets::lowrank_lstm_cell_forward<lowrank_lstm_sequence_forward>(x, h, c, w_ih_u, w_ih_v, w_hh_u,
+                                                                          w_hh_v, bias, save);
+  }
+  auto [h1, c1] = lean_step(x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias);
   return {h1, c1, at::empty({0}, x.options())};
 }
 

@@ -110,10 +110,16 @@ AMNETS_INLINE float scalar(c10::BFloat16 v) { return static_cast<float>(v); }
 
 AMNETS_INLINE vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
 AMNETS_INLINE vfloat vmin(vfloat a, vfloat b) { return a < b ? a : b; }
+// Pairwise: halves added (8 lanes, then 4), then the last four as two pairs, a dependent chain of 4 adds. The
+// lane-by-lane sum was a chain of 16 scalar adds, which a row product with short rows waits on per output
+// (lowrank_lstm_cell's U products, rows of r = 48: rows_dot spent most of its time in it).
 AMNETS_INLINE float hsum(vfloat v) {
-  float s = 0.f;
-  for (int i = 0; i < kWidth; ++i) s += v[i];
-  return s;
+  typedef float v8 __attribute__((vector_size(32)));
+  typedef float v4 __attribute__((vector_size(16)));
+  const v8 a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+               __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4 b = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (b[0] + b[2]) + (b[1] + b[3]);
 }
 AMNETS_INLINE float hmax(vfloat v) {
   float m = v[0];
