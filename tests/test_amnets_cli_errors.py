@@ -255,3 +255,12 @@ def test_a_malformed_checkpoint_or_config_file_is_one_line(corpus, tmp_path, cap
         code, err = fails(["train", "--config", str(config)], capsys)
         assert code == 2 and err == (f"amnets train: error: config file {config}: must hold a table of "
                                      f'settings (a JSON object, e.g. {{"hidden_size": 64}}); got {kind}\n')
+
+
+def test_a_non_integer_world_size_is_named(corpus, tmp_path, capsys, monkeypatch):  # noqa: F811
+    # was "invalid literal for int() with base 10: 'abc'", naming no variable
+    monkeypatch.setenv("WORLD_SIZE", "abc")
+    code, err = fails(["train", "--data", corpus, "--steps", "1", "--checkpoint-dir", str(tmp_path)] + TINY_MODEL,
+                      capsys)
+    assert code == 2 and err == ("amnets train: error: the environment variable WORLD_SIZE must be an integer "
+                                 "(torchrun sets it); got 'abc'\n")

@@ -518,13 +518,23 @@ def evaluate(model: AmNetsRNNT, dataset: SpeechDataset, batch_size: int = 16, be
 # training
 
 
+def _env_int(name: str, default: int) -> int:
+    """An integer environment variable torchrun sets (WORLD_SIZE, RANK), named when it is not one."""
+    value = os.environ.get(name, str(default))
+    try:
+        return int(value)
+    except ValueError:
+        raise UsageError(f"the environment variable {name} must be an integer (torchrun sets it); got {value!r}") \
+            from None
+
+
 def train(cfg: dict, resume: str | None = None, dataset: SpeechDataset | None = None,
           announce: bool = True, replace: bool = False) -> tuple[AmNetsRNNT, dict]:
     """Train as configured; under torchrun (WORLD_SIZE > 1) data-parallel. dataset: what to train on
     instead of cfg's data; announce: log the configuration and model size first; replace: checkpoint_dir
     is the caller's own output (the demo's), whose earlier checkpoints are replaced, not refused.
     Returns (model, the last step's stats)."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = _env_int("WORLD_SIZE", 1)
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("gloo")  # the model trains on the CPU
     rank = dist.get_rank() if world > 1 else 0
@@ -946,7 +956,7 @@ def cmd_train(args) -> int:
                 f"{_flag(k)} (the checkpoint: {base[k]!r}; given: {cfg[k]!r})" for k in clash)
                 + "; drop them, or train a new model without --resume")
     _, stats = train(cfg, args.resume)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if _env_int("RANK", 0) == 0:
         keys = ("step", "loss", "rnnt", "full_fraction", "tau")
         print(json.dumps({k: stats[k] for k in keys if k in stats}))
     if dist.is_initialized():
