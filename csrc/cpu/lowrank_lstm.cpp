@@ -290,8 +290,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lowrank_lstm_sequence_forward
     const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih_u, const Tensor& w_ih_v,
     const Tensor& w_hh_u, const Tensor& w_hh_v, const c10::optional<Tensor>& bias, bool save) {
   checks::lowrank_lstm("lowrank_lstm_sequence_forward", x, h0, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, true);
-  if (x.size(0) == 1 && lean_step_applies(x[0], h0, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, save)) {
-    auto [h1, c1] = lean_step(x[0], h0, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias);
+  if (x.size(0) == 1 && lean_step_applies(x, h0, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, save)) {
+    auto [h1, c1] = lean_step(x.squeeze(0), h0, c0, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias);
     const auto none = at::empty({0}, x.options().dtype(acc_of(x)));
     return {h1.unsqueeze(0), h1.clone(), c1, none, none.clone()};  // (outputs never alias each other)
   }
@@ -353,7 +353,7 @@ Grads lowrank_lstm_sequence_backward(const Tensor& grad_out, const Tensor& grad_
 bool lean_step_applies(const Tensor& x, const Tensor& h, const Tensor& c, const Tensor& w_ih_u, const Tensor& w_ih_v,
                        const Tensor& w_hh_u, const Tensor& w_hh_v, const c10::optional<Tensor>& bias, bool save) {
   const auto dtype = x.scalar_type();
-  bool lean = !save && x.size(0) <= kMaxDotBatch &&
+  bool lean = !save && x.size(-2) <= kMaxDotBatch &&  // x (B, D), or one step (1, B, D)
               (dtype == at::kFloat || (dtype == at::kBFloat16 && simd::has_dpbf16()));
   for (const Tensor* t : {&x, &h, &c, &w_ih_u, &w_ih_v, &w_hh_u, &w_hh_v})
     lean = lean && t->scalar_type() == dtype && t->is_contiguous();

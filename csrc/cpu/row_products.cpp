@@ -100,14 +100,10 @@ AMNETS_INLINE void rows_dot_tiled(const float* a, int64_t cols, const float* x, 
 
 AMNETS_CLONES void rows_dot(const float* a, int64_t cols, const float* x, int64_t batch, float* y, int64_t rows,
                             int64_t r0, int64_t r1, bool accumulate) {
-  if (cols <= kTiledMaxCols) {
-    switch (batch) {
-      case 0: return;
-      case 1: return rows_dot_tiled<1>(a, cols, x, y, rows, r0, r1, accumulate);
-      case 2: return rows_dot_tiled<2>(a, cols, x, y, rows, r0, r1, accumulate);
-      case 3: break;
-      default: return rows_dot_tiled<4>(a, cols, x, y, rows, r0, r1, accumulate);
-    }
+  if (cols <= kTiledMaxCols && batch != 3) {  // (3 rows do not divide a tile's 16 registers)
+    if (batch == 1) return rows_dot_tiled<1>(a, cols, x, y, rows, r0, r1, accumulate);
+    if (batch == 2) return rows_dot_tiled<2>(a, cols, x, y, rows, r0, r1, accumulate);
+    if (batch >= 4) return rows_dot_tiled<4>(a, cols, x, y, rows, r0, r1, accumulate);
   }
   switch (batch) {
     case 0: return;
