@@ -24,6 +24,11 @@ STACK_TAILS = ("pad", "drop")
 JOINT_ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "identity": lambda t: t}
 
 
+def within(lengths: Tensor, T: int, device) -> Tensor:
+    """(B, T) bool on device: position t of row b lies within lengths[b]."""
+    return torch.arange(T, device=device)[None] < lengths.to(device)[:, None]
+
+
 def stack_frames(feats: Tensor, lengths: Tensor, stack: int, tail: str = "pad") -> tuple[Tensor, Tensor]:
     """Concatenate `stack` consecutive frames with stride `stack`: (B, T, F) -> (B, T', stack * F).
 
@@ -36,7 +41,7 @@ def stack_frames(feats: Tensor, lengths: Tensor, stack: int, tail: str = "pad") 
     if tail == "pad":
         frames, lengths_out = -(-T // stack), torch.div(lengths + stack - 1, stack, rounding_mode="floor")
         # A shorter row's last partial group would otherwise take the batch's padding past its length.
-        past = torch.arange(T, device=feats.device)[None] >= lengths.to(feats.device)[:, None]
+        past = ~within(lengths, T, feats.device)
         feats = F.pad(feats.masked_fill(past[..., None], 0), (0, 0, 0, frames * stack - T))
         lengths = lengths_out
     else:
@@ -104,7 +109,7 @@ class AmNetsRNNT(nn.Module):
         _check_loss(self, feats, feat_lens, targets, target_lens, cost_weight, budget)
         x, enc_lens = stack_frames(feats, feat_lens, self.stack, self.stack_tail)
         enc, aux = self.encoder(x, enc_lens)
-        valid = torch.arange(targets.shape[1], device=targets.device)[None] < target_lens[:, None]
+        valid = within(target_lens, targets.shape[1], targets.device)
         targets = targets.masked_fill(~valid, 1).long()
         pred_p, _ = self.predict(F.pad(targets, (1, 0), value=0))  # blank 0 starts every prediction
         rnnt = ak.fused_joint_rnnt_loss(self.enc_proj(enc), pred_p, self.out.weight, self.out.bias, targets,
@@ -171,7 +176,7 @@ class AmNetsRNNT(nn.Module):
         past each utterance's encoder length, the encoder lengths."""
         x, enc_lens = stack_frames(feats, feat_lens, self.stack, self.stack_tail)
         enc, _, decisions = self.encoder.stream(x)
-        valid = torch.arange(x.shape[1], device=x.device)[None] < enc_lens.to(x.device)[:, None]
+        valid = within(enc_lens, x.shape[1], x.device)
         decisions = decisions & valid.reshape(*valid.shape, *[1] * (decisions.dim() - 2))
         return self.enc_proj(enc), decisions, enc_lens  # causal: padding cannot reach valid frames
 
@@ -246,8 +251,7 @@ def _check_loss(model: AmNetsRNNT, feats, feat_lens, targets, target_lens, cost_
     if int(target_lens.min()) < 1 or int(target_lens.max()) > targets.shape[1]:
         raise ValueError(f"{op}: target_lens must lie in [1, U={targets.shape[1]}] (empty targets are not "
                          f"supported); got {target_lens.tolist()}")
-    valid = torch.arange(targets.shape[1], device=targets.device)[None] < target_lens[:, None]
-    labels = targets[valid]
+    labels = targets[within(target_lens, targets.shape[1], targets.device)]
     if int(labels.min()) < 1 or int(labels.max()) >= model.vocab_size:
         raise ValueError(f"{op}: target labels must lie in [1, vocab_size-1={model.vocab_size - 1}] "
                          f"(0 is the blank); got values in [{int(labels.min())}, {int(labels.max())}]")
@@ -266,8 +270,7 @@ def _check_decode(op: str, model: AmNetsRNNT, feats, feat_lens, max_symbols_per_
     if not _is_int(max_symbols_per_frame) or max_symbols_per_frame < 1:
         raise ValueError(f"{op}: max_symbols_per_frame must be an int >= 1; got {max_symbols_per_frame!r}")
     # A NaN frame decoded to ordinary-looking labels (argmax over NaN logits); frames past a length are not read.
-    valid = torch.arange(feats.shape[1], device=feats.device)[None] < feat_lens.to(feats.device)[:, None]
-    bad = (~torch.isfinite(feats)).any(-1) & valid
+    bad = (~torch.isfinite(feats)).any(-1) & within(feat_lens, feats.shape[1], feats.device)
     if bool(bad.any()):
         rows = bad.any(1).nonzero().flatten().tolist()
         raise ValueError(f"{op}: feats hold NaN or inf within the lengths of utterance(s) {rows[:5]}"
