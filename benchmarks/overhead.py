@@ -4,7 +4,8 @@ Rows (1 thread, fp32 unless a row says bf16; microseconds per call, the mean ove
 warm-up). The 32x32 rows are host cost only (the kernel itself is ~1 us of the native op row). The fwd+bwd
 rows time a whole training step of one bsr_linear at a real size, where per-call index preparation would
 show. The AmNets rows time one streamed frame of a small encoder (host cost and the frame's arithmetic), the
-LowRankLSTM rows a swapped model's streaming step at that size (module and op). Every row
+LSTM module rows a swapped model's streaming step at that size (LowRankLSTM, BlockSparseLSTM, and nn.LSTM
+stepped the same way) and the low-rank op alone. Every row
 uses public entry points only (and the kernel op torch.ops.amnets_native.bsr_linear_forward), so
 `--against DIR` can run the same rows in an older checkout (benchmarks/ab.py): the before/after figures.
 """
@@ -95,11 +96,16 @@ def measure() -> dict:
 
         # A swapped model streaming a frame a call (swap_in's LowRankLSTM, stepped with its state) and its op at
         # that size: short factor rows (r = 48), where the row products' horizontal sums once dominated.
+        # The block-sparse swap and stock nn.LSTM stepped the same way, for the ratio in one run.
         lstm = torch.nn.LSTM(240, 192, 2).eval()
-        swapped, frame = ak.nn.LowRankLSTM.from_lstm(lstm, rank=48).eval(), torch.randn(1, 1, 240)
-        state = swapped(frame)[1]
-        rows["LowRankLSTM 240->192 x2 r=48, T=1 B=1, with its state: the module"] = per_call_us(
-            lambda: swapped(frame, state))
+        frame = torch.randn(1, 1, 240)
+        state = lstm(frame)[1]
+        for name, module in (("LowRankLSTM 240->192 x2 r=48", ak.nn.LowRankLSTM.from_lstm(lstm, rank=48).eval()),
+                             ("BlockSparseLSTM 240->192 x2 sparsity 0.8 b=32",
+                              ak.nn.BlockSparseLSTM.from_lstm(lstm, sparsity=0.8, block_size=32).eval()),
+                             ("nn.LSTM 240->192 x2", lstm)):
+            rows[f"{name}, T=1 B=1, with its state: the module"] = per_call_us(lambda: module(frame, state))
+        swapped = ak.nn.LowRankLSTM.from_lstm(lstm, rank=48).eval()
         factors = swapped.layer_weights(0)
         for b in (1, 4):
             xs, hs, cs = torch.randn(b, 240), torch.randn(b, 192), torch.randn(b, 192)

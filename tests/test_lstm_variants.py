@@ -211,6 +211,42 @@ def test_block_sparse_lstm_runs_under_pruning_and_parametrizations(wrap):
             torch.testing.assert_close(got, lstm.to_dense()(x)[0], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("wrap", ["prune", "parametrize"])
+def test_lowrank_lstm_runs_a_pruned_or_reparametrized_factor(wrap):
+    """LowRankLSTM reads its factors from its parameter dict (a streaming step's host cost); a factor that
+    prune or a parametrization computes anew is not there, and what they compute is what must run."""
+    import copy
+
+    from torch.nn.utils import parametrize, prune
+
+    torch.manual_seed(3)
+    lstm = LowRankLSTM(16, 32, rank=4, num_layers=2)
+    plain, x = copy.deepcopy(lstm), torch.randn(4, 2, 16)
+    before = lstm(x)[0].detach()
+    if wrap == "prune":
+        prune.l1_unstructured(lstm, "w_ih_u_l1", amount=0.5)
+    else:
+        class Double(nn.Module):
+            def forward(self, v):
+                return 2 * v
+        parametrize.register_parametrization(lstm, "w_ih_u_l1", Double())
+    with torch.no_grad():
+        plain.w_ih_u_l1.copy_(lstm.w_ih_u_l1)  # the factor as the wrapper computes it
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            got = lstm(x)[0]
+            torch.testing.assert_close(got, plain(x)[0], rtol=0, atol=0)
+            assert not torch.allclose(got, before)
+            torch.testing.assert_close(lstm.layer_weights(1)[0], lstm.w_ih_u_l1, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("layer, reverse", [(-1, False), (2, False), (0, True), (1.0, False)])
+def test_lowrank_lstm_layer_weights_names_a_layer_it_lacks(layer, reverse):
+    lstm = LowRankLSTM(16, 32, rank=4, num_layers=2)
+    with pytest.raises((ValueError, TypeError), match="layer"):
+        lstm.layer_weights(layer, reverse)
+
+
 def test_block_sparse_lstm_caches_let_the_cycle_collector_free_the_module():
     """A parameter referring back to its module (an attribute, a hook's closure) makes a cycle through the
     caches' snapshots of the module's dicts; the snapshots were invisible to the cycle collector, so every

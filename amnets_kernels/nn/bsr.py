@@ -152,6 +152,8 @@ class BlockSparseLSTM(StackedLSTM):
     (4H,) (nn.LSTM's two biases summed).
     """
 
+    _PER_DIRECTION = ("values", "crow_indices", "col_indices", "bias")
+
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
                  block_size: int = 32, sparsity: float = 0.75, device=None, dtype=None):
@@ -192,9 +194,7 @@ class BlockSparseLSTM(StackedLSTM):
         warn_if_not_cheaper(self, self.macs_per_frame(), self.dense_macs_per_frame(), kept)
 
     def _pattern(self, k: int):
-        layer, reverse = divmod(k, self.num_directions)
-        tag = f"_l{layer}{'_reverse' if reverse else ''}"
-        return tuple(getattr(self, f"{n}{tag}") for n in ("values", "crow_indices", "col_indices", "bias"))
+        return self._direction_tensors(k)
 
     def _sources(self, k: int, track_values: bool) -> list[tuple]:
         """Where direction k's values, pattern and bias live, as _C.SourcesSnapshot entries (dict, key[, track
@@ -247,21 +247,27 @@ class BlockSparseLSTM(StackedLSTM):
 
     def _run(self, k, x, h0, c0):
         step = self._step(k, x.shape[-1])
-        zeros = x.new_zeros(x.shape[1], self.hidden_size)
-        h, c = (zeros if h0 is None else h0), (zeros if c0 is None else c0)
+        h, c = h0, c0
+        if h is None or c is None:
+            zeros = x.new_zeros(x.shape[1], self.hidden_size)
+            h, c = (zeros if h is None else h), (zeros if c is None else c)
         values, bias = step.linear.values, step.linear.bias  # the module's own tensors (the step's snapshot matched)
         if step._fast and _backend.resolve("bsr_linear", x.device).name == "cpu" \
                 and eager_inference(x, h, c, values, bias):
             w_ih, w_hh = self._split(k, x.shape[-1])
-            self.last_path = "native sequence"
+            self._took("native sequence")
             return _sequence(x.contiguous(), h, c, w_ih.values, w_ih.crow_indices, w_ih.col_indices, w_hh.values,
                              w_hh.crow_indices, w_hh.col_indices, bias)
-        self.last_path = "steps"
+        self._took("steps")
         out = []
         for x_t in x:
             h, c = step(x_t, h, c)
             out.append(h)
         return torch.stack(out), h, c
+
+    def _took(self, path: str) -> None:
+        if self.last_path != path:  # written only on a change: nn.Module.__setattr__ costs ~2 us a call
+            self.last_path = path
 
     def _dense_weights(self, k):
         values, crow, col, b = self._pattern(k)

@@ -89,6 +89,8 @@ class LowRankLSTM(StackedLSTM):
     with proj_size P, w_hr (P, H). `ranks[k]` = (r_ih, r_hh) of direction k = layer * directions + direction.
     """
 
+    _PER_DIRECTION = (*_FACTORS, "bias")
+
     def __init__(self, input_size: int, hidden_size: int, rank: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, rank_hh: int | None = None, dropout: float = 0.0,
                  bidirectional: bool = False, proj_size: int = 0, device=None, dtype=None):
@@ -136,18 +138,21 @@ class LowRankLSTM(StackedLSTM):
 
     def layer_weights(self, layer: int, reverse: bool = False):
         """(w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias) of one direction of one layer, in the ops' order."""
-        tag = f"_l{layer}{'_reverse' if reverse else ''}"
-        return tuple(getattr(self, f"{n}{tag}") for n in (*_FACTORS, "bias"))
+        _validate._int("LowRankLSTM.layer_weights", "layer", layer, 0)
+        if layer >= self.num_layers or (reverse and not self.bidirectional):
+            raise ValueError(f"LowRankLSTM.layer_weights: no layer {layer}{' reverse' if reverse else ''} in "
+                             f"{self.num_layers} layer(s), bidirectional={self.bidirectional}")
+        return self._direction_tensors(layer * self.num_directions + bool(reverse))
 
     def _run(self, k, x, h0, c0):
-        layer, reverse = divmod(k, self.num_directions)
-        u_ih, v_ih, u_hh, v_hh, b = self.layer_weights(layer, bool(reverse))
+        u_ih, v_ih, u_hh, v_hh, b = self._direction_tensors(k)
         sequence = functorch.lowrank_lstm_sequence if functorch.active() else torch.ops.amnets.lowrank_lstm_sequence
         if not self.proj_size:
             return sequence(x, h0, c0, u_ih, v_ih, u_hh, v_hh, b)
         # With a projection the recurrence reads h W_hr^T: U_hh V_hh (h W_hr^T) = U_hh (V_hh W_hr) h, the
         # same rank, so the fused op runs on the full h; a given h0 is already projected, so the first
         # step reads it directly.
+        layer, reverse = divmod(k, self.num_directions)
         w_hr = getattr(self, f"w_hr_l{layer}{'_reverse' if reverse else ''}")
         v_rec = v_hh @ w_hr
         if h0 is None:
@@ -163,7 +168,7 @@ class LowRankLSTM(StackedLSTM):
 
     def _dense_weights(self, k):
         layer, reverse = divmod(k, self.num_directions)
-        u_ih, v_ih, u_hh, v_hh, b = self.layer_weights(layer, bool(reverse))
+        u_ih, v_ih, u_hh, v_hh, b = self._direction_tensors(k)
         w_hr = getattr(self, f"w_hr_l{layer}{'_reverse' if reverse else ''}") if self.proj_size else None
         return u_ih @ v_ih, u_hh @ v_hh, b, w_hr
 

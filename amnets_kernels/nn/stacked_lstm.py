@@ -18,8 +18,11 @@ class StackedLSTM(nn.Module):
     A subclass sets the configuration with `_configure` and implements `_run(k, x, h0, c0)` for the
     direction k = layer * num_directions + direction: x (T, B, D_k) in time order for that direction,
     h0 (B, proj_size or H) and c0 (B, H) or None -> (out (T, B, proj_size or H), h_n, c_n); and
-    `_dense_weights(k)` -> (W_ih, W_hh, bias, W_hr or None) for `to_dense`.
+    `_dense_weights(k)` -> (W_ih, W_hh, bias, W_hr or None) for `to_dense`. `_PER_DIRECTION` names the
+    tensors each direction has (suffixed _l{layer} or _l{layer}_reverse), read by `_direction_tensors(k)`.
     """
+
+    _PER_DIRECTION: tuple[str, ...] = ()
 
     def _configure(self, input_size: int, hidden_size: int, num_layers: int, bias: bool, batch_first: bool,
                    dropout: float, bidirectional: bool, proj_size: int) -> None:
@@ -34,6 +37,12 @@ class StackedLSTM(nn.Module):
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
         self.bidirectional, self.proj_size = bool(bidirectional), proj_size
+        # Walked on every forward (a streaming step is one call a frame): computed once here.
+        self._directions = tuple((layer * self.num_directions + direction, layer, "_reverse" if direction else "",
+                                  self.input_size_of(layer * self.num_directions + direction))
+                                 for layer in range(num_layers) for direction in range(self.num_directions))
+        self._names = tuple(tuple(f"{n}_l{layer}{suffix}" for n in self._PER_DIRECTION)
+                            for _, layer, suffix, _ in self._directions)
 
     @property
     def num_directions(self) -> int:
@@ -45,10 +54,18 @@ class StackedLSTM(nn.Module):
 
     def directions(self):
         """(k, layer, parameter-name suffix, input size) for every direction, in nn.LSTM's order."""
-        for layer in range(self.num_layers):
-            for direction in range(self.num_directions):
-                k = layer * self.num_directions + direction
-                yield k, layer, "_reverse" if direction else "", self.input_size_of(k)
+        return iter(self._directions)
+
+    def _direction_tensors(self, k: int) -> tuple:
+        """Direction k's tensors named by _PER_DIRECTION, read from the module's own dicts: through
+        nn.Module.__getattr__ each name costs ~0.5 us, and a streaming step reads them on every call. By
+        attribute when one is not a plain parameter or buffer there (a parametrization, or
+        torch.nn.utils.prune, which computes it anew), so that what those compute is what runs."""
+        names, params, buffers = self._names[k], self._parameters, self._buffers
+        try:
+            return tuple([params[n] if n in params else buffers[n] for n in names])
+        except KeyError:
+            return tuple(getattr(self, n) for n in names)
 
     def forward(self, input, hx=None):
         op = type(self).__name__
@@ -76,25 +93,30 @@ class StackedLSTM(nn.Module):
             raise ValueError(f"{op}: input.shape[-1] must be input_size = {self.input_size}; got {tuple(x.shape)}")
         stack, batch, out_size = self.num_layers * self.num_directions, x.shape[1], self.proj_size or self.hidden_size
         if hx is None:
-            h0 = c0 = [None] * stack
+            h0 = c0 = (None,) * stack
         else:
             h0, c0 = hx
             for name, t, size in (("h_0", h0, out_size), ("c_0", c0, self.hidden_size)):
                 _validate._tensor(op, name, t, ndim=3)
                 _validate._shape(op, name, t, (stack, batch, size), "(num_layers * num_directions, B, "
                                  f"{'proj_size' if name == 'h_0' and self.proj_size else 'hidden_size'}) = ")
-        h_n, c_n, outs = [], [], []
-        for k, layer, suffix, _ in self.directions():
-            reverse = bool(suffix)
-            out, h, c = self._run(k, x.flip(0) if reverse else x, h0[k], c0[k])
-            outs.append(out.flip(0) if reverse else out)
+            h0, c0 = h0.unbind(0), c0.unbind(0)
+        h_n, c_n, outs, directions = [], [], [], self.num_directions
+        dropout = self.dropout if self.training else 0.0
+        for k, layer, suffix, _ in self._directions:
+            if suffix:  # the reverse direction
+                out, h, c = self._run(k, x.flip(0), h0[k], c0[k])
+                outs.append(out.flip(0))
+            else:
+                out, h, c = self._run(k, x, h0[k], c0[k])
+                outs.append(out)
             h_n.append(h)
             c_n.append(c)
-            if len(outs) == self.num_directions:  # the layer is complete: its output feeds the next one
-                x = torch.cat(outs, dim=-1) if len(outs) > 1 else outs[0]
+            if len(outs) == directions:  # the layer is complete: its output feeds the next one
+                x = torch.cat(outs, dim=-1) if directions > 1 else out
                 outs = []
-                if self.dropout and self.training and layer < self.num_layers - 1:
-                    x = F.dropout(x, self.dropout, training=True)
+                if dropout and layer < self.num_layers - 1:
+                    x = F.dropout(x, dropout, training=True)
         return x, (torch.stack(h_n), torch.stack(c_n))
 
     def _forward_packed(self, packed: PackedSequence, hx):
@@ -182,7 +204,8 @@ def _in_autocast_dtype(input, hx):
     """As nn.LSTM under autocast: fp32 input and state in the autocast dtype, so that the results are in it too
     (the ops cast the weights: csrc/autocast.cpp). Anything else unchanged (the checks come after), and so is
     a PackedSequence: nn.LSTM computes those in fp32 under CPU autocast (torch 2.14), and so do we."""
-    if not (isinstance(input, torch.Tensor) and input.dtype == torch.float32
+    if not (torch._C._is_any_autocast_enabled()  # one native call: the common case ends here
+            and isinstance(input, torch.Tensor) and input.dtype == torch.float32
             and torch.amp.is_autocast_available(input.device.type)  # "meta" has no autocast state to ask
             and torch.is_autocast_enabled(input.device.type)):
         return input, hx
