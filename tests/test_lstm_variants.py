@@ -5,6 +5,7 @@ on every face; dropout between layers; the way back (to_dense); the cost warning
 import itertools
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -240,11 +241,86 @@ def test_lowrank_lstm_runs_a_pruned_or_reparametrized_factor(wrap):
             torch.testing.assert_close(lstm.layer_weights(1)[0], lstm.w_ih_u_l1, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("layer, reverse", [(-1, False), (2, False), (0, True), (1.0, False)])
-def test_lowrank_lstm_layer_weights_names_a_layer_it_lacks(layer, reverse):
+@pytest.mark.parametrize("layer, reverse, match", [(-1, False, "layer"), (2, False, "layer"), (0, True, "layer"),
+                                                   (1.0, False, "layer"), (0, "yes", "reverse")])
+def test_lowrank_lstm_layer_weights_names_a_layer_it_lacks(layer, reverse, match):
     lstm = LowRankLSTM(16, 32, rank=4, num_layers=2)
-    with pytest.raises((ValueError, TypeError), match="layer"):
+    with pytest.raises((ValueError, TypeError), match=match):
         lstm.layer_weights(layer, reverse)
+    assert lstm.layer_weights(np.int64(1))[0] is lstm.w_ih_u_l1  # numpy integers, as the constructors take
+
+
+@pytest.mark.parametrize("make", [lambda: LowRankLSTM(6, 8, rank=3, num_layers=2, bidirectional=True),
+                                  lambda: BlockSparseLSTM(6, 16, num_layers=2, block_size=16, sparsity=0.5)])
+def test_lstm_module_pickled_before_its_direction_index_still_runs(make):
+    """A whole module pickled by an older version (no `_directions` / `_names`, built at construction now)
+    loads and runs: they are rebuilt from its configuration."""
+    import pickle
+
+    module, x = make(), torch.randn(3, 2, 6)
+    want = module(x)[0]
+    del module.__dict__["_directions"], module.__dict__["_names"]
+    loaded = pickle.loads(pickle.dumps(module))
+    torch.testing.assert_close(loaded(x)[0], want, rtol=0, atol=0)
+
+
+def _bad_hx_cases():
+    h, c = torch.zeros(2, 3, 8), torch.zeros(2, 3, 8)
+    return [
+        ("batched", (h,), TypeError, r"hx must be None or a tuple \(h_0, c_0\); got a tuple of 1"),
+        ("batched", (h, c, c), TypeError, "got a tuple of 3"),
+        ("batched", torch.stack([h, c]), TypeError, "got Tensor"),
+        ("batched", (None, c), TypeError, "h_0 must be a torch.Tensor"),
+        ("batched", (h.double(), c), TypeError, "h_0 must have the input's dtype torch.float32"),
+        ("batched", (h, c.to("meta")), ValueError, r"c_0 must be on the input's device \(cpu\)"),
+        ("unbatched", (h, c), ValueError, r"h_0 must be 2-D; got shape \(2, 3, 8\)"),
+        ("unbatched", (h[:, 0, :3], c[:, 0]), ValueError, r"h_0 must have shape \(num_layers \* num_directions, "
+                                                            r"hidden_size\) = \(2, 8\); got \(2, 3\)"),
+        ("packed", (h[:, 0], c[:, 0]), ValueError, r"h_0 must be 3-D; got shape \(2, 8\)"),
+    ]
+
+
+@pytest.mark.parametrize("kind, hx, error, match", _bad_hx_cases())
+@pytest.mark.parametrize("make", [lambda: LowRankLSTM(4, 8, rank=2, num_layers=2),
+                                  lambda: BlockSparseLSTM(4, 8, num_layers=2, block_size=4, sparsity=0.5)])
+def test_lstm_module_names_a_bad_hx_as_the_caller_gave_it(make, kind, hx, error, match):
+    """hx is checked as given (before the unbatched unsqueeze or the packed rows' selection, which made the
+    messages show shapes the caller never passed), with its pair structure, dtype and device."""
+    module = make()
+    x = torch.randn(5, 3, 4)
+    if kind == "unbatched":
+        x = x[:, 0]
+    elif kind == "packed":
+        x = nn.utils.rnn.pack_sequence([torch.randn(5, 4)])
+    with pytest.raises(error, match=match):
+        module(x, hx)
+
+
+def test_lowrank_lstm_with_projection_checks_hx_before_its_first_step():
+    """With proj_size the first step runs in F.linear before the op's checks: hx's dtype and device gave
+    ATen's messages, and an int64 c_0 ran."""
+    lstm = LowRankLSTM(4, 8, rank=2, num_layers=2, proj_size=3)
+    x, h, c = torch.randn(5, 3, 4), torch.zeros(2, 3, 3), torch.zeros(2, 3, 8)
+    for bad, error, match in (((h.double(), c), TypeError, "h_0 must have the input's dtype"),
+                              ((h, c.long()), TypeError, "c_0 must have the input's dtype"),
+                              ((h, c.to("meta")), ValueError, "c_0 must be on the input's device")):
+        with pytest.raises(error, match=match):
+            lstm(x, bad)
+
+
+def test_lowrank_lstm_cell_names_the_input_and_hx():
+    cell = LowRankLSTMCell(6, 8, rank=3)
+    with pytest.raises(ValueError, match=r"input.shape\[-1\] must be input_size = 6; got shape \(3, 5\)"):
+        cell(torch.randn(3, 5))
+    with pytest.raises(TypeError, match="h_0 must be a torch.Tensor"):
+        cell(torch.randn(3, 6), (None, torch.zeros(3, 8)))
+    with pytest.raises(TypeError, match="hx must be None or a tuple"):
+        cell(torch.randn(3, 6), (torch.zeros(3, 8),))
+
+
+def test_lowrank_lstm_warns_of_dropout_with_one_layer_as_nn_lstm():
+    with pytest.warns(UserWarning, match="non-zero dropout expects num_layers greater than 1"):
+        LowRankLSTM(6, 8, rank=3, dropout=0.5)
 
 
 def test_block_sparse_lstm_caches_let_the_cycle_collector_free_the_module():

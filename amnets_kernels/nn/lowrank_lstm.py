@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 
 import torch
 from torch import nn
@@ -99,6 +100,9 @@ class LowRankLSTM(StackedLSTM):
         rank = _int_rank(op, "rank", rank)
         rank_hh = None if rank_hh is None else _int_rank(op, "rank_hh", rank_hh)
         self._configure(input_size, hidden_size, num_layers, bias, batch_first, dropout, bidirectional, proj_size)
+        if dropout and num_layers == 1:  # as nn.LSTM says it (from_lstm's nn.LSTM said it when built)
+            warnings.warn("dropout option adds dropout after all but last recurrent layer, so non-zero dropout "
+                          f"expects num_layers greater than 1, but got dropout={dropout} and num_layers={num_layers}")
         rec = proj_size or hidden_size
         self.ranks = []
         for _, layer, suffix, d in self.directions():
@@ -138,7 +142,12 @@ class LowRankLSTM(StackedLSTM):
 
     def layer_weights(self, layer: int, reverse: bool = False):
         """(w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias) of one direction of one layer, in the ops' order."""
-        _validate._int("LowRankLSTM.layer_weights", "layer", layer, 0)
+        op = "LowRankLSTM.layer_weights"
+        if isinstance(layer, numbers.Integral) and not isinstance(layer, bool):
+            layer = int(layer)  # numpy integers too, as the constructors take them
+        _validate._int(op, "layer", layer, 0)
+        if not isinstance(reverse, bool):
+            raise TypeError(f"{op}: reverse must be a bool; got {type(reverse).__name__}")
         if layer >= self.num_layers or (reverse and not self.bidirectional):
             raise ValueError(f"LowRankLSTM.layer_weights: no layer {layer}{' reverse' if reverse else ''} in "
                              f"{self.num_layers} layer(s), bidirectional={self.bidirectional}")
@@ -227,11 +236,19 @@ class LowRankLSTMCell(nn.Module):
         if input.dim() not in (1, 2):
             raise ValueError(f"{op}: input must be 1-D (unbatched) or 2-D (B, input_size); got shape "
                              f"{tuple(input.shape)}")
+        if input.shape[-1] != self.input_size:
+            raise ValueError(f"{op}: input.shape[-1] must be input_size = {self.input_size}; got shape "
+                             f"{tuple(input.shape)}")
         unbatched = input.dim() == 1
         x = input.unsqueeze(0) if unbatched else input
         if hx is None:
             h = c = x.new_zeros(x.shape[0], self.hidden_size)
         else:
+            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+                got = f"a {type(hx).__name__} of {len(hx)}" if isinstance(hx, (tuple, list)) else type(hx).__name__
+                raise TypeError(f"{op}: hx must be None or a tuple (h_0, c_0); got {got}")
+            for name, t in zip(("h_0", "c_0"), hx):  # the op checks their shapes, dtypes and devices
+                _validate._tensor(op, name, t, ndim=input.dim())
             h, c = (t.unsqueeze(0) for t in hx) if unbatched else hx
         cell = functorch.lowrank_lstm_cell if functorch.active() else torch.ops.amnets.lowrank_lstm_cell
         h1, c1 = cell(x, h, c, *(getattr(self, n) for n in (*_FACTORS, "bias")))

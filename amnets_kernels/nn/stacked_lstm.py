@@ -37,12 +37,21 @@ class StackedLSTM(nn.Module):
         self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
         self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
         self.bidirectional, self.proj_size = bool(bidirectional), proj_size
-        # Walked on every forward (a streaming step is one call a frame): computed once here.
+        self._index_directions()
+
+    def _index_directions(self) -> None:
+        """The directions and their tensors' names, walked on every forward (a streaming step is one call a
+        frame): computed once, from the configuration."""
         self._directions = tuple((layer * self.num_directions + direction, layer, "_reverse" if direction else "",
                                   self.input_size_of(layer * self.num_directions + direction))
-                                 for layer in range(num_layers) for direction in range(self.num_directions))
+                                 for layer in range(self.num_layers) for direction in range(self.num_directions))
         self._names = tuple(tuple(f"{n}_l{layer}{suffix}" for n in self._PER_DIRECTION)
                             for _, layer, suffix, _ in self._directions)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if "_directions" not in self.__dict__:  # a whole module pickled before they were kept
+            self._index_directions()
 
     @property
     def num_directions(self) -> int:
@@ -71,6 +80,7 @@ class StackedLSTM(nn.Module):
         op = type(self).__name__
         input, hx = _in_autocast_dtype(input, hx)
         if isinstance(input, PackedSequence):
+            self._check_hx(op, hx, int(input.batch_sizes[0]), input.data)
             return self._forward_packed(input, hx)
         _validate._tensor(op, "input", input, dtypes=_validate.FLOAT_DTYPES)
         if input.dim() not in (2, 3):
@@ -79,6 +89,7 @@ class StackedLSTM(nn.Module):
         x = input.unsqueeze(1) if unbatched else (input.transpose(0, 1) if self.batch_first else input)
         if x.shape[0] == 0:  # as nn.LSTM, which refuses it too
             raise ValueError(f"{op}: input must have at least one time step; got shape {tuple(input.shape)}")
+        self._check_hx(op, hx, None if unbatched else x.shape[1], input)
         if unbatched and hx is not None:
             hx = tuple(t.unsqueeze(1) for t in hx)
         out, (h_n, c_n) = self._forward_time_major(x, hx)
@@ -86,21 +97,35 @@ class StackedLSTM(nn.Module):
             return out.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
         return (out.transpose(0, 1) if self.batch_first else out), (h_n, c_n)
 
-    def _forward_time_major(self, x, hx):
-        """x (T, B, input_size), hx None or (h_0, c_0) -> (output (T, B, ...), (h_n, c_n))."""
-        op = type(self).__name__
-        if x.shape[-1] != self.input_size:
-            raise ValueError(f"{op}: input.shape[-1] must be input_size = {self.input_size}; got {tuple(x.shape)}")
-        stack, batch, out_size = self.num_layers * self.num_directions, x.shape[1], self.proj_size or self.hidden_size
+    def _check_hx(self, op: str, hx, batch: int | None, like: torch.Tensor) -> None:
+        """hx as the caller gave it, as nn.LSTM takes it: None or (h_0, c_0), each (num_layers *
+        num_directions, B, proj_size or hidden_size) (no B for unbatched input: batch None), in the
+        input's dtype and on its device."""
         if hx is None:
-            h0 = c0 = (None,) * stack
+            return
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            got = f"a {type(hx).__name__} of {len(hx)}" if isinstance(hx, (tuple, list)) else type(hx).__name__
+            raise TypeError(f"{op}: hx must be None or a tuple (h_0, c_0); got {got}")
+        stack = self.num_layers * self.num_directions
+        for name, t, size in (("h_0", hx[0], self.proj_size or self.hidden_size), ("c_0", hx[1], self.hidden_size)):
+            _validate._tensor(op, name, t, ndim=2 if batch is None else 3)
+            _validate._shape(op, name, t, (stack, size) if batch is None else (stack, batch, size),
+                             f"(num_layers * num_directions, {'' if batch is None else 'B, '}"
+                             f"{'proj_size' if name == 'h_0' and self.proj_size else 'hidden_size'}) = ")
+            if t.dtype != like.dtype:
+                raise TypeError(f"{op}: {name} must have the input's dtype {like.dtype}; got {t.dtype}")
+            if t.device != like.device:
+                raise ValueError(f"{op}: {name} must be on the input's device ({like.device}); got {t.device}")
+
+    def _forward_time_major(self, x, hx):
+        """x (T, B, input_size), hx None or (h_0, c_0), checked -> (output (T, B, ...), (h_n, c_n))."""
+        if x.shape[-1] != self.input_size:
+            raise ValueError(f"{type(self).__name__}: input.shape[-1] must be input_size = {self.input_size}; "
+                             f"got {tuple(x.shape)}")
+        if hx is None:
+            h0 = c0 = (None,) * (self.num_layers * self.num_directions)
         else:
-            h0, c0 = hx
-            for name, t, size in (("h_0", h0, out_size), ("c_0", c0, self.hidden_size)):
-                _validate._tensor(op, name, t, ndim=3)
-                _validate._shape(op, name, t, (stack, batch, size), "(num_layers * num_directions, B, "
-                                 f"{'proj_size' if name == 'h_0' and self.proj_size else 'hidden_size'}) = ")
-            h0, c0 = h0.unbind(0), c0.unbind(0)
+            h0, c0 = hx[0].unbind(0), hx[1].unbind(0)
         h_n, c_n, outs, directions = [], [], [], self.num_directions
         dropout = self.dropout if self.training else 0.0
         for k, layer, suffix, _ in self._directions:
