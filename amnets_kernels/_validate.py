@@ -150,6 +150,14 @@ _native_check = False
 is_wrapped = torch._C._functorch.is_functorch_wrapped_tensor
 
 
+def index_data_readable(values: Tensor) -> bool:
+    """Whether a weight's index data can be read now: not on "meta" (a model built there to be materialised
+    later) nor while tracing (torch.compile/export or a dispatch mode such as make_fx or FakeTensorMode:
+    tensors may be fake). Where not, the op checks the data itself on every real call."""
+    return values.device.type != "meta" and not (torch.compiler.is_compiling()
+                                                 or torch._C._len_torch_dispatch_stack() > 0)
+
+
 def bsr_indices(op: str, crow: Tensor, col: Tensor, nnzb: int, block: int, out_features: int,
                 in_features: int) -> None:
     """crow_indices/col_indices describe a canonical BSR pattern of nnzb blocks of block x block.

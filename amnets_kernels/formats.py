@@ -245,15 +245,8 @@ class BlockSparseMatrix:
 def _check_pattern(op: str, values: Tensor, crow_indices: Tensor, col_indices: Tensor, shape) -> None:
     """The checks bsr_linear runs on a weight (container, then index data), with an empty probe input."""
     probe = values.new_empty((0, shape[1]))
-    # No index data to read on a meta-device matrix (a model built on "meta" to be materialised later)
-    # nor while tracing (fake tensors): the op checks the data itself on every real call.
     _validate.bsr_linear(op, probe, values, crow_indices, col_indices, shape[0], shape[1], None,
-                         data=values.device.type != "meta" and not _tracing())
-
-
-def _tracing() -> bool:
-    """torch.compile/export or a dispatch mode (make_fx, FakeTensorMode) is running: tensors may be fake."""
-    return torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0
+                         data=_validate.index_data_readable(values))
 
 
 # A pytree node (children: the three tensors; context: the logical shape), so a matrix can be an input or

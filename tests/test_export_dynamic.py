@@ -36,3 +36,21 @@ def test_export_with_dynamic_batch_equals_eager():
             got, want = exported(x), model(x)
         assert got.shape == (size, 7, 24)
         torch.testing.assert_close(got, want)
+
+
+def test_block_sparse_lstm_exports_with_dynamic_batch():
+    """BlockSparseLSTM prepares each direction's step from its pattern; under export its tensors are fake, and
+    the pattern check read their index data (no fake kernel: an UnsupportedOperatorException). Tracing now
+    leaves the data to the op, which checks it on every real call."""
+    torch.manual_seed(0)
+    model = ak.nn.BlockSparseLSTM(12, 16, num_layers=2, block_size=16, sparsity=0.5).to(DEVICE).eval()
+    batch = torch.export.Dim("batch", min=2, max=64)
+    with torch.no_grad():
+        program = torch.export.export(model, (torch.randn(7, 3, 12, device=DEVICE),), dynamic_shapes=({1: batch},))
+    assert "amnets.bsr_linear.default" in {str(node.target) for node in program.graph.nodes}
+    exported = program.module()
+    for size in (5, 11):
+        x = torch.randn(7, size, 12, device=DEVICE)
+        with torch.no_grad():
+            got, want = exported(x), model(x)
+        torch.testing.assert_close(got, want)

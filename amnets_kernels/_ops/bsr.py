@@ -129,10 +129,8 @@ class PreparedBsrLinear:
 
     def _check_weight(self) -> None:
         probe = self.values.new_empty(0, self.in_features)
-        # No index data to read on "meta" (a model built there to be materialised later; the op checks every
-        # real call), as BlockSparseMatrix's own check.
         _validate.bsr_linear(OP, probe, self.values, self.crow_indices, self.col_indices, self.out_features,
-                             self.in_features, self.bias, data=self.values.device.type != "meta")
+                             self.in_features, self.bias, data=_validate.index_data_readable(self.values))
 
     def __call__(self, x: Tensor) -> Tensor:
         _validate.prepared_input(OP, "x", x, self.in_features, self.values)
