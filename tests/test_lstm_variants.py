@@ -318,6 +318,17 @@ def test_lowrank_lstm_cell_names_the_input_and_hx():
         cell(torch.randn(3, 6), (torch.zeros(3, 8),))
 
 
+@pytest.mark.parametrize("make", [lambda: LowRankLSTM(6, 8, rank=3), lambda: BlockSparseLSTM(6, 16, block_size=16)])
+def test_lstm_module_says_where_nn_lstm_dense_weights_went(make):
+    module = make()
+    for name in ("weight_ih_l0", "bias_hh_l0", "all_weights"):
+        with pytest.raises(AttributeError, match=f"has no '{name}'.*to_dense"):
+            getattr(module, name)
+    with pytest.raises(AttributeError, match="has no attribute 'nonsense'"):
+        module.nonsense
+    assert not hasattr(module, "weight_hh_l0") and hasattr(module, "bias_l0")
+
+
 def test_lowrank_lstm_warns_of_dropout_with_one_layer_as_nn_lstm():
     with pytest.warns(UserWarning, match="non-zero dropout expects num_layers greater than 1"):
         LowRankLSTM(6, 8, rank=3, dropout=0.5)

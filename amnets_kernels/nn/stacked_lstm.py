@@ -164,6 +164,17 @@ class StackedLSTM(nn.Module):
         data = out.index_select(1, order.to(out.device))[active.to(out.device)]
         return PackedSequence(data, packed.batch_sizes, packed.sorted_indices, packed.unsorted_indices), (h_n, c_n)
 
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith(_DENSE_NAMES):  # code written for nn.LSTM reaching for its dense weights
+                raise AttributeError(
+                    f"{type(self).__name__} has no {name!r}: nn.LSTM's dense weights are not kept here (see "
+                    f"{type(self).__name__}'s docstring for its parameters); to_dense() gives the equivalent "
+                    "nn.LSTM") from None
+            raise
+
     def flatten_parameters(self) -> None:
         """nn.LSTM's cuDNN weight-layout call, which models make before every forward: nothing to do here."""
 
@@ -194,6 +205,10 @@ class StackedLSTM(nn.Module):
                         (("dropout", 0.0), ("bidirectional", False), ("proj_size", 0))
                         if getattr(self, name) != default)
         return f"bias={self.bias}, batch_first={self.batch_first}{extra}"
+
+
+# nn.LSTM's dense weight names and lists, which these modules replace.
+_DENSE_NAMES = ("weight_ih_l", "weight_hh_l", "bias_ih_l", "bias_hh_l", "weight_hr_l", "all_weights", "_flat_weights")
 
 
 def lstm_config_of(lstm: nn.LSTM) -> dict:
