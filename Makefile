@@ -37,8 +37,12 @@ $(GPU_TRITON_DIR)/.installed: $(PY)
 	$(PY) -m pip install --quiet --no-deps --target $(GPU_TRITON_DIR) triton==$(GPU_TRITON)
 	touch $@
 
+# The suite runs in TEST_JOBS processes (pytest-xdist; 0: one), then the tests marked serial alone: they time a
+# thread's progress or start busy processes, which another test process on the CPU would disturb.
+TEST_JOBS ?= 2
+
 test: install $(GPU_TRITON_DIR)/.installed
-	@$(PY) -m pytest; rc=$$?; \
+	@$(PY) -m pytest -n $(TEST_JOBS) -m "not serial" && $(PY) -m pytest -m serial; rc=$$?; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests; that is a failure" >&2; fi; \
 	  exit $$rc
 	$(MAKE) --no-print-directory aot
@@ -63,7 +67,7 @@ bench: install
 peers: install
 	bash benchmarks/peers.sh $(PY)
 
-# Optional: the test suite against an AddressSanitizer build of the CPU extension (tests/sanitize.sh; ~20 minutes),
+# Optional: the test suite against an AddressSanitizer build of the CPU extension (tests/sanitize.sh; ~25 minutes),
 # and the threaded tests against a ThreadSanitizer build (~20 minutes; tests/tsan_reports.py judges the reports).
 asan: install
 	bash tests/sanitize.sh address $(PY)

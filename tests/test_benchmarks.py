@@ -80,6 +80,7 @@ def test_quick_run_writes_table_and_json(tmp_path):
     assert (tmp_path / "smoke.png").stat().st_size > 0
 
 
+@pytest.mark.serial  # looks for busy-loop processes: the guard's tests start their own
 def test_contention_quick_run_times_quiet_and_loaded_and_stops_its_hog():
     done = subprocess.run([sys.executable, "-m", "benchmarks.contention", "--quick", "--filter", "bsr_linear"],
                           capture_output=True, text=True, timeout=600)

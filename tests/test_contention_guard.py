@@ -14,6 +14,8 @@ import amnets_kernels as ak
 from amnets.encoder import AmNetsEncoder
 from amnets_kernels import _C
 
+pytestmark = pytest.mark.serial  # CPU pinning and busy processes: run alone (Makefile)
+
 
 def _ops():
     """name -> callable returning the tensors to compare; our loops plus ATen's GEMMs and reductions."""

@@ -667,6 +667,7 @@ def spins_while(call) -> tuple[float, float]:
         sys.setswitchinterval(interval)
 
 
+@pytest.mark.serial  # a thread's counting rate: another test process on the CPU would disturb it
 @pytest.mark.parametrize("path", ["streamer", "stream", "stream, state passed", "engine.run"])
 def test_a_chunk_runs_with_the_gil_released(path):
     """A server runs live streams on Python threads, one each: a chunk must not hold the GIL (torch's own ops
