@@ -1,5 +1,6 @@
 """amnets.decode: the RNN-T beam search beside greedy decoding (AmNetsRNNT.beam_decode, eval --beam)."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -70,8 +71,13 @@ def test_beam_decode_checks_its_arguments():
         model.beam_decode(feats, lens, beam=0)
     with pytest.raises(ValueError, match="AmNetsRNNT.beam_decode: max_symbols_per_frame"):
         model.beam_decode(feats, lens, beam=2, max_symbols_per_frame=0)
+    with pytest.raises(ValueError, match="beam must be an int >= 1; got True"):
+        model.beam_decode(feats, lens, beam=True)
     hyps, decisions, enc_lens = model.beam_decode(feats, lens, beam=2, return_decisions=True)
     assert len(hyps) == 3 and enc_lens.tolist() == [14, 11, 7] and not decisions[2, 7:].any()
+    # numpy integers (a config array's) are counts too, and decode the same
+    assert model.beam_decode(feats, lens, beam=np.int64(2), max_symbols_per_frame=np.int32(5)) == hyps
+    assert model.greedy_decode(feats, lens, max_symbols_per_frame=np.int64(5)) == model.greedy_decode(feats, lens)
 
 
 def test_beam_search_and_sequence_log_prob_check_enc_p_and_labels():

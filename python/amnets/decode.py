@@ -49,6 +49,13 @@ def _merge(into: dict, hyp: _Hyp) -> None:
         old.score = high + math.log1p(math.exp(low - high))
 
 
+def count(op: str, name: str, value) -> int:
+    """A decoding count (beam, labels per frame): an int >= 1, numpy integers too (a config array's), as an int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{op}: {name} must be an int >= 1; got {value!r}")
+    return int(value)
+
+
 @torch.no_grad()
 def beam_search(model, enc_p: Tensor, beam: int = 4, max_symbols: int = 5) -> list[tuple[list[int], float]]:
     """The n-best (labels, log-score) of one utterance, best first, at most `beam` of them.
@@ -57,10 +64,7 @@ def beam_search(model, enc_p: Tensor, beam: int = 4, max_symbols: int = 5) -> li
     output of the utterance's valid frames (model.enc_proj of AmNetsEncoder.stream's output). The score
     is the log-probability of the hypothesis's surviving alignments (summed where merged).
     """
-    if isinstance(beam, bool) or not isinstance(beam, int) or beam < 1:
-        raise ValueError(f"beam_search: beam must be an int >= 1; got {beam!r}")
-    if isinstance(max_symbols, bool) or not isinstance(max_symbols, int) or max_symbols < 1:
-        raise ValueError(f"beam_search: max_symbols must be an int >= 1; got {max_symbols!r}")
+    beam, max_symbols = count("beam_search", "beam", beam), count("beam_search", "max_symbols", max_symbols)
     _check_enc_p("beam_search", model, enc_p, min_frames=0)
     start = torch.zeros(1, 1, dtype=torch.long, device=enc_p.device)  # blank 0 starts the prediction
     pred, state = model.predict(start)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 import amnets_kernels as ak
 
-from .decode import beam_search
+from .decode import beam_search, count
 from .encoder import AmNetsEncoder, _is_int
 
 STACK_TAILS = ("pad", "drop")
@@ -164,8 +164,7 @@ class AmNetsRNNT(nn.Module):
         max_symbols_per_frame labels per frame; beam=1 is greedy_decode up to rounding ties). Returns the best
         hypothesis per utterance, and with return_decisions the same extras as greedy_decode."""
         _check_decode("AmNetsRNNT.beam_decode", self, feats, feat_lens, max_symbols_per_frame)
-        if not _is_int(beam) or beam < 1:
-            raise ValueError(f"AmNetsRNNT.beam_decode: beam must be an int >= 1; got {beam!r}")
+        beam = count("AmNetsRNNT.beam_decode", "beam", beam)
         enc_p, decisions, enc_lens = self._encode(feats, feat_lens)
         hyps = [beam_search(self, enc_p[b, :int(enc_lens[b])], beam, max_symbols_per_frame)[0][0]
                 for b in range(enc_p.shape[0])]
@@ -267,8 +266,7 @@ def _check_loss(model: AmNetsRNNT, feats, feat_lens, targets, target_lens, cost_
 
 def _check_decode(op: str, model: AmNetsRNNT, feats, feat_lens, max_symbols_per_frame) -> None:
     _check_features(op, model, feats, feat_lens)
-    if not _is_int(max_symbols_per_frame) or max_symbols_per_frame < 1:
-        raise ValueError(f"{op}: max_symbols_per_frame must be an int >= 1; got {max_symbols_per_frame!r}")
+    count(op, "max_symbols_per_frame", max_symbols_per_frame)
     # A NaN frame decoded to ordinary-looking labels (argmax over NaN logits); frames past a length are not read.
     bad = (~torch.isfinite(feats)).any(-1) & within(feat_lens, feats.shape[1], feats.device)
     if bool(bad.any()):
