@@ -16,9 +16,10 @@ from .._ops import functorch
 from .._ops.lstm_update import lstm_pointwise
 from ..formats import lowrank_factors, rank_for_energy
 from .cost import warn_if_not_cheaper
-from .stacked_lstm import StackedLSTM, combined_bias, copy_into, lstm_config_of, parameter_from
+from .stacked_lstm import StackedLSTM, combined_bias, copy_into, lstm_config_of, own_tensors, parameter_from
 
 _FACTORS = ("w_ih_u", "w_ih_v", "w_hh_u", "w_hh_v")
+_TENSORS = (*_FACTORS, "bias")  # a direction's (LowRankLSTM) or the cell's, in the ops' order
 
 
 def _wanted(op: str, name: str, wanted):
@@ -90,7 +91,7 @@ class LowRankLSTM(StackedLSTM):
     with proj_size P, w_hr (P, H). `ranks[k]` = (r_ih, r_hh) of direction k = layer * directions + direction.
     """
 
-    _PER_DIRECTION = (*_FACTORS, "bias")
+    _PER_DIRECTION = _TENSORS
 
     def __init__(self, input_size: int, hidden_size: int, rank: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, rank_hh: int | None = None, dropout: float = 0.0,
@@ -251,7 +252,7 @@ class LowRankLSTMCell(nn.Module):
                 _validate._tensor(op, name, t, ndim=input.dim())
             h, c = (t.unsqueeze(0) for t in hx) if unbatched else hx
         cell = functorch.lowrank_lstm_cell if functorch.active() else torch.ops.amnets.lowrank_lstm_cell
-        h1, c1 = cell(x, h, c, *(getattr(self, n) for n in (*_FACTORS, "bias")))
+        h1, c1 = cell(x, h, c, *own_tensors(self, _TENSORS))
         return (h1.squeeze(0), c1.squeeze(0)) if unbatched else (h1, c1)
 
     def macs_per_frame(self, batch: int = 1) -> int:

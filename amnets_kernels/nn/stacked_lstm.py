@@ -66,15 +66,8 @@ class StackedLSTM(nn.Module):
         return iter(self._directions)
 
     def _direction_tensors(self, k: int) -> tuple:
-        """Direction k's tensors named by _PER_DIRECTION, read from the module's own dicts: through
-        nn.Module.__getattr__ each name costs ~0.5 us, and a streaming step reads them on every call. By
-        attribute when one is not a plain parameter or buffer there (a parametrization, or
-        torch.nn.utils.prune, which computes it anew), so that what those compute is what runs."""
-        names, params, buffers = self._names[k], self._parameters, self._buffers
-        try:
-            return tuple([params[n] if n in params else buffers[n] for n in names])
-        except KeyError:
-            return tuple(getattr(self, n) for n in names)
+        """Direction k's tensors named by _PER_DIRECTION (own_tensors)."""
+        return own_tensors(self, self._names[k])
 
     def forward(self, input, hx=None):
         op = type(self).__name__
@@ -209,6 +202,18 @@ class StackedLSTM(nn.Module):
 
 # nn.LSTM's dense weight names and lists, which these modules replace.
 _DENSE_NAMES = ("weight_ih_l", "weight_hh_l", "bias_ih_l", "bias_hh_l", "weight_hr_l", "all_weights", "_flat_weights")
+
+
+def own_tensors(module: nn.Module, names: tuple[str, ...]) -> tuple:
+    """The module's tensors `names`, read from its own dicts: through nn.Module.__getattr__ each name costs
+    ~0.5 us, and a streaming step reads them on every call. By attribute when one is not a plain parameter or
+    buffer there (a parametrization, or torch.nn.utils.prune, which computes it anew), so that what those
+    compute is what runs."""
+    params, buffers = module._parameters, module._buffers
+    try:
+        return tuple([params[n] if n in params else buffers[n] for n in names])
+    except KeyError:
+        return tuple(getattr(module, n) for n in names)
 
 
 def lstm_config_of(lstm: nn.LSTM) -> dict:
