@@ -150,7 +150,7 @@ class LowRankLSTM(StackedLSTM):
         if not isinstance(reverse, bool):
             raise TypeError(f"{op}: reverse must be a bool; got {type(reverse).__name__}")
         if layer >= self.num_layers or (reverse and not self.bidirectional):
-            raise ValueError(f"LowRankLSTM.layer_weights: no layer {layer}{' reverse' if reverse else ''} in "
+            raise ValueError(f"{op}: no layer {layer}{' reverse' if reverse else ''} in "
                              f"{self.num_layers} layer(s), bidirectional={self.bidirectional}")
         return self._direction_tensors(layer * self.num_directions + bool(reverse))
 
