@@ -212,6 +212,26 @@ def test_block_sparse_lstm_runs_under_pruning_and_parametrizations(wrap):
             torch.testing.assert_close(got, lstm.to_dense()(x)[0], rtol=0, atol=1e-5)
 
 
+def test_block_sparse_lstm_streams_a_frame_a_call_on_its_own_blocks():
+    """One frame a call without autograd takes the fused step on the module's own values and pattern (no split
+    copy): the same answer as one call over the sequence, and an edit no version records (.data) is seen."""
+    torch.manual_seed(0)
+    lstm = BlockSparseLSTM(32, 32, num_layers=2, block_size=16, sparsity=0.5).eval()
+    x = torch.randn(6, 3, 32)
+    with torch.no_grad():
+        want, (h_n, c_n) = lstm(x)
+        state, outs = None, []
+        for frame in x.split(1):
+            out, state = lstm(frame, state)
+            outs.append(out)
+        assert lstm.last_path == "fused step"
+        torch.testing.assert_close(torch.cat(outs), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(state[0], h_n, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(state[1], c_n, rtol=1e-5, atol=1e-6)
+        lstm.values_l1.data.mul_(0.5)
+        torch.testing.assert_close(lstm(x[:1], state)[0], lstm.to_dense()(x[:1], state)[0], rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("wrap", ["prune", "parametrize"])
 def test_lowrank_lstm_runs_a_pruned_or_reparametrized_factor(wrap):
     """LowRankLSTM reads its factors from its parameter dict (a streaming step's host cost); a factor that
