@@ -147,8 +147,8 @@ class BlockSparseLSTM(StackedLSTM):
     call: the input part of every step in one product over the whole sequence, then the recurrence
     (W_ih and W_hh blocks split once per pattern and values version). Otherwise (autograd, another face)
     each step is one PreparedBsrLstmCell call: bsr_linear on [x | h] and the PyTorch LSTM update.
-    `last_path` says which ran last ("native sequence", "fused step" for one frame, or "steps"). Per direction (tag l{layer} or l{layer}_reverse):
-    parameter values{tag} (nnzb, b, b), buffers crow_indices{tag} / col_indices{tag}, parameter bias{tag}
+    `last_path` says which ran last ("native sequence", "fused step" for one frame, or "steps"). Per
+    direction (tag l{layer} or l{layer}_reverse): parameter values{tag} (nnzb, b, b), buffers crow_indices{tag} / col_indices{tag}, parameter bias{tag}
     (4H,) (nn.LSTM's two biases summed).
     """
 

@@ -16,7 +16,8 @@ from .._ops import functorch
 from .._ops.lstm_update import lstm_pointwise
 from ..formats import lowrank_factors, rank_for_energy
 from .cost import warn_if_not_cheaper
-from .stacked_lstm import StackedLSTM, combined_bias, copy_into, lstm_config_of, own_tensors, parameter_from
+from .stacked_lstm import (StackedLSTM, check_hx_pair, combined_bias, copy_into, lstm_config_of, own_tensors,
+                           parameter_from)
 
 _FACTORS = ("w_ih_u", "w_ih_v", "w_hh_u", "w_hh_v")
 _TENSORS = (*_FACTORS, "bias")  # a direction's (LowRankLSTM) or the cell's, in the ops' order
@@ -245,11 +246,7 @@ class LowRankLSTMCell(nn.Module):
         if hx is None:
             h = c = x.new_zeros(x.shape[0], self.hidden_size)
         else:
-            if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-                got = f"a {type(hx).__name__} of {len(hx)}" if isinstance(hx, (tuple, list)) else type(hx).__name__
-                raise TypeError(f"{op}: hx must be None or a tuple (h_0, c_0); got {got}")
-            for name, t in zip(("h_0", "c_0"), hx):  # the op checks their shapes, dtypes and devices
-                _validate._tensor(op, name, t, ndim=input.dim())
+            check_hx_pair(op, hx, input.dim())  # the op checks their shapes, dtypes and devices
             h, c = (t.unsqueeze(0) for t in hx) if unbatched else hx
         cell = functorch.lowrank_lstm_cell if functorch.active() else torch.ops.amnets.lowrank_lstm_cell
         h1, c1 = cell(x, h, c, *own_tensors(self, _TENSORS))

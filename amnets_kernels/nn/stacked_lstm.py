@@ -96,12 +96,9 @@ class StackedLSTM(nn.Module):
         input's dtype and on its device."""
         if hx is None:
             return
-        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
-            got = f"a {type(hx).__name__} of {len(hx)}" if isinstance(hx, (tuple, list)) else type(hx).__name__
-            raise TypeError(f"{op}: hx must be None or a tuple (h_0, c_0); got {got}")
+        check_hx_pair(op, hx, 2 if batch is None else 3)
         stack = self.num_layers * self.num_directions
         for name, t, size in (("h_0", hx[0], self.proj_size or self.hidden_size), ("c_0", hx[1], self.hidden_size)):
-            _validate._tensor(op, name, t, ndim=2 if batch is None else 3)
             _validate._shape(op, name, t, (stack, size) if batch is None else (stack, batch, size),
                              f"(num_layers * num_directions, {'' if batch is None else 'B, '}"
                              f"{'proj_size' if name == 'h_0' and self.proj_size else 'hidden_size'}) = ")
@@ -202,6 +199,15 @@ class StackedLSTM(nn.Module):
 
 # nn.LSTM's dense weight names and lists, which these modules replace.
 _DENSE_NAMES = ("weight_ih_l", "weight_hh_l", "bias_ih_l", "bias_hh_l", "weight_hr_l", "all_weights", "_flat_weights")
+
+
+def check_hx_pair(op: str, hx, ndim: int) -> None:
+    """hx given to an LSTM module or cell: a pair (h_0, c_0) of ndim-D tensors (a tuple or a list, as nn.LSTM)."""
+    if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+        got = f"a {type(hx).__name__} of {len(hx)}" if isinstance(hx, (tuple, list)) else type(hx).__name__
+        raise TypeError(f"{op}: hx must be None or a tuple (h_0, c_0); got {got}")
+    for name, t in zip(("h_0", "c_0"), hx):
+        _validate._tensor(op, name, t, ndim=ndim)
 
 
 def own_tensors(module: nn.Module, names: tuple[str, ...]) -> tuple:
