@@ -29,9 +29,20 @@ TORCH_LIBRARY(amnets_native, m) {
         "Tensor ih_col_indices, Tensor hh_values, Tensor hh_crow_indices, Tensor hh_col_indices, Tensor? bias) "
         "-> (Tensor, Tensor, Tensor)");
 
+  // Inference only, CPU only (amnets_kernels.nn.BlockSparseLSTM stepped one frame a call): the fused cell
+  // above through every layer of a unidirectional stack in one call. x (B, D), h0 / c0 (L, B, H) or None
+  // (zeros), blocks (values, crow_indices, col_indices) per layer, one bias per layer -> (out (B, H), h_n, c_n).
+  m.def("bsr_lstm_stack_step(Tensor x, Tensor? h0, Tensor? c0, Tensor[] blocks, Tensor?[] biases, "
+        "int hidden_size) -> (Tensor, Tensor, Tensor)");
+
   // (h1, c1, gates); gates = post-activation i,f,g,o (B, 4H) in the accumulation dtype when save.
   m.def("lowrank_lstm_cell_forward(Tensor x, Tensor h, Tensor c, Tensor w_ih_u, Tensor w_ih_v, "
         "Tensor w_hh_u, Tensor w_hh_v, Tensor? bias, bool save) -> (Tensor, Tensor, Tensor)");
+  // Inference only, CPU only (amnets_kernels.nn.LowRankLSTM stepped one frame a call): the cell's forward
+  // through every layer of a unidirectional stack in one call. weights (w_ih_u, w_ih_v, w_hh_u, w_hh_v) per
+  // layer, one bias per layer; otherwise as bsr_lstm_stack_step.
+  m.def("lowrank_lstm_stack_step(Tensor x, Tensor? h0, Tensor? c0, Tensor[] weights, Tensor?[] biases, "
+        "int hidden_size) -> (Tensor, Tensor, Tensor)");
   // -> (grad x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias)
   m.def("lowrank_lstm_cell_backward(Tensor grad_h1, Tensor grad_c1, Tensor x, Tensor h, Tensor c, "
         "Tensor w_ih_u, Tensor w_ih_v, Tensor w_hh_u, Tensor w_hh_v, Tensor c1, Tensor gates) "

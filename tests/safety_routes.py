@@ -160,7 +160,9 @@ def native_ops_bad_col():  # the compiled kernels called with no Python layer in
                       lambda: native.bsr_linear_forward(x, values, crow, col, n, k, None),
                       lambda: native.bsr_linear_backward(g, x, values, crow, col, n, k, True, True),
                       lambda: native.bsr_lstm_cell_forward(
-                          torch.randn(3, 48), torch.randn(3, 16), torch.randn(3, 16), values, crow, col, None))
+                          torch.randn(3, 48), torch.randn(3, 16), torch.randn(3, 16), values, crow, col, None),
+                      lambda: native.bsr_lstm_stack_step(torch.randn(3, 48), None, None, [values, crow, col],
+                                                         [None], 16))
 
 
 @route("crow_indices")
@@ -338,6 +340,33 @@ def native_lstm_c_batch():  # the same for c, on every native LSTM op
                                                            weight.col_indices, None),
                       lambda: native.bsr_lstm_sequence_forward(torch.randn(2, 3, 32), h, wrong, *sequence, None),
                       lambda: native.lowrank_lstm_cell_forward(x, h, wrong, *factors, None, False))
+
+
+@route("0 must have shape", ValueError, group="state_batch")
+def native_stack_step_h0_shape():  # the stacked steps read (L, B, H) of h0: its layers, batch and width
+    x, weight = torch.randn(3, 48), matrix()
+    factors = torch.randn(64, 4), torch.randn(4, 48), torch.randn(64, 4), torch.randn(4, 16)
+    calls = []
+    blocks = [weight.values, weight.crow_indices, weight.col_indices]
+    for shape in ((2, 3, 16), (1, 5, 16), (1, 1, 16), (1, 3, 8), (3, 16)):
+        state = torch.randn(shape), torch.randn(1, 3, 16)
+        for h0, c0 in (state, state[::-1]):  # (each of h0 and c0 wrong; the route names h0, the message either)
+            calls += [lambda h0=h0, c0=c0: native.bsr_lstm_stack_step(x, h0, c0, blocks, [None], 16),
+                      lambda h0=h0, c0=c0: native.lowrank_lstm_stack_step(x, h0, c0, list(factors), [None], 16)]
+    return all_refuse("0 must have shape (num_layers, B, hidden_size) = (1, 3, 16)", *calls)
+
+
+@route("biases", ValueError, group="state_batch")
+def native_stack_step_layer_count():  # the weight list is read per layer: its length must match the layers
+    x, weight = torch.randn(3, 48), matrix()
+    factors = [torch.randn(64, 4), torch.randn(4, 48), torch.randn(64, 4), torch.randn(4, 16)]
+    blocks = [weight.values, weight.crow_indices, weight.col_indices]
+    return all_refuse("biases",
+                      lambda: native.bsr_lstm_stack_step(x, None, None, blocks, [None, None], 16),
+                      lambda: native.bsr_lstm_stack_step(x, None, None, blocks[:2], [None], 16),
+                      lambda: native.lowrank_lstm_stack_step(x, None, None, factors, [None, None], 16),
+                      lambda: native.lowrank_lstm_stack_step(x, None, None, factors[:3], [None], 16),
+                      lambda: native.lowrank_lstm_stack_step(x, None, None, [], [], 16))
 
 
 @route("activation", ValueError, group="joint")

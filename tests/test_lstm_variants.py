@@ -8,12 +8,17 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from amnets_kernels.nn import BlockSparseLSTM, LowRankLSTM, LowRankLSTMCell, NotCheaperWarning
+from amnets_kernels.nn import bsr as bsr_module, lowrank_lstm as lowrank_module
+from amnets_kernels.nn.stacked_lstm import StackedLSTM
 
 from conftest import DEVICE, FACES, use_face
 
+stacked_ops = {"lowrank": lowrank_module, "sparse": bsr_module}  # their module-level _stack: the native stack step
 OPTIONS = list(itertools.product([1, 2], [False, True], [0, 3], [False, True]))  # layers, bidir, proj, batch_first
 
 
@@ -504,3 +509,67 @@ def test_modules_built_under_inference_mode_run():
         for m, want in zip(modules, first):
             torch.testing.assert_close(m(x)[0], want)
             torch.testing.assert_close(m(x)[0], m.to_dense()(x)[0], rtol=0, atol=1e-5)
+
+
+def _layer_by_layer(monkeypatch, module):
+    """The module with its whole-stack step switched off: each layer its own op call, as before it existed."""
+    monkeypatch.setattr(type(module), "_stack_step", StackedLSTM._stack_step)
+
+
+@settings(max_examples=40, deadline=None)
+@given(kind=st.sampled_from(["lowrank", "sparse"]), layers=st.integers(1, 3), bias=st.booleans(),
+       batch=st.integers(0, 6), given_hx=st.booleans(), unbatched=st.booleans(), batch_first=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
+def test_a_frame_a_call_runs_the_whole_stack_in_one_native_call(kind, layers, bias, batch, given_hx, unbatched,
+                                                                 batch_first, dtype, seed):
+    """A unidirectional stack stepped one frame a call without autograd (a swapped model streaming, the cpu face)
+    runs every layer in one native call (lowrank_lstm_stack_step / bsr_lstm_stack_step): the same outputs and
+    state as layer by layer, for every layout, state, batch and weight dtype the layers take."""
+    if DEVICE != "cpu":
+        pytest.skip("the whole-stack step is the cpu face's")
+    torch.manual_seed(seed)
+    lstm = nn.LSTM(40, 48, layers, bias=bias, batch_first=batch_first)
+    module = (LowRankLSTM.from_lstm(lstm, rank=8) if kind == "lowrank"
+              else BlockSparseLSTM.from_lstm(lstm, sparsity=0.5, block_size=16)).eval().to(dtype)
+    batch = 1 if unbatched else batch
+    x = torch.randn((1, 40) if unbatched else (batch, 1, 40) if batch_first else (1, batch, 40), dtype=dtype)
+    state = [torch.randn(layers, 48, dtype=dtype) if unbatched else torch.randn(layers, batch, 48, dtype=dtype)
+             for _ in range(2)]
+    hx = tuple(state) if given_hx else None
+    calls = []
+    stack = stacked_ops[kind]
+    real = stack._stack
+    with pytest.MonkeyPatch.context() as patch, torch.no_grad():
+        patch.setattr(stack, "_stack", lambda *args: calls.append(1) or real(*args))
+        got = module(x, hx)
+        assert calls == [1]
+        _layer_by_layer(patch, module)
+        want = module(x, hx)
+    tolerance = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=0, atol=1e-2)
+    for mine, theirs in zip((got[0], *got[1]), (want[0], *want[1])):
+        assert mine.shape == theirs.shape and mine.dtype == theirs.dtype
+        torch.testing.assert_close(mine, theirs, **tolerance)  # (B > 4 rows: both run the one-step sequence)
+
+
+@pytest.mark.parametrize("kind", ["lowrank", "sparse"])
+def test_the_whole_stack_step_leaves_errors_to_the_layers(monkeypatch, kind):
+    """What the native stack step refuses (here fp64 weights with an fp32 frame) raises what the layer-by-layer
+    path raises, in its words; autograd, training dropout and bidirectional stacks never take the stack step."""
+    if DEVICE != "cpu":
+        pytest.skip("the whole-stack step is the cpu face's")
+    lstm = nn.LSTM(32, 32, 2, dropout=0.5)
+    module = (LowRankLSTM.from_lstm(lstm, rank=8) if kind == "lowrank"
+              else BlockSparseLSTM.from_lstm(lstm, sparsity=0.5, block_size=16))
+    x = torch.randn(1, 2, 32)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(stacked_ops[kind], "_stack", lambda *args: pytest.fail("the stack step ran"))
+        module.train()(x)  # dropout between layers in force
+        module.eval()(x.requires_grad_())  # autograd
+        LowRankLSTM.from_lstm(nn.LSTM(32, 32, bidirectional=True), rank=8).eval()(x.detach())
+    double = module.double()
+    with torch.no_grad(), pytest.raises((TypeError, ValueError)) as stacked:
+        double(x.detach())
+    _layer_by_layer(monkeypatch, double)
+    with torch.no_grad(), pytest.raises(type(stacked.value)) as layered:
+        double(x.detach())
+    assert str(stacked.value) == str(layered.value)

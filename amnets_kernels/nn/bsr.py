@@ -136,6 +136,7 @@ class BlockSparseLinear(nn.Module):
 
 
 _sequence = torch.ops.amnets_native.bsr_lstm_sequence_forward.default
+_stack = torch.ops.amnets_native.bsr_lstm_stack_step.default
 
 
 class BlockSparseLSTM(StackedLSTM):
@@ -244,6 +245,25 @@ class BlockSparseLSTM(StackedLSTM):
                 return tuple(BlockSparseMatrix.from_dense(dense[:, cols], block_size=b, mask=kept[:, cols])
                              for cols in (slice(0, d), slice(d, None)))
         return self._cached(self._splits, k, True, build)
+
+    def _stack_step(self, x, hx):
+        steps = [self._step(k, d) for k, _, _, d in self._directions]  # (each checks its weight, once per version)
+        if not all(step._fast for step in steps) or _backend.resolve("bsr_linear", x.device).name != "cpu":
+            return None
+        h0, c0 = (None, None) if hx is None else hx
+        blocks, biases = [], []
+        for step in steps:
+            linear = step.linear
+            blocks += (linear.values, linear.crow_indices, linear.col_indices)
+            biases.append(linear.bias)
+        if not eager_inference(x, h0, c0, *blocks[::3], *biases):
+            return None
+        try:
+            stepped = _stack(x, h0, c0, blocks, biases, self.hidden_size)
+        except (TypeError, ValueError):
+            return None
+        self._took("fused step")
+        return stepped
 
     def _run(self, k, x, h0, c0):
         step = self._step(k, x.shape[-1])

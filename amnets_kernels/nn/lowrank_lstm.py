@@ -11,14 +11,15 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .. import _validate
-from .._ops import functorch
+from .. import _backend, _validate
+from .._ops import eager_inference, functorch
 from .._ops.lstm_update import lstm_pointwise
 from ..formats import lowrank_factors, rank_for_energy
 from .cost import warn_if_not_cheaper
 from .stacked_lstm import (StackedLSTM, check_hx_pair, combined_bias, copy_into, lstm_config_of, own_tensors,
                            parameter_from)
 
+_stack = torch.ops.amnets_native.lowrank_lstm_stack_step.default
 _FACTORS = ("w_ih_u", "w_ih_v", "w_hh_u", "w_hh_v")
 _TENSORS = (*_FACTORS, "bias")  # a direction's (LowRankLSTM) or the cell's, in the ops' order
 
@@ -176,6 +177,22 @@ class LowRankLSTM(StackedLSTM):
                 rest, h, c = sequence(x[1:], h, c, u_ih, v_ih, u_hh, v_rec, b)
                 full = torch.cat([full, rest])
         return F.linear(full, w_hr), F.linear(h, w_hr), c
+
+    def _stack_step(self, x, hx):
+        if functorch.active() or _backend.resolve("lowrank_lstm_sequence", x.device).name != "cpu":
+            return None
+        h0, c0 = (None, None) if hx is None else hx
+        weights, biases = [], []
+        for k in range(self.num_layers):
+            *factors, b = self._direction_tensors(k)
+            weights += factors
+            biases.append(b)
+        if not eager_inference(x, h0, c0, *weights, *biases):
+            return None
+        try:
+            return _stack(x, h0, c0, weights, biases, self.hidden_size)
+        except (TypeError, ValueError):
+            return None
 
     def _dense_weights(self, k):
         layer, reverse = divmod(k, self.num_directions)

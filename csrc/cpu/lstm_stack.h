@@ -1,0 +1,54 @@
+// One frame through a whole stack of unidirectional LSTM layers, for inference on the CPU: a swapped
+// LowRankLSTM or BlockSparseLSTM streamed one frame a call (amnets_kernels/nn/stacked_lstm.py). Per layer
+// its op's fused step (the low-rank lean step, the block-sparse fused cell); the stack in one call because at
+// streaming sizes a layer's arithmetic is a few microseconds and a Python op call per layer cost as much again
+// (a LowRankLSTM 240->192 x2 stepped: ~62 us, of which two op calls ~33).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cstring>
+#include <optional>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include "../checks.h"
+
+namespace amnets::cpu {
+
+// x (B, D); h0, c0 (L, B, H) or absent (zeros) -> (out (B, H), h_n, c_n (L, B, H)); out is the last layer's h and
+// never aliases h_n. step(k, input, h, c) -> (h1, c1) runs layer k (checking its own weights and the shapes of
+// what it is given); layer k + 1 reads layer k's h1.
+template <typename Step>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_stack_step(const char* op, const at::Tensor& x,
+                                                               const std::optional<at::Tensor>& h0,
+                                                               const std::optional<at::Tensor>& c0, int64_t layers,
+                                                               int64_t hidden, const Step& step) {
+  checks::dims(op, "x", x, 2);
+  TORCH_CHECK_VALUE(layers >= 1 && hidden >= 1, op, ": needs at least one layer (biases has an entry per layer) and ",
+                    "hidden_size >= 1; got ", layers, " layers, hidden_size ", hidden);
+  const int64_t batch = x.size(0);
+  const std::vector<int64_t> sizes{layers, batch, hidden};
+  for (const auto& [name, t] : {std::pair{"h0", &h0}, std::pair{"c0", &c0}}) {
+    if (!t->has_value()) continue;
+    checks::shape(op, name, **t, sizes, "(num_layers, B, hidden_size) = ");
+    checks::like(op, "x", x, name, **t, true);
+  }
+  at::Tensor h_n = at::empty(sizes, x.options()), c_n = at::empty(sizes, x.options());
+  const at::Tensor zeros = h0.has_value() && c0.has_value() ? at::Tensor() : at::zeros({batch, hidden}, x.options());
+  const int64_t bytes = batch * hidden * static_cast<int64_t>(x.element_size());
+  at::Tensor input = x;
+  for (int64_t k = 0; k < layers; ++k) {
+    auto [h1_, c1_] = step(k, input, h0.has_value() ? h0->select(0, k) : zeros, c0.has_value() ? c0->select(0, k) : zeros);
+    const at::Tensor h1 = h1_.contiguous(), c1 = c1_.contiguous();
+    // A step hands back (B, H) in x's dtype, having checked h and c against its weights (copied by bytes next).
+    TORCH_INTERNAL_ASSERT(h1.numel() * h1.element_size() == bytes && c1.numel() * c1.element_size() == bytes);
+    std::memcpy(static_cast<char*>(h_n.data_ptr()) + k * bytes, h1.data_ptr(), bytes);
+    std::memcpy(static_cast<char*>(c_n.data_ptr()) + k * bytes, c1.data_ptr(), bytes);
+    input = h1;
+  }
+  return {input, h_n, c_n};
+}
+
+}  // namespace amnets::cpu
