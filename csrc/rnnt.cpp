@@ -68,8 +68,12 @@ Labels host_checked_labels(const char* op, const Tensor& targets, const Tensor& 
 // clamped into [0, V) (entries past a good sequence's length are never read, so its result is unchanged).
 Labels device_checked_labels(const char* op, const Tensor& targets, const Tensor& frames, const Tensor& labels,
                              int64_t batch, int64_t steps, int64_t u1, int64_t vocab, int64_t blank) {
-  checks::rnnt_label_meta(op, targets, frames, labels, batch, steps, u1, vocab, blank);
+  // int32 and int64 may mix, as on the host path: each is checked to be one of them, then all are int64.
+  checks::index_dtype(op, "targets", targets);
+  checks::index_dtype(op, "logit_lengths", frames);
+  checks::index_dtype(op, "target_lengths", labels);
   const Tensor t = targets.to(at::kLong), f = frames.to(at::kLong), l = labels.to(at::kLong);
+  checks::rnnt_label_meta(op, t, f, l, batch, steps, u1, vocab, blank);
   const Tensor within = at::arange(u1 - 1, t.options()).unsqueeze(0) < l.unsqueeze(1);  // (B, U)
   const Tensor bad = (f < 1) | (f > steps) | (l < 0) | (l > u1 - 1) |
                      (within & ((t < 0) | (t >= vocab) | (t == blank))).any(1);

@@ -223,31 +223,40 @@ def test_cpu_face_says_when_it_has_no_simd_kernel():
         pytest.skip("no cpu face")
     code = ("import torch, warnings, amnets_kernels as ak\n"
             "m = ak.BlockSparseMatrix.from_dense(torch.randn(12, 12), block_size=4, sparsity=0.5)\n"
+            "half = ak.BlockSparseMatrix.from_dense(torch.randn(32, 32).half(), block_size=16, sparsity=0.5)\n"
+            "layer = ak.nn.BlockSparseLinear(24, 24, block_size=8, sparsity=0.5)\n"
             "with ak.use_backend('cpu'), warnings.catch_warnings(record=True) as w:\n"
             "    warnings.simplefilter('always')\n"
             "    y = ak.bsr_linear(torch.ones(2, 12), m)\n"
+            "    ak.bsr_linear(torch.ones(2, 32).half(), half)\n"
+            "    layer(torch.ones(2, 24)), layer(torch.ones(2, 24))\n"
             "assert torch.allclose(y, torch.ones(2, 12) @ m.to_dense().T, atol=1e-5)\n"
             "print([str(x.message) for x in w])\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "no SIMD kernel for block size 4" in out
+    # fp16 (the cpu face has no fp16 kernel; the CUDA face's fp16 kept it quiet) and the module, once
+    assert "no SIMD kernel for block size 16 and dtype torch.float16" in out
+    assert out.count("no SIMD kernel for block size 8") == 1
 
 
 @pytest.mark.parametrize("face", FACES)
-@pytest.mark.parametrize("block", [16, 32])
-def test_non_finite_input_reaches_exactly_the_outputs_of_stored_blocks(face, block):
+@pytest.mark.parametrize("block, dtype", [(16, torch.float32), (32, torch.float32), (8, torch.float32),
+                                          (16, torch.float64)])
+def test_non_finite_input_reaches_exactly_the_outputs_of_stored_blocks(face, block, dtype):
     """Absent blocks are structural zeros on every face: a NaN/inf in x reaches the outputs of the block rows
     that store a block over its column, all of those and no others (0 * NaN is never formed); the same for a
-    NaN in grad_y and grad_x. Padding past the logical matrix holds NaN too and must not leak."""
+    NaN in grad_y and grad_x. Padding past the logical matrix holds NaN too and must not leak. Block 8 and
+    float64 are the cpu face's generic path (dense math: it spread a NaN into every output)."""
     with use_face("bsr_linear", face):
         out_f, in_f = 3 * block - 5, 3 * block - 3
         mask = torch.tensor([[True, False, True], [False, False, True], [True, True, False]])
-        w = BlockSparseMatrix.from_block_mask(rand(out_f, in_f, device=DEVICE), mask.to(DEVICE), block)
+        w = BlockSparseMatrix.from_block_mask(rand(out_f, in_f, dtype=dtype, device=DEVICE), mask.to(DEVICE), block)
         values = w.values.detach().clone()
         rows, cols = block_row_of(w.crow_indices), w.col_indices.long()
         values[rows == 2, out_f % block:] = float("nan")  # rows past out_features
         values[cols == 2, :, in_f % block:] = float("nan")  # columns past in_features
         w = BlockSparseMatrix(values, w.crow_indices, w.col_indices, w.shape)
-        x = rand(4, in_f, device=DEVICE).requires_grad_(True)
+        x = rand(4, in_f, dtype=dtype, device=DEVICE).requires_grad_(True)
         poisoned = x.detach().clone()
         for row, column_block in enumerate((0, 1, 2)):  # row 3 stays finite
             poisoned[row, column_block * block + 1] = float("nan") if row % 2 else float("inf")
@@ -257,7 +266,7 @@ def test_non_finite_input_reaches_exactly_the_outputs_of_stored_blocks(face, blo
             for row_block in range(3):
                 reached = column_block is not None and bool(mask[row_block, column_block])
                 assert bad[row, row_block * block:(row_block + 1) * block].any().item() == reached, (row, row_block)
-        g = torch.zeros(4, out_f, device=DEVICE)
+        g = torch.zeros(4, out_f, dtype=dtype, device=DEVICE)
         g[0, block + 2] = float("nan")  # block row 1 stores only block column 2
         gx, = torch.autograd.grad(ak.bsr_linear(x, w), x, g)
         bad_columns = (~torch.isfinite(gx[0])).cpu()

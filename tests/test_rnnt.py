@@ -313,6 +313,24 @@ def test_device_label_checks_in_the_fused_joint(device_label_checks):
     torch.testing.assert_close(costs[~broken], want[~broken])
 
 
+@pytest.mark.parametrize("checks", ["host", "device"])
+def test_targets_and_lengths_may_mix_int32_and_int64_under_either_label_check(checks):
+    """int32 and int64 index tensors mix (the docstring: each may be either), under host and device checks alike:
+    device checks refused a mix with a TypeError, so code that ran on the CPU failed on CUDA."""
+    logits, targets, logit_lengths, target_lengths = batch_of(3, 4, 3, 6, 0, device=DEVICE)
+    want = ak.rnnt_loss(logits, targets, logit_lengths, target_lengths, blank=0, reduction="none")
+    previous = ak.get_label_checks()
+    ak.set_label_checks(checks)
+    try:
+        for t, f, u in ((targets.long(), logit_lengths.int(), target_lengths.int()),
+                        (targets.int(), logit_lengths.long(), target_lengths.int())):
+            torch.testing.assert_close(ak.rnnt_loss(logits, t, f, u, blank=0, reduction="none"), want)
+        with pytest.raises(TypeError, match="logit_lengths must have dtype in"):
+            ak.rnnt_loss(logits, targets, logit_lengths.float(), target_lengths, blank=0)
+    finally:
+        ak.set_label_checks(previous)
+
+
 def test_label_check_modes():
     assert ak.get_label_checks() == "auto"
     with pytest.raises(ValueError, match=r"label checks must be one of \('auto', 'host', 'device'\); got 'gpu'"):

@@ -719,35 +719,67 @@ Tensor float_to(const Tensor& y, at::ScalarType type) {
 
 // ---------------------------------------------------------------------------------------------------
 // Other block sizes and dtypes: dense math on the densified blocks (padded to whole blocks), in
-// float64 for float64 and float32 otherwise.
+// float64 for float64 and float32 otherwise. Two things keep it exact in the sense of the fast kernels and the
+// reference face: the entries of values that fall in the padding are zeroed first (they must not affect results,
+// formats.py), and where x (forward) or grad_out (grad_x) holds a non-finite entry the product goes block row by
+// block row, so that the entry reaches only the outputs whose stored blocks cover it: in the dense product the
+// zeros of the blocks not stored would spread it (0 * NaN) into every output.
 
 struct DenseView {
   at::ScalarType acc;
   int64_t b, nb, kb;
-  Tensor rows, cols;  // block row and column of every stored block
+  Tensor crow, rows, cols;  // crow as int64; block row and column of every stored block
+  Tensor values;            // in acc, padding entries zeroed
 
-  DenseView(const Tensor& values, const Tensor& crow, const Tensor& col, int64_t out_features, int64_t in_features)
-      : acc(values.scalar_type() == at::kDouble ? at::kDouble : at::kFloat),
-        b(values.size(1)),
+  DenseView(const Tensor& values_in, const Tensor& crow_in, const Tensor& col, int64_t out_features,
+            int64_t in_features)
+      : acc(values_in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat),
+        b(values_in.size(1)),
         nb((out_features + b - 1) / b),
         kb((in_features + b - 1) / b),
-        rows(at::repeat_interleave(at::arange(nb, crow.options().dtype(at::kLong)), crow.diff().to(at::kLong))),
-        cols(col.to(at::kLong)) {}
+        crow(crow_in.to(at::kLong).contiguous()),
+        rows(at::repeat_interleave(at::arange(nb, crow.options()), crow.diff())),
+        cols(col.to(at::kLong)) {
+    const Tensor within = at::arange(b, crow.options());
+    const Tensor row_ok = (rows.unsqueeze(1) * b + within) < out_features;  // (nnzb, b)
+    const Tensor col_ok = (cols.unsqueeze(1) * b + within) < in_features;
+    values = at::where(row_ok.unsqueeze(2) & col_ok.unsqueeze(1), values_in.to(acc), 0.0);
+  }
 
-  Tensor padded_weight(const Tensor& values) const {  // (nb*b, kb*b)
-    Tensor grid = at::zeros({nb, kb, b, b}, values.options().dtype(acc));
-    grid.index_put_({rows, cols}, values.to(acc));
+  Tensor padded_weight() const {  // (nb*b, kb*b)
+    Tensor grid = at::zeros({nb, kb, b, b}, values.options());
+    grid.index_put_({rows, cols}, values);
     return grid.permute({0, 2, 1, 3}).reshape({nb * b, kb * b});
   }
   Tensor pad(const Tensor& t, int64_t width) const {
     return at::constant_pad_nd(t.to(acc), {0, width - t.size(1)}, 0.0);
   }
+  // Block row r's stored blocks side by side, (b, n b), and their block columns (n,).
+  std::pair<Tensor, Tensor> row(int64_t r) const {
+    const int64_t begin = crow.data_ptr<int64_t>()[r], end = crow.data_ptr<int64_t>()[r + 1];
+    const Tensor blocks = values.slice(0, begin, end);  // (n, b, b)
+    return {blocks.permute({1, 0, 2}).reshape({b, (end - begin) * b}), cols.slice(0, begin, end)};
+  }
 };
+
+bool all_finite(const Tensor& t) { return at::isfinite(t).all().item<bool>(); }
 
 Tensor dense_forward(const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
                      int64_t out_features, int64_t in_features, const c10::optional<Tensor>& bias) {
   const DenseView d(values, crow, col, out_features, in_features);
-  Tensor y = at::mm(d.pad(x, d.kb * d.b), d.padded_weight(values).t()).slice(1, 0, out_features);
+  const Tensor xp = d.pad(x, d.kb * d.b);
+  Tensor y;
+  if (all_finite(xp)) {
+    y = at::mm(xp, d.padded_weight().t());
+  } else {
+    y = at::zeros({x.size(0), d.nb * d.b}, xp.options());
+    const Tensor xv = xp.view({x.size(0), d.kb, d.b});
+    for (int64_t r = 0; r < d.nb; ++r) {
+      const auto [w, cols] = d.row(r);
+      if (cols.numel()) y.slice(1, r * d.b, (r + 1) * d.b).copy_(at::mm(xv.index_select(1, cols).flatten(1), w.t()));
+    }
+  }
+  y = y.slice(1, 0, out_features);
   if (bias.has_value()) y = y + bias->to(d.acc);
   return y.to(x.scalar_type());
 }
@@ -758,8 +790,19 @@ std::tuple<Tensor, Tensor> dense_backward(const Tensor& gy, const Tensor& x, con
   const DenseView d(values, crow, col, out_features, in_features);
   const Tensor g = d.pad(gy, d.nb * d.b);
   Tensor grad_x = x.new_empty({0}), grad_values = values.new_empty({0});
-  if (need_x) grad_x = at::mm(g, d.padded_weight(values)).slice(1, 0, in_features).to(x.scalar_type());
-  if (need_values) {
+  if (need_x && all_finite(g)) {
+    grad_x = at::mm(g, d.padded_weight());
+  } else if (need_x) {
+    grad_x = at::zeros({x.size(0), d.kb * d.b}, g.options());
+    const Tensor gv = grad_x.view({x.size(0), d.kb, d.b});
+    for (int64_t r = 0; r < d.nb; ++r) {
+      const auto [w, cols] = d.row(r);
+      if (cols.numel())
+        gv.index_add_(1, cols, at::mm(g.slice(1, r * d.b, (r + 1) * d.b), w).view({x.size(0), -1, d.b}));
+    }
+  }
+  if (need_x) grad_x = grad_x.slice(1, 0, in_features).to(x.scalar_type());
+  if (need_values) {  // entry (i, j) of the full product reads only column i of g and column j of x: exact as is
     Tensor full = at::mm(g.t(), d.pad(x, d.kb * d.b)).view({d.nb, d.b, d.kb, d.b}).permute({0, 2, 1, 3});
     grad_values = full.index({d.rows, d.cols}).to(values.scalar_type());
   }
