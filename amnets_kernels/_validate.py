@@ -58,10 +58,13 @@ def _int(op: str, name: str, value, low: int | None = None):
 
 def scalars(op: str, **named) -> None:
     """The public functions' scalar arguments, before torch.ops would answer a wrong type with a
-    RuntimeError of its own: ints (blank), real numbers (clamp), bools (flags)."""
+    RuntimeError of its own: ints (blank), real numbers (clamp), strings (reduction, activation), bools (flags)."""
     for name, value in named.items():
         if name == "blank":
             _int(op, name, value)
+        elif name in ("reduction", "activation"):
+            if not isinstance(value, str):
+                raise TypeError(f"{op}: {name} must be a str; got {type(value).__name__}")
         elif name == "clamp":
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{op}: {name} must be a float; got {type(value).__name__}")

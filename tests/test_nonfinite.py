@@ -99,9 +99,19 @@ def test_zero_infinity_keeps_a_batch_loss_finite():
     assert costs[0] == 0 and torch.isfinite(costs).all()
 
 
-@pytest.mark.parametrize("kwargs, match", [(dict(clamp="x"), "clamp must be a float; got str"),
-                                           (dict(blank=0.0), "blank must be an int; got float")])
+SCALARS = [(dict(clamp="x"), "clamp must be a float; got str"), (dict(blank=0.0), "blank must be an int; got float"),
+           (dict(reduction=None), "reduction must be a str; got NoneType")]
+
+
+@pytest.mark.parametrize("kwargs, match", SCALARS)
 def test_scalar_arguments_named(kwargs, match):
     logits = torch.randn(1, 2, 2, 3)
     with pytest.raises(TypeError, match=match):
         ak.rnnt_loss(logits, torch.tensor([[1]]), torch.tensor([2]), torch.tensor([1]), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, match", SCALARS + [(dict(activation=None), "activation must be a str; got NoneType")])
+def test_fused_joint_scalar_arguments_named(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        ak.fused_joint_rnnt_loss(torch.randn(1, 2, 4), torch.randn(1, 2, 4), torch.randn(3, 4), None,
+                                 torch.tensor([[1]]), torch.tensor([2]), torch.tensor([1]), **kwargs)

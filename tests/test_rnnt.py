@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torchaudio
 import torchaudio.functional as TAF
 from hypothesis import given
 from hypothesis import strategies as st
@@ -349,3 +350,34 @@ def test_rnnt_loss_never_syncs_on_cuda():
     finally:
         torch.cuda.set_sync_debug_mode(0)
     assert torch.isfinite(loss)
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated")
+def test_loss_modules_script_as_torchaudios_does():
+    """torchaudio's RNNTLoss scripts (TorchScript), so a model holding it did; after swap_in(loss=True) it still
+    does, and the scripted losses and gradients equal eager. The modules' repr names every setting."""
+    logits, targets, logit_lengths, target_lengths = batch_of(2, 5, 3, 6, 0, device=DEVICE)
+    loss = ak.nn.RNNTLoss(blank=0, clamp=0.5, zero_infinity=True)
+    for module, args in ((loss, (logits,)),
+                         (ak.nn.FusedJointRNNTLoss(8, 6, blank=0).to(DEVICE),
+                          (torch.randn(2, 5, 8, device=DEVICE), torch.randn(2, 4, 8, device=DEVICE)))):
+        args = tuple(a.detach().requires_grad_() for a in args)
+        scripted = torch.jit.script(module)
+        for got, want in zip(torch.autograd.grad(scripted(*args, targets, logit_lengths, target_lengths), args),
+                             torch.autograd.grad(module(*args, targets, logit_lengths, target_lengths), args)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert "fused_log_softmax=True, zero_infinity=True" in repr(loss)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.joint, self.loss = torch.nn.Linear(4, 6), torchaudio.transforms.RNNTLoss(blank=0)
+
+        def forward(self, x, t, a, b):
+            return self.loss(self.joint(x), t, a, b)
+
+    net = ak.swap_in(Net(), loss=True).to(DEVICE)
+    assert isinstance(net.loss, ak.nn.RNNTLoss)
+    x = torch.randn(2, 5, 4, 4, device=DEVICE)
+    torch.testing.assert_close(torch.jit.script(net)(x, targets, logit_lengths, target_lengths),
+                               net(x, targets, logit_lengths, target_lengths), rtol=0, atol=0)

@@ -42,7 +42,8 @@ def _report_non_finite(op: str, costs: Tensor, betas: Tensor) -> None:
                       stacklevel=3)
     if overflow:
         warnings.warn(f"{op}: the costs of sequences {overflow} overflow {costs.dtype} (they are finite in "
-                      f"{betas.dtype}); their gradient is computed from the {betas.dtype} lattice as usual",
+                      f"{betas.dtype}); their gradient is computed from the {betas.dtype} lattice as usual, "
+                      "unless zero_infinity=True drops them from the loss (as any infinite cost)",
                       RuntimeWarning, stacklevel=3)
 
 
@@ -81,7 +82,7 @@ def rnnt_loss(logits: Tensor, targets: Tensor, logit_lengths: Tensor, target_len
     except RuntimeError:  # torch.ops' own answer to an argument of the wrong type: say it as the other checks do
         _validate.tensor_types(RNNT, logits=logits, targets=targets, logit_lengths=logit_lengths,
                                target_lengths=target_lengths)
-        _validate.scalars(RNNT, blank=blank, clamp=clamp, fused_log_softmax=fused_log_softmax,
+        _validate.scalars(RNNT, blank=blank, clamp=clamp, reduction=reduction, fused_log_softmax=fused_log_softmax,
                           zero_infinity=zero_infinity)
         raise
 
@@ -142,7 +143,8 @@ def fused_joint_rnnt_loss(enc: Tensor, pred: Tensor, weight: Tensor, bias: Optio
     except RuntimeError:
         _validate.tensor_types(JOINT, ("bias",), enc=enc, pred=pred, weight=weight, bias=bias, targets=targets,
                                logit_lengths=logit_lengths, target_lengths=target_lengths)
-        _validate.scalars(JOINT, blank=blank, clamp=clamp, zero_infinity=zero_infinity)
+        _validate.scalars(JOINT, blank=blank, activation=activation, clamp=clamp, reduction=reduction,
+                          zero_infinity=zero_infinity)
         raise
 
 

@@ -20,11 +20,15 @@ class RNNTLoss(nn.Module):
         self.zero_infinity = zero_infinity
 
     def forward(self, logits, targets, logit_lengths, target_lengths):
+        if torch.jit.is_scripting():  # TorchScript (torchaudio's module scripts): the op itself, which checks all
+            return torch.ops.amnets.rnnt_loss(logits, targets, logit_lengths, target_lengths, self.blank, self.clamp,
+                                              self.reduction, self.fused_log_softmax, self.zero_infinity)
         return rnnt_loss(logits, targets, logit_lengths, target_lengths, self.blank, self.clamp, self.reduction,
                          self.fused_log_softmax, self.zero_infinity)
 
     def extra_repr(self) -> str:
-        return f"blank={self.blank}, clamp={self.clamp}, reduction={self.reduction!r}"
+        return (f"blank={self.blank}, clamp={self.clamp}, reduction={self.reduction!r}, "
+                f"fused_log_softmax={self.fused_log_softmax}, zero_infinity={self.zero_infinity}")
 
 
 class FusedJointRNNTLoss(nn.Module):
@@ -60,9 +64,14 @@ class FusedJointRNNTLoss(nn.Module):
         return nn.functional.linear(hidden, self.weight, self.bias)
 
     def forward(self, enc, pred, targets, logit_lengths, target_lengths):
+        if torch.jit.is_scripting():  # TorchScript: the op itself, as RNNTLoss
+            return torch.ops.amnets.fused_joint_rnnt_loss(enc, pred, self.weight, self.bias, targets, logit_lengths,
+                                                          target_lengths, self.blank, self.activation, self.clamp,
+                                                          self.reduction, self.zero_infinity)
         return fused_joint_rnnt_loss(enc, pred, self.weight, self.bias, targets, logit_lengths, target_lengths,
                                      self.blank, self.activation, self.clamp, self.reduction, self.zero_infinity)
 
     def extra_repr(self) -> str:
         return (f"hidden_size={self.weight.shape[1]}, vocab_size={self.weight.shape[0]}, blank={self.blank}, "
-                f"activation={self.activation!r}, reduction={self.reduction!r}")
+                f"activation={self.activation!r}, clamp={self.clamp}, reduction={self.reduction!r}, "
+                f"bias={self.bias is not None}, zero_infinity={self.zero_infinity}")
