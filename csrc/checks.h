@@ -391,14 +391,21 @@ inline std::tuple<at::Tensor, at::Tensor, at::Tensor> rnnt_labels(const char* op
 }
 
 // What a loss's backward reads of its forward: grad_costs (B,), alphas, betas, den (B, T, U+1).
+// `dtype`: the logits' (enc's); the saved lattice is in its accumulation dtype (float64 for float64, else
+// float32), as the forward wrote it: another dtype was converted silently, and gave another gradient.
 inline void rnnt_saved(const char* op, const at::Tensor& grad_costs, const at::Tensor& alphas,
                        const at::Tensor& betas, const at::Tensor& den, int64_t batch, int64_t frames,
-                       int64_t labels_plus_1) {
+                       int64_t labels_plus_1, at::ScalarType dtype) {
   shape(op, "grad_costs", grad_costs, {batch});
+  TORCH_CHECK_TYPE(grad_costs.scalar_type() == dtype, op, ": grad_costs must have the costs' dtype ", py_dtype(dtype),
+                   "; got ", py_dtype(grad_costs.scalar_type()));
+  const at::ScalarType acc = dtype == at::kDouble ? at::kDouble : at::kFloat;
   for (const auto& [name, t] : {std::pair{"alphas", &alphas}, {"betas", &betas}, {"den", &den}}) {
     TORCH_CHECK_VALUE(t->numel() != 0, op, ": ", name,
                       " is empty: the forward ran with save=False, so there is nothing to differentiate");
     shape(op, name, *t, {batch, frames, labels_plus_1});
+    TORCH_CHECK_TYPE(t->scalar_type() == acc, op, ": ", name, " must have dtype ", py_dtype(acc), " (the forward's ",
+                     "lattice for ", py_dtype(dtype), " input); got ", py_dtype(t->scalar_type()));
   }
 }
 

@@ -476,6 +476,34 @@ def native_ops_integer_x():  # bsr_linear_forward returned int64; the low-rank o
                       lambda: native.lowrank_lstm_sequence_forward(x[None].long(), h, h, *factors, None, False))
 
 
+@route("must have dtype torch.float32 (the forward's lattice", TypeError, group="dtypes")
+def native_rnnt_backward_lattice_of_another_dtype():  # was converted silently: another gradient (off by 1.5e-2)
+    logits, targets, frames, labels = lattice()
+    costs, alphas, betas, den = saved_lattice(logits, targets, frames, labels)
+    enc, pred, weight, bias, j_targets, j_frames, j_labels = joint()
+    j_saved = native.fused_joint_rnnt_loss_forward(enc, pred, weight, bias, j_targets, j_frames, j_labels, 0, "tanh",
+                                                   -1.0, True)
+    calls = []
+    for edit in (lambda a, b, d: (a.half(), b, d), lambda a, b, d: (a, b.bfloat16(), d),
+                 lambda a, b, d: (a, b, d.double())):
+        lattice_ = edit(alphas, betas, den)
+        calls.append(lambda l=lattice_: native.rnnt_loss_backward(torch.ones(2), logits, targets, frames, labels,
+                                                                 costs, *l, 0, -1.0, True))
+        joint_ = edit(*j_saved[1:])
+        calls.append(lambda l=joint_: native.fused_joint_rnnt_loss_backward(
+            torch.ones(len(j_frames)), enc, pred, weight, bias, j_targets, j_frames, j_labels, j_saved[0], *l, 0,
+            "tanh", -1.0))
+    return all_refuse("must have dtype torch.float32 (the forward's lattice", *calls)
+
+
+@route("grad_costs", TypeError, group="dtypes")
+def native_rnnt_backward_grad_costs_of_another_dtype():  # was converted silently
+    logits, targets, frames, labels = lattice()
+    saved = saved_lattice(logits, targets, frames, labels)
+    return native.rnnt_loss_backward(torch.ones(2, dtype=torch.float64), logits, targets, frames, labels, *saved, 0,
+                                     -1.0, True)
+
+
 @route("bias", TypeError, group="dtypes")
 def native_bsr_bias_other_dtype():  # was cast silently
     weight, x = matrix(), torch.randn(3, 64)

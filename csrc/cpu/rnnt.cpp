@@ -335,7 +335,8 @@ Tensor rnnt_loss_backward(const Tensor& grad_costs, const Tensor& logits_in, con
   const Labels checked(op, targets, logit_lengths, target_lengths, s, vocab, blank);
   const Lengths len = checked.lengths();
   const OpenMpScope openmp;  // the loops alternate with ATen's (parallel.h)
-  checks::rnnt_saved(op, grad_costs, alphas_in, betas_in, den_in, s.batch, s.frames, s.labels_plus_1);
+  checks::rnnt_saved(op, grad_costs, alphas_in, betas_in, den_in, s.batch, s.frames, s.labels_plus_1,
+                     logits_in.scalar_type());
   const Tensor logits = logits_in.contiguous(), alphas = alphas_in.contiguous(), betas = betas_in.contiguous(),
                den = den_in.contiguous();
   Tensor grad = at::empty_like(logits);
@@ -460,7 +461,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_joint_rnnt_loss_backward(
   const Labels checked(op, targets, logit_lengths, target_lengths, s, weight.size(0), blank);
   const Lengths len = checked.lengths();
   const OpenMpScope openmp;  // the loops alternate with ATen's (parallel.h)
-  checks::rnnt_saved(op, grad_costs, alphas, betas, den, s.batch, s.frames, s.labels_plus_1);
+  checks::rnnt_saved(op, grad_costs, alphas, betas, den, s.batch, s.frames, s.labels_plus_1, enc.scalar_type());
   const auto scales = grad_costs.to(at::kDouble).contiguous();
   std::tuple<Tensor, Tensor, Tensor, Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, enc.scalar_type(), "fused_joint_backward", [&] {
