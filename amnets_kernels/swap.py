@@ -10,9 +10,12 @@ import warnings
 from dataclasses import dataclass, field
 
 from torch import nn
+from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 from torch.nn.utils.prune import BasePruningMethod
 
+from . import _backend
+from ._ops.bsr import _FAST
 from .nn import BlockSparseLinear, BlockSparseLSTM, LowRankLSTM, LowRankLSTMCell, RNNTLoss
 from .nn.cost import NotCheaperWarning, lstm_macs, why_not_cheaper
 
@@ -96,6 +99,65 @@ def _is_torchaudio_rnnt_loss(module: nn.Module) -> bool:
 
 
 _RECURRENT = (nn.GRU, nn.RNN, nn.GRUCell, nn.RNNCell)
+_EXACT = (nn.Linear, nn.LSTM, nn.LSTMCell)
+
+# Parents whose forward reads a Linear child's .weight itself instead of calling the child: a
+# BlockSparseLinear there has no weight to read, so those children stay (subclasses too: they inherit that
+# forward). nn.TransformerEncoder's fast path reads its first layer's, which this covers.
+_READ_BY_PARENT = [
+    (nn.TransformerEncoderLayer, ("linear1", "linear2"),
+     "reads {}.weight in its fused inference path (eval mode, torch._transformer_encoder_layer_fwd)"),
+    (nn.MultiheadAttention, ("out_proj",), "passes {}.weight to the attention function"),
+] + ([(nn.LinearCrossEntropyLoss, ("linear",), "passes {}.weight to linear_cross_entropy")]
+     if hasattr(nn, "LinearCrossEntropyLoss") else [])
+
+
+def _read_by_parent(places) -> dict[int, str]:
+    """id(child) -> why its parent needs it dense, for each Linear child a _READ_BY_PARENT parent holds."""
+    why: dict[int, str] = {}
+    for parent, names in places.values():
+        for kind, children, reads in _READ_BY_PARENT:
+            if isinstance(parent, kind):
+                for child in children:
+                    if isinstance(parent._modules.get(child), nn.Linear):
+                        why.setdefault(id(parent._modules[child]), (
+                            f"its parent{' ' + names[0] if names[0] else ''} ({type(parent).__name__}) "
+                            f"{reads.format(child)}; a BlockSparseLinear has no dense weight"))
+    return why
+
+
+class _NotATarget(str):
+    """Why a module of a target's family is not one (a subclass, an uninitialized lazy module): reported among
+    the layers left as they are, but strict=True does not count it (it was never going to be replaced)."""
+
+
+def _not_exact(module: nn.Module, kind: type) -> _NotATarget:
+    only = "swap_in replaces exact nn.Linear / nn.LSTM / nn.LSTMCell only"
+    if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
+        return _NotATarget(f"an uninitialized {kind.__name__} has no weight yet (run a forward first: it then "
+                           f"becomes the plain module); {only}")
+    base = next(b for b in _EXACT if issubclass(kind, b))
+    return _NotATarget(f"{kind.__name__} subclasses nn.{base.__name__}; {only} (a subclass may compute more than "
+                       "its base)")
+
+
+def _no_fast_kernel(weight, block_size: int) -> str | None:
+    """Why blocks of this size and dtype would run bsr_linear's exact generic path (slower than the dense
+    layer) on the face that would run them, or None."""
+    try:
+        face = _backend.which_face("bsr_linear", weight.device)
+    except _backend.FaceUnavailableError:
+        return None  # no face runs here now: nothing to judge (the forward says it)
+    if face not in _FAST:
+        return None
+    blocks, dtypes, what, _ = _FAST[face]
+    slow = [s for s, fast in ((f"block size {block_size}", block_size in blocks),
+                              (f"dtype {weight.dtype}", weight.dtype in dtypes)) if not fast]
+    if not slow:
+        return None
+    fast = f"block sizes {', '.join(map(str, sorted(blocks)))}; dtypes {', '.join(sorted(map(str, dtypes)))}"
+    return f"the {face} face has {what} for {' and '.join(slow)} (fast: {fast}); its exact generic path is slower " \
+           "than the dense layer"
 
 
 def _patterns(name: str, value) -> list[str] | None:
@@ -198,19 +260,25 @@ def swap_in(model: nn.Module, lstm_rank: int | float | None = None, linear_spars
     - torchaudio's RNNTLoss -> ours (loss).
 
     A layer is left as it is, and the report says why, when its replacement would keep no block, when it
-    would cost no fewer multiply-adds per frame than the layer (a rank too high, padding to whole blocks;
-    only_if_cheaper=False replaces those anyway, with a NotCheaperWarning), when the dense layer has fewer
-    than min_macs multiply-adds, or when it has no counterpart here (nn.GRU / nn.RNN, a projected LSTM for
-    lstm_sparsity), or when replacing it would drop something silently: a parametrization, hooks (but
-    torch.nn.utils.prune's), a weight tied to another module's. strict=True raises ValueError instead of
-    leaving a layer for any reason but min_macs. A module found at several places in the model is replaced
-    at all of them by one new module (the sharing kept), and named once in the report.
+    would cost no fewer multiply-adds per frame than the layer (a rank too high, padding to whole blocks),
+    or when its block size or weight dtype has no fast bsr_linear kernel on the face that would run it
+    (only_if_cheaper=False replaces those anyway, with a NotCheaperWarning for the costlier ones); when a
+    block is larger than the whole layer, or the layer is empty; when the dense layer has fewer than
+    min_macs multiply-adds; when it has no counterpart here (nn.GRU / nn.RNN, a projected LSTM for
+    lstm_sparsity; exact classes only: not a subclass of nn.Linear / nn.LSTM / nn.LSTMCell, nor an
+    uninitialized nn.LazyLinear); when its parent reads its dense weight itself (nn.TransformerEncoderLayer's
+    linear1 / linear2, nn.MultiheadAttention's out_proj); or when replacing it would drop something
+    silently: a parametrization, hooks (but torch.nn.utils.prune's), a weight tied to another module's.
+    strict=True raises ValueError instead of leaving a layer for any reason but min_macs (a subclass or an
+    uninitialized lazy layer is listed, never a target: not counted). A module found at
+    several places in the model is replaced at all of them by one new module (the sharing kept), and named
+    once in the report.
     include / exclude: fnmatch patterns (or lists) on names as named_modules(remove_duplicate=False) gives
     them ("" is the model itself); a shared module is replaced only if every one of its names is wanted
-    (else it is reported as left as it is). A model on the meta device is refused (pruning and SVD read the
-    weights). Returns the model, or (model, SwapReport) with return_report. Full rank and sparsity 0 (with
-    only_if_cheaper=False) leave the outputs unchanged; unswap(model) multiplies the factors / blocks back
-    out into plain modules.
+    (else it is reported as left as it is); a pattern that matches no layer these settings replace warns.
+    A model on the meta device is refused (pruning and SVD read the weights). Returns the model, or (model,
+    SwapReport) with return_report. Full rank and sparsity 0 (with only_if_cheaper=False) leave the outputs
+    unchanged; unswap(model) multiplies the factors / blocks back out into plain modules.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"swap_in: model must be an nn.Module; got {type(model).__name__}")
@@ -243,35 +311,59 @@ def swap_in(model: nn.Module, lstm_rank: int | float | None = None, linear_spars
 
     lstms = lstm_rank is not None or lstm_sparsity is not None
 
+    def blocked(weight, shape: tuple[int, int], what: str) -> str | None:
+        """Why blocks of block_size do not pay on this matrix, decided before any block is built (a huge
+        block_size would otherwise ask the allocator for b * b), or None."""
+        if max(shape) < block_size:
+            return (f"block_size {block_size} is larger than the layer ({shape[0]} x {shape[1]}, {what}): one "
+                    "padded block would cost more than the whole layer")
+        return _no_fast_kernel(weight, block_size) if only_if_cheaper else None
+
     def replacement(module: nn.Module):
         """The new module, or a string saying why there is none, or None when the module is not a target."""
         kind = type(module)
         if parametrize.is_parametrized(module):
             kind = kind.__bases__[0]  # parametrize subclasses the module's own class
+        if linear_sparsity is not None and issubclass(kind, nn.Linear):
+            if kind is not nn.Linear:
+                return _not_exact(module, kind)
+            if id(module) in read_by:
+                return read_by[id(module)]
+            if not module.in_features or not module.out_features:
+                return f"an empty layer ({module.out_features} x {module.in_features}, out x in): nothing to prune"
+            return blocked(module.weight, (module.out_features, module.in_features), "out x in") or (
+                lambda: BlockSparseLinear.from_dense(module, block_size=block_size, sparsity=linear_sparsity))
+        if lstms and issubclass(kind, (nn.LSTM, nn.LSTMCell)) and kind not in _EXACT:
+            return _not_exact(module, kind)
         if kind is nn.LSTM and lstms:
             if lstm_rank is not None:
                 return lambda: LowRankLSTM.from_lstm(module, lstm_rank)
             if module.proj_size:
                 return "a projected LSTM (proj_size) has no block-sparse form here; lstm_rank supports it"
-            return lambda: BlockSparseLSTM.from_lstm(module, lstm_sparsity, block_size)
+            shape = (4 * module.hidden_size, module.input_size + module.hidden_size)
+            return blocked(module.weight_ih_l0, shape, "[W_ih | W_hh]") or (
+                lambda: BlockSparseLSTM.from_lstm(module, lstm_sparsity, block_size))
         if kind is nn.LSTMCell and lstms:
             if lstm_rank is not None:
                 return lambda: LowRankLSTMCell.from_lstm_cell(module, lstm_rank)
             return "no block-sparse nn.LSTMCell here; lstm_rank gives a LowRankLSTMCell"
         if kind in _RECURRENT and lstms:
             return f"nn.{kind.__name__} has no amnets counterpart (LSTMs only)"
-        if kind is nn.Linear and linear_sparsity is not None:
-            return lambda: BlockSparseLinear.from_dense(module, block_size=block_size, sparsity=linear_sparsity)
         if loss and _is_torchaudio_rnnt_loss(module):
             return lambda: RNNTLoss(module.blank, module.clamp, module.reduction, module.fused_log_softmax)
         return None
 
     places = _places(model)
     owners = _owners(places)
-    report, plans, refused = SwapReport(), [], []
+    read_by = _read_by_parent(places)
+    report, plans, refused, targets = SwapReport(), [], [], []
     for module, names in places.values():
+        if (plan := replacement(module)) is None:
+            continue
+        if not isinstance(plan, _NotATarget):
+            targets += names
         chosen = [n for n in names if wanted(n)]
-        if not chosen or (plan := replacement(module)) is None:
+        if not chosen:
             continue
         entry = _entry(module, names)
         if not isinstance(plan, str):
@@ -279,8 +371,9 @@ def swap_in(model: nn.Module, lstm_rank: int | float | None = None, linear_spars
             plan = (f"it is also {left_out}, which include / exclude leave out; replacing it would change that too"
                     if left_out else _what_would_be_lost(module, owners)) or plan
         if isinstance(plan, str):
-            report.skipped.append(dict(entry, reason=plan))
-            refused.append(names[0])
+            report.skipped.append(dict(entry, reason=str(plan)))
+            if not isinstance(plan, _NotATarget):
+                refused.append(names[0])
             continue
         if any(p.is_meta for p in module.parameters()):
             raise ValueError(f"swap_in: {names[0] or 'the model'} ({type(module).__name__}) has its weights on the "
@@ -301,6 +394,12 @@ def swap_in(model: nn.Module, lstm_rank: int | float | None = None, linear_spars
             warnings.warn(f"swap_in: {names[0] or 'the model'} -> {type(new).__name__}: {reason} "
                           "(only_if_cheaper=False)", NotCheaperWarning, stacklevel=2)
         plans.append((names, module, new))
+    for kind, patterns in (("include", include or []), ("exclude", exclude)):
+        for p in patterns:  # a misspelt name would otherwise swap (or keep) everything silently
+            if not any(fnmatch.fnmatchcase(n, p) for n in targets):
+                warnings.warn(f"swap_in: {kind} pattern {p!r} matches no layer these settings replace (patterns "
+                              "match whole names from named_modules(), e.g. 'encoder.*' for encoder's layers)",
+                              UserWarning, stacklevel=2)
     if strict and refused:
         raise ValueError("swap_in(strict=True): these layers would be left as they are:\n"
                          + "\n".join(f"  {_label(s)} ({s['from']}): {s['reason']}" for s in report.skipped

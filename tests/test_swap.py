@@ -55,19 +55,21 @@ def test_full_rank_and_no_sparsity_change_nothing():
 def test_patterns_and_report_counts():
     model = TinyTransducer()
     swapped, report = ak.swap_in(model, lstm_rank=4, linear_sparsity=0.5, block_size=4, include="encoder*",
-                                 loss=False, return_report=True)
+                                 loss=False, return_report=True, only_if_cheaper=False)
     assert isinstance(swapped.encoder, LowRankLSTM) and type(swapped.predictor) is nn.LSTM
     assert type(swapped.joint) is nn.Linear
     (entry,) = report.replaced
     assert entry["macs_before"] == 4 * 16 * (12 + 16) + 4 * 16 * (16 + 16)
     assert entry["macs_after"] == swapped.encoder.macs_per_frame() < entry["macs_before"]
     assert report.params_after < report.params_before
-    again = ak.swap_in(TinyTransducer(), linear_sparsity=0.5, block_size=4, exclude=["joint"])
+    again = ak.swap_in(TinyTransducer(), linear_sparsity=0.5, block_size=4, exclude=["joint"],
+                       only_if_cheaper=False)  # (blocks of 4 have no fast kernel: not why joint stays)
     assert type(again.joint) is nn.Linear
 
 
 def test_swapped_model_trains_and_round_trips():
-    model = ak.swap_in(TinyTransducer(), lstm_rank=4, linear_sparsity=0.5, block_size=4)
+    # Blocks of 4 have no fast kernel (only_if_cheaper would keep the joint dense): exact, asked for anyway.
+    model = ak.swap_in(TinyTransducer(), lstm_rank=4, linear_sparsity=0.5, block_size=4, only_if_cheaper=False)
     feats, labels = inputs()
     with ak.use_backend("reference"):
         logits = model(feats, labels)
@@ -76,7 +78,7 @@ def test_swapped_model_trains_and_round_trips():
         loss.backward()
     assert isinstance(model.joint, BlockSparseLinear) and model.joint.values.grad is not None
     assert model.encoder.w_hh_u_l0.grad is not None
-    fresh = ak.swap_in(TinyTransducer(), lstm_rank=4, linear_sparsity=0.5, block_size=4)
+    fresh = ak.swap_in(TinyTransducer(), lstm_rank=4, linear_sparsity=0.5, block_size=4, only_if_cheaper=False)
     fresh.load_state_dict(model.state_dict())
     with ak.use_backend("reference"):
         torch.testing.assert_close(fresh(feats, labels), model(feats, labels))
@@ -132,7 +134,8 @@ def test_every_recurrent_kind_is_swapped_or_reported():
 def test_unswap_gives_plain_modules_and_dense_state_dicts():
     model = TinyTransducer()
     feats, labels = inputs()
-    swapped = ak.swap_in(copy.deepcopy(model), lstm_rank=4, linear_sparsity=0.5, block_size=4)
+    swapped = ak.swap_in(copy.deepcopy(model), lstm_rank=4, linear_sparsity=0.5, block_size=4,
+                         only_if_cheaper=False)  # blocks of 4: no fast kernel, asked for anyway
     with ak.use_backend("reference"):
         expected = swapped(feats, labels)
     dense, report = ak.unswap(swapped, return_report=True)
@@ -310,3 +313,131 @@ def test_frozen_parameters_stay_frozen_through_swap_in_and_unswap(frozen, kwargs
     ak.unswap(model)
     assert all(type(m) in (nn.LSTM, nn.LSTMCell, nn.Linear) for m in model.values())
     check()
+
+
+class EncoderAndHead(nn.Module):
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+        self.encoder, self.head = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True), nn.Linear(64, 64)
+
+    def forward(self, x, mask=None):
+        return self.head(self.encoder(x, src_key_padding_mask=mask))
+
+
+@pytest.mark.filterwarnings("ignore:The PyTorch API of nested tensors")  # the encoder's fast path
+def test_linears_whose_parent_reads_their_weight_are_kept_and_reported():
+    """nn.TransformerEncoderLayer's fused inference path (and nn.TransformerEncoder's, through its first layer)
+    reads linear1 / linear2.weight, nn.MultiheadAttention's forward out_proj.weight: those stay dense."""
+    torch.manual_seed(0)
+    x, mask = torch.randn(2, 5, 64), torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+    dense = copy.deepcopy(layer)
+    swapped, report = ak.swap_in(layer, linear_sparsity=0.5, block_size=16, return_report=True)
+    assert not report.replaced and type(swapped.linear1) is nn.Linear and type(swapped.linear2) is nn.Linear
+    reasons = {s["name"]: s["reason"] for s in report.skipped}
+    assert reasons["linear1"] == ("its parent (TransformerEncoderLayer) reads linear1.weight in its fused inference "
+                                  "path (eval mode, torch._transformer_encoder_layer_fwd); a BlockSparseLinear has no "
+                                  "dense weight")
+    # (MultiheadAttention's out_proj is a subclass of nn.Linear, never a target: listed, and strict does not count it)
+    assert reasons["self_attn.out_proj"].startswith("NonDynamicallyQuantizableLinear subclasses nn.Linear")
+    with pytest.raises(ValueError, match=r"strict=True.*\n  linear1 \(Linear\): its parent") as refused:
+        ak.swap_in(copy.deepcopy(dense), linear_sparsity=0.5, block_size=16, strict=True)
+    assert "out_proj" not in str(refused.value)
+    ak.swap_in(nn.ModuleDict(dict(attention=nn.MultiheadAttention(64, 4), head=nn.Linear(64, 64))),
+               linear_sparsity=0.5, block_size=16, strict=True)
+    for train in (True, False):
+        for grad in (True, False):  # without grad the eval forward takes the fused path
+            with torch.set_grad_enabled(grad):
+                torch.testing.assert_close(swapped.train(train)(x), dense.train(train)(x), rtol=0, atol=0)
+
+    model = EncoderAndHead()
+    dense = copy.deepcopy(model)
+    swapped, report = ak.swap_in(model, linear_sparsity=0.5, block_size=16, return_report=True)
+    assert [r["name"] for r in report.replaced] == ["head"] and isinstance(swapped.head, BlockSparseLinear)
+    assert {s["name"] for s in report.skipped} == {f"encoder.layers.{i}.{n}" for i in (0, 1)
+                                                   for n in ("linear1", "linear2", "self_attn.out_proj")}
+    for train in (True, False):
+        with torch.no_grad():  # eval with a padding mask: the encoder's nested-tensor fast path
+            got = swapped.train(train)(x, mask)
+            torch.testing.assert_close(got, swapped.head(dense.train(train).encoder(x, src_key_padding_mask=mask)),
+                                       rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
+def test_empty_layers_and_blocks_larger_than_a_layer_are_kept_before_anything_is_allocated():
+    model = nn.Sequential(nn.Linear(0, 8), nn.Linear(8, 0), nn.Linear(8, 8), nn.Linear(64, 64))
+    swapped, report = ak.swap_in(model, linear_sparsity=0.5, block_size=16, return_report=True)
+    assert [r["name"] for r in report.replaced] == ["3"] and isinstance(swapped[3], BlockSparseLinear)
+    reasons = {s["name"]: s["reason"] for s in report.skipped}
+    assert reasons["0"] == "an empty layer (8 x 0, out x in): nothing to prune"
+    assert reasons["1"] == "an empty layer (0 x 8, out x in): nothing to prune"
+    assert reasons["2"] == ("block_size 16 is larger than the layer (8 x 8, out x in): one padded block would cost "
+                            "more than the whole layer")
+    # b * b = 10**18 entries: refused by its size, even when asked to swap what does not pay.
+    huge = nn.ModuleDict(dict(linear=nn.Linear(64, 64), lstm=nn.LSTM(8, 8)))
+    kept, report = ak.swap_in(huge, linear_sparsity=0.5, lstm_sparsity=0.5, block_size=10**9, only_if_cheaper=False,
+                              return_report=True)
+    assert not report.replaced and type(kept["linear"]) is nn.Linear and type(kept["lstm"]) is nn.LSTM
+    reasons = {s["name"]: s["reason"] for s in report.skipped}
+    assert reasons["linear"].startswith("block_size 1000000000 is larger than the layer (64 x 64, out x in)")
+    assert reasons["lstm"].startswith("block_size 1000000000 is larger than the layer (32 x 16, [W_ih | W_hh])")
+
+
+def test_subclasses_and_uninitialized_lazy_layers_are_reported_not_ignored():
+    class MyLinear(nn.Linear):
+        pass
+
+    class MyLSTM(nn.LSTM):
+        pass
+
+    class MyCell(nn.LSTMCell):
+        pass
+
+    model = nn.ModuleDict(dict(sub=MyLinear(64, 64), lazy=nn.LazyLinear(64), lstm=MyLSTM(32, 32), cell=MyCell(32, 32),
+                               plain=nn.Linear(64, 64)))
+    swapped, report = ak.swap_in(model, linear_sparsity=0.5, lstm_rank=4, block_size=16, return_report=True)
+    assert [r["name"] for r in report.replaced] == ["plain"]
+    reasons = {s["name"]: s["reason"] for s in report.skipped}
+    only = "swap_in replaces exact nn.Linear / nn.LSTM / nn.LSTMCell only"
+    assert reasons["sub"] == f"MyLinear subclasses nn.Linear; {only} (a subclass may compute more than its base)"
+    assert reasons["lstm"].startswith(f"MyLSTM subclasses nn.LSTM; {only}")
+    assert reasons["cell"].startswith(f"MyCell subclasses nn.LSTMCell; {only}")
+    assert reasons["lazy"] == ("an uninitialized LazyLinear has no weight yet (run a forward first: it then becomes "
+                               f"the plain module); {only}")
+    swapped["lazy"](torch.randn(2, 64))  # materialised: now an nn.Linear, and swapped
+    assert isinstance(ak.swap_in(swapped, linear_sparsity=0.5, block_size=16)["lazy"], BlockSparseLinear)
+
+
+def test_a_pattern_that_matches_no_layer_warns_naming_it():
+    for kwargs, pattern in ((dict(include="encodr*"), "include pattern 'encodr\\*'"),
+                            (dict(include=["joint", "predictr"]), "include pattern 'predictr'"),
+                            (dict(exclude="jiont"), "exclude pattern 'jiont'"),
+                            (dict(include="encoder"), "include pattern 'encoder'")):  # an LSTM: not a target here
+        with pytest.warns(UserWarning, match=f"swap_in: {pattern} matches no layer these settings replace"):
+            ak.swap_in(TinyTransducer(), linear_sparsity=0.5, block_size=16, only_if_cheaper=False, **kwargs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ak.swap_in(TinyTransducer(), lstm_rank=4, include="encoder", exclude="predictor")  # both match: silent
+
+
+def test_block_sizes_and_dtypes_without_a_fast_kernel_are_kept_where_only_cheaper_is_asked():
+    torch.manual_seed(0)
+    fast = "(fast: block sizes 16, 32, 64; dtypes torch.bfloat16, torch.float32)"
+    kept, report = ak.swap_in(nn.Sequential(nn.Linear(256, 256)), linear_sparsity=0.75, block_size=8,
+                              return_report=True)
+    assert type(kept[0]) is nn.Linear and report.skipped[0]["reason"] == (
+        f"the cpu face has no SIMD kernel for block size 8 {fast}; its exact generic path is slower than the "
+        "dense layer")
+    fp64 = nn.ModuleDict(dict(linear=nn.Linear(256, 256), lstm=nn.LSTM(64, 64))).double()
+    kept, report = ak.swap_in(fp64, linear_sparsity=0.75, lstm_sparsity=0.75, block_size=32, return_report=True)
+    assert not report.replaced and all(f"for dtype torch.float64 {fast}" in s["reason"] for s in report.skipped)
+    with pytest.raises(ValueError, match="strict=True.*\n  0 \\(Linear\\): the cpu face has no SIMD kernel for block"):
+        ak.swap_in(nn.Sequential(nn.Linear(256, 256)), linear_sparsity=0.75, block_size=8, strict=True)
+    # Asked for anyway: swapped, and exact.
+    x = torch.randn(3, 256, dtype=torch.float64)
+    swapped = ak.swap_in(fp64, linear_sparsity=0.75, lstm_sparsity=0.75, block_size=32, only_if_cheaper=False)
+    assert isinstance(swapped["linear"], BlockSparseLinear) and isinstance(swapped["lstm"], BlockSparseLSTM)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the module says once per process that this runs the generic path
+        torch.testing.assert_close(swapped["linear"](x), swapped["linear"].to_dense()(x))

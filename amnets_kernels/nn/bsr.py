@@ -10,7 +10,7 @@ from torch import nn
 from .. import _backend, _validate
 from .._ops import _is_wrapped, eager_inference
 from .._ops import functorch
-from .._ops.bsr import PreparedBsrLstmCell, _fused_cell
+from .._ops.bsr import PreparedBsrLstmCell, _fused_cell, say_if_slow
 from ..formats import BlockSparseMatrix, bsr_to_dense
 from .cost import warn_if_not_cheaper
 from .stacked_lstm import StackedLSTM, combined_bias, copy_into, lstm_config_of, parameter_from
@@ -23,6 +23,7 @@ def _resize_to_saved(module: nn.Module, state_dict, prefix: str, names) -> None:
         saved = state_dict.get(prefix + name)
         current = getattr(module, name)
         if saved is not None and saved.shape != current.shape:
+            current.grad = None  # the old pattern's: the next backward would add the new one's to it
             current.data = current.new_empty(saved.shape)
 
 
@@ -79,6 +80,11 @@ class BlockSparseLinear(nn.Module):
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         module._adopt(BlockSparseMatrix.from_torch_bsr(weight, shape))
+        if bias is not None:  # checked here, not at the first forward
+            op = "BlockSparseLinear.from_torch_bsr"
+            _validate._tensor(op, "bias", bias, ndim=1)
+            _validate._shape(op, "bias", bias, (module.out_features,), "(out_features,) = ")
+            _validate._same_device_and_dtype(op, "weight", {"weight": module.values, "bias": bias})
         module.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         return module
 
@@ -92,6 +98,9 @@ class BlockSparseLinear(nn.Module):
         return self.sparse_weight.density
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor):  # as nn.Linear: torch.ops would raise a RuntimeError of its own
+            raise TypeError(f"BlockSparseLinear: x must be a torch.Tensor; got {type(x).__name__}")
+        say_if_slow(x, self.values)  # a block size or dtype without a fast kernel on x's face: said once
         op = functorch.bsr_linear if functorch.active() else torch.ops.amnets.bsr_linear
         return op(x, self.values, self.crow_indices, self.col_indices, self.out_features,
                                            self.in_features, self.bias)
@@ -105,15 +114,45 @@ class BlockSparseLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):
         # Another pattern or block size loads (the saved pattern replaces ours); another layer shape is a
-        # size mismatch, as for nn.Linear, and nothing of this module changes.
+        # size mismatch, as for nn.Linear, and nothing of this module changes. Checkpoints name their shape
+        # in the extra state; a tensor-only one (safetensors) must fit by its tensors, checked before
+        # anything changes.
         saved = state_dict.get(prefix + "_extra_state")
         if saved is not None and tuple(saved["shape"]) != (self.out_features, self.in_features):
             where = prefix.rstrip(".") or type(self).__name__
             error_msgs.append(f"size mismatch for {where}: a checkpoint of a {tuple(saved['shape'])} (out, in) "
                               f"BlockSparseLinear cannot load into this {(self.out_features, self.in_features)} one")
             return
+        misfit = self._misfit(state_dict, prefix)
+        if misfit is not None:
+            error_msgs.append(misfit)
+            return
+        values = state_dict.get(prefix + "values")
+        if values is not None:
+            self.block_size = values.shape[-1]  # a tensor-only checkpoint says its block size only there
         _resize_to_saved(self, state_dict, prefix, ("values", "crow_indices", "col_indices"))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs)
+
+    def _misfit(self, state_dict, prefix: str) -> str | None:
+        """Why the saved pattern (with ours where a tensor is not saved) is not one of this layer's, or None:
+        square blocks, a row of blocks per b output rows, columns within the blocks of in_features, one
+        column index per block, a bias of out_features."""
+        get = lambda name: state_dict.get(prefix + name, getattr(self, name))  # noqa: E731
+        values, crow, col, bias = get("values"), get("crow_indices"), get("col_indices"), get("bias")
+        ours = f"this BlockSparseLinear is {(self.out_features, self.in_features)} (out, in)"
+        if values.dim() != 3 or values.shape[1] != values.shape[2]:
+            return (f"size mismatch for {prefix}values: the checkpoint's must be (nnzb, b, b) square blocks; "
+                    f"got {tuple(values.shape)}")
+        b = values.shape[-1]
+        rows, cols = -(-self.out_features // b), -(-self.in_features // b)
+        last = int(col.max()) if col.numel() and not col.is_meta else -1  # (meta: a module built to be assigned)
+        if crow.numel() != rows + 1 or col.numel() != values.shape[0] or last >= cols:
+            return (f"size mismatch for {prefix}crow_indices/col_indices: the checkpoint's pattern ({values.shape[0]} "
+                    f"blocks of {b}, {crow.numel() - 1} block rows, {col.numel()} column indices up to {last}) "
+                    f"does not fit: {ours}, {rows} block rows and {cols} block columns of {b}")
+        if bias is not None and self.bias is not None and tuple(bias.shape) != (self.out_features,):
+            return f"size mismatch for {prefix}bias: the checkpoint's is {tuple(bias.shape)}; {ours}"
+        return None
 
     def macs_per_frame(self) -> int:
         """Multiply-adds per row as the kernel runs them: every stored block entry, padding included."""
