@@ -34,7 +34,8 @@ def bsr_linear(x: Tensor, weight: BlockSparseMatrix, bias: Optional[Tensor] = No
 
 def _call(x, values, crow_indices, col_indices, out_features, in_features, bias):
     """The op on x (..., in_features); 2-D x skips the reshaping layer."""
-    say_if_slow(x, values)
+    if values.dtype not in _FAST_DTYPES or values.shape[-1] not in _FAST_BLOCKS:  # (inline: ~0.2 us a call less)
+        say_if_slow(x, values)
     try:
         if functorch.active():
             return functorch.bsr_linear(x, values, crow_indices, col_indices, out_features, in_features, bias)
@@ -62,12 +63,10 @@ _warned: set = set()
 
 def say_if_slow(x, values) -> None:
     """Once per (face, block size, dtype): a compiled face without a fast kernel for this call says so. Every
-    eager entry to bsr_linear calls it (the function, PreparedBsrLinear, BlockSparseLinear): ~0.1 us when the
-    block size and dtype have fast kernels on every face."""
-    if not isinstance(values, Tensor) or values.dim() != 3 or (
-            values.dtype in _FAST_DTYPES and values.shape[-1] in _FAST_BLOCKS):
-        return
-    if not isinstance(x, Tensor) or torch.compiler.is_compiling():
+    eager entry to bsr_linear calls it (the function, PreparedBsrLinear, BlockSparseLinear) where the block size
+    or dtype lacks a fast kernel on some face (_FAST_BLOCKS, _FAST_DTYPES: checked at the call, inline)."""
+    if not isinstance(values, Tensor) or values.dim() != 3 or not isinstance(x, Tensor) or \
+            torch.compiler.is_compiling():
         return  # the op's checks answer; Dynamo cannot trace the C++ backend state read below (eager calls say it)
     face = _backend.which_face(OP, x.device)
     if face not in _FAST:

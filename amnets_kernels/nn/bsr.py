@@ -10,7 +10,7 @@ from torch import nn
 from .. import _backend, _validate
 from .._ops import _is_wrapped, eager_inference
 from .._ops import functorch
-from .._ops.bsr import PreparedBsrLstmCell, _fused_cell, say_if_slow
+from .._ops.bsr import _FAST_BLOCKS, _FAST_DTYPES, PreparedBsrLstmCell, _fused_cell, say_if_slow
 from ..formats import BlockSparseMatrix, bsr_to_dense
 from .cost import warn_if_not_cheaper
 from .stacked_lstm import StackedLSTM, combined_bias, copy_into, lstm_config_of, parameter_from
@@ -100,10 +100,11 @@ class BlockSparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor):  # as nn.Linear: torch.ops would raise a RuntimeError of its own
             raise TypeError(f"BlockSparseLinear: x must be a torch.Tensor; got {type(x).__name__}")
-        say_if_slow(x, self.values)  # a block size or dtype without a fast kernel on x's face: said once
+        values = self.values
+        if values.dtype not in _FAST_DTYPES or values.shape[-1] not in _FAST_BLOCKS:  # no fast kernel somewhere
+            say_if_slow(x, values)  # (on x's face: said once)
         op = functorch.bsr_linear if functorch.active() else torch.ops.amnets.bsr_linear
-        return op(x, self.values, self.crow_indices, self.col_indices, self.out_features,
-                                           self.in_features, self.bias)
+        return op(x, values, self.crow_indices, self.col_indices, self.out_features, self.in_features, self.bias)
 
     def get_extra_state(self):
         return {"shape": (self.out_features, self.in_features), "block_size": self.block_size}
