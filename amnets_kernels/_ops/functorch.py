@@ -33,20 +33,24 @@ def _below(op, *args):
     with torch._C._AutoDispatchBelowAutograd():
         if not _under_vmap():
             return op(*args)
-        # vmap runs the op once per sample (functorch's fallback: no batching rule). We say so in Python, and
-        # turn PyTorch's C++ warning of it off for the call: that warning, queued in a call that then raises
-        # (a bad pattern in one member of an ensemble), turned our named ValueError into "SystemError:
-        # <class 'UserWarning'> returned a result with an exception set". PyTorch has no getter for the
-        # switch: it goes back to its default, on.
         if op not in _per_sample_said:
             _per_sample_said.add(op)
             warnings.warn(f"amnets {op.__name__.split('.')[0]} under torch.func.vmap runs once per sample (no "
                           "batching rule): correct, not batched", stacklevel=3)
-        torch._C._functorch._set_vmap_fallback_warning_enabled(False)
-        try:
-            return op(*args)
-        finally:
-            torch._C._functorch._set_vmap_fallback_warning_enabled(True)
+        return _quietly_per_sample(op, *args)
+
+
+def _quietly_per_sample(op, *args):
+    """op under vmap, run once per sample by functorch's fallback (no batching rule), with PyTorch's C++ warning
+    of it off for the call: that warning, queued in a call that then raises (a bad pattern in one member of an
+    ensemble), turned our named ValueError into "SystemError: <class 'UserWarning'> returned a result with an
+    exception set"; and it asks users to file an issue with PyTorch. PyTorch has no getter for the switch: it
+    goes back to its default, on."""
+    torch._C._functorch._set_vmap_fallback_warning_enabled(False)
+    try:
+        return op(*args)
+    finally:
+        torch._C._functorch._set_vmap_fallback_warning_enabled(True)
 
 
 _per_sample_said: set = set()
@@ -375,8 +379,11 @@ class _FusedJointRnntLoss(_Remember):
 
 
 def _reduce(op: str, costs, reduction, zero_infinity: bool):
-    # the public ops' own check and reduction (csrc/rnnt.cpp), a composite op that functorch sees through
-    return torch.ops.amnets._rnnt_reduce(costs, reduction, zero_infinity, op)
+    # the public ops' own check and reduction (csrc/rnnt.cpp), a composite op: per sample under vmap (the loss
+    # direction before it has said so)
+    args = costs, reduction, zero_infinity, op
+    reduce = torch.ops.amnets._rnnt_reduce
+    return _quietly_per_sample(reduce, *args) if _under_vmap() else reduce(*args)
 
 
 def rnnt_loss(logits, targets, logit_lengths, target_lengths, blank, clamp, reduction, fused_log_softmax,
