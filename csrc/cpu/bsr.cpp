@@ -1112,20 +1112,16 @@ void bsr_check_pattern(const Tensor& crow, const Tensor& col, int64_t nnzb, int6
   checks::bsr_pattern(name.c_str(), nnzb, block_size, crow, col, out_features, in_features);
 }
 
-// A frame through a stack of block-sparse layers (lstm_stack.h): blocks [values, crow_indices, col_indices] of
-// each layer's [W_ih | W_hh], biases one per layer (None: no bias); each layer is the fused cell above.
+// A frame through a stack of block-sparse layers (lstm_stack.h), each the fused cell above.
 std::tuple<Tensor, Tensor, Tensor> bsr_lstm_stack_step(const Tensor& x, const c10::optional<Tensor>& h0,
                                                        const c10::optional<Tensor>& c0, at::TensorList blocks,
                                                        const c10::List<c10::optional<Tensor>>& biases, int64_t hidden) {
-  constexpr const char* op = "bsr_lstm_stack_step";
-  const auto layers = static_cast<int64_t>(biases.size());
-  TORCH_CHECK_VALUE(static_cast<int64_t>(blocks.size()) == 3 * layers, op,
-                    ": blocks must hold (values, crow_indices, col_indices) for each of the ", layers,
-                    " layers that biases has; got ", blocks.size(), " tensors");
-  return lstm_stack_step(op, x, h0, c0, layers, hidden, [&](int64_t k, const Tensor& in, const Tensor& h, const Tensor& c) {
-    const Tensor* b = blocks.data() + 3 * k;
-    return bsr_lstm_cell_forward(in, h, c, b[0], b[1], b[2], biases.get(k));
-  });
+  return lstm_stack_step("bsr_lstm_stack_step", x, h0, c0, blocks, 3,
+                         "blocks must hold (values, crow_indices, col_indices)", biases,
+                         hidden, [](const Tensor& in, const Tensor& h, const Tensor& c, const Tensor* b,
+                                    const c10::optional<Tensor>& bias) {
+                           return bsr_lstm_cell_forward(in, h, c, b[0], b[1], b[2], bias);
+                         });
 }
 
 }  // namespace

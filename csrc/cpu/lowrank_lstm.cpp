@@ -423,21 +423,17 @@ std::tuple<Tensor, Tensor, Tensor> cell_forward(const Tensor& x, const Tensor& h
   return {h1, c1, at::empty({0}, x.options())};
 }
 
-// A frame through a stack of low-rank layers (lstm_stack.h): weights [w_ih_u, w_ih_v, w_hh_u, w_hh_v] per layer,
-// biases one per layer (None: no bias). Each layer is the cell's forward: the lean step where it applies.
+// A frame through a stack of low-rank layers (lstm_stack.h), each the cell's forward: the lean step where it applies.
 std::tuple<Tensor, Tensor, Tensor> stack_step(const Tensor& x, const c10::optional<Tensor>& h0,
                                               const c10::optional<Tensor>& c0, at::TensorList weights,
                                               const c10::List<c10::optional<Tensor>>& biases, int64_t hidden) {
-  constexpr const char* op = "lowrank_lstm_stack_step";
-  const auto layers = static_cast<int64_t>(biases.size());
-  TORCH_CHECK_VALUE(static_cast<int64_t>(weights.size()) == 4 * layers, op,
-                    ": weights must hold 4 factors (w_ih_u, w_ih_v, w_hh_u, w_hh_v) for each of the ", layers,
-                    " layers that biases has; got ", weights.size(), " tensors");
-  return lstm_stack_step(op, x, h0, c0, layers, hidden, [&](int64_t k, const Tensor& in, const Tensor& h, const Tensor& c) {
-    const Tensor* w = weights.data() + 4 * k;
-    auto [h1, c1, gates] = cell_forward(in, h, c, w[0], w[1], w[2], w[3], biases.get(k), false);
-    return std::pair{std::move(h1), std::move(c1)};
-  });
+  return lstm_stack_step("lowrank_lstm_stack_step", x, h0, c0, weights, 4,
+                         "weights must hold 4 factors (w_ih_u, w_ih_v, w_hh_u, w_hh_v)",
+                         biases, hidden, [](const Tensor& in, const Tensor& h, const Tensor& c, const Tensor* w,
+                                            const c10::optional<Tensor>& bias) {
+                           auto [h1, c1, gates] = cell_forward(in, h, c, w[0], w[1], w[2], w[3], bias, false);
+                           return std::pair{std::move(h1), std::move(c1)};
+                         });
 }
 
 }  // namespace

@@ -17,14 +17,20 @@
 
 namespace amnets::cpu {
 
-// x (B, D); h0, c0 (L, B, H) or absent (zeros) -> (out (B, H), h_n, c_n (L, B, H)); out is the last layer's h and
-// never aliases h_n. step(k, input, h, c) -> (h1, c1) runs layer k (checking its own weights and the shapes of
-// what it is given); layer k + 1 reads layer k's h1.
+// x (B, D); h0, c0 (L, B, H) or absent (zeros); `weights` holds `count` tensors per layer (`what` says so, as
+// "<argument> must hold <them>"), `biases` one per layer (None: no bias) -> (out (B, H), h_n, c_n (L, B, H)); out
+// is the last layer's h and never aliases h_n. step(input, h, c, layer's weights, layer's bias) -> (h1, c1) runs a
+// layer (checking its weights and the shapes of what it is given); layer k + 1 reads layer k's h1.
 template <typename Step>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_stack_step(const char* op, const at::Tensor& x,
                                                                const std::optional<at::Tensor>& h0,
-                                                               const std::optional<at::Tensor>& c0, int64_t layers,
+                                                               const std::optional<at::Tensor>& c0,
+                                                               at::TensorList weights, int64_t count, const char* what,
+                                                               const c10::List<std::optional<at::Tensor>>& biases,
                                                                int64_t hidden, const Step& step) {
+  const auto layers = static_cast<int64_t>(biases.size());
+  TORCH_CHECK_VALUE(static_cast<int64_t>(weights.size()) == count * layers, op, ": ", what, " for each of the ", layers,
+                    " layers that biases has; got ", weights.size(), " tensors");
   checks::dims(op, "x", x, 2);
   TORCH_CHECK_VALUE(layers >= 1 && hidden >= 1, op, ": needs at least one layer (biases has an entry per layer) and ",
                     "hidden_size >= 1; got ", layers, " layers, hidden_size ", hidden);
@@ -40,7 +46,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_stack_step(const char* op, c
   const int64_t bytes = batch * hidden * static_cast<int64_t>(x.element_size());
   at::Tensor input = x;
   for (int64_t k = 0; k < layers; ++k) {
-    auto [h1_, c1_] = step(k, input, h0.has_value() ? h0->select(0, k) : zeros, c0.has_value() ? c0->select(0, k) : zeros);
+    auto [h1_, c1_] = step(input, h0.has_value() ? h0->select(0, k) : zeros, c0.has_value() ? c0->select(0, k) : zeros,
+                           weights.data() + count * k, biases.get(k));
     const at::Tensor h1 = h1_.contiguous(), c1 = c1_.contiguous();
     // A step hands back (B, H) in x's dtype, having checked h and c against its weights (copied by bytes next).
     TORCH_INTERNAL_ASSERT(h1.numel() * h1.element_size() == bytes && c1.numel() * c1.element_size() == bytes);
