@@ -50,6 +50,8 @@ class FallbackWarning(UserWarning):
 
 
 def _check_name(name: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str, one of {BACKENDS}; got {type(name).__name__}")
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {name!r}")
     return name
@@ -124,10 +126,11 @@ def use_backend(name: str):
     """`with use_backend("cpu"): ...` runs the block with that face (on this thread; nests). Autograd's
     backward of an op runs under the backend its forward ran under."""
     name = _check_name(name)
-    blocks = _open_blocks.__dict__.setdefault("blocks", [])
+    opened_on, opened = threading.get_ident(), _open_blocks.__dict__
+    blocks = opened.setdefault("blocks", [])
     token = _state.push_backend(name)
     if not blocks:
-        _open_blocks.before = token
+        opened["before"] = token
     block = (object(), name)
     blocks.append(block)
     try:
@@ -137,10 +140,18 @@ def use_backend(name: str):
         # one closes is the innermost block still open, else what was before any; not what was in force
         # when this one opened, which may be a block that has closed since.
         blocks.remove(block)
-        if blocks:
+        if threading.get_ident() != opened_on:
+            # A generator suspended inside the block, closed or collected on another thread: the backend in
+            # force is per thread, and this thread's is not the block's to change (it wiped this thread's own
+            # blocks); the opening thread's cannot be changed from here.
+            warnings.warn(f"use_backend({name!r}): a block opened on another thread closed here (a generator "
+                          "suspended inside it, resumed or collected on this thread); this thread's backend is "
+                          "left as it was, and the opening thread keeps the backend its blocks set until it closes "
+                          "or sets them there", RuntimeWarning, stacklevel=3)
+        elif blocks:
             _state.push_backend(blocks[-1][1])
         else:
-            _state.pop_backend(_open_blocks.before)
+            _state.pop_backend(opened["before"])
 
 
 def _native_has(op: str, dispatch_key: str) -> bool:
@@ -241,13 +252,13 @@ def resolve(op: str, device: torch.device) -> Face:
     backend = get_backend()
     face = _pick(backend, op, device.type)
     if face == "reference" and backend == "auto" and (op, device.type) not in _warned:
-        _warned.add((op, device.type))
         best = AUTO_ORDER.get(device.type, ("reference",))[0]
         warnings.warn(
             f"amnets_kernels.{op}: backend 'auto' runs the pure-PyTorch reference face on {device.type} "
             f"({unavailable_reason(op, best, device.type)}). It is exact but not fast; "
             f"amnets_kernels.last_face({op!r}) reports which face ran.",
             FallbackWarning, stacklevel=3)
+        _warned.add((op, device.type))  # once said: a warnings filter of "error" raises on every call instead
     _state.note_face(op, face)
     return _load(op, face)
 

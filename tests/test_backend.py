@@ -35,6 +35,28 @@ def test_set_get_and_scoped_backend():
         ak.use_backend("fast").__enter__()
 
 
+def test_a_block_closed_on_another_thread_leaves_that_threads_backend_alone():
+    """A generator suspended inside a use_backend block, closed on another thread: that thread's own blocks stay
+    in force (they were wiped), with a RuntimeWarning saying what happened; a backend name must be a str."""
+    import threading
+
+    def frames():
+        with ak.use_backend("reference"):
+            yield ak.get_backend()
+
+    suspended = frames()
+    worker = threading.Thread(target=next, args=(suspended,))
+    worker.start()
+    worker.join()
+    with ak.use_backend("cpu"):
+        with pytest.warns(RuntimeWarning, match="a block opened on another thread closed here"):
+            suspended.close()
+        assert ak.get_backend() == "cpu"
+    assert ak.get_backend() == "auto"
+    with pytest.raises(TypeError, match="backend must be a str"):
+        ak.set_backend(None)
+
+
 def test_blocks_closing_out_of_order_leave_the_innermost_open_one_then_none():
     """asyncio tasks interleave use_backend blocks on one thread, so they can close out of order: after
     each close the innermost block still open is in force, and after the last, what was before any."""
@@ -89,6 +111,11 @@ def test_auto_fallback_warns_once_and_is_queryable(monkeypatch):
     try:
         x, h = torch.randn(2, 3), torch.randn(2, 2)
         w = (torch.randn(8, 2), torch.randn(2, 3), torch.randn(8, 1), torch.randn(1, 2))
+        for _ in range(2):  # a filter of "error" raises on every call, not on the first only (CI forbidding fallbacks)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                with pytest.raises(ak.FallbackWarning):
+                    ak.lowrank_lstm_cell(x, h, h, *w)
         with pytest.warns(ak.FallbackWarning, match="runs the pure-PyTorch reference face on cpu"):
             ak.lowrank_lstm_cell(x, h, h, *w)
         assert ak.last_face(op) == "reference"

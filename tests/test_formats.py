@@ -94,6 +94,9 @@ def test_a_matrix_moves_to_meta_and_back_to_real_shapes():
     on_meta = BlockSparseMatrix.from_dense(dense, block_size=4, sparsity=0.5).to("meta")
     assert on_meta.device.type == "meta" and on_meta.crow_indices.device.type == "meta"
     assert on_meta.shape == (20, 12) and on_meta.nnzb == 8  # 15 blocks, half kept: round(7.5) = 8
+    for backend in ("auto", "cpu"):  # shape inference, under any backend, whatever the block size's kernels
+        with ak.use_backend(backend):  # (block 4 under "cpu" raised: the no-fast-kernel note asked for a face)
+            assert ak.bsr_linear(torch.empty(3, 12, device="meta"), on_meta).shape == (3, 20)
 
 
 def test_indices_must_be_integers_that_fit_int32():

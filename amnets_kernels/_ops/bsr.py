@@ -68,7 +68,10 @@ def say_if_slow(x, values) -> None:
     if not isinstance(values, Tensor) or values.dim() != 3 or not isinstance(x, Tensor) or \
             torch.compiler.is_compiling():
         return  # the op's checks answer; Dynamo cannot trace the C++ backend state read below (eager calls say it)
-    face = _backend.which_face(OP, x.device)
+    try:
+        face = _backend.which_face(OP, x.device)
+    except _backend.FaceUnavailableError:
+        return  # (the op raises it, or runs where no face is chosen: meta tensors)
     if face not in _FAST:
         return
     blocks, dtypes, what, instead = _FAST[face]
