@@ -83,6 +83,24 @@ def test_chunks_and_streamer_continue_exactly(cfg, cut):
     assert torch.equal(streamer.state[1], state[1])
 
 
+def test_a_streamer_on_the_engine_refuses_a_backend_that_does_not_run_it():
+    """A streamer made under "auto" runs the cpu frame engine; under "cpu" it still does, under "reference" or
+    "cuda" (chosen after it was made) it raises instead of running the engine silently."""
+    if DEVICE != "cpu":
+        pytest.skip("the cpu frame engine")
+    enc = AmNetsEncoder(8, 16, num_layers=2, cheap="sparse", block_size=16).eval()
+    x = torch.randn(1, 3, 8)
+    streamer = enc.streamer()
+    assert streamer.native
+    want, _ = streamer.fork()(x)
+    with ak.use_backend("cpu"):
+        assert torch.equal(streamer(x)[0], want)
+    for backend in ("reference", "cuda"):
+        with ak.use_backend(backend), pytest.raises(ValueError, match=f"this stream runs the cpu frame engine, "
+                                                                       f"which backend '{backend}' \\(now in force\\)"):
+            streamer(x)
+
+
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 def test_streamer_state_is_a_snapshot_and_can_be_set(backend):
     enc = AmNetsEncoder(8, 16, num_layers=2, cheap="sparse", block_size=16).eval()

@@ -167,6 +167,11 @@ def test_which_engine_follows_the_backend():
         assert enc.frame_engine().face == "triton"
     with ak.use_backend("reference"):
         assert enc.frame_engine() is None
+    with ak.use_backend(BACKEND):
+        streamer = enc.streamer()
+    with ak.use_backend("reference"), pytest.raises(ValueError, match="this stream runs the Triton frame engine, "
+                                                                       "which backend 'reference'"):
+        streamer(torch.randn(1, 1, 8, device=DEVICE))  # made under the Triton engine: never run silently under another
     odd = AmNetsEncoder(8, 16, num_layers=1, cheap="sparse", block_size=8).eval().to(DEVICE)
     with ak.use_backend(BACKEND):
         assert odd.frame_engine() is None  # block 8: the per-layer Triton faces run instead

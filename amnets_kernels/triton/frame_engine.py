@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import _backend
 from .._one_thread import OneThread
 from ..aot import AotConfig
 from .lowrank_lstm import _cell_update
@@ -551,6 +552,10 @@ class Stream:
         self.reset()
 
     def __call__(self, x):
+        now = _backend.get_backend()  # changed since the stream was made: another face is never run silently here
+        if now not in ("auto", "triton"):
+            raise ValueError(f"AmNetsEncoder.streamer: this stream runs the Triton frame engine, which backend {now!r} "
+                             "(now in force) does not run: make a new streamer under it, or call stream()")
         with self._one_thread:
             out, self.h, self.c, dec = self.engine.run(x, self.h, self.c, self.code, self.rows, self.cut)
         return out, dec

@@ -706,6 +706,11 @@ struct EngineStream {
   std::tuple<Tensor, Tensor> operator()(const Tensor& x, Around around = {}) {
     Tensor evicted[2];  // (destroyed last, when this stream is no longer in use: see OutputPool)
     const InUse use(*busy);
+    // The backend may have changed since the stream was made: another face chosen is never run silently here.
+    const face::Backend now = face::current();
+    TORCH_CHECK_VALUE(now == face::Backend::Auto || now == face::Backend::Cpu, "AmNetsEncoder.streamer: this stream ",
+                      "runs the cpu frame engine, which backend '", face::name(now), "' (now in force) does not run: ",
+                      "make a new streamer under it, or call stream()");
     engine->check_frames(x, batch);
     Tensor out = pool.take(engine->out_sizes(x), engine->dtype, evicted[0]);
     Tensor decisions = pool.take(engine->decision_sizes(x), at::kBool, evicted[1]);
