@@ -290,19 +290,14 @@ class BlockSparseLSTM(StackedLSTM):
         steps = [self._step(k, d) for k, _, _, d in self._directions]  # (each checks its weight, once per version)
         if not all(step._fast for step in steps) or _backend.resolve("bsr_linear", x.device).name != "cpu":
             return None
-        h0, c0 = (None, None) if hx is None else hx
         blocks, biases = [], []
         for step in steps:
             linear = step.linear
             blocks += (linear.values, linear.crow_indices, linear.col_indices)
             biases.append(linear.bias)
-        if not eager_inference(x, h0, c0, *blocks[::3], *biases):
-            return None
-        try:
-            stepped = _stack(x, h0, c0, blocks, biases, self.hidden_size)
-        except (TypeError, ValueError):
-            return None
-        self._took("fused step")
+        stepped = self._native_stack(_stack, x, hx, blocks, biases, blocks[::3])
+        if stepped is not None:
+            self._took("fused step")
         return stepped
 
     def _run(self, k, x, h0, c0):

@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .. import _backend, _validate
-from .._ops import eager_inference, functorch
+from .._ops import functorch
 from .._ops.lstm_update import lstm_pointwise
 from ..formats import lowrank_factors, rank_for_energy
 from .cost import warn_if_not_cheaper
@@ -181,18 +181,12 @@ class LowRankLSTM(StackedLSTM):
     def _stack_step(self, x, hx):
         if functorch.active() or _backend.resolve("lowrank_lstm_sequence", x.device).name != "cpu":
             return None
-        h0, c0 = (None, None) if hx is None else hx
         weights, biases = [], []
         for k in range(self.num_layers):
             *factors, b = self._direction_tensors(k)
             weights += factors
             biases.append(b)
-        if not eager_inference(x, h0, c0, *weights, *biases):
-            return None
-        try:
-            return _stack(x, h0, c0, weights, biases, self.hidden_size)
-        except (TypeError, ValueError):
-            return None
+        return self._native_stack(_stack, x, hx, weights, biases, weights)
 
     def _dense_weights(self, k):
         layer, reverse = divmod(k, self.num_directions)

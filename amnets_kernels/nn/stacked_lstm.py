@@ -9,6 +9,7 @@ from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .. import _validate
+from .._ops import eager_inference
 from .cost import lstm_macs
 
 
@@ -146,6 +147,17 @@ class StackedLSTM(nn.Module):
         A subclass's native call refusing its arguments (ValueError, TypeError) returns None too, so that the
         error comes from the layer-by-layer path, in the words a sequence gets."""
         return None
+
+    def _native_stack(self, stack, x, hx, weights: list, biases: list, floating: tuple):
+        """stack(x, h0, c0, weights, biases, hidden_size), the subclass's native stack step, where plain eager
+        inference allows it (`floating`: the weights autograd could want), else None; a refusal is None too."""
+        h0, c0 = (None, None) if hx is None else hx
+        if not eager_inference(x, h0, c0, *floating, *biases):
+            return None
+        try:
+            return stack(x, h0, c0, weights, biases, self.hidden_size)
+        except (TypeError, ValueError):
+            return None
 
     def _forward_packed(self, packed: PackedSequence, hx):
         """A PackedSequence as nn.LSTM takes it: each sequence runs to its own length (the reverse direction
