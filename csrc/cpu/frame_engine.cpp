@@ -31,7 +31,6 @@
 
 #include <cmath>
 
-#include "../face.h"
 #include "../sources_snapshot.h"
 #endif
 
@@ -45,6 +44,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../face.h"
 #include "bf16_convert.h"
 #include "kernels.h"
 #include "lstm_pointwise.h"
