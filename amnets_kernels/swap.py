@@ -14,8 +14,7 @@ from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
 from torch.nn.utils.prune import BasePruningMethod
 
-from . import _backend
-from ._ops.bsr import _FAST
+from ._ops.bsr import no_fast_kernel
 from .nn import BlockSparseLinear, BlockSparseLSTM, LowRankLSTM, LowRankLSTMCell, RNNTLoss
 from .nn.cost import NotCheaperWarning, lstm_macs, why_not_cheaper
 
@@ -144,20 +143,9 @@ def _not_exact(module: nn.Module, kind: type) -> _NotATarget:
 def _no_fast_kernel(weight, block_size: int) -> str | None:
     """Why blocks of this size and dtype would run bsr_linear's exact generic path (slower than the dense
     layer) on the face that would run them, or None."""
-    try:
-        face = _backend.which_face("bsr_linear", weight.device)
-    except _backend.FaceUnavailableError:
-        return None  # no face runs here now: nothing to judge (the forward says it)
-    if face not in _FAST:
-        return None
-    blocks, dtypes, what, _ = _FAST[face]
-    slow = [s for s, fast in ((f"block size {block_size}", block_size in blocks),
-                              (f"dtype {weight.dtype}", weight.dtype in dtypes)) if not fast]
-    if not slow:
-        return None
-    fast = f"block sizes {', '.join(map(str, sorted(blocks)))}; dtypes {', '.join(sorted(map(str, dtypes)))}"
-    return f"the {face} face has {what} for {' and '.join(slow)} (fast: {fast}); its exact generic path is slower " \
-           "than the dense layer"
+    slow = no_fast_kernel(weight.device, block_size, weight.dtype)
+    return None if slow is None else f"the {slow[0]} face has {slow[1]}; its exact generic path is slower than " \
+                                     "the dense layer"
 
 
 def _patterns(name: str, value) -> list[str] | None:

@@ -68,20 +68,32 @@ def say_if_slow(x, values) -> None:
     if not isinstance(values, Tensor) or values.dim() != 3 or not isinstance(x, Tensor) or \
             torch.compiler.is_compiling():
         return  # the op's checks answer; Dynamo cannot trace the C++ backend state read below (eager calls say it)
+    key = (values.shape[1], values.dtype)
+    slow = no_fast_kernel(x.device, *key)
+    if slow is None or (slow[0], *key) in _warned:
+        return
+    _warned.add((slow[0], *key))
+    warnings.warn(f"amnets bsr_linear {slow[0]} face: {slow[1]}; {_FAST[slow[0]][3]}: exact, not fast.",
+                  stacklevel=4)
+
+
+def no_fast_kernel(device, block_size: int, dtype: torch.dtype) -> tuple[str, str] | None:
+    """(face, why) where the face that runs bsr_linear on `device` now has no fast kernel for this block size
+    and dtype (its exact generic path is slower than a dense layer), else None: the warning above and
+    swap_in's only_if_cheaper both ask it."""
     try:
-        face = _backend.which_face(OP, x.device)
+        face = _backend.which_face(OP, device)
     except _backend.FaceUnavailableError:
-        return  # (the op raises it, or runs where no face is chosen: meta tensors)
+        return None  # (the op raises it, or runs where no face is chosen: meta tensors)
     if face not in _FAST:
-        return
-    blocks, dtypes, what, instead = _FAST[face]
-    key = (face, values.shape[1], values.dtype)
-    if (values.shape[1] in blocks and values.dtype in dtypes) or key in _warned:
-        return
-    _warned.add(key)
-    warnings.warn(f"amnets bsr_linear {face} face: {what} for block size {values.shape[1]} and dtype {values.dtype} "
-                  f"(kernels exist for b in {sorted(blocks)} and {sorted(str(d) for d in dtypes)}); {instead}: "
-                  "exact, not fast.", stacklevel=4)
+        return None
+    blocks, dtypes, what, _ = _FAST[face]
+    slow = [s for s, fast in ((f"block size {block_size}", block_size in blocks),
+                              (f"dtype {dtype}", dtype in dtypes)) if not fast]
+    if not slow:
+        return None
+    fast = f"block sizes {', '.join(map(str, sorted(blocks)))}; dtypes {', '.join(sorted(map(str, dtypes)))}"
+    return face, f"{what} for {' and '.join(slow)} (fast: {fast})"
 
 
 def _check_rows(op: str, x: Tensor) -> None:
