@@ -70,6 +70,7 @@ pybind11::dict build_info() {
 
 namespace amnets::cpu {
 void bind_frame_engine(pybind11::module_& m);  // csrc/cpu/frame_engine.cpp
+void bind_lstm_stack(pybind11::module_& m);    // csrc/cpu/lstm_stack.cpp
 }
 namespace amnets {
 void bind_sources_snapshot(pybind11::module_& m);  // csrc/sources_snapshot.cpp
@@ -78,6 +79,7 @@ void bind_sources_snapshot(pybind11::module_& m);  // csrc/sources_snapshot.cpp
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info, "What this binary of amnets_kernels was compiled with.");
   amnets::cpu::bind_frame_engine(m);
+  amnets::cpu::bind_lstm_stack(m);
   amnets::bind_sources_snapshot(m);
   // The backend in force (csrc/face.h); amnets_kernels._backend is their only user.
   namespace face = amnets::face;

@@ -514,6 +514,7 @@ def test_modules_built_under_inference_mode_run():
 def _layer_by_layer(monkeypatch, module):
     """The module with its whole-stack step switched off: each layer its own op call, as before it existed."""
     monkeypatch.setattr(type(module), "_stack_step", StackedLSTM._stack_step)
+    module.__dict__.pop("_stack_call", None)  # (and the one-call path kept once it ran)
 
 
 @settings(max_examples=40, deadline=None)
@@ -543,12 +544,17 @@ def test_a_frame_a_call_runs_the_whole_stack_in_one_native_call(kind, layers, bi
         patch.setattr(stack, "_stack", lambda *args: calls.append(1) or real(*args))
         got = module(x, hx)
         assert calls == [1]
+        again = module(x, hx)  # from forward's arguments in one native call (_C.StackCall), the op not called
+        assert calls == [1] and module.__dict__.get("_stack_call") is not None
         _layer_by_layer(patch, module)
         want = module(x, hx)
     tolerance = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=0, atol=1e-2)
-    for mine, theirs in zip((got[0], *got[1]), (want[0], *want[1])):
-        assert mine.shape == theirs.shape and mine.dtype == theirs.dtype
-        torch.testing.assert_close(mine, theirs, **tolerance)  # (B > 4 rows: both run the one-step sequence)
+    for result in (got, again):
+        for mine, theirs in zip((result[0], *result[1]), (want[0], *want[1])):
+            assert mine.shape == theirs.shape and mine.dtype == theirs.dtype
+            torch.testing.assert_close(mine, theirs, **tolerance)  # (B > 4 rows: both run the one-step sequence)
+        for out, state in zip(result[1], hx or ()):
+            assert out.numel() == 0 or out.data_ptr() != state.data_ptr()  # fresh state tensors, not the caller's
 
 
 @pytest.mark.parametrize("kind", ["lowrank", "sparse"])
@@ -573,3 +579,72 @@ def test_the_whole_stack_step_leaves_errors_to_the_layers(monkeypatch, kind):
     with torch.no_grad(), pytest.raises(type(stacked.value)) as layered:
         double(x.detach())
     assert str(stacked.value) == str(layered.value)
+
+
+@pytest.mark.parametrize("kind", ["lowrank", "sparse"])
+def test_the_one_call_frame_declines_wherever_the_python_path_must_decide(kind):
+    """Once a frame has run the native stack step, forward's first call is _C.StackCall (one native call from
+    forward's own arguments). It runs the frame only while it is plain eager inference on the cpu face with the
+    module's tensors unchanged (values written in place are read as they are); anything else goes the Python
+    way, with its answers and its errors."""
+    if DEVICE != "cpu":
+        pytest.skip("the whole-stack step is the cpu face's")
+    import copy
+    import io
+
+    import amnets_kernels as ak
+    torch.manual_seed(0)
+    module = (LowRankLSTM.from_lstm(nn.LSTM(32, 32, 2), rank=8) if kind == "lowrank"
+              else BlockSparseLSTM.from_lstm(nn.LSTM(32, 32, 2), sparsity=0.5, block_size=16)).eval()
+    weight = module.w_ih_u_l0 if kind == "lowrank" else module.values_l0
+    x, hx = torch.randn(1, 2, 32), (torch.randn(2, 2, 32), torch.randn(2, 2, 32))
+    ran = []
+
+    def frame(*args, took: bool, **grad):
+        """module(*args) (under no_grad unless grad=True), checked against the dense equivalent; whether the
+        one-call path ran it is `took`."""
+        real = module.__dict__.get("_stack_call")
+        if real is not None:
+            module.__dict__["_stack_call"] = lambda *a: ran.append(real(*a) is not None) or real(*a)
+        with torch.set_grad_enabled(grad.get("grad", False)):
+            got = module(*args)
+        assert (len(ran) > 0 and ran[-1]) == took
+        ran.clear()
+        with torch.no_grad():
+            want = module.to_dense()(*args)
+        torch.testing.assert_close(got[0].float(), want[0].float(), rtol=0, atol=2e-2 if grad.get("lossy") else 2e-5)
+        return got
+
+    frame(x, hx, took=False)  # the first frame builds it
+    frame(x, hx, took=True)
+    frame(x[:, 0], tuple(t[:, 0] for t in hx), took=True)  # unbatched
+    with torch.no_grad():
+        weight.mul_(0.5)  # in place (an optimizer step): read as it is
+    frame(x, hx, took=True)
+    weight.data = weight.data * 2.0  # re-pointed: the Python path, which makes it anew
+    frame(x, hx, took=False)
+    frame(x, hx, took=True)
+    if kind == "sparse":
+        with torch.no_grad():
+            module.col_indices_l0.add_(0)  # the pattern written in place: checked again, anew
+        frame(x, hx, took=False)
+        frame(x, None, took=True)
+    assert frame(x, hx, took=False, grad=True)[0].requires_grad  # autograd: the graph the Python path builds
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert frame(x, hx, took=False, lossy=True)[0].dtype == torch.bfloat16
+    with ak.use_backend("reference"):
+        frame(x, hx, took=False)
+        assert ak.last_face("lowrank_lstm_sequence" if kind == "lowrank" else "bsr_linear") == "reference"
+    frame(torch.randn(2, 2, 32), hx, took=False)  # two frames
+    with pytest.raises(ValueError, match="h_0"):
+        frame(x, (hx[0][:, :1], hx[1]), took=False)
+    twin = copy.deepcopy(module)
+    assert "_stack_call" not in twin.__dict__ and "_stack_call" in module.__dict__
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=False)
+    with torch.no_grad():
+        for copied in (twin, loaded):
+            (copied.w_ih_u_l0 if kind == "lowrank" else copied.values_l0).mul_(3.0)
+            torch.testing.assert_close(copied(x, hx)[0], copied.to_dense()(x, hx)[0], rtol=0, atol=2e-5)
+        torch.testing.assert_close(module(x, hx)[0], module.to_dense()(x, hx)[0], rtol=0, atol=2e-5)

@@ -300,6 +300,14 @@ class BlockSparseLSTM(StackedLSTM):
             self._took("fused step")
         return stepped
 
+    _STACK_KIND = "sparse"
+
+    def _stack_entries(self):  # as the prepared steps': the pattern tracked, the values read as they come
+        return [entry for k, *_ in self._directions for entry in self._sources(k, False)]
+
+    def _stepped(self):
+        self._took("fused step")
+
     def _run(self, k, x, h0, c0):
         step = self._step(k, x.shape[-1])
         h, c = h0, c0

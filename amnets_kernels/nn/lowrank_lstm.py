@@ -188,6 +188,12 @@ class LowRankLSTM(StackedLSTM):
             biases.append(b)
         return self._native_stack(_stack, x, hx, weights, biases, weights)
 
+    _STACK_KIND = "lowrank"
+
+    def _stack_entries(self):  # the factors and biases themselves: in-place writes are read as they come
+        return [(self._parameters if name in self._parameters else self._buffers, name, False)
+                for names in self._names for name in names]
+
     def _dense_weights(self, k):
         layer, reverse = divmod(k, self.num_directions)
         u_ih, v_ih, u_hh, v_hh, b = self._direction_tensors(k)

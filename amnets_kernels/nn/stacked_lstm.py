@@ -9,7 +9,8 @@ from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 
 from .. import _validate
-from .._ops import eager_inference
+from .._backend import _C
+from .._ops import _is_wrapped, eager_inference
 from .cost import lstm_macs
 
 
@@ -49,6 +50,14 @@ class StackedLSTM(nn.Module):
         self._names = tuple(tuple(f"{n}_l{layer}{suffix}" for n in self._PER_DIRECTION)
                             for _, layer, suffix, _ in self._directions)
 
+    def __getstate__(self):
+        """Pickling (torch.save of the module, copy.deepcopy) leaves the stack call behind: it holds this
+        module's tensors, and a copy makes its own at its first frame."""
+        state = dict(super().__getstate__())
+        state.pop("_stack_call", None)
+        state.pop("_stack_sources", None)
+        return state
+
     def __setstate__(self, state):
         super().__setstate__(state)
         if "_directions" not in self.__dict__:  # a whole module pickled before they were kept
@@ -71,6 +80,12 @@ class StackedLSTM(nn.Module):
         return own_tensors(self, self._names[k])
 
     def forward(self, input, hx=None):
+        call = self.__dict__.get("_stack_call")  # a frame a call, once the native stack step has run: see _keep_call
+        if call is not None and not (self.dropout and self.training or torch.compiler.is_compiling()):
+            stepped = call(input, hx, self.batch_first)
+            if stepped is not None:
+                self._stepped()
+                return stepped
         op = type(self).__name__
         input, hx = _in_autocast_dtype(input, hx)
         if isinstance(input, PackedSequence):
@@ -155,9 +170,44 @@ class StackedLSTM(nn.Module):
         if not eager_inference(x, h0, c0, *floating, *biases):
             return None
         try:
-            return stack(x, h0, c0, weights, biases, self.hidden_size)
+            stepped = stack(x, h0, c0, weights, biases, self.hidden_size)
         except (TypeError, ValueError):
             return None
+        self._keep_call(weights, biases)
+        return stepped
+
+    # _C.StackCall's kind: "lowrank" or "sparse" (csrc/cpu/lstm_stack.cpp), set by the subclasses with a stack step.
+    _STACK_KIND = ""
+
+    def _stack_entries(self) -> list[tuple]:
+        """Where the tensors the stack step was given come from, as _C.SourcesSnapshot entries (dict, key[, track
+        version]); the subclass's."""
+        raise NotImplementedError
+
+    def _keep_call(self, weights: list, biases: list) -> None:
+        """After a native stack step: the call forward makes first from then on, _C.StackCall, which runs the same
+        step on the same tensors from forward's own arguments in one native call, and declines (None: forward's
+        Python path) once any of the module's tensors behind them is replaced, re-pointed (`.data = ...`, .to())
+        or, where the entries track it, written in place, or where the frame is not plain eager inference on the
+        cpu face. Kept while its snapshot matches; none where a tensor is not the module's own (a
+        parametrization, pruning) or has no version to follow (an inference tensor, a functorch wrapper)."""
+        kept = self.__dict__.get("_stack_sources")
+        if kept is not None and kept.matches():  # the call declined this frame for reasons of its own
+            return
+        entries = self._stack_entries()
+        own = all(name in d for d, name, *_ in entries) and not any(
+            t.is_inference() or _is_wrapped(t) for d, name, *_ in entries for t in (d[name],) if t is not None)
+        if not own:
+            self.__dict__.pop("_stack_call", None)
+            self.__dict__.pop("_stack_sources", None)
+            return
+        sources = _C.SourcesSnapshot(entries)
+        # Set in __dict__ directly: not parameters, buffers or modules (and nn.Module.__setattr__ costs ~2 us).
+        self.__dict__["_stack_call"] = _C.StackCall(self._STACK_KIND, weights, biases, self.hidden_size, sources)
+        self.__dict__["_stack_sources"] = sources
+
+    def _stepped(self) -> None:
+        """A frame ran through the stack call (BlockSparseLSTM records it in last_path)."""
 
     def _forward_packed(self, packed: PackedSequence, hx):
         """A PackedSequence as nn.LSTM takes it: each sequence runs to its own length (the reverse direction

@@ -1112,6 +1112,8 @@ void bsr_check_pattern(const Tensor& crow, const Tensor& col, int64_t nnzb, int6
   checks::bsr_pattern(name.c_str(), nnzb, block_size, crow, col, out_features, in_features);
 }
 
+}  // namespace
+
 // A frame through a stack of block-sparse layers (lstm_stack.h), each the fused cell above.
 std::tuple<Tensor, Tensor, Tensor> bsr_lstm_stack_step(const Tensor& x, const c10::optional<Tensor>& h0,
                                                        const c10::optional<Tensor>& c0, at::TensorList blocks,
@@ -1123,8 +1125,6 @@ std::tuple<Tensor, Tensor, Tensor> bsr_lstm_stack_step(const Tensor& x, const c1
                            return bsr_lstm_cell_forward(in, h, c, b[0], b[1], b[2], bias);
                          });
 }
-
-}  // namespace
 
 TORCH_LIBRARY_IMPL(amnets_native, CPU, m) {
   m.impl("bsr_lstm_stack_step", &bsr_lstm_stack_step);

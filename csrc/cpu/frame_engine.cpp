@@ -31,6 +31,7 @@
 
 #include <cmath>
 
+#include "../fast_call.h"
 #include "../sources_snapshot.h"
 #endif
 
@@ -749,23 +750,6 @@ struct EngineStream {
 };
 
 #ifdef AMNETS_PYTHON_MODULE  // the Python module amnets_kernels._C; not the library a C++ program loads
-// Runs a chunk's arithmetic with the GIL released, as torch's own ops run theirs, so that other Python threads
-// (other streams, each with its own state) run meanwhile; but only when another Python thread exists. Alone,
-// the release and the reacquire would only cost time: 0.07-0.2 us a call (alternating processes of the builds,
-// a tiny model's frame 1.2 -> 1.3 us), a point of the low-rank H=192 frame's ~0.01 margin to its goal. A thread
-// started meanwhile waits for the GIL until this chunk is done.
-struct WithoutGil {
-  template <typename F>
-  void operator()(F&& f) const {
-    PyThreadState* self = PyThreadState_Get();
-    const bool alone = PyInterpreterState_ThreadHead(PyThreadState_GetInterpreter(self)) == self &&
-                       PyThreadState_Next(self) == nullptr;
-    if (alone) return f();
-    pybind11::gil_scoped_release released;
-    f();
-  }
-};
-
 // AmNetsEncoder.stream() in one native call, from its Python arguments as given (python/amnets/encoder.py):
 // whether the engine still matches the weights and the backend it was built under, the arguments' kinds and
 // the engine's run. Python around it cost ~2 us a call, a fifth of a cheap H=192 frame. Returns None where
@@ -777,8 +761,16 @@ struct WithoutGil {
 class StreamCall {
  public:
   // `sources` is owned by the Python SourcesSnapshot object that the StreamCall function holds with it.
+  static constexpr const char* kName = "amnets.StreamCall";
+  static constexpr const char* kDoc = "AmNetsEncoder.stream() in one native call, or None";
+  static constexpr int kArity = 6;  // (x, state, force, threshold, default_force, default_threshold)
+
   StreamCall(c10::intrusive_ptr<FrameEngine> engine, const SourcesSnapshot* sources)
       : engine_(std::move(engine)), sources_(sources), backend_(face::current()) {}
+
+  pybind11::object operator()(PyObject* const* args) const {
+    return (*this)(args[0], args[1], args[2], args[3], args[4], args[5]);
+  }
 
   // force / threshold None: the encoder's own, default_force / default_threshold.
   pybind11::object operator()(pybind11::handle x, pybind11::handle state, pybind11::handle force,
@@ -840,23 +832,6 @@ class StreamCall {
   face::Backend backend_;
 };
 
-namespace {
-// _C.StreamCall(engine, snapshot): the StreamCall as a builtin function of its six arguments, called through
-// CPython's vectorcall (METH_FASTCALL) with no pybind11 dispatcher in between: ~0.15 us less a call (a cheap
-// H=192 frame is ~10 us, a tiny model's ~1.2). Its self is the tuple (capsule of the StreamCall, snapshot): the
-// cycle collector sees the snapshot through it (a capsule's contents it cannot see).
-PyObject* call_stream(PyObject* self, PyObject* const* args, Py_ssize_t n) {
-  HANDLE_TH_ERRORS
-  TORCH_CHECK_TYPE(n == 6, "StreamCall takes (x, state, force, threshold, default_force, default_threshold)");
-  PyObject* capsule = PyTuple_GET_ITEM(self, 0);
-  const auto* call = static_cast<const StreamCall*>(PyCapsule_GetPointer(capsule, "amnets.StreamCall"));
-  return (*call)(args[0], args[1], args[2], args[3], args[4], args[5]).release().ptr();
-  END_HANDLE_TH_ERRORS
-}
-PyMethodDef call_stream_def = {"StreamCall", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(call_stream)),
-                               METH_FASTCALL, "AmNetsEncoder.stream() in one native call, or None"};
-}  // namespace
-
 // The same engine for Python callers, bound directly: a TorchScript custom-class method call costs ~8 us
 // from Python, more than a frame of a small model; a pybind11 call ~1 us. (csrc/build_info.cpp calls this.)
 void bind_frame_engine(pybind11::module_& m) {
@@ -874,15 +849,10 @@ void bind_frame_engine(pybind11::module_& m) {
                         const c10::optional<Tensor>& rows, double cut) {
         return EngineStream(std::move(self), batch, force, rows, cut);
       });
+  // _C.StreamCall(engine, snapshot): the StreamCall as a builtin function (fast_call.h).
   m.def("StreamCall", [](c10::intrusive_ptr<FrameEngine> engine, const pybind11::object& snapshot) {
     const auto* sources = &snapshot.cast<const SourcesSnapshot&>();  // a TypeError for anything else
-    pybind11::capsule owner(new StreamCall(std::move(engine), sources), "amnets.StreamCall", [](PyObject* c) {
-      delete static_cast<StreamCall*>(PyCapsule_GetPointer(c, "amnets.StreamCall"));
-    });
-    const pybind11::tuple self = pybind11::make_tuple(owner, snapshot);
-    PyObject* function = PyCFunction_New(&call_stream_def, self.ptr());
-    if (function == nullptr) throw pybind11::error_already_set();
-    return pybind11::reinterpret_steal<pybind11::object>(function);
+    return fast_function(std::make_unique<StreamCall>(std::move(engine), sources), snapshot);
   });
   pybind11::class_<EngineStream>(m, "EngineStream")
       .def("__call__", [](EngineStream& self, const Tensor& x) { return self(x, WithoutGil()); })

@@ -423,10 +423,13 @@ std::tuple<Tensor, Tensor, Tensor> cell_forward(const Tensor& x, const Tensor& h
   return {h1, c1, at::empty({0}, x.options())};
 }
 
+}  // namespace
+
 // A frame through a stack of low-rank layers (lstm_stack.h), each the cell's forward: the lean step where it applies.
-std::tuple<Tensor, Tensor, Tensor> stack_step(const Tensor& x, const c10::optional<Tensor>& h0,
-                                              const c10::optional<Tensor>& c0, at::TensorList weights,
-                                              const c10::List<c10::optional<Tensor>>& biases, int64_t hidden) {
+std::tuple<Tensor, Tensor, Tensor> lowrank_lstm_stack_step(const Tensor& x, const c10::optional<Tensor>& h0,
+                                                           const c10::optional<Tensor>& c0, at::TensorList weights,
+                                                           const c10::List<c10::optional<Tensor>>& biases,
+                                                           int64_t hidden) {
   return lstm_stack_step("lowrank_lstm_stack_step", x, h0, c0, weights, 4,
                          "weights must hold 4 factors (w_ih_u, w_ih_v, w_hh_u, w_hh_v)",
                          biases, hidden, [](const Tensor& in, const Tensor& h, const Tensor& c, const Tensor* w,
@@ -436,10 +439,8 @@ std::tuple<Tensor, Tensor, Tensor> stack_step(const Tensor& x, const c10::option
                          });
 }
 
-}  // namespace
-
 TORCH_LIBRARY_IMPL(amnets_native, CPU, m) {
-  m.impl("lowrank_lstm_stack_step", &stack_step);
+  m.impl("lowrank_lstm_stack_step", &lowrank_lstm_stack_step);
   m.impl("lowrank_lstm_cell_forward", &cell_forward);
   m.impl("lowrank_lstm_cell_backward", &amnets::lowrank_lstm_cell_backward<lowrank_lstm_sequence_backward>);
   m.impl("lowrank_lstm_sequence_forward", &lowrank_lstm_sequence_forward);

@@ -58,4 +58,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_stack_step(const char* op, c
   return {input, h_n, c_n};
 }
 
+// The two ops' stack steps (amnets_native::lowrank_lstm_stack_step, bsr_lstm_stack_step; schemas in csrc/ops.cpp),
+// also called without the dispatcher by the prepared stack call for Python (csrc/cpu/lstm_stack.cpp).
+using StackStep = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor& x, const std::optional<at::Tensor>& h0,
+                                                                 const std::optional<at::Tensor>& c0,
+                                                                 at::TensorList weights,
+                                                                 const c10::List<std::optional<at::Tensor>>& biases,
+                                                                 int64_t hidden);
+StackStep lowrank_lstm_stack_step;  // csrc/cpu/lowrank_lstm.cpp
+StackStep bsr_lstm_stack_step;      // csrc/cpu/bsr.cpp
+
 }  // namespace amnets::cpu
