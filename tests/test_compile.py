@@ -1,6 +1,7 @@
 """All five ops inside one torch.compile(fullgraph=True) graph with the default (inductor) backend:
 forward and backward equal eager mode."""
 
+import pytest
 import torch
 
 import amnets_kernels as ak
@@ -39,3 +40,37 @@ def test_all_ops_in_one_inductor_graph():
         close(compiled, eager)
         for g, e in zip(torch.autograd.grad(compiled, inputs), torch.autograd.grad(eager, inputs)):
             close(g, e)
+
+
+@pytest.mark.filterwarnings("ignore::amnets_kernels.nn.NotCheaperWarning")  # (tiny layers)
+def test_every_module_compiles_whole():
+    """README: every module of amnets_kernels.nn works under torch.compile(fullgraph=True), forward and backward,
+    including the paths eager mode takes through native calls, caches and face checks Dynamo cannot trace (a
+    stacked LSTM stepped one frame, BlockSparseLSTM's prepared steps): traced, they run the public ops."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    lstm = nn.LSTM(8, 16, 2)
+    targets, lengths, target_lengths = torch.tensor([[1, 2], [3, 4]]), torch.tensor([3, 2]), torch.tensor([2, 1])
+    cases = [(ak.nn.LowRankLSTM.from_lstm(lstm, rank=4), lambda m, t: m(t)[0]),
+             (ak.nn.BlockSparseLSTM.from_lstm(lstm, sparsity=0.5, block_size=16), lambda m, t: m(t)[0]),
+             (ak.nn.LowRankLSTMCell.from_lstm_cell(nn.LSTMCell(8, 16), rank=4), lambda m, t: m(t[0])[0]),
+             (ak.nn.BlockSparseLinear.from_dense(nn.Linear(8, 32), block_size=16, sparsity=0.5), lambda m, t: m(t)),
+             (ak.nn.RNNTLoss(blank=0), lambda m, t: m(t.transpose(0, 1)[:, :, None].expand(2, 3, 3, 8).contiguous(),
+                                                      targets, lengths, target_lengths)),
+             (ak.nn.FusedJointRNNTLoss(8, 5, blank=0),
+              lambda m, t: m(t.transpose(0, 1), t.transpose(0, 1).flip(1), targets, lengths, target_lengths))]
+    for module, run in cases:
+        for steps in (1, 3):
+            if steps == 1 and isinstance(module, (ak.nn.RNNTLoss, ak.nn.FusedJointRNNTLoss)):
+                continue
+            torch._dynamo.reset()
+            x = rand(steps, 2, 8, requires_grad=True)
+            compiled = torch.compile(lambda t: run(module, t), fullgraph=True, backend="aot_eager")
+            with torch.no_grad():
+                close(compiled(x), run(module, x))
+            got, want = compiled(x), run(module, x)
+            close(got, want)
+            params = [p for p in module.parameters() if p.requires_grad]
+            for g, e in zip(torch.autograd.grad(got.sum(), [x, *params]), torch.autograd.grad(want.sum(), [x, *params])):
+                close(g, e)

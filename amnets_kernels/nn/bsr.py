@@ -10,7 +10,8 @@ from torch import nn
 from .. import _backend, _validate
 from .._ops import _is_wrapped, eager_inference
 from .._ops import functorch
-from .._ops.bsr import _FAST_BLOCKS, _FAST_DTYPES, PreparedBsrLstmCell, _fused_cell, say_if_slow
+from .._ops.bsr import _FAST_BLOCKS, _FAST_DTYPES, PreparedBsrLstmCell, _fused_cell, bsr_linear, say_if_slow
+from .._ops.lstm_update import lstm_pointwise
 from ..formats import BlockSparseMatrix, bsr_to_dense
 from .cost import warn_if_not_cheaper
 from .stacked_lstm import StackedLSTM, combined_bias, copy_into, lstm_config_of, parameter_from
@@ -309,11 +310,19 @@ class BlockSparseLSTM(StackedLSTM):
         self._took("fused step")
 
     def _run(self, k, x, h0, c0):
-        step = self._step(k, x.shape[-1])
         h, c = h0, c0
         if h is None or c is None:
             zeros = x.new_zeros(x.shape[1], self.hidden_size)
             h, c = (zeros if h is None else h), (zeros if c is None else c)
+        if torch.compiler.is_compiling():  # traced: the public op a step (the prepared steps' caches, face and
+            values, crow, col, bias = self._pattern(k)  # mode checks are eager-only)
+            weight = BlockSparseMatrix(values, crow, col, (4 * self.hidden_size, x.shape[-1] + self.hidden_size))
+            out = []
+            for x_t in x:
+                h, c = lstm_pointwise(bsr_linear(torch.cat([x_t, h], dim=1), weight, bias), c)
+                out.append(h)
+            return torch.stack(out), h, c
+        step = self._step(k, x.shape[-1])
         values, bias = step.linear.values, step.linear.bias  # the module's own tensors (the step's snapshot matched)
         if step._fast and _backend.resolve("bsr_linear", x.device).name == "cpu" \
                 and eager_inference(x, h, c, values, bias):

@@ -128,7 +128,8 @@ class StackedLSTM(nn.Module):
         if x.shape[-1] != self.input_size:
             raise ValueError(f"{type(self).__name__}: input.shape[-1] must be input_size = {self.input_size}; "
                              f"got {tuple(x.shape)}")
-        if x.shape[0] == 1 and not (self.bidirectional or self.proj_size or (self.dropout and self.training)):
+        if x.shape[0] == 1 and not (self.bidirectional or self.proj_size or (self.dropout and self.training)
+                                    or torch.compiler.is_compiling()):  # (traced: the layers' public ops)
             stepped = self._stack_step(x[0], hx)  # a frame a call (streaming): the whole stack in one native call
             if stepped is not None:
                 out, h_n, c_n = stepped
