@@ -50,6 +50,16 @@ def test_a_checkpoint_of_another_layer_shape_is_a_size_mismatch_and_changes_noth
     same_shape.load_state_dict(pairs[2][0].state_dict())
     x = torch.randn(3, 2, 16)
     torch.testing.assert_close(same_shape(x)[0], pairs[2][0](x)[0])
+    # A tensor-only checkpoint (safetensors: no _extra_state) of another block size: its values' blocks say it.
+    tensors_only = {k: v for k, v in pairs[2][0].state_dict().items() if k != "_extra_state"}
+    other_block = BlockSparseLSTM(16, 16, block_size=8, sparsity=0.8)
+    assert other_block.load_state_dict(tensors_only, strict=False).missing_keys == ["_extra_state"]
+    assert other_block.block_size == 16
+    torch.testing.assert_close(other_block(x)[0], pairs[2][0](x)[0])
+    mixed = dict(tensors_only, values_l0=torch.zeros(2, 16, 8))  # not square blocks: refused, nothing changed
+    with pytest.raises(RuntimeError, match="square blocks of one size"):
+        other_block.load_state_dict(mixed, strict=False)
+    assert other_block.block_size == 16
 
 
 @pytest.mark.parametrize("face", FACES)

@@ -357,7 +357,16 @@ class BlockSparseLSTM(StackedLSTM):
         # older ones each direction's crow_indices must have a row of blocks per b gate rows and its
         # col_indices stay within the blocks of [x | h].
         saved = state_dict.get(prefix + "_extra_state")
-        b = saved["block_size"] if saved is not None else self.block_size
+        if saved is not None:
+            b = saved["block_size"]
+        else:  # a tensor-only checkpoint (safetensors) says its block size only in its values' shape
+            blocks = {tuple(v.shape[1:]) for v in (state_dict.get(f"{prefix}values_l{layer}{suffix}")
+                                                   for _, layer, suffix, _ in self.directions()) if v is not None}
+            if len(blocks) > 1 or any(len(s) != 2 or s[0] != s[1] for s in blocks):
+                error_msgs.append(f"size mismatch for {prefix}values: the checkpoint's must be (nnzb, b, b) square "
+                                  f"blocks of one size b in every direction; got blocks {sorted(blocks)}")
+                return
+            b = blocks.pop()[0] if blocks else self.block_size
         sizes = {k: saved[k] for k in ("input_size", "hidden_size") if saved is not None and k in saved}
         ours = {"input_size": self.input_size, "hidden_size": self.hidden_size}
         if any(sizes[k] != ours[k] for k in sizes):
@@ -378,6 +387,7 @@ class BlockSparseLSTM(StackedLSTM):
                 return
         names = [f"{n}_l{layer}{suffix}" for _, layer, suffix, _ in self.directions()
                  for n in ("values", "crow_indices", "col_indices")]
+        self.block_size = b  # (set again from the extra state, where the checkpoint has one)
         _resize_to_saved(self, state_dict, prefix, names)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs)
 

@@ -427,7 +427,7 @@ def load_weights(model: AmNetsRNNT, ckpt: dict, source: str = "the checkpoint") 
     """The checkpoint's weights into model, which its config built; a mismatch (an edited or foreign
     checkpoint) is one line naming source and the first differences, not load_state_dict's report."""
     state, own = ckpt["model"], model.state_dict()
-    wrong = [f"{k} {tuple(state[k].shape)} where the model has {tuple(v.shape)}" for k, v in own.items()
+    wrong = [f"{k} {_shape_or_type(state[k])} where the model has {tuple(v.shape)}" for k, v in own.items()
              if k in state and not (isinstance(state[k], torch.Tensor) and state[k].shape == v.shape)]
     problems = [f"{what}: {', '.join(keys[:3])}" + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
                 for what, keys in (
@@ -436,7 +436,35 @@ def load_weights(model: AmNetsRNNT, ckpt: dict, source: str = "the checkpoint") 
     if problems:
         raise UsageError(f"{source}: its weights do not fit the model its config describes ("
                          + "; ".join(problems) + ")")
+    # train never saves them (a non-finite step stops it first); decoding them would give empty hypotheses
+    bad = [k for k in own if state[k].is_floating_point() and not bool(torch.isfinite(state[k]).all())]
+    if bad:
+        raise UsageError(f"{source}: its weights hold NaN or inf ({', '.join(bad[:3])}"
+                         + (f" and {len(bad) - 3} more" if len(bad) > 3 else "") + ")")
     model.load_state_dict(state)
+
+
+def _shape_or_type(value) -> str:
+    """A checkpoint entry as load_weights' errors describe it: a tensor's shape, else its type."""
+    return str(tuple(value.shape)) if isinstance(value, torch.Tensor) else f"(a {type(value).__name__})"
+
+
+def check_optimizer_state(optimizer: torch.optim.Optimizer, model: torch.nn.Module, source: str) -> None:
+    """The loaded optimizer state's per-parameter tensors (AdamW's exp_avg, exp_avg_sq) in their parameter's
+    shape: load_state_dict takes any, and an edited checkpoint's would fail at the first step."""
+    names = {p: name for name, p in model.named_parameters()}
+    for param, entries in optimizer.state.items():
+        for key, value in entries.items():
+            if key == "step":  # a count, 0-dim
+                fits = isinstance(value, (int, float, torch.Tensor)) and not isinstance(value, bool) \
+                    and (not isinstance(value, torch.Tensor) or value.numel() == 1)
+            else:
+                fits = isinstance(value, torch.Tensor) and value.shape == param.shape
+            if not fits:
+                got = _shape_or_type(value) if key != "step" else repr(value)
+                raise UsageError(f"{source}: its optimizer state does not fit its model ({key} of "
+                                 f"{names.get(param, 'a parameter')} is {got} where the parameter has "
+                                 f"{tuple(param.shape)})")
 
 
 def model_from_checkpoint(ckpt: dict, source: str = "the checkpoint") -> tuple[AmNetsRNNT, dict]:
@@ -568,6 +596,7 @@ def train(cfg: dict, resume: str | None = None, dataset: SpeechDataset | None = 
             optimizer.load_state_dict(ckpt["optimizer"])
         except (ValueError, KeyError, TypeError) as exc:  # torch's words, without the file
             raise UsageError(f"{resume}: its optimizer state does not fit its model ({exc})") from exc
+        check_optimizer_state(optimizer, model, resume)
         for group in optimizer.param_groups:  # the run's own --lr / --weight-decay, not the saved ones
             group["lr"], group["weight_decay"] = cfg["lr"], cfg["weight_decay"]
         step, best = ckpt["step"], _best_so_far(cfg, ckpt)

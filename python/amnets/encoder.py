@@ -58,6 +58,20 @@ def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _is_index(t) -> bool:
+    """An integer tensor (not bool, whose True/False would pass as 1/0)."""
+    return isinstance(t, Tensor) and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
+def input_dtypes(device_type: str, weights_dtype: torch.dtype) -> set:
+    """The float dtypes an input may have for weights in weights_dtype: theirs, and under torch.autocast on
+    device_type also fp32 and the autocast dtype (the products cast to it); any other (fp64, fp16 under a
+    bf16 autocast) fails deep in a matmul with a RuntimeError naming no argument."""
+    if not torch.is_autocast_enabled(device_type):
+        return {weights_dtype}
+    return {weights_dtype, torch.float32, torch.get_autocast_dtype(device_type)}
+
+
 class AmNetsEncoder(nn.Module):
     """The AmNets switching LSTM encoder (see the module docstring).
 
@@ -141,6 +155,9 @@ class AmNetsEncoder(nn.Module):
 
     def element_mask(self, k: int) -> Tensor:
         """The sparse branch's (4H, D + H) 0/1 mask of layer k, expanded from its block mask."""
+        _check_layer("AmNetsEncoder.element_mask", self, k)
+        if self.cheap != "sparse":
+            raise ValueError(f"AmNetsEncoder.element_mask: only the sparse cheap branch has a mask; cheap={self.cheap!r}")
         b = self.block_size
         keep = getattr(self, f"block_mask_l{k}")
         n, m = 4 * self.hidden_size, self.layer_input_size(k) + self.hidden_size
@@ -198,6 +215,8 @@ class AmNetsEncoder(nn.Module):
 
     def layer_macs(self, k: int, branch: str) -> int:
         """Multiply-adds of layer k's gate products on `branch` ("full" or "cheap") for one frame."""
+        _check_layer("AmNetsEncoder.layer_macs", self, k)
+        _check_branch("AmNetsEncoder.layer_macs", branch)
         d, H = self.layer_input_size(k), self.hidden_size
         if branch == "full":
             return 4 * H * (d + H)
@@ -213,14 +232,13 @@ class AmNetsEncoder(nn.Module):
         two low-rank products per matrix) and the arbitrator's two linear layers. Not counted: biases
         and pointwise ops (sigmoid, tanh, the cell update, ReLU), which are O(H) per frame.
         """
-        if branch not in ("full", "cheap"):
-            raise ValueError("AmNetsEncoder.macs_per_frame: branch must be 'full' or 'cheap'; "
-                             f"got {branch!r}")
+        _check_branch("AmNetsEncoder.macs_per_frame", branch)
         return self.arbitrator_macs() + sum(self.layer_macs(k, branch) for k in range(self.num_layers))
 
     def realized_macs(self, decisions: Tensor) -> Tensor:
         """Multiply-adds of each frame given its hard decisions, (B, T) or (B, T, L) bool as forward() and
         stream() return them: the work stream() does (no arbitrator when the encoder is forced)."""
+        _check_decisions("AmNetsEncoder.realized_macs", self, decisions)
         full, cheap = self._layer_mac_table(decisions.device)
         d = decisions.to(torch.float64)
         d = d if self.per_layer_decisions else d.unsqueeze(-1).expand(*d.shape, self.num_layers)
@@ -254,6 +272,11 @@ class AmNetsEncoder(nn.Module):
         lengths = _check_forward(self, x, lengths)
         B, T, _ = x.shape
         H, L = self.hidden_size, self.num_layers
+        mask = torch.arange(T, device=x.device)[None, :] < lengths.to(x.device)[:, None]
+        # Padding is zeroed before any arithmetic: masking a result afterwards keeps a NaN or inf there
+        # (NaN * 0 = NaN), and even torch.where would leave NaN gradients from the branch it discards.
+        x = x.masked_fill(~mask[..., None], 0)
+        tau = float(self.tau)  # a NumPy scalar too
         # A forced encoder computes only its branch (no arbitrator): the dense baseline trains at dense cost.
         weights = [(None if self.force == "cheap" else self.full_weight(k),
                     None if self.force == "full" else self.cheap_weight(k), getattr(self, f"bias_l{k}"))
@@ -270,7 +293,7 @@ class AmNetsEncoder(nn.Module):
                 p = torch.sigmoid(logits)
                 if self.training:
                     u = torch.rand_like(logits).clamp_(1e-6, 1 - 1e-6)
-                    soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / self.tau)
+                    soft = torch.sigmoid((logits + torch.log(u) - torch.log1p(-u)) / tau)
                     d = (soft > 0.5).to(soft.dtype) + soft - soft.detach()
                 else:
                     d = (logits > _logit(self.threshold)).to(p.dtype)
@@ -289,14 +312,13 @@ class AmNetsEncoder(nn.Module):
             outs.append(inp)
             p_all.append(p)
             d_all.append(d.detach() > 0.5)
-        mask = torch.arange(T, device=x.device)[None, :] < lengths.to(x.device)[:, None]
-        out = torch.stack(outs, 1) * mask[..., None].to(x.dtype)
-        p_full = torch.stack(p_all, 1) * mask[..., None].to(x.dtype)  # (B, T, n_decisions)
+        out = torch.stack(outs, 1).masked_fill(~mask[..., None], 0)
+        p_full = torch.stack(p_all, 1).masked_fill(~mask[..., None], 0)  # (B, T, n_decisions)
         decisions = torch.stack(d_all, 1) & mask[..., None]
         full, cheap = self._layer_mac_table(x.device)
         p_layers = p_full.to(torch.float64).expand(B, T, L)
         arbitrator = 0 if self.force is not None else self.arbitrator_macs()
-        expected = (arbitrator + p_layers @ full + (1 - p_layers) @ cheap) * mask
+        expected = (arbitrator + p_layers @ full + (1 - p_layers) @ cheap).masked_fill(~mask, 0)
         all_full = self.macs_per_frame("full") - (self.arbitrator_macs() if self.force is not None else 0)
         cost_fraction = expected.sum() / (mask.sum().clamp(min=1) * all_full)  # a forced-full encoder: exactly 1
         if not self.per_layer_decisions:
@@ -724,6 +746,33 @@ def _check_force_kind(op: str, force) -> None:
         raise ValueError(f"{op}: force must be one of {FORCE_KINDS}; got {force!r}")
 
 
+def _check_tau(op: str, tau) -> None:
+    """Any real number > 0 (NumPy's too, as an annealing schedule may give), not a bool."""
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not tau > 0:
+        raise ValueError(f"{op}: tau must be > 0 (a real number); got {tau!r}")
+
+
+def _check_layer(op: str, enc: AmNetsEncoder, k) -> None:
+    if not _is_int(k) or not 0 <= k < enc.num_layers:
+        raise ValueError(f"{op}: k must be a layer index in [0, num_layers={enc.num_layers}); got {k!r}")
+
+
+def _check_branch(op: str, branch) -> None:
+    if not (isinstance(branch, str) and branch in ("full", "cheap")):
+        raise ValueError(f"{op}: branch must be 'full' or 'cheap'; got {branch!r}")
+
+
+def _check_decisions(op: str, enc: AmNetsEncoder, decisions) -> None:
+    """Hard decisions as forward() and stream() give them: bool (B, T), or (B, T, L) per layer."""
+    want = "(B, T, num_layers={})".format(enc.num_layers) if enc.per_layer_decisions else "(B, T)"
+    if not isinstance(decisions, Tensor) or decisions.dtype != torch.bool:
+        got = f"{decisions.dtype} tensor" if isinstance(decisions, Tensor) else type(decisions).__name__
+        raise ValueError(f"{op}: decisions must be a bool tensor {want}; got a {got}")
+    if (decisions.dim() != 3 or decisions.shape[2] != enc.num_layers) if enc.per_layer_decisions \
+            else decisions.dim() != 2:
+        raise ValueError(f"{op}: decisions must be a bool tensor {want}; got shape {tuple(decisions.shape)}")
+
+
 def _check_init(input_size, hidden_size, num_layers, cheap, sparsity, block_size, rank, arbitrator_hidden,
                 arbitrator_uses_state, per_layer_decisions, init_p_full, tau, threshold, force):
     op = "AmNetsEncoder"
@@ -742,8 +791,7 @@ def _check_init(input_size, hidden_size, num_layers, cheap, sparsity, block_size
         raise ValueError(f"{op}: init_p_full must be in (0, 1) (its logit initialises the arbitrator); "
                          f"got {init_p_full!r}")
     _threshold(op, threshold)
-    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not tau > 0:
-        raise ValueError(f"{op}: tau must be > 0; got {tau!r}")
+    _check_tau(op, tau)
     _check_force_kind(op, force)
 
 
@@ -751,11 +799,13 @@ def _check_weights_like(op: str, enc: AmNetsEncoder, x: Tensor, autocast_ok: boo
     """x on the weights' device in their dtype; autocast_ok: any float dtype while torch.autocast is on for
     that device (the training path's products cast as autocast says; the streaming engine does not)."""
     weights = enc.weight_ih_l0
-    casts = autocast_ok and torch.is_autocast_enabled(x.device.type)
-    if x.device != weights.device or (x.dtype != weights.dtype and not casts):
+    allowed = input_dtypes(x.device.type, weights.dtype) if autocast_ok else {weights.dtype}
+    if x.device != weights.device or x.dtype not in allowed:
+        also = sorted(str(d) for d in allowed - {weights.dtype})
+        under = f" (under torch.autocast x may also be {' or '.join(also)})" if also else ""
         raise ValueError(f"{op}: x is {x.dtype} on {x.device} but the encoder's weights are {weights.dtype} on "
-                         f"{weights.device}; pass x.to({weights.dtype}) on that device (or convert the encoder "
-                         "with .to())")
+                         f"{weights.device}{under}; pass x.to({weights.dtype}) on that device (or convert the "
+                         "encoder with .to())")
 
 
 def _check_input(op: str, enc: AmNetsEncoder, x) -> None:
@@ -773,8 +823,7 @@ def _check_forward(enc: AmNetsEncoder, x, lengths) -> Tensor:
     op = "AmNetsEncoder.forward"
     _check_input(op, enc, x)
     _check_weights_like(op, enc, x, autocast_ok=True)
-    if not isinstance(enc.tau, (int, float)) or not enc.tau > 0:
-        raise ValueError(f"{op}: tau must be > 0; got {enc.tau!r}")
+    _check_tau(op, enc.tau)
     _check_force_kind(op, enc.force)  # attributes a caller may set after construction
     _threshold(op, enc.threshold)
     B, T, _ = x.shape
@@ -783,9 +832,10 @@ def _check_forward(enc: AmNetsEncoder, x, lengths) -> Tensor:
                          "(stream() takes an empty chunk)")
     if lengths is None:
         return torch.full((B,), T, dtype=torch.long, device=x.device)
-    if not isinstance(lengths, Tensor) or lengths.shape != (B,) or lengths.is_floating_point():
-        raise ValueError(f"{op}: lengths must be an integer tensor of shape (B,) = ({B},); got "
-                         f"{tuple(lengths.shape) if isinstance(lengths, Tensor) else type(lengths).__name__}")
+    if not _is_index(lengths) or lengths.shape != (B,):
+        got = f"a {lengths.dtype} tensor of shape {tuple(lengths.shape)}" if isinstance(lengths, Tensor) \
+            else type(lengths).__name__
+        raise ValueError(f"{op}: lengths must be an integer tensor of shape (B,) = ({B},); got {got}")
     if B and (int(lengths.min()) < 0 or int(lengths.max()) > T):
         raise ValueError(f"{op}: lengths must lie in [0, T={T}]; got {lengths.tolist()}")
     return lengths

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import math
 import numbers
+import reprlib
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -24,6 +26,14 @@ import torch
 def _is_real(value) -> bool:
     """A real number of any kind (Python, NumPy), not a bool: True is no cost in seconds."""
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def _finite_seconds(value) -> bool:
+    """A real number that is finite and >= 0 as a float (an int past float's range, 10**400, is not)."""
+    try:
+        return _is_real(value) and math.isfinite(float(value)) and value >= 0
+    except OverflowError:
+        return False
 
 
 def _check_simulate_latency(frame_costs, frame_period, final_cost) -> tuple[list[float], float, float]:
@@ -35,20 +45,21 @@ def _check_simulate_latency(frame_costs, frame_period, final_cost) -> tuple[list
             raise ValueError(f"{op}: frame_costs must be 1-d (one stream's costs; call once per stream); got "
                              f"shape {tuple(frame_costs.shape)}")
         frame_costs = frame_costs.tolist()  # Python numbers (a tensor's bools stay bools: refused below)
-    try:
-        costs = list(frame_costs)
-    except TypeError:
-        raise ValueError(f"{op}: frame_costs must be a sequence of numbers; got {frame_costs!r}") from None
+    # An ordered sequence: a set (or a dict, a generator) has no frame order, and a set merges equal costs.
+    if not isinstance(frame_costs, Sequence):
+        raise ValueError(f"{op}: frame_costs must be a sequence of numbers (a list, a tuple, a 1-d tensor or "
+                         f"array); got a {type(frame_costs).__name__}")
+    costs = list(frame_costs)
     if not costs:
         raise ValueError(f"{op}: frame_costs must hold at least one frame; got none")
-    bad = [c for c in costs if not _is_real(c) or not math.isfinite(c) or c < 0]
+    bad = [c for c in costs if not _finite_seconds(c)]
     if bad:
         raise ValueError(f"{op}: frame_costs must be finite non-negative real numbers (seconds), or a 1-d "
-                         f"tensor or array of them; got {bad[0]!r}")
+                         f"tensor or array of them; got {reprlib.repr(bad[0])}")  # (a 400-digit int abbreviated)
     for name, value, positive in (("frame_period", frame_period, True), ("final_cost", final_cost, False)):
-        if not _is_real(value) or not math.isfinite(value) or value < 0 or (positive and value == 0):
+        if not _finite_seconds(value) or (positive and value == 0):
             need = "a positive" if positive else "a non-negative"
-            raise ValueError(f"{op}: {name} must be {need} finite number (seconds); got {value!r}")
+            raise ValueError(f"{op}: {name} must be {need} finite number (seconds); got {reprlib.repr(value)}")
     return [float(c) for c in costs], float(frame_period), float(final_cost)
 
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 import amnets_kernels as ak
 
 from .decode import beam_search, count
-from .encoder import AmNetsEncoder, _is_int
+from .encoder import AmNetsEncoder, _is_index, _is_int, input_dtypes
 
 STACK_TAILS = ("pad", "drop")
 JOINT_ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "identity": lambda t: t}
@@ -38,12 +38,12 @@ def stack_frames(feats: Tensor, lengths: Tensor, stack: int, tail: str = "pad") 
     """
     _check_stack("stack_frames", feats, lengths, stack, tail)
     B, T, n = feats.shape
+    # A shorter row's last partial group would otherwise take the batch's padding past its length, and
+    # padding's NaN or inf would reach the encoder's statistics and the loss (masking later keeps NaN * 0).
+    feats = feats.masked_fill(~within(lengths, T, feats.device)[..., None], 0)
     if tail == "pad":
-        frames, lengths_out = -(-T // stack), torch.div(lengths + stack - 1, stack, rounding_mode="floor")
-        # A shorter row's last partial group would otherwise take the batch's padding past its length.
-        past = ~within(lengths, T, feats.device)
-        feats = F.pad(feats.masked_fill(past[..., None], 0), (0, 0, 0, frames * stack - T))
-        lengths = lengths_out
+        frames, lengths = -(-T // stack), torch.div(lengths + stack - 1, stack, rounding_mode="floor")
+        feats = F.pad(feats, (0, 0, 0, frames * stack - T))
     else:
         frames, lengths = T // stack, torch.div(lengths, stack, rounding_mode="floor")
         feats = feats[:, :frames * stack]
@@ -70,6 +70,8 @@ class AmNetsRNNT(nn.Module):
                  joint_hidden: int | None = None, joint_activation: str = "tanh", **encoder_kwargs):
         super().__init__()
         factory = dict(device=encoder_kwargs.pop("device", None), dtype=encoder_kwargs.pop("dtype", None))
+        if not _is_int(hidden_size) or hidden_size < 1:  # before the widths that default to it name it wrongly
+            raise ValueError(f"AmNetsRNNT: hidden_size must be an int >= 1; got {hidden_size!r}")
         pred_hidden = hidden_size if pred_hidden is None else pred_hidden
         pred_embed = pred_hidden if pred_embed is None else pred_embed
         joint_hidden = hidden_size if joint_hidden is None else joint_hidden
@@ -142,7 +144,7 @@ class AmNetsRNNT(nn.Module):
         utterance (never the blank); with return_decisions also the encoder's decisions, (B, T') or
         (B, T', L) bool, False past each utterance's encoder length, and the encoder lengths (B,)."""
         _check_decode("AmNetsRNNT.greedy_decode", self, feats, feat_lens, max_symbols_per_frame)
-        enc_p, decisions, enc_lens = self._encode(feats, feat_lens)
+        enc_p, decisions, enc_lens = self._encode(feats, feat_lens, "AmNetsRNNT.greedy_decode")
         hyps = []
         for b in range(enc_p.shape[0]):
             hyp, token = [], feats.new_zeros(1, 1, dtype=torch.long)
@@ -165,19 +167,23 @@ class AmNetsRNNT(nn.Module):
         hypothesis per utterance, and with return_decisions the same extras as greedy_decode."""
         _check_decode("AmNetsRNNT.beam_decode", self, feats, feat_lens, max_symbols_per_frame)
         beam = count("AmNetsRNNT.beam_decode", "beam", beam)
-        enc_p, decisions, enc_lens = self._encode(feats, feat_lens)
+        enc_p, decisions, enc_lens = self._encode(feats, feat_lens, "AmNetsRNNT.beam_decode")
         hyps = [beam_search(self, enc_p[b, :int(enc_lens[b])], beam, max_symbols_per_frame)[0][0]
                 for b in range(enc_p.shape[0])]
         return (hyps, decisions, enc_lens) if return_decisions else hyps
 
-    def _encode(self, feats: Tensor, feat_lens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _encode(self, feats: Tensor, feat_lens: Tensor, op: str = "AmNetsRNNT.decode") -> tuple[Tensor, Tensor, Tensor]:
         """Decoding's encoder pass: projected encoder output (B, T', joint_hidden), the decisions masked
-        past each utterance's encoder length, the encoder lengths."""
+        past each utterance's encoder length, the encoder lengths. Refuses (naming op) a model whose weights
+        or logits are not finite."""
+        _check_finite_weights(op, self)
         x, enc_lens = stack_frames(feats, feat_lens, self.stack, self.stack_tail)
         enc, _, decisions = self.encoder.stream(x)
         valid = within(enc_lens, x.shape[1], x.device)
         decisions = decisions & valid.reshape(*valid.shape, *[1] * (decisions.dim() - 2))
-        return self.enc_proj(enc), decisions, enc_lens  # causal: padding cannot reach valid frames
+        enc_p = self.enc_proj(enc)  # causal: padding cannot reach valid frames
+        _check_finite_logits(op, self, enc_p, valid)
+        return enc_p, decisions, enc_lens
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -199,17 +205,15 @@ def _check_init(input_size, vocab_size, stack, stack_tail, pred_hidden, pred_emb
                          f"got {joint_activation!r}")
 
 
-def _is_index(t) -> bool:
-    """An integer tensor (not bool, whose True/False would pass as 1/0)."""
-    return isinstance(t, Tensor) and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
-
-
 def _check_stack(op: str, feats, lengths, stack, tail) -> None:
     if not isinstance(feats, Tensor) or feats.dim() != 3:
         got = tuple(feats.shape) if isinstance(feats, Tensor) else type(feats).__name__
         raise ValueError(f"{op}: feats must be a (B, T, F) tensor; got {got}")
     if not _is_index(lengths) or tuple(lengths.shape) != (feats.shape[0],):
         raise ValueError(f"{op}: lengths must be an integer tensor of shape ({feats.shape[0]},)")
+    T = feats.shape[1]
+    if lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > T):
+        raise ValueError(f"{op}: lengths must lie in [0, T={T}]; got {lengths.tolist()}")
     if not _is_int(stack) or stack < 1:
         raise ValueError(f"{op}: stack must be an int >= 1; got {stack!r}")
     if tail not in STACK_TAILS:
@@ -221,11 +225,13 @@ def _check_features(op: str, model: AmNetsRNNT, feats, feat_lens) -> None:
         got = tuple(feats.shape) if isinstance(feats, Tensor) else type(feats).__name__
         raise ValueError(f"{op}: feats must have shape (B, T, input_size={model.input_size}); got {got}")
     weights = model.out.weight
-    casts = torch.is_autocast_enabled(feats.device.type)  # then the products cast as autocast says
-    if feats.device != weights.device or (feats.dtype != weights.dtype and not casts):
+    allowed = input_dtypes(feats.device.type, weights.dtype)  # under autocast the products cast as it says
+    if feats.device != weights.device or feats.dtype not in allowed:
+        also = sorted(str(d) for d in allowed - {weights.dtype})
         raise ValueError(f"{op}: feats are {feats.dtype} on {feats.device} but the model's weights are "
-                         f"{weights.dtype} on {weights.device}; pass feats.to({weights.dtype}) on that "
-                         "device "
+                         f"{weights.dtype} on {weights.device}"
+                         + (f" (under torch.autocast feats may also be {' or '.join(also)})" if also else "")
+                         + f"; pass feats.to({weights.dtype}) on that device "
                          "(or convert the model with .to(); under torch.autocast the weights stay fp32)")
     B, T, _ = feats.shape
     if not _is_index(feat_lens) or tuple(feat_lens.shape) != (B,):
@@ -273,3 +279,27 @@ def _check_decode(op: str, model: AmNetsRNNT, feats, feat_lens, max_symbols_per_
         rows = bad.any(1).nonzero().flatten().tolist()
         raise ValueError(f"{op}: feats hold NaN or inf within the lengths of utterance(s) {rows[:5]}"
                          f"{' ...' if len(rows) > 5 else ''}")
+
+
+def _check_finite_weights(op: str, model: AmNetsRNNT) -> None:
+    """Decoding with a NaN or inf weight gives confident-looking nonsense (an all-NaN joint decodes to the
+    blank: empty hypotheses), never an error: refused once per batch, naming the first bad tensors."""
+    names, params = zip(*model.named_parameters())
+    finite = torch.stack([torch.isfinite(p).all() for p in params]).tolist()  # one sync for all of them
+    bad = [name for name, ok in zip(names, finite) if not ok]
+    if bad:
+        raise ValueError(f"{op}: the model's weights hold NaN or inf ({', '.join(bad[:3])}"
+                         f"{' ...' if len(bad) > 3 else ''}); its hypotheses would be meaningless")
+
+
+def _check_finite_logits(op: str, model: AmNetsRNNT, enc_p: Tensor, valid: Tensor) -> None:
+    """Finite weights can still overflow: the encoder output and the joint of every valid frame with the start
+    symbol's prediction, checked in one batched pass (not per label in the decoding loops)."""
+    pred_p, _ = model.predict(enc_p.new_zeros(1, 1, dtype=torch.long))
+    logits = model.joint(enc_p, pred_p)  # (B, T', V)
+    bad = (~torch.isfinite(enc_p).all(-1) | ~torch.isfinite(logits).all(-1)) & valid
+    if bool(bad.any()):
+        rows = bad.any(1).nonzero().flatten().tolist()
+        raise ValueError(f"{op}: the model's encoder output or logits are NaN or inf (an overflow) for "
+                         f"utterance(s) {rows[:5]}{' ...' if len(rows) > 5 else ''}; its hypotheses would be "
+                         "meaningless")
