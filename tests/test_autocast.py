@@ -237,3 +237,23 @@ def test_lstm_modules_real_models_use_under_autocast():
                 got = module(x)[0]
         assert torch.isfinite(got).all()
         torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
+
+
+def test_the_cell_returns_what_nn_lstmcell_returns_under_cpu_autocast():
+    """nn.LSTMCell's op is on no CPU autocast list: fp32 input and state give fp32 (h, c), autocast-dtype state
+    gives that dtype; LowRankLSTMCell returns the same dtypes, so its state can go back in outside autocast."""
+    from amnets_kernels.nn import LowRankLSTMCell
+
+    torch.manual_seed(0)
+    dense = torch.nn.LSTMCell(8, 16)
+    cell = LowRankLSTMCell.from_lstm_cell(dense, rank=8, rank_hh=16)  # full rank: the same cell
+    x = rand(2, 8)
+    for hx in (None, (rand(2, 16), rand(2, 16)), (rand(2, 16).bfloat16(), rand(2, 16).bfloat16())):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            want, got = dense(x, hx), cell(x, hx)
+        assert [t.dtype for t in got] == [t.dtype for t in want]
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.float(), w.float(), rtol=0, atol=0.05)
+        if hx is None:
+            assert got[0].dtype == torch.float32
+            cell(x, got)  # the state goes back in outside autocast

@@ -267,6 +267,10 @@ class LowRankLSTMCell(nn.Module):
             h, c = (t.unsqueeze(0) for t in hx) if unbatched else hx
         cell = functorch.lowrank_lstm_cell if functorch.active() else torch.ops.amnets.lowrank_lstm_cell
         h1, c1 = cell(x, h, c, *own_tensors(self, _TENSORS))
+        if h1.dtype != x.dtype and x.dtype == torch.float32 and x.device.type == "cpu" and h.dtype == x.dtype:
+            # CPU autocast: the op ran at the autocast dtype (csrc/autocast.cpp); nn.LSTMCell, whose op is on no
+            # CPU autocast list, returns fp32 for fp32 input and state, and so does this drop-in.
+            h1, c1 = h1.float(), c1.float()
         return (h1.squeeze(0), c1.squeeze(0)) if unbatched else (h1, c1)
 
     def macs_per_frame(self, batch: int = 1) -> int:
