@@ -172,6 +172,8 @@ def test_bad_input_is_named():
         ak.PreparedBsrLstmCell(sparse(30, 40))
     with pytest.raises(ValueError, match="bias must have shape"):
         ak.PreparedBsrLinear(w, rand(7, device=DEVICE))
+    with pytest.raises(TypeError, match="weight's bias has dtype torch.float64 but its values torch.float32"):
+        ak.PreparedBsrLinear(w, rand(4 * 8, dtype=torch.float64, device=DEVICE))  # (not "x", which it has none of)
     u = rand(32, 4, device=DEVICE)
     with pytest.raises(ValueError, match="w_ih_v"):
         ak.PreparedLowrankLstmCell(u, rand(5, 12, device=DEVICE), u, rand(4, 8, device=DEVICE))

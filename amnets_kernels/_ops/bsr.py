@@ -146,6 +146,10 @@ class PreparedBsrLinear:
         self._check_weight()
 
     def _check_weight(self) -> None:
+        if self.bias is not None and isinstance(self.values, Tensor) and self.bias.dtype != self.values.dtype:
+            # (the op's own message names x, here a probe in the values' dtype the caller never made)
+            raise TypeError(f"{OP}: the prepared weight's bias has dtype {self.bias.dtype} but its values "
+                            f"{self.values.dtype}; they must match")
         probe = self.values.new_empty(0, self.in_features)
         _validate.bsr_linear(OP, probe, self.values, self.crow_indices, self.col_indices, self.out_features,
                              self.in_features, self.bias, data=_validate.index_data_readable(self.values))
