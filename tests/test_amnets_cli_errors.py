@@ -264,3 +264,52 @@ def test_a_non_integer_world_size_is_named(corpus, tmp_path, capsys, monkeypatch
                       capsys)
     assert code == 2 and err == ("amnets train: error: the environment variable WORLD_SIZE must be an integer "
                                  "(torchrun sets it); got 'abc'\n")
+
+
+def test_an_edited_checkpoints_weights_or_optimizer_state_is_one_line(tmp_path, capsys):
+    # Were: AttributeError (a list where a tensor belongs), WER 1.0 and exit 0 (NaN weights decode to empty
+    # hypotheses), a RuntimeError at the first optimizer step (exp_avg of the wrong shape).
+    import torch
+
+    data = write_corpus(tmp_path / "c", [3200, 3200])[0].parent
+    ckpt_dir = tmp_path / "ck"
+    assert main(["train", "--steps", "1", "--data", str(data), "--checkpoint-dir", str(ckpt_dir)]
+                + TINY_MODEL) == 0
+    last = ckpt_dir / "last.pt"
+
+    def variant(name, edit):
+        ckpt = torch.load(last, weights_only=True)
+        edit(ckpt)
+        torch.save(ckpt, tmp_path / name)
+        return str(tmp_path / name)
+
+    def first_exp_avg(ckpt):
+        ckpt["optimizer"]["state"][0]["exp_avg"] = torch.zeros(3)
+
+    weights = [
+        (variant("list.pt", lambda c: c["model"].update({"out.bias": [0.0]})),
+         ": its weights do not fit the model its config describes (mismatched: out.bias (a list) where the "
+         "model has (29,))"),
+        (variant("nan.pt", lambda c: c["model"]["out.bias"].fill_(float("nan"))),
+         ": its weights hold NaN or inf (out.bias)"),
+    ]
+    for path, message in weights:
+        for argv in (["eval", path, "--data", str(data), "--out", str(tmp_path / "ev")],
+                     ["train", "--resume", path, "--steps", "2"]):
+            code, err = fails(argv, capsys)
+            assert code == 2 and err == f"amnets {argv[0]}: error: {path}{message}\n", (argv, err)
+    path = variant("exp_avg.pt", first_exp_avg)
+    code, err = fails(["train", "--resume", path, "--steps", "2"], capsys)
+    assert code == 2 and err == (f"amnets train: error: {path}: its optimizer state does not fit its model "
+                                 "(exp_avg of encoder.weight_ih_l0 is (3,) where the parameter has (128, 240))\n"), err
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--seed", str(2 ** 64), "config: seed must be in [-2**63, 2**64 - 1]; got 18446744073709551616"),
+    ("--threads", str(2 ** 31), "config: threads must be in [0, 2**31 - 1]; got 2147483648")])
+def test_an_overflowing_seed_or_thread_count_is_named(flag, value, message, tmp_path, capsys):
+    # was "amnets train: error: Overflow when unpacking long long", naming neither
+    data = write_corpus(tmp_path / "c", [3200])[0].parent
+    code, err = fails(["train", "--data", str(data), "--steps", "1", "--checkpoint-dir", str(tmp_path / "ck"),
+                       flag, value], capsys)
+    assert code == 2 and err == f"amnets train: error: {message}\n", err

@@ -281,3 +281,18 @@ def test_utterance_ids_name_files_in_the_corpus_folder_only(tmp_path):
         (corpus / "transcripts.txt").write_text(f"utt000000 one\n{utt} two\n")
         with pytest.raises(ValueError, match=f":2: utterance id '{re.escape(utt)}' must be a file name in "):
             corpus_items(str(corpus))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    # each was accepted: random.randint raised, a string was iterated, a negative silence was empty
+    (dict(rates=(220, 120)), r"rates must be \(low, high\), ints with 1 <= low <= high; got \(220, 120\)"),
+    (dict(edge_silence=(-0.5, 0.5)), r"edge_silence must be \(low, high\), finite numbers with 0.0 <= low"),
+    (dict(words_per_utterance="ab"), r"words_per_utterance must be \(low, high\), ints .*; got 'ab'"),
+    (dict(pitches=(0, 99.5)), "pitches must be"), (dict(word_gap=(True, 3)), "word_gap must be"),
+    (dict(noise_db=(float("nan"), -40.0)), r"noise_db must be \(low, high\), finite numbers with low <= high"),
+    (dict(voices="en-us"), r"voices must be a non-empty list of espeak-ng voice names .*; got 'en-us'"),
+    (dict(voices=[]), "voices must be a non-empty list"), (dict(voices=["en-us", 3]), "voices must be")])
+def test_make_corpus_checks_its_ranges_and_voices_before_any_synthesis(kwargs, match, tmp_path):
+    with pytest.raises(ValueError, match=f"make_corpus: {match}"):
+        make_corpus(str(tmp_path / "c"), 1, **kwargs)
+    assert not (tmp_path / "c").exists()  # refused before the directory was made

@@ -632,3 +632,154 @@ def test_forward_is_the_loss():
     model = make_model("lowrank").eval()
     batch = toy_batch()
     assert model(*batch, cost_weight=0.3)[1] == model.loss(*batch, cost_weight=0.3)[1]
+
+
+# ---------------------------------------------------------------------------------------------------
+# defects found by probing: non-finite padding and weights, dtypes under autocast, argument checks
+
+
+def test_nan_padding_leaves_encoder_output_and_stats_as_zero_padding_does():
+    # Masking by multiplication kept the NaN (NaN * 0 = NaN): out, p_full, expected_macs and cost_fraction
+    # of the row, and the batch, were NaN although padding "gives zeros".
+    enc = make_encoder("sparse")
+    x = torch.randn(2, 4, D)
+    x[1, 2:] = 0.0
+    lengths = torch.tensor([4, 2])
+    want_out, want = enc(x, lengths)
+    for junk in (float("nan"), float("inf")):
+        bad = x.clone()
+        bad[1, 2:] = junk
+        out, aux = enc(bad, lengths)
+        assert torch.equal(out, want_out) and torch.equal(out[1, 2:], torch.zeros(2, H))
+        for key in ("p_full", "expected_macs", "cost_fraction", "decisions"):
+            assert torch.equal(aux[key], want[key]), key
+
+
+@pytest.mark.parametrize("tail", ["pad", "drop"])
+def test_nan_padding_gives_the_loss_and_gradients_of_zero_padding(tail):
+    # stack_tail="drop" kept the padding of the last full groups as it was: the loss was NaN.
+    model = make_model(stack_tail=tail)
+    feats, _, targets, target_lens = toy_batch()
+    feat_lens = torch.tensor([24, 17])
+    feats[1, 17:] = 0.0
+
+    def loss_and_grads(f):
+        f = f.clone().requires_grad_()
+        model.zero_grad()
+        loss, stats = model.loss(f, feat_lens, targets, target_lens, cost_weight=1.0)
+        loss.backward()
+        return loss, stats, f.grad, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    torch.manual_seed(5)
+    want = loss_and_grads(feats)
+    bad = feats.clone()
+    bad[1, 17:] = float("nan")
+    torch.manual_seed(5)  # the same Gumbel noise
+    got = loss_and_grads(bad)
+    assert torch.isfinite(got[0]) and torch.equal(got[0], want[0]) and got[1] == want[1]
+    assert torch.isfinite(got[2]).all() and torch.equal(got[2], want[2])
+    assert all(torch.equal(g, w) for g, w in zip(got[3], want[3]))
+
+
+def test_stack_frames_drop_reads_frames_past_the_length_as_zeros():
+    feats = torch.ones(2, 7, 2)
+    feats[1, 4:] = float("nan")
+    out, lengths = stack_frames(feats, torch.tensor([7, 4]), 3, tail="drop")
+    assert lengths.tolist() == [2, 1] and out.shape == (2, 2, 6)
+    assert torch.equal(out[1, 1], torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0, 0.0]))  # frame 3 kept, 4 and 5 zero
+
+
+@pytest.mark.parametrize("decode", ["greedy_decode", "beam_decode"])
+def test_decoding_refuses_non_finite_weights_and_logits(decode):
+    # An all-NaN joint decoded to the blank everywhere: empty hypotheses and no error.
+    feats, feat_lens, _, _ = toy_batch()
+    model = make_model().eval()
+    with torch.no_grad():
+        model.out.bias.fill_(float("nan"))
+    with pytest.raises(ValueError, match=rf"AmNetsRNNT.{decode}: the model's weights hold NaN or inf \(out.bias\)"):
+        getattr(model, decode)(feats, feat_lens)
+    # finite weights whose products overflow: refused too
+    class Times(torch.nn.Module):
+        def forward(self, t):
+            return t * 1e30
+
+    model = make_model().eval()
+    model.enc_proj = torch.nn.Sequential(model.enc_proj, Times(), Times())  # 1e60: inf in fp32
+    with pytest.raises(ValueError, match=rf"{decode}: the model's encoder output is NaN or inf \(an overflow\)"):
+        getattr(model, decode)(feats, feat_lens)
+
+
+def test_autocast_takes_fp32_or_its_dtype_and_names_any_other():
+    # fp64 and fp16 features under a bf16 autocast failed deep in a matmul with a RuntimeError.
+    model = make_model()
+    feats, feat_lens, targets, target_lens = toy_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        for dtype in (torch.float64, torch.float16):
+            with pytest.raises(ValueError, match=rf"AmNetsRNNT.loss: feats are {dtype} on cpu but the model's "
+                                                 r"weights are torch.float32 on cpu \(under torch.autocast feats "
+                                                 r"may also be torch.bfloat16\)"):
+                model.loss(feats.to(dtype), feat_lens, targets, target_lens)
+            with pytest.raises(ValueError, match=rf"AmNetsEncoder.forward: x is {dtype} on cpu"):
+                model.encoder(torch.randn(2, 5, model.encoder.input_size, dtype=dtype))
+        assert torch.isfinite(model.loss(feats, feat_lens, targets, target_lens)[0])  # fp32 still passes
+
+
+def test_model_names_hidden_size_before_the_widths_that_default_to_it():
+    with pytest.raises(ValueError, match="AmNetsRNNT: hidden_size must be an int >= 1; got 0"):
+        AmNetsRNNT(4, 6, hidden_size=0, num_layers=1)
+
+
+def test_encoder_tau_attribute_takes_any_real_number():
+    enc = make_encoder("sparse").train()
+    enc.tau = np.float32(0.5)  # was "tau must be > 0"
+    assert enc(torch.randn(2, 3, D))[0].shape == (2, 3, H)
+    for bad in (True, torch.tensor(0.5), np.float32(0)):
+        enc.tau = bad
+        with pytest.raises(ValueError, match="tau must be > 0"):
+            enc(torch.randn(2, 3, D))
+
+
+@pytest.mark.parametrize("lengths", [torch.tensor([True, True]), torch.tensor([3 + 0j, 2])])
+def test_encoder_lengths_must_be_integers(lengths):
+    # bool was taken as 1/0; complex raised NotImplementedError
+    with pytest.raises(ValueError, match=rf"lengths must be an integer tensor of shape \(B,\) = \(2,\); got a "
+                                         rf"{lengths.dtype} tensor"):
+        make_encoder("sparse")(torch.randn(2, 3, D), lengths)
+
+
+@pytest.mark.parametrize("lengths", [[100, 10], [-1, 10], [11, 0]])
+def test_stack_frames_range_checks_lengths(lengths):
+    # [100, 10] gave lengths [34, 4] for 4 output frames; [-1, 10] gave -1
+    with pytest.raises(ValueError, match=r"stack_frames: lengths must lie in \[0, T=10\]"):
+        stack_frames(torch.randn(2, 10, 2), torch.tensor(lengths), 3)
+    assert stack_frames(torch.randn(2, 10, 2), torch.tensor([0, 10]), 3)[1].tolist() == [0, 4]
+
+
+def test_cost_model_methods_check_their_arguments():
+    enc = make_encoder("sparse")  # L = 2 layers
+    for k in (2, -1, 0.0, True):  # 2 returned a number for a layer that does not exist
+        with pytest.raises(ValueError, match=r"layer_macs: k must be a layer index in \[0, num_layers=2\)"):
+            enc.layer_macs(k, "full")
+        with pytest.raises(ValueError, match=r"element_mask: k must be a layer index"):  # was AttributeError
+            enc.element_mask(k)
+    with pytest.raises(ValueError, match="layer_macs: branch must be 'full' or 'cheap'; got 'dense'"):
+        enc.layer_macs(0, "dense")  # was the cheap branch's count
+    with pytest.raises(ValueError, match="element_mask: only the sparse cheap branch has a mask"):
+        make_encoder("lowrank").element_mask(0)
+    for bad in (torch.ones(2, 3), torch.ones(2, 3, L, dtype=torch.bool), torch.ones(3, dtype=torch.bool)):
+        with pytest.raises(ValueError, match=r"realized_macs: decisions must be a bool tensor \(B, T\)"):
+            enc.realized_macs(bad)
+    per_layer = make_encoder("sparse", per_layer_decisions=True)
+    with pytest.raises(ValueError, match=r"decisions must be a bool tensor \(B, T, num_layers=2\)"):
+        per_layer.realized_macs(torch.ones(2, 3, dtype=torch.bool))
+    assert per_layer.realized_macs(torch.ones(2, 3, L, dtype=torch.bool)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("costs, period, match", [
+    ({0.02, 0.03}, 0.01, "frame_costs must be a sequence of numbers .*; got a set"),  # was one frame
+    ({"a": 0.1}, 0.01, "got a dict"), ((c for c in [0.1]), 0.01, "got a generator"),
+    ([10 ** 400], 0.01, "frame_costs must be finite"), ([0.1], 10 ** 400, "frame_period must be")])  # OverflowError
+def test_latency_takes_a_sequence_of_finite_reals(costs, period, match):
+    with pytest.raises(ValueError, match=match):
+        simulate_latency(costs, period)
+    assert simulate_latency(range(3), 1.0)["rtf"] == pytest.approx(1.0)  # a sequence of ints is fine

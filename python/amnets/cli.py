@@ -240,6 +240,12 @@ def check_config(cfg: dict) -> dict:
                 "average_last"):
         if not 0 <= cfg[key] < math.inf:
             raise ValueError(f"config: {key} must be a finite number >= 0; got {cfg[key]!r}")
+    # What torch takes (torch.manual_seed: an int64 or uint64; set_num_threads: a C int), named here
+    # instead of an "Overflow when unpacking long" from the call.
+    for key, low, high, bounds in (("seed", -2**63, 2**64 - 1, "[-2**63, 2**64 - 1]"),
+                                   ("threads", 0, 2**31 - 1, "[0, 2**31 - 1]")):
+        if not low <= cfg[key] <= high:
+            raise ValueError(f"config: {key} must be in {bounds}; got {cfg[key]!r}")
     if not 0.0 <= cfg["threshold"] <= 1.0:
         raise ValueError(f"config: threshold must be in [0, 1]; got {cfg['threshold']!r}")
     if not 0.0 <= cfg["sparsity"] < 1.0:

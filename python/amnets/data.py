@@ -162,6 +162,20 @@ def _espeak(text: str, voice: str, rate: int, pitch: int, gap: int) -> Tensor:
     return torchaudio.functional.resample(torch.from_numpy(audio), sr, SAMPLE_RATE)
 
 
+def _corpus_range(name: str, value, least, integers: bool = True) -> tuple:
+    """make_corpus's inclusive (low, high) ranges: least <= low <= high, ints (espeak-ng's flags take no
+    fractions) or finite real numbers (seconds, dB)."""
+    kind = (lambda v: isinstance(v, numbers.Integral)) if integers else \
+        (lambda v: isinstance(v, numbers.Real) and math.isfinite(v))
+    if not (isinstance(value, (tuple, list)) and len(value) == 2
+            and all(kind(v) and not isinstance(v, (bool, np.bool_)) for v in value)
+            and least <= value[0] <= value[1]):
+        what = "ints" if integers else "finite numbers"
+        bound = f"{least} <= " if least > -math.inf else ""
+        raise ValueError(f"make_corpus: {name} must be (low, high), {what} with {bound}low <= high; got {value!r}")
+    return tuple(value)
+
+
 def make_corpus(out_dir: str, n_utterances: int, seed: int = 0, words_per_utterance: tuple[int, int] = (2, 5),
                 voices=VOICES, rates: tuple[int, int] = (120, 220), pitches: tuple[int, int] = (25, 75),
                 word_gap: tuple[int, int] = (0, 15), edge_silence: tuple[float, float] = (0.1, 0.6),
@@ -176,12 +190,16 @@ def make_corpus(out_dir: str, n_utterances: int, seed: int = 0, words_per_uttera
     """
     if isinstance(n_utterances, bool) or not isinstance(n_utterances, int) or n_utterances < 1:
         raise ValueError(f"make_corpus: n_utterances must be an int >= 1; got {n_utterances!r}")
-    low, high = words_per_utterance
-    if not 1 <= low <= high:
-        raise ValueError(f"make_corpus: words_per_utterance must be (low, high) with 1 <= low <= high; "
-                         f"got {words_per_utterance!r}")
-    if not voices:
-        raise ValueError("make_corpus: voices must name at least one espeak-ng voice")
+    low, high = _corpus_range("words_per_utterance", words_per_utterance, 1)
+    for name, value, least in (("rates", rates, 1), ("pitches", pitches, 0), ("word_gap", word_gap, 0)):
+        _corpus_range(name, value, least)
+    _corpus_range("edge_silence", edge_silence, 0.0, integers=False)
+    _corpus_range("noise_db", noise_db, -math.inf, integers=False)
+    # A string is a sequence of characters: "en-us" drew the voices "e", "n", "-", ...
+    if isinstance(voices, str) or not isinstance(voices, (list, tuple)) or not voices \
+            or not all(isinstance(v, str) and v for v in voices):
+        raise ValueError("make_corpus: voices must be a non-empty list of espeak-ng voice names (e.g. "
+                         f"[\"en-us\"]); got {voices!r}")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 0:
         raise ValueError(f"make_corpus: jobs must be an int >= 0; got {jobs!r}")
     rng = random.Random(seed)

@@ -63,7 +63,7 @@ def _is_index(t) -> bool:
     return isinstance(t, Tensor) and not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
 
-def input_dtypes(device_type: str, weights_dtype: torch.dtype) -> set:
+def _input_dtypes(device_type: str, weights_dtype: torch.dtype) -> set:
     """The float dtypes an input may have for weights in weights_dtype: theirs, and under torch.autocast on
     device_type also fp32 and the autocast dtype (the products cast to it); any other (fp64, fp16 under a
     bf16 autocast) fails deep in a matmul with a RuntimeError naming no argument."""
@@ -157,7 +157,8 @@ class AmNetsEncoder(nn.Module):
         """The sparse branch's (4H, D + H) 0/1 mask of layer k, expanded from its block mask."""
         _check_layer("AmNetsEncoder.element_mask", self, k)
         if self.cheap != "sparse":
-            raise ValueError(f"AmNetsEncoder.element_mask: only the sparse cheap branch has a mask; cheap={self.cheap!r}")
+            raise ValueError("AmNetsEncoder.element_mask: only the sparse cheap branch has a mask; "
+                             f"cheap={self.cheap!r}")
         b = self.block_size
         keep = getattr(self, f"block_mask_l{k}")
         n, m = 4 * self.hidden_size, self.layer_input_size(k) + self.hidden_size
@@ -799,7 +800,7 @@ def _check_weights_like(op: str, enc: AmNetsEncoder, x: Tensor, autocast_ok: boo
     """x on the weights' device in their dtype; autocast_ok: any float dtype while torch.autocast is on for
     that device (the training path's products cast as autocast says; the streaming engine does not)."""
     weights = enc.weight_ih_l0
-    allowed = input_dtypes(x.device.type, weights.dtype) if autocast_ok else {weights.dtype}
+    allowed = _input_dtypes(x.device.type, weights.dtype) if autocast_ok else {weights.dtype}
     if x.device != weights.device or x.dtype not in allowed:
         also = sorted(str(d) for d in allowed - {weights.dtype})
         under = f" (under torch.autocast x may also be {' or '.join(also)})" if also else ""

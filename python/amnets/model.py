@@ -18,7 +18,7 @@ from torch import Tensor, nn
 import amnets_kernels as ak
 
 from .decode import beam_search, count
-from .encoder import AmNetsEncoder, _is_index, _is_int, input_dtypes
+from .encoder import AmNetsEncoder, _input_dtypes, _is_index, _is_int
 
 STACK_TAILS = ("pad", "drop")
 JOINT_ACTIVATIONS = {"tanh": torch.tanh, "relu": torch.relu, "identity": lambda t: t}
@@ -225,7 +225,7 @@ def _check_features(op: str, model: AmNetsRNNT, feats, feat_lens) -> None:
         got = tuple(feats.shape) if isinstance(feats, Tensor) else type(feats).__name__
         raise ValueError(f"{op}: feats must have shape (B, T, input_size={model.input_size}); got {got}")
     weights = model.out.weight
-    allowed = input_dtypes(feats.device.type, weights.dtype)  # under autocast the products cast as it says
+    allowed = _input_dtypes(feats.device.type, weights.dtype)  # under autocast the products cast as it says
     if feats.device != weights.device or feats.dtype not in allowed:
         also = sorted(str(d) for d in allowed - {weights.dtype})
         raise ValueError(f"{op}: feats are {feats.dtype} on {feats.device} but the model's weights are "
@@ -293,13 +293,10 @@ def _check_finite_weights(op: str, model: AmNetsRNNT) -> None:
 
 
 def _check_finite_logits(op: str, model: AmNetsRNNT, enc_p: Tensor, valid: Tensor) -> None:
-    """Finite weights can still overflow: the encoder output and the joint of every valid frame with the start
-    symbol's prediction, checked in one batched pass (not per label in the decoding loops)."""
-    pred_p, _ = model.predict(enc_p.new_zeros(1, 1, dtype=torch.long))
-    logits = model.joint(enc_p, pred_p)  # (B, T', V)
-    bad = (~torch.isfinite(enc_p).all(-1) | ~torch.isfinite(logits).all(-1)) & valid
+    """Finite weights can still overflow: the projected encoder output of every valid frame, checked in one
+    batched pass (not per label in the decoding loops; the joint's own overflow is left to the loss's checks)."""
+    bad = ~torch.isfinite(enc_p).all(-1) & valid
     if bool(bad.any()):
         rows = bad.any(1).nonzero().flatten().tolist()
-        raise ValueError(f"{op}: the model's encoder output or logits are NaN or inf (an overflow) for "
-                         f"utterance(s) {rows[:5]}{' ...' if len(rows) > 5 else ''}; its hypotheses would be "
-                         "meaningless")
+        raise ValueError(f"{op}: the model's encoder output is NaN or inf (an overflow) for utterance(s) "
+                         f"{rows[:5]}{' ...' if len(rows) > 5 else ''}; its hypotheses would be meaningless")
