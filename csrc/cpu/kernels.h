@@ -8,6 +8,7 @@
 #include <c10/util/BFloat16.h>
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 namespace amnets::cpu {
@@ -78,5 +79,20 @@ PackedPairsT pack_pairs_transposed(const at::Tensor& w);  // bf16
 // out (M, G) (+)= s (M, R) U as expand() above, U^T given as pair panels.
 void expand(PairPanels u, int64_t R, int64_t G, const float* s, int64_t lds, int64_t M, float* out, int64_t ldo,
             bool accumulate);
+
+// The low-rank LSTM's lean inference step (csrc/cpu/lowrank_lstm.cpp; also run per layer by the prepared stack
+// call, csrc/cpu/lstm_stack.cpp): one step of B <= kMaxDotBatch rows whose factors are contiguous, all fp32, or
+// all bf16 on a CPU with AVX512-BF16 (simd::has_dpbf16()), checked by the caller. Rows in the factors' dtype.
+struct LowrankStep {
+  const void *w_ih_u, *w_ih_v, *w_hh_u, *w_hh_v, *bias;  // (4H, r_ih), (r_ih, D), (4H, r_hh), (r_hh, H), (4H,) or null
+  int64_t d, hidden, r_ih, r_hh;
+  bool bf16;
+};
+LowrankStep lowrank_step_of(const at::Tensor& w_ih_u, const at::Tensor& w_ih_v, const at::Tensor& w_hh_u,
+                            const at::Tensor& w_hh_v, const std::optional<at::Tensor>& bias);
+int64_t lean_work_floats(const LowrankStep& step, int64_t batch);  // floats of `work` lean_step_into needs
+// x (B, D), h and c (B, H) (null: zeros) -> h1, c1 (B, H), which alias none of them.
+void lean_step_into(const LowrankStep& step, int64_t batch, const void* x, const void* h, const void* c, void* h1,
+                    void* c1, float* work);
 
 }  // namespace amnets::cpu

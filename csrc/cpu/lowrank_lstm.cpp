@@ -25,6 +25,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <vector>
@@ -366,48 +367,12 @@ bool lean_step_applies(const Tensor& x, const Tensor& h, const Tensor& c, const 
 std::tuple<Tensor, Tensor> lean_step(const Tensor& x, const Tensor& h, const Tensor& c, const Tensor& w_ih_u,
                                      const Tensor& w_ih_v, const Tensor& w_hh_u, const Tensor& w_hh_v,
                                      const c10::optional<Tensor>& bias) {
+  const LowrankStep step = lowrank_step_of(w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias);
   const int64_t batch = x.size(0);
-  const bool bf16 = x.scalar_type() == at::kBFloat16;
-  const int64_t d = x.size(1), hidden = h.size(1), r_ih = w_ih_v.size(0), r_hh = w_hh_v.size(0);
-  // float workspace: s_ih, s_hh, gates; bf16 also x, h, c (updated in place to c1), h1 and the bias
-  const int64_t rows = batch * (r_ih + r_hh + 4 * hidden);
-  const int64_t widened = bf16 ? batch * (d + 3 * hidden) + (bias.has_value() ? 4 * hidden : 0) : 0;
-  Tensor work = at::empty({rows + widened}, x.options().dtype(at::kFloat));
-  Tensor h1 = at::empty({batch, hidden}, x.options()), c1 = at::empty({batch, hidden}, x.options());
-  float *s_ih = work.data_ptr<float>(), *s_hh = s_ih + batch * r_ih, *gates = s_hh + batch * r_hh;
-  const float *xf, *hf, *bf = nullptr;
-  float *cf, *hout;
-  if (bf16) {
-    float* at_ = gates + batch * 4 * hidden;
-    const auto widen = [&](const Tensor& t) {
-      float* dst = at_;
-      widen_bf16(t.data_ptr<c10::BFloat16>(), dst, t.numel());
-      at_ += t.numel();
-      return dst;
-    };
-    xf = widen(x), hf = widen(h), cf = widen(c), hout = at_, at_ += batch * hidden;
-    if (bias.has_value()) bf = widen(*bias);
-  } else {
-    xf = x.data_ptr<float>(), hf = h.data_ptr<float>(), cf = c1.data_ptr<float>(), hout = h1.data_ptr<float>();
-    std::memcpy(cf, c.data_ptr<float>(), batch * hidden * sizeof(float));
-    if (bias.has_value()) bf = bias->data_ptr<float>();
-  }
-  const auto product = [&](const float* in, const Tensor& w, int64_t out_rows, int64_t cols, float* y, bool acc) {
-    if (bf16) {
-      small_batch_mm(in, batch, w.data_ptr<c10::BFloat16>(), out_rows, cols, y, acc);
-    } else {
-      small_batch_mm(in, batch, w.data_ptr<float>(), out_rows, cols, y, acc);
-    }
-  };
-  product(xf, w_ih_v, r_ih, d, s_ih, false);
-  product(hf, w_hh_v, r_hh, hidden, s_hh, false);
-  product(s_ih, w_ih_u, 4 * hidden, r_ih, gates, false);
-  product(s_hh, w_hh_u, 4 * hidden, r_hh, gates, true);
-  finish_step(gates, bf, cf, hout, batch, hidden);
-  if (bf16) {
-    narrow_bf16(hout, h1.data_ptr<c10::BFloat16>(), batch * hidden);
-    narrow_bf16(cf, c1.data_ptr<c10::BFloat16>(), batch * hidden);
-  }
+  Tensor work = at::empty({lean_work_floats(step, batch)}, x.options().dtype(at::kFloat));
+  Tensor h1 = at::empty({batch, step.hidden}, x.options()), c1 = at::empty({batch, step.hidden}, x.options());
+  lean_step_into(step, batch, x.data_ptr(), h.data_ptr(), c.data_ptr(), h1.data_ptr(), c1.data_ptr(),
+                 work.data_ptr<float>());
   return {h1, c1};
 }
 
@@ -424,6 +389,70 @@ std::tuple<Tensor, Tensor, Tensor> cell_forward(const Tensor& x, const Tensor& h
 }
 
 }  // namespace
+
+// The lean step's arithmetic on raw rows (kernels.h): the four products as row dots into `work` and the fused
+// update; bf16 rows are widened into `work` and the factors read as they are (vdpbf16ps; s rounded to bf16 as
+// in the sequence's bf16 forward), h1 and c1 narrowed at the end.
+LowrankStep lowrank_step_of(const Tensor& w_ih_u, const Tensor& w_ih_v, const Tensor& w_hh_u, const Tensor& w_hh_v,
+                            const c10::optional<Tensor>& bias) {
+  return {w_ih_u.data_ptr(), w_ih_v.data_ptr(), w_hh_u.data_ptr(), w_hh_v.data_ptr(),
+          bias.has_value() ? bias->data_ptr() : nullptr, w_ih_v.size(1), w_hh_v.size(1), w_ih_v.size(0),
+          w_hh_v.size(0), w_ih_u.scalar_type() == at::kBFloat16};
+}
+
+int64_t lean_work_floats(const LowrankStep& step, int64_t batch) {
+  const int64_t hidden = step.hidden;  // s_ih, s_hh, gates, zeros for an absent h; bf16 also x, h, c, h1 and bias
+  return batch * (step.r_ih + step.r_hh + 5 * hidden) + (step.bf16 ? batch * (step.d + 3 * hidden) + 4 * hidden : 0);
+}
+
+void lean_step_into(const LowrankStep& step, int64_t batch, const void* x, const void* h, const void* c, void* h1,
+                    void* c1, float* work) {
+  const int64_t d = step.d, hidden = step.hidden, rows = batch * hidden;
+  float *s_ih = work, *s_hh = s_ih + batch * step.r_ih, *gates = s_hh + batch * step.r_hh, *at = gates + 4 * rows;
+  const auto take = [&](int64_t n) {
+    float* p = at;
+    at += n;
+    return p;
+  };
+  float* zeros = take(rows);
+  const float *xf, *hf = zeros, *bf = nullptr;
+  float *cf, *hout;
+  if (step.bf16) {
+    const auto widen = [&](const void* src, int64_t n) {
+      float* dst = take(n);
+      widen_bf16(static_cast<const c10::BFloat16*>(src), dst, n);
+      return dst;
+    };
+    xf = widen(x, batch * d);
+    if (h != nullptr) hf = widen(h, rows);
+    cf = c != nullptr ? widen(c, rows) : take(rows);
+    hout = take(rows);
+    if (step.bias != nullptr) bf = widen(step.bias, 4 * hidden);
+  } else {
+    xf = static_cast<const float*>(x), cf = static_cast<float*>(c1), hout = static_cast<float*>(h1);
+    if (h != nullptr) hf = static_cast<const float*>(h);
+    if (c != nullptr) std::memcpy(cf, c, rows * sizeof(float));
+    bf = static_cast<const float*>(step.bias);
+  }
+  if (h == nullptr || c == nullptr) std::fill(zeros, zeros + rows, 0.0f);
+  if (c == nullptr) std::fill(cf, cf + rows, 0.0f);
+  const auto product = [&](const float* in, const void* w, int64_t out_rows, int64_t cols, float* y, bool acc) {
+    if (step.bf16) {
+      small_batch_mm(in, batch, static_cast<const c10::BFloat16*>(w), out_rows, cols, y, acc);
+    } else {
+      small_batch_mm(in, batch, static_cast<const float*>(w), out_rows, cols, y, acc);
+    }
+  };
+  product(xf, step.w_ih_v, step.r_ih, d, s_ih, false);
+  product(hf, step.w_hh_v, step.r_hh, hidden, s_hh, false);
+  product(s_ih, step.w_ih_u, 4 * hidden, step.r_ih, gates, false);
+  product(s_hh, step.w_hh_u, 4 * hidden, step.r_hh, gates, true);
+  finish_step(gates, bf, cf, hout, batch, hidden);
+  if (step.bf16) {
+    narrow_bf16(hout, static_cast<c10::BFloat16*>(h1), rows);
+    narrow_bf16(cf, static_cast<c10::BFloat16*>(c1), rows);
+  }
+}
 
 // A frame through a stack of low-rank layers (lstm_stack.h), each the cell's forward: the lean step where it applies.
 std::tuple<Tensor, Tensor, Tensor> lowrank_lstm_stack_step(const Tensor& x, const c10::optional<Tensor>& h0,

@@ -16,6 +16,9 @@
 #include <c10/core/impl/TorchDispatchModeTLS.h>
 #include <torch/extension.h>
 
+#include <algorithm>
+#include <cstring>
+#include <initializer_list>
 #include <memory>
 #include <optional>
 #include <string>
@@ -25,7 +28,9 @@
 #include "../face.h"
 #include "../fast_call.h"
 #include "../sources_snapshot.h"
+#include "kernels.h"
 #include "lstm_stack.h"
+#include "simd.h"
 
 namespace amnets::cpu {
 namespace {
@@ -55,8 +60,9 @@ class StackCall {
 
   StackCall(StackStep* step, face::Op op, std::vector<Tensor> weights, std::vector<std::optional<Tensor>> biases,
             int64_t hidden, const SourcesSnapshot* sources)
-      : step_(step), op_(op), weights_(std::move(weights)), hidden_(hidden), sources_(sources) {
+      : step_(step), op_(op), weights_(std::move(weights)), bias_list_(biases), hidden_(hidden), sources_(sources) {
     for (auto& b : biases) biases_.push_back(std::move(b));
+    lean_ = op == face::Op::LowrankLstmSequence && lean_weights();
   }
 
   pybind11::object operator()(PyObject* const* args) const {
@@ -83,6 +89,17 @@ class StackCall {
     if (wants_grad(x, h0, c0) || !sources_->matches() || !face::native(op_, x)) return skip;
     try {
       Tensor out, h_n, c_n;
+      if (lean_ && lean_frame(x, h0, c0)) {  // the shapes forward returns, written in place
+        const int64_t batch = x.size(0), layers = static_cast<int64_t>(bias_list_.size());
+        out = at::empty(unbatched ? at::IntArrayRef{1, hidden_}
+                        : time == 0 ? at::IntArrayRef{1, batch, hidden_} : at::IntArrayRef{batch, 1, hidden_},
+                        x.options());
+        h_n = at::empty(unbatched ? at::IntArrayRef{layers, hidden_} : at::IntArrayRef{layers, batch, hidden_},
+                        x.options());
+        c_n = at::empty(h_n.sizes(), x.options());
+        WithoutGil()([&] { lean_step(x, h0, c0, out, h_n, c_n); });
+        return pybind11::make_tuple(out, pybind11::make_tuple(h_n, c_n));
+      }
       WithoutGil()([&] { std::tie(out, h_n, c_n) = step_(x, h0, c0, weights_, biases_, hidden_); });
       if (unbatched) return pybind11::make_tuple(out, pybind11::make_tuple(h_n.squeeze(1), c_n.squeeze(1)));
       return pybind11::make_tuple(out.unsqueeze(time), pybind11::make_tuple(h_n, c_n));
@@ -103,10 +120,72 @@ class StackCall {
     return wants;
   }
 
+  // Low-rank stacks: whether every layer's factors take the lean step as they are (contiguous, one dtype the
+  // lean step runs, shapes that chain), decided once: the snapshot keeps them so. (They have passed the op's
+  // checks already: the call is made after a stack step ran on them.)
+  bool lean_weights() {
+    const auto layers = static_cast<int64_t>(bias_list_.size());
+    if (layers < 1 || static_cast<int64_t>(weights_.size()) != 4 * layers) return false;
+    dtype_ = weights_[0].scalar_type();
+    if (!(dtype_ == at::kFloat || (dtype_ == at::kBFloat16 && simd::has_dpbf16()))) return false;
+    const auto fits = [&](const Tensor& t, std::initializer_list<int64_t> sizes) {
+      return t.scalar_type() == dtype_ && t.is_contiguous() && t.sizes().equals(sizes);
+    };
+    input_size_ = weights_[1].dim() == 2 ? weights_[1].size(1) : -1;
+    for (int64_t k = 0; k < layers; ++k) {
+      const Tensor* w = weights_.data() + 4 * k;
+      const int64_t r_ih = w[1].dim() == 2 ? w[1].size(0) : -1, r_hh = w[3].dim() == 2 ? w[3].size(0) : -1;
+      const int64_t d = k == 0 ? input_size_ : hidden_, gates = 4 * hidden_;
+      if (!(fits(w[0], {gates, r_ih}) && fits(w[1], {r_ih, d}) && fits(w[2], {gates, r_hh}) &&
+            fits(w[3], {r_hh, hidden_})))
+        return false;
+      if (bias_list_[k].has_value() && !fits(*bias_list_[k], {gates})) return false;
+    }
+    return true;
+  }
+
+  // Whether this frame takes the lean step: x (B, input_size) in the factors' dtype, 1 <= B <= kMaxDotBatch,
+  // h0 and c0 (where given) contiguous (L, B, H) of that dtype.
+  bool lean_frame(const Tensor& x, const std::optional<Tensor>& h0, const std::optional<Tensor>& c0) const {
+    const int64_t batch = x.size(0);
+    bool lean = x.scalar_type() == dtype_ && x.size(1) == input_size_ && batch >= 1 && batch <= kMaxDotBatch &&
+                x.is_contiguous();
+    for (const std::optional<Tensor>* t : {&h0, &c0}) {
+      lean = lean && (!t->has_value() || ((*t)->scalar_type() == dtype_ && (*t)->is_contiguous() &&
+                                          (*t)->sizes().equals({static_cast<int64_t>(bias_list_.size()), batch, hidden_})));
+    }
+    return lean;
+  }
+
+  // The stack, layer by layer the lean step (kernels.h) writing into h_n and c_n; out is the last layer's h.
+  void lean_step(const Tensor& x, const std::optional<Tensor>& h0, const std::optional<Tensor>& c0, Tensor& out,
+                 Tensor& h_n, Tensor& c_n) const {
+    const int64_t batch = x.size(0), bytes = batch * hidden_ * static_cast<int64_t>(x.element_size());
+    char *hn = static_cast<char*>(h_n.data_ptr()), *cn = static_cast<char*>(c_n.data_ptr());
+    const char* h = h0.has_value() ? static_cast<const char*>(h0->data_ptr()) : nullptr;
+    const char* c = c0.has_value() ? static_cast<const char*>(c0->data_ptr()) : nullptr;
+    thread_local std::vector<float> work;
+    const void* in = x.data_ptr();
+    for (size_t k = 0; k < bias_list_.size(); ++k) {
+      const Tensor* w = weights_.data() + 4 * k;
+      const LowrankStep step = lowrank_step_of(w[0], w[1], w[2], w[3], bias_list_[k]);
+      work.resize(std::max<size_t>(work.size(), lean_work_floats(step, batch)));
+      const int64_t at = static_cast<int64_t>(k) * bytes;
+      lean_step_into(step, batch, in, h != nullptr ? h + at : nullptr, c != nullptr ? c + at : nullptr, hn + at,
+                     cn + at, work.data());
+      in = hn + at;
+    }
+    std::memcpy(out.data_ptr(), in, bytes);
+  }
+
   StackStep* step_;
   face::Op op_;
   std::vector<Tensor> weights_;
+  std::vector<std::optional<Tensor>> bias_list_;  // (read without c10::List's per-element copies)
   c10::List<std::optional<Tensor>> biases_;
+  bool lean_ = false;
+  at::ScalarType dtype_ = at::kFloat;
+  int64_t input_size_ = -1;
   int64_t hidden_;
   const SourcesSnapshot* sources_;  // owned by the Python object the function holds (fast_call.h)
 };
