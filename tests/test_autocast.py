@@ -257,3 +257,24 @@ def test_the_cell_returns_what_nn_lstmcell_returns_under_cpu_autocast():
         if hx is None:
             assert got[0].dtype == torch.float32
             cell(x, got)  # the state goes back in outside autocast
+
+
+def test_packed_sequences_under_cpu_autocast_take_nn_lstms_dtypes():
+    """nn.LSTM on a PackedSequence under CPU autocast (torch 2.14): fp32, unless hx comes in the autocast dtype
+    (the state of an earlier chunk run under autocast), then that dtype. The swapped modules do the same."""
+    from torch.nn.utils.rnn import pack_padded_sequence
+
+    from amnets_kernels.nn import BlockSparseLSTM
+
+    torch.manual_seed(0)
+    dense = torch.nn.LSTM(16, 16)
+    packed = pack_padded_sequence(rand(4, 2, 16), torch.tensor([4, 2]))
+    for module in (LowRankLSTM.from_lstm(dense, rank=16), BlockSparseLSTM.from_lstm(dense, sparsity=0.0,
+                                                                                      block_size=16)):
+        for dtype in (None, torch.float32, torch.bfloat16):
+            hx = None if dtype is None else (rand(1, 2, 16).to(dtype), rand(1, 2, 16).to(dtype))
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                want, (want_h, want_c) = dense(packed, hx)
+                got, (got_h, got_c) = module(packed, hx)
+            assert (got.data.dtype, got_h.dtype, got_c.dtype) == (want.data.dtype, want_h.dtype, want_c.dtype)
+            torch.testing.assert_close(got.data.float(), want.data.float(), rtol=0, atol=0.05)

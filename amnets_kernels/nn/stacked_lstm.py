@@ -330,7 +330,17 @@ def combined_bias(lstm: nn.Module, suffix: str) -> nn.Parameter | None:
 def _in_autocast_dtype(input, hx):
     """As nn.LSTM under autocast: fp32 input and state in the autocast dtype, so that the results are in it too
     (the ops cast the weights: csrc/autocast.cpp). Anything else unchanged (the checks come after), and so is
-    a PackedSequence: nn.LSTM computes those in fp32 under CPU autocast (torch 2.14), and so do we."""
+    a PackedSequence: nn.LSTM computes those in fp32 under CPU autocast (torch 2.14), and so do we, unless hx
+    comes in the autocast dtype (a chunk's state from an autocast run), where nn.LSTM runs in that dtype."""
+    if torch._C._is_any_autocast_enabled() and isinstance(input, PackedSequence):
+        data = input.data
+        if (data.dtype == torch.float32 and isinstance(hx, (tuple, list)) and len(hx) == 2
+                and all(isinstance(t, torch.Tensor) for t in hx) and torch.amp.is_autocast_available(data.device.type)
+                and torch.is_autocast_enabled(data.device.type)
+                and hx[0].dtype == hx[1].dtype == torch.get_autocast_dtype(data.device.type)):
+            input = PackedSequence(data.to(hx[0].dtype), input.batch_sizes, input.sorted_indices,
+                                   input.unsorted_indices)
+        return input, hx
     if not (torch._C._is_any_autocast_enabled()  # one native call: the common case ends here
             and isinstance(input, torch.Tensor) and input.dtype == torch.float32
             and torch.amp.is_autocast_available(input.device.type)  # "meta" has no autocast state to ask
