@@ -185,6 +185,8 @@ def unavailable_reason(op: str, face: str, device: str | torch.device = "cpu") -
     kind = torch.device(device).type
     if face == "reference":
         return None
+    if kind == "cuda" and not torch.cuda.is_available():  # (which_face(op, "cuda") answered "triton" on such a host)
+        return "no CUDA device here (torch.cuda.is_available() is False)"
     if face in ("cpu", "cuda"):
         if kind != face:
             return f"the {face} face runs on {face} tensors, and these are on {kind}"

@@ -135,6 +135,10 @@ def test_available_backends_and_reasons():
     assert all("reference" in f for f in faces.values())
     assert ak.unavailable_reason("bsr_linear", "reference") is None
     assert "cuda tensors" in ak.unavailable_reason("bsr_linear", "cuda", "cpu")
+    if not torch.cuda.is_available():  # no face but the reference runs CUDA tensors where there is no GPU
+        for face in ("cuda", "triton"):
+            assert "no CUDA device here" in ak.unavailable_reason("bsr_linear", face, "cuda")
+        assert ak.which_face("bsr_linear", "cuda") == "reference"
     with pytest.raises(ValueError, match="op must be one of"):
         ak.available_backends("conv2d")
 
