@@ -629,6 +629,18 @@ def test_the_one_call_frame_declines_wherever_the_python_path_must_decide(kind):
             module.col_indices_l0.add_(0)  # the pattern written in place: checked again, anew
         frame(x, hx, took=False)
         frame(x, None, took=True)
+        saved = module.col_indices_l0.clone()
+        with torch.no_grad():
+            before = module(x, hx)[0]
+        module.col_indices_l0.data.fill_(10**6)  # out of range, through .data: no version moves, so the call runs
+        with torch.no_grad():                     # on its checked copy of the pattern, never on this
+            torch.testing.assert_close(module(x, hx)[0], before, rtol=0, atol=0)
+        ak.weights_changed()  # as README says after such writes: the Python path checks the pattern, and refuses it
+        with torch.no_grad(), pytest.raises(ValueError, match="col_indices"):
+            module(x, hx)
+        with torch.no_grad():
+            module.col_indices_l0.copy_(saved)
+        frame(x, hx, took=False)
     assert frame(x, hx, took=False, grad=True)[0].requires_grad  # autograd: the graph the Python path builds
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert frame(x, hx, took=False, lossy=True)[0].dtype == torch.bfloat16

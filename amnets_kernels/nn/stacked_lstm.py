@@ -204,7 +204,8 @@ class StackedLSTM(nn.Module):
             return
         sources = _C.SourcesSnapshot(entries)
         # Set in __dict__ directly: not parameters, buffers or modules (and nn.Module.__setattr__ costs ~2 us).
-        self.__dict__["_stack_call"] = _C.StackCall(self._STACK_KIND, weights, biases, self.hidden_size, sources)
+        self.__dict__["_stack_call"] = _C.StackCall(self._STACK_KIND, weights, biases, self.hidden_size,
+                                                    self.input_size, sources)
         self.__dict__["_stack_sources"] = sources
 
     def _stepped(self) -> None:

@@ -31,11 +31,13 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "../checks.h"
 #include "amx.h"
 #include "bf16_convert.h"
+#include "kernels.h"
 #include "lstm_pointwise.h"
 #include "lstm_stack.h"
 #include "parallel.h"
@@ -1113,6 +1115,68 @@ void bsr_check_pattern(const Tensor& crow, const Tensor& col, int64_t nnzb, int6
 }
 
 }  // namespace
+
+// The fused cell's step for the prepared stack call (kernels.h): the same arithmetic on raw rows, the checks and
+// the pattern's int32 copy done once, when the layer is made.
+BsrLstmLayer bsr_lstm_layer(const Tensor& values, const Tensor& crow_indices, const Tensor& col_indices,
+                            const c10::optional<Tensor>& bias, int64_t d, int64_t hidden) {
+  constexpr const char* op = "bsr_lstm_cell_forward";
+  TORCH_CHECK_VALUE(hidden >= 1 && d >= 1, op, ": needs D, H >= 1; got ", d, ", ", hidden);
+  auto [crow, col] = checks::bsr_pattern(op, values, crow_indices, col_indices, 4 * hidden, d + hidden);
+  TORCH_CHECK_TYPE(has_fast_path(values) && values.is_contiguous(), op, ": no fast kernel for block size ",
+                   values.size(1), " and dtype ", values.scalar_type(), " (or the blocks are not contiguous)");
+  if (bias.has_value()) {
+    checks::shape(op, "bias", *bias, {4 * hidden});
+    TORCH_CHECK_TYPE(bias->scalar_type() == values.scalar_type() && bias->is_contiguous(), op,
+                     ": bias must be contiguous in the values' dtype ", values.scalar_type(), "; got ",
+                     bias->scalar_type());
+  }
+  // Copies of the checked pattern: a write to the module's buffers that moves no version (through .data) must
+  // not reach the kernels unchecked (the snapshot that keeps this layer sees only versioned writes).
+  return {values, crow.clone(), col.clone(), bias.has_value() ? *bias : Tensor(), d, hidden};
+}
+
+int64_t bsr_step_work_floats(const BsrLstmLayer& layer, int64_t batch) {
+  const int64_t b = layer.values.size(1), k_pad = (layer.d + layer.hidden + b - 1) / b * b;
+  return batch * (k_pad + 6 * layer.hidden) + 4 * layer.hidden;  // [x | h | 0], gates, c, h1; the bias
+}
+
+void bsr_step_into(const BsrLstmLayer& layer, int64_t batch, const void* x, const void* h, const void* c, void* h1,
+                   void* c1, float* work) {
+  const int64_t d = layer.d, hidden = layer.hidden, rows = batch * hidden, b = layer.values.size(1);
+  const int64_t k_pad = (d + hidden + b - 1) / b * b;
+  const bool bf16 = layer.values.scalar_type() == at::kBFloat16;
+  const auto load = [&](const void* src, int64_t at, int64_t n, float* dst) {  // n elements from row offset `at`
+    if (src == nullptr) return std::fill(dst, dst + n, 0.0f);
+    if (bf16) return widen_bf16(static_cast<const c10::BFloat16*>(src) + at, dst, n);
+    std::memcpy(dst, static_cast<const float*>(src) + at, n * sizeof(float));
+  };
+  float *z = work, *gates = z + batch * k_pad, *cf = gates + 4 * rows, *hout = cf + rows, *bf = hout + rows;
+  if (!bf16) cf = static_cast<float*>(c1), hout = static_cast<float*>(h1);
+  for (int64_t r = 0; r < batch; ++r) {  // [x | h | zeros] as float, and c1 = c before the update
+    load(x, r * d, d, z + r * k_pad);
+    load(h, r * hidden, hidden, z + r * k_pad + d);
+    std::fill(z + r * k_pad + d + hidden, z + (r + 1) * k_pad, 0.0f);
+    load(c, r * hidden, hidden, cf + r * hidden);
+  }
+  const Tensor xh = at::from_blob(z, {batch, k_pad}, at::TensorOptions().dtype(at::kFloat));
+  forward_into(problem_of(xh, layer.values, layer.crow, layer.col, 4 * hidden, d + hidden), layer.values, xh, k_pad,
+               gates);
+  const float* bias = nullptr;
+  if (layer.bias.defined()) {
+    if (bf16) {
+      widen_bf16(layer.bias.data_ptr<c10::BFloat16>(), bf, 4 * hidden);
+      bias = bf;
+    } else {
+      bias = layer.bias.data_ptr<float>();
+    }
+  }
+  finish_step(gates, bias, cf, hout, batch, hidden);
+  if (bf16) {
+    narrow_bf16(hout, static_cast<c10::BFloat16*>(h1), rows);
+    narrow_bf16(cf, static_cast<c10::BFloat16*>(c1), rows);
+  }
+}
 
 // A frame through a stack of block-sparse layers (lstm_stack.h), each the fused cell above.
 std::tuple<Tensor, Tensor, Tensor> bsr_lstm_stack_step(const Tensor& x, const c10::optional<Tensor>& h0,

@@ -95,4 +95,20 @@ int64_t lean_work_floats(const LowrankStep& step, int64_t batch);  // floats of 
 void lean_step_into(const LowrankStep& step, int64_t batch, const void* x, const void* h, const void* c, void* h1,
                     void* c1, float* work);
 
+// A block-sparse LSTM layer's inference step (csrc/cpu/bsr.cpp) for the prepared stack call (lstm_stack.cpp): its
+// [W_ih | W_hh] (4H, D + H) blocks with a fast kernel (b 16/32/64, fp32 or bf16), the pattern checked once and
+// held as int32, the bias (4H,) in the values' dtype or undefined. bsr_lstm_layer raises (ValueError, TypeError)
+// for anything else.
+struct BsrLstmLayer {
+  at::Tensor values, crow, col, bias;
+  int64_t d = 0, hidden = 0;
+};
+BsrLstmLayer bsr_lstm_layer(const at::Tensor& values, const at::Tensor& crow_indices, const at::Tensor& col_indices,
+                            const std::optional<at::Tensor>& bias, int64_t d, int64_t hidden);
+int64_t bsr_step_work_floats(const BsrLstmLayer& layer, int64_t batch);
+// x (B, D), h and c (B, H) (null: zeros) in the values' dtype, B <= kMaxDotBatch -> h1, c1 (B, H), which alias
+// none of them; as the fused cell bsr_lstm_cell_forward computes them.
+void bsr_step_into(const BsrLstmLayer& layer, int64_t batch, const void* x, const void* h, const void* c, void* h1,
+                   void* c1, float* work);
+
 }  // namespace amnets::cpu

@@ -9,6 +9,10 @@
 //   autograd wanted, autocast on, a dispatch or torch-function mode active;
 //   input or hx not plain CPU tensors (a subclass, a functorch wrapper, a PackedSequence), or shaped otherwise
 //   than one frame; anything the step refuses (ValueError, TypeError).
+// Up to kMaxDotBatch rows of fp32 or bf16 weights it runs each layer's lean step straight into h_n / c_n (the
+// low-rank lean step, or the block-sparse fused cell's arithmetic), with none of the step ops' per-layer checks,
+// views and allocations: the weights were checked when the call was made (after a stack step ran on them), and
+// the snapshot keeps them so (a block-sparse pattern is held as a checked copy).
 // Part of the Python module only (examples/deploy builds the other sources without AMNETS_PYTHON_MODULE).
 #ifdef AMNETS_PYTHON_MODULE
 #include <ATen/PythonTorchFunctionTLS.h>
@@ -59,10 +63,11 @@ class StackCall {
   static constexpr int kArity = 3;  // (input, hx, batch_first)
 
   StackCall(StackStep* step, face::Op op, std::vector<Tensor> weights, std::vector<std::optional<Tensor>> biases,
-            int64_t hidden, const SourcesSnapshot* sources)
-      : step_(step), op_(op), weights_(std::move(weights)), bias_list_(biases), hidden_(hidden), sources_(sources) {
+            int64_t hidden, int64_t input_size, const SourcesSnapshot* sources)
+      : step_(step), op_(op), weights_(std::move(weights)), bias_list_(biases), hidden_(hidden),
+        input_size_(input_size), sources_(sources) {
     for (auto& b : biases) biases_.push_back(std::move(b));
-    lean_ = op == face::Op::LowrankLstmSequence && lean_weights();
+    lean_ = op == face::Op::LowrankLstmSequence ? lean_lowrank() : lean_sparse();
   }
 
   pybind11::object operator()(PyObject* const* args) const {
@@ -120,10 +125,10 @@ class StackCall {
     return wants;
   }
 
-  // Low-rank stacks: whether every layer's factors take the lean step as they are (contiguous, one dtype the
-  // lean step runs, shapes that chain), decided once: the snapshot keeps them so. (They have passed the op's
-  // checks already: the call is made after a stack step ran on them.)
-  bool lean_weights() {
+  // Whether every layer takes the lean step as it is, decided once: the snapshot keeps the tensors so. (They have
+  // passed the op's checks already: the call is made after a stack step ran on them.)
+  // Low-rank: contiguous factors of one dtype the lean step runs, shapes that chain.
+  bool lean_lowrank() {
     const auto layers = static_cast<int64_t>(bias_list_.size());
     if (layers < 1 || static_cast<int64_t>(weights_.size()) != 4 * layers) return false;
     dtype_ = weights_[0].scalar_type();
@@ -131,7 +136,6 @@ class StackCall {
     const auto fits = [&](const Tensor& t, std::initializer_list<int64_t> sizes) {
       return t.scalar_type() == dtype_ && t.is_contiguous() && t.sizes().equals(sizes);
     };
-    input_size_ = weights_[1].dim() == 2 ? weights_[1].size(1) : -1;
     for (int64_t k = 0; k < layers; ++k) {
       const Tensor* w = weights_.data() + 4 * k;
       const int64_t r_ih = w[1].dim() == 2 ? w[1].size(0) : -1, r_hh = w[3].dim() == 2 ? w[3].size(0) : -1;
@@ -140,6 +144,23 @@ class StackCall {
             fits(w[3], {r_hh, hidden_})))
         return false;
       if (bias_list_[k].has_value() && !fits(*bias_list_[k], {gates})) return false;
+    }
+    return true;
+  }
+
+  // Block-sparse: every layer's blocks have a fast kernel (bsr_lstm_layer checks them, the pattern as a copy).
+  bool lean_sparse() {
+    const auto layers = static_cast<int64_t>(bias_list_.size());
+    if (layers < 1 || static_cast<int64_t>(weights_.size()) != 3 * layers) return false;
+    dtype_ = weights_[0].scalar_type();
+    try {
+      for (int64_t k = 0; k < layers; ++k) {
+        const Tensor* w = weights_.data() + 3 * k;
+        sparse_.push_back(bsr_lstm_layer(w[0], w[1], w[2], bias_list_[k], k == 0 ? input_size_ : hidden_, hidden_));
+      }
+    } catch (const c10::Error&) {
+      sparse_.clear();
+      return false;
     }
     return true;
   }
@@ -157,7 +178,8 @@ class StackCall {
     return lean;
   }
 
-  // The stack, layer by layer the lean step (kernels.h) writing into h_n and c_n; out is the last layer's h.
+  // The stack, layer by layer the lean step (kernels.h: the low-rank one, or the block-sparse fused cell's) writing
+  // into h_n and c_n; out is the last layer's h.
   void lean_step(const Tensor& x, const std::optional<Tensor>& h0, const std::optional<Tensor>& c0, Tensor& out,
                  Tensor& h_n, Tensor& c_n) const {
     const int64_t batch = x.size(0), bytes = batch * hidden_ * static_cast<int64_t>(x.element_size());
@@ -167,12 +189,17 @@ class StackCall {
     thread_local std::vector<float> work;
     const void* in = x.data_ptr();
     for (size_t k = 0; k < bias_list_.size(); ++k) {
-      const Tensor* w = weights_.data() + 4 * k;
-      const LowrankStep step = lowrank_step_of(w[0], w[1], w[2], w[3], bias_list_[k]);
-      work.resize(std::max<size_t>(work.size(), lean_work_floats(step, batch)));
       const int64_t at = static_cast<int64_t>(k) * bytes;
-      lean_step_into(step, batch, in, h != nullptr ? h + at : nullptr, c != nullptr ? c + at : nullptr, hn + at,
-                     cn + at, work.data());
+      const char *hk = h != nullptr ? h + at : nullptr, *ck = c != nullptr ? c + at : nullptr;
+      if (sparse_.empty()) {
+        const Tensor* w = weights_.data() + 4 * k;
+        const LowrankStep step = lowrank_step_of(w[0], w[1], w[2], w[3], bias_list_[k]);
+        work.resize(std::max<size_t>(work.size(), lean_work_floats(step, batch)));
+        lean_step_into(step, batch, in, hk, ck, hn + at, cn + at, work.data());
+      } else {
+        work.resize(std::max<size_t>(work.size(), bsr_step_work_floats(sparse_[k], batch)));
+        bsr_step_into(sparse_[k], batch, in, hk, ck, hn + at, cn + at, work.data());
+      }
       in = hn + at;
     }
     std::memcpy(out.data_ptr(), in, bytes);
@@ -183,29 +210,30 @@ class StackCall {
   std::vector<Tensor> weights_;
   std::vector<std::optional<Tensor>> bias_list_;  // (read without c10::List's per-element copies)
   c10::List<std::optional<Tensor>> biases_;
+  int64_t hidden_, input_size_;
+  const SourcesSnapshot* sources_;  // owned by the Python object the function holds (fast_call.h)
+  std::vector<BsrLstmLayer> sparse_;  // a block-sparse stack taking the lean step: each layer, checked
   bool lean_ = false;
   at::ScalarType dtype_ = at::kFloat;
-  int64_t input_size_ = -1;
-  int64_t hidden_;
-  const SourcesSnapshot* sources_;  // owned by the Python object the function holds (fast_call.h)
 };
 
 }  // namespace
 
-// _C.StackCall(kind, weights, biases, hidden_size, snapshot): the function for forward, kind "lowrank" (weights:
-// four factors a layer, the op lowrank_lstm_sequence's face) or "sparse" (values, crow_indices, col_indices a
-// layer; bsr_linear's face); biases one a layer (None: none). The snapshot covers every tensor the weights come
-// from (amnets_kernels/nn/stacked_lstm.py).
+// _C.StackCall(kind, weights, biases, hidden_size, input_size, snapshot): the function for forward, kind
+// "lowrank" (weights: four factors a layer, the op lowrank_lstm_sequence's face) or "sparse" (values, crow_indices,
+// col_indices a layer; bsr_linear's face); biases one a layer (None: none). The snapshot covers every tensor the
+// weights come from (amnets_kernels/nn/stacked_lstm.py).
 void bind_lstm_stack(pybind11::module_& m) {
   m.def("StackCall", [](const std::string& kind, std::vector<Tensor> weights, std::vector<std::optional<Tensor>> biases,
-                        int64_t hidden, const pybind11::object& snapshot) {
+                        int64_t hidden, int64_t input_size, const pybind11::object& snapshot) {
     TORCH_CHECK_VALUE(kind == "lowrank" || kind == "sparse", "StackCall: kind must be 'lowrank' or 'sparse'; got '",
                       kind, "'");
     const auto* sources = &snapshot.cast<const SourcesSnapshot&>();  // a TypeError for anything else
     const bool lowrank = kind == "lowrank";
     return fast_function(std::make_unique<StackCall>(lowrank ? &lowrank_lstm_stack_step : &bsr_lstm_stack_step,
                                                      lowrank ? face::Op::LowrankLstmSequence : face::Op::BsrLinear,
-                                                     std::move(weights), std::move(biases), hidden, sources),
+                                                     std::move(weights), std::move(biases), hidden, input_size,
+                                                     sources),
                          snapshot);
   });
 }
