@@ -121,7 +121,7 @@ class StackCall {
     if (!at::GradMode::is_enabled()) return false;
     bool wants = x.requires_grad() || (h0.has_value() && h0->requires_grad()) || (c0.has_value() && c0->requires_grad());
     for (const Tensor& w : weights_) wants = wants || w.requires_grad();
-    for (const std::optional<Tensor> b : biases_) wants = wants || (b.has_value() && b->requires_grad());
+    for (const std::optional<Tensor>& b : bias_list_) wants = wants || (b.has_value() && b->requires_grad());
     return wants;
   }
 
