@@ -890,15 +890,6 @@ Tensor bsr_linear_forward(const Tensor& x, const Tensor& values_in, const Tensor
   return float_to(y, x.scalar_type());
 }
 
-// n elements of a contiguous float or bf16 tensor from offset `at`, as floats.
-void to_float(const Tensor& t, int64_t at, int64_t n, float* out) {
-  if (t.scalar_type() == at::kFloat) {
-    std::memcpy(out, t.data_ptr<float>() + at, n * sizeof(float));
-  } else {
-    widen_bf16(t.data_ptr<c10::BFloat16>() + at, out, n);
-  }
-}
-
 // One LSTM step whose [W_ih | W_hh] (4H, D + H) is block-sparse, for inference (amnets_kernels
 // PreparedBsrLstmCell): gates = [x | h] W^T + bias by the forward kernels above, then the activations
 // and the state update (lstm_pointwise.h), in one call: a streaming step at small H costs its host
@@ -920,26 +911,14 @@ std::tuple<Tensor, Tensor> bsr_lstm_cell_forward(const Tensor& x_in, const Tenso
   checks::like(op, "x", x_in, "c", c_in, true);
   TORCH_CHECK_TYPE(has_fast_path(values_in), op, ": no fast kernel for block size ", values_in.size(1), " and dtype ",
                    values_in.scalar_type());
-  const Tensor x = x_in.contiguous(), h = h_in.contiguous(), c = c_in.contiguous(), values = values_in.contiguous();
-  const Problem p = problem_of(x, values, crow, col, 4 * hidden, d + hidden);
-  const int64_t k_pad = p.block_cols * p.block;
-  // Few allocations, no ATen ops on the way: at small H each costs about what the arithmetic does.
-  const auto f32 = x.options().dtype(at::kFloat);
-  Tensor xh = at::empty({batch, k_pad}, f32), gates = at::empty({batch, 4 * hidden}, f32);
-  Tensor c1 = at::empty({batch, hidden}, f32), h1 = at::empty({batch, hidden}, f32);
-  float *z = xh.data_ptr<float>(), *cp = c1.data_ptr<float>();
-  for (int64_t r = 0; r < batch; ++r) {  // [x | h | zeros] as float, and c1 = c before the update
-    to_float(x, r * d, d, z + r * k_pad);
-    to_float(h, r * hidden, hidden, z + r * k_pad + d);
-    std::fill(z + r * k_pad + d + hidden, z + (r + 1) * k_pad, 0.0f);
-    to_float(c, r * hidden, hidden, cp + r * hidden);
-  }
-  forward_into(p, values, xh, k_pad, gates.data_ptr<float>());
-  const Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : Tensor();
-  finish_step(gates.data_ptr<float>(), b.defined() ? b.data_ptr<float>() : nullptr, cp, h1.data_ptr<float>(), batch,
-              hidden);
-  if (x.scalar_type() == at::kFloat) return {h1, c1};
-  return {float_to(h1, x.scalar_type()), float_to(c1, x.scalar_type())};
+  const Tensor x = x_in.contiguous(), h = h_in.contiguous(), c = c_in.contiguous();
+  const BsrLstmLayer layer{values_in.contiguous(), crow, col, bias.has_value() ? bias->contiguous() : Tensor(), d,
+                           hidden};
+  // The arithmetic is the stack call's (bsr_step_into below); only the checks above are this op's own.
+  Tensor h1 = at::empty({batch, hidden}, x.options()), c1 = at::empty({batch, hidden}, x.options());
+  std::vector<float> work(bsr_step_work_floats(layer, batch));
+  bsr_step_into(layer, batch, x.data_ptr(), h.data_ptr(), c.data_ptr(), h1.data_ptr(), c1.data_ptr(), work.data());
+  return {h1, c1};
 }
 
 // A whole LSTM sequence, inference only (amnets_kernels.nn.BlockSparseLSTM): W_ih (4H, D) and W_hh (4H, H)
@@ -1116,8 +1095,8 @@ void bsr_check_pattern(const Tensor& crow, const Tensor& col, int64_t nnzb, int6
 
 }  // namespace
 
-// The fused cell's step for the prepared stack call (kernels.h): the same arithmetic on raw rows, the checks and
-// the pattern's int32 copy done once, when the layer is made.
+// The fused cell's arithmetic on raw rows (kernels.h): bsr_lstm_cell_forward runs it after its checks, the prepared
+// stack call on a layer checked once, when it is made (with its own copy of the int32 pattern).
 BsrLstmLayer bsr_lstm_layer(const Tensor& values, const Tensor& crow_indices, const Tensor& col_indices,
                             const c10::optional<Tensor>& bias, int64_t d, int64_t hidden) {
   constexpr const char* op = "bsr_lstm_cell_forward";

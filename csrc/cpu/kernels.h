@@ -106,8 +106,8 @@ struct BsrLstmLayer {
 BsrLstmLayer bsr_lstm_layer(const at::Tensor& values, const at::Tensor& crow_indices, const at::Tensor& col_indices,
                             const std::optional<at::Tensor>& bias, int64_t d, int64_t hidden);
 int64_t bsr_step_work_floats(const BsrLstmLayer& layer, int64_t batch);
-// x (B, D), h and c (B, H) (null: zeros) in the values' dtype, B <= kMaxDotBatch -> h1, c1 (B, H), which alias
-// none of them; as the fused cell bsr_lstm_cell_forward computes them.
+// x (B, D), h and c (B, H) (null: zeros) in the values' dtype, any B -> h1, c1 (B, H), which alias none of them;
+// work holds bsr_step_work_floats floats. The fused cell bsr_lstm_cell_forward is its checks and then this.
 void bsr_step_into(const BsrLstmLayer& layer, int64_t batch, const void* x, const void* h, const void* c, void* h1,
                    void* c1, float* work);
 
