@@ -126,14 +126,20 @@ class BlockSparseMatrix:
                                  f"(N, K) = {(n, k)} (element mask); got {tuple(mask.shape)}")
             keep = keep.to(weight.device)
         else:
-            norms = _padded_blocks(weight.to(torch.float64), block_size).pow(2).sum((-1, -2)).flatten()
             if sparsity is None:
-                kept = norms.numel()
+                kept = rows * cols
             else:
                 if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) \
                         or not 0.0 <= sparsity <= 1.0:
                     raise ValueError(f"{op}: sparsity must be a float in [0, 1]; got {sparsity!r}")
-                kept = round((1.0 - sparsity) * norms.numel())
+                kept = round((1.0 - sparsity) * rows * cols)
+            if weight.device.type == "meta":
+                # No norms to rank blocks by: a meta matrix of the size this pruning keeps, as a module built on
+                # meta needs (its pattern comes with the checkpoint: load_state_dict(..., assign=True)).
+                return cls(weight.new_empty(kept, block_size, block_size),
+                           torch.empty(rows + 1, dtype=torch.int32, device="meta"),
+                           torch.empty(kept, dtype=torch.int32, device="meta"), (n, k))
+            norms = _padded_blocks(weight.to(torch.float64), block_size).pow(2).sum((-1, -2)).flatten()
             order = torch.sort(norms, descending=True, stable=True).indices[:kept]
             keep = torch.zeros(rows * cols, dtype=torch.bool, device=weight.device)
             keep[order] = True

@@ -99,6 +99,32 @@ def test_a_matrix_moves_to_meta_and_back_to_real_shapes():
             assert ak.bsr_linear(torch.empty(3, 12, device="meta"), on_meta).shape == (3, 20)
 
 
+def test_modules_built_on_meta_take_their_pattern_from_a_checkpoint():
+    """Built on meta (device="meta" or under `with torch.device("meta")`, as large models are), a block-sparse
+    module has the shapes its pruning keeps and no pattern; load_state_dict(..., assign=True) brings one. It
+    raised before ("a meta tensor does not hold" the norms to prune by)."""
+    torch.manual_seed(0)
+    on_meta = ak.nn.BlockSparseLinear(64, 96, block_size=16, sparsity=0.5, device="meta")
+    assert on_meta.values.shape == (12, 16, 16) and on_meta.crow_indices.shape == (7,)  # round(0.5 * 24) blocks
+    assert on_meta(torch.empty(2, 64, device="meta")).shape == (2, 96)  # shape inference
+    real = ak.nn.BlockSparseLinear(64, 96, block_size=16, sparsity=0.5)
+    on_meta.load_state_dict(real.state_dict(), assign=True)
+    x = torch.randn(3, 64)
+    assert torch.equal(on_meta(x), real(x))
+    with torch.device("meta"):
+        lstm = ak.nn.BlockSparseLSTM(32, 16, block_size=16)
+    real_lstm = ak.nn.BlockSparseLSTM(32, 16, block_size=16)
+    lstm.load_state_dict(real_lstm.state_dict(), assign=True)
+    seq = torch.randn(5, 2, 32)
+    assert torch.equal(lstm(seq)[0], real_lstm(seq)[0])
+    # to_empty() without a checkpoint leaves an uninitialised pattern: refused by the checks, never read blindly
+    # (the sizes are kept, so a pattern of zeros, say, fails crow_indices[-1] = nnzb)
+    empty = ak.nn.BlockSparseLinear(64, 96, block_size=16, sparsity=0.5, device="meta").to_empty(device="cpu")
+    empty.crow_indices.zero_()
+    with pytest.raises(ValueError, match="crow_indices"):
+        empty(x)
+
+
 def test_indices_must_be_integers_that_fit_int32():
     good = BlockSparseMatrix.from_dense(torch.randn(16, 16), block_size=8, sparsity=0.0)
     with pytest.raises(TypeError, match="col_indices must have dtype in \\(int32, int64\\)"):
@@ -142,8 +168,8 @@ def test_construction_errors_name_the_argument():
         BlockSparseMatrix.from_block_mask(w, torch.ones(2, 2, dtype=torch.bool), 4)
     with pytest.raises(ValueError, match="block_size must be >= 1"):
         BlockSparseMatrix.from_block_mask(w, torch.ones(2, 3, dtype=torch.bool), 0)
-    with pytest.raises(ValueError, match="a meta tensor does not hold"):
-        ak.nn.BlockSparseLinear(64, 64, 32, 0.5, device="meta")
+    with pytest.raises(ValueError, match="a meta tensor does not hold"):  # a mask names blocks: it needs values
+        BlockSparseMatrix.from_dense(w.to("meta"), block_size=4, mask=torch.ones(2, 3, dtype=torch.bool))
     batched = torch.stack([good.to_dense()] * 2).to_sparse_bsr((4, 4))
     with pytest.raises(ValueError, match="plain 2-D BSR matrix"):
         BlockSparseMatrix.from_torch_bsr(batched)
