@@ -104,6 +104,14 @@ def _label_checks_from_env() -> str:
 
 
 _state.set_label_checks(_label_checks_from_env())
+
+# The CPU loops' on/off switches, read by the extension once (csrc/cpu/parallel.cpp: 0/false/off/no turn one
+# off, in any case). A word it does not know would leave the switch on unsaid: refused here, as AMNETS_BACKEND is.
+_SWITCH_WORDS = ("0", "1", "false", "true", "off", "on", "no", "yes")
+for _name in ("AMNETS_CONTENTION_GUARD", "AMNETS_CPU_POOL"):
+    if os.environ.get(_name, "").lower() not in _SWITCH_WORDS + ("",):  # (empty: unset)
+        raise ValueError(f"environment variable {_name} must be one of {_SWITCH_WORDS} (any case); "
+                         f"got {os.environ[_name]!r}")
 _warned: set[tuple[str, str]] = set()
 
 
@@ -308,6 +316,9 @@ def build_info() -> dict:
                                          if dpbf16 else "fp32"),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "openmp": native.get("openmp"),
+        "cpu_contention_guard": _C.cpu_contention()["enabled"],  # AMNETS_CONTENTION_GUARD (csrc/cpu/parallel.h)
+        "cuda_runtime": native.get("cuda_runtime"),  # the CUDA runtime the extension's CUDA part was built with
+        "compiler": native.get("compiler"),
         "triton_interpret": os.environ.get("TRITON_INTERPRET") == "1",
         "faces": {device: available_backends(device=device)
                   for device in (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])},

@@ -159,6 +159,9 @@ def test_build_info_reports_versions_and_faces():
     assert info["extension"] == "loaded", info["extension"]
     assert set(info["faces"]["cpu"]) == set(_backend.OPS)
     assert isinstance(info["cpu_isa"], list) and info["cpu"]
+    native = ak._backend._C.build_info()  # every native field is said (the CUDA runtime and compiler were not)
+    assert info["cuda_runtime"] == native["cuda_runtime"] and info["compiler"] == native["compiler"]
+    assert info["cpu_contention_guard"] is ak._backend._C.cpu_contention()["enabled"]
 
 
 def test_eager_inference_path_equals_the_op_path():

@@ -15,6 +15,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -26,6 +27,16 @@
 
 namespace amnets::cpu {
 namespace {
+
+// An on/off environment switch, read by the caller once: off for 0 / false / off / no in any case (the Python
+// package refuses other values at import, amnets_kernels/_backend.py; a C++ program gets "on" for them).
+bool switched_off(const char* name) {
+  const char* env = std::getenv(name);
+  if (env == nullptr) return false;
+  std::string value(env);
+  for (char& ch : value) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
+  return value == "0" || value == "false" || value == "off" || value == "no";
+}
 
 constexpr int64_t kChunksPerThread = 2;  // dynamic claiming needs a few chunks per thread to rebalance
 constexpr auto kIdleSpin = std::chrono::microseconds(50);  // a worker's wait for the next job before it sleeps
@@ -101,10 +112,7 @@ int64_t now_ns() {
 }
 
 bool enabled() {
-  static const bool on = [] {
-    const char* env = std::getenv("AMNETS_CONTENTION_GUARD");
-    return env == nullptr || std::string(env) != "0";
-  }();
+  static const bool on = !switched_off("AMNETS_CONTENTION_GUARD");
   return on;
 }
 
@@ -326,10 +334,7 @@ void serialize_for(int64_t ns) { guard::serial_until.store(guard::now_ns() + std
 void parallel_run(int64_t begin, int64_t end, int64_t grain, ChunkFn fn, const void* body) {
   if (end <= begin) return;
   // AMNETS_CPU_POOL=0: ATen's OpenMP regions instead (for A/B measurements, and as an escape hatch).
-  static const bool use_pool = [] {
-    const char* env = std::getenv("AMNETS_CPU_POOL");
-    return env == nullptr || std::string(env) != "0";
-  }();
+  static const bool use_pool = !switched_off("AMNETS_CPU_POOL");
   grain = std::max<int64_t>(grain, 1);
   const int64_t range = end - begin;
   if (range <= grain) return fn(body, begin, end);  // one chunk: no threads, no guard

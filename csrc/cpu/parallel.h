@@ -38,7 +38,7 @@
 // are set to 1 on this thread only, and put back at the next of our loops after the window, or when the
 // scope closes). A loop after the window probes again. One thread beside a busy process costs what one
 // thread costs (~1.5-1.9x the quiet 2-thread time here) instead of a slice per region; quiet, the guard
-// costs a file read per watched thread per 2 ms. AMNETS_CONTENTION_GUARD=0 (read once) turns it off;
+// costs a file read per watched thread per 2 ms. AMNETS_CONTENTION_GUARD=0 (or false/off/no; read once) turns it off;
 // contention_stats() says what it did.
 #pragma once
 
