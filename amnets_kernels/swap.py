@@ -9,6 +9,7 @@ import numbers
 import warnings
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 from torch.nn.modules.lazy import LazyModuleMixin
 from torch.nn.utils import parametrize
@@ -207,8 +208,14 @@ def _what_would_be_lost(module: nn.Module, owners) -> str | None:
                 "a replacement would drop the parametrization")
     hooks = [f"{kind} {getattr(h, '__name__', type(h).__name__)}" for kind, attr in _HOOKS.items()
              for h in getattr(module, attr, {}).values() if not isinstance(h, BasePruningMethod)]
+    # Hooks on the parameters themselves (Tensor.register_hook, register_post_accumulate_grad_hook): the new
+    # module's parameters are new tensors.
+    hooks += [f"a gradient hook on {pname}" for pname, p in module.named_parameters()
+              if p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None)]
     if hooks:
         return f"it has {', '.join(hooks)}; a replacement would drop them"
+    if "forward" in module.__dict__:  # module.forward = ... (accelerate's hooks, adapters, a user's wrapper)
+        return "its forward is replaced on the instance (module.forward = ...); a replacement would drop it"
     inside = {id(m) for m in module.modules()}
     for pname, p in module.named_parameters():
         tied = [qualified for owner, qualified in owners.get(id(p), ()) if id(owner) not in inside]
@@ -216,6 +223,16 @@ def _what_would_be_lost(module: nn.Module, owners) -> str | None:
             return (f"its {pname} is shared with {', '.join(tied)} (tied weights); a replacement would hold a "
                     "copy and break the tie")
     return None
+
+
+def _refresh_pruned(module: nn.Module) -> None:
+    """torch.nn.utils.prune keeps `weight` as weight_orig * mask from the last forward: after an optimizer step
+    it is stale until the next one. Recompute it, as that forward's pre-hook would, before reading it (a
+    replacement built from the stale one silently computed with the weights of a step ago)."""
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, BasePruningMethod):
+            with torch.no_grad():
+                setattr(module, hook._tensor_name, hook.apply_mask(module))
 
 
 def _put(model: nn.Module, names: list[str], new: nn.Module) -> nn.Module:
@@ -309,6 +326,12 @@ def swap_in(model: nn.Module, lstm_rank: int | float | None = None, linear_spars
 
     def replacement(module: nn.Module):
         """The new module, or a string saying why there is none, or None when the module is not a target."""
+        if isinstance(module, torch.jit.ScriptModule):  # its code is compiled: nothing in it can be replaced
+            family = {"Linear": linear_sparsity is not None, "LSTM": lstms, "LSTMCell": lstms}
+            if family.get(getattr(module, "original_name", None)):
+                return _NotATarget(f"a TorchScript {module.original_name} (torch.jit.script): its compiled code "
+                                   "calls it, so it cannot be replaced; call swap_in before scripting")
+            return None
         kind = type(module)
         if parametrize.is_parametrized(module):
             kind = kind.__bases__[0]  # parametrize subclasses the module's own class
@@ -370,6 +393,7 @@ def swap_in(model: nn.Module, lstm_rank: int | float | None = None, linear_spars
         if _macs(module) and _macs(module) < min_macs:
             report.skipped.append(dict(entry, reason=f"{_macs(module):,} MACs per frame, below min_macs = {min_macs:,}"))
             continue
+        _refresh_pruned(module)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotCheaperWarning)  # the report (or the warning below) says it
             new = plan()

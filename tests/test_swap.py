@@ -250,6 +250,69 @@ def test_hooks_and_parametrizations_are_kept_and_reported():
                                    reason="it has forward hook <lambda>; a replacement would drop them")]
 
 
+def test_gradient_hooks_and_a_forward_set_on_the_instance_are_kept_and_reported():
+    """A hook on a parameter tensor, and a forward replaced on the instance (accelerate's hooks, adapters) are
+    part of what a module does as much as its module hooks: both were dropped silently."""
+    model = nn.ModuleDict(dict(grad=nn.Linear(64, 64), post=nn.LSTM(32, 32), fwd=nn.Linear(64, 64),
+                               plain=nn.Linear(64, 64)))
+    model["grad"].weight.register_hook(lambda g: g * 0)
+    model["post"].weight_hh_l0.register_post_accumulate_grad_hook(lambda p: None)
+    original = model["fwd"].forward
+    model["fwd"].forward = lambda x: original(x) * 2
+    swapped, report = ak.swap_in(model, linear_sparsity=0.5, lstm_rank=4, block_size=16, return_report=True)
+    assert [r["name"] for r in report.replaced] == ["plain"]
+    reasons = {s["name"]: s["reason"] for s in report.skipped}
+    assert reasons["grad"] == "it has a gradient hook on weight; a replacement would drop them"
+    assert reasons["post"] == "it has a gradient hook on weight_hh_l0; a replacement would drop them"
+    assert reasons["fwd"] == ("its forward is replaced on the instance (module.forward = ...); a replacement would "
+                              "drop it")
+
+
+def test_a_pruned_layer_is_swapped_with_its_weights_of_now_not_of_the_last_forward():
+    """prune's `weight` is weight_orig * mask as of the last forward: after an optimizer step it is stale. The
+    replacement was built from it (at sparsity 0 / full rank the swapped model differed by ~100 after one SGD
+    step, silently)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.LSTM(64, 32))
+    torch.nn.utils.prune.l1_unstructured(model[0], "weight", amount=0.5)
+    torch.nn.utils.prune.l1_unstructured(model[1], "weight_ih_l0", amount=0.5)
+    x = torch.randn(5, 1, 64)
+    model(x)[0].pow(2).sum().backward()
+    torch.optim.SGD(model.parameters(), lr=0.5).step()  # weight_orig moved; `weight` is still that of before
+    with torch.no_grad():  # what the model computes now (not calling it: its forward would refresh `weight`)
+        inp = nn.functional.linear(x, model[0].weight_orig * model[0].weight_mask, model[0].bias)
+        lstm = nn.LSTM(64, 32)
+        lstm.load_state_dict({k: getattr(model[1], k) for k in ("weight_hh_l0", "bias_ih_l0", "bias_hh_l0")}
+                             | {"weight_ih_l0": model[1].weight_ih_l0_orig * model[1].weight_ih_l0_mask})
+        want = lstm(inp)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotCheaperWarning)
+        swapped = ak.swap_in(model, linear_sparsity=0.0, lstm_rank=10**6, block_size=16, only_if_cheaper=False)
+    assert isinstance(swapped[0], BlockSparseLinear) and isinstance(swapped[1], LowRankLSTM)
+    torch.testing.assert_close(swapped(x)[0], want, atol=1e-4, rtol=1e-4)
+
+
+def test_scripted_layers_are_reported_not_ignored():
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lstm, self.fc = nn.LSTM(16, 32), nn.Linear(32, 32)
+
+        def forward(self, x):
+            return self.fc(self.lstm(x)[0])
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script is deprecated: still in use
+        model = nn.Sequential(torch.jit.script(Encoder()), nn.Linear(32, 32))
+    swapped, report = ak.swap_in(model, linear_sparsity=0.5, lstm_rank=4, block_size=16, return_report=True,
+                                 strict=True)  # never targets: strict does not count them
+    assert [r["name"] for r in report.replaced] == ["1"]
+    reasons = {s["name"]: s["reason"] for s in report.skipped}
+    assert reasons == {f"0.{name}": (f"a TorchScript {kind} (torch.jit.script): its compiled code calls it, so it "
+                                     "cannot be replaced; call swap_in before scripting")
+                       for name, kind in (("lstm", "LSTM"), ("fc", "Linear"))}
+
+
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(include=3), TypeError, "include must be a str or an iterable of str .*; got int"),
     (dict(exclude=["a", 1]), TypeError, "exclude must be .*; got a list holding int 1"),
