@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+import amnets_kernels as ak
 from amnets_kernels.nn import BlockSparseLSTM, LowRankLSTM, LowRankLSTMCell, NotCheaperWarning
 from amnets_kernels.nn import bsr as bsr_module, lowrank_lstm as lowrank_module
 from amnets_kernels.nn.stacked_lstm import StackedLSTM
@@ -162,7 +163,8 @@ def test_block_sparse_lstm_caches_are_rebuilt_exactly_when_their_sources_change(
     """BlockSparseLSTM's two inference caches, per direction: the prepared step holds the values and bias and
     follows their in-place writes (an optimizer step must not rebuild it), the native path's split weights
     copy the values and are rebuilt after them; both are rebuilt when a tensor is re-pointed or the pattern
-    edited, and nothing is cached from inference tensors (their in-place writes keep no version)."""
+    edited. Inference tensors are cached too (a model loaded for serving): their in-place writes keep no
+    version, so the split copy follows one after ak.weights_changed(), as it does a .data write."""
     torch.manual_seed(2)
     lstm = BlockSparseLSTM(16, 32, num_layers=2, sparsity=0.5, block_size=16)
     x = torch.randn(4, 2, 16)
@@ -187,9 +189,13 @@ def test_block_sparse_lstm_caches_are_rebuilt_exactly_when_their_sources_change(
     with torch.inference_mode():
         served = BlockSparseLSTM(16, 32, sparsity=0.5, block_size=16)
         served(x)
-        served.values_l0.mul_(-1.0)  # no version: a cache would not see it
+        split = served._splits[0]
+        served.values_l0.mul_(-1.0)  # no version: the split copy cannot see it, the step (holding values) does
+        torch.testing.assert_close(served(x[:1])[0], served.to_dense()(x[:1])[0], rtol=0, atol=1e-5)
+        assert served._splits[0] is split
+        ak.weights_changed()
         got = served(x)[0]
-    assert not served._steps and not served._splits
+    assert served._splits[0] is not split
     with torch.no_grad():
         torch.testing.assert_close(got, served.to_dense()(x)[0], rtol=0, atol=1e-5)
 
@@ -509,6 +515,19 @@ def test_modules_built_under_inference_mode_run():
         for m, want in zip(modules, first):
             torch.testing.assert_close(m(x)[0], want)
             torch.testing.assert_close(m(x)[0], m.to_dense()(x)[0], rtol=0, atol=1e-5)
+    # Cached as any weights (every call rebuilt them: such a model ran 2-3x slower than the dense LSTM). They
+    # have no version: an in-place edit (inside inference mode) is seen after weights_changed(), as a .data write.
+    sparse, frame = modules[0], torch.randn(1, 2, 16)
+    with torch.inference_mode():
+        sparse(frame)
+        assert "_stack_call" in sparse.__dict__ and sparse._splits
+        kept = sparse._splits[0]
+        sparse(x)
+        assert sparse._splits[0] is kept
+        sparse.values_l0.mul_(0.5)
+        ak.weights_changed()
+        for inp in (x, frame):
+            torch.testing.assert_close(sparse(inp)[0], sparse.to_dense()(inp)[0], rtol=0, atol=1e-5)
 
 
 def _layer_by_layer(monkeypatch, module):

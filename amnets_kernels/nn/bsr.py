@@ -250,9 +250,11 @@ class BlockSparseLSTM(StackedLSTM):
 
     def _cached(self, cache: dict, k: int, track_values: bool, build):
         """cache[k]'s value while its snapshot matches (one native check, ~0.2 us), else build() cached anew.
-        Built per call, not cached, when a source is not in the module's own dicts, is an inference tensor (no
-        version to follow: a model loaded under torch.inference_mode()) or a functorch wrapper (torch.func.vmap
-        over stacked weights)."""
+        Built per call, not cached, when a source is not in the module's own dicts or is a functorch wrapper
+        (torch.func.vmap over stacked weights). Inference tensors (a model loaded under torch.inference_mode(),
+        as servers load them) are cached: they have no version, so an in-place edit of one (possible only inside
+        inference mode) needs ak.weights_changed(), as a .data write does; rebuilding every call made such a
+        model 2-3x slower than the dense LSTM it replaced."""
         hit = cache.get(k)
         if hit is not None and hit[0].matches():
             return hit[1]
@@ -262,8 +264,7 @@ class BlockSparseLSTM(StackedLSTM):
             # computed anew on each access or forward): nothing stable to watch, built from what is there now.
             return build(*(getattr(self, name) for _, name, *_ in sources))
         value = build(*(d[name] for d, name, *_ in sources))
-        if not any(t is not None and (t.is_inference() or _is_wrapped(t)) for d, name, *_ in sources
-                   for t in (d[name],)):
+        if not any(t is not None and _is_wrapped(t) for d, name, *_ in sources for t in (d[name],)):
             cache[k] = (_backend._C.SourcesSnapshot(sources), value)
         return value
 

@@ -191,13 +191,14 @@ class StackedLSTM(nn.Module):
         Python path) once any of the module's tensors behind them is replaced, re-pointed (`.data = ...`, .to())
         or, where the entries track it, written in place, or where the frame is not plain eager inference on the
         cpu face. Kept while its snapshot matches; none where a tensor is not the module's own (a
-        parametrization, pruning) or has no version to follow (an inference tensor, a functorch wrapper)."""
+        parametrization, pruning) or is a functorch wrapper. Inference tensors have no version: an in-place edit
+        of one (only inside inference mode) needs ak.weights_changed(), as a .data write does."""
         kept = self.__dict__.get("_stack_sources")
         if kept is not None and kept.matches():  # the call declined this frame for reasons of its own
             return
         entries = self._stack_entries()
         own = all(name in d for d, name, *_ in entries) and not any(
-            t.is_inference() or _is_wrapped(t) for d, name, *_ in entries for t in (d[name],) if t is not None)
+            _is_wrapped(t) for d, name, *_ in entries for t in (d[name],) if t is not None)
         if not own:
             self.__dict__.pop("_stack_call", None)
             self.__dict__.pop("_stack_sources", None)
