@@ -168,6 +168,25 @@ def test_non_finite_cost_is_reported_and_gets_no_gradient():
     assert not g[1].any() and g[0].any() and torch.isfinite(g).all()
 
 
+@pytest.mark.parametrize("face", FACES)
+def test_unfused_scores_far_from_log_probabilities_get_finite_gradients(face):
+    """fused_log_softmax=False takes the scores as log-probabilities as given: finite scores of ~100 (positive
+    ones too) have finite costs, and the classes off every arc a zero gradient. The cpu face computed those as
+    0 * exp(score), NaN past exp's range (score > 88)."""
+    torch.manual_seed(0)
+    args = batch_of(3, 4, 3, 5, 0, scale=100.0)
+    kw = dict(blank=0, reduction="none", fused_log_softmax=False)
+    with ak.use_backend("reference"):
+        want = ak.rnnt_loss(*args, **kw)
+        (g_want,) = grads(want, [args[0]])
+    with use_face("rnnt_loss", face):
+        got = ak.rnnt_loss(*args, **kw)
+        (g,) = grads(got, [args[0]])
+    assert torch.isfinite(got).all() and torch.isfinite(g).all()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-3)  # costs ~1e3: the Triton lattice runs in fp32
+    torch.testing.assert_close(g, g_want, rtol=1e-4, atol=1e-4)
+
+
 def test_opcheck_and_compile():
     logits, targets, logit_lengths, target_lengths = batch_of(2, 4, 3, 5, 0, device="cpu")
     with ak.use_backend("reference"):

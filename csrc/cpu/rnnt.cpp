@@ -228,7 +228,11 @@ struct Saved {
     const double after_blank = t + 1 < frames ? double(beta[cell + s.labels_plus_1]) : (u == labels ? 0.0 : kNegInf);
     const double after_label = u < labels ? double(beta[cell + 1]) : kNegInf;
     const double occupancy = fused ? std::exp(a + double(beta[cell]) - lp) : 0.0;
-    row_softmax_grad(out, row, vocab, acc_t(d), acc_t(occupancy), bound, acc_t(scale));
+    if (fused) {
+      row_softmax_grad(out, row, vocab, acc_t(d), acc_t(occupancy), bound, acc_t(scale));
+    } else {  // only the arcs' classes below have a gradient (0 * exp(z) overflowed to NaN for a score z > 88)
+      std::fill(out, out + vocab, acc_t(0));
+    }
     auto fix = [&](int64_t k, double log_arc) {
       const double soft = fused ? occupancy * std::exp(double(row[k]) - d) : 0.0;
       out[k] = acc_t(std::clamp(soft - std::exp(a + double(row[k]) - d + log_arc - lp), -double(bound),
