@@ -143,10 +143,13 @@ def _not_exact(module: nn.Module, kind: type) -> _NotATarget:
 
 def _no_fast_kernel(weight, block_size: int) -> str | None:
     """Why blocks of this size and dtype would run bsr_linear's exact generic path (slower than the dense
-    layer) on the face that would run them, or None."""
+    layer) on the face that would run them, or not run at all (the Triton face's missing sizes), or None."""
     slow = no_fast_kernel(weight.device, block_size, weight.dtype)
-    return None if slow is None else f"the {slow[0]} face has {slow[1]}; its exact generic path is slower than " \
-                                     "the dense layer"
+    if slow is None:
+        return None
+    if slow[0] == "triton":
+        return f"the triton face has {slow[1]}: the layer could not run there"
+    return f"the {slow[0]} face has {slow[1]}; its exact generic path is slower than the dense layer"
 
 
 def _patterns(name: str, value) -> list[str] | None:

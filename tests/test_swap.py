@@ -504,3 +504,17 @@ def test_block_sizes_and_dtypes_without_a_fast_kernel_are_kept_where_only_cheape
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the module says once per process that this runs the generic path
         torch.testing.assert_close(swapped["linear"](x), swapped["linear"].to_dense()(x))
+
+
+@pytest.mark.skipif(ak.unavailable_reason("bsr_linear", "triton", "cpu") is not None, reason="no Triton interpreter")
+def test_block_sizes_the_triton_face_cannot_run_are_kept_under_it():
+    """The Triton face has no generic path: a block size it has no kernel for raised at the first forward of a
+    layer swap_in had replaced under it (the fast-kernel table had no entry for it)."""
+    with ak.use_backend("triton"):
+        kept, report = ak.swap_in(nn.Sequential(nn.Linear(256, 256)), linear_sparsity=0.75, block_size=128,
+                                  return_report=True)
+        assert type(kept[0]) is nn.Linear and report.skipped[0]["reason"] == (
+            "the triton face has no kernel for block size 128 (it runs 1, 2, 4, 8, 16, 32, 64): the layer could not "
+            "run there")
+        swapped = ak.swap_in(nn.Sequential(nn.Linear(64, 64)), linear_sparsity=0.5, block_size=8)
+        assert isinstance(swapped[0], BlockSparseLinear)  # block 8 runs there

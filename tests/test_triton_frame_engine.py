@@ -172,11 +172,24 @@ def test_which_engine_follows_the_backend():
     with ak.use_backend("reference"), pytest.raises(ValueError, match="this stream runs the Triton frame engine, "
                                                                        "which backend 'reference'"):
         streamer(torch.randn(1, 1, 8, device=DEVICE))  # made under the Triton engine: never run silently under another
+    if DEVICE == "cpu":  # "auto" picks the cpu engine for CPU tensors: a Triton stream refuses it (it ran on)
+        with pytest.raises(ValueError, match="this stream runs the Triton frame engine, which backend 'auto'"):
+            streamer(torch.randn(1, 1, 8))
     odd = AmNetsEncoder(8, 16, num_layers=1, cheap="sparse", block_size=8).eval().to(DEVICE)
     with ak.use_backend(BACKEND):
         assert odd.frame_engine() is None  # block 8: the per-layer Triton faces run instead
         out, _, _ = odd.stream(torch.randn(1, 2, 8, device=DEVICE))
     assert out.shape == (1, 2, 16)
+    # Past the engine's limits (9 per-layer decisions; it takes 8): the per-layer steps (the constructor raised)
+    deep = AmNetsEncoder(5, 16, num_layers=triton_engine.MAX_DECISIONS + 1, per_layer_decisions=True).eval().to(DEVICE)
+    x = torch.randn(2, 3, 5, device=DEVICE)
+    with ak.use_backend(BACKEND):
+        assert deep.frame_engine() is None
+        out, state, dec = deep.stream(x)
+        assert deep.streamer(batch=2)(x)[0].shape == out.shape
+    want = per_layer_stream(deep, x)
+    assert torch.equal(dec, want[2])
+    torch.testing.assert_close(out, want[0], rtol=1e-4, atol=1e-5)
 
 
 def test_bad_input_gets_named_errors():

@@ -70,8 +70,8 @@ def say_if_slow(x, values) -> None:
         return  # the op's checks answer; Dynamo cannot trace the C++ backend state read below (eager calls say it)
     key = (values.shape[1], values.dtype)
     slow = no_fast_kernel(x.device, *key)
-    if slow is None or (slow[0], *key) in _warned:
-        return
+    if slow is None or slow[0] not in _FAST or (slow[0], *key) in _warned:
+        return  # (the Triton face raises for a block size it cannot run)
     _warned.add((slow[0], *key))
     warnings.warn(f"amnets bsr_linear {slow[0]} face: {slow[1]}; {_FAST[slow[0]][3]}: exact, not fast.",
                   stacklevel=4)
@@ -85,6 +85,11 @@ def no_fast_kernel(device, block_size: int, dtype: torch.dtype) -> tuple[str, st
         face = _backend.which_face(OP, device)
     except _backend.FaceUnavailableError:
         return None  # (the op raises it, or runs where no face is chosen: meta tensors)
+    if face == "triton":  # no generic path: the op refuses a block size it has no kernel for
+        from ..triton.bsr import BLOCK_SIZES  # (importable: which_face chose it)
+        if block_size in BLOCK_SIZES:
+            return None
+        return face, f"no kernel for block size {block_size} (it runs {', '.join(map(str, BLOCK_SIZES))})"
     if face not in _FAST:
         return None
     blocks, dtypes, what, _ = _FAST[face]

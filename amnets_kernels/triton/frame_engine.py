@@ -553,7 +553,8 @@ class Stream:
 
     def __call__(self, x):
         now = _backend.get_backend()  # changed since the stream was made: another face is never run silently here
-        if now not in ("auto", "triton"):
+        # ("auto" picks Triton for CUDA tensors only: on CPU tensors, the interpreter's, it picks the cpu engine)
+        if now != "triton" and not (now == "auto" and self.engine.device.type == "cuda"):
             raise ValueError(f"AmNetsEncoder.streamer: this stream runs the Triton frame engine, which backend {now!r} "
                              "(now in force) does not run: make a new streamer under it, or call stream()")
         with self._one_thread:

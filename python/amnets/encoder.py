@@ -346,7 +346,8 @@ class AmNetsEncoder(nn.Module):
           the cpu face     csrc/cpu/frame_engine.cpp (fp32/bf16 weights, sparse block size 16/32/64);
           the triton face  amnets_kernels/triton/frame_engine.py (CUDA tensors under backend "auto" or
                            "triton"; CPU tensors under TRITON_INTERPRET=1 with "triton" chosen), fp32/bf16
-                           weights, sparse block size 16/32/64, arbitrator_hidden <= 256;
+                           weights, sparse block size 16/32/64, arbitrator_hidden <= 256, at most 8
+                           per-layer decisions;
         None otherwise: the reference face chosen, backend "cuda" (its faces have no engine: it runs the
         per-layer steps on the CUDA kernels), other dtypes, or an extension built without the CPU engine.
         `device` and `dtype` (default: the weights') must be the weights', else None."""
@@ -383,8 +384,12 @@ class AmNetsEncoder(nn.Module):
                 self.cheap == "sparse" and self.block_size not in (16, 32, 64)):
             return None
         face = _engine_face(_CHEAP_OPS[self.cheap], kind)
-        if face is None or (face == "triton" and self.arbitrator[0].out_features > _TRITON_MAX_ARBITRATOR):
+        if face is None:
             return None
+        if face == "triton":  # past the Triton engine's limits: the per-layer steps (its constructor would raise)
+            limits, decisions = _triton_engine(), self.num_layers if self.per_layer_decisions else 1
+            if self.arbitrator[0].out_features > limits.MAX_ARBITRATOR_WIDTH or decisions > limits.MAX_DECISIONS:
+                return None
         backend, sources = ak.get_backend(), self._engine_sources()
         arbitrator = [d[n] for d, n in sources[-4:]]  # _engine_sources ends with W1, b1, W2, b2
         with torch.no_grad():
@@ -519,7 +524,6 @@ _C = ak._backend._C  # the compiled extension
 # TorchScript and C++). None: an extension built without it, or not loaded: stream() runs the prepared steps.
 _ENGINE = getattr(_C, "FrameEngine", None)
 _CHEAP_OPS = {"sparse": "bsr_linear", "lowrank": "lowrank_lstm_cell"}
-_TRITON_MAX_ARBITRATOR = 256  # the Triton engine's widest arbitrator hidden layer (its BLOCK_A)
 
 
 class _EngineHit(NamedTuple):
