@@ -166,15 +166,18 @@ class LowRankLSTM(StackedLSTM):
         # step reads it directly.
         layer, reverse = divmod(k, self.num_directions)
         w_hr = getattr(self, f"w_hr_l{layer}{'_reverse' if reverse else ''}")
-        v_rec = v_hh @ w_hr
-        if h0 is None:
-            full, h, c = sequence(x, None, c0, u_ih, v_ih, u_hh, v_rec, b)
+        if h0 is None and x.shape[0] > 1:
+            full, h, c = sequence(x, None, c0, u_ih, v_ih, u_hh, v_hh @ w_hr, b)
         else:
-            gates = F.linear(F.linear(x[0], v_ih), u_ih, b) + F.linear(F.linear(h0, v_hh), u_hh)
-            h, c = lstm_pointwise(gates, c0)
+            # The first step here: V_rec = V_hh W_hr (r_hh P H multiply-adds) only where later steps read it; a
+            # frame a call (streaming) computed it every call, more than the dense layer's whole frame.
+            gates = F.linear(F.linear(x[0], v_ih), u_ih, b)
+            if h0 is not None:
+                gates = gates + F.linear(F.linear(h0, v_hh), u_hh)
+            h, c = lstm_pointwise(gates, c0 if c0 is not None else gates.new_zeros(gates.shape[0], self.hidden_size))
             full = h[None]
             if x.shape[0] > 1:
-                rest, h, c = sequence(x[1:], h, c, u_ih, v_ih, u_hh, v_rec, b)
+                rest, h, c = sequence(x[1:], h, c, u_ih, v_ih, u_hh, v_hh @ w_hr, b)
                 full = torch.cat([full, rest])
         return F.linear(full, w_hr), F.linear(h, w_hr), c
 
