@@ -679,3 +679,27 @@ def test_the_one_call_frame_declines_wherever_the_python_path_must_decide(kind):
             (copied.w_ih_u_l0 if kind == "lowrank" else copied.values_l0).mul_(3.0)
             torch.testing.assert_close(copied(x, hx)[0], copied.to_dense()(x, hx)[0], rtol=0, atol=2e-5)
         torch.testing.assert_close(module(x, hx)[0], module.to_dense()(x, hx)[0], rtol=0, atol=2e-5)
+
+
+def test_low_rank_modules_load_a_checkpoint_of_other_ranks():
+    """A fractional rank (lstm_rank=0.9) picks ranks from the weights, so a model swapped anew before loading has
+    other ones than the trained checkpoint: the factors take the saved shapes (as BlockSparseLSTM takes a saved
+    pattern); it was a size mismatch. A checkpoint of another layer shape is still one (the ranks stay)."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotCheaperWarning)
+        trained = LowRankLSTM(12, 16, rank=3, num_layers=2, bidirectional=True, proj_size=5)
+        fresh = LowRankLSTM(12, 16, rank=7, num_layers=2, bidirectional=True, proj_size=5)
+        cell, fresh_cell = LowRankLSTMCell(12, 16, rank=3, rank_hh=2), LowRankLSTMCell(12, 16, rank=8)
+    fresh.load_state_dict(trained.state_dict())
+    fresh_cell.load_state_dict(cell.state_dict())
+    assert fresh.ranks == trained.ranks and fresh_cell.ranks == (3, 2)
+    x = torch.randn(4, 2, 12)
+    with torch.no_grad():
+        for got, want in zip(torch.utils._pytree.tree_leaves(fresh(x)), torch.utils._pytree.tree_leaves(trained(x))):
+            assert torch.equal(got, want)
+        assert all(torch.equal(a, b) for a, b in zip(fresh_cell(x[0]), cell(x[0])))
+        other = LowRankLSTMCell(12, 20, rank=4)  # another hidden size: a size mismatch, as nn.LSTMCell's
+        with pytest.raises(RuntimeError, match="size mismatch for w_ih_u"):
+            other.load_state_dict(cell.state_dict())
+        assert other.ranks == (4, 4) and other.w_ih_u.shape == (80, 4)

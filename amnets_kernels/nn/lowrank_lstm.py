@@ -76,6 +76,28 @@ def _init_into(module: nn.Module, tag: str, hidden: int, d: int, rec: int, r_ih:
         torch.empty(4 * hidden, device=device, dtype=dtype).uniform_(-scale, scale)) if bias else None)
 
 
+def _adopt_saved_ranks(module: nn.Module, state_dict, prefix: str, tag: str, d: int, rec: int) -> tuple | None:
+    """A checkpoint of the same layer at other ranks (lstm_rank=0.9 picks them from the weights, so a model swapped
+    anew gets other ones): the factors take the saved shapes, as BlockSparseLSTM takes a saved pattern. Returns the
+    new (r_ih, r_hh), or None where the saved factors are absent, the same shapes, or not a consistent
+    factorisation of this layer (the default loader then reports the size mismatch, changing nothing)."""
+    names = [f"{name}{tag}" for name in _FACTORS]
+    saved = [state_dict.get(prefix + name) for name in names]
+    if not all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in saved):
+        return None
+    u_ih, v_ih, u_hh, v_hh = saved
+    gates = 4 * module.hidden_size
+    r_ih, r_hh = u_ih.shape[1], u_hh.shape[1]
+    if (u_ih.shape[0], u_hh.shape[0], tuple(v_ih.shape), tuple(v_hh.shape)) != (gates, gates, (r_ih, d), (r_hh, rec)) \
+            or min(r_ih, r_hh) < 1 or all(module._parameters[n].shape == t.shape for n, t in zip(names, saved)):
+        return None
+    for name, t in zip(names, saved):  # the saved values already: consistent even if another key then fails
+        old = module._parameters[name]
+        module._parameters[name] = nn.Parameter(t.detach().to(old.device, old.dtype, copy=True),
+                                                requires_grad=old.requires_grad)
+    return r_ih, r_hh
+
+
 def _factor_macs(ranks, hidden: int, d: int) -> int:
     """Per frame: x -> r_ih -> 4H and h -> r_hh -> 4H (the pointwise part is not counted)."""
     r_ih, r_hh = ranks
@@ -155,6 +177,14 @@ class LowRankLSTM(StackedLSTM):
             raise ValueError(f"{op}: no layer {layer}{' reverse' if reverse else ''} in "
                              f"{self.num_layers} layer(s), bidirectional={self.bidirectional}")
         return self._direction_tensors(layer * self.num_directions + bool(reverse))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        for k, (_, layer, suffix, d) in enumerate(self.directions()):
+            ranks = _adopt_saved_ranks(self, state_dict, prefix, f"_l{layer}{suffix}", d,
+                                       self.proj_size or self.hidden_size)
+            if ranks is not None:
+                self.ranks[k] = ranks
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def _run(self, k, x, h0, c0):
         u_ih, v_ih, u_hh, v_hh, b = self._direction_tensors(k)
@@ -251,6 +281,12 @@ class LowRankLSTMCell(nn.Module):
         module.train(cell.training)
         warn_if_not_cheaper(module, module.macs_per_frame(), module.dense_macs_per_frame())
         return module
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        ranks = _adopt_saved_ranks(self, state_dict, prefix, "", self.input_size, self.hidden_size)
+        if ranks is not None:
+            self.ranks = ranks
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(self, input, hx=None):
         op = "LowRankLSTMCell"
