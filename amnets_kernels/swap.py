@@ -17,7 +17,7 @@ from torch.nn.utils.prune import BasePruningMethod
 
 from ._ops.bsr import no_fast_kernel
 from .nn import BlockSparseLinear, BlockSparseLSTM, LowRankLSTM, LowRankLSTMCell, RNNTLoss
-from .nn.cost import NotCheaperWarning, lstm_macs, why_not_cheaper
+from .nn.cost import SMALL_LINEAR_MACS, NotCheaperWarning, SmallLayerWarning, lstm_macs, why_not_cheaper
 
 
 @dataclass
@@ -419,6 +419,14 @@ def swap_in(model: nn.Module, lstm_rank: int | float | None = None, linear_spars
         raise ValueError("swap_in(strict=True): these layers would be left as they are:\n"
                          + "\n".join(f"  {_label(s)} ({s['from']}): {s['reason']}" for s in report.skipped
                                      if s["name"] in refused))
+    small = [names[0] or "(root)" for names, old, new in plans
+             if isinstance(new, BlockSparseLinear) and _macs(old) < SMALL_LINEAR_MACS]
+    if small and only_if_cheaper:  # fewer MACs, but maybe not less time: said, not silent
+        warnings.warn(f"swap_in: {len(small)} Linear(s) under {SMALL_LINEAR_MACS:,} multiply-adds a row "
+                      f"({', '.join(small[:4])}{', ...' if len(small) > 4 else ''}) now run BlockSparseLinear, whose "
+                      "per-call host cost (~2-4 us more than nn.Linear's) can outweigh its saving at a few rows "
+                      f"(a 128 x 128 layer took 1.2-1.8x nn.Linear's time at 1-30 rows); min_macs="
+                      f"{SMALL_LINEAR_MACS} keeps such layers dense", SmallLayerWarning, stacklevel=2)
     for names, old, new in plans:
         new.train(old.training)
         model = _put(model, names, new)

@@ -11,7 +11,7 @@ from torch import nn
 
 import amnets_kernels as ak
 from amnets_kernels.nn import (BlockSparseLinear, BlockSparseLSTM, LowRankLSTM, LowRankLSTMCell, NotCheaperWarning,
-                              RNNTLoss)
+                              RNNTLoss, SmallLayerWarning)
 
 
 class TinyTransducer(nn.Module):
@@ -518,3 +518,18 @@ def test_block_sizes_the_triton_face_cannot_run_are_kept_under_it():
             "run there")
         swapped = ak.swap_in(nn.Sequential(nn.Linear(64, 64)), linear_sparsity=0.5, block_size=8)
         assert isinstance(swapped[0], BlockSparseLinear)  # block 8 runs there
+
+
+def test_linears_too_small_to_gain_time_are_swapped_with_a_warning():
+    """Fewer MACs is not less time below ~65K multiply-adds a row (a BlockSparseLinear call's host cost): a
+    swapped small conformer ran 1.2x slower, silently. swap_in now says so, naming the layers and the fix."""
+    model = lambda: nn.ModuleDict(dict(small=nn.Linear(128, 128), big=nn.Linear(256, 256)))  # noqa: E731
+    with pytest.warns(SmallLayerWarning, match=r"1 Linear\(s\) under 65,536 multiply-adds a row \(small\).*"
+                                               r"min_macs=65536 keeps such layers dense"):
+        swapped = ak.swap_in(model(), linear_sparsity=0.75)
+    assert isinstance(swapped["small"], BlockSparseLinear) and isinstance(swapped["big"], BlockSparseLinear)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SmallLayerWarning)
+        kept, report = ak.swap_in(model(), linear_sparsity=0.75, min_macs=65536, return_report=True)
+        assert type(kept["small"]) is nn.Linear and "below min_macs" in report.skipped[0]["reason"]
+        ak.swap_in(model(), linear_sparsity=0.75, only_if_cheaper=False)  # asked for whatever it costs
