@@ -427,6 +427,14 @@ def swap_in(model: nn.Module, lstm_rank: int | float | None = None, linear_spars
                       "per-call host cost (~2-4 us more than nn.Linear's) can outweigh its saving at a few rows "
                       f"(a 128 x 128 layer took 1.2-1.8x nn.Linear's time at 1-30 rows); min_macs="
                       f"{SMALL_LINEAR_MACS} keeps such layers dense", SmallLayerWarning, stacklevel=2)
+    training = [names[0] or "(root)" for names, old, new in plans
+                if isinstance(new, BlockSparseLSTM) and old.training and old.hidden_size < 512]
+    if training and only_if_cheaper:  # BlockSparseLSTM trains a step at a time (its docstring): said, not silent
+        warnings.warn(f"swap_in: {', '.join(training[:4])}{', ...' if len(training) > 4 else ''} (in train mode, "
+                      "hidden_size < 512) now BlockSparseLSTM, whose autograd path runs one fused cell a time step "
+                      "from Python: training it is slower than nn.LSTM's at these sizes (T=100, B=8, 2 layers: "
+                      "~2.6x at H=128, ~1.1x at H=256, 0.54x at H=512; ad hoc, one AMD EPYC core). Its inference is "
+                      "fast; lstm_rank (LowRankLSTM) also trains fast", SmallLayerWarning, stacklevel=2)
     for names, old, new in plans:
         new.train(old.training)
         model = _put(model, names, new)

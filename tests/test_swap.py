@@ -533,3 +533,13 @@ def test_linears_too_small_to_gain_time_are_swapped_with_a_warning():
         kept, report = ak.swap_in(model(), linear_sparsity=0.75, min_macs=65536, return_report=True)
         assert type(kept["small"]) is nn.Linear and "below min_macs" in report.skipped[0]["reason"]
         ak.swap_in(model(), linear_sparsity=0.75, only_if_cheaper=False)  # asked for whatever it costs
+
+
+def test_block_sparse_lstms_swapped_in_train_mode_at_small_sizes_warn():
+    """BlockSparseLSTM trains one fused cell a step from Python: slower than nn.LSTM to train below H=512."""
+    with pytest.warns(SmallLayerWarning, match=r"0 \(in train mode, hidden_size < 512\) now BlockSparseLSTM"):
+        ak.swap_in(nn.Sequential(nn.LSTM(128, 128)), lstm_sparsity=0.75)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", SmallLayerWarning)
+        ak.swap_in(nn.Sequential(nn.LSTM(128, 128)).eval(), lstm_sparsity=0.75)  # inference: fast
+        ak.swap_in(nn.Sequential(nn.LSTM(128, 128)), lstm_rank=16)
