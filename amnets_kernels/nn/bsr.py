@@ -317,19 +317,20 @@ class BlockSparseLSTM(StackedLSTM):
         self._took("fused step")
 
     def _run(self, k, x, h0, c0):
+        d = self.input_size_of(k)  # x.shape[-1]; a plain int also under torch.jit.trace, where a shape is a tensor
         h, c = h0, c0
         if h is None or c is None:
             zeros = x.new_zeros(x.shape[1], self.hidden_size)
             h, c = (zeros if h is None else h), (zeros if c is None else c)
         if torch.compiler.is_compiling():  # traced: the public op a step (the prepared steps' caches, face and
             values, crow, col, bias = self._pattern(k)  # mode checks are eager-only)
-            weight = BlockSparseMatrix(values, crow, col, (4 * self.hidden_size, x.shape[-1] + self.hidden_size))
+            weight = BlockSparseMatrix(values, crow, col, (4 * self.hidden_size, d + self.hidden_size))
             out = []
             for x_t in x:
                 h, c = lstm_pointwise(bsr_linear(torch.cat([x_t, h], dim=1), weight, bias), c)
                 out.append(h)
             return torch.stack(out), h, c
-        step = self._step(k, x.shape[-1])
+        step = self._step(k, d)
         values, bias = step.linear.values, step.linear.bias  # the module's own tensors (the step's snapshot matched)
         if step._fast and _backend.resolve("bsr_linear", x.device).name == "cpu" \
                 and eager_inference(x, h, c, values, bias):
@@ -337,7 +338,7 @@ class BlockSparseLSTM(StackedLSTM):
                 self._took("fused step")  # copy to build or follow; 1.8x the one-step sequence at H=192 b=32
                 h, c = _fused_cell(x[0], h, c, values, step.linear.crow_indices, step.linear.col_indices, bias)
                 return h[None], h, c
-            w_ih, w_hh = self._split(k, x.shape[-1])
+            w_ih, w_hh = self._split(k, d)
             self._took("native sequence")
             return _sequence(x.contiguous(), h, c, w_ih.values, w_ih.crow_indices, w_ih.col_indices, w_hh.values,
                              w_hh.crow_indices, w_hh.col_indices, bias)
