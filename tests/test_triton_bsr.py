@@ -94,3 +94,31 @@ def test_aot_list_covers_every_launcher_choice():
                 for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64)]
     for c in choices:
         assert key(c) in listed, c
+
+
+def test_launches_from_two_threads_take_turns_under_the_interpreter():
+    """The interpreter keeps a launch's grid in module globals: two threads on the Triton face broke each other's
+    launches ("x >= grid_dim[0]", every run of 2 x 20 calls). Interpreted launches now take turns."""
+    import threading
+
+    torch.manual_seed(0)
+    weight = BlockSparseMatrix.from_dense(torch.randn(64, 48, device=DEVICE), block_size=16, sparsity=0.5)
+    inputs = [torch.randn(m, 48, device=DEVICE) for m in (1, 5)]
+    with ak.use_backend("reference"):
+        wants = [ak.bsr_linear(x, weight) for x in inputs]
+    errors = []
+
+    def run(x, want):
+        try:
+            with use_face("bsr_linear", "triton"):  # (per thread: use_backend is)
+                for _ in range(10):
+                    torch.testing.assert_close(ak.bsr_linear(x, weight), want, rtol=1e-4, atol=1e-4)
+        except BaseException as exc:  # noqa: BLE001  (reported below, from the test's thread)
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=pair) for pair in zip(inputs, wants)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors

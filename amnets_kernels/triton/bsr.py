@@ -61,6 +61,7 @@ from ..aot import AotConfig
 from ..formats import block_grid, block_row_of
 from ._common import INTERPRETED as _INTERPRETED
 from ._common import acc as _acc
+from ._common import launch_turn
 
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64)
 DOT_BLOCK_SIZES = (16, 32, 64)  # tl.dot needs every tile dimension >= 16
@@ -265,8 +266,9 @@ def _sddmm_config(b: int, dtype: torch.dtype) -> _Config:
 
 def _launch(grid: int, config: _Config, *args):
     """The one place kernels are launched: a 1-D grid, the config's kernel, constexprs and warps."""
-    config.kernel[(grid,)](*args, **config.constexprs, num_warps=config.num_warps,
-                           num_stages=config.num_stages)
+    with launch_turn():
+        config.kernel[(grid,)](*args, **config.constexprs, num_warps=config.num_warps,
+                               num_stages=config.num_stages)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ import triton.language as tl
 from .. import _backend
 from .._one_thread import OneThread
 from ..aot import AotConfig
+from ._common import launch_turn
 from .lowrank_lstm import _cell_update
 
 SPARSE_BLOCKS = (16, 32, 64)  # the sparse branch's block sizes the engine takes (as the CPU engine)
@@ -299,7 +300,8 @@ MAX_ARBITRATOR_WIDTH, MAX_DECISIONS = max(ARBITRATOR_WIDTHS), max(DECISION_BLOCK
 def _launch(kernel, grid: int, dtype, *args, **constexprs):
     """Launch with the AOT-listed configuration (a KeyError is a configuration aot never checked)."""
     config = _CONFIGS[_name(kernel, dtype, constexprs)]
-    kernel[(grid,)](*args, **constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
+    with launch_turn():
+        kernel[(grid,)](*args, **constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -62,6 +62,7 @@ import triton.language as tl
 
 from ..aot import AotConfig
 from .._dtypes import acc_dtype
+from ._common import launch_turn
 
 BLOCK_B = 16  # batch rows per program: the smallest M tl.dot takes
 PERSISTENT_BLOCK_H = 16  # hidden units per chunk in the persistent kernels
@@ -388,7 +389,8 @@ def _launch(kernel, grid, *args, **constexprs):
     (a KeyError here is a configuration `python -m amnets_kernels.aot` never checked)."""
     acc = next(a.dtype for a in args if isinstance(a, torch.Tensor))
     config = _CONFIGS[_config_name(kernel, acc, constexprs)]
-    kernel[grid](*args, **constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
+    with launch_turn():
+        kernel[grid](*args, **constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def persistent_block_r(hidden: int, rank: int):

@@ -58,6 +58,7 @@ from ..aot import AotConfig
 from .._dtypes import acc_dtype
 from ._common import INTERPRETED as _INTERPRETED
 from ._common import acc as _acc
+from ._common import launch_turn
 
 ACTIVATIONS = {"tanh": 0, "relu": 1, "identity": 2}
 
@@ -511,7 +512,8 @@ def _lattice_config(labels_plus_1: int) -> _Config:
 
 def _launch(kernel, grid, config: _Config, *args):
     """The one place kernels are launched: a config's constexprs and warps, positional runtime args."""
-    kernel[grid](*args, **config.constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
+    with launch_turn():
+        kernel[grid](*args, **config.constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 # ---------------------------------------------------------------------------------------------------
