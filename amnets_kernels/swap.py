@@ -424,17 +424,17 @@ def swap_in(model: nn.Module, lstm_rank: int | float | None = None, linear_spars
     if small and only_if_cheaper:  # fewer MACs, but maybe not less time: said, not silent
         warnings.warn(f"swap_in: {len(small)} Linear(s) under {SMALL_LINEAR_MACS:,} multiply-adds a row "
                       f"({', '.join(small[:4])}{', ...' if len(small) > 4 else ''}) now run BlockSparseLinear, whose "
-                      "per-call host cost (~2-4 us more than nn.Linear's) can outweigh its saving at a few rows "
-                      f"(a 128 x 128 layer took 1.2-1.8x nn.Linear's time at 1-30 rows); min_macs="
+                      "per-call host cost can outweigh its saving at a few rows (a 128 x 128 layer took 1.1-1.3x "
+                      f"nn.Linear's time at 1-30 rows, one AMD EPYC core: benchmarks.overhead); min_macs="
                       f"{SMALL_LINEAR_MACS} keeps such layers dense", SmallLayerWarning, stacklevel=2)
     training = [names[0] or "(root)" for names, old, new in plans
                 if isinstance(new, BlockSparseLSTM) and old.training and old.hidden_size < 512]
     if training and only_if_cheaper:  # BlockSparseLSTM trains a step at a time (its docstring): said, not silent
         warnings.warn(f"swap_in: {', '.join(training[:4])}{', ...' if len(training) > 4 else ''} (in train mode, "
                       "hidden_size < 512) now BlockSparseLSTM, whose autograd path runs one fused cell a time step "
-                      "from Python: training it is slower than nn.LSTM's at these sizes (T=100, B=8, 2 layers: "
-                      "~2.6x at H=128, ~1.1x at H=256, 0.54x at H=512; ad hoc, one AMD EPYC core). Its inference is "
-                      "fast; lstm_rank (LowRankLSTM) also trains fast", SmallLayerWarning, stacklevel=2)
+                      "from Python: training it is slower than nn.LSTM's at these sizes (1.7-1.8x at H=128 x2, "
+                      "T=100, B=8, one AMD EPYC core: benchmarks.overhead). Its inference is fast; lstm_rank "
+                      "(LowRankLSTM) also trains fast", SmallLayerWarning, stacklevel=2)
     for names, old, new in plans:
         new.train(old.training)
         model = _put(model, names, new)

@@ -5,7 +5,8 @@ warm-up). The 32x32 rows are host cost only (the kernel itself is ~1 us of the n
 rows time a whole training step of one bsr_linear at a real size, where per-call index preparation would
 show. The AmNets rows time one streamed frame of a small encoder (host cost and the frame's arithmetic), the
 LSTM module rows a swapped model's streaming step at that size (LowRankLSTM, BlockSparseLSTM, and nn.LSTM
-stepped the same way) and the low-rank op alone. Every row
+stepped the same way) and the low-rank op alone; small Linears against BlockSparseLinear, and a training step
+through a small swapped LSTM (the sizes where swap_in warns that fewer MACs need not be less time). Every row
 uses public entry points only (and the kernel op torch.ops.amnets_native.bsr_linear_forward), so
 `--against DIR` can run the same rows in an older checkout (benchmarks/ab.py): the before/after figures.
 """
@@ -19,14 +20,15 @@ import time
 HERE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def per_call_us(fn, seconds: float = 0.5) -> float:
-    for _ in range(100):
+def per_call_us(fn, seconds: float = 0.5, batch: int = 50) -> float:
+    """Mean microseconds a call over `seconds`, after 2 * batch warm-up calls, in batches of `batch` calls."""
+    for _ in range(2 * batch):
         fn()
     calls, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
-        for _ in range(50):
+        for _ in range(batch):
             fn()
-        calls += 50
+        calls += batch
     return (time.perf_counter() - start) / calls * 1e6
 
 
@@ -111,6 +113,25 @@ def measure() -> dict:
             xs, hs, cs = torch.randn(b, 240), torch.randn(b, 192), torch.randn(b, 192)
             rows[f"lowrank_lstm_cell H=192 D=240 r=48 B={b}: ak.lowrank_lstm_cell under no_grad"] = per_call_us(
                 lambda: ak.lowrank_lstm_cell(xs, hs, cs, *factors))
+
+        # Small Linears (swap_in's SmallLayerWarning): fewer MACs is not less time when the call's host cost
+        # dominates. eval, no grad, as an inference model runs them.
+        for size, m in ((128, 1), (128, 30), (256, 1), (256, 4)):
+            dense = torch.nn.Linear(size, size).eval()
+            sparse = ak.nn.BlockSparseLinear.from_dense(dense, block_size=32, sparsity=0.75).eval()
+            xl = torch.randn(m, size)
+            for name, module in (("nn.Linear", dense), ("BlockSparseLinear sparsity 0.75 b=32", sparse)):
+                rows[f"{name} {size}x{size} M={m}: the module"] = per_call_us(lambda: module(xl))
+
+    # Training through a swapped LSTM (swap_in warns for BlockSparseLSTM in train mode under H=512: its autograd
+    # path runs a fused cell a step): forward + backward of a 2-layer H=128 stack, T=100, B=8.
+    lstm = torch.nn.LSTM(128, 128, 2)
+    seq = torch.randn(100, 8, 128)
+    for name, module in (("nn.LSTM", lstm), ("BlockSparseLSTM sparsity 0.75 b=32",
+                                               ak.nn.BlockSparseLSTM.from_lstm(lstm, sparsity=0.75, block_size=32)),
+                         ("LowRankLSTM r=32", ak.nn.LowRankLSTM.from_lstm(lstm, rank=32))):
+        rows[f"{name} 128->128 x2, T=100 B=8: forward + backward"] = per_call_us(
+            lambda: module(seq)[0].sum().backward(), seconds=1.0, batch=2)
 
     big = ak.BlockSparseMatrix.from_dense(torch.randn(4096, 2048), block_size=32, sparsity=0.75)
     values = big.values.clone().requires_grad_(True)

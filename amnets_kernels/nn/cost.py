@@ -17,10 +17,10 @@ class SmallLayerWarning(UserWarning):
     """swap_in replaced layers so small that the new module's per-call host cost may outweigh its saving."""
 
 
-# Dense multiply-adds per row under which a BlockSparseLinear call costs more time than nn.Linear's at a few rows:
-# its way through the dispatcher and the pattern's checks adds ~2-4 us a call (one AMD EPYC core, eval, no grad:
-# a 128 x 128 layer at sparsity 0.75 took 1.2-1.8x nn.Linear's time at 1-30 rows; 256 x 256 at 1 row 0.97-1.36x,
-# at 4 rows 0.54-0.78x; python -m benchmarks.overhead times the call itself).
+# Dense multiply-adds per row under which a BlockSparseLinear call can cost more time than nn.Linear's at a few
+# rows: its way through the dispatcher and the pattern's checks (python -m benchmarks.overhead, one AMD EPYC core,
+# eval, no grad: a 128 x 128 layer at sparsity 0.75 took 1.07-1.27x nn.Linear's time at 1 and 30 rows, 256 x 256
+# 0.84-0.85x at 1 row and 0.62x at 4).
 SMALL_LINEAR_MACS = 1 << 16
 
 
