@@ -21,7 +21,7 @@ class SmallLayerWarning(UserWarning):
 # rows: its way through the dispatcher and the pattern's checks (python -m benchmarks.overhead, one AMD EPYC core,
 # eval, no grad: a 128 x 128 layer at sparsity 0.75 took 1.07-1.27x nn.Linear's time at 1 and 30 rows, 256 x 256
 # 0.84-0.85x at 1 row and 0.62x at 4).
-SMALL_LINEAR_MACS = 1 << 16
+SMALL_LINEAR_MACS = 1 << 15  # (128 x 128, 16K, was slower; 256 x 256, 64K, faster; between, not measured)
 
 
 def lstm_macs(input_size: int, hidden_size: int, num_layers: int = 1, bidirectional: bool = False,
