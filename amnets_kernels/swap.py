@@ -419,18 +419,21 @@ def swap_in(model: nn.Module, lstm_rank: int | float | None = None, linear_spars
         raise ValueError("swap_in(strict=True): these layers would be left as they are:\n"
                          + "\n".join(f"  {_label(s)} ({s['from']}): {s['reason']}" for s in report.skipped
                                      if s["name"] in refused))
+    def listed(names: list[str]) -> str:
+        return ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+
     small = [names[0] or "(root)" for names, old, new in plans
              if isinstance(new, BlockSparseLinear) and _macs(old) < SMALL_LINEAR_MACS]
     if small and only_if_cheaper:  # fewer MACs, but maybe not less time: said, not silent
         warnings.warn(f"swap_in: {len(small)} Linear(s) under {SMALL_LINEAR_MACS:,} multiply-adds a row "
-                      f"({', '.join(small[:4])}{', ...' if len(small) > 4 else ''}) now run BlockSparseLinear, whose "
+                      f"({listed(small)}) now run BlockSparseLinear, whose "
                       "per-call host cost can outweigh its saving at a few rows (a 128 x 128 layer took 1.1-1.3x "
                       f"nn.Linear's time at 1-30 rows, one AMD EPYC core: benchmarks.overhead); min_macs="
                       f"{SMALL_LINEAR_MACS} keeps such layers dense", SmallLayerWarning, stacklevel=2)
     training = [names[0] or "(root)" for names, old, new in plans
                 if isinstance(new, BlockSparseLSTM) and old.training and old.hidden_size < 512]
     if training and only_if_cheaper:  # BlockSparseLSTM trains a step at a time (its docstring): said, not silent
-        warnings.warn(f"swap_in: {', '.join(training[:4])}{', ...' if len(training) > 4 else ''} (in train mode, "
+        warnings.warn(f"swap_in: {listed(training)} (in train mode, "
                       "hidden_size < 512) now BlockSparseLSTM, whose autograd path runs one fused cell a time step "
                       "from Python: training it is slower than nn.LSTM's at these sizes (1.7-1.8x at H=128 x2, "
                       "T=100, B=8, one AMD EPYC core: benchmarks.overhead). Its inference is fast; lstm_rank "
