@@ -70,6 +70,31 @@ def test_float64_and_int64_indices(m):
     _check(m, 40, 33, 16, torch.float64, index_dtype=torch.int64)
 
 
+@pytest.mark.parametrize("m", [1, 5, 16, 40])
+def test_bf16_results_are_the_exact_ones_rounded_to_nearest_even(m):
+    """Integer-valued operands: every sum is exact in fp32, so the bf16 y / grad_x / grad_values must be the
+    exact results rounded to nearest even, bit for bit (the interpreter's own fp32 -> bf16 conversion
+    truncates toward zero: an ulp off in about half the entries, hidden by tolerances; _common.cast)."""
+    out_f, in_f, block = 70, 52, 16
+    dense = torch.randint(-8, 9, (out_f, in_f)).float()
+    sparse = BlockSparseMatrix.from_dense(dense, block_size=block, sparsity=0.4)
+    values = sparse.values.to(DEVICE, torch.bfloat16)
+    crow, col = sparse.crow_indices.to(DEVICE), sparse.col_indices.to(DEVICE)
+    x = torch.randint(-30, 31, (m, in_f), device=DEVICE).to(torch.bfloat16)
+    g = torch.randint(-30, 31, (m, out_f), device=DEVICE).to(torch.bfloat16)
+    with use_face("bsr_linear", "triton"):
+        y = torch.ops.amnets.bsr_linear_forward(x, values, crow, col, out_f, in_f, None)
+        gx, gv = torch.ops.amnets.bsr_linear_backward(g, x, values, crow, col, out_f, in_f, True, True)
+    with ak.use_backend("reference"):
+        want = [torch.ops.amnets.bsr_linear_forward(x.double(), values.double(), crow, col, out_f, in_f, None),
+                *torch.ops.amnets.bsr_linear_backward(g.double(), x.double(), values.double(), crow, col, out_f,
+                                                      in_f, True, True)]
+    for name, got, exact in zip(("y", "grad_x", "grad_values"), (y, gx, gv), want):
+        rounded = exact.to(torch.bfloat16)
+        assert not torch.equal(rounded.double(), exact), name  # the case tests rounding at all
+        assert got.dtype == torch.bfloat16 and torch.equal(got.view(torch.int16), rounded.view(torch.int16)), name
+
+
 def test_empty_pattern_and_no_rows():
     _check(5, 24, 20, 4, torch.float32, sparsity=1.0)
     _check(0, 24, 20, 16, torch.float32)

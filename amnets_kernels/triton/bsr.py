@@ -61,6 +61,7 @@ from ..aot import AotConfig
 from ..formats import block_grid, block_row_of
 from ._common import INTERPRETED as _INTERPRETED
 from ._common import acc as _acc
+from ._common import cast as _cast
 from ._common import launch_turn
 
 BLOCK_SIZES = (1, 2, 4, 8, 16, 32, 64)
@@ -141,7 +142,7 @@ def _bsr_mm_kernel(a_ptr, values_ptr, start_ptr, order_ptr, other_ptr, bias_ptr,
     # HAS_BIAS is a runtime flag (no bias: a masked-off load), not one more constexpr to compile for.
     bias = _acc(tl.load(bias_ptr + outs, mask=out_ok & (HAS_BIAS != 0), other=0.0))
     acc += bias[None, :]
-    tl.store(out_ptr + ms.to(tl.int64)[:, None] * OUT + outs[None, :], acc.to(out_ptr.dtype.element_ty),
+    tl.store(out_ptr + ms.to(tl.int64)[:, None] * OUT + outs[None, :], _cast(acc, out_ptr.dtype.element_ty),
              mask=m_ok[:, None] & out_ok[None, :])
 
 
@@ -168,7 +169,7 @@ def _bsr_sddmm_kernel(g_ptr, x_ptr, rows_ptr, cols_ptr, grad_ptr, M, N, K,
                      mask=m_ok[:, None] & in_ok[None, :], other=0.0)
         acc = tl.dot(_operand(gt), _operand(xs), acc, input_precision="ieee")
     tl.store(grad_ptr + blk.to(tl.int64) * (B * B) + r[:, None] * B + c[None, :],
-             acc.to(grad_ptr.dtype.element_ty))
+             _cast(acc, grad_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -197,7 +198,7 @@ def _bsr_sddmm_gather_kernel(g_ptr, x_ptr, rows_ptr, cols_ptr, grad_ptr, M, N, K
         xs = tl.load(x_ptr + ms.to(tl.int64)[:, None] * K + ins[None, :],
                      mask=m_ok[:, None] & in_ok[None, :], other=0.0)
         acc += tl.sum(_acc(gs) * _acc(xs), axis=0)
-    tl.store(grad_ptr + e, acc.to(grad_ptr.dtype.element_ty), mask=e_ok)
+    tl.store(grad_ptr + e, _cast(acc, grad_ptr.dtype.element_ty), mask=e_ok)
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ import triton.language as tl
 from .. import _backend
 from .._one_thread import OneThread
 from ..aot import AotConfig
+from ._common import cast as _cast
 from ._common import launch_turn
 from .lowrank_lstm import _cell_update
 
@@ -60,7 +61,7 @@ def _f32(x):
 @triton.jit
 def _rounded(x, like_ptr):
     """x as the per-layer path would hold it: rounded to the dtype `like_ptr` points to."""
-    return x.to(like_ptr.dtype.element_ty).to(tl.float32)
+    return _cast(x, like_ptr.dtype.element_ty).to(tl.float32)
 
 
 @triton.jit
@@ -189,9 +190,9 @@ def _update_kernel(part_ptr, SPLIT, NP, HP, bias_ptr, c_ptr, h_out_ptr, c_out_pt
     c = _f32(tl.load(c_ptr + m * H + j, mask=ok, other=0.0))
     _, _, _, _, c, h = _cell_update(_rounded(gi, c_ptr), _rounded(gf, c_ptr), _rounded(gg, c_ptr),
                                     _rounded(go, c_ptr), c)
-    tl.store(c_out_ptr + m * H + j, c.to(c_out_ptr.dtype.element_ty), mask=ok)
-    tl.store(h_out_ptr + m * H + j, h.to(h_out_ptr.dtype.element_ty), mask=ok)
-    tl.store(out_ptr + m.to(tl.int64) * stride_out + j, h.to(out_ptr.dtype.element_ty), mask=ok & (WRITE_OUT != 0))
+    tl.store(c_out_ptr + m * H + j, _cast(c, c_out_ptr.dtype.element_ty), mask=ok)
+    tl.store(h_out_ptr + m * H + j, _cast(h, h_out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_ptr + m.to(tl.int64) * stride_out + j, _cast(h, out_ptr.dtype.element_ty), mask=ok & (WRITE_OUT != 0))
 
 
 @triton.jit

@@ -58,6 +58,7 @@ from ..aot import AotConfig
 from .._dtypes import acc_dtype
 from ._common import INTERPRETED as _INTERPRETED
 from ._common import acc as _acc
+from ._common import cast as _cast
 from ._common import launch_turn
 
 ACTIVATIONS = {"tanh": 0, "relu": 1, "identity": 2}
@@ -248,7 +249,7 @@ def _rnnt_grad_kernel(grad_costs_ptr, logits_ptr, targets_ptr, frames_ptr, label
         offsets = row[:, None] * V + cols[None, :]
         z = _acc(tl.load(logits_ptr + offsets, mask=ok[:, None] & (cols[None, :] < V), other=float("-inf")))
         g = _logit_grad(z, cols, den, occupancy, w_blank, w_y, blank, label, clamp, scale, ok)
-        tl.store(grad_ptr + offsets, g.to(grad_ptr.dtype.element_ty),
+        tl.store(grad_ptr + offsets, _cast(g, grad_ptr.dtype.element_ty),
                  mask=in_range[:, None] & (cols[None, :] < V))
 
 
@@ -393,7 +394,7 @@ def _joint_dlogits_kernel(grad_costs_ptr, enc_ptr, pred_ptr, weight_ptr, bias_pt
                           H, V, ACT, BLOCK_K)
         d_logits = _logit_grad(z, cols, den, occupancy, w_blank, w_y, blank, label, clamp, scale, ok)
         tl.atomic_add(grad_bias_ptr + cols, tl.sum(d_logits, 0), mask=cols < V)
-        tl.store(dlogits_ptr + cells[:, None] * V + cols[None, :], d_logits.to(dlogits_ptr.dtype.element_ty),
+        tl.store(dlogits_ptr + cells[:, None] * V + cols[None, :], _cast(d_logits, dlogits_ptr.dtype.element_ty),
                  mask=cols[None, :] < V)
 
 
