@@ -32,11 +32,13 @@ def test_corpus_command_makes_the_seeded_corpus_and_refuses_to_overwrite(tmp_pat
     assert sorted(os.listdir(out))[-1] == "utt000001.wav"  # the old third utterance's audio is gone
 
 
-def test_corpus_command_names_a_bad_voice(tmp_path, capsys):
-    assert main(["corpus", str(tmp_path / "c"), "-n", "1", "--voices", "xx-nope"]) == 2
+def test_corpus_command_names_a_bad_voice_before_writing_anything(tmp_path, capsys):
+    # A bad voice after a good one was found at its first utterance: WAVs without transcripts.txt, which a
+    # plain rerun then refused.
+    assert main(["corpus", str(tmp_path / "c"), "-n", "3", "--seed", "5", "--voices", "en-us,xx-nope"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("amnets corpus: error: make_corpus: espeak-ng -v xx-nope failed")
-    assert len(err.splitlines()) == 1
+    assert len(err.splitlines()) == 1 and not (tmp_path / "c").exists()
 
 
 def test_corpus_command_removes_only_the_audio_it_wrote(tmp_path, capsys):

@@ -37,7 +37,13 @@ def fails(argv, capsys) -> tuple[int, str]:
     (["train", "--resume", "missing.pt"], "amnets train: error: checkpoint not found: missing.pt"),
     (["demo", "--tiny", "--utterances", "2", "--out", "{tmp}"], "error: --utterances must be at least 3"),
     # refused before the corpus and three models are made, not when the streaming is timed
-    (["demo", "--tiny", "--stream-threads", "0", "--out", "{tmp}"], "--stream-threads must be >= 1; got 0"),
+    (["demo", "--tiny", "--stream-threads", "0", "--out", "{tmp}"], "--stream-threads must be in [1, 2**31 - 1]; got 0"),
+    # was "Overflow when unpacking long", naming nothing, after the three models had trained
+    (["demo", "--tiny", "--stream-threads", str(2**31), "--out", "{tmp}"],
+     "--stream-threads must be in [1, 2**31 - 1]; got 2147483648"),
+    # a RuntimeError traceback from the allocator (384 GB of weights on a machine of tens)
+    (["train", "--data", "{corpus}", "--checkpoint-dir", "{tmp}/ck", "--hidden-size", "100000000"],
+     "amnets train: error: out of memory (can't allocate memory: you tried to allocate 384000000000 bytes); lower"),
     # non-finite values used to pass (only < 0 was checked) and the run stopped as if diverged
     (["train", "--data", "{corpus}", "--checkpoint-dir", "{tmp}/ck", "--cost-weight", "nan"],
      "config: cost_weight must be a finite number >= 0; got nan"),
@@ -243,7 +249,14 @@ def test_a_malformed_checkpoint_or_config_file_is_one_line(corpus, tmp_path, cap
         (variant("hostile.pt", lambda c: c.update(extra=Hostile())),
          " is not an amnets checkpoint: it holds pickled Python objects, which are not loaded (unpickling "
          "them could run code); Unsupported global: GLOBAL test_amnets_cli_errors._ran"),
+        # was a TypeError traceback in --resume's comparison with it
+        (variant("badbest.pt", lambda c: c.update(best="garbage")),
+         " is not an amnets checkpoint (its best record must be none or a dict of wer, cer and step numbers; "
+         "got 'garbage')"),
     ]
+    text = tmp_path / "text.pt"  # was "holds pickled Python objects ... could run code"
+    text.write_text("not a checkpoint\n")
+    cases.append((str(text), " is not a checkpoint torch.load can read (Unsupported operand 110)"))
     for path, message in cases:
         for argv in (["eval", path], ["train", "--resume", path, "--steps", "5"]):
             code, err = fails(argv, capsys)
@@ -298,6 +311,16 @@ def test_an_edited_checkpoints_weights_or_optimizer_state_is_one_line(tmp_path, 
                      ["train", "--resume", path, "--steps", "2"]):
             code, err = fails(argv, capsys)
             assert code == 2 and err == f"amnets {argv[0]}: error: {path}{message}\n", (argv, err)
+    # A sparse branch keeping no block or every block: refused from the flags, and loaded silently (was).
+    masks = [(variant(name, lambda c, fill=fill: c["model"]["encoder.block_mask_l0"].fill_(fill)), words)
+             for name, fill, words in (("no_block.pt", False, "keeps no block of [W_ih | W_hh] in layer 0"),
+                                       ("all_blocks.pt", True, "costs no fewer MACs per frame than the full one"))]
+    for path, words in masks:
+        for argv in (["eval", path, "--data", str(data), "--out", str(tmp_path / "ev")],
+                     ["train", "--resume", path, "--steps", "2"]):
+            code, err = fails(argv, capsys)
+            assert code == 2 and err.startswith(f"amnets {argv[0]}: error: {path}: AmNetsEncoder: ") \
+                and words in err and err.count("\n") == 1, (argv, err)
     path = variant("exp_avg.pt", first_exp_avg)
     code, err = fails(["train", "--resume", path, "--steps", "2"], capsys)
     assert code == 2 and err == (f"amnets train: error: {path}: its optimizer state does not fit its model "

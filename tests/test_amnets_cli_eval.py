@@ -2,8 +2,11 @@
 
 import json
 import os
+import shutil
 
+import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
 import amnets.cli
@@ -124,4 +127,15 @@ def test_eval_checks_out_before_decoding(corpus, checkpoint, capsys, monkeypatch
     monkeypatch.setattr(amnets.cli, "decode_utterances", lambda *a, **k: pytest.fail("decoded first"))
     out = os.path.join(corpus, "transcripts.txt", "out")  # under a file: cannot be made
     assert main(["eval", checkpoint, "--out", out]) == 2
-    assert f"--out: cannot write to {out} (Not a directory)" in capsys.readouterr().err
+    assert f"--out: cannot write to {out} ({os.path.dirname(out)} is not a directory)" in capsys.readouterr().err
+
+
+def test_eval_makes_its_output_directory_only_once_the_data_has_decoded(corpus, checkpoint, capsys, tmp_path):
+    # A bad audio file was named clearly, but the output directory (by default beside the checkpoint) was made.
+    bad = tmp_path / "bad"
+    shutil.copytree(corpus, bad)
+    first = sorted(p for p in os.listdir(bad) if p.endswith(".wav"))[0]
+    sf.write(bad / first, np.zeros(100, np.float32), 16000)
+    out = tmp_path / "out"
+    assert main(["eval", checkpoint, "--data", str(bad), "--out", str(out)]) == 2
+    assert "the waveform must hold at least 201 samples" in capsys.readouterr().err and not out.exists()

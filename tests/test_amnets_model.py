@@ -1,5 +1,7 @@
 """The AmNets model package `amnets`: latency simulator, switching encoder, RNN-T model."""
 
+import math
+import pickle
 import re
 import warnings
 
@@ -382,7 +384,7 @@ def test_encoder_rejects_bad_calls():
     with pytest.raises(ValueError, match="branch must be"):
         enc.macs_per_frame("dense")
     enc.tau = 0
-    with pytest.raises(ValueError, match="tau must be > 0"):
+    with pytest.raises(ValueError, match="tau must be a finite real number > 0"):
         enc.train()(x)
 
 
@@ -741,9 +743,9 @@ def test_encoder_tau_attribute_takes_any_real_number():
     enc = make_encoder("sparse").train()
     enc.tau = np.float32(0.5)  # was "tau must be > 0"
     assert enc(torch.randn(2, 3, D))[0].shape == (2, 3, H)
-    for bad in (True, torch.tensor(0.5), np.float32(0)):
+    for bad in (True, torch.tensor(0.5), np.float32(0), math.inf, math.nan):  # inf: every decision cheap
         enc.tau = bad
-        with pytest.raises(ValueError, match="tau must be > 0"):
+        with pytest.raises(ValueError, match="tau must be a finite real number > 0"):
             enc(torch.randn(2, 3, D))
 
 
@@ -791,3 +793,34 @@ def test_latency_takes_a_sequence_of_finite_reals(costs, period, match):
     with pytest.raises(ValueError, match=match):
         simulate_latency(costs, period)
     assert simulate_latency(range(3), 1.0)["rtf"] == pytest.approx(1.0)  # a sequence of ints is fine
+
+
+@pytest.mark.parametrize("block_size", [16, 8])  # on the frame engine, and on stream()'s steps (no engine for 8)
+def test_a_streamer_keeps_the_settings_it_was_made_with(block_size):
+    # The fallback streamer followed a later enc.force = "full"; the engine's kept deciding by the arbitrator.
+    enc = make_encoder("sparse", block_size=block_size)
+    frames = torch.randn(1, 12, D)
+    _, _, want = enc.stream(frames)
+    assert want.any() and not want.all()  # the arbitrator decides both ways here
+    streamer = enc.streamer()
+    enc.force = "full"
+    _, got = streamer(frames)
+    assert torch.equal(got, want)
+    assert torch.equal(pickle.loads(pickle.dumps(streamer))(frames)[0], streamer.fork()(frames)[0])
+    enc.force = None
+    _, forced = enc.streamer(force="full")(frames)
+    assert forced.all()
+
+
+def test_loading_a_mask_that_saves_nothing_is_never_silent():
+    enc = make_encoder("sparse")
+    state = enc.state_dict()
+    for fill, words in ((False, "keeps no block"), (True, "costs no fewer MACs")):
+        state["block_mask_l0"] = torch.full_like(state["block_mask_l0"], fill)
+        with pytest.warns(NotCheaperWarning, match=words):
+            make_encoder("sparse").load_state_dict(state)
+
+
+def test_sparsity_takes_any_real_number():
+    # np.float32(0.5) was "sparsity must be a float in [0, 1)"
+    assert make_encoder("sparse", sparsity=np.float32(0.5)).sparsity == 0.5

@@ -33,6 +33,7 @@ import csv
 import glob
 import json
 import math
+import numbers
 import os
 import pickle
 import random
@@ -310,7 +311,7 @@ def load_items(data: str, split: str, what: str = "--data", hint: str = "",
 def writable_dir(path: str, what: str, create: bool = True) -> str:
     """path, created if need be, once a file could be made in it: checked before the work that fills it.
     create=False: only checked (the directory it would be made in is writable), nothing is created."""
-    probe = path
+    probe = path if create else os.path.abspath(path)
     if not create:  # the nearest existing directory on the way
         while not os.path.exists(probe) and os.path.dirname(probe) != probe:
             probe = os.path.dirname(probe)
@@ -401,19 +402,25 @@ def read_checkpoint(path: str) -> dict:
         # weights_only: unpickling anything else could run code; train writes tensors and plain values only
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip or torch errors: all say "not a checkpoint"
-        if isinstance(exc, pickle.UnpicklingError) and "Weights only load failed" in str(exc):
-            found = re.search(r"Unsupported global: GLOBAL \S+", str(exc))
+        found = re.search(r"Unsupported global: GLOBAL \S+", str(exc))
+        if isinstance(exc, pickle.UnpicklingError) and found:
             raise UsageError(f"{path} is not an amnets checkpoint: it holds pickled Python objects, which "
-                             "are not loaded (unpickling them could run code)"
-                             + (f"; {found[0]}" if found else "")) from exc
-        raise UsageError(f"{path} is not a checkpoint torch.load can read "
-                         f"({type(exc).__name__}: {exc})") from exc
+                             f"are not loaded (unpickling them could run code); {found[0]}") from exc
+        # Any other bytes (a text file, noise) fail in the same unpickler: its own reason, not its advice.
+        reason = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
+        raise UsageError(f"{path} is not a checkpoint torch.load can read ("
+                         + (reason[1].strip() if reason else f"{type(exc).__name__}: {exc}") + ")") from exc
     if not isinstance(ckpt, dict) or not {"model", "config", "step"} <= set(ckpt):
         raise UsageError(f"{path} is not an amnets checkpoint (no model, config and step)")
     kinds = (type(ckpt["model"]), type(ckpt["config"]), type(ckpt["step"]))
     if not (issubclass(kinds[0], dict) and issubclass(kinds[1], dict) and issubclass(kinds[2], int)):
         raise UsageError(f"{path} is not an amnets checkpoint (its model, config and step must be a dict, a "
                          f"dict and an int; got {', '.join(k.__name__ for k in kinds)})")
+    best = ckpt.get("best")  # train's best validation record so far, which a resumed run compares against
+    if best is not None and not (isinstance(best, dict) and all(
+            isinstance(best.get(k), numbers.Real) and not isinstance(best.get(k), bool) for k in ("wer", "cer", "step"))):
+        raise UsageError(f"{path} is not an amnets checkpoint (its best record must be none or a dict of wer, cer "
+                         f"and step numbers; got {best!r:.80})")
     return ckpt
 
 
@@ -447,7 +454,12 @@ def load_weights(model: AmNetsRNNT, ckpt: dict, source: str = "the checkpoint") 
     if bad:
         raise UsageError(f"{source}: its weights hold NaN or inf ({', '.join(bad[:3])}"
                          + (f" and {len(bad) - 3} more" if len(bad) > 3 else "") + ")")
-    model.load_state_dict(state)
+    with warnings.catch_warnings():  # its block masks as build_model's: a branch that saves nothing is refused
+        warnings.simplefilter("error", NotCheaperWarning)
+        try:
+            model.load_state_dict(state)
+        except NotCheaperWarning as exc:
+            raise UsageError(f"{source}: {exc}") from None
 
 
 def _shape_or_type(value) -> str:
@@ -1025,13 +1037,15 @@ def cmd_eval(args) -> int:
     parts = ["eval", utterance_id(args.checkpoint), data_name, decoding] + (
         [f"force-{cfg['force']}"] if cfg["force"] else [])
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "_".join(parts))
-    writable_dir(out, "--out" if args.out else "the output directory beside the checkpoint (--out to choose)")
+    where = "--out" if args.out else "the output directory beside the checkpoint (--out to choose)"
+    writable_dir(out, where, create=False)  # made once the data has decoded: a bad file leaves no empty one
     dataset = SpeechDataset(items)
     start = time.time()
     rows = decode_utterances(model, dataset, cfg["beam"], cfg["max_symbols"])
     summary = dict(summarize(rows), checkpoint=os.path.abspath(args.checkpoint), step=ckpt["step"],
                    data=os.path.abspath(data), split=split, beam=cfg["beam"], max_symbols=cfg["max_symbols"],
                    force=cfg["force"], threshold=cfg["threshold"], seconds=round(time.time() - start, 3))
+    writable_dir(out, where)
     for name, key in (("hyps.txt", "hyp"), ("refs.txt", "ref")):  # Kaldi/ESPnet text files: "<id> <text>"
         with open(os.path.join(out, name), "w") as f:
             f.writelines(f"{r['id']} {r[key]}\n" for r in rows)
@@ -1107,8 +1121,8 @@ def cmd_demo(args) -> int:
     n_eval = max(2, n_utt // 5)  # 90 held out by default: WER on ~300 words moved by 0.05 between seeds
     if n_utt <= n_eval:
         raise UsageError(f"--utterances must be at least 3 (a fifth, at least 2, is held out); got {n_utt}")
-    if args.stream_threads < 1:  # checked now, not after minutes of training when the timing starts
-        raise UsageError(f"--stream-threads must be >= 1; got {args.stream_threads}")
+    if not 1 <= args.stream_threads <= 2**31 - 1:  # checked now, not after minutes of training when timing starts
+        raise UsageError(f"--stream-threads must be in [1, 2**31 - 1]; got {args.stream_threads}")
     for _, overrides, _ in DEMO_MODELS:  # a model build_model refuses: now, not after the models before it
         build_model(check_config(dict(cfg, **overrides)), CharTokenizer().vocab_size)
     # A tiny run is a smoke test: by default it leaves nothing in the working directory.
@@ -1282,6 +1296,13 @@ def main(argv=None) -> int:
             raise
         print(f"amnets {args.command}: error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 1 if isinstance(exc, TrainingDiverged) else 2
+    except (torch.OutOfMemoryError, RuntimeError) as exc:  # sizes past the memory (a --hidden-size, a batch)
+        found = re.search(r"(?:can't allocate memory|out of memory)[^.]*", str(exc), re.IGNORECASE)
+        if args.debug or not (isinstance(exc, torch.OutOfMemoryError) or found):
+            raise
+        print(f"amnets {args.command}: error: out of memory ({found[0] if found else exc}); lower --hidden-size, "
+              "--batch-size or the model's other sizes", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         if args.debug:
             raise

@@ -202,6 +202,8 @@ def make_corpus(out_dir: str, n_utterances: int, seed: int = 0, words_per_uttera
                          f"[\"en-us\"]); got {voices!r}")
     if isinstance(jobs, bool) or not isinstance(jobs, int) or jobs < 0:
         raise ValueError(f"make_corpus: jobs must be an int >= 0; got {jobs!r}")
+    for voice in dict.fromkeys(voices):  # an unknown voice now, not after writing the WAVs before its first use
+        _espeak("a", voice, rates[0], pitches[0], 0)
     rng = random.Random(seed)
     noise_gen = np.random.default_rng(seed)
     # Every random draw first, in one fixed order (espeak-ng consumes none), so that the synthesis can run

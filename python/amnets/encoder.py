@@ -171,25 +171,29 @@ class AmNetsEncoder(nn.Module):
         if self.cheap != "sparse":
             raise ValueError("AmNetsEncoder.reprune: only the sparse cheap branch has a mask; "
                              f"cheap={self.cheap!r}")
-        empty = []
         for k in range(self.num_layers):
             mask = ak.BlockSparseMatrix.from_dense(self.full_weight(k), self.block_size,
                                                    sparsity=self.sparsity).block_mask()
-            if not mask.any():
-                empty.append(f"layer {k} ({mask.shape[0]} x {mask.shape[1]} blocks)")
             # In place: bumps its version, which the stream caches see.
             getattr(self, f"block_mask_l{k}").copy_(mask)
+        self._warn_if_not_cheaper()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args):
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        self._warn_if_not_cheaper()  # the loaded masks (or ranks) as the constructor's are: never silent
+
+    def _warn_if_not_cheaper(self) -> None:
+        """A cheap branch that saves nothing in some layer is legal but never silent: a pruning that keeps no
+        block (the sparse branch there is the bias alone), or a cheap branch costing no fewer MACs than the full
+        one (a rank clipped to the layer's sides, a pruning that keeps every block)."""
+        masks = [getattr(self, f"block_mask_l{k}") for k in range(self.num_layers)] if self.cheap == "sparse" else []
+        empty = [f"layer {k} ({m.shape[0]} x {m.shape[1]} blocks)" for k, m in enumerate(masks) if not m.any()]
         if empty:  # as amnets_kernels' modules and swap_in say of a pruning that keeps nothing
             warnings.warn(f"AmNetsEncoder: sparsity={self.sparsity:g} with block_size={self.block_size}: the "
                           f"pruning keeps no block of [W_ih | W_hh] in {', '.join(empty)}, so the sparse branch "
                           "there would be the bias alone; lower sparsity or block_size", NotCheaperWarning,
-                          stacklevel=2)
-        else:
-            self._warn_if_not_cheaper()
-
-    def _warn_if_not_cheaper(self) -> None:
-        """A cheap branch that costs no fewer MACs than the full one in some layer (a rank clipped to the
-        layer's sides, a pruning that keeps every block) is legal but saves nothing there: never silent."""
+                          stacklevel=3)
+            return
         costly = [f"layer {k} ({self.layer_macs(k, 'cheap'):,} >= {self.layer_macs(k, 'full'):,})"
                   for k in range(self.num_layers) if self.layer_macs(k, "cheap") >= self.layer_macs(k, "full")]
         if costly:
@@ -752,9 +756,10 @@ def _check_force_kind(op: str, force) -> None:
 
 
 def _check_tau(op: str, tau) -> None:
-    """Any real number > 0 (NumPy's too, as an annealing schedule may give), not a bool."""
-    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not tau > 0:
-        raise ValueError(f"{op}: tau must be > 0 (a real number); got {tau!r}")
+    """Any finite real number > 0 (NumPy's too, as an annealing schedule may give), not a bool: at tau = inf
+    every training decision was cheap and the arbitrator got no gradient."""
+    if isinstance(tau, bool) or not isinstance(tau, numbers.Real) or not 0 < tau < math.inf:
+        raise ValueError(f"{op}: tau must be a finite real number > 0; got {tau!r}")
 
 
 def _check_layer(op: str, enc: AmNetsEncoder, k) -> None:
@@ -787,7 +792,7 @@ def _check_init(input_size, hidden_size, num_layers, cheap, sparsity, block_size
             raise ValueError(f"{op}: {name} must be an int >= 1; got {value!r}")
     if cheap not in CHEAP_KINDS:
         raise ValueError(f"{op}: cheap must be one of {CHEAP_KINDS}; got {cheap!r}")
-    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+    if isinstance(sparsity, bool) or not isinstance(sparsity, numbers.Real) or not 0.0 <= sparsity < 1.0:
         raise ValueError(f"{op}: sparsity must be a float in [0, 1); got {sparsity!r}")
     for name, value in (("arbitrator_uses_state", arbitrator_uses_state), ("per_layer_decisions", per_layer_decisions)):
         if not isinstance(value, bool):  # a string such as "no" would be truthy
@@ -846,9 +851,21 @@ def _check_forward(enc: AmNetsEncoder, x, lengths) -> Tensor:
     return lengths
 
 
+class _Arbitrated:
+    """A streamer's force where the arbitrator decided when it was made: it goes on deciding whatever enc.force
+    says later (None would read enc.force at every call), as an engine's streamer fixes its settings when made."""
+
+    def __reduce__(self):
+        return "_ARBITRATED"  # pickled by name: the one instance
+
+
+_ARBITRATED = _Arbitrated()
+
+
 def _force_argument(force):
-    """_check_stream's force (None, a bool, a (B,) bool tensor) as an argument it takes again."""
-    return ("full" if force else "cheap") if isinstance(force, bool) else force
+    """_check_stream's force (None, a bool, a (B,) bool tensor) as an argument it takes again, fixed: None is
+    _ARBITRATED."""
+    return ("full" if force else "cheap") if isinstance(force, bool) else _ARBITRATED if force is None else force
 
 
 def _unpickled_streamer(encoder: AmNetsEncoder, batch: int, threshold: float, force, state) -> Streamer:
@@ -876,7 +893,9 @@ def _check_stream(enc: AmNetsEncoder, x, state, force, threshold):
             raise TypeError(f"{op}: state's {name} must be {x.dtype} on {x.device}, as x and the weights; got "
                             f"{s.dtype} on {s.device}")
     threshold = _threshold(op, enc.threshold if threshold is None else threshold)
-    if force is None:
+    if force is _ARBITRATED:
+        force = None
+    elif force is None:
         force = enc.force
     if isinstance(force, str):
         if force not in ("full", "cheap"):
