@@ -667,6 +667,10 @@ def test_the_one_call_frame_declines_wherever_the_python_path_must_decide(kind):
         frame(x, hx, took=False)
         assert ak.last_face("lowrank_lstm_sequence" if kind == "lowrank" else "bsr_linear") == "reference"
     frame(torch.randn(2, 2, 32), hx, took=False)  # two frames
+    for wide in (16, 40):  # another width: the block-sparse step takes D from x, and it ran such frames (was)
+        for inp in (torch.randn(1, 2, wide), torch.randn(1, wide)):
+            with torch.no_grad(), pytest.raises(ValueError, match=r"input.shape\[-1\] must be input_size = 32"):
+                module(inp, hx if inp.dim() == 3 else None)
     with pytest.raises(ValueError, match="h_0"):
         frame(x, (hx[0][:, :1], hx[1]), took=False)
     twin = copy.deepcopy(module)
@@ -703,3 +707,28 @@ def test_low_rank_modules_load_a_checkpoint_of_other_ranks():
         with pytest.raises(RuntimeError, match="size mismatch for w_ih_u"):
             other.load_state_dict(cell.state_dict())
         assert other.ranks == (4, 4) and other.w_ih_u.shape == (80, 4)
+
+
+@pytest.mark.parametrize("kind", ["lowrank", "sparse", "cell"])
+def test_input_of_another_dtype_than_the_weights_is_named_by_the_module(kind):
+    # Was named by whichever op met it first ("bsr_lstm_cell_forward: values has dtype ...", "PreparedBsrLstmCell:
+    # x must be ...", "lowrank_lstm_cell: w_ih_u has dtype ..."), differently on each path.
+    torch.manual_seed(0)
+    module = (LowRankLSTMCell.from_lstm_cell(nn.LSTMCell(32, 32), rank=8) if kind == "cell" else
+              LowRankLSTM.from_lstm(nn.LSTM(32, 32, 2), rank=8) if kind == "lowrank" else
+              BlockSparseLSTM.from_lstm(nn.LSTM(32, 32, 2), sparsity=0.5, block_size=16)).to(DEVICE)
+    name = type(module).__name__
+    inputs = [torch.randn(3, 32, dtype=torch.float64, device=DEVICE)]
+    if kind != "cell":
+        inputs += [torch.randn(1, 3, 32, dtype=torch.float64, device=DEVICE),
+                   torch.randn(5, 3, 32, dtype=torch.float64, device=DEVICE),
+                   nn.utils.rnn.pack_padded_sequence(torch.randn(5, 3, 32, dtype=torch.float64, device=DEVICE),
+                                                     torch.tensor([5, 3, 1]))]
+    for grad in (True, False):
+        for x in inputs:
+            with torch.set_grad_enabled(grad), pytest.raises(
+                    TypeError, match=rf"^{name}: input must have the weights' dtype torch.float32 \(or run under "
+                                     r"torch.autocast\); got torch.float64$"):
+                module(x)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):  # the autocast dtype differs from the weights' by design
+        assert module(torch.randn(3, 32, device=DEVICE).bfloat16())[0].dtype == torch.bfloat16

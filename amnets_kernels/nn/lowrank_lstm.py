@@ -16,8 +16,8 @@ from .._ops import functorch
 from .._ops.lstm_update import lstm_pointwise
 from ..formats import lowrank_factors, rank_for_energy
 from .cost import warn_if_not_cheaper
-from .stacked_lstm import (StackedLSTM, check_hx_pair, combined_bias, copy_into, lstm_config_of, own_tensors,
-                           parameter_from)
+from .stacked_lstm import (StackedLSTM, check_hx_pair, check_weights_dtype, combined_bias, copy_into, lstm_config_of,
+                           own_tensors, parameter_from)
 
 _stack = torch.ops.amnets_native.lowrank_lstm_stack_step.default
 _FACTORS = ("w_ih_u", "w_ih_v", "w_hh_u", "w_hh_v")
@@ -292,6 +292,7 @@ class LowRankLSTMCell(nn.Module):
     def forward(self, input, hx=None):
         op = "LowRankLSTMCell"
         _validate._tensor(op, "input", input, dtypes=_validate.FLOAT_DTYPES)
+        check_weights_dtype(op, self.w_ih_u, input)
         if input.dim() not in (1, 2):
             raise ValueError(f"{op}: input must be 1-D (unbatched) or 2-D (B, input_size); got shape "
                              f"{tuple(input.shape)}")

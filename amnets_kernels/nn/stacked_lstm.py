@@ -89,9 +89,11 @@ class StackedLSTM(nn.Module):
         op = type(self).__name__
         input, hx = _in_autocast_dtype(input, hx)
         if isinstance(input, PackedSequence):
+            check_weights_dtype(op, getattr(self, self._names[0][0]), input.data)
             self._check_hx(op, hx, int(input.batch_sizes[0]), input.data)
             return self._forward_packed(input, hx)
         _validate._tensor(op, "input", input, dtypes=_validate.FLOAT_DTYPES)
+        check_weights_dtype(op, getattr(self, self._names[0][0]), input)
         if input.dim() not in (2, 3):
             raise ValueError(f"{op}: input must be 2-D (unbatched) or 3-D; got shape {tuple(input.shape)}")
         unbatched = input.dim() == 2
@@ -327,6 +329,16 @@ def combined_bias(lstm: nn.Module, suffix: str) -> nn.Parameter | None:
         return None
     b_hh = getattr(lstm, f"bias_hh{suffix}")
     return parameter_from((b_ih + b_hh).detach(), b_ih, b_hh)
+
+
+def check_weights_dtype(op: str, weight: torch.Tensor, input: torch.Tensor) -> None:
+    """input in the dtype of the module's weights (`weight`, one of them), outside autocast (where the ops cast the
+    weights): a mismatch was named in the words of whichever op met it first (bsr_lstm_cell_forward, ...)."""
+    if input.dtype == weight.dtype or (torch.amp.is_autocast_available(input.device.type)
+                                       and torch.is_autocast_enabled(input.device.type)):
+        return
+    raise TypeError(f"{op}: input must have the weights' dtype {weight.dtype} (or run under torch.autocast); "
+                    f"got {input.dtype}")
 
 
 def _in_autocast_dtype(input, hx):

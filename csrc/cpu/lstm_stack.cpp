@@ -80,6 +80,9 @@ class StackCall {
     const int64_t time = batch_first && !unbatched ? 1 : 0;
     if (input->size(time) != 1) return skip;
     const Tensor x = unbatched ? *input : input->select(time, 0);
+    // The module's input_size: the block-sparse step takes D from x (any D its pattern fits), so a frame of
+    // another width ran on silently; forward's Python path refuses it in the module's words.
+    if (x.size(-1) != input_size_) return skip;
     std::optional<Tensor> h0, c0;
     if (args[1] != Py_None) {
       const bool pair = (PyTuple_Check(args[1]) && PyTuple_GET_SIZE(args[1]) == 2) ||
