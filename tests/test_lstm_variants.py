@@ -732,3 +732,12 @@ def test_input_of_another_dtype_than_the_weights_is_named_by_the_module(kind):
                 module(x)
     with torch.autocast(DEVICE, dtype=torch.bfloat16):  # the autocast dtype differs from the weights' by design
         assert module(torch.randn(3, 32, device=DEVICE).bfloat16())[0].dtype == torch.bfloat16
+
+
+def test_the_cells_missing_dense_weights_say_where_they_are():
+    cell = LowRankLSTMCell.from_lstm_cell(nn.LSTMCell(8, 8), rank=2)
+    for name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):  # was a bare "'LowRankLSTMCell' object has no ..."
+        with pytest.raises(AttributeError, match=rf"LowRankLSTMCell has no '{name}'.*to_dense\(\) gives"):
+            getattr(cell, name)
+    with pytest.raises(AttributeError, match="'LowRankLSTMCell' object has no attribute 'nothing'"):
+        cell.nothing

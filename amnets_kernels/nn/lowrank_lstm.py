@@ -314,6 +314,17 @@ class LowRankLSTMCell(nn.Module):
             h1, c1 = h1.float(), c1.float()
         return (h1.squeeze(0), c1.squeeze(0)) if unbatched else (h1, c1)
 
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):  # code written for nn.LSTMCell
+                raise AttributeError(
+                    f"LowRankLSTMCell has no {name!r}: nn.LSTMCell's dense weights are not kept here (its parameters "
+                    "are w_ih_u, w_ih_v, w_hh_u, w_hh_v and one combined bias); to_dense() gives the equivalent "
+                    "nn.LSTMCell") from None
+            raise
+
     def macs_per_frame(self, batch: int = 1) -> int:
         return _factor_macs(self.ranks, self.hidden_size, self.input_size) * batch
 
