@@ -41,6 +41,10 @@ def fails(argv, capsys) -> tuple[int, str]:
     # was "Overflow when unpacking long", naming nothing, after the three models had trained
     (["demo", "--tiny", "--stream-threads", str(2**31), "--out", "{tmp}"],
      "--stream-threads must be in [1, 2**31 - 1]; got 2147483648"),
+    # were make_corpus's argument names (n_utterances, jobs) and "[Errno 17] File exists"
+    (["corpus", "{tmp}/c", "-n", "0"], "amnets corpus: error: --utterances (-n) must be >= 1; got 0"),
+    (["corpus", "{tmp}/c", "--jobs", "-1"], "amnets corpus: error: --jobs must be >= 0 (0: one per CPU); got -1"),
+    (["corpus", "{corpus}/transcripts.txt"], "transcripts.txt is a file, not a directory; give a new or empty"),
     # a RuntimeError traceback from the allocator (384 GB of weights on a machine of tens)
     (["train", "--data", "{corpus}", "--checkpoint-dir", "{tmp}/ck", "--hidden-size", "100000000"],
      "amnets train: error: out of memory (can't allocate memory: you tried to allocate 384000000000 bytes); lower"),

@@ -965,6 +965,13 @@ def remake_corpus(directory: str, n_utterances: int, **kwargs) -> list[tuple[str
 
 
 def cmd_corpus(args) -> int:
+    # In the flags' words, before make_corpus's (n_utterances, jobs) or the OS's ("File exists")
+    if args.utterances < 1:
+        raise UsageError(f"--utterances (-n) must be >= 1; got {args.utterances}")
+    if args.jobs < 0:
+        raise UsageError(f"--jobs must be >= 0 (0: one per CPU); got {args.jobs}")
+    if os.path.exists(args.dir) and not os.path.isdir(args.dir):
+        raise UsageError(f"{args.dir} is a file, not a directory; give a new or empty directory for the corpus")
     if os.path.exists(os.path.join(args.dir, TRANSCRIPTS)) and not args.overwrite:
         raise UsageError(f"{args.dir} already holds a corpus ({TRANSCRIPTS}); --overwrite replaces it")
     if os.path.isdir(args.dir) and os.listdir(args.dir) and not args.overwrite:
