@@ -62,12 +62,17 @@ def scalars(op: str, **named) -> None:
     for name, value in named.items():
         if name == "blank":
             _int(op, name, value)
+            if not -2**63 <= value < 2**63:  # torch.ops: "Expected a value of type 'int' ... found type 'int'"
+                raise ValueError(f"{op}: blank must be an index in [-V, V) (V = the vocabulary size); got {value}")
         elif name in ("reduction", "activation"):
             if not isinstance(value, str):
                 raise TypeError(f"{op}: {name} must be a str; got {type(value).__name__}")
         elif name == "clamp":
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{op}: {name} must be a float; got {type(value).__name__}")
+            if isinstance(value, int) and not -2**1023 < value < 2**1023:  # no double holds it
+                raise ValueError(f"{op}: clamp must be a float (<= 0: no clamp); got an int of {value.bit_length()} "
+                                 "bits")
         elif not isinstance(value, bool):
             raise TypeError(f"{op}: {name} must be a bool; got {type(value).__name__}")
 
@@ -314,6 +319,8 @@ def _reduction_and_clamp(op, reduction, clamp):
         raise ValueError(f"{op}: reduction must be one of {REDUCTIONS}; got {reduction!r}")
     if isinstance(clamp, bool) or not isinstance(clamp, (int, float)):
         raise TypeError(f"{op}: clamp must be a float; got {type(clamp).__name__}")
+    if clamp != clamp:  # as csrc/rnnt.cpp's check_clamp
+        raise ValueError(f"{op}: clamp must be a number (<= 0: no clamp); got nan")
 
 
 def rnnt_loss(op, logits, targets, logit_lengths, target_lengths, blank, clamp, reduction, *, data) -> int:

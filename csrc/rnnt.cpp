@@ -119,6 +119,11 @@ void finish_forward(const char* op, const Labels& checked, Saved& out) {
   }
 }
 
+// A NaN clamp compared false everywhere and meant "no clamp", silently.
+void check_clamp(const char* op, double clamp) {
+  TORCH_CHECK_VALUE(!std::isnan(clamp), op, ": clamp must be a number (<= 0: no clamp); got nan");
+}
+
 void check_saved(const char* op, const Tensor& grad_costs, const Tensor& costs, const Tensor& alphas,
                  const Tensor& betas, const Tensor& den, int64_t batch, int64_t steps, int64_t u1) {
   checks::saved(op, "grad_costs", grad_costs, {batch});
@@ -135,6 +140,7 @@ Saved loss_forward(const Tensor& logits, const Tensor& targets, const Tensor& fr
                    int64_t blank_in, double clamp, bool fused_log_softmax, bool save) {
   constexpr const char* op = "rnnt_loss";
   const int64_t blank = checks::rnnt_loss_args(op, logits, targets, frames, labels, blank_in);
+  check_clamp(op, clamp);
   const Labels checked = checked_labels(op, targets, frames, labels, logits.size(0), logits.size(1), logits.size(2),
                                         logits.size(3), blank);
   static const face::Route<LossForwardSig> route("rnnt_loss_forward");
@@ -163,6 +169,7 @@ Saved joint_forward(const Tensor& enc, const Tensor& pred, const Tensor& weight,
   constexpr const char* op = "fused_joint_rnnt_loss";
   const int64_t blank = checks::fused_joint_args(op, enc, pred, weight, bias, targets, frames, labels, blank_in,
                                                  std::string(activation));
+  check_clamp(op, clamp);
   const Labels checked = checked_labels(op, targets, frames, labels, enc.size(0), enc.size(1), pred.size(1),
                                         weight.size(0), blank);
   static const face::Route<JointForwardSig> route("fused_joint_rnnt_loss_forward");

@@ -100,7 +100,14 @@ def test_zero_infinity_keeps_a_batch_loss_finite():
 
 
 SCALARS = [(dict(clamp="x"), "clamp must be a float; got str"), (dict(blank=0.0), "blank must be an int; got float"),
-           (dict(reduction=None), "reduction must be a str; got NoneType")]
+           (dict(reduction=None), "reduction must be a str; got NoneType"),
+           # torch.ops took True as blank 1 and 1 as a flag
+           (dict(blank=True), "blank must be an int; got bool"), (dict(zero_infinity=1), "zero_infinity must be a bool")]
+# Values no int64 / double holds: torch.ops said "Expected a value of type 'int' ... but instead found type 'int'";
+# a NaN clamp meant "no clamp", silently.
+BAD_VALUES = [(dict(blank=2**70), r"blank must be an index in \[-V, V\)"), (dict(blank=-2**70), "blank must be an"),
+              (dict(clamp=10**400), "clamp must be a float .* got an int of 1329 bits"),
+              (dict(clamp=float("nan")), r"clamp must be a number \(<= 0: no clamp\); got nan")]
 
 
 @pytest.mark.parametrize("kwargs, match", SCALARS)
@@ -115,3 +122,18 @@ def test_fused_joint_scalar_arguments_named(kwargs, match):
     with pytest.raises(TypeError, match=match):
         ak.fused_joint_rnnt_loss(torch.randn(1, 2, 4), torch.randn(1, 2, 4), torch.randn(3, 4), None,
                                  torch.tensor([[1]]), torch.tensor([2]), torch.tensor([1]), **kwargs)
+
+
+def test_rnnt_loss_flag_must_be_a_bool():
+    with pytest.raises(TypeError, match="fused_log_softmax must be a bool; got int"):
+        ak.rnnt_loss(torch.randn(1, 2, 2, 3), torch.tensor([[1]]), torch.tensor([2]), torch.tensor([1]),
+                     fused_log_softmax=1)
+
+
+@pytest.mark.parametrize("kwargs, match", BAD_VALUES)
+def test_scalar_values_no_kernel_takes_are_named(kwargs, match):
+    args = (torch.tensor([[1]]), torch.tensor([2]), torch.tensor([1]))
+    with pytest.raises(ValueError, match=match):
+        ak.rnnt_loss(torch.randn(1, 2, 2, 3), *args, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        ak.fused_joint_rnnt_loss(torch.randn(1, 2, 4), torch.randn(1, 2, 4), torch.randn(3, 4), None, *args, **kwargs)

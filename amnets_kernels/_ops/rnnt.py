@@ -73,6 +73,9 @@ def rnnt_loss(logits: Tensor, targets: Tensor, logit_lengths: Tensor, target_len
     a sequence whose cost is not finite counts 0 in the result (its gradient is zero either way), so one
     bad utterance does not make a batch's loss NaN.
     """
+    if blank.__class__ is bool or fused_log_softmax.__class__ is not bool or zero_infinity.__class__ is not bool:
+        # torch.ops takes True as blank 1 and 1 as a flag: Python's types, which only this function sees
+        _validate.scalars(RNNT, blank=blank, fused_log_softmax=fused_log_softmax, zero_infinity=zero_infinity)
     try:
         if functorch.active():
             return functorch.rnnt_loss(logits, targets, logit_lengths, target_lengths, blank, clamp, reduction,
@@ -134,6 +137,8 @@ def fused_joint_rnnt_loss(enc: Tensor, pred: Tensor, weight: Tensor, bias: Optio
     of cells (cpu: ~256 cells; cuda and triton: a chunk of at most 256 MiB / 64 MiB of logits); the
     reference face materialises the logits. zero_infinity: as rnnt_loss's.
     """
+    if blank.__class__ is bool or zero_infinity.__class__ is not bool:  # as rnnt_loss's
+        _validate.scalars(JOINT, blank=blank, zero_infinity=zero_infinity)
     try:
         if functorch.active():
             return functorch.fused_joint_rnnt_loss(enc, pred, weight, bias, targets, logit_lengths, target_lengths,
