@@ -327,6 +327,8 @@ def test_a_cheap_branch_no_cheaper_than_the_full_one_is_never_silent():
                                                r"\(10,240 >= 8,192\), so choosing it saves nothing there; "
                                                "lower the rank$"):
         AmNetsEncoder(80, 32, 2, cheap="lowrank", rank=32)
+    with pytest.warns(NotCheaperWarning, match=r"rank=1000 \(clipped to 80 by the layers' sizes\): "):
+        AmNetsEncoder(80, 32, 1, cheap="lowrank", rank=1000)  # it quoted the clipped rank alone, as if given
     with pytest.warns(NotCheaperWarning, match=r"sparsity=0 with block_size=16: .* in layer 0 \(14,336 >= "
                                                r"14,336\), layer 1 \(8,192 >= 8,192\), so .*; raise sparsity$"):
         AmNetsEncoder(80, 32, 2, sparsity=0.0, block_size=16)

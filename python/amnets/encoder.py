@@ -108,7 +108,7 @@ class AmNetsEncoder(nn.Module):
         factory = dict(device=device, dtype=dtype)
         H = hidden_size
         scale = 1.0 / math.sqrt(H)
-        self.ranks = []
+        self.ranks, self.rank = [], rank  # per layer (r_ih, r_hh): `rank` clipped to the layer's sides
         for k in range(num_layers):
             d = self.layer_input_size(k)
             for name, shape in ((f"weight_ih_l{k}", (4 * H, d)), (f"weight_hh_l{k}", (4 * H, H)),
@@ -197,8 +197,11 @@ class AmNetsEncoder(nn.Module):
         costly = [f"layer {k} ({self.layer_macs(k, 'cheap'):,} >= {self.layer_macs(k, 'full'):,})"
                   for k in range(self.num_layers) if self.layer_macs(k, "cheap") >= self.layer_macs(k, "full")]
         if costly:
-            knob = f"rank={max(max(r) for r in self.ranks)}" if self.cheap == "lowrank" else \
-                f"sparsity={self.sparsity:g} with block_size={self.block_size}"
+            knob = f"sparsity={self.sparsity:g} with block_size={self.block_size}"
+            if self.cheap == "lowrank":
+                used = max(max(r) for r in self.ranks)  # the rank given, clipped to the layers' sides
+                given = self.__dict__.get("rank", used)
+                knob = f"rank={given}" + (f" (clipped to {used} by the layers' sizes)" if given != used else "")
             warnings.warn(f"AmNetsEncoder: cheap={self.cheap!r}, {knob}: the cheap branch costs no fewer MACs per "
                           f"frame than the full one in {', '.join(costly)}, so choosing it saves nothing there; "
                           f"{'lower the rank' if self.cheap == 'lowrank' else 'raise sparsity'}",
