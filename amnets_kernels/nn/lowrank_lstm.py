@@ -292,7 +292,8 @@ class LowRankLSTMCell(nn.Module):
     def forward(self, input, hx=None):
         op = "LowRankLSTMCell"
         _validate._tensor(op, "input", input, dtypes=_validate.FLOAT_DTYPES)
-        check_weights_dtype(op, self.w_ih_u, input)
+        tensors = own_tensors(self, _TENSORS)
+        check_weights_dtype(op, tensors[0], input)
         if input.dim() not in (1, 2):
             raise ValueError(f"{op}: input must be 1-D (unbatched) or 2-D (B, input_size); got shape "
                              f"{tuple(input.shape)}")
@@ -307,7 +308,7 @@ class LowRankLSTMCell(nn.Module):
             check_hx_pair(op, hx, input.dim())  # the op checks their shapes, dtypes and devices
             h, c = (t.unsqueeze(0) for t in hx) if unbatched else hx
         cell = functorch.lowrank_lstm_cell if functorch.active() else torch.ops.amnets.lowrank_lstm_cell
-        h1, c1 = cell(x, h, c, *own_tensors(self, _TENSORS))
+        h1, c1 = cell(x, h, c, *tensors)
         if h1.dtype != x.dtype and x.dtype == torch.float32 and x.device.type == "cpu" and h.dtype == x.dtype:
             # CPU autocast: the op ran at the autocast dtype (csrc/autocast.cpp); nn.LSTMCell, whose op is on no
             # CPU autocast list, returns fp32 for fp32 input and state, and so does this drop-in.

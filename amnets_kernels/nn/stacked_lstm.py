@@ -89,11 +89,11 @@ class StackedLSTM(nn.Module):
         op = type(self).__name__
         input, hx = _in_autocast_dtype(input, hx)
         if isinstance(input, PackedSequence):
-            check_weights_dtype(op, getattr(self, self._names[0][0]), input.data)
+            check_weights_dtype(op, own_tensors(self, self._names[0][:1])[0], input.data)
             self._check_hx(op, hx, int(input.batch_sizes[0]), input.data)
             return self._forward_packed(input, hx)
         _validate._tensor(op, "input", input, dtypes=_validate.FLOAT_DTYPES)
-        check_weights_dtype(op, getattr(self, self._names[0][0]), input)
+        check_weights_dtype(op, own_tensors(self, self._names[0][:1])[0], input)
         if input.dim() not in (2, 3):
             raise ValueError(f"{op}: input must be 2-D (unbatched) or 3-D; got shape {tuple(input.shape)}")
         unbatched = input.dim() == 2
