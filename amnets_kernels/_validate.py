@@ -70,9 +70,11 @@ def scalars(op: str, **named) -> None:
         elif name == "clamp":
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError(f"{op}: {name} must be a float; got {type(value).__name__}")
-            if isinstance(value, int) and not -2**1023 < value < 2**1023:  # no double holds it
+            try:
+                float(value)
+            except OverflowError:  # an int no double holds
                 raise ValueError(f"{op}: clamp must be a float (<= 0: no clamp); got an int of {value.bit_length()} "
-                                 "bits")
+                                 "bits") from None
         elif not isinstance(value, bool):
             raise TypeError(f"{op}: {name} must be a bool; got {type(value).__name__}")
 

@@ -37,7 +37,8 @@ def fails(argv, capsys) -> tuple[int, str]:
     (["train", "--resume", "missing.pt"], "amnets train: error: checkpoint not found: missing.pt"),
     (["demo", "--tiny", "--utterances", "2", "--out", "{tmp}"], "error: --utterances must be at least 3"),
     # refused before the corpus and three models are made, not when the streaming is timed
-    (["demo", "--tiny", "--stream-threads", "0", "--out", "{tmp}"], "--stream-threads must be in [1, 2**31 - 1]; got 0"),
+    (["demo", "--tiny", "--stream-threads", "0", "--out", "{tmp}"],
+     "--stream-threads must be in [1, 2**31 - 1]; got 0"),
     # was "Overflow when unpacking long", naming nothing, after the three models had trained
     (["demo", "--tiny", "--stream-threads", str(2**31), "--out", "{tmp}"],
      "--stream-threads must be in [1, 2**31 - 1]; got 2147483648"),

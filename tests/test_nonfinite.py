@@ -102,7 +102,8 @@ def test_zero_infinity_keeps_a_batch_loss_finite():
 SCALARS = [(dict(clamp="x"), "clamp must be a float; got str"), (dict(blank=0.0), "blank must be an int; got float"),
            (dict(reduction=None), "reduction must be a str; got NoneType"),
            # torch.ops took True as blank 1 and 1 as a flag
-           (dict(blank=True), "blank must be an int; got bool"), (dict(zero_infinity=1), "zero_infinity must be a bool")]
+           (dict(blank=True), "blank must be an int; got bool"),
+           (dict(zero_infinity=1), "zero_infinity must be a bool")]
 # Values no int64 / double holds: torch.ops said "Expected a value of type 'int' ... but instead found type 'int'";
 # a NaN clamp meant "no clamp", silently.
 BAD_VALUES = [(dict(blank=2**70), r"blank must be an index in \[-V, V\)"), (dict(blank=-2**70), "blank must be an"),

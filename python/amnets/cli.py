@@ -417,8 +417,8 @@ def read_checkpoint(path: str) -> dict:
         raise UsageError(f"{path} is not an amnets checkpoint (its model, config and step must be a dict, a "
                          f"dict and an int; got {', '.join(k.__name__ for k in kinds)})")
     best = ckpt.get("best")  # train's best validation record so far, which a resumed run compares against
-    if best is not None and not (isinstance(best, dict) and all(
-            isinstance(best.get(k), numbers.Real) and not isinstance(best.get(k), bool) for k in ("wer", "cer", "step"))):
+    numeric = (lambda v: isinstance(v, numbers.Real) and not isinstance(v, bool))
+    if best is not None and not (isinstance(best, dict) and all(numeric(best.get(k)) for k in ("wer", "cer", "step"))):
         raise UsageError(f"{path} is not an amnets checkpoint (its best record must be none or a dict of wer, cer "
                          f"and step numbers; got {best!r:.80})")
     return ckpt
