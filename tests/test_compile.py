@@ -74,3 +74,40 @@ def test_every_module_compiles_whole():
             params = [p for p in module.parameters() if p.requires_grad]
             for g, e in zip(torch.autograd.grad(got.sum(), [x, *params]), torch.autograd.grad(want.sum(), [x, *params])):
                 close(g, e)
+
+
+def test_the_prepared_steps_compile_whole():
+    """README: the prepared steps under torch.compile go through the public op. PreparedBsrLstmCell resolved the
+    face (a native call Dynamo skips) before asking whether it was traced: fullgraph failed, and without it the
+    fused kernel ran eagerly behind a graph break."""
+    from amnets_kernels import BlockSparseMatrix, PreparedBsrLstmCell
+
+    torch.manual_seed(0)
+    step = PreparedBsrLstmCell(BlockSparseMatrix.from_dense(rand(64, 32), block_size=16, sparsity=0.5), rand(64))
+    x, h, c = rand(2, 16), rand(2, 16), rand(2, 16)
+    with torch.no_grad():
+        want = step(x, h, c)
+        assert step.last_path == "fused"
+        torch._dynamo.reset()
+        got = torch.compile(step, fullgraph=True, backend="aot_eager")(x, h, c)
+    assert step.last_path == "bsr_linear + pointwise"
+    for g, w in zip(got, want):
+        close(g, w)
+
+
+def test_jit_trace_of_a_frame_step_records_the_ops():
+    """A stacked LSTM stepped one frame, traced after eager frames had run: the kept native stack call wrote its
+    results without the dispatcher, so the trace was three aten::empty and returned uninitialised memory."""
+    from torch import nn
+
+    torch.manual_seed(0)
+    lstm = nn.LSTM(8, 16, 2)
+    for module in (ak.nn.LowRankLSTM.from_lstm(lstm, rank=4), ak.nn.BlockSparseLSTM.from_lstm(lstm, 0.5, 16)):
+        module.eval()
+        x, hx = rand(1, 2, 8), (rand(2, 2, 16), rand(2, 2, 16))
+        with torch.no_grad():
+            module(x, hx)
+            module(x, hx)  # the native stack call is kept from here
+            traced = torch.jit.trace(module, (x, hx), check_trace=False)
+            other = rand(1, 2, 8)
+            close(traced(other, hx)[0], module(other, hx)[0])

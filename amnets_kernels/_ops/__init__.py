@@ -52,6 +52,8 @@ def eager_inference(*tensors) -> bool:
     tensors or nn.Parameters (no other subclass, no functorch wrapper)."""
     if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
         return False
+    if torch._C._get_tracing_state() is not None:  # torch.jit.trace records dispatcher calls, not a kernel's writes
+        return False
     if torch._C._is_any_autocast_enabled():  # the public ops cast for autocast (csrc/autocast.cpp); kernels do not
         return False
     grad = torch.is_grad_enabled()

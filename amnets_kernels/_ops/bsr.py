@@ -202,8 +202,10 @@ class PreparedBsrLstmCell:
         values, bias = self.linear.values, self.linear.bias
         _validate.prepared_step("PreparedBsrLstmCell", x, h, c, self.input_size, self.hidden_size, values)
         fast = self._fast
-        fusable = fast and _backend.resolve(OP, x.device).name == "cpu"
-        if fusable and eager_inference(x, h, c, values, bias):
+        # eager_inference first: under torch.compile the face is not resolved here (the public op resolves it)
+        eager = eager_inference(x, h, c, values, bias)
+        fusable = fast and (not eager or _backend.resolve(OP, x.device).name == "cpu")
+        if fusable and eager:
             self.last_path = "fused"  # the kernel checks the weight's shapes and pattern itself, every call
             return _fused_cell(x, h, c, values, self.linear.crow_indices, self.linear.col_indices, bias)
         if not fusable and (x.device.type, fast) not in _unfused_warned:

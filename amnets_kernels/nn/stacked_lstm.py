@@ -81,7 +81,8 @@ class StackedLSTM(nn.Module):
 
     def forward(self, input, hx=None):
         call = self.__dict__.get("_stack_call")  # a frame a call, once the native stack step has run: see _keep_call
-        if call is not None and not (self.dropout and self.training or torch.compiler.is_compiling()):
+        if call is not None and not (self.dropout and self.training or torch.compiler.is_compiling()
+                                     or torch._C._get_tracing_state() is not None):  # jit.trace: the ops
             stepped = call(input, hx, self.batch_first)
             if stepped is not None:
                 self._stepped()
