@@ -239,42 +239,55 @@ def test_lstm_modules_real_models_use_under_autocast():
         torch.testing.assert_close(got.float(), want, rtol=0.05, atol=0.05)
 
 
-def test_the_cell_returns_what_nn_lstmcell_returns_under_cpu_autocast():
-    """nn.LSTMCell's op is on no CPU autocast list: fp32 input and state give fp32 (h, c), autocast-dtype state
-    gives that dtype; LowRankLSTMCell returns the same dtypes, so its state can go back in outside autocast."""
+MIXES = [(x, h, c) for x in (torch.float32, torch.bfloat16) for h in (torch.float32, torch.bfloat16)
+         for c in (torch.float32, torch.bfloat16)]
+
+
+@pytest.mark.parametrize("mix", MIXES, ids=lambda m: "-".join(str(d)[6:] for d in m))
+def test_the_cell_returns_what_nn_lstmcell_returns_under_cpu_autocast(mix):
+    """nn.LSTMCell's op is on no CPU autocast list: its products run in the autocast dtype and its update in
+    c_0's, so (h_1, c_1) come in c_0's dtype whatever the input's and h_0's are (a fresh state: the input's).
+    LowRankLSTMCell takes every fp32/bf16 mix nn.LSTMCell takes and returns the same dtypes, so its state can
+    go back in outside autocast."""
     from amnets_kernels.nn import LowRankLSTMCell
 
     torch.manual_seed(0)
     dense = torch.nn.LSTMCell(8, 16)
     cell = LowRankLSTMCell.from_lstm_cell(dense, rank=8, rank_hh=16)  # full rank: the same cell
-    x = rand(2, 8)
-    for hx in (None, (rand(2, 16), rand(2, 16)), (rand(2, 16).bfloat16(), rand(2, 16).bfloat16())):
+    x_dtype, h_dtype, c_dtype = mix
+    x = rand(2, 8).to(x_dtype)
+    for hx in (None, (rand(2, 16).to(h_dtype), rand(2, 16).to(c_dtype))):
         with torch.autocast("cpu", dtype=torch.bfloat16):
             want, got = dense(x, hx), cell(x, hx)
-        assert [t.dtype for t in got] == [t.dtype for t in want]
+        assert [t.dtype for t in got] == [t.dtype for t in want] == [(x_dtype if hx is None else c_dtype)] * 2
         for g, w in zip(got, want):
             torch.testing.assert_close(g.float(), w.float(), rtol=0, atol=0.05)
-        if hx is None:
-            assert got[0].dtype == torch.float32
+        if hx is None and x_dtype == torch.float32:
             cell(x, got)  # the state goes back in outside autocast
 
 
-def test_packed_sequences_under_cpu_autocast_take_nn_lstms_dtypes():
-    """nn.LSTM on a PackedSequence under CPU autocast (torch 2.14): fp32, unless hx comes in the autocast dtype
-    (the state of an earlier chunk run under autocast), then that dtype. The swapped modules do the same."""
+@pytest.mark.parametrize("mix", MIXES, ids=lambda m: "-".join(str(d)[6:] for d in m))
+def test_lstms_take_nn_lstms_dtypes_under_cpu_autocast(mix):
+    """nn.LSTM under CPU autocast (torch 2.14) takes input and state in any mix of fp32 and the autocast dtype
+    and returns the autocast dtype — except a PackedSequence of unequal lengths, which it runs step by step and
+    returns in c_0's dtype (fp32 without a state: the input's). The swapped modules take the same mixes and
+    return the same dtypes, a frame at a time (the native stack step's path), a sequence, and packed."""
     from torch.nn.utils.rnn import pack_padded_sequence
 
     from amnets_kernels.nn import BlockSparseLSTM
 
     torch.manual_seed(0)
-    dense = torch.nn.LSTM(16, 16)
-    packed = pack_padded_sequence(rand(4, 2, 16), torch.tensor([4, 2]))
+    dense = torch.nn.LSTM(16, 16, 2)
+    x_dtype, h_dtype, c_dtype = mix
+    inputs = [rand(1, 2, 16).to(x_dtype), rand(4, 2, 16).to(x_dtype)]
+    inputs += [pack_padded_sequence(rand(4, 2, 16).to(x_dtype), torch.tensor(lengths)) for lengths in ([4, 2], [4, 4])]
     for module in (LowRankLSTM.from_lstm(dense, rank=16), BlockSparseLSTM.from_lstm(dense, sparsity=0.0,
                                                                                       block_size=16)):
-        for dtype in (None, torch.float32, torch.bfloat16):
-            hx = None if dtype is None else (rand(1, 2, 16).to(dtype), rand(1, 2, 16).to(dtype))
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-                want, (want_h, want_c) = dense(packed, hx)
-                got, (got_h, got_c) = module(packed, hx)
-            assert (got.data.dtype, got_h.dtype, got_c.dtype) == (want.data.dtype, want_h.dtype, want_c.dtype)
-            torch.testing.assert_close(got.data.float(), want.data.float(), rtol=0, atol=0.05)
+        for x in inputs:
+            for hx in (None, (rand(2, 2, 16).to(h_dtype), rand(2, 2, 16).to(c_dtype))):
+                with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+                    want, (want_h, want_c) = dense(x, hx)
+                    got, (got_h, got_c) = module(x, hx)
+                    got, want = getattr(got, "data", got), getattr(want, "data", want)
+                assert (got.dtype, got_h.dtype, got_c.dtype) == (want.dtype, want_h.dtype, want_c.dtype)
+                torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0.05)

@@ -309,10 +309,12 @@ class LowRankLSTMCell(nn.Module):
             h, c = (t.unsqueeze(0) for t in hx) if unbatched else hx
         cell = functorch.lowrank_lstm_cell if functorch.active() else torch.ops.amnets.lowrank_lstm_cell
         h1, c1 = cell(x, h, c, *tensors)
-        if h1.dtype != x.dtype and x.dtype == torch.float32 and x.device.type == "cpu" and h.dtype == x.dtype:
-            # CPU autocast: the op ran at the autocast dtype (csrc/autocast.cpp); nn.LSTMCell, whose op is on no
-            # CPU autocast list, returns fp32 for fp32 input and state, and so does this drop-in.
-            h1, c1 = h1.float(), c1.float()
+        if h1.dtype != c.dtype and x.device.type == "cpu":
+            # CPU autocast: the op ran at the autocast dtype (csrc/autocast.cpp). nn.LSTMCell, whose op is on no
+            # CPU autocast list, runs its two products in that dtype and the update in c_0's: h_1 and c_1 come
+            # out in c_0's dtype whatever the input's and h_0's are, and so do this drop-in's (here c_1 is
+            # computed in the autocast dtype, then widened).
+            h1, c1 = h1.to(c.dtype), c1.to(c.dtype)
         return (h1.squeeze(0), c1.squeeze(0)) if unbatched else (h1, c1)
 
     def __getattr__(self, name: str):

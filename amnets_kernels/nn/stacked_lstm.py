@@ -343,25 +343,28 @@ def check_weights_dtype(op: str, weight: torch.Tensor, input: torch.Tensor) -> N
 
 
 def _in_autocast_dtype(input, hx):
-    """As nn.LSTM under autocast: fp32 input and state in the autocast dtype, so that the results are in it too
-    (the ops cast the weights: csrc/autocast.cpp). Anything else unchanged (the checks come after), and so is
-    a PackedSequence: nn.LSTM computes those in fp32 under CPU autocast (torch 2.14), and so do we, unless hx
-    comes in the autocast dtype (a chunk's state from an autocast run), where nn.LSTM runs in that dtype."""
-    if torch._C._is_any_autocast_enabled() and isinstance(input, PackedSequence):
-        data = input.data
-        if (data.dtype == torch.float32 and isinstance(hx, (tuple, list)) and len(hx) == 2
-                and all(isinstance(t, torch.Tensor) for t in hx) and torch.amp.is_autocast_available(data.device.type)
-                and torch.is_autocast_enabled(data.device.type)
-                and hx[0].dtype == hx[1].dtype == torch.get_autocast_dtype(data.device.type)):
-            input = PackedSequence(data.to(hx[0].dtype), input.batch_sizes, input.sorted_indices,
-                                   input.unsorted_indices)
+    """As nn.LSTM under autocast: input and state, where each is fp32 or the autocast dtype (a bf16 feature
+    frontend with a fresh fp32 state, say), all in the autocast dtype, so that the results are in it too (the
+    ops cast the weights: csrc/autocast.cpp). One exception, measured on torch 2.14: on the CPU a
+    PackedSequence of unequal lengths is not one autocast op in nn.LSTM but per-step products (in the autocast
+    dtype) and updates in c_0's dtype, so its results come in c_0's dtype (the input's without a state); here
+    everything runs in that dtype (the ops' products in the autocast dtype again). Anything else, fp64 say,
+    is left as it is for the checks to name."""
+    if not torch._C._is_any_autocast_enabled():  # one native call: the common case ends here
         return input, hx
-    if not (torch._C._is_any_autocast_enabled()  # one native call: the common case ends here
-            and isinstance(input, torch.Tensor) and input.dtype == torch.float32
-            and torch.amp.is_autocast_available(input.device.type)  # "meta" has no autocast state to ask
-            and torch.is_autocast_enabled(input.device.type)):
+    packed = isinstance(input, PackedSequence)
+    data = input.data if packed else input
+    if not (isinstance(data, torch.Tensor) and torch.amp.is_autocast_available(data.device.type)  # not "meta"
+            and torch.is_autocast_enabled(data.device.type)):
         return input, hx
-    dtype = torch.get_autocast_dtype(input.device.type)
-    if isinstance(hx, (tuple, list)):
-        hx = tuple(t.to(dtype) if isinstance(t, torch.Tensor) and t.dtype == torch.float32 else t for t in hx)
-    return input.to(dtype), hx
+    dtype = torch.get_autocast_dtype(data.device.type)
+    states = tuple(hx) if isinstance(hx, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in hx) else ()
+    if any(t.dtype not in (torch.float32, dtype) for t in (data, *states)):
+        return input, hx
+    if packed and data.device.type == "cpu" and input.batch_sizes[0] != input.batch_sizes[-1]:
+        dtype = states[1].dtype if len(states) == 2 else data.dtype
+    if states:
+        hx = tuple(t.to(dtype) for t in states)
+    data = data.to(dtype)
+    return (PackedSequence(data, input.batch_sizes, input.sorted_indices, input.unsorted_indices) if packed
+            else data), hx
