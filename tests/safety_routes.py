@@ -356,6 +356,32 @@ def native_stack_step_h0_shape():  # the stacked steps read (L, B, H) of h0: its
     return all_refuse("0 must have shape (num_layers, B, hidden_size) = (1, 3, 16)", *calls)
 
 
+@route("0 must have shape", ValueError, group="state_batch")
+def native_stack_step_projected_state():  # with a projection (5 tensors a layer) h is (L, B, P), c (L, B, H)
+    x, factors = torch.randn(3, 48), [torch.randn(64, 4), torch.randn(4, 48), torch.randn(64, 4), torch.randn(4, 8),
+                                      torch.randn(8, 16)]
+    good_h, good_c = torch.randn(1, 3, 8), torch.randn(1, 3, 16)
+    return all_refuse("0 must have shape (num_layers, B, ",
+                      lambda: native.lowrank_lstm_stack_step(x, torch.randn(1, 3, 16), good_c, factors, [None], 16),
+                      lambda: native.lowrank_lstm_stack_step(x, good_h, torch.randn(1, 3, 8), factors, [None], 16),
+                      lambda: native.lowrank_lstm_stack_step(x, torch.randn(2, 3, 8), None, factors, [None], 16))
+
+
+@route("w_h", ValueError, group="state_batch")
+def native_stack_step_projection_shapes():  # the projection's width is read from w_hr: each factor must agree
+    x = torch.randn(3, 48)
+
+    def factors(w_hh_v=(4, 8), w_hr=(8, 16), d=48):
+        return [torch.randn(64, 4), torch.randn(4, d), torch.randn(64, 4), torch.randn(w_hh_v), torch.randn(w_hr)]
+    return all_refuse("w_h",
+                      lambda: native.lowrank_lstm_stack_step(x, None, None, factors(w_hr=(8, 12)), [None], 16),
+                      lambda: native.lowrank_lstm_stack_step(x, None, None, factors(w_hr=(8,)), [None], 16),
+                      lambda: native.lowrank_lstm_stack_step(x, None, None, factors(w_hr=(0, 16)), [None], 16),
+                      lambda: native.lowrank_lstm_stack_step(x, None, None, factors(w_hh_v=(4, 16)), [None], 16),
+                      lambda: native.lowrank_lstm_stack_step(x, None, None, factors() + factors(w_hr=(6, 16), d=8),
+                                                             [None, None], 16))
+
+
 @route("biases", ValueError, group="state_batch")
 def native_stack_step_layer_count():  # the weight list is read per layer: its length must match the layers
     x, weight = torch.randn(3, 48), matrix()

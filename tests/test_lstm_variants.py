@@ -539,22 +539,25 @@ def _layer_by_layer(monkeypatch, module):
 @settings(max_examples=40, deadline=None)
 @given(kind=st.sampled_from(["lowrank", "sparse"]), layers=st.integers(1, 3), bias=st.booleans(),
        batch=st.integers(0, 6), given_hx=st.booleans(), unbatched=st.booleans(), batch_first=st.booleans(),
-       dtype=st.sampled_from([torch.float32, torch.bfloat16]), seed=st.integers(0, 2**16))
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), proj=st.sampled_from([0, 0, 12]),
+       seed=st.integers(0, 2**16))
 def test_a_frame_a_call_runs_the_whole_stack_in_one_native_call(kind, layers, bias, batch, given_hx, unbatched,
-                                                                 batch_first, dtype, seed):
+                                                                 batch_first, dtype, proj, seed):
     """A unidirectional stack stepped one frame a call without autograd (a swapped model streaming, the cpu face)
     runs every layer in one native call (lowrank_lstm_stack_step / bsr_lstm_stack_step): the same outputs and
-    state as layer by layer, for every layout, state, batch and weight dtype the layers take."""
+    state as layer by layer, for every layout, state, batch and weight dtype the layers take, and with a
+    projection (proj_size, low-rank)."""
     if DEVICE != "cpu":
         pytest.skip("the whole-stack step is the cpu face's")
     torch.manual_seed(seed)
-    lstm = nn.LSTM(40, 48, layers, bias=bias, batch_first=batch_first)
+    proj = proj if kind == "lowrank" else 0  # (BlockSparseLSTM has no projection)
+    lstm = nn.LSTM(40, 48, layers, bias=bias, batch_first=batch_first, proj_size=proj)
     module = (LowRankLSTM.from_lstm(lstm, rank=8) if kind == "lowrank"
               else BlockSparseLSTM.from_lstm(lstm, sparsity=0.5, block_size=16)).eval().to(dtype)
     batch = 1 if unbatched else batch
     x = torch.randn((1, 40) if unbatched else (batch, 1, 40) if batch_first else (1, batch, 40), dtype=dtype)
-    state = [torch.randn(layers, 48, dtype=dtype) if unbatched else torch.randn(layers, batch, 48, dtype=dtype)
-             for _ in range(2)]
+    state = [torch.randn(layers, width, dtype=dtype) if unbatched else torch.randn(layers, batch, width, dtype=dtype)
+             for width in (proj or 48, 48)]
     hx = tuple(state) if given_hx else None
     calls = []
     stack = stacked_ops[kind]
@@ -574,6 +577,30 @@ def test_a_frame_a_call_runs_the_whole_stack_in_one_native_call(kind, layers, bi
             torch.testing.assert_close(mine, theirs, **tolerance)  # (B > 4 rows: both run the one-step sequence)
         for out, state in zip(result[1], hx or ()):
             assert out.numel() == 0 or out.data_ptr() != state.data_ptr()  # fresh state tensors, not the caller's
+
+
+def test_a_projected_stack_streams_in_one_native_call_and_sees_its_projection_change():
+    """LowRankLSTM with proj_size stepped a frame a call (an LSTMP encoder streaming) runs the whole stack in one
+    native call too, frame after frame equal to nn.LSTM with the same weights; a projection written in place or
+    replaced is what the next frame reads."""
+    if DEVICE != "cpu":
+        pytest.skip("the whole-stack step is the cpu face's")
+    torch.manual_seed(0)
+    module = LowRankLSTM.from_lstm(nn.LSTM(24, 32, 2, proj_size=8), rank=32).eval()  # full rank: nn.LSTM's answers
+    frames, hx, dense_hx = torch.randn(6, 1, 2, 24), None, None
+    with torch.no_grad():
+        for step, frame in enumerate(frames):
+            if step == 3:
+                module.w_hr_l1.mul_(0.5)  # in place
+            if step == 4:
+                module.w_hr_l0 = nn.Parameter(torch.randn(8, 32))  # replaced
+            out, hx = module(frame, hx)
+            want, dense_hx = module.to_dense()(frame, dense_hx)
+            assert out.shape == (1, 2, 8) and hx[0].shape == (2, 2, 8) and hx[1].shape == (2, 2, 32)
+            for mine, theirs in zip((out, *hx), (want, *dense_hx)):
+                torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-5)
+            if step:
+                assert module.__dict__.get("_stack_call") is not None
 
 
 @pytest.mark.parametrize("kind", ["lowrank", "sparse"])

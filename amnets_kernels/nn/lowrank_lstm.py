@@ -219,14 +219,17 @@ class LowRankLSTM(StackedLSTM):
         for k in range(self.num_layers):
             *factors, b = self._direction_tensors(k)
             weights += factors
+            if self.proj_size:  # the op's fifth tensor a layer: h is proj_size wide
+                weights += own_tensors(self, (f"w_hr_l{k}",))
             biases.append(b)
         return self._native_stack(_stack, x, hx, weights, biases, weights)
 
     _STACK_KIND = "lowrank"
 
-    def _stack_entries(self):  # the factors and biases themselves: in-place writes are read as they come
-        return [(self._parameters if name in self._parameters else self._buffers, name, False)
-                for names in self._names for name in names]
+    def _stack_entries(self):  # the factors, projections and biases themselves: in-place writes are read as they come
+        names = [name for names in self._names for name in names]
+        names += [f"w_hr_l{k}" for k in range(self.num_layers)] if self.proj_size else []
+        return [(self._parameters if name in self._parameters else self._buffers, name, False) for name in names]
 
     def _dense_weights(self, k):
         layer, reverse = divmod(k, self.num_directions)

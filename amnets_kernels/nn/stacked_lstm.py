@@ -131,7 +131,7 @@ class StackedLSTM(nn.Module):
         if x.shape[-1] != self.input_size:
             raise ValueError(f"{type(self).__name__}: input.shape[-1] must be input_size = {self.input_size}; "
                              f"got {tuple(x.shape)}")
-        if x.shape[0] == 1 and not (self.bidirectional or self.proj_size or (self.dropout and self.training)
+        if x.shape[0] == 1 and not (self.bidirectional or (self.dropout and self.training)
                                     or torch.compiler.is_compiling()):  # (traced: the layers' public ops)
             stepped = self._stack_step(x[0], hx)  # a frame a call (streaming): the whole stack in one native call
             if stepped is not None:
@@ -160,8 +160,8 @@ class StackedLSTM(nn.Module):
         return x, (torch.stack(h_n), torch.stack(c_n))
 
     def _stack_step(self, x, hx):
-        """One frame x (B, input_size) through a unidirectional stack with no projection and no dropout in
-        force, hx checked: (out (B, H), h_n, c_n) from one native call where the subclass has one that applies
+        """One frame x (B, input_size) through a unidirectional stack with no dropout in force, hx checked:
+        (out (B, proj_size or H), h_n, c_n) from one native call where the subclass has one that applies
         (the cpu face, plain eager inference, weights its kernel takes), else None: the layers run one by one.
         A subclass's native call refusing its arguments (ValueError, TypeError) returns None too, so that the
         error comes from the layer-by-layer path, in the words a sequence gets."""

@@ -1163,7 +1163,7 @@ std::tuple<Tensor, Tensor, Tensor> bsr_lstm_stack_step(const Tensor& x, const c1
                                                        const c10::List<c10::optional<Tensor>>& biases, int64_t hidden) {
   return lstm_stack_step("bsr_lstm_stack_step", x, h0, c0, blocks, 3,
                          "blocks must hold (values, crow_indices, col_indices)", biases,
-                         hidden, [](const Tensor& in, const Tensor& h, const Tensor& c, const Tensor* b,
+                         hidden, hidden, [](const Tensor& in, const Tensor& h, const Tensor& c, const Tensor* b,
                                     const c10::optional<Tensor>& bias) {
                            return bsr_lstm_cell_forward(in, h, c, b[0], b[1], b[2], bias);
                          });

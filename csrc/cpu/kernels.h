@@ -83,15 +83,20 @@ void expand(PairPanels u, int64_t R, int64_t G, const float* s, int64_t lds, int
 // The low-rank LSTM's lean inference step (csrc/cpu/lowrank_lstm.cpp; also run per layer by the prepared stack
 // call, csrc/cpu/lstm_stack.cpp): one step of B <= kMaxDotBatch rows whose factors are contiguous, all fp32, or
 // all bf16 on a CPU with AVX512-BF16 (simd::has_dpbf16()), checked by the caller. Rows in the factors' dtype.
+// With a projection (nn.LSTM's proj_size P, w_hr (P, H)) the state h is the projected one: w_hh_v reads R = P
+// columns and the step's h1 is sigmoid(o) tanh(c1) W_hr^T; without, R = H and w_hr is null.
 struct LowrankStep {
-  const void *w_ih_u, *w_ih_v, *w_hh_u, *w_hh_v, *bias;  // (4H, r_ih), (r_ih, D), (4H, r_hh), (r_hh, H), (4H,) or null
+  const void *w_ih_u, *w_ih_v, *w_hh_u, *w_hh_v, *bias;  // (4H, r_ih), (r_ih, D), (4H, r_hh), (r_hh, R), (4H,) or null
   int64_t d, hidden, r_ih, r_hh;
   bool bf16;
+  const void* w_hr = nullptr;  // (P, H) or null
+  int64_t rec = 0;             // R: the width of h and h1 (P with a projection, else H)
 };
 LowrankStep lowrank_step_of(const at::Tensor& w_ih_u, const at::Tensor& w_ih_v, const at::Tensor& w_hh_u,
-                            const at::Tensor& w_hh_v, const std::optional<at::Tensor>& bias);
+                            const at::Tensor& w_hh_v, const std::optional<at::Tensor>& bias,
+                            const at::Tensor* w_hr = nullptr);
 int64_t lean_work_floats(const LowrankStep& step, int64_t batch);  // floats of `work` lean_step_into needs
-// x (B, D), h and c (B, H) (null: zeros) -> h1, c1 (B, H), which alias none of them.
+// x (B, D), h (B, R) and c (B, H) (null: zeros) -> h1 (B, R), c1 (B, H), which alias none of them.
 void lean_step_into(const LowrankStep& step, int64_t batch, const void* x, const void* h, const void* c, void* h1,
                     void* c1, float* work);
 

@@ -394,27 +394,35 @@ std::tuple<Tensor, Tensor, Tensor> cell_forward(const Tensor& x, const Tensor& h
 // update; bf16 rows are widened into `work` and the factors read as they are (vdpbf16ps; s rounded to bf16 as
 // in the sequence's bf16 forward), h1 and c1 narrowed at the end.
 LowrankStep lowrank_step_of(const Tensor& w_ih_u, const Tensor& w_ih_v, const Tensor& w_hh_u, const Tensor& w_hh_v,
-                            const c10::optional<Tensor>& bias) {
-  return {w_ih_u.data_ptr(), w_ih_v.data_ptr(), w_hh_u.data_ptr(), w_hh_v.data_ptr(),
-          bias.has_value() ? bias->data_ptr() : nullptr, w_ih_v.size(1), w_hh_v.size(1), w_ih_v.size(0),
-          w_hh_v.size(0), w_ih_u.scalar_type() == at::kBFloat16};
+                            const c10::optional<Tensor>& bias, const Tensor* w_hr) {
+  LowrankStep step{w_ih_u.data_ptr(), w_ih_v.data_ptr(), w_hh_u.data_ptr(), w_hh_v.data_ptr(),
+                   bias.has_value() ? bias->data_ptr() : nullptr, w_ih_v.size(1), w_hh_u.size(0) / 4, w_ih_v.size(0),
+                   w_hh_v.size(0), w_ih_u.scalar_type() == at::kBFloat16};
+  step.w_hr = w_hr != nullptr ? w_hr->data_ptr() : nullptr;
+  step.rec = w_hh_v.size(1);
+  return step;
 }
 
 int64_t lean_work_floats(const LowrankStep& step, int64_t batch) {
-  const int64_t hidden = step.hidden;  // s_ih, s_hh, gates, zeros for an absent h; bf16 also x, h, c, h1 and bias
-  return batch * (step.r_ih + step.r_hh + 5 * hidden) + (step.bf16 ? batch * (step.d + 3 * hidden) + 4 * hidden : 0);
+  // s_ih, s_hh, gates, zeros for an absent h or c; bf16 also x, h, c, the update's h and the bias; a projection
+  // also its input h (fp32) and its result (bf16)
+  const int64_t hidden = step.hidden, rec = step.rec;
+  return batch * (step.r_ih + step.r_hh + 4 * hidden + std::max(hidden, rec)) +
+         (step.bf16 ? batch * (step.d + rec + 2 * hidden) + 4 * hidden : 0) +
+         (step.w_hr != nullptr ? batch * (hidden + rec) : 0);
 }
 
 void lean_step_into(const LowrankStep& step, int64_t batch, const void* x, const void* h, const void* c, void* h1,
                     void* c1, float* work) {
-  const int64_t d = step.d, hidden = step.hidden, rows = batch * hidden;
+  const int64_t d = step.d, hidden = step.hidden, rec = step.rec, rows = batch * hidden, h_rows = batch * rec;
+  const bool projected = step.w_hr != nullptr;
   float *s_ih = work, *s_hh = s_ih + batch * step.r_ih, *gates = s_hh + batch * step.r_hh, *at = gates + 4 * rows;
   const auto take = [&](int64_t n) {
     float* p = at;
     at += n;
     return p;
   };
-  float* zeros = take(rows);
+  float* zeros = take(std::max(rows, h_rows));
   const float *xf, *hf = zeros, *bf = nullptr;
   float *cf, *hout;
   if (step.bf16) {
@@ -424,17 +432,18 @@ void lean_step_into(const LowrankStep& step, int64_t batch, const void* x, const
       return dst;
     };
     xf = widen(x, batch * d);
-    if (h != nullptr) hf = widen(h, rows);
+    if (h != nullptr) hf = widen(h, h_rows);
     cf = c != nullptr ? widen(c, rows) : take(rows);
     hout = take(rows);
     if (step.bias != nullptr) bf = widen(step.bias, 4 * hidden);
   } else {
-    xf = static_cast<const float*>(x), cf = static_cast<float*>(c1), hout = static_cast<float*>(h1);
+    xf = static_cast<const float*>(x), cf = static_cast<float*>(c1);
+    hout = projected ? take(rows) : static_cast<float*>(h1);  // (projected: h1 is the projection's result)
     if (h != nullptr) hf = static_cast<const float*>(h);
     if (c != nullptr) std::memcpy(cf, c, rows * sizeof(float));
     bf = static_cast<const float*>(step.bias);
   }
-  if (h == nullptr || c == nullptr) std::fill(zeros, zeros + rows, 0.0f);
+  if (h == nullptr || c == nullptr) std::fill(zeros, zeros + std::max(rows, h_rows), 0.0f);
   if (c == nullptr) std::fill(cf, cf + rows, 0.0f);
   const auto product = [&](const float* in, const void* w, int64_t out_rows, int64_t cols, float* y, bool acc) {
     if (step.bf16) {
@@ -444,25 +453,87 @@ void lean_step_into(const LowrankStep& step, int64_t batch, const void* x, const
     }
   };
   product(xf, step.w_ih_v, step.r_ih, d, s_ih, false);
-  product(hf, step.w_hh_v, step.r_hh, hidden, s_hh, false);
+  product(hf, step.w_hh_v, step.r_hh, rec, s_hh, false);
   product(s_ih, step.w_ih_u, 4 * hidden, step.r_ih, gates, false);
   product(s_hh, step.w_hh_u, 4 * hidden, step.r_hh, gates, true);
   finish_step(gates, bf, cf, hout, batch, hidden);
-  if (step.bf16) {
+  if (projected) {  // h1 = h W_hr^T; bf16: h rounded to bf16 on the way in (small_batch_mm), as nn.LSTM's bf16 h is
+    float* projection = step.bf16 ? take(h_rows) : static_cast<float*>(h1);
+    product(hout, step.w_hr, rec, hidden, projection, false);
+    if (step.bf16) narrow_bf16(projection, static_cast<c10::BFloat16*>(h1), h_rows);
+  } else if (step.bf16) {
     narrow_bf16(hout, static_cast<c10::BFloat16*>(h1), rows);
-    narrow_bf16(cf, static_cast<c10::BFloat16*>(c1), rows);
   }
+  if (step.bf16) narrow_bf16(cf, static_cast<c10::BFloat16*>(c1), rows);
 }
 
+namespace {
+
+// One layer of a projected stack (nn.LSTM's proj_size P): in (B, D), h (B, P), c (B, H), w = (w_ih_u (4H, r_ih),
+// w_ih_v (r_ih, D), w_hh_u (4H, r_hh), w_hh_v (r_hh, P), w_hr (P, H)) -> (h1 (B, P), c1 (B, H)). The lean step
+// where it applies; else the products in ATen and the update in fp32 (fp64 for fp64), as LowRankLSTM's
+// projected layers compute a step (amnets_kernels/nn/lowrank_lstm.py).
+std::pair<Tensor, Tensor> projected_layer(const char* op, const Tensor& in, const Tensor& h, const Tensor& c,
+                                          const Tensor* w, const c10::optional<Tensor>& bias, int64_t hidden) {
+  const char* names[] = {"w_ih_u", "w_ih_v", "w_hh_u", "w_hh_v", "w_hr"};
+  for (int j = 0; j < 5; ++j) checks::dims(op, names[j], w[j], 2);
+  const int64_t d = in.size(1), rec = h.size(1), r_ih = w[1].size(0), r_hh = w[3].size(0);
+  TORCH_CHECK_VALUE(r_ih >= 1 && r_hh >= 1, op, ": ranks must be >= 1; got w_ih_v ", checks::py_shape(w[1].sizes()),
+                    ", w_hh_v ", checks::py_shape(w[3].sizes()));
+  checks::shape(op, "w_ih_u", w[0], {4 * hidden, r_ih}, "(4*H, rank) = ");
+  checks::shape(op, "w_ih_v", w[1], {r_ih, d}, "(rank, D) = ");
+  checks::shape(op, "w_hh_u", w[2], {4 * hidden, r_hh}, "(4*H, rank_hh) = ");
+  checks::shape(op, "w_hh_v", w[3], {r_hh, rec}, "(rank_hh, proj_size) = ");
+  checks::shape(op, "w_hr", w[4], {rec, hidden}, "(proj_size, H) = ");
+  if (bias.has_value()) checks::shape(op, "bias", *bias, {4 * hidden}, "(4*H,) = ");
+  for (int j = 0; j < 5; ++j) checks::like(op, "x", in, names[j], w[j], true);
+  if (bias.has_value()) checks::like(op, "x", in, "bias", *bias, true);
+  const int64_t batch = in.size(0);
+  const Tensor* plain[] = {&in, &h, &c, w, w + 1, w + 2, w + 3, w + 4};
+  bool lean = batch <= kMaxDotBatch &&
+              (in.scalar_type() == at::kFloat || (in.scalar_type() == at::kBFloat16 && simd::has_dpbf16()));
+  for (const Tensor* t : plain) lean = lean && t->is_contiguous();
+  if (bias.has_value()) lean = lean && bias->is_contiguous();
+  if (lean) {
+    const LowrankStep step = lowrank_step_of(w[0], w[1], w[2], w[3], bias, w + 4);
+    Tensor work = at::empty({lean_work_floats(step, batch)}, in.options().dtype(at::kFloat));
+    Tensor h1 = at::empty({batch, rec}, in.options()), c1 = at::empty({batch, hidden}, in.options());
+    lean_step_into(step, batch, in.data_ptr(), h.data_ptr(), c.data_ptr(), h1.data_ptr(), c1.data_ptr(),
+                   work.data_ptr<float>());
+    return {h1, c1};
+  }
+  const auto acc = in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const Tensor gates = (at::linear(at::linear(in, w[1]), w[0], bias) + at::linear(at::linear(h, w[3]), w[2])).to(acc);
+  const auto g = gates.chunk(4, 1);  // i, f, g, o
+  const Tensor c1 = at::sigmoid(g[1]) * c.to(acc) + at::sigmoid(g[0]) * at::tanh(g[2]);
+  const Tensor h_full = (at::sigmoid(g[3]) * at::tanh(c1)).to(in.scalar_type());
+  return {at::linear(h_full, w[4]), c1.to(in.scalar_type())};
+}
+
+}  // namespace
+
 // A frame through a stack of low-rank layers (lstm_stack.h), each the cell's forward: the lean step where it applies.
+// Five tensors a layer instead of four: nn.LSTM's projection w_hr (P, H) is the fifth, and h0, h_n and out are
+// (.., P) (projected_layer).
 std::tuple<Tensor, Tensor, Tensor> lowrank_lstm_stack_step(const Tensor& x, const c10::optional<Tensor>& h0,
                                                            const c10::optional<Tensor>& c0, at::TensorList weights,
                                                            const c10::List<c10::optional<Tensor>>& biases,
                                                            int64_t hidden) {
-  return lstm_stack_step("lowrank_lstm_stack_step", x, h0, c0, weights, 4,
-                         "weights must hold 4 factors (w_ih_u, w_ih_v, w_hh_u, w_hh_v)",
-                         biases, hidden, [](const Tensor& in, const Tensor& h, const Tensor& c, const Tensor* w,
-                                            const c10::optional<Tensor>& bias) {
+  const char* op = "lowrank_lstm_stack_step";
+  const auto layers = static_cast<int64_t>(biases.size());
+  const bool projected = layers >= 1 && static_cast<int64_t>(weights.size()) == 5 * layers;
+  int64_t rec = hidden;
+  if (projected) {
+    checks::dims(op, "w_hr", weights[4], 2);
+    rec = weights[4].size(0);
+    TORCH_CHECK_VALUE(rec >= 1, op, ": w_hr must have shape (proj_size, H) with proj_size >= 1; got ",
+                      checks::py_shape(weights[4].sizes()));
+  }
+  const char* what = "weights must hold 4 factors (w_ih_u, w_ih_v, w_hh_u, w_hh_v), or 5 with a projection w_hr,";
+  return lstm_stack_step(op, x, h0, c0, weights, projected ? 5 : 4, what, biases, hidden, rec,
+                         [&](const Tensor& in, const Tensor& h, const Tensor& c, const Tensor* w,
+                             const c10::optional<Tensor>& bias) {
+                           if (projected) return projected_layer(op, in, h, c, w, bias, hidden);
                            auto [h1, c1, gates] = cell_forward(in, h, c, w[0], w[1], w[2], w[3], bias, false);
                            return std::pair{std::move(h1), std::move(c1)};
                          });

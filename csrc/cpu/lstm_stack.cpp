@@ -99,12 +99,13 @@ class StackCall {
       Tensor out, h_n, c_n;
       if (lean_ && lean_frame(x, h0, c0)) {  // the shapes forward returns, written in place
         const int64_t batch = x.size(0), layers = static_cast<int64_t>(bias_list_.size());
-        out = at::empty(unbatched ? at::IntArrayRef{1, hidden_}
-                        : time == 0 ? at::IntArrayRef{1, batch, hidden_} : at::IntArrayRef{batch, 1, hidden_},
+        out = at::empty(unbatched ? at::IntArrayRef{1, rec_}
+                        : time == 0 ? at::IntArrayRef{1, batch, rec_} : at::IntArrayRef{batch, 1, rec_},
                         x.options());
-        h_n = at::empty(unbatched ? at::IntArrayRef{layers, hidden_} : at::IntArrayRef{layers, batch, hidden_},
+        h_n = at::empty(unbatched ? at::IntArrayRef{layers, rec_} : at::IntArrayRef{layers, batch, rec_},
                         x.options());
-        c_n = at::empty(h_n.sizes(), x.options());
+        c_n = at::empty(unbatched ? at::IntArrayRef{layers, hidden_} : at::IntArrayRef{layers, batch, hidden_},
+                        x.options());
         WithoutGil()([&] { lean_step(x, h0, c0, out, h_n, c_n); });
         return pybind11::make_tuple(out, pybind11::make_tuple(h_n, c_n));
       }
@@ -130,21 +131,25 @@ class StackCall {
 
   // Whether every layer takes the lean step as it is, decided once: the snapshot keeps the tensors so. (They have
   // passed the op's checks already: the call is made after a stack step ran on them.)
-  // Low-rank: contiguous factors of one dtype the lean step runs, shapes that chain.
+  // Low-rank: contiguous factors of one dtype the lean step runs, shapes that chain; five tensors a layer with
+  // nn.LSTM's projection (w_hr (P, H) last: h is P wide).
   bool lean_lowrank() {
     const auto layers = static_cast<int64_t>(bias_list_.size());
-    if (layers < 1 || static_cast<int64_t>(weights_.size()) != 4 * layers) return false;
+    if (layers < 1 || weights_.size() % layers != 0) return false;
+    count_ = static_cast<int64_t>(weights_.size()) / layers;
+    if (count_ != 4 && (count_ != 5 || weights_[4].dim() != 2)) return false;
+    rec_ = count_ == 5 ? weights_[4].size(0) : hidden_;
     dtype_ = weights_[0].scalar_type();
     if (!(dtype_ == at::kFloat || (dtype_ == at::kBFloat16 && simd::has_dpbf16()))) return false;
     const auto fits = [&](const Tensor& t, std::initializer_list<int64_t> sizes) {
       return t.scalar_type() == dtype_ && t.is_contiguous() && t.sizes().equals(sizes);
     };
     for (int64_t k = 0; k < layers; ++k) {
-      const Tensor* w = weights_.data() + 4 * k;
+      const Tensor* w = weights_.data() + count_ * k;
       const int64_t r_ih = w[1].dim() == 2 ? w[1].size(0) : -1, r_hh = w[3].dim() == 2 ? w[3].size(0) : -1;
-      const int64_t d = k == 0 ? input_size_ : hidden_, gates = 4 * hidden_;
+      const int64_t d = k == 0 ? input_size_ : rec_, gates = 4 * hidden_;
       if (!(fits(w[0], {gates, r_ih}) && fits(w[1], {r_ih, d}) && fits(w[2], {gates, r_hh}) &&
-            fits(w[3], {r_hh, hidden_})))
+            fits(w[3], {r_hh, rec_}) && (count_ == 4 || fits(w[4], {rec_, hidden_}))))
         return false;
       if (bias_list_[k].has_value() && !fits(*bias_list_[k], {gates})) return false;
     }
@@ -169,14 +174,14 @@ class StackCall {
   }
 
   // Whether this frame takes the lean step: x (B, input_size) in the factors' dtype, 1 <= B <= kMaxDotBatch,
-  // h0 and c0 (where given) contiguous (L, B, H) of that dtype.
+  // h0 (L, B, R) and c0 (L, B, H) (where given) contiguous, of that dtype.
   bool lean_frame(const Tensor& x, const std::optional<Tensor>& h0, const std::optional<Tensor>& c0) const {
-    const int64_t batch = x.size(0);
+    const int64_t batch = x.size(0), layers = static_cast<int64_t>(bias_list_.size());
     bool lean = x.scalar_type() == dtype_ && x.size(1) == input_size_ && batch >= 1 && batch <= kMaxDotBatch &&
                 x.is_contiguous();
-    for (const std::optional<Tensor>* t : {&h0, &c0}) {
+    for (const auto& [t, width] : {std::pair{&h0, rec_}, std::pair{&c0, hidden_}}) {
       lean = lean && (!t->has_value() || ((*t)->scalar_type() == dtype_ && (*t)->is_contiguous() &&
-                                          (*t)->sizes().equals({static_cast<int64_t>(bias_list_.size()), batch, hidden_})));
+                                          (*t)->sizes().equals({layers, batch, width})));
     }
     return lean;
   }
@@ -185,27 +190,28 @@ class StackCall {
   // into h_n and c_n; out is the last layer's h.
   void lean_step(const Tensor& x, const std::optional<Tensor>& h0, const std::optional<Tensor>& c0, Tensor& out,
                  Tensor& h_n, Tensor& c_n) const {
-    const int64_t batch = x.size(0), bytes = batch * hidden_ * static_cast<int64_t>(x.element_size());
+    const int64_t batch = x.size(0), element = static_cast<int64_t>(x.element_size());
+    const int64_t h_bytes = batch * rec_ * element, c_bytes = batch * hidden_ * element;
     char *hn = static_cast<char*>(h_n.data_ptr()), *cn = static_cast<char*>(c_n.data_ptr());
     const char* h = h0.has_value() ? static_cast<const char*>(h0->data_ptr()) : nullptr;
     const char* c = c0.has_value() ? static_cast<const char*>(c0->data_ptr()) : nullptr;
     thread_local std::vector<float> work;
     const void* in = x.data_ptr();
     for (size_t k = 0; k < bias_list_.size(); ++k) {
-      const int64_t at = static_cast<int64_t>(k) * bytes;
-      const char *hk = h != nullptr ? h + at : nullptr, *ck = c != nullptr ? c + at : nullptr;
+      const int64_t at_h = static_cast<int64_t>(k) * h_bytes, at_c = static_cast<int64_t>(k) * c_bytes;
+      const char *hk = h != nullptr ? h + at_h : nullptr, *ck = c != nullptr ? c + at_c : nullptr;
       if (sparse_.empty()) {
-        const Tensor* w = weights_.data() + 4 * k;
-        const LowrankStep step = lowrank_step_of(w[0], w[1], w[2], w[3], bias_list_[k]);
+        const Tensor* w = weights_.data() + count_ * k;
+        const LowrankStep step = lowrank_step_of(w[0], w[1], w[2], w[3], bias_list_[k], count_ == 5 ? w + 4 : nullptr);
         work.resize(std::max<size_t>(work.size(), lean_work_floats(step, batch)));
-        lean_step_into(step, batch, in, hk, ck, hn + at, cn + at, work.data());
+        lean_step_into(step, batch, in, hk, ck, hn + at_h, cn + at_c, work.data());
       } else {
         work.resize(std::max<size_t>(work.size(), bsr_step_work_floats(sparse_[k], batch)));
-        bsr_step_into(sparse_[k], batch, in, hk, ck, hn + at, cn + at, work.data());
+        bsr_step_into(sparse_[k], batch, in, hk, ck, hn + at_h, cn + at_c, work.data());
       }
-      in = hn + at;
+      in = hn + at_h;
     }
-    std::memcpy(out.data_ptr(), in, bytes);
+    std::memcpy(out.data_ptr(), in, h_bytes);
   }
 
   StackStep* step_;
@@ -214,6 +220,8 @@ class StackCall {
   std::vector<std::optional<Tensor>> bias_list_;  // (read without c10::List's per-element copies)
   c10::List<std::optional<Tensor>> biases_;
   int64_t hidden_, input_size_;
+  int64_t rec_ = hidden_;  // the width of h: nn.LSTM's proj_size with a projection (count_ 5), else hidden_
+  int64_t count_ = 4;      // low-rank tensors a layer
   const SourcesSnapshot* sources_;  // owned by the Python object the function holds (fast_call.h)
   std::vector<BsrLstmLayer> sparse_;  // a block-sparse stack taking the lean step: each layer, checked
   bool lean_ = false;
@@ -223,9 +231,9 @@ class StackCall {
 }  // namespace
 
 // _C.StackCall(kind, weights, biases, hidden_size, input_size, snapshot): the function for forward, kind
-// "lowrank" (weights: four factors a layer, the op lowrank_lstm_sequence's face) or "sparse" (values, crow_indices,
-// col_indices a layer; bsr_linear's face); biases one a layer (None: none). The snapshot covers every tensor the
-// weights come from (amnets_kernels/nn/stacked_lstm.py).
+// "lowrank" (weights: four factors a layer, five with nn.LSTM's projection w_hr; the op lowrank_lstm_sequence's
+// face) or "sparse" (values, crow_indices, col_indices a layer; bsr_linear's face); biases one a layer (None: none).
+// The snapshot covers every tensor the weights come from (amnets_kernels/nn/stacked_lstm.py).
 void bind_lstm_stack(pybind11::module_& m) {
   m.def("StackCall", [](const std::string& kind, std::vector<Tensor> weights, std::vector<std::optional<Tensor>> biases,
                         int64_t hidden, int64_t input_size, const pybind11::object& snapshot) {
