@@ -283,10 +283,12 @@ void dispatch_acc(at::ScalarType acc, const F& f) {
 // The ops
 
 bool lean_step_applies(const Tensor& x, const Tensor& h, const Tensor& c, const Tensor& w_ih_u, const Tensor& w_ih_v,
-                       const Tensor& w_hh_u, const Tensor& w_hh_v, const c10::optional<Tensor>& bias, bool save);
+                       const Tensor& w_hh_u, const Tensor& w_hh_v, const c10::optional<Tensor>& bias, bool save,
+                       const Tensor* w_hr = nullptr);
 std::tuple<Tensor, Tensor> lean_step(const Tensor& x, const Tensor& h, const Tensor& c, const Tensor& w_ih_u,
                                      const Tensor& w_ih_v, const Tensor& w_hh_u, const Tensor& w_hh_v,
-                                     const c10::optional<Tensor>& bias);  // (below, with the cell)
+                                     const c10::optional<Tensor>& bias,
+                                     const Tensor* w_hr = nullptr);  // (below, with the cell)
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lowrank_lstm_sequence_forward(
     const Tensor& x, const Tensor& h0, const Tensor& c0, const Tensor& w_ih_u, const Tensor& w_ih_v,
@@ -352,25 +354,27 @@ Grads lowrank_lstm_sequence_backward(const Tensor& grad_out, const Tensor& grad_
 // ATen GEMMs and conversions; one AMD EPYC core, the public op). The cell runs it where it applies, and so does
 // a sequence of one step (a swapped LowRankLSTM streaming a frame a call: the public op 41 -> 24 us at H=192
 // r=48, one AMD EPYC core, alternating processes; its input GEMMs and clones were most of it).
+// With nn.LSTM's projection w_hr (P, H) (a projected stack's layer), h is (B, P) and so is h1.
 bool lean_step_applies(const Tensor& x, const Tensor& h, const Tensor& c, const Tensor& w_ih_u, const Tensor& w_ih_v,
-                       const Tensor& w_hh_u, const Tensor& w_hh_v, const c10::optional<Tensor>& bias, bool save) {
+                       const Tensor& w_hh_u, const Tensor& w_hh_v, const c10::optional<Tensor>& bias, bool save,
+                       const Tensor* w_hr) {
   const auto dtype = x.scalar_type();
   bool lean = !save && x.size(-2) <= kMaxDotBatch &&  // x (B, D), or one step (1, B, D)
               (dtype == at::kFloat || (dtype == at::kBFloat16 && simd::has_dpbf16()));
-  for (const Tensor* t : {&x, &h, &c, &w_ih_u, &w_ih_v, &w_hh_u, &w_hh_v})
-    lean = lean && t->scalar_type() == dtype && t->is_contiguous();
+  for (const Tensor* t : {&x, &h, &c, &w_ih_u, &w_ih_v, &w_hh_u, &w_hh_v, w_hr})
+    lean = lean && (t == nullptr || (t->scalar_type() == dtype && t->is_contiguous()));
   if (bias.has_value()) lean = lean && bias->scalar_type() == dtype && bias->is_contiguous();
   return lean;
 }
 
-// x (B, D), h and c (B, H), checked and lean_step_applies -> (h1, c1).
+// x (B, D), h (B, R) and c (B, H), checked and lean_step_applies -> (h1 (B, R), c1 (B, H)); R is H, or P with w_hr.
 std::tuple<Tensor, Tensor> lean_step(const Tensor& x, const Tensor& h, const Tensor& c, const Tensor& w_ih_u,
                                      const Tensor& w_ih_v, const Tensor& w_hh_u, const Tensor& w_hh_v,
-                                     const c10::optional<Tensor>& bias) {
-  const LowrankStep step = lowrank_step_of(w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias);
+                                     const c10::optional<Tensor>& bias, const Tensor* w_hr) {
+  const LowrankStep step = lowrank_step_of(w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, w_hr);
   const int64_t batch = x.size(0);
   Tensor work = at::empty({lean_work_floats(step, batch)}, x.options().dtype(at::kFloat));
-  Tensor h1 = at::empty({batch, step.hidden}, x.options()), c1 = at::empty({batch, step.hidden}, x.options());
+  Tensor h1 = at::empty({batch, step.rec}, x.options()), c1 = at::empty({batch, step.hidden}, x.options());
   lean_step_into(step, batch, x.data_ptr(), h.data_ptr(), c.data_ptr(), h1.data_ptr(), c1.data_ptr(),
                  work.data_ptr<float>());
   return {h1, c1};
@@ -488,19 +492,9 @@ std::pair<Tensor, Tensor> projected_layer(const char* op, const Tensor& in, cons
   if (bias.has_value()) checks::shape(op, "bias", *bias, {4 * hidden}, "(4*H,) = ");
   for (int j = 0; j < 5; ++j) checks::like(op, "x", in, names[j], w[j], true);
   if (bias.has_value()) checks::like(op, "x", in, "bias", *bias, true);
-  const int64_t batch = in.size(0);
-  const Tensor* plain[] = {&in, &h, &c, w, w + 1, w + 2, w + 3, w + 4};
-  bool lean = batch <= kMaxDotBatch &&
-              (in.scalar_type() == at::kFloat || (in.scalar_type() == at::kBFloat16 && simd::has_dpbf16()));
-  for (const Tensor* t : plain) lean = lean && t->is_contiguous();
-  if (bias.has_value()) lean = lean && bias->is_contiguous();
-  if (lean) {
-    const LowrankStep step = lowrank_step_of(w[0], w[1], w[2], w[3], bias, w + 4);
-    Tensor work = at::empty({lean_work_floats(step, batch)}, in.options().dtype(at::kFloat));
-    Tensor h1 = at::empty({batch, rec}, in.options()), c1 = at::empty({batch, hidden}, in.options());
-    lean_step_into(step, batch, in.data_ptr(), h.data_ptr(), c.data_ptr(), h1.data_ptr(), c1.data_ptr(),
-                   work.data_ptr<float>());
-    return {h1, c1};
+  if (lean_step_applies(in, h, c, w[0], w[1], w[2], w[3], bias, false, w + 4)) {
+    auto [h1, c1] = lean_step(in, h, c, w[0], w[1], w[2], w[3], bias, w + 4);
+    return {std::move(h1), std::move(c1)};
   }
   const auto acc = in.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const Tensor gates = (at::linear(at::linear(in, w[1]), w[0], bias) + at::linear(at::linear(h, w[3]), w[2])).to(acc);
