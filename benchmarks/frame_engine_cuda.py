@@ -21,7 +21,7 @@ import traceback
 
 import torch
 
-from .frame_engine import encoder, frame, interleaved, lstm_stepper, ratio
+from .frame_engine import encoder, frame, interleaved, lstm_stepper, ratio, target_row
 from .harness import command_line
 
 DEVICE = "cuda"
@@ -73,9 +73,6 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# frame engine on {torch.cuda.get_device_name()}: torch {torch.__version__}, {rounds} rounds\n")
     print("| row | measured | goal | met |\n|---|---|---|---|")
 
-    def report(label, value, goal, fmt="{:.3f}"):
-        print(f"| {label} | {fmt.format(value)} | <= {fmt.format(goal)} | {'yes' if value <= goal else 'no'} |")
-
     def row(name, fn):
         try:
             fn()
@@ -98,10 +95,10 @@ def main(argv: list[str] | None = None) -> None:
                              "full chunk": frame(enc.streamer(force="full"), chunk)}, rounds, seconds, sync)
         read_us = dense_bytes(enc) / (bandwidth.get("gbs") or hbm_read_gbs()) / 1e3
         med = {k: statistics.median(v) for k, v in times.items()}
-        report(f"H=1024 x3 {cheap} B=1: all-full frame / dense weights read once ({med['full']:.1f} / {read_us:.1f} us;"
+        target_row(f"H=1024 x3 {cheap} B=1: all-full frame / dense weights read once ({med['full']:.1f} / {read_us:.1f} us;"
                f" {CHUNK}-frame chunks {med['full chunk'] / CHUNK:.1f} us a frame; arbitrated {med['arbitrated']:.1f} us)",
                statistics.median(t / read_us for t in times["full"]), 2.0)
-        report(f"H=1024 x3 {cheap} B=1: all-cheap / all-full frame ({med['cheap']:.1f} / {med['full']:.1f} us)",
+        target_row(f"H=1024 x3 {cheap} B=1: all-cheap / all-full frame ({med['cheap']:.1f} / {med['full']:.1f} us)",
                ratio(times, "cheap", lambda i: times["full"][i]), 0.3)
         print(f"| H=1024 x3 {cheap} B=1: host syncs in 10 arbitrated streamed frames | "
               f"{no_host_sync(enc.streamer(), x)} | none | |")
@@ -114,9 +111,9 @@ def main(argv: list[str] | None = None) -> None:
                              "dense": frame(enc.streamer(force="full"), x), "nn.LSTM": lstm_stepper(enc, x)},
                             rounds, seconds, sync)
         med = {k: statistics.median(v) for k, v in times.items()}
-        report(f"H=192 x2 {cheap} B=1: arbitrated all-cheap / dense frame ({med['cheap']:.1f} / {med['dense']:.1f} us;"
+        target_row(f"H=192 x2 {cheap} B=1: arbitrated all-cheap / dense frame ({med['cheap']:.1f} / {med['dense']:.1f} us;"
                f" MAC ratio {macs:.2f})", ratio(times, "cheap", lambda i: times["dense"][i]), 1 - 0.9 * (1 - macs))
-        report(f"H=192 x2 {cheap} B=1: dense frame / cuDNN nn.LSTM stepped per frame ({med['dense']:.1f} / "
+        target_row(f"H=192 x2 {cheap} B=1: dense frame / cuDNN nn.LSTM stepped per frame ({med['dense']:.1f} / "
                f"{med['nn.LSTM']:.1f} us)", ratio(times, "dense", lambda i: times["nn.LSTM"][i]), 0.5)
 
     def mixed(cheap):
@@ -128,7 +125,7 @@ def main(argv: list[str] | None = None) -> None:
                       for f in (0.0, 0.25, 0.5, 0.75, 1.0)}
         times = interleaved(candidates, rounds, seconds, sync)
         for f in (0.25, 0.5, 0.75):
-            report(f"H=1024 x3 {cheap} B={batch}, f={f}: t(f) / interpolation ({statistics.median(times[f]) / chunk:.1f}"
+            target_row(f"H=1024 x3 {cheap} B={batch}, f={f}: t(f) / interpolation ({statistics.median(times[f]) / chunk:.1f}"
                    f" us a frame; all-cheap {statistics.median(times[0.0]) / chunk:.1f}, all-full "
                    f"{statistics.median(times[1.0]) / chunk:.1f})",
                    ratio(times, f, lambda i: f * times[1.0][i] + (1 - f) * times[0.0][i]), 1.2)
