@@ -261,7 +261,7 @@ def swap_in(model: nn.Module, lstm_rank: int | float | None = None, linear_spars
     """Replace layers of `model` in place by the amnets modules, where that pays:
 
     - nn.LSTM -> LowRankLSTM.from_lstm (lstm_rank: an int rank, or a float in (0, 1] = fraction of spectral
-      energy kept) or BlockSparseLSTM.from_lstm (lstm_sparsity, blocks of block_size; no proj_size);
+      energy kept) or BlockSparseLSTM.from_lstm (lstm_sparsity, blocks of block_size; a projection kept dense);
       nn.LSTMCell -> LowRankLSTMCell (lstm_rank); bidirectional, proj_size and dropout carry over;
     - nn.Linear -> BlockSparseLinear.from_dense (linear_sparsity; a Linear pruned with
       torch.nn.utils.prune keeps its own mask);
@@ -272,8 +272,7 @@ def swap_in(model: nn.Module, lstm_rank: int | float | None = None, linear_spars
     or when its block size or weight dtype has no fast bsr_linear kernel on the face that would run it
     (only_if_cheaper=False replaces those anyway, with a NotCheaperWarning for the costlier ones); when a
     block is larger than the whole layer, or the layer is empty; when the dense layer has fewer than
-    min_macs multiply-adds; when it has no counterpart here (nn.GRU / nn.RNN, a projected LSTM for
-    lstm_sparsity; exact classes only: not a subclass of nn.Linear / nn.LSTM / nn.LSTMCell, nor an
+    min_macs multiply-adds; when it has no counterpart here (nn.GRU / nn.RNN; exact classes only: not a subclass of nn.Linear / nn.LSTM / nn.LSTMCell, nor an
     uninitialized nn.LazyLinear); when its parent reads its dense weight itself (nn.TransformerEncoderLayer's
     linear1 / linear2, nn.MultiheadAttention's out_proj); or when replacing it would drop something
     silently: a parametrization, hooks (but torch.nn.utils.prune's), a weight tied to another module's.
@@ -352,9 +351,7 @@ def swap_in(model: nn.Module, lstm_rank: int | float | None = None, linear_spars
         if kind is nn.LSTM and lstms:
             if lstm_rank is not None:
                 return lambda: LowRankLSTM.from_lstm(module, lstm_rank)
-            if module.proj_size:
-                return "a projected LSTM (proj_size) has no block-sparse form here; lstm_rank supports it"
-            shape = (4 * module.hidden_size, module.input_size + module.hidden_size)
+            shape = (4 * module.hidden_size, module.input_size + (module.proj_size or module.hidden_size))
             return blocked(module.weight_ih_l0, shape, "[W_ih | W_hh]") or (
                 lambda: BlockSparseLSTM.from_lstm(module, lstm_sparsity, block_size))
         if kind is nn.LSTMCell and lstms:

@@ -5,7 +5,7 @@ warm-up). The 32x32 rows are host cost only (the kernel itself is ~1 us of the n
 rows time a whole training step of one bsr_linear at a real size, where per-call index preparation would
 show. The AmNets rows time one streamed frame of a small encoder (host cost and the frame's arithmetic), the
 LSTM module rows a swapped model's streaming step at that size (LowRankLSTM, BlockSparseLSTM, and nn.LSTM
-stepped the same way; LowRankLSTM and nn.LSTM also with proj_size) and the low-rank op alone; small Linears against BlockSparseLinear, and a training step
+stepped the same way; all three also with proj_size) and the low-rank op alone; small Linears against BlockSparseLinear, and a training step
 through a small swapped LSTM (the sizes where swap_in warns that fewer MACs need not be less time). Every row
 uses public entry points only (and the kernel op torch.ops.amnets_native.bsr_linear_forward), so
 `--against DIR` can run the same rows in an older checkout (benchmarks/ab.py): the before/after figures.
@@ -110,8 +110,13 @@ def measure() -> dict:
         # The same with a projection (nn.LSTM's proj_size: an LSTMP encoder, common on device).
         lstmp = torch.nn.LSTM(240, 192, 2, proj_size=64).eval()
         state_p = lstmp(frame)[1]
-        for name, module in (("LowRankLSTM 240->192 x2 proj 64 r=48", ak.nn.LowRankLSTM.from_lstm(lstmp, rank=48).eval()),
-                             ("nn.LSTM 240->192 x2 proj 64", lstmp)):
+        projected = [("LowRankLSTM 240->192 x2 proj 64 r=48", ak.nn.LowRankLSTM.from_lstm(lstmp, rank=48).eval())]
+        try:
+            projected.append(("BlockSparseLSTM 240->192 x2 proj 64 sparsity 0.8 b=32",
+                              ak.nn.BlockSparseLSTM.from_lstm(lstmp, sparsity=0.8, block_size=32).eval()))
+        except ValueError:  # a checkout from before BlockSparseLSTM took proj_size (A/B): the row is left out
+            pass
+        for name, module in (*projected, ("nn.LSTM 240->192 x2 proj 64", lstmp)):
             rows[f"{name}, T=1 B=1, with its state: the module"] = per_call_us(lambda: module(frame, state_p))
         swapped = ak.nn.LowRankLSTM.from_lstm(lstm, rank=48).eval()
         factors = swapped.layer_weights(0)

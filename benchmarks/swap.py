@@ -1,6 +1,7 @@
 """swap_in on an ordinary LSTM acoustic model: CPU inference of one utterance,
 dense (nn.LSTM + nn.Linear) against the same model after swap_in(lstm_rank=256, linear_sparsity=0.75);
-and a bidirectional 2-layer LSTM (what offline encoders use) against its LowRankLSTM / BlockSparseLSTM."""
+a bidirectional 2-layer LSTM (what offline encoders use) and a projected one (nn.LSTM's proj_size, an LSTMP
+encoder as on-device models use) against their LowRankLSTM / BlockSparseLSTM."""
 
 import copy
 
@@ -46,24 +47,46 @@ def cases(device: torch.device, quick: bool, wanted=everything):
     hidden, rank, block, frames = BIDIRECTIONAL[bool(quick)]
     if wanted(bidirectional_name(hidden, rank, block, frames)):
         yield bidirectional_case(device, quick)
+    hidden, proj, rank, block, frames = PROJECTED[bool(quick)]
+    if wanted(projected_name(hidden, proj, rank, block, frames)):
+        yield projected_case(device, quick)
 
 
 BIDIRECTIONAL = {False: (512, 128, 32, 100), True: (128, 32, 16, 20)}  # hidden, rank, block, frames (by --quick)
+PROJECTED = {False: (1024, 256, 128, 32, 100), True: (128, 32, 16, 16, 20)}  # hidden, proj, rank, block, frames
 
 
 def bidirectional_name(hidden, rank, block, frames) -> str:
     return f"bidirectional LSTM 2x{hidden}, T={frames} B=1; rank {rank} / sparsity 0.75 b={block}"
 
 
+def projected_name(hidden, proj, rank, block, frames) -> str:
+    return f"LSTMP 2x{hidden} proj {proj}, input 80, T={frames} B=1; rank {rank} / sparsity 0.75 b={block}"
+
+
 def bidirectional_case(device: torch.device, quick: bool) -> Case:
     hidden, rank, block, frames = BIDIRECTIONAL[bool(quick)]
     torch.manual_seed(0)
     lstm = nn.LSTM(hidden, hidden, num_layers=2, bidirectional=True).to(device).eval()
+    return _lstm_case(lstm, bidirectional_name(hidden, rank, block, frames), rank, block,
+                      torch.randn(frames, 1, hidden, device=device), dict(bidirectional=True))
+
+
+def projected_case(device: torch.device, quick: bool) -> Case:
+    hidden, proj, rank, block, frames = PROJECTED[bool(quick)]
+    torch.manual_seed(0)
+    lstm = nn.LSTM(80, hidden, num_layers=2, proj_size=proj).to(device).eval()
+    return _lstm_case(lstm, projected_name(hidden, proj, rank, block, frames), rank, block,
+                      torch.randn(frames, 1, 80, device=device), dict(proj_size=proj))
+
+
+def _lstm_case(lstm: nn.LSTM, name: str, rank: int, block: int, feats: torch.Tensor, params: dict) -> Case:
+    """nn.LSTM against its LowRankLSTM (rank) and BlockSparseLSTM (sparsity 0.75, block), inference on feats."""
+    device = feats.device
     low = ak.nn.LowRankLSTM.from_lstm(lstm, rank).eval()
     sparse = ak.nn.BlockSparseLSTM.from_lstm(lstm, 0.75, block).eval()
-    feats = torch.randn(frames, 1, hidden, device=device)
-    return Case("swap_in", bidirectional_name(hidden, rank, block, frames), "fwd",
-                dict(hidden=hidden, layers=2, bidirectional=True, rank=rank, frames=frames),
+    return Case("swap_in", name, "fwd",
+                dict(hidden=lstm.hidden_size, layers=2, rank=rank, frames=feats.shape[0], **params),
                 Candidate("nn.LSTM", inference(lambda: lstm(feats)), "baseline"),
                 [Candidate(f"LowRankLSTM r={rank}", inference(lambda: low(feats)), "face",
                            f"face: {ak.which_face('lowrank_lstm_sequence', device)}"),

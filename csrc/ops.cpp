@@ -24,14 +24,17 @@ TORCH_LIBRARY(amnets_native, m) {
   m.def("bsr_lstm_cell_forward(Tensor x, Tensor h, Tensor c, Tensor values, Tensor crow_indices, "
         "Tensor col_indices, Tensor? bias) -> (Tensor, Tensor)");
   // Inference only, CPU only (amnets_kernels.nn.BlockSparseLSTM): a whole sequence, W_ih (4H, D) and
-  // W_hh (4H, H) block-sparse: x (T, B, D), h, c (B, H) -> (out (T, B, H), h_T, c_T).
+  // W_hh (4H, R) block-sparse: x (T, B, D), h (B, R), c (B, H) -> (out (T, B, R), h_T, c_T); R is H, or
+  // nn.LSTM's proj_size P with its projection w_hr (P, H).
   m.def("bsr_lstm_sequence_forward(Tensor x, Tensor h, Tensor c, Tensor ih_values, Tensor ih_crow_indices, "
-        "Tensor ih_col_indices, Tensor hh_values, Tensor hh_crow_indices, Tensor hh_col_indices, Tensor? bias) "
-        "-> (Tensor, Tensor, Tensor)");
+        "Tensor ih_col_indices, Tensor hh_values, Tensor hh_crow_indices, Tensor hh_col_indices, Tensor? bias, "
+        "Tensor? w_hr=None) -> (Tensor, Tensor, Tensor)");
 
   // Inference only, CPU only (amnets_kernels.nn.BlockSparseLSTM stepped one frame a call): the fused cell
   // above through every layer of a unidirectional stack in one call. x (B, D), h0 / c0 (L, B, H) or None
-  // (zeros), blocks (values, crow_indices, col_indices) per layer, one bias per layer -> (out (B, H), h_n, c_n).
+  // (zeros), blocks (values, crow_indices, col_indices) per layer, one bias per layer -> (out (B, H), h_n, c_n);
+  // with nn.LSTM's projection, (values, crow_indices, col_indices, w_hr (P, H)) per layer and h0, out, h_n
+  // P wide.
   m.def("bsr_lstm_stack_step(Tensor x, Tensor? h0, Tensor? c0, Tensor[] blocks, Tensor?[] biases, "
         "int hidden_size) -> (Tensor, Tensor, Tensor)");
 

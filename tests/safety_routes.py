@@ -382,6 +382,35 @@ def native_stack_step_projection_shapes():  # the projection's width is read fro
                                                              [None, None], 16))
 
 
+@route("w_hr", ValueError, group="state_batch")
+def native_bsr_projection_checks():  # block-sparse layers with nn.LSTM's projection: w_hr's shape and dtype,
+    hidden, proj, d = 32, 16, 48     # and with it the state's widths (the kernels index h by w_hr's rows)
+    x, blocks = torch.randn(3, d), list(dense_bsr(4 * hidden, d + proj, 16))
+    sequence = (*dense_bsr(4 * hidden, d, 16), *dense_bsr(4 * hidden, proj, 16))
+    h, c = torch.randn(3, proj), torch.randn(3, hidden)
+
+    def stack(w_hr, h0=None, c0=None):
+        return lambda: native.bsr_lstm_stack_step(x, h0, c0, blocks + [w_hr], [None], hidden)
+
+    def run(w_hr, h=h, c=c):
+        return lambda: native.bsr_lstm_sequence_forward(torch.randn(2, 3, d), h, c, *sequence, None, w_hr)
+    return all_refuse("w_hr", stack(torch.randn(proj, 24)), stack(torch.randn(proj)), stack(torch.randn(0, hidden)),
+                      stack(torch.randn(proj, hidden, dtype=torch.bfloat16)), run(torch.randn(8, hidden)),
+                      run(torch.randn(proj)), run(torch.randn(proj, hidden, dtype=torch.float64)),
+                      run(torch.randn(proj, 24)))
+
+
+@route("0 must have shape", ValueError, group="state_batch")
+def native_bsr_stack_step_projected_state():  # with a projection (4 tensors a layer) h is (L, B, P), c (L, B, H)
+    hidden, proj, d = 32, 16, 48
+    x, blocks = torch.randn(3, d), list(dense_bsr(4 * hidden, d + proj, 16)) + [torch.randn(proj, hidden)]
+    good_h, good_c = torch.randn(1, 3, proj), torch.randn(1, 3, hidden)
+    return all_refuse("0 must have shape (num_layers, B, ",
+                      lambda: native.bsr_lstm_stack_step(x, torch.randn(1, 3, hidden), good_c, blocks, [None], hidden),
+                      lambda: native.bsr_lstm_stack_step(x, good_h, torch.randn(1, 3, proj), blocks, [None], hidden),
+                      lambda: native.bsr_lstm_stack_step(x, torch.randn(2, 3, proj), None, blocks, [None], hidden))
+
+
 @route("biases", ValueError, group="state_batch")
 def native_stack_step_layer_count():  # the weight list is read per layer: its length must match the layers
     x, weight = torch.randn(3, 48), matrix()

@@ -63,10 +63,11 @@ def test_lowrank_lstm_at_full_rank_is_the_lstm(face, layers, bidirectional, proj
 
 
 @pytest.mark.parametrize("face", FACES)
-@pytest.mark.parametrize("layers, bidirectional, batch_first", [(1, False, False), (2, True, True), (2, False, True),
-                                                                (1, True, False)])
-def test_block_sparse_lstm_at_sparsity_zero_is_the_lstm(face, layers, bidirectional, batch_first):
-    lstm, calls = cases(layers, bidirectional, 0, batch_first)
+@pytest.mark.parametrize("layers, bidirectional, proj, batch_first", [
+    (1, False, 0, False), (2, True, 0, True), (2, False, 0, True), (1, True, 0, False),
+    (2, False, 3, False), (2, True, 3, True), (1, False, 3, True)])
+def test_block_sparse_lstm_at_sparsity_zero_is_the_lstm(face, layers, bidirectional, proj, batch_first):
+    lstm, calls = cases(layers, bidirectional, proj, batch_first)
     with use_face("bsr_linear", face), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # sparsity 0 pays nothing; block 16 is below a face's fast sizes
         sparse = BlockSparseLSTM.from_lstm(lstm, sparsity=0.0, block_size=16).to(DEVICE)
@@ -477,8 +478,16 @@ def test_block_sparse_lstm_trains_and_round_trips():
     other = BlockSparseLSTM(16, 32, num_layers=2, sparsity=0.75, block_size=16)  # another pattern
     other.load_state_dict(lstm.state_dict())
     torch.testing.assert_close(other(x)[0], lstm(x)[0])
-    with pytest.raises(ValueError, match="proj_size is not supported"):
-        BlockSparseLSTM.from_lstm(nn.LSTM(4, 4, proj_size=2))
+    # With a projection (proj_size): every weight trains, the checkpoint loads into another pattern, and one
+    # without the projection is refused by name.
+    projected = BlockSparseLSTM(16, 32, num_layers=2, sparsity=0.5, block_size=16, proj_size=8)
+    projected(x)[0].square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in projected.parameters())
+    again = BlockSparseLSTM(16, 32, num_layers=2, sparsity=0.75, block_size=16, proj_size=8)
+    again.load_state_dict(projected.state_dict())
+    torch.testing.assert_close(again(x)[0], projected(x)[0])
+    with pytest.raises(RuntimeError, match="'proj_size': 0} cannot load into this one with .*'proj_size': 8}"):
+        projected.load_state_dict(lstm.state_dict())
 
 
 @pytest.mark.parametrize("face", FACES)
@@ -550,7 +559,6 @@ def test_a_frame_a_call_runs_the_whole_stack_in_one_native_call(kind, layers, bi
     if DEVICE != "cpu":
         pytest.skip("the whole-stack step is the cpu face's")
     torch.manual_seed(seed)
-    proj = proj if kind == "lowrank" else 0  # (BlockSparseLSTM has no projection)
     lstm = nn.LSTM(40, 48, layers, bias=bias, batch_first=batch_first, proj_size=proj)
     module = (LowRankLSTM.from_lstm(lstm, rank=8) if kind == "lowrank"
               else BlockSparseLSTM.from_lstm(lstm, sparsity=0.5, block_size=16)).eval().to(dtype)
@@ -579,14 +587,19 @@ def test_a_frame_a_call_runs_the_whole_stack_in_one_native_call(kind, layers, bi
             assert out.numel() == 0 or out.data_ptr() != state.data_ptr()  # fresh state tensors, not the caller's
 
 
-def test_a_projected_stack_streams_in_one_native_call_and_sees_its_projection_change():
-    """LowRankLSTM with proj_size stepped a frame a call (an LSTMP encoder streaming) runs the whole stack in one
-    native call too, frame after frame equal to nn.LSTM with the same weights; a projection written in place or
-    replaced is what the next frame reads."""
+@pytest.mark.parametrize("kind", ["lowrank", "sparse"])
+def test_a_projected_stack_streams_in_one_native_call_and_sees_its_projection_change(kind):
+    """LowRankLSTM / BlockSparseLSTM with proj_size stepped a frame a call (an LSTMP encoder streaming) runs the
+    whole stack in one native call too, frame after frame equal to nn.LSTM with the same weights; a projection
+    written in place or replaced is what the next frame reads."""
     if DEVICE != "cpu":
         pytest.skip("the whole-stack step is the cpu face's")
     torch.manual_seed(0)
-    module = LowRankLSTM.from_lstm(nn.LSTM(24, 32, 2, proj_size=8), rank=32).eval()  # full rank: nn.LSTM's answers
+    lstm = nn.LSTM(24, 32, 2, proj_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotCheaperWarning)  # full rank / sparsity 0: nn.LSTM's answers
+        module = (LowRankLSTM.from_lstm(lstm, rank=32) if kind == "lowrank"
+                  else BlockSparseLSTM.from_lstm(lstm, sparsity=0.0, block_size=16)).eval()
     frames, hx, dense_hx = torch.randn(6, 1, 2, 24), None, None
     with torch.no_grad():
         for step, frame in enumerate(frames):

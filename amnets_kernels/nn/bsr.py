@@ -6,6 +6,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from .. import _backend, _validate
 from .._ops import _is_wrapped, eager_inference
@@ -14,7 +15,7 @@ from .._ops.bsr import _FAST_BLOCKS, _FAST_DTYPES, PreparedBsrLstmCell, _fused_c
 from .._ops.lstm_update import lstm_pointwise
 from ..formats import BlockSparseMatrix, bsr_to_dense
 from .cost import warn_if_not_cheaper
-from .stacked_lstm import StackedLSTM, combined_bias, copy_into, lstm_config_of, parameter_from
+from .stacked_lstm import StackedLSTM, combined_bias, copy_into, lstm_config_of, own_tensors, parameter_from
 
 
 def _resize_to_saved(module: nn.Module, state_dict, prefix: str, names) -> None:
@@ -184,31 +185,37 @@ class BlockSparseLinear(nn.Module):
 
 _sequence = torch.ops.amnets_native.bsr_lstm_sequence_forward.default
 _stack = torch.ops.amnets_native.bsr_lstm_stack_step.default
+# The native projection (proj_size) of bf16 weights runs on vdpbf16ps: AVX512-BF16 (csrc/cpu/bsr.cpp).
+_BF16_PROJECTION = {"avx512bf16", "avx512bw"} <= set(_backend._C.build_info().get("cpu_features", []))
 
 
 class BlockSparseLSTM(StackedLSTM):
-    """nn.LSTM whose every direction's [W_ih | W_hh] (4H, D + H) is kept as b x b blocks (magnitude block
-    pruning), as the AmNets encoder's sparse branch; the forward contract is nn.LSTM's (layouts, hx,
-    bidirectional, dropout between layers; no proj_size).
+    """nn.LSTM whose every direction's [W_ih | W_hh] (4H, D + R) is kept as b x b blocks (magnitude block
+    pruning), as the AmNets encoder's sparse branch; R = proj_size or H. The forward contract is nn.LSTM's
+    (layouts, hx, bidirectional, dropout between layers, proj_size).
 
     Eager inference on the cpu face (block 16/32/64, fp32/bf16 weights) runs each direction as one native
     call: the input part of every step in one product over the whole sequence, then the recurrence
-    (W_ih and W_hh blocks split once per pattern and values version). Otherwise (autograd, another face)
-    each step is one PreparedBsrLstmCell call: bsr_linear on [x | h] and the PyTorch LSTM update.
+    (W_ih and W_hh blocks split once per pattern and values version), and a frame a call through a
+    unidirectional stack one native call for every layer. Otherwise (autograd, another face) each step is one
+    PreparedBsrLstmCell call: bsr_linear on [x | h] and the PyTorch LSTM update.
     `last_path` says which ran last ("native sequence", "fused step" for one frame, or "steps"). Per
     direction (tag l{layer} or l{layer}_reverse): parameter values{tag} (nnzb, b, b), buffers crow_indices{tag} / col_indices{tag}, parameter bias{tag}
-    (4H,) (nn.LSTM's two biases summed).
+    (4H,) (nn.LSTM's two biases summed) and, with proj_size P, parameter w_hr{tag} (P, H), kept dense as
+    LowRankLSTM keeps it: the native calls project h after each update (bf16 weights: where the CPU has
+    AVX512-BF16), and the steps are bsr_linear on [x | h], the LSTM update and h W_hr^T.
     """
 
     _PER_DIRECTION = ("values", "crow_indices", "col_indices", "bias")
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False,
-                 block_size: int = 32, sparsity: float = 0.75, device=None, dtype=None):
+                 block_size: int = 32, sparsity: float = 0.75, proj_size: int = 0, device=None, dtype=None):
         super().__init__()
-        # nn.LSTM's initialisation, then magnitude block pruning.
+        # nn.LSTM's initialisation (and its checks of the sizes), then magnitude block pruning.
         self._prune(nn.LSTM(input_size, hidden_size, num_layers, bias=bias, batch_first=batch_first,
-                            dropout=dropout, bidirectional=bidirectional, device=device, dtype=dtype),
+                            dropout=dropout, bidirectional=bidirectional, proj_size=proj_size, device=device,
+                            dtype=dtype),
                     sparsity, block_size)
 
     @classmethod
@@ -224,9 +231,6 @@ class BlockSparseLSTM(StackedLSTM):
         return module
 
     def _prune(self, lstm: nn.LSTM, sparsity: float, block_size: int) -> None:
-        if lstm.proj_size:
-            raise ValueError("BlockSparseLSTM: proj_size is not supported (no block-sparse projection); "
-                             "LowRankLSTM supports it")
         self._configure(**lstm_config_of(lstm))
         self.block_size, self._steps, self._splits, self.last_path = block_size, {}, {}, None
         for _, layer, suffix, _ in self.directions():
@@ -238,11 +242,23 @@ class BlockSparseLSTM(StackedLSTM):
             self.register_buffer(f"crow_indices{tag}", m.crow_indices.clone())
             self.register_buffer(f"col_indices{tag}", m.col_indices.clone())
             self.register_parameter(f"bias{tag}", combined_bias(lstm, tag))
+            if lstm.proj_size:
+                w_hr = getattr(lstm, f"weight_hr{tag}")
+                self.register_parameter(f"w_hr{tag}", parameter_from(w_hr.detach().clone(), w_hr))
         kept = min(getattr(self, f"values_l{layer}{suffix}").shape[0] for _, layer, suffix, _ in self.directions())
         warn_if_not_cheaper(self, self.macs_per_frame(), self.dense_macs_per_frame(), kept)
 
     def _pattern(self, k: int):
         return self._direction_tensors(k)
+
+    @property
+    def _rec(self) -> int:
+        """The width of h as the recurrence reads it: proj_size or hidden_size."""
+        return self.proj_size or self.hidden_size
+
+    def _shape(self, d: int) -> tuple[int, int]:
+        """[W_ih | W_hh] of a direction whose input is d wide."""
+        return 4 * self.hidden_size, d + self._rec
 
     def _sources(self, k: int, track_values: bool) -> list[tuple]:
         """Where direction k's values, pattern and bias live, as _C.SourcesSnapshot entries (dict, key[, track
@@ -277,16 +293,15 @@ class BlockSparseLSTM(StackedLSTM):
     def _step(self, k: int, d: int) -> PreparedBsrLstmCell:
         """Direction k's prepared step, rebuilt when its tensors are replaced (.to(), a new pattern loaded)
         or its pattern changes in place; values updated in place (an optimizer step) are followed."""
-        shape = (4 * self.hidden_size, d + self.hidden_size)
         return self._cached(self._steps, k, False, lambda values, crow, col, b: PreparedBsrLstmCell(
-            BlockSparseMatrix(values, crow, col, shape), b))
+            BlockSparseMatrix(values, crow, col, self._shape(d)), b))
 
     def _split(self, k: int, d: int) -> tuple[BlockSparseMatrix, BlockSparseMatrix]:
-        """Direction k's kept blocks as W_ih (4H, D) and W_hh (4H, H) (re-blocked where D is not a multiple
+        """Direction k's kept blocks as W_ih (4H, D) and W_hh (4H, R) (re-blocked where D is not a multiple
         of b), rebuilt when the pattern or the values change (in place too: an optimizer step)."""
         def build(values, crow, col):
             with torch.no_grad():
-                whole = BlockSparseMatrix(values, crow, col, (4 * self.hidden_size, d + self.hidden_size))
+                whole = BlockSparseMatrix(values, crow, col, self._shape(d))
                 b = self.block_size
                 kept = whole.block_mask().repeat_interleave(b, 0).repeat_interleave(b, 1)[: whole.shape[0], : whole.shape[1]]
                 dense = whole.to_dense()
@@ -295,6 +310,8 @@ class BlockSparseLSTM(StackedLSTM):
         return self._cached(self._splits, k, True, build)
 
     def _stack_step(self, x, hx):
+        if self.proj_size:
+            return self._projected_stack_step(x, hx)
         steps = [self._step(k, d) for k, _, _, d in self._directions]  # (each checks its weight, once per version)
         if not all(step._fast for step in steps) or _backend.resolve("bsr_linear", x.device).name != "cpu":
             return None
@@ -308,23 +325,47 @@ class BlockSparseLSTM(StackedLSTM):
             self._took("fused step")
         return stepped
 
+    def _projected_stack_step(self, x, hx):
+        """_stack_step with proj_size: four tensors a layer (the blocks and w_hr), checked by the op (a prepared
+        step's cell reads an h H wide)."""
+        if _backend.resolve("bsr_linear", x.device).name != "cpu":
+            return None
+        blocks, biases = [], []
+        for k, *_ in self._directions:
+            values, crow, col, bias = self._pattern(k)
+            if values.shape[-1] not in _FAST_BLOCKS or values.dtype not in _FAST_DTYPES:
+                return None
+            blocks += (values, crow, col, self._w_hr(k))
+            biases.append(bias)
+        stepped = self._native_stack(_stack, x, hx, blocks, biases, blocks[::4] + blocks[3::4])
+        if stepped is not None:
+            self._took("fused step")
+        return stepped
+
+    def _w_hr(self, k: int):
+        layer, reverse = divmod(k, self.num_directions)
+        return own_tensors(self, (f"w_hr_l{layer}{'_reverse' if reverse else ''}",))[0]
+
     _STACK_KIND = "sparse"
 
-    def _stack_entries(self):  # as the prepared steps': the pattern tracked, the values read as they come
-        return [entry for k, *_ in self._directions for entry in self._sources(k, False)]
+    def _stack_entries(self):  # as the prepared steps': the pattern tracked, the values (and w_hr) read as they come
+        entries = [entry for k, *_ in self._directions for entry in self._sources(k, False)]
+        return entries + [(self._parameters, f"w_hr_l{k}", False) for k in range(self.num_layers) if self.proj_size]
 
     def _stepped(self):
         self._took("fused step")
 
     def _run(self, k, x, h0, c0):
         d = self.input_size_of(k)  # x.shape[-1]; a plain int also under torch.jit.trace, where a shape is a tensor
+        if self.proj_size:
+            return self._run_projected(k, d, x, h0, c0)
         h, c = h0, c0
         if h is None or c is None:
             zeros = x.new_zeros(x.shape[1], self.hidden_size)
             h, c = (zeros if h is None else h), (zeros if c is None else c)
         if torch.compiler.is_compiling():  # traced: the public op a step (the prepared steps' caches, face and
             values, crow, col, bias = self._pattern(k)  # mode checks are eager-only)
-            weight = BlockSparseMatrix(values, crow, col, (4 * self.hidden_size, d + self.hidden_size))
+            weight = BlockSparseMatrix(values, crow, col, self._shape(d))
             out = []
             for x_t in x:
                 h, c = lstm_pointwise(bsr_linear(torch.cat([x_t, h], dim=1), weight, bias), c)
@@ -349,6 +390,31 @@ class BlockSparseLSTM(StackedLSTM):
             out.append(h)
         return torch.stack(out), h, c
 
+    def _run_projected(self, k, d, x, h0, c0):
+        """_run with proj_size P. In eager inference on the cpu face with fast blocks: the native sequence with
+        the projection. Otherwise a step at a time: gates = [x | h] W^T + bias by bsr_linear (h P wide), the
+        LSTM update, then h = h W_hr^T."""
+        w_hr = self._w_hr(k)
+        values, crow, col, bias = self._pattern(k)
+        batch = x.shape[1]
+        h = h0 if h0 is not None else x.new_zeros(batch, self.proj_size)
+        c = c0 if c0 is not None else x.new_zeros(batch, self.hidden_size)
+        if (values.shape[-1] in _FAST_BLOCKS and values.dtype in _FAST_DTYPES
+                and (values.dtype == torch.float32 or _BF16_PROJECTION) and eager_inference(x, h, c, values, bias, w_hr)
+                and _backend.resolve("bsr_linear", x.device).name == "cpu"):
+            w_ih, w_hh = self._split(k, d)
+            self._took("native sequence")
+            return _sequence(x.contiguous(), h, c, w_ih.values, w_ih.crow_indices, w_ih.col_indices, w_hh.values,
+                             w_hh.crow_indices, w_hh.col_indices, bias, w_hr)
+        self._took("steps")
+        out = []
+        weight = BlockSparseMatrix(values, crow, col, self._shape(d))
+        for x_t in x:
+            h, c = lstm_pointwise(bsr_linear(torch.cat([x_t, h], dim=1), weight, bias), c)
+            h = F.linear(h, w_hr)
+            out.append(h)
+        return torch.stack(out), h, c
+
     def _took(self, path: str) -> None:
         if self.last_path != path:  # written only on a change: nn.Module.__setattr__ costs ~2 us a call
             self.last_path = path
@@ -356,8 +422,10 @@ class BlockSparseLSTM(StackedLSTM):
     def _dense_weights(self, k):
         values, crow, col, b = self._pattern(k)
         in_size = self.input_size_of(k)
-        w = bsr_to_dense(values, crow, col, (4 * self.hidden_size, in_size + self.hidden_size))
-        return w[:, :in_size], w[:, in_size:], b, None
+        w = bsr_to_dense(values, crow, col, self._shape(in_size))
+        layer, reverse = divmod(k, self.num_directions)
+        w_hr = getattr(self, f"w_hr_l{layer}{'_reverse' if reverse else ''}") if self.proj_size else None
+        return w[:, :in_size], w[:, in_size:], b, w_hr
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):
         # Another pattern or block size loads; another hidden or input size is a size mismatch, as for
@@ -375,8 +443,10 @@ class BlockSparseLSTM(StackedLSTM):
                                   f"blocks of one size b in every direction; got blocks {sorted(blocks)}")
                 return
             b = blocks.pop()[0] if blocks else self.block_size
-        sizes = {k: saved[k] for k in ("input_size", "hidden_size") if saved is not None and k in saved}
-        ours = {"input_size": self.input_size, "hidden_size": self.hidden_size}
+        sizes = {} if saved is None else {k: saved[k] for k in ("input_size", "hidden_size") if k in saved}
+        if "hidden_size" in sizes:  # (checkpoints from before proj_size was taken have none)
+            sizes["proj_size"] = saved.get("proj_size", 0)
+        ours = {"input_size": self.input_size, "hidden_size": self.hidden_size, "proj_size": self.proj_size}
         if any(sizes[k] != ours[k] for k in sizes):
             where = prefix.rstrip(".") or type(self).__name__
             error_msgs.append(f"size mismatch for {where}: a checkpoint of a BlockSparseLSTM with {sizes} cannot "
@@ -386,7 +456,7 @@ class BlockSparseLSTM(StackedLSTM):
             crow, col = (state_dict.get(f"{prefix}{n}_l{layer}{suffix}") for n in ("crow_indices", "col_indices"))
             if crow is None or col is None:
                 continue  # missing keys: reported by the loader
-            rows, cols = -(-4 * self.hidden_size // b), -(-(d + self.hidden_size) // b)
+            rows, cols = -(-4 * self.hidden_size // b), -(-(d + self._rec) // b)
             if crow.numel() != rows + 1 or (col.numel() and int(col.max()) >= cols):
                 error_msgs.append(f"size mismatch for {prefix}crow_indices_l{layer}{suffix}/col_indices: the "
                                   f"checkpoint's pattern does not fit this BlockSparseLSTM (hidden_size "
@@ -400,7 +470,8 @@ class BlockSparseLSTM(StackedLSTM):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs)
 
     def get_extra_state(self):
-        return {"block_size": self.block_size, "input_size": self.input_size, "hidden_size": self.hidden_size}
+        return {"block_size": self.block_size, "input_size": self.input_size, "hidden_size": self.hidden_size,
+                "proj_size": self.proj_size}
 
     def __getstate__(self):
         """Pickling (torch.save of the module, copy.deepcopy) leaves the inference caches behind: they hold
@@ -413,12 +484,14 @@ class BlockSparseLSTM(StackedLSTM):
         self.block_size = state["block_size"]
 
     def macs_per_frame(self, batch: int = 1) -> int:
-        """Multiply-adds per frame as the kernels run them: every stored block entry, padding included."""
-        return batch * sum(self._pattern(k)[0].numel() for k, _, _, _ in self.directions())
+        """Multiply-adds per frame as the kernels run them: every stored block entry, padding included, and
+        the dense projection (proj_size)."""
+        return batch * sum(self._pattern(k)[0].numel() + self.proj_size * self.hidden_size
+                           for k, _, _, _ in self.directions())
 
     def density(self) -> float:
         """Stored blocks / all blocks, over every direction."""
-        total = sum(-(-4 * self.hidden_size // self.block_size) * -(-(d + self.hidden_size) // self.block_size)
+        total = sum(-(-4 * self.hidden_size // self.block_size) * -(-(d + self._rec) // self.block_size)
                     for _, _, _, d in self.directions())
         return sum(self._pattern(k)[0].shape[0] for k, _, _, _ in self.directions()) / total
 

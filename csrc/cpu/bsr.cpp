@@ -692,6 +692,30 @@ bool has_fast_path(const Tensor& values) {
          (values.scalar_type() == at::kFloat || values.scalar_type() == at::kBFloat16);
 }
 
+// nn.LSTM's projection w_hr (P, H) of a block-sparse layer whose h is `rec` wide and c `hidden` wide: its shape,
+// and the values' dtype with a kernel for it (bf16 rows are products on vdpbf16ps: AVX512-BF16).
+void check_projection(const char* op, const Tensor& w_hr, const Tensor& values, int64_t rec, int64_t hidden) {
+  checks::shape(op, "w_hr", w_hr, {rec, hidden}, "(proj_size, H) = ");
+  TORCH_CHECK_TYPE(w_hr.scalar_type() == values.scalar_type() && w_hr.device() == values.device(), op,
+                   ": w_hr must be on the values' device in their dtype ", values.scalar_type(), "; got ",
+                   w_hr.scalar_type(), " on ", w_hr.device());
+  TORCH_CHECK_TYPE(values.scalar_type() == at::kFloat || simd::has_dpbf16(), op,
+                   ": no fast projection for bf16 on this CPU (it needs AVX512-BF16)");
+}
+
+// y (B, P) = h (B, H) W_hr^T for a checked, contiguous projection w_hr (P, H), kMaxDotBatch rows a product.
+void project(const Tensor& w_hr, const float* h, int64_t batch, float* y) {
+  const int64_t rec = w_hr.size(0), hidden = w_hr.size(1);
+  for (int64_t b0 = 0; b0 < batch; b0 += kMaxDotBatch) {
+    const int64_t n = std::min(kMaxDotBatch, batch - b0);
+    if (w_hr.scalar_type() == at::kBFloat16) {
+      small_batch_mm(h + b0 * hidden, n, w_hr.data_ptr<c10::BFloat16>(), rec, hidden, y + b0 * rec, false);
+    } else {
+      small_batch_mm(h + b0 * hidden, n, w_hr.data_ptr<float>(), rec, hidden, y + b0 * rec, false);
+    }
+  }
+}
+
 // A float copy of `t` (M, width) with `padded` columns, zeros past `width`.
 Tensor float_padded(const Tensor& t, int64_t padded) {
   if (t.scalar_type() == at::kBFloat16) {  // no ATen op on the way (bf16_convert.h)
@@ -912,8 +936,8 @@ std::tuple<Tensor, Tensor> bsr_lstm_cell_forward(const Tensor& x_in, const Tenso
   TORCH_CHECK_TYPE(has_fast_path(values_in), op, ": no fast kernel for block size ", values_in.size(1), " and dtype ",
                    values_in.scalar_type());
   const Tensor x = x_in.contiguous(), h = h_in.contiguous(), c = c_in.contiguous();
-  const BsrLstmLayer layer{values_in.contiguous(), crow, col, bias.has_value() ? bias->contiguous() : Tensor(), d,
-                           hidden};
+  const BsrLstmLayer layer{values_in.contiguous(), crow, col, bias.has_value() ? bias->contiguous() : Tensor(),
+                           Tensor(), d, hidden, hidden};
   // The arithmetic is the stack call's (bsr_step_into below); only the checks above are this op's own.
   Tensor h1 = at::empty({batch, hidden}, x.options()), c1 = at::empty({batch, hidden}, x.options());
   std::vector<float> work(bsr_step_work_floats(layer, batch));
@@ -921,34 +945,42 @@ std::tuple<Tensor, Tensor> bsr_lstm_cell_forward(const Tensor& x_in, const Tenso
   return {h1, c1};
 }
 
-// A whole LSTM sequence, inference only (amnets_kernels.nn.BlockSparseLSTM): W_ih (4H, D) and W_hh (4H, H)
+// A whole LSTM sequence, inference only (amnets_kernels.nn.BlockSparseLSTM): W_ih (4H, D) and W_hh (4H, R)
 // block-sparse. The input part of every step is one product over all T*B rows first (the many-row shape
 // the kernels are efficient at, as nn.LSTM hoists its input GEMM); then each step is the recurrent
-// product on h, the precomputed input part and bias added, and the state update, with no ATen op per step.
-// x (T, B, D), h and c (B, H) -> (out (T, B, H), h_T, c_T). Fast-path weights only (the caller checks).
+// product on h, the precomputed input part and bias added, the state update and, with nn.LSTM's projection
+// w_hr (P, H), h = h W_hr^T, with no ATen op per step.
+// x (T, B, D), h (B, R) and c (B, H) -> (out (T, B, R), h_T, c_T); R is H, or P with w_hr. Fast-path weights
+// only (the caller checks).
 std::tuple<Tensor, Tensor, Tensor> bsr_lstm_sequence_forward(
     const Tensor& x_in, const Tensor& h_in, const Tensor& c_in, const Tensor& ih_values_in, const Tensor& ih_crow,
     const Tensor& ih_col, const Tensor& hh_values_in, const Tensor& hh_crow, const Tensor& hh_col,
-    const c10::optional<Tensor>& bias) {
+    const c10::optional<Tensor>& bias, const c10::optional<Tensor>& w_hr) {
   constexpr const char* op = "bsr_lstm_sequence_forward";
   checks::dims(op, "x", x_in, 3);
   checks::dims(op, "h", h_in, 2);
-  const int64_t steps = x_in.size(0), batch = x_in.size(1), d = x_in.size(2), hidden = h_in.size(1);
-  TORCH_CHECK_VALUE(steps >= 1 && hidden >= 1 && d >= 1, op, ": x (T, B, D) and h (B, H) need T, D, H >= 1; got ",
-                    x_in.sizes(), " and ", h_in.sizes());
+  const int64_t steps = x_in.size(0), batch = x_in.size(1), d = x_in.size(2), rec = h_in.size(1);
+  if (w_hr.has_value()) checks::dims(op, "c", c_in, 2);
+  const int64_t hidden = w_hr.has_value() ? c_in.size(1) : rec;  // (with a projection h is P wide, c H wide)
+  TORCH_CHECK_VALUE(steps >= 1 && hidden >= 1 && rec >= 1 && d >= 1, op,
+                    ": x (T, B, D), h (B, R) and c (B, H) need T, D, R, H >= 1; got ", x_in.sizes(), ", ",
+                    h_in.sizes(), " and ", c_in.sizes());
+  if (w_hr.has_value()) checks::shape(op, "w_hr", *w_hr, {rec, hidden}, "(proj_size, H) = ");
   const auto [ih_crow32, ih_col32] = checks::bsr_pattern(op, ih_values_in, ih_crow, ih_col, 4 * hidden, d);
-  const auto [hh_crow32, hh_col32] = checks::bsr_pattern(op, hh_values_in, hh_crow, hh_col, 4 * hidden, hidden);
+  const auto [hh_crow32, hh_col32] = checks::bsr_pattern(op, hh_values_in, hh_crow, hh_col, 4 * hidden, rec);
   const Tensor x = x_in.contiguous().view({steps * batch, d});
   check_activations(op, x, ih_values_in, d, bias, 4 * hidden);
   // h's batch too, not only its width: the recurrence reads and writes batch rows of it (a smaller h was read
   // past its end, a larger one overflowed the (B, 4H) gates).
-  checks::shape(op, "h", h_in, {batch, hidden});
+  checks::shape(op, "h", h_in, {batch, rec});
   checks::shape(op, "c", c_in, {batch, hidden});
   checks::like(op, "x", x, "hh_values", hh_values_in, true);
   checks::like(op, "x", x, "h", h_in, true);
   checks::like(op, "x", x, "c", c_in, true);
   TORCH_CHECK_TYPE(has_fast_path(ih_values_in) && has_fast_path(hh_values_in), op,
                    ": no fast kernel for these block sizes / dtypes");
+  const Tensor projection = w_hr.has_value() ? w_hr->contiguous() : Tensor();
+  if (projection.defined()) check_projection(op, projection, hh_values_in, rec, hidden);
   const Tensor ih_values = ih_values_in.contiguous(), hh_values = hh_values_in.contiguous();
   const auto f32 = x.options().dtype(at::kFloat);
 
@@ -957,23 +989,27 @@ std::tuple<Tensor, Tensor, Tensor> bsr_lstm_sequence_forward(
   Tensor pre = at::empty({steps * batch, 4 * hidden}, f32);
   forward_into(in, ih_values, float_padded(x, in_pad), in_pad, pre.data_ptr<float>());
 
-  const Problem rec = problem_of(h_in, hh_values, hh_crow32, hh_col32, 4 * hidden, hidden);
-  const int64_t rec_pad = rec.block_cols * rec.block;
-  Tensor hp = float_padded(h_in.contiguous(), rec_pad);  // h as float, zeros past H: the product's input
+  const Problem recurrent = problem_of(h_in, hh_values, hh_crow32, hh_col32, 4 * hidden, rec);
+  const int64_t rec_pad = recurrent.block_cols * recurrent.block;
+  Tensor hp = float_padded(h_in.contiguous(), rec_pad);  // h as float, zeros past R: the product's input
   // Written every step below: never the caller's h_0 (float_padded hands back an fp32 input with no padding).
   if (hp.data_ptr() == h_in.data_ptr()) hp = hp.clone();
   Tensor c = c_in.to(at::kFloat).contiguous().clone();
-  Tensor gates = at::empty({batch, 4 * hidden}, f32), out = at::empty({steps, batch, hidden}, f32);
+  Tensor gates = at::empty({batch, 4 * hidden}, f32), out = at::empty({steps, batch, rec}, f32);
+  // With a projection the update writes the H-wide h here and the projection writes out[t].
+  Tensor unprojected = projection.defined() ? at::empty({batch, hidden}, f32) : Tensor();
   const Tensor b = bias.has_value() ? bias->to(at::kFloat).contiguous() : Tensor();
   float *g = gates.data_ptr<float>(), *hpad = hp.data_ptr<float>(), *o = out.data_ptr<float>();
   const float* p = pre.data_ptr<float>();
   for (int64_t t = 0; t < steps; ++t) {
-    forward_into(rec, hh_values, hp, rec_pad, g);
+    forward_into(recurrent, hh_values, hp, rec_pad, g);
     const float* pt = p + t * batch * 4 * hidden;
     for (int64_t j = 0; j < batch * 4 * hidden; ++j) g[j] += pt[j];
-    float* ht = o + t * batch * hidden;
-    finish_step(g, b.defined() ? b.data_ptr<float>() : nullptr, c.data_ptr<float>(), ht, batch, hidden);
-    for (int64_t r = 0; r < batch; ++r) std::memcpy(hpad + r * rec_pad, ht + r * hidden, hidden * sizeof(float));
+    float* ht = o + t * batch * rec;
+    float* updated = projection.defined() ? unprojected.data_ptr<float>() : ht;
+    finish_step(g, b.defined() ? b.data_ptr<float>() : nullptr, c.data_ptr<float>(), updated, batch, hidden);
+    if (projection.defined()) project(projection, updated, batch, ht);
+    for (int64_t r = 0; r < batch; ++r) std::memcpy(hpad + r * rec_pad, ht + r * rec, rec * sizeof(float));
   }
   const auto type = x.scalar_type();
   return {out.to(type), out[steps - 1].to(type).clone(), c.to(type)};
@@ -1098,10 +1134,13 @@ void bsr_check_pattern(const Tensor& crow, const Tensor& col, int64_t nnzb, int6
 // The fused cell's arithmetic on raw rows (kernels.h): bsr_lstm_cell_forward runs it after its checks, the prepared
 // stack call on a layer checked once, when it is made (with its own copy of the int32 pattern).
 BsrLstmLayer bsr_lstm_layer(const Tensor& values, const Tensor& crow_indices, const Tensor& col_indices,
-                            const c10::optional<Tensor>& bias, int64_t d, int64_t hidden) {
-  constexpr const char* op = "bsr_lstm_cell_forward";
-  TORCH_CHECK_VALUE(hidden >= 1 && d >= 1, op, ": needs D, H >= 1; got ", d, ", ", hidden);
-  auto [crow, col] = checks::bsr_pattern(op, values, crow_indices, col_indices, 4 * hidden, d + hidden);
+                            const c10::optional<Tensor>& bias, int64_t d, int64_t hidden, const Tensor* w_hr,
+                            const char* op) {
+  if (w_hr != nullptr) checks::dims(op, "w_hr", *w_hr, 2);
+  const int64_t rec = w_hr != nullptr ? w_hr->size(0) : hidden;
+  TORCH_CHECK_VALUE(hidden >= 1 && d >= 1 && rec >= 1, op, ": needs D, H, proj_size >= 1; got ", d, ", ", hidden,
+                    ", ", rec);
+  auto [crow, col] = checks::bsr_pattern(op, values, crow_indices, col_indices, 4 * hidden, d + rec);
   TORCH_CHECK_TYPE(has_fast_path(values) && values.is_contiguous(), op, ": no fast kernel for block size ",
                    values.size(1), " and dtype ", values.scalar_type(), " (or the blocks are not contiguous)");
   if (bias.has_value()) {
@@ -1110,36 +1149,44 @@ BsrLstmLayer bsr_lstm_layer(const Tensor& values, const Tensor& crow_indices, co
                      ": bias must be contiguous in the values' dtype ", values.scalar_type(), "; got ",
                      bias->scalar_type());
   }
+  if (w_hr != nullptr) {
+    check_projection(op, *w_hr, values, rec, hidden);
+    TORCH_CHECK_TYPE(w_hr->is_contiguous(), op, ": w_hr must be contiguous");
+  }
   // Copies of the checked pattern: a write to the module's buffers that moves no version (through .data) must
   // not reach the kernels unchecked (the snapshot that keeps this layer sees only versioned writes).
-  return {values, crow.clone(), col.clone(), bias.has_value() ? *bias : Tensor(), d, hidden};
+  return {values, crow.clone(), col.clone(), bias.has_value() ? *bias : Tensor(),
+          w_hr != nullptr ? *w_hr : Tensor(), d, hidden, rec};
 }
 
 int64_t bsr_step_work_floats(const BsrLstmLayer& layer, int64_t batch) {
-  const int64_t b = layer.values.size(1), k_pad = (layer.d + layer.hidden + b - 1) / b * b;
-  return batch * (k_pad + 6 * layer.hidden) + 4 * layer.hidden;  // [x | h | 0], gates, c, h1; the bias
+  const int64_t b = layer.values.size(1), k_pad = (layer.d + layer.rec + b - 1) / b * b;
+  // [x | h | 0], gates, c, the update's h; the bias; a projection's result
+  return batch * (k_pad + 6 * layer.hidden + (layer.w_hr.defined() ? layer.rec : 0)) + 4 * layer.hidden;
 }
 
 void bsr_step_into(const BsrLstmLayer& layer, int64_t batch, const void* x, const void* h, const void* c, void* h1,
                    void* c1, float* work) {
-  const int64_t d = layer.d, hidden = layer.hidden, rows = batch * hidden, b = layer.values.size(1);
-  const int64_t k_pad = (d + hidden + b - 1) / b * b;
-  const bool bf16 = layer.values.scalar_type() == at::kBFloat16;
+  const int64_t d = layer.d, hidden = layer.hidden, rec = layer.rec, rows = batch * hidden, b = layer.values.size(1);
+  const int64_t k_pad = (d + rec + b - 1) / b * b;
+  const bool bf16 = layer.values.scalar_type() == at::kBFloat16, projected = layer.w_hr.defined();
   const auto load = [&](const void* src, int64_t at, int64_t n, float* dst) {  // n elements from row offset `at`
     if (src == nullptr) return std::fill(dst, dst + n, 0.0f);
     if (bf16) return widen_bf16(static_cast<const c10::BFloat16*>(src) + at, dst, n);
     std::memcpy(dst, static_cast<const float*>(src) + at, n * sizeof(float));
   };
   float *z = work, *gates = z + batch * k_pad, *cf = gates + 4 * rows, *hout = cf + rows, *bf = hout + rows;
-  if (!bf16) cf = static_cast<float*>(c1), hout = static_cast<float*>(h1);
+  float* projection = bf + 4 * hidden;  // (B, P), with a projection in bf16
+  if (!bf16) cf = static_cast<float*>(c1), projection = static_cast<float*>(h1);
+  if (!bf16 && !projected) hout = static_cast<float*>(h1);
   for (int64_t r = 0; r < batch; ++r) {  // [x | h | zeros] as float, and c1 = c before the update
     load(x, r * d, d, z + r * k_pad);
-    load(h, r * hidden, hidden, z + r * k_pad + d);
-    std::fill(z + r * k_pad + d + hidden, z + (r + 1) * k_pad, 0.0f);
+    load(h, r * rec, rec, z + r * k_pad + d);
+    std::fill(z + r * k_pad + d + rec, z + (r + 1) * k_pad, 0.0f);
     load(c, r * hidden, hidden, cf + r * hidden);
   }
   const Tensor xh = at::from_blob(z, {batch, k_pad}, at::TensorOptions().dtype(at::kFloat));
-  forward_into(problem_of(xh, layer.values, layer.crow, layer.col, 4 * hidden, d + hidden), layer.values, xh, k_pad,
+  forward_into(problem_of(xh, layer.values, layer.crow, layer.col, 4 * hidden, d + rec), layer.values, xh, k_pad,
                gates);
   const float* bias = nullptr;
   if (layer.bias.defined()) {
@@ -1151,20 +1198,64 @@ void bsr_step_into(const BsrLstmLayer& layer, int64_t batch, const void* x, cons
     }
   }
   finish_step(gates, bias, cf, hout, batch, hidden);
-  if (bf16) {
+  if (projected) {  // h1 = h W_hr^T; bf16: h rounded to bf16 on the way in (small_batch_mm), as nn.LSTM's bf16 h is
+    project(layer.w_hr, hout, batch, projection);
+    if (bf16) narrow_bf16(projection, static_cast<c10::BFloat16*>(h1), batch * rec);
+  } else if (bf16) {
     narrow_bf16(hout, static_cast<c10::BFloat16*>(h1), rows);
-    narrow_bf16(cf, static_cast<c10::BFloat16*>(c1), rows);
   }
+  if (bf16) narrow_bf16(cf, static_cast<c10::BFloat16*>(c1), rows);
 }
 
-// A frame through a stack of block-sparse layers (lstm_stack.h), each the fused cell above.
+namespace {
+
+// One layer of a projected stack (nn.LSTM's proj_size P): in (B, D), h (B, P), c (B, H), b = (values, crow_indices,
+// col_indices of [W_ih | W_hh] (4H, D + P), w_hr (P, H)) -> (h1 (B, P), c1 (B, H)): the fused cell's arithmetic
+// with the projection (bsr_step_into), checked here as the cell's op checks its arguments.
+std::tuple<Tensor, Tensor> projected_layer(const char* op, const Tensor& in, const Tensor& h, const Tensor& c,
+                                           const Tensor* b, const c10::optional<Tensor>& bias, int64_t hidden) {
+  checks::dims(op, "x", in, 2);
+  const int64_t batch = in.size(0), d = in.size(1);
+  const Tensor w_hr = b[3].contiguous();
+  const BsrLstmLayer layer = bsr_lstm_layer(b[0].contiguous(), b[1], b[2],
+                                            bias.has_value() ? c10::optional<Tensor>(bias->contiguous()) : bias, d,
+                                            hidden, &w_hr, op);
+  check_activations(op, in, layer.values, d, bias, 4 * hidden);
+  checks::shape(op, "h", h, {batch, layer.rec}, "(B, proj_size) = ");
+  checks::shape(op, "c", c, {batch, hidden});
+  checks::like(op, "x", in, "h", h, true);
+  checks::like(op, "x", in, "c", c, true);
+  const Tensor x1 = in.contiguous(), h1_in = h.contiguous(), c1_in = c.contiguous();
+  Tensor h1 = at::empty({batch, layer.rec}, in.options()), c1 = at::empty({batch, hidden}, in.options());
+  std::vector<float> work(bsr_step_work_floats(layer, batch));
+  bsr_step_into(layer, batch, x1.data_ptr(), h1_in.data_ptr(), c1_in.data_ptr(), h1.data_ptr(), c1.data_ptr(),
+                work.data());
+  return {std::move(h1), std::move(c1)};
+}
+
+}  // namespace
+
+// A frame through a stack of block-sparse layers (lstm_stack.h), each the fused cell above. Four tensors a layer
+// instead of three: nn.LSTM's projection w_hr (P, H) is the fourth, and h0, h_n and out are (.., P)
+// (projected_layer).
 std::tuple<Tensor, Tensor, Tensor> bsr_lstm_stack_step(const Tensor& x, const c10::optional<Tensor>& h0,
                                                        const c10::optional<Tensor>& c0, at::TensorList blocks,
                                                        const c10::List<c10::optional<Tensor>>& biases, int64_t hidden) {
-  return lstm_stack_step("bsr_lstm_stack_step", x, h0, c0, blocks, 3,
-                         "blocks must hold (values, crow_indices, col_indices)", biases,
-                         hidden, hidden, [](const Tensor& in, const Tensor& h, const Tensor& c, const Tensor* b,
-                                    const c10::optional<Tensor>& bias) {
+  const char* op = "bsr_lstm_stack_step";
+  const auto layers = static_cast<int64_t>(biases.size());
+  const bool projected = layers >= 1 && static_cast<int64_t>(blocks.size()) == 4 * layers;
+  int64_t rec = hidden;
+  if (projected) {
+    checks::dims(op, "w_hr", blocks[3], 2);
+    rec = blocks[3].size(0);
+    TORCH_CHECK_VALUE(rec >= 1, op, ": w_hr must have shape (proj_size, H) with proj_size >= 1; got ",
+                      checks::py_shape(blocks[3].sizes()));
+  }
+  return lstm_stack_step(op, x, h0, c0, blocks, projected ? 4 : 3,
+                         "blocks must hold (values, crow_indices, col_indices), and w_hr with a projection,", biases,
+                         hidden, rec, [&](const Tensor& in, const Tensor& h, const Tensor& c, const Tensor* b,
+                                          const c10::optional<Tensor>& bias) {
+                           if (projected) return projected_layer(op, in, h, c, b, bias, hidden);
                            return bsr_lstm_cell_forward(in, h, c, b[0], b[1], b[2], bias);
                          });
 }

@@ -101,18 +101,21 @@ void lean_step_into(const LowrankStep& step, int64_t batch, const void* x, const
                     void* c1, float* work);
 
 // A block-sparse LSTM layer's inference step (csrc/cpu/bsr.cpp) for the prepared stack call (lstm_stack.cpp): its
-// [W_ih | W_hh] (4H, D + H) blocks with a fast kernel (b 16/32/64, fp32 or bf16), the pattern checked once and
-// held as int32, the bias (4H,) in the values' dtype or undefined. bsr_lstm_layer raises (ValueError, TypeError)
-// for anything else.
+// [W_ih | W_hh] (4H, D + R) blocks with a fast kernel (b 16/32/64, fp32 or bf16), the pattern checked once and
+// held as int32, the bias (4H,) in the values' dtype or undefined; R, the width of h, is H, or nn.LSTM's proj_size
+// P with the projection w_hr (P, H) (contiguous, the values' dtype; undefined without). bsr_lstm_layer raises
+// (ValueError, TypeError) for anything else.
 struct BsrLstmLayer {
-  at::Tensor values, crow, col, bias;
-  int64_t d = 0, hidden = 0;
+  at::Tensor values, crow, col, bias, w_hr;
+  int64_t d = 0, hidden = 0, rec = 0;
 };
 BsrLstmLayer bsr_lstm_layer(const at::Tensor& values, const at::Tensor& crow_indices, const at::Tensor& col_indices,
-                            const std::optional<at::Tensor>& bias, int64_t d, int64_t hidden);
+                            const std::optional<at::Tensor>& bias, int64_t d, int64_t hidden,
+                            const at::Tensor* w_hr = nullptr, const char* op = "bsr_lstm_cell_forward");
 int64_t bsr_step_work_floats(const BsrLstmLayer& layer, int64_t batch);
-// x (B, D), h and c (B, H) (null: zeros) in the values' dtype, any B -> h1, c1 (B, H), which alias none of them;
-// work holds bsr_step_work_floats floats. The fused cell bsr_lstm_cell_forward is its checks and then this.
+// x (B, D), h (B, R) and c (B, H) (null: zeros) in the values' dtype, any B -> h1 (B, R), c1 (B, H), which alias
+// none of them; work holds bsr_step_work_floats floats. The fused cell bsr_lstm_cell_forward is its checks and then
+// this.
 void bsr_step_into(const BsrLstmLayer& layer, int64_t batch, const void* x, const void* h, const void* c, void* h1,
                    void* c1, float* work);
 

@@ -156,15 +156,20 @@ class StackCall {
     return true;
   }
 
-  // Block-sparse: every layer's blocks have a fast kernel (bsr_lstm_layer checks them, the pattern as a copy).
+  // Block-sparse: every layer's blocks have a fast kernel (bsr_lstm_layer checks them, the pattern as a copy); four
+  // tensors a layer with nn.LSTM's projection (w_hr (P, H) last: h is P wide).
   bool lean_sparse() {
     const auto layers = static_cast<int64_t>(bias_list_.size());
-    if (layers < 1 || static_cast<int64_t>(weights_.size()) != 3 * layers) return false;
+    if (layers < 1 || weights_.size() % layers != 0) return false;
+    count_ = static_cast<int64_t>(weights_.size()) / layers;
+    if (count_ != 3 && (count_ != 4 || weights_[3].dim() != 2)) return false;
+    rec_ = count_ == 4 ? weights_[3].size(0) : hidden_;
     dtype_ = weights_[0].scalar_type();
     try {
       for (int64_t k = 0; k < layers; ++k) {
-        const Tensor* w = weights_.data() + 3 * k;
-        sparse_.push_back(bsr_lstm_layer(w[0], w[1], w[2], bias_list_[k], k == 0 ? input_size_ : hidden_, hidden_));
+        const Tensor* w = weights_.data() + count_ * k;
+        sparse_.push_back(bsr_lstm_layer(w[0], w[1], w[2], bias_list_[k], k == 0 ? input_size_ : rec_, hidden_,
+                                         count_ == 4 ? w + 3 : nullptr));
       }
     } catch (const c10::Error&) {
       sparse_.clear();
@@ -220,8 +225,8 @@ class StackCall {
   std::vector<std::optional<Tensor>> bias_list_;  // (read without c10::List's per-element copies)
   c10::List<std::optional<Tensor>> biases_;
   int64_t hidden_, input_size_;
-  int64_t rec_ = hidden_;  // the width of h: nn.LSTM's proj_size with a projection (count_ 5), else hidden_
-  int64_t count_ = 4;      // low-rank tensors a layer
+  int64_t rec_ = hidden_;  // the width of h: nn.LSTM's proj_size with a projection, else hidden_
+  int64_t count_ = 4;      // tensors a layer: low-rank 4 (5 projected), block-sparse 3 (4 projected)
   const SourcesSnapshot* sources_;  // owned by the Python object the function holds (fast_call.h)
   std::vector<BsrLstmLayer> sparse_;  // a block-sparse stack taking the lean step: each layer, checked
   bool lean_ = false;
@@ -232,7 +237,8 @@ class StackCall {
 
 // _C.StackCall(kind, weights, biases, hidden_size, input_size, snapshot): the function for forward, kind
 // "lowrank" (weights: four factors a layer, five with nn.LSTM's projection w_hr; the op lowrank_lstm_sequence's
-// face) or "sparse" (values, crow_indices, col_indices a layer; bsr_linear's face); biases one a layer (None: none).
+// face) or "sparse" (values, crow_indices, col_indices a layer, and w_hr with a projection; bsr_linear's face);
+// biases one a layer (None: none).
 // The snapshot covers every tensor the weights come from (amnets_kernels/nn/stacked_lstm.py).
 void bind_lstm_stack(pybind11::module_& m) {
   m.def("StackCall", [](const std::string& kind, std::vector<Tensor> weights, std::vector<std::optional<Tensor>> biases,
