@@ -91,3 +91,23 @@ def test_from_torch_bsr_checks_the_bias(bias, error, match):
     with pytest.raises(error, match=f"^BlockSparseLinear.from_torch_bsr: {match}"):
         BlockSparseLinear.from_torch_bsr(weight, bias)
     assert BlockSparseLinear.from_torch_bsr(weight, torch.zeros(32)).bias.shape == (32,)
+
+
+def test_reset_parameters_redraws_the_kept_blocks_in_place_at_nn_linears_scale():
+    """As nn.Linear.reset_parameters: the same parameter objects drawn anew from uniform(-1/sqrt(in), 1/sqrt(in)),
+    the pattern kept and block entries past the layer's shape zero; `.weight`, which nn.Linear code reads, says
+    where the weight is instead."""
+    torch.manual_seed(0)
+    layer = BlockSparseLinear(40, 24, block_size=16, sparsity=0.5)  # padded: 2 x 3 blocks over (24, 40)
+    values, bias, pattern = layer.values, layer.bias, (layer.crow_indices.clone(), layer.col_indices.clone())
+    before = values.detach().clone()
+    layer.reset_parameters()
+    assert layer.values is values and layer.bias is bias and not torch.equal(values, before)
+    assert torch.equal(layer.crow_indices, pattern[0]) and torch.equal(layer.col_indices, pattern[1])
+    dense = layer.to_dense().weight.detach()
+    kept = layer.sparse_weight.block_mask().repeat_interleave(16, 0).repeat_interleave(16, 1)[:24, :40]
+    assert dense[kept].abs().max() <= 40 ** -0.5 and (dense[kept] != 0).all() and (dense[~kept] == 0).all()
+    assert bias.abs().max() <= 40 ** -0.5
+    assert values.abs().sum() == dense.abs().sum()  # nothing stored past the shape
+    with pytest.raises(AttributeError, match="BlockSparseLinear has no 'weight'.*sparse_weight"):
+        layer.weight

@@ -3,6 +3,7 @@ with every option combination nn.LSTM has (layers, bidirectional, proj_size, bat
 on every face; dropout between layers; the way back (to_dense); the cost warnings."""
 
 import itertools
+import math
 import warnings
 
 import numpy as np
@@ -781,3 +782,37 @@ def test_the_cells_missing_dense_weights_say_where_they_are():
             getattr(cell, name)
     with pytest.raises(AttributeError, match="'LowRankLSTMCell' object has no attribute 'nothing'"):
         cell.nothing
+
+
+@pytest.mark.parametrize("kind", ["lowrank", "sparse", "cell"])
+def test_reset_parameters_draws_every_parameter_anew_in_place(kind):
+    """As nn.LSTM / nn.LSTMCell.reset_parameters: the same parameter objects, drawn anew (ranks and pattern kept,
+    at nn.LSTM's weight scale: see the constructors), and the native inference paths follow (the sparse split
+    and stack call are caches); `mode` is nn.LSTM's."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotCheaperWarning)
+        module = {"lowrank": lambda: LowRankLSTM(24, 32, rank=8, num_layers=2, proj_size=8),
+                  "sparse": lambda: BlockSparseLSTM(24, 32, num_layers=2, block_size=16, sparsity=0.5, proj_size=8),
+                  "cell": lambda: LowRankLSTMCell(24, 32, rank=8)}[kind]().eval()
+    x = torch.randn(1, 2, 24) if kind != "cell" else torch.randn(2, 24)
+    with torch.no_grad():
+        module(x), module(x)  # the native paths built
+    params = dict(module.named_parameters())
+    before = {name: p.detach().clone() for name, p in params.items()}
+    pattern = [b.clone() for b in module.buffers()]
+    module.reset_parameters()
+    assert dict(module.named_parameters()) == params  # the same objects
+    assert all(not torch.equal(p, before[name]) for name, p in params.items())
+    assert all(torch.equal(b, old) for b, old in zip(module.buffers(), pattern))
+    bound = 1 / math.sqrt(32)
+    for name, p in params.items():
+        if name.startswith(("values", "w_hr")):
+            assert p.abs().max() <= bound
+        if name.startswith("bias"):
+            assert p.abs().max() <= (2 if kind == "sparse" else 1) * bound  # (sparse: nn.LSTM's two biases summed)
+    with torch.no_grad():
+        got, want = module(x), module.to_dense()(x)
+    torch.testing.assert_close(got[0], want[0], rtol=0, atol=2e-5)
+    if kind != "cell":
+        assert module.mode == "LSTM" == nn.LSTM(2, 2).mode

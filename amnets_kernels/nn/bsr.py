@@ -15,7 +15,8 @@ from .._ops.bsr import _FAST_BLOCKS, _FAST_DTYPES, PreparedBsrLstmCell, _fused_c
 from .._ops.lstm_update import lstm_pointwise
 from ..formats import BlockSparseMatrix, bsr_to_dense
 from .cost import warn_if_not_cheaper
-from .stacked_lstm import StackedLSTM, combined_bias, copy_into, lstm_config_of, own_tensors, parameter_from
+from .stacked_lstm import (StackedLSTM, combined_bias, copy_into, lstm_config_of, own_tensors, parameter_from,
+                           reset_projection)
 
 
 def _resize_to_saved(module: nn.Module, state_dict, prefix: str, names) -> None:
@@ -27,6 +28,19 @@ def _resize_to_saved(module: nn.Module, state_dict, prefix: str, names) -> None:
         if saved is not None and saved.shape != current.shape:
             current.grad = None  # the old pattern's: the next backward would add the new one's to it
             current.data = current.new_empty(saved.shape)
+
+
+@torch.no_grad()
+def _redraw_blocks(values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, shape: tuple[int, int],
+                   bound: float) -> None:
+    """The stored blocks of a `shape` matrix drawn anew in place from uniform(-bound, bound), the pattern kept
+    and entries past the shape zero, as pruning a dense draw leaves them (reset_parameters). A module on meta
+    has no pattern to keep: nothing to draw."""
+    if values.device.type == "meta":
+        return
+    kept = BlockSparseMatrix(values, crow, col, shape).block_mask()
+    dense = torch.empty(shape, device=values.device, dtype=values.dtype).uniform_(-bound, bound)
+    values.copy_(BlockSparseMatrix.from_dense(dense, block_size=values.shape[-1], mask=kept).values)
 
 
 class BlockSparseLinear(nn.Module):
@@ -89,6 +103,27 @@ class BlockSparseLinear(nn.Module):
             _validate._same_device_and_dtype(op, "weight", {"weight": module.values, "bias": bias})
         module.bias = None if bias is None else nn.Parameter(bias.detach().clone())
         return module
+
+    def reset_parameters(self) -> None:
+        """As nn.Linear.reset_parameters: the kept blocks and the bias drawn anew in place at nn.Linear's scale,
+        uniform(-1/sqrt(in_features), 1/sqrt(in_features)); the pattern is kept."""
+        bound = 1.0 / math.sqrt(self.in_features)
+        _redraw_blocks(self.values, self.crow_indices, self.col_indices, (self.out_features, self.in_features),
+                       bound)
+        if self.bias is not None:
+            with torch.no_grad():
+                self.bias.uniform_(-bound, bound)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "weight":  # code written for nn.Linear reaching for its dense weight
+                raise AttributeError(
+                    "BlockSparseLinear has no 'weight': nn.Linear's dense weight is not kept here (values, "
+                    "crow_indices and col_indices hold the kept blocks); .sparse_weight gives them as a "
+                    "BlockSparseMatrix, to_dense() the equivalent nn.Linear") from None
+            raise
 
     @property
     def sparse_weight(self) -> BlockSparseMatrix:
@@ -426,6 +461,21 @@ class BlockSparseLSTM(StackedLSTM):
         layer, reverse = divmod(k, self.num_directions)
         w_hr = getattr(self, f"w_hr_l{layer}{'_reverse' if reverse else ''}") if self.proj_size else None
         return w[:, :in_size], w[:, in_size:], b, w_hr
+
+    def reset_parameters(self) -> None:
+        """As nn.LSTM.reset_parameters: every direction's kept blocks drawn anew in place from nn.LSTM's
+        uniform(-1/sqrt(H), 1/sqrt(H)), the pattern kept; its one bias as nn.LSTM's two summed (each from that
+        uniform); a projection as nn.LSTM draws it."""
+        bound = 1.0 / math.sqrt(self.hidden_size)
+        for k, layer, suffix, d in self._directions:
+            values, crow, col, bias = self._pattern(k)
+            _redraw_blocks(values, crow, col, self._shape(d), bound)
+            if bias is not None:
+                with torch.no_grad():
+                    bias.copy_(torch.empty_like(bias).uniform_(-bound, bound) + torch.empty_like(bias).uniform_(
+                        -bound, bound))
+            if self.proj_size:
+                reset_projection(self, f"_l{layer}{suffix}", self.hidden_size)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):
         # Another pattern or block size loads; another hidden or input size is a size mismatch, as for

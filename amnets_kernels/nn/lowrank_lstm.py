@@ -17,7 +17,7 @@ from .._ops.lstm_update import lstm_pointwise
 from ..formats import lowrank_factors, rank_for_energy
 from .cost import warn_if_not_cheaper
 from .stacked_lstm import (StackedLSTM, check_hx_pair, check_weights_dtype, combined_bias, copy_into, lstm_config_of,
-                           own_tensors, parameter_from)
+                           own_tensors, parameter_from, reset_projection)
 
 _stack = torch.ops.amnets_native.lowrank_lstm_stack_step.default
 _FACTORS = ("w_ih_u", "w_ih_v", "w_hh_u", "w_hh_v")
@@ -63,17 +63,28 @@ def _factor_into(module: nn.Module, tag: str, w_ih: torch.Tensor, w_hh: torch.Te
 
 def _init_into(module: nn.Module, tag: str, hidden: int, d: int, rec: int, r_ih: int, r_hh: int, bias: bool,
                device, dtype) -> None:
-    """Fresh factors for one direction (input size d, recurrent input size rec), at nn.LSTM's weight scale:
-    nn.LSTM draws W from uniform(-s, s) (variance s^2 / 3); U V with both factors uniform(-a, a) and
-    inner size r has variance r (a^2 / 3)^2, equal when a = (3 / r)^(1/4) sqrt(s)."""
+    """Fresh factors for one direction (input size d, recurrent input size rec), drawn by _reset_factors."""
+    for name, shape in zip(_FACTORS, ((4 * hidden, r_ih), (r_ih, d), (4 * hidden, r_hh), (r_hh, rec))):
+        module.register_parameter(f"{name}{tag}", nn.Parameter(torch.empty(shape, device=device, dtype=dtype)))
+    module.register_parameter(f"bias{tag}", nn.Parameter(torch.empty(4 * hidden, device=device, dtype=dtype))
+                              if bias else None)
+    _reset_factors(module, tag, hidden)
+
+
+@torch.no_grad()
+def _reset_factors(module: nn.Module, tag: str, hidden: int) -> None:
+    """One direction's factors and bias drawn anew in place, at nn.LSTM's weight scale: nn.LSTM draws W from
+    uniform(-s, s) (variance s^2 / 3); U V with both factors uniform(-a, a) and inner size r has variance
+    r (a^2 / 3)^2, equal when a = (3 / r)^(1/4) sqrt(s)."""
     scale = 1.0 / math.sqrt(hidden)
-    for name, shape, inner in zip(_FACTORS, ((4 * hidden, r_ih), (r_ih, d), (4 * hidden, r_hh), (r_hh, rec)),
-                                  (r_ih, r_ih, r_hh, r_hh)):
+    for name in _FACTORS:
+        factor = getattr(module, f"{name}{tag}")
+        inner = factor.shape[1] if name.endswith("_u") else factor.shape[0]
         bound = (3.0 / inner) ** 0.25 * math.sqrt(scale)
-        module.register_parameter(f"{name}{tag}", nn.Parameter(
-            torch.empty(shape, device=device, dtype=dtype).uniform_(-bound, bound)))
-    module.register_parameter(f"bias{tag}", nn.Parameter(
-        torch.empty(4 * hidden, device=device, dtype=dtype).uniform_(-scale, scale)) if bias else None)
+        factor.uniform_(-bound, bound)
+    bias = getattr(module, f"bias{tag}")
+    if bias is not None:
+        bias.uniform_(-scale, scale)
 
 
 def _adopt_saved_ranks(module: nn.Module, state_dict, prefix: str, tag: str, d: int, rec: int) -> tuple | None:
@@ -136,9 +147,9 @@ class LowRankLSTM(StackedLSTM):
             self.ranks.append(ranks)
             _init_into(self, f"_l{layer}{suffix}", hidden_size, d, rec, *ranks, bias, device, dtype)
             if proj_size:
-                bound = 1.0 / math.sqrt(hidden_size)
                 self.register_parameter(f"w_hr_l{layer}{suffix}", nn.Parameter(
-                    torch.empty(proj_size, hidden_size, device=device, dtype=dtype).uniform_(-bound, bound)))
+                    torch.empty(proj_size, hidden_size, device=device, dtype=dtype)))
+                reset_projection(self, f"_l{layer}{suffix}", hidden_size)
         warn_if_not_cheaper(self, self.macs_per_frame(), self.dense_macs_per_frame())
 
     @classmethod
@@ -178,6 +189,14 @@ class LowRankLSTM(StackedLSTM):
             raise ValueError(f"{op}: no layer {layer}{' reverse' if reverse else ''} in "
                              f"{self.num_layers} layer(s), bidirectional={self.bidirectional}")
         return self._direction_tensors(layer * self.num_directions + bool(reverse))
+
+    def reset_parameters(self) -> None:
+        """As nn.LSTM.reset_parameters: every parameter drawn anew in place (the ranks kept), the factors at
+        nn.LSTM's weight scale (see the constructor) and a projection from uniform(-1/sqrt(H), 1/sqrt(H))."""
+        for _, layer, suffix, _ in self.directions():
+            _reset_factors(self, f"_l{layer}{suffix}", self.hidden_size)
+            if self.proj_size:
+                reset_projection(self, f"_l{layer}{suffix}", self.hidden_size)
 
     def _load_from_state_dict(self, state_dict, prefix, *args):
         for k, (_, layer, suffix, d) in enumerate(self.directions()):
@@ -285,6 +304,11 @@ class LowRankLSTMCell(nn.Module):
         module.train(cell.training)
         warn_if_not_cheaper(module, module.macs_per_frame(), module.dense_macs_per_frame())
         return module
+
+    def reset_parameters(self) -> None:
+        """As nn.LSTMCell.reset_parameters: the factors and bias drawn anew in place (the ranks kept), at
+        nn.LSTMCell's weight scale."""
+        _reset_factors(self, "", self.hidden_size)
 
     def _load_from_state_dict(self, state_dict, prefix, *args):
         ranks = _adopt_saved_ranks(self, state_dict, prefix, "", self.input_size, self.hidden_size)

@@ -3,6 +3,8 @@ dropout between layers), the dense MAC count, and the way back to a plain nn.LST
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -25,6 +27,7 @@ class StackedLSTM(nn.Module):
     """
 
     _PER_DIRECTION: tuple[str, ...] = ()
+    mode = "LSTM"  # as nn.LSTM's (nn.RNNBase.mode), which code that handles recurrent layers reads
 
     def _configure(self, input_size: int, hidden_size: int, num_layers: int, bias: bool, batch_first: bool,
                    dropout: float, bidirectional: bool, proj_size: int) -> None:
@@ -301,6 +304,13 @@ def own_tensors(module: nn.Module, names: tuple[str, ...]) -> tuple:
         return tuple([params[n] if n in params else buffers[n] for n in names])
     except KeyError:
         return tuple(getattr(module, n) for n in names)
+
+
+@torch.no_grad()
+def reset_projection(module: nn.Module, tag: str, hidden: int) -> None:
+    """nn.LSTM's projection w_hr{tag} drawn anew in place, as nn.LSTM draws it: uniform(-1/sqrt(H), 1/sqrt(H))."""
+    bound = 1.0 / math.sqrt(hidden)
+    getattr(module, f"w_hr{tag}").uniform_(-bound, bound)
 
 
 def lstm_config_of(lstm: nn.LSTM) -> dict:
