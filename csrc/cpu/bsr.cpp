@@ -1242,15 +1242,10 @@ std::tuple<Tensor, Tensor, Tensor> bsr_lstm_stack_step(const Tensor& x, const c1
                                                        const c10::optional<Tensor>& c0, at::TensorList blocks,
                                                        const c10::List<c10::optional<Tensor>>& biases, int64_t hidden) {
   const char* op = "bsr_lstm_stack_step";
-  const auto layers = static_cast<int64_t>(biases.size());
-  const bool projected = layers >= 1 && static_cast<int64_t>(blocks.size()) == 4 * layers;
-  int64_t rec = hidden;
-  if (projected) {
-    checks::dims(op, "w_hr", blocks[3], 2);
-    rec = blocks[3].size(0);
-    TORCH_CHECK_VALUE(rec >= 1, op, ": w_hr must have shape (proj_size, H) with proj_size >= 1; got ",
-                      checks::py_shape(blocks[3].sizes()));
-  }
+  // (not a structured binding: the lambda below captures them)
+  const std::pair<bool, int64_t> shape = stack_projection(op, blocks, static_cast<int64_t>(biases.size()), 3, hidden);
+  const bool projected = shape.first;
+  const int64_t rec = shape.second;
   return lstm_stack_step(op, x, h0, c0, blocks, projected ? 4 : 3,
                          "blocks must hold (values, crow_indices, col_indices), and w_hr with a projection,", biases,
                          hidden, rec, [&](const Tensor& in, const Tensor& h, const Tensor& c, const Tensor* b,

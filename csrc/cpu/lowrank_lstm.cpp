@@ -514,15 +514,10 @@ std::tuple<Tensor, Tensor, Tensor> lowrank_lstm_stack_step(const Tensor& x, cons
                                                            const c10::List<c10::optional<Tensor>>& biases,
                                                            int64_t hidden) {
   const char* op = "lowrank_lstm_stack_step";
-  const auto layers = static_cast<int64_t>(biases.size());
-  const bool projected = layers >= 1 && static_cast<int64_t>(weights.size()) == 5 * layers;
-  int64_t rec = hidden;
-  if (projected) {
-    checks::dims(op, "w_hr", weights[4], 2);
-    rec = weights[4].size(0);
-    TORCH_CHECK_VALUE(rec >= 1, op, ": w_hr must have shape (proj_size, H) with proj_size >= 1; got ",
-                      checks::py_shape(weights[4].sizes()));
-  }
+  // (not a structured binding: the lambda below captures them)
+  const std::pair<bool, int64_t> shape = stack_projection(op, weights, static_cast<int64_t>(biases.size()), 4, hidden);
+  const bool projected = shape.first;
+  const int64_t rec = shape.second;
   const char* what = "weights must hold 4 factors (w_ih_u, w_ih_v, w_hh_u, w_hh_v), or 5 with a projection w_hr,";
   return lstm_stack_step(op, x, h0, c0, weights, projected ? 5 : 4, what, biases, hidden, rec,
                          [&](const Tensor& in, const Tensor& h, const Tensor& c, const Tensor* w,

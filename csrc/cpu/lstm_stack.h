@@ -63,6 +63,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lstm_stack_step(const char* op, c
   return {input, h_n, c_n};
 }
 
+// Whether a stack's weights hold `count` tensors a layer plus nn.LSTM's projection w_hr (P, H) as the last one of
+// each (then P, the width of h, checked >= 1), or `count` (then h is hidden wide): {projected, width of h}.
+inline std::pair<bool, int64_t> stack_projection(const char* op, at::TensorList weights, int64_t layers, int64_t count,
+                                                 int64_t hidden) {
+  const bool projected = layers >= 1 && static_cast<int64_t>(weights.size()) == (count + 1) * layers;
+  if (!projected) return {false, hidden};
+  const at::Tensor& w_hr = weights[count];
+  checks::dims(op, "w_hr", w_hr, 2);
+  TORCH_CHECK_VALUE(w_hr.size(0) >= 1, op, ": w_hr must have shape (proj_size, H) with proj_size >= 1; got ",
+                    checks::py_shape(w_hr.sizes()));
+  return {true, w_hr.size(0)};
+}
+
 // The two ops' stack steps (amnets_native::lowrank_lstm_stack_step, bsr_lstm_stack_step; schemas in csrc/ops.cpp),
 // also called without the dispatcher by the prepared stack call for Python (csrc/cpu/lstm_stack.cpp).
 using StackStep = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor& x, const std::optional<at::Tensor>& h0,
