@@ -33,7 +33,7 @@ from ._ops.lowrank_lstm import PreparedLowrankLstmCell, lowrank_lstm_cell, lowra
 from ._ops.rnnt import fused_joint_rnnt_loss, rnnt_loss  # noqa: E402
 from .formats import BlockSparseMatrix, lowrank_factors, rank_for_energy  # noqa: E402
 from . import nn  # noqa: E402  (amnets_kernels.nn: the drop-in modules)
-from .swap import SwapReport, swap_in, unswap  # noqa: E402
+from .swap import SwapReport, swap_in, swap_like, unswap  # noqa: E402
 from ._weights import weights_changed  # noqa: E402
 
 __all__ = [
@@ -41,5 +41,5 @@ __all__ = [
     "bsr_linear", "build_info", "fused_joint_rnnt_loss", "get_backend", "get_label_checks", "last_face", "lowrank_factors",
     "lowrank_lstm_cell", "lowrank_lstm_sequence", "nn", "PreparedBsrLinear", "PreparedBsrLstmCell",
     "PreparedLowrankLstmCell", "rank_for_energy", "rnnt_loss", "set_backend", "set_label_checks",
-    "SwapReport", "swap_in", "unavailable_reason", "unswap", "use_backend", "weights_changed", "which_face",
+    "SwapReport", "swap_in", "swap_like", "unavailable_reason", "unswap", "use_backend", "weights_changed", "which_face",
 ]

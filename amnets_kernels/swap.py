@@ -443,6 +443,81 @@ def swap_in(model: nn.Module, lstm_rank: int | float | None = None, linear_spars
     return (model, report) if return_report else model
 
 
+def swap_like(model: nn.Module, state_dict) -> nn.Module:
+    """Replace, in place, the layers of `model` that a swapped checkpoint holds as amnets modules by modules of
+    those kinds, so that `model.load_state_dict(state_dict)` loads it: the way to load a swap_in-ed model's
+    checkpoint into a fresh dense model when swapping anew would not make the same choices (a fractional
+    lstm_rank picks ranks from the weights, and on fresh random weights a layer may not pay and stay dense).
+    Decided by the checkpoint's keys under each layer's name: w_ih_u_l0 (LowRankLSTM), values_l0
+    (BlockSparseLSTM), w_ih_u (LowRankLSTMCell), values (BlockSparseLinear); the new modules have the
+    layer's configuration, and their ranks, block sizes and patterns come with the load. A new parameter trains
+    as the layer's weights (a bias: its biases) did, and the train/eval mode is kept. Layers the checkpoint holds
+    dense stay as they are; a layer it holds swapped that cannot be replaced (hooks, a parametrization, tied
+    weights: as swap_in leaves one) is a ValueError naming it. Returns the model (a new object when the model
+    itself is replaced)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"swap_like: model must be an nn.Module; got {type(model).__name__}")
+    if not hasattr(state_dict, "keys") or not hasattr(state_dict, "__getitem__"):
+        raise TypeError(f"swap_like: state_dict must be a mapping of names to tensors (a state_dict); got "
+                        f"{type(state_dict).__name__}")
+    places = _places(model)
+    owners = _owners(places)
+    plans = []
+    for module, names in places.values():
+        kind = _saved_kind(module, names[0], state_dict)
+        if kind is None:
+            continue
+        lost = _what_would_be_lost(module, owners)
+        if lost is not None:
+            raise ValueError(f"swap_like: the checkpoint holds {names[0] or 'the model'} as {kind.__name__}, but "
+                             f"{lost}")
+        plans.append((names, module, kind))
+    for names, old, kind in plans:
+        new = _empty_like(old, kind, state_dict, f"{names[0]}." if names[0] else "")
+        weights = any(p.requires_grad for n, p in old.named_parameters() if not n.startswith("bias"))
+        biases = any(p.requires_grad for n, p in old.named_parameters() if n.startswith("bias"))
+        for name, p in new.named_parameters():
+            p.requires_grad_(biases if name.startswith("bias") else weights)
+        new.train(old.training)
+        model = _put(model, names, new)
+    return model
+
+
+# What a checkpoint's key under a layer's name says it holds there: (dense kind, key) -> amnets kind.
+_SAVED_KINDS = {(nn.LSTM, "w_ih_u_l0"): LowRankLSTM, (nn.LSTM, "values_l0"): BlockSparseLSTM,
+                (nn.LSTMCell, "w_ih_u"): LowRankLSTMCell, (nn.Linear, "values"): BlockSparseLinear}
+
+
+def _saved_kind(module: nn.Module, name: str, state_dict):
+    """The amnets kind the checkpoint holds at `name` for a dense layer of exactly nn.LSTM / nn.LSTMCell /
+    nn.Linear, or None."""
+    prefix = f"{name}." if name else ""
+    for (dense, key), kind in _SAVED_KINDS.items():
+        if type(module) is dense and prefix + key in state_dict:
+            return kind
+    return None
+
+
+def _empty_like(old: nn.Module, kind: type, state_dict, prefix: str) -> nn.Module:
+    """A `kind` module with `old`'s configuration, device and dtype, for a load to fill: rank 1, or every block
+    at the checkpoint's block size (its pattern and ranks replace these: see the modules' load)."""
+    ref = next(old.parameters())
+    at = dict(device=ref.device, dtype=ref.dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (rank 1 and sparsity 0 are placeholders, not a configuration to judge)
+        if kind is BlockSparseLinear:
+            return BlockSparseLinear(old.in_features, old.out_features, state_dict[prefix + "values"].shape[-1],
+                                     0.0, bias=old.bias is not None, **at)
+        if kind is LowRankLSTMCell:
+            return LowRankLSTMCell(old.input_size, old.hidden_size, 1, bias=old.bias, **at)
+        config = dict(num_layers=old.num_layers, bias=old.bias, batch_first=old.batch_first, dropout=old.dropout,
+                      bidirectional=old.bidirectional, proj_size=old.proj_size, **at)
+        if kind is LowRankLSTM:
+            return LowRankLSTM(old.input_size, old.hidden_size, 1, **config)
+        return BlockSparseLSTM(old.input_size, old.hidden_size, block_size=state_dict[prefix + "values_l0"].shape[-1],
+                               sparsity=0.0, **config)
+
+
 def unswap(model: nn.Module, return_report: bool = False):
     """Undo swap_in, in place: every BlockSparseLinear / LowRankLSTM / BlockSparseLSTM / LowRankLSTMCell
     becomes the plain nn.Linear / nn.LSTM / nn.LSTMCell computing what it computes (factors and kept blocks

@@ -544,3 +544,54 @@ def test_block_sparse_lstms_swapped_in_train_mode_at_small_sizes_warn():
         warnings.simplefilter("error", SmallLayerWarning)
         ak.swap_in(nn.Sequential(nn.LSTM(128, 128)).eval(), lstm_sparsity=0.75)  # inference: fast
         ak.swap_in(nn.Sequential(nn.LSTM(128, 128)), lstm_rank=16)
+
+
+def test_swap_like_loads_a_swapped_checkpoint_into_a_fresh_dense_model():
+    """A fractional lstm_rank picks ranks from the weights: swapped anew on fresh random weights (flat spectra)
+    the LSTMs do not pay and stay dense, and the checkpoint of the trained, swapped model cannot load. swap_like
+    swaps each layer into the kind the checkpoint holds there (the BlockSparseLSTM too, with its block size and
+    a projection), and then it loads strictly and computes what the swapped model computes; frozen layers stay
+    frozen, a layer it cannot replace is named, and a layer the checkpoint holds dense stays."""
+    def model():
+        return nn.ModuleDict(dict(enc=nn.LSTM(32, 64, 2), lstmp=nn.LSTM(32, 64, proj_size=16), cell=nn.LSTMCell(32, 64),
+                                  sparse=nn.LSTM(32, 64, proj_size=16), out=nn.Linear(64, 64), keep=nn.Linear(8, 8)))
+    torch.manual_seed(0)
+    trained = model()
+    with torch.no_grad():  # "trained" weights: low-rank structure, so the energy rank is small
+        for name in ("enc", "lstmp", "cell"):
+            for p in trained[name].parameters():
+                if p.dim() == 2:
+                    p.copy_(torch.randn(p.shape[0], 4) @ torch.randn(4, p.shape[1]) / 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        swapped = ak.swap_in(copy.deepcopy(trained), lstm_rank=0.97, linear_sparsity=0.5, block_size=16,
+                             min_macs=1000, exclude="sparse")
+        swapped["sparse"] = BlockSparseLSTM.from_lstm(trained["sparse"], sparsity=0.6, block_size=16)
+        again = ak.swap_in(model(), lstm_rank=0.97, linear_sparsity=0.5, block_size=16, min_macs=1000)
+    checkpoint = swapped.state_dict()
+    assert type(again["enc"]) is nn.LSTM  # the pitfall swap_like is for
+    with pytest.raises(RuntimeError, match="Missing key"):
+        again.load_state_dict(checkpoint)
+    fresh = model()
+    fresh["lstmp"].requires_grad_(False)  # frozen: stays frozen
+    fresh["keep"].eval()
+    assert ak.swap_like(fresh, checkpoint) is fresh
+    assert {k: type(v) for k, v in fresh.items()} == {k: type(v) for k, v in swapped.items()}
+    assert type(fresh["keep"]) is nn.Linear and not fresh["keep"].training
+    assert not any(p.requires_grad for p in fresh["lstmp"].parameters())
+    assert all(p.requires_grad for p in fresh["enc"].parameters())
+    fresh.load_state_dict(checkpoint)
+    assert fresh["sparse"].block_size == 16 and fresh["sparse"].proj_size == 16
+    x = torch.randn(5, 3, 32)
+    with torch.no_grad():
+        for name in ("enc", "lstmp", "sparse"):
+            torch.testing.assert_close(fresh[name](x)[0], swapped[name](x)[0], rtol=0, atol=0)
+        torch.testing.assert_close(fresh["cell"](x[0])[0], swapped["cell"](x[0])[0], rtol=0, atol=0)
+        torch.testing.assert_close(fresh["out"](x[0, :, :1].expand(3, 64)), swapped["out"](x[0, :, :1].expand(3, 64)))
+    hooked = model()
+    hooked["out"].register_forward_hook(lambda *args: None)
+    with pytest.raises(ValueError, match="swap_like: the checkpoint holds out as BlockSparseLinear, but it has "
+                                         "forward hook"):
+        ak.swap_like(hooked, checkpoint)
+    with pytest.raises(TypeError, match="state_dict must be a mapping"):
+        ak.swap_like(model(), [1, 2])
