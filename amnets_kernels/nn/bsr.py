@@ -378,6 +378,7 @@ class BlockSparseLSTM(StackedLSTM):
         return stepped
 
     def _w_hr(self, k: int):
+        """Direction k's projection w_hr (with proj_size)."""
         layer, reverse = divmod(k, self.num_directions)
         return own_tensors(self, (f"w_hr_l{layer}{'_reverse' if reverse else ''}",))[0]
 
@@ -458,9 +459,7 @@ class BlockSparseLSTM(StackedLSTM):
         values, crow, col, b = self._pattern(k)
         in_size = self.input_size_of(k)
         w = bsr_to_dense(values, crow, col, self._shape(in_size))
-        layer, reverse = divmod(k, self.num_directions)
-        w_hr = getattr(self, f"w_hr_l{layer}{'_reverse' if reverse else ''}") if self.proj_size else None
-        return w[:, :in_size], w[:, in_size:], b, w_hr
+        return w[:, :in_size], w[:, in_size:], b, self._w_hr(k) if self.proj_size else None
 
     def reset_parameters(self) -> None:
         """As nn.LSTM.reset_parameters: every direction's kept blocks drawn anew in place from nn.LSTM's
