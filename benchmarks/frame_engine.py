@@ -131,16 +131,16 @@ def main() -> None:
         for path, prefix in (("streamer()", ""), ("stream(), the state passed", "stream() ")):
             value = ratio(times, prefix + "cheap", lambda i: times[prefix + "dense"][i])
             target_row(f"H=192 x2 {cheap}, {path}: arbitrated all-cheap / dense frame "
-                   f"({statistics.median(times[prefix + 'cheap']):.1f} / {statistics.median(times[prefix + 'dense']):.1f}"
-                   f" us; MAC ratio {macs:.2f})", value, 1 - 0.9 * (1 - macs))
+                       f"({statistics.median(times[prefix + 'cheap']):.1f} / {statistics.median(times[prefix + 'dense']):.1f}"
+                       f" us; MAC ratio {macs:.2f})", value, 1 - 0.9 * (1 - macs))
 
     tiny = encoder(8, 16, 2, "sparse", block_size=16)  # b=32 kept no block of its (64, 24) [W_ih | W_hh]
     a, b = torch.randn(1, 8), torch.randn(8, 8)
     times = interleaved({"frame": frame(tiny.streamer(), torch.randn(1, 1, 8)), "mm": lambda: torch.mm(a, b)},
                         rounds, seconds)
     target_row(f"tiny model (D=8, H=16 x2): arbitrated frame / tiny torch.mm ({statistics.median(times['frame']):.1f} / "
-           f"{statistics.median(times['mm']):.2f} us)", ratio(times, "frame", lambda i: times["mm"][i]), 8.0,
-           "{:.1f}")
+               f"{statistics.median(times['mm']):.2f} us)", ratio(times, "frame", lambda i: times["mm"][i]), 8.0,
+               "{:.1f}")
 
     for hidden in (192, big):
         enc = encoder(240, hidden, 2, "sparse")
@@ -148,8 +148,8 @@ def main() -> None:
         times = interleaved({"engine": frame(enc.streamer(force="full"), x), "nn.LSTM": lstm_stepper(enc, x)},
                             rounds, seconds)
         target_row(f"H={hidden} x2: dense frame through the engine / nn.LSTM stepped per frame "
-               f"({statistics.median(times['engine']):.1f} / {statistics.median(times['nn.LSTM']):.1f} us)",
-               ratio(times, "engine", lambda i: times["nn.LSTM"][i]), 0.5)
+                   f"({statistics.median(times['engine']):.1f} / {statistics.median(times['nn.LSTM']):.1f} us)",
+                   ratio(times, "engine", lambda i: times["nn.LSTM"][i]), 0.5)
 
     caches = cache_bytes()
     evict = torch.ones(2 * caches.get("L3", 32 << 20) // 4)  # read (not written) before each dram-regime call
@@ -163,12 +163,12 @@ def main() -> None:
         where = ", ".join(f"{b} {n / 2**20:.1f} MB {residency(n, caches)}" for b, n in nbytes.items())
         times = interleaved(candidates, rounds, seconds)
         target_row(f"H={big} x3 {cheap} [cache: back to back; {where}]: all-cheap / all-full frame "
-               f"({statistics.median(times['cheap']):.0f} / {statistics.median(times['full']):.0f} us)",
-               ratio(times, "cheap", lambda i: times["full"][i]), 0.1)
+                   f"({statistics.median(times['cheap']):.0f} / {statistics.median(times['full']):.0f} us)",
+                   ratio(times, "cheap", lambda i: times["full"][i]), 0.1)
         times = interleaved_cold(candidates, rounds, 2 if args.quick else 15, lambda: evict.sum())
         target_row(f"H={big} x3 {cheap} [dram: {evict.numel() * 4 / 2**20:.0f} MB read before each call]: all-cheap / "
-               f"all-full frame ({statistics.median(times['cheap']):.0f} / {statistics.median(times['full']):.0f} us;"
-               f" MAC ratio {macs:.2f})", ratio(times, "cheap", lambda i: times["full"][i]), 1 - 0.9 * (1 - macs))
+                   f"all-full frame ({statistics.median(times['cheap']):.0f} / {statistics.median(times['full']):.0f} us;"
+                   f" MAC ratio {macs:.2f})", ratio(times, "cheap", lambda i: times["full"][i]), 1 - 0.9 * (1 - macs))
 
     batch, chunk = 64, 10
     for cheap in ("sparse", "lowrank"):
@@ -180,8 +180,8 @@ def main() -> None:
         for f in (0.25, 0.5, 0.75):
             value = ratio(times, f, lambda i: f * times[1.0][i] + (1 - f) * times[0.0][i])
             target_row(f"H={big} x3 {cheap} B={batch}, f={f}: t(f) / interpolation ({statistics.median(times[f]) / chunk:.0f}"
-                   f" us a frame; all-cheap {statistics.median(times[0.0]) / chunk:.0f}, all-full "
-                   f"{statistics.median(times[1.0]) / chunk:.0f})", value, 1.2)
+                       f" us a frame; all-cheap {statistics.median(times[0.0]) / chunk:.0f}, all-full "
+                       f"{statistics.median(times[1.0]) / chunk:.0f})", value, 1.2)
 
     bf16(rounds, seconds)
     paced(tiny, rounds)

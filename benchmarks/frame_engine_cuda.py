@@ -96,10 +96,10 @@ def main(argv: list[str] | None = None) -> None:
         read_us = dense_bytes(enc) / (bandwidth.get("gbs") or hbm_read_gbs()) / 1e3
         med = {k: statistics.median(v) for k, v in times.items()}
         target_row(f"H=1024 x3 {cheap} B=1: all-full frame / dense weights read once ({med['full']:.1f} / {read_us:.1f} us;"
-               f" {CHUNK}-frame chunks {med['full chunk'] / CHUNK:.1f} us a frame; arbitrated {med['arbitrated']:.1f} us)",
-               statistics.median(t / read_us for t in times["full"]), 2.0)
+                   f" {CHUNK}-frame chunks {med['full chunk'] / CHUNK:.1f} us a frame; arbitrated {med['arbitrated']:.1f} us)",
+                   statistics.median(t / read_us for t in times["full"]), 2.0)
         target_row(f"H=1024 x3 {cheap} B=1: all-cheap / all-full frame ({med['cheap']:.1f} / {med['full']:.1f} us)",
-               ratio(times, "cheap", lambda i: times["full"][i]), 0.3)
+                   ratio(times, "cheap", lambda i: times["full"][i]), 0.3)
         print(f"| H=1024 x3 {cheap} B=1: host syncs in 10 arbitrated streamed frames | "
               f"{no_host_sync(enc.streamer(), x)} | none | |")
 
@@ -112,9 +112,9 @@ def main(argv: list[str] | None = None) -> None:
                             rounds, seconds, sync)
         med = {k: statistics.median(v) for k, v in times.items()}
         target_row(f"H=192 x2 {cheap} B=1: arbitrated all-cheap / dense frame ({med['cheap']:.1f} / {med['dense']:.1f} us;"
-               f" MAC ratio {macs:.2f})", ratio(times, "cheap", lambda i: times["dense"][i]), 1 - 0.9 * (1 - macs))
+                   f" MAC ratio {macs:.2f})", ratio(times, "cheap", lambda i: times["dense"][i]), 1 - 0.9 * (1 - macs))
         target_row(f"H=192 x2 {cheap} B=1: dense frame / cuDNN nn.LSTM stepped per frame ({med['dense']:.1f} / "
-               f"{med['nn.LSTM']:.1f} us)", ratio(times, "dense", lambda i: times["nn.LSTM"][i]), 0.5)
+                   f"{med['nn.LSTM']:.1f} us)", ratio(times, "dense", lambda i: times["nn.LSTM"][i]), 0.5)
 
     def mixed(cheap):
         batch, chunk = MIXED_BATCH, MIXED_CHUNK
@@ -126,9 +126,9 @@ def main(argv: list[str] | None = None) -> None:
         times = interleaved(candidates, rounds, seconds, sync)
         for f in (0.25, 0.5, 0.75):
             target_row(f"H=1024 x3 {cheap} B={batch}, f={f}: t(f) / interpolation ({statistics.median(times[f]) / chunk:.1f}"
-                   f" us a frame; all-cheap {statistics.median(times[0.0]) / chunk:.1f}, all-full "
-                   f"{statistics.median(times[1.0]) / chunk:.1f})",
-                   ratio(times, f, lambda i: f * times[1.0][i] + (1 - f) * times[0.0][i]), 1.2)
+                       f" us a frame; all-cheap {statistics.median(times[0.0]) / chunk:.1f}, all-full "
+                       f"{statistics.median(times[1.0]) / chunk:.1f})",
+                       ratio(times, f, lambda i: f * times[1.0][i] + (1 - f) * times[0.0][i]), 1.2)
 
     row("HBM read bandwidth", hbm)
     for cheap in ("sparse", "lowrank"):
