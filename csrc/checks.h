@@ -411,20 +411,30 @@ inline void rnnt_saved(const char* op, const at::Tensor& grad_costs, const at::T
 
 // ---------------------------------------------------------------------------------------------------
 // lowrank LSTM: x (B, D) or (T, B, D), h and c (B, H), w_ih_u (4H, r_ih), w_ih_v (r_ih, D),
-// w_hh_u (4H, r_hh), w_hh_v (r_hh, H), bias (4H,). Returns H.
+// w_hh_u (4H, r_hh), w_hh_v (r_hh, H), bias (4H,). Returns H. With nn.LSTM's projection w_hr (P, H) (a projected
+// stack's layer, lowrank_lstm_stack_step), h and w_hh_v's columns are P wide instead: H is read from w_hr.
 
 inline int64_t lowrank_lstm(const char* op, const at::Tensor& x, const at::Tensor& h, const at::Tensor& c,
                             const at::Tensor& w_ih_u, const at::Tensor& w_ih_v, const at::Tensor& w_hh_u,
-                            const at::Tensor& w_hh_v, const c10::optional<at::Tensor>& bias, bool sequence) {
+                            const at::Tensor& w_hh_v, const c10::optional<at::Tensor>& bias, bool sequence,
+                            const at::Tensor* w_hr = nullptr) {
   dims(op, "x", x, sequence ? 3 : 2);
   for (const auto& [name, t] : {std::pair{"w_ih_u", &w_ih_u}, {"w_ih_v", &w_ih_v}, {"w_hh_u", &w_hh_u},
                                 {"w_hh_v", &w_hh_v}})
     dims(op, name, *t, 2);
-  const int64_t batch = x.size(-2), d = x.size(-1), hidden = w_hh_v.size(1);
+  if (w_hr != nullptr) dims(op, "w_hr", *w_hr, 2);
+  const int64_t batch = x.size(-2), d = x.size(-1);
+  const int64_t hidden = w_hr != nullptr ? w_hr->size(1) : w_hh_v.size(1), rec = w_hr != nullptr ? w_hr->size(0) : hidden;
   const int64_t r_ih = w_ih_v.size(0), r_hh = w_hh_v.size(0);
-  TORCH_CHECK_VALUE(hidden >= 1 && r_ih >= 1 && r_hh >= 1, op,
-                    ": hidden size and ranks must be >= 1; got w_ih_v ", w_ih_v.sizes(), ", w_hh_v ", w_hh_v.sizes());
-  shape(op, sequence ? "h0" : "h", h, {batch, hidden});
+  TORCH_CHECK_VALUE(hidden >= 1 && rec >= 1 && r_ih >= 1 && r_hh >= 1, op,
+                    ": hidden size and ranks must be >= 1; got w_ih_v ", w_ih_v.sizes(), ", w_hh_v ", w_hh_v.sizes(),
+                    w_hr != nullptr ? ", w_hr " : "", w_hr != nullptr ? py_shape(w_hr->sizes()) : "");
+  if (w_hr != nullptr) {
+    shape(op, "w_hh_v", w_hh_v, {r_hh, rec}, "(rank_hh, proj_size) = ");
+    shape(op, sequence ? "h0" : "h", h, {batch, rec}, "(B, proj_size) = ");
+  } else {
+    shape(op, sequence ? "h0" : "h", h, {batch, hidden});
+  }
   shape(op, sequence ? "c0" : "c", c, {batch, hidden});
   shape(op, "w_ih_u", w_ih_u, {4 * hidden, r_ih});
   shape(op, "w_ih_v", w_ih_v, {r_ih, d});
@@ -435,6 +445,7 @@ inline int64_t lowrank_lstm(const char* op, const at::Tensor& x, const at::Tenso
   for (const auto& [name, t] : {std::pair{sequence ? "h0" : "h", &h}, {sequence ? "c0" : "c", &c}, {"w_ih_u", &w_ih_u},
                                 {"w_ih_v", &w_ih_v}, {"w_hh_u", &w_hh_u}, {"w_hh_v", &w_hh_v}})
     like(op, "x", x, name, *t, true);
+  if (w_hr != nullptr) like(op, "x", x, "w_hr", *w_hr, true);
   if (bias.has_value()) like(op, "x", x, "bias", *bias, true);
   return hidden;
 }

@@ -479,19 +479,9 @@ namespace {
 // projected layers compute a step (amnets_kernels/nn/lowrank_lstm.py).
 std::pair<Tensor, Tensor> projected_layer(const char* op, const Tensor& in, const Tensor& h, const Tensor& c,
                                           const Tensor* w, const c10::optional<Tensor>& bias, int64_t hidden) {
-  const char* names[] = {"w_ih_u", "w_ih_v", "w_hh_u", "w_hh_v", "w_hr"};
-  for (int j = 0; j < 5; ++j) checks::dims(op, names[j], w[j], 2);
-  const int64_t d = in.size(1), rec = h.size(1), r_ih = w[1].size(0), r_hh = w[3].size(0);
-  TORCH_CHECK_VALUE(r_ih >= 1 && r_hh >= 1, op, ": ranks must be >= 1; got w_ih_v ", checks::py_shape(w[1].sizes()),
-                    ", w_hh_v ", checks::py_shape(w[3].sizes()));
-  checks::shape(op, "w_ih_u", w[0], {4 * hidden, r_ih}, "(4*H, rank) = ");
-  checks::shape(op, "w_ih_v", w[1], {r_ih, d}, "(rank, D) = ");
-  checks::shape(op, "w_hh_u", w[2], {4 * hidden, r_hh}, "(4*H, rank_hh) = ");
-  checks::shape(op, "w_hh_v", w[3], {r_hh, rec}, "(rank_hh, proj_size) = ");
-  checks::shape(op, "w_hr", w[4], {rec, hidden}, "(proj_size, H) = ");
-  if (bias.has_value()) checks::shape(op, "bias", *bias, {4 * hidden}, "(4*H,) = ");
-  for (int j = 0; j < 5; ++j) checks::like(op, "x", in, names[j], w[j], true);
-  if (bias.has_value()) checks::like(op, "x", in, "bias", *bias, true);
+  TORCH_CHECK_VALUE(w[4].dim() != 2 || w[4].size(1) == hidden, op, ": w_hr must have shape (proj_size, H) with H = ",
+                    "hidden_size = ", hidden, "; got ", checks::py_shape(w[4].sizes()));
+  checks::lowrank_lstm(op, in, h, c, w[0], w[1], w[2], w[3], bias, false, w + 4);
   if (lean_step_applies(in, h, c, w[0], w[1], w[2], w[3], bias, false, w + 4)) {
     auto [h1, c1] = lean_step(in, h, c, w[0], w[1], w[2], w[3], bias, w + 4);
     return {std::move(h1), std::move(c1)};
