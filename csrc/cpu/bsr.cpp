@@ -965,7 +965,7 @@ std::tuple<Tensor, Tensor, Tensor> bsr_lstm_sequence_forward(
   TORCH_CHECK_VALUE(steps >= 1 && hidden >= 1 && rec >= 1 && d >= 1, op,
                     ": x (T, B, D), h (B, R) and c (B, H) need T, D, R, H >= 1; got ", x_in.sizes(), ", ",
                     h_in.sizes(), " and ", c_in.sizes());
-  if (w_hr.has_value()) checks::shape(op, "w_hr", *w_hr, {rec, hidden}, "(proj_size, H) = ");
+  if (w_hr.has_value()) check_projection(op, *w_hr, hh_values_in, rec, hidden);  // (before the patterns: named)
   const auto [ih_crow32, ih_col32] = checks::bsr_pattern(op, ih_values_in, ih_crow, ih_col, 4 * hidden, d);
   const auto [hh_crow32, hh_col32] = checks::bsr_pattern(op, hh_values_in, hh_crow, hh_col, 4 * hidden, rec);
   const Tensor x = x_in.contiguous().view({steps * batch, d});
@@ -980,7 +980,6 @@ std::tuple<Tensor, Tensor, Tensor> bsr_lstm_sequence_forward(
   TORCH_CHECK_TYPE(has_fast_path(ih_values_in) && has_fast_path(hh_values_in), op,
                    ": no fast kernel for these block sizes / dtypes");
   const Tensor projection = w_hr.has_value() ? w_hr->contiguous() : Tensor();
-  if (projection.defined()) check_projection(op, projection, hh_values_in, rec, hidden);
   const Tensor ih_values = ih_values_in.contiguous(), hh_values = hh_values_in.contiguous();
   const auto f32 = x.options().dtype(at::kFloat);
 
