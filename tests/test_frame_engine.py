@@ -11,6 +11,7 @@ import weakref
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -557,6 +558,40 @@ def test_encoder_loaded_under_inference_mode_streams():
         out, _, _ = enc.stream(torch.randn(2, 3, 8))
         out2, _ = enc.streamer(batch=2)(torch.randn(2, 3, 8))
     assert out.shape == out2.shape == (2, 3, 16) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("cheap", ["sparse", "lowrank"])
+def test_encoder_reloaded_under_inference_mode_streams_the_new_weights(cheap):
+    """load_state_dict writes inference tensors in place (no version): the encoder says so itself, so the frame
+    engine and per-layer steps built from the old weights are not used again."""
+    torch.manual_seed(0)
+    kw = dict(cheap=cheap, block_size=16) if cheap == "sparse" else dict(cheap=cheap, rank=4)
+    x = torch.randn(2, 4, 8)
+    with torch.inference_mode():
+        enc = AmNetsEncoder(8, 16, num_layers=2, **kw).eval()
+        enc.stream(x), enc.stream(x)
+        other = {k: v.clone() if "mask" in k else v * 1.5 + 0.01 for k, v in enc.state_dict().items()}
+        nn.Sequential(enc).load_state_dict({f"0.{k}": v for k, v in other.items()})
+        fresh = AmNetsEncoder(8, 16, num_layers=2, **kw).eval()
+        fresh.load_state_dict(other)
+        for force in (None, "full", "cheap"):
+            torch.testing.assert_close(enc.stream(x, force=force)[0], fresh.stream(x, force=force)[0], rtol=0, atol=0)
+
+
+def test_a_state_of_another_layout_is_named_not_read():
+    """A sparse (or mkldnn) tensor has the shape and dtype asked for but no strided storage: refused by name
+    on every entry (the engine read its absent storage: a segfault)."""
+    enc = AmNetsEncoder(8, 16, num_layers=2, cheap="sparse", block_size=16).eval()
+    x = torch.randn(2, 3, 8)
+    _, (h, c), _ = enc.stream(x)
+    with pytest.raises(TypeError, match="h must be a dense"):
+        enc.stream(x, (h.to_sparse(), c))
+    with pytest.raises(TypeError, match="h must be a dense"):
+        enc.streamer(batch=2).state = (h.to_sparse(), c)
+    with pytest.raises(TypeError, match="x must be a dense"):
+        enc.stream(x.to_sparse())
+    with pytest.raises(TypeError, match="c must be a dense"):
+        enc.frame_engine().run(x, h, c.to_sparse(), -1, None, 0.0)
 
 
 def test_bad_input_gets_named_errors():

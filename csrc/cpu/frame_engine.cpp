@@ -518,9 +518,11 @@ struct FrameEngine : torch::CustomClassHolder {
     check_like_weights("x", x);
   }
 
+  // Strided too: a sparse or mkldnn tensor of the right shape has no storage for load_float to read.
   void check_like_weights(const char* name, const Tensor& t) const {
-    TORCH_CHECK_TYPE(t.scalar_type() == dtype && t.device().is_cpu(), kOp, ": ", name, " must be a CPU ", dtype,
-                     " tensor like the engine's weights; got ", t.scalar_type(), " on ", t.device());
+    TORCH_CHECK_TYPE(t.scalar_type() == dtype && t.device().is_cpu() && t.layout() == at::kStrided, kOp, ": ", name,
+                     " must be a dense (strided) CPU ", dtype, " tensor like the engine's weights; got ",
+                     t.scalar_type(), " ", t.layout(), " on ", t.device());
   }
 
   // The checked force code and its rows (contiguous; undefined unless force == 2).

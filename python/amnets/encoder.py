@@ -180,6 +180,9 @@ class AmNetsEncoder(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args):
         super()._load_from_state_dict(state_dict, prefix, *args)
+        # Loaded in place: inference tensors (an encoder loaded under inference_mode, as servers load it) bump no
+        # version, and the frame engine and per-layer steps built from the old weights would go on being used.
+        ak.weights_changed()
         self._warn_if_not_cheaper()  # the loaded masks (or ranks) as the constructor's are: never silent
 
     def _warn_if_not_cheaper(self) -> None:
@@ -830,6 +833,13 @@ def _check_input(op: str, enc: AmNetsEncoder, x) -> None:
                          f"input_size={enc.input_size}")
     if not x.is_floating_point():
         raise ValueError(f"{op}: x must be floating point; got {x.dtype}")
+    _check_strided(op, "x", x)
+
+
+def _check_strided(op: str, name: str, t: Tensor) -> None:
+    # A sparse or mkldnn tensor has the right shape and dtype but no strided storage to read.
+    if t.layout != torch.strided:
+        raise TypeError(f"{op}: {name} must be a dense (strided) tensor; got layout {t.layout}")
 
 
 def _check_forward(enc: AmNetsEncoder, x, lengths) -> Tensor:
@@ -892,6 +902,7 @@ def _check_stream(enc: AmNetsEncoder, x, state, force, threshold):
               and all(isinstance(s, Tensor) and tuple(s.shape) == shape for s in state)):
         raise ValueError(f"{op}: state must be (h, c), each of shape (num_layers, B, H) = {shape}")
     for name, s in zip(("h", "c"), state):
+        _check_strided(op, f"state's {name}", s)
         if s.dtype != x.dtype or s.device != x.device:
             raise TypeError(f"{op}: state's {name} must be {x.dtype} on {x.device}, as x and the weights; got "
                             f"{s.dtype} on {s.device}")
