@@ -266,25 +266,27 @@ def test_the_cell_returns_what_nn_lstmcell_returns_under_cpu_autocast(mix):
             cell(x, got)  # the state goes back in outside autocast
 
 
+@pytest.mark.parametrize("proj", [0, 8], ids=["plain", "proj"])
 @pytest.mark.parametrize("mix", MIXES, ids=lambda m: "-".join(str(d)[6:] for d in m))
-def test_lstms_take_nn_lstms_dtypes_under_cpu_autocast(mix):
+def test_lstms_take_nn_lstms_dtypes_under_cpu_autocast(mix, proj):
     """nn.LSTM under CPU autocast (torch 2.14) takes input and state in any mix of fp32 and the autocast dtype
-    and returns the autocast dtype — except a PackedSequence of unequal lengths, which it runs step by step and
-    returns in c_0's dtype (fp32 without a state: the input's). The swapped modules take the same mixes and
+    and returns the autocast dtype — except where it runs step by step: a PackedSequence of unequal lengths
+    returns all in c_0's dtype (fp32 without a state: the input's), and with a projection (proj_size) out and
+    h_n come in the autocast dtype and c_n in c_0's (the input's). The swapped modules take the same mixes and
     return the same dtypes, a frame at a time (the native stack step's path), a sequence, and packed."""
     from torch.nn.utils.rnn import pack_padded_sequence
 
     from amnets_kernels.nn import BlockSparseLSTM
 
     torch.manual_seed(0)
-    dense = torch.nn.LSTM(16, 16, 2)
+    dense = torch.nn.LSTM(16, 16, 2, proj_size=proj)
     x_dtype, h_dtype, c_dtype = mix
     inputs = [rand(1, 2, 16).to(x_dtype), rand(4, 2, 16).to(x_dtype)]
     inputs += [pack_padded_sequence(rand(4, 2, 16).to(x_dtype), torch.tensor(lengths)) for lengths in ([4, 2], [4, 4])]
     for module in (LowRankLSTM.from_lstm(dense, rank=16), BlockSparseLSTM.from_lstm(dense, sparsity=0.0,
                                                                                       block_size=16)):
         for x in inputs:
-            for hx in (None, (rand(2, 2, 16).to(h_dtype), rand(2, 2, 16).to(c_dtype))):
+            for hx in (None, (rand(2, 2, proj or 16).to(h_dtype), rand(2, 2, 16).to(c_dtype))):
                 with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
                     want, (want_h, want_c) = dense(x, hx)
                     got, (got_h, got_c) = module(x, hx)

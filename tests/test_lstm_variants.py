@@ -540,6 +540,43 @@ def test_modules_built_under_inference_mode_run():
             torch.testing.assert_close(sparse(inp)[0], sparse.to_dense()(inp)[0], rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("proj", [0, 8])
+@pytest.mark.parametrize("how", ["reset_parameters", "load_state_dict"])
+def test_weights_rewritten_in_inference_mode_are_followed(how, proj):
+    """Inference tensors (a model built and loaded under inference_mode, as servers do) bump no version when
+    written in place: reset_parameters() and load_state_dict (of the module or of a model holding it) say so
+    themselves (weights_changed()), so no cache (the sparse split, the stack call) keeps the old weights."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotCheaperWarning)
+        makers = [lambda: BlockSparseLSTM(24, 32, num_layers=2, block_size=16, sparsity=0.5, proj_size=proj),
+                  lambda: LowRankLSTM(24, 32, rank=8, num_layers=2, proj_size=proj)]
+        for make in makers:
+            with torch.inference_mode():
+                module = make().eval()
+                # a checkpoint of the same pattern and ranks, other values
+                other = {k: (v.clone() if "indices" in k else v * 1.5 + 0.01) if torch.is_tensor(v) else v
+                         for k, v in module.state_dict().items()}
+                for x in (torch.randn(5, 2, 24), torch.randn(1, 2, 24)):
+                    module(x), module(x)  # the caches built
+                    if how == "reset_parameters":
+                        module.reset_parameters()
+                    else:
+                        nn.Sequential(module).load_state_dict({f"0.{k}": v for k, v in other.items()})
+                    torch.testing.assert_close(module(x)[0], module.to_dense()(x)[0], rtol=0, atol=2e-5)
+
+
+def test_projected_lowrank_lstm_gives_every_factor_a_gradient():
+    """nn.LSTM's zero state at one step: the recurrent factors get a (zero) gradient, not None (DDP without
+    find_unused_parameters refuses a parameter that got none)."""
+    for proj in (0, 8):
+        module = LowRankLSTM(24, 32, rank=8, proj_size=proj)
+        out, (h, c) = module(torch.randn(1, 2, 24))
+        (out.sum() + c.sum()).backward()
+        assert [n for n, p in module.named_parameters() if p.grad is None] == []
+        assert not module.w_hh_u_l0.grad.any()  # the zero state's gradient
+
+
 def _layer_by_layer(monkeypatch, module):
     """The module with its whole-stack step switched off: each layer its own op call, as before it existed."""
     monkeypatch.setattr(type(module), "_stack_step", StackedLSTM._stack_step)

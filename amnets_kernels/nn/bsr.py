@@ -13,6 +13,7 @@ from .._ops import _is_wrapped, eager_inference
 from .._ops import functorch
 from .._ops.bsr import _FAST_BLOCKS, _FAST_DTYPES, PreparedBsrLstmCell, _fused_cell, bsr_linear, say_if_slow
 from .._ops.lstm_update import lstm_pointwise
+from .._weights import weights_changed
 from ..formats import BlockSparseMatrix, bsr_to_dense
 from .cost import warn_if_not_cheaper
 from .stacked_lstm import (StackedLSTM, combined_bias, copy_into, lstm_config_of, own_tensors, parameter_from,
@@ -113,6 +114,7 @@ class BlockSparseLinear(nn.Module):
         if self.bias is not None:
             with torch.no_grad():
                 self.bias.uniform_(-bound, bound)
+        weights_changed()  # inference tensors redrawn in place bump no version
 
     def __getattr__(self, name: str):
         try:
@@ -176,6 +178,7 @@ class BlockSparseLinear(nn.Module):
             self.block_size = values.shape[-1]  # a tensor-only checkpoint says its block size only there
         _resize_to_saved(self, state_dict, prefix, ("values", "crow_indices", "col_indices"))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs)
+        weights_changed()  # loaded in place: inference tensors (loaded under inference_mode) bump no version
 
     def _misfit(self, state_dict, prefix: str) -> str | None:
         """Why the saved pattern (with ours where a tensor is not saved) is not one of this layer's, or None:
@@ -475,6 +478,7 @@ class BlockSparseLSTM(StackedLSTM):
                         -bound, bound))
             if self.proj_size:
                 reset_projection(self, f"_l{layer}{suffix}", self.hidden_size)
+        weights_changed()  # inference tensors redrawn in place bump no version: the split weights' cache
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs):
         # Another pattern or block size loads; another hidden or input size is a size mismatch, as for

@@ -14,6 +14,7 @@ from torch.nn import functional as F
 from .. import _backend, _validate
 from .._ops import functorch
 from .._ops.lstm_update import lstm_pointwise
+from .._weights import weights_changed
 from ..formats import lowrank_factors, rank_for_energy
 from .cost import warn_if_not_cheaper
 from .stacked_lstm import (StackedLSTM, check_hx_pair, check_weights_dtype, combined_bias, copy_into, lstm_config_of,
@@ -197,6 +198,7 @@ class LowRankLSTM(StackedLSTM):
             _reset_factors(self, f"_l{layer}{suffix}", self.hidden_size)
             if self.proj_size:
                 reset_projection(self, f"_l{layer}{suffix}", self.hidden_size)
+        weights_changed()  # inference tensors redrawn in place bump no version
 
     def _load_from_state_dict(self, state_dict, prefix, *args):
         for k, (_, layer, suffix, d) in enumerate(self.directions()):
@@ -221,6 +223,10 @@ class LowRankLSTM(StackedLSTM):
         else:
             # The first step here: V_rec = V_hh W_hr (r_hh P H multiply-adds) only where later steps read it; a
             # frame a call (streaming) computed it every call, more than the dense layer's whole frame.
+            if h0 is None and torch.is_grad_enabled() and (u_hh.requires_grad or v_hh.requires_grad):
+                # nn.LSTM's zero state: the recurrent factors get its (zero) gradient, not None (DDP
+                # without find_unused_parameters fails on a parameter that got none)
+                h0 = x.new_zeros(x.shape[1], self.proj_size)
             gates = F.linear(F.linear(x[0], v_ih), u_ih, b)
             if h0 is not None:
                 gates = gates + F.linear(F.linear(h0, v_hh), u_hh)
@@ -309,12 +315,14 @@ class LowRankLSTMCell(nn.Module):
         """As nn.LSTMCell.reset_parameters: the factors and bias drawn anew in place (the ranks kept), at
         nn.LSTMCell's weight scale."""
         _reset_factors(self, "", self.hidden_size)
+        weights_changed()  # inference tensors redrawn in place bump no version
 
     def _load_from_state_dict(self, state_dict, prefix, *args):
         ranks = _adopt_saved_ranks(self, state_dict, prefix, "", self.input_size, self.hidden_size)
         if ranks is not None:
             self.ranks = ranks
         super()._load_from_state_dict(state_dict, prefix, *args)
+        weights_changed()  # loaded in place: inference tensors (loaded under inference_mode) bump no version
 
     def forward(self, input, hx=None):
         op = "LowRankLSTMCell"

@@ -13,6 +13,7 @@ from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
 from .. import _validate
 from .._backend import _C
 from .._ops import _is_wrapped, eager_inference
+from .._weights import weights_changed
 from .cost import lstm_macs
 
 
@@ -53,6 +54,10 @@ class StackedLSTM(nn.Module):
         self._names = tuple(tuple(f"{n}_l{layer}{suffix}" for n in self._PER_DIRECTION)
                             for _, layer, suffix, _ in self._directions)
 
+    def _load_from_state_dict(self, *args):
+        super()._load_from_state_dict(*args)
+        weights_changed()  # loaded in place: inference tensors (loaded under inference_mode) bump no version
+
     def __getstate__(self):
         """Pickling (torch.save of the module, copy.deepcopy) leaves the stack call behind: it holds this
         module's tensors, and a copy makes its own at its first frame."""
@@ -91,7 +96,13 @@ class StackedLSTM(nn.Module):
                 self._stepped()
                 return stepped
         op = type(self).__name__
-        input, hx = _in_autocast_dtype(input, hx)
+        input, hx, c_dtype = _in_autocast_dtype(input, hx, self.proj_size > 0)
+        if c_dtype is not None:  # (autocast only: the common case does not pay for the call)
+            out, (h_n, c_n) = self._forward_checked(op, input, hx)
+            return out, (h_n, c_n.to(c_dtype))
+        return self._forward_checked(op, input, hx)
+
+    def _forward_checked(self, op: str, input, hx):
         if isinstance(input, PackedSequence):
             check_weights_dtype(op, own_tensors(self, self._names[0][:1])[0], input.data)
             self._check_hx(op, hx, int(input.batch_sizes[0]), input.data)
@@ -352,29 +363,33 @@ def check_weights_dtype(op: str, weight: torch.Tensor, input: torch.Tensor) -> N
                     f"got {input.dtype}")
 
 
-def _in_autocast_dtype(input, hx):
+def _in_autocast_dtype(input, hx, projected: bool):
     """As nn.LSTM under autocast: input and state, where each is fp32 or the autocast dtype (a bf16 feature
     frontend with a fresh fp32 state, say), all in the autocast dtype, so that the results are in it too (the
-    ops cast the weights: csrc/autocast.cpp). One exception, measured on torch 2.14: on the CPU a
-    PackedSequence of unequal lengths is not one autocast op in nn.LSTM but per-step products (in the autocast
-    dtype) and updates in c_0's dtype, so its results come in c_0's dtype (the input's without a state); here
-    everything runs in that dtype (the ops' products in the autocast dtype again). Anything else, fp64 say,
+    ops cast the weights: csrc/autocast.cpp). Two exceptions, measured on torch 2.14, where nn.LSTM on the CPU
+    is not one autocast op but per-step products (in the autocast dtype) and updates in c_0's dtype (the
+    input's without a state): a PackedSequence of unequal lengths, whose results all come in that dtype (here
+    everything runs in it, the ops' products in the autocast dtype again), and a projected LSTM (proj_size),
+    whose out and h_n come in the autocast dtype (h is projected by an autocast product) and c_n in that
+    dtype. -> (input, hx, the dtype c_n must be returned in, or None: as it comes). Anything else, fp64 say,
     is left as it is for the checks to name."""
     if not torch._C._is_any_autocast_enabled():  # one native call: the common case ends here
-        return input, hx
+        return input, hx, None
     packed = isinstance(input, PackedSequence)
     data = input.data if packed else input
     if not (isinstance(data, torch.Tensor) and torch.amp.is_autocast_available(data.device.type)  # not "meta"
             and torch.is_autocast_enabled(data.device.type)):
-        return input, hx
+        return input, hx, None
     dtype = torch.get_autocast_dtype(data.device.type)
     states = tuple(hx) if isinstance(hx, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in hx) else ()
     if any(t.dtype not in (torch.float32, dtype) for t in (data, *states)):
-        return input, hx
-    if packed and data.device.type == "cpu" and input.batch_sizes[0] != input.batch_sizes[-1]:
-        dtype = states[1].dtype if len(states) == 2 else data.dtype
+        return input, hx, None
+    c_dtype = None
+    if data.device.type == "cpu" and (projected or packed and input.batch_sizes[0] != input.batch_sizes[-1]):
+        c_dtype = states[1].dtype if len(states) == 2 else data.dtype
+        dtype = dtype if projected else c_dtype
     if states:
         hx = tuple(t.to(dtype) for t in states)
     data = data.to(dtype)
     return (PackedSequence(data, input.batch_sizes, input.sorted_indices, input.unsorted_indices) if packed
-            else data), hx
+            else data), hx, c_dtype
