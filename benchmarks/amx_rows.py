@@ -1,9 +1,9 @@
 """python -m benchmarks.amx_rows [--quick] [--threads N] [--emulate]: where AMX tiles pay, by row count (issue 17).
 
-The bf16 kernels take AMX tiles from fixed row counts, chosen with no AMX CPU to time them on: bsr_linear's
-forward from 8 rows (csrc/cpu/bsr.cpp kDpbf16MinRows: the tile path, AMX or AVX512-BF16), its backward from 16
-(kAmxBackwardMinRows), the low-rank LSTM's and the frame engine's recurrent products from 8
-(csrc/cpu/row_products.cpp kAmxMinRows). This times each op at row counts around those with the tiles on
+The bf16 kernels take AMX tiles from fixed row counts: bsr_linear's forward from 8 rows (csrc/cpu/bsr.cpp
+kDpbf16MinRows: the tile path, AMX or AVX512-BF16), its backward from 48 (kAmxBackwardMinRows: 16 until this
+script ran on an Intel Xeon, where the tiles' backward lost at 16-32 rows), the low-rank LSTM's and the frame
+engine's recurrent products from 8 (csrc/cpu/row_products.cpp kAmxMinRows). This times each op at row counts around those with the tiles on
 ("auto") and off (the AVX512-BF16 kernels, or fp32 FMAs on widened weights without them), interleaved rounds,
 and prints time on / time off: below 1 the tiles pay. Below a threshold both settings run the same code (the
 ratio is ~1 by construction, a check on the noise). One weight set, so the rows say whether it fits the cache.

@@ -15,7 +15,7 @@
 //   grad_x = grad_y @ W:        by block column (a transposed index built per call), rows of a block
 //                               broadcast-multiplied into 16-wide column accumulators;
 //   grad_values (SDDMM):        per stored block, sum over m of grad_y[m, block rows] x[m, block cols];
-//   on AMX (amx.h), bf16:       the many-row forward from 8 rows, grad_x and grad_values from 16, on tiles.
+//   on AMX (amx.h), bf16:       the many-row forward from 8 rows, grad_x and grad_values from 48, on tiles.
 // The logical shape need not be whole blocks: block entries outside it are never used (masked),
 // whatever they hold. Parallel over block rows / block columns / blocks with parallel_for (parallel.h: our
 // pool, or OpenMP when autograd records the call); SIMD
@@ -565,7 +565,10 @@ struct ForwardAmx {  // block rows [r0, r1)
 // transposed, m contiguous) times x's rows as pairs over m (B: 16 m-pairs x 16 j, from xm: pair row q, column
 // j holds (x[2q, j], x[2q + 1, j])). Both are zero past M (Mp, a multiple of 32) and past the logical matrix.
 // Per block, four C tiles at a time (16 rows i of it by up to 64 columns j). Tiles: C 0..3, A 4, B 5..7.
-constexpr int64_t kAmxBackwardMinRows = 16;  // not tuned (no AMX CPU yet): one whole tile of rows
+// Timed on an Intel Xeon (AMX, 1 thread, 4096x2048 b=32 d=0.25 bf16, benchmarks/results/intel-xeon-1-thread-amx-rows.md):
+// the tiles' backward lost to AVX512-BF16 at 16-32 rows (rows pad to 32 for the pair layout: at 16 half of each
+// product is zeros; fwd+bwd 1.35x at 16 rows) and won from 48 (backward ~0.92x at 48, ~0.74x at 64).
+constexpr int64_t kAmxBackwardMinRows = 48;
 
 template <class Tiles, int B>
 AMNETS_INLINE void grad_values_amx_block(const Problem& p, const uint16_t* gyt, const uint16_t* xm, int64_t mp,
