@@ -34,7 +34,7 @@ esac
 log="$OUT/$kind-cpu-suite.log"
 exec > >(tee "$log") 2>&1
 start=$SECONDS
-stage() { echo; echo "== [$((SECONDS - start)) s] $*"; }
+stage() { echo; echo "== [$((SECONDS - start)) s] $*  (load average: $(cut -d" " -f1-3 /proc/loadavg))"; }
 # run NAME OUTFILE CMD...: the command under the stage limit, its stdout into OUTFILE ("-": the log only).
 run() {
   local name=$1 out=$2
