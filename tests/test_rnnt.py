@@ -138,6 +138,30 @@ def test_extreme_logits_stay_finite(face):
         torch.testing.assert_close(loss.cpu(), theirs, rtol=1e-6, atol=1e-2)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_cpu_face_cuts_posteriors_below_2_pow_100_so_no_gradient_is_denormal(fused):
+    """Peaked logits: the reference's gradient has denormal entries (which make every x86 multiply-add of a
+    joint's backward microcode-assisted); the CPU face writes 0 for posterior parts below 2^-100 instead."""
+    with use_face("rnnt_loss", "cpu"):
+        logits, targets, logit_lengths, target_lengths = batch_of(2, 6, 4, 64, 0, scale=40.0)
+        scores = (logits if fused else logits.log_softmax(-1)).detach().requires_grad_(True)  # the op's input
+        kw = dict(blank=0, reduction="sum", fused_log_softmax=fused)
+        (g,) = grads(ak.rnnt_loss(scores, targets, logit_lengths, target_lengths, **kw), [scores])
+    with use_face("rnnt_loss", "reference"):
+        (g_ref,) = grads(ak.rnnt_loss(scores, targets, logit_lengths, target_lengths, **kw), [scores])
+    tiny = torch.finfo(torch.float32).tiny
+
+    def denormal(t):
+        return ((t != 0) & (t.abs() < tiny)).sum().item()
+
+    assert denormal(g_ref) > 0, "the shape no longer produces denormal gradients: the test checks nothing"
+    assert denormal(g) == 0
+    torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-6)
+    cut = (g == 0) & (g_ref != 0)
+    # only entries near the cut were dropped (the reference rounds its own way: 16x of slack)
+    assert cut.any() and (g_ref[cut].abs() < 2.0 ** -96).all()
+
+
 @pytest.mark.parametrize("face", FACES)
 def test_padding_beyond_longest_sequence(face):
     """Padded T and U larger than every length (torchaudio refuses this; we allow it)."""
