@@ -41,6 +41,8 @@ inline int64_t packed_size(int64_t R, int64_t G) {
 }
 // Packs W^T for W (G, R) row-major float into out (packed_size(R, G) floats; the last panel zero past G).
 Panels pack_transposed(const float* w, int64_t G, int64_t R, float* out);
+// Packs U^T given row-major, ut (R, G), into out the same way.
+Panels pack_rows(const float* ut, int64_t R, int64_t G, float* out);
 
 // A weight W (G, R) as expand's right operand W^T in packed panels (of floats, or bf16 pairs below), owning them.
 template <typename Element, typename PanelsOf>

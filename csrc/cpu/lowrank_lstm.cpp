@@ -138,6 +138,7 @@ struct Recurrent {
   bool bf16 = false, dots = false, rows = false;  // bf16: the factors are (dpbf16_forward), forward only
   Panels vt{nullptr, 0, 0}, ut{nullptr, 0, 0};  // V_hh^T (H, r), U_hh^T (r, 4H): forward with `rows`
   PairPanels vtp{nullptr, 0, 0}, utp{nullptr, 0, 0};  // the same for bf16 factors
+  Panels ub{nullptr, 0, 0}, vb{nullptr, 0, 0};  // U_hh, V_hh as panels: backward with `rows`
 
   Recurrent(const Factors& w_, int64_t batch_, bool forward, int64_t steps) : w(w_), batch(batch_) {
     bf16 = w.w_hh_u.scalar_type() == at::kBFloat16;
@@ -161,6 +162,12 @@ struct Recurrent {
         vt = pack_transposed(w.w_hh_v.data_ptr<float>(), r, H, v_buf.data());
         ut = pack_transposed(w.w_hh_u.data_ptr<float>(), 4 * H, r, u_buf.data());
       }
+    } else if (rows && steps >= kPackMinSteps) {  // backward: U_hh (4H, r) and V_hh (r, H) as they are, packed
+      const int64_t H = w.hidden(), r = w.w_hh_v.size(0);
+      thread_local std::vector<float> u_buf, v_buf;
+      u_buf.resize(packed_size(4 * H, r)), v_buf.resize(packed_size(r, H));
+      ub = pack_rows(w.w_hh_u.data_ptr<float>(), 4 * H, r, u_buf.data());
+      vb = pack_rows(w.w_hh_v.data_ptr<float>(), r, H, v_buf.data());
     }
   }
 
@@ -190,7 +197,8 @@ struct Recurrent {
   void backward(const Tensor& dpre, Tensor& ds, Tensor& dh) const {
     const int64_t H = w.hidden(), r = w.w_hh_v.size(0);
     if (rows) {
-      const Panels u = row_major(w.w_hh_u.data_ptr<float>(), r), v = row_major(w.w_hh_v.data_ptr<float>(), H);
+      const Panels u = ub.data ? ub : row_major(w.w_hh_u.data_ptr<float>(), r);
+      const Panels v = vb.data ? vb : row_major(w.w_hh_v.data_ptr<float>(), H);
       expand(u, 4 * H, r, dpre.data_ptr<float>(), 4 * H, batch, ds.data_ptr<float>(), r, false);
       expand(v, r, H, ds.data_ptr<float>(), r, batch, dh.data_ptr<float>(), H, false);
     } else {

@@ -215,6 +215,19 @@ Panels pack_transposed(const float* w, int64_t G, int64_t R, float* out) {
   return {out, width, width * R};
 }
 
+Panels pack_rows(const float* ut, int64_t R, int64_t G, float* out) {
+  const int64_t width = panel_width(G), chunks = (G + width - 1) / width;
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t used = std::min(width, G - c * width);
+    for (int64_t j = 0; j < R; ++j) {
+      float* row = out + c * R * width + j * width;
+      std::memcpy(row, ut + j * G + c * width, used * sizeof(float));
+      std::fill(row + used, row + width, 0.f);
+    }
+  }
+  return {out, width, width * R};
+}
+
 PackedT pack_transposed(const at::Tensor& w) {
   const at::Tensor f = w.to(at::kFloat).contiguous();
   PackedT p;
