@@ -67,6 +67,22 @@ def test_engine_equals_the_prepared_steps(cfg):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("cheap", ["sparse", "lowrank"])
+def test_many_full_rows_take_the_gemm_and_mixed_rows_keep_their_places(cheap):
+    """64 or more full rows of one layer are one ATen GEMM (kGemmRows); the rows of each branch are computed
+    together in branch order and their states written back to their own rows (full and cheap rows interleaved
+    here, so a row put back in the wrong place would show)."""
+    torch.manual_seed(0)
+    enc = AmNetsEncoder(24, 40, num_layers=2, cheap=cheap, sparsity=0.5, block_size=16, rank=20).eval()
+    x = torch.randn(90, 3, 24)
+    force = torch.arange(90) % 9 != 4  # 80 full rows, 10 cheap ones among them
+    out, (h, c), dec = enc.stream(x, force=force)
+    want, (h2, c2), dec2 = prepared_steps_stream(enc, x, force=force)
+    assert torch.equal(dec, dec2) and dec.eq(force[:, None]).all()
+    for got, expected in ((out, want), (h, h2), (c, c2)):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
 @given(cfg=configs, cut=st.integers(0, 7))
 def test_chunks_and_streamer_continue_exactly(cfg, cut):
     enc, x, force = build(cfg)
