@@ -57,11 +57,11 @@ namespace {
 using at::Tensor;
 constexpr const char* kOp = "FrameEngine";
 constexpr int64_t kDenseBlock = 32;
-// Full-branch rows from which the dense product is an ATen GEMM call (MKL). Below it our broadcast kernel
-// at density 1 is about as fast or faster on one AMD EPYC core (4096x2048 fp32, time ours / MKL: 8 rows
-// 1.01, 16 rows 0.81, 32 rows 0.86, 48 rows 0.79, 64 rows 0.87: python -m benchmarks.dense_rows); MKL keeps
-// the many-row case, where its packed AVX-512 GEMM on an Intel Xeon is expected to be far ahead (not
-// measured: no Xeon at hand).
+// Full-branch rows from which the dense product is an ATen GEMM call (MKL). Below it our broadcast kernel at
+// density 1 is faster (python -m benchmarks.dense_rows: 4096x2048 fp32, 1 thread, engine full frame / MKL at
+// 8, 16, 32, 48, 64 rows): one AMD EPYC core 0.38, 0.59, 0.73, 0.79, 1.01; one Intel Xeon core (AMX, 480 MB
+// L3) 0.45, 0.50, 0.69, 0.79, 1.04 (benchmarks/results/*-1-thread-dense-rows.md). From 64 rows MKL draws
+// level, and its packed GEMM keeps the many-row case.
 constexpr int64_t kGemmRows = 64;
 
 // A block-sparse matrix owned by the engine, blocks transposed: values_t[k][j][i] = W_k[i][j].
