@@ -9,7 +9,8 @@
 //   LowerPrecision (the autocast dtype): bsr_linear, lowrank_lstm_cell, lowrank_lstm_sequence
 //   Fp32: rnnt_loss, fused_joint_rnnt_loss
 //   AsGiven (no casts, autocast off): the *_backward ops, which autograd calls on the forward's own
-//     dtypes; with `loss.backward()` inside the autocast region their kernels would be cast otherwise.
+//     dtypes; with `loss.backward()` inside the autocast region their kernels would be cast otherwise;
+//     and every amnets_native op (below).
 // Each *_forward op has its public op's policy, for a direct caller (under a public op autocast is off
 // already). The casts are at::autocast::cached_cast's: differentiable, fp64 left alone, and an fp32 leaf
 // that wants a gradient (a parameter) cast once per autocast region.
@@ -59,9 +60,25 @@ void register_for(torch::Library& m) {
   for (const char* name : {"rnnt_loss", "fused_joint_rnnt_loss"}) register_op<device, Policy::Fp32>(m, name);
 }
 
+// The faces' kernels (amnets_native, csrc/ops.cpp) run in the dtypes they are given, for a direct caller under
+// autocast too (the public ops reach them with autocast off already). Without this their inner at:: GEMMs were
+// cast: lowrank_lstm_cell_forward at 6 rows under CPU autocast raised "self and mat2 must have the same dtype".
+// tests/test_autocast.py checks that every amnets_native op is listed.
+template <c10::DeviceType device>
+void register_native_for(torch::Library& m) {
+  for (const char* name :
+       {"bsr_linear_forward", "bsr_linear_backward", "bsr_check_pattern", "bsr_lstm_cell_forward",
+        "bsr_lstm_sequence_forward", "bsr_lstm_stack_step", "lowrank_lstm_cell_forward", "lowrank_lstm_stack_step",
+        "lowrank_lstm_cell_backward", "lowrank_lstm_sequence_forward", "lowrank_lstm_sequence_backward",
+        "rnnt_loss_forward", "rnnt_loss_backward", "fused_joint_rnnt_loss_forward", "fused_joint_rnnt_loss_backward"})
+    m.impl(name, kernel<device, Policy::AsGiven>());
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(amnets, AutocastCPU, m) { register_for<c10::DeviceType::CPU>(m); }
 TORCH_LIBRARY_IMPL(amnets, AutocastCUDA, m) { register_for<c10::DeviceType::CUDA>(m); }
+TORCH_LIBRARY_IMPL(amnets_native, AutocastCPU, m) { register_native_for<c10::DeviceType::CPU>(m); }
+TORCH_LIBRARY_IMPL(amnets_native, AutocastCUDA, m) { register_native_for<c10::DeviceType::CUDA>(m); }
 
 }  // namespace amnets

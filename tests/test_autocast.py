@@ -293,3 +293,31 @@ def test_lstms_take_nn_lstms_dtypes_under_cpu_autocast(mix, proj):
                     got, want = getattr(got, "data", got), getattr(want, "data", want)
                 assert (got.dtype, got_h.dtype, got_c.dtype) == (want.dtype, want_h.dtype, want_c.dtype)
                 torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=0.05)
+
+
+def test_every_native_kernel_runs_as_given_under_autocast():
+    """The faces' kernels (torch.ops.amnets_native.*) take no casts: under autocast they run in their
+    arguments' dtypes, with autocast off inside (their own at:: GEMMs were cast before: a raw dtype error
+    from lowrank_lstm_cell_forward at 6 rows). Every one of them has the autocast kernel that does it."""
+    native = [name.split("::")[1] for name in torch._C._dispatch_get_all_op_names()
+              if name.startswith("amnets_native::")]
+    assert "lowrank_lstm_cell_forward" in native and "bsr_lstm_stack_step" in native
+    for name in native:
+        for key in ("AutocastCPU", "AutocastCUDA"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"amnets_native::{name}", key), (name, key)
+    if DEVICE != "cpu":
+        return
+    torch.manual_seed(0)
+    hidden, d, rank = 32, 24, 8
+    w = [rand(4 * hidden, rank), rand(rank, d), rand(4 * hidden, rank), rand(rank, hidden)]
+    for batch in (1, 6):  # 6 rows: past the row kernels, the at:: GEMM path
+        x, h, c = rand(batch, d), rand(batch, hidden), rand(batch, hidden)
+        calls = [lambda: torch.ops.amnets_native.lowrank_lstm_cell_forward(x, h, c, *w, None, False)[:2],
+                 lambda: torch.ops.amnets_native.lowrank_lstm_stack_step(x, None, None, w, [None], hidden)]
+        for call in calls:
+            want = call()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                got = call()
+            for g, e in zip(got, want):
+                assert g.dtype == torch.float32
+                torch.testing.assert_close(g, e)
