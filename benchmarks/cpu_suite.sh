@@ -8,6 +8,7 @@
 #   <cpu>-1-thread-bsr-regimes.{json,md,png}   bsr_linear fp32/bf16 at issue 17's shapes, dram and cache regimes
 #   <cpu>-2-threads-bsr-headline.*             the README table's bsr_linear rows (4 rotated weight sets)
 #   <cpu>-2-threads-lstm-headline.*            the low-rank LSTM against nn.LSTM, fp32 and bf16
+#   <cpu>-2-threads-rnnt.*                     rnnt_loss and the fused joint against torchaudio (and PyTorch's joint)
 #   <cpu>-{1-thread,2-threads}-frame-engine.md issue 12's targets and the H=1024 x3 encoder in both regimes
 #   <cpu>-1-thread-amx-rows.md                 AMX tiles against AVX512-BF16 by row count (where the thresholds go)
 #   <cpu>-2-threads-contention.md              each op's growth beside one busy process
@@ -65,6 +66,7 @@ if [ -n "$q" ]; then bsr_only=(); lstm_only=(); else bsr_only=(--filter "W=4096x
 [ -n "$q" ] || run "bsr_linear regimes" - $PY -m benchmarks --ops bsr_regimes --threads 1 --name "$kind-1-thread-bsr-regimes" --out "$OUT"
 run "bsr_linear headline" - $PY -m benchmarks $q --ops bsr "${bsr_only[@]}" --threads 2 --name "$kind-2-threads-bsr-headline" --out "$OUT"
 run "low-rank LSTM headline" - $PY -m benchmarks $q --ops lowrank_lstm "${lstm_only[@]}" --threads 2 --name "$kind-2-threads-lstm-headline" --out "$OUT"
+run "RNN-T losses" - $PY -m benchmarks $q --ops rnnt,fused_joint --threads 2 --name "$kind-2-threads-rnnt" --out "$OUT"
 run "frame engine, 1 thread" "$OUT/$kind-1-thread-frame-engine.md" $PY -m benchmarks.frame_engine $q --threads 1
 run "frame engine, 2 threads" "$OUT/$kind-2-threads-frame-engine.md" $PY -m benchmarks.frame_engine $q --threads 2
 run "contention" "$OUT/$kind-2-threads-contention.md" $PY -m benchmarks.contention $q --threads 2
