@@ -7,9 +7,12 @@ growth is median(contended) / median(quiet). With N op threads sharing the machi
 the fair slowdown is (N + 1) / cores when N >= cores (1.5x for 2 threads on 2 cores); much more means that
 the op's threads wait on a descheduled peer (a barrier per parallel region) or spin against the hog.
 Rows: each op's headline shape on the path users run, and the stock PyTorch op it replaces, for scale.
-The last column counts the stalls our contention guard (csrc/cpu/parallel.h) saw in the row's quiet and
+The guard column counts the stalls our contention guard (csrc/cpu/parallel.h) saw in the row's quiet and
 contended rounds: each one ran the CPU loops serially for a window of up to 256 ms, so a quiet round starts
-only after that long (the hog paused), and a stall in a quiet round would show here.
+only after that long (the hog paused), and a stall in a quiet round would show here. The last column times
+the op quiet on one thread (torch.set_num_threads(1), in the quiet rounds): what the guard falls back to
+beside the hog, so its ratio to the quiet time is about the growth a contended run cannot go below. Where the
+op's weights fit the two cores' L2 caches together but not one, that floor is above the 2 threads' 2x.
 """
 
 from __future__ import annotations
@@ -118,8 +121,9 @@ def main() -> None:
     cores = len(os.sched_getaffinity(0))
     print(f"# contention: {cpu_model()}, {cores} cores, {args.threads} op thread(s) + one busy-loop process, "
           f"torch {torch.__version__}, {rounds} rounds of each, alternating\n")
-    print(f"| row | quiet ms | with the hog ms | growth | goal <= {GOAL} | guard stalls quiet / hog |\n"
-          "|---|---|---|---|---|---|")
+    print(f"| row | quiet ms | with the hog ms | growth | goal <= {GOAL} | guard stalls quiet / hog "
+          f"| 1 thread, quiet: ms (/ quiet) |\n"
+          "|---|---|---|---|---|---|---|")
     from amnets_kernels import _C
 
     def stalls() -> int:
@@ -128,22 +132,26 @@ def main() -> None:
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         for label, fn in wanted:
-            quiet, loaded, seen = [], [], [0, 0]
+            quiet, loaded, alone, seen = [], [], [], [0, 0]
             for _ in range(rounds):
                 hog.send_signal(signal.SIGSTOP)
                 time.sleep(0.3)  # past the guard's longest serial window
                 before = stalls()
                 quiet.append(mean_ms(fn, seconds))
                 seen[0] += stalls() - before
+                torch.set_num_threads(1)  # what the guard falls back to: the op on its caller's thread alone
+                alone.append(mean_ms(fn, seconds))
+                torch.set_num_threads(args.threads)
                 hog.send_signal(signal.SIGCONT)
                 time.sleep(0.05)
                 before = stalls()
                 loaded.append(mean_ms(fn, seconds))
                 seen[1] += stalls() - before
-            q, h = statistics.median(quiet), statistics.median(loaded)
+            q, h, one = statistics.median(quiet), statistics.median(loaded), statistics.median(alone)
             stock = label.startswith("  ")
             verdict = "(for scale)" if stock else ("met" if h / q <= GOAL else "**missed**")
-            print(f"| {label.strip()} | {q:.3f} | {h:.3f} | {h / q:.2f} | {verdict} | {seen[0]} / {seen[1]} |", flush=True)
+            print(f"| {label.strip()} | {q:.3f} | {h:.3f} | {h / q:.2f} | {verdict} | {seen[0]} / {seen[1]} "
+                  f"| {one:.3f} ({one / q:.2f}) |", flush=True)
     finally:
         hog.kill()
         hog.wait()
