@@ -90,11 +90,13 @@ def test_contention_quick_run_times_quiet_and_loaded_and_stops_its_hog():
     for label, quiet, loaded, growth, verdict, stalls, alone in rows:
         quiet, loaded, half = float(quiet), float(loaded), 0.0005  # printed to 3 decimals
         assert quiet > half and loaded > half
-        assert (loaded - half) / (quiet + half) - 0.01 <= float(growth) <= (loaded + half) / (quiet - half) + 0.01
+        def within_rounding(ratio, top, bottom):  # both operands printed rounded by up to `half`
+            return (top - half) / (bottom + half) - 0.01 <= float(ratio) <= (top + half) / (bottom - half) + 0.01
+        assert within_rounding(growth, loaded, quiet)
         assert verdict.strip() in ("met", "**missed**")
         assert all(n.strip().isdigit() for n in stalls.split("/"))  # the guard's stalls, quiet / with the hog
         one, ratio = alone.split()  # one thread, quiet: "ms (ms / quiet)"
-        assert float(one) > half and abs(float(ratio.strip("()")) - float(one) / quiet) <= 0.01 + half / quiet
+        assert float(one) > half and within_rounding(ratio.strip("()"), float(one), quiet)
     assert not any(b"while True: pass" in _cmdline(p) for p in Path("/proc").glob("[0-9]*")), \
         "the busy-loop process outlived the benchmark"
 
