@@ -11,6 +11,7 @@
 #include <fcntl.h>
 #include <omp.h>
 #include <pthread.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -78,18 +79,32 @@ constexpr int64_t kCheckEveryNs = 2'000'000;   // one look at the watched thread
 constexpr double kHorizonNs = 16e6;            // a stall: one of them waited for a CPU for a quarter of the
 constexpr double kStalledShare = 0.25;         // time, averaged over ~16 ms (one 2-4 ms wait is not one)
 constexpr int64_t kFirstWindowNs = 4'000'000;  // serial windows: 4 ms, x4 while stalls recur
-constexpr int64_t kRecurNs = 100'000'000;      // (within 100 ms of the last window's end),
+constexpr int64_t kRecurNs = 100'000'000;      // (within 100 ms of the last window's end, or within 1 s when
+constexpr int64_t kRecurMaxNs = 1'000'000'000;  // no look in between found the machine quiet),
 constexpr int64_t kMaxWindowNs = 256'000'000;  // up to 256 ms (a probe costs a few ms; serial after a hog left)
+// The probe after a window: the first look takes baselines, a look at least 8 ms later decides on that
+// interval alone (two scheduler slices: a busy neighbour makes one of our threads wait in it). The average
+// would take ~10 looks to climb from 0 past the threshold, and beside a hog each look is a tile of ATen
+// regions that each wait a slice for a descheduled thread: the probe ran 2-thread for 100 ms and more, so
+// the next stall counted as a new burst and the windows restarted at 4 ms (fused joint 1.3-3.7 s a call
+// beside one hog, 2-core Intel Xeon, against 1.27 s on one thread).
+constexpr int64_t kProbeNs = 8'000'000;
 constexpr size_t kMaxWatched = 64;
-// Loops that paused longer than the horizon (a live stream's frames, one every 30 ms) get no look: the counters
-// would say nothing about now, and reading them cost ~70 us a frame here (a file per watched thread, cold). The
-// look after one that skipped takes fresh baselines; the next one decides.
+// Loops whose caller paused longer than the horizon (a live stream's frames, one every 30 ms; the caller
+// slept) get no look: the counters would say nothing about now, and reading them cost ~70 us a frame here (a
+// file per watched thread, cold). The look after one that skipped takes fresh baselines; the next one decides.
+// A caller that ran for a quarter of the gap or more did not pause: it ran ATen regions between our loops,
+// and a long gap there means they waited for descheduled threads (beside one hog on the Xeon a fused joint
+// tile of ~2 ms took 80 ms; when every look after one only took baselines the guard saw nothing).
 constexpr int64_t kIdleNs = 16'000'000;
 
 std::atomic<int64_t> serial_until{0}, window{kFirstWindowNs}, last_look{0};
 std::atomic<uint64_t> stalls{0};
 std::atomic<uint32_t> generation{0};
-bool stale = true;  // the watched threads' baselines predate a pause (guarded by watched_mutex)
+// Guarded by watched_mutex:
+bool stale = true;          // the watched threads' baselines predate a pause
+int64_t probe_since = 0;    // when the probe after a window took its baselines (0: no probe under way)
+bool quiet_seen = true;     // a look since the last window found no thread stalled
 
 struct Watched {
   pid_t tid;
@@ -114,6 +129,12 @@ int64_t now_ns() {
 bool enabled() {
   static const bool on = !switched_off("AMNETS_CONTENTION_GUARD");
   return on;
+}
+
+int64_t thread_cpu_ns() {
+  timespec t{};
+  ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+  return int64_t(t.tv_sec) * 1'000'000'000 + t.tv_nsec;
 }
 
 bool serial(int64_t now) { return now < serial_until.load(std::memory_order_relaxed); }
@@ -149,7 +170,9 @@ void note_stall(int64_t now) {
   stalls.fetch_add(1, std::memory_order_relaxed);
   // A busy neighbour stalls again at the first probe after a window: the window grows. A stall long after
   // the last window (a burst of other work that ended) gets the first window only.
-  const bool recurring = now - serial_until.load(std::memory_order_relaxed) < kRecurNs;
+  const int64_t since = now - serial_until.load(std::memory_order_relaxed);
+  const bool recurring = since < kRecurNs || (!quiet_seen && since < kRecurMaxNs);
+  quiet_seen = false;
   const int64_t w = recurring ? std::min(4 * window.load(std::memory_order_relaxed), kMaxWindowNs) : kFirstWindowNs;
   window.store(w, std::memory_order_relaxed);
   serial_until.store(now + w, std::memory_order_relaxed);
@@ -163,11 +186,26 @@ void look(int64_t now) {
   int64_t last = last_look.load(std::memory_order_relaxed);
   if (now - last < kCheckEveryNs) return;
   std::unique_lock<std::mutex> lock(*watched_mutex, std::try_to_lock);
-  if (!lock.owns_lock() || !last_look.compare_exchange_strong(last, now)) return;
-  if (now - last > kIdleNs) {
+  if (!lock.owns_lock()) return;
+  const bool probing = probe_since != 0;
+  if (probing && now - probe_since < kProbeNs) return;  // the probe's interval is not over
+  if (!last_look.compare_exchange_strong(last, now)) return;
+  thread_local int64_t my_look = 0, my_cpu = 0;  // this caller's last look, and its CPU time then
+  const int64_t cpu = thread_cpu_ns();
+  const bool paused = now - last > kIdleNs && 4 * (cpu - my_cpu) < now - my_look;
+  my_look = now, my_cpu = cpu;
+  if (paused) {
     stale = true;
+    probe_since = 0;
     return;
   }
+  if (serial_until.load(std::memory_order_relaxed) > last) {  // the loops ran on through a window: probe
+    stale = true;
+    probe_since = now;
+  } else if (probing) {
+    probe_since = 0;  // this look decides
+  }
+  const bool decide_probe = probing && probe_since == 0;
   std::vector<Watched>& threads = *watched;
   bool stalled = false;
   for (size_t i = 0; i < threads.size();) {
@@ -184,11 +222,12 @@ void look(int64_t now) {
     }
     const double interval = static_cast<double>(now - last);
     const double share = std::min(1.0, static_cast<double>(w - threads[i].waited) / interval);
-    threads[i].share += std::min(1.0, interval / kHorizonNs) * (share - threads[i].share);
+    threads[i].share += (decide_probe ? 1.0 : std::min(1.0, interval / kHorizonNs)) * (share - threads[i].share);
     threads[i].waited = w;
     if (threads[i].share >= kStalledShare) stalled = true;
     ++i;
   }
+  if (!stale && !stalled) quiet_seen = true;
   stale = false;
   if (stalled) note_stall(now);
 }
@@ -331,6 +370,33 @@ ContentionStats contention_stats() {
 
 void serialize_for(int64_t ns) { guard::serial_until.store(guard::now_ns() + std::max<int64_t>(ns, 0)); }
 
+namespace {
+
+// The guard's verdict for this thread now (a look at most every 2 ms); inside an OpenMpScope the ATen and MKL
+// regions that follow take it too (not from inside a parallel region, whose thread settings end with it).
+bool contended() {
+  const int64_t now = guard::now_ns();
+  bool serial = guard::serial(now);
+  OpenMpScope* scope = in_parallel || at::in_parallel_region() ? nullptr : openmp_scope;
+  // One thread has nothing to wait for; a scope in a window has set this thread's count to 1 itself.
+  const int threads = scope != nullptr ? scope->threads() : at::get_num_threads();
+  if (!serial && threads > 1) {
+    guard::watch_this_thread();
+    guard::look(now);
+    serial = guard::serial(now);
+  }
+  if (scope != nullptr) scope->follow(serial);
+  return serial;
+}
+
+}  // namespace
+
+void OpenMpScope::checkpoint() {
+  if (guard::enabled() && openmp_scope == this) contended();
+}
+
+int OpenMpScope::threads() const { return serial_ ? omp_threads_ : at::get_num_threads(); }
+
 void parallel_run(int64_t begin, int64_t end, int64_t grain, ChunkFn fn, const void* body) {
   if (end <= begin) return;
   // AMNETS_CPU_POOL=0: ATen's OpenMP regions instead (for A/B measurements, and as an escape hatch).
@@ -339,19 +405,7 @@ void parallel_run(int64_t begin, int64_t end, int64_t grain, ChunkFn fn, const v
   const int64_t range = end - begin;
   if (range <= grain) return fn(body, begin, end);  // one chunk: no threads, no guard
   const bool guarded = guard::enabled();
-  bool serial = false;
-  if (guarded) {
-    const int64_t now = guard::now_ns();
-    serial = guard::serial(now);
-    if (!serial && at::get_num_threads() > 1) {  // one thread has nothing to wait for
-      guard::watch_this_thread();
-      guard::look(now);
-      serial = guard::serial(now);
-    }
-  }
-  // A long op's ATen regions follow the window from one of our loops to the next (not from inside a
-  // parallel region, whose thread settings end with it).
-  if (openmp_scope != nullptr && !in_parallel && !at::in_parallel_region()) openmp_scope->follow(serial);
+  const bool serial = guarded && contended();
   if (serial) return fn(body, begin, end);
   if (!use_pool || openmp_scope != nullptr) {
     return at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {

@@ -35,8 +35,9 @@
 // CPU a quarter of the time (averaged over ~16 ms, so the odd 2-4 ms wait of a quiet machine does not
 // count) the process is contended, and for a window (4 ms, x4 while stalls recur, up to 256 ms) every loop
 // runs on its caller alone, and so do ATen's and MKL's regions inside an OpenMpScope (their thread counts
-// are set to 1 on this thread only, and put back at the next of our loops after the window, or when the
-// scope closes). A loop after the window probes again. One thread beside a busy process costs what one
+// are set to 1 on this thread only, and put back at the next of our loops or checkpoints after the window, or
+// when the scope closes). The loops after the window probe again: baselines, then a verdict on the next 8 ms
+// or more alone. One thread beside a busy process costs what one
 // thread costs (~1.5-1.9x the quiet 2-thread time here) instead of a slice per region; quiet, the guard
 // costs a file read per watched thread per 2 ms. AMNETS_CONTENTION_GUARD=0 (or false/off/no; read once) turns it off;
 // contention_stats() says what it did.
@@ -67,6 +68,10 @@ class OpenMpScope {
   OpenMpScope(const OpenMpScope&) = delete;
   OpenMpScope& operator=(const OpenMpScope&) = delete;
   void follow(bool serial);  // parallel_for calls it: the thread counts follow the guard's window
+  // What each of our loops does for the guard, between two ATen regions of a long op whose loops are far apart
+  // (a fused joint tile beside a busy process): a look at most every 2 ms, and the thread counts follow.
+  void checkpoint();
+  int threads() const;  // this thread's OpenMP count outside a window
 
  private:
   bool serial_ = false;

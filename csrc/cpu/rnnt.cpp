@@ -439,7 +439,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_joint_rnnt_loss_forward(
   const Labels checked("fused_joint_rnnt_loss_forward", targets, logit_lengths, target_lengths, s, weight.size(0),
                        blank);
   const Lengths len = checked.lengths();
-  const OpenMpScope openmp;  // the loops alternate with ATen's (parallel.h)
+  OpenMpScope openmp;  // the loops alternate with ATen's (parallel.h); checkpoints between the GEMMs
   std::tuple<Tensor, Tensor, Tensor, Tensor> out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, enc.scalar_type(), "fused_joint_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -450,6 +450,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_joint_rnnt_loss_forward(
       const int64_t frames = len.frames[b], labels = len.labels[b], step = frames_per_tile(labels);
       for (int64_t t0 = 0; t0 < frames; t0 += step) {
         const int64_t t1 = std::min(frames, t0 + step);
+        openmp.checkpoint();
         const Tensor logits = joint.tile(b, t0, t1, labels).second;
         const acc_t* l = logits.data_ptr<acc_t>();
         parallel_for(0, (t1 - t0) * (labels + 1), 8, [&](int64_t begin, int64_t end) {
@@ -476,7 +477,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_joint_rnnt_loss_backward(
   const Shape s = joint_shape(op, enc, pred, weight, bias, activation);
   const Labels checked(op, targets, logit_lengths, target_lengths, s, weight.size(0), blank);
   const Lengths len = checked.lengths();
-  const OpenMpScope openmp;  // the loops alternate with ATen's (parallel.h)
+  OpenMpScope openmp;  // the loops alternate with ATen's (parallel.h); checkpoints between the GEMMs
   checks::rnnt_saved(op, grad_costs, alphas, betas, den, s.batch, s.frames, s.labels_plus_1, enc.scalar_type());
   const auto scales = grad_costs.to(at::kDouble).contiguous();
   std::tuple<Tensor, Tensor, Tensor, Tensor> out;
@@ -493,6 +494,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_joint_rnnt_loss_backward(
       const int64_t frames = len.frames[b], labels = len.labels[b], step = frames_per_tile(labels);
       for (int64_t t0 = 0; t0 < frames; t0 += step) {
         const int64_t t1 = std::min(frames, t0 + step);
+        openmp.checkpoint();
         auto [act, grad_logits] = joint.tile(b, t0, t1, labels);  // logits, overwritten by their gradient
         acc_t* l = grad_logits.data_ptr<acc_t>();
         parallel_for(0, (t1 - t0) * (labels + 1), 8, [&](int64_t begin, int64_t end) {
@@ -506,6 +508,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_joint_rnnt_loss_backward(
         });
         grad_weight.addmm_(grad_logits.t(), act);
         grad_bias += grad_logits.sum(0);
+        openmp.checkpoint();
         const Tensor grad_pre = joint.backward_through_activation(at::mm(grad_logits, joint.weight), act)
                                     .view({t1 - t0, labels + 1, joint.hidden});
         grad_enc[b].slice(0, t0, t1) += grad_pre.sum(1);
