@@ -565,10 +565,12 @@ struct ForwardAmx {  // block rows [r0, r1)
 // transposed, m contiguous) times x's rows as pairs over m (B: 16 m-pairs x 16 j, from xm: pair row q, column
 // j holds (x[2q, j], x[2q + 1, j])). Both are zero past M (Mp, a multiple of 32) and past the logical matrix.
 // Per block, four C tiles at a time (16 rows i of it by up to 64 columns j). Tiles: C 0..3, A 4, B 5..7.
-// Timed on an Intel Xeon (AMX, 1 thread, 4096x2048 b=32 d=0.25 bf16, benchmarks/results/intel-xeon-1-thread-amx-rows.md):
-// the tiles' backward lost to AVX512-BF16 at 16-32 rows (rows pad to 32 for the pair layout: at 16 half of each
-// product is zeros; fwd+bwd 1.35x at 16 rows) and won from 48 (backward ~0.92x at 48, ~0.74x at 64).
-constexpr int64_t kAmxBackwardMinRows = 48;
+// Timed on an Intel Xeon (AMX, 1 thread, 4096x2048 b=32 d=0.25 bf16, `python -m benchmarks.amx_rows`, fwd+bwd with
+// the forward on tiles): with the backward's pair layouts built by pair_rows, the tiles' backward ties AVX512-BF16
+// at 16 rows (rows pad to 32 for the pair layout: half of each product is zeros there; 1424 against 1435 us) and
+// wins from 24 (1561 against 1955 us; 1676 against 2420 at 32). Through ATen's permuted copies it had lost up to
+// 32 rows (benchmarks/results/intel-xeon-1-thread-amx-rows-backward-from-16.md) and the threshold was 48.
+constexpr int64_t kAmxBackwardMinRows = 24;
 
 template <class Tiles, int B>
 AMNETS_INLINE void grad_values_amx_block(const Problem& p, const uint16_t* gyt, const uint16_t* xm, int64_t mp,
@@ -1064,6 +1066,27 @@ std::vector<int64_t> block_row_of(const Problem& p) {
   return row_of;
 }
 
+// The tiles' pair layout of a bf16 matrix a (rows x cols, row stride ld), zero-padded to rows_to (even) x cols_to:
+// out (rows_to / 2, cols_to) words, word (q, j) holding (a[2q][j], a[2q + 1][j]). ATen's permuted copies of the
+// values and of x into this layout took over half of a 64-row backward (4096x2048 b=32 d=0.25, Intel Xeon).
+AMNETS_CLONES void pair_rows(const c10::BFloat16* a, int64_t ld, int64_t rows, int64_t cols, int64_t rows_to,
+                             int64_t cols_to, c10::BFloat16* out) {
+  const auto* src = reinterpret_cast<const uint16_t*>(a);
+  auto* words = reinterpret_cast<uint32_t*>(out);
+  for (int64_t q = 0; q < rows_to / 2; ++q) {
+    uint32_t* dst = words + q * cols_to;
+    int64_t live = 0;
+    if (2 * q + 1 < rows) {
+      const uint16_t *even = src + 2 * q * ld, *odd = even + ld;
+      for (live = 0; live < cols; ++live) dst[live] = uint32_t(even[live]) | uint32_t(odd[live]) << 16;
+    } else if (2 * q < rows) {  // the last row of an odd count: its pair is padding
+      const uint16_t* even = src + 2 * q * ld;
+      for (live = 0; live < cols; ++live) dst[live] = even[live];
+    }
+    std::fill(dst + live, dst + cols_to, 0u);
+  }
+}
+
 // bsr_linear_backward on AMX tiles (GradInputAmx, GradValuesAmx above): bf16 values, grad_out and x.
 std::tuple<Tensor, Tensor> amx_backward(amx::Kernel tiles, const Problem& p, const Tensor& grad_out, const Tensor& x,
                                         const Tensor& values, bool need_x, bool need_values) {
@@ -1082,7 +1105,8 @@ std::tuple<Tensor, Tensor> amx_backward(amx::Kernel tiles, const Problem& p, con
       const int64_t k0 = p.crow[p.block_rows - 1], k1 = p.crow[p.block_rows];
       v.narrow(0, k0, k1 - k0).narrow(1, last, b - last).zero_();
     }
-    const Tensor wv = v.view({-1, b / 2, 2, b}).permute({0, 1, 3, 2}).contiguous();  // pairs over block rows
+    Tensor wv = at::empty_like(v);  // pairs over block rows (b is even: a pair never spans two blocks)
+    pair_rows(v.data_ptr<c10::BFloat16>(), b, v.size(0) * b, b, v.size(0) * b, b, wv.data_ptr<c10::BFloat16>());
     const Tensor gyb = padded(grad_out, (p.rows + 15) / 16 * 16, np);
     Tensor gx = at::empty({p.rows, p.in_features}, x.options().dtype(at::kFloat));
     const ColumnIndex ci = column_index(p);
@@ -1096,7 +1120,9 @@ std::tuple<Tensor, Tensor> amx_backward(amx::Kernel tiles, const Problem& p, con
     const int64_t nnzb = values.size(0), mp = (p.rows + 31) / 32 * 32;
     if (nnzb > 0) {
       const Tensor gyt = padded(grad_out, mp, np).t().contiguous();  // (np, mp): m contiguous
-      const Tensor xm = padded(x, mp, kp).view({mp / 2, 2, kp}).permute({0, 2, 1}).contiguous();  // pairs over m
+      const Tensor xc = x.contiguous();
+      Tensor xm = at::empty({mp / 2, kp, 2}, xc.options());  // pairs over m
+      pair_rows(xc.data_ptr<c10::BFloat16>(), xc.size(1), p.rows, xc.size(1), mp, kp, xm.data_ptr<c10::BFloat16>());
       const std::vector<int64_t> row_of = block_row_of(p);
       parallel_for(0, nnzb, 1, [&](int64_t k0, int64_t k1) {
         amx::run<GradValuesAmx>(tiles, &p, as_u16(gyt), as_u16(xm), mp, kp,
