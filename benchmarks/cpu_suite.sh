@@ -12,6 +12,7 @@
 #   <cpu>-{1-thread,2-threads}-frame-engine.md issue 12's targets and the H=1024 x3 encoder in both regimes
 #   <cpu>-1-thread-amx-rows.md                 AMX tiles against AVX512-BF16 by row count (where the thresholds go)
 #   <cpu>-2-threads-contention.md              each op's growth beside one busy process
+#   <cpu>-2-threads-contention-2-hogs.md       the same beside two (heavier load: reported, no goal)
 #   <cpu>-overhead.md, <cpu>-serving.md        host cost per call; streams on threads
 # The test suite runs first: on an AMX CPU its "hardware" cases run the tile kernels for real (elsewhere they
 # skip and only the emulation runs). Each stage has a time limit (STAGE_TIMEOUT seconds, default 900); a stage
@@ -70,6 +71,7 @@ run "RNN-T losses" - $PY -m benchmarks $q --ops rnnt,fused_joint --threads 2 --n
 run "frame engine, 1 thread" "$OUT/$kind-1-thread-frame-engine.md" $PY -m benchmarks.frame_engine $q --threads 1
 run "frame engine, 2 threads" "$OUT/$kind-2-threads-frame-engine.md" $PY -m benchmarks.frame_engine $q --threads 2
 run "contention" "$OUT/$kind-2-threads-contention.md" $PY -m benchmarks.contention $q --threads 2
+run "contention, two hogs" "$OUT/$kind-2-threads-contention-2-hogs.md" $PY -m benchmarks.contention $q --threads 2 --hogs 2
 run "host cost per call" "$OUT/$kind-overhead.md" $PY -m benchmarks.overhead
 run "streams on threads" "$OUT/$kind-serving.md" $PY -m benchmarks.serving
 stage "done"
