@@ -31,7 +31,7 @@ def dense_linear(x, sparse, bias):
 
 
 @pytest.mark.parametrize("face", FACES)
-@given(m=st.integers(0, 40), out_f=st.integers(1, 140), in_f=st.integers(1, 140),
+@given(m=st.integers(0, 100), out_f=st.integers(1, 140), in_f=st.integers(1, 140),  # 45+ rows: 48-row tiles
        block=st.sampled_from([1, 4, 16, 32, 64]), sparsity=st.sampled_from([0.0, 0.3, 0.75, 1.0]),
        dtype=st.sampled_from(DTYPES), has_bias=st.booleans(), lead=st.sampled_from([(), (2,), (2, 1)]))
 def test_forward_and_grads_match_dense(face, m, out_f, in_f, block, sparsity, dtype, has_bias, lead):
@@ -58,7 +58,7 @@ def test_forward_and_grads_match_dense(face, m, out_f, in_f, block, sparsity, dt
 
 @pytest.mark.parametrize("face", FACES)
 @pytest.mark.parametrize("block", [16, 32, 64])
-@pytest.mark.parametrize("m", [1, 3, 8, 17, 40])
+@pytest.mark.parametrize("m", [1, 3, 8, 17, 40, 45, 64, 77, 100])  # from 45 rows the fp32 kernel's 48-row tiles
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_kernel_tiles_and_poisoned_padding(face, block, m, dtype):
     """Shapes that are not whole blocks, row counts on both sides of every kernel's tile size, and
@@ -117,7 +117,7 @@ def test_non_contiguous_and_all_zero(face):
 
 
 @pytest.mark.parametrize("block", [16, 32, 64])
-@pytest.mark.parametrize("m", [1, 5, 16, 33])
+@pytest.mark.parametrize("m", [1, 5, 16, 33, 70])  # from 64 rows the SDDMM packs x and grad_y
 def test_cpu_bf16_weight_gradient_is_the_fp32_one_rounded(block, m):
     """The CPU kernels accumulate in fp32 whatever the weights' dtype, so bf16 grad_values must be the fp32
     kernel's result on the same (bf16-valued) inputs rounded to nearest even, bit for bit; NaN stays NaN and

@@ -9,12 +9,14 @@
 //   forward, few rows (M <= 12, and what is left past the last 16-row tile when at most 12 rows are):
 //                               y[m, rows of r] = dot products of block rows with x, vectorised along
 //                               the block's columns, up to 16 accumulators of (row i, input m);
-//   forward, many rows:         x is packed transposed once per call (K x M in 16-wide tiles) and each
-//                               weight element is broadcast against 16 inputs at a time (bf16 weights on
-//                               AVX512-BF16: from 8 rows, vdpbf16ps on pairs of inputs);
+//   forward, many rows:         x is packed transposed once per call (tile-major: per 16 rows a K x 16
+//                               stream) and each weight element is broadcast against 16 inputs at a time,
+//                               48 (three tiles) from 45 rows (bf16 weights on AVX512-BF16: from 8 rows,
+//                               vdpbf16ps on pairs of inputs);
 //   grad_x = grad_y @ W:        by block column (a transposed index built per call), rows of a block
 //                               broadcast-multiplied into 16-wide column accumulators;
-//   grad_values (SDDMM):        per stored block, sum over m of grad_y[m, block rows] x[m, block cols];
+//   grad_values (SDDMM):        per stored block, sum over m of grad_y[m, block rows] x[m, block cols]
+//                               (from 64 rows x and grad_y packed by block column first);
 //   on AMX (amx.h), bf16:       the many-row forward from 8 rows, grad_x and grad_values from 48, on tiles.
 // The logical shape need not be whole blocks: block entries outside it are never used (masked),
 // whatever they hold. Parallel over block rows / block columns / blocks with parallel_for (parallel.h: our
@@ -201,7 +203,7 @@ AMNETS_INLINE void forward_dot(const Problem& p, const T* values, const float* x
 }
 
 // ---------------------------------------------------------------------------------------------------
-// forward, many rows: xt is x transposed and padded, (Kb*B, Mp) with Mp a multiple of 16.
+// forward, many rows: xt is x transposed and padded, tile-major: (Mp / 16, Kb*B, 16), `tile` floats a tile.
 
 // Rows that go through the few-row kernel (fp32, and bf16 without AVX512-BF16) rather than a 16-row tile:
 // a tile costs the same for 1 or 16 rows, the few-row kernel ~1/13 of a tile per row (4096x2048 b=32 on one
@@ -212,7 +214,7 @@ constexpr int64_t kDotRowsMax = 12;
 constexpr int64_t kDpbf16MinRows = 8, kDpbf16FewMax = 4;
 
 template <typename T, int B>
-AMNETS_INLINE void forward_broadcast(const Problem& p, const T* values, const float* xt, int64_t mp, float* y,
+AMNETS_INLINE void forward_broadcast(const Problem& p, const T* values, const float* xt, int64_t tile, float* y,
                                      int64_t r, int64_t m0) {
   const int64_t rows = p.rows_in(r), lanes = std::min<int64_t>(kWidth, p.rows - m0);
   for (int64_t i0 = 0; i0 < rows; i0 += kWidth) {
@@ -220,16 +222,57 @@ AMNETS_INLINE void forward_broadcast(const Problem& p, const T* values, const fl
     for (int64_t k = p.crow[r]; k < p.crow[r + 1]; ++k) {
       const T* blk = values + k * B * B + i0 * B;
       prefetch_block<T, B>(p, values, k, r, i0, kWidth, kWidth * B * int64_t(sizeof(T)));  // this pass's slice
-      const float* xk = xt + p.col[k] * B * mp + m0;
+      const float* xk = xt + m0 / kWidth * tile + p.col[k] * B * kWidth;
       const int64_t cols = p.cols_in(p.col[k]);  // never touch weights outside the logical matrix
       for (int64_t j = 0; j < cols; ++j) {
-        const vfloat xv = simd::load(xk + j * mp);
+        const vfloat xv = simd::load(xk + j * kWidth);
         AMNETS_UNROLL
         for (int i = 0; i < kWidth; ++i) acc[i] += scalar(blk[i * B + j]) * xv;
       }
     }
     simd::store_transposed(acc, y + m0 * p.out_features + r * B + i0, p.out_features, lanes,
                            std::min<int64_t>(kWidth, rows - i0));
+  }
+}
+
+// Three 16-row tiles (48 rows from m0) at once, 8 outputs a pass: each weight is broadcast once for three FMAs
+// (24 accumulators, 3 x vectors, the broadcast: 28 of AVX-512's 32 registers). The single tile above loads a
+// weight per FMA: 4096x2048 b=32 fp32, 1 Intel Xeon core, d=0.5: M=64 3.51 -> 3.14 ms, M=1024 64.7 -> 56.6 ms
+// (76 GMAC/s; MKL's dense GEMM ~108). Write `scalar * vector` here, not splat(): the splat version ran at 40.
+constexpr int kTriple = 3, kTripleOutputs = 8;
+
+template <typename T, int B>
+AMNETS_INLINE void forward_broadcast3(const Problem& p, const T* values, const float* xt, int64_t tile, float* y,
+                                      int64_t r, int64_t m0) {
+  const int64_t rows = p.rows_in(r);
+  const float* xtile = xt + m0 / kWidth * tile;
+  for (int64_t i0 = 0; i0 < rows; i0 += kTripleOutputs) {
+    vfloat acc[kTriple][kTripleOutputs] = {};
+    for (int64_t k = p.crow[r]; k < p.crow[r + 1]; ++k) {
+      const T* blk = values + k * B * B + i0 * B;
+      prefetch_block<T, B>(p, values, k, r, i0, kTripleOutputs, kTripleOutputs * B * int64_t(sizeof(T)));
+      const float* xk = xtile + p.col[k] * B * kWidth;
+      const int64_t cols = p.cols_in(p.col[k]);  // never touch weights outside the logical matrix
+      for (int64_t j = 0; j < cols; ++j) {
+        vfloat xv[kTriple];
+        AMNETS_UNROLL
+        for (int t = 0; t < kTriple; ++t) xv[t] = simd::load(xk + t * tile + j * kWidth);
+        AMNETS_UNROLL
+        for (int i = 0; i < kTripleOutputs; ++i) {
+          const float w = scalar(blk[i * B + j]);
+          AMNETS_UNROLL
+          for (int t = 0; t < kTriple; ++t) acc[t][i] += w * xv[t];
+        }
+      }
+    }
+    const int64_t outputs = std::min<int64_t>(kTripleOutputs, rows - i0);
+    for (int t = 0; t < kTriple; ++t) {
+      vfloat out[kWidth] = {};
+      for (int i = 0; i < kTripleOutputs; ++i) out[i] = acc[t][i];
+      const int64_t first = m0 + t * kWidth;
+      simd::store_transposed(out, y + first * p.out_features + r * B + i0, p.out_features,
+                             std::min<int64_t>(kWidth, p.rows - first), outputs);
+    }
   }
 }
 
@@ -317,16 +360,25 @@ AMNETS_INLINE void grad_input_column(const Problem& p, const ColumnIndex& ci, co
 // grad_values[k, i, j] = sum_m grad_y[m, row_k*B + i] x[m, col_k*B + j]; x and grad_y padded to whole
 // blocks with zeros, so entries outside the logical matrix get 0.
 
+// x or grad_y as the SDDMM reads it: entry (m, c*B + j) at data[c * block + m * ld + j]. Row-major (block = B,
+// ld = the row) for few rows; for many, packed by block column (block = M*B, ld = B): a block's pass over m is
+// then one contiguous stream, where row-major strides a page per row (4096x2048 b=32 fp32, 1 Intel Xeon core,
+// d=0.5, M=1024: fwd+bwd 301 -> 192 ms, the weight gradient from 56% of it to 30%).
+struct Strided {
+  const float* data;
+  int64_t ld, block;
+};
+constexpr int64_t kPackRows = 64;
+
 template <typename T, int B>
-AMNETS_INLINE void grad_values_block(const Problem& p, const float* gy, int64_t ldg, const float* x, int64_t ldx,
-                                     T* gv, int64_t k, int64_t r) {
+AMNETS_INLINE void grad_values_block(const Problem& p, Strided gy, Strided x, T* gv, int64_t k, int64_t r) {
   constexpr int V = B / kWidth;
   constexpr int IT = kWidth / V;  // IT * V accumulators
   for (int64_t i0 = 0; i0 < B; i0 += IT) {
     vfloat acc[IT][V] = {};
     for (int64_t m = 0; m < p.rows; ++m) {
-      const float* xm = x + m * ldx + p.col[k] * B;
-      const float* gm = gy + m * ldg + r * B + i0;
+      const float* xm = x.data + p.col[k] * x.block + m * x.ld;
+      const float* gm = gy.data + r * gy.block + m * gy.ld + i0;
       vfloat xv[V];
       AMNETS_UNROLL
       for (int v = 0; v < V; ++v) xv[v] = simd::load(xm + v * kWidth);
@@ -352,25 +404,41 @@ AMNETS_INLINE void grad_values_block(const Problem& p, const float* gy, int64_t 
 
 // Everything below a clone entry point is always_inline, so that it is compiled for that clone's ISA.
 
+// Weights of the block rows a tile of x meets in turn: about what stays in L2 beside the tile (~d x 128 KB at
+// K = 2048) while every tile passes over them. With one block row at a time every tile came from L3 again for
+// each block row (4096x2048 b=32 fp32, 1 Intel Xeon core, M=1024, d=0.25: 40.4 ms, 35.4 with chunks).
+constexpr int64_t kChunkBytes = 256 << 10;
+
+// Block rows [r0, r1): 16-row tiles while more than kDotRowsMax rows are left (each tile over the block rows of a
+// chunk of ~kChunkBytes of weights), then the few-row kernel.
 template <typename T, int B>
-AMNETS_INLINE void forward_block_row(const Problem& p, const T* values, const float* x, int64_t ldx,
-                                     const float* xt, int64_t mp, float* y, int64_t r) {
-  int64_t m0 = 0;
-  if (xt != nullptr) {  // 16-row tiles while more than kDotRowsMax rows are left, then the few-row kernel
-    for (; p.rows - m0 > kDotRowsMax; m0 += kWidth) forward_broadcast<T, B>(p, values, xt, mp, y, r, m0);
+AMNETS_INLINE void forward_block_rows(const Problem& p, const T* values, const float* x, int64_t ldx,
+                                      const float* xt, int64_t tile, float* y, int64_t r0, int64_t r1) {
+  const int64_t tiled = xt == nullptr ? 0 : (p.rows - kDotRowsMax + kWidth - 1) / kWidth * kWidth;  // rows in tiles
+  constexpr int64_t kBlockBytes = int64_t(B) * B * sizeof(T);
+  for (int64_t c0 = r0, c1 = r0; c0 < r1; c0 = c1) {
+    for (c1 = c0 + 1; c1 < r1 && (p.crow[c1 + 1] - p.crow[c0]) * kBlockBytes <= kChunkBytes;) ++c1;
+    int64_t m0 = 0;
+    for (; m0 + kTriple * kWidth <= tiled; m0 += kTriple * kWidth)
+      for (int64_t r = c0; r < c1; ++r) forward_broadcast3<T, B>(p, values, xt, tile, y, r, m0);
+    for (; m0 < tiled; m0 += kWidth)
+      for (int64_t r = c0; r < c1; ++r) forward_broadcast<T, B>(p, values, xt, tile, y, r, m0);
   }
-  for (; m0 + 4 <= p.rows; m0 += 4) forward_dot<T, B, 4>(p, values, x, ldx, y, r, m0);
-  for (; m0 + 2 <= p.rows; m0 += 2) forward_dot<T, B, 2>(p, values, x, ldx, y, r, m0);
-  for (; m0 < p.rows; ++m0) forward_dot<T, B, 1>(p, values, x, ldx, y, r, m0);
+  for (int64_t r = r0; r < r1; ++r) {
+    int64_t m0 = tiled;
+    for (; m0 + 4 <= p.rows; m0 += 4) forward_dot<T, B, 4>(p, values, x, ldx, y, r, m0);
+    for (; m0 + 2 <= p.rows; m0 += 2) forward_dot<T, B, 2>(p, values, x, ldx, y, r, m0);
+    for (; m0 < p.rows; ++m0) forward_dot<T, B, 1>(p, values, x, ldx, y, r, m0);
+  }
 }
 
 template <typename T>
 AMNETS_INLINE void dispatch_forward(const Problem& p, const T* values, const float* x, int64_t ldx,
-                                    const float* xt, int64_t mp, float* y, int64_t r) {
+                                    const float* xt, int64_t tile, float* y, int64_t r0, int64_t r1) {
   switch (p.block) {
-    case 16: return forward_block_row<T, 16>(p, values, x, ldx, xt, mp, y, r);
-    case 32: return forward_block_row<T, 32>(p, values, x, ldx, xt, mp, y, r);
-    default: return forward_block_row<T, 64>(p, values, x, ldx, xt, mp, y, r);
+    case 16: return forward_block_rows<T, 16>(p, values, x, ldx, xt, tile, y, r0, r1);
+    case 32: return forward_block_rows<T, 32>(p, values, x, ldx, xt, tile, y, r0, r1);
+    default: return forward_block_rows<T, 64>(p, values, x, ldx, xt, tile, y, r0, r1);
   }
 }
 
@@ -394,39 +462,38 @@ AMNETS_INLINE void dispatch_grad_input(const Problem& p, const ColumnIndex& ci, 
 }
 
 template <typename T>
-AMNETS_INLINE void dispatch_grad_values(const Problem& p, const float* gy, int64_t ldg, const float* x,
-                                        int64_t ldx, T* gv, int64_t k, int64_t r) {
+AMNETS_INLINE void dispatch_grad_values(const Problem& p, Strided gy, Strided x, T* gv, int64_t k, int64_t r) {
   switch (p.block) {
-    case 16: return grad_values_block<T, 16>(p, gy, ldg, x, ldx, gv, k, r);
-    case 32: return grad_values_block<T, 32>(p, gy, ldg, x, ldx, gv, k, r);
-    default: return grad_values_block<T, 64>(p, gy, ldg, x, ldx, gv, k, r);
+    case 16: return grad_values_block<T, 16>(p, gy, x, gv, k, r);
+    case 32: return grad_values_block<T, 32>(p, gy, x, gv, k, r);
+    default: return grad_values_block<T, 64>(p, gy, x, gv, k, r);
   }
 }
 
 #define AMNETS_BSR_CLONES(T, NAME)                                                                          \
   AMNETS_CLONES void forward_##NAME(const Problem& p, const T* v, const float* x, int64_t ldx,             \
-                                    const float* xt, int64_t mp, float* y, int64_t r0, int64_t r1) {       \
-    for (int64_t r = r0; r < r1; ++r) dispatch_forward<T>(p, v, x, ldx, xt, mp, y, r);                    \
+                                    const float* xt, int64_t tile, float* y, int64_t r0, int64_t r1) {       \
+    dispatch_forward<T>(p, v, x, ldx, xt, tile, y, r0, r1);                                               \
   }                                                                                                          \
   AMNETS_CLONES void grad_input_##NAME(const Problem& p, const ColumnIndex& ci, const T* v, const float* gy, \
                                        float* gx, int64_t c0, int64_t c1) {                                 \
     for (int64_t c = c0; c < c1; ++c) dispatch_grad_input<T>(p, ci, v, gy, gx, c);                        \
   }                                                                                                          \
-  AMNETS_CLONES void grad_values_##NAME(const Problem& p, const float* gy, int64_t ldg, const float* x,    \
-                                        int64_t ldx, T* gv, const int64_t* row_of, int64_t k0, int64_t k1) { \
-    for (int64_t k = k0; k < k1; ++k) dispatch_grad_values<T>(p, gy, ldg, x, ldx, gv, k, row_of[k]);      \
+  AMNETS_CLONES void grad_values_##NAME(const Problem& p, Strided gy, Strided x, T* gv, const int64_t* row_of, \
+                                        int64_t k0, int64_t k1) {                                           \
+    for (int64_t k = k0; k < k1; ++k) dispatch_grad_values<T>(p, gy, x, gv, k, row_of[k]);                \
   }
 AMNETS_BSR_CLONES(float, f32)
 AMNETS_BSR_CLONES(c10::BFloat16, bf16)
 #undef AMNETS_BSR_CLONES
 
-void forward_rows(const Problem& p, const float* v, const float* x, int64_t ldx, const float* xt, int64_t mp,
+void forward_rows(const Problem& p, const float* v, const float* x, int64_t ldx, const float* xt, int64_t tile,
                   float* y, int64_t r0, int64_t r1) {
-  forward_f32(p, v, x, ldx, xt, mp, y, r0, r1);
+  forward_f32(p, v, x, ldx, xt, tile, y, r0, r1);
 }
 void forward_rows(const Problem& p, const c10::BFloat16* v, const float* x, int64_t ldx, const float* xt,
-                  int64_t mp, float* y, int64_t r0, int64_t r1) {
-  forward_bf16(p, v, x, ldx, xt, mp, y, r0, r1);
+                  int64_t tile, float* y, int64_t r0, int64_t r1) {
+  forward_bf16(p, v, x, ldx, xt, tile, y, r0, r1);
 }
 // ---------------------------------------------------------------------------------------------------
 // bf16 weights, many rows, on a CPU with AVX512-BF16 (vdpbf16ps: 32 bf16 products into 16 fp32 lanes per
@@ -672,13 +739,13 @@ void grad_input_columns(const Problem& p, const ColumnIndex& ci, const c10::BFlo
                         float* gx, int64_t c0, int64_t c1) {
   grad_input_bf16(p, ci, v, gy, gx, c0, c1);
 }
-void grad_values_blocks(const Problem& p, const float* gy, int64_t ldg, const float* x, int64_t ldx, float* gv,
-                        const int64_t* row_of, int64_t k0, int64_t k1) {
-  grad_values_f32(p, gy, ldg, x, ldx, gv, row_of, k0, k1);
+void grad_values_blocks(const Problem& p, Strided gy, Strided x, float* gv, const int64_t* row_of, int64_t k0,
+                        int64_t k1) {
+  grad_values_f32(p, gy, x, gv, row_of, k0, k1);
 }
-void grad_values_blocks(const Problem& p, const float* gy, int64_t ldg, const float* x, int64_t ldx,
-                        c10::BFloat16* gv, const int64_t* row_of, int64_t k0, int64_t k1) {
-  grad_values_bf16(p, gy, ldg, x, ldx, gv, row_of, k0, k1);
+void grad_values_blocks(const Problem& p, Strided gy, Strided x, c10::BFloat16* gv, const int64_t* row_of,
+                        int64_t k0, int64_t k1) {
+  grad_values_bf16(p, gy, x, gv, row_of, k0, k1);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -843,11 +910,13 @@ std::tuple<Tensor, Tensor> dense_backward(const Tensor& gy, const Tensor& x, con
 // ---------------------------------------------------------------------------------------------------
 // The ops
 
-// x's first `rows` rows (row stride ld, k columns) transposed into xt (k, mp), zeros in columns [rows, mp)
-// (mp a multiple of 16), in 16 x 16 tiles through registers; 32-bit words moved as they are (a float's bits
-// or a pair of bf16). ATen's pad and transposing copy cost ~24 us a call at 16 x 2048 on an Intel Xeon, half
-// of a call at d = 0.005.
-AMNETS_CLONES void transpose_padded(const float* x, int64_t ld, int64_t rows, int64_t k, int64_t mp, float* xt) {
+// x's first `rows` rows (row stride ld, k columns) transposed, zeros for rows [rows, mp) (mp a multiple of 16),
+// in 16 x 16 tiles through registers; 32-bit words moved as they are (a float's bits or a pair of bf16).
+// x[m][j] goes to xt[(m / 16) * tile + j * ld_t + m % 16]: (k, mp) row-major is tile = 16, ld_t = mp; the
+// fp32 kernel's tile-major layout (tile = 16 k, ld_t = 16) keeps each 16-row tile one contiguous stream.
+// ATen's pad and transposing copy cost ~24 us a call at 16 x 2048 on an Intel Xeon, half of a call at d = 0.005.
+AMNETS_CLONES void transpose_padded(const float* x, int64_t ld, int64_t rows, int64_t k, int64_t mp, int64_t tile,
+                                    int64_t ld_t, float* xt) {
   for (int64_t m0 = 0; m0 < mp; m0 += kWidth) {
     for (int64_t k0 = 0; k0 < k; k0 += kWidth) {
       const int64_t cols = std::min(kWidth, k - k0);
@@ -861,7 +930,7 @@ AMNETS_CLONES void transpose_padded(const float* x, int64_t ld, int64_t rows, in
           t[i] = simd::load(part);
         }
       }
-      simd::store_transposed(t, xt + k0 * mp + m0, mp, cols, kWidth);
+      simd::store_transposed(t, xt + m0 / kWidth * tile + k0 * ld_t, ld_t, cols, kWidth);
     }
   }
 }
@@ -875,7 +944,7 @@ void pack_pairs(const float* x, int64_t ld, int64_t rows, int64_t k_pad, int64_t
   narrowed.resize(rows * k_pad);
   for (int64_t m = 0; m < rows; ++m) narrow_bf16(x + m * ld, narrowed.data() + m * k_pad, k_pad);
   static_assert(sizeof(float) == 2 * sizeof(c10::BFloat16));
-  transpose_padded(reinterpret_cast<const float*>(narrowed.data()), k_pad / 2, rows, k_pad / 2, mp,
+  transpose_padded(reinterpret_cast<const float*>(narrowed.data()), k_pad / 2, rows, k_pad / 2, mp, kWidth, mp,
                    reinterpret_cast<float*>(xp));
 }
 
@@ -906,20 +975,21 @@ void forward_into(const Problem& p, const Tensor& values, const Tensor& xf, int6
     });
     return forward_into(few, values, xf.narrow(0, tiles.rows, rest), k_pad, y + tiles.rows * p.out_features);
   }
-  Tensor xt;  // many rows: x transposed into 16-wide column tiles, zeros past M
-  int64_t mp = 0;
+  Tensor xt;  // many rows: x transposed, tile-major (Mp / 16, k_pad, 16), zeros past M
   if (p.rows > kDotRowsMax) {
-    mp = (p.rows + kWidth - 1) / kWidth * kWidth;
+    const int64_t mp = (p.rows + kWidth - 1) / kWidth * kWidth;
     TORCH_INTERNAL_ASSERT(xf.size(1) == k_pad && xf.stride(1) == 1 && k_pad % kWidth == 0);
-    xt = at::empty({k_pad, mp}, xf.options());
-    transpose_padded(xf.data_ptr<float>(), xf.stride(0), p.rows, k_pad, mp, xt.data_ptr<float>());
+    xt = at::empty({mp / kWidth, k_pad, kWidth}, xf.options());
+    transpose_padded(xf.data_ptr<float>(), xf.stride(0), p.rows, k_pad, mp, k_pad * kWidth, kWidth,
+                     xt.data_ptr<float>());
   }
   const float* xt_data = xt.defined() ? xt.data_ptr<float>() : nullptr;
   parallel_for(0, p.block_rows, 1, [&](int64_t r0, int64_t r1) {
     if (values.scalar_type() == at::kFloat) {
-      forward_rows(p, values.data_ptr<float>(), xf.data_ptr<float>(), k_pad, xt_data, mp, y, r0, r1);
+      forward_rows(p, values.data_ptr<float>(), xf.data_ptr<float>(), k_pad, xt_data, k_pad * kWidth, y, r0, r1);
     } else {
-      forward_rows(p, values.data_ptr<c10::BFloat16>(), xf.data_ptr<float>(), k_pad, xt_data, mp, y, r0, r1);
+      forward_rows(p, values.data_ptr<c10::BFloat16>(), xf.data_ptr<float>(), k_pad, xt_data, k_pad * kWidth, y,
+                   r0, r1);
     }
   });
 }
@@ -1174,15 +1244,21 @@ std::tuple<Tensor, Tensor> bsr_linear_backward(const Tensor& grad_out, const Ten
     grad_values = at::empty_like(values);
     const int64_t nnzb = values.size(0);
     if (nnzb > 0) {
-      const Tensor xf = float_padded(x, p.block_cols * p.block), gf = float_padded(gy, p.block_rows * p.block);
+      Tensor xf = float_padded(x, p.block_cols * p.block), gf = float_padded(gy, p.block_rows * p.block);
+      const int64_t B = p.block, M = p.rows;
+      const bool packed = M >= kPackRows;  // see Strided
+      if (packed) {
+        xf = xf.view({M, p.block_cols, B}).permute({1, 0, 2}).contiguous();
+        gf = gf.view({M, p.block_rows, B}).permute({1, 0, 2}).contiguous();
+      }
+      const Strided xs{xf.data_ptr<float>(), packed ? B : xf.size(1), packed ? M * B : B};
+      const Strided gs{gf.data_ptr<float>(), packed ? B : gf.size(1), packed ? M * B : B};
       const std::vector<int64_t> row_of = block_row_of(p);
       parallel_for(0, nnzb, 1, [&](int64_t k0, int64_t k1) {
         if (values.scalar_type() == at::kFloat) {
-          grad_values_blocks(p, gf.data_ptr<float>(), gf.size(1), xf.data_ptr<float>(), xf.size(1),
-                             grad_values.data_ptr<float>(), row_of.data(), k0, k1);
+          grad_values_blocks(p, gs, xs, grad_values.data_ptr<float>(), row_of.data(), k0, k1);
         } else {
-          grad_values_blocks(p, gf.data_ptr<float>(), gf.size(1), xf.data_ptr<float>(), xf.size(1),
-                             grad_values.data_ptr<c10::BFloat16>(), row_of.data(), k0, k1);
+          grad_values_blocks(p, gs, xs, grad_values.data_ptr<c10::BFloat16>(), row_of.data(), k0, k1);
         }
       });
     }
