@@ -34,7 +34,7 @@ def main() -> None:
     print("| rows | F.linear (MKL) ms | bsr_linear at density 1 ms | ours / MKL | ours GMAC/s "
           "| engine full frame ms | engine / MKL | engine GMAC/s |\n|---|---|---|---|---|---|---|---|")
     with torch.no_grad():
-        for rows in (8, 12, 16, 24, 32, 48, 64):
+        for rows in (8, 16, 32, 48, 64, 96, 128, 192, 256):
             x = torch.randn(rows, 2048)
             frame, streamer = torch.randn(rows, 1, 1024), enc.streamer(batch=rows, force="full")
             candidates = {"mkl": lambda: F.linear(x, weight), "bsr": lambda: ak.bsr_linear(x, blocks),

@@ -60,8 +60,9 @@ constexpr int64_t kDenseBlock = 32;
 // Full-branch rows from which the dense product is an ATen GEMM call (MKL). Below it our broadcast kernel at
 // density 1 is faster (python -m benchmarks.dense_rows: 4096x2048 fp32, 1 thread, engine full frame / MKL at
 // 8, 16, 32, 48, 64 rows): one AMD EPYC core 0.38, 0.59, 0.73, 0.79, 1.01; one Intel Xeon core (AMX, 480 MB
-// L3) 0.45, 0.50, 0.69, 0.79, 1.04 (benchmarks/results/*-1-thread-dense-rows.md). From 64 rows MKL draws
-// level, and its packed GEMM keeps the many-row case.
+// L3) 0.45, 0.52, 0.79, 0.79, 1.04 (benchmarks/results/*-1-thread-dense-rows.md). From 64 rows MKL draws
+// level, and its packed GEMM keeps the many-row case (our kernel at every row count, tried 2026-12-04 with 48-row
+// tiles as bsr_linear's: 0.99 of MKL at 64 rows, 1.20-2.57 from 96 to 256).
 constexpr int64_t kGemmRows = 64;
 
 // A block-sparse matrix owned by the engine, blocks transposed: values_t[k][j][i] = W_k[i][j].
