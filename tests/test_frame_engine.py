@@ -81,6 +81,12 @@ def test_many_full_rows_take_the_gemm_and_mixed_rows_keep_their_places(cheap):
     assert torch.equal(dec, dec2) and dec.eq(force[:, None]).all()
     for got, expected in ((out, want), (h, h2), (c, c2)):
         torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # A streamer of 64+ rows builds the GEMM's weights when it is made (stream() above, on the first such frame):
+    # the same weights, so the same results.
+    streamer = AmNetsEncoder(24, 40, num_layers=2, cheap=cheap, sparsity=0.5, block_size=16, rank=20).eval()
+    streamer.load_state_dict(enc.state_dict())
+    streamer = streamer.streamer(batch=90, force=force)
+    assert torch.equal(streamer(x)[0], out)
 
 
 @given(cfg=configs, cut=st.integers(0, 7))

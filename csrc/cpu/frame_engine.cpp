@@ -270,7 +270,12 @@ Tensor own_float(const Tensor& t) { return t.to(at::kFloat).contiguous().clone()
 struct Layer {
   int64_t in = 0, hidden = 0, pad = 0;    // pad: the row stride of [x | h | 0] both branches read
   Bsr full, kept;                          // kept: sparse cheap branch
-  Tensor dense;                            // fp32 models: [W_ih | W_hh] row-major, for the full branch's GEMM
+  // fp32 models: [W_ih | W_hh] row-major for the full branch's GEMM (kGemmRows), built from `full` by the first
+  // frame that has that many full rows, or by a stream made for that many (dense_of): a stream of fewer rows never
+  // holds this second copy of the dense weights (88 MB at H=1024 x3: building that engine and running a B=1 frame
+  // grew the process by 151-160 MB, 215 with the copy; one Intel Xeon).
+  std::unique_ptr<std::once_flag> dense_once = std::make_unique<std::once_flag>();
+  mutable Tensor dense;
   PackedT v_ih, v_hh, u;                   // lowrank cheap branch: V_ih^T (D, r), V_hh^T (H, r) and
                                            // [U_ih | U_hh]^T (r_ih + r_hh, 4H) as expand's panels
   PackedPairsT v_ih2, v_hh2, u2;           // the same as bf16 pair panels, for bf16 factors on vdpbf16ps
@@ -415,7 +420,6 @@ struct FrameEngine : torch::CustomClassHolder {
       TORCH_CHECK_VALUE(hidden == 0 || layer.hidden == hidden, kOp, ": every layer must have one hidden size");
       hidden = layer.hidden;
       layer.full = dense_as_bsr(t[0]);
-      if (dtype == at::kFloat) layer.dense = t[0].contiguous().clone();
       if (lowrank) {
         checks::lowrank_lstm(kOp, t[0].new_empty({0, in}), t[0].new_empty({0, hidden}), t[0].new_empty({0, hidden}),
                              t[1], t[2], t[3], t[4], t[5], false);
@@ -582,6 +586,12 @@ struct FrameEngine : torch::CustomClassHolder {
     }
   }
 
+  // The GEMM's weights of every layer (dense_of), for a stream that can have kGemmRows full rows.
+  void prepare_gemm() const {
+    if (dtype != at::kFloat) return;
+    for (const Layer& layer : layers) dense_of(layer);
+  }
+
  private:
   // full[b * n_dec + j]: row b takes the full branch (for layer j with per-layer decisions).
   void decide(Work& w, int64_t B, int64_t force, const bool* rows, double cut) const {
@@ -644,18 +654,29 @@ struct FrameEngine : torch::CustomClassHolder {
     w.inp.assign(h, h + B * H);
   }
 
+  // layer.dense, built once (thread-safe: streams on one engine may run on several threads) from the blocks.
+  const Tensor& dense_of(const Layer& layer) const {
+    std::call_once(*layer.dense_once, [&] {
+      const Bsr& w = layer.full;
+      const int64_t nb = w.block_rows(), kb = w.values_t.size(0) / nb, b = w.b;  // values_t[k][j][i] = W_k[i][j]
+      layer.dense = w.values_t.view({nb, kb, b, b}).permute({0, 3, 1, 2}).reshape({nb * b, kb * b})
+                        .narrow(0, 0, w.n).narrow(1, 0, w.k).contiguous();
+    });
+    return layer.dense;
+  }
+
   // gates of the n rows from `first` (branch order) through the full or the cheap branch, reading their z.
   void branch(const Layer& layer, Work& w, bool full, int64_t first, int64_t n, int64_t pad) const {
     if (n == 0) return;
     const float* z = w.z.data() + first * pad;
     float* gates = w.gates.data() + first * 4 * hidden;
-    if (full && n >= kGemmRows && layer.dense.defined()) {
+    if (full && n >= kGemmRows && dtype == at::kFloat) {
       // Many full rows are compute-bound: ATen's GEMM (MKL), so that the dense baseline is never slowed by
       // our kernel (see kGemmRows).
-      const auto f32 = layer.dense.options();
+      const Tensor& dense = dense_of(layer);
+      const auto f32 = dense.options();
       Tensor y = at::from_blob(gates, {n, 4 * hidden}, f32);
-      at::mm_out(y, at::from_blob(const_cast<float*>(z), {n, pad}, f32).narrow(1, 0, layer.dense.size(1)),
-                 layer.dense.t());
+      at::mm_out(y, at::from_blob(const_cast<float*>(z), {n, pad}, f32).narrow(1, 0, dense.size(1)), dense.t());
     } else if (full || !lowrank) {
       matmul_rows(full ? layer.full : layer.kept, z, pad, n, gates, w.xt);
     } else {
@@ -702,6 +723,9 @@ struct EngineStream {
     const auto as_float = at::TensorOptions().dtype(at::kFloat);
     h = at::zeros({static_cast<int64_t>(engine->layers.size()), batch, engine->hidden}, as_float);
     c = at::zeros_like(h);
+    // A stream that can have kGemmRows full rows builds the GEMM's weights now, not in the middle of a frame
+    // (~40 ms at H=1024 x3 on one Intel Xeon core).
+    if (batch >= kGemmRows) engine->prepare_gemm();
   }
 
   // `around` as in FrameEngine::run.
