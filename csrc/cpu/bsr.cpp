@@ -213,62 +213,42 @@ constexpr int64_t kDotRowsMax = 12;
 // bf16 weights on AVX512-BF16: vdpbf16ps tiles from 8 rows; past the last full tile up to 4 rows few-row.
 constexpr int64_t kDpbf16MinRows = 8, kDpbf16FewMax = 4;
 
-template <typename T, int B>
+// NT 16-row tiles of x from m0 against OW outputs of block row r at a time: each weight is broadcast once for NT
+// FMAs. One tile x 16 outputs (16 accumulators) loads a weight per FMA; three tiles x 8 outputs (24 accumulators,
+// 3 x vectors, the broadcast: 28 of AVX-512's 32 registers) take 48 rows from 45: 4096x2048 b=32 fp32, 1 Intel
+// Xeon core, d=0.5: M=64 3.51 -> 3.14 ms, M=1024 64.7 -> 56.6 ms (76 GMAC/s; MKL's dense GEMM ~108). Write
+// `scalar * vector` here, not splat(): the splat version ran at 40.
+constexpr int kTriple = 3;
+
+template <typename T, int B, int NT, int OW>
 AMNETS_INLINE void forward_broadcast(const Problem& p, const T* values, const float* xt, int64_t tile, float* y,
                                      int64_t r, int64_t m0) {
-  const int64_t rows = p.rows_in(r), lanes = std::min<int64_t>(kWidth, p.rows - m0);
-  for (int64_t i0 = 0; i0 < rows; i0 += kWidth) {
-    vfloat acc[kWidth] = {};
-    for (int64_t k = p.crow[r]; k < p.crow[r + 1]; ++k) {
-      const T* blk = values + k * B * B + i0 * B;
-      prefetch_block<T, B>(p, values, k, r, i0, kWidth, kWidth * B * int64_t(sizeof(T)));  // this pass's slice
-      const float* xk = xt + m0 / kWidth * tile + p.col[k] * B * kWidth;
-      const int64_t cols = p.cols_in(p.col[k]);  // never touch weights outside the logical matrix
-      for (int64_t j = 0; j < cols; ++j) {
-        const vfloat xv = simd::load(xk + j * kWidth);
-        AMNETS_UNROLL
-        for (int i = 0; i < kWidth; ++i) acc[i] += scalar(blk[i * B + j]) * xv;
-      }
-    }
-    simd::store_transposed(acc, y + m0 * p.out_features + r * B + i0, p.out_features, lanes,
-                           std::min<int64_t>(kWidth, rows - i0));
-  }
-}
-
-// Three 16-row tiles (48 rows from m0) at once, 8 outputs a pass: each weight is broadcast once for three FMAs
-// (24 accumulators, 3 x vectors, the broadcast: 28 of AVX-512's 32 registers). The single tile above loads a
-// weight per FMA: 4096x2048 b=32 fp32, 1 Intel Xeon core, d=0.5: M=64 3.51 -> 3.14 ms, M=1024 64.7 -> 56.6 ms
-// (76 GMAC/s; MKL's dense GEMM ~108). Write `scalar * vector` here, not splat(): the splat version ran at 40.
-constexpr int kTriple = 3, kTripleOutputs = 8;
-
-template <typename T, int B>
-AMNETS_INLINE void forward_broadcast3(const Problem& p, const T* values, const float* xt, int64_t tile, float* y,
-                                      int64_t r, int64_t m0) {
   const int64_t rows = p.rows_in(r);
   const float* xtile = xt + m0 / kWidth * tile;
-  for (int64_t i0 = 0; i0 < rows; i0 += kTripleOutputs) {
-    vfloat acc[kTriple][kTripleOutputs] = {};
+  for (int64_t i0 = 0; i0 < rows; i0 += OW) {
+    vfloat acc[NT][OW] = {};
     for (int64_t k = p.crow[r]; k < p.crow[r + 1]; ++k) {
       const T* blk = values + k * B * B + i0 * B;
-      prefetch_block<T, B>(p, values, k, r, i0, kTripleOutputs, kTripleOutputs * B * int64_t(sizeof(T)));
+      prefetch_block<T, B>(p, values, k, r, i0, OW, OW * B * int64_t(sizeof(T)));  // this pass's slice
       const float* xk = xtile + p.col[k] * B * kWidth;
       const int64_t cols = p.cols_in(p.col[k]);  // never touch weights outside the logical matrix
       for (int64_t j = 0; j < cols; ++j) {
-        vfloat xv[kTriple];
+        vfloat xv[NT];
         AMNETS_UNROLL
-        for (int t = 0; t < kTriple; ++t) xv[t] = simd::load(xk + t * tile + j * kWidth);
+        for (int t = 0; t < NT; ++t) xv[t] = simd::load(xk + t * tile + j * kWidth);
         AMNETS_UNROLL
-        for (int i = 0; i < kTripleOutputs; ++i) {
+        for (int i = 0; i < OW; ++i) {
           const float w = scalar(blk[i * B + j]);
           AMNETS_UNROLL
-          for (int t = 0; t < kTriple; ++t) acc[t][i] += w * xv[t];
+          for (int t = 0; t < NT; ++t) acc[t][i] += w * xv[t];
         }
       }
     }
-    const int64_t outputs = std::min<int64_t>(kTripleOutputs, rows - i0);
-    for (int t = 0; t < kTriple; ++t) {
-      vfloat out[kWidth] = {};
-      for (int i = 0; i < kTripleOutputs; ++i) out[i] = acc[t][i];
+    const int64_t outputs = std::min<int64_t>(OW, rows - i0);
+    for (int t = 0; t < NT; ++t) {
+      vfloat out[kWidth] = {};  // OW outputs, then zeros (16 x 16 for the transpose)
+      AMNETS_UNROLL
+      for (int i = 0; i < OW; ++i) out[i] = acc[t][i];
       const int64_t first = m0 + t * kWidth;
       simd::store_transposed(out, y + first * p.out_features + r * B + i0, p.out_features,
                              std::min<int64_t>(kWidth, p.rows - first), outputs);
@@ -420,9 +400,9 @@ AMNETS_INLINE void forward_block_rows(const Problem& p, const T* values, const f
     for (c1 = c0 + 1; c1 < r1 && (p.crow[c1 + 1] - p.crow[c0]) * kBlockBytes <= kChunkBytes;) ++c1;
     int64_t m0 = 0;
     for (; m0 + kTriple * kWidth <= tiled; m0 += kTriple * kWidth)
-      for (int64_t r = c0; r < c1; ++r) forward_broadcast3<T, B>(p, values, xt, tile, y, r, m0);
+      for (int64_t r = c0; r < c1; ++r) forward_broadcast<T, B, kTriple, 8>(p, values, xt, tile, y, r, m0);
     for (; m0 < tiled; m0 += kWidth)
-      for (int64_t r = c0; r < c1; ++r) forward_broadcast<T, B>(p, values, xt, tile, y, r, m0);
+      for (int64_t r = c0; r < c1; ++r) forward_broadcast<T, B, 1, kWidth>(p, values, xt, tile, y, r, m0);
   }
   for (int64_t r = r0; r < r1; ++r) {
     int64_t m0 = tiled;
