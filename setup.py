@@ -7,6 +7,9 @@ Environment:
   TORCH_CUDA_ARCH_LIST         archs to compile for; default "8.0;9.0a" (no GPU to detect here)
   CUDA_HOME                    toolkit root; default: asked of nvcc itself (the nvcc on PATH may be a
                                wrapper script, and torch's own guess from its location is then wrong)
+  AMNETS_DEBUG_INFO=1          keep the C++ debug info (-g, which Python's own flags add): off by default,
+                               it took a third of the compile time of our largest sources (csrc/cpu/bsr*.cpp)
+                               and most of the 72 MB of the built library; the sanitizer builds turn it on
 Metadata and dependencies live in pyproject.toml; build with `pip install --no-build-isolation .`
 because torch must be importable here.
 """
@@ -96,6 +99,8 @@ def extensions():
     # -Wno-psabi: the SIMD clones pass 64-byte vectors between always-inlined helpers (csrc/cpu/simd.h).
     # AMNETS_PYTHON_MODULE: the pybind11 parts (examples/deploy builds the same sources without them).
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-Wall", "-Wno-unused-function", "-Wno-psabi", "-DAMNETS_PYTHON_MODULE"]
+    if os.environ.get("AMNETS_DEBUG_INFO") != "1":
+        cxx.append("-g0")  # after Python's -g, so it wins
     link = ["-fopenmp"]  # at::parallel_for is inlined OpenMP: without it our loops run on one thread
     if not want_cuda(torch.version.cuda is not None, toolkit):
         return [cpp_extension.CppExtension("amnets_kernels._C", cpu_sources,

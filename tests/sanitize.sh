@@ -34,7 +34,7 @@ rm -rf "$WORK" && mkdir -p "$WORK"
 # tracked and untracked-but-not-ignored files, as they are now
 git -C "$ROOT" ls-files -z --cached --others --exclude-standard | tar -C "$ROOT" --null -T - -cf - | tar -C "$WORK" -xf -
 cd "$WORK"
-CFLAGS="-fsanitize=$MODE -fno-omit-frame-pointer" LDFLAGS="-fsanitize=$MODE" AMNETS_BUILD_CUDA=0 MAX_JOBS=2 \
+CFLAGS="-fsanitize=$MODE -fno-omit-frame-pointer" LDFLAGS="-fsanitize=$MODE" AMNETS_BUILD_CUDA=0 AMNETS_DEBUG_INFO=1 MAX_JOBS=2 \
   "$PY" setup.py -q build_ext --inplace
 
 # Python itself is not instrumented: the runtime goes in first, with libstdc++ (else ASan's C++ exception hook
