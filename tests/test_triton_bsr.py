@@ -92,7 +92,11 @@ def test_bf16_results_are_the_exact_ones_rounded_to_nearest_even(m):
     for name, got, exact in zip(("y", "grad_x", "grad_values"), (y, gx, gv), want):
         rounded = exact.to(torch.bfloat16)
         assert not torch.equal(rounded.double(), exact), name  # the case tests rounding at all
-        assert got.dtype == torch.bfloat16 and torch.equal(got.view(torch.int16), rounded.view(torch.int16)), name
+        assert got.dtype == torch.bfloat16, name
+        differ = (got.view(torch.int16) != rounded.view(torch.int16)).nonzero()
+        # On the H200 (2026-12-04) grad_values at m = 1 differed and the message said no more: name the entries.
+        assert len(differ) == 0, (f"{name}: {len(differ)} of {got.numel()} entries differ; first (index, got, "
+                                  f"exact): {[(i.tolist(), got[tuple(i)].item(), exact[tuple(i)].item()) for i in differ[:6]]}")
 
 
 def test_empty_pattern_and_no_rows():
