@@ -10,13 +10,17 @@ medians; fp32):
       16-frame chunks for scale; no host sync in 10 streamed frames (torch.cuda.set_sync_debug_mode("error"));
   H=192 x2, D=240, B=1: arbitrated all-cheap / dense frame (threshold 1), goal 1 - 0.9 (1 - MAC ratio); the
       dense frame / cuDNN nn.LSTM stepped one frame per call, goal <= 0.5;
-  H=1024 x3, B=64, chunks of 10: t(f) / (f t_full + (1 - f) t_cheap) at f = 0.25, 0.5, 0.75, goal <= 1.2.
+  H=1024 x3, B=64, chunks of 10: t(f) / (f t_full + (1 - f) t_cheap) at f = 0.25, 0.5, 0.75, goal <= 1.2;
+  where the time of a B=1 frame goes (torch.profiler over 20 streamed frames, all-full and all-cheap): kernel
+      launches a frame and device time per kernel name, against the wall time of a call (the first H200 run,
+      2026-12-04, found 60-100 us a frame whatever the frame computed).
 Each row runs on its own: one that fails prints its error and the others still run.
 """
 
 from __future__ import annotations
 
 import statistics
+import time
 import traceback
 
 import torch
@@ -27,6 +31,7 @@ from .harness import command_line
 DEVICE = "cuda"
 CHUNK = 16  # frames per call of the B=1 chunk row
 MIXED_BATCH, MIXED_CHUNK = 64, 10  # the mixed-batch rows
+PROFILED_FRAMES = 20  # frames under the profiler, per profile row
 
 
 def hbm_read_gbs(gib: float = 1.0) -> float:
@@ -59,6 +64,29 @@ def no_host_sync(streamer, x, frames: int = 10) -> str:
     finally:
         torch.cuda.set_sync_debug_mode(0)
     return "none"
+
+
+def profile_frames(streamer, x) -> list[str]:
+    """Lines saying where PROFILED_FRAMES streamed calls spend their time: wall time a call, kernel launches a frame,
+    device time a frame, and the kernels by total device time (name, launches a frame, us a frame)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    frames = PROFILED_FRAMES
+    streamer(x)  # the chunk's graph is captured on the first call of a shape, outside the trace
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        for _ in range(frames):
+            streamer(x)
+        torch.cuda.synchronize()
+        wall = (time.perf_counter() - start) / frames * 1e6
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    device_us = sum(e.self_device_time_total for e in kernels) / frames
+    launches = sum(e.count for e in kernels) / frames
+    lines = [f"wall {wall:.1f} us a call (profiled); {launches:.1f} kernels and {device_us:.1f} us of device time a frame"]
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:6]:
+        lines.append(f"{e.key[:60]}: {e.count / frames:.1f} a frame, {e.self_device_time_total / frames:.1f} us")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -130,6 +158,13 @@ def main(argv: list[str] | None = None) -> None:
                        f"{statistics.median(times[1.0]) / chunk:.1f})",
                        ratio(times, f, lambda i: f * times[1.0][i] + (1 - f) * times[0.0][i]), 1.2)
 
+    def where(cheap):
+        enc = encoder(240, 1024, 3, cheap, DEVICE, rank=128)
+        x = torch.randn(1, 1, 240, device=DEVICE)
+        for force in ("full", "cheap"):
+            for line in profile_frames(enc.streamer(force=force), x):
+                print(f"| H=1024 x3 {cheap} B=1 {force}: where a frame's time goes | {line} | | |")
+
     row("HBM read bandwidth", hbm)
     for cheap in ("sparse", "lowrank"):
         row(f"H=1024 x3 {cheap} B=1", lambda: big_b1(cheap))
@@ -137,6 +172,8 @@ def main(argv: list[str] | None = None) -> None:
         row(f"H=192 x2 {cheap} B=1", lambda: small(cheap))
     for cheap in ("sparse", "lowrank"):
         row(f"H=1024 x3 {cheap} B=64", lambda: mixed(cheap))
+    for cheap in ("sparse", "lowrank"):
+        row(f"H=1024 x3 {cheap} B=1 profile", lambda: where(cheap))
 
 
 if __name__ == "__main__":

@@ -212,6 +212,7 @@ def test_frame_engine_cuda_rows_run_end_to_end(monkeypatch, capsys):
     monkeypatch.setattr(bench, "CHUNK", 2)
     monkeypatch.setattr(bench, "MIXED_BATCH", 4)
     monkeypatch.setattr(bench, "MIXED_CHUNK", 1)
+    monkeypatch.setattr(bench, "PROFILED_FRAMES", 1)
     monkeypatch.setattr(bench, "no_host_sync", lambda streamer, x: "none")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
@@ -220,8 +221,12 @@ def test_frame_engine_cuda_rows_run_end_to_end(monkeypatch, capsys):
         bench.main(["--quick"])
     out = capsys.readouterr().out
     assert "FAILED" not in out, out
-    rows = [line for line in out.splitlines() if line.startswith("| H=")]
+    profiled = [line for line in out.splitlines() if "where a frame's time goes" in line]
+    rows = [line for line in out.splitlines() if line.startswith("| H=") and line not in profiled]
     assert len(rows) == 2 * (2 + 1) + 2 * 2 + 2 * 3, out  # B=1 big (2 ratios + syncs), H=192 (2), B=64 (3)
+    for cheap in ("sparse", "lowrank"):  # the profile's first line of each: wall time, launches, device time
+        for force in ("full", "cheap"):
+            assert any(f"{cheap} B=1 {force}: where" in line and "us a call" in line for line in profiled), out
 
 
 # ---------------------------------------------------------------------------------------------------
