@@ -13,7 +13,9 @@ medians; fp32):
   H=1024 x3, B=64, chunks of 10: t(f) / (f t_full + (1 - f) t_cheap) at f = 0.25, 0.5, 0.75, goal <= 1.2;
   where the time of a B=1 frame goes (torch.profiler over 20 streamed frames, all-full and all-cheap): kernel
       launches a frame and device time per kernel name, against the wall time of a call (the first H200 run,
-      2026-12-04, found 60-100 us a frame whatever the frame computed).
+      2026-12-04, found 60-100 us a frame whatever the frame computed);
+  tuning, H=1024 x3 B=1: 16-frame chunks at each split (programs per block row; the default is untuned) and
+      a one-frame call with CUDA graphs off (its launches from the host), all-full and all-cheap.
 Each row runs on its own: one that fails prints its error and the others still run.
 """
 
@@ -32,6 +34,7 @@ DEVICE = "cuda"
 CHUNK = 16  # frames per call of the B=1 chunk row
 MIXED_BATCH, MIXED_CHUNK = 64, 10  # the mixed-batch rows
 PROFILED_FRAMES = 20  # frames under the profiler, per profile row
+SPLITS = (None, 1, 2, 4, 8, 16, 32)  # the tuning rows' splits (None: the engine's own choice)
 
 
 def hbm_read_gbs(gib: float = 1.0) -> float:
@@ -165,6 +168,31 @@ def main(argv: list[str] | None = None) -> None:
             for line in profile_frames(enc.streamer(force=force), x):
                 print(f"| H=1024 x3 {cheap} B=1 {force}: where a frame's time goes | {line} | | |")
 
+    def tuning(cheap):
+        enc = encoder(240, 1024, 3, cheap, DEVICE, rank=128)
+        x, chunk = torch.randn(1, 1, 240, device=DEVICE), torch.randn(1, CHUNK, 240, device=DEVICE)
+        full, cheap_s = enc.streamer(force="full"), enc.streamer(force="cheap")
+        engine = enc.frame_engine()
+
+        def a_frame(one, chunked=True):
+            times = interleaved({"full": frame(full, one), "cheap": frame(cheap_s, one)}, rounds, seconds, sync)
+            per = CHUNK if chunked else 1
+            return "/".join(f"{statistics.median(times[k]) / per:.1f}" for k in ("full", "cheap"))
+
+        cells = []
+        for split in SPLITS:  # one split at a time: two graphs alive, none recaptured inside the timing
+            engine.split = split
+            cells.append(f"{split or 'default'}: {a_frame(chunk)}")
+        engine.split = None
+        print(f"| H=1024 x3 {cheap} B=1: us a frame (full/cheap) in {CHUNK}-frame chunks, by split | "
+              f"{'; '.join(cells)} | | |")
+        graphs, engine.graphs = engine.graphs, False
+        try:
+            print(f"| H=1024 x3 {cheap} B=1: us a one-frame call (full/cheap) without CUDA graphs | "
+                  f"{a_frame(x, chunked=False)} | | |")
+        finally:
+            engine.graphs = graphs
+
     row("HBM read bandwidth", hbm)
     for cheap in ("sparse", "lowrank"):
         row(f"H=1024 x3 {cheap} B=1", lambda: big_b1(cheap))
@@ -174,6 +202,8 @@ def main(argv: list[str] | None = None) -> None:
         row(f"H=1024 x3 {cheap} B=64", lambda: mixed(cheap))
     for cheap in ("sparse", "lowrank"):
         row(f"H=1024 x3 {cheap} B=1 profile", lambda: where(cheap))
+    for cheap in ("sparse", "lowrank"):
+        row(f"H=1024 x3 {cheap} B=1 tuning", lambda: tuning(cheap))
 
 
 if __name__ == "__main__":

@@ -213,6 +213,7 @@ def test_frame_engine_cuda_rows_run_end_to_end(monkeypatch, capsys):
     monkeypatch.setattr(bench, "MIXED_BATCH", 4)
     monkeypatch.setattr(bench, "MIXED_CHUNK", 1)
     monkeypatch.setattr(bench, "PROFILED_FRAMES", 1)
+    monkeypatch.setattr(bench, "SPLITS", (None, 1))
     monkeypatch.setattr(bench, "no_host_sync", lambda streamer, x: "none")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
@@ -222,7 +223,9 @@ def test_frame_engine_cuda_rows_run_end_to_end(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "FAILED" not in out, out
     profiled = [line for line in out.splitlines() if "where a frame's time goes" in line]
-    rows = [line for line in out.splitlines() if line.startswith("| H=") and line not in profiled]
+    tuned = [line for line in out.splitlines() if "by split" in line or "without CUDA graphs" in line]
+    assert len(tuned) == 2 * 2 and all("default: " in line and "; 1: " in line for line in tuned[::2]), out
+    rows = [line for line in out.splitlines() if line.startswith("| H=") and line not in profiled + tuned]
     assert len(rows) == 2 * (2 + 1) + 2 * 2 + 2 * 3, out  # B=1 big (2 ratios + syncs), H=192 (2), B=64 (3)
     for cheap in ("sparse", "lowrank"):  # the profile's first line of each: wall time, launches, device time
         for force in ("full", "cheap"):
