@@ -158,6 +158,6 @@ fi
 stage "done: tests exit $tests_rc, step-path tests exit $step_rc, sanitizer exit $sanitize_rc, benchmarks exit $bench_rc; results in $OUT/$slug*"
 # The recap: what a device call's reply shows first (its output's tail); the log above holds everything.
 echo "== recap (indented)"
-grep -E "^(bsr_linear|rnnt_loss|\| H=|\| HBM|== \[|build exit|FAILED|ERROR|[0-9]+ (passed|failed)|.* (passed|failed|error).* in [0-9.]+s)" "$log" \
+grep -E "^((\[[a-z]+\] )?(bsr_linear|rnnt_loss)|[a-z]+ face: not measured|\| H=|\| HBM|== \[|build exit|FAILED|ERROR|[0-9]+ (passed|failed)|.* (passed|failed|error).* in [0-9.]+s)" "$log" \
   | grep -v "^== recap" | cut -c1-300 | sed 's/^/  /'
 exit $(( tests_rc != 0 || step_rc != 0 || sanitize_rc != 0 || bench_rc != 0 ))

@@ -7,7 +7,9 @@
   torch.cuda.set_sync_debug_mode("error") (no host sync; rnnt_loss checks its labels on the device since
   2026-11-29); rnnt_loss (16, 100, 30, 512) fwd+bwd eager and inside a CUDA graph against torchaudio eager
   (target >= 2x torchaudio's speed).
-Each measurement runs on its own: one that fails prints its error and the others still run.
+Every row runs on each GPU face that is there ("cuda", the C++ one issue 13 is about, then "triton"), each
+labelled; a face that is not there says why. Each measurement runs on its own: one that fails prints its
+error and the others still run.
 """
 
 from __future__ import annotations
@@ -85,6 +87,19 @@ def main(argv=None) -> None:
     if not torch.cuda.is_available():
         print("native_path_cuda: no CUDA GPU; nothing to measure")
         return
+    faces = []
+    for face in ("cuda", "triton"):
+        reason = ak.unavailable_reason("bsr_linear", face, "cuda")
+        if reason is None:
+            faces.append(face)
+        else:
+            print(f"{face} face: not measured ({reason})")
+    for face in faces:
+        with ak.use_backend(face):
+            measure(f"[{face}] ")
+
+
+def measure(tag: str) -> None:
     torch.manual_seed(0)
     dense = torch.randn(4096, 2048, device="cuda")
     weight = ak.BlockSparseMatrix.from_dense(dense, 32, sparsity=0.75)
@@ -98,8 +113,8 @@ def main(argv=None) -> None:
             return (f"ours {ours:.2f} us, cuBLAS dense {cublas:.2f} us, ratio {ours / cublas:.3f} (target <= 0.4); "
                     f"{read / ours / 1e3:.0f} GB/s on the {read / 1e6:.1f} MB it reads")
 
-        run(f"bsr_linear 4096x2048 b=32 d=0.25 M={m}, CUDA graph", ratio)
-        run(f"bsr_linear M={m}, host time of one eager call (us, target <= 15)",
+        run(f"{tag}bsr_linear 4096x2048 b=32 d=0.25 M={m}, CUDA graph", ratio)
+        run(f"{tag}bsr_linear M={m}, host time of one eager call (us, target <= 15)",
             lambda x=x: f"{host_us(lambda: ak.bsr_linear(x, weight)):.1f}")
     x = torch.randn(16, 2048, device="cuda")
 
@@ -113,12 +128,12 @@ def main(argv=None) -> None:
         finally:
             torch.cuda.set_sync_debug_mode(0)
 
-    run("bsr_linear forward under sync debug mode 'error'", lambda: no_sync(lambda: ak.bsr_linear(x, weight)))
+    run(f"{tag}bsr_linear forward under sync debug mode 'error'", lambda: no_sync(lambda: ak.bsr_linear(x, weight)))
     logits = torch.randn(16, 100, 31, 512, device="cuda", requires_grad=True)
     targets = torch.randint(1, 512, (16, 30), device="cuda", dtype=torch.int32)
     frames = torch.full((16,), 100, device="cuda", dtype=torch.int32)
     labels = torch.full((16,), 30, device="cuda", dtype=torch.int32)
-    run("rnnt_loss fwd+bwd under sync debug mode 'error'",
+    run(f"{tag}rnnt_loss fwd+bwd under sync debug mode 'error'",
         lambda: no_sync(lambda: ak.rnnt_loss(logits, targets, frames, labels, blank=0).backward()))
 
     def rnnt_speed():
@@ -135,7 +150,7 @@ def main(argv=None) -> None:
             line += f"; CUDA graph capture failed: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         return line + " (target >= 2x)"
 
-    run("rnnt_loss (16, 100, 30, 512) fp32 fwd+bwd", rnnt_speed)
+    run(f"{tag}rnnt_loss (16, 100, 30, 512) fp32 fwd+bwd", rnnt_speed)
 
 
 if __name__ == "__main__":
