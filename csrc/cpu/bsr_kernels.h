@@ -24,7 +24,6 @@
 
 namespace amnets::cpu::bsr_kernels {
 
-
 using at::Tensor;
 using simd::kPairs;
 using simd::kWidth;
