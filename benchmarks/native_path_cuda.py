@@ -6,7 +6,8 @@
   only, no sync between calls; target <= 15 us); whether rnnt_loss and bsr_linear run under
   torch.cuda.set_sync_debug_mode("error") (no host sync; rnnt_loss checks its labels on the device since
   2026-11-29); rnnt_loss (16, 100, 30, 512) fwd+bwd eager and inside a CUDA graph against torchaudio eager
-  (target >= 2x torchaudio's speed).
+  (target >= 2x torchaudio's speed); where an eager rnnt_loss call's host time goes (torch.profiler over 5
+  calls: kernels and aten ops a call, the ops with the most host time).
 Every row runs on each GPU face that is there ("cuda", the C++ one issue 13 is about, then "triton"), each
 labelled; a face that is not there says why. Each measurement runs on its own: one that fails prints its
 error and the others still run.
@@ -151,6 +152,27 @@ def measure(tag: str) -> None:
         return line + " (target >= 2x)"
 
     run(f"{tag}rnnt_loss (16, 100, 30, 512) fp32 fwd+bwd", rnnt_speed)
+
+    def rnnt_host():
+        """The 2026-12-04 lease's Triton rnnt_loss: 1276 us eager, 373 us in a graph: where the host time goes."""
+        from torch.profiler import ProfilerActivity, profile
+
+        step = lambda: torch.autograd.grad(ak.rnnt_loss(logits, targets, frames, labels, blank=0), logits)  # noqa: E731
+        step()
+        torch.cuda.synchronize()
+        calls = 5
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(calls):
+                step()
+            torch.cuda.synchronize()
+        events = prof.key_averages()
+        kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / calls
+        ops = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU and e.key.startswith("aten::")]
+        top = sorted(ops, key=lambda e: -e.self_cpu_time_total)[:8]
+        return (f"{kernels:.0f} kernels and {sum(e.count for e in ops) / calls:.0f} aten ops a call; most host time: "
+                + ", ".join(f"{e.key} x{e.count / calls:.0f} {e.self_cpu_time_total / calls:.0f} us" for e in top))
+
+    run(f"{tag}rnnt_loss (16, 100, 30, 512) fwd+bwd, where an eager call's host time goes", rnnt_host)
 
 
 if __name__ == "__main__":
