@@ -136,11 +136,11 @@ def measure(tag: str) -> None:
     labels = torch.full((16,), 30, device="cuda", dtype=torch.int32)
     run(f"{tag}rnnt_loss fwd+bwd under sync debug mode 'error'",
         lambda: no_sync(lambda: ak.rnnt_loss(logits, targets, frames, labels, blank=0).backward()))
+    ours = lambda: torch.autograd.grad(ak.rnnt_loss(logits, targets, frames, labels, blank=0), logits)  # noqa: E731
 
     def rnnt_speed():
         import torchaudio.functional as TAF
 
-        ours = lambda: torch.autograd.grad(ak.rnnt_loss(logits, targets, frames, labels, blank=0), logits)  # noqa: E731
         theirs = lambda: torch.autograd.grad(TAF.rnnt_loss(logits, targets, frames, labels, blank=0), logits)  # noqa: E731
         eager, audio = eager_us(ours), eager_us(theirs)
         line = f"ours eager {eager:.0f} us, torchaudio eager {audio:.0f} us ({audio / eager:.2f}x its speed)"
@@ -157,13 +157,12 @@ def measure(tag: str) -> None:
         """The 2026-12-04 lease's Triton rnnt_loss: 1276 us eager, 373 us in a graph: where the host time goes."""
         from torch.profiler import ProfilerActivity, profile
 
-        step = lambda: torch.autograd.grad(ak.rnnt_loss(logits, targets, frames, labels, blank=0), logits)  # noqa: E731
-        step()
+        ours()
         torch.cuda.synchronize()
         calls = 5
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(calls):
-                step()
+                ours()
             torch.cuda.synchronize()
         events = prof.key_averages()
         kernels = sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CUDA) / calls

@@ -1,6 +1,10 @@
-"""Helpers shared by the op tests: tolerances per dtype and small input builders."""
+"""Helpers shared by the op tests: tolerances per dtype, small input builders, the label-check mode."""
+
+import contextlib
 
 import torch
+
+import amnets_kernels as ak
 
 # (rtol, atol) for comparing a face with independent math; fp16/bf16 inputs are rounded on the way in
 # and out, computed in fp32 in between.
@@ -10,6 +14,17 @@ TOL = {
     torch.float16: (2e-3, 2e-3),
     torch.bfloat16: (2e-2, 2e-2),
 }
+
+
+@contextlib.contextmanager
+def label_checks(mode: str):
+    """The RNN-T losses' label checks set to `mode` ("host" / "device" / "auto") inside, the previous mode after."""
+    previous = ak.get_label_checks()
+    ak.set_label_checks(mode)
+    try:
+        yield
+    finally:
+        ak.set_label_checks(previous)
 
 
 def close(actual, expected, dtype=None, scale=1.0):

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 import amnets_kernels as ak
 
 from conftest import DEVICE, FACES, use_face
-from helpers import grads
+from helpers import grads, label_checks
 
 
 def batch_of(batch, frames, labels, vocab, blank, dtype=torch.float32, ragged=True, index=torch.int32,
@@ -304,10 +304,8 @@ def test_fuzz_lengths_and_labels_never_crash(data):
 
 @pytest.fixture
 def device_label_checks():
-    previous = ak.get_label_checks()
-    ak.set_label_checks("device")
-    yield
-    ak.set_label_checks(previous)
+    with label_checks("device"):
+        yield
 
 
 BAD_SEQUENCES = {  # sequence -> how its labels are broken (batch of 5: 0 and 4 stay valid)
@@ -363,16 +361,12 @@ def test_targets_and_lengths_may_mix_int32_and_int64_under_either_label_check(ch
     device checks refused a mix with a TypeError, so code that ran on the CPU failed on CUDA."""
     logits, targets, logit_lengths, target_lengths = batch_of(3, 4, 3, 6, 0, device=DEVICE)
     want = ak.rnnt_loss(logits, targets, logit_lengths, target_lengths, blank=0, reduction="none")
-    previous = ak.get_label_checks()
-    ak.set_label_checks(checks)
-    try:
+    with label_checks(checks):
         for t, f, u in ((targets.long(), logit_lengths.int(), target_lengths.int()),
                         (targets.int(), logit_lengths.long(), target_lengths.int())):
             torch.testing.assert_close(ak.rnnt_loss(logits, t, f, u, blank=0, reduction="none"), want)
         with pytest.raises(TypeError, match="logit_lengths must have dtype in"):
             ak.rnnt_loss(logits, targets, logit_lengths.float(), target_lengths, blank=0)
-    finally:
-        ak.set_label_checks(previous)
 
 
 def test_label_check_modes():

@@ -12,7 +12,7 @@ import torch
 import amnets_kernels as ak
 
 from conftest import DEVICE, use_face
-from helpers import grads
+from helpers import grads, label_checks
 from test_fused_joint import joint_inputs
 from test_rnnt import batch_of
 
@@ -54,19 +54,14 @@ def test_rnnt_loss_non_finite_cost_gets_no_gradient(checks):
     """A sequence with no finite path: an infinite cost and a zero gradient, whichever label checks run; host
     checks also warn (a host read of the costs), device checks do not (no sync: the default for CUDA tensors,
     where the H200 run of 2026-12-04 found this test expecting the host checks' warning)."""
-    before = ak.get_label_checks()
-    ak.set_label_checks(checks)
-    try:
-        with use_face("rnnt_loss", "triton"):
-            logits, *labels = batch_of(2, 3, 2, 4, blank=0)
-            lp = logits.detach().log_softmax(-1)
-            lp[1, :, :, 0] = -math.inf  # sequence 1 can never emit blank
-            lp.requires_grad_(True)
-            with warnings.catch_warnings(record=True) as seen:
-                warnings.simplefilter("always")
-                costs, g = _rnnt("triton", lp, labels, blank=0, fused_log_softmax=False)
-    finally:
-        ak.set_label_checks(before)
+    with label_checks(checks), use_face("rnnt_loss", "triton"):
+        logits, *labels = batch_of(2, 3, 2, 4, blank=0)
+        lp = logits.detach().log_softmax(-1)
+        lp[1, :, :, 0] = -math.inf  # sequence 1 can never emit blank
+        lp.requires_grad_(True)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            costs, g = _rnnt("triton", lp, labels, blank=0, fused_log_softmax=False)
     said = [str(w.message) for w in seen if issubclass(w.category, RuntimeWarning)]
     if checks == "host":
         assert any(re.search(r"sequences \[1\] have a non-finite cost", m) for m in said), said

@@ -15,11 +15,8 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <vector>
 
-#include "bf16_convert.h"
-#include "parallel.h"
 #include "simd.h"
 
 namespace amnets::cpu::bsr_kernels {
