@@ -15,7 +15,8 @@ medians; fp32):
       launches a frame and device time per kernel name, against the wall time of a call (the first H200 run,
       2026-12-04, found 60-100 us a frame whatever the frame computed);
   tuning, H=1024 x3 B=1: 16-frame chunks at each split (programs per block row; the default is untuned) and
-      a one-frame call with CUDA graphs off (its launches from the host), all-full and all-cheap.
+      with the LSTM update as its own launch (FrameEngine.fused = False: 7 launches a frame, not 4), and a
+      one-frame call with CUDA graphs off (its launches from the host), all-full and all-cheap.
 Each row runs on its own: one that fails prints its error and the others still run.
 """
 
@@ -183,7 +184,11 @@ def main(argv: list[str] | None = None) -> None:
         for split in SPLITS:  # one split at a time: two graphs alive, none recaptured inside the timing
             engine.split = split
             cells.append(f"{split or 'default'}: {a_frame(chunk)}")
-        engine.split = None
+        engine.split, engine.fused = None, False
+        try:
+            cells.append(f"default, the update its own launch: {a_frame(chunk)}")
+        finally:
+            engine.fused = True
         print(f"| H=1024 x3 {cheap} B=1: us a frame (full/cheap) in {CHUNK}-frame chunks, by split | "
               f"{'; '.join(cells)} | | |")
         graphs, engine.graphs = engine.graphs, False

@@ -224,7 +224,8 @@ def test_frame_engine_cuda_rows_run_end_to_end(monkeypatch, capsys):
     assert "FAILED" not in out, out
     profiled = [line for line in out.splitlines() if "where a frame's time goes" in line]
     tuned = [line for line in out.splitlines() if "by split" in line or "without CUDA graphs" in line]
-    assert len(tuned) == 2 * 2 and all("default: " in line and "; 1: " in line for line in tuned[::2]), out
+    assert len(tuned) == 2 * 2 and all("default: " in line and "; 1: " in line and "its own launch: " in line
+                                       for line in tuned[::2]), out
     rows = [line for line in out.splitlines() if line.startswith("| H=") and line not in profiled + tuned]
     assert len(rows) == 2 * (2 + 1) + 2 * 2 + 2 * 3, out  # B=1 big (2 ratios + syncs), H=192 (2), B=64 (3)
     for cheap in ("sparse", "lowrank"):  # the profile's first line of each: wall time, launches, device time

@@ -29,11 +29,11 @@ def per_layer_stream(enc, x, state=None, force=None, threshold=None):
         return enc.stream(x, state, force=force, threshold=threshold)
 
 
-def engine_stream(enc, x, state=None, force=None, threshold=None, split=None):
+def engine_stream(enc, x, state=None, force=None, threshold=None, split=None, fused=True):
     with ak.use_backend(BACKEND):
         engine = enc.frame_engine()
         assert engine is not None and engine.face == "triton"
-        engine.split = split
+        engine.split, engine.fused = split, fused
         return enc.stream(x, state, force=force, threshold=threshold)
 
 
@@ -42,7 +42,7 @@ configs = st.fixed_dictionaries(dict(
     inp=st.sampled_from([5, 24]), block=st.sampled_from([16, 32]), per_layer=st.booleans(),
     uses_state=st.booleans(), batch=st.integers(1, 9), frames=st.integers(1, 4), threshold=st.floats(0.2, 0.8),
     force=st.sampled_from([None, "full", "cheap", "rows"]), split=st.sampled_from([1, 2, 3]),
-    seed=st.integers(0, 2**16)))
+    fused=st.booleans(), seed=st.integers(0, 2**16)))
 
 
 def build(cfg, dtype=torch.float32, arbitrator_hidden=32):
@@ -75,8 +75,25 @@ def assert_same(got, want, tol=1e-5):
 @given(cfg=configs)
 def test_engine_equals_the_per_layer_steps(cfg):
     enc, x, force = build(cfg)
-    got = engine_stream(enc, x, force=force, threshold=cfg["threshold"], split=cfg["split"])
+    got = engine_stream(enc, x, force=force, threshold=cfg["threshold"], split=cfg["split"], fused=cfg["fused"])
     assert_same(got, per_layer_stream(enc, x, force=force, threshold=cfg["threshold"]))
+
+
+@pytest.mark.parametrize("cheap", ["sparse", "lowrank"])
+def test_fused_update_equals_its_own_launch(cheap):
+    """The update fused into the gates launch (the last of a unit group's programs runs it) against its own
+    launch: 20 rows are two row tiles of 16 (an arrival count each), H = 40 leaves padded units in the last
+    group, two layers and frames reuse every count."""
+    cfg = dict(cheap=cheap, layers=2, hidden=40, inp=24, block=16, per_layer=True, uses_state=True, batch=20,
+               frames=2, threshold=0.5, force=None, seed=7)
+    enc, x, _ = build(cfg)
+    fused = engine_stream(enc, x, split=3, fused=True)
+    alone = engine_stream(enc, x, split=3, fused=False)
+    assert torch.equal(fused[2], alone[2])
+    for a, b in ((fused[0], alone[0]), (fused[1][0], alone[1][0]), (fused[1][1], alone[1][1])):
+        same(a, b)
+    assert_same(fused, per_layer_stream(enc, x))
+    assert fused[2].any() and not fused[2].all()  # full and cheap rows in the tiles
 
 
 @pytest.mark.parametrize("cheap", ["sparse", "lowrank"])
@@ -211,6 +228,11 @@ def test_bad_input_gets_named_errors():
         engine.run(x, h, h, 2, None, 0.0)
     with pytest.raises(ValueError, match="FrameEngine: x must be"):
         engine.run(x[..., :7], h, h, 0, None, 0.0)
+    for split in (0, 2**31):  # the tuning knob, set wrong
+        engine.split = split
+        with pytest.raises(ValueError, match="split must be in 1 .. "):
+            engine.run(x, h, h, 0, None, 0.0)
+    engine.split = None
     with pytest.raises(ValueError, match="block_size must be one of"):
         triton_engine.FrameEngine("sparse", [dict(full=torch.zeros(64, 24), bias=torch.zeros(64),
                                                   mask=torch.ones(64, 24, dtype=torch.bool))],

@@ -11,7 +11,11 @@ Per frame t, on the device (decisions never leave it until the chunk returns):
                        the kept blocks for every row, the remaining blocks for the full rows only
                        (kept + rest = the dense weight), and for low-rank U s for the cheap rows.
                        The split over K gives a B=1 frame enough programs to fill the GPU.
-    _update_kernel     sums the splits, adds the bias, the LSTM update; writes h, c (and out[:, t]).
+                       The last of the 4 * split programs of a unit group (its four gates' lines) to finish
+                       (an arrival count per group and row tile) then sums the splits' partials in split order,
+                       adds the bias and runs the LSTM update; writes h, c (and out[:, t]). So a layer is one
+                       launch (two for low-rank), with no kernel boundary between its products and its update
+                       (`fused = False`: the update as its own _update_kernel launch, bit-equal results).
 A row's branch only changes which blocks it multiplies, not the grid: a program whose rows are all cheap
 skips the rest blocks (a loop bound of 0), so the full branch's weight traffic is paid once per frame for
 the rows that want it, and not at all when none does.
@@ -88,10 +92,12 @@ def _mac(acc, a, w, USE_DOT: tl.constexpr):
 def _walk(acc, values_ptr, crow_ptr, col_ptr, line, split, SPLIT, enabled, x_ptr, stride_x, h_ptr, stride_h,
           D, K, rows, rows_on, B: tl.constexpr, USE_DOT: tl.constexpr):
     """acc += z[rows_on] @ (this split's share of block row `line`)^T; nothing when not `enabled`."""
-    start = tl.load(crow_ptr + line).to(tl.int64)  # int64 loop index: e * B * B may pass 2**31
-    n = tl.load(crow_ptr + line + 1).to(tl.int64) - start
-    lo = start + n * split // SPLIT
-    hi = start + n * (split + 1) // SPLIT
+    start = tl.load(crow_ptr + line)
+    n = tl.load(crow_ptr + line + 1) - start
+    # the split's share in int32 (n * SPLIT < 2**31: FrameEngine checks), as an int64 loop index: e * B * B may
+    # pass 2**31. (A 64-bit division is a subroutine call, around which ptxas spilled on sm_80.)
+    lo = start.to(tl.int64) + n * split // SPLIT
+    hi = start.to(tl.int64) + n * (split + 1) // SPLIT
     hi = tl.where(enabled, hi, lo)
     o = tl.arange(0, B)
     for e in range(lo, hi):
@@ -106,32 +112,47 @@ def _walk(acc, values_ptr, crow_ptr, col_ptr, line, split, SPLIT, enabled, x_ptr
 def _gates_kernel(x_ptr, stride_x, h_ptr, stride_h, D, K, M, full_ptr, stride_full,
                   kept_ptr, kept_crow_ptr, kept_col_ptr, rest_ptr, rest_crow_ptr, rest_col_ptr,
                   u_ptr, s_ptr, R, part_ptr, NP, SPLIT,
+                  FUSE, count_ptr, bias_ptr, c_ptr, h_out_ptr, c_out_ptr, out_ptr, stride_out, H, WRITE_OUT,
                   B: tl.constexpr, BLOCK_M: tl.constexpr, LOWRANK: tl.constexpr, RANK_STEP: tl.constexpr):
-    """part[split, rows, line*B : line*B + B] = this split's share of the tiled gate rows of block row `line`."""
-    pid = tl.program_id(0)
-    m_tiles = tl.cdiv(M, BLOCK_M)
-    split = (pid // m_tiles) % SPLIT
-    line = pid // (m_tiles * SPLIT)
-    rows = (pid % m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    """part[split, rows, line*B : line*B + B] = this split's share of the tiled gate rows of block row `line`;
+    with FUSE, the last of the 4 * SPLIT programs of these rows' units j*B .. j*B + B - 1 (the four gates' lines,
+    every split) to finish also runs their LSTM update, so a layer is one launch."""
+    # grid (4 gates x SPLIT, row tiles, unit groups): the programs that meet in one arrival count (a unit group's
+    # four gate lines, every split, one row tile) are neighbours, and so are a line's row tiles. (Read from the
+    # grid's axes, the indices cost ptxas nothing to hold across the loops: from one axis, a division it kept in
+    # local memory around them on sm_80.)
+    split = tl.program_id(0) % SPLIT
+    tile = tl.program_id(1)
+    group = tl.program_id(2)
+    line = tl.program_id(0) // SPLIT * (NP // (4 * B)) + group
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     full = row_ok & (tl.load(full_ptr + rows * stride_full, mask=row_ok, other=0) != 0)
-    cheap = row_ok & (full == 0)
+    n_full = tl.sum(full.to(tl.int32), 0)
+    # low-rank: U s for the cheap rows, in the first split (s is 0 in the full rows: _project_kernel's)
+    rank_steps = tl.where((split == 0) & (n_full < tl.sum(row_ok.to(tl.int32), 0)), R, 0)
     USE_DOT: tl.constexpr = BLOCK_M >= 16
     acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
     acc = _walk(acc, kept_ptr, kept_crow_ptr, kept_col_ptr, line, split, SPLIT, True, x_ptr, stride_x, h_ptr,
                 stride_h, D, K, rows, row_ok, B, USE_DOT)
-    acc = _walk(acc, rest_ptr, rest_crow_ptr, rest_col_ptr, line, split, SPLIT, tl.max(full.to(tl.int32), 0) > 0,
+    acc = _walk(acc, rest_ptr, rest_crow_ptr, rest_col_ptr, line, split, SPLIT, n_full > 0,
                 x_ptr, stride_x, h_ptr, stride_h, D, K, rows, full, B, USE_DOT)
     o = line * B + tl.arange(0, B)
-    if LOWRANK:  # U s for the cheap rows, in the first split
-        steps = tl.where((split == 0) & (tl.max(cheap.to(tl.int32), 0) > 0), R, 0)
-        for r0 in range(0, steps, RANK_STEP):
+    if LOWRANK:
+        for r0 in range(0, rank_steps, RANK_STEP):
             r = r0 + tl.arange(0, RANK_STEP)
-            s = tl.load(s_ptr + rows.to(tl.int64)[:, None] * R + r[None, :], mask=cheap[:, None], other=0.0)
+            s = tl.load(s_ptr + rows.to(tl.int64)[:, None] * R + r[None, :], mask=row_ok[:, None], other=0.0)
             u = _f32(tl.load(u_ptr + o.to(tl.int64)[:, None] * R + r[None, :]))
             acc = _mac(acc, s, u, USE_DOT)
     out = part_ptr + (split * M + rows).to(tl.int64)[:, None] * NP + o[None, :]
     tl.store(out, acc, mask=row_ok[:, None])
+    if FUSE != 0:
+        counter = count_ptr + group * tl.num_programs(1) + tile
+        tl.debug_barrier()  # every thread's partial stored before the count says so (release below)
+        if tl.atomic_add(counter, 1, sem="acq_rel") == 4 * SPLIT - 1:
+            tl.atomic_xchg(counter, 0)  # zero again for the next layer's launch
+            _update(part_ptr, SPLIT, M, NP, bias_ptr, c_ptr, h_out_ptr, c_out_ptr, out_ptr, stride_out, H,
+                    WRITE_OUT, rows, row_ok, group * B + tl.arange(0, B))
 
 
 @triton.jit
@@ -168,31 +189,44 @@ def _project(acc, src_ptr, stride_src, N, v_ptr, r, rows, on, any_on, STEP_K: tl
 
 
 @triton.jit
-def _update_kernel(part_ptr, SPLIT, NP, HP, bias_ptr, c_ptr, h_out_ptr, c_out_ptr, out_ptr, stride_out, M, H,
-                   WRITE_OUT, UNITS: tl.constexpr):
-    """The LSTM update of row m, units j: gates = sum of the splits' partials + bias (i, f, g, o)."""
-    pid = tl.program_id(0)
-    u_tiles = tl.cdiv(H, UNITS)
-    m = pid // u_tiles
-    j = (pid % u_tiles) * UNITS + tl.arange(0, UNITS)
-    ok = j < H
-    gi = _f32(tl.load(bias_ptr + j, mask=ok, other=0.0))
-    gf = _f32(tl.load(bias_ptr + H + j, mask=ok, other=0.0))
-    gg = _f32(tl.load(bias_ptr + 2 * H + j, mask=ok, other=0.0))
-    go = _f32(tl.load(bias_ptr + 3 * H + j, mask=ok, other=0.0))
+def _update(part_ptr, SPLIT, M, NP, bias_ptr, c_ptr, h_out_ptr, c_out_ptr, out_ptr, stride_out, H, WRITE_OUT,
+            rows, row_ok, units):
+    """The LSTM update of rows x units (state rows H apart): gates = bias + the splits' partial sums, in split
+    order (i, f, g, o at NP // 4 apart). The partials come from other programs: read past L1 (.cg)."""
+    u_ok = units < H
+    ok = row_ok[:, None] & u_ok[None, :]
+    zero = tl.where(ok, 0.0, 0.0)  # (rows, units) of float32
+    gi = zero + _f32(tl.load(bias_ptr + units, mask=u_ok, other=0.0))[None, :]
+    gf = zero + _f32(tl.load(bias_ptr + H + units, mask=u_ok, other=0.0))[None, :]
+    gg = zero + _f32(tl.load(bias_ptr + 2 * H + units, mask=u_ok, other=0.0))[None, :]
+    go = zero + _f32(tl.load(bias_ptr + 3 * H + units, mask=u_ok, other=0.0))[None, :]
+    HP = NP // 4
     for split in range(0, SPLIT):
-        p = part_ptr + (split * M + m).to(tl.int64) * NP + j
-        gi += tl.load(p, mask=ok, other=0.0)
-        gf += tl.load(p + HP, mask=ok, other=0.0)
-        gg += tl.load(p + 2 * HP, mask=ok, other=0.0)
-        go += tl.load(p + 3 * HP, mask=ok, other=0.0)
+        p = part_ptr + (split * M + rows).to(tl.int64)[:, None] * NP + units[None, :]
+        gi += tl.load(p, mask=ok, other=0.0, cache_modifier=".cg")
+        gf += tl.load(p + HP, mask=ok, other=0.0, cache_modifier=".cg")
+        gg += tl.load(p + 2 * HP, mask=ok, other=0.0, cache_modifier=".cg")
+        go += tl.load(p + 3 * HP, mask=ok, other=0.0, cache_modifier=".cg")
     # the per-layer path rounds the gates to the weights' dtype (F.linear's output), then updates
-    c = _f32(tl.load(c_ptr + m * H + j, mask=ok, other=0.0))
+    state = rows.to(tl.int64)[:, None] * H + units[None, :]
+    c = _f32(tl.load(c_ptr + state, mask=ok, other=0.0))
     _, _, _, _, c, h = _cell_update(_rounded(gi, c_ptr), _rounded(gf, c_ptr), _rounded(gg, c_ptr),
                                     _rounded(go, c_ptr), c)
-    tl.store(c_out_ptr + m * H + j, _cast(c, c_out_ptr.dtype.element_ty), mask=ok)
-    tl.store(h_out_ptr + m * H + j, _cast(h, h_out_ptr.dtype.element_ty), mask=ok)
-    tl.store(out_ptr + m.to(tl.int64) * stride_out + j, _cast(h, out_ptr.dtype.element_ty), mask=ok & (WRITE_OUT != 0))
+    tl.store(c_out_ptr + state, _cast(c, c_out_ptr.dtype.element_ty), mask=ok)
+    tl.store(h_out_ptr + state, _cast(h, h_out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_out + units[None, :], _cast(h, out_ptr.dtype.element_ty),
+             mask=ok & (WRITE_OUT != 0))
+
+
+@triton.jit
+def _update_kernel(part_ptr, SPLIT, M, NP, bias_ptr, c_ptr, h_out_ptr, c_out_ptr, out_ptr, stride_out, H, WRITE_OUT,
+                   UNITS: tl.constexpr):
+    """The LSTM update of row m, units j, as its own launch (the engine's `fused = False`)."""
+    pid = tl.program_id(0)
+    u_tiles = tl.cdiv(H, UNITS)
+    m = pid // u_tiles + tl.arange(0, 1)
+    _update(part_ptr, SPLIT, M, NP, bias_ptr, c_ptr, h_out_ptr, c_out_ptr, out_ptr, stride_out, H, WRITE_OUT,
+            m, m < M, (pid % u_tiles) * UNITS + tl.arange(0, UNITS))
 
 
 @triton.jit
@@ -240,7 +274,7 @@ def _signature(kernel, dtype: torch.dtype, constexprs: dict) -> dict:
             return "i32"
         if name in ("part_ptr", "s_ptr"):
             return "*fp32"
-        if name.endswith(("crow_ptr", "col_ptr")):
+        if name.endswith(("crow_ptr", "col_ptr")) or name == "count_ptr":
             return "*i32"
         if name in ("full_ptr", "dec_ptr"):
             return "*i8"
@@ -260,10 +294,12 @@ def _arbitrator_blocks(width: int, decisions: int) -> dict:
 
 def _warps(kernel, constexprs) -> int:
     """8 warps where a broadcast product tile is large (registers), else 4. A tl.dot tile over 64x64
-    blocks also takes 8: at 4, Triton 3.6 (the GPU machines') spills its bf16 variant; 3.8 does not."""
+    blocks also takes 8: at 4, Triton 3.6 (the GPU machines') spills its bf16 variant; 3.8 does not. So do
+    the low-rank tl.dot tiles: at 4, ptxas (Triton 3.8) kept a 4-byte value of the b=32 ones in local memory
+    across their loops once the LSTM update was fused in."""
     if kernel is _gates_kernel and constexprs["BLOCK_M"] < 16:
         return 8 if constexprs["BLOCK_M"] * constexprs["B"] ** 2 > 8192 else 4
-    if kernel is _gates_kernel and constexprs["B"] == 64:
+    if kernel is _gates_kernel and (constexprs["B"] == 64 or constexprs["LOWRANK"]):
         return 8
     return 4
 
@@ -298,11 +334,12 @@ AOT_CONFIGS = list(_CONFIGS.values())
 MAX_ARBITRATOR_WIDTH, MAX_DECISIONS = max(ARBITRATOR_WIDTHS), max(DECISION_BLOCKS)
 
 
-def _launch(kernel, grid: int, dtype, *args, **constexprs):
+def _launch(kernel, grid: int | tuple, dtype, *args, **constexprs):
     """Launch with the AOT-listed configuration (a KeyError is a configuration aot never checked)."""
     config = _CONFIGS[_name(kernel, dtype, constexprs)]
     with launch_turn():
-        kernel[(grid,)](*args, **constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
+        kernel[grid if isinstance(grid, tuple) else (grid,)](*args, **constexprs, num_warps=config.num_warps,
+                                                             num_stages=config.num_stages)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -383,15 +420,16 @@ class FrameEngine:
 
     x (B, T, D) frames; h, c (L, B, H) state; force_code -1 (the arbitrator decides, p_full > threshold
     as logit > cut), 0 / 1 (every row cheap / full), 2 (force_rows, a (B,) bool tensor, True = full)
-    -> (out (B, T, H), h, c, decisions (B, T) or (B, T, L) bool). `split` (programs per block row) and
-    `graphs` (CUDA graphs on CUDA tensors; env AMNETS_CUDA_GRAPHS=0 turns them off) are for tests and tuning.
+    -> (out (B, T, H), h, c, decisions (B, T) or (B, T, L) bool). `split` (programs per block row), `fused`
+    (the LSTM update inside the gates launch; False: its own launch) and `graphs` (CUDA graphs on CUDA
+    tensors; env AMNETS_CUDA_GRAPHS=0 turns them off) are for tests and tuning: the same results either way.
     """
 
     face = "triton"
 
     def __init__(self, cheap: str, layers: list[dict], arbitrator: list[torch.Tensor], input_size: int,
                  uses_state: bool, per_layer: bool, block_size: int, split: int | None = None,
-                 graphs: bool | None = None):
+                 graphs: bool | None = None, fused: bool = True):
         first = layers[0]["full"]
         self.dtype, self.device = first.dtype, first.device
         if self.dtype not in _DTYPES:
@@ -411,7 +449,7 @@ class FrameEngine:
         if self.arb_width > MAX_ARBITRATOR_WIDTH or self.decisions > MAX_DECISIONS:
             raise ValueError(f"FrameEngine (triton): arbitrator_hidden <= {MAX_ARBITRATOR_WIDTH} and at most "
                              f"{MAX_DECISIONS} per-layer decisions; got {self.arb_width}, {self.decisions}")
-        self.split = split
+        self.split, self.fused = split, fused
         self._sms = (torch.cuda.get_device_properties(self.device).multi_processor_count
                      if self.device.type == "cuda" else 0)
         env = os.environ.get("AMNETS_CUDA_GRAPHS", "1") != "0"
@@ -462,7 +500,7 @@ class FrameEngine:
         return Stream(self, batch, code, rows, cut)
 
     def _replay(self, x, h, c, code, rows):
-        key = (x.shape[0], x.shape[1], code, self.split)  # the split is captured with the launches
+        key = (x.shape[0], x.shape[1], code, self.split, self.fused)  # captured with the launches
         entry = self._graphs.get(key)
         if entry is None:
             inputs = [x.clone(), h.clone(), c.clone(), None if rows is None else rows.clone()]
@@ -504,6 +542,9 @@ class FrameEngine:
         part = torch.empty(split, B, max(4 * layer.padded for layer in self.layers), dtype=torch.float32,
                            device=self.device)
         s = torch.empty(B, max(layer.rank for layer in self.layers) or 1, dtype=torch.float32, device=self.device)
+        # the fused update's arrival counts, one per (row tile, unit group); each last arrival zeroes its own
+        counts = torch.zeros(m_tiles * max(layer.padded // layer.block for layer in self.layers), dtype=torch.int32,
+                             device=self.device)
         for t in range(T):
             old, new = states[t % 2], states[(t + 1) % 2]
             if code == -1:
@@ -520,13 +561,14 @@ class FrameEngine:
                             old[0, k], H, H, B, full, dec.stride(0), layer.v_ih, layer.v_hh, layer.rank_ih, s,
                             layer.rank, BLOCK_M=block_m, RANK_STEP=BLOCK_R, STEP_K=BLOCK_K)
                 lines = NP // layer.block
-                _launch(_gates_kernel, lines * split * m_tiles, self.dtype, inp, stride_in, old[0, k], H, D, D + H, B,
+                update = (layer.bias, old[1, k], new[0, k], new[1, k], out[:, t], out.stride(0), H, int(k == L - 1))
+                _launch(_gates_kernel, (4 * split, m_tiles, lines // 4), self.dtype, inp, stride_in, old[0, k], H, D, D + H, B,
                         full, dec.stride(0), *layer.kept, *layer.rest, layer.u, s, layer.rank, part, NP, split,
-                        B=layer.block, BLOCK_M=block_m, LOWRANK=layer.lowrank, RANK_STEP=BLOCK_R)
-                last = k == L - 1
-                _launch(_update_kernel, B * -(-H // UPDATE_UNITS), self.dtype, part, split, NP, layer.padded,
-                        layer.bias, old[1, k], new[0, k], new[1, k], out[:, t], out.stride(0), B, H, int(last),
-                        UNITS=UPDATE_UNITS)
+                        int(self.fused), counts, *update, B=layer.block, BLOCK_M=block_m, LOWRANK=layer.lowrank,
+                        RANK_STEP=BLOCK_R)
+                if not self.fused:
+                    _launch(_update_kernel, B * -(-H // UPDATE_UNITS), self.dtype, part, split, B, NP, *update,
+                            UNITS=UPDATE_UNITS)
                 inp, stride_in = new[0, k], H
         final = states[T % 2]
         return out, final[0], final[1], dec
@@ -534,8 +576,17 @@ class FrameEngine:
     def _split(self, m_tiles: int) -> int:
         """Programs per block row: enough for four per SM on a GPU (latency hiding at B=1: a program walks
         its blocks one after the other), no more than a row's blocks; 2 under the interpreter, so the
-        tests cover the sums over splits. Untuned: no GPU has run it yet."""
+        tests cover the sums over splits. Untuned: no GPU has run it yet. The gates kernel takes its share of
+        a row's blocks in int32 (blocks * split < 2**31) and row tiles and unit groups from grid axes 1 and 2
+        (< 2**16 each)."""
+        most = max(-(-(layer.inputs + self.hidden) // layer.block) for layer in self.layers)
+        groups = max(layer.padded // layer.block for layer in self.layers)
+        if m_tiles >= 2**16 or groups >= 2**16:
+            raise ValueError(f"FrameEngine (triton): at most {2**16 - 1} row tiles and unit groups; got {m_tiles} "
+                             f"and {groups} (batch and hidden_size / block)")
         if self.split is not None:
+            if not 1 <= self.split < 2**31 // most:
+                raise ValueError(f"FrameEngine (triton): split must be in 1 .. {2**31 // most - 1}; got {self.split}")
             return self.split
         if self.device.type != "cuda":
             return 2
