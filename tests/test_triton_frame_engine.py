@@ -4,6 +4,8 @@ outputs as stream()'s per-layer steps on the reference faces, for every knob; ch
 input gets named errors. On a GPU (AMNETS_TEST_DEVICE=cuda) also: CUDA-graph replay equals eager launches,
 and no host sync inside a chunk."""
 
+import threading
+
 import pytest
 import torch
 from hypothesis import given
@@ -124,6 +126,72 @@ def test_chunks_and_streamer_continue_exactly(cheap):
     same(again, rest)
     assert torch.equal(again_dec, dec2)
     same(restart, first)
+
+
+@pytest.mark.parametrize("kept", [triton_engine.GRAPHS_KEPT, 1])
+def test_streams_sharing_one_engine_keep_their_own_state(kept, monkeypatch):
+    """A stream's state stays in the buffers of the chunk shape it last ran (no copy in on its next call of
+    that shape): interleaved streams of one engine, stream() calls with a state of the same shape, chunk
+    lengths that change, set/reset/fork and a dropped stream each take or give those buffers, and every stream
+    still continues exactly as it would alone. kept = 1: every new shape drops the last one's buffers."""
+    monkeypatch.setattr(triton_engine, "GRAPHS_KEPT", kept)
+    cfg = dict(cheap="sparse", layers=2, hidden=16, inp=5, block=16, per_layer=False, uses_state=True, batch=2,
+               frames=6, threshold=0.5, force=None, seed=3)
+    enc, x, _ = build(cfg)
+    y = torch.randn_like(x)
+    want_x, want_y = per_layer_stream(enc, x), per_layer_stream(enc, y)
+    with ak.use_backend(BACKEND):
+        a, b, dropped = enc.streamer(batch=2), enc.streamer(batch=2), enc.streamer(batch=2)
+        dropped(y[:, :1])  # holds the 1-frame buffers, then goes away
+        del dropped
+        got_a, got_b = [a(x[:, :1])], [b(y[:, :1])]  # b takes the buffers a holds
+        got_a.append(a(x[:, 1:3]))  # another shape: a moves to the 2-frame buffers
+        mid = enc.stream(x[:, :1])  # stream() with a state of that shape: evicts b from the 1-frame buffers
+        torch.testing.assert_close(mid[0], want_x[0][:, :1], rtol=1e-5, atol=1e-5)
+        got_b.append(b(y[:, 1:2]))
+        fork = a.fork()
+        got_a.append(a(x[:, 3:4]))
+        state = b.state
+        b.reset()
+        b(x[:, :2])  # another stream's worth of frames, then its state is set back
+        b.state = state
+        got_b.append(b(y[:, 2:6]))
+        got_fork = fork(x[:, 3:6])
+        got_a.append(a(x[:, 4:6]))
+    out_a, dec_a = (torch.cat(parts, 1) for parts in zip(*got_a))
+    out_b, dec_b = (torch.cat(parts, 1) for parts in zip(*got_b))
+    for out, dec, (want, _, want_dec) in ((out_a, dec_a, want_x), (out_b, dec_b, want_y)):
+        torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(dec, want_dec)
+    torch.testing.assert_close(got_fork[0], want_x[0][:, 3:], rtol=1e-5, atol=1e-5)
+    for mine, want in zip(a.state, want_x[1]):
+        torch.testing.assert_close(mine, want, rtol=1e-5, atol=1e-5)
+
+
+def test_streams_on_two_threads_share_one_engine():
+    """Two streams of one engine called from two threads at once: the engine's lock keeps each call's
+    buffers its own, so each stream gives what it gives alone."""
+    cfg = dict(cheap="lowrank", layers=2, hidden=16, inp=5, block=16, per_layer=False, uses_state=True, batch=1,
+               frames=5, threshold=0.5, force=None, seed=8)
+    enc, x, _ = build(cfg)
+    xs = [x, torch.randn_like(x)]
+    want = [per_layer_stream(enc, v) for v in xs]
+    results = [None, None]
+    with ak.use_backend(BACKEND):
+        streams = [enc.streamer(batch=1), enc.streamer(batch=1)]
+
+        def run(i):
+            with ak.use_backend(BACKEND):  # the backend is per thread
+                results[i] = [streams[i](xs[i][:, t:t + 1]) for t in range(xs[i].shape[1])]
+
+        threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    for got, (out, _, dec) in zip(results, want):
+        torch.testing.assert_close(torch.cat([g[0] for g in got], 1), out, rtol=1e-5, atol=1e-5)
+        assert torch.equal(torch.cat([g[1] for g in got], 1), dec)
 
 
 def test_a_forked_streamer_continues_and_a_busy_stream_refuses_other_threads():

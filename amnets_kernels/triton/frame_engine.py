@@ -1,7 +1,9 @@
 """Triton face of the AmNets frame engine (the CPU face: csrc/cpu/frame_engine.cpp): one call runs a chunk
 of streamed frames of an AmNetsEncoder (python/amnets/encoder.py) on the device, the arbitrator's decisions
 included, with no host sync inside the chunk. On CUDA a chunk's launches are captured once as a CUDA
-graph per (batch, frames, force) and replayed, so a call costs one graph launch of host time.
+graph per (batch, frames, force) and replayed, so a call costs one graph launch of host time; a stream's state
+stays in the buffers of the chunk it last ran (_Chunk, Stream), so its next call of that shape copies x in and
+out, decisions out, and nothing else.
 
 Per frame t, on the device (decisions never leave it until the chunk returns):
   _arbitrator_kernel   decisions[:, t] = arbitrator([x_t | h_top]) > cut (a forced chunk fills them instead)
@@ -37,6 +39,8 @@ from __future__ import annotations
 
 import collections
 import os
+import threading
+import weakref
 
 import torch
 import triton
@@ -454,22 +458,31 @@ class FrameEngine:
                      if self.device.type == "cuda" else 0)
         env = os.environ.get("AMNETS_CUDA_GRAPHS", "1") != "0"
         self.graphs = (env if graphs is None else graphs) and self.device.type == "cuda"
-        self._graphs: collections.OrderedDict = collections.OrderedDict()
+        self._graphs: collections.OrderedDict = collections.OrderedDict()  # _Chunk by shape, captured or not
+        self._lock = threading.Lock()  # one chunk launch at a time: a chunk's static buffers are shared
         self._cut, self._cut_value = torch.zeros(1, dtype=self.dtype, device=self.device), 0.0
 
     # -- checks: the engine is called without stream()'s checks (Streamer) ---------------------------
     def _check(self, x, h, c, code, rows):
+        self._check_x(x)
+        self._check_state(h, c, x.shape[0])
+        self._check_force(code, rows, x.shape[0])
+
+    def _check_x(self, x, batch: int | None = None):
         op = "FrameEngine"
-        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[2] != self.input_size:
-            raise ValueError(f"{op}: x must be a (B, T, {self.input_size}) tensor")
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[2] != self.input_size \
+                or batch not in (None, x.shape[0]):
+            raise ValueError(f"{op}: x must be a ({batch or 'B'}, T, {self.input_size}) tensor")
         if x.dtype != self.dtype or x.device != self.device:
             raise ValueError(f"{op}: x must be {self.dtype} on {self.device}; got {x.dtype} on {x.device}")
-        self._check_state(h, c, x.shape[0])
+
+    def _check_force(self, code, rows, batch: int):
+        op = "FrameEngine"
         if code not in (-1, 0, 1, 2):
             raise ValueError(f"{op}: force must be -1, 0, 1 or 2; got {code!r}")
         if code == 2 and not (isinstance(rows, torch.Tensor) and rows.dtype == torch.bool
-                              and tuple(rows.shape) == (x.shape[0],)):
-            raise ValueError(f"{op}: force = 2 needs rows, a bool tensor of shape ({x.shape[0]},)")
+                              and tuple(rows.shape) == (batch,) and rows.device == self.device):
+            raise ValueError(f"{op}: force = 2 needs rows, a bool tensor of shape ({batch},) on {self.device}")
 
     def _check_state(self, h, c, batch: int):
         shape = (len(self.layers), batch, self.hidden)
@@ -479,52 +492,44 @@ class FrameEngine:
                 raise ValueError(f"FrameEngine: {name} must have shape {shape}, dtype {self.dtype}, on {self.device}")
 
     def run(self, x, h, c, code: int, rows, cut: float):
+        """stream()'s chunk with the state passed in and out (new tensors: h and c are left as they are)."""
         self._check(x, h, c, code, rows)
         B, T, _ = x.shape
         if B == 0 or T == 0:
             dec = torch.zeros(B, T, self.decisions, dtype=torch.bool, device=self.device)
             return (x.new_zeros(B, T, self.hidden), h.clone(), c.clone(), dec if self.per_layer else dec[..., 0])
-        if cut != self._cut_value:  # a device scalar: a graph replays with the cut of the call
-            self._cut.fill_(cut)
-            self._cut_value = cut
-        rows = rows.to(torch.int8) if code == 2 else None
-        if not self.graphs:
-            out, h_n, c_n, dec = self._chunk(x.contiguous(), h, c, code, rows)
-        else:
-            out, h_n, c_n, dec = (t.clone() for t in self._replay(x, h, c, code, rows))
-        dec = dec.view(torch.bool)
-        return out, h_n, c_n, dec if self.per_layer else dec[..., 0]
+        with self._lock:
+            chunk = self._entry(B, T, code)
+            chunk.evict()
+            chunk.h.copy_(h)
+            chunk.c.copy_(c)
+            out, dec = chunk.launch(x, rows.to(torch.int8) if code == 2 else None, cut)
+            h, c = chunk.h.clone(), chunk.c.clone()
+        return out, h, c, self._decisions(dec)
 
     def stream(self, batch: int, code: int, rows, cut: float) -> "Stream":
         """A live stream on this engine, as the CPU engine's: `s(x) -> (out, decisions)`, the state kept."""
         return Stream(self, batch, code, rows, cut)
 
-    def _replay(self, x, h, c, code, rows):
-        key = (x.shape[0], x.shape[1], code, self.split, self.fused)  # captured with the launches
-        entry = self._graphs.get(key)
-        if entry is None:
-            inputs = [x.clone(), h.clone(), c.clone(), None if rows is None else rows.clone()]
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):  # compile every kernel before capture
-                self._chunk(*inputs[:3], code, inputs[3])
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                outputs = self._chunk(*inputs[:3], code, inputs[3])
-            entry = self._graphs[key] = (graph, inputs, outputs)
+    def _decisions(self, dec):
+        dec = dec.view(torch.bool)
+        return dec if self.per_layer else dec[..., 0]
+
+    def _entry(self, batch: int, frames: int, code: int) -> "_Chunk":
+        """The chunk of this shape (captured as a CUDA graph when graphs are on); the oldest beyond GRAPHS_KEPT
+        is dropped, its holder's state copied out first (so that its buffers and graph are freed)."""
+        key = (batch, frames, code, self.split, self.fused, self.graphs)  # all fixed in a capture
+        chunk = self._graphs.get(key)
+        if chunk is None:
+            chunk = self._graphs[key] = _Chunk(self, batch, frames, code)
             while len(self._graphs) > GRAPHS_KEPT:
-                self._graphs.popitem(last=False)
+                self._graphs.popitem(last=False)[1].evict()
         self._graphs.move_to_end(key)
-        graph, inputs, outputs = entry
-        for static, new in zip(inputs, (x, h, c, rows)):
-            if new is not None:
-                static.copy_(new)
-        graph.replay()
-        return outputs
+        return chunk
 
     def _chunk(self, x, h, c, code, rows):
-        """Every launch of a chunk (what a CUDA graph captures): x contiguous (B, T, D)."""
+        """Every launch of a chunk (what a CUDA graph captures): x contiguous (B, T, D); the state is read from
+        and the final state written back into h and c (contiguous, the engine's own) -> (out, decisions)."""
         B, T, _ = x.shape
         L, H = len(self.layers), self.hidden
         dec = torch.empty(B, T, self.decisions, dtype=torch.int8, device=self.device)
@@ -532,9 +537,7 @@ class FrameEngine:
             dec.copy_(rows[:, None, None].expand(B, T, self.decisions))
         elif code in (0, 1):
             dec.fill_(code)
-        states = torch.empty(2, 2, L, B, H, dtype=self.dtype, device=self.device)  # [ping/pong][h/c]
-        states[0, 0].copy_(h)
-        states[0, 1].copy_(c)
+        states = [(h, c), (torch.empty_like(h), torch.empty_like(c))]  # ping-pong
         out = torch.empty(B, T, H, dtype=self.dtype, device=self.device)
         block_m = 1 if B == 1 else 4 if B <= 4 else 16
         m_tiles = -(-B // block_m)
@@ -546,10 +549,10 @@ class FrameEngine:
         counts = torch.zeros(m_tiles * max(layer.padded // layer.block for layer in self.layers), dtype=torch.int32,
                              device=self.device)
         for t in range(T):
-            old, new = states[t % 2], states[(t + 1) % 2]
+            (old_h, old_c), (new_h, new_c) = states[t % 2], states[(t + 1) % 2]
             if code == -1:
                 w1, b1, w2, b2 = self.arb
-                _launch(_arbitrator_kernel, B, self.dtype, x[:, t], x.stride(0), self.input_size, old[0, L - 1], H,
+                _launch(_arbitrator_kernel, B, self.dtype, x[:, t], x.stride(0), self.input_size, old_h[L - 1], H,
                         int(self.uses_state), w1, b1, self.arb_width, w2, b2, self.decisions, self._cut, dec[:, t],
                         dec.stride(0), **_arbitrator_blocks(self.arb_width, self.decisions))
             inp, stride_in = x[:, t], x.stride(0)
@@ -558,20 +561,22 @@ class FrameEngine:
                 D, NP = layer.inputs, 4 * layer.padded
                 if layer.lowrank:
                     _launch(_project_kernel, m_tiles * (layer.rank // BLOCK_R), self.dtype, inp, stride_in, D,
-                            old[0, k], H, H, B, full, dec.stride(0), layer.v_ih, layer.v_hh, layer.rank_ih, s,
+                            old_h[k], H, H, B, full, dec.stride(0), layer.v_ih, layer.v_hh, layer.rank_ih, s,
                             layer.rank, BLOCK_M=block_m, RANK_STEP=BLOCK_R, STEP_K=BLOCK_K)
                 lines = NP // layer.block
-                update = (layer.bias, old[1, k], new[0, k], new[1, k], out[:, t], out.stride(0), H, int(k == L - 1))
-                _launch(_gates_kernel, (4 * split, m_tiles, lines // 4), self.dtype, inp, stride_in, old[0, k], H, D, D + H, B,
+                update = (layer.bias, old_c[k], new_h[k], new_c[k], out[:, t], out.stride(0), H, int(k == L - 1))
+                _launch(_gates_kernel, (4 * split, m_tiles, lines // 4), self.dtype, inp, stride_in, old_h[k], H, D, D + H, B,
                         full, dec.stride(0), *layer.kept, *layer.rest, layer.u, s, layer.rank, part, NP, split,
                         int(self.fused), counts, *update, B=layer.block, BLOCK_M=block_m, LOWRANK=layer.lowrank,
                         RANK_STEP=BLOCK_R)
                 if not self.fused:
                     _launch(_update_kernel, B * -(-H // UPDATE_UNITS), self.dtype, part, split, B, NP, *update,
                             UNITS=UPDATE_UNITS)
-                inp, stride_in = new[0, k], H
-        final = states[T % 2]
-        return out, final[0], final[1], dec
+                inp, stride_in = new_h[k], H
+        if T % 2:  # the final state is in the pong buffers
+            h.copy_(states[1][0])
+            c.copy_(states[1][1])
+        return out, dec
 
     def _split(self, m_tiles: int) -> int:
         """Programs per block row: enough for four per SM on a GPU (latency hiding at B=1: a program walks
@@ -595,14 +600,72 @@ class FrameEngine:
         return max(1, min(blocks, -(-4 * self._sms // (lines * m_tiles))))
 
 
+class _Chunk:
+    """One chunk shape's static buffers: x, h, c, rows in; out, dec out; the launches write the final state
+    back into h and c, where it stays for the stream that holds them (`holder`: the next call of that stream
+    copies nothing in; any other use copies the holder's state out first). Captured once as a CUDA graph when
+    the engine's graphs are on; else the same buffers with eager launches (the interpreter tests this path)."""
+
+    def __init__(self, engine: FrameEngine, batch: int, frames: int, code: int):
+        self.engine, self.code = engine, code
+        device, dtype = engine.device, engine.dtype
+        self.h = torch.zeros(len(engine.layers), batch, engine.hidden, dtype=dtype, device=device)
+        self.c = torch.zeros_like(self.h)
+        self.x = torch.zeros(batch, frames, engine.input_size, dtype=dtype, device=device)
+        self.rows = torch.zeros(batch, dtype=torch.int8, device=device) if code == 2 else None
+        self.rows_from = None  # the int8 rows tensor last copied into self.rows (a stream's: the same each call)
+        self.holder = None  # weakref to the Stream whose state h and c hold
+        self.graph = None
+        if engine.graphs:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # compile every kernel before capture
+                engine._chunk(self.x, self.h, self.c, code, self.rows)
+            torch.cuda.current_stream().wait_stream(side)
+            self.h.zero_()
+            self.c.zero_()
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self.out, self.dec = engine._chunk(self.x, self.h, self.c, code, self.rows)
+
+    def evict(self) -> None:
+        """The holder (if any) takes its state out of h and c, into tensors of its own."""
+        holder = self.holder() if self.holder is not None else None
+        if holder is not None:
+            holder._h, holder._c, holder._held = self.h.clone(), self.c.clone(), None
+        self.holder = None
+
+    def launch(self, x, rows, cut: float):
+        """One chunk on the state in h and c -> (out, dec), tensors the caller keeps."""
+        engine = self.engine
+        if cut != engine._cut_value:  # a device scalar: a graph replays with the cut of the call
+            engine._cut.fill_(cut)
+            engine._cut_value = cut
+        if rows is not None and rows is not self.rows_from:
+            self.rows.copy_(rows)
+            self.rows_from = rows
+        if self.graph is None:
+            return engine._chunk(x.contiguous(), self.h, self.c, self.code, self.rows)
+        self.x.copy_(x)
+        self.graph.replay()
+        return self.out.clone(), self.dec.clone()
+
+
 class Stream:
     """FrameEngine.stream: the state (h, c) carried from call to call; state() copies, set_state, reset(),
-    fork() (another stream from this state). One thread at a time, as the CPU engine's stream."""
+    fork() (another stream from this state). One thread at a time, as the CPU engine's stream.
+
+    Between calls the state stays in the buffers of the chunk shape last run (`_held`), so the next call of
+    that shape copies only x in and out, dec out; else it is in `_h`, `_c`. Every access to it holds the
+    engine's lock: another stream's call, on another thread, may evict it."""
 
     def __init__(self, engine: FrameEngine, batch: int, code: int, rows, cut: float):
-        self.engine, self.code, self.rows, self.cut = engine, code, rows, cut
+        engine._check_force(code, rows, batch)
+        self.engine, self.code, self.cut = engine, code, cut
+        self.rows = rows.to(torch.int8) if code == 2 else None  # a copy, as the CPU engine's stream takes
         self.shape = (len(engine.layers), batch, engine.hidden)
         self._one_thread = OneThread("FrameEngine stream")
+        self._held = None
         self.reset()
 
     def __call__(self, x):
@@ -611,26 +674,52 @@ class Stream:
         if now != "triton" and not (now == "auto" and self.engine.device.type == "cuda"):
             raise ValueError(f"AmNetsEncoder.streamer: this stream runs the Triton frame engine, which backend {now!r} "
                              "(now in force) does not run: make a new streamer under it, or call stream()")
+        engine = self.engine
+        engine._check_x(x, self.shape[1])
         with self._one_thread:
-            out, self.h, self.c, dec = self.engine.run(x, self.h, self.c, self.code, self.rows, self.cut)
-        return out, dec
+            if x.shape[1] == 0:
+                dec = torch.zeros(*x.shape[:2], engine.decisions, dtype=torch.int8, device=engine.device)
+                return x.new_zeros(*x.shape[:2], engine.hidden), engine._decisions(dec)
+            with engine._lock:
+                chunk = engine._entry(x.shape[0], x.shape[1], self.code)
+                if self._held is not chunk:
+                    chunk.evict()
+                    for mine, static in zip(self._tensors(), (chunk.h, chunk.c)):
+                        static.copy_(mine)
+                    self._drop()
+                    chunk.holder, self._held = weakref.ref(self), chunk
+                out, dec = chunk.launch(x, self.rows, self.cut)
+        return out, engine._decisions(dec)
+
+    def _tensors(self):
+        """The state where it is now (not a copy); under the engine's lock."""
+        return (self._held.h, self._held.c) if self._held is not None else (self._h, self._c)
+
+    def _drop(self):
+        """Leave the held chunk's buffers to others from now on; under the engine's lock."""
+        if self._held is not None:
+            self._held.holder = None
+            self._held = None
 
     def state(self):
-        with self._one_thread:
-            return self.h.clone(), self.c.clone()
+        with self._one_thread, self.engine._lock:
+            return tuple(t.clone() for t in self._tensors())
 
     def set_state(self, h, c):
         self.engine._check_state(h, c, self.shape[1])
-        with self._one_thread:
-            self.h, self.c = h.clone(), c.clone()
+        with self._one_thread, self.engine._lock:
+            self._drop()
+            self._h, self._c = h.clone(), c.clone()
 
     def reset(self):
         h = torch.zeros(self.shape, dtype=self.engine.dtype, device=self.engine.device)
-        with self._one_thread:
-            self.h, self.c = h, torch.zeros_like(h)
+        with self._one_thread, self.engine._lock:
+            self._drop()
+            self._h, self._c = h, torch.zeros_like(h)
 
     def fork(self) -> "Stream":
-        other = Stream(self.engine, self.shape[1], self.code, self.rows, self.cut)
-        with self._one_thread:
-            other.h, other.c = self.h.clone(), self.c.clone()
+        other = Stream(self.engine, self.shape[1], -1, None, self.cut)
+        other.code, other.rows = self.code, self.rows  # the int8 rows are never written: shared
+        with self._one_thread, self.engine._lock:
+            other._h, other._c = (t.clone() for t in self._tensors())
         return other
