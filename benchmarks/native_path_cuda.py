@@ -5,7 +5,8 @@
   bandwidth on the bytes the op must read (target >= 70% of HBM); the host time of one eager call (launch
   only, no sync between calls; target <= 15 us); whether rnnt_loss and bsr_linear run under
   torch.cuda.set_sync_debug_mode("error") (no host sync; rnnt_loss checks its labels on the device since
-  2026-11-29); rnnt_loss (16, 100, 30, 512) fwd+bwd eager and inside a CUDA graph against torchaudio eager
+  2026-11-29), and fused_joint_rnnt_loss fwd+bwd on a padded batch (its CUDA face's at::nonzero sync removed
+  2026-12-04); rnnt_loss (16, 100, 30, 512) fwd+bwd eager and inside a CUDA graph against torchaudio eager
   (target >= 2x torchaudio's speed); where an eager rnnt_loss call's host time goes (torch.profiler over 5
   calls: kernels and aten ops a call, the ops with the most host time).
 Every row runs on each GPU face that is there ("cuda", the C++ one issue 13 is about, then "triton"), each
@@ -120,6 +121,8 @@ def measure(tag: str) -> None:
     x = torch.randn(16, 2048, device="cuda")
 
     def no_sync(fn):
+        fn()  # warm-up: a first call may allocate workspaces or compile
+        torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
             fn()
@@ -136,6 +139,12 @@ def measure(tag: str) -> None:
     labels = torch.full((16,), 30, device="cuda", dtype=torch.int32)
     run(f"{tag}rnnt_loss fwd+bwd under sync debug mode 'error'",
         lambda: no_sync(lambda: ak.rnnt_loss(logits, targets, frames, labels, blank=0).backward()))
+    enc, pred = (torch.randn(8, n, 256, device="cuda", requires_grad=True) for n in (50, 21))
+    joint = torch.randn(512, 256, device="cuda", requires_grad=True)
+    joint_frames, joint_labels = torch.randint(25, 51, (8,), device="cuda"), torch.randint(10, 21, (8,), device="cuda")
+    run(f"{tag}fused_joint_rnnt_loss (8, 50, 20, 256 -> 512, padded) fwd+bwd under sync debug mode 'error'",
+        lambda: no_sync(lambda: ak.fused_joint_rnnt_loss(enc, pred, joint, None, targets[:8, :20], joint_frames,
+                                                         joint_labels, blank=0).backward()))
     ours = lambda: torch.autograd.grad(ak.rnnt_loss(logits, targets, frames, labels, blank=0), logits)  # noqa: E731
 
     def rnnt_speed():

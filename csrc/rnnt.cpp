@@ -6,8 +6,7 @@
 // Host syncs: none on CUDA tensors by default. The labels and lengths are checked where the mode of
 // face::label_checks (csrc/face.h) says: on the host (a ValueError naming the bad value, and a warning for
 // non-finite costs; the CPU default) or on the device (bad sequences get a NaN cost and a zero gradient;
-// the CUDA default, which never waits for the GPU). fused_joint_rnnt_loss's CUDA face still synchronises
-// once (at::nonzero over the live cells, csrc/cuda/rnnt.cu).
+// the CUDA default, which never waits for the GPU). Neither CUDA face waits either (csrc/cuda/rnnt.cu).
 #include <ATen/Dispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>

@@ -82,6 +82,49 @@ def test_half_precision_inputs(face, dtype):
         assert all(g.dtype == dtype and torch.isfinite(g).all() for g in grads(ours, list(args[:4])))
 
 
+@pytest.mark.parametrize("face", FACES)
+def test_padding_holding_nan_and_inf_reaches_nothing(face):
+    """Frames past T_b and label positions past U_b are padding and may hold anything: NaN and inf there
+    change no cost and no gradient (the CUDA face computes every lattice cell, padding included, and must
+    skip the dead ones), and the padding's own gradient is 0."""
+    enc, pred, weight, bias, targets, _, _ = joint_inputs(3, 5, 3, 6, 7)
+    frames = torch.tensor([5, 3, 2], device=DEVICE)
+    lengths = torch.tensor([3, 1, 0], device=DEVICE)
+    dead_t = torch.arange(5, device=DEVICE)[None, :] >= frames[:, None]
+    dead_u = torch.arange(4, device=DEVICE)[None, :] > lengths[:, None]
+    with use_face("fused_joint_rnnt_loss", face):
+        costs = []
+        for fill in (0.0, float("nan"), float("inf")):
+            inputs = [enc.detach().masked_fill(dead_t[..., None], fill).requires_grad_(True),
+                      pred.detach().masked_fill(dead_u[..., None], -fill).requires_grad_(True),
+                      weight, bias]
+            cost = ak.fused_joint_rnnt_loss(*inputs, targets, frames, lengths, blank=0, reduction="none")
+            costs.append((cost, grads(cost, inputs)))
+    (clean, clean_grads), *poisoned = costs
+    assert torch.isfinite(clean).all()
+    for cost, got in poisoned:
+        torch.testing.assert_close(cost, clean)
+        for g, want in zip(got, clean_grads):
+            torch.testing.assert_close(g, want)
+        assert not got[0][dead_t].any() and not got[1][dead_u].any()
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="host syncs exist on a GPU")
+@pytest.mark.parametrize("face", [f for f in FACES if f in ("cuda", "triton")])
+def test_fused_joint_never_syncs_on_cuda(face):
+    with use_face("fused_joint_rnnt_loss", face):
+        args = joint_inputs(3, 6, 3, 8, 9)
+        ak.fused_joint_rnnt_loss(*args, blank=0).backward()  # warm-up (workspaces, compiles)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            loss = ak.fused_joint_rnnt_loss(*args, blank=0)
+            loss.backward()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(loss)
+
+
 def test_reference_gradcheck_float64():
     args = joint_inputs(2, 3, 2, 3, 4, dtype=torch.float64, device="cpu")
     with ak.use_backend("reference"):

@@ -1,7 +1,9 @@
 """Non-finite input behaves the same on every face (the documented contract): a NaN or +inf logit (or a NaN
 in a fused joint's input) makes that sequence's cost non-finite, says so in a RuntimeWarning, and gives it a
 zero gradient; the other sequences' costs and gradients, and gradients the batch shares, stay as without it.
-A cost that only overflows fp16 is reported as that, and keeps its gradient."""
+A cost that only overflows fp16 is reported as that, and keeps its gradient. The report is the host label
+checks' (the CPU default): CUDA tensors are checked on the device by default, which reports nothing (reading
+the costs would sync), so this module runs under set_label_checks("host") on every device."""
 
 import pytest
 import torch
@@ -9,6 +11,13 @@ import torch
 import amnets_kernels as ak
 
 from conftest import DEVICE, FACES, use_face
+from helpers import label_checks
+
+
+@pytest.fixture(autouse=True)
+def host_label_checks():
+    with label_checks("host"):
+        yield
 
 
 def labels(batch, frames, labels_, vocab):

@@ -19,9 +19,12 @@
 //   joint_activation_kernel / joint_scatter_kernel  fused_joint only: build act(enc[b,t] + pred[b,u]) for
 //                     a chunk of live cells; after the GEMMs, multiply dA by act' and add the rows into
 //                     grad_enc[b,t] and grad_pred[b,u] with fp32/fp64 atomics.
-// fused_joint_rnnt_loss enumerates the live cells on the device (one at::nonzero, which synchronises once
-// per call) and processes them in chunks of rows: A = act(...) (rows, H), logits = A W^T + b by cuBLAS
-// (rows, V), then the row kernels above on those rows through the row -> cell map. Backward recomputes
+// fused_joint_rnnt_loss processes every lattice cell, in order, in chunks of rows: A = act(...) (rows, H),
+// logits = A W^T + b by cuBLAS (rows, V), then the row kernels above on those rows through the row -> cell
+// map. A dead cell (t >= T_b or u > U_b), and in backward a cell of a sequence with a non-finite cost, has
+// A = 0 and a zero gradient row and scatters nothing, so padding (which may hold anything) never reaches a
+// gradient. (Enumerating only the live cells would skip the padding's GEMM rows, but knowing how many there
+// are is a host sync, which would rule out CUDA graphs.) Backward recomputes
 // each chunk and overwrites its logits with their gradient (flash-attention style), so no (B, T, U+1, V)
 // tensor ever exists.
 //
@@ -34,10 +37,9 @@
 //   - Atomic accumulation makes grad_enc / grad_pred (and cuBLAS's own choices) not bitwise reproducible.
 //   - fp32 GEMMs follow torch.backends.cuda.matmul.allow_tf32 like every at::mm (off by default).
 //   - At most 2^31 - 1 lattice cells B*T*(U+1) (checked): cell indices split with 32-bit division.
-//   - Host syncs: the kernels here never wait, but both ops do. The op around them (csrc/rnnt.cpp) copies
-//     the labels and lengths to the host to check them in every forward and backward, and reads whether
-//     every cost is finite (to report the others) after every forward; the joint's at::nonzero adds one
-//     wait per forward and per backward. So neither op can be captured in a CUDA graph: issue 13, open.
+//   - Host syncs: none here; the op around them (csrc/rnnt.cpp) checks labels and lengths on the device by
+//     default on CUDA tensors (its host checks, which wait, are opt-in).
+//   - The joint's GEMMs run over the padding's cells too: a batch with much padding pays for it.
 
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -263,7 +265,7 @@ Lattice lattice_of(int64_t batch, int64_t frames, int64_t labels_plus_1, const T
 
 // ---------------------------------------------------------------------------------------------------
 // Forward per cell: den, lp_blank, lp_y. Row r of `rows` belongs to cell cell_of_row[r] (or r itself
-// when there is no map: rnnt_loss's logits are the full padded lattice, the joint's chunk only live cells).
+// when there is no map: rnnt_loss's logits are the full padded lattice, the joint's chunk a range of cells).
 
 template <typename acc_t>
 struct CellOut {
@@ -557,28 +559,39 @@ __device__ __forceinline__ acc_t activation_slope(acc_t y, Activation act) {
   return acc_t(1);
 }
 
-// A[r] = act(enc[b, t] + pred[b, u]) for the cell of row r; a block per row, threads over H.
+// Whether the joint computes cell c: live, and (in backward) of a sequence whose cost is finite (keep[b];
+// keep == nullptr: every sequence).
+__device__ __forceinline__ bool joint_cell(const Lattice& lat, const Cell& c, const bool* keep) {
+  return lat.live(c) && (keep == nullptr || keep[c.b]);
+}
+
+// A[r] = act(enc[b, t] + pred[b, u]) for the cell of row r, 0 for a cell the joint skips (its enc / pred rows
+// are padding or belong to a non-finite sequence: never read); a block per row, threads over H.
 template <typename acc_t>
 __global__ void __launch_bounds__(kJointThreads)
     joint_activation_kernel(const acc_t* __restrict__ enc, const acc_t* __restrict__ pred,
                             const int64_t* __restrict__ cell_of_row, int64_t rows, int64_t hidden, Lattice lat,
-                            Activation act, acc_t* __restrict__ out) {
+                            const bool* __restrict__ keep, Activation act, acc_t* __restrict__ out) {
   for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
     const Cell c = lat.at(cell_of_row[r]);
+    if (!joint_cell(lat, c, keep)) {
+      for (int64_t h = threadIdx.x; h < hidden; h += blockDim.x) out[r * hidden + h] = acc_t(0);
+      continue;
+    }
     const acc_t* e = enc + lat.enc_row(c) * hidden;
     const acc_t* p = pred + lat.pred_row(c) * hidden;
     for (int64_t h = threadIdx.x; h < hidden; h += blockDim.x) out[r * hidden + h] = activate(e[h] + p[h], act);
   }
 }
 
-// grad_enc[b, t] += dA[r], grad_pred[b, u] += dA[r] with dA = dZ * act'(A). Each block owns a contiguous
-// range of rows; a thread keeps a running sum for its h while consecutive rows share (b, t), so
-// grad_enc gets one atomic per (b, t) run instead of one per row. grad_pred gets one per row.
+// grad_enc[b, t] += dA[r], grad_pred[b, u] += dA[r] with dA = dZ * act'(A), for the cells the joint computes.
+// Each block owns a contiguous range of rows; a thread keeps a running sum for its h while consecutive rows
+// share (b, t), so grad_enc gets one atomic per (b, t) run instead of one per row. grad_pred gets one per row.
 template <typename acc_t>
 __global__ void __launch_bounds__(kJointThreads)
     joint_scatter_kernel(const acc_t* __restrict__ grad_act, const acc_t* __restrict__ act_out,
                          const int64_t* __restrict__ cell_of_row, int64_t rows, int64_t hidden, Lattice lat,
-                         Activation act, acc_t* grad_enc, acc_t* grad_pred) {
+                         const bool* __restrict__ keep, Activation act, acc_t* grad_enc, acc_t* grad_pred) {
   const uint32_t per_block = (uint32_t(rows) + gridDim.x - 1) / gridDim.x;  // rows <= kMaxChunkRows
   const int64_t begin = int64_t(blockIdx.x) * per_block, end = min(rows, begin + per_block);
   for (int64_t h = threadIdx.x; h < hidden; h += blockDim.x) {
@@ -586,6 +599,7 @@ __global__ void __launch_bounds__(kJointThreads)
     int64_t run_row = -1;
     for (int64_t r = begin; r < end; ++r) {
       const Cell c = lat.at(cell_of_row[r]);
+      if (!joint_cell(lat, c, keep)) continue;  // its dA is 0 (or NaN from an inf weight): nothing to add
       const int64_t enc_row = lat.enc_row(c);
       const acc_t g = grad_act[r * hidden + h] * activation_slope(act_out[r * hidden + h], act);
       if (enc_row != run_row) {
@@ -610,16 +624,9 @@ int64_t chunk_rows(int64_t live, int64_t vocab, int64_t hidden, int64_t elem_byt
   return std::max<int64_t>(1, std::min({live, kMaxChunkRows, fit}));
 }
 
-// Indices of the live cells (t < T_b, u <= U_b) of the sequences `keep` marks (all when undefined), in
-// ascending order: the row -> cell map of the joint. at::nonzero synchronises with the host once.
-Tensor live_cells(const Lattice& lat, const Tensor& logit_lengths, const Tensor& target_lengths,
-                  const Tensor& keep = Tensor()) {
-  const auto opts = logit_lengths.options().dtype(at::kLong);
-  const Tensor t = at::arange(lat.frames, opts).view({1, -1, 1});
-  const Tensor u = at::arange(lat.labels_plus_1, opts).view({1, 1, -1});
-  Tensor mask = (t < logit_lengths.view({-1, 1, 1})) & (u <= target_lengths.view({-1, 1, 1}));
-  if (keep.defined()) mask = mask & keep.view({-1, 1, 1});
-  return at::nonzero(mask.flatten()).flatten().contiguous();
+// The row -> cell map of the joint: every cell of the lattice, in order (the kernels skip the dead ones).
+Tensor all_cells(const Lattice& lat, const Tensor& like) {
+  return at::arange(lat.batch * lat.cells(), like.options().dtype(at::kLong));
 }
 
 struct Joint {
@@ -634,11 +641,12 @@ struct Joint {
         hidden(e.size(2)), vocab(w.size(0)) {}
 
   // The activations (rows, H) and logits (rows, V) of the cells cell_of_row[0 .. rows), into the first
-  // rows of the chunk buffers `act` and `logits`.
+  // rows of the chunk buffers `act` and `logits`; keep: joint_cell's.
   template <typename acc_t>
-  void tile(const Lattice& lat, const int64_t* cell_of_row, int64_t rows, const Tensor& act, const Tensor& logits) const {
+  void tile(const Lattice& lat, const int64_t* cell_of_row, int64_t rows, const bool* keep, const Tensor& act,
+            const Tensor& logits) const {
     joint_activation_kernel<acc_t><<<blocks_for(rows, 1), kJointThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-        enc.data_ptr<acc_t>(), pred.data_ptr<acc_t>(), cell_of_row, rows, hidden, lat, activation,
+        enc.data_ptr<acc_t>(), pred.data_ptr<acc_t>(), cell_of_row, rows, hidden, lat, keep, activation,
         act.data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     Tensor out = logits;  // a view of the chunk buffer; the _out ops write through it
@@ -662,16 +670,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_joint_rnnt_loss_forward(
     const auto acc = c10::CppTypeToScalarType<acc_t>::value;
     const Joint joint(enc, pred, weight, bias, acc, activation);
     CellArrays cells(lat, acc, enc.options());
-    const Tensor cell_map = live_cells(lat, logit_lengths, target_lengths);
-    const int64_t live = cell_map.numel();
-    const int64_t chunk = chunk_rows(live, joint.vocab, joint.hidden, sizeof(acc_t));
+    const Tensor cell_map = all_cells(lat, enc);
+    const int64_t total = cell_map.numel();
+    const int64_t chunk = chunk_rows(total, joint.vocab, joint.hidden, sizeof(acc_t));
     const Tensor act = at::empty({chunk, joint.hidden}, joint.enc.options());
     const Tensor logits = at::empty({chunk, joint.vocab}, joint.enc.options());
-    for (int64_t r0 = 0; r0 < live; r0 += chunk) {
-      const int64_t rows = std::min(chunk, live - r0);
+    for (int64_t r0 = 0; r0 < total; r0 += chunk) {
+      const int64_t rows = std::min(chunk, total - r0);
       const int64_t* map = cell_map.data_ptr<int64_t>() + r0;
       const Tensor l = logits.narrow(0, 0, rows);
-      joint.tile<acc_t>(lat, map, rows, act.narrow(0, 0, rows), l);
+      joint.tile<acc_t>(lat, map, rows, nullptr, act.narrow(0, 0, rows), l);
       launch_row_stats(l.data_ptr<acc_t>(), map, rows, joint.vocab, lat, blank, true, cells.out<acc_t>());
     }
     out = finish_forward<scalar_t>(lat, cells, enc.options(), save);
@@ -697,19 +705,20 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_joint_rnnt_loss_backward(
     const auto saved = saved_of<acc_t>(alpha, beta, norm, scales, blank, clamp, true);
     Tensor grad_enc = at::zeros_like(joint.enc), grad_pred = at::zeros_like(joint.pred);
     Tensor grad_weight = at::zeros_like(joint.weight), grad_bias = at::zeros({joint.vocab}, joint.enc.options());
-    // Sequences with a non-finite cost get no gradient: their cells are left out of the map altogether.
-    const Tensor finite = at::isfinite(beta.select(2, 0).select(1, 0));
-    const Tensor cell_map = live_cells(lat, logit_lengths, target_lengths, finite);
-    const int64_t live = cell_map.numel();
-    const int64_t chunk = chunk_rows(live, joint.vocab, joint.hidden, sizeof(acc_t));
+    // Sequences with a non-finite cost get no gradient: their cells are skipped like dead ones.
+    const Tensor finite = at::isfinite(beta.select(2, 0).select(1, 0)).contiguous();
+    const bool* keep = finite.data_ptr<bool>();
+    const Tensor cell_map = all_cells(lat, enc);
+    const int64_t total = cell_map.numel();
+    const int64_t chunk = chunk_rows(total, joint.vocab, joint.hidden, sizeof(acc_t));
     const Tensor act = at::empty({chunk, joint.hidden}, joint.enc.options());
     const Tensor logits = at::empty({chunk, joint.vocab}, joint.enc.options());
     const Tensor grad_act = at::empty({chunk, joint.hidden}, joint.enc.options());
-    for (int64_t r0 = 0; r0 < live; r0 += chunk) {
-      const int64_t rows = std::min(chunk, live - r0);
+    for (int64_t r0 = 0; r0 < total; r0 += chunk) {
+      const int64_t rows = std::min(chunk, total - r0);
       const int64_t* map = cell_map.data_ptr<int64_t>() + r0;
       const Tensor a = act.narrow(0, 0, rows), grad_logits = logits.narrow(0, 0, rows);
-      joint.tile<acc_t>(lat, map, rows, a, grad_logits);  // logits, overwritten by their gradient
+      joint.tile<acc_t>(lat, map, rows, keep, a, grad_logits);  // logits, overwritten by their gradient
       acc_t* l = grad_logits.data_ptr<acc_t>();
       launch_gradient(static_cast<const acc_t*>(l), l, map, rows, joint.vocab, lat, saved);
       grad_weight.addmm_(grad_logits.t(), a);
@@ -717,7 +726,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> fused_joint_rnnt_loss_backward(
       Tensor g = grad_act.narrow(0, 0, rows);
       at::mm_out(g, grad_logits, joint.weight);
       joint_scatter_kernel<acc_t><<<blocks_for(rows, 16), kJointThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
-          g.data_ptr<acc_t>(), a.data_ptr<acc_t>(), map, rows, joint.hidden, lat, joint.activation,
+          g.data_ptr<acc_t>(), a.data_ptr<acc_t>(), map, rows, joint.hidden, lat, keep, joint.activation,
           grad_enc.data_ptr<acc_t>(), grad_pred.data_ptr<acc_t>());
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
