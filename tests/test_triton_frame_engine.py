@@ -89,8 +89,8 @@ def test_fused_update_equals_its_own_launch(cheap):
     cfg = dict(cheap=cheap, layers=2, hidden=40, inp=24, block=16, per_layer=True, uses_state=True, batch=20,
                frames=2, threshold=0.5, force=None, seed=7)
     enc, x, _ = build(cfg)
-    fused = engine_stream(enc, x, split=3, fused=True)
-    alone = engine_stream(enc, x, split=3, fused=False)
+    fused = engine_stream(enc, x, split=5, fused=True)  # 5 splits: two rounds of 4 loads in the update
+    alone = engine_stream(enc, x, split=5, fused=False)
     assert torch.equal(fused[2], alone[2])
     for a, b in ((fused[0], alone[0]), (fused[1][0], alone[1][0]), (fused[1][1], alone[1][1])):
         same(a, b)

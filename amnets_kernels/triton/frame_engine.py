@@ -156,7 +156,7 @@ def _gates_kernel(x_ptr, stride_x, h_ptr, stride_h, D, K, M, full_ptr, stride_fu
         if tl.atomic_add(counter, 1, sem="acq_rel") == 4 * SPLIT - 1:
             tl.atomic_xchg(counter, 0)  # zero again for the next layer's launch
             _update(part_ptr, SPLIT, M, NP, bias_ptr, c_ptr, h_out_ptr, c_out_ptr, out_ptr, stride_out, H,
-                    WRITE_OUT, rows, row_ok, group * B + tl.arange(0, B))
+                    WRITE_OUT, rows, row_ok, group * B + tl.arange(0, B), SPLIT_STEP=min(8, 1024 // (BLOCK_M * B)))
 
 
 @triton.jit
@@ -194,9 +194,10 @@ def _project(acc, src_ptr, stride_src, N, v_ptr, r, rows, on, any_on, STEP_K: tl
 
 @triton.jit
 def _update(part_ptr, SPLIT, M, NP, bias_ptr, c_ptr, h_out_ptr, c_out_ptr, out_ptr, stride_out, H, WRITE_OUT,
-            rows, row_ok, units):
+            rows, row_ok, units, SPLIT_STEP: tl.constexpr):
     """The LSTM update of rows x units (state rows H apart): gates = bias + the splits' partial sums, in split
-    order (i, f, g, o at NP // 4 apart). The partials come from other programs: read past L1 (.cg)."""
+    order (i, f, g, o at NP // 4 apart). The partials come from other programs: read past L1 (.cg), SPLIT_STEP
+    splits' loads issued together (one after the other, a large split would be a chain of L2 round trips)."""
     u_ok = units < H
     ok = row_ok[:, None] & u_ok[None, :]
     zero = tl.where(ok, 0.0, 0.0)  # (rows, units) of float32
@@ -205,12 +206,14 @@ def _update(part_ptr, SPLIT, M, NP, bias_ptr, c_ptr, h_out_ptr, c_out_ptr, out_p
     gg = zero + _f32(tl.load(bias_ptr + 2 * H + units, mask=u_ok, other=0.0))[None, :]
     go = zero + _f32(tl.load(bias_ptr + 3 * H + units, mask=u_ok, other=0.0))[None, :]
     HP = NP // 4
-    for split in range(0, SPLIT):
-        p = part_ptr + (split * M + rows).to(tl.int64)[:, None] * NP + units[None, :]
-        gi += tl.load(p, mask=ok, other=0.0, cache_modifier=".cg")
-        gf += tl.load(p + HP, mask=ok, other=0.0, cache_modifier=".cg")
-        gg += tl.load(p + 2 * HP, mask=ok, other=0.0, cache_modifier=".cg")
-        go += tl.load(p + 3 * HP, mask=ok, other=0.0, cache_modifier=".cg")
+    for first in range(0, SPLIT, SPLIT_STEP):
+        for step in tl.static_range(SPLIT_STEP):
+            on = ok & (first + step < SPLIT)
+            p = part_ptr + ((first + step) * M + rows).to(tl.int64)[:, None] * NP + units[None, :]
+            gi += tl.load(p, mask=on, other=0.0, cache_modifier=".cg")
+            gf += tl.load(p + HP, mask=on, other=0.0, cache_modifier=".cg")
+            gg += tl.load(p + 2 * HP, mask=on, other=0.0, cache_modifier=".cg")
+            go += tl.load(p + 3 * HP, mask=on, other=0.0, cache_modifier=".cg")
     # the per-layer path rounds the gates to the weights' dtype (F.linear's output), then updates
     state = rows.to(tl.int64)[:, None] * H + units[None, :]
     c = _f32(tl.load(c_ptr + state, mask=ok, other=0.0))
@@ -230,7 +233,7 @@ def _update_kernel(part_ptr, SPLIT, M, NP, bias_ptr, c_ptr, h_out_ptr, c_out_ptr
     u_tiles = tl.cdiv(H, UNITS)
     m = pid // u_tiles + tl.arange(0, 1)
     _update(part_ptr, SPLIT, M, NP, bias_ptr, c_ptr, h_out_ptr, c_out_ptr, out_ptr, stride_out, H, WRITE_OUT,
-            m, m < M, (pid % u_tiles) * UNITS + tl.arange(0, UNITS))
+            m, m < M, (pid % u_tiles) * UNITS + tl.arange(0, UNITS), SPLIT_STEP=min(8, 1024 // UNITS))
 
 
 @triton.jit
