@@ -168,6 +168,19 @@ def test_streams_sharing_one_engine_keep_their_own_state(kept, monkeypatch):
         torch.testing.assert_close(mine, want, rtol=1e-5, atol=1e-5)
 
 
+def test_a_stream_forced_per_row_forks_with_its_rows():
+    cfg = dict(cheap="lowrank", layers=1, hidden=16, inp=5, block=16, per_layer=False, uses_state=False, batch=3,
+               frames=3, threshold=0.5, force="rows", seed=9)
+    enc, x, rows = build(cfg)
+    with ak.use_backend(BACKEND):
+        streamer = enc.streamer(batch=3, force=rows)
+        streamer(x[:, :1])
+        other = streamer.fork()
+        want, got = streamer(x[:, 1:]), other(x[:, 1:])
+    same(got[0], want[0])
+    assert torch.equal(got[1], want[1]) and torch.equal(got[1], rows[:, None].expand(3, 2))
+
+
 def test_streams_on_two_threads_share_one_engine():
     """Two streams of one engine called from two threads at once: the engine's lock keeps each call's
     buffers its own, so each stream gives what it gives alone."""

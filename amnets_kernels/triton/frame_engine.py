@@ -721,8 +721,7 @@ class Stream:
             self._h, self._c = h, torch.zeros_like(h)
 
     def fork(self) -> "Stream":
-        other = Stream(self.engine, self.shape[1], -1, None, self.cut)
-        other.code, other.rows = self.code, self.rows  # the int8 rows are never written: shared
+        other = Stream(self.engine, self.shape[1], self.code, None if self.rows is None else self.rows.bool(), self.cut)
         with self._one_thread, self.engine._lock:
             other._h, other._c = (t.clone() for t in self._tensors())
         return other
