@@ -6,8 +6,10 @@ its tensor, storage, data pointer, dtype, sizes, strides and version counter. So
 in-place edit through `.data` (which has a counter of its own) or `.numpy()`, a write through another tensor
 over the same memory (after torch.nn.utils.vector_to_parameters the parameters' .data are views of the flat
 vector: writing the vector bumps its counter, not theirs), a DLPack consumer, and torch.optim's fused=True
-steps on the CPU (Adam, AdamW, SGD under torch 2.14). The last are caught here: every torch.optim step ends
-with weights_changed() (a global step hook, registered when amnets_kernels is imported). The others need one
+steps on the CPU (Adam, AdamW, SGD, Adagrad under torch 2.14). The last are caught here: a torch.optim step
+with fused=True in any of its param groups ends with weights_changed() (a global step hook, registered when
+amnets_kernels is imported); every other torch.optim step writes in place and bumps the counters itself (checked
+for each torch.optim optimizer, foreach or not, under torch 2.14), so it leaves the caches of other models alone. The others need one
 call by hand, which also makes the op check and derive CUDA index data (crow_indices, col_indices:
 csrc/pattern_cache.h) afresh.
 """
@@ -28,7 +30,8 @@ def weights_changed() -> None:
 
 
 def _after_optimizer_step(optimizer, args, kwargs) -> None:
-    _C.weights_changed(indices=False)  # a step writes values, not patterns: the checked patterns stay
+    if any(group.get("fused") for group in optimizer.param_groups):
+        _C.weights_changed(indices=False)  # a step writes values, not patterns: the checked patterns stay
 
 
 _STEP_HOOK = register_optimizer_step_post_hook(_after_optimizer_step)
