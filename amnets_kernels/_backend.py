@@ -293,7 +293,7 @@ def build_info() -> dict:
         triton_version = None
     from . import __version__
 
-    dpbf16 = "avx512bf16" in native.get("cpu_features", []) and "avx512bw" in native.get("cpu_features", [])
+    dpbf16 = native.get("cpu_dpbf16", False)  # the CPU has AVX512-BF16 (and no test turned it off)
     # The bf16 kernels' AMX tiles (csrc/cpu/amx.h): where the CPU and OS offer them, or emulated for a test.
     amx = {"amx": "amx tiles", "amx emulated (tests only)": "amx tiles, emulated (tests only)"}.get(native.get("cpu_amx"))
     return {

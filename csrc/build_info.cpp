@@ -4,6 +4,7 @@
 
 #include "cpu/amx.h"
 #include "cpu/parallel.h"
+#include "cpu/simd.h"
 #include "face.h"
 
 #include <string>
@@ -62,6 +63,7 @@ pybind11::dict build_info() {
 #endif
   // The tile kernels (csrc/cpu/amx.h) the bf16 CPU kernels run now: "amx" only where the OS grants the tiles.
   info["cpu_amx"] = std::string(amnets::amx::name(amnets::amx::active()));
+  info["cpu_dpbf16"] = amnets::simd::has_dpbf16();  // AVX512-BF16 in use (the CPU has it, and no test said "off")
   info["compiler"] = std::string(__VERSION__);
   return info;
 }
@@ -113,6 +115,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("set_cpu_amx", [](const std::string& mode) { amnets::amx::set_mode(mode.c_str()); },
         "'auto' (AMX tiles where the CPU has them), 'off', or 'emulate' (tests only: the tile kernels on a "
         "scalar emulation of AMX, on any CPU).");
+  m.def("set_cpu_dpbf16", [](const std::string& mode) {
+    TORCH_CHECK_VALUE(mode == "auto" || mode == "off", "set_cpu_dpbf16: mode must be 'auto' or 'off'; got '", mode,
+                      "'");
+    amnets::simd::dpbf16_off().store(mode == "off", std::memory_order_relaxed);
+  },
+        "Tests only: 'off' runs the bf16 kernels as on a CPU without AVX512-BF16 (with set_cpu_amx('off'): as on "
+        "one with neither); 'auto' where the CPU has it.");
   m.def("get_label_checks", &face::label_checks);
   m.def("set_label_checks", &face::set_label_checks);
 }

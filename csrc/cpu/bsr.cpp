@@ -306,14 +306,12 @@ bool has_fast_path(const Tensor& values) {
 }
 
 // nn.LSTM's projection w_hr (P, H) of a block-sparse layer whose h is `rec` wide and c `hidden` wide: its shape,
-// and the values' dtype with a kernel for it (bf16 rows are products on vdpbf16ps: AVX512-BF16).
+// on the values' device in their dtype (small_batch_mm has a kernel for fp32 and bf16 on every CPU).
 void check_projection(const char* op, const Tensor& w_hr, const Tensor& values, int64_t rec, int64_t hidden) {
   checks::shape(op, "w_hr", w_hr, {rec, hidden}, "(proj_size, H) = ");
   TORCH_CHECK_TYPE(w_hr.scalar_type() == values.scalar_type() && w_hr.device() == values.device(), op,
                    ": w_hr must be on the values' device in their dtype ", values.scalar_type(), "; got ",
                    w_hr.scalar_type(), " on ", w_hr.device());
-  TORCH_CHECK_TYPE(values.scalar_type() == at::kFloat || simd::has_dpbf16(), op,
-                   ": no fast projection for bf16 on this CPU (it needs AVX512-BF16)");
 }
 
 // y (B, P) = h (B, H) W_hr^T for a checked, contiguous projection w_hr (P, H), kMaxDotBatch rows a product.

@@ -59,9 +59,10 @@ PackedT pack_transposed(const at::Tensor& w);  // any float dtype
 void expand(Panels u, int64_t R, int64_t G, const float* s, int64_t lds, int64_t M, float* out, int64_t ldo,
             bool accumulate);
 
-// bf16 weights on a CPU with AVX512-BF16 (simd::has_dpbf16(); callers check): the same two products on
-// vdpbf16ps, the float left operand (x, s) rounded to bf16 on the way in and every sum in fp32, as torch's
-// bf16 GEMMs do. Half the weight bytes of the float kernels and twice the products per instruction.
+// bf16 weights: the same two products on vdpbf16ps, the float left operand (x, s) rounded to bf16 on the way in
+// and every sum in fp32, as torch's bf16 GEMMs do. Half the weight bytes of the float kernels and twice the
+// products per instruction. expand() needs a CPU with AVX512-BF16 (simd::has_dpbf16(); callers check);
+// small_batch_mm runs anywhere (without it, on the bf16 operands widened to fp32).
 void small_batch_mm(const float* x, int64_t batch, const c10::BFloat16* a, int64_t rows, int64_t cols, float* y,
                     bool accumulate);
 

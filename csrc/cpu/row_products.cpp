@@ -475,6 +475,24 @@ void small_batch_mm(const float* xp, int64_t batch, const c10::BFloat16* ap, int
                     bool accumulate) {
   const int64_t ldx = (cols + 31) / 32 * 32;
   const uint16_t* x = rounded_rows(xp, batch, cols, cols, ldx, batch);
+  if (!simd::has_dpbf16()) {
+    // A CPU without AVX512-BF16: the same bf16 operands (x rounded as above) widened to fp32 for the float
+    // kernel, kBlock weight rows at a time: the products are exact in fp32 either way, only the order of the sums
+    // differs from the dot-product kernel's.
+    constexpr int64_t kBlock = 64;
+    std::vector<float> xf(batch * cols);
+    for (int64_t b = 0; b < batch; ++b)
+      widen_bf16(reinterpret_cast<const c10::BFloat16*>(x + b * ldx), xf.data() + b * cols, cols);
+    parallel_for(0, rows, kBlock, [&](int64_t r0, int64_t r1) {
+      std::vector<float> block(kBlock * cols);
+      for (int64_t j = r0; j < r1; j += kBlock) {
+        const int64_t n = std::min(kBlock, r1 - j);
+        widen_bf16(ap + j * cols, block.data(), n * cols);
+        rows_dot(block.data(), cols, xf.data(), batch, yp + j, rows, 0, n, accumulate);
+      }
+    });
+    return;
+  }
   const auto* a = reinterpret_cast<const uint16_t*>(ap);
   parallel_for(0, rows, 64, [&](int64_t r0, int64_t r1) {
     rows_dot_dp(a, cols, x, ldx, batch, yp, rows, r0, r1, accumulate);

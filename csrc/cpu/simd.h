@@ -8,6 +8,7 @@
 
 #include <c10/util/BFloat16.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -33,10 +34,16 @@ namespace amnets::simd {
 
 constexpr int64_t kWidth = 16;
 
+// Tests only (build_info.cpp's set_cpu_dpbf16("off")): the kernels as a CPU without AVX512-BF16 runs them.
+inline std::atomic<bool>& dpbf16_off() {
+  static std::atomic<bool> off{false};
+  return off;
+}
+
 inline bool has_dpbf16() {
 #ifdef AMNETS_HAVE_DPBF16
   static const bool yes = __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw");
-  return yes;
+  return yes && !dpbf16_off().load(std::memory_order_relaxed);
 #else
   return false;
 #endif
