@@ -607,14 +607,15 @@ class _Chunk:
     """One chunk shape's static buffers: x, h, c, rows in; out, dec out; the launches write the final state
     back into h and c, where it stays for the stream that holds them (`holder`: the next call of that stream
     copies nothing in; any other use copies the holder's state out first). Captured once as a CUDA graph when
-    the engine's graphs are on; else the same buffers with eager launches (the interpreter tests this path)."""
+    the engine's graphs are on; else h, c and rows with eager launches on the caller's x (the interpreter tests
+    this path)."""
 
     def __init__(self, engine: FrameEngine, batch: int, frames: int, code: int):
         self.engine, self.code = engine, code
         device, dtype = engine.device, engine.dtype
         self.h = torch.zeros(len(engine.layers), batch, engine.hidden, dtype=dtype, device=device)
         self.c = torch.zeros_like(self.h)
-        self.x = torch.zeros(batch, frames, engine.input_size, dtype=dtype, device=device)
+        self.x = torch.zeros(batch, frames, engine.input_size, dtype=dtype, device=device) if engine.graphs else None
         self.rows = torch.zeros(batch, dtype=torch.int8, device=device) if code == 2 else None
         self.rows_from = None  # the int8 rows tensor last copied into self.rows (a stream's: the same each call)
         self.holder = None  # weakref to the Stream whose state h and c hold
