@@ -8,8 +8,9 @@ over the same memory (after torch.nn.utils.vector_to_parameters the parameters' 
 vector: writing the vector bumps its counter, not theirs), a DLPack consumer, and torch.optim's fused=True
 steps on the CPU (Adam, AdamW, SGD, Adagrad under torch 2.14). The last are caught here: a torch.optim step
 with fused=True in any of its param groups ends with weights_changed() (a global step hook, registered when
-amnets_kernels is imported); every other torch.optim step writes in place and bumps the counters itself (checked
-for each torch.optim optimizer, foreach or not, under torch 2.14), so it leaves the caches of other models alone. The others need one
+amnets_kernels is imported); every other torch.optim step writes in place and bumps the counters itself
+(checked for each torch.optim optimizer, foreach or not, under torch 2.14), so it leaves the caches of other
+models alone. The others need one
 call by hand, which also makes the op check and derive CUDA index data (crow_indices, col_indices:
 csrc/pattern_cache.h) afresh.
 """

@@ -141,10 +141,11 @@ def measure(tag: str) -> None:
         lambda: no_sync(lambda: ak.rnnt_loss(logits, targets, frames, labels, blank=0).backward()))
     enc, pred = (torch.randn(8, n, 256, device="cuda", requires_grad=True) for n in (50, 21))
     joint = torch.randn(512, 256, device="cuda", requires_grad=True)
-    joint_frames, joint_labels = torch.randint(25, 51, (8,), device="cuda"), torch.randint(10, 21, (8,), device="cuda")
+    joint_frames = torch.randint(25, 51, (8,), device="cuda")
+    joint_labels = torch.randint(10, 21, (8,), device="cuda")
+    joint_args = (enc, pred, joint, None, targets[:8, :20], joint_frames, joint_labels)
     run(f"{tag}fused_joint_rnnt_loss (8, 50, 20, 256 -> 512, padded) fwd+bwd under sync debug mode 'error'",
-        lambda: no_sync(lambda: ak.fused_joint_rnnt_loss(enc, pred, joint, None, targets[:8, :20], joint_frames,
-                                                         joint_labels, blank=0).backward()))
+        lambda: no_sync(lambda: ak.fused_joint_rnnt_loss(*joint_args, blank=0).backward()))
     ours = lambda: torch.autograd.grad(ak.rnnt_loss(logits, targets, frames, labels, blank=0), logits)  # noqa: E731
 
     def rnnt_speed():

@@ -289,8 +289,8 @@ def test_stream_follows_every_weight_it_reads(cheap, backend):
 @pytest.mark.parametrize("backend", ["auto", "reference"])
 @pytest.mark.parametrize("cheap", ["sparse", "lowrank"])
 def test_stream_follows_writes_that_bump_no_version(cheap, backend):
-    """Writes no version counter records: torch.optim's fused=True steps (on the CPU they leave _version as it
-    was; every fused torch.optim step advances the weights epoch through a global hook) and in-place edits through
+    """Writes no version counter records: torch.optim's fused=True steps (on the CPU they leave _version as
+    it was; each advances the weights epoch through a global step hook) and in-place edits through
     .data or .numpy() (followed by ak.weights_changed()). Each must show in the next call, state passed (the
     native path), as on a fresh copy of the encoder."""
     cfg = dict(cheap=cheap, layers=2, hidden=32, inp=24, block=16, per_layer=False, uses_state=True, batch=3,
@@ -325,10 +325,10 @@ def test_stream_follows_writes_that_bump_no_version(cheap, backend):
 
 
 def test_only_a_fused_optimizer_step_rebuilds_every_engine():
-    """The global step hook rebuilds every weight cache after a fused=True step (which bumps no version counter);
-    any other torch.optim step, here on another model, leaves a served encoder's engine as it is."""
-    cfg = dict(cheap="sparse", layers=1, hidden=16, inp=8, block=16, per_layer=False, uses_state=False, batch=1,
-               frames=1, threshold=0.5, force=None, seed=1, rank=4)
+    """The global step hook rebuilds every weight cache after a fused=True step (which bumps no version
+    counter); any other torch.optim step, here on another model, leaves a served encoder's engine as it is."""
+    cfg = dict(cheap="sparse", layers=1, hidden=16, inp=8, block=16, per_layer=False, uses_state=False,
+               batch=1, frames=1, threshold=0.5, force=None, seed=1, rank=4)
     enc, _, _ = build(cfg)
     other = torch.nn.Linear(4, 4, device=DEVICE)
     other.weight.grad, other.bias.grad = torch.ones_like(other.weight), torch.ones_like(other.bias)

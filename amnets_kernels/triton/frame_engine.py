@@ -499,8 +499,8 @@ class FrameEngine:
         self._check(x, h, c, code, rows)
         B, T, _ = x.shape
         if B == 0 or T == 0:
-            dec = torch.zeros(B, T, self.decisions, dtype=torch.bool, device=self.device)
-            return (x.new_zeros(B, T, self.hidden), h.clone(), c.clone(), dec if self.per_layer else dec[..., 0])
+            out, dec = self._nothing(x)
+            return out, h.clone(), c.clone(), dec
         with self._lock:
             chunk = self._entry(B, T, code)
             chunk.evict()
@@ -513,6 +513,11 @@ class FrameEngine:
     def stream(self, batch: int, code: int, rows, cut: float) -> "Stream":
         """A live stream on this engine, as the CPU engine's: `s(x) -> (out, decisions)`, the state kept."""
         return Stream(self, batch, code, rows, cut)
+
+    def _nothing(self, x):
+        """(out, decisions) of a chunk of no frames (or no rows)."""
+        dec = torch.zeros(*x.shape[:2], self.decisions, dtype=torch.int8, device=self.device)
+        return x.new_zeros(*x.shape[:2], self.hidden), self._decisions(dec)
 
     def _decisions(self, dec):
         dec = dec.view(torch.bool)
@@ -568,10 +573,10 @@ class FrameEngine:
                             layer.rank, BLOCK_M=block_m, RANK_STEP=BLOCK_R, STEP_K=BLOCK_K)
                 lines = NP // layer.block
                 update = (layer.bias, old_c[k], new_h[k], new_c[k], out[:, t], out.stride(0), H, int(k == L - 1))
-                _launch(_gates_kernel, (4 * split, m_tiles, lines // 4), self.dtype, inp, stride_in, old_h[k], H, D, D + H, B,
-                        full, dec.stride(0), *layer.kept, *layer.rest, layer.u, s, layer.rank, part, NP, split,
-                        int(self.fused), counts, *update, B=layer.block, BLOCK_M=block_m, LOWRANK=layer.lowrank,
-                        RANK_STEP=BLOCK_R)
+                _launch(_gates_kernel, (4 * split, m_tiles, lines // 4), self.dtype, inp, stride_in, old_h[k], H, D,
+                        D + H, B, full, dec.stride(0), *layer.kept, *layer.rest, layer.u, s, layer.rank, part, NP,
+                        split, int(self.fused), counts, *update, B=layer.block, BLOCK_M=block_m,
+                        LOWRANK=layer.lowrank, RANK_STEP=BLOCK_R)
                 if not self.fused:
                     _launch(_update_kernel, B * -(-H // UPDATE_UNITS), self.dtype, part, split, B, NP, *update,
                             UNITS=UPDATE_UNITS)
@@ -636,7 +641,7 @@ class _Chunk:
         """The holder (if any) takes its state out of h and c, into tensors of its own."""
         holder = self.holder() if self.holder is not None else None
         if holder is not None:
-            holder._h, holder._c, holder._held = self.h.clone(), self.c.clone(), None
+            holder._take_out()
         self.holder = None
 
     def launch(self, x, rows, cut: float):
@@ -682,8 +687,7 @@ class Stream:
         engine._check_x(x, self.shape[1])
         with self._one_thread:
             if x.shape[1] == 0:
-                dec = torch.zeros(*x.shape[:2], engine.decisions, dtype=torch.int8, device=engine.device)
-                return x.new_zeros(*x.shape[:2], engine.hidden), engine._decisions(dec)
+                return engine._nothing(x)
             with engine._lock:
                 chunk = engine._entry(x.shape[0], x.shape[1], self.code)
                 if self._held is not chunk:
@@ -698,6 +702,11 @@ class Stream:
     def _tensors(self):
         """The state where it is now (not a copy); under the engine's lock."""
         return (self._held.h, self._held.c) if self._held is not None else (self._h, self._c)
+
+    def _take_out(self):
+        """The state out of the held chunk's buffers into tensors of this stream's own; under the engine's lock."""
+        self._h, self._c = (t.clone() for t in self._tensors())
+        self._drop()
 
     def _drop(self):
         """Leave the held chunk's buffers to others from now on; under the engine's lock."""
