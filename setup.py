@@ -17,9 +17,12 @@ because torch must be importable here.
 import glob
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
+import sysconfig
+import tempfile
 
 from setuptools import find_packages, setup
 
@@ -74,6 +77,32 @@ def gencode_flags(arch_list):
     return flags, names
 
 
+def shared_libstdcxx_link_args(cxx):
+    """['-l:libstdc++.so.6'] where the C++ compiler cxx would link libstdc++ statically into a shared object.
+
+    Our library must use the process's one libstdc++: with a copy of its own (its own __cxa_throw), every C++
+    error it raises (a ValueError from csrc/checks.h) crashes the process when torch handles it. The GPU
+    machines' $CXX (/opt/gcc/bin/g++, a wrapper whose library dirs hold libstdc++.a alone) does link it
+    statically (benchmarks/results/nvidia-h200-libstdcxx-2026-12-04.log). Probed by linking a one-line shared
+    object: a shared libstdc++ leaves its name among the NEEDED entries.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = os.path.join(tmp, "probe.cpp"), os.path.join(tmp, "probe.so")
+        with open(src, "w") as f:
+            f.write('#include <stdexcept>\nvoid amnets_probe() { throw std::runtime_error("probe"); }\n')
+        try:
+            subprocess.run([*shlex.split(cxx), "-shared", "-fPIC", src, "-o", out], check=True,
+                           capture_output=True, timeout=120)
+        except (OSError, subprocess.SubprocessError):
+            return []  # the build itself will say what is wrong with this compiler
+        with open(out, "rb") as f:
+            if b"libstdc++.so.6" in f.read():
+                return []
+    print(f"setup.py: {cxx} links libstdc++ statically into shared objects; linking it shared instead "
+          "(-l:libstdc++.so.6)", file=sys.stderr)
+    return ["-l:libstdc++.so.6"]
+
+
 def want_cuda(torch_has_cuda, toolkit):
     flag = os.environ.get("AMNETS_BUILD_CUDA")
     if flag not in (None, "", "0", "1"):
@@ -102,6 +131,8 @@ def extensions():
     if os.environ.get("AMNETS_DEBUG_INFO") != "1":
         cxx.append("-g0")  # after Python's -g, so it wins
     link = ["-fopenmp"]  # at::parallel_for is inlined OpenMP: without it our loops run on one thread
+    # the compiler that links a C++ extension (setuptools: $CXX, else Python's own CXX)
+    link += shared_libstdcxx_link_args(os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++")
     if not want_cuda(torch.version.cuda is not None, toolkit):
         return [cpp_extension.CppExtension("amnets_kernels._C", cpu_sources,
                                            extra_compile_args={"cxx": cxx}, extra_link_args=link)], \

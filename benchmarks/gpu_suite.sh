@@ -64,8 +64,8 @@ if wanted build; then
   AMNETS_BUILD_CUDA=1 TORCH_CUDA_ARCH_LIST="$cap" MAX_JOBS=$(nproc) \
     limited "${BUILD_TIMEOUT:-300}" $PY setup.py -q build_ext --inplace > "$OUT/$slug-build.log" 2>&1
   build_rc=$?
-  echo "build exit $build_rc; ptxas report and errors:"
-  grep -E "error|spill|Used [0-9]+ registers" "$OUT/$slug-build.log" | sort | uniq -c | sort -rn | head -40
+  echo "build exit $build_rc; ptxas report, errors, and setup.py's libstdc++ probe (this machine's \$CXX links it statically):"
+  grep -E "error|spill|Used [0-9]+ registers|libstdc" "$OUT/$slug-build.log" | sort | uniq -c | sort -rn | head -40
   # The slowest compiles (ninja's log: start and end in ms): the lease of 2026-12-04 lost its whole build to one.
   echo "slowest compiles (s):"
   awk 'NR > 1 { printf "%8.1f %s\n", ($2 - $1) / 1000, $4 }' build/temp.*/.ninja_log 2>/dev/null | sort -rn | head -6

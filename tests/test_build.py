@@ -1,8 +1,10 @@
 """The compiled extension: what it was built for, and that its schemas equal the Python contract."""
 
+import ast
 import os
 import re
 import shutil
+import subprocess
 
 import pytest
 import torch
@@ -15,6 +17,45 @@ def test_extension_loaded_with_openmp():
     info = ak.build_info()
     assert info["extension"] == "loaded"
     assert info["openmp"] is True  # else at::parallel_for would run our kernels on one thread
+
+
+def test_extension_uses_the_process_libstdcxx():
+    # With a static copy of libstdc++ of its own (its own __cxa_throw), every C++ error the library raises
+    # crashes the process when torch handles it: the GPU machines' compiler linked it so (setup.py).
+    path = ak._C.__file__
+    with open(path, "rb") as f:
+        assert b"libstdc++.so.6" in f.read(), f"{path} does not link libstdc++ shared"
+    if shutil.which("nm"):
+        defined = subprocess.run(["nm", "-D", "--defined-only", path], capture_output=True, text=True, check=True)
+        assert " __cxa_throw" not in defined.stdout, f"{path} has a libstdc++ of its own"
+
+
+def _setup_function(name):
+    """A function of setup.py, without running the build that importing it would start."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "setup.py")) as f:
+        tree = ast.parse(f.read())
+    module = ast.Module([n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))
+                         or isinstance(n, ast.FunctionDef) and n.name == name], type_ignores=[])
+    scope = {}
+    exec(compile(module, "setup.py", "exec"), scope)
+    return scope[name]
+
+
+@pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler")
+def test_setup_links_libstdcxx_shared_where_the_compiler_would_not(tmp_path):
+    probe = _setup_function("shared_libstdcxx_link_args")
+    assert probe("c++") == []
+    # a compiler that links libstdc++ statically into shared objects, as /opt/gcc/bin/g++ on the GPU machines
+    wrapper = tmp_path / "static-g++"
+    wrapper.write_text('#!/bin/sh\nexec c++ "$@" -static-libstdc++\n')
+    wrapper.chmod(0o755)
+    assert probe(str(wrapper)) == ["-l:libstdc++.so.6"]
+    # and that flag makes the wrapper link it shared
+    src, out = tmp_path / "t.cpp", tmp_path / "t.so"
+    src.write_text('#include <stdexcept>\nvoid f() { throw std::runtime_error("x"); }\n')
+    subprocess.run([str(wrapper), "-shared", "-fPIC", str(src), "-o", str(out), "-l:libstdc++.so.6"], check=True)
+    assert b"libstdc++.so.6" in out.read_bytes()
 
 
 @pytest.mark.skipif(torch.version.cuda is None or shutil.which("nvcc") is None
