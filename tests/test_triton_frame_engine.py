@@ -339,6 +339,8 @@ def test_every_launch_is_an_aot_configuration():
                               [(b, True) for b in triton_engine.LOWRANK_TILES]:
                 assert triton_engine._name(triton_engine._gates_kernel, dtype, dict(
                     B=b, BLOCK_M=rows, LOWRANK=lowrank, RANK_STEP=triton_engine.BLOCK_R)) in names
+            assert triton_engine._name(triton_engine._project_kernel, dtype, dict(
+                BLOCK_M=rows, **triton_engine._project_tile(rows))) in names
         for width in range(1, triton_engine.MAX_ARBITRATOR_WIDTH + 1, 7):
             for decisions in range(1, triton_engine.MAX_DECISIONS + 1):
                 blocks = triton_engine._arbitrator_blocks(width, decisions)

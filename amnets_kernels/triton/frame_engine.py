@@ -56,7 +56,7 @@ from .lowrank_lstm import _cell_update
 SPARSE_BLOCKS = (16, 32, 64)  # the sparse branch's block sizes the engine takes (as the CPU engine)
 ROW_TILES = (1, 4, 16)  # rows per program: B=1 streams, a few, and tl.dot tiles from 16 rows
 BLOCK_R = 16  # rank entries per step of the low-rank products
-BLOCK_K = 64  # inputs per step of the projection and the arbitrator
+BLOCK_K = 64  # inputs per step of the arbitrator, and of the projection's tl.dot tiles
 UPDATE_UNITS = 128  # hidden units per program of the LSTM update
 GRAPHS_KEPT = 8  # CUDA graphs cached per engine (one per chunk shape seen; oldest dropped)
 
@@ -133,8 +133,13 @@ def _gates_kernel(x_ptr, stride_x, h_ptr, stride_h, D, K, M, full_ptr, stride_fu
     row_ok = rows < M
     full = row_ok & (tl.load(full_ptr + rows * stride_full, mask=row_ok, other=0) != 0)
     n_full = tl.sum(full.to(tl.int32), 0)
-    # low-rank: U s for the cheap rows, in the first split (s is 0 in the full rows: _project_kernel's)
-    rank_steps = tl.where((split == 0) & (n_full < tl.sum(row_ok.to(tl.int32), 0)), R, 0)
+    # low-rank: U s for the cheap rows (s is 0 in the full rows: _project_kernel's), its rank steps shared out
+    # over the splits like the blocks (all in the first split, the cheap frame's gates took 10 us a layer at
+    # B=1 on the H200, 2026-12-04 run4)
+    rank_steps = R // RANK_STEP
+    rank_lo = rank_steps * split // SPLIT * RANK_STEP
+    rank_hi = tl.where(n_full < tl.sum(row_ok.to(tl.int32), 0), rank_steps * (split + 1) // SPLIT * RANK_STEP,
+                       rank_lo)
     USE_DOT: tl.constexpr = BLOCK_M >= 16
     acc = tl.zeros((BLOCK_M, B), dtype=tl.float32)
     acc = _walk(acc, kept_ptr, kept_crow_ptr, kept_col_ptr, line, split, SPLIT, True, x_ptr, stride_x, h_ptr,
@@ -143,7 +148,7 @@ def _gates_kernel(x_ptr, stride_x, h_ptr, stride_h, D, K, M, full_ptr, stride_fu
                 x_ptr, stride_x, h_ptr, stride_h, D, K, rows, full, B, USE_DOT)
     o = line * B + tl.arange(0, B)
     if LOWRANK:
-        for r0 in range(0, rank_steps, RANK_STEP):
+        for r0 in range(rank_lo, rank_hi, RANK_STEP):
             r = r0 + tl.arange(0, RANK_STEP)
             s = tl.load(s_ptr + rows.to(tl.int64)[:, None] * R + r[None, :], mask=row_ok[:, None], other=0.0)
             u = _f32(tl.load(u_ptr + o.to(tl.int64)[:, None] * R + r[None, :]))
@@ -317,6 +322,14 @@ def _stages(kernel) -> int:
     return 3 if kernel in (_gates_kernel, _project_kernel) else 1
 
 
+def _project_tile(block_m: int) -> dict:
+    """_project_kernel's ranks per program and inputs per step. Below 16 rows (no tl.dot) 4 ranks a program in
+    steps of 256 inputs: at 16 ranks by 64 a B=1 frame at rank 128 ran 16 programs of 16 dependent steps each,
+    11 us a layer on the H200 (2026-12-04 run4); now 64 programs of 4 steps. (Rank sizes are padded to BLOCK_R,
+    a multiple of both.)"""
+    return dict(RANK_STEP=BLOCK_R, STEP_K=BLOCK_K) if block_m >= 16 else dict(RANK_STEP=4, STEP_K=256)
+
+
 def _all_configs() -> dict:
     configs = []
     for dtype in _DTYPES:
@@ -328,7 +341,7 @@ def _all_configs() -> dict:
                 add(_gates_kernel, B=b, BLOCK_M=rows, LOWRANK=False, RANK_STEP=BLOCK_R)
             for b in LOWRANK_TILES:
                 add(_gates_kernel, B=b, BLOCK_M=rows, LOWRANK=True, RANK_STEP=BLOCK_R)
-            add(_project_kernel, BLOCK_M=rows, RANK_STEP=BLOCK_R, STEP_K=BLOCK_K)
+            add(_project_kernel, BLOCK_M=rows, **_project_tile(rows))
         add(_update_kernel, UNITS=UPDATE_UNITS)
         for width in ARBITRATOR_WIDTHS:
             for block_j in DECISION_BLOCKS:
@@ -568,9 +581,10 @@ class FrameEngine:
                 full = dec[:, t, k if self.per_layer else 0]
                 D, NP = layer.inputs, 4 * layer.padded
                 if layer.lowrank:
-                    _launch(_project_kernel, m_tiles * (layer.rank // BLOCK_R), self.dtype, inp, stride_in, D,
-                            old_h[k], H, H, B, full, dec.stride(0), layer.v_ih, layer.v_hh, layer.rank_ih, s,
-                            layer.rank, BLOCK_M=block_m, RANK_STEP=BLOCK_R, STEP_K=BLOCK_K)
+                    tile = _project_tile(block_m)
+                    _launch(_project_kernel, m_tiles * (layer.rank // tile["RANK_STEP"]), self.dtype, inp,
+                            stride_in, D, old_h[k], H, H, B, full, dec.stride(0), layer.v_ih, layer.v_hh,
+                            layer.rank_ih, s, layer.rank, BLOCK_M=block_m, **tile)
                 lines = NP // layer.block
                 update = (layer.bias, old_c[k], new_h[k], new_c[k], out[:, t], out.stride(0), H, int(k == L - 1))
                 _launch(_gates_kernel, (4 * split, m_tiles, lines // 4), self.dtype, inp, stride_in, old_h[k], H, D,
