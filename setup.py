@@ -80,11 +80,11 @@ def gencode_flags(arch_list):
 def shared_libstdcxx_link_args(cxx):
     """['-l:libstdc++.so.6'] where the C++ compiler cxx would link libstdc++ statically into a shared object.
 
-    Our library must use the process's one libstdc++: with a copy of its own (its own __cxa_throw), every C++
-    error it raises (a ValueError from csrc/checks.h) crashes the process when torch handles it. The GPU
-    machines' $CXX (/opt/gcc/bin/g++, a wrapper whose library dirs hold libstdc++.a alone) does link it
-    statically (benchmarks/results/nvidia-h200-libstdcxx-2026-12-04.log). Probed by linking a one-line shared
-    object: a shared libstdc++ leaves its name among the NEEDED entries.
+    Our library must use the process's one libstdc++. The GPU machines' $CXX (/opt/gcc/bin/g++, a wrapper whose
+    library dirs hold libstdc++.a alone) links a copy of it into a shared object, and there every C++ error our
+    library raised (a ValueError from csrc/checks.h) crashed the process; linked shared, it raised
+    (benchmarks/results/nvidia-h200-libstdcxx-2026-12-04.log). Probed by linking a one-line shared object: a
+    shared libstdc++ leaves its name among the NEEDED entries.
     """
     with tempfile.TemporaryDirectory() as tmp:
         src, out = os.path.join(tmp, "probe.cpp"), os.path.join(tmp, "probe.so")

@@ -20,8 +20,8 @@ def test_extension_loaded_with_openmp():
 
 
 def test_extension_uses_the_process_libstdcxx():
-    # With a static copy of libstdc++ of its own (its own __cxa_throw), every C++ error the library raises
-    # crashes the process when torch handles it: the GPU machines' compiler linked it so (setup.py).
+    # With a copy of libstdc++ of its own (its own __cxa_throw), every C++ error the library raised crashed the
+    # process on the GPU machines, whose compiler links it so (setup.py's shared_libstdcxx_link_args).
     path = ak._C.__file__
     with open(path, "rb") as f:
         assert b"libstdc++.so.6" in f.read(), f"{path} does not link libstdc++ shared"
