@@ -243,6 +243,18 @@ def test_block_64_wide_arbitrator_and_four_layer_decisions():
 
 
 @pytest.mark.parametrize("cheap", ["sparse", "lowrank"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_rows_of_more_than_four_blocks_a_program(cheap, batch):
+    """Below 16 rows the walk over a gate row's blocks issues four blocks' loads at once: rows of 6 and 9 blocks
+    of 16 (input 24, hidden 72) in one split cover a full group of four and a tail, full and arbitrated."""
+    cfg = dict(cheap=cheap, layers=2, hidden=72, inp=24, block=16, per_layer=False, uses_state=True, batch=batch,
+               frames=2, threshold=0.5, force=None, seed=11)
+    enc, x, _ = build(cfg)
+    for force in ("full", None):
+        assert_same(engine_stream(enc, x, force=force, split=1), per_layer_stream(enc, x, force=force))
+
+
+@pytest.mark.parametrize("cheap", ["sparse", "lowrank"])
 def test_bf16_weights(cheap):
     cfg = dict(cheap=cheap, layers=2, hidden=32, inp=24, block=16, per_layer=False, uses_state=False, batch=4,
                frames=4, threshold=0.5, force=None, seed=2)

@@ -103,13 +103,31 @@ def _walk(acc, values_ptr, crow_ptr, col_ptr, line, split, SPLIT, enabled, x_ptr
     lo = start.to(tl.int64) + n * split // SPLIT
     hi = start.to(tl.int64) + n * (split + 1) // SPLIT
     hi = tl.where(enabled, hi, lo)
-    o = tl.arange(0, B)
-    for e in range(lo, hi):
-        cols = tl.load(col_ptr + e) * B + o
-        z = _load_z(x_ptr, stride_x, h_ptr, stride_h, D, K, rows, rows_on, cols)
-        w = _f32(tl.load(values_ptr + e * B * B + o[:, None] * B + o[None, :]))
-        acc = _mac(acc, z, w, USE_DOT)
+    if USE_DOT:  # Triton pipelines this loop's loads (cp.async, num_stages)
+        for e in range(lo, hi):
+            z, w = _block(values_ptr, col_ptr, e, hi, x_ptr, stride_x, h_ptr, stride_h, D, K, rows, rows_on, B)
+            acc = _mac(acc, z, w, USE_DOT)
+    else:
+        # Without tl.dot it does not (no cp.async in the PTX): each block would be one HBM round trip after the
+        # other. So four blocks' loads are issued before the first is used, summed in the same order.
+        for e in range(lo, hi, 4):
+            z0, w0 = _block(values_ptr, col_ptr, e, hi, x_ptr, stride_x, h_ptr, stride_h, D, K, rows, rows_on, B)
+            z1, w1 = _block(values_ptr, col_ptr, e + 1, hi, x_ptr, stride_x, h_ptr, stride_h, D, K, rows, rows_on, B)
+            z2, w2 = _block(values_ptr, col_ptr, e + 2, hi, x_ptr, stride_x, h_ptr, stride_h, D, K, rows, rows_on, B)
+            z3, w3 = _block(values_ptr, col_ptr, e + 3, hi, x_ptr, stride_x, h_ptr, stride_h, D, K, rows, rows_on, B)
+            acc = _mac(_mac(_mac(_mac(acc, z0, w0, USE_DOT), z1, w1, USE_DOT), z2, w2, USE_DOT), z3, w3, USE_DOT)
     return acc
+
+
+@triton.jit
+def _block(values_ptr, col_ptr, e, hi, x_ptr, stride_x, h_ptr, stride_h, D, K, rows, rows_on, B: tl.constexpr):
+    """Block e's inputs z (rows, B) and weights w (B, B) as float32; zeros where e >= hi."""
+    o = tl.arange(0, B)
+    ok = e < hi
+    cols = tl.load(col_ptr + e, mask=ok, other=0) * B + o
+    z = _load_z(x_ptr, stride_x, h_ptr, stride_h, D, K, rows, rows_on & ok, cols)
+    w = _f32(tl.load(values_ptr + e * B * B + o[:, None] * B + o[None, :], mask=ok, other=0.0))
+    return z, w
 
 
 @triton.jit
@@ -305,20 +323,23 @@ def _arbitrator_blocks(width: int, decisions: int) -> dict:
 
 
 def _warps(kernel, constexprs) -> int:
-    """8 warps where a broadcast product tile is large (registers), else 4. A tl.dot tile over 64x64
-    blocks also takes 8: at 4, Triton 3.6 (the GPU machines') spills its bf16 variant; 3.8 does not. So do
-    the low-rank tl.dot tiles: at 4, ptxas (Triton 3.8) kept a 4-byte value of the b=32 ones in local memory
-    across their loops once the LSTM update was fused in."""
+    """8 warps for the gates' tiles of several rows, 4 elsewhere. The 4-row tiles hold four blocks' broadcast
+    products at once (_walk issues four blocks ahead): at 4 warps ptxas kept a value in local memory across
+    their loops (Triton 3.8 fp32 low-rank b=16, 3.6 fp32 sparse b=32; sm_90). A tl.dot tile over 64x64 blocks
+    takes 8 too: at 4, Triton 3.6 (the GPU machines') spills its bf16 variant; 3.8 does not. So do the low-rank
+    tl.dot tiles: at 4, ptxas (Triton 3.8) kept a 4-byte value of the b=32 ones in local memory across their
+    loops once the LSTM update was fused in."""
     if kernel is _gates_kernel and constexprs["BLOCK_M"] < 16:
-        return 8 if constexprs["BLOCK_M"] * constexprs["B"] ** 2 > 8192 else 4
+        return 8 if constexprs["BLOCK_M"] > 1 else 4
     if kernel is _gates_kernel and (constexprs["B"] == 64 or constexprs["LOWRANK"]):
         return 8
     return 4
 
 
 def _stages(kernel) -> int:
-    """Software pipelining (cp.async) for the loops that stream weights: a B=1 program has one block in
-    flight per step otherwise, and HBM latency, not bandwidth, would set its pace."""
+    """Software pipelining (cp.async) for the loops that stream weights, where Triton does it: the tl.dot
+    tiles (from 16 rows). The smaller tiles get no cp.async from it (the PTX has none): _walk issues four
+    blocks' loads ahead by hand, and _project_kernel takes few steps."""
     return 3 if kernel in (_gates_kernel, _project_kernel) else 1
 
 
