@@ -584,6 +584,7 @@ class FrameEngine:
         block_m = 1 if B == 1 else 4 if B <= 4 else 16
         m_tiles = -(-B // block_m)
         split = self._split(m_tiles)
+        project = _project_tile(block_m)
         part = torch.empty(split, B, max(4 * layer.padded for layer in self.layers), dtype=torch.float32,
                            device=self.device)
         s = torch.empty(B, max(layer.rank for layer in self.layers) or 1, dtype=torch.float32, device=self.device)
@@ -602,10 +603,9 @@ class FrameEngine:
                 full = dec[:, t, k if self.per_layer else 0]
                 D, NP = layer.inputs, 4 * layer.padded
                 if layer.lowrank:
-                    tile = _project_tile(block_m)
-                    _launch(_project_kernel, m_tiles * (layer.rank // tile["RANK_STEP"]), self.dtype, inp,
+                    _launch(_project_kernel, m_tiles * (layer.rank // project["RANK_STEP"]), self.dtype, inp,
                             stride_in, D, old_h[k], H, H, B, full, dec.stride(0), layer.v_ih, layer.v_hh,
-                            layer.rank_ih, s, layer.rank, BLOCK_M=block_m, **tile)
+                            layer.rank_ih, s, layer.rank, BLOCK_M=block_m, **project)
                 lines = NP // layer.block
                 update = (layer.bias, old_c[k], new_h[k], new_c[k], out[:, t], out.stride(0), H, int(k == L - 1))
                 _launch(_gates_kernel, (4 * split, m_tiles, lines // 4), self.dtype, inp, stride_in, old_h[k], H, D,
