@@ -70,7 +70,8 @@ void register_native_for(torch::Library& m) {
        {"bsr_linear_forward", "bsr_linear_backward", "bsr_check_pattern", "bsr_lstm_cell_forward",
         "bsr_lstm_sequence_forward", "bsr_lstm_stack_step", "lowrank_lstm_cell_forward", "lowrank_lstm_stack_step",
         "lowrank_lstm_cell_backward", "lowrank_lstm_sequence_forward", "lowrank_lstm_sequence_backward",
-        "rnnt_loss_forward", "rnnt_loss_backward", "fused_joint_rnnt_loss_forward", "fused_joint_rnnt_loss_backward"})
+        "rnnt_loss_forward", "rnnt_loss_backward", "fused_joint_rnnt_loss_forward", "fused_joint_rnnt_loss_backward",
+        "rnnt_device_labels"})
     m.impl(name, kernel<device, Policy::AsGiven>());
 }
 

@@ -283,6 +283,21 @@ inline void labels_like(const char* op, const char* ref_name, const at::Tensor& 
   like(op, ref_name, ref, "target_lengths", labels, false);
 }
 
+// torch.ops.amnets_native.rnnt_device_labels (csrc/rnnt.cpp: the labels' checks on their device): targets (B, U)
+// and the lengths (B,), int32 or int64 each, on one device, beside a lattice of max_frames >= 1 frames and
+// vocab >= 1 entries with blank in [0, V). `op` names the loss whose labels these are.
+inline void rnnt_device_labels_args(const char* op, const at::Tensor& targets, const at::Tensor& frames,
+                                    const at::Tensor& labels, int64_t max_frames, int64_t vocab, int64_t blank) {
+  dims(op, "targets", targets, 2);
+  const int64_t batch = targets.size(0);
+  TORCH_CHECK_VALUE(batch >= 1 && max_frames >= 1 && vocab >= 1, op,
+                    ": the lattice (B, T, U+1, V) must have every dim >= 1; got B = ", batch, ", T = ", max_frames,
+                    ", V = ", vocab);
+  TORCH_CHECK_VALUE(blank >= 0 && blank < vocab, op, ": blank must be in [0, V = ", vocab, "); got ", blank);
+  rnnt_label_args(op, targets, frames, labels, batch, targets.size(1), vocab, blank);
+  labels_like(op, "targets", targets, targets, frames, labels);
+}
+
 inline int64_t rnnt_loss_args(const char* op, const at::Tensor& logits, const at::Tensor& targets,
                               const at::Tensor& frames, const at::Tensor& labels, int64_t blank) {
   dims(op, "logits", logits, 4);

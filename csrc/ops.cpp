@@ -70,6 +70,11 @@ TORCH_LIBRARY(amnets_native, m) {
   m.def("rnnt_loss_backward(Tensor grad_costs, Tensor logits, Tensor targets, Tensor logit_lengths, "
         "Tensor target_lengths, Tensor costs, Tensor alphas, Tensor betas, Tensor den, int blank, "
         "float clamp, bool fused_log_softmax) -> Tensor");
+  // The RNN-T losses' label checks on the labels' device (csrc/rnnt.cpp, label_checks "device"): targets (B, U),
+  // the lengths (B,), int32 or int64 each -> (targets clamped into [0, V), logit_lengths, target_lengths as
+  // int32, a bad sequence's lengths 1 and 0; bad (B,) bool). `op` names the loss in errors. No host sync.
+  m.def("rnnt_device_labels(Tensor targets, Tensor logit_lengths, Tensor target_lengths, int max_frames, "
+        "int vocab, int blank, str op) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("fused_joint_rnnt_loss_forward(Tensor enc, Tensor pred, Tensor weight, Tensor? bias, "
         "Tensor targets, Tensor logit_lengths, Tensor target_lengths, int blank, str activation, "
         "float clamp, bool save) -> (Tensor, Tensor, Tensor, Tensor)");

@@ -62,22 +62,38 @@ Labels host_checked_labels(const char* op, const Tensor& targets, const Tensor& 
   return {targets.to(at::kInt), frames.to(at::kInt), labels.to(at::kInt), Tensor()};
 }
 
-// Device checks: the same conditions as tensor ops on the labels' device (int64, before narrowing), no host
-// read. A bad sequence runs the kernels as 1 frame and 0 labels, so nothing is read out of bounds; targets are
-// clamped into [0, V) (entries past a good sequence's length are never read, so its result is unchanged).
-Labels device_checked_labels(const char* op, const Tensor& targets, const Tensor& frames, const Tensor& labels,
-                             int64_t batch, int64_t steps, int64_t u1, int64_t vocab, int64_t blank) {
-  // int32 and int64 may mix, as on the host path: each is checked to be one of them, then all are int64.
-  checks::index_dtype(op, "targets", targets);
-  checks::index_dtype(op, "logit_lengths", frames);
-  checks::index_dtype(op, "target_lengths", labels);
+// Device checks: torch.ops.amnets_native.rnnt_device_labels, no host read. A bad sequence (lengths out of range, a
+// label within its length outside [0, V) or blank) runs the kernels as 1 frame and 0 labels, so nothing is read out
+// of bounds; targets are clamped into [0, V) (entries past a good sequence's length are never read, so its result
+// is unchanged). The conditions are compared in int64, before narrowing: a bad value must not wrap into range.
+// This version, tensor ops on the labels' device, serves every device; the CUDA face registers a kernel that does
+// the same in one launch (csrc/cuda/rnnt.cu: these ops' 28 kernels ran twice per fwd+bwd, most of an eager call's 71).
+using DeviceLabels = std::tuple<Tensor, Tensor, Tensor, Tensor>;  // targets, frames, labels as int32; bad (B,) bool
+
+DeviceLabels device_labels(const Tensor& targets, const Tensor& frames, const Tensor& labels, int64_t steps,
+                           int64_t vocab, int64_t blank, c10::string_view op_name) {
+  const std::string op(op_name);
+  checks::rnnt_device_labels_args(op.c_str(), targets, frames, labels, steps, vocab, blank);
   const Tensor t = targets.to(at::kLong), f = frames.to(at::kLong), l = labels.to(at::kLong);
-  checks::rnnt_label_meta(op, t, f, l, batch, steps, u1, vocab, blank);
-  const Tensor within = at::arange(u1 - 1, t.options()).unsqueeze(0) < l.unsqueeze(1);  // (B, U)
-  const Tensor bad = (f < 1) | (f > steps) | (l < 0) | (l > u1 - 1) |
+  const int64_t max_labels = t.size(1);
+  const Tensor within = at::arange(max_labels, t.options()).unsqueeze(0) < l.unsqueeze(1);  // (B, U)
+  const Tensor bad = (f < 1) | (f > steps) | (l < 0) | (l > max_labels) |
                      (within & ((t < 0) | (t >= vocab) | (t == blank))).any(1);
   return {t.clamp(0, vocab - 1).to(at::kInt), f.masked_fill(bad, 1).to(at::kInt), l.masked_fill(bad, 0).to(at::kInt),
           bad};
+}
+
+using DeviceLabelsSig =
+    DeviceLabels(const Tensor&, const Tensor&, const Tensor&, int64_t, int64_t, int64_t, c10::string_view);
+
+// The public ops have checked the labels' shapes against the lattice (checks::rnnt_loss_args / fused_joint_args).
+Labels device_checked_labels(const char* op, const Tensor& targets, const Tensor& frames, const Tensor& labels,
+                             int64_t /*batch*/, int64_t steps, int64_t /*u1*/, int64_t vocab, int64_t blank) {
+  static const auto checked = c10::Dispatcher::singleton()
+                                  .findSchemaOrThrow("amnets_native::rnnt_device_labels", "")
+                                  .typed<DeviceLabelsSig>();
+  auto [t, f, l, bad] = checked.call(targets, frames, labels, steps, vocab, blank, op);
+  return {t, f, l, bad};
 }
 
 Labels checked_labels(const char* op, const Tensor& targets, const Tensor& frames, const Tensor& labels, int64_t batch,
@@ -369,6 +385,10 @@ TORCH_LIBRARY_IMPL(amnets, Autograd, m) {
   m.impl("rnnt_loss_backward", &loss_backward);                        \
   m.impl("fused_joint_rnnt_loss_forward", &joint_forward);             \
   m.impl("fused_joint_rnnt_loss_backward", &joint_backward);
+
+TORCH_LIBRARY_IMPL(amnets_native, CompositeExplicitAutograd, m) {
+  m.impl("rnnt_device_labels", &device_labels);
+}
 
 TORCH_LIBRARY_IMPL(amnets, CPU, m) { AMNETS_RNNT_ROUTES(m) }
 TORCH_LIBRARY_IMPL(amnets, CUDA, m) { AMNETS_RNNT_ROUTES(m) }

@@ -369,6 +369,58 @@ def test_targets_and_lengths_may_mix_int32_and_int64_under_either_label_check(ch
             ak.rnnt_loss(logits, targets, logit_lengths.float(), target_lengths, blank=0)
 
 
+@given(batch=st.integers(1, 5), max_labels=st.integers(0, 5),
+       wide=st.tuples(st.booleans(), st.booleans(), st.booleans()), seed=st.integers(0, 2**31 - 1))
+def test_device_labels_op_against_its_rules_spelled_out(batch, max_labels, wide, seed):
+    """torch.ops.amnets_native.rnnt_device_labels, what device label checks run (tensor ops; on CUDA one kernel of
+    csrc/cuda/rnnt.cu), against its rules as a loop: a sequence is bad when its lengths leave [1, T] / [0, U] or a
+    label within its length leaves [0, V) or is the blank; a bad one runs as 1 frame and 0 labels; every target is
+    clamped into [0, V). Values around every bound, and int64 values that would wrap into range as int32."""
+    frames, vocab, blank = 4, 5, 1
+    g = torch.Generator().manual_seed(seed)
+    def pick(pool, shape, is_wide):
+        pool = torch.tensor(pool if is_wide else [v for v in pool if abs(v) < 2**31])
+        return pool[torch.randint(0, len(pool), shape, generator=g)].to(torch.int64 if is_wide else torch.int32)
+    targets = pick([-2**33, -1, 0, 1, 2, 3, 4, 5, 2**32 + 2, 0, 2, 3, 4, 0, 2, 3, 4], (batch, max_labels), wide[0])
+    logit_lengths = pick([-2**32 + 3, -1, 0, 1, 2, 3, 4, 5, 2, 4, 2**32 + 1], (batch,), wide[1])
+    target_lengths = pick(list(range(-1, max_labels + 2)) + [max_labels] * 3 + [2**32], (batch,), wide[2])
+    got = torch.ops.amnets_native.rnnt_device_labels(targets.to(DEVICE), logit_lengths.to(DEVICE),
+                                                     target_lengths.to(DEVICE), frames, vocab, blank, "rnnt_loss")
+    want_bad = []
+    for b in range(batch):
+        f, u = int(logit_lengths[b]), int(target_lengths[b])
+        labels = [int(y) for y in targets[b, :max(u, 0)]]
+        want_bad.append(not 1 <= f <= frames or not 0 <= u <= max_labels
+                        or any(not 0 <= y < vocab or y == blank for y in labels))
+    want_bad = torch.tensor(want_bad)
+    assert [t.dtype for t in got] == [torch.int32] * 3 + [torch.bool]
+    assert all(t.device == torch.device(DEVICE) or DEVICE == "cuda" and t.is_cuda for t in got)
+    torch.testing.assert_close(got[3].cpu(), want_bad)
+    torch.testing.assert_close(got[0].cpu(), targets.clamp(0, vocab - 1).int(), rtol=0, atol=0)
+    torch.testing.assert_close(got[1].cpu(), logit_lengths.masked_fill(want_bad, 1).int(), rtol=0, atol=0)
+    torch.testing.assert_close(got[2].cpu(), target_lengths.masked_fill(want_bad, 0).int(), rtol=0, atol=0)
+
+
+def test_device_labels_op_refuses_bad_arguments_by_name():
+    """The op called directly (it is public in torch.ops.amnets_native): shapes, dtypes, devices and the lattice's
+    sizes are checked before any kernel reads the labels, with the loss named in the message."""
+    op = torch.ops.amnets_native.rnnt_device_labels
+    t, f, u = (torch.zeros(3, 2, dtype=torch.int32, device=DEVICE), torch.ones(3, dtype=torch.int32, device=DEVICE),
+               torch.zeros(3, dtype=torch.int64, device=DEVICE))
+    cases = [((t[0], f, u, 4, 5, 0), ValueError, "rnnt_loss: targets must be 2-D"),
+             ((t.float(), f, u, 4, 5, 0), TypeError, "rnnt_loss: targets must have dtype in"),
+             ((t, f[:2], u, 4, 5, 0), ValueError, r"rnnt_loss: logit_lengths must have shape \(B,\) = \(3,\)"),
+             ((t, f, u.reshape(3, 1), 4, 5, 0), ValueError, "rnnt_loss: target_lengths must be 1-D"),
+             ((t, f, u, 0, 5, 0), ValueError, r"rnnt_loss: the lattice \(B, T, U\+1, V\) must have every dim >= 1"),
+             ((t, f, u, 4, 5, 5), ValueError, r"rnnt_loss: blank must be in \[0, V = 5\); got 5"),
+             ((t[:0], f[:0], u[:0], 4, 5, 0), ValueError, "rnnt_loss: the lattice"),
+             ((t, f.cpu() if DEVICE != "cpu" else f.to("meta"), u, 4, 5, 0), ValueError,
+              "rnnt_loss: logit_lengths is on .* but targets is on .*; all tensors must be on one device")]
+    for args, error, message in cases:
+        with pytest.raises(error, match=message):
+            op(*args, "rnnt_loss")
+
+
 def test_label_check_modes():
     assert ak.get_label_checks() == "auto"
     with pytest.raises(ValueError, match=r"label checks must be one of \('auto', 'host', 'device'\); got 'gpu'"):

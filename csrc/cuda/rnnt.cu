@@ -4,10 +4,11 @@
 // gradient row, same treatment of dead cells and non-finite costs.
 //
 // Kernels (every one is shared by both losses):
+//   device_labels_kernel  the public ops' label checks on the device (rnnt_device_labels), one launch.
 //   row_stats_kernel  one warp per lattice cell (b, t, u): a streaming pass over the V logits of the cell
 //                     (16-byte loads where the row allows, an online max / sum-exp per lane, warp
-//                     shuffles to combine) gives den = logsumexp, lp_blank and lp_y. Dead cells are
-//                     skipped; their entries keep the fill values (den 0, log-probs -inf).
+//                     shuffles to combine) gives den = logsumexp, lp_blank and lp_y. Dead cells get
+//                     the fill values (den 0, log-probs -inf) without reading their logits.
 //   lattice_kernel    one block per sequence and direction (alpha of b and beta of b run concurrently):
 //                     an anti-diagonal wavefront over t + u, threads over u, one __syncthreads per
 //                     diagonal, the previous diagonal kept in double in shared memory (or in a global
@@ -264,6 +265,66 @@ Lattice lattice_of(int64_t batch, int64_t frames, int64_t labels_plus_1, const T
 }
 
 // ---------------------------------------------------------------------------------------------------
+// rnnt_device_labels: the public ops' label checks on the device (csrc/rnnt.cpp device_labels, whose tensor ops
+// are the specification) in one launch instead of 28. One block per sequence, threads over its labels; the
+// comparisons are made in int64, before narrowing, as there.
+
+constexpr int kLabelThreads = 256;
+
+__device__ __forceinline__ int64_t index_at(const void* data, bool wide, int64_t i) {
+  return wide ? static_cast<const int64_t*>(data)[i] : int64_t(static_cast<const int32_t*>(data)[i]);
+}
+
+struct IndexIn {
+  const void* data;
+  bool wide;  // int64, else int32
+};
+
+IndexIn index_in(const Tensor& t) { return {t.data_ptr(), t.scalar_type() == at::kLong}; }
+
+__global__ void __launch_bounds__(kLabelThreads)
+    device_labels_kernel(IndexIn targets, IndexIn frames, IndexIn labels, int64_t batch, int64_t max_labels,
+                         int64_t max_frames, int64_t vocab, int64_t blank, int32_t* __restrict__ targets_out,
+                         int32_t* __restrict__ frames_out, int32_t* __restrict__ labels_out,
+                         bool* __restrict__ bad_out) {
+  for (int64_t b = blockIdx.x; b < batch; b += gridDim.x) {  // the same b for the whole block: the barrier is safe
+    const int64_t f = index_at(frames.data, frames.wide, b), l = index_at(labels.data, labels.wide, b);
+    bool bad_label = false;
+    for (int64_t u = threadIdx.x; u < max_labels; u += blockDim.x) {
+      const int64_t i = b * max_labels + u, y = index_at(targets.data, targets.wide, i);
+      bad_label = bad_label || (u < l && (y < 0 || y >= vocab || y == blank));
+      targets_out[i] = int32_t(min(max(y, int64_t(0)), vocab - 1));
+    }
+    const bool bad = __syncthreads_or(bad_label) || f < 1 || f > max_frames || l < 0 || l > max_labels;
+    if (threadIdx.x == 0) {
+      bad_out[b] = bad;
+      frames_out[b] = bad ? 1 : int32_t(f);
+      labels_out[b] = bad ? 0 : int32_t(l);
+    }
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> rnnt_device_labels(const Tensor& targets_in, const Tensor& frames_in,
+                                                              const Tensor& labels_in, int64_t max_frames,
+                                                              int64_t vocab, int64_t blank, c10::string_view op_name) {
+  const std::string op(op_name);
+  checks::rnnt_device_labels_args(op.c_str(), targets_in, frames_in, labels_in, max_frames, vocab, blank);
+  const c10::cuda::CUDAGuard guard(targets_in.device());
+  const Tensor targets = targets_in.contiguous(), frames = frames_in.contiguous(), labels = labels_in.contiguous();
+  const int64_t batch = targets.size(0), max_labels = targets.size(1);
+  const auto opts = targets.options().dtype(at::kInt);
+  Tensor targets_out = at::empty({batch, max_labels}, opts), frames_out = at::empty({batch}, opts),
+         labels_out = at::empty({batch}, opts), bad = at::empty({batch}, opts.dtype(at::kBool));
+  const int threads = int(std::min<int64_t>(kLabelThreads, std::max<int64_t>(1, ceil_div(max_labels, kWarp)) * kWarp));
+  device_labels_kernel<<<std::min<int64_t>(batch, 65535), threads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      index_in(targets), index_in(frames), index_in(labels), batch, max_labels, max_frames, vocab, blank,
+      targets_out.data_ptr<int32_t>(), frames_out.data_ptr<int32_t>(), labels_out.data_ptr<int32_t>(),
+      bad.data_ptr<bool>());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {targets_out, frames_out, labels_out, bad};
+}
+
+// ---------------------------------------------------------------------------------------------------
 // Forward per cell: den, lp_blank, lp_y. Row r of `rows` belongs to cell cell_of_row[r] (or r itself
 // when there is no map: rnnt_loss's logits are the full padded lattice, the joint's chunk a range of cells).
 
@@ -279,7 +340,13 @@ __global__ void __launch_bounds__(kRowThreads)
   using acc_t = at::opmath_type<T>;
   for_each_row_of_warp(n_rows, [&](int64_t r) {
     const Cell c = lat.at(cell_of_row ? cell_of_row[r] : r);
-    if (!lat.live(c)) return;  // never read; keeps its fill values
+    if (!lat.live(c)) {  // its logits are never read; the fill values the CPU face gives dead cells
+      if (threadIdx.x % kWarp == 0) {
+        out.den[c.index] = acc_t(0);
+        out.blank[c.index] = out.label[c.index] = neg_inf<acc_t>();
+      }
+      return;
+    }
     const T* row = rows + r * vocab;
     const acc_t den = fused ? warp_row_logsumexp(row, vocab) : acc_t(0);
     if (threadIdx.x % kWarp == 0) {
@@ -453,14 +520,15 @@ void launch_lattice(const Lattice& lat, const Tensor& lp_blank, const Tensor& lp
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Per-cell buffers of the forward: den, lp_blank, lp_y (B, T, U+1) in the accumulation dtype, filled as
-// the CPU face fills them (den 0, log-probs -inf) so that dead cells hold those values.
+// Per-cell buffers of the forward: den, lp_blank, lp_y (B, T, U+1) in the accumulation dtype. Both losses run
+// row_stats_kernel over every cell, and it writes dead cells the CPU face's fill values (den 0, log-probs -inf):
+// no fill launches here.
 struct CellArrays {
   Tensor den, blank, label;
   CellArrays(const Lattice& lat, at::ScalarType acc, const at::TensorOptions& opts)
-      : den(at::zeros({lat.batch, lat.frames, lat.labels_plus_1}, opts.dtype(acc))),
-        blank(at::full_like(den, kNegInf)),
-        label(at::full_like(den, kNegInf)) {}
+      : den(at::empty({lat.batch, lat.frames, lat.labels_plus_1}, opts.dtype(acc))),
+        blank(at::empty_like(den)),
+        label(at::empty_like(den)) {}
   template <typename acc_t>
   CellOut<acc_t> out() {
     return {den.data_ptr<acc_t>(), blank.data_ptr<acc_t>(), label.data_ptr<acc_t>()};
@@ -744,6 +812,7 @@ TORCH_LIBRARY_IMPL(amnets_native, CUDA, m) {
   m.impl("rnnt_loss_backward", &rnnt_loss_backward);
   m.impl("fused_joint_rnnt_loss_forward", &fused_joint_rnnt_loss_forward);
   m.impl("fused_joint_rnnt_loss_backward", &fused_joint_rnnt_loss_backward);
+  m.impl("rnnt_device_labels", &rnnt_device_labels);
 }
 
 }  // namespace amnets::cuda
