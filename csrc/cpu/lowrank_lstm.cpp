@@ -33,6 +33,7 @@
 #include "../checks.h"
 #include "../lowrank_lstm_cell.h"
 #include "bf16_convert.h"
+#include "fresh_pages.h"
 #include "kernels.h"
 #include "lstm_pointwise.h"
 #include "lstm_stack.h"
@@ -235,7 +236,7 @@ Tensor backprop(const Tensor& grad_out, Tensor& dh, Tensor& dc, const Tensor& ga
                 const Tensor& c0, const Factors& w) {
   const int64_t steps = gates.size(0), batch = gates.size(1), hidden = w.hidden();
   const Recurrent products(w, batch, false, steps);
-  Tensor dpre = at::empty_like(gates);
+  Tensor dpre = empty_output(gates.sizes(), gates.options());
   Tensor ds = at::empty({batch, w.w_hh_u.size(1)}, dh.options());  // dpre U_hh, reused every step
   acc_t *dhp = dh.data_ptr<acc_t>(), *dcp = dc.data_ptr<acc_t>();
   for (int64_t t = steps - 1; t >= 0; --t) {
@@ -316,8 +317,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> lowrank_lstm_sequence_forward
   Tensor pre = (bf16 ? input_projection(x, w, bias).to(acc) : input_projection(x.to(acc), w, bias)).contiguous();
   const auto dense = at::MemoryFormat::Contiguous;  // the loops index rows by raw pointer
   Tensor h = h0.to(acc).clone(dense), c = c0.to(acc).clone(dense);
-  Tensor out = at::empty({steps, batch, hidden}, pre.options());
-  Tensor cells = save ? at::empty({steps, batch, hidden}, pre.options()) : Tensor();
+  Tensor out = empty_output({steps, batch, hidden}, pre.options());
+  Tensor cells = save ? empty_output({steps, batch, hidden}, pre.options()) : Tensor();
   dispatch_acc(acc, [&](auto tag) { recur<decltype(tag)>(pre, h, c, out, cells, w); });
   const auto none = at::empty({0}, pre.options());
   return {out.to(x.scalar_type()), h.to(x.scalar_type()), c.to(x.scalar_type()), save ? pre : none,

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "fresh_pages.h"
 #include "parallel.h"
 #include "simd.h"
 
@@ -355,7 +356,7 @@ Tensor rnnt_loss_backward(const Tensor& grad_costs, const Tensor& logits_in, con
                      logits_in.scalar_type());
   const Tensor logits = logits_in.contiguous(), alphas = alphas_in.contiguous(), betas = betas_in.contiguous(),
                den = den_in.contiguous();
-  Tensor grad = at::empty_like(logits);
+  Tensor grad = empty_output(logits.sizes(), logits.options());  // logits are contiguous: so is their gradient
   const auto scales = grad_costs.to(at::kDouble).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "rnnt_loss_backward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
