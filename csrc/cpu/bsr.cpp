@@ -73,7 +73,11 @@ AMNETS_DPBF16 inline void forward_dpbf16_block_row(const Problem& p, const c10::
       for (auto& a : acc) a = _mm512_setzero_ps();
       for (int64_t k = p.crow[r]; k < p.crow[r + 1]; ++k) {
         const uint32_t* w = pairs + (k * B * B + i0 * B) / 2;
-        prefetch_block<c10::BFloat16, B>(p, values, k, r, i0, 16, 16 * B * 2);  // this pass's slice
+        // Whole blocks, into L2, in the first pass over the block row: the later passes (other 16 rows of the block)
+        // find them there. Each pass asking for its own half-block slice left the DRAM stream in 1 KB pieces 2 KB
+        // apart: 4096x2048 b=32 d=0.5 M=16 from DRAM, one AMD EPYC core, 0.96-0.97 -> 0.78-0.83 ms; 2 threads
+        // 0.99-1.01 -> 0.76-0.86 ms; L3-resident unchanged (benchmarks/results/amd-epyc-bsr-bf16-prefetch-ab.log).
+        if (i0 == 0) prefetch_block<c10::BFloat16, B>(p, values, k, r, 0, rows, B * B * 2);
         const uint16_t* xk = xp + (p.col[k] * B / 2 * mp + m0) * 2;
         // Never read weights outside the logical matrix (padding may hold anything): whole pairs up to the
         // last logical column, then a lone even column with its odd neighbour masked off.
