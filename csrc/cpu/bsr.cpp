@@ -112,8 +112,75 @@ AMNETS_DPBF16 void forward_rows_dpbf16(const Problem& p, const c10::BFloat16* va
     }
   }
 }
+
+// bf16 weights, few rows (fewer than kDpbf16MinRows, or those past the last tile), blocks of 32 or 64: the few-row
+// kernel's dot products along a block's columns (bsr_kernels.h forward_dot), on vdpbf16ps. x in bf16, in its own
+// column order, meets a weight row's 32 bf16 as they lie: one load and one vdpbf16ps per (row, x row, 32 columns),
+// where forward_dot widens the load into two float vectors and spends two FMAs on them. 4096x2048 b=32, one
+// L3-resident set, one AMD EPYC core: d=0.5 M=2/4/7 0.21/0.42/0.80 -> 0.155/0.23/0.47 ms; streamed from DRAM
+// unchanged (bound by the stream; benchmarks/results/amd-epyc-bsr-bf16-few-rows-ab.log).
+template <int B, int MT>
+AMNETS_DPBF16 inline void forward_dot_dpbf16(const Problem& p, const c10::BFloat16* values, const uint16_t* xb,
+                                             int64_t ldx, float* y, int64_t r, int64_t m0) {
+  static_assert(B % 32 == 0);
+  constexpr int IT = kWidth / MT;  // weight rows a pass: IT * MT accumulators
+  const int64_t rows = p.rows_in(r), last_col = p.block_cols - 1, last_cols = p.cols_in(last_col);
+  const auto* w16 = reinterpret_cast<const uint16_t*>(values);
+  for (int64_t i0 = 0; i0 < rows; i0 += IT) {
+    __m512 acc[IT][MT];
+    for (auto& row : acc)
+      for (auto& a : row) a = _mm512_setzero_ps();
+    for (int64_t k = p.crow[r]; k < p.crow[r + 1]; ++k) {
+      prefetch_block<c10::BFloat16, B>(p, values, k, r, i0, IT, IT * B * 2);  // this pass's slice, as forward_dot
+      const uint16_t* blk = w16 + k * B * B + i0 * B;
+      const uint16_t* xk = xb + p.col[k] * B;
+      // Never use weights outside the logical matrix (padding may hold anything): masked off past its last column.
+      const int64_t cols = p.col[k] == last_col ? last_cols : B;
+#pragma GCC unroll 2
+      for (int v = 0; v < B / 32; ++v) {
+        const int64_t left = cols - v * 32;
+        const __mmask32 keep = left >= 32 ? ~__mmask32(0) : left <= 0 ? __mmask32(0) : (__mmask32(1) << left) - 1;
+        __m512i xv[MT];
+        for (int m = 0; m < MT; ++m) xv[m] = _mm512_loadu_si512(xk + (m0 + m) * ldx + v * 32);
+#pragma GCC unroll 16
+        for (int i = 0; i < IT; ++i) {
+          const __m512i w = _mm512_maskz_loadu_epi16(keep, blk + i * B + v * 32);
+          for (int m = 0; m < MT; ++m) acc[i][m] = _mm512_dpbf16_ps(acc[i][m], (__m512bh)w, (__m512bh)xv[m]);
+        }
+      }
+    }
+    vfloat flat[kWidth];  // accumulator i * MT + m
+    for (int i = 0; i < IT; ++i)
+      for (int m = 0; m < MT; ++m) flat[i * MT + m] = acc[i][m];
+    const vfloat sums = simd::hsum16(flat);
+    float* out = y + m0 * p.out_features + r * B + i0;
+    for (int i = 0; i < IT && i0 + i < rows; ++i)
+      for (int m = 0; m < MT; ++m) out[m * p.out_features + i] = sums[i * MT + m];
+  }
+}
+
+template <int B>
+AMNETS_DPBF16 void dot_rows_dpbf16(const Problem& p, const c10::BFloat16* values, const uint16_t* xb, int64_t ldx,
+                                   float* y, int64_t r) {
+  int64_t m0 = 0;
+  for (; m0 + 4 <= p.rows; m0 += 4) forward_dot_dpbf16<B, 4>(p, values, xb, ldx, y, r, m0);
+  for (; m0 + 2 <= p.rows; m0 += 2) forward_dot_dpbf16<B, 2>(p, values, xb, ldx, y, r, m0);
+  for (; m0 < p.rows; ++m0) forward_dot_dpbf16<B, 1>(p, values, xb, ldx, y, r, m0);
+}
+
+AMNETS_DPBF16 void forward_dots_dpbf16(const Problem& p, const c10::BFloat16* values, const uint16_t* xb, int64_t ldx,
+                                       float* y, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    if (p.block == 32) {
+      dot_rows_dpbf16<32>(p, values, xb, ldx, y, r);
+    } else {
+      dot_rows_dpbf16<64>(p, values, xb, ldx, y, r);
+    }
+  }
+}
 #else
 void forward_rows_dpbf16(const Problem&, const c10::BFloat16*, const uint16_t*, int64_t, float*, int64_t, int64_t) {}
+void forward_dots_dpbf16(const Problem&, const c10::BFloat16*, const uint16_t*, int64_t, float*, int64_t, int64_t) {}
 #endif
 
 // C tile J (outputs 16J.. of a block, by the 16 rows from m0) into row-major y.
@@ -492,7 +559,9 @@ void pack_pairs(const float* x, int64_t ld, int64_t rows, int64_t k_pad, int64_t
 }
 
 // y (M, out_features) float = x W^T through the fast kernels; xf is x as float, padded to k_pad columns.
-void forward_into(const Problem& p, const Tensor& values, const Tensor& xf, int64_t k_pad, float* y) {
+// x_bf16: xf holds bf16 values (x had the weights' dtype), which the few-row vdpbf16ps kernel may take as bf16; the
+// recurrent product of bsr_lstm_sequence_forward passes false (its h is fp32 state).
+void forward_into(const Problem& p, const Tensor& values, const Tensor& xf, int64_t k_pad, float* y, bool x_bf16) {
   if (p.rows == 0) return;
   const amx::Kernel tiles_on = values.scalar_type() == at::kBFloat16 ? amx::active() : amx::Kernel::kNone;
   const bool bf16_tiles = values.scalar_type() == at::kBFloat16 && (tiles_on != amx::Kernel::kNone || simd::has_dpbf16());
@@ -516,7 +585,17 @@ void forward_into(const Problem& p, const Tensor& values, const Tensor& xf, int6
         forward_rows_dpbf16(tiles, v, xp_data, mp, y, r0, r1);
       }
     });
-    return forward_into(few, values, xf.narrow(0, tiles.rows, rest), k_pad, y + tiles.rows * p.out_features);
+    return forward_into(few, values, xf.narrow(0, tiles.rows, rest), k_pad, y + tiles.rows * p.out_features, x_bf16);
+  }
+  const bool bf16_dots = x_bf16 && values.scalar_type() == at::kBFloat16 && simd::has_dpbf16() && p.block >= 32;
+  if (bf16_dots && p.rows < kDpbf16MinRows) {
+    const Tensor xb = xf.to(at::kBFloat16).contiguous();  // bf16 values: nothing is rounded
+    TORCH_INTERNAL_ASSERT(xb.size(1) == k_pad && k_pad % p.block == 0);
+    const auto* xb_data = reinterpret_cast<const uint16_t*>(xb.data_ptr<c10::BFloat16>());
+    parallel_for(0, p.block_rows, 1, [&](int64_t r0, int64_t r1) {
+      forward_dots_dpbf16(p, values.data_ptr<c10::BFloat16>(), xb_data, k_pad, y, r0, r1);
+    });
+    return;
   }
   Tensor xt;  // many rows: x transposed, tile-major (Mp / 16, k_pad, 16), zeros past M
   if (p.rows > kDotRowsMax) {
@@ -566,7 +645,7 @@ Tensor bsr_linear_forward(const Tensor& x, const Tensor& values_in, const Tensor
   const Problem p = problem_of(x, values, crow, col, out_features, in_features);
   const int64_t k_pad = p.block_cols * p.block;
   Tensor y = at::empty({p.rows, out_features}, x.options().dtype(at::kFloat));
-  if (p.rows > 0) forward_into(p, values, float_padded(x, k_pad), k_pad, y.data_ptr<float>());
+  if (p.rows > 0) forward_into(p, values, float_padded(x, k_pad), k_pad, y.data_ptr<float>(), true);
   if (bias.has_value()) y += bias->to(at::kFloat);
   return float_to(y, x.scalar_type());
 }
@@ -643,7 +722,7 @@ std::tuple<Tensor, Tensor, Tensor> bsr_lstm_sequence_forward(
   const Problem in = problem_of(x, ih_values, ih_crow32, ih_col32, 4 * hidden, d);
   const int64_t in_pad = in.block_cols * in.block;
   Tensor pre = at::empty({steps * batch, 4 * hidden}, f32);
-  forward_into(in, ih_values, float_padded(x, in_pad), in_pad, pre.data_ptr<float>());
+  forward_into(in, ih_values, float_padded(x, in_pad), in_pad, pre.data_ptr<float>(), true);
 
   const Problem recurrent = problem_of(h_in, hh_values, hh_crow32, hh_col32, 4 * hidden, rec);
   const int64_t rec_pad = recurrent.block_cols * recurrent.block;
@@ -658,7 +737,7 @@ std::tuple<Tensor, Tensor, Tensor> bsr_lstm_sequence_forward(
   float *g = gates.data_ptr<float>(), *hpad = hp.data_ptr<float>(), *o = out.data_ptr<float>();
   const float* p = pre.data_ptr<float>();
   for (int64_t t = 0; t < steps; ++t) {
-    forward_into(recurrent, hh_values, hp, rec_pad, g);
+    forward_into(recurrent, hh_values, hp, rec_pad, g, false);
     const float* pt = p + t * batch * 4 * hidden;
     for (int64_t j = 0; j < batch * 4 * hidden; ++j) g[j] += pt[j];
     float* ht = o + t * batch * rec;
@@ -873,7 +952,7 @@ void bsr_step_into(const BsrLstmLayer& layer, int64_t batch, const void* x, cons
   }
   const Tensor xh = at::from_blob(z, {batch, k_pad}, at::TensorOptions().dtype(at::kFloat));
   forward_into(problem_of(xh, layer.values, layer.crow, layer.col, 4 * hidden, d + rec), layer.values, xh, k_pad,
-               gates);
+               gates, bf16);  // bf16 weights: x and h were bf16 (widened by `load`)
   const float* bias = nullptr;
   if (layer.bias.defined()) {
     if (bf16) {
