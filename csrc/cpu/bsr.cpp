@@ -8,7 +8,8 @@
 // Kernels (fp32 and bf16 weights, b in {16, 32, 64}; everything else takes a plain loop):
 //   forward, few rows (M <= 12, and what is left past the last 16-row tile when at most 12 rows are):
 //                               y[m, rows of r] = dot products of block rows with x, vectorised along
-//                               the block's columns, up to 16 accumulators of (row i, input m);
+//                               the block's columns, up to 16 accumulators of (row i, input m); bf16 weights
+//                               on AVX512-BF16 (blocks 32/64, fewer than 8 rows): the same on vdpbf16ps;
 //   forward, many rows:         x is packed transposed once per call (tile-major: per 16 rows a K x 16
 //                               stream) and each weight element is broadcast against 16 inputs at a time,
 //                               48 (three tiles) from 45 rows (bf16 weights on AVX512-BF16: from 8 rows,
