@@ -15,6 +15,12 @@ only after that long (the hog paused), and a stall in a quiet round would show h
 the op quiet on one thread (torch.set_num_threads(1), in the quiet rounds): what the guard falls back to
 beside the hog, so its ratio to the quiet time is about the growth a contended run cannot go below. Where the
 op's weights fit the two cores' L2 caches together but not one, that floor is above the 2 threads' 2x.
+
+A second table (no hog; reported, no goal): each op inside a model, that is right after a stock ATen op (an
+F.linear on OpenMP's threads, whose team spins for milliseconds after it), its calls alone timed, on --threads
+threads and on one; a ratio near 1 says the op ran on one thread there. The guard columns count the stalls and
+the waits among the process's own threads it saw (csrc/cpu/parallel.h: the latter move our loops onto OpenMP's
+threads for a while instead of serialising them).
 """
 
 from __future__ import annotations
@@ -105,6 +111,56 @@ def rows(quick: bool):
     return out
 
 
+def mixed_rows(quick: bool):
+    """(label, op, stock op before it) for the table of ops inside a model."""
+    import amnets_kernels as ak
+
+    torch.manual_seed(0)
+    k, m = (512, 16) if quick else (2048, 64)
+    x, w = torch.randn(m, k), torch.randn(k, k)
+    aten = lambda: F.linear(x, w)  # noqa: E731
+    out = []
+    for dtype, density in ((torch.bfloat16, 0.5), (torch.float32, 0.25)):
+        sparse = ak.BlockSparseMatrix.from_dense(torch.randn(2 * k, k).to(dtype), block_size=32, sparsity=1 - density)
+        xs = torch.randn(m, k).to(dtype)
+        out.append((f"bsr_linear {2 * k}x{k} d={density} M={m} {str(dtype).split('.')[-1]} fwd",
+                    lambda xs=xs, sparse=sparse: ak.bsr_linear(xs, sparse), aten))
+    hidden = 256 if quick else 1024
+    low = ak.nn.LowRankLSTM.from_lstm(torch.nn.LSTM(hidden, hidden), rank=hidden // 4).eval()
+    seq = torch.randn(20 if quick else 100, 16, hidden)
+    out.append((f"LowRankLSTM H={hidden} r={hidden // 4} T={seq.size(0)} B=16 fwd",
+                lambda: torch.no_grad()(low)(seq), aten))
+    return out
+
+
+def mixed(wanted: list, rounds: int, seconds: float, threads: int) -> None:
+    """The second table (module docstring): each op timed alone in a loop of (stock op, op) pairs."""
+    from amnets_kernels import _C
+
+    print(f"\nInside a model (no hog; reported, no goal): each call right after a stock F.linear on OpenMP's threads; "
+          f"mean of the op's calls alone, median of {rounds} rounds, {threads} threads and 1 alternating.\n")
+    print(f"| row | {threads} threads ms | 1 thread ms | ratio | guard stalls / own waits |\n|---|---|---|---|---|")
+    for label, op, before in wanted:
+        times = {threads: [], 1: []}
+        stats = _C.cpu_contention()
+        for _ in range(rounds):
+            for n in (threads, 1):
+                torch.set_num_threads(n)
+                spent, calls, start = 0.0, 0, time.perf_counter()
+                while calls < 3 or time.perf_counter() - start < seconds:
+                    before()
+                    t0 = time.perf_counter()
+                    op()
+                    spent += time.perf_counter() - t0
+                    calls += 1
+                times[n].append(spent / calls * 1e3)
+        torch.set_num_threads(threads)
+        now = _C.cpu_contention()
+        many, one = statistics.median(times[threads]), statistics.median(times[1])
+        print(f"| {label} | {many:.3f} | {one:.3f} | {many / one:.2f} | {now['stalls'] - stats['stalls']} / "
+              f"{now['own_waits'] - stats['own_waits']} |", flush=True)
+
+
 def main() -> None:
     parser = command_line(__doc__, "benchmarks.contention")
     parser.add_argument("--threads", type=at_least(1), default=2)
@@ -120,7 +176,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     rounds, seconds = (1, 0.05) if args.quick else (args.rounds or 5, 0.3)
     wanted = [(label, fn) for label, fn in rows(args.quick) if args.filter in label]
-    if not wanted:
+    inside = [row for row in mixed_rows(args.quick) if args.filter in row[0]] if args.hogs == 1 and args.threads > 1 else []
+    if not wanted and not inside:
         parser.error(f"argument --filter: {args.filter!r} matches no row")
     cores = len(os.sched_getaffinity(0))
     beside = "one busy-loop process" if args.hogs == 1 else f"{args.hogs} busy-loop processes"
@@ -173,6 +230,8 @@ def main() -> None:
         for hog in hogs:
             hog.kill()
             hog.wait()
+    if inside:
+        mixed(inside, rounds, seconds, args.threads)
 
 
 if __name__ == "__main__":

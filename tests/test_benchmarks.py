@@ -86,8 +86,14 @@ def test_contention_quick_run_times_quiet_and_loaded_and_stops_its_hog(hogs):
     done = subprocess.run([sys.executable, "-m", "benchmarks.contention", "--quick", "--filter", "bsr_linear",
                            "--hogs", str(hogs)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
-    rows = [line.split("|")[1:-1] for line in done.stdout.splitlines() if line.startswith("| bsr_linear")]
+    beside, _, inside = done.stdout.partition("Inside a model")  # the second table: 1 hog only
+    rows = [line.split("|")[1:-1] for line in beside.splitlines() if line.startswith("| bsr_linear")]
     assert len(rows) == 3  # M=1, M=16 forward and M=16 fwd+bwd; the stock rows are filtered out
+    mixed = [line.split("|")[1:-1] for line in inside.splitlines() if line.startswith("| bsr_linear")]
+    assert len(mixed) == (2 if hogs == 1 else 0)  # bf16 and fp32, each after a stock F.linear
+    for label, many, one, ratio, seen in mixed:
+        assert float(many) > 0 and float(one) > 0 and float(ratio) > 0
+        assert all(n.strip().isdigit() for n in seen.split("/"))  # the guard's stalls / own waits
     for label, quiet, loaded, growth, verdict, stalls, alone in rows:
         quiet, loaded, half = float(quiet), float(loaded), 0.0005  # printed to 3 decimals
         assert quiet > half and loaded > half

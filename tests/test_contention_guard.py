@@ -1,6 +1,6 @@
 """The CPU loops' contention guard (csrc/cpu/parallel.h): while it runs everything on the caller alone, every
-op gives what it gives on two threads, the thread settings it changes come back, and it does see a thread
-that the scheduler keeps off the CPU."""
+op gives what it gives on two threads, the thread settings it changes come back, it does see a thread
+that the scheduler keeps off the CPU, and it tells waits among the process's own threads from a neighbour."""
 
 import os
 import subprocess
@@ -126,6 +126,39 @@ def test_the_guard_sees_threads_kept_off_the_cpu(guard):
         assert done is not None and done.returncode == 0, done and done.stderr
         enabled, stalls = done.stdout.split()
         assert enabled == "True" and int(stalls) >= 1
+
+
+_OWN_CHILD = textwrap.dedent("""
+    import sys, time, torch, torch.nn.functional as F, amnets_kernels as ak
+    from amnets_kernels import _C
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    w = ak.BlockSparseMatrix.from_dense(torch.randn(2048, 1024), block_size=32, sparsity=0.5)
+    x, dense = torch.randn(64, 1024), torch.randn(1024, 1024)
+    want = ak.bsr_linear(x, w)
+    before, until = _C.cpu_contention(), time.monotonic() + float(sys.argv[1])
+    while _C.cpu_contention()["own_waits"] == before["own_waits"] and time.monotonic() < until:
+        F.linear(x, dense)  # ATen's OpenMP team, which then spins beside our pool's worker
+        assert torch.equal(ak.bsr_linear(x, w), want)
+    after = _C.cpu_contention()
+    print(after["own_waits"] - before["own_waits"], after["openmp_for_ms"] > 0)
+""")
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs two CPUs to pin to")
+@pytest.mark.parametrize("guard", ["1", "0"])
+def test_waits_among_our_own_threads_move_the_loops_onto_openmp(guard):
+    """Our op called right after ATen ops, on two CPUs with nothing else pinned there: the pool's worker waits
+    behind OpenMP's spinning team. The guard sees that the process itself held the CPUs, and runs our loops on
+    OpenMP's threads for a while (an own wait, not a stall that would make them serial)."""
+    pin = lambda: os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[:2])  # noqa: E731
+    env = dict(os.environ, AMNETS_CONTENTION_GUARD=guard)
+    done = subprocess.run([sys.executable, "-c", _OWN_CHILD, "30" if guard == "1" else "3"], preexec_fn=pin, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    own, window = done.stdout.split()
+    assert (int(own) >= 1 and window == "True") if guard == "1" else (own, window) == ("0", "False")
 
 
 def test_the_serial_window_hook_refuses_what_int64_nanoseconds_cannot_hold():

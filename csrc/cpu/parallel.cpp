@@ -11,6 +11,7 @@
 #include <fcntl.h>
 #include <omp.h>
 #include <pthread.h>
+#include <sched.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -97,19 +98,31 @@ constexpr size_t kMaxWatched = 64;
 // and a long gap there means they waited for descheduled threads (beside one hog on the Xeon a fused joint
 // tile of ~2 ms took 80 ms; when every look after one only took baselines the guard saw nothing).
 constexpr int64_t kIdleNs = 16'000'000;
+// Waits among our own threads are not a busy neighbour: after an ATen op, libgomp's team threads spin for
+// milliseconds (GOMP_SPINCOUNT), and a pool worker woken meanwhile waits for their core. Counting that as a
+// stall made every op that follows an ATen op run on one thread (a model mixes them: bf16 bsr_linear M=64 on
+// 2 AMD EPYC threads, one call after each F.linear: 2.9 ms with serial windows of up to 256 ms that then hung
+// over the op alone, 1.7-1.8 on OpenMP's threads, 1.8-2.0 alone on the pool). So a wait counts as a stall
+// only up to the CPU time this process did not use of the CPUs it may run on (its affinity mask) in the
+// interval: a neighbour that ran there took at most that. Waits the process's own threads explain (it used
+// every CPU) start an OpenMP window instead: for kOwnWindowNs our loops run on ATen's OpenMP threads, which are
+// the ones spinning, rather than wake pool workers that would queue behind them.
+constexpr int64_t kOwnWindowNs = 1'000'000'000;
 
-std::atomic<int64_t> serial_until{0}, window{kFirstWindowNs}, last_look{0};
-std::atomic<uint64_t> stalls{0};
+std::atomic<int64_t> serial_until{0}, window{kFirstWindowNs}, last_look{0}, openmp_until{0};
+std::atomic<uint64_t> stalls{0}, own_waits{0};
 std::atomic<uint32_t> generation{0};
 // Guarded by watched_mutex:
 bool stale = true;          // the watched threads' baselines predate a pause
 int64_t probe_since = 0;    // when the probe after a window took its baselines (0: no probe under way)
 bool quiet_seen = true;     // a look since the last window found no thread stalled
+int64_t process_cpu = 0;    // this process's CPU time at the last look
 
 struct Watched {
   pid_t tid;
   int64_t waited;      // ns runnable but not running, at the last look
-  double share = 0.0;  // of the time it waited: moving average over kHorizonNs
+  double share = 0.0;  // of the time it waited for a CPU a neighbour may have held: moving average over kHorizonNs
+  double own = 0.0;    // of the time it waited at all: the same average
 };
 // Pointers: a forked child starts new ones (a thread of the parent may have held the mutex; the old ones
 // are left), and its threads register again.
@@ -138,6 +151,20 @@ int64_t thread_cpu_ns() {
 }
 
 bool serial(int64_t now) { return now < serial_until.load(std::memory_order_relaxed); }
+
+bool openmp(int64_t now) { return now < openmp_until.load(std::memory_order_relaxed); }
+
+int64_t process_cpu_ns() {
+  timespec t{};
+  ::clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
+  return int64_t(t.tv_sec) * 1'000'000'000 + t.tv_nsec;
+}
+
+int allowed_cpus() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  return ::sched_getaffinity(0, sizeof(set), &set) == 0 ? std::max(CPU_COUNT(&set), 1) : 1;
+}
 
 // Nanoseconds thread `tid` of this process has spent runnable but not running (Linux schedstat); -1 when
 // it is gone (or the kernel does not say).
@@ -207,7 +234,11 @@ void look(int64_t now) {
   }
   const bool decide_probe = probing && probe_since == 0;
   std::vector<Watched>& threads = *watched;
-  bool stalled = false;
+  const int64_t proc = process_cpu_ns();
+  // CPU time a neighbour may have had on our CPUs in the interval (what this process left of them)
+  const double spare = std::max(0.0, double(allowed_cpus()) * double(now - last) - double(proc - process_cpu));
+  process_cpu = proc;
+  bool stalled = false, own_stall = false;
   for (size_t i = 0; i < threads.size();) {
     const int64_t w = runqueue_wait_ns(threads[i].tid);
     if (w < 0) {  // the thread has ended
@@ -216,20 +247,27 @@ void look(int64_t now) {
       continue;
     }
     if (stale) {
-      threads[i].waited = w, threads[i].share = 0.0;
+      threads[i].waited = w, threads[i].share = threads[i].own = 0.0;
       ++i;
       continue;
     }
-    const double interval = static_cast<double>(now - last);
-    const double share = std::min(1.0, static_cast<double>(w - threads[i].waited) / interval);
-    threads[i].share += (decide_probe ? 1.0 : std::min(1.0, interval / kHorizonNs)) * (share - threads[i].share);
+    const double interval = static_cast<double>(now - last), waited = static_cast<double>(w - threads[i].waited);
+    const double weight = decide_probe ? 1.0 : std::min(1.0, interval / kHorizonNs);
+    threads[i].share += weight * (std::min(1.0, std::min(waited, spare) / interval) - threads[i].share);
+    threads[i].own += weight * (std::min(1.0, waited / interval) - threads[i].own);
     threads[i].waited = w;
     if (threads[i].share >= kStalledShare) stalled = true;
+    if (threads[i].own >= kStalledShare) own_stall = true;
     ++i;
   }
   if (!stale && !stalled) quiet_seen = true;
   stale = false;
-  if (stalled) note_stall(now);
+  if (stalled) {
+    note_stall(now);
+  } else if (own_stall) {
+    own_waits.fetch_add(1, std::memory_order_relaxed);
+    openmp_until.store(now + kOwnWindowNs, std::memory_order_relaxed);
+  }
 }
 
 }  // namespace guard
@@ -365,7 +403,9 @@ void OpenMpScope::follow(bool serial) {
 
 ContentionStats contention_stats() {
   const int64_t left = guard::serial_until.load(std::memory_order_relaxed) - guard::now_ns();
-  return {guard::enabled(), guard::stalls.load(std::memory_order_relaxed), std::max<int64_t>(left, 0)};
+  const int64_t openmp_left = guard::openmp_until.load(std::memory_order_relaxed) - guard::now_ns();
+  return {guard::enabled(), guard::stalls.load(std::memory_order_relaxed), std::max<int64_t>(left, 0),
+          guard::own_waits.load(std::memory_order_relaxed), std::max<int64_t>(openmp_left, 0)};
 }
 
 void serialize_for(int64_t ns) { guard::serial_until.store(guard::now_ns() + std::max<int64_t>(ns, 0)); }
@@ -407,7 +447,7 @@ void parallel_run(int64_t begin, int64_t end, int64_t grain, ChunkFn fn, const v
   const bool guarded = guard::enabled();
   const bool serial = guarded && contended();
   if (serial) return fn(body, begin, end);
-  if (!use_pool || openmp_scope != nullptr) {
+  if (!use_pool || openmp_scope != nullptr || (guarded && guard::openmp(guard::now_ns()))) {
     return at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
       if (guarded) guard::watch_this_thread();
       fn(body, b, e);

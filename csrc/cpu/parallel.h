@@ -37,7 +37,10 @@
 // runs on its caller alone, and so do ATen's and MKL's regions inside an OpenMpScope (their thread counts
 // are set to 1 on this thread only, and put back at the next of our loops or checkpoints after the window, or
 // when the scope closes). The loops after the window probe again: baselines, then a verdict on the next 8 ms
-// or more alone. One thread beside a busy process costs what one
+// or more alone. A wait counts only up to the CPU time this process left unused on the CPUs it may run on: waits
+// among its own threads (a pool worker woken behind libgomp's threads, which spin for milliseconds after each
+// ATen region) open an OpenMP window instead (1 s): our loops run on those threads, as inside an OpenMpScope.
+// One thread beside a busy process costs what one
 // thread costs (~1.5-1.9x the quiet 2-thread time here) instead of a slice per region; quiet, the guard
 // costs a file read per watched thread per 2 ms. AMNETS_CONTENTION_GUARD=0 (or false/off/no; read once) turns it off;
 // contention_stats() says what it did.
@@ -82,6 +85,8 @@ struct ContentionStats {
   bool enabled;
   uint64_t stalls;        // loops that found a descheduled thread, since the process started
   int64_t serial_for_ns;  // how long loops still run on their caller alone (0: not now)
+  uint64_t own_waits;     // looks that found our threads waiting for each other (OpenMP windows begun)
+  int64_t openmp_for_ns;  // how long loops still run on ATen's OpenMP threads instead of the pool (0: not now)
 };
 ContentionStats contention_stats();
 // Tests: run every loop serially for the next `ns` nanoseconds (0 ends a window now).
