@@ -265,7 +265,7 @@ void look(int64_t now) {
   if (stalled) {
     note_stall(now);
   } else if (own_stall) {
-    own_waits.fetch_add(1, std::memory_order_relaxed);
+    if (!openmp(now)) own_waits.fetch_add(1, std::memory_order_relaxed);  // counts windows begun, not extended
     openmp_until.store(now + kOwnWindowNs, std::memory_order_relaxed);
   }
 }

@@ -85,7 +85,7 @@ struct ContentionStats {
   bool enabled;
   uint64_t stalls;        // loops that found a descheduled thread, since the process started
   int64_t serial_for_ns;  // how long loops still run on their caller alone (0: not now)
-  uint64_t own_waits;     // looks that found our threads waiting for each other (OpenMP windows begun)
+  uint64_t own_waits;     // OpenMP windows begun: looks that found our threads waiting for each other
   int64_t openmp_for_ns;  // how long loops still run on ATen's OpenMP threads instead of the pool (0: not now)
 };
 ContentionStats contention_stats();
