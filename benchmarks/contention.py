@@ -18,9 +18,9 @@ op's weights fit the two cores' L2 caches together but not one, that floor is ab
 
 A second table (no hog; reported, no goal): each op inside a model, that is right after a stock ATen op (an
 F.linear on OpenMP's threads, whose team spins for milliseconds after it), its calls alone timed, on --threads
-threads and on one; a ratio near 1 says the op ran on one thread there. The guard columns count the stalls and
-the waits among the process's own threads it saw (csrc/cpu/parallel.h: the latter move our loops onto OpenMP's
-threads for a while instead of serialising them).
+threads and on one; a ratio near 1 says the op ran on one thread there. The guard columns count the stalls it
+saw and the OpenMP windows it began for waits among the process's own threads (csrc/cpu/parallel.h: those move
+our loops onto OpenMP's threads for a while instead of serialising them).
 """
 
 from __future__ import annotations

@@ -106,8 +106,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     d["own_waits"] = stats.own_waits;
     d["openmp_for_ms"] = static_cast<double>(stats.openmp_for_ns) / 1e6;
     return d;
-  }, "The CPU loops' contention guard (csrc/cpu/parallel.h): stalls seen since start, serial window left; waits "
-     "among our own threads seen, OpenMP window left.");
+  }, "The CPU loops' contention guard (csrc/cpu/parallel.h): stalls seen since start, serial window left; OpenMP "
+     "windows begun (waits among our own threads), OpenMP window left.");
   m.def("serialize_cpu_for", [](double seconds) {
     // 1e6 s (11 days) bounds the product well inside int64 nanoseconds (a cast of inf or 1e10 s is undefined)
     TORCH_CHECK_VALUE(seconds >= 0.0 && seconds <= 1e6, "serialize_cpu_for: seconds must be in [0, 1e6]; got ",
