@@ -128,9 +128,7 @@ AMNETS_DPBF16 inline void forward_dot_dpbf16(const Problem& p, const c10::BFloat
   const int64_t rows = p.rows_in(r), last_col = p.block_cols - 1, last_cols = p.cols_in(last_col);
   const auto* w16 = reinterpret_cast<const uint16_t*>(values);
   for (int64_t i0 = 0; i0 < rows; i0 += IT) {
-    __m512 acc[IT][MT];
-    for (auto& row : acc)
-      for (auto& a : row) a = _mm512_setzero_ps();
+    vfloat acc[IT][MT] = {};
     for (int64_t k = p.crow[r]; k < p.crow[r + 1]; ++k) {
       prefetch_block<c10::BFloat16, B>(p, values, k, r, i0, IT, IT * B * 2);  // this pass's slice, as forward_dot
       const uint16_t* blk = w16 + k * B * B + i0 * B;
@@ -150,13 +148,7 @@ AMNETS_DPBF16 inline void forward_dot_dpbf16(const Problem& p, const c10::BFloat
         }
       }
     }
-    vfloat flat[kWidth];  // accumulator i * MT + m
-    for (int i = 0; i < IT; ++i)
-      for (int m = 0; m < MT; ++m) flat[i * MT + m] = acc[i][m];
-    const vfloat sums = simd::hsum16(flat);
-    float* out = y + m0 * p.out_features + r * B + i0;
-    for (int i = 0; i < IT && i0 + i < rows; ++i)
-      for (int m = 0; m < MT; ++m) out[m * p.out_features + i] = sums[i * MT + m];
+    store_dots<B>(acc, p, y, r, i0, m0, rows);
   }
 }
 

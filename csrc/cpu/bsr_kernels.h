@@ -101,6 +101,27 @@ AMNETS_INLINE void prefetch_block(const Problem& p, const T* values, int64_t k, 
   prefetch_span<Into>(values + next * B * B + i0 * B, span);
 }
 
+// The few-row kernels' end of a pass: acc[i][m] holds the lanes of output r*B + i0 + i of row m0 + m of y; each
+// summed across its lanes (hsum16), stored where the block row has that output (rows of it in all).
+template <int B, int IT, int MT>
+AMNETS_INLINE void store_dots(const vfloat (&acc)[IT][MT], const Problem& p, float* y, int64_t r, int64_t i0,
+                              int64_t m0, int64_t rows) {
+  vfloat flat[kWidth];  // accumulator i * MT + m
+  AMNETS_UNROLL
+  for (int i = 0; i < IT; ++i)
+    AMNETS_UNROLL
+    for (int m = 0; m < MT; ++m) flat[i * MT + m] = acc[i][m];
+  const vfloat sums = simd::hsum16(flat);
+  float* out = y + m0 * p.out_features + r * B + i0;
+  if (MT == 1 && rows - i0 >= kWidth) {  // one row of x: 16 consecutive outputs
+    simd::store(out, sums);
+  } else {
+    for (int i = 0; i < IT && i0 + i < rows; ++i)
+      AMNETS_UNROLL
+      for (int m = 0; m < MT; ++m) out[m * p.out_features + i] = sums[i * MT + m];
+  }
+}
+
 template <typename T, int B, int MT>
 AMNETS_INLINE void forward_dot(const Problem& p, const T* values, const float* x, int64_t ldx, float* y,
                                int64_t r, int64_t m0) {
@@ -158,20 +179,7 @@ AMNETS_INLINE void forward_dot(const Problem& p, const T* values, const float* x
         }
       }
     }
-    vfloat flat[kWidth];  // accumulator i * MT + m
-    AMNETS_UNROLL
-    for (int i = 0; i < IT; ++i)
-      AMNETS_UNROLL
-      for (int m = 0; m < MT; ++m) flat[i * MT + m] = acc[i][m];
-    const vfloat sums = simd::hsum16(flat);
-    float* out = y + m0 * p.out_features + r * B + i0;
-    if (MT == 1 && rows - i0 >= kWidth) {  // one row of x: 16 consecutive outputs
-      simd::store(out, sums);
-    } else {
-      for (int i = 0; i < IT && i0 + i < rows; ++i)
-        AMNETS_UNROLL
-        for (int m = 0; m < MT; ++m) out[m * p.out_features + i] = sums[i * MT + m];
-    }
+    store_dots<B>(acc, p, y, r, i0, m0, rows);
   }
 }
 
