@@ -414,8 +414,7 @@ namespace {
 
 // The guard's verdict for this thread now (a look at most every 2 ms); inside an OpenMpScope the ATen and MKL
 // regions that follow take it too (not from inside a parallel region, whose thread settings end with it).
-bool contended() {
-  const int64_t now = guard::now_ns();
+bool contended(int64_t now) {
   bool serial = guard::serial(now);
   OpenMpScope* scope = in_parallel || at::in_parallel_region() ? nullptr : openmp_scope;
   // One thread has nothing to wait for; a scope in a window has set this thread's count to 1 itself.
@@ -432,7 +431,7 @@ bool contended() {
 }  // namespace
 
 void OpenMpScope::checkpoint() {
-  if (guard::enabled() && openmp_scope == this) contended();
+  if (guard::enabled() && openmp_scope == this) contended(guard::now_ns());
 }
 
 int OpenMpScope::threads() const { return serial_ ? omp_threads_ : at::get_num_threads(); }
@@ -445,9 +444,9 @@ void parallel_run(int64_t begin, int64_t end, int64_t grain, ChunkFn fn, const v
   const int64_t range = end - begin;
   if (range <= grain) return fn(body, begin, end);  // one chunk: no threads, no guard
   const bool guarded = guard::enabled();
-  const bool serial = guarded && contended();
-  if (serial) return fn(body, begin, end);
-  if (!use_pool || openmp_scope != nullptr || (guarded && guard::openmp(guard::now_ns()))) {
+  const int64_t now = guarded ? guard::now_ns() : 0;
+  if (guarded && contended(now)) return fn(body, begin, end);
+  if (!use_pool || openmp_scope != nullptr || (guarded && guard::openmp(now))) {
     return at::parallel_for(begin, end, grain, [&](int64_t b, int64_t e) {
       if (guarded) guard::watch_this_thread();
       fn(body, b, e);
