@@ -144,21 +144,16 @@ bool enabled() {
   return on;
 }
 
-int64_t thread_cpu_ns() {
+// CPU time of this thread (CLOCK_THREAD_CPUTIME_ID) or of the whole process (CLOCK_PROCESS_CPUTIME_ID).
+int64_t cpu_ns(clockid_t clock) {
   timespec t{};
-  ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+  ::clock_gettime(clock, &t);
   return int64_t(t.tv_sec) * 1'000'000'000 + t.tv_nsec;
 }
 
 bool serial(int64_t now) { return now < serial_until.load(std::memory_order_relaxed); }
 
 bool openmp(int64_t now) { return now < openmp_until.load(std::memory_order_relaxed); }
-
-int64_t process_cpu_ns() {
-  timespec t{};
-  ::clock_gettime(CLOCK_PROCESS_CPUTIME_ID, &t);
-  return int64_t(t.tv_sec) * 1'000'000'000 + t.tv_nsec;
-}
 
 int allowed_cpus() {
   cpu_set_t set;
@@ -218,7 +213,7 @@ void look(int64_t now) {
   if (probing && now - probe_since < kProbeNs) return;  // the probe's interval is not over
   if (!last_look.compare_exchange_strong(last, now)) return;
   thread_local int64_t my_look = 0, my_cpu = 0;  // this caller's last look, and its CPU time then
-  const int64_t cpu = thread_cpu_ns();
+  const int64_t cpu = cpu_ns(CLOCK_THREAD_CPUTIME_ID);
   const bool paused = now - last > kIdleNs && 4 * (cpu - my_cpu) < now - my_look;
   my_look = now, my_cpu = cpu;
   if (paused) {
@@ -234,7 +229,7 @@ void look(int64_t now) {
   }
   const bool decide_probe = probing && probe_since == 0;
   std::vector<Watched>& threads = *watched;
-  const int64_t proc = process_cpu_ns();
+  const int64_t proc = cpu_ns(CLOCK_PROCESS_CPUTIME_ID);
   // CPU time a neighbour may have had on our CPUs in the interval (what this process left of them)
   const double spare = std::max(0.0, double(allowed_cpus()) * double(now - last) - double(proc - process_cpu));
   process_cpu = proc;
