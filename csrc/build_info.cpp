@@ -108,13 +108,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
     return d;
   }, "The CPU loops' contention guard (csrc/cpu/parallel.h): stalls seen since start, serial window left; OpenMP "
      "windows begun (waits among our own threads), OpenMP window left.");
-  m.def("serialize_cpu_for", [](double seconds) {
+  m.def("cpu_window", [](const std::string& kind, double seconds) {
+    TORCH_CHECK_VALUE(kind == "serial" || kind == "openmp", "cpu_window: kind must be 'serial' or 'openmp'; got '",
+                      kind, "'");
     // 1e6 s (11 days) bounds the product well inside int64 nanoseconds (a cast of inf or 1e10 s is undefined)
-    TORCH_CHECK_VALUE(seconds >= 0.0 && seconds <= 1e6, "serialize_cpu_for: seconds must be in [0, 1e6]; got ",
-                      seconds);
-    amnets::cpu::serialize_for(static_cast<int64_t>(seconds * 1e9));
+    TORCH_CHECK_VALUE(seconds >= 0.0 && seconds <= 1e6, "cpu_window: seconds must be in [0, 1e6]; got ", seconds);
+    amnets::cpu::open_window(kind == "serial" ? amnets::cpu::Window::kSerial : amnets::cpu::Window::kOpenMp,
+                             static_cast<int64_t>(seconds * 1e9));
   },
-        "Tests only: run the CPU loops on their callers alone for this long (0 ends it).");
+        "Tests only: the CPU loops run on their callers alone ('serial') or on ATen's OpenMP threads ('openmp') for "
+        "this long, as in the contention guard's windows (0 ends one).");
   m.def("set_cpu_amx", [](const std::string& mode) { amnets::amx::set_mode(mode.c_str()); },
         "'auto' (AMX tiles where the CPU has them), 'off', or 'emulate' (tests only: the tile kernels on a "
         "scalar emulation of AMX, on any CPU).");

@@ -66,14 +66,14 @@ def test_a_serial_window_gives_the_same_results_and_restores_the_thread_count(na
     try:
         torch.set_num_threads(2)
         want = fn()
-        _C.serialize_cpu_for(60.0)
+        _C.cpu_window("serial", 60.0)
         assert _C.cpu_contention()["serial_for_ms"] > 0
         got = fn()
         assert torch.get_num_threads() == 2  # the scope's per-thread OpenMP setting was put back
-        _C.serialize_cpu_for(0.0)
+        _C.cpu_window("serial", 0.0)
         again = fn()  # the window ended: threads again (what an op that outlives a window sees)
     finally:
-        _C.serialize_cpu_for(0.0)
+        _C.cpu_window("serial", 0.0)
         torch.set_num_threads(threads)
     assert _C.cpu_contention()["serial_for_ms"] == 0
     for a, b, c in zip(want, got, again):
@@ -161,9 +161,11 @@ def test_waits_among_our_own_threads_move_the_loops_onto_openmp(guard):
     assert (int(own) >= 1 and window == "True") if guard == "1" else (own, window) == ("0", "False")
 
 
-def test_the_serial_window_hook_refuses_what_int64_nanoseconds_cannot_hold():
+def test_the_window_hook_refuses_what_int64_nanoseconds_cannot_hold_and_unknown_kinds():
     for bad in (float("inf"), float("nan"), 1e10, -1.0):  # a cast of these to int64 ns was undefined
         with pytest.raises(ValueError, match=r"seconds must be in \[0, 1e6\]"):
-            _C.serialize_cpu_for(bad)
-    assert _C.cpu_contention()["serial_for_ms"] == 0
+            _C.cpu_window("serial", bad)
+    with pytest.raises(ValueError, match="kind must be 'serial' or 'openmp'; got 'pool'"):
+        _C.cpu_window("pool", 1.0)
+    assert _C.cpu_contention()["serial_for_ms"] == 0 and _C.cpu_contention()["openmp_for_ms"] == 0
 

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 import amnets.encoder as encoder_module
 import amnets_kernels as ak
+from amnets_kernels import _C
 from amnets.encoder import AmNetsEncoder
 
 from conftest import DEVICE
@@ -718,14 +719,23 @@ def test_thread_counts_and_a_forked_child_give_the_same_frames():
         assert torch.equal(a[0], b[0]) and torch.equal(a[2], b[2])
     ctx = multiprocessing.get_context("fork")
     results = ctx.Queue()
-    # fork: the closure is not pickled; a list, not a tensor (torch shares tensors through the child's fds)
-    child = ctx.Process(target=lambda: results.put(enc.stream(x)[0].tolist()))
-    child.start()
+    # The parent forks inside an OpenMP window of the contention guard (it opens one whenever its own threads
+    # wait for each other: CI hung here once so). libgomp cannot run a team in the child of a process that ran
+    # one, so the child must not inherit the window.
+    _C.cpu_window("openmp", 60.0)
     try:
-        out = results.get(timeout=120)  # a deadlocked pool would time out here
+        # fork: the closure is not pickled; a list, not a tensor (torch shares tensors through the child's fds)
+        child = ctx.Process(target=lambda: results.put((_C.cpu_contention()["openmp_for_ms"],
+                                                        enc.stream(x)[0].tolist())))
+        child.start()
+    finally:
+        _C.cpu_window("openmp", 0.0)
+    try:
+        window, out = results.get(timeout=120)  # a deadlocked pool or OpenMP team would time out here
     finally:
         child.join(timeout=10)
-    assert torch.equal(torch.tensor(out), two[0])
+        child.kill()  # a hung child would otherwise outlive the test
+    assert window == 0 and torch.equal(torch.tensor(out), two[0])
 
 
 def spins_while(call) -> tuple[float, float]:

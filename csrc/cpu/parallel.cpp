@@ -128,10 +128,15 @@ struct Watched {
 // are left), and its threads register again.
 std::mutex* watched_mutex = new std::mutex();
 std::vector<Watched>* watched = new std::vector<Watched>();
+// A forked child never opens OpenMP windows: libgomp cannot run a team in the child of a process that ran one
+// (its first region waits forever at the team barrier), so a window inherited or opened there hung our loops.
+bool forked_child = false;
 const int atfork = pthread_atfork(nullptr, nullptr, [] {
   watched_mutex = new std::mutex();
   watched = new std::vector<Watched>();
   generation.fetch_add(1);
+  forked_child = true;
+  openmp_until.store(0);
 });
 
 int64_t now_ns() {
@@ -153,7 +158,7 @@ int64_t cpu_ns(clockid_t clock) {
 
 bool serial(int64_t now) { return now < serial_until.load(std::memory_order_relaxed); }
 
-bool openmp(int64_t now) { return now < openmp_until.load(std::memory_order_relaxed); }
+bool openmp(int64_t now) { return !forked_child && now < openmp_until.load(std::memory_order_relaxed); }
 
 int allowed_cpus() {
   cpu_set_t set;
@@ -259,7 +264,7 @@ void look(int64_t now) {
   stale = false;
   if (stalled) {
     note_stall(now);
-  } else if (own_stall) {
+  } else if (own_stall && !forked_child) {
     if (!openmp(now)) own_waits.fetch_add(1, std::memory_order_relaxed);  // counts windows begun, not extended
     openmp_until.store(now + kOwnWindowNs, std::memory_order_relaxed);
   }
@@ -403,7 +408,10 @@ ContentionStats contention_stats() {
           guard::own_waits.load(std::memory_order_relaxed), std::max<int64_t>(openmp_left, 0)};
 }
 
-void serialize_for(int64_t ns) { guard::serial_until.store(guard::now_ns() + std::max<int64_t>(ns, 0)); }
+void open_window(Window kind, int64_t ns) {
+  auto& until = kind == Window::kSerial ? guard::serial_until : guard::openmp_until;
+  until.store(guard::now_ns() + std::max<int64_t>(ns, 0));
+}
 
 namespace {
 

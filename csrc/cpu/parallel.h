@@ -89,8 +89,10 @@ struct ContentionStats {
   int64_t openmp_for_ns;  // how long loops still run on ATen's OpenMP threads instead of the pool (0: not now)
 };
 ContentionStats contention_stats();
-// Tests: run every loop serially for the next `ns` nanoseconds (0 ends a window now).
-void serialize_for(int64_t ns);
+// Tests: run every loop serially (kSerial) or on OpenMP's threads (kOpenMp) for the next `ns` nanoseconds, as
+// the guard's windows do (0 ends a window now). A forked child ignores OpenMP windows (parallel.cpp).
+enum class Window { kSerial, kOpenMp };
+void open_window(Window kind, int64_t ns);
 
 template <typename F>
 void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
