@@ -3,8 +3,8 @@
 # order of what the open issues need most: issue 13's native-path measurements (benchmarks/native_path_cuda.py),
 # issue 12's frame engine on the GPU (benchmarks/frame_engine_cuda.py), the face tests on CUDA (real Triton, not
 # the interpreter) in two groups (the ops' faces first, then the modules and entry points), the lowrank_lstm
-# CUDA face's tests once more on its per-step path, the LSTM precision report, then every benchmark suite on its
-# GPU grid. Writes into OUT_DIR (default benchmarks/results):
+# CUDA face's tests once more on its per-step path and bsr_linear's with its split few-row kernel, the LSTM
+# precision report, then every benchmark suite on its GPU grid. Writes into OUT_DIR (default benchmarks/results):
 #   <gpu>.json/.md/.png   the benchmark rows (the JSON is rewritten after every case, so a cut-short run
 #                         still leaves what it measured)
 #   <gpu>-gpu-suite.log   build summary, issue targets, test results, precision report, benchmark progress,
@@ -138,6 +138,13 @@ if wanted step; then
   AMNETS_LSTM_CUDA_PATH=step AMNETS_TEST_DEVICE=cuda limited 60 $PY -m pytest -q -p no:cacheprovider \
     "${step_workers[@]}" -o addopts="-rfE" tests/test_lowrank_lstm.py -k cuda
   step_rc=$?
+  # bsr_linear's few-row kernel with each block row's blocks split over a CTA's warps (off by default until
+  # timed here; written 2026-12-05 without a GPU): every CUDA bsr test with it on.
+  stage "bsr_linear CUDA face with AMNETS_BSR_CUDA_SPLIT=on"
+  AMNETS_BSR_CUDA_SPLIT=on AMNETS_TEST_DEVICE=cuda limited 60 $PY -m pytest -q -p no:cacheprovider \
+    "${step_workers[@]}" -o addopts="-rfE" tests/test_bsr.py -k cuda
+  split_rc=$?
+  [ $split_rc -ne 0 ] && step_rc=$split_rc
 fi
 
 if wanted precision; then

@@ -1,9 +1,10 @@
 """python -m benchmarks.native_path_cuda: issue 13's GPU targets, for benchmarks/gpu_suite.sh.
 
   bsr_linear W 4096x2048, b=32, d=0.25, fp32, M = 1 and 16, timed inside a CUDA graph (20 calls captured,
-  replayed; CUDA events), against cuBLAS dense F.linear captured the same way (target <= 0.4x), with the
-  bandwidth on the bytes the op must read (target >= 70% of HBM); the host time of one eager call (launch
-  only, no sync between calls; target <= 15 us); whether rnnt_loss and bsr_linear run under
+  replayed; CUDA events; the CUDA face also with AMNETS_BSR_CUDA_SPLIT=auto, its few-row kernel with each
+  block row's blocks split over a CTA's warps), against cuBLAS dense F.linear captured the same way (target
+  <= 0.4x), with the bandwidth on the bytes the op must read (target >= 70% of HBM); the host time of one eager
+  call (launch only, no sync between calls; target <= 15 us); whether rnnt_loss and bsr_linear run under
   torch.cuda.set_sync_debug_mode("error") (no host sync; rnnt_loss checks its labels on the device since
   2026-11-29), and fused_joint_rnnt_loss fwd+bwd on a padded batch (its CUDA face's at::nonzero sync removed
   2026-12-04); rnnt_loss (16, 100, 30, 512) fwd+bwd eager and inside a CUDA graph against torchaudio eager
@@ -16,6 +17,8 @@ error and the others still run.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import time
 import traceback
 
@@ -77,6 +80,20 @@ def eager_us(fn, calls: int = 20) -> float:
     return sorted(times)[len(times) // 2]
 
 
+@contextlib.contextmanager
+def split_setting(value: str):
+    """AMNETS_BSR_CUDA_SPLIT (csrc/cuda/bsr.cu, read per call) set to value inside the block."""
+    before = os.environ.get("AMNETS_BSR_CUDA_SPLIT")
+    os.environ["AMNETS_BSR_CUDA_SPLIT"] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["AMNETS_BSR_CUDA_SPLIT"]
+        else:
+            os.environ["AMNETS_BSR_CUDA_SPLIT"] = before
+
+
 def run(label: str, fn) -> None:
     try:
         print(f"{label}: {fn()}")
@@ -116,6 +133,9 @@ def measure(tag: str) -> None:
                     f"{read / ours / 1e3:.0f} GB/s on the {read / 1e6:.1f} MB it reads")
 
         run(f"{tag}bsr_linear 4096x2048 b=32 d=0.25 M={m}, CUDA graph", ratio)
+        if tag == "[cuda] ":  # the few-row kernel with each block row's blocks split over a CTA's warps
+            with split_setting("auto"):
+                run(f"{tag}bsr_linear 4096x2048 b=32 d=0.25 M={m}, CUDA graph, AMNETS_BSR_CUDA_SPLIT=auto", ratio)
         run(f"{tag}bsr_linear M={m}, host time of one eager call (us, target <= 15)",
             lambda x=x: f"{host_us(lambda: ak.bsr_linear(x, weight)):.1f}")
     x = torch.randn(16, 2048, device="cuda")

@@ -104,6 +104,38 @@ def test_widths_and_alignments_that_change_kernel_paths(face, m):
         close(y, dense_linear(x, clean, None), torch.float32, scale=in_f ** 0.5)
 
 
+@pytest.mark.skipif(DEVICE != "cuda", reason="the CUDA face's few-row kernel")
+@pytest.mark.parametrize("split", ["off", "on", "auto"])
+@pytest.mark.parametrize("block", [16, 32, 64])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 13, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_cuda_few_rows_with_blocks_split_over_warps(monkeypatch, split, block, m, dtype):
+    """AMNETS_BSR_CUDA_SPLIT: each block row's blocks spread over a CTA's 4 warps, partial sums met in shared
+    memory. Block rows with 0, 1, 3 (fewer than the warps), 4 and 9 stored blocks, partial last block row and
+    column with poisoned padding, a bias: dense math, finite, and the same bits on a second call."""
+    monkeypatch.setenv("AMNETS_BSR_CUDA_SPLIT", split)
+    with use_face("bsr_linear", "cuda"):
+        out_f, in_f = 5 * block - 3, 9 * block + 5
+        counts = [0, 1, 3, 4, 9]
+        mask = torch.zeros(5, 10, dtype=torch.bool)
+        for r, count in enumerate(counts):
+            mask[r, torch.randperm(10)[:count]] = True
+        clean = BlockSparseMatrix.from_block_mask(rand(out_f, in_f, dtype=dtype, device=DEVICE), mask.to(DEVICE),
+                                                  block)
+        values = clean.values.detach().clone()
+        rows, cols = block_row_of(clean.crow_indices), clean.col_indices.long()
+        values[rows == out_f // block, out_f % block:, :] = float("nan")  # rows past out_features
+        values[cols == in_f // block, :, in_f % block:] = float("inf")  # columns past in_features
+        dirty = BlockSparseMatrix(values, clean.crow_indices, clean.col_indices, clean.shape)
+        x, bias = rand(m, in_f, dtype=dtype, device=DEVICE), rand(out_f, dtype=dtype, device=DEVICE)
+        y = ak.bsr_linear(x, dirty, bias)
+        assert torch.isfinite(y).all() and torch.equal(y, ak.bsr_linear(x, dirty, bias))
+        close(y, dense_linear(x, clean, bias), dtype, scale=in_f ** 0.5)
+        monkeypatch.setenv("AMNETS_BSR_CUDA_SPLIT", "sometimes")
+        with pytest.raises(ValueError, match="AMNETS_BSR_CUDA_SPLIT must be off, on or auto; got 'sometimes'"):
+            ak.bsr_linear(x, dirty, bias)
+
+
 @pytest.mark.parametrize("face", FACES)
 def test_non_contiguous_and_all_zero(face):
     with use_face("bsr_linear", face):

@@ -13,6 +13,8 @@
 //                                 L1 (every warp re-reads them; the weights skip L1); per-row dot products
 //                                 in fp32 registers, reduced by warp shuffles. All M rows in one pass
 //                                 (compiled for 1, 2, 4, 8, 16 rows), so the weights are read exactly once.
+//                                 Optionally (AMNETS_BSR_CUDA_SPLIT, see split_rows) a CTA's 4 warps share
+//                                 one slice and split its blocks: 4x the loads in flight for small grids.
 //   forward, M > 16 rows          tile_kernel<forward>: CTA per (block row, 64-row tile of x); each stored
 //                                 block and its x slice staged in shared memory as fp32, 4 x b/16 outputs
 //                                 per thread by plain FMA. Weights read once per 64 rows.
@@ -46,6 +48,8 @@
 
 #include <climits>
 #include <cstdint>
+#include <cstdlib>
+#include <string>
 #include <type_traits>
 
 namespace amnets::cuda {
@@ -107,14 +111,15 @@ __device__ __forceinline__ uint4 load_cached(const void* p) { return __ldg(reint
 constexpr int kRowsThreads = 128;  // 4 warps per CTA: small CTAs spread a small grid over more SMs
 constexpr int kMaxWarpRows = 16;   // M above this takes the tiled kernel
 
-template <typename T, int B, int MT>
+template <typename T, int B, int MT, int S>
 struct RowsLayout {
   static constexpr int kLanesPerRow = B / kVec<T>;              // lanes covering one row of a block
   static constexpr int kRowsPerWarp = kWarp / kLanesPerRow;     // block rows i one warp load covers
   static constexpr int kWarpsPerBlockRow = B / kRowsPerWarp;
   // Blocks loaded before the first is used: enough weight bytes in flight per SM to cover DRAM
-  // latency with few warps; fewer as the MT accumulators and x vectors take the registers.
-  static constexpr int kUnroll = MT <= 4 ? 8 : MT == 8 ? 4 : 2;
+  // latency with few warps; fewer as the MT accumulators and x vectors take the registers. Split (S > 1):
+  // half as many, each warp having a quarter of the blocks, and the registers freed go to more warps an SM.
+  static constexpr int kUnroll = S > 1 ? (MT <= 2 ? 4 : 2) : MT <= 4 ? 8 : MT == 8 ? 4 : 2;
   // M = 1 (streaming, one x load per block): the x loads of all kUnroll blocks are issued together
   // too, else their latencies add up one after another. With more rows each block already has MT x
   // loads in flight, and kUnroll x MT of them at once would not fit in the registers: there a branch
@@ -123,7 +128,8 @@ struct RowsLayout {
   // CTAs per SM the kernel is compiled for, which caps its registers at 65536 / (128 n), in units of
   // 8: 96 for M = 1 (kUnroll x loads in flight), 80 for MT = 2, 128 for MT >= 4 (the MT x loads of a
   // block in flight together). 16 to 24 warps per SM, each with kUnroll x 512 weight bytes in flight.
-  static constexpr int kMinBlocks = MT == 1 ? 5 : MT == 2 ? 6 : 4;
+  // Split: 64 registers for MT <= 2 (32 warps an SM), 80 for MT = 4 and 8.
+  static constexpr int kMinBlocks = S > 1 ? (MT <= 2 ? 8 : MT <= 8 ? 6 : 4) : MT == 1 ? 5 : MT == 2 ? 6 : 4;
   static_assert(kLanesPerRow >= 1 && kLanesPerRow <= kWarp && kWarp % kLanesPerRow == 0, "lane layout");
   static_assert(B % kRowsPerWarp == 0, "whole warps per block row");
 };
@@ -154,17 +160,24 @@ __device__ __forceinline__ void dot_block(const uint4& raw, int c0, bool live, i
   }
 }
 
-template <typename T, int B, int MT>
-__global__ void __launch_bounds__(kRowsThreads, (RowsLayout<T, B, MT>::kMinBlocks))
+// S: warps sharing one (block row, slice of its rows). S = 1: a warp walks the block row's blocks alone. S = 4
+// (the whole CTA): warp s takes blocks s, s + 4, ... and the four partial sums meet in shared memory, in a fixed
+// order. A small grid (few block rows: one layer of a streaming model) then has 4x the warps, hence 4x the
+// weight bytes in flight, and each warp a quarter of the dependent load rounds (col, then x) it walked alone.
+template <typename T, int B, int MT, int S>
+__global__ void __launch_bounds__(kRowsThreads, (RowsLayout<T, B, MT, S>::kMinBlocks))
     forward_rows_kernel(const T* __restrict__ x, int64_t ldx, const T* __restrict__ values,
                         const int* __restrict__ crow, const int* __restrict__ col, const T* __restrict__ bias,
                         T* __restrict__ y, int M, int N, int K) {
-  using L = RowsLayout<T, B, MT>;
+  using L = RowsLayout<T, B, MT, S>;
   constexpr int U = L::kUnroll;
-  const int64_t warp = (int64_t(blockIdx.x) * kRowsThreads + threadIdx.x) / kWarp;
-  const int lane = threadIdx.x % kWarp;
-  const int64_t r = warp / L::kWarpsPerBlockRow;
-  const int first_i = int(warp % L::kWarpsPerBlockRow) * L::kRowsPerWarp;
+  constexpr int kCtaWarps = kRowsThreads / kWarp;
+  // S = kCtaWarps: a CTA is one slice, so the exit below is uniform over it and its __syncthreads is safe.
+  static_assert(S == 1 || S == kCtaWarps, "split over one warp or the whole CTA");
+  const int lane = threadIdx.x % kWarp, s = S == 1 ? 0 : int(threadIdx.x / kWarp);
+  const int64_t slice = (int64_t(blockIdx.x) * kRowsThreads + threadIdx.x) / kWarp / S;
+  const int64_t r = slice / L::kWarpsPerBlockRow;
+  const int first_i = int(slice % L::kWarpsPerBlockRow) * L::kRowsPerWarp;
   // Warp-uniform exit (no lane of it is needed by a shuffle): rows all past out_features, which
   // includes the warps past the last block row.
   if (r * B + first_i >= N) return;
@@ -173,22 +186,23 @@ __global__ void __launch_bounds__(kRowsThreads, (RowsLayout<T, B, MT>::kMinBlock
 
   float acc[MT] = {};
   const int k_end = crow[r + 1];
-  for (int k0 = crow[r]; k0 < k_end; k0 += U) {
+  for (int k0 = crow[r] + s; k0 < k_end; k0 += U * S) {  // this warp's blocks: k0, k0 + S, ..., k0 + (U - 1) S
     uint4 w[U];
     int c[U];
 #pragma unroll
     for (int u = 0; u < U; ++u) {  // all U loads issued before the first is used
+      const int k = k0 + u * S;
       w[u] = make_uint4(0, 0, 0, 0);
       c[u] = 0;
-      if (k0 + u < k_end) {
-        c[u] = col[k0 + u];
-        w[u] = load_weights(values + (int64_t(k0 + u) * B + i) * B + j0);
+      if (k < k_end) {
+        c[u] = col[k];
+        w[u] = load_weights(values + (int64_t(k) * B + i) * B + j0);
       }
     }
 #pragma unroll
     for (int u = 0; u < U; ++u) {  // a missing block (past k_end) has w = 0 and is not live
       const int c0 = c[u] * B + j0;
-      const bool live = k0 + u < k_end && c0 < K;
+      const bool live = k0 + u * S < k_end && c0 < K;
       if (L::kAllXTogether || live) dot_block<T, MT>(w[u], c0, live, K, x, ldx, M, acc);
     }
   }
@@ -199,13 +213,31 @@ __global__ void __launch_bounds__(kRowsThreads, (RowsLayout<T, B, MT>::kMinBlock
   for (int m = 0; m < MT; ++m)
 #pragma unroll
     for (int off = L::kLanesPerRow / 2; off > 0; off /= 2) acc[m] += __shfl_xor_sync(kFullMask, acc[m], off);
+  // The lane that stores row m's output: the spread above.
+  const auto stores = [&](int m) { return m < M && m % L::kLanesPerRow == lane % L::kLanesPerRow; };
+  if constexpr (S > 1) {
+    __shared__ float partial[S][MT][L::kRowsPerWarp];
+#pragma unroll
+    for (int m = 0; m < MT; ++m)
+      if (stores(m)) partial[s][m][i - first_i] = acc[m];
+    __syncthreads();
+    if (s != 0) return;
+#pragma unroll
+    for (int m = 0; m < MT; ++m) {
+      if (!stores(m)) continue;
+      float sum = partial[0][m][i - first_i];
+#pragma unroll
+      for (int t = 1; t < S; ++t) sum += partial[t][m][i - first_i];
+      acc[m] = sum;
+    }
+  }
 
   const int64_t n = r * B + i;
   if (n >= N) return;  // rows past out_features (their weights may be NaN; never stored)
   const float b = bias != nullptr ? static_cast<float>(bias[n]) : 0.f;
 #pragma unroll
   for (int m = 0; m < MT; ++m) {
-    if (m < M && m % L::kLanesPerRow == lane % L::kLanesPerRow) y[m * int64_t(N) + n] = static_cast<T>(acc[m] + b);
+    if (stores(m)) y[m * int64_t(N) + n] = static_cast<T>(acc[m] + b);
   }
 }
 
@@ -533,6 +565,18 @@ Tensor padded_copy(const Tensor& x, int64_t width) {
   return out;
 }
 
+// Whether the few-row forward splits each block row's blocks over a CTA's warps (forward_rows_kernel's S):
+// AMNETS_BSR_CUDA_SPLIT = off (the default until a GPU has timed it: written 2026-12-05 without one), on, or
+// auto (when the unsplit grid, `slices` warps, would leave the GPU under 16 warps an SM).
+bool split_rows(int64_t slices) {
+  const char* env = std::getenv("AMNETS_BSR_CUDA_SPLIT");
+  const std::string value = env == nullptr || *env == '\0' ? "off" : env;
+  TORCH_CHECK_VALUE(value == "off" || value == "on" || value == "auto",
+                    "bsr_linear (cuda): AMNETS_BSR_CUDA_SPLIT must be off, on or auto; got '", value, "'");
+  if (value != "auto") return value == "on";
+  return slices < int64_t(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 16;
+}
+
 template <typename T, int B>
 void forward_fast(const Problem& p, const Tensor& x, const Tensor& values, const Tensor& crow, const Tensor& col,
                   const Tensor& bias, const Tensor& y) {
@@ -542,10 +586,17 @@ void forward_fast(const Problem& p, const Tensor& x, const Tensor& values, const
     const Tensor xs = x_ok ? x : padded_copy(x, int64_t(p.Kb) * B);
     with_rows_tile(p.M, [&](auto mt) {
       constexpr int MT = decltype(mt)::value;
-      const int64_t threads = int64_t(p.Nb) * RowsLayout<T, B, MT>::kWarpsPerBlockRow * kWarp;
-      launch(forward_rows_kernel<T, B, MT>, ceil_div(threads, kRowsThreads), kRowsThreads, ptr<T>(xs),
-             xs.size(1), ptr<T>(values), ptr<int>(crow), ptr<int>(col), ptr<T>(bias), mutable_ptr<T>(y),
-             int(p.M), p.N, p.K);
+      const int64_t slices = int64_t(p.Nb) * RowsLayout<T, B, MT, 1>::kWarpsPerBlockRow;  // the same for any S
+      const auto go = [&](auto kernel, int64_t warps) {
+        launch(kernel, ceil_div(warps * kWarp, kRowsThreads), kRowsThreads, ptr<T>(xs), xs.size(1), ptr<T>(values),
+               ptr<int>(crow), ptr<int>(col), ptr<T>(bias), mutable_ptr<T>(y), int(p.M), p.N, p.K);
+      };
+      constexpr int kSplit = kRowsThreads / kWarp;
+      if (split_rows(slices)) {
+        go(forward_rows_kernel<T, B, MT, kSplit>, slices * kSplit);
+      } else {
+        go(forward_rows_kernel<T, B, MT, 1>, slices);
+      }
     });
     return;
   }
