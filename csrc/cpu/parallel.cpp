@@ -158,7 +158,7 @@ int64_t cpu_ns(clockid_t clock) {
 
 bool serial(int64_t now) { return now < serial_until.load(std::memory_order_relaxed); }
 
-bool openmp(int64_t now) { return !forked_child && now < openmp_until.load(std::memory_order_relaxed); }
+bool openmp(int64_t now) { return now < openmp_until.load(std::memory_order_relaxed); }
 
 int allowed_cpus() {
   cpu_set_t set;
@@ -409,6 +409,7 @@ ContentionStats contention_stats() {
 }
 
 void open_window(Window kind, int64_t ns) {
+  if (kind == Window::kOpenMp && guard::forked_child) return;  // never there (guard::forked_child says why)
   auto& until = kind == Window::kSerial ? guard::serial_until : guard::openmp_until;
   until.store(guard::now_ns() + std::max<int64_t>(ns, 0));
 }

@@ -90,7 +90,7 @@ struct ContentionStats {
 };
 ContentionStats contention_stats();
 // Tests: run every loop serially (kSerial) or on OpenMP's threads (kOpenMp) for the next `ns` nanoseconds, as
-// the guard's windows do (0 ends a window now). A forked child ignores OpenMP windows (parallel.cpp).
+// the guard's windows do (0 ends a window now). A forked child opens no OpenMP window (parallel.cpp).
 enum class Window { kSerial, kOpenMp };
 void open_window(Window kind, int64_t ns);
 
