@@ -109,13 +109,24 @@ def _walk(acc, values_ptr, crow_ptr, col_ptr, line, split, SPLIT, enabled, x_ptr
             acc = _mac(acc, z, w, USE_DOT)
     else:
         # Without tl.dot it does not (no cp.async in the PTX): each block would be one HBM round trip after the
-        # other. So four blocks' loads are issued before the first is used, summed in the same order.
+        # other. So four blocks' loads are issued before the first is used.
+        # One row (a B=1 stream) sums the products w[n, j] z[j] over the blocks in w's own layout, and over j once
+        # after the loop: reduced a block at a time, as several rows are, every block cost its (B, B) weights a trip
+        # through shared memory into the broadcast product's layout, a barrier and B/4 shuffle reductions (sm_90
+        # PTX, b=32: 50 barriers and 320 shuffles in the kernel; this way 5 and 12, the loads still 16 bytes wide).
+        one_row: tl.constexpr = rows.shape[0] == 1
+        wide = tl.zeros((B, B), dtype=tl.float32)
         for e in range(lo, hi, 4):
             z0, w0 = _block(values_ptr, col_ptr, e, hi, x_ptr, stride_x, h_ptr, stride_h, D, K, rows, rows_on, B)
             z1, w1 = _block(values_ptr, col_ptr, e + 1, hi, x_ptr, stride_x, h_ptr, stride_h, D, K, rows, rows_on, B)
             z2, w2 = _block(values_ptr, col_ptr, e + 2, hi, x_ptr, stride_x, h_ptr, stride_h, D, K, rows, rows_on, B)
             z3, w3 = _block(values_ptr, col_ptr, e + 3, hi, x_ptr, stride_x, h_ptr, stride_h, D, K, rows, rows_on, B)
-            acc = _mac(_mac(_mac(_mac(acc, z0, w0, USE_DOT), z1, w1, USE_DOT), z2, w2, USE_DOT), z3, w3, USE_DOT)
+            if one_row:
+                wide += w0 * z0 + w1 * z1 + w2 * z2 + w3 * z3
+            else:
+                acc = _mac(_mac(_mac(_mac(acc, z0, w0, USE_DOT), z1, w1, USE_DOT), z2, w2, USE_DOT), z3, w3, USE_DOT)
+        if one_row:
+            acc += tl.sum(wide, axis=1)[None, :]
     return acc
 
 
