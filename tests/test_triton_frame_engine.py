@@ -246,11 +246,13 @@ def test_block_64_wide_arbitrator_and_four_layer_decisions():
 @pytest.mark.parametrize("batch", [1, 3])
 def test_rows_of_more_than_four_blocks_a_program(cheap, batch):
     """Below 16 rows the walk over a gate row's blocks issues four blocks' loads at once: rows of 6 and 9 blocks
-    of 16 (input 24, hidden 72) in one split cover a full group of four and a tail, full and arbitrated."""
+    of 16 (input 24, hidden 72) in one split cover a full group of four and a tail, full, cheap and arbitrated.
+    One row (batch 1) sums its products after the loops (the blocks, the low-rank projection and U s): all-cheap
+    frames are the ones that run the last two."""
     cfg = dict(cheap=cheap, layers=2, hidden=72, inp=24, block=16, per_layer=False, uses_state=True, batch=batch,
                frames=2, threshold=0.5, force=None, seed=11)
     enc, x, _ = build(cfg)
-    for force in ("full", None):
+    for force in ("full", "cheap", None):
         assert_same(engine_stream(enc, x, force=force, split=1), per_layer_stream(enc, x, force=force))
 
 

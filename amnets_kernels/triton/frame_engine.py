@@ -92,6 +92,18 @@ def _mac(acc, a, w, USE_DOT: tl.constexpr):
         return acc + tl.sum(a[:, None, :] * w[None, :, :], axis=2)
 
 
+# One row (a B=1 stream) does not take _mac's path a step at a time: the loops sum its products a (1, J) * w (N, J)
+# into `wide` (N, J), in w's own layout, and over J once after the loop (_fold). A step's reduction cost w a trip
+# through shared memory into the broadcast product's layout, a barrier and shuffle sums (sm_90 PTX of the b=32 gates
+# kernel: 50 barriers and 320 shuffles; this way 5 and 12, the weight loads still 16 bytes wide).
+
+
+@triton.jit
+def _fold(acc, wide):
+    """acc (1, N) + the row sums of wide (N, J)."""
+    return acc + tl.sum(wide, axis=1)[None, :]
+
+
 @triton.jit
 def _walk(acc, values_ptr, crow_ptr, col_ptr, line, split, SPLIT, enabled, x_ptr, stride_x, h_ptr, stride_h,
           D, K, rows, rows_on, B: tl.constexpr, USE_DOT: tl.constexpr):
@@ -110,10 +122,6 @@ def _walk(acc, values_ptr, crow_ptr, col_ptr, line, split, SPLIT, enabled, x_ptr
     else:
         # Without tl.dot it does not (no cp.async in the PTX): each block would be one HBM round trip after the
         # other. So four blocks' loads are issued before the first is used.
-        # One row (a B=1 stream) sums the products w[n, j] z[j] over the blocks in w's own layout, and over j once
-        # after the loop: reduced a block at a time, as several rows are, every block cost its (B, B) weights a trip
-        # through shared memory into the broadcast product's layout, a barrier and B/4 shuffle reductions (sm_90
-        # PTX, b=32: 50 barriers and 320 shuffles in the kernel; this way 5 and 12, the loads still 16 bytes wide).
         one_row: tl.constexpr = rows.shape[0] == 1
         wide = tl.zeros((B, B), dtype=tl.float32)
         for e in range(lo, hi, 4):
@@ -126,7 +134,7 @@ def _walk(acc, values_ptr, crow_ptr, col_ptr, line, split, SPLIT, enabled, x_ptr
             else:
                 acc = _mac(_mac(_mac(_mac(acc, z0, w0, USE_DOT), z1, w1, USE_DOT), z2, w2, USE_DOT), z3, w3, USE_DOT)
         if one_row:
-            acc += tl.sum(wide, axis=1)[None, :]
+            acc = _fold(acc, wide)
     return acc
 
 
@@ -177,11 +185,17 @@ def _gates_kernel(x_ptr, stride_x, h_ptr, stride_h, D, K, M, full_ptr, stride_fu
                 x_ptr, stride_x, h_ptr, stride_h, D, K, rows, full, B, USE_DOT)
     o = line * B + tl.arange(0, B)
     if LOWRANK:
+        wide = tl.zeros((B, RANK_STEP), dtype=tl.float32)
         for r0 in range(rank_lo, rank_hi, RANK_STEP):
             r = r0 + tl.arange(0, RANK_STEP)
             s = tl.load(s_ptr + rows.to(tl.int64)[:, None] * R + r[None, :], mask=row_ok[:, None], other=0.0)
             u = _f32(tl.load(u_ptr + o.to(tl.int64)[:, None] * R + r[None, :]))
-            acc = _mac(acc, s, u, USE_DOT)
+            if BLOCK_M == 1:
+                wide += u * s
+            else:
+                acc = _mac(acc, s, u, USE_DOT)
+        if BLOCK_M == 1:
+            acc = _fold(acc, wide)
     out = part_ptr + (split * M + rows).to(tl.int64)[:, None] * NP + o[None, :]
     tl.store(out, acc, mask=row_ok[:, None])
     if FUSE != 0:
@@ -217,12 +231,19 @@ def _project_kernel(x_ptr, stride_x, D, h_ptr, stride_h, H, M, full_ptr, stride_
 @triton.jit
 def _project(acc, src_ptr, stride_src, N, v_ptr, r, rows, on, any_on, STEP_K: tl.constexpr, USE_DOT: tl.constexpr):
     n = tl.where(any_on, N, 0)
+    one_row: tl.constexpr = rows.shape[0] == 1
+    wide = tl.zeros((r.shape[0], STEP_K), dtype=tl.float32)
     for k0 in range(0, n, STEP_K):
         k = k0 + tl.arange(0, STEP_K)
         z = _f32(tl.load(src_ptr + rows.to(tl.int64)[:, None] * stride_src + k[None, :],
                          mask=on[:, None] & (k < N)[None, :], other=0.0))
         v = _f32(tl.load(v_ptr + r.to(tl.int64)[:, None] * N + k[None, :], mask=(k < N)[None, :], other=0.0))
-        acc = _mac(acc, z, v, USE_DOT)
+        if one_row:
+            wide += v * z
+        else:
+            acc = _mac(acc, z, v, USE_DOT)
+    if one_row:
+        acc = _fold(acc, wide)
     return acc
 
 
