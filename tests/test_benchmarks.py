@@ -221,6 +221,7 @@ def test_frame_engine_cuda_rows_run_end_to_end(monkeypatch, capsys):
     monkeypatch.setattr(bench, "MIXED_CHUNK", 1)
     monkeypatch.setattr(bench, "PROFILED_FRAMES", 1)
     monkeypatch.setattr(bench, "SPLITS", (None, 1))
+    monkeypatch.setattr(bench, "MIXED_SPLITS", (None, 1))
     monkeypatch.setattr(bench, "no_host_sync", lambda streamer, x: "none")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
@@ -231,8 +232,11 @@ def test_frame_engine_cuda_rows_run_end_to_end(monkeypatch, capsys):
     assert "FAILED" not in out, out
     profiled = [line for line in out.splitlines() if "where a frame's time goes" in line]
     tuned = [line for line in out.splitlines() if "by split" in line or "without CUDA graphs" in line]
-    assert len(tuned) == 2 * 2 and all("default: " in line and "; 1: " in line and "its own launch: " in line
-                                       for line in tuned[::2]), out
+    mixed = [line for line in tuned if "B=4: us a frame at f = 0 / 0.25 / 1" in line]
+    assert len(mixed) == 1 and "default: " in mixed[0] and "; 1: " in mixed[0], out
+    single = [line for line in tuned if line not in mixed]
+    assert len(single) == 2 * 2 and all("default: " in line and "; 1: " in line and "its own launch: " in line
+                                        for line in single[::2]), out
     rows = [line for line in out.splitlines() if line.startswith("| H=") and line not in profiled + tuned]
     assert len(rows) == 2 * (2 + 1) + 2 * 2 + 2 * 3, out  # B=1 big (2 ratios + syncs), H=192 (2), B=64 (3)
     for cheap in ("sparse", "lowrank"):  # the profile's first line of each: wall time, launches, device time
