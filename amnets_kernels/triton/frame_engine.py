@@ -574,7 +574,7 @@ class FrameEngine:
             chunk.c.copy_(c)
             out, dec = chunk.launch(x, rows.to(torch.int8) if code == 2 else None, cut)
             h, c = chunk.h.clone(), chunk.c.clone()
-        return out, h, c, self._decisions(dec)
+        return out, h, c, dec
 
     def stream(self, batch: int, code: int, rows, cut: float) -> "Stream":
         """A live stream on this engine, as the CPU engine's: `s(x) -> (out, decisions)`, the state kept."""
@@ -702,7 +702,8 @@ class _Chunk:
             self.c.zero_()
             self.graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self.graph):
-                self.out, self.dec = engine._chunk(self.x, self.h, self.c, code, self.rows)
+                self.out, dec = engine._chunk(self.x, self.h, self.c, code, self.rows)
+            self.decisions = engine._decisions(dec)  # the view a call clones: one op of host time, not three
 
     def evict(self) -> None:
         """The holder (if any) takes its state out of h and c, into tensors of its own."""
@@ -712,7 +713,7 @@ class _Chunk:
         self.holder = None
 
     def launch(self, x, rows, cut: float):
-        """One chunk on the state in h and c -> (out, dec), tensors the caller keeps."""
+        """One chunk on the state in h and c -> (out, decisions), tensors the caller keeps."""
         engine = self.engine
         if cut != engine._cut_value:  # a device scalar: a graph replays with the cut of the call
             engine._cut.fill_(cut)
@@ -721,10 +722,11 @@ class _Chunk:
             self.rows.copy_(rows)
             self.rows_from = rows
         if self.graph is None:
-            return engine._chunk(x.contiguous(), self.h, self.c, self.code, self.rows)
+            out, dec = engine._chunk(x.contiguous(), self.h, self.c, self.code, self.rows)
+            return out, engine._decisions(dec)
         self.x.copy_(x)
         self.graph.replay()
-        return self.out.clone(), self.dec.clone()
+        return self.out.clone(), self.decisions.clone()
 
 
 class Stream:
@@ -764,7 +766,7 @@ class Stream:
                     self._drop()
                     chunk.holder, self._held = weakref.ref(self), chunk
                 out, dec = chunk.launch(x, self.rows, self.cut)
-        return out, engine._decisions(dec)
+        return out, dec
 
     def _tensors(self):
         """The state where it is now (not a copy); under the engine's lock."""
