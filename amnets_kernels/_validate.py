@@ -273,6 +273,9 @@ def lowrank_lstm(op: str, x, h, c, w_ih_u, w_ih_v, w_hh_u, w_hh_v, bias, *, sequ
             raise ValueError(f"{op}: {pre}_u must have 4*H = {4 * hidden} rows (gates i, f, g, o; "
                              f"H = {hidden} from w_hh_v); got shape {tuple(w_u.shape)}")
         rank = w_u.shape[1]
+        if pre == "w_ih" and tuple(w_v.shape[:1]) == (rank,) and w_v.shape[1] != d:  # the factors agree
+            raise ValueError(f"{op}: x's last dim (D = {d}) and w_ih_v's columns ({w_v.shape[1]}) must agree; got x "
+                             f"of shape {tuple(x.shape)}, w_ih_v of shape {tuple(w_v.shape)}")
         _shape(op, f"{pre}_v", w_v, (rank, k), f"(rank, {'D' if pre == 'w_ih' else 'H'}) = ")
         if not 1 <= rank <= min(4 * hidden, k):
             raise ValueError(f"{op}: the rank of {pre} ({pre}_u.shape[1] = {rank}) must be in "
@@ -323,6 +326,17 @@ def _reduction_and_clamp(op, reduction, clamp):
         raise TypeError(f"{op}: clamp must be a float; got {type(clamp).__name__}")
     if clamp != clamp:  # as csrc/rnnt.cpp's check_clamp
         raise ValueError(f"{op}: clamp must be a number (<= 0: no clamp); got nan")
+
+
+def loss_module(op, blank, clamp, reduction, activation=None, vocab=None, **flags) -> None:
+    """The loss modules' settings, checked when the module is built (the op checks them again per call)."""
+    scalars(op, blank=blank, clamp=clamp, reduction=reduction, **flags,
+            **({} if activation is None else {"activation": activation}))
+    _reduction_and_clamp(op, reduction, clamp)
+    if activation is not None and activation not in ACTIVATIONS:
+        raise ValueError(f"{op}: activation must be one of {ACTIVATIONS}; got {activation!r}")
+    if vocab is not None and not -vocab <= blank < vocab:
+        raise ValueError(f"{op}: blank must be in [-V, V) = [{-vocab}, {vocab}) (V = vocab_size); got {blank}")
 
 
 def rnnt_loss(op, logits, targets, logit_lengths, target_lengths, blank, clamp, reduction, *, data) -> int:

@@ -182,6 +182,9 @@ class BlockSparseMatrix:
             raise ValueError("BlockSparseMatrix.from_torch_bsr: blocks must be square; got values of shape "
                              f"{tuple(values.shape)}")
         full = tuple(tensor.shape)
+        if shape is not None and not (isinstance(shape, (tuple, list, torch.Size)) and len(shape) == 2):
+            raise ValueError("BlockSparseMatrix.from_torch_bsr: shape must be (out_features, in_features), two ints "
+                             f">= 1, or None (the tensor's); got {shape!r}")
         shape = full if shape is None else tuple(shape)
         b = values.shape[1]
         if block_grid(shape, b) != (full[0] // b, full[1] // b):
@@ -282,6 +285,11 @@ torch.serialization.add_safe_globals([BlockSparseMatrix])
 def _svd_input(op: str, weight: Tensor) -> Tensor:
     """`weight` (2-D, floating, finite) detached in float64, as the SVDs below take it."""
     _validate._tensor(op, "weight", weight, ndim=2, dtypes=_validate.FLOAT_DTYPES)
+    if weight.device.type == "meta":
+        raise ValueError(f"{op}: weight is on the meta device, which holds no values to decompose; pass the "
+                         "weight on a real device")
+    if weight.numel() == 0:
+        raise ValueError(f"{op}: weight must be non-empty; got shape {tuple(weight.shape)}")
     weight = weight.detach().to(torch.float64)
     if not torch.isfinite(weight).all():
         raise ValueError(f"{op}: weight must be finite (its singular values are not defined otherwise)")

@@ -230,6 +230,9 @@ inline int64_t lowrank_lstm_args(const char* op, const at::Tensor& x, const at::
     TORCH_CHECK_VALUE(w_u->size(0) == 4 * hidden, op, ": ", pre, "_u must have 4*H = ", 4 * hidden,
                       " rows (gates i, f, g, o; H = ", hidden, " from w_hh_v); got shape ", py_shape(w_u->sizes()));
     const int64_t rank = w_u->size(1);
+    TORCH_CHECK_VALUE(!input || w_v->size(0) != rank || w_v->size(1) == d, op, ": x's last dim (D = ", d,  // the
+                      ") and w_ih_v's columns (", w_v->size(1), ") must agree; got x of shape ",  // factors agree
+                      py_shape(x.sizes()), ", w_ih_v of shape ", py_shape(w_v->sizes()));
     shape(op, (std::string(pre) + "_v").c_str(), *w_v, {rank, k}, input ? "(rank, D) = " : "(rank, H) = ");
     TORCH_CHECK_VALUE(rank >= 1 && rank <= std::min(4 * hidden, k), op, ": the rank of ", pre, " (", pre,
                       "_u.shape[1] = ", rank, ") must be in [1, min(4*H, ", input ? "D" : "H", ")] = [1, ",

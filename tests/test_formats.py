@@ -151,6 +151,12 @@ def test_rank_for_energy_at_extreme_magnitudes_and_bad_arguments():
         ak.rank_for_energy(torch.randn(4), 0.9)
     with pytest.raises(ValueError, match=r"energy must be a number in \(0, 1\]"):
         ak.rank_for_energy(torch.randn(4, 4), "0.5")
+    for decompose in (lambda w: ak.rank_for_energy(w, 0.9), lambda w: ak.lowrank_factors(w, 1)):
+        for shape in ((0, 5), (5, 0)):  # was an IndexError from the empty singular values
+            with pytest.raises(ValueError, match=r"weight must be non-empty; got shape"):
+                decompose(torch.zeros(shape))
+        with pytest.raises(ValueError, match="weight is on the meta device"):  # was Tensor.item()'s RuntimeError
+            decompose(torch.empty(8, 4, device="meta"))
 
 
 def test_construction_errors_name_the_argument():
@@ -173,6 +179,9 @@ def test_construction_errors_name_the_argument():
     batched = torch.stack([good.to_dense()] * 2).to_sparse_bsr((4, 4))
     with pytest.raises(ValueError, match="plain 2-D BSR matrix"):
         BlockSparseMatrix.from_torch_bsr(batched)
+    for shape in ((8,), 8, (8, 12, 1)):  # the first two were an IndexError and a TypeError
+        with pytest.raises(ValueError, match=r"shape must be \(out_features, in_features\), two ints >= 1"):
+            BlockSparseMatrix.from_torch_bsr(good.to_torch_bsr(), shape)
 
 
 def test_a_saved_matrix_loads_with_weights_only_and_copies_copy_the_indices(tmp_path):

@@ -368,7 +368,10 @@ def _seq_args():
 
 
 @pytest.mark.parametrize("change, error, match", [
-    (dict(x=torch.zeros(4, 2, 6)), ValueError, r"w_ih_v must have shape \(rank, D\) = \(2, 6\)"),
+    (dict(x=torch.zeros(4, 2, 6)), ValueError, r"x's last dim \(D = 6\) and w_ih_v's columns \(5\) must agree; "
+                                                r"got x of shape \(4, 2, 6\), w_ih_v of shape \(2, 5\)"),
+    (dict(w_ih_v=torch.zeros(2, 6)), ValueError, r"x's last dim \(D = 5\) and w_ih_v's columns \(6\) must agree"),
+    (dict(w_ih_v=torch.zeros(3, 5)), ValueError, r"w_ih_v must have shape \(rank, D\) = \(2, 5\)"),
     (dict(x=torch.zeros(2, 5)), ValueError, r"x must be 3-D"),
     (dict(x=torch.zeros(0, 2, 5)), ValueError, r"at least one time step"),
     (dict(h0=torch.zeros(3, 3)), ValueError, r"h0 must have shape \(B, H\) = \(2, 3\)"),
@@ -393,6 +396,10 @@ def test_cell_bad_arguments():
         ak.lowrank_lstm_cell(torch.zeros(2, 5), torch.zeros(2, 3), torch.zeros(2, 4), *w)
     with pytest.raises(TypeError, match=r"lowrank_lstm_cell: h must be a torch.Tensor; got NoneType"):
         ak.lowrank_lstm_cell(torch.zeros(2, 5), None, torch.zeros(2, 3), *w)
+    for face in FACES:  # x off by one feature: x is named too (only w_ih_v was)
+        with ak.use_backend(face), pytest.raises(ValueError, match=r"lowrank_lstm_cell: x's last dim \(D = 6\) "
+                                                                    r"and w_ih_v's columns \(5\) must agree"):
+            ak.lowrank_lstm_cell(torch.zeros(2, 6), torch.zeros(2, 3), torch.zeros(2, 3), *w)
 
 
 @pytest.mark.parametrize("face", FACES)

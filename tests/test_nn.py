@@ -148,6 +148,26 @@ def test_fused_joint_module_equals_materialised_logits(face):
         assert shared.weight is linear.weight and shared.bias is linear.bias
 
 
+@pytest.mark.parametrize("build, error, match", [
+    (lambda: FusedJointRNNTLoss(0, 6), ValueError, "FusedJointRNNTLoss: hidden_size must be >= 1"),  # was 1/0
+    (lambda: FusedJointRNNTLoss(4, -1), ValueError, "FusedJointRNNTLoss: vocab_size must be >= 1"),
+    (lambda: FusedJointRNNTLoss(2.5, 6), TypeError, "FusedJointRNNTLoss: hidden_size must be an int"),
+    (lambda: FusedJointRNNTLoss(4, 0), ValueError, "vocab_size must be >= 1"),  # these four: at the first call
+    (lambda: FusedJointRNNTLoss(4, 6, activation="gelu"), ValueError, "activation must be one of"),
+    (lambda: FusedJointRNNTLoss(4, 6, blank=6), ValueError, r"blank must be in \[-V, V\) = \[-6, 6\)"),
+    (lambda: FusedJointRNNTLoss(4, 6, reduction="max"), ValueError, "reduction must be one of"),
+    (lambda: RNNTLoss(blank=0.0), TypeError, "RNNTLoss: blank must be an int"),
+    (lambda: RNNTLoss(clamp="x"), TypeError, "RNNTLoss: clamp must be a float"),
+    (lambda: RNNTLoss(zero_infinity=1), TypeError, "RNNTLoss: zero_infinity must be a bool"),
+    (lambda: BlockSparseLinear(0, 4), ValueError, "BlockSparseLinear: in_features must be >= 1"),
+    (lambda: BlockSparseLinear(4, -1), ValueError, "BlockSparseLinear: out_features must be >= 1"),
+    (lambda: BlockSparseLinear(4.0, 4), TypeError, "BlockSparseLinear: in_features must be an int"),
+])
+def test_module_settings_are_checked_when_built(build, error, match):
+    with pytest.raises(error, match=match):
+        build()
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(rank=0), "rank must be >= 1"), (dict(rank=4, num_layers=0), "num_layers must be >= 1"),
     (dict(rank=4, rank_hh=0), "rank_hh must be >= 1"), (dict(rank=2.5), "rank must be an int")])

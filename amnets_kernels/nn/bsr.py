@@ -54,6 +54,8 @@ class BlockSparseLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, block_size: int = 32, sparsity: float = 0.75,
                  bias: bool = True, device=None, dtype=None):
         super().__init__()
+        for name, size in (("in_features", in_features), ("out_features", out_features)):
+            _validate._int("BlockSparseLinear", name, size, 1)
         # nn.Linear's initialisation, then magnitude block pruning.
         dense = torch.empty(out_features, in_features, device=device, dtype=dtype)
         nn.init.kaiming_uniform_(dense, a=math.sqrt(5))

@@ -7,6 +7,7 @@ import math
 import torch
 from torch import nn
 
+from .. import _validate
 from .._ops.rnnt import fused_joint_rnnt_loss, rnnt_loss
 
 
@@ -16,6 +17,8 @@ class RNNTLoss(nn.Module):
     def __init__(self, blank: int = -1, clamp: float = -1.0, reduction: str = "mean", fused_log_softmax: bool = True,
                  zero_infinity: bool = False):
         super().__init__()
+        _validate.loss_module("RNNTLoss", blank, clamp, reduction, fused_log_softmax=fused_log_softmax,
+                              zero_infinity=zero_infinity)
         self.blank, self.clamp, self.reduction, self.fused_log_softmax = blank, clamp, reduction, fused_log_softmax
         self.zero_infinity = zero_infinity
 
@@ -43,6 +46,11 @@ class FusedJointRNNTLoss(nn.Module):
                  clamp: float = -1.0, reduction: str = "mean", bias: bool = True, device=None, dtype=None,
                  zero_infinity: bool = False):
         super().__init__()
+        op = "FusedJointRNNTLoss"
+        _validate._int(op, "hidden_size", hidden_size, 1)
+        _validate._int(op, "vocab_size", vocab_size, 1)
+        _validate.loss_module(op, blank, clamp, reduction, activation, vocab_size, bias=bias,
+                              zero_infinity=zero_infinity)
         bound = 1 / math.sqrt(hidden_size)
         self.weight = nn.Parameter(torch.empty(vocab_size, hidden_size, device=device, dtype=dtype).uniform_(-bound, bound))
         self.bias = nn.Parameter(torch.empty(vocab_size, device=device, dtype=dtype).uniform_(-bound, bound)) \
