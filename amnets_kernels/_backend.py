@@ -184,13 +184,26 @@ def _triton_module(op: str):
     return module
 
 
+def _check_op(op) -> None:
+    if not isinstance(op, str) or op not in OPS:
+        raise ValueError(f"op must be one of {tuple(OPS)}; got {op!r}")
+
+
+def _device_type(device) -> str:
+    """torch.device(device).type, a bad device named as such (torch's own error says neither)."""
+    try:
+        return torch.device(device).type
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device must be a torch.device or a device string such as 'cpu' or 'cuda:0'; "
+                         f"got {device!r} ({str(exc).splitlines()[0]})") from None
+
+
 def unavailable_reason(op: str, face: str, device: str | torch.device = "cpu") -> str | None:
     """None when `face` can run `op` on tensors of `device`; otherwise one sentence saying why not."""
-    if op not in OPS:
-        raise ValueError(f"op must be one of {tuple(OPS)}; got {op!r}")
-    if face not in FACES:
+    _check_op(op)
+    if not isinstance(face, str) or face not in FACES:
         raise ValueError(f"face must be one of {FACES}; got {face!r}")
-    kind = torch.device(device).type
+    kind = _device_type(device)
     if face == "reference":
         return None
     if kind == "cuda" and not torch.cuda.is_available():  # (which_face(op, "cuda") answered "triton" on such a host)
@@ -241,7 +254,8 @@ def _load(op: str, face: str) -> Face:
 
 def which_face(op: str, device: str | torch.device = "cpu") -> str:
     """The face that would run `op` on `device` under the current backend (raises if none)."""
-    return _pick(get_backend(), op, torch.device(device).type)
+    _check_op(op)
+    return _pick(get_backend(), op, _device_type(device))
 
 
 @functools.lru_cache(maxsize=None)  # faces do not come and go while the process runs
@@ -275,8 +289,7 @@ def resolve(op: str, device: torch.device) -> Face:
 
 def last_face(op: str) -> str | None:
     """Which face ran `op` most recently in this process (None if it has not run)."""
-    if op not in OPS:
-        raise ValueError(f"op must be one of {tuple(OPS)}; got {op!r}")
+    _check_op(op)
     return _state.last_face(op) or None
 
 

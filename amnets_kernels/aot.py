@@ -140,16 +140,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
                         help="configurations compiled at once (default: one per CPU)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"argument --jobs: must be >= 1; got {args.jobs}")
     if os.environ.get("TRITON_INTERPRET") == "1":
         print("amnets_kernels.aot: TRITON_INTERPRET=1 turns kernels into interpreted functions, which cannot "
               "be compiled; run without it", file=sys.stderr)
         return 2
     archs = args.arch or ["sm_80", "sm_90"]
-    configs = [c for c in registered_configs(args.module) if args.only in c.name]
+    try:
+        registered = registered_configs(args.module)
+    except ImportError as exc:
+        parser.error(f"argument --module: {exc}")
+    configs = [c for c in registered if args.only in c.name]
+    if args.only and registered and not configs:  # a typo must not pass as a clean report
+        parser.error(f"argument --only: no configuration name contains {args.only!r} ({len(registered)} registered)")
     if not configs:
-        print("amnets_kernels.aot: no Triton kernel configurations are registered "
-              f"(no AOT_CONFIGS in amnets_kernels/triton/{' matching ' + repr(args.only) if args.only else ''}): "
-              "nothing was compiled, so nothing is verified yet.")
+        print("amnets_kernels.aot: no Triton kernel configurations are registered (no AOT_CONFIGS in "
+              "amnets_kernels/triton/): nothing was compiled, so nothing is verified yet.")
         return 0
     import triton
 

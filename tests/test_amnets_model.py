@@ -774,6 +774,15 @@ def test_cost_model_methods_check_their_arguments():
             enc.layer_macs(k, "full")
         with pytest.raises(ValueError, match=r"element_mask: k must be a layer index"):  # was AttributeError
             enc.element_mask(k)
+        # the layer accessors too: AttributeErrors ('weight_ih_l2'), or layer_input_size(99) = H
+        for accessor in ("full_weight", "cheap_weight", "layer_input_size"):
+            with pytest.raises(ValueError, match=rf"{accessor}: k must be a layer index in \[0, num_layers=2\)"):
+                getattr(enc, accessor)(k)
+    with pytest.raises(ValueError, match=r"full_weight: k must be a layer index"):  # '0' was layer 0
+        enc.full_weight("0")
+    with pytest.raises(ValueError, match="lowrank_weights: only the low-rank cheap branch has factors"):
+        enc.lowrank_weights(0)  # was an AttributeError ('w_ih_u_l0')
+    assert len(make_encoder("lowrank").lowrank_weights(1)) == 4
     with pytest.raises(ValueError, match="layer_macs: branch must be 'full' or 'cheap'; got 'dense'"):
         enc.layer_macs(0, "dense")  # was the cheap branch's count
     with pytest.raises(ValueError, match="element_mask: only the sparse cheap branch has a mask"):

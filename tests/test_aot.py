@@ -44,9 +44,16 @@ def test_parallel_compiles_report_what_one_process_reports():
     assert f"(triton {triton.__version__})" in serial.stdout.splitlines()[-1]
 
 
-def test_says_when_there_is_nothing_to_compile():
-    done = aot("--only", "no-such-kernel")
-    assert done.returncode == 0 and "nothing was compiled" in done.stdout
+@pytest.mark.parametrize("args, flag, says", [
+    (("--only", "no-such-kernel"), "--only", "no configuration name contains 'no-such-kernel'"),  # was a clean exit 0
+    (("--jobs", "0"), "--jobs", "must be >= 1; got 0"),  # was run serially
+    (("--module", "no_such_module"), "--module", "No module named 'no_such_module'"),  # was a traceback
+])
+def test_bad_arguments_are_one_line_errors_naming_the_flag(args, flag, says):
+    done = aot(*args)
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 2 and "Traceback" not in done.stderr and f"error: argument {flag}: " in last, done.stderr
+    assert says in last, done.stderr
 
 
 def test_refuses_to_run_interpreted():

@@ -143,6 +143,19 @@ def test_available_backends_and_reasons():
         ak.available_backends("conv2d")
 
 
+@pytest.mark.parametrize("query, match", [  # each was a raw "unhashable type" TypeError or torch's device error
+    (lambda: ak.which_face(["bsr_linear"]), "op must be one of"),
+    (lambda: ak.last_face(["bsr_linear"]), "op must be one of"),
+    (lambda: ak.unavailable_reason({}, "cpu"), "op must be one of"),
+    (lambda: ak.unavailable_reason("bsr_linear", ["cpu"]), "face must be one of"),
+    (lambda: ak.which_face("bsr_linear", "xyz"), "device must be a torch.device or a device string"),
+    (lambda: ak.unavailable_reason("bsr_linear", "cpu", 3.5), "device must be a torch.device or a device string"),
+])
+def test_face_queries_name_a_bad_argument(query, match):
+    with pytest.raises(ValueError, match=match):
+        query()
+
+
 def test_env_var_selects_backend_and_rejects_nonsense():
     code = "import amnets_kernels as ak; print(ak.get_backend())"
     env = dict(os.environ, AMNETS_BACKEND="reference")

@@ -147,10 +147,12 @@ class AmNetsEncoder(nn.Module):
 
     # -- weights ------------------------------------------------------------------------------------
     def layer_input_size(self, k: int) -> int:
+        _check_layer("AmNetsEncoder.layer_input_size", self, k)
         return self.input_size if k == 0 else self.hidden_size
 
     def full_weight(self, k: int) -> Tensor:
         """[W_ih | W_hh] of layer k, (4H, D + H): one matmul on [x, h] gives the gates."""
+        _check_layer("AmNetsEncoder.full_weight", self, k)
         return torch.cat([getattr(self, f"weight_ih_l{k}"), getattr(self, f"weight_hh_l{k}")], dim=1)
 
     def element_mask(self, k: int) -> Tensor:
@@ -211,10 +213,16 @@ class AmNetsEncoder(nn.Module):
                           NotCheaperWarning, stacklevel=3)
 
     def lowrank_weights(self, k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(U_ih, V_ih, U_hh, V_hh) of layer k's low-rank cheap branch."""
+        _check_layer("AmNetsEncoder.lowrank_weights", self, k)
+        if self.cheap != "lowrank":
+            raise ValueError("AmNetsEncoder.lowrank_weights: only the low-rank cheap branch has factors; "
+                             f"cheap={self.cheap!r}")
         return tuple(getattr(self, f"w_{w}_l{k}") for w in ("ih_u", "ih_v", "hh_u", "hh_v"))
 
     def cheap_weight(self, k: int) -> Tensor:
         """The dense (4H, D + H) equivalent of layer k's cheap branch (training math and tests)."""
+        _check_layer("AmNetsEncoder.cheap_weight", self, k)
         if self.cheap == "sparse":
             return self.full_weight(k) * self.element_mask(k)
         u_ih, v_ih, u_hh, v_hh = self.lowrank_weights(k)
