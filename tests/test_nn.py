@@ -62,6 +62,31 @@ def test_a_checkpoint_of_another_layer_shape_is_a_size_mismatch_and_changes_noth
     assert other_block.block_size == 16
 
 
+def test_inconsistent_or_narrower_checkpoints_are_refused_before_anything_changes():
+    """Each of these loaded before (a probe, 2026-12-05): the first two left a module whose every forward raised,
+    the last two gave wrong outputs silently (a layer of 16 inputs read as 32: its recurrent weights met x)."""
+    source = BlockSparseLSTM(16, 32, block_size=16, sparsity=0.0)
+    target = BlockSparseLSTM(32, 32, block_size=16, sparsity=0.0)
+    sd = BlockSparseLSTM(32, 32, block_size=16, sparsity=0.0).state_dict()
+    before = {k: v.clone() for k, v in target.state_dict().items() if k != "_extra_state"}
+    for bad, match in ((dict(sd, col_indices_l0=sd["col_indices_l0"][:-1]), "a block per column index"),
+                       (dict(sd, values_l0=sd["values_l0"][:, :8, :8]), r"\(nnzb, b, b\) = \(\d+, 16, 16\)")):
+        with pytest.raises(RuntimeError, match=match):
+            target.load_state_dict(bad)
+    narrower = {k: v for k, v in source.state_dict().items() if k != "_extra_state"}
+    with pytest.raises(RuntimeError, match="whose blocks stop at block column 2, where this layer has 4 of 16"):
+        target.load_state_dict(narrower, strict=False)
+    linear = {k: v for k, v in BlockSparseLinear(16, 32, block_size=16, sparsity=0.0).state_dict().items()
+              if k != "_extra_state"}
+    with pytest.raises(RuntimeError, match="whose blocks stop at block column 0, where this layer has 2 of 16"):
+        BlockSparseLinear(32, 32, block_size=16, sparsity=0.0).load_state_dict(linear, strict=False)
+    after = target.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before) and target.block_size == 16
+    # a tensor-only checkpoint of this very shape still loads
+    own = {k: v for k, v in sd.items() if k != "_extra_state"}
+    assert target.load_state_dict(own, strict=False).missing_keys == ["_extra_state"]
+
+
 @pytest.mark.parametrize("face", FACES)
 def test_block_sparse_linear_from_dense_trains_kept_blocks(face):
     with use_face("bsr_linear", face):

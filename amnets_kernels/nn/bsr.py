@@ -44,6 +44,18 @@ def _redraw_blocks(values: torch.Tensor, crow: torch.Tensor, col: torch.Tensor, 
     values.copy_(BlockSparseMatrix.from_dense(dense, block_size=values.shape[-1], mask=kept).values)
 
 
+def _narrower(prefix: str, name: str, last: int, cols: int, b: int) -> str | None:
+    """A tensor-only checkpoint (safetensors: no extra state naming its shape) whose pattern leaves this layer's last
+    block column empty: most likely a layer with fewer inputs, whose weights would meet the wrong inputs here (a
+    silent wrong answer), so it is refused, with the way to load it if it really is this layer's."""
+    if last >= cols - 1:
+        return None
+    return (f"size mismatch for {prefix}{name}: a checkpoint without _extra_state whose blocks stop at block column "
+            f"{last}, where this layer has {cols} of {b}: it looks like a layer with fewer inputs. If it is this "
+            f"layer's (its last block column pruned away), load it with state_dict['{prefix}_extra_state'] = "
+            f"module.get_extra_state(), its block_size set to the checkpoint's ({b})")
+
+
 class BlockSparseLinear(nn.Module):
     """y = x @ W^T + bias with W kept as b x b blocks; only the stored blocks are parameters.
 
@@ -171,7 +183,7 @@ class BlockSparseLinear(nn.Module):
             error_msgs.append(f"size mismatch for {where}: a checkpoint of a {tuple(saved['shape'])} (out, in) "
                               f"BlockSparseLinear cannot load into this {(self.out_features, self.in_features)} one")
             return
-        misfit = self._misfit(state_dict, prefix)
+        misfit = self._misfit(state_dict, prefix, tensor_only=saved is None)
         if misfit is not None:
             error_msgs.append(misfit)
             return
@@ -182,10 +194,11 @@ class BlockSparseLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs)
         weights_changed()  # loaded in place: inference tensors (loaded under inference_mode) bump no version
 
-    def _misfit(self, state_dict, prefix: str) -> str | None:
+    def _misfit(self, state_dict, prefix: str, tensor_only: bool) -> str | None:
         """Why the saved pattern (with ours where a tensor is not saved) is not one of this layer's, or None:
         square blocks, a row of blocks per b output rows, columns within the blocks of in_features, one
-        column index per block, a bias of out_features."""
+        column index per block, a bias of out_features; and for a tensor-only checkpoint, whose shape is unknown,
+        a block in the last block column (_narrower)."""
         get = lambda name: state_dict.get(prefix + name, getattr(self, name))  # noqa: E731
         values, crow, col, bias = get("values"), get("crow_indices"), get("col_indices"), get("bias")
         ours = f"this BlockSparseLinear is {(self.out_features, self.in_features)} (out, in)"
@@ -201,6 +214,8 @@ class BlockSparseLinear(nn.Module):
                     f"does not fit: {ours}, {rows} block rows and {cols} block columns of {b}")
         if bias is not None and self.bias is not None and tuple(bias.shape) != (self.out_features,):
             return f"size mismatch for {prefix}bias: the checkpoint's is {tuple(bias.shape)}; {ours}"
+        if tensor_only and prefix + "col_indices" in state_dict:
+            return _narrower(prefix, "col_indices", last, cols, b)
         return None
 
     def macs_per_frame(self) -> int:
@@ -512,11 +527,22 @@ class BlockSparseLSTM(StackedLSTM):
             if crow is None or col is None:
                 continue  # missing keys: reported by the loader
             rows, cols = -(-4 * self.hidden_size // b), -(-(d + self._rec) // b)
-            if crow.numel() != rows + 1 or (col.numel() and int(col.max()) >= cols):
+            last = int(col.max()) if col.numel() else -1
+            if crow.numel() != rows + 1 or last >= cols:
                 error_msgs.append(f"size mismatch for {prefix}crow_indices_l{layer}{suffix}/col_indices: the "
                                   f"checkpoint's pattern does not fit this BlockSparseLSTM (hidden_size "
                                   f"{self.hidden_size}, input {d}, block {b}: {rows} block rows, {cols} block "
                                   f"columns; saved {crow.numel() - 1} block rows)")
+                return
+            values = state_dict.get(f"{prefix}values_l{layer}{suffix}")
+            if values is not None and (tuple(values.shape[1:]) != (b, b) or values.shape[0] != col.numel()):
+                error_msgs.append(f"size mismatch for {prefix}values_l{layer}{suffix}: the checkpoint's must be "
+                                  f"(nnzb, b, b) = ({col.numel()}, {b}, {b}), a block per column index and the "
+                                  f"block size {b}; got {tuple(values.shape)}")
+                return
+            narrower = _narrower(prefix, f"col_indices_l{layer}{suffix}", last, cols, b) if saved is None else None
+            if narrower is not None:
+                error_msgs.append(narrower)
                 return
         names = [f"{n}_l{layer}{suffix}" for _, layer, suffix, _ in self.directions()
                  for n in ("values", "crow_indices", "col_indices")]
