@@ -46,6 +46,18 @@ def test_logmel_shape_hop_and_normalisation():
         LogMel()(torch.zeros(2, 100))
 
 
+def test_logmel_refuses_what_would_give_no_features_or_non_finite_ones():
+    for n_mels in (0, -1, 2.5, True):  # 0 built, and gave (T, 0) features
+        with pytest.raises(ValueError, match="LogMel: n_mels must be an int >= 1"):
+            LogMel(n_mels)
+    with pytest.raises(TypeError, match="LogMel: wave must be real"):  # the imaginary part was dropped
+        LogMel()(torch.randn(1600, dtype=torch.complex64))
+    for wave in (torch.full((1600,), 1e30), torch.tensor([float("nan")] * 1600)):  # 1e30: finite in, inf out
+        with pytest.raises(ValueError, match="LogMel: wave must be finite samples of moderate amplitude"):
+            LogMel()(wave)
+    assert LogMel()(torch.zeros(1600)).isfinite().all()  # silence is fine
+
+
 def test_logmel_states_the_shortest_waveform_it_takes():
     # 200 samples or fewer was a RuntimeError from the reflection padding that centres the window
     for n in (1, 150, 200):
@@ -179,6 +191,12 @@ def test_collate_pads_and_reports_lengths():
         collate([(torch.ones(3, 80), torch.tensor([], dtype=torch.long))])
     with pytest.raises(ValueError, match="feats"):
         collate([(torch.ones(3, 80), torch.tensor([1])), (torch.ones(3, 40), torch.tensor([1]))])
+    # each was a raw error (unpacking, torch.tensor of a list) or, for 2-d labels, (1, 1, 2) targets
+    with pytest.raises(ValueError, match=r"collate: batch must be a list of \(feats, labels\) pairs"):
+        collate([(torch.ones(3, 80), torch.tensor([1]), 0)])
+    for labels, got in (([1, 2], "'list'"), (torch.tensor([[1, 2]]), r"\(1, 2\)")):
+        with pytest.raises(ValueError, match=rf"labels 1-d \(U,\); got labels \[{got}\]"):
+            collate([(torch.ones(3, 80), labels)])
 
 
 def test_audio_without_a_transcript_line_is_left_out_with_a_warning(tmp_path):

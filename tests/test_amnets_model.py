@@ -34,7 +34,8 @@ def test_latency_hand_computed_backlog():
 @pytest.mark.parametrize("costs, period, final, match", [
     ([0.1, -0.1], 1.0, 0.0, "frame_costs"), ([], 1.0, 0.0, "frame_costs"), ([0.1], 0.0, 0.0, "frame_period"),
     ([0.1], -1.0, 0.0, "frame_period"), ([0.1], 1.0, -1.0, "final_cost"), (["x"], 1.0, 0.0, "frame_costs"),
-    ("123", 1.0, 0.0, "frame_costs")])  # a string iterates as characters: not costs [1, 2, 3]
+    ("123", 1.0, 0.0, "frame_costs"),  # a string iterates as characters: not costs [1, 2, 3]
+    ([1.0], 5e-324, 0.0, "inputs overflow a float"), ([1e308, 1e308], 1.0, 0.0, "inputs overflow a float")])  # inf
 def test_latency_rejects_bad_input(costs, period, final, match):
     with pytest.raises(ValueError, match=match):
         simulate_latency(costs, period, final_cost=final)

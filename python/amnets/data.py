@@ -122,6 +122,8 @@ class LogMel(torch.nn.Module):
 
     def __init__(self, n_mels: int = 80):
         super().__init__()
+        if isinstance(n_mels, bool) or not isinstance(n_mels, int) or n_mels < 1:
+            raise ValueError(f"LogMel: n_mels must be an int >= 1; got {n_mels!r}")  # 0 gave (T, 0) features
         self.n_mels = n_mels
         self.mel = torchaudio.transforms.MelSpectrogram(SAMPLE_RATE, n_fft=400, win_length=400,
                                                         hop_length=160, n_mels=n_mels)
@@ -138,9 +140,15 @@ class LogMel(torch.nn.Module):
         if not isinstance(wave, Tensor) or wave.dim() != 1 or wave.numel() == 0:
             got = tuple(wave.shape) if isinstance(wave, Tensor) else type(wave).__name__
             raise ValueError(f"LogMel: wave must be a non-empty 1-d waveform; got {got}")
+        if wave.is_complex():  # .float() would drop the imaginary part
+            raise TypeError(f"LogMel: wave must be real; got {wave.dtype}")
         self.check_samples(wave.numel())
         feats = torch.log(self.mel(wave.float()) + 1e-6).T
-        return (feats - feats.mean(0)) / (feats.std(0, unbiased=False) + 1e-5)
+        feats = (feats - feats.mean(0)) / (feats.std(0, unbiased=False) + 1e-5)
+        if not torch.isfinite(feats).all():  # non-finite samples, or a power past float32 (|wave| ~ 1e19 and up)
+            raise ValueError("LogMel: wave must be finite samples of moderate amplitude (audio in [-1, 1]); "
+                             f"its features are not finite (largest |sample| {wave.abs().max().item():.3g})")
+        return feats
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -392,7 +400,12 @@ def collate(batch: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor,
     target_lens (B,)); label padding is 0 (AmNetsRNNT.loss ignores positions past target_lens)."""
     if not batch:
         raise ValueError("collate: batch is empty")
+    if not all(isinstance(item, (tuple, list)) and len(item) == 2 for item in batch):
+        raise ValueError("collate: batch must be a list of (feats, labels) pairs")
     feats, labels = zip(*batch)
+    if not all(isinstance(t, Tensor) for t in feats + labels) or any(lab.dim() != 1 for lab in labels):
+        got = [tuple(lab.shape) if isinstance(lab, Tensor) else type(lab).__name__ for lab in labels]
+        raise ValueError(f"collate: feats and labels must be tensors, labels 1-d (U,); got labels {got}")
     if any(f.dim() != 2 or f.shape[1] != feats[0].shape[1] for f in feats):
         shapes = [tuple(f.shape) for f in feats]
         raise ValueError(f"collate: feats must all be (T, F) with one F; got {shapes}")

@@ -77,6 +77,10 @@ def simulate_latency(frame_costs, frame_period: float, final_cost: float = 0.0) 
         max_backlog = max(max_backlog, start - arrival)
         finish = start + cost
     last_arrival = len(costs) * frame_period
-    return dict(upl=finish + final_cost - last_arrival,
-                rtf=(sum(costs) + final_cost) / (len(costs) * frame_period),
-                max_backlog=max_backlog)
+    result = dict(upl=finish + final_cost - last_arrival, rtf=(sum(costs) + final_cost) / (len(costs) * frame_period),
+                  max_backlog=max_backlog)
+    if not all(math.isfinite(v) for v in result.values()):  # finite inputs whose sums or ratio overflow a float
+        raise ValueError(f"simulate_latency: the inputs overflow a float (upl, rtf, max_backlog = "
+                         f"{', '.join(f'{v:.3g}' for v in result.values())}); frame_costs and frame_period must "
+                         "be seconds of a plausible size")
+    return result
