@@ -31,6 +31,8 @@ import torch
 import torchaudio
 from torch import Tensor
 
+from .decode import count
+
 SAMPLE_RATE = 16000
 TRANSCRIPTS = "transcripts.txt"
 # The audio files make_corpus writes; only files so named are ever removed as an old corpus's.
@@ -122,9 +124,7 @@ class LogMel(torch.nn.Module):
 
     def __init__(self, n_mels: int = 80):
         super().__init__()
-        if isinstance(n_mels, bool) or not isinstance(n_mels, int) or n_mels < 1:
-            raise ValueError(f"LogMel: n_mels must be an int >= 1; got {n_mels!r}")  # 0 gave (T, 0) features
-        self.n_mels = n_mels
+        self.n_mels = n_mels = count("LogMel", "n_mels", n_mels)  # 0 gave (T, 0) features
         self.mel = torchaudio.transforms.MelSpectrogram(SAMPLE_RATE, n_fft=400, win_length=400,
                                                         hop_length=160, n_mels=n_mels)
         # The window is centred by reflecting n_fft // 2 samples at each end, which needs more than that.
