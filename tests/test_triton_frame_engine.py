@@ -4,12 +4,14 @@ outputs as stream()'s per-layer steps on the reference faces, for every knob; ch
 input gets named errors. On a GPU (AMNETS_TEST_DEVICE=cuda) also: CUDA-graph replay equals eager launches,
 and no host sync inside a chunk."""
 
+import contextlib
 import threading
 
 import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import amnets_kernels as ak
 from amnets.encoder import AmNetsEncoder
@@ -359,6 +361,97 @@ def test_every_launch_is_an_aot_configuration():
             for decisions in range(1, triton_engine.MAX_DECISIONS + 1):
                 blocks = triton_engine._arbitrator_blocks(width, decisions)
                 assert triton_engine._name(triton_engine._arbitrator_kernel, dtype, blocks) in names
+
+
+class _ViewsOnly(TorchDispatchMode):
+    """Inside a capture: any tensor op but a view fails (on a GPU it would be a node of the graph)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        assert func.is_view, f"{func} inside a graph capture: the engine's graphs hold kernel launches only"
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def recorded_graphs(monkeypatch):
+    """torch.cuda's graph API as the Triton engine uses it, on the CPU: a capture records the engine's kernel
+    launches and runs none (as a capture runs none), a replay runs them again with the very arguments recorded,
+    so the buffers they name are all a replay sees, as on a GPU. -> the list of graphs captured."""
+    real, capturing, graphs = triton_engine._launch, [], []
+
+    class Graph:
+        def __init__(self):
+            self.launches = []
+            graphs.append(self)
+
+        def replay(self):
+            for args, kwargs in self.launches:
+                real(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def capture(graph):
+        capturing.append(graph)
+        try:
+            with _ViewsOnly():
+                yield
+        finally:
+            capturing.clear()
+
+    def launch(*args, **kwargs):
+        if capturing:
+            capturing[0].launches.append((args, kwargs))
+        else:
+            real(*args, **kwargs)
+
+    class Stream:
+        def wait_stream(self, other):
+            pass
+
+    monkeypatch.setattr(triton_engine, "_launch", launch)
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", Graph)
+    monkeypatch.setattr(torch.cuda, "graph", capture)
+    monkeypatch.setattr(torch.cuda, "Stream", Stream)
+    monkeypatch.setattr(torch.cuda, "current_stream", Stream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    return graphs
+
+
+@pytest.mark.skipif(DEVICE != "cpu", reason="on a GPU the next test replays real CUDA graphs")
+@pytest.mark.parametrize("cheap", ["sparse", "lowrank"])
+def test_graphs_hold_kernels_only_and_replay_as_eager_launches(cheap, recorded_graphs):
+    """The graph path (chunk buffers, the two h buffers of odd chunks, decisions filled outside the graph) with
+    the graphs emulated on the CPU (recorded_graphs): a capture holds the kernel launches alone, and streams
+    replaying them (one-frame calls that switch h buffers each call, even chunks that keep it, a stream forced full,
+    one forced per row and two arbitrated ones with other thresholds taking turns on one chunk shape, stream()
+    in between) give the eager launches' results bit for bit."""
+    cfg = dict(cheap=cheap, layers=2, hidden=16, inp=5, block=16, per_layer=True, uses_state=True, batch=3,
+               frames=7, threshold=0.5, force=None, seed=12)
+    enc, x, _ = build(cfg)
+    some = torch.tensor([True, False, True])
+
+    def play():
+        with ak.use_backend(BACKEND):
+            streams = [enc.streamer(batch=3, force="full"), enc.streamer(batch=3, force=some),
+                       enc.streamer(batch=3), enc.streamer(batch=3, threshold=0.8)]
+            got = [[] for _ in range(len(streams) + 1)]
+            for lo, hi in ((0, 1), (1, 2), (2, 4), (4, 5), (5, 7)):
+                for s, parts in zip(streams, got):
+                    parts.append(s(x[:, lo:hi]))
+                out, _, dec = enc.stream(x[:, lo:hi])  # from a zero state, on the shape the streams hold
+                got[-1].append((out, dec))
+        return [(torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts], 1)) for parts in got]
+
+    eager = play()
+    with ak.use_backend(BACKEND):
+        enc.frame_engine().graphs = True
+    replayed = play()
+    assert len(recorded_graphs) == 2 * 3 + 1 * 3  # odd chunks (1 frame) two parities, even (2) one; 3 codes
+    for (out, dec), (want_out, want_dec) in zip(replayed, eager):
+        assert torch.equal(out, want_out) and torch.equal(dec, want_dec)
+    for (out, dec), force, threshold in zip(replayed, ("full", some, None, None), (0.5, 0.5, 0.5, 0.8)):
+        want = per_layer_stream(enc, x, force=force, threshold=threshold)
+        torch.testing.assert_close(out, want[0], rtol=1e-5, atol=1e-5)
+        assert torch.equal(dec, want[2])
+    assert not torch.equal(replayed[2][1], replayed[3][1])  # the thresholds made other decisions
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs and host syncs exist on a GPU")

@@ -3,10 +3,11 @@ of streamed frames of an AmNetsEncoder (python/amnets/encoder.py) on the device,
 included, with no host sync inside the chunk. On CUDA a chunk's launches are captured once as a CUDA
 graph per (batch, frames, force) and replayed, so a call costs one graph launch of host time; a stream's state
 stays in the buffers of the chunk it last ran (_Chunk, Stream), so its next call of that shape copies x in and
-out, decisions out, and nothing else.
+out, decisions out, and nothing else. A graph holds the kernels alone (a B=1 frame of a forced chunk: one
+node per layer, two for low-rank; a fill or copy would be a node of its own).
 
 Per frame t, on the device (decisions never leave it until the chunk returns):
-  _arbitrator_kernel   decisions[:, t] = arbitrator([x_t | h_top]) > cut (a forced chunk fills them instead)
+  _arbitrator_kernel   decisions[:, t] = arbitrator([x_t | h_top]) > cut (a forced chunk's are filled before)
   per layer k:
     _project_kernel    (low-rank only) s = [V_ih x | V_hh h] for the rows the decision makes cheap
     _gates_kernel      partial gate sums, one program per (block row, split of the row's blocks, row tile):
@@ -26,8 +27,8 @@ Packing (once per weight version): each layer's [W_ih | W_hh] (4H, D + H) is re-
 g * Hp / b + j holds gate g of hidden units j*b .. j*b + b - 1 (Hp: H rounded up to the tile b), and split
 into the kept BSR (the sparse branch's blocks, masked to its element mask; empty for low-rank) and the rest
 BSR (the complement, every block for low-rank). A gate row's blocks are walked in order, so a result is
-deterministic. State ping-pongs between two buffers (a layer reads every unit of its old h while writing
-the new one).
+deterministic. h ping-pongs between two buffers (a layer reads every unit of its old h while writing the new
+one); c is updated in place (a unit's update is the only reader and writer of its c).
 
 Numbers: every load is widened to float32 at once (also what TRITON_INTERPRET=1 needs: its bf16 arithmetic is
 wrong) and accumulated in float32; the gates, h, c, out and the arbitrator's hidden layer and logit are
@@ -601,30 +602,34 @@ class FrameEngine:
         self._graphs.move_to_end(key)
         return chunk
 
-    def _chunk(self, x, h, c, code, rows):
-        """Every launch of a chunk (what a CUDA graph captures): x contiguous (B, T, D); the state is read from
-        and the final state written back into h and c (contiguous, the engine's own) -> (out, decisions)."""
+    def _workspace(self, batch: int) -> dict:
+        """A chunk's scratch for B rows, allocated once (so that a captured graph holds kernels only), and its
+        launch shapes: rows per program, row tiles, splits, the projection's tile."""
+        block_m = 1 if batch == 1 else 4 if batch <= 4 else 16
+        m_tiles = -(-batch // block_m)
+        f32 = dict(dtype=torch.float32, device=self.device)
+        split = self._split(m_tiles)
+        return dict(block_m=block_m, m_tiles=m_tiles, split=split, project=_project_tile(block_m),
+                    part=torch.empty(split, batch, max(4 * layer.padded for layer in self.layers), **f32),
+                    s=torch.empty(batch, max(layer.rank for layer in self.layers) or 1, **f32),
+                    # the fused update's arrival counts, one per (row tile, unit group): each last arrival zeroes
+                    # its own, so they are zero again after every launch
+                    counts=torch.zeros(m_tiles * max(layer.padded // layer.block for layer in self.layers),
+                                       dtype=torch.int32, device=self.device))
+
+    def _launches(self, x, h, h_next, c, dec, out, code: int, work: dict) -> None:
+        """Every launch of a chunk and nothing else (what a CUDA graph captures: each fill or copy would be a
+        node of its own). x contiguous (B, T, D). Frame t reads h from `h` (t even) or `h_next` (t odd) and
+        writes the other, so the final h is in h_next when T is odd; c is updated in place (a unit's update
+        reads and writes its own c only). dec (B, T, decisions) int8: the arbitrator writes it (code -1), else
+        it holds the forced decisions. out (B, T, H)."""
         B, T, _ = x.shape
         L, H = len(self.layers), self.hidden
-        dec = torch.empty(B, T, self.decisions, dtype=torch.int8, device=self.device)
-        if code == 2:
-            dec.copy_(rows[:, None, None].expand(B, T, self.decisions))
-        elif code in (0, 1):
-            dec.fill_(code)
-        states = [(h, c), (torch.empty_like(h), torch.empty_like(c))]  # ping-pong
-        out = torch.empty(B, T, H, dtype=self.dtype, device=self.device)
-        block_m = 1 if B == 1 else 4 if B <= 4 else 16
-        m_tiles = -(-B // block_m)
-        split = self._split(m_tiles)
-        project = _project_tile(block_m)
-        part = torch.empty(split, B, max(4 * layer.padded for layer in self.layers), dtype=torch.float32,
-                           device=self.device)
-        s = torch.empty(B, max(layer.rank for layer in self.layers) or 1, dtype=torch.float32, device=self.device)
-        # the fused update's arrival counts, one per (row tile, unit group); each last arrival zeroes its own
-        counts = torch.zeros(m_tiles * max(layer.padded // layer.block for layer in self.layers), dtype=torch.int32,
-                             device=self.device)
+        block_m, m_tiles, split, project = work["block_m"], work["m_tiles"], work["split"], work["project"]
+        part, s, counts = work["part"], work["s"], work["counts"]
+        states = (h, h_next)
         for t in range(T):
-            (old_h, old_c), (new_h, new_c) = states[t % 2], states[(t + 1) % 2]
+            old_h, new_h = states[t % 2], states[(t + 1) % 2]
             if code == -1:
                 w1, b1, w2, b2 = self.arb
                 _launch(_arbitrator_kernel, B, self.dtype, x[:, t], x.stride(0), self.input_size, old_h[L - 1], H,
@@ -639,7 +644,7 @@ class FrameEngine:
                             stride_in, D, old_h[k], H, H, B, full, dec.stride(0), layer.v_ih, layer.v_hh,
                             layer.rank_ih, s, layer.rank, BLOCK_M=block_m, **project)
                 lines = NP // layer.block
-                update = (layer.bias, old_c[k], new_h[k], new_c[k], out[:, t], out.stride(0), H, int(k == L - 1))
+                update = (layer.bias, c[k], new_h[k], c[k], out[:, t], out.stride(0), H, int(k == L - 1))
                 _launch(_gates_kernel, (4 * split, m_tiles, lines // 4), self.dtype, inp, stride_in, old_h[k], H, D,
                         D + H, B, full, dec.stride(0), *layer.kept, *layer.rest, layer.u, s, layer.rank, part, NP,
                         split, int(self.fused), counts, *update, B=layer.block, BLOCK_M=block_m,
@@ -648,10 +653,6 @@ class FrameEngine:
                     _launch(_update_kernel, B * -(-H // UPDATE_UNITS), self.dtype, part, split, B, NP, *update,
                             UNITS=UPDATE_UNITS)
                 inp, stride_in = new_h[k], H
-        if T % 2:  # the final state is in the pong buffers
-            h.copy_(states[1][0])
-            c.copy_(states[1][1])
-        return out, dec
 
     def _split(self, m_tiles: int) -> int:
         """Programs per block row: enough for four per SM on a GPU (latency hiding at B=1: a program walks
@@ -676,37 +677,57 @@ class FrameEngine:
 
 
 class _Chunk:
-    """One chunk shape's static buffers: x, h, c, rows in; out, dec out; the launches write the final state
-    back into h and c, where it stays for the stream that holds them (`holder`: the next call of that stream
-    copies nothing in; any other use copies the holder's state out first). Captured once as a CUDA graph when
-    the engine's graphs are on; else h, c and rows with eager launches on the caller's x (the interpreter tests
-    this path)."""
+    """One chunk shape's buffers, allocated once: x in (under graphs), the state, decisions, out and the
+    launches' scratch. The state stays here for the stream that holds it (`holder`: the next call of that stream
+    copies nothing in; any other use copies the holder's state out first): c in one buffer (updated in place),
+    h in whichever of two the last chunk left it (`parity`). Under graphs the launches are captured once per
+    parity they can start from (both when T is odd: a chunk ends in the other buffer), so a call copies x in,
+    replays and copies out and decisions out; else they run eagerly on the caller's x (the interpreter tests
+    this path, with the same buffers)."""
 
     def __init__(self, engine: FrameEngine, batch: int, frames: int, code: int):
-        self.engine, self.code = engine, code
+        self.engine, self.code, self.frames = engine, code, frames
         device, dtype = engine.device, engine.dtype
-        self.h = torch.zeros(len(engine.layers), batch, engine.hidden, dtype=dtype, device=device)
-        self.c = torch.zeros_like(self.h)
+        state = (len(engine.layers), batch, engine.hidden)
+        self.hs = tuple(torch.zeros(state, dtype=dtype, device=device) for _ in range(2))
+        self.parity = 0
+        self.c = torch.zeros(state, dtype=dtype, device=device)
         self.x = torch.zeros(batch, frames, engine.input_size, dtype=dtype, device=device) if engine.graphs else None
-        self.rows = torch.zeros(batch, dtype=torch.int8, device=device) if code == 2 else None
-        self.rows_from = None  # the int8 rows tensor last copied into self.rows (a stream's: the same each call)
-        self.holder = None  # weakref to the Stream whose state h and c hold
-        self.graph = None
+        # forced chunks: the decisions are filled here (0 / 1) or by launch() when the rows change (2), not by a
+        # node of the graph; the arbitrator writes them (-1)
+        self.dec = torch.full((batch, frames, engine.decisions), int(code == 1), dtype=torch.int8, device=device)
+        self.decisions = engine._decisions(self.dec)  # the view a call clones
+        self.rows_from = None  # the int8 rows tensor last copied into dec (a stream's: the same each call)
+        self.out = torch.empty(batch, frames, engine.hidden, dtype=dtype, device=device)
+        self.work = engine._workspace(batch)
+        self.holder = None  # weakref to the Stream whose state the buffers hold
+        self.graphs = None
         if engine.graphs:
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):  # compile every kernel before capture
-                engine._chunk(self.x, self.h, self.c, code, self.rows)
+                self._launches(self.x, 0)
             torch.cuda.current_stream().wait_stream(side)
-            self.h.zero_()
-            self.c.zero_()
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                self.out, dec = engine._chunk(self.x, self.h, self.c, code, self.rows)
-            self.decisions = engine._decisions(dec)  # the view a call clones: one op of host time, not three
+            for t in (*self.hs, self.c):
+                t.zero_()
+            self.graphs = []
+            for parity in (0, 1) if frames % 2 else (0,):
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    self._launches(self.x, parity)
+                self.graphs.append(graph)
+
+    def _launches(self, x, parity: int) -> None:
+        self.engine._launches(x, self.hs[parity], self.hs[1 - parity], self.c, self.dec, self.out, self.code,
+                              self.work)
+
+    @property
+    def h(self):
+        """The h buffer that holds the state now."""
+        return self.hs[self.parity]
 
     def evict(self) -> None:
-        """The holder (if any) takes its state out of h and c, into tensors of its own."""
+        """The holder (if any) takes its state out of the buffers, into tensors of its own."""
         holder = self.holder() if self.holder is not None else None
         if holder is not None:
             holder._take_out()
@@ -719,13 +740,14 @@ class _Chunk:
             engine._cut.fill_(cut)
             engine._cut_value = cut
         if rows is not None and rows is not self.rows_from:
-            self.rows.copy_(rows)
+            self.dec.copy_(rows[:, None, None].expand(self.dec.shape))
             self.rows_from = rows
-        if self.graph is None:
-            out, dec = engine._chunk(x.contiguous(), self.h, self.c, self.code, self.rows)
-            return out, engine._decisions(dec)
-        self.x.copy_(x)
-        self.graph.replay()
+        if self.graphs is None:
+            self._launches(x.contiguous(), self.parity)
+        else:
+            self.x.copy_(x)
+            self.graphs[self.parity].replay()
+        self.parity ^= self.frames % 2
         return self.out.clone(), self.decisions.clone()
 
 
