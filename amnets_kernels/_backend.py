@@ -46,7 +46,8 @@ class FaceUnavailableError(RuntimeError):
 
 
 class FallbackWarning(UserWarning):
-    """backend "auto" found no compiled or Triton face and runs the pure-PyTorch reference."""
+    """backend "auto" found no compiled or Triton face and runs the pure-PyTorch reference; or a face runs a
+    slower path of its own and says so (the Triton frame engine's graph call from Python: `native_call`)."""
 
 
 def _check_name(name: str) -> str:

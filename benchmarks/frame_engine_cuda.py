@@ -8,6 +8,8 @@ medians; fp32):
   H=1024 x3, D=240, B=1 (sparse 0.8 b=32 / low-rank r=128): all-full frame / time to read its dense
       weights once from HBM, goal <= 2; all-cheap / all-full frame, goal <= 0.3; the arbitrated frame and
       16-frame chunks for scale; no host sync in 10 streamed frames (torch.cuda.set_sync_debug_mode("error"));
+  a one-frame call (H=1024 x3 and H=192 x2, sparse, all-full and all-cheap) with a chunk's graph called natively
+      (_C.GraphCall) and from Python (FrameEngine.native_call = False), interleaved;
   H=192 x2, D=240, B=1: arbitrated all-cheap / dense frame (threshold 1), goal 1 - 0.9 (1 - MAC ratio); the
       dense frame / cuDNN nn.LSTM stepped one frame per call, goal <= 0.5;
   H=1024 x3, B=64, chunks of 10: t(f) / (f t_full + (1 - f) t_cheap) at f = 0.25, 0.5, 0.75, goal <= 1.2;
@@ -192,6 +194,36 @@ def main(argv: list[str] | None = None) -> None:
             for line in profile_frames(enc.streamer(force=force), x):
                 print(f"| H=1024 x3 {cheap} B=1 {force}: where a frame's time goes | {line} | | |")
 
+    def graph_calls():
+        """us a one-frame call, a chunk's graph called natively (_C.GraphCall: x in, replay, two copies out in one
+        C++ call) and from Python (four calls through the binding layer), interleaved, sparse B=1."""
+        for hidden, layers in ((1024, 3), (192, 2)):
+            enc = encoder(240, hidden, layers, "sparse", DEVICE)
+            engine = enc.frame_engine()
+            name = (f"H={hidden} x{layers} sparse B=1: us a one-frame call (full/cheap), the graph called natively"
+                    " / from Python")
+            if engine.graphs and not engine.native_call:
+                print(f"| {name} | no native call here (see the warning) | | |")
+                return
+            x = torch.randn(1, 1, 240, device=DEVICE)
+            candidates = {}
+            for native in (True, False):
+                for force in ("full", "cheap"):
+                    stream = enc.streamer(force=force)
+
+                    def call(stream=stream, native=native):  # the setting is read at each call: set it first
+                        engine.native_call = native
+                        return stream(x)
+
+                    candidates[(force, native)] = call
+            try:
+                times = interleaved(candidates, rounds, seconds, sync)
+            finally:
+                engine.native_call = True
+            med = {k: statistics.median(v) for k, v in times.items()}
+            print(f"| {name} | {med[('full', True)]:.1f}/{med[('cheap', True)]:.1f} / "
+                  f"{med[('full', False)]:.1f}/{med[('cheap', False)]:.1f} | | |")
+
     def tuning(cheap):
         enc = encoder(240, 1024, 3, cheap, DEVICE, rank=128)
         x, chunk = torch.randn(1, 1, 240, device=DEVICE), torch.randn(1, CHUNK, 240, device=DEVICE)
@@ -224,6 +256,7 @@ def main(argv: list[str] | None = None) -> None:
     row("HBM read bandwidth", hbm)
     for cheap in ("sparse", "lowrank"):
         row(f"H=1024 x3 {cheap} B=1", lambda: big_b1(cheap))
+    row("graph calls, native / Python", graph_calls)
     for cheap in ("sparse", "lowrank"):
         row(f"H=192 x2 {cheap} B=1", lambda: small(cheap))
     for cheap in ("sparse", "lowrank"):

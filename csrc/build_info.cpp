@@ -77,12 +77,20 @@ void bind_lstm_stack(pybind11::module_& m);    // csrc/cpu/lstm_stack.cpp
 namespace amnets {
 void bind_sources_snapshot(pybind11::module_& m);  // csrc/sources_snapshot.cpp
 }
+#ifdef AMNETS_WITH_CUDA
+namespace amnets::cuda {
+void bind_graph_call(pybind11::module_& m);  // csrc/cuda/graph_call.cpp
+}
+#endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info, "What this binary of amnets_kernels was compiled with.");
   amnets::cpu::bind_frame_engine(m);
   amnets::cpu::bind_lstm_stack(m);
   amnets::bind_sources_snapshot(m);
+#ifdef AMNETS_WITH_CUDA
+  amnets::cuda::bind_graph_call(m);
+#endif
   // The backend in force (csrc/face.h); amnets_kernels._backend is their only user.
   namespace face = amnets::face;
   m.def("get_backend", [] { return std::string(face::name(face::current())); });

@@ -237,7 +237,9 @@ def test_frame_engine_cuda_rows_run_end_to_end(monkeypatch, capsys):
     single = [line for line in tuned if line not in mixed]
     assert len(single) == 2 * 2 and all("default: " in line and "; 1: " in line and "its own launch: " in line
                                         for line in single[::2]), out
-    rows = [line for line in out.splitlines() if line.startswith("| H=") and line not in profiled + tuned]
+    calls = [line for line in out.splitlines() if "the graph called natively / from Python" in line]
+    assert len(calls) == 2 and all(re.search(r"\| [\d.]+/[\d.]+ / [\d.]+/[\d.]+ \|", line) for line in calls), out
+    rows = [line for line in out.splitlines() if line.startswith("| H=") and line not in profiled + tuned + calls]
     assert len(rows) == 2 * (2 + 1) + 2 * 2 + 2 * 3, out  # B=1 big (2 ratios + syncs), H=192 (2), B=64 (3)
     for cheap in ("sparse", "lowrank"):  # the profile's first line of each: wall time, launches, device time
         for force in ("full", "cheap"):

@@ -478,3 +478,11 @@ def test_graph_replay_equals_eager_launches_and_never_syncs(cheap):
     assert torch.equal(torch.cat([p[1] for p in parts], 1), got[2])
     same(streamer.state[0], got[1][0])
     same(streamer.state[1], got[1][1])
+    # the graph's call: one native call (_C.GraphCall) where the build has its CUDA part; from Python the same
+    assert engine.native_call == bool(ak.build_info()["cuda_archs"])
+    native, engine.native_call = engine.native_call, False
+    streamer = enc.streamer(batch=5)
+    parts = [streamer(x[:, t:t + 1]) for t in range(x.shape[1])]
+    engine.native_call = native
+    same(torch.cat([p[0] for p in parts], 1), got[0])
+    assert torch.equal(torch.cat([p[1] for p in parts], 1), got[2])

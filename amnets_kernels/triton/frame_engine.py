@@ -41,13 +41,14 @@ from __future__ import annotations
 import collections
 import os
 import threading
+import warnings
 import weakref
 
 import torch
 import triton
 import triton.language as tl
 
-from .. import _backend
+from .. import _backend, _C
 from .._one_thread import OneThread
 from ..aot import AotConfig
 from ._common import cast as _cast
@@ -495,8 +496,11 @@ class FrameEngine:
     x (B, T, D) frames; h, c (L, B, H) state; force_code -1 (the arbitrator decides, p_full > threshold
     as logit > cut), 0 / 1 (every row cheap / full), 2 (force_rows, a (B,) bool tensor, True = full)
     -> (out (B, T, H), h, c, decisions (B, T) or (B, T, L) bool). `split` (programs per block row), `fused`
-    (the LSTM update inside the gates launch; False: its own launch) and `graphs` (CUDA graphs on CUDA
-    tensors; env AMNETS_CUDA_GRAPHS=0 turns them off) are for tests and tuning: the same results either way.
+    (the LSTM update inside the gates launch; False: its own launch), `graphs` (CUDA graphs on CUDA
+    tensors; env AMNETS_CUDA_GRAPHS=0 turns them off) and `native_call` (a graph's call as one native call,
+    _C.GraphCall, where the build has its CUDA part; env AMNETS_GRAPH_CALL=python: from Python) are for tests and
+    tuning: the same results either way. Where the native call is wanted and cannot be had, the engine warns
+    once and `native_call` turns False.
     """
 
     face = "triton"
@@ -528,9 +532,18 @@ class FrameEngine:
                      if self.device.type == "cuda" else 0)
         env = os.environ.get("AMNETS_CUDA_GRAPHS", "1") != "0"
         self.graphs = (env if graphs is None else graphs) and self.device.type == "cuda"
+        self.native_call = self.graphs and os.environ.get("AMNETS_GRAPH_CALL", "native") != "python"
+        if self.native_call and not hasattr(_C, "GraphCall"):
+            self._no_native_call("this build of amnets_kernels._C has no CUDA part")
         self._graphs: collections.OrderedDict = collections.OrderedDict()  # _Chunk by shape, captured or not
         self._lock = threading.Lock()  # one chunk launch at a time: a chunk's static buffers are shared
         self._cut, self._cut_value = torch.zeros(1, dtype=self.dtype, device=self.device), 0.0
+
+    def _no_native_call(self, why: str) -> None:
+        warnings.warn(f"FrameEngine (triton): {why}, so a CUDA graph's call runs from Python (x in, the replay and "
+                      "two copies out, each through the binding layer: more host time a call); native_call is False",
+                      _backend.FallbackWarning, stacklevel=3)
+        self.native_call = False
 
     # -- checks: the engine is called without stream()'s checks (Streamer) ---------------------------
     def _check(self, x, h, c, code, rows):
@@ -593,7 +606,7 @@ class FrameEngine:
     def _entry(self, batch: int, frames: int, code: int) -> "_Chunk":
         """The chunk of this shape (captured as a CUDA graph when graphs are on); the oldest beyond GRAPHS_KEPT
         is dropped, its holder's state copied out first (so that its buffers and graph are freed)."""
-        key = (batch, frames, code, self.split, self.fused, self.graphs)  # all fixed in a capture
+        key = (batch, frames, code, self.split, self.fused, self.graphs, self.native_call)  # fixed in a capture
         chunk = self._graphs.get(key)
         if chunk is None:
             chunk = self._graphs[key] = _Chunk(self, batch, frames, code)
@@ -682,8 +695,8 @@ class _Chunk:
     copies nothing in; any other use copies the holder's state out first): c in one buffer (updated in place),
     h in whichever of two the last chunk left it (`parity`). Under graphs the launches are captured once per
     parity they can start from (both when T is odd: a chunk ends in the other buffer), so a call copies x in,
-    replays and copies out and decisions out; else they run eagerly on the caller's x (the interpreter tests
-    this path, with the same buffers)."""
+    replays and copies out and decisions out, in one native call (_C.GraphCall) or from Python; else they run
+    eagerly on the caller's x (the interpreter tests this path, with the same buffers)."""
 
     def __init__(self, engine: FrameEngine, batch: int, frames: int, code: int):
         self.engine, self.code, self.frames = engine, code, frames
@@ -710,16 +723,42 @@ class _Chunk:
             torch.cuda.current_stream().wait_stream(side)
             for t in (*self.hs, self.c):
                 t.zero_()
-            self.graphs = []
-            for parity in (0, 1) if frames % 2 else (0,):
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    self._launches(self.x, parity)
-                self.graphs.append(graph)
+            self.graphs = [self._capture(parity) for parity in ((0, 1) if frames % 2 else (0,))]
 
     def _launches(self, x, parity: int) -> None:
         self.engine._launches(x, self.hs[parity], self.hs[1 - parity], self.c, self.dec, self.out, self.code,
                               self.work)
+
+    def _capture(self, parity: int):
+        """The launches from h buffer `parity` captured as a CUDA graph -> its call, (x) -> (out, decisions)."""
+        engine = self.engine
+        if engine.native_call:
+            call = _C.GraphCall(self.x, self.out, self.decisions)
+            side = torch.cuda.Stream(engine.device)  # torch's rule: no capture on the default stream
+            side.wait_stream(torch.cuda.current_stream(engine.device))
+            try:
+                with torch.cuda.stream(side):
+                    call.begin()
+                    try:
+                        self._launches(self.x, parity)
+                    finally:
+                        call.end()
+                torch.cuda.current_stream(engine.device).wait_stream(side)
+                return call.function()
+            except RuntimeError as exc:  # a failed capture: the Python call still works (warned, and flagged)
+                engine._no_native_call(f"_C.GraphCall's capture failed ({type(exc).__name__}: "
+                                       f"{str(exc).splitlines()[0][:200]})")
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self._launches(self.x, parity)
+        x_in, out, decisions = self.x, self.out, self.decisions  # not self: no reference cycle through the call
+
+        def call(x):
+            x_in.copy_(x)
+            graph.replay()
+            return out.clone(), decisions.clone()
+
+        return call
 
     @property
     def h(self):
@@ -744,11 +783,11 @@ class _Chunk:
             self.rows_from = rows
         if self.graphs is None:
             self._launches(x.contiguous(), self.parity)
+            result = self.out.clone(), self.decisions.clone()
         else:
-            self.x.copy_(x)
-            self.graphs[self.parity].replay()
+            result = self.graphs[self.parity](x)
         self.parity ^= self.frames % 2
-        return self.out.clone(), self.decisions.clone()
+        return result
 
 
 class Stream:
