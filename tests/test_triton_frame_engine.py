@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import amnets_kernels as ak
+from amnets_kernels import _C
 from amnets.encoder import AmNetsEncoder
 
 from conftest import DEVICE
@@ -452,6 +453,39 @@ def test_graphs_hold_kernels_only_and_replay_as_eager_launches(cheap, recorded_g
         torch.testing.assert_close(out, want[0], rtol=1e-5, atol=1e-5)
         assert torch.equal(dec, want[2])
     assert not torch.equal(replayed[2][1], replayed[3][1])  # the thresholds made other decisions
+
+
+@pytest.mark.skipif(not hasattr(_C, "GraphCall"), reason="a build without its CUDA part has no _C.GraphCall")
+def test_graph_call_checks_its_arguments_and_its_order():
+    """_C.GraphCall (csrc/cuda/graph_call.cpp), which calls a chunk's graph: named errors for tensors off the GPU,
+    a step out of order (begin, the launches, end, then function) and an x of another shape; on a GPU, a call
+    copies x in, replays and returns copies."""
+    with pytest.raises(ValueError, match="GraphCall: x, out and decisions must be CUDA tensors on one device"):
+        _C.GraphCall(torch.zeros(2), torch.zeros(2), torch.zeros(2))
+    if DEVICE != "cuda":
+        return
+    t = torch.zeros(2, device="cuda")
+    call = _C.GraphCall(t, t, t)
+    with pytest.raises(RuntimeError, match=r"GraphCall: function\(\) comes after end\(\)"):
+        call.function()
+    with pytest.raises(RuntimeError, match=r"GraphCall: end\(\) comes after begin\(\)"):
+        call.end()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call.begin()
+        t.add_(1)
+        call.end()
+    torch.cuda.current_stream().wait_stream(side)
+    with pytest.raises(RuntimeError, match=r"GraphCall: begin\(\) comes once, first"):
+        call.begin()
+    replay = call.function()
+    out, again = replay(torch.full((2,), 3.0, device="cuda"))
+    assert out.tolist() == again.tolist() == [4.0, 4.0] and out.data_ptr() != t.data_ptr()
+    with pytest.raises(ValueError, match=r"GraphCall: x must have shape \[2\], dtype Float"):
+        replay(torch.zeros(3, device="cuda"))
+    with pytest.raises(TypeError, match="GraphCall: x must be a tensor"):
+        replay([1.0, 2.0])
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="CUDA graphs and host syncs exist on a GPU")

@@ -36,7 +36,8 @@ class GraphCall {
     TORCH_CHECK(state_ == State::kNew, "GraphCall: begin() comes once, first");
     c10::cuda::CUDAGuard device(x_.device());
     state_ = State::kBroken;  // until the capture has begun
-    graph_.capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
+    graph_ = std::make_unique<at::cuda::CUDAGraph>();  // here, not in the constructor: it needs a CUDA device
+    graph_->capture_begin({0, 0}, cudaStreamCaptureModeThreadLocal);
     state_ = State::kCapturing;
   }
 
@@ -44,7 +45,7 @@ class GraphCall {
     TORCH_CHECK(state_ == State::kCapturing, "GraphCall: end() comes after begin()");
     c10::cuda::CUDAGuard device(x_.device());
     state_ = State::kBroken;  // until the graph is instantiated
-    graph_.capture_end();
+    graph_->capture_end();
     state_ = State::kCaptured;
   }
 
@@ -63,7 +64,7 @@ class GraphCall {
     WithoutGil()([&] {
       c10::cuda::CUDAGuard device(x_.device());
       x_.copy_(x);
-      graph_.replay();
+      graph_->replay();
       out = out_.clone();
       decisions = decisions_.clone();
     });
@@ -73,7 +74,7 @@ class GraphCall {
  private:
   enum class State { kNew, kCapturing, kCaptured, kBroken };
   Tensor x_, out_, decisions_;
-  at::cuda::CUDAGraph graph_;
+  std::unique_ptr<at::cuda::CUDAGraph> graph_;
   State state_ = State::kNew;
 };
 
