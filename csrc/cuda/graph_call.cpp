@@ -62,6 +62,7 @@ class GraphCall {
                       x_.device(), "; got ", x.sizes(), ", ", x.scalar_type(), ", on ", x.device());
     Tensor out, decisions;
     WithoutGil()([&] {
+      at::NoGradGuard no_grad;  // the graph computes no gradient: an x that wants one must not make x_ record it
       c10::cuda::CUDAGuard device(x_.device());
       x_.copy_(x);
       graph_->replay();
