@@ -458,14 +458,21 @@ def test_graphs_hold_kernels_only_and_replay_as_eager_launches(cheap, recorded_g
 @pytest.mark.skipif(not hasattr(_C, "GraphCall"), reason="a build without its CUDA part has no _C.GraphCall")
 def test_graph_call_checks_its_arguments_and_its_order():
     """_C.GraphCall (csrc/cuda/graph_call.cpp), which calls a chunk's graph: named errors for tensors off the GPU,
-    a step out of order (begin, the launches, end, then function) and an x of another shape; on a GPU, a call
-    copies x in, replays and returns copies."""
-    with pytest.raises(ValueError, match="GraphCall: x, out and decisions must be CUDA tensors on one device"):
-        _C.GraphCall(torch.zeros(2), torch.zeros(2), torch.zeros(2))
+    results that are not one byte buffer holding out and decisions, a step out of order (begin, the launches, end,
+    then function) and an x of another shape; on a GPU, a call copies x in, replays and returns out and decisions
+    as views of one new buffer."""
+    with pytest.raises(ValueError, match="GraphCall: x, results, out and decisions must be CUDA tensors on one"):
+        _C.GraphCall(torch.zeros(2), torch.zeros(8, dtype=torch.uint8), torch.zeros(2), torch.zeros(2))
     if DEVICE != "cuda":
         return
-    t = torch.zeros(2, device="cuda")
-    call = _C.GraphCall(t, t, t)
+    results = torch.zeros(16, dtype=torch.uint8, device="cuda")
+    out, flags = results[:8].view(torch.float32), results[8:10].view(torch.bool)
+    x = torch.zeros(2, device="cuda")
+    with pytest.raises(ValueError, match="GraphCall: results must be a whole uint8 storage"):
+        _C.GraphCall(x, results[:8], out, flags)
+    with pytest.raises(ValueError, match="GraphCall: out and decisions must be non-empty views of results"):
+        _C.GraphCall(x, results, torch.zeros(2, device="cuda"), flags)
+    call = _C.GraphCall(x, results, out, flags)
     with pytest.raises(RuntimeError, match=r"GraphCall: function\(\) comes after end\(\)"):
         call.function()
     with pytest.raises(RuntimeError, match=r"GraphCall: end\(\) comes after begin\(\)"):
@@ -474,14 +481,17 @@ def test_graph_call_checks_its_arguments_and_its_order():
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
         call.begin()
-        t.add_(1)
+        out.copy_(x)
+        out.add_(1)
+        flags.fill_(True)
         call.end()
     torch.cuda.current_stream().wait_stream(side)
     with pytest.raises(RuntimeError, match=r"GraphCall: begin\(\) comes once, first"):
         call.begin()
     replay = call.function()
-    out, again = replay(torch.full((2,), 3.0, device="cuda"))
-    assert out.tolist() == again.tolist() == [4.0, 4.0] and out.data_ptr() != t.data_ptr()
+    got, got_flags = replay(torch.full((2,), 3.0, device="cuda"))
+    assert got.tolist() == [4.0, 4.0] and got_flags.tolist() == [True, True]
+    assert got.untyped_storage().data_ptr() == got_flags.untyped_storage().data_ptr() != results.data_ptr()
     with pytest.raises(ValueError, match=r"GraphCall: x must have shape \[2\], dtype Float"):
         replay(torch.zeros(3, device="cuda"))
     with pytest.raises(TypeError, match="GraphCall: x must be a tensor"):

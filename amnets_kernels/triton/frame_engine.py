@@ -706,12 +706,17 @@ class _Chunk:
         self.parity = 0
         self.c = torch.zeros(state, dtype=dtype, device=device)
         self.x = torch.zeros(batch, frames, engine.input_size, dtype=dtype, device=device) if engine.graphs else None
+        # out and the decisions, views of one byte buffer (the native call copies both out at once)
+        out_bytes = batch * frames * engine.hidden * self.c.element_size()
+        dec_bytes = batch * frames * engine.decisions
+        self.results = torch.empty(-(-(out_bytes + dec_bytes) // 8) * 8, dtype=torch.uint8, device=device)
+        self.out = self.results[:out_bytes].view(dtype).view(batch, frames, engine.hidden)
         # forced chunks: the decisions are filled here (0 / 1) or by launch() when the rows change (2), not by a
         # node of the graph; the arbitrator writes them (-1)
-        self.dec = torch.full((batch, frames, engine.decisions), int(code == 1), dtype=torch.int8, device=device)
-        self.decisions = engine._decisions(self.dec)  # the view a call clones
+        self.dec = self.results[out_bytes:out_bytes + dec_bytes].view(torch.int8).view(batch, frames, engine.decisions)
+        self.dec.fill_(int(code == 1))
+        self.decisions = engine._decisions(self.dec)  # the view a call copies
         self.rows_from = None  # the int8 rows tensor last copied into dec (a stream's: the same each call)
-        self.out = torch.empty(batch, frames, engine.hidden, dtype=dtype, device=device)
         self.work = engine._workspace(batch)
         self.holder = None  # weakref to the Stream whose state the buffers hold
         self.graphs = None
@@ -733,7 +738,7 @@ class _Chunk:
         """The launches from h buffer `parity` captured as a CUDA graph -> its call, (x) -> (out, decisions)."""
         engine = self.engine
         if engine.native_call:
-            call = _C.GraphCall(self.x, self.out, self.decisions)
+            call = _C.GraphCall(self.x, self.results, self.out, self.decisions)
             side = torch.cuda.Stream(engine.device)  # torch's rule: no capture on the default stream
             side.wait_stream(torch.cuda.current_stream(engine.device))
             try:

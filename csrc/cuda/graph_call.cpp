@@ -2,7 +2,7 @@
 // (amnets_kernels/triton/frame_engine.py, _Chunk) as one native call: x into the chunk's input buffer, the graph
 // replayed, its output and decisions copied out into new tensors. From Python these were four ATen calls
 // (copy_, CUDAGraph.replay, two clones), each a trip through the binding layer, around a B=1 frame whose kernels
-// take 10-60 us. The object owns its graph (an at::cuda::CUDAGraph captured between begin() and end() on the
+// take 10-60 us. Output and decisions lie in one byte buffer, so they come out in one copy (two views of it). The object owns its graph (an at::cuda::CUDAGraph captured between begin() and end() on the
 // current stream, as torch.cuda.graph captures), so no graph handle crosses into Python and no argument can make
 // it launch what is not there. Compiled in CUDA builds only (csrc/cuda).
 #ifdef AMNETS_PYTHON_MODULE
@@ -22,12 +22,25 @@ using at::Tensor;
 
 class GraphCall {
  public:
-  // x: the buffer the graph reads x from; out, decisions: the tensors it leaves its results in (views allowed).
-  GraphCall(Tensor x, Tensor out, Tensor decisions)
-      : x_(std::move(x)), out_(std::move(out)), decisions_(std::move(decisions)) {
-    for (const Tensor* t : {&x_, &out_, &decisions_})
+  // x: the buffer the graph reads x from; out, decisions: the tensors it leaves its results in, views of
+  // `results`, a whole contiguous uint8 storage of a multiple of 8 bytes (any element type views it).
+  GraphCall(Tensor x, Tensor results, Tensor out, Tensor decisions)
+      : x_(std::move(x)), results_(std::move(results)), out_(std::move(out)), decisions_(std::move(decisions)) {
+    for (const Tensor* t : {&x_, &results_, &out_, &decisions_})
       TORCH_CHECK_VALUE(t->is_cuda() && t->device() == x_.device(),
-                        "GraphCall: x, out and decisions must be CUDA tensors on one device");
+                        "GraphCall: x, results, out and decisions must be CUDA tensors on one device");
+    const int64_t bytes = results_.numel();
+    TORCH_CHECK_VALUE(results_.scalar_type() == at::kByte && results_.dim() == 1 && results_.is_contiguous() &&
+                          results_.storage_offset() == 0 && bytes == int64_t(results_.storage().nbytes()) &&
+                          bytes % 8 == 0,
+                      "GraphCall: results must be a whole uint8 storage of a multiple of 8 bytes");
+    for (const Tensor* t : {&out_, &decisions_}) {
+      int64_t last = t->storage_offset();  // the furthest element, in elements of t's type
+      for (int64_t d = 0; d < t->dim(); ++d) last += (t->size(d) - 1) * t->stride(d);
+      TORCH_CHECK_VALUE(t->storage().is_alias_of(results_.storage()) && t->numel() > 0 && t->storage_offset() >= 0 &&
+                            (last + 1) * int64_t(t->element_size()) <= bytes,
+                        "GraphCall: out and decisions must be non-empty views of results");
+    }
   }
 
   // Capture begins on the current stream (not the default one: torch's rule), thread-local, so other threads'
@@ -66,15 +79,17 @@ class GraphCall {
       c10::cuda::CUDAGuard device(x_.device());
       x_.copy_(x);
       graph_->replay();
-      out = out_.clone();
-      decisions = decisions_.clone();
+      const Tensor copy = results_.clone();  // one copy out; its views as out_ and decisions_ lie in results_
+      out = copy.view(out_.scalar_type()).as_strided(out_.sizes(), out_.strides(), out_.storage_offset());
+      decisions = copy.view(decisions_.scalar_type())
+                      .as_strided(decisions_.sizes(), decisions_.strides(), decisions_.storage_offset());
     });
     return pybind11::make_tuple(std::move(out), std::move(decisions));
   }
 
  private:
   enum class State { kNew, kCapturing, kCaptured, kBroken };
-  Tensor x_, out_, decisions_;
+  Tensor x_, results_, out_, decisions_;
   std::unique_ptr<at::cuda::CUDAGraph> graph_;
   State state_ = State::kNew;
 };
@@ -92,7 +107,7 @@ struct Replay {
 
 void bind_graph_call(pybind11::module_& m) {
   pybind11::class_<GraphCall, std::shared_ptr<GraphCall>>(m, "GraphCall")
-      .def(pybind11::init<Tensor, Tensor, Tensor>())
+      .def(pybind11::init<Tensor, Tensor, Tensor, Tensor>())
       .def("begin", &GraphCall::begin)
       .def("end", &GraphCall::end)
       .def("function", [](std::shared_ptr<GraphCall> self) {
