@@ -2,9 +2,10 @@
 // (amnets_kernels/triton/frame_engine.py, _Chunk) as one native call: x into the chunk's input buffer, the graph
 // replayed, its output and decisions copied out into new tensors. From Python these were four ATen calls
 // (copy_, CUDAGraph.replay, two clones), each a trip through the binding layer, around a B=1 frame whose kernels
-// take 10-60 us. Output and decisions lie in one byte buffer, so they come out in one copy (two views of it). The object owns its graph (an at::cuda::CUDAGraph captured between begin() and end() on the
-// current stream, as torch.cuda.graph captures), so no graph handle crosses into Python and no argument can make
-// it launch what is not there. Compiled in CUDA builds only (csrc/cuda).
+// take 10-60 us. Output and decisions lie in one byte buffer, so they come out in one copy (two views of it).
+// The object owns its graph (an at::cuda::CUDAGraph captured between begin() and end() on the current stream, as
+// torch.cuda.graph captures), so no graph handle crosses into Python and no argument can make it launch what is not
+// there. Compiled in CUDA builds only (csrc/cuda).
 #ifdef AMNETS_PYTHON_MODULE
 #include <ATen/cuda/CUDAGraph.h>
 #include <c10/cuda/CUDAGuard.h>
