@@ -195,8 +195,8 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"| H=1024 x3 {cheap} B=1 {force}: where a frame's time goes | {line} | | |")
 
     def graph_calls():
-        """us a one-frame call, a chunk's graph called natively (_C.GraphCall: x in, replay, two copies out in one
-        C++ call) and from Python (four calls through the binding layer), interleaved, sparse B=1."""
+        """us a one-frame call, a chunk's graph called natively (_C.GraphCall: x in, replay, output and decisions out
+        in one copy, one C++ call) and from Python (four calls through the binding layer), interleaved, sparse B=1."""
         for hidden, layers in ((1024, 3), (192, 2)):
             enc = encoder(240, hidden, layers, "sparse", DEVICE)
             engine = enc.frame_engine()
