@@ -9,7 +9,8 @@ import torchaudio
 from torch import nn
 
 import amnets_kernels as ak
-from amnets_kernels.nn import BlockSparseLinear, BlockSparseLSTM, FusedJointRNNTLoss, LowRankLSTM, RNNTLoss
+from amnets_kernels.nn import (BlockSparseLinear, BlockSparseLSTM, FusedJointRNNTLoss, LowRankLSTM, LowRankLSTMCell,
+                               RNNTLoss)
 
 from conftest import DEVICE, FACES, use_face
 from test_rnnt import batch_of
@@ -242,65 +243,71 @@ def test_a_model_ensemble_runs_under_vmap(make, grad):
                 ensemble(params, bad)
 
 
+# Modules whose checkpoint may have other shapes than a fresh module's (make(True): that checkpoint's settings):
+# another pruning pattern, other low-rank ranks (lstm_rank=0.9 picks them from the weights).
+RESHAPED_BY_LOAD = {
+    "BlockSparseLinear": lambda saved: BlockSparseLinear(64, 64, 16, sparsity=0.75 if saved else 0.5),
+    "BlockSparseLSTM": lambda saved: BlockSparseLSTM(16, 16, block_size=16, sparsity=0.75 if saved else 0.5),
+    "LowRankLSTM": lambda saved: LowRankLSTM(16, 16, rank=3 if saved else 7, num_layers=2),
+    "LowRankLSTMCell": lambda saved: LowRankLSTMCell(16, 16, rank=3 if saved else 7),
+}
+
+
+def _train_step(module, opt):
+    x = torch.randn(8, 64) if isinstance(module, BlockSparseLinear) else torch.randn(3, 2, 16)
+    opt.zero_grad()
+    out = module(x) if not isinstance(module, LowRankLSTMCell) else module(x[0], (torch.randn(2, 16),) * 2)
+    (out[0] if isinstance(out, tuple) else out).square().mean().backward()
+    opt.step()
+
+
 @pytest.mark.filterwarnings("ignore")  # small layers: not cheaper than dense
-@pytest.mark.parametrize("make", [lambda s: BlockSparseLinear(64, 64, 16, sparsity=s),
-                                  lambda s: BlockSparseLSTM(16, 16, block_size=16, sparsity=s)],
-                         ids=["BlockSparseLinear", "BlockSparseLSTM"])
-def test_loading_another_block_count_keeps_the_tensors_an_optimizer_holds(make):
-    """A checkpoint of another pattern resizes the module's own parameters and buffers in place: an optimizer
-    built before the load (resuming a run) keeps training them."""
+@pytest.mark.parametrize("make", RESHAPED_BY_LOAD.values(), ids=RESHAPED_BY_LOAD.keys())
+def test_loading_other_shapes_keeps_the_tensors_an_optimizer_holds(make):
+    """A checkpoint of another pattern or other ranks resizes the module's own parameters and buffers in place: an
+    optimizer built before the load (resuming a run) keeps training them. (The low-rank modules replaced their
+    factors by new parameters, and such an optimizer trained the old ones, silently.)"""
     torch.manual_seed(0)
-    module, checkpoint = make(0.5), make(0.75).state_dict()
+    module, checkpoint = make(False), make(True).state_dict()
     tensors = dict(module.named_parameters()) | dict(module.named_buffers())
     opt = torch.optim.SGD(module.parameters(), lr=0.1)
     module.load_state_dict(checkpoint)
     for name, t in tensors.items():
         assert getattr(module, name) is t and torch.equal(t, checkpoint[name]), name
     before = {n: p.detach().clone() for n, p in module.named_parameters()}
-    x = torch.randn(3, 2, 16) if isinstance(module, BlockSparseLSTM) else torch.randn(8, 64)
     for _ in range(2):
-        opt.zero_grad()
-        (module(x)[0] if isinstance(module, BlockSparseLSTM) else module(x)).square().mean().backward()
-        opt.step()
+        _train_step(module, opt)
     assert all(not torch.equal(before[n], p) for n, p in module.named_parameters())
 
 
 @pytest.mark.filterwarnings("ignore")  # small layers: not cheaper than dense
-@pytest.mark.parametrize("make", [lambda s: BlockSparseLinear(64, 64, 16, sparsity=s),
-                                  lambda s: BlockSparseLSTM(16, 16, block_size=16, sparsity=s)],
-                         ids=["BlockSparseLinear", "BlockSparseLSTM"])
+@pytest.mark.parametrize("make", RESHAPED_BY_LOAD.values(), ids=RESHAPED_BY_LOAD.keys())
 @pytest.mark.parametrize("optimizer", [lambda p: torch.optim.Adam(p, lr=0.1),
                                        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
                                        lambda p: torch.optim.Adafactor(p, lr=0.1)], ids=["Adam", "SGD", "Adafactor"])
-def test_an_optimizer_state_of_the_old_pattern_is_refused_by_name(make, optimizer):
-    """An optimizer that stepped before a load gave a parameter another block count holds a state of the old
-    shape: its next step names the parameter and the way out (load the optimizer's state, or drop it), where
-    the step itself failed with a bare size mismatch; after either, training goes on. Factored states (Adafactor's
-    row and column statistics) are not taken for stale ones."""
+def test_an_optimizer_state_of_the_old_shapes_is_refused_by_name(make, optimizer):
+    """An optimizer that stepped before a load gave a parameter another shape holds a state of the old shape: its
+    next step names the parameter and the way out (load the optimizer's state, or drop it), where the step itself
+    failed with a bare size mismatch; after either, training goes on. Factored states (Adafactor's row and
+    column statistics) are not taken for stale ones."""
     torch.manual_seed(0)
-    module, checkpoint = make(0.5), make(0.75).state_dict()
-    x = torch.randn(3, 2, 16) if isinstance(module, BlockSparseLSTM) else torch.randn(8, 64)
-
-    def step(opt):
-        opt.zero_grad()
-        (module(x)[0] if isinstance(module, BlockSparseLSTM) else module(x)).square().mean().backward()
-        opt.step()
-
+    module, checkpoint = make(False), make(True).state_dict()
     opt = optimizer(module.parameters())
-    step(opt)
+    _train_step(module, opt)
+    shapes = {n: p.shape for n, p in module.named_parameters()}
     module.load_state_dict(checkpoint)
-    name = next(n for n, p in module.named_parameters() if n.startswith("values"))
-    with pytest.raises(ValueError, match=rf"{type(opt).__name__}.step: its state for {name} \('.+' of shape "
-                                         r"\(\d+, 16, \d+\)\) was made before load_state_dict gave"):
-        step(opt)
+    resized = [n for n, p in module.named_parameters() if p.shape != shapes[n]]
+    with pytest.raises(ValueError, match=rf"{type(opt).__name__}.step: its state for ({'|'.join(resized)}) "
+                                         r"\('.+' of shape \([\d, ]+\)\) was made before load_state_dict gave"):
+        _train_step(module, opt)
     for p in module.parameters():
         opt.state.pop(p, None)
-    step(opt)
-    step(opt)  # a state made for the new pattern passes
+    _train_step(module, opt)
+    _train_step(module, opt)  # a state made for the new shapes passes
     fresh = optimizer(module.parameters())  # resuming: the optimizer's state saved with the checkpoint
-    step(fresh)
+    _train_step(module, fresh)
     opt.load_state_dict(fresh.state_dict())
-    step(opt)
+    _train_step(module, opt)
 
 
 @pytest.mark.filterwarnings("ignore")  # small layers: not cheaper than dense

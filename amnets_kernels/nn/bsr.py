@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .. import _backend, _validate
 from .._ops import _is_wrapped, eager_inference
@@ -18,49 +16,9 @@ from .._ops.lstm_update import lstm_pointwise
 from .._weights import weights_changed
 from ..formats import BlockSparseMatrix, bsr_to_dense
 from .cost import warn_if_not_cheaper
+from .resize import resize_to_saved
 from .stacked_lstm import (StackedLSTM, combined_bias, copy_into, lstm_config_of, own_tensors, parameter_from,
                            reset_projection)
-
-
-def _resize_to_saved(module: nn.Module, state_dict, prefix: str, names) -> None:
-    """A saved pattern may differ from the module's (another pruning): take the saved tensors' sizes. Only
-    the data is replaced, not the tensor objects: an optimizer built before the load keeps training them (a
-    state it made for the old shape is refused by name at its next step: _check_optimizer_state)."""
-    for name in names:
-        saved = state_dict.get(prefix + name)
-        current = getattr(module, name)
-        if saved is not None and saved.shape != current.shape:
-            current.grad = None  # the old pattern's: the next backward would add the new one's to it
-            current.data = current.new_empty(saved.shape)
-            if isinstance(current, nn.Parameter):
-                _watch_for_stale_optimizer_state(current, prefix + name)
-
-
-_RESIZED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # parameter -> its name, resized by a load
-_OPTIMIZER_HOOK = []  # the step pre-hook's handle, registered at the first resize
-
-
-def _watch_for_stale_optimizer_state(param: nn.Parameter, name: str) -> None:
-    _RESIZED[param] = name
-    if not _OPTIMIZER_HOOK:
-        _OPTIMIZER_HOOK.append(register_optimizer_step_pre_hook(_check_optimizer_state))
-
-
-def _check_optimizer_state(optimizer, args, kwargs) -> None:
-    """Before any optimizer step: a state an optimizer made for a parameter before a load gave it another block
-    count (Adam's moments, SGD's momentum of the old pattern's blocks) fails inside the step with a bare size
-    mismatch: named here instead. Stale: a state tensor of the parameter's rank with another block count (its
-    first dimension; factored states such as Adafactor's keep that one). Only the parameters such a load resized
-    are looked at."""
-    for param, name in list(_RESIZED.items()):
-        state = optimizer.state[param] if param in optimizer.state else {}
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor) and value.dim() == param.dim() and value.shape[0] != param.shape[0]:
-                raise ValueError(
-                    f"{type(optimizer).__name__}.step: its state for {name} ({key!r} of shape {tuple(value.shape)}) "
-                    f"was made before load_state_dict gave that parameter another pattern, of shape "
-                    f"{tuple(param.shape)}: load the optimizer's state saved with the checkpoint "
-                    f"(optimizer.load_state_dict), or drop the stale state (optimizer.state.pop(parameter))")
 
 
 @torch.no_grad()
@@ -222,7 +180,7 @@ class BlockSparseLinear(nn.Module):
         values = state_dict.get(prefix + "values")
         if values is not None:
             self.block_size = values.shape[-1]  # a tensor-only checkpoint says its block size only there
-        _resize_to_saved(self, state_dict, prefix, ("values", "crow_indices", "col_indices"))
+        resize_to_saved(self, state_dict, prefix, ("values", "crow_indices", "col_indices"))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs)
         weights_changed()  # loaded in place: inference tensors (loaded under inference_mode) bump no version
 
@@ -579,7 +537,7 @@ class BlockSparseLSTM(StackedLSTM):
         names = [f"{n}_l{layer}{suffix}" for _, layer, suffix, _ in self.directions()
                  for n in ("values", "crow_indices", "col_indices")]
         self.block_size = b  # (set again from the extra state, where the checkpoint has one)
-        _resize_to_saved(self, state_dict, prefix, names)
+        resize_to_saved(self, state_dict, prefix, names)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, error_msgs)
 
     def get_extra_state(self):

@@ -17,6 +17,7 @@ from .._ops.lstm_update import lstm_pointwise
 from .._weights import weights_changed
 from ..formats import lowrank_factors, rank_for_energy
 from .cost import warn_if_not_cheaper
+from .resize import take_saved_shape
 from .stacked_lstm import (StackedLSTM, check_hx_pair, check_weights_dtype, combined_bias, copy_into, lstm_config_of,
                            own_tensors, parameter_from, reset_projection)
 
@@ -90,7 +91,8 @@ def _reset_factors(module: nn.Module, tag: str, hidden: int) -> None:
 
 def _adopt_saved_ranks(module: nn.Module, state_dict, prefix: str, tag: str, d: int, rec: int) -> tuple | None:
     """A checkpoint of the same layer at other ranks (lstm_rank=0.9 picks them from the weights, so a model swapped
-    anew gets other ones): the factors take the saved shapes, as BlockSparseLSTM takes a saved pattern. Returns the
+    anew gets other ones): the factors take the saved shapes in their own objects (nn/resize.py), as BlockSparseLSTM
+    takes a saved pattern. Returns the
     new (r_ih, r_hh), or None where the saved factors are absent, the same shapes, or not a consistent
     factorisation of this layer (the default loader then reports the size mismatch; as for nn.LSTM, it has
     copied the tensors whose shapes do match by then)."""
@@ -105,9 +107,10 @@ def _adopt_saved_ranks(module: nn.Module, state_dict, prefix: str, tag: str, d: 
             or min(r_ih, r_hh) < 1 or all(module._parameters[n].shape == t.shape for n, t in zip(names, saved)):
         return None
     for name, t in zip(names, saved):  # the saved values already: consistent even if another key then fails
-        old = module._parameters[name]
-        module._parameters[name] = nn.Parameter(t.detach().to(old.device, old.dtype, copy=True),
-                                                requires_grad=old.requires_grad)
+        own = module._parameters[name]  # (the same object: an optimizer built before the load trains it on)
+        take_saved_shape(own, t.shape, prefix + name)
+        with torch.no_grad():
+            own.copy_(t)
     return r_ih, r_hh
 
 
