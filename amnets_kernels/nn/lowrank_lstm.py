@@ -92,10 +92,9 @@ def _reset_factors(module: nn.Module, tag: str, hidden: int) -> None:
 def _adopt_saved_ranks(module: nn.Module, state_dict, prefix: str, tag: str, d: int, rec: int) -> tuple | None:
     """A checkpoint of the same layer at other ranks (lstm_rank=0.9 picks them from the weights, so a model swapped
     anew gets other ones): the factors take the saved shapes in their own objects (nn/resize.py), as BlockSparseLSTM
-    takes a saved pattern. Returns the
-    new (r_ih, r_hh), or None where the saved factors are absent, the same shapes, or not a consistent
-    factorisation of this layer (the default loader then reports the size mismatch; as for nn.LSTM, it has
-    copied the tensors whose shapes do match by then)."""
+    takes a saved pattern. Returns the new (r_ih, r_hh), or None where the saved factors are absent, the same
+    shapes, or not a consistent factorisation of this layer (the default loader then reports the size mismatch; as
+    for nn.LSTM, it has copied the tensors whose shapes do match by then)."""
     names = [f"{name}{tag}" for name in _FACTORS]
     saved = [state_dict.get(prefix + name) for name in names]
     if not all(isinstance(t, torch.Tensor) and t.dim() == 2 for t in saved):
